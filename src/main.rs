@@ -1,1 +1,46 @@
-fn main() {}
+//! `strait`: every server role of a strait mesh, the CA tooling and the lab.
+//!
+//! `main` only parses the command line and hands each role to its `run`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+mod cli;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "strait",
+    version,
+    about = "Federates service meshes across Kubernetes clusters",
+    long_about = "strait federates Istio-style service meshes across Kubernetes clusters: a \
+shared root CA issues one intermediate per cluster, a trust broker exchanges trust bundles \
+and exported services, and east-west gateways carry cross-cluster mTLS.",
+    after_help = "Examples:\n  strait ca init-root --trust-domain example.org --out root\n  \
+strait ca issue-intermediate --root root --cluster east --out east/cacerts\n  \
+strait ca --help"
+)]
+struct Cli {
+    #[command(flatten)]
+    log: cli::LogArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Certificate authority: roots, cluster intermediates, workload certificates, bundles.
+    Ca(cli::ca::CaArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = match cli::parse::<Cli>() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    cli.log.init();
+    let result = match cli.command {
+        Command::Ca(args) => cli::ca::run(args),
+    };
+    cli::exit(result)
+}

@@ -68,11 +68,12 @@ impl Csr {
             }
             Err(e) => return Err(CsrError::Malformed(e.to_string())),
         };
-        csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
-
         let info = &csr.certification_request_info;
         let spki = &info.subject_pki;
+        // Key first: a weak key is the better message than the failed
+        // signature check it would also cause (ring refuses small RSA keys).
         let key_description = check_key(spki)?;
+        csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
         // rcgen must be able to put this key into a certificate.
         rcgen::SubjectPublicKeyInfo::from_der(spki.raw)
             .map_err(|e| CsrError::UnsupportedKey(e.to_string()))?;
