@@ -1,5 +1,6 @@
 //! The `strait ca` command line as a user meets it: exit codes, messages
 //! that name the bad input, refusal to overwrite keys, formats.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

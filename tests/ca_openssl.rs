@@ -2,6 +2,7 @@
 //! chain strait issues, and strait must reject chains that openssl builds to
 //! break strait's rules (several of which openssl itself accepts, because
 //! they are valid X.509 but not valid SPIFFE).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
