@@ -8,6 +8,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut protos = Vec::new();
     collect_protos(&root, &root, &mut protos)?;
     protos.sort();
+    // Directories too, so that a new .proto file triggers a rebuild (cargo
+    // scans a directory given here for any change).
+    for dir in ["istio", "strait"] {
+        println!("cargo:rerun-if-changed={}", root.join(dir).display());
+    }
     for proto in &protos {
         println!("cargo:rerun-if-changed={}", root.join(proto).display());
     }

@@ -1,6 +1,14 @@
 //! The trust broker of a strait mesh.
 //!
-//! This crate will own the broker server (the `Federation`, `Admin` and `Peer`
-//! gRPC services), its durable store (redb by default, etcd for HA), the
-//! export/import reconciliation and root rotation state machines, and the
-//! client library the local control plane uses to join and sync.
+//! It registers clusters (join tokens), issues and renews their
+//! intermediates, distributes the trust bundle, and exchanges the services
+//! each cluster exports. Modules:
+//!
+//! - [`token`]: join tokens (pure);
+//! - [`store`]: the durable store trait and its redb implementation.
+//!
+//! Still to come in this crate: the reconciliation state machine, the
+//! `Federation` and `Admin` gRPC services, root rotation, and peering.
+
+pub mod store;
+pub mod token;

@@ -6,6 +6,18 @@
 //! wire-compatible with istiod so that an Istio agent can use strait's
 //! control plane as its CA.
 
+/// strait's own APIs.
+pub mod strait {
+    /// The trust broker.
+    pub mod broker {
+        /// Version 1 of the broker API: `Federation` (clusters) and `Admin`.
+        #[allow(warnings, clippy::all, clippy::pedantic, clippy::unwrap_used)]
+        pub mod v1 {
+            tonic::include_proto!("strait.broker.v1");
+        }
+    }
+}
+
 /// Istio APIs.
 pub mod istio {
     /// Istio API version 1.
