@@ -32,6 +32,7 @@ pub mod layout;
 pub mod pemfile;
 pub mod policy;
 pub mod spiffe;
+pub mod tls;
 pub mod verify;
 
 #[cfg(any(test, feature = "testing"))]

@@ -1,0 +1,420 @@
+//! rustls certificate verifiers that speak SPIFFE: the peer's chain is
+//! checked with [`crate::verify::verify_svid`] against a trust bundle that
+//! can be swapped at run time (root rotation), optionally pinned to an
+//! expected identity, and refused when an intermediate is deny-listed.
+//!
+//! Hostname checks do not apply in a mesh: the identity is the SPIFFE ID.
+//! No sockets here; servers and clients build their configs from these.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::{Arc, RwLock};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use time::OffsetDateTime;
+
+use crate::bundle::TrustBundle;
+use crate::cert::fingerprint_sha256;
+use crate::spiffe::SpiffeId;
+use crate::verify::{VerifiedSvid, verify_svid};
+
+/// The ring provider every strait TLS config uses.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn algorithms() -> WebPkiSupportedAlgorithms {
+    rustls::crypto::ring::default_provider().signature_verification_algorithms
+}
+
+/// The trust a verifier applies, shared and swappable: the bundle and the
+/// SHA-256 fingerprints of deny-listed intermediates.
+#[derive(Clone, Default)]
+pub struct Trust {
+    inner: Arc<RwLock<TrustState>>,
+}
+
+#[derive(Default)]
+struct TrustState {
+    bundle: Arc<TrustBundle>,
+    denied: BTreeSet<String>,
+}
+
+impl fmt::Debug for Trust {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Trust")
+    }
+}
+
+impl Trust {
+    pub fn new(bundle: TrustBundle) -> Self {
+        let t = Trust::default();
+        t.set_bundle(bundle);
+        t
+    }
+
+    pub fn bundle(&self) -> Arc<TrustBundle> {
+        match self.inner.read() {
+            Ok(s) => s.bundle.clone(),
+            Err(poisoned) => poisoned.into_inner().bundle.clone(),
+        }
+    }
+
+    pub fn set_bundle(&self, bundle: TrustBundle) {
+        let mut s = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        s.bundle = Arc::new(bundle);
+    }
+
+    /// Replaces the deny-list (SHA-256 fingerprints, as `cert::fingerprint_sha256`).
+    pub fn set_denied(&self, denied: impl IntoIterator<Item = String>) {
+        let mut s = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        s.denied = denied.into_iter().collect();
+    }
+
+    /// Verifies a presented chain now.
+    pub fn verify(&self, chain: &[Vec<u8>], now: OffsetDateTime) -> Result<VerifiedSvid, String> {
+        let (bundle, denied) = {
+            let s = self.inner.read().unwrap_or_else(|p| p.into_inner());
+            (s.bundle.clone(), s.denied.clone())
+        };
+        for der in chain.iter().skip(1) {
+            let fp = fingerprint_sha256(der);
+            if denied.contains(&fp) {
+                return Err(format!("intermediate {fp} is revoked"));
+            }
+        }
+        verify_svid(chain, &bundle, now).map_err(|e| e.to_string())
+    }
+}
+
+fn chain_of(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> Vec<Vec<u8>> {
+    std::iter::once(end_entity)
+        .chain(intermediates.iter())
+        .map(|c| c.as_ref().to_vec())
+        .collect()
+}
+
+fn to_time(now: UnixTime) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp(now.as_secs() as i64).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+fn tls_error(msg: String) -> rustls::Error {
+    rustls::Error::General(msg)
+}
+
+/// Which identities a verifier accepts.
+#[derive(Debug, Clone)]
+pub enum Accept {
+    /// Any SVID of the bundle's trust domain(s).
+    Any,
+    /// Exactly these IDs.
+    Ids(BTreeSet<SpiffeId>),
+    /// IDs whose path starts with this prefix (e.g. `/strait/cluster/`).
+    PathPrefix(String),
+}
+
+impl Accept {
+    fn check(&self, id: &SpiffeId) -> Result<(), String> {
+        let ok = match self {
+            Accept::Any => true,
+            Accept::Ids(ids) => ids.contains(id),
+            Accept::PathPrefix(p) => id.path().starts_with(p.as_str()),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("peer identity {id} is not accepted here"))
+        }
+    }
+}
+
+/// Server side: verifies client certificates as SVIDs.
+#[derive(Debug)]
+pub struct SpiffeClientVerifier {
+    trust: Trust,
+    accept: Accept,
+    mandatory: bool,
+}
+
+impl SpiffeClientVerifier {
+    /// `mandatory: false` lets clients without a certificate through the
+    /// handshake (e.g. a cluster joining with a token); the application
+    /// then decides per call.
+    pub fn new(trust: Trust, accept: Accept, mandatory: bool) -> Arc<Self> {
+        Arc::new(SpiffeClientVerifier {
+            trust,
+            accept,
+            mandatory,
+        })
+    }
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let svid = self
+            .trust
+            .verify(&chain_of(end_entity, intermediates), to_time(now))
+            .map_err(tls_error)?;
+        self.accept.check(&svid.spiffe_id).map_err(tls_error)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &algorithms())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        algorithms().supported_schemes()
+    }
+}
+
+/// Client side: verifies the server's certificate as an SVID, or (for a
+/// cluster joining with a token) only checks that the server's chain ends at
+/// a root with the pinned SHA-256 and verifies under that root.
+#[derive(Debug)]
+pub struct SpiffeServerVerifier {
+    mode: ServerMode,
+}
+
+#[derive(Debug)]
+enum ServerMode {
+    Trusted {
+        trust: Trust,
+        accept: Accept,
+    },
+    /// Lowercase hex SHA-256 of the root's DER.
+    Pinned {
+        root_sha256: String,
+    },
+}
+
+impl SpiffeServerVerifier {
+    pub fn new(trust: Trust, accept: Accept) -> Arc<Self> {
+        Arc::new(SpiffeServerVerifier {
+            mode: ServerMode::Trusted { trust, accept },
+        })
+    }
+
+    /// Trust on first use, pinned: the server must present its root, and the
+    /// root's SHA-256 must be `root_sha256` (lowercase hex).
+    pub fn pinned(root_sha256: &str) -> Arc<Self> {
+        Arc::new(SpiffeServerVerifier {
+            mode: ServerMode::Pinned {
+                root_sha256: root_sha256.to_ascii_lowercase(),
+            },
+        })
+    }
+}
+
+/// Lowercase hex SHA-256, the pin format of join tokens.
+pub fn sha256_hex(der: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, der);
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let chain = chain_of(end_entity, intermediates);
+        match &self.mode {
+            ServerMode::Trusted { trust, accept } => {
+                let svid = trust.verify(&chain, to_time(now)).map_err(tls_error)?;
+                accept.check(&svid.spiffe_id).map_err(tls_error)?;
+            }
+            ServerMode::Pinned { root_sha256 } => {
+                let root = chain
+                    .iter()
+                    .find(|der| sha256_hex(der) == *root_sha256)
+                    .ok_or_else(|| {
+                        tls_error(format!(
+                            "the server presented no root with SHA-256 {root_sha256} (wrong broker, or a token of another mesh)"
+                        ))
+                    })?;
+                let bundle = TrustBundle::new(None, vec![root.clone()])
+                    .map_err(|e| tls_error(e.to_string()))?;
+                verify_svid(&chain, &bundle, to_time(now)).map_err(|e| tls_error(e.to_string()))?;
+            }
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &algorithms())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        algorithms().supported_schemes()
+    }
+}
+
+/// A certificate chain and its PKCS#8 key, as rustls wants them.
+pub fn identity(
+    chain: &[Vec<u8>],
+    key_pkcs8: &[u8],
+) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    let certs = chain
+        .iter()
+        .map(|c| CertificateDer::from(c.clone()))
+        .collect();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pkcs8.to_vec()));
+    (certs, key)
+}
+
+/// A TLS 1.3 server config with SPIFFE client verification and ALPN.
+pub fn server_config(
+    chain: &[Vec<u8>],
+    key_pkcs8: &[u8],
+    verifier: Arc<dyn ClientCertVerifier>,
+    alpn: &[&[u8]],
+) -> Result<rustls::ServerConfig, rustls::Error> {
+    let (certs, key) = identity(chain, key_pkcs8);
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    Ok(config)
+}
+
+/// A TLS 1.3 client config with SPIFFE server verification, an optional
+/// client identity, and ALPN.
+pub fn client_config(
+    verifier: Arc<dyn ServerCertVerifier>,
+    identity_pair: Option<(&[Vec<u8>], &[u8])>,
+    alpn: &[&[u8]],
+) -> Result<rustls::ClientConfig, rustls::Error> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match identity_pair {
+        Some((chain, key)) => {
+            let (certs, key) = identity(chain, key);
+            builder.with_client_auth_cert(certs, key)?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    Ok(config)
+}
+
+/// The verified identity of a peer from the certificates a TLS session saw.
+pub fn peer_identity(
+    trust: &Trust,
+    certs: &[CertificateDer<'_>],
+    now: OffsetDateTime,
+) -> Result<VerifiedSvid, String> {
+    if certs.is_empty() {
+        return Err("no client certificate".into());
+    }
+    let chain: Vec<Vec<u8>> = certs.iter().map(|c| c.as_ref().to_vec()).collect();
+    trust.verify(&chain, now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::TestPki;
+
+    fn now() -> OffsetDateTime {
+        OffsetDateTime::now_utc()
+    }
+
+    #[test]
+    fn trust_verifies_and_denies() {
+        let pki = TestPki::new("td");
+        let trust = Trust::new(pki.bundle());
+        let chain = pki.leaf_chain("spiffe://td/strait/cluster/east");
+        let svid = trust.verify(&chain, now()).unwrap();
+        assert_eq!(svid.spiffe_id.as_str(), "spiffe://td/strait/cluster/east");
+        trust.set_denied([fingerprint_sha256(&chain[1])]);
+        assert!(trust.verify(&chain, now()).unwrap_err().contains("revoked"));
+        trust.set_denied([]);
+        let other = TestPki::new("td");
+        trust.set_bundle(other.bundle());
+        assert!(trust.verify(&chain, now()).is_err());
+    }
+
+    #[test]
+    fn accept_rules() {
+        let id = SpiffeId::parse("spiffe://td/strait/cluster/east").unwrap();
+        assert!(Accept::Any.check(&id).is_ok());
+        assert!(
+            Accept::PathPrefix("/strait/cluster/".into())
+                .check(&id)
+                .is_ok()
+        );
+        assert!(
+            Accept::PathPrefix("/strait/admin/".into())
+                .check(&id)
+                .is_err()
+        );
+        assert!(Accept::Ids([id.clone()].into()).check(&id).is_ok());
+        assert!(Accept::Ids(BTreeSet::new()).check(&id).is_err());
+    }
+
+    #[test]
+    fn configs_build() {
+        let pki = TestPki::new("td");
+        let (leaf, key_pem) = pki.leaf("spiffe://td/ns/a/sa/b");
+        let key = crate::pemfile::parse_private_key(key_pem.as_bytes()).unwrap();
+        let chain = vec![leaf, pki.intermediate.certificate_der().to_vec()];
+        let trust = Trust::new(pki.bundle());
+        let v = SpiffeClientVerifier::new(trust.clone(), Accept::Any, true);
+        server_config(&chain, &key.serialize_der(), v, &[b"h2"]).unwrap();
+        let sv = SpiffeServerVerifier::new(trust, Accept::Any);
+        client_config(sv, Some((&chain, &key.serialize_der())), &[b"h2"]).unwrap();
+        client_config(SpiffeServerVerifier::pinned(&"0".repeat(64)), None, &[]).unwrap();
+    }
+}
