@@ -1,8 +1,60 @@
-//! The mesh model of strait.
+//! The mesh model of strait, and what an importing cluster is given.
 //!
-//! This crate will own the cluster, network, locality, service and endpoint
-//! types; the Istio (`networking.istio.io`, `security.istio.io`) and MCS API
-//! (`multicluster.x-k8s.io`) object types; parsing of the `strait.io/export`
-//! and `strait.io/export-to` annotations; generation of the `ServiceEntry`,
-//! `WorkloadEntry` and `ServiceImport` objects an importing cluster receives;
-//! and validation of configuration objects. Its work starts with the broker.
+//! No I/O lives here: the broker and the control plane feed in what they
+//! read and get back typed, validated values and ready-to-apply objects.
+//!
+//! - [`mesh`]: clusters ([`ClusterInfo`]: name, [`Network`], [`Locality`],
+//!   east-west [`GatewayAddress`]es, trust domain), services ([`ServiceKey`],
+//!   [`ServicePort`], [`Protocol`]), who may import them ([`ExportTo`],
+//!   [`ExportTarget`]), and what a cluster publishes per exported service
+//!   ([`ExportedService`], seen by an importer as a [`RemoteService`]) or has
+//!   locally ([`LocalService`]). Validating constructors; deterministic
+//!   serde forms.
+//! - [`export`]: the export signal. `strait.io/export: "true"` on a
+//!   `Service` or `ServiceEntry`, or an MCS `ServiceExport`, exports a
+//!   service; `strait.io/export-to: "west,mesh:partner"` limits who may
+//!   import it. Bad values are errors that name the object, the annotation
+//!   and the value, and export nothing.
+//! - [`imports`]: [`import_objects`] turns the exports an importer receives
+//!   into Istio `ServiceEntry` (host `<svc>.<ns>.svc.clusterset.local`, one
+//!   endpoint per exporting cluster, through its east-west gateway or, on a
+//!   shared network, straight to its pods), `WorkloadEntry` objects (where
+//!   the service also exists locally, so that the local Service selects the
+//!   remote endpoints) and MCS `ServiceImport`s, plus warnings for what it
+//!   had to leave out. [`ImportObjects::to_yaml`] writes them as one
+//!   multi-document YAML stream that passes the Istio and MCS CRD schemas.
+//! - [`objects`]: the serde types of those Istio and MCS objects.
+//! - [`names`]: Kubernetes name rules and bounded generated names.
+//!
+//! # Object names
+//!
+//! Generated objects live in the service's namespace `<ns>` and carry
+//! `app.kubernetes.io/managed-by: strait` and `strait.io/service: <svc>`:
+//!
+//! | object | name |
+//! |---|---|
+//! | ServiceEntry | `strait-<svc>` |
+//! | WorkloadEntry (via a gateway) | `strait-<svc>.<cluster>` |
+//! | WorkloadEntry (a pod on a shared network) | `strait-<svc>.<cluster>.<ip with '-'>` |
+//! | ServiceImport | `<svc>` |
+//!
+//! Service and cluster names are DNS labels, so the `.` keeps the names of
+//! different (service, cluster) pairs apart. A name longer than 63
+//! characters is cut to 52 and ends in `-` and 10 hex digits of a hash of
+//! the full name ([`names::bounded_name`]), so every generated name is also
+//! a valid label value. A cluster of another trust domain (a peered mesh)
+//! appears as `<cluster>-<8 hex digits of its trust domain's hash>`. The
+//! [`imports`] module documentation has the full rules.
+
+pub mod export;
+pub mod imports;
+pub mod mesh;
+pub mod names;
+pub mod objects;
+
+pub use export::{ExportError, ObjectKind, ObjectRef, export_decision};
+pub use imports::{ImportObjects, ImportWarning, import_objects};
+pub use mesh::{
+    ClusterInfo, ExportTarget, ExportTo, ExportedService, GatewayAddress, LocalService, Locality,
+    LocalityEndpoints, ModelError, Network, Protocol, RemoteService, ServiceKey, ServicePort,
+};
