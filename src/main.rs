@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-mod cli;
+use strait::cli;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -31,6 +31,8 @@ struct Cli {
 enum Command {
     /// Certificate authority: roots, cluster intermediates, workload certificates, bundles.
     Ca(cli::ca::CaArgs),
+    /// Run the trust broker of a mesh.
+    Broker(cli::broker::BrokerArgs),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +43,7 @@ fn main() -> ExitCode {
     cli.log.init();
     let result = match cli.command {
         Command::Ca(args) => cli::ca::run(args),
+        Command::Broker(args) => cli::broker::run(args),
     };
     cli::exit(result)
 }

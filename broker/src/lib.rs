@@ -4,11 +4,25 @@
 //! intermediates, distributes the trust bundle, and exchanges the services
 //! each cluster exports. Modules:
 //!
+//! - [`reconcile`]: the export/import state machine (pure);
 //! - [`token`]: join tokens (pure);
-//! - [`store`]: the durable store trait and its redb implementation.
+//! - [`store`]: the durable store trait and its redb implementation;
+//! - [`state`]: the broker core (plan, persist, apply, notify);
+//! - [`server`]: the `Federation` and `Admin` gRPC services;
+//! - [`client`]: joining, and channels for clusters and admins;
+//! - [`app`]: wiring of a broker process.
 //!
-//! Still to come in this crate: the reconciliation state machine, the
-//! `Federation` and `Admin` gRPC services, root rotation, and peering.
+//! Not built yet: root rotation, intermediate renewal over Sync, peering
+//! between meshes, the etcd store.
 
+pub mod app;
+pub mod client;
+pub mod http;
+pub mod metrics;
+pub mod reconcile;
+pub mod server;
+pub mod state;
 pub mod store;
 pub mod token;
+pub mod transport;
+pub mod wire;

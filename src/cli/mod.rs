@@ -3,7 +3,9 @@
 
 use std::process::ExitCode;
 
+pub mod broker;
 pub mod ca;
+pub mod ctl;
 
 /// Exit code for a command-line usage error (sysexits `EX_USAGE`).
 pub const EXIT_USAGE: u8 = 64;

@@ -14,7 +14,7 @@ pub struct Run {
 }
 
 impl Run {
-    fn from(what: String, out: Output) -> Self {
+    pub fn from(what: String, out: Output) -> Self {
         Run {
             code: out.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -103,4 +103,156 @@ impl Scratch {
 
 pub fn exists(p: &Path) -> bool {
     p.exists()
+}
+
+/// A free loopback port (bound and released; the race with other
+/// processes is acceptable for tests on one machine).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET `path` on `addr`; the HTTP status code, or None if unreachable.
+pub fn http_status(addr: &str, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    buf.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// GET `path` on `addr`: the body.
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    buf.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+/// A real `strait broker` process on loopback.
+pub struct Broker {
+    child: std::process::Child,
+    pub addr: String,
+    pub health: String,
+    pub metrics: String,
+    pub data: PathBuf,
+    pub trust_domain: String,
+}
+
+impl Broker {
+    pub fn start(data: &Path, trust_domain: &str) -> Self {
+        let addr = format!("127.0.0.1:{}", free_port());
+        Self::start_at(data, trust_domain, &addr)
+    }
+
+    /// Starts on a given address (to restart a killed broker in place) and
+    /// waits until its health endpoint says ready.
+    pub fn start_at(data: &Path, trust_domain: &str, addr: &str) -> Self {
+        let health = format!("127.0.0.1:{}", free_port());
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data.with_extension("log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_strait"))
+            .args([
+                "broker",
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--listen",
+                addr,
+                "--trust-domain",
+                trust_domain,
+                "--health-listen",
+                &health,
+                "--metrics-listen",
+                &metrics,
+            ])
+            .env("RUST_LOG", "strait_broker=debug,info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start strait broker");
+        let mut b = Broker {
+            child,
+            addr: addr.to_string(),
+            health,
+            metrics,
+            data: data.to_path_buf(),
+            trust_domain: trust_domain.to_string(),
+        };
+        b.wait_ready();
+        b
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "broker exited with {status}: {}",
+                    std::fs::read_to_string(self.data.with_extension("log")).unwrap_or_default()
+                );
+            }
+            if http_status(&self.health, "/healthz/ready") == Some(200) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "broker not ready within 30 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    pub fn admin_creds(&self) -> PathBuf {
+        self.data.join("admin")
+    }
+
+    /// Runs `straitctl ARGS` against this broker with its admin credentials.
+    pub fn ctl(&self, args: &[&str]) -> Run {
+        self.ctl_with(&self.admin_creds(), args)
+    }
+
+    pub fn ctl_with(&self, creds: &Path, args: &[&str]) -> Run {
+        let out = Command::new(env!("CARGO_BIN_EXE_straitctl"))
+            .args(args)
+            .env("STRAIT_BROKER", &self.addr)
+            .env("STRAIT_CREDS", creds)
+            .output()
+            .unwrap();
+        Run::from(format!("straitctl {}", args.join(" ")), out)
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

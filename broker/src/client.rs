@@ -1,0 +1,315 @@
+//! The client side of the broker: joining with a token, and channels for
+//! clusters (Sync) and administrators (Admin).
+//!
+//! A joined cluster's directory holds:
+//! - `cacerts/`: its intermediate in Istio's plug-in CA layout (the key was
+//!   made here and never left);
+//! - `broker-client/`: its broker identity `spiffe://<td>/strait/cluster/<name>`,
+//!   issued locally under that intermediate;
+//! - `broker.json`: the broker addresses, trust domain and cluster name.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use strait_ca::authority::{self, Authority, KeyAlgorithm};
+use strait_ca::tls::{Accept, SpiffeServerVerifier, Trust};
+use strait_ca::{
+    AnyIdentityInTrustDomain, ClusterName, Csr, SpiffeId, TrustBundle, TrustDomain, layout, pemfile,
+};
+use strait_proto::strait::broker::v1 as pb;
+use time::OffsetDateTime;
+use tonic::transport::Channel;
+
+use crate::token::JoinToken;
+use crate::transport;
+
+pub const CACERTS_DIR: &str = "cacerts";
+pub const CLIENT_DIR: &str = "broker-client";
+pub const BROKER_FILE: &str = "broker.json";
+/// Lifetime of a cluster's broker client certificate.
+pub const CLIENT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("join token: {0}")]
+    Token(#[from] crate::token::TokenError),
+    #[error("broker {address}: {status}")]
+    Rpc { address: String, status: String },
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    Layout(#[from] layout::LayoutError),
+}
+
+fn setup(e: impl std::fmt::Display) -> ClientError {
+    ClientError::Setup(e.to_string())
+}
+
+/// What a joined cluster remembers about its broker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerInfo {
+    pub addresses: Vec<String>,
+    pub trust_domain: String,
+    pub cluster: String,
+    pub network: String,
+    pub locality: String,
+}
+
+/// A cluster that joined.
+#[derive(Debug, Clone)]
+pub struct JoinedCluster {
+    pub dir: PathBuf,
+    pub info: BrokerInfo,
+}
+
+/// The broker's own identity, which clients require of it.
+pub fn broker_id(td: &TrustDomain) -> Result<SpiffeId, ClientError> {
+    SpiffeId::from_segments(td, &["ns", "strait-system", "sa", "broker"]).map_err(setup)
+}
+
+/// Joins a mesh with `token`: makes the intermediate key here, sends only
+/// its CSR, checks the broker against the token's pinned root, and writes
+/// the cluster directory `out`. Refuses to overwrite an existing CA key.
+pub async fn join(token: &str, out: &Path) -> Result<JoinedCluster, ClientError> {
+    let token = JoinToken::parse(token)?;
+    let cacerts = out.join(CACERTS_DIR);
+    layout::check_key_absent(&cacerts, layout::CA_KEY, false)?;
+    let key = authority::generate_key(KeyAlgorithm::EcdsaP256).map_err(setup)?;
+    let csr = authority::intermediate_csr(&token.cluster, &key).map_err(setup)?;
+    let verifier = SpiffeServerVerifier::pinned(&token.root_sha256);
+    let config = Arc::new(strait_ca::tls::client_config(verifier, None, &[b"h2"]).map_err(setup)?);
+
+    let mut last = None;
+    let mut response = None;
+    for address in &token.addresses {
+        let channel = transport::channel(address, config.clone()).map_err(ClientError::Setup)?;
+        let mut client = pb::federation_client::FederationClient::new(channel);
+        match client
+            .join(pb::JoinRequest {
+                token: token.encode(),
+                csr: csr.clone(),
+            })
+            .await
+        {
+            Ok(r) => {
+                response = Some(r.into_inner());
+                break;
+            }
+            Err(status) => {
+                let permanent = status.code() == tonic::Code::PermissionDenied
+                    || status.code() == tonic::Code::InvalidArgument;
+                last = Some(ClientError::Rpc {
+                    address: address.clone(),
+                    status: status.message().to_string(),
+                });
+                if permanent {
+                    break;
+                }
+            }
+        }
+    }
+    let Some(r) = response else {
+        return Err(last.unwrap_or_else(|| setup("the token names no broker address")));
+    };
+
+    // Check what came back before writing anything.
+    let chain = r
+        .intermediate_chain
+        .iter()
+        .map(|p| pemfile::parse_certificates(p.as_bytes()).map(|mut v| v.remove(0)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| setup(format!("intermediate chain from the broker: {e}")))?;
+    token.check_root(chain.last().map(Vec::as_slice).unwrap_or_default())?;
+    let td = TrustDomain::new(&r.trust_domain).map_err(setup)?;
+    let ca = Authority::from_der(chain.clone(), key, Some(&td)).map_err(setup)?;
+    let roots = r
+        .trust_bundle
+        .iter()
+        .map(|p| pemfile::parse_certificates(p.as_bytes()).map(|mut v| v.remove(0)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| setup(format!("trust bundle from the broker: {e}")))?;
+    let bundle = TrustBundle::new(Some(td.clone()), roots).map_err(setup)?;
+
+    layout::write_plugin_ca(&cacerts, &chain, Some(&ca.key_pem()), &bundle, false)?;
+    issue_client_cert(&ca, &token.cluster, &bundle, &out.join(CLIENT_DIR))?;
+    let info = BrokerInfo {
+        addresses: token.addresses.clone(),
+        trust_domain: td.to_string(),
+        cluster: token.cluster.to_string(),
+        network: r.network,
+        locality: r.locality,
+    };
+    let text = serde_json::to_string_pretty(&info).map_err(setup)?;
+    layout::write_public(&out.join(BROKER_FILE), &text)?;
+    Ok(JoinedCluster {
+        dir: out.to_path_buf(),
+        info,
+    })
+}
+
+/// Issues (or renews) the cluster's broker client certificate under its own
+/// intermediate.
+pub fn issue_client_cert(
+    ca: &Authority,
+    cluster: &ClusterName,
+    bundle: &TrustBundle,
+    dir: &Path,
+) -> Result<(), ClientError> {
+    let id = SpiffeId::cluster(ca.trust_domain(), cluster);
+    let key = authority::generate_key(KeyAlgorithm::EcdsaP256).map_err(setup)?;
+    let csr = Csr::from_pem(
+        authority::leaf_csr(&id, &[], &key)
+            .map_err(setup)?
+            .as_bytes(),
+    )
+    .map_err(setup)?;
+    let leaf = ca
+        .issue_leaf(
+            &csr,
+            CLIENT_CERT_TTL,
+            &AnyIdentityInTrustDomain,
+            OffsetDateTime::now_utc(),
+        )
+        .map_err(setup)?;
+    let intermediates = &ca.chain()[..ca.chain().len() - 1];
+    layout::write_workload(
+        dir,
+        &leaf.der,
+        intermediates,
+        &key.serialize_pem(),
+        bundle,
+        true,
+    )?;
+    Ok(())
+}
+
+/// A certificate chain, its PKCS#8 key (DER) and the trust bundle.
+pub type Credentials = (Vec<Vec<u8>>, Vec<u8>, TrustBundle);
+
+/// Reads a credentials directory (`cert-chain.pem`, `key.pem`,
+/// `root-cert.pem`).
+pub fn read_credentials(dir: &Path) -> Result<Credentials, ClientError> {
+    let chain_path = dir.join(layout::CERT_CHAIN);
+    let key_path = dir.join(layout::WORKLOAD_KEY);
+    let chain = pemfile::parse_certificates(&layout::read(&chain_path)?)
+        .map_err(|e| setup(format!("{}: {e}", chain_path.display())))?;
+    let key = pemfile::parse_private_key(&layout::read(&key_path)?)
+        .map_err(|e| setup(format!("{}: {e}", key_path.display())))?;
+    let bundle = layout::load_bundle(&dir.join(layout::ROOT_CERT), None)?;
+    Ok((chain, key.serialize_der(), bundle))
+}
+
+/// An mTLS channel to the broker with the credentials in `creds_dir`; the
+/// broker must present the broker identity of the bundle's trust domain.
+pub fn channel(address: &str, creds_dir: &Path) -> Result<Channel, ClientError> {
+    let (chain, key, bundle) = read_credentials(creds_dir)?;
+    let leaf = strait_ca::cert::CertSummary::from_der(&chain[0]).map_err(setup)?;
+    let td = leaf
+        .spiffe_id
+        .as_deref()
+        .and_then(|id| SpiffeId::parse(id).ok())
+        .map(|id| id.trust_domain())
+        .ok_or_else(|| {
+            setup(format!(
+                "{}: the certificate carries no SPIFFE ID",
+                creds_dir.display()
+            ))
+        })?;
+    let verifier =
+        SpiffeServerVerifier::new(Trust::new(bundle), Accept::Ids([broker_id(&td)?].into()));
+    let config =
+        strait_ca::tls::client_config(verifier, Some((&chain, &key)), &[b"h2"]).map_err(setup)?;
+    transport::channel(address, Arc::new(config)).map_err(ClientError::Setup)
+}
+
+/// A channel for a joined cluster directory, to its first broker address.
+pub fn cluster_channel(joined_dir: &Path) -> Result<(Channel, BrokerInfo), ClientError> {
+    let info: BrokerInfo = serde_json::from_slice(&layout::read(&joined_dir.join(BROKER_FILE))?)
+        .map_err(|e| setup(format!("{}: {e}", joined_dir.join(BROKER_FILE).display())))?;
+    let address = info
+        .addresses
+        .first()
+        .ok_or_else(|| setup("broker.json lists no broker address"))?;
+    Ok((channel(address, &joined_dir.join(CLIENT_DIR))?, info))
+}
+
+/// One Sync stream, from the cluster's side: `open` sends Hello and waits
+/// for the broker's Welcome; then messages flow both ways.
+pub struct SyncSession {
+    tx: tokio::sync::mpsc::Sender<pb::SyncRequest>,
+    inbound: tonic::Streaming<pb::SyncResponse>,
+    /// The export revision the broker holds for this cluster.
+    pub broker_export_revision: u64,
+}
+
+impl SyncSession {
+    pub async fn open(channel: Channel, hello: pb::Hello) -> Result<Self, ClientError> {
+        let rpc = |status: tonic::Status| ClientError::Rpc {
+            address: "broker".into(),
+            status: format!("{}: {}", status.code(), status.message()),
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tx.send(pb::SyncRequest {
+            msg: Some(pb::sync_request::Msg::Hello(hello)),
+        })
+        .await
+        .map_err(|_| setup("sync stream closed before Hello"))?;
+        let mut client = pb::federation_client::FederationClient::new(channel);
+        let mut inbound = client
+            .sync(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(rpc)?
+            .into_inner();
+        match inbound.message().await.map_err(rpc)? {
+            Some(pb::SyncResponse {
+                msg: Some(pb::sync_response::Msg::Welcome(w)),
+            }) => Ok(SyncSession {
+                tx,
+                inbound,
+                broker_export_revision: w.export_revision,
+            }),
+            other => Err(setup(format!(
+                "expected Welcome from the broker, got {other:?}"
+            ))),
+        }
+    }
+
+    /// A handle to send on this stream from another task.
+    pub fn sender(&self) -> SyncSender {
+        SyncSender(self.tx.clone())
+    }
+
+    pub async fn send(&self, msg: pb::sync_request::Msg) -> Result<(), ClientError> {
+        self.tx
+            .send(pb::SyncRequest { msg: Some(msg) })
+            .await
+            .map_err(|_| setup("sync stream closed"))
+    }
+
+    /// The next message from the broker; `None` when the stream ended.
+    pub async fn recv(&mut self) -> Result<Option<pb::sync_response::Msg>, ClientError> {
+        match self.inbound.message().await {
+            Ok(Some(r)) => Ok(r.msg),
+            Ok(None) => Ok(None),
+            Err(status) => Err(ClientError::Rpc {
+                address: "broker".into(),
+                status: format!("{}: {}", status.code(), status.message()),
+            }),
+        }
+    }
+}
+
+/// Sends on a [`SyncSession`] from another task.
+#[derive(Clone)]
+pub struct SyncSender(tokio::sync::mpsc::Sender<pb::SyncRequest>);
+
+impl SyncSender {
+    pub async fn send(&self, msg: pb::sync_request::Msg) -> Result<(), ClientError> {
+        self.0
+            .send(pb::SyncRequest { msg: Some(msg) })
+            .await
+            .map_err(|_| setup("sync stream closed"))
+    }
+}

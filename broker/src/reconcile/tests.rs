@@ -1,0 +1,348 @@
+//! The reconciliation rules, driven directly: revisions, resync, removal,
+//! ownership, export-to filtering.
+
+use super::*;
+use strait_ca::TrustDomain;
+use strait_model::mesh::{ExportTarget, ExportTo, Network, Protocol, ServicePort};
+
+fn name(n: &str) -> ClusterName {
+    ClusterName::new(n).unwrap()
+}
+
+fn info(n: &str, net: &str) -> ClusterInfo {
+    ClusterInfo {
+        name: name(n),
+        network: Network::new(net).unwrap(),
+        locality: None,
+        gateways: vec![],
+        trust_domain: TrustDomain::new("td").unwrap(),
+    }
+}
+
+fn key(ns: &str, n: &str) -> ServiceKey {
+    ServiceKey::new(ns, n).unwrap()
+}
+
+fn svc(ns: &str, n: &str) -> ExportedService {
+    ExportedService::new(
+        key(ns, n),
+        vec![ServicePort::new("http", 8080, Protocol::Http, None).unwrap()],
+    )
+}
+
+fn svc_to(ns: &str, n: &str, to: &[&str]) -> ExportedService {
+    let mut s = svc(ns, n);
+    s.export_to = ExportTo::only(to.iter().map(|t| ExportTarget::parse(t).unwrap()));
+    s
+}
+
+/// A mesh with the given clusters joined.
+fn mesh(names: &[&str]) -> Mesh {
+    let mut m = Mesh::new(BTreeMap::new(), 0);
+    for n in names {
+        let p = m.plan_join(info(n, &format!("net-{n}")));
+        m.apply(p);
+    }
+    m
+}
+
+fn run(m: &mut Mesh, cluster: &str, change: ExportsChange) -> Result<Plan, SyncError> {
+    let p = m.plan_exports(&name(cluster), change)?;
+    m.apply(p.clone());
+    Ok(p)
+}
+
+fn snap(rev: u64, services: Vec<ExportedService>) -> ExportsChange {
+    ExportsChange::Snapshot {
+        revision: rev,
+        services,
+    }
+}
+
+fn delta(base: u64, rev: u64, up: Vec<ExportedService>, rm: Vec<ServiceKey>) -> ExportsChange {
+    ExportsChange::Delta {
+        base,
+        revision: rev,
+        upserts: up,
+        removals: rm,
+    }
+}
+
+#[test]
+fn exports_reach_every_other_cluster_but_not_the_exporter() {
+    let mut m = mesh(&["east", "west", "central"]);
+    run(&mut m, "east", snap(1, vec![svc("shop", "cart")])).unwrap();
+    for importer in ["west", "central"] {
+        let imports = m.imports_for(&name(importer));
+        let remotes = &imports[&key("shop", "cart")];
+        assert_eq!(remotes.len(), 1);
+        assert_eq!(remotes[0].from.name.as_str(), "east");
+    }
+    assert!(m.imports_for(&name("east")).is_empty());
+}
+
+#[test]
+fn namespace_sameness_merges_exporters_sorted() {
+    let mut m = mesh(&["east", "west", "central"]);
+    run(&mut m, "west", snap(1, vec![svc("shop", "cart")])).unwrap();
+    run(&mut m, "east", snap(1, vec![svc("shop", "cart")])).unwrap();
+    let imports = m.imports_for(&name("central"));
+    let from: Vec<_> = imports[&key("shop", "cart")]
+        .iter()
+        .map(|r| r.from.name.to_string())
+        .collect();
+    assert_eq!(from, ["east", "west"]);
+}
+
+#[test]
+fn export_to_filters_importers() {
+    let mut m = mesh(&["east", "west", "central"]);
+    run(
+        &mut m,
+        "east",
+        snap(1, vec![svc_to("shop", "cart", &["west"])]),
+    )
+    .unwrap();
+    assert_eq!(m.imports_for(&name("west")).len(), 1);
+    assert!(m.imports_for(&name("central")).is_empty());
+    // Only a peered mesh: no cluster of the own mesh imports it.
+    run(
+        &mut m,
+        "east",
+        snap(2, vec![svc_to("shop", "cart", &["mesh:partner"])]),
+    )
+    .unwrap();
+    assert!(m.imports_for(&name("west")).is_empty());
+}
+
+#[test]
+fn revisions_bump_only_on_change() {
+    let mut m = mesh(&["east", "west"]);
+    let r0 = m.revision();
+    run(&mut m, "east", snap(1, vec![svc("shop", "cart")])).unwrap();
+    assert_eq!(m.revision(), r0 + 1);
+    // The same snapshot again: the cluster revision moves, the mesh's not.
+    let p = run(&mut m, "east", snap(2, vec![svc("shop", "cart")])).unwrap();
+    assert!(p.changed.is_empty());
+    assert_eq!(m.revision(), r0 + 1);
+    assert_eq!(m.cluster(&name("east")).unwrap().export_revision, 2);
+}
+
+#[test]
+fn deltas_need_the_right_base() {
+    let mut m = mesh(&["east", "west"]);
+    run(&mut m, "east", snap(5, vec![svc("shop", "cart")])).unwrap();
+    let err = run(
+        &mut m,
+        "east",
+        delta(4, 6, vec![svc("shop", "pay")], vec![]),
+    )
+    .unwrap_err();
+    assert_eq!(err, SyncError::BaseMismatch { have: 5, base: 4 });
+    let err = run(&mut m, "east", delta(5, 5, vec![], vec![])).unwrap_err();
+    assert_eq!(
+        err,
+        SyncError::NotNewer {
+            base: 5,
+            revision: 5
+        }
+    );
+    run(
+        &mut m,
+        "east",
+        delta(5, 6, vec![svc("shop", "pay")], vec![key("shop", "cart")]),
+    )
+    .unwrap();
+    let keys: Vec<_> = m.imports_for(&name("west")).into_keys().collect();
+    assert_eq!(keys, [key("shop", "pay")]);
+    // Nothing of a refused update is applied.
+    let before = m.cluster(&name("east")).unwrap().clone();
+    let dup = delta(6, 7, vec![svc("shop", "x")], vec![key("shop", "x")]);
+    assert!(matches!(
+        run(&mut m, "east", dup),
+        Err(SyncError::Duplicate(_))
+    ));
+    assert_eq!(m.cluster(&name("east")).unwrap(), &before);
+    let dup = snap(8, vec![svc("shop", "x"), svc("shop", "x")]);
+    assert!(matches!(
+        run(&mut m, "east", dup),
+        Err(SyncError::Duplicate(_))
+    ));
+    assert_eq!(
+        run(&mut m, "east", snap(0, vec![])),
+        Err(SyncError::ZeroRevision)
+    );
+}
+
+#[test]
+fn a_snapshot_replaces_everything_even_after_a_cluster_restart() {
+    let mut m = mesh(&["east", "west"]);
+    run(
+        &mut m,
+        "east",
+        snap(40, vec![svc("shop", "cart"), svc("shop", "pay")]),
+    )
+    .unwrap();
+    // The cluster lost its counter: revision 1 snapshot is still taken.
+    run(&mut m, "east", snap(1, vec![svc("shop", "pay")])).unwrap();
+    let keys: Vec<_> = m.imports_for(&name("west")).into_keys().collect();
+    assert_eq!(keys, [key("shop", "pay")]);
+}
+
+#[test]
+fn ownership_a_cluster_only_touches_its_own_exports() {
+    let mut m = mesh(&["east", "west", "central"]);
+    run(&mut m, "east", snap(1, vec![svc("shop", "cart")])).unwrap();
+    // west "removes" east's service and "exports" the same key itself.
+    run(&mut m, "west", snap(1, vec![])).unwrap();
+    run(
+        &mut m,
+        "west",
+        delta(1, 2, vec![], vec![key("shop", "cart")]),
+    )
+    .unwrap();
+    let imports = m.imports_for(&name("central"));
+    assert_eq!(imports[&key("shop", "cart")][0].from.name.as_str(), "east");
+    // An unknown cluster cannot publish at all.
+    assert_eq!(
+        m.plan_exports(&name("ghost"), snap(1, vec![svc("shop", "cart")])),
+        Err(SyncError::UnknownCluster("ghost".into()))
+    );
+}
+
+#[test]
+fn removal_and_revocation_remove_imports() {
+    let mut m = mesh(&["east", "west"]);
+    run(&mut m, "east", snap(1, vec![svc("shop", "cart")])).unwrap();
+    let seen = m.revision();
+    run(
+        &mut m,
+        "east",
+        delta(1, 2, vec![], vec![key("shop", "cart")]),
+    )
+    .unwrap();
+    let u = m.import_update(&name("west"), seen, true);
+    assert!(!u.snapshot);
+    assert!(u.upserts.is_empty());
+    assert_eq!(u.removals, [key("shop", "cart")].into());
+
+    run(&mut m, "east", snap(3, vec![svc("shop", "cart")])).unwrap();
+    let seen = m.revision();
+    let p = m.plan_remove(&name("east")).unwrap();
+    m.apply(p);
+    let u = m.import_update(&name("west"), seen, true);
+    assert_eq!(u.removals, [key("shop", "cart")].into());
+    assert!(m.cluster(&name("east")).is_none());
+}
+
+#[test]
+fn resume_gets_a_delta_of_only_what_changed() {
+    let mut m = mesh(&["east", "west"]);
+    run(
+        &mut m,
+        "east",
+        snap(1, vec![svc("shop", "cart"), svc("shop", "pay")]),
+    )
+    .unwrap();
+    let seen = m.revision();
+    run(
+        &mut m,
+        "east",
+        delta(1, 2, vec![svc_to("shop", "pay", &["west"])], vec![]),
+    )
+    .unwrap();
+    let u = m.import_update(&name("west"), seen, true);
+    assert!(!u.snapshot);
+    assert_eq!(
+        u.upserts.keys().cloned().collect::<Vec<_>>(),
+        [key("shop", "pay")]
+    );
+    assert_eq!(u.revision, m.revision());
+    // Up to date: nothing to send.
+    assert!(
+        m.import_update(&name("west"), m.revision(), true)
+            .is_empty()
+    );
+}
+
+#[test]
+fn unknown_or_old_revisions_get_a_snapshot() {
+    let mut m = mesh(&["east", "west"]).with_log_capacity(2);
+    run(&mut m, "east", snap(1, vec![svc("shop", "a")])).unwrap();
+    let old = m.revision();
+    for (i, n) in ["b", "c", "d"].iter().enumerate() {
+        let rev = i as u64 + 2;
+        run(
+            &mut m,
+            "east",
+            delta(rev - 1, rev, vec![svc("shop", n)], vec![]),
+        )
+        .unwrap();
+    }
+    // The log only holds the last two changes: `old` is too old.
+    let u = m.import_update(&name("west"), old, true);
+    assert!(u.snapshot);
+    assert_eq!(u.upserts.len(), 4);
+    // A revision from the future, another epoch, or none: snapshot.
+    assert!(
+        m.import_update(&name("west"), m.revision() + 5, true)
+            .snapshot
+    );
+    assert!(m.import_update(&name("west"), m.revision(), false).snapshot);
+    assert!(m.import_update(&name("west"), 0, true).snapshot);
+    // A mesh loaded from the store starts with an empty log.
+    let loaded = Mesh::new(
+        m.clusters().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        m.revision(),
+    );
+    assert!(
+        loaded
+            .import_update(&name("west"), m.revision() - 1, true)
+            .snapshot
+    );
+    assert!(
+        loaded
+            .import_update(&name("west"), m.revision(), true)
+            .is_empty()
+    );
+}
+
+#[test]
+fn gateway_changes_reach_importers() {
+    let mut m = mesh(&["east", "west"]);
+    run(&mut m, "east", snap(1, vec![svc("shop", "cart")])).unwrap();
+    let seen = m.revision();
+    let mut new_info = info("east", "net-east");
+    new_info.gateways = vec![strait_model::mesh::GatewayAddress::parse("127.0.0.1:15443").unwrap()];
+    let p = m.plan_info(&name("east"), new_info).unwrap();
+    assert_eq!(p.changed, [key("shop", "cart")].into());
+    m.apply(p);
+    let u = m.import_update(&name("west"), seen, true);
+    assert_eq!(u.upserts[&key("shop", "cart")][0].from.gateways.len(), 1);
+}
+
+#[test]
+fn export_diff_lists_rows_to_write() {
+    let mut m = mesh(&["east"]);
+    run(
+        &mut m,
+        "east",
+        snap(1, vec![svc("shop", "a"), svc("shop", "b")]),
+    )
+    .unwrap();
+    let before = m.cluster(&name("east")).cloned();
+    let p = m
+        .plan_exports(
+            &name("east"),
+            delta(
+                1,
+                2,
+                vec![svc_to("shop", "a", &["west"])],
+                vec![key("shop", "b")],
+            ),
+        )
+        .unwrap();
+    let (up, rm) = p.export_diff(before.as_ref());
+    assert_eq!(up.len(), 1);
+    assert_eq!(rm, [key("shop", "b")]);
+}

@@ -1,0 +1,561 @@
+//! The broker's state: the mesh, cluster records, join tokens and trust, kept
+//! in memory and written through the store before anything is acknowledged.
+//!
+//! One async mutex serialises changes (plan → commit → apply → notify), so
+//! the order of revisions is the order of commits. Readers of imports are
+//! woken through a `watch` channel carrying the mesh revision.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use strait_ca::authority::{Authority, Issued};
+use strait_ca::cert::fingerprint_sha256;
+use strait_ca::tls::Trust;
+use strait_ca::{ClusterName, Csr, TrustBundle, TrustDomain};
+use strait_model::mesh::{ClusterInfo, ExportedService, Locality, Network, ServiceKey};
+use time::OffsetDateTime;
+use tokio::sync::{Mutex, watch};
+
+use crate::reconcile::{ClusterState, ExportsChange, Mesh, Plan, SyncError};
+use crate::store::{Batch, Store, StoreError, Table};
+use crate::token::{JoinToken, TokenError, TokenRecord};
+
+/// Default lifetime of a cluster intermediate.
+pub const DEFAULT_INTERMEDIATE_VALIDITY: Duration = Duration::from_secs(7 * 86400);
+
+const META_EPOCH: &str = "epoch";
+const META_REVISION: &str = "mesh_revision";
+const META_BUNDLE_VERSION: &str = "bundle_version";
+const META_DENIED: &str = "denied_intermediates";
+
+/// Lifecycle of a cluster record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Membership {
+    /// A join token was issued; the cluster has not joined yet.
+    Pending,
+    Joined,
+    Revoked,
+}
+
+impl Membership {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Membership::Pending => "pending",
+            Membership::Joined => "joined",
+            Membership::Revoked => "revoked",
+        }
+    }
+}
+
+/// What the broker keeps per cluster besides its exports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterRecord {
+    pub name: String,
+    pub network: String,
+    pub locality: String,
+    pub membership: Membership,
+    /// Set once joined: what importers see of the cluster.
+    pub info: Option<ClusterInfo>,
+    pub export_revision: u64,
+    pub intermediate_sha256: String,
+    pub intermediate_expires_unix: i64,
+    pub import_revision_acked: u64,
+    pub bundle_version_acked: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("stored record {table}/{key} is corrupt: {reason}")]
+    Corrupt {
+        table: &'static str,
+        key: String,
+        reason: String,
+    },
+    #[error(transparent)]
+    Sync(#[from] SyncError),
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error("cluster {0:?} already exists ({1}); revoke it first to add it again")]
+    Duplicate(String, &'static str),
+    #[error("cluster {0:?} is not known to this broker")]
+    UnknownCluster(String),
+    #[error("cluster {0:?} is revoked")]
+    Revoked(String),
+    #[error("bad request: {0}")]
+    Invalid(String),
+    #[error("issuing the intermediate failed: {0}")]
+    Issue(String),
+}
+
+fn corrupt(table: Table, key: &str, reason: impl ToString) -> StateError {
+    StateError::Corrupt {
+        table: table.name(),
+        key: key.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    // The broker's own plain data types always serialize.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn export_row_key(cluster: &ClusterName, key: &ServiceKey) -> String {
+    format!("{cluster}/{}/{}", key.namespace(), key.name())
+}
+
+/// The mutable part, behind the mutex.
+pub struct Inner {
+    pub mesh: Mesh,
+    pub records: BTreeMap<String, ClusterRecord>,
+    pub tokens: BTreeMap<String, TokenRecord>,
+    pub bundle_version: u64,
+    pub denied: BTreeSet<String>,
+}
+
+/// The broker core.
+pub struct BrokerState {
+    pub trust_domain: TrustDomain,
+    pub root: Authority,
+    pub trust: Trust,
+    pub epoch: String,
+    pub intermediate_validity: Duration,
+    store: Arc<dyn Store>,
+    inner: Mutex<Inner>,
+    revision_tx: watch::Sender<u64>,
+}
+
+/// What a successful join returns.
+#[derive(Debug, Clone)]
+pub struct Joined {
+    pub record: ClusterRecord,
+    pub chain: Vec<Vec<u8>>,
+    pub bundle: TrustBundle,
+    pub bundle_version: u64,
+}
+
+impl BrokerState {
+    /// Loads everything from the store (creating the epoch on first start).
+    pub fn load(
+        store: Arc<dyn Store>,
+        root: Authority,
+        intermediate_validity: Duration,
+    ) -> Result<Self, StateError> {
+        let contents = store.load()?;
+        let empty = BTreeMap::new();
+        let meta = contents.get(&Table::Meta).unwrap_or(&empty);
+        let text = |k: &str| meta.get(k).map(|v| String::from_utf8_lossy(v).into_owned());
+        let number = |k: &str| -> Result<u64, StateError> {
+            match text(k) {
+                None => Ok(0),
+                Some(v) => v.parse().map_err(|e| corrupt(Table::Meta, k, e)),
+            }
+        };
+        let revision = number(META_REVISION)?;
+        let bundle_version = number(META_BUNDLE_VERSION)?.max(1);
+        let denied: BTreeSet<String> = match meta.get(META_DENIED) {
+            Some(v) => {
+                serde_json::from_slice(v).map_err(|e| corrupt(Table::Meta, META_DENIED, e))?
+            }
+            None => BTreeSet::new(),
+        };
+        let epoch = match text(META_EPOCH) {
+            Some(e) => e,
+            None => {
+                let e = random_hex(8);
+                let mut b = Batch::new();
+                b.put(Table::Meta, META_EPOCH, e.clone().into_bytes());
+                b.put(Table::Meta, META_BUNDLE_VERSION, b"1".to_vec());
+                store.commit(&b)?;
+                e
+            }
+        };
+
+        let mut records = BTreeMap::new();
+        for (k, v) in contents.get(&Table::Clusters).unwrap_or(&empty) {
+            let r: ClusterRecord =
+                serde_json::from_slice(v).map_err(|e| corrupt(Table::Clusters, k, e))?;
+            records.insert(k.clone(), r);
+        }
+        let mut tokens = BTreeMap::new();
+        for (k, v) in contents.get(&Table::Tokens).unwrap_or(&empty) {
+            let t: TokenRecord =
+                serde_json::from_slice(v).map_err(|e| corrupt(Table::Tokens, k, e))?;
+            tokens.insert(k.clone(), t);
+        }
+        let mut clusters: BTreeMap<ClusterName, ClusterState> = BTreeMap::new();
+        for r in records.values() {
+            if r.membership != Membership::Joined {
+                continue;
+            }
+            let Some(info) = r.info.clone() else {
+                return Err(corrupt(Table::Clusters, &r.name, "joined without info"));
+            };
+            clusters.insert(
+                info.name.clone(),
+                ClusterState {
+                    info,
+                    export_revision: r.export_revision,
+                    exports: BTreeMap::new(),
+                },
+            );
+        }
+        for (k, v) in contents.get(&Table::Exports).unwrap_or(&empty) {
+            let s: ExportedService =
+                serde_json::from_slice(v).map_err(|e| corrupt(Table::Exports, k, e))?;
+            let cluster = k.split('/').next().unwrap_or_default();
+            let Some(c) = ClusterName::new(cluster)
+                .ok()
+                .and_then(|n| clusters.get_mut(&n))
+            else {
+                // Exports of a revoked cluster are deleted with it; a stray
+                // row is not worth refusing to start over.
+                tracing::warn!(row = %k, "export row of an unknown cluster ignored");
+                continue;
+            };
+            c.exports.insert(s.key.clone(), s);
+        }
+        let bundle = TrustBundle::new(
+            Some(root.trust_domain().clone()),
+            vec![root.root_der().to_vec()],
+        )
+        .map_err(|e| StateError::Invalid(e.to_string()))?;
+        let trust = Trust::new(bundle);
+        trust.set_denied(denied.iter().cloned());
+        let (revision_tx, _) = watch::channel(revision);
+        Ok(BrokerState {
+            trust_domain: root.trust_domain().clone(),
+            root,
+            trust,
+            epoch,
+            intermediate_validity,
+            store,
+            inner: Mutex::new(Inner {
+                mesh: Mesh::new(clusters, revision),
+                records,
+                tokens,
+                bundle_version,
+                denied,
+            }),
+            revision_tx,
+        })
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.revision_tx.subscribe()
+    }
+
+    pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().await
+    }
+
+    /// Persists a plan together with `extra` rows, then applies it.
+    ///
+    /// `record` replaces the cluster's stored record (default: the current
+    /// one); memory changes only after the commit succeeded.
+    fn commit_plan(
+        &self,
+        inner: &mut Inner,
+        plan: Plan,
+        mut batch: Batch,
+        record: Option<ClusterRecord>,
+    ) -> Result<u64, StateError> {
+        let before = inner.mesh.cluster(&plan.cluster).cloned();
+        let (upserts, removals) = plan.export_diff(before.as_ref());
+        for s in &upserts {
+            batch.put(
+                Table::Exports,
+                export_row_key(&plan.cluster, &s.key),
+                json(s),
+            );
+        }
+        for k in &removals {
+            batch.delete(Table::Exports, export_row_key(&plan.cluster, k));
+        }
+        let record = record.or_else(|| inner.records.get(plan.cluster.as_str()).cloned());
+        let record = record.map(|mut r| {
+            if let Some(state) = &plan.state {
+                r.export_revision = state.export_revision;
+                r.info = Some(state.info.clone());
+            }
+            batch.put(Table::Clusters, r.name.clone(), json(&r));
+            r
+        });
+        let changed = !plan.changed.is_empty();
+        if changed {
+            batch.put(
+                Table::Meta,
+                META_REVISION,
+                plan.mesh_revision.to_string().into_bytes(),
+            );
+        }
+        self.store.commit(&batch)?;
+        if let Some(r) = record {
+            inner.records.insert(r.name.clone(), r);
+        }
+        inner.mesh.apply(plan);
+        let rev = inner.mesh.revision();
+        if changed {
+            self.revision_tx.send_replace(rev);
+        }
+        Ok(rev)
+    }
+
+    /// `straitctl cluster add`: a pending record and a join token.
+    pub async fn add_cluster(
+        &self,
+        name: &ClusterName,
+        network: &Network,
+        locality: Option<&Locality>,
+        ttl: Duration,
+        addresses: Vec<String>,
+        now: OffsetDateTime,
+    ) -> Result<JoinToken, StateError> {
+        let mut inner = self.inner.lock().await;
+        if let Some(r) = inner.records.get(name.as_str())
+            && r.membership != Membership::Revoked
+        {
+            return Err(StateError::Duplicate(
+                name.to_string(),
+                r.membership.as_str(),
+            ));
+        }
+        let locality = locality.map(|l| l.to_string()).unwrap_or_default();
+        let (token, record) = JoinToken::generate(
+            name,
+            network.as_str(),
+            &locality,
+            addresses,
+            self.root.root_der(),
+            ttl,
+            unix(now),
+            &ring::rand::SystemRandom::new(),
+        )?;
+        let cluster = ClusterRecord {
+            name: name.to_string(),
+            network: network.to_string(),
+            locality,
+            membership: Membership::Pending,
+            info: None,
+            export_revision: 0,
+            intermediate_sha256: String::new(),
+            intermediate_expires_unix: 0,
+            import_revision_acked: 0,
+            bundle_version_acked: 0,
+        };
+        let mut b = Batch::new();
+        b.put(Table::Tokens, record.id.clone(), json(&record));
+        b.put(Table::Clusters, cluster.name.clone(), json(&cluster));
+        self.store.commit(&b)?;
+        inner.tokens.insert(record.id.clone(), record);
+        inner.records.insert(cluster.name.clone(), cluster);
+        Ok(token)
+    }
+
+    /// `Federation.Join`: spends the token, issues the intermediate.
+    pub async fn join(
+        &self,
+        token_text: &str,
+        csr_pem: &str,
+        now: OffsetDateTime,
+    ) -> Result<Joined, StateError> {
+        let token = JoinToken::parse(token_text)?;
+        let csr =
+            Csr::from_pem(csr_pem.as_bytes()).map_err(|e| StateError::Invalid(e.to_string()))?;
+        let csr_cluster = csr.common_name().unwrap_or_default().to_string();
+        let mut inner = self.inner.lock().await;
+        let record = inner
+            .tokens
+            .get(&token.id)
+            .cloned()
+            .ok_or(TokenError::Unknown)?;
+        record.admit(&token, &csr_cluster, unix(now))?;
+        let name = token.cluster.clone();
+        let network =
+            Network::new(&record.network).map_err(|e| StateError::Invalid(e.to_string()))?;
+        let locality = if record.locality.is_empty() {
+            None
+        } else {
+            Some(
+                Locality::parse(&record.locality)
+                    .map_err(|e| StateError::Invalid(e.to_string()))?,
+            )
+        };
+        let issued: Issued = self
+            .root
+            .issue_intermediate(&csr, &name, self.intermediate_validity, now)
+            .map_err(|e| StateError::Issue(e.to_string()))?;
+        let mut chain = vec![issued.der.clone()];
+        chain.extend(self.root.chain().iter().cloned());
+
+        let used = TokenRecord {
+            used: true,
+            ..record
+        };
+        let existing = inner.records.get(name.as_str()).cloned();
+        let info = ClusterInfo {
+            name: name.clone(),
+            network: network.clone(),
+            locality,
+            gateways: existing
+                .as_ref()
+                .and_then(|r| r.info.as_ref())
+                .map(|i| i.gateways.clone())
+                .unwrap_or_default(),
+            trust_domain: self.trust_domain.clone(),
+        };
+        let cluster = ClusterRecord {
+            name: name.to_string(),
+            network: network.to_string(),
+            locality: used.locality.clone(),
+            membership: Membership::Joined,
+            info: Some(info.clone()),
+            export_revision: existing.as_ref().map_or(0, |r| r.export_revision),
+            intermediate_sha256: fingerprint_sha256(&issued.der),
+            intermediate_expires_unix: issued.not_after.unix_timestamp(),
+            import_revision_acked: 0,
+            bundle_version_acked: 0,
+        };
+        let plan = inner.mesh.plan_join(info);
+        let mut b = Batch::new();
+        b.put(Table::Tokens, used.id.clone(), json(&used));
+        self.commit_plan(&mut inner, plan, b, Some(cluster.clone()))?;
+        inner.tokens.insert(used.id.clone(), used);
+        Ok(Joined {
+            record: cluster,
+            chain,
+            bundle: self.trust.bundle().as_ref().clone(),
+            bundle_version: inner.bundle_version,
+        })
+    }
+
+    /// Checks a cluster may sync now (joined, not revoked).
+    pub async fn check_member(&self, name: &ClusterName) -> Result<ClusterRecord, StateError> {
+        let inner = self.inner.lock().await;
+        match inner.records.get(name.as_str()) {
+            Some(r) if r.membership == Membership::Joined => Ok(r.clone()),
+            Some(r) if r.membership == Membership::Revoked => {
+                Err(StateError::Revoked(name.to_string()))
+            }
+            _ => Err(StateError::UnknownCluster(name.to_string())),
+        }
+    }
+
+    /// An exports update from an authenticated cluster; returns the mesh
+    /// revision after it. Durable when this returns.
+    pub async fn apply_exports(
+        &self,
+        cluster: &ClusterName,
+        change: ExportsChange,
+    ) -> Result<u64, StateError> {
+        let mut inner = self.inner.lock().await;
+        let plan = inner.mesh.plan_exports(cluster, change)?;
+        self.commit_plan(&mut inner, plan, Batch::new(), None)
+    }
+
+    pub async fn apply_info(
+        &self,
+        cluster: &ClusterName,
+        info: ClusterInfo,
+    ) -> Result<u64, StateError> {
+        let mut inner = self.inner.lock().await;
+        let plan = inner.mesh.plan_info(cluster, info)?;
+        self.commit_plan(&mut inner, plan, Batch::new(), None)
+    }
+
+    pub async fn ack(
+        &self,
+        cluster: &ClusterName,
+        import_revision: u64,
+        bundle_version: u64,
+    ) -> Result<(), StateError> {
+        let mut inner = self.inner.lock().await;
+        let Some(r) = inner.records.get(cluster.as_str()).cloned() else {
+            return Err(StateError::UnknownCluster(cluster.to_string()));
+        };
+        if r.import_revision_acked == import_revision && r.bundle_version_acked == bundle_version {
+            return Ok(());
+        }
+        let r = ClusterRecord {
+            import_revision_acked: import_revision,
+            bundle_version_acked: bundle_version,
+            ..r
+        };
+        let mut b = Batch::new();
+        b.put(Table::Clusters, r.name.clone(), json(&r));
+        self.store.commit(&b)?;
+        inner.records.insert(r.name.clone(), r);
+        Ok(())
+    }
+
+    /// `straitctl cluster revoke`: removes the cluster and its exports from
+    /// every importer and deny-lists its intermediate.
+    pub async fn revoke(&self, name: &ClusterName) -> Result<(), StateError> {
+        let mut inner = self.inner.lock().await;
+        let Some(r) = inner.records.get(name.as_str()).cloned() else {
+            return Err(StateError::UnknownCluster(name.to_string()));
+        };
+        if r.membership == Membership::Revoked {
+            return Err(StateError::Revoked(name.to_string()));
+        }
+        let mut denied = inner.denied.clone();
+        if !r.intermediate_sha256.is_empty() {
+            denied.insert(r.intermediate_sha256.clone());
+        }
+        let revoked = ClusterRecord {
+            membership: Membership::Revoked,
+            ..r
+        };
+        let bundle_version = inner.bundle_version + 1;
+        let mut b = Batch::new();
+        b.put(Table::Meta, META_DENIED, json(&denied));
+        b.put(
+            Table::Meta,
+            META_BUNDLE_VERSION,
+            bundle_version.to_string().into_bytes(),
+        );
+        // Tokens of this cluster that were never used die with it.
+        for t in inner
+            .tokens
+            .values()
+            .filter(|t| t.cluster == name.as_str() && !t.used)
+        {
+            b.delete(Table::Tokens, t.id.clone());
+        }
+        if inner.mesh.cluster(name).is_some() {
+            let plan = inner.mesh.plan_remove(name)?;
+            self.commit_plan(&mut inner, plan, b, Some(revoked.clone()))?;
+        } else {
+            b.put(Table::Clusters, revoked.name.clone(), json(&revoked));
+            self.store.commit(&b)?;
+            inner.records.insert(revoked.name.clone(), revoked.clone());
+        }
+        inner
+            .tokens
+            .retain(|_, t| t.cluster != name.as_str() || t.used);
+        inner.denied = denied.clone();
+        inner.bundle_version = bundle_version;
+        self.trust.set_denied(denied);
+        // Wake every stream so that it pushes the new deny-list.
+        self.revision_tx.send_modify(|_| {});
+        Ok(())
+    }
+}
+
+pub fn unix(t: OffsetDateTime) -> u64 {
+    u64::try_from(t.unix_timestamp()).unwrap_or(0)
+}
+
+fn random_hex(bytes: usize) -> String {
+    use ring::rand::SecureRandom;
+    let mut b = vec![0u8; bytes];
+    // A failing system RNG leaves zeros; the epoch only needs to differ
+    // between stores, and ring's SystemRandom does not fail on Linux.
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

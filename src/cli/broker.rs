@@ -1,0 +1,110 @@
+//! `strait broker`: run a mesh's trust broker.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+use strait_broker::app::{self, BrokerConfig};
+use strait_ca::TrustDomain;
+
+use super::{UsageError, parse_duration};
+
+/// Run the trust broker of a mesh: cluster join, trust distribution,
+/// export/import exchange.
+///
+/// On first start the broker creates the mesh root in DIR/root (unless
+/// --root gives one) and writes admin credentials to DIR/admin/
+/// (cert-chain.pem, key.pem, root-cert.pem) for straitctl.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  strait broker --data-dir /var/lib/strait-broker --listen 0.0.0.0:15011 \\
+      --trust-domain example.org --health-listen 0.0.0.0:15021 --metrics-listen 0.0.0.0:15090
+  straitctl --broker 127.0.0.1:15011 --creds /var/lib/strait-broker/admin cluster add east --network net-east")]
+pub struct BrokerArgs {
+    /// Directory for the store, the root (unless --root) and admin credentials.
+    #[arg(long, value_name = "DIR")]
+    data_dir: PathBuf,
+    /// Address of the cluster and admin API.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15011")]
+    listen: SocketAddr,
+    /// Trust domain of the mesh.
+    #[arg(long, value_name = "TD")]
+    trust_domain: TrustDomain,
+    /// An existing root directory (root-cert.pem, root-key.pem) to sign with.
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// Address clusters reach the broker at, put into join tokens
+    /// (repeatable; default: the listen address).
+    #[arg(long, value_name = "HOST:PORT")]
+    advertise: Vec<String>,
+    /// Health endpoint (/healthz/ready).
+    #[arg(long, value_name = "ADDR")]
+    health_listen: Option<SocketAddr>,
+    /// Prometheus metrics endpoint (/metrics).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+    /// Store: redb (embedded, default). etcd://HOST:PORT is planned for HA brokers.
+    #[arg(long, value_name = "STORE", default_value = "redb")]
+    store: String,
+    /// Lifetime of cluster intermediates.
+    #[arg(long, value_parser = parse_duration, default_value = "7d")]
+    intermediate_validity: Duration,
+    /// Peer API address for federated meshes (not available yet).
+    #[arg(long, value_name = "ADDR", hide = true)]
+    peer_listen: Option<SocketAddr>,
+}
+
+pub fn run(args: BrokerArgs) -> Result<()> {
+    if args.store != "redb" {
+        return Err(UsageError(format!(
+            "--store {:?}: only the embedded redb store is available in this release",
+            args.store
+        ))
+        .into());
+    }
+    if args.peer_listen.is_some() {
+        return Err(
+            UsageError("--peer-listen: peering is not available in this release".into()).into(),
+        );
+    }
+    let config = BrokerConfig {
+        data_dir: args.data_dir,
+        listen: args.listen,
+        trust_domain: args.trust_domain,
+        root_dir: args.root,
+        health_listen: args.health_listen,
+        metrics_listen: args.metrics_listen,
+        advertise: args.advertise,
+        intermediate_validity: args.intermediate_validity,
+    };
+    tracing::info!(?config, "starting broker");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        app::run(config, shutdown_signal()).await?;
+        tracing::info!("broker stopped");
+        Ok(())
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,473 @@
+//! `straitctl`: the broker admin CLI.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::{Value, json};
+use strait_broker::client;
+use strait_proto::strait::broker::v1 as pb;
+use tonic::transport::Channel;
+
+use super::{LogArgs, UsageError, parse_duration};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "straitctl",
+    version,
+    about = "Admin CLI of a strait trust broker",
+    long_about = "Admin CLI of a strait trust broker: clusters and join tokens, exported and \
+imported services, trust status. It authenticates with the admin credentials the broker \
+writes to DATA/admin on first start.",
+    after_help = "Examples:
+  export STRAIT_BROKER=127.0.0.1:15011 STRAIT_CREDS=/var/lib/strait-broker/admin
+  straitctl cluster add east --network net-east --locality us-east/a > east.token
+  straitctl cluster list
+  straitctl exports list -o json
+  straitctl imports show west"
+)]
+pub struct Ctl {
+    /// Broker address (host:port).
+    #[arg(long, global = true, env = "STRAIT_BROKER", value_name = "ADDR")]
+    broker: Option<String>,
+    /// Directory with admin credentials (cert-chain.pem, key.pem, root-cert.pem).
+    #[arg(long, global = true, env = "STRAIT_CREDS", value_name = "DIR")]
+    creds: Option<PathBuf>,
+    /// Output format.
+    #[arg(
+        short = 'o',
+        long = "output",
+        global = true,
+        value_enum,
+        default_value = "table"
+    )]
+    output: Output,
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Table,
+    Yaml,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Clusters of the mesh: add (join token), list, show, revoke.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Services the clusters export.
+    #[command(subcommand)]
+    Exports(ExportsCmd),
+    /// What a cluster imports.
+    #[command(subcommand)]
+    Imports(ImportsCmd),
+    /// Trust: roots, bundle version, intermediates.
+    #[command(subcommand)]
+    Trust(TrustCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCmd {
+    /// Register a cluster and print its one-time join token (only the token
+    /// goes to stdout; details to stderr).
+    #[command(
+        after_help = "Example:\n  straitctl cluster add east --network net-east --locality us-east/a --ttl 30m > east.token"
+    )]
+    Add(ClusterAdd),
+    /// List the clusters.
+    List,
+    /// Show one cluster.
+    Show { name: String },
+    /// Revoke a cluster: its exports leave every importer and its
+    /// intermediate is deny-listed everywhere.
+    Revoke { name: String },
+}
+
+#[derive(Debug, Args)]
+struct ClusterAdd {
+    /// Cluster name (a DNS label).
+    name: String,
+    /// The cluster's network (clusters on one network reach each other's pods directly).
+    #[arg(long, value_name = "NET")]
+    network: String,
+    /// region/zone[/subzone].
+    #[arg(long, value_name = "REGION/ZONE")]
+    locality: Option<String>,
+    /// How long the token may be used.
+    #[arg(long, value_parser = parse_duration, default_value = "1h")]
+    ttl: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+enum ExportsCmd {
+    /// List exported services.
+    List {
+        /// Only this cluster's exports.
+        #[arg(long)]
+        cluster: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImportsCmd {
+    /// The Istio and MCS objects a cluster gets, as YAML.
+    Show { cluster: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum TrustCmd {
+    /// Roots in the bundle, and each cluster's intermediate and acknowledgement.
+    Status,
+}
+
+struct Conn {
+    admin: pb::admin_client::AdminClient<Channel>,
+    broker: String,
+}
+
+impl Conn {
+    fn open(ctl: &Ctl) -> Result<Self> {
+        let broker = ctl.broker.clone().ok_or_else(|| {
+            UsageError("no broker address: pass --broker HOST:PORT or set STRAIT_BROKER".into())
+        })?;
+        let creds = ctl.creds.clone().ok_or_else(|| {
+            UsageError(
+                "no admin credentials: pass --creds DIR or set STRAIT_CREDS (the broker writes \
+                 them to DATA/admin on first start)"
+                    .into(),
+            )
+        })?;
+        let channel = client::channel(&broker, &creds)
+            .with_context(|| format!("admin credentials in {}", creds.display()))?;
+        Ok(Conn {
+            admin: pb::admin_client::AdminClient::new(channel),
+            broker,
+        })
+    }
+
+    fn fail(&self, status: tonic::Status) -> anyhow::Error {
+        let hint = match status.code() {
+            tonic::Code::Unavailable | tonic::Code::Unknown => {
+                " (is the broker running, and are these its admin credentials?)"
+            }
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+                " (are these the broker's admin credentials?)"
+            }
+            _ => "",
+        };
+        anyhow::anyhow!("broker {}: {}{hint}", self.broker, status.message())
+    }
+}
+
+pub fn run(ctl: Ctl) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run_async(ctl))
+}
+
+fn time_str(unix: u64) -> String {
+    if unix == 0 {
+        return "-".into();
+    }
+    time::OffsetDateTime::from_unix_timestamp(i64::try_from(unix).unwrap_or(0))
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
+}
+
+fn cluster_json(c: &pb::ClusterStatus) -> Value {
+    json!({
+        "name": c.name,
+        "network": c.network,
+        "locality": c.locality,
+        "state": c.state,
+        "connected": c.connected,
+        "gateways": c.gateways,
+        "exports": c.exports,
+        "export_revision": c.export_revision,
+        "import_revision_acked": c.import_revision_acked,
+        "bundle_version_acked": c.bundle_version_acked,
+        "intermediate_expires": time_str(c.intermediate_expires_unix),
+        "intermediate_sha256": c.intermediate_sha256,
+    })
+}
+
+fn export_json(e: &pb::ExportEntry) -> Value {
+    let s = e.service.clone().unwrap_or_default();
+    json!({
+        "cluster": e.cluster,
+        "namespace": s.namespace,
+        "name": s.name,
+        "ports": s.ports.iter().map(|p| json!({"name": p.name, "number": p.number, "protocol": p.protocol})).collect::<Vec<_>>(),
+        "export_to": s.export_to,
+        "service_accounts": s.service_accounts,
+        "healthy_endpoints": s.endpoints.iter().map(|e| e.healthy).sum::<u32>(),
+    })
+}
+
+/// Prints `value` as JSON or YAML, or `rows` as a table.
+fn print(output: Output, value: &Value, headers: &[&str], rows: Vec<Vec<String>>) -> Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        Output::Yaml => print!("{}", serde_saphyr::to_string(value)?),
+        Output::Table => {
+            let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+            for r in &rows {
+                for (i, c) in r.iter().enumerate() {
+                    widths[i] = widths[i].max(c.len());
+                }
+            }
+            let line = |cells: Vec<String>| {
+                cells
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+                    .collect::<Vec<_>>()
+                    .join("  ")
+                    .trim_end()
+                    .to_string()
+            };
+            println!("{}", line(headers.iter().map(|h| h.to_string()).collect()));
+            for r in rows {
+                println!("{}", line(r));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn run_async(ctl: Ctl) -> Result<()> {
+    let mut conn = Conn::open(&ctl)?;
+    let out = ctl.output;
+    match ctl.command {
+        Command::Cluster(ClusterCmd::Add(a)) => {
+            let r = conn
+                .admin
+                .add_cluster(pb::AddClusterRequest {
+                    name: a.name.clone(),
+                    network: a.network.clone(),
+                    locality: a.locality.clone().unwrap_or_default(),
+                    ttl_seconds: a.ttl.as_secs(),
+                })
+                .await
+                .map_err(|s| conn.fail(s))?
+                .into_inner();
+            eprintln!(
+                "cluster {} (network {}) registered; join token valid until {}",
+                a.name,
+                a.network,
+                time_str(r.expires_unix)
+            );
+            println!("{}", r.token);
+        }
+        Command::Cluster(ClusterCmd::List) => {
+            let r = conn
+                .admin
+                .list_clusters(pb::ListClustersRequest {})
+                .await
+                .map_err(|s| conn.fail(s))?
+                .into_inner();
+            let value = Value::Array(r.clusters.iter().map(cluster_json).collect());
+            let rows = r
+                .clusters
+                .iter()
+                .map(|c| {
+                    vec![
+                        c.name.clone(),
+                        c.state.clone(),
+                        if c.connected { "yes" } else { "no" }.into(),
+                        c.network.clone(),
+                        c.locality.clone(),
+                        c.exports.to_string(),
+                        c.gateways.join(","),
+                    ]
+                })
+                .collect();
+            print(
+                out,
+                &value,
+                &[
+                    "NAME",
+                    "STATE",
+                    "CONNECTED",
+                    "NETWORK",
+                    "LOCALITY",
+                    "EXPORTS",
+                    "GATEWAYS",
+                ],
+                rows,
+            )?;
+        }
+        Command::Cluster(ClusterCmd::Show { name }) => {
+            let c = conn
+                .admin
+                .get_cluster(pb::GetClusterRequest { name })
+                .await
+                .map_err(|s| conn.fail(s))?
+                .into_inner();
+            let value = cluster_json(&c);
+            let rows = value
+                .as_object()
+                .map(|o| {
+                    o.iter()
+                        .map(|(k, v)| {
+                            vec![
+                                k.clone(),
+                                v.as_str().map_or_else(|| v.to_string(), str::to_string),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            print(out, &value, &["FIELD", "VALUE"], rows)?;
+        }
+        Command::Cluster(ClusterCmd::Revoke { name }) => {
+            conn.admin
+                .revoke_cluster(pb::RevokeClusterRequest { name: name.clone() })
+                .await
+                .map_err(|s| conn.fail(s))?;
+            eprintln!(
+                "cluster {name} revoked: its exports are withdrawn and its intermediate is deny-listed"
+            );
+        }
+        Command::Exports(ExportsCmd::List { cluster }) => {
+            let r = conn
+                .admin
+                .list_exports(pb::ListExportsRequest {
+                    cluster: cluster.unwrap_or_default(),
+                })
+                .await
+                .map_err(|s| conn.fail(s))?
+                .into_inner();
+            let value = Value::Array(r.exports.iter().map(export_json).collect());
+            let rows = r
+                .exports
+                .iter()
+                .map(|e| {
+                    let s = e.service.clone().unwrap_or_default();
+                    vec![
+                        e.cluster.clone(),
+                        s.namespace,
+                        s.name,
+                        s.ports
+                            .iter()
+                            .map(|p| format!("{}/{}", p.number, p.protocol))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        if s.export_to.is_empty() {
+                            "*".into()
+                        } else {
+                            s.export_to.join(",")
+                        },
+                        s.endpoints
+                            .iter()
+                            .map(|e| e.healthy)
+                            .sum::<u32>()
+                            .to_string(),
+                    ]
+                })
+                .collect();
+            print(
+                out,
+                &value,
+                &[
+                    "CLUSTER",
+                    "NAMESPACE",
+                    "NAME",
+                    "PORTS",
+                    "EXPORT-TO",
+                    "HEALTHY",
+                ],
+                rows,
+            )?;
+        }
+        Command::Imports(ImportsCmd::Show { cluster }) => {
+            let r = conn
+                .admin
+                .show_imports(pb::ShowImportsRequest { cluster })
+                .await
+                .map_err(|s| conn.fail(s))?
+                .into_inner();
+            if out == Output::Json {
+                let docs: Vec<Value> = r
+                    .yaml
+                    .split("\n---\n")
+                    .filter(|d| !d.trim().is_empty() && d.trim() != "---")
+                    .map(serde_saphyr::from_str::<Value>)
+                    .collect::<Result<_, _>>()?;
+                println!("{}", serde_json::to_string_pretty(&docs)?);
+            } else {
+                print!("{}", r.yaml);
+            }
+        }
+        Command::Trust(TrustCmd::Status) => {
+            let r = conn
+                .admin
+                .trust_status(pb::TrustStatusRequest {})
+                .await
+                .map_err(|s| conn.fail(s))?
+                .into_inner();
+            let value = json!({
+                "trust_domain": r.trust_domain,
+                "bundle_version": r.bundle_version,
+                "rotation": "none",
+                "roots": r.roots.iter().map(|x| json!({"sha256": x.sha256, "subject": x.subject, "expires": time_str(x.expires_unix)})).collect::<Vec<_>>(),
+                "clusters": r.clusters.iter().map(|c| json!({
+                    "name": c.name,
+                    "state": c.state,
+                    "intermediate_expires": time_str(c.intermediate_expires_unix),
+                    "bundle_acknowledged": c.bundle_version_acked == r.bundle_version,
+                })).collect::<Vec<_>>(),
+            });
+            if out == Output::Table {
+                println!(
+                    "trust domain {}  bundle version {}  rotation: none",
+                    r.trust_domain, r.bundle_version
+                );
+                for x in &r.roots {
+                    println!(
+                        "root {}  expires {}  sha256 {}",
+                        x.subject,
+                        time_str(x.expires_unix),
+                        x.sha256
+                    );
+                }
+                println!();
+            }
+            let rows = r
+                .clusters
+                .iter()
+                .map(|c| {
+                    vec![
+                        c.name.clone(),
+                        c.state.clone(),
+                        time_str(c.intermediate_expires_unix),
+                        if c.bundle_version_acked == r.bundle_version {
+                            "yes"
+                        } else {
+                            "no"
+                        }
+                        .into(),
+                    ]
+                })
+                .collect();
+            print(
+                out,
+                &value,
+                &["CLUSTER", "STATE", "INTERMEDIATE-EXPIRES", "BUNDLE-ACKED"],
+                rows,
+            )?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,559 @@
+//! The trust broker end to end: a real `strait broker` process, `straitctl`
+//! for administration, and clusters played by the client library over mTLS.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{Broker, Scratch};
+use pb::sync_request::Msg as Up;
+use pb::sync_response::Msg as Down;
+use strait_broker::client::{self, SyncSession};
+use strait_proto::strait::broker::v1 as pb;
+
+const TD: &str = "example.org";
+const WAIT: Duration = Duration::from_secs(5);
+
+fn svc(ns: &str, name: &str) -> pb::ExportedService {
+    pb::ExportedService {
+        namespace: ns.into(),
+        name: name.into(),
+        ports: vec![pb::ServicePort {
+            name: "http".into(),
+            number: 8080,
+            protocol: "HTTP".into(),
+            target_port: 0,
+        }],
+        service_accounts: vec![name.into()],
+        endpoints: vec![pb::LocalityEndpoints {
+            locality: "us-east/a".into(),
+            healthy: 2,
+            total: 2,
+        }],
+        ..Default::default()
+    }
+}
+
+fn snapshot(revision: u64, services: Vec<pb::ExportedService>) -> Up {
+    Up::Exports(pb::ExportsUpdate {
+        revision,
+        snapshot: true,
+        upserts: services,
+        ..Default::default()
+    })
+}
+
+fn delta(base: u64, revision: u64, up: Vec<pb::ExportedService>, rm: &[(&str, &str)]) -> Up {
+    Up::Exports(pb::ExportsUpdate {
+        revision,
+        base_revision: base,
+        snapshot: false,
+        upserts: up,
+        removals: rm
+            .iter()
+            .map(|(ns, n)| pb::ServiceRef {
+                namespace: (*ns).into(),
+                name: (*n).into(),
+            })
+            .collect(),
+    })
+}
+
+/// Adds a cluster with straitctl and joins it with the client library.
+async fn join(broker: &Broker, scratch: &Scratch, name: &str, network: &str) -> std::path::PathBuf {
+    let r = broker
+        .ctl(&[
+            "cluster",
+            "add",
+            name,
+            "--network",
+            network,
+            "--locality",
+            "us-east/a",
+        ])
+        .ok();
+    let token = r.stdout.trim().to_string();
+    assert!(
+        token.starts_with("sjt1."),
+        "stdout must be only the token: {:?}",
+        r.stdout
+    );
+    let dir = scratch.path(name);
+    client::join(&token, &dir).await.expect("join");
+    dir
+}
+
+fn hello(import_revision: u64, epoch: &str, gateway: &str) -> pb::Hello {
+    pb::Hello {
+        export_revision: 0,
+        import_revision,
+        import_epoch: epoch.into(),
+        bundle_version: 0,
+        info: Some(pb::ClusterInfo {
+            network: String::new(),
+            locality: "us-east/a".into(),
+            gateways: vec![gateway.into()],
+        }),
+    }
+}
+
+async fn open(dir: &Path, hello: pb::Hello) -> SyncSession {
+    let (channel, _) = client::cluster_channel(dir).unwrap();
+    SyncSession::open(channel, hello).await.expect("open sync")
+}
+
+/// The next message that is not a trust update, within `WAIT`.
+async fn next(s: &mut SyncSession) -> Down {
+    loop {
+        let m = tokio::time::timeout(WAIT, s.recv())
+            .await
+            .expect("a message from the broker in time")
+            .expect("stream healthy")
+            .expect("stream open");
+        if !matches!(m, Down::Trust(_)) {
+            return m;
+        }
+    }
+}
+
+async fn next_imports(s: &mut SyncSession) -> pb::ImportsUpdate {
+    match next(s).await {
+        Down::Imports(u) => u,
+        other => panic!("expected imports, got {other:?}"),
+    }
+}
+
+async fn expect_ack(s: &mut SyncSession, revision: u64) {
+    match next(s).await {
+        Down::ExportsAck(a) => assert_eq!(a.revision, revision),
+        other => panic!("expected ack {revision}, got {other:?}"),
+    }
+}
+
+/// Network names in Hello info must be valid; clusters send their own.
+fn with_network(mut h: pb::Hello, net: &str) -> pb::Hello {
+    if let Some(i) = h.info.as_mut() {
+        i.network = net.into();
+    }
+    h
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_export_import_remove_resume() {
+    let s = Scratch::new();
+    let broker = Broker::start(&s.path("broker"), TD);
+    let east = join(&broker, &s, "east", "net-east").await;
+    let west = join(&broker, &s, "west", "net-west").await;
+
+    // The joined cluster holds an Istio plug-in CA under the mesh root.
+    s.openssl(&[
+        "verify",
+        "-CAfile",
+        east.join("cacerts/root-cert.pem").to_str().unwrap(),
+        east.join("cacerts/ca-cert.pem").to_str().unwrap(),
+    ])
+    .ok();
+
+    let mut e = open(
+        &east,
+        with_network(hello(0, "", "127.0.0.1:15443"), "net-east"),
+    )
+    .await;
+    let mut w = open(
+        &west,
+        with_network(hello(0, "", "127.0.0.2:15443"), "net-west"),
+    )
+    .await;
+    // Both start with an (empty) snapshot.
+    assert!(next_imports(&mut e).await.snapshot);
+    assert!(next_imports(&mut w).await.snapshot);
+
+    e.send(snapshot(1, vec![svc("shop", "cart")]))
+        .await
+        .unwrap();
+    expect_ack(&mut e, 1).await;
+    let u = next_imports(&mut w).await;
+    assert!(!u.snapshot);
+    assert_eq!(u.upserts.len(), 1);
+    let remote = &u.upserts[0].remotes[0];
+    assert_eq!(remote.cluster, "east");
+    assert_eq!(
+        remote.cluster_info.as_ref().unwrap().gateways,
+        ["127.0.0.1:15443"]
+    );
+    let seen = u.revision;
+    let epoch = u.epoch.clone();
+
+    // straitctl shows it, and the Istio objects west gets.
+    let list = broker.ctl(&["exports", "list", "-o", "json"]).ok().stdout;
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(v[0]["cluster"], "east");
+    assert_eq!(v[0]["namespace"], "shop");
+    assert_eq!(v[0]["name"], "cart");
+    assert!(v[0]["ports"].is_array() && v[0]["export_to"].is_array());
+    let yaml = broker.ctl(&["imports", "show", "west"]).ok().stdout;
+    assert!(yaml.contains("kind: ServiceEntry"), "{yaml}");
+    assert!(yaml.contains("cart.shop.svc.clusterset.local"), "{yaml}");
+    assert!(yaml.contains("127.0.0.1"), "{yaml}");
+    let table = broker.ctl(&["cluster", "list"]).ok().stdout;
+    assert!(
+        table.contains("east") && table.contains("joined"),
+        "{table}"
+    );
+
+    // Removal reaches the importer (well within a second on loopback).
+    let t = Instant::now();
+    e.send(delta(1, 2, vec![], &[("shop", "cart")]))
+        .await
+        .unwrap();
+    expect_ack(&mut e, 2).await;
+    let u = next_imports(&mut w).await;
+    assert_eq!(u.removals.len(), 1);
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "removal took {:?}",
+        t.elapsed()
+    );
+
+    // West goes away; east changes twice; west resumes with a delta.
+    let resume_from = u.revision;
+    drop(w);
+    e.send(delta(2, 3, vec![svc("shop", "pay")], &[]))
+        .await
+        .unwrap();
+    expect_ack(&mut e, 3).await;
+    e.send(delta(3, 4, vec![svc("shop", "ship")], &[]))
+        .await
+        .unwrap();
+    expect_ack(&mut e, 4).await;
+    let mut w = open(
+        &west,
+        with_network(hello(resume_from, &epoch, "127.0.0.2:15443"), "net-west"),
+    )
+    .await;
+    let u = next_imports(&mut w).await;
+    assert!(!u.snapshot, "a known revision resumes with a delta");
+    let names: Vec<_> = u.upserts.iter().map(|i| i.name.as_str()).collect();
+    assert_eq!(names, ["pay", "ship"]);
+    assert!(u.revision > seen);
+    drop(w);
+
+    // A revision from another epoch (or none) gets a full resync.
+    let mut w = open(
+        &west,
+        with_network(
+            hello(resume_from, "not-this-broker", "127.0.0.2:15443"),
+            "net-west",
+        ),
+    )
+    .await;
+    let u = next_imports(&mut w).await;
+    assert!(u.snapshot);
+    assert_eq!(u.upserts.len(), 2);
+
+    // A delta on a base the broker does not hold asks for a snapshot.
+    e.send(delta(99, 100, vec![svc("shop", "x")], &[]))
+        .await
+        .unwrap();
+    match next(&mut e).await {
+        Down::Resync(r) => assert_eq!(r.have_revision, 4),
+        other => panic!("expected resync, got {other:?}"),
+    }
+
+    // The broker's welcome tells a reconnecting exporter where to resume.
+    drop(e);
+    let e2 = open(
+        &east,
+        with_network(hello(0, "", "127.0.0.1:15443"), "net-east"),
+    )
+    .await;
+    assert_eq!(e2.broker_export_revision, 4);
+
+    let metrics = common::http_get(&broker.metrics, "/metrics");
+    assert!(metrics.contains("strait_broker_exports 2"), "{metrics}");
+    assert!(
+        metrics.contains("strait_broker_joins_total{result=\"ok\"} 2"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_single_use_and_pinned() {
+    let s = Scratch::new();
+    let broker = Broker::start(&s.path("broker"), TD);
+    let token = broker
+        .ctl(&["cluster", "add", "east", "--network", "n1"])
+        .ok()
+        .stdout
+        .trim()
+        .to_string();
+    client::join(&token, &s.path("east")).await.unwrap();
+    // Reuse: refused, and nothing written.
+    let err = client::join(&token, &s.path("east-again"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("already been used"), "{err}");
+    assert!(!s.path("east-again/cacerts/ca-key.pem").exists());
+    // Duplicate name refused by the admin API.
+    broker
+        .ctl(&["cluster", "add", "east", "--network", "n1"])
+        .fails_with(1, "already exists");
+    // A token of another broker (another root) is refused by the pin before
+    // anything is sent.
+    let other = Broker::start(&s.path("other"), TD);
+    let foreign = other
+        .ctl(&["cluster", "add", "west", "--network", "n1"])
+        .ok()
+        .stdout
+        .trim()
+        .to_string();
+    let parsed = strait_broker::token::JoinToken::parse(&foreign).unwrap();
+    let mut forged = parsed.clone();
+    forged.addresses = vec![broker.addr.clone()];
+    let err = client::join(&forged.encode(), &s.path("west"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("no root with SHA-256"), "{err}");
+    // Garbage tokens name the problem.
+    let err = client::join("hello", &s.path("x")).await.unwrap_err();
+    assert!(err.to_string().contains("sjt1."), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_identities_and_non_admins_are_refused() {
+    let s = Scratch::new();
+    let broker = Broker::start(&s.path("broker"), TD);
+    let east = join(&broker, &s, "east", "net-east").await;
+    let _west = join(&broker, &s, "west", "net-west").await;
+
+    // East's own CA mints "west"'s broker identity: the broker refuses it.
+    let ca = strait_ca::layout::load_plugin_ca(&east.join("cacerts"), None).unwrap();
+    let bundle = strait_ca::layout::load_bundle(&east.join("cacerts/root-cert.pem"), None).unwrap();
+    let forged_dir = s.path("forged");
+    client::issue_client_cert(
+        &ca,
+        &strait_ca::ClusterName::new("west").unwrap(),
+        &bundle,
+        &forged_dir,
+    )
+    .unwrap();
+    let channel = client::channel(&broker.addr, &forged_dir).unwrap();
+    let err = SyncSession::open(channel, hello(0, "", "127.0.0.9:15443"))
+        .await
+        .err()
+        .expect("forged identity refused");
+    assert!(
+        err.to_string()
+            .contains("must be issued by cluster west's own intermediate"),
+        "{err}"
+    );
+
+    // A cluster's credentials are not admin credentials.
+    broker
+        .ctl_with(&east.join("broker-client"), &["cluster", "list"])
+        .fails_with(1, "may not use the admin API");
+    // Credentials of another mesh's broker do not even get through TLS.
+    let other = Broker::start(&s.path("other"), TD);
+    broker
+        .ctl_with(&other.admin_creds(), &["cluster", "list"])
+        .fails_with(1, "broker");
+    // No credentials: a usage error that says where they are.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_straitctl"))
+        .args(["--broker", &broker.addr, "cluster", "list"])
+        .env_remove("STRAIT_CREDS")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("DATA/admin"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_withdraws_exports_and_locks_the_cluster_out() {
+    let s = Scratch::new();
+    let broker = Broker::start(&s.path("broker"), TD);
+    let east = join(&broker, &s, "east", "net-east").await;
+    let west = join(&broker, &s, "west", "net-west").await;
+    let mut e = open(
+        &east,
+        with_network(hello(0, "", "127.0.0.1:15443"), "net-east"),
+    )
+    .await;
+    let mut w = open(
+        &west,
+        with_network(hello(0, "", "127.0.0.2:15443"), "net-west"),
+    )
+    .await;
+    next_imports(&mut e).await;
+    next_imports(&mut w).await;
+    e.send(snapshot(1, vec![svc("shop", "cart")]))
+        .await
+        .unwrap();
+    expect_ack(&mut e, 1).await;
+    assert_eq!(next_imports(&mut w).await.upserts.len(), 1);
+
+    broker.ctl(&["cluster", "revoke", "east"]).ok();
+    // West: the deny-list, then the removal.
+    let mut saw_deny = false;
+    let mut saw_removal = false;
+    while !(saw_deny && saw_removal) {
+        match tokio::time::timeout(WAIT, w.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            Down::Trust(t) => saw_deny |= t.denied_intermediates.len() == 1,
+            Down::Imports(u) => saw_removal |= u.removals.len() == 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // East's stream ends, and it cannot come back.
+    let end = tokio::time::timeout(WAIT, async {
+        loop {
+            match e.recv().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(end.is_err() || end.unwrap().is_none());
+    let (channel, _) = client::cluster_channel(&east).unwrap();
+    assert!(
+        SyncSession::open(channel, hello(0, "", "127.0.0.1:15443"))
+            .await
+            .is_err()
+    );
+    let list = broker
+        .ctl(&["cluster", "show", "east", "-o", "json"])
+        .ok()
+        .stdout;
+    assert!(list.contains("\"revoked\""), "{list}");
+}
+
+/// kill -9 during a burst of exports: every acknowledged export survives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_exports_survive_kill_9() {
+    let s = Scratch::new();
+    let mut broker = Broker::start(&s.path("broker"), TD);
+    let east = join(&broker, &s, "east", "net-east").await;
+    let mut e = open(
+        &east,
+        with_network(hello(0, "", "127.0.0.1:15443"), "net-east"),
+    )
+    .await;
+    next_imports(&mut e).await;
+    e.send(snapshot(1, vec![])).await.unwrap();
+    expect_ack(&mut e, 1).await;
+
+    // Pipeline 300 deltas without waiting; kill the broker while acks flow.
+    let tx = e.sender();
+    let burst = tokio::spawn(async move {
+        for i in 0..300u64 {
+            let up = delta(i + 1, i + 2, vec![svc("burst", &format!("svc-{i}"))], &[]);
+            if tx.send(up).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut acked = 0u64;
+    loop {
+        match tokio::time::timeout(WAIT, e.recv()).await {
+            Ok(Ok(Some(Down::ExportsAck(a)))) => {
+                acked = a.revision;
+                if acked == 60 {
+                    broker.kill9();
+                }
+            }
+            Ok(Ok(Some(_))) => {}
+            _ => break,
+        }
+    }
+    burst.abort();
+    eprintln!("broker killed after ack 60 of 301; last ack received: {acked}");
+    assert!(acked >= 60, "the broker acknowledged only up to {acked}");
+    assert!(
+        acked < 301,
+        "the kill came after the whole burst; it proves nothing"
+    );
+    // Restart on the same address and data; every acknowledged export is there.
+    let addr = broker.addr.clone();
+    drop(broker);
+    let broker = Broker::start_at(&s.path("broker"), TD, &addr);
+    let list = broker
+        .ctl(&["exports", "list", "--cluster", "east", "-o", "json"])
+        .ok()
+        .stdout;
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let have: std::collections::BTreeSet<String> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["name"].as_str().unwrap().to_string())
+        .collect();
+    // Revision r acknowledges svc-(r-2).
+    for r in 2..=acked {
+        let name = format!("svc-{}", r - 2);
+        assert!(
+            have.contains(&name),
+            "{name} was acknowledged (revision {r}) but is lost"
+        );
+    }
+    // The exporter resumes where the broker is.
+    let e = open(
+        &east,
+        with_network(hello(0, "", "127.0.0.1:15443"), "net-east"),
+    )
+    .await;
+    assert!(e.broker_export_revision >= acked);
+}
+
+/// Not a test: export→import propagation over 1000 changes on loopback.
+/// `cargo test --test broker propagation -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark; prints figures"]
+async fn propagation_latency() {
+    let s = Scratch::new();
+    let broker = Broker::start(&s.path("broker"), TD);
+    let east = join(&broker, &s, "east", "net-east").await;
+    let west = join(&broker, &s, "west", "net-west").await;
+    let mut e = open(
+        &east,
+        with_network(hello(0, "", "127.0.0.1:15443"), "net-east"),
+    )
+    .await;
+    let mut w = open(
+        &west,
+        with_network(hello(0, "", "127.0.0.2:15443"), "net-west"),
+    )
+    .await;
+    next_imports(&mut e).await;
+    next_imports(&mut w).await;
+    e.send(snapshot(1, vec![])).await.unwrap();
+    expect_ack(&mut e, 1).await;
+    let mut samples = Vec::new();
+    for i in 0..1000u64 {
+        let t = Instant::now();
+        let change = if i % 2 == 0 {
+            delta(i + 1, i + 2, vec![svc("bench", "svc")], &[])
+        } else {
+            delta(i + 1, i + 2, vec![], &[("bench", "svc")])
+        };
+        e.send(change).await.unwrap();
+        next_imports(&mut w).await;
+        samples.push(t.elapsed());
+        expect_ack(&mut e, i + 2).await;
+    }
+    samples.sort();
+    let p = |q: f64| samples[((samples.len() as f64 - 1.0) * q) as usize];
+    println!(
+        "export→import propagation over {} changes: p50 {:?}, p99 {:?}, max {:?}",
+        samples.len(),
+        p(0.50),
+        p(0.99),
+        samples[samples.len() - 1]
+    );
+}
