@@ -33,6 +33,9 @@ enum Command {
     Ca(cli::ca::CaArgs),
     /// Run the trust broker of a mesh.
     Broker(cli::broker::BrokerArgs),
+    /// The cluster side of a broker: join a mesh, sync a static config.
+    #[command(subcommand)]
+    Cluster(cli::cluster::ClusterCommand),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Ca(args) => cli::ca::run(args),
         Command::Broker(args) => cli::broker::run(args),
+        Command::Cluster(cmd) => cli::cluster::run(cmd),
     };
     cli::exit(result)
 }

@@ -557,3 +557,142 @@ async fn propagation_latency() {
         samples[samples.len() - 1]
     );
 }
+
+/// The whole flow from the command line: add, join, sync a static config,
+/// and the Istio objects the other cluster imports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_line_join_sync_and_imports() {
+    let s = Scratch::new();
+    let broker = Broker::start(&s.path("broker"), TD);
+    for (name, net) in [("east", "net-east"), ("west", "net-west")] {
+        let token = broker
+            .ctl(&["cluster", "add", name, "--network", net])
+            .ok()
+            .stdout;
+        s.write(&format!("{name}.token"), &token);
+        s.strait(&[
+            "cluster",
+            "join",
+            "--token",
+            &format!("{name}.token"),
+            "--dir",
+            name,
+        ])
+        .ok();
+    }
+    s.write(
+        "east.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: reviews\n  namespace: bookinfo\n  annotations:\n    strait.io/export: \"true\"\nspec:\n  selector: {app: reviews}\n  ports:\n  - {name: http, port: 9080}\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: r1, namespace: bookinfo}\nspec: {address: 10.1.0.11, labels: {app: reviews}, serviceAccount: reviews}\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: broken\n  namespace: bookinfo\n  annotations:\n    strait.io/export: \"yes\"\nspec:\n  ports:\n  - {name: http, port: 80}\n",
+    );
+    s.write("west.yaml", "");
+    let r = s
+        .strait(&[
+            "cluster",
+            "sync",
+            "--dir",
+            "east",
+            "--config",
+            "east.yaml",
+            "--gateway",
+            "127.0.0.1:15443",
+            "--once",
+        ])
+        .ok();
+    assert!(
+        r.stderr.contains("Service bookinfo/broken") && r.stderr.contains("\"yes\""),
+        "{}",
+        r.stderr
+    );
+    s.strait(&[
+        "cluster",
+        "sync",
+        "--dir",
+        "west",
+        "--config",
+        "west.yaml",
+        "--gateway",
+        "127.0.0.2:15443",
+        "--once",
+        "--imports-out",
+        "west-imports.yaml",
+    ])
+    .ok();
+    let written = s.read("west-imports.yaml");
+    let shown = broker.ctl(&["imports", "show", "west"]).ok().stdout;
+    assert_eq!(written, shown, "the cluster writes what straitctl shows");
+    assert!(
+        shown.contains("reviews.bookinfo.svc.clusterset.local"),
+        "{shown}"
+    );
+    assert!(shown.contains("address: \"127.0.0.1\""), "{shown}");
+    // A token that was already spent cannot join again.
+    s.strait(&["cluster", "join", "--token", "east.token", "--dir", "east2"])
+        .fails_with(1, "already been used");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intermediates_are_renewed_through_sync() {
+    use strait_broker::agent::{Agent, AgentConfig};
+    let s = Scratch::new();
+    let broker = Broker::start(&s.path("broker"), TD);
+    let east = join(&broker, &s, "east", "net-east").await;
+    let before = s.read("east/cacerts/ca-cert.pem");
+    let key_before = s.read("east/cacerts/ca-key.pem");
+    let (_exports_tx, exports_rx) = tokio::sync::watch::channel(Default::default());
+    let (agent, mut status) = Agent::new(
+        AgentConfig {
+            dir: east.clone(),
+            gateways: vec!["127.0.0.1:15443".into()],
+        },
+        exports_rx,
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(agent.run(async move {
+        let _ = stopped.await;
+    }));
+    tokio::time::timeout(WAIT, status.wait_for(|s| s.connected && s.exports_acked))
+        .await
+        .unwrap()
+        .unwrap();
+    let r = broker.ctl(&["trust", "rotate-intermediate", "east"]).ok();
+    assert!(r.stderr.contains("was asked"), "{}", r.stderr);
+    // The agent swaps the plug-in CA files when the new chain arrives.
+    let deadline = Instant::now() + WAIT;
+    while s.read("east/cacerts/ca-cert.pem") == before {
+        assert!(
+            Instant::now() < deadline,
+            "intermediate not renewed in time"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_ne!(
+        s.read("east/cacerts/ca-key.pem"),
+        key_before,
+        "a new key, made in the cluster"
+    );
+    s.openssl(&[
+        "verify",
+        "-CAfile",
+        "east/cacerts/root-cert.pem",
+        "east/cacerts/ca-cert.pem",
+    ])
+    .ok();
+    // The broker records the new intermediate; the cluster keeps syncing
+    // with a client certificate issued under it.
+    let ca = strait_ca::layout::load_plugin_ca(&east.join("cacerts"), None).unwrap();
+    let fp = strait_ca::cert::fingerprint_sha256(ca.certificate_der());
+    let show = broker
+        .ctl(&["cluster", "show", "east", "-o", "json"])
+        .ok()
+        .stdout;
+    assert!(show.contains(&fp), "{show}");
+    let (channel, _) = client::cluster_channel(&east).unwrap();
+    SyncSession::open(
+        channel,
+        with_network(hello(0, "", "127.0.0.1:15443"), "net-east"),
+    )
+    .await
+    .expect("the renewed identity is accepted");
+    let _ = stop.send(());
+    task.await.unwrap();
+}

@@ -15,6 +15,7 @@
 //! Not built yet: root rotation, intermediate renewal over Sync, peering
 //! between meshes, the etcd store.
 
+pub mod agent;
 pub mod app;
 pub mod client;
 pub mod http;

@@ -22,6 +22,10 @@ use crate::state::{BrokerState, ClusterRecord, Membership, StateError};
 use crate::token::DEFAULT_TTL;
 use crate::wire;
 
+/// How often a sync session checks whether the cluster's intermediate is
+/// due for renewal.
+pub const RENEWAL_CHECK: Duration = Duration::from_secs(30);
+
 /// How long a new Sync stream may take to say Hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -220,12 +224,17 @@ impl Session {
             return;
         }
         let mut cursor = Cursor {
+            renew_asked: false,
             known: None,
             import_revision: hello.import_revision,
             same_epoch: hello.import_epoch == self.state.epoch,
             bundle_version: hello.bundle_version,
         };
         let mut revisions = self.state.subscribe();
+        // Renewal is due by the clock, not by any event: look every so often.
+        let mut tick = tokio::time::interval(RENEWAL_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
         if let Err(s) = self.push(&mut cursor).await {
             return self.fail(s).await;
         }
@@ -247,6 +256,11 @@ impl Session {
                     if changed.is_err() {
                         break;
                     }
+                    if let Err(s) = self.push(&mut cursor).await {
+                        return self.fail(s).await;
+                    }
+                }
+                _ = tick.tick() => {
                     if let Err(s) = self.push(&mut cursor).await {
                         return self.fail(s).await;
                     }
@@ -275,6 +289,23 @@ impl Session {
                 Ok(())
             }
             Some(Msg::Info(info)) => self.update_info(&info).await,
+            Some(Msg::Renew(r)) => {
+                let chain = self
+                    .state
+                    .renew_intermediate(&self.cluster, &r.csr, OffsetDateTime::now_utc())
+                    .await?;
+                tracing::info!(cluster = %self.cluster, "intermediate renewed");
+                self.send(pb::sync_response::Msg::Intermediate(
+                    pb::IntermediateIssued {
+                        intermediate_chain: chain
+                            .iter()
+                            .map(|d| strait_ca::pemfile::encode(strait_ca::pemfile::CERTIFICATE, d))
+                            .collect(),
+                    },
+                ))
+                .await;
+                Ok(())
+            }
             Some(Msg::Hello(_)) => Err(Status::invalid_argument("Hello may only come first")),
             None => Err(Status::invalid_argument("empty SyncRequest")),
         }
@@ -343,17 +374,19 @@ impl Session {
 
     /// Sends what the cluster lacks: trust first, then imports.
     async fn push(&self, cursor: &mut Cursor) -> Result<(), Status> {
-        let (trust, update) = {
+        let (trust, update, renew) = {
             let inner = self.state.lock().await;
-            match inner.records.get(self.cluster.as_str()) {
-                Some(r) if r.membership == Membership::Joined => {}
+            let renew = match inner.records.get(self.cluster.as_str()) {
+                Some(r) if r.membership == Membership::Joined => {
+                    r.renewal_due(OffsetDateTime::now_utc())
+                }
                 _ => {
                     return Err(Status::permission_denied(format!(
                         "cluster {} is revoked",
                         self.cluster
                     )));
                 }
-            }
+            };
             let trust = (inner.bundle_version != cursor.bundle_version).then(|| pb::TrustUpdate {
                 bundle_version: inner.bundle_version,
                 trust_bundle: self
@@ -370,11 +403,23 @@ impl Session {
                 inner
                     .mesh
                     .import_update(&self.cluster, cursor.import_revision, cursor.same_epoch);
-            (trust, update)
+            (trust, update, renew)
         };
         if let Some(t) = trust {
             cursor.bundle_version = t.bundle_version;
             self.send(pb::sync_response::Msg::Trust(t)).await;
+        }
+        match renew {
+            Some(reason) if !cursor.renew_asked => {
+                cursor.renew_asked = true;
+                tracing::info!(cluster = %self.cluster, reason, "asking for a new intermediate");
+                self.send(pb::sync_response::Msg::Renew(pb::RenewIntermediate {
+                    reason: reason.to_string(),
+                }))
+                .await;
+            }
+            None => cursor.renew_asked = false,
+            Some(_) => {}
         }
         let mut update = update;
         // Within one stream the broker knows what it sent since the last
@@ -416,6 +461,8 @@ impl Session {
 }
 
 struct Cursor {
+    /// A RenewIntermediate was sent and its CSR has not come back yet.
+    renew_asked: bool,
     /// Keys the cluster imports, when known (a snapshot was sent on this stream).
     known: Option<std::collections::BTreeSet<strait_model::mesh::ServiceKey>>,
     import_revision: u64,
@@ -604,6 +651,19 @@ impl pb::admin_server::Admin for AdminService {
                 .map(|(k, r)| wire::imported_pb(k, r))
                 .collect(),
             yaml,
+        }))
+    }
+
+    async fn rotate_intermediate(
+        &self,
+        req: Request<pb::RotateIntermediateRequest>,
+    ) -> Result<Response<pb::RotateIntermediateResponse>, Status> {
+        let admin = self.admin(&req)?;
+        let name = cluster_arg(&req.into_inner().cluster)?;
+        self.state.request_renewal(&name).await?;
+        tracing::info!(%admin, cluster = %name, "intermediate rotation requested");
+        Ok(Response::new(pb::RotateIntermediateResponse {
+            requested_now: self.metrics.is_connected(name.as_str()),
         }))
     }
 

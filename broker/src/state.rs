@@ -64,6 +64,32 @@ pub struct ClusterRecord {
     pub intermediate_expires_unix: i64,
     pub import_revision_acked: u64,
     pub bundle_version_acked: u64,
+    /// When the current intermediate became valid.
+    #[serde(default)]
+    pub intermediate_not_before_unix: i64,
+    /// An operator (or a root rotation) asked for a new intermediate.
+    #[serde(default)]
+    pub renew_requested: bool,
+}
+
+impl ClusterRecord {
+    /// Why the cluster should renew its intermediate now, if it should.
+    pub fn renewal_due(&self, now: OffsetDateTime) -> Option<&'static str> {
+        if self.membership != Membership::Joined {
+            return None;
+        }
+        if self.renew_requested {
+            return Some("a new intermediate was requested");
+        }
+        let (nb, na) = (
+            self.intermediate_not_before_unix,
+            self.intermediate_expires_unix,
+        );
+        if na > nb && now.unix_timestamp() >= nb + (na - nb) / 2 {
+            return Some("the intermediate passed half of its lifetime");
+        }
+        None
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -347,6 +373,8 @@ impl BrokerState {
             intermediate_expires_unix: 0,
             import_revision_acked: 0,
             bundle_version_acked: 0,
+            intermediate_not_before_unix: 0,
+            renew_requested: false,
         };
         let mut b = Batch::new();
         b.put(Table::Tokens, record.id.clone(), json(&record));
@@ -420,6 +448,8 @@ impl BrokerState {
             intermediate_expires_unix: issued.not_after.unix_timestamp(),
             import_revision_acked: 0,
             bundle_version_acked: 0,
+            intermediate_not_before_unix: issued.not_before.unix_timestamp(),
+            renew_requested: false,
         };
         let plan = inner.mesh.plan_join(info);
         let mut b = Batch::new();
@@ -491,6 +521,74 @@ impl BrokerState {
         self.store.commit(&b)?;
         inner.records.insert(r.name.clone(), r);
         Ok(())
+    }
+
+    /// `straitctl trust rotate-intermediate`: the cluster is asked for a CSR
+    /// on its sync stream (now, or when it next connects).
+    pub async fn request_renewal(&self, name: &ClusterName) -> Result<(), StateError> {
+        let mut inner = self.inner.lock().await;
+        let Some(r) = inner.records.get(name.as_str()).cloned() else {
+            return Err(StateError::UnknownCluster(name.to_string()));
+        };
+        if r.membership != Membership::Joined {
+            return Err(StateError::Invalid(format!(
+                "cluster {name} is {}, not joined",
+                r.membership.as_str()
+            )));
+        }
+        let r = ClusterRecord {
+            renew_requested: true,
+            ..r
+        };
+        let mut b = Batch::new();
+        b.put(Table::Clusters, r.name.clone(), json(&r));
+        self.store.commit(&b)?;
+        inner.records.insert(r.name.clone(), r);
+        self.revision_tx.send_modify(|_| {});
+        Ok(())
+    }
+
+    /// Issues a new intermediate for a joined cluster's CSR (its subject CN
+    /// must be the cluster's name); returns the chain.
+    pub async fn renew_intermediate(
+        &self,
+        name: &ClusterName,
+        csr_pem: &str,
+        now: OffsetDateTime,
+    ) -> Result<Vec<Vec<u8>>, StateError> {
+        let csr =
+            Csr::from_pem(csr_pem.as_bytes()).map_err(|e| StateError::Invalid(e.to_string()))?;
+        let mut inner = self.inner.lock().await;
+        let Some(r) = inner.records.get(name.as_str()).cloned() else {
+            return Err(StateError::UnknownCluster(name.to_string()));
+        };
+        if r.membership != Membership::Joined {
+            return Err(StateError::Revoked(name.to_string()));
+        }
+        if csr.common_name() != Some(name.as_str()) {
+            return Err(StateError::Invalid(format!(
+                "the renewal CSR names {:?}, not cluster {name}",
+                csr.common_name().unwrap_or_default()
+            )));
+        }
+        let issued = self
+            .root
+            .issue_intermediate(&csr, name, self.intermediate_validity, now)
+            .map_err(|e| StateError::Issue(e.to_string()))?;
+        let r = ClusterRecord {
+            intermediate_sha256: fingerprint_sha256(&issued.der),
+            intermediate_expires_unix: issued.not_after.unix_timestamp(),
+            intermediate_not_before_unix: issued.not_before.unix_timestamp(),
+            renew_requested: false,
+            ..r
+        };
+        let mut b = Batch::new();
+        b.put(Table::Clusters, r.name.clone(), json(&r));
+        self.store.commit(&b)?;
+        inner.records.insert(r.name.clone(), r);
+        let mut chain = vec![issued.der];
+        chain.extend(self.root.chain().iter().cloned());
+        Ok(chain)
     }
 
     /// `straitctl cluster revoke`: removes the cluster and its exports from

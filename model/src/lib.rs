@@ -48,6 +48,7 @@
 
 pub mod export;
 pub mod imports;
+pub mod local;
 pub mod mesh;
 pub mod names;
 pub mod objects;

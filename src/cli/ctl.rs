@@ -124,6 +124,9 @@ enum ImportsCmd {
 enum TrustCmd {
     /// Roots in the bundle, and each cluster's intermediate and acknowledgement.
     Status,
+    /// Ask a cluster for a new intermediate (it makes a new key and sends a
+    /// CSR on its sync stream; now if connected, else when it connects).
+    RotateIntermediate { cluster: String },
 }
 
 struct Conn {
@@ -408,6 +411,21 @@ async fn run_async(ctl: Ctl) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&docs)?);
             } else {
                 print!("{}", r.yaml);
+            }
+        }
+        Command::Trust(TrustCmd::RotateIntermediate { cluster }) => {
+            let r = conn
+                .admin
+                .rotate_intermediate(pb::RotateIntermediateRequest {
+                    cluster: cluster.clone(),
+                })
+                .await
+                .map_err(|s| conn.fail(s))?
+                .into_inner();
+            if r.requested_now {
+                eprintln!("cluster {cluster} is connected and was asked for a new intermediate");
+            } else {
+                eprintln!("cluster {cluster} is not connected; it will be asked when it connects");
             }
         }
         Command::Trust(TrustCmd::Status) => {

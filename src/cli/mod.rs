@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 pub mod broker;
 pub mod ca;
+pub mod cluster;
 pub mod ctl;
 
 /// Exit code for a command-line usage error (sysexits `EX_USAGE`).

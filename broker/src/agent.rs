@@ -1,0 +1,351 @@
+//! The cluster side of the Sync stream, as a long-running task: keeps a
+//! stream to the broker (reconnecting with backoff), publishes the cluster's
+//! exports (a snapshot, then deltas), applies and acknowledges imports,
+//! installs trust bundle updates, and renews the cluster's intermediate when
+//! the broker asks (a new key made here; only the CSR leaves).
+//!
+//! The local control plane embeds this; `strait cluster sync` runs it from
+//! a static config file.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use strait_ca::authority::{self, Authority, KeyAlgorithm};
+use strait_ca::{ClusterName, TrustBundle, TrustDomain, layout, pemfile};
+use strait_model::mesh::{ExportedService, RemoteService, ServiceKey};
+use strait_proto::strait::broker::v1 as pb;
+use tokio::sync::watch;
+
+use crate::client::{self, CACERTS_DIR, CLIENT_DIR, ClientError, SyncSession};
+use crate::wire;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// What the cluster imports, as last pushed by the broker.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Imports {
+    pub revision: u64,
+    pub epoch: String,
+    pub services: BTreeMap<ServiceKey, Vec<RemoteService>>,
+    /// SHA-256 fingerprints of deny-listed intermediates.
+    pub denied_intermediates: BTreeSet<String>,
+    pub bundle_version: u64,
+    /// Whether a stream to the broker is up.
+    pub connected: bool,
+    /// Whether the broker acknowledged the latest exports.
+    pub exports_acked: bool,
+}
+
+/// How the agent is set up.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The joined cluster directory (`cacerts/`, `broker-client/`, `broker.json`).
+    pub dir: PathBuf,
+    /// East-west gateway addresses to publish (`host:port`).
+    pub gateways: Vec<String>,
+}
+
+/// The exports the cluster wants published, keyed by service.
+pub type Exports = BTreeMap<ServiceKey, ExportedService>;
+
+pub struct Agent {
+    config: AgentConfig,
+    exports: watch::Receiver<Exports>,
+    imports: watch::Sender<Imports>,
+    /// The export revision the broker acknowledged in this process's life.
+    acked: Option<(u64, Exports)>,
+    revision: u64,
+}
+
+impl Agent {
+    pub fn new(
+        config: AgentConfig,
+        exports: watch::Receiver<Exports>,
+    ) -> (Self, watch::Receiver<Imports>) {
+        let (tx, rx) = watch::channel(Imports::default());
+        (
+            Agent {
+                config,
+                exports,
+                imports: tx,
+                acked: None,
+                revision: 0,
+            },
+            rx,
+        )
+    }
+
+    /// Runs until `shutdown` resolves; connection errors are retried with
+    /// backoff, never returned.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let started = tokio::time::Instant::now();
+            let result = tokio::select! {
+                r = self.session() => r,
+                () = &mut shutdown => return,
+            };
+            self.imports.send_modify(|i| i.connected = false);
+            match result {
+                Ok(()) => tracing::info!("broker closed the sync stream"),
+                Err(e) => tracing::warn!(error = %e, "sync with the broker failed"),
+            }
+            if started.elapsed() > BACKOFF_MAX {
+                backoff = BACKOFF_MIN;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = &mut shutdown => return,
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    fn hello(&self) -> Result<pb::Hello, ClientError> {
+        let info: client::BrokerInfo =
+            serde_json::from_slice(&layout::read(&self.config.dir.join(client::BROKER_FILE))?)
+                .map_err(|e| ClientError::Setup(format!("broker.json: {e}")))?;
+        let current = self.imports.borrow();
+        Ok(pb::Hello {
+            export_revision: self.revision,
+            import_revision: current.revision,
+            import_epoch: current.epoch.clone(),
+            bundle_version: current.bundle_version,
+            info: Some(pb::ClusterInfo {
+                network: info.network,
+                locality: info.locality,
+                gateways: self.config.gateways.clone(),
+            }),
+        })
+    }
+
+    async fn session(&mut self) -> Result<(), ClientError> {
+        let (channel, info) = client::cluster_channel(&self.config.dir)?;
+        let cluster =
+            ClusterName::new(&info.cluster).map_err(|e| ClientError::Setup(e.to_string()))?;
+        let td =
+            TrustDomain::new(&info.trust_domain).map_err(|e| ClientError::Setup(e.to_string()))?;
+        let mut session = SyncSession::open(channel, self.hello()?).await?;
+        self.imports.send_modify(|i| i.connected = true);
+        tracing::info!(cluster = %cluster, "sync stream to the broker open");
+
+        // Exports: in sync only if this process saw the broker acknowledge
+        // exactly what it holds now; otherwise a snapshot.
+        let mut sent: Exports = match &self.acked {
+            Some((rev, map)) if *rev == session.broker_export_revision => map.clone(),
+            _ => {
+                let now = self.exports.borrow_and_update().clone();
+                self.revision = self.revision.max(session.broker_export_revision) + 1;
+                session
+                    .send(pb::sync_request::Msg::Exports(pb::ExportsUpdate {
+                        revision: self.revision,
+                        base_revision: 0,
+                        snapshot: true,
+                        upserts: now.values().map(wire::exported_service_pb).collect(),
+                        removals: vec![],
+                    }))
+                    .await?;
+                now
+            }
+        };
+        let mut in_flight: BTreeMap<u64, Exports> = BTreeMap::new();
+        in_flight.insert(self.revision, sent.clone());
+        let mut pending_key: Option<rcgen::KeyPair> = None;
+        loop {
+            tokio::select! {
+                changed = self.exports.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    let now = self.exports.borrow_and_update().clone();
+                    let upserts: Vec<_> = now
+                        .iter()
+                        .filter(|(k, v)| sent.get(*k) != Some(*v))
+                        .map(|(_, v)| wire::exported_service_pb(v))
+                        .collect();
+                    let removals: Vec<_> = sent
+                        .keys()
+                        .filter(|k| !now.contains_key(*k))
+                        .map(wire::service_ref)
+                        .collect();
+                    if upserts.is_empty() && removals.is_empty() {
+                        continue;
+                    }
+                    let base = self.revision;
+                    self.revision += 1;
+                    session
+                        .send(pb::sync_request::Msg::Exports(pb::ExportsUpdate {
+                            revision: self.revision,
+                            base_revision: base,
+                            snapshot: false,
+                            upserts,
+                            removals,
+                        }))
+                        .await?;
+                    in_flight.insert(self.revision, now.clone());
+                    sent = now;
+                    self.imports.send_modify(|i| i.exports_acked = false);
+                }
+                msg = session.recv() => {
+                    let Some(msg) = msg? else {
+                        return Ok(());
+                    };
+                    use pb::sync_response::Msg;
+                    match msg {
+                        Msg::ExportsAck(a) => {
+                            if let Some(map) = in_flight.remove(&a.revision) {
+                                self.acked = Some((a.revision, map));
+                            }
+                            in_flight.retain(|r, _| *r > a.revision);
+                            let current = a.revision == self.revision;
+                            self.imports.send_modify(|i| i.exports_acked = current);
+                        }
+                        Msg::Resync(r) => {
+                            tracing::info!(have = r.have_revision, reason = %r.reason, "broker asked for an exports snapshot");
+                            self.revision = self.revision.max(r.have_revision) + 1;
+                            in_flight.clear();
+                            session
+                                .send(pb::sync_request::Msg::Exports(pb::ExportsUpdate {
+                                    revision: self.revision,
+                                    base_revision: 0,
+                                    snapshot: true,
+                                    upserts: sent.values().map(wire::exported_service_pb).collect(),
+                                    removals: vec![],
+                                }))
+                                .await?;
+                            in_flight.insert(self.revision, sent.clone());
+                        }
+                        Msg::Imports(u) => {
+                            self.apply_imports(&u)?;
+                            let bundle_version = self.imports.borrow().bundle_version;
+                            session
+                                .send(pb::sync_request::Msg::Ack(pb::Ack {
+                                    import_revision: u.revision,
+                                    bundle_version,
+                                }))
+                                .await?;
+                        }
+                        Msg::Trust(t) => {
+                            self.install_trust(&td, &t)?;
+                            let import_revision = self.imports.borrow().revision;
+                            session
+                                .send(pb::sync_request::Msg::Ack(pb::Ack {
+                                    import_revision,
+                                    bundle_version: t.bundle_version,
+                                }))
+                                .await?;
+                        }
+                        Msg::Renew(r) => {
+                            tracing::info!(reason = %r.reason, "broker asked for a new intermediate");
+                            let key = authority::generate_key(KeyAlgorithm::EcdsaP256)
+                                .map_err(|e| ClientError::Setup(e.to_string()))?;
+                            let csr = authority::intermediate_csr(&cluster, &key)
+                                .map_err(|e| ClientError::Setup(e.to_string()))?;
+                            pending_key = Some(key);
+                            session.send(pb::sync_request::Msg::Renew(pb::IntermediateCsr { csr })).await?;
+                        }
+                        Msg::Intermediate(i) => {
+                            let Some(key) = pending_key.take() else {
+                                tracing::warn!("the broker sent an intermediate nobody asked for; ignored");
+                                continue;
+                            };
+                            self.install_intermediate(&cluster, &td, &i, key)?;
+                        }
+                        Msg::Welcome(_) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply_imports(&self, u: &pb::ImportsUpdate) -> Result<(), ClientError> {
+        let upserts = wire::imports(&u.upserts)
+            .map_err(|e| ClientError::Setup(format!("imports from the broker: {e}")))?;
+        let removals = u
+            .removals
+            .iter()
+            .map(wire::service_key)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ClientError::Setup(format!("imports from the broker: {e}")))?;
+        self.imports.send_modify(|i| {
+            if u.snapshot {
+                i.services.clear();
+            }
+            for k in &removals {
+                i.services.remove(k);
+            }
+            i.services.extend(upserts);
+            i.revision = u.revision;
+            i.epoch = u.epoch.clone();
+        });
+        tracing::info!(
+            revision = u.revision,
+            snapshot = u.snapshot,
+            "imports applied"
+        );
+        Ok(())
+    }
+
+    /// Writes the new bundle where the cluster's CA and broker client read
+    /// it, and publishes the deny-list.
+    fn install_trust(&self, td: &TrustDomain, t: &pb::TrustUpdate) -> Result<(), ClientError> {
+        let roots = t
+            .trust_bundle
+            .iter()
+            .map(|p| pemfile::parse_certificates(p.as_bytes()).map(|mut v| v.remove(0)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ClientError::Setup(format!("trust bundle from the broker: {e}")))?;
+        let bundle = TrustBundle::new(Some(td.clone()), roots)
+            .map_err(|e| ClientError::Setup(e.to_string()))?;
+        for dir in [CACERTS_DIR, CLIENT_DIR] {
+            layout::write_public(
+                &self.config.dir.join(dir).join(layout::ROOT_CERT),
+                &bundle.to_pem(),
+            )?;
+        }
+        self.imports.send_modify(|i| {
+            i.bundle_version = t.bundle_version;
+            i.denied_intermediates = t.denied_intermediates.iter().cloned().collect();
+        });
+        tracing::info!(
+            version = t.bundle_version,
+            roots = bundle.roots().len(),
+            "trust bundle installed"
+        );
+        Ok(())
+    }
+
+    /// Replaces the cluster's intermediate with the renewed one (after
+    /// checking it fits the key made for it), and re-issues the broker
+    /// client certificate under it.
+    fn install_intermediate(
+        &self,
+        cluster: &ClusterName,
+        td: &TrustDomain,
+        i: &pb::IntermediateIssued,
+        key: rcgen::KeyPair,
+    ) -> Result<(), ClientError> {
+        let chain = i
+            .intermediate_chain
+            .iter()
+            .map(|p| pemfile::parse_certificates(p.as_bytes()).map(|mut v| v.remove(0)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ClientError::Setup(format!("renewed intermediate: {e}")))?;
+        let ca = Authority::from_der(chain.clone(), key, Some(td))
+            .map_err(|e| ClientError::Setup(format!("renewed intermediate: {e}")))?;
+        let cacerts = self.config.dir.join(CACERTS_DIR);
+        let bundle = layout::load_bundle(&cacerts.join(layout::ROOT_CERT), Some(td.clone()))?;
+        // An explicit renewal: the old key is replaced on purpose.
+        layout::write_plugin_ca(&cacerts, &chain, Some(&ca.key_pem()), &bundle, true)?;
+        client::issue_client_cert(&ca, cluster, &bundle, &self.config.dir.join(CLIENT_DIR))?;
+        tracing::info!(
+            expires = %ca.not_after(),
+            "intermediate renewed; new workload certificates chain to it"
+        );
+        Ok(())
+    }
+}

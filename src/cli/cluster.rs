@@ -1,0 +1,243 @@
+//! `strait cluster`: the cluster side of a broker, from the command line.
+//! `join` spends a join token; `sync` publishes a static config's exports
+//! and writes what the cluster imports. (The local control plane does both
+//! itself; these commands serve static setups, scripts and debugging.)
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use strait_broker::agent::{Agent, AgentConfig, Exports};
+use strait_broker::client;
+use strait_model::local::local_exports;
+use strait_model::mesh::{ClusterInfo, GatewayAddress, Locality, Network};
+
+use super::UsageError;
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    Join(Join),
+    Sync(Sync),
+}
+
+/// Join a mesh with a join token: makes the cluster's intermediate key
+/// here, sends only its CSR, checks the broker against the token's pinned
+/// root, and writes DIR/cacerts (Istio plug-in CA), DIR/broker-client and
+/// DIR/broker.json.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Example:\n  straitctl cluster add east --network net-east > east.token\n  strait cluster join --token east.token --dir /var/lib/strait/east"
+)]
+pub struct Join {
+    /// The token: a file holding it, `-` for stdin, or the token itself.
+    #[arg(long, value_name = "FILE|TOKEN")]
+    token: String,
+    /// Directory for the cluster's credentials (created if missing).
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+}
+
+/// Publish the exports of a static config (Services with
+/// `strait.io/export: "true"` or an MCS ServiceExport, and the
+/// WorkloadEntries they select) and write the Istio/MCS objects this
+/// cluster imports. Re-reads the config when it changes.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:
+  strait cluster sync --dir /var/lib/strait/east --config east.yaml \\
+      --gateway 127.0.0.1:15443 --imports-out east-imports.yaml --once")]
+pub struct Sync {
+    /// A joined cluster directory (from `strait cluster join`).
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// Multi-document YAML with Service, ServiceExport and WorkloadEntry objects.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// This cluster's east-west gateway address, published to importers (repeatable).
+    #[arg(long, value_name = "HOST:PORT")]
+    gateway: Vec<String>,
+    /// Where to write the imported objects (default: DIR/imports.yaml).
+    #[arg(long, value_name = "FILE")]
+    imports_out: Option<PathBuf>,
+    /// Exit once the exports are acknowledged and the imports written.
+    #[arg(long)]
+    once: bool,
+    /// With --once: give up after this long.
+    #[arg(long, value_parser = super::parse_duration, default_value = "30s")]
+    timeout: Duration,
+}
+
+pub fn run(cmd: ClusterCommand) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    match cmd {
+        ClusterCommand::Join(j) => runtime.block_on(join(j)),
+        ClusterCommand::Sync(s) => runtime.block_on(sync(s)),
+    }
+}
+
+async fn join(j: Join) -> Result<()> {
+    let token = if j.token == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+        s
+    } else if j.token.starts_with(strait_broker::token::PREFIX) {
+        j.token.clone()
+    } else {
+        std::fs::read_to_string(&j.token).with_context(|| format!("--token {}", j.token))?
+    };
+    let joined = client::join(token.trim(), &j.dir).await?;
+    println!(
+        "cluster {} joined trust domain {} (network {}{})",
+        joined.info.cluster,
+        joined.info.trust_domain,
+        joined.info.network,
+        if joined.info.locality.is_empty() {
+            String::new()
+        } else {
+            format!(", locality {}", joined.info.locality)
+        }
+    );
+    for (p, note) in [
+        (
+            client::CACERTS_DIR,
+            " (Istio plug-in CA: the key was made here)",
+        ),
+        (client::CLIENT_DIR, " (broker client identity)"),
+        (client::BROKER_FILE, ""),
+    ] {
+        println!("  {}{note}", j.dir.join(p).display());
+    }
+    Ok(())
+}
+
+fn read_config(path: &Path) -> Result<Exports> {
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text)
+        .with_context(|| format!("{}: not valid YAML", path.display()))?;
+    let docs: Vec<_> = docs.into_iter().filter(|d| !d.is_null()).collect();
+    let found = local_exports(&docs);
+    for e in &found.errors {
+        eprintln!("warning: {}: {e}", path.display());
+    }
+    Ok(found
+        .exports
+        .into_iter()
+        .map(|s| (s.key.clone(), s))
+        .collect())
+}
+
+fn mtime(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+async fn sync(s: Sync) -> Result<()> {
+    for g in &s.gateway {
+        GatewayAddress::parse(g).map_err(|e| UsageError(format!("--gateway {g:?}: {e}")))?;
+    }
+    let info: client::BrokerInfo = serde_json::from_slice(
+        &std::fs::read(s.dir.join(client::BROKER_FILE))
+            .with_context(|| format!("{}: not a joined cluster directory", s.dir.display()))?,
+    )?;
+    let importer = ClusterInfo {
+        name: strait_ca::ClusterName::new(&info.cluster)?,
+        network: Network::new(&info.network)?,
+        locality: if info.locality.is_empty() {
+            None
+        } else {
+            Some(Locality::parse(&info.locality)?)
+        },
+        gateways: s
+            .gateway
+            .iter()
+            .filter_map(|g| GatewayAddress::parse(g).ok())
+            .collect(),
+        trust_domain: strait_ca::TrustDomain::new(&info.trust_domain)?,
+    };
+    let exports = read_config(&s.config)?;
+    eprintln!(
+        "publishing {} export(s) from {}",
+        exports.len(),
+        s.config.display()
+    );
+    let (exports_tx, exports_rx) = tokio::sync::watch::channel(exports);
+    let (agent, mut imports) = Agent::new(
+        AgentConfig {
+            dir: s.dir.clone(),
+            gateways: s.gateway.clone(),
+        },
+        exports_rx,
+    );
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let agent_task = tokio::spawn(agent.run(async move {
+        let _ = stop_rx.await;
+    }));
+    let out = s
+        .imports_out
+        .clone()
+        .unwrap_or_else(|| s.dir.join("imports.yaml"));
+    let mut last_mtime = mtime(&s.config);
+    let mut reload = tokio::time::interval(Duration::from_secs(1));
+    let deadline = tokio::time::Instant::now() + s.timeout;
+    let shutdown = super::broker::shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut written = None;
+    let result = loop {
+        tokio::select! {
+            changed = imports.changed() => {
+                if changed.is_err() {
+                    break Err(anyhow::anyhow!("the broker agent stopped"));
+                }
+                let now = imports.borrow_and_update().clone();
+                if now.revision == 0 || written == Some(now.revision) {
+                    if s.once && now.exports_acked && written.is_some() {
+                        break Ok(());
+                    }
+                    continue;
+                }
+                let remotes: Vec<_> = now.services.values().flatten().cloned().collect();
+                let objects = strait_model::imports::import_objects(&importer, &remotes, &[]);
+                strait_ca::layout::write_public(&out, &objects.to_yaml()?)?;
+                for w in &objects.warnings {
+                    eprintln!("warning: import: {w}");
+                }
+                eprintln!(
+                    "imports revision {}: {} service(s), {} object(s) written to {}",
+                    now.revision,
+                    now.services.len(),
+                    objects.len(),
+                    out.display()
+                );
+                written = Some(now.revision);
+                if s.once && now.exports_acked {
+                    break Ok(());
+                }
+            }
+            _ = reload.tick() => {
+                let m = mtime(&s.config);
+                if m != last_mtime {
+                    last_mtime = m;
+                    match read_config(&s.config) {
+                        Ok(e) => {
+                            eprintln!("config changed: publishing {} export(s)", e.len());
+                            exports_tx.send_replace(e);
+                        }
+                        Err(e) => eprintln!("warning: {e:#}; keeping the last good config"),
+                    }
+                }
+            }
+            () = tokio::time::sleep_until(deadline), if s.once => {
+                break Err(anyhow::anyhow!(
+                    "not synced within {}: is the broker reachable? (see RUST_LOG=strait_broker=info)",
+                    super::format_duration(s.timeout)
+                ));
+            }
+            () = &mut shutdown => break Ok(()),
+        }
+    };
+    let _ = stop_tx.send(());
+    let _ = agent_task.await;
+    result
+}
