@@ -696,3 +696,187 @@ async fn intermediates_are_renewed_through_sync() {
     let _ = stop.send(());
     task.await.unwrap();
 }
+
+/// Polls `straitctl trust rotate-root status -o json` until `check` holds.
+async fn wait_rotation(
+    broker: &Broker,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = broker
+            .ctl(&["trust", "rotate-root", "status", "-o", "json"])
+            .ok()
+            .stdout;
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        if check(&v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not reached in 10 s: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn all_clusters(v: &serde_json::Value, field: &str) -> bool {
+    let c = v["clusters"].as_array().unwrap();
+    !c.is_empty() && c.iter().all(|c| c[field] == true)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_rotation_in_stages_while_clusters_sync() {
+    use strait_broker::agent::{Agent, AgentConfig};
+    let s = Scratch::new();
+    let broker = Broker::start(&s.path("broker"), TD);
+    let mut stops = Vec::new();
+    let mut statuses = Vec::new();
+    let mut export_txs = Vec::new();
+    for (name, net, gw) in [
+        ("east", "net-east", "127.0.0.1:15443"),
+        ("west", "net-west", "127.0.0.2:15443"),
+    ] {
+        let dir = join(&broker, &s, name, net).await;
+        let (tx, rx) = tokio::sync::watch::channel(Default::default());
+        let (agent, status) = Agent::new(
+            AgentConfig {
+                dir,
+                gateways: vec![gw.into()],
+            },
+            rx,
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(agent.run(async move {
+            let _ = stopped.await;
+        }));
+        stops.push(stop);
+        statuses.push(status);
+        export_txs.push(tx);
+    }
+    let export = |name: &str| {
+        let svc = strait_broker::wire::exported_service(&svc("shop", name)).unwrap();
+        (svc.key.clone(), svc)
+    };
+    export_txs[0].send_replace([export("cart")].into());
+    tokio::time::timeout(WAIT, statuses[1].wait_for(|s| s.services.len() == 1))
+        .await
+        .unwrap()
+        .unwrap();
+
+    // Out of order: refused with the next step named.
+    broker
+        .ctl(&["trust", "rotate-root", "advance"])
+        .fails_with(1, "no root rotation is in progress");
+    broker
+        .ctl(&["trust", "rotate-root", "finish"])
+        .fails_with(1, "no root rotation is in progress");
+
+    let old_root = s.read("broker/root/root-cert.pem");
+    broker.ctl(&["trust", "rotate-root", "begin"]).ok();
+    broker
+        .ctl(&["trust", "rotate-root", "begin"])
+        .fails_with(1, "already in progress");
+    broker
+        .ctl(&["trust", "rotate-root", "finish"])
+        .fails_with(1, "not possible in stage distributing");
+    let v = wait_rotation(&broker, "bundle acknowledged", |v| {
+        all_clusters(v, "bundle_acknowledged")
+    })
+    .await;
+    assert_eq!(v["stage"], "distributing");
+    assert_eq!(v["roots"].as_array().unwrap().len(), 2);
+    let new_root = v["target_root"].as_str().unwrap().to_string();
+    // Every cluster's CA now trusts both roots.
+    for c in ["east", "west"] {
+        let bundle =
+            strait_ca::layout::load_bundle(&s.path(&format!("{c}/cacerts/root-cert.pem")), None)
+                .unwrap();
+        assert_eq!(bundle.roots().len(), 2, "{c}");
+    }
+
+    broker.ctl(&["trust", "rotate-root", "advance"]).ok();
+    let v = wait_rotation(&broker, "intermediates re-issued", |v| {
+        all_clusters(v, "on_target")
+    })
+    .await;
+    assert_eq!(v["stage"], "reissuing");
+    assert_eq!(v["signing_root"], new_root);
+    // The re-issued intermediate verifies under the new root alone.
+    let new_root_dir = s.path("broker/roots");
+    let new_root_pem = std::fs::read_dir(&new_root_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("root-cert.pem");
+    s.openssl(&[
+        "verify",
+        "-CAfile",
+        new_root_pem.to_str().unwrap(),
+        "east/cacerts/ca-cert.pem",
+    ])
+    .ok();
+    // Old leaves may still live: finish waits unless forced.
+    broker
+        .ctl(&["trust", "rotate-root", "finish"])
+        .fails_with(1, "wait, or finish with --force");
+
+    broker
+        .ctl(&["trust", "rotate-root", "finish", "--force"])
+        .ok();
+    let v = wait_rotation(&broker, "idle on the new root", |v| v["stage"] == "idle").await;
+    assert_eq!(v["roots"].as_array().unwrap().len(), 1);
+    assert_eq!(v["roots"][0]["sha256"], new_root);
+    // Clusters drop the old root.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let bundle =
+            strait_ca::layout::load_bundle(&s.path("west/cacerts/root-cert.pem"), None).unwrap();
+        if bundle.roots().len() == 1 {
+            assert!(!bundle.to_pem().contains(old_root.trim()));
+            break;
+        }
+        assert!(Instant::now() < deadline, "west kept the old root");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The admin credentials moved to the new root and still work.
+    broker.ctl(&["cluster", "list"]).ok();
+    // Services keep flowing after the rotation.
+    export_txs[0].send_replace([export("cart"), export("pay")].into());
+    tokio::time::timeout(WAIT, statuses[1].wait_for(|s| s.services.len() == 2))
+        .await
+        .unwrap()
+        .unwrap();
+    // A cluster that joins now pins the new root.
+    join(&broker, &s, "north", "net-north").await;
+    for stop in stops {
+        let _ = stop.send(());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_rotation_abort_returns_to_the_old_root() {
+    let s = Scratch::new();
+    let broker = Broker::start(&s.path("broker"), TD);
+    let before = broker
+        .ctl(&["trust", "rotate-root", "status", "-o", "json"])
+        .ok()
+        .stdout;
+    let before: serde_json::Value = serde_json::from_str(&before).unwrap();
+    broker.ctl(&["trust", "rotate-root", "begin"]).ok();
+    broker.ctl(&["trust", "rotate-root", "abort"]).ok();
+    let after = broker
+        .ctl(&["trust", "rotate-root", "status", "-o", "json"])
+        .ok()
+        .stdout;
+    let after: serde_json::Value = serde_json::from_str(&after).unwrap();
+    assert_eq!(after["stage"], "idle");
+    assert_eq!(after["signing_root"], before["signing_root"]);
+    assert_eq!(after["roots"].as_array().unwrap().len(), 1);
+    broker
+        .ctl(&["trust", "rotate-root", "abort"])
+        .fails_with(1, "no root rotation is in progress");
+}

@@ -226,6 +226,7 @@ impl Agent {
                                 .send(pb::sync_request::Msg::Ack(pb::Ack {
                                     import_revision: u.revision,
                                     bundle_version,
+                                    intermediate_sha256: self.installed_intermediate(),
                                 }))
                                 .await?;
                         }
@@ -236,6 +237,7 @@ impl Agent {
                                 .send(pb::sync_request::Msg::Ack(pb::Ack {
                                     import_revision,
                                     bundle_version: t.bundle_version,
+                                    intermediate_sha256: self.installed_intermediate(),
                                 }))
                                 .await?;
                         }
@@ -254,12 +256,32 @@ impl Agent {
                                 continue;
                             };
                             self.install_intermediate(&cluster, &td, &i, key)?;
+                            let (import_revision, bundle_version) = {
+                                let i = self.imports.borrow();
+                                (i.revision, i.bundle_version)
+                            };
+                            session
+                                .send(pb::sync_request::Msg::Ack(pb::Ack {
+                                    import_revision,
+                                    bundle_version,
+                                    intermediate_sha256: self.installed_intermediate(),
+                                }))
+                                .await?;
                         }
                         Msg::Welcome(_) => {}
                     }
                 }
             }
         }
+    }
+
+    /// Fingerprint of the intermediate in the cluster's plug-in CA directory.
+    fn installed_intermediate(&self) -> String {
+        std::fs::read(self.config.dir.join(CACERTS_DIR).join(layout::CA_CERT))
+            .ok()
+            .and_then(|pem| pemfile::parse_certificates(&pem).ok())
+            .and_then(|c| c.first().map(|d| strait_ca::cert::fingerprint_sha256(d)))
+            .unwrap_or_default()
     }
 
     fn apply_imports(&self, u: &pb::ImportsUpdate) -> Result<(), ClientError> {

@@ -69,7 +69,7 @@ fn setup(e: impl std::fmt::Display) -> AppError {
 
 /// The root this broker signs with: `--root DIR`, or `DATA/root` (created
 /// on first start).
-fn load_or_create_root(config: &BrokerConfig) -> Result<Authority, AppError> {
+fn load_or_create_root(config: &BrokerConfig) -> Result<(Authority, PathBuf), AppError> {
     let (dir, create) = match &config.root_dir {
         Some(d) => (d.clone(), false),
         None => (config.data_dir.join(ROOT_DIR), true),
@@ -97,7 +97,7 @@ fn load_or_create_root(config: &BrokerConfig) -> Result<Authority, AppError> {
             config.trust_domain
         )));
     }
-    Ok(root)
+    Ok((root, dir))
 }
 
 /// A certificate chain, its key as PKCS#8 DER, and the key as PEM.
@@ -132,35 +132,110 @@ fn issue_from_root(
     ))
 }
 
-/// Writes `DATA/admin/` (cert-chain.pem, key.pem, root-cert.pem) unless
-/// valid credentials are already there.
-fn ensure_admin_credentials(data_dir: &Path, root: &Authority) -> Result<PathBuf, AppError> {
+/// Keeps `DATA/admin/` (cert-chain.pem, key.pem, root-cert.pem) usable:
+/// re-issues the certificate when it no longer verifies under the bundle
+/// (after a root rotation) or nears expiry, and rewrites root-cert.pem when
+/// the bundle changed. The admin key is kept across re-issues, so that a
+/// reader never sees a certificate and a key that do not belong together.
+fn ensure_admin_credentials(
+    data_dir: &Path,
+    root: &Authority,
+    bundle: &strait_ca::TrustBundle,
+) -> Result<PathBuf, AppError> {
     let dir = data_dir.join(ADMIN_DIR);
-    let chain_path = dir.join(layout::CERT_CHAIN);
-    if let Ok(pem) = std::fs::read(&chain_path)
-        && let Ok(certs) = strait_ca::pemfile::parse_certificates(&pem)
-        && let Some(first) = certs.first()
-        && let Ok(summary) = strait_ca::cert::CertSummary::from_der(first)
-        && let Ok(not_after) = OffsetDateTime::parse(
-            &summary.not_after,
-            &time::format_description::well_known::Rfc3339,
+    let now = OffsetDateTime::now_utc();
+    let key = std::fs::read(dir.join(layout::WORKLOAD_KEY))
+        .ok()
+        .and_then(|k| strait_ca::pemfile::parse_private_key(&k).ok());
+    let cert_ok = std::fs::read(dir.join(layout::CERT_CHAIN))
+        .ok()
+        .and_then(|pem| strait_ca::pemfile::parse_certificates(&pem).ok())
+        .and_then(|certs| strait_ca::verify_svid(&certs, bundle, now).ok())
+        .is_some_and(|svid| svid.path_len == 2 && svid.expires - now > ADMIN_RENEW_BEFORE);
+    if key.is_none() || !cert_ok {
+        let id = SpiffeId::admin(root.trust_domain(), "admin").map_err(setup)?;
+        let (key, key_is_new) = match key {
+            Some(k) => (k, false),
+            None => (
+                authority::generate_key(KeyAlgorithm::EcdsaP256).map_err(setup)?,
+                true,
+            ),
+        };
+        let csr = Csr::from_pem(
+            authority::leaf_csr(&id, &[], &key)
+                .map_err(setup)?
+                .as_bytes(),
         )
-        && not_after - OffsetDateTime::now_utc() > ADMIN_RENEW_BEFORE
-        && certs.last().map(Vec::as_slice) == Some(root.root_der())
-    {
-        return Ok(dir);
+        .map_err(setup)?;
+        let leaf = root
+            .issue_leaf(&csr, ADMIN_TTL, &AnyIdentityInTrustDomain, now)
+            .map_err(setup)?;
+        layout::ensure_dir(&dir)?;
+        if key_is_new {
+            layout::write_key(&dir.join(layout::WORKLOAD_KEY), &key.serialize_pem(), true)?;
+        }
+        layout::write_public(
+            &dir.join(layout::CERT_CHAIN),
+            &strait_ca::pemfile::encode(strait_ca::pemfile::CERTIFICATE, &leaf.der),
+        )?;
+        tracing::info!(dir = %dir.display(), identity = %id, "wrote admin credentials");
     }
-    let id = SpiffeId::admin(root.trust_domain(), "admin").map_err(setup)?;
-    let (chain, _, key_pem) = issue_from_root(root, &id, &[], ADMIN_TTL)?;
-    let bundle = strait_ca::TrustBundle::new(
-        Some(root.trust_domain().clone()),
-        vec![root.root_der().to_vec()],
-    )
-    .map_err(setup)?;
-    // The admin credentials are the broker's to re-issue: replace the key.
-    layout::write_workload(&dir, &chain[0], &[], &key_pem, &bundle, true)?;
-    tracing::info!(dir = %dir.display(), identity = %id, "wrote admin credentials");
+    let bundle_pem = bundle.to_pem();
+    if std::fs::read(dir.join(layout::ROOT_CERT)).ok() != Some(bundle_pem.clone().into_bytes()) {
+        layout::write_public(&dir.join(layout::ROOT_CERT), &bundle_pem)?;
+    }
     Ok(dir)
+}
+
+/// The broker's serving certificate, swapped when the signing root changes.
+#[derive(Debug, Default)]
+struct ServingCert(std::sync::RwLock<Option<Arc<rustls::sign::CertifiedKey>>>);
+
+impl rustls::server::ResolvesServerCert for ServingCert {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Issues the broker's serving certificate and the admin credentials from
+/// the signing root, when they are missing or chain to another root.
+fn refresh_own_certificates(
+    state: &BrokerState,
+    serving: &ServingCert,
+    data_dir: &Path,
+) -> Result<(), AppError> {
+    let signer = state.signer();
+    let missing = serving
+        .0
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_none();
+    if missing || state.serving_root() != signer.root_der() {
+        let broker_id = crate::client::broker_id(&state.trust_domain).map_err(setup)?;
+        let (chain, key, _) = issue_from_root(
+            &signer,
+            &broker_id,
+            &[crate::transport::SERVER_NAME.to_string()],
+            SERVER_CERT_TTL,
+        )?;
+        let (certs, key) = strait_ca::tls::identity(&chain, &key);
+        let key = strait_ca::tls::provider()
+            .key_provider
+            .load_private_key(key)
+            .map_err(setup)?;
+        *serving.0.write().unwrap_or_else(|p| p.into_inner()) =
+            Some(Arc::new(rustls::sign::CertifiedKey::new(certs, key)));
+        state.set_serving_root(signer.root_der().to_vec());
+        tracing::info!(
+            root = %strait_ca::cert::fingerprint_sha256(signer.root_der()),
+            "serving certificate issued"
+        );
+    }
+    ensure_admin_credentials(data_dir, &signer, &state.trust.bundle())?;
+    Ok(())
 }
 
 /// Runs the broker until `shutdown` resolves, then drains.
@@ -170,28 +245,38 @@ pub async fn run(
 ) -> Result<(), AppError> {
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| AppError::Setup(format!("{}: {e}", config.data_dir.display())))?;
-    let root = load_or_create_root(&config)?;
-    ensure_admin_credentials(&config.data_dir, &root)?;
+    let (root, root_dir) = load_or_create_root(&config)?;
     let store = Arc::new(RedbStore::open(&config.data_dir.join(STORE_FILE))?);
     let state = Arc::new(BrokerState::load(
         store,
         root,
+        &root_dir,
+        &config.data_dir,
         config.intermediate_validity,
     )?);
-
-    let broker_id = SpiffeId::from_segments(
-        &state.trust_domain,
-        &["ns", "strait-system", "sa", "broker"],
-    )
-    .map_err(setup)?;
-    let (chain, key, _) = issue_from_root(
-        &state.root,
-        &broker_id,
-        &[crate::transport::SERVER_NAME.to_string()],
-        SERVER_CERT_TTL,
-    )?;
+    let serving = Arc::new(ServingCert::default());
+    refresh_own_certificates(&state, &serving, &config.data_dir)?;
     let verifier = SpiffeClientVerifier::new(state.trust.clone(), Accept::Any, false);
-    let tls = strait_ca::tls::server_config(&chain, &key, verifier, &[b"h2"]).map_err(setup)?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(strait_ca::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(setup)?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(serving.clone());
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    // A root rotation moves the broker's own certificates to the new root.
+    {
+        let state = state.clone();
+        let serving = serving.clone();
+        let data_dir = config.data_dir.clone();
+        let mut rotations = state.subscribe_rotation();
+        tokio::spawn(async move {
+            while rotations.changed().await.is_ok() {
+                if let Err(e) = refresh_own_certificates(&state, &serving, &data_dir) {
+                    tracing::error!(error = %e, "re-issuing the broker's own certificates failed");
+                }
+            }
+        });
+    }
 
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::new(&mut registry));

@@ -121,7 +121,6 @@ pub async fn join(token: &str, out: &Path) -> Result<JoinedCluster, ClientError>
         .map(|p| pemfile::parse_certificates(p.as_bytes()).map(|mut v| v.remove(0)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| setup(format!("intermediate chain from the broker: {e}")))?;
-    token.check_root(chain.last().map(Vec::as_slice).unwrap_or_default())?;
     let td = TrustDomain::new(&r.trust_domain).map_err(setup)?;
     let ca = Authority::from_der(chain.clone(), key, Some(&td)).map_err(setup)?;
     let roots = r
@@ -131,6 +130,17 @@ pub async fn join(token: &str, out: &Path) -> Result<JoinedCluster, ClientError>
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| setup(format!("trust bundle from the broker: {e}")))?;
     let bundle = TrustBundle::new(Some(td.clone()), roots).map_err(setup)?;
+    // The pinned root must be one the mesh trusts, and the intermediate
+    // must chain to a root of that bundle (during a root rotation it may be
+    // the new one).
+    if !bundle.roots().iter().any(|r| token.check_root(r).is_ok()) {
+        token.check_root(chain.last().map(Vec::as_slice).unwrap_or_default())?;
+    }
+    if !bundle.roots().iter().any(|r| r.as_slice() == ca.root_der()) {
+        return Err(setup(
+            "the intermediate from the broker does not chain to its trust bundle",
+        ));
+    }
 
     layout::write_plugin_ca(&cacerts, &chain, Some(&ca.key_pem()), &bundle, false)?;
     issue_client_cert(&ca, &token.cluster, &bundle, &out.join(CLIENT_DIR))?;

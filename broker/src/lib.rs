@@ -21,6 +21,7 @@ pub mod client;
 pub mod http;
 pub mod metrics;
 pub mod reconcile;
+pub mod rotation;
 pub mod server;
 pub mod state;
 pub mod store;

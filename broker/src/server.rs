@@ -45,6 +45,7 @@ impl From<StateError> for Status {
             StateError::Revoked(_) => Status::permission_denied(e.to_string()),
             StateError::Invalid(_) | StateError::Sync(_) => Status::invalid_argument(e.to_string()),
             StateError::Issue(_) => Status::failed_precondition(e.to_string()),
+            StateError::Rotation(_) => Status::failed_precondition(e.to_string()),
             StateError::Store(_) | StateError::Corrupt { .. } => Status::unavailable(e.to_string()),
         }
     }
@@ -284,7 +285,12 @@ impl Session {
             Some(Msg::Exports(u)) => self.exports(u).await,
             Some(Msg::Ack(a)) => {
                 self.state
-                    .ack(&self.cluster, a.import_revision, a.bundle_version)
+                    .ack(
+                        &self.cluster,
+                        a.import_revision,
+                        a.bundle_version,
+                        &a.intermediate_sha256,
+                    )
                     .await?;
                 Ok(())
             }
@@ -525,6 +531,41 @@ impl AdminService {
     }
 }
 
+fn rotation_status(report: &crate::state::RotationReport) -> pb::RotationStatus {
+    let r = &report.rotation;
+    let target = r.target.clone().unwrap_or_else(|| r.signing.clone());
+    pb::RotationStatus {
+        stage: r.stage.as_str().to_string(),
+        aborting: r.aborting,
+        bundle_version: report.bundle_version,
+        signing_root: r.signing.clone(),
+        target_root: r.target.clone().unwrap_or_default(),
+        retiring_root: r.retiring.clone().unwrap_or_default(),
+        roots: report
+            .roots
+            .iter()
+            .map(|(fp, subject, expires)| pb::RootInfo {
+                sha256: fp.clone(),
+                subject: subject.clone(),
+                expires_unix: u64::try_from(*expires).unwrap_or(0),
+            })
+            .collect(),
+        clusters: report
+            .clusters
+            .iter()
+            .map(|c| pb::ClusterRotation {
+                name: c.name.clone(),
+                bundle_version_acked: c.bundle_version_acked,
+                bundle_acknowledged: c.bundle_version_acked >= report.bundle_version,
+                intermediate_root: c.intermediate_root.clone(),
+                on_target: c.intermediate_root == target,
+            })
+            .collect(),
+        reissue_started_unix: u64::try_from(r.reissue_started_unix).unwrap_or(0),
+        next_step: r.next_step().to_string(),
+    }
+}
+
 fn cluster_arg(name: &str) -> Result<ClusterName, Status> {
     ClusterName::new(name).map_err(|e| Status::invalid_argument(format!("cluster: {e}")))
 }
@@ -667,6 +708,23 @@ impl pb::admin_server::Admin for AdminService {
         }))
     }
 
+    async fn rotate_root(
+        &self,
+        req: Request<pb::RotateRootRequest>,
+    ) -> Result<Response<pb::RotationStatus>, Status> {
+        let admin = self.admin(&req)?;
+        let r = req.into_inner();
+        let step = crate::state::RotateStep::parse(&r.step)?;
+        let report = self
+            .state
+            .rotate_root(step, r.force, OffsetDateTime::now_utc())
+            .await?;
+        if step != crate::state::RotateStep::Status {
+            tracing::warn!(%admin, step = %r.step, stage = report.rotation.stage.as_str(), "root rotation step");
+        }
+        Ok(Response::new(rotation_status(&report)))
+    }
+
     async fn trust_status(
         &self,
         req: Request<pb::TrustStatusRequest>,
@@ -689,12 +747,20 @@ impl pb::admin_server::Admin for AdminService {
                 .map_or(0, |t| u64::try_from(t.unix_timestamp()).unwrap_or(0)),
             })
             .collect();
-        let bundle_version = self.state.lock().await.bundle_version;
+        let report = self
+            .state
+            .rotate_root(
+                crate::state::RotateStep::Status,
+                false,
+                OffsetDateTime::now_utc(),
+            )
+            .await?;
         Ok(Response::new(pb::TrustStatusResponse {
             trust_domain: self.state.trust_domain.to_string(),
-            bundle_version,
+            bundle_version: report.bundle_version,
             roots,
             clusters: self.statuses().await,
+            rotation: Some(rotation_status(&report)),
         }))
     }
 }

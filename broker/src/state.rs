@@ -6,6 +6,7 @@
 //! woken through a `watch` channel carrying the mesh revision.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use time::OffsetDateTime;
 use tokio::sync::{Mutex, watch};
 
 use crate::reconcile::{ClusterState, ExportsChange, Mesh, Plan, SyncError};
+use crate::rotation::{ClusterView, Rotation, RotationError, Stage};
 use crate::store::{Batch, Store, StoreError, Table};
 use crate::token::{JoinToken, TokenError, TokenRecord};
 
@@ -29,6 +31,13 @@ const META_EPOCH: &str = "epoch";
 const META_REVISION: &str = "mesh_revision";
 const META_BUNDLE_VERSION: &str = "bundle_version";
 const META_DENIED: &str = "denied_intermediates";
+const META_ROTATION: &str = "rotation";
+const META_ROOT_DIRS: &str = "root_dirs";
+/// Where roots made by a rotation are kept, inside the data directory.
+pub const ROTATION_ROOTS_DIR: &str = "roots";
+/// How long leaves issued under a retiring root's intermediates may live
+/// (the longest workload certificate TTL the mesh issues).
+pub const LEAF_MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Lifecycle of a cluster record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,6 +79,12 @@ pub struct ClusterRecord {
     /// An operator (or a root rotation) asked for a new intermediate.
     #[serde(default)]
     pub renew_requested: bool,
+    /// Fingerprint of the root the current intermediate was issued by.
+    #[serde(default)]
+    pub intermediate_root_sha256: String,
+    /// The intermediate the cluster reports it signs with.
+    #[serde(default)]
+    pub intermediate_installed_sha256: String,
 }
 
 impl ClusterRecord {
@@ -116,6 +131,8 @@ pub enum StateError {
     Invalid(String),
     #[error("issuing the intermediate failed: {0}")]
     Issue(String),
+    #[error(transparent)]
+    Rotation(#[from] RotationError),
 }
 
 fn corrupt(table: Table, key: &str, reason: impl ToString) -> StateError {
@@ -142,12 +159,25 @@ pub struct Inner {
     pub tokens: BTreeMap<String, TokenRecord>,
     pub bundle_version: u64,
     pub denied: BTreeSet<String>,
+    pub rotation: Rotation,
+    /// Where each root of the bundle lives on disk, by fingerprint.
+    pub root_dirs: BTreeMap<String, PathBuf>,
+}
+
+/// The roots the broker holds keys for, by fingerprint, and which signs.
+struct Roots {
+    by_fp: BTreeMap<String, Arc<Authority>>,
+    signing: Arc<Authority>,
 }
 
 /// The broker core.
 pub struct BrokerState {
     pub trust_domain: TrustDomain,
-    pub root: Authority,
+    roots: std::sync::RwLock<Roots>,
+    /// The root the broker's serving certificate chains to (join tokens pin it).
+    serving_root: std::sync::RwLock<Vec<u8>>,
+    data_dir: PathBuf,
+    rotation_tx: watch::Sender<Rotation>,
     pub trust: Trust,
     pub epoch: String,
     pub intermediate_validity: Duration,
@@ -167,9 +197,13 @@ pub struct Joined {
 
 impl BrokerState {
     /// Loads everything from the store (creating the epoch on first start).
+    /// `root` and `root_dir`: the root configured for this broker, used
+    /// when the store has no rotation state yet.
     pub fn load(
         store: Arc<dyn Store>,
         root: Authority,
+        root_dir: &Path,
+        data_dir: &Path,
         intermediate_validity: Duration,
     ) -> Result<Self, StateError> {
         let contents = store.load()?;
@@ -246,17 +280,70 @@ impl BrokerState {
             };
             c.exports.insert(s.key.clone(), s);
         }
-        let bundle = TrustBundle::new(
-            Some(root.trust_domain().clone()),
-            vec![root.root_der().to_vec()],
-        )
-        .map_err(|e| StateError::Invalid(e.to_string()))?;
+        let configured_fp = fingerprint_sha256(root.root_der());
+        let (rotation, root_dirs): (Rotation, BTreeMap<String, PathBuf>) =
+            match (meta.get(META_ROTATION), meta.get(META_ROOT_DIRS)) {
+                (Some(r), Some(d)) => (
+                    serde_json::from_slice(r)
+                        .map_err(|e| corrupt(Table::Meta, META_ROTATION, e))?,
+                    serde_json::from_slice(d)
+                        .map_err(|e| corrupt(Table::Meta, META_ROOT_DIRS, e))?,
+                ),
+                _ => (
+                    Rotation::idle(&configured_fp),
+                    [(configured_fp.clone(), root_dir.to_path_buf())].into(),
+                ),
+            };
+        let td = root.trust_domain().clone();
+        let mut by_fp = BTreeMap::new();
+        by_fp.insert(configured_fp.clone(), Arc::new(root));
+        for fp in rotation
+            .bundle
+            .iter()
+            .chain(std::iter::once(&rotation.signing))
+        {
+            if by_fp.contains_key(fp) {
+                continue;
+            }
+            let dir = root_dirs.get(fp).ok_or_else(|| {
+                corrupt(
+                    Table::Meta,
+                    META_ROOT_DIRS,
+                    format!("no directory for root {fp}"),
+                )
+            })?;
+            let a = strait_ca::layout::load_root(dir, Some(&td))
+                .map_err(|e| StateError::Invalid(format!("root {fp}: {e}")))?;
+            by_fp.insert(fp.clone(), Arc::new(a));
+        }
+        if !rotation.bundle.contains(&configured_fp) {
+            tracing::warn!(
+                root = %configured_fp,
+                "the configured root is no longer in the bundle (rotated out); the stored rotation state decides"
+            );
+        }
+        let bundle_roots = rotation
+            .bundle
+            .iter()
+            .filter_map(|fp| by_fp.get(fp).map(|a| a.root_der().to_vec()))
+            .collect();
+        let bundle = TrustBundle::new(Some(td.clone()), bundle_roots)
+            .map_err(|e| StateError::Invalid(e.to_string()))?;
         let trust = Trust::new(bundle);
         trust.set_denied(denied.iter().cloned());
+        let signing = by_fp
+            .get(&rotation.signing)
+            .cloned()
+            .ok_or_else(|| corrupt(Table::Meta, META_ROTATION, "the signing root is not loaded"))?;
+        let serving = signing.root_der().to_vec();
         let (revision_tx, _) = watch::channel(revision);
+        let (rotation_tx, _) = watch::channel(rotation.clone());
         Ok(BrokerState {
-            trust_domain: root.trust_domain().clone(),
-            root,
+            trust_domain: td,
+            roots: std::sync::RwLock::new(Roots { by_fp, signing }),
+            serving_root: std::sync::RwLock::new(serving),
+            data_dir: data_dir.to_path_buf(),
+            rotation_tx,
             trust,
             epoch,
             intermediate_validity,
@@ -267,9 +354,37 @@ impl BrokerState {
                 tokens,
                 bundle_version,
                 denied,
+                rotation,
+                root_dirs,
             }),
             revision_tx,
         })
+    }
+
+    /// The root that signs intermediates now.
+    pub fn signer(&self) -> Arc<Authority> {
+        self.roots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .signing
+            .clone()
+    }
+
+    /// The root join tokens pin: the one the serving certificate chains to.
+    pub fn serving_root(&self) -> Vec<u8> {
+        self.serving_root
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_serving_root(&self, der: Vec<u8>) {
+        *self.serving_root.write().unwrap_or_else(|p| p.into_inner()) = der;
+    }
+
+    /// Rotation changes, for whoever re-issues the broker's own certificates.
+    pub fn subscribe_rotation(&self) -> watch::Receiver<Rotation> {
+        self.rotation_tx.subscribe()
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
@@ -357,7 +472,7 @@ impl BrokerState {
             network.as_str(),
             &locality,
             addresses,
-            self.root.root_der(),
+            &self.serving_root(),
             ttl,
             unix(now),
             &ring::rand::SystemRandom::new(),
@@ -375,6 +490,8 @@ impl BrokerState {
             bundle_version_acked: 0,
             intermediate_not_before_unix: 0,
             renew_requested: false,
+            intermediate_root_sha256: String::new(),
+            intermediate_installed_sha256: String::new(),
         };
         let mut b = Batch::new();
         b.put(Table::Tokens, record.id.clone(), json(&record));
@@ -414,12 +531,12 @@ impl BrokerState {
                     .map_err(|e| StateError::Invalid(e.to_string()))?,
             )
         };
-        let issued: Issued = self
-            .root
+        let signer = self.signer();
+        let issued: Issued = signer
             .issue_intermediate(&csr, &name, self.intermediate_validity, now)
             .map_err(|e| StateError::Issue(e.to_string()))?;
         let mut chain = vec![issued.der.clone()];
-        chain.extend(self.root.chain().iter().cloned());
+        chain.extend(signer.chain().iter().cloned());
 
         let used = TokenRecord {
             used: true,
@@ -450,6 +567,8 @@ impl BrokerState {
             bundle_version_acked: 0,
             intermediate_not_before_unix: issued.not_before.unix_timestamp(),
             renew_requested: false,
+            intermediate_root_sha256: fingerprint_sha256(signer.root_der()),
+            intermediate_installed_sha256: String::new(),
         };
         let plan = inner.mesh.plan_join(info);
         let mut b = Batch::new();
@@ -503,17 +622,27 @@ impl BrokerState {
         cluster: &ClusterName,
         import_revision: u64,
         bundle_version: u64,
+        intermediate_sha256: &str,
     ) -> Result<(), StateError> {
         let mut inner = self.inner.lock().await;
         let Some(r) = inner.records.get(cluster.as_str()).cloned() else {
             return Err(StateError::UnknownCluster(cluster.to_string()));
         };
-        if r.import_revision_acked == import_revision && r.bundle_version_acked == bundle_version {
+        let installed = if intermediate_sha256.is_empty() {
+            r.intermediate_installed_sha256.clone()
+        } else {
+            intermediate_sha256.to_string()
+        };
+        if r.import_revision_acked == import_revision
+            && r.bundle_version_acked == bundle_version
+            && r.intermediate_installed_sha256 == installed
+        {
             return Ok(());
         }
         let r = ClusterRecord {
             import_revision_acked: import_revision,
             bundle_version_acked: bundle_version,
+            intermediate_installed_sha256: installed,
             ..r
         };
         let mut b = Batch::new();
@@ -571,8 +700,8 @@ impl BrokerState {
                 csr.common_name().unwrap_or_default()
             )));
         }
-        let issued = self
-            .root
+        let signer = self.signer();
+        let issued = signer
             .issue_intermediate(&csr, name, self.intermediate_validity, now)
             .map_err(|e| StateError::Issue(e.to_string()))?;
         let r = ClusterRecord {
@@ -580,6 +709,7 @@ impl BrokerState {
             intermediate_expires_unix: issued.not_after.unix_timestamp(),
             intermediate_not_before_unix: issued.not_before.unix_timestamp(),
             renew_requested: false,
+            intermediate_root_sha256: fingerprint_sha256(signer.root_der()),
             ..r
         };
         let mut b = Batch::new();
@@ -587,7 +717,7 @@ impl BrokerState {
         self.store.commit(&b)?;
         inner.records.insert(r.name.clone(), r);
         let mut chain = vec![issued.der];
-        chain.extend(self.root.chain().iter().cloned());
+        chain.extend(signer.chain().iter().cloned());
         Ok(chain)
     }
 
@@ -642,6 +772,218 @@ impl BrokerState {
         // Wake every stream so that it pushes the new deny-list.
         self.revision_tx.send_modify(|_| {});
         Ok(())
+    }
+}
+
+/// A step of `straitctl trust rotate-root`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RotateStep {
+    Begin,
+    Advance,
+    Finish,
+    Abort,
+    Status,
+}
+
+impl RotateStep {
+    pub fn parse(s: &str) -> Result<Self, StateError> {
+        Ok(match s {
+            "begin" => RotateStep::Begin,
+            "advance" => RotateStep::Advance,
+            "finish" => RotateStep::Finish,
+            "abort" => RotateStep::Abort,
+            "status" => RotateStep::Status,
+            other => {
+                return Err(StateError::Invalid(format!(
+                    "rotate-root step {other:?}: expected begin, advance, finish, abort or status"
+                )));
+            }
+        })
+    }
+}
+
+/// Where a rotation stands, per cluster.
+#[derive(Debug, Clone)]
+pub struct RotationReport {
+    pub rotation: Rotation,
+    pub bundle_version: u64,
+    pub clusters: Vec<ClusterView>,
+    /// Subject and expiry by root fingerprint.
+    pub roots: Vec<(String, String, i64)>,
+}
+
+impl BrokerState {
+    fn views(inner: &Inner) -> Vec<ClusterView> {
+        inner
+            .records
+            .values()
+            .filter(|r| r.membership == Membership::Joined)
+            .map(|r| ClusterView {
+                name: r.name.clone(),
+                bundle_version_acked: r.bundle_version_acked,
+                // Only an intermediate the cluster installed counts.
+                intermediate_root: if r.intermediate_installed_sha256 == r.intermediate_sha256 {
+                    r.intermediate_root_sha256.clone()
+                } else {
+                    String::new()
+                },
+            })
+            .collect()
+    }
+
+    fn report(&self, inner: &Inner) -> RotationReport {
+        let roots = self.roots.read().unwrap_or_else(|p| p.into_inner());
+        RotationReport {
+            rotation: inner.rotation.clone(),
+            bundle_version: inner.bundle_version,
+            clusters: Self::views(inner),
+            roots: inner
+                .rotation
+                .bundle
+                .iter()
+                .filter_map(|fp| {
+                    let a = roots.by_fp.get(fp)?;
+                    let s = strait_ca::cert::CertSummary::from_der(a.root_der()).ok()?;
+                    Some((fp.clone(), s.subject, a.not_after().unix_timestamp()))
+                })
+                .collect(),
+        }
+    }
+
+    /// One step of a root rotation (see [`crate::rotation`]); every step is
+    /// stored before it takes effect, and pushed to every cluster.
+    pub async fn rotate_root(
+        &self,
+        step: RotateStep,
+        force: bool,
+        now: OffsetDateTime,
+    ) -> Result<RotationReport, StateError> {
+        let mut inner = self.inner.lock().await;
+        let current = inner.rotation.clone();
+        let mut new_root: Option<(String, Arc<Authority>, PathBuf)> = None;
+        let (next, bump_bundle, renew_all) = match step {
+            RotateStep::Status => return Ok(self.report(&inner)),
+            RotateStep::Begin => {
+                if current.stage != Stage::Idle {
+                    return Err(RotationError::InProgress(current.stage.as_str()).into());
+                }
+                let root = Authority::create_root(
+                    &strait_ca::authority::RootOptions {
+                        trust_domain: self.trust_domain.clone(),
+                        common_name: Some(format!(
+                            "{} {}",
+                            strait_ca::authority::DEFAULT_ROOT_COMMON_NAME,
+                            now.date()
+                        )),
+                        validity: strait_ca::authority::DEFAULT_ROOT_VALIDITY,
+                        key_algorithm: strait_ca::KeyAlgorithm::EcdsaP256,
+                    },
+                    now,
+                )
+                .map_err(|e| StateError::Issue(e.to_string()))?;
+                let fp = fingerprint_sha256(root.root_der());
+                let dir = self.data_dir.join(ROTATION_ROOTS_DIR).join(
+                    fp.replace(':', "")
+                        .to_ascii_lowercase()
+                        .chars()
+                        .take(16)
+                        .collect::<String>(),
+                );
+                strait_ca::layout::write_root(&dir, &root, false)
+                    .map_err(|e| StateError::Invalid(e.to_string()))?;
+                let next = current.begin(&fp)?;
+                new_root = Some((fp, Arc::new(root), dir));
+                (next, true, false)
+            }
+            RotateStep::Advance => {
+                let next = current.advance(
+                    &Self::views(&inner),
+                    inner.bundle_version,
+                    now.unix_timestamp(),
+                )?;
+                (next, false, true)
+            }
+            RotateStep::Finish => {
+                let next = current.finish(
+                    &Self::views(&inner),
+                    now.unix_timestamp(),
+                    LEAF_MAX_TTL,
+                    force,
+                )?;
+                (next, true, false)
+            }
+            RotateStep::Abort => {
+                let next = current.abort(now.unix_timestamp())?;
+                let reverse = next.stage == Stage::Reissuing;
+                (next, !reverse, reverse)
+            }
+        };
+        let mut root_dirs = inner.root_dirs.clone();
+        if let Some((fp, _, dir)) = &new_root {
+            root_dirs.insert(fp.clone(), dir.clone());
+        }
+        root_dirs.retain(|fp, _| next.bundle.contains(fp) || *fp == next.signing);
+        let bundle_version = inner.bundle_version + u64::from(bump_bundle);
+        let mut b = Batch::new();
+        b.put(Table::Meta, META_ROTATION, json(&next));
+        b.put(Table::Meta, META_ROOT_DIRS, json(&root_dirs));
+        b.put(
+            Table::Meta,
+            META_BUNDLE_VERSION,
+            bundle_version.to_string().into_bytes(),
+        );
+        let mut records = Vec::new();
+        if renew_all {
+            for r in inner
+                .records
+                .values()
+                .filter(|r| r.membership == Membership::Joined)
+            {
+                let r = ClusterRecord {
+                    renew_requested: true,
+                    ..r.clone()
+                };
+                b.put(Table::Clusters, r.name.clone(), json(&r));
+                records.push(r);
+            }
+        }
+        self.store.commit(&b)?;
+
+        // Stored: now take effect.
+        {
+            let mut roots = self.roots.write().unwrap_or_else(|p| p.into_inner());
+            if let Some((fp, a, _)) = new_root {
+                roots.by_fp.insert(fp, a);
+            }
+            if let Some(signing) = roots.by_fp.get(&next.signing).cloned() {
+                roots.signing = signing;
+            }
+            let bundle_roots: Vec<Vec<u8>> = next
+                .bundle
+                .iter()
+                .filter_map(|fp| roots.by_fp.get(fp).map(|a| a.root_der().to_vec()))
+                .collect();
+            if let Ok(bundle) = TrustBundle::new(Some(self.trust_domain.clone()), bundle_roots) {
+                self.trust.set_bundle(bundle);
+            }
+            let keep: BTreeSet<String> = next
+                .bundle
+                .iter()
+                .cloned()
+                .chain([next.signing.clone()])
+                .collect();
+            roots.by_fp.retain(|fp, _| keep.contains(fp));
+        }
+        for r in records {
+            inner.records.insert(r.name.clone(), r);
+        }
+        inner.rotation = next.clone();
+        inner.root_dirs = root_dirs;
+        inner.bundle_version = bundle_version;
+        tracing::info!(step = ?step, stage = next.stage.as_str(), bundle_version, "root rotation step");
+        self.rotation_tx.send_replace(next);
+        self.revision_tx.send_modify(|_| {});
+        Ok(self.report(&inner))
     }
 }
 

@@ -127,6 +127,117 @@ enum TrustCmd {
     /// Ask a cluster for a new intermediate (it makes a new key and sends a
     /// CSR on its sync stream; now if connected, else when it connects).
     RotateIntermediate { cluster: String },
+    /// Rotate the mesh root in stages: begin (new root joins the bundle),
+    /// advance (once every cluster acknowledged it: intermediates are
+    /// re-issued under the new root), finish (once they all are and old
+    /// leaves expired: the old root leaves the bundle), abort, status.
+    #[command(after_help = "Example:
+  straitctl trust rotate-root begin
+  straitctl trust rotate-root status      # wait for every BUNDLE-ACKED yes
+  straitctl trust rotate-root advance
+  straitctl trust rotate-root status      # wait for every ON-NEW-ROOT yes
+  straitctl trust rotate-root finish      # after 24 h, or --force")]
+    RotateRoot {
+        #[arg(value_enum)]
+        step: RootStep,
+        /// finish: do not wait for every intermediate or for old leaves to expire.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum RootStep {
+    Begin,
+    Advance,
+    Finish,
+    Abort,
+    Status,
+}
+
+impl RootStep {
+    fn as_str(self) -> &'static str {
+        match self {
+            RootStep::Begin => "begin",
+            RootStep::Advance => "advance",
+            RootStep::Finish => "finish",
+            RootStep::Abort => "abort",
+            RootStep::Status => "status",
+        }
+    }
+}
+
+fn short(fp: &str) -> String {
+    fp.chars().take(23).collect()
+}
+
+fn print_rotation(out: Output, r: &pb::RotationStatus) -> Result<()> {
+    let value = json!({
+        "stage": r.stage,
+        "aborting": r.aborting,
+        "bundle_version": r.bundle_version,
+        "signing_root": r.signing_root,
+        "target_root": r.target_root,
+        "retiring_root": r.retiring_root,
+        "roots": r.roots.iter().map(|x| json!({"sha256": x.sha256, "subject": x.subject, "expires": time_str(x.expires_unix)})).collect::<Vec<_>>(),
+        "clusters": r.clusters.iter().map(|c| json!({
+            "name": c.name,
+            "bundle_acknowledged": c.bundle_acknowledged,
+            "intermediate_root": c.intermediate_root,
+            "on_target": c.on_target,
+        })).collect::<Vec<_>>(),
+        "next_step": r.next_step,
+    });
+    if out == Output::Table {
+        println!(
+            "stage {}{}  bundle version {}  signing root {}",
+            r.stage,
+            if r.aborting { " (aborting)" } else { "" },
+            r.bundle_version,
+            short(&r.signing_root)
+        );
+        for x in &r.roots {
+            let role = if x.sha256 == r.target_root {
+                "new"
+            } else if x.sha256 == r.retiring_root {
+                "old"
+            } else {
+                "current"
+            };
+            println!(
+                "root {:<7} {}  {}  expires {}",
+                role,
+                short(&x.sha256),
+                x.subject,
+                time_str(x.expires_unix)
+            );
+        }
+        println!("next: {}", r.next_step);
+        println!();
+    }
+    let rows = r
+        .clusters
+        .iter()
+        .map(|c| {
+            vec![
+                c.name.clone(),
+                if c.bundle_acknowledged { "yes" } else { "no" }.into(),
+                short(&c.intermediate_root),
+                if c.on_target { "yes" } else { "no" }.into(),
+            ]
+        })
+        .collect();
+    print(
+        out,
+        &value,
+        &[
+            "CLUSTER",
+            "BUNDLE-ACKED",
+            "INTERMEDIATE-ROOT",
+            "ON-NEW-ROOT",
+        ],
+        rows,
+    )
 }
 
 struct Conn {
@@ -428,6 +539,18 @@ async fn run_async(ctl: Ctl) -> Result<()> {
                 eprintln!("cluster {cluster} is not connected; it will be asked when it connects");
             }
         }
+        Command::Trust(TrustCmd::RotateRoot { step, force }) => {
+            let r = conn
+                .admin
+                .rotate_root(pb::RotateRootRequest {
+                    step: step.as_str().into(),
+                    force,
+                })
+                .await
+                .map_err(|s| conn.fail(s))?
+                .into_inner();
+            print_rotation(out, &r)?;
+        }
         Command::Trust(TrustCmd::Status) => {
             let r = conn
                 .admin
@@ -438,7 +561,7 @@ async fn run_async(ctl: Ctl) -> Result<()> {
             let value = json!({
                 "trust_domain": r.trust_domain,
                 "bundle_version": r.bundle_version,
-                "rotation": "none",
+                "rotation": r.rotation.as_ref().map(|x| x.stage.clone()).unwrap_or_default(),
                 "roots": r.roots.iter().map(|x| json!({"sha256": x.sha256, "subject": x.subject, "expires": time_str(x.expires_unix)})).collect::<Vec<_>>(),
                 "clusters": r.clusters.iter().map(|c| json!({
                     "name": c.name,
@@ -449,8 +572,10 @@ async fn run_async(ctl: Ctl) -> Result<()> {
             });
             if out == Output::Table {
                 println!(
-                    "trust domain {}  bundle version {}  rotation: none",
-                    r.trust_domain, r.bundle_version
+                    "trust domain {}  bundle version {}  rotation: {}",
+                    r.trust_domain,
+                    r.bundle_version,
+                    r.rotation.as_ref().map_or("idle", |x| x.stage.as_str())
                 );
                 for x in &r.roots {
                     println!(
