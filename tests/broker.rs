@@ -880,3 +880,126 @@ async fn root_rotation_abort_returns_to_the_old_root() {
         .ctl(&["trust", "rotate-root", "abort"])
         .fails_with(1, "no root rotation is in progress");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshes_peer_and_exchange_services_with_separate_bundles() {
+    use strait_broker::agent::{Agent, AgentConfig};
+    let s = Scratch::new();
+    let peer_a = format!("127.0.0.1:{}", common::free_port());
+    let peer_b = format!("127.0.0.1:{}", common::free_port());
+    let a = Broker::start_with(
+        &s.path("a"),
+        "a.example",
+        &format!("127.0.0.1:{}", common::free_port()),
+        &["--peer-listen", &peer_a],
+    );
+    let b = Broker::start_with(
+        &s.path("b"),
+        "b.example",
+        &format!("127.0.0.1:{}", common::free_port()),
+        &["--peer-listen", &peer_b, "--mesh-name", "bee"],
+    );
+    let east = join(&a, &s, "east", "net-east").await;
+    let west = join(&b, &s, "west", "net-west").await;
+
+    let mut agents = Vec::new();
+    let mut statuses = Vec::new();
+    let mut txs = Vec::new();
+    for (dir, gw) in [
+        (east.clone(), "127.0.0.1:15443"),
+        (west.clone(), "127.0.0.2:15443"),
+    ] {
+        let (tx, rx) = tokio::sync::watch::channel(Default::default());
+        let (agent, status) = Agent::new(
+            AgentConfig {
+                dir,
+                gateways: vec![gw.into()],
+            },
+            rx,
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(agent.run(async move {
+            let _ = stopped.await;
+        }));
+        agents.push(stop);
+        statuses.push(status);
+        txs.push(tx);
+    }
+    let mut ledger = svc("bank", "ledger");
+    ledger.export_to = vec!["mesh:bee".into()];
+    let private = svc("bank", "private");
+    let exports: strait_broker::agent::Exports = [ledger, private]
+        .iter()
+        .map(|p| {
+            let s = strait_broker::wire::exported_service(p).unwrap();
+            (s.key.clone(), s)
+        })
+        .collect();
+    txs[0].send_replace(exports.clone());
+    tokio::time::timeout(WAIT, statuses[0].wait_for(|s| s.exports_acked))
+        .await
+        .unwrap()
+        .unwrap();
+
+    let token = a.ctl(&["peer", "token"]).ok().stdout.trim().to_string();
+    assert!(token.starts_with("spt1."), "{token}");
+    b.ctl(&["peer", "establish", &token]).ok();
+    b.ctl(&["peer", "establish", &token])
+        .fails_with(1, "already been used");
+
+    // West (mesh b) imports exactly what east exported to mesh:bee, as a
+    // service of trust domain a.example.
+    let st = tokio::time::timeout(WAIT, statuses[1].wait_for(|s| !s.services.is_empty()))
+        .await
+        .expect("peered import in time")
+        .unwrap()
+        .clone();
+    let keys: Vec<String> = st.services.keys().map(|k| k.to_string()).collect();
+    assert_eq!(keys, ["bank/ledger"]);
+    let remote = &st.services.values().next().unwrap()[0];
+    assert_eq!(remote.from.trust_domain.as_str(), "a.example");
+    assert_eq!(remote.from.name.as_str(), "east");
+    // West trusts a.example's root for a.example only; its own bundle is untouched.
+    let deadline = Instant::now() + WAIT;
+    while !s.path("west/federated/a.example.pem").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no federated bundle for a.example"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        s.read("west/federated/a.example.pem"),
+        s.read("a/root/root-cert.pem")
+    );
+    assert_eq!(
+        s.read("west/cacerts/root-cert.pem"),
+        s.read("b/root/root-cert.pem")
+    );
+    // Mesh a does not import its own service back, and b exported nothing.
+    assert!(statuses[0].borrow().services.is_empty());
+    let peers = b.ctl(&["peer", "list", "-o", "json"]).ok().stdout;
+    let v: serde_json::Value = serde_json::from_str(&peers).unwrap();
+    assert_eq!(v[0]["mesh"], "a.example");
+    assert_eq!(v[0]["services_imported"], 1);
+    let peers = a.ctl(&["peer", "list", "-o", "json"]).ok().stdout;
+    assert!(peers.contains("\"bee\""), "{peers}");
+    // The istio objects of west name a.example's identity.
+    let yaml = b.ctl(&["imports", "show", "west"]).ok().stdout;
+    assert!(
+        yaml.contains("spiffe://a.example/ns/bank/sa/ledger"),
+        "{yaml}"
+    );
+
+    // Withdrawing the export reaches the other mesh.
+    let mut fewer = exports.clone();
+    fewer.retain(|k, _| k.name() != "ledger");
+    txs[0].send_replace(fewer);
+    tokio::time::timeout(WAIT, statuses[1].wait_for(|s| s.services.is_empty()))
+        .await
+        .expect("peered removal in time")
+        .unwrap();
+    for stop in agents {
+        let _ = stop.send(());
+    }
+}

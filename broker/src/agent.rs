@@ -22,6 +22,8 @@ use crate::client::{self, CACERTS_DIR, CLIENT_DIR, ClientError, SyncSession};
 use crate::wire;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
+/// Where a cluster keeps the bundles of peered meshes: `<td>.pem` each.
+pub const FEDERATED_DIR: &str = "federated";
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// What the cluster imports, as last pushed by the broker.
@@ -328,6 +330,19 @@ impl Agent {
                 &self.config.dir.join(dir).join(layout::ROOT_CERT),
                 &bundle.to_pem(),
             )?;
+        }
+        // Peered meshes' roots, one file per trust domain, never merged
+        // into the own bundle.
+        let federated = self.config.dir.join(FEDERATED_DIR);
+        if !t.federated_bundles.is_empty() {
+            layout::ensure_dir(&federated)?;
+        }
+        for (peer_td, pem) in &t.federated_bundles {
+            let peer_td = TrustDomain::new(peer_td)
+                .map_err(|e| ClientError::Setup(format!("federated bundle: {e}")))?;
+            TrustBundle::from_pem(pem.as_bytes(), Some(peer_td.clone()))
+                .map_err(|e| ClientError::Setup(format!("federated bundle {peer_td}: {e}")))?;
+            layout::write_public(&federated.join(format!("{peer_td}.pem")), pem)?;
         }
         self.imports.send_modify(|i| {
             i.bundle_version = t.bundle_version;

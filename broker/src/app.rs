@@ -47,6 +47,13 @@ pub struct BrokerConfig {
     /// default: the listen address.
     pub advertise: Vec<String>,
     pub intermediate_validity: Duration,
+    /// The peer API for federated meshes (none: this mesh does not peer).
+    pub peer_listen: Option<SocketAddr>,
+    /// Addresses peers reach the peer API at (default: the peer listen address).
+    pub peer_advertise: Vec<String>,
+    /// This mesh's name for its peers (`mesh:<name>` in export-to);
+    /// default: the trust domain.
+    pub mesh_name: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -191,6 +198,21 @@ fn ensure_admin_credentials(
 #[derive(Debug, Default)]
 struct ServingCert(std::sync::RwLock<Option<Arc<rustls::sign::CertifiedKey>>>);
 
+/// The same identity, presented as a client to peer brokers.
+impl rustls::client::ResolvesClientCert for ServingCert {
+    fn resolve(
+        &self,
+        _: &[&[u8]],
+        _: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
 impl rustls::server::ResolvesServerCert for ServingCert {
     fn resolve(
         &self,
@@ -253,6 +275,10 @@ pub async fn run(
         &root_dir,
         &config.data_dir,
         config.intermediate_validity,
+        config
+            .mesh_name
+            .clone()
+            .unwrap_or_else(|| config.trust_domain.to_string()),
     )?);
     let serving = Arc::new(ServingCert::default());
     refresh_own_certificates(&state, &serving, &config.data_dir)?;
@@ -314,10 +340,49 @@ pub async fn run(
         state: state.clone(),
         metrics: metrics.clone(),
     };
+    // The peer API, when this mesh federates with others.
+    let mut peer_advertise = Vec::new();
+    if let Some(addr) = config.peer_listen {
+        let l = http::bind(addr, "peer API")
+            .await
+            .map_err(AppError::Setup)?;
+        let local = l.local_addr().map_err(setup)?;
+        peer_advertise = if config.peer_advertise.is_empty() {
+            vec![local.to_string()]
+        } else {
+            config.peer_advertise.clone()
+        };
+        let verifier = Arc::new(crate::peer::PeerClientVerifier {
+            peers: state.peers.clone(),
+        });
+        let mut peer_tls = rustls::ServerConfig::builder_with_provider(strait_ca::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(setup)?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(serving.clone());
+        peer_tls.alpn_protocols = vec![b"h2".to_vec()];
+        crate::peer::set_client_identity(serving.clone());
+        let incoming = crate::transport::tls_incoming(l, Arc::new(peer_tls));
+        let service = crate::peer::PeerService {
+            state: state.clone(),
+        };
+        side_tasks.push(tokio::spawn(async move {
+            if let Err(e) = tonic::transport::Server::builder()
+                .add_service(pb::peer_server::PeerServer::new(service))
+                .serve_with_incoming(incoming)
+                .await
+            {
+                tracing::error!(error = %e, "peer API stopped");
+            }
+        }));
+        crate::peer::start_all(&state);
+        tracing::info!(listen = %local, mesh = %state.mesh_name, "peer API serving");
+    }
     let admin = AdminService {
         state: state.clone(),
         metrics: metrics.clone(),
         advertise,
+        peer_advertise,
     };
     tracing::info!(
         listen = %local,

@@ -20,6 +20,7 @@ pub mod app;
 pub mod client;
 pub mod http;
 pub mod metrics;
+pub mod peer;
 pub mod reconcile;
 pub mod rotation;
 pub mod server;

@@ -95,6 +95,15 @@ impl Plan {
     }
 }
 
+/// A peered mesh's new snapshot, planned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerPlan {
+    pub mesh: String,
+    pub services: Vec<RemoteService>,
+    pub changed: BTreeSet<ServiceKey>,
+    pub mesh_revision: u64,
+}
+
 /// What an importer must apply to catch up.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImportUpdate {
@@ -115,6 +124,8 @@ impl ImportUpdate {
 #[derive(Debug, Clone)]
 pub struct Mesh {
     clusters: BTreeMap<ClusterName, ClusterState>,
+    /// Services peered meshes export to this mesh, by mesh name.
+    peers: BTreeMap<String, Vec<RemoteService>>,
     revision: u64,
     log: VecDeque<(u64, ServiceKey)>,
     /// Every change after this revision is in `log`.
@@ -130,6 +141,7 @@ impl Mesh {
         let revision = revision.max(1);
         Mesh {
             clusters,
+            peers: BTreeMap::new(),
             revision,
             log: VecDeque::new(),
             log_floor: revision,
@@ -309,11 +321,84 @@ impl Mesh {
                 self.clusters.remove(&plan.cluster);
             }
         }
-        if plan.changed.is_empty() {
+        self.record(plan.changed, plan.mesh_revision);
+    }
+
+    /// The services a peered mesh exports to this mesh now (a snapshot);
+    /// an empty list forgets the peer.
+    pub fn plan_peer(&self, mesh: &str, services: Vec<RemoteService>) -> PeerPlan {
+        let empty = Vec::new();
+        let old = self.peers.get(mesh).unwrap_or(&empty);
+        let index = |list: &[RemoteService]| -> BTreeMap<(ServiceKey, String), RemoteService> {
+            list.iter()
+                .map(|r| ((r.service.key.clone(), r.from.name.to_string()), r.clone()))
+                .collect()
+        };
+        let (old_i, new_i) = (index(old), index(&services));
+        let mut changed = BTreeSet::new();
+        for (k, v) in &new_i {
+            if old_i.get(k) != Some(v) {
+                changed.insert(k.0.clone());
+            }
+        }
+        for k in old_i.keys() {
+            if !new_i.contains_key(k) {
+                changed.insert(k.0.clone());
+            }
+        }
+        let mesh_revision = if changed.is_empty() {
+            self.revision
+        } else {
+            self.revision + 1
+        };
+        PeerPlan {
+            mesh: mesh.to_string(),
+            services,
+            changed,
+            mesh_revision,
+        }
+    }
+
+    /// Restores a peer's services at start-up (already counted in the
+    /// stored revision: no bump, no log).
+    pub fn load_peer(&mut self, mesh: &str, services: Vec<RemoteService>) {
+        if !services.is_empty() {
+            self.peers.insert(mesh.to_string(), services);
+        }
+    }
+
+    pub fn apply_peer(&mut self, plan: PeerPlan) {
+        if plan.services.is_empty() {
+            self.peers.remove(&plan.mesh);
+        } else {
+            self.peers.insert(plan.mesh, plan.services);
+        }
+        self.record(plan.changed, plan.mesh_revision);
+    }
+
+    /// What this mesh exports to the peered mesh `mesh`: every cluster's
+    /// exports whose export-to names it.
+    pub fn exports_to_mesh(&self, mesh: &str) -> Vec<RemoteService> {
+        self.clusters
+            .values()
+            .flat_map(|c| {
+                c.exports
+                    .values()
+                    .filter(|s| s.export_to.allows_mesh(mesh))
+                    .map(|s| RemoteService {
+                        from: c.info.clone(),
+                        service: s.clone(),
+                    })
+            })
+            .collect()
+    }
+
+    fn record(&mut self, changed: BTreeSet<ServiceKey>, mesh_revision: u64) {
+        if changed.is_empty() {
             return;
         }
-        self.revision = plan.mesh_revision;
-        for key in plan.changed {
+        self.revision = mesh_revision;
+        for key in changed {
             self.log.push_back((self.revision, key));
         }
         while self.log.len() > self.log_capacity {
@@ -327,7 +412,8 @@ impl Mesh {
     /// Every exporter of `key` visible to `importer` (never itself), sorted
     /// by cluster name.
     pub fn remotes_for(&self, importer: &ClusterName, key: &ServiceKey) -> Vec<RemoteService> {
-        self.clusters
+        let own = self
+            .clusters
             .iter()
             .filter(|(name, _)| *name != importer)
             .filter_map(|(_, c)| {
@@ -336,8 +422,15 @@ impl Mesh {
                     from: c.info.clone(),
                     service: s.clone(),
                 })
-            })
-            .collect()
+            });
+        // A peered mesh exported these to this whole mesh.
+        let peered = self
+            .peers
+            .values()
+            .flatten()
+            .filter(|r| &r.service.key == key)
+            .cloned();
+        own.chain(peered).collect()
     }
 
     /// Everything `importer` imports now.
@@ -347,6 +440,7 @@ impl Mesh {
             .iter()
             .filter(|(name, _)| *name != importer)
             .flat_map(|(_, c)| c.exports.keys())
+            .chain(self.peers.values().flatten().map(|r| &r.service.key))
             .collect();
         keys.into_iter()
             .filter_map(|k| {

@@ -404,6 +404,7 @@ impl Session {
                     .map(|d| strait_ca::pemfile::encode(strait_ca::pemfile::CERTIFICATE, d))
                     .collect(),
                 denied_intermediates: inner.denied.iter().cloned().collect(),
+                federated_bundles: self.state.peers.federated_bundles().into_iter().collect(),
             });
             let update =
                 inner
@@ -482,6 +483,8 @@ pub struct AdminService {
     pub metrics: Arc<Metrics>,
     /// Broker addresses written into join tokens.
     pub advertise: Vec<String>,
+    /// Peer API addresses written into peer tokens (empty: no peer API).
+    pub peer_advertise: Vec<String>,
 }
 
 impl AdminService {
@@ -563,6 +566,19 @@ fn rotation_status(report: &crate::state::RotationReport) -> pb::RotationStatus 
             .collect(),
         reissue_started_unix: u64::try_from(r.reissue_started_unix).unwrap_or(0),
         next_step: r.next_step().to_string(),
+    }
+}
+
+fn peer_info(state: &BrokerState, p: &crate::peer::PeerRecord) -> pb::PeerInfo {
+    pb::PeerInfo {
+        mesh: p.mesh.clone(),
+        trust_domain: p.trust_domain.clone(),
+        addresses: p.addresses.clone(),
+        connected: state.peers.is_connected(&p.mesh),
+        services_imported: u32::try_from(p.services.len()).unwrap_or(u32::MAX),
+        roots: strait_ca::TrustBundle::from_spiffe_json(p.bundle.as_bytes(), None)
+            .map_or(0, |b| u32::try_from(b.roots().len()).unwrap_or(0)),
+        direction: p.direction.clone(),
     }
 }
 
@@ -723,6 +739,56 @@ impl pb::admin_server::Admin for AdminService {
             tracing::warn!(%admin, step = %r.step, stage = report.rotation.stage.as_str(), "root rotation step");
         }
         Ok(Response::new(rotation_status(&report)))
+    }
+
+    async fn peer_token(
+        &self,
+        req: Request<pb::PeerTokenRequest>,
+    ) -> Result<Response<pb::PeerTokenResponse>, Status> {
+        let admin = self.admin(&req)?;
+        let ttl = match req.get_ref().ttl_seconds {
+            0 => DEFAULT_TTL,
+            s => Duration::from_secs(s),
+        };
+        let token = self
+            .state
+            .peer_token(self.peer_advertise.clone(), ttl, OffsetDateTime::now_utc())
+            .await?;
+        tracing::info!(%admin, "peer token issued");
+        Ok(Response::new(pb::PeerTokenResponse {
+            token: token.encode(),
+            expires_unix: token.e,
+        }))
+    }
+
+    async fn peer_establish(
+        &self,
+        req: Request<pb::PeerEstablishRequest>,
+    ) -> Result<Response<pb::PeerInfo>, Status> {
+        let admin = self.admin(&req)?;
+        let record = self
+            .state
+            .establish_peer(&req.get_ref().token, self.peer_advertise.clone())
+            .await?;
+        tracing::info!(%admin, mesh = %record.mesh, trust_domain = %record.trust_domain, "mesh peered (outbound)");
+        crate::peer::spawn_puller(self.state.clone(), record.mesh.clone());
+        Ok(Response::new(peer_info(&self.state, &record)))
+    }
+
+    async fn list_peers(
+        &self,
+        req: Request<pb::ListPeersRequest>,
+    ) -> Result<Response<pb::ListPeersResponse>, Status> {
+        self.admin(&req)?;
+        Ok(Response::new(pb::ListPeersResponse {
+            peers: self
+                .state
+                .peers
+                .list()
+                .iter()
+                .map(|p| peer_info(&self.state, p))
+                .collect(),
+        }))
     }
 
     async fn trust_status(

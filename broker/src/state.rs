@@ -135,7 +135,7 @@ pub enum StateError {
     Rotation(#[from] RotationError),
 }
 
-fn corrupt(table: Table, key: &str, reason: impl ToString) -> StateError {
+pub(crate) fn corrupt(table: Table, key: &str, reason: impl ToString) -> StateError {
     StateError::Corrupt {
         table: table.name(),
         key: key.to_string(),
@@ -143,7 +143,7 @@ fn corrupt(table: Table, key: &str, reason: impl ToString) -> StateError {
     }
 }
 
-fn json<T: Serialize>(v: &T) -> Vec<u8> {
+pub(crate) fn json<T: Serialize>(v: &T) -> Vec<u8> {
     // The broker's own plain data types always serialize.
     serde_json::to_vec(v).unwrap_or_default()
 }
@@ -181,9 +181,13 @@ pub struct BrokerState {
     pub trust: Trust,
     pub epoch: String,
     pub intermediate_validity: Duration,
-    store: Arc<dyn Store>,
-    inner: Mutex<Inner>,
-    revision_tx: watch::Sender<u64>,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) inner: Mutex<Inner>,
+    pub(crate) revision_tx: watch::Sender<u64>,
+    /// Peered meshes (by mesh name) and their trust, loaded from the store.
+    pub(crate) peers: crate::peer::Peers,
+    /// This mesh's name for peers (`mesh:<name>` in export-to).
+    pub mesh_name: String,
 }
 
 /// What a successful join returns.
@@ -205,6 +209,7 @@ impl BrokerState {
         root_dir: &Path,
         data_dir: &Path,
         intermediate_validity: Duration,
+        mesh_name: String,
     ) -> Result<Self, StateError> {
         let contents = store.load()?;
         let empty = BTreeMap::new();
@@ -338,6 +343,11 @@ impl BrokerState {
         let serving = signing.root_der().to_vec();
         let (revision_tx, _) = watch::channel(revision);
         let (rotation_tx, _) = watch::channel(rotation.clone());
+        let peers = crate::peer::Peers::load(&contents)?;
+        let mut mesh = Mesh::new(clusters, revision);
+        for p in peers.list() {
+            mesh.load_peer(&p.mesh, p.services.clone());
+        }
         Ok(BrokerState {
             trust_domain: td,
             roots: std::sync::RwLock::new(Roots { by_fp, signing }),
@@ -349,7 +359,7 @@ impl BrokerState {
             intermediate_validity,
             store,
             inner: Mutex::new(Inner {
-                mesh: Mesh::new(clusters, revision),
+                mesh,
                 records,
                 tokens,
                 bundle_version,
@@ -358,6 +368,8 @@ impl BrokerState {
                 root_dirs,
             }),
             revision_tx,
+            peers,
+            mesh_name,
         })
     }
 

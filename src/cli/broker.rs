@@ -51,9 +51,16 @@ pub struct BrokerArgs {
     /// Lifetime of cluster intermediates.
     #[arg(long, value_parser = parse_duration, default_value = "7d")]
     intermediate_validity: Duration,
-    /// Peer API address for federated meshes (not available yet).
-    #[arg(long, value_name = "ADDR", hide = true)]
+    /// Peer API for federated meshes (brokers of other trust domains).
+    #[arg(long, value_name = "ADDR")]
     peer_listen: Option<SocketAddr>,
+    /// Address peers reach the peer API at (repeatable; default: --peer-listen).
+    #[arg(long, value_name = "HOST:PORT")]
+    peer_advertise: Vec<String>,
+    /// This mesh's name for its peers (`strait.io/export-to: mesh:<name>`);
+    /// default: the trust domain.
+    #[arg(long, value_name = "NAME")]
+    mesh_name: Option<String>,
 }
 
 pub fn run(args: BrokerArgs) -> Result<()> {
@@ -64,11 +71,6 @@ pub fn run(args: BrokerArgs) -> Result<()> {
         ))
         .into());
     }
-    if args.peer_listen.is_some() {
-        return Err(
-            UsageError("--peer-listen: peering is not available in this release".into()).into(),
-        );
-    }
     let config = BrokerConfig {
         data_dir: args.data_dir,
         listen: args.listen,
@@ -78,6 +80,9 @@ pub fn run(args: BrokerArgs) -> Result<()> {
         metrics_listen: args.metrics_listen,
         advertise: args.advertise,
         intermediate_validity: args.intermediate_validity,
+        peer_listen: args.peer_listen,
+        peer_advertise: args.peer_advertise,
+        mesh_name: args.mesh_name,
     };
     tracing::info!(?config, "starting broker");
     let runtime = tokio::runtime::Builder::new_multi_thread()

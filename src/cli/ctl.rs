@@ -70,6 +70,27 @@ enum Command {
     /// Trust: roots, bundle version, intermediates.
     #[command(subcommand)]
     Trust(TrustCmd),
+    /// Peering with other meshes (other trust domains).
+    #[command(subcommand)]
+    Peer(PeerCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum PeerCmd {
+    /// Print a one-time peer token for another mesh's broker (stdout: only the token).
+    #[command(
+        after_help = "Example (two meshes):\n  straitctl --broker a:15011 --creds a-admin peer token > a.peer\n  straitctl --broker b:15011 --creds b-admin peer establish \"$(cat a.peer)\""
+    )]
+    Token {
+        /// How long the token may be used.
+        #[arg(long, value_parser = parse_duration, default_value = "1h")]
+        ttl: Duration,
+    },
+    /// Peer with the mesh that issued TOKEN: exchange trust bundles and start
+    /// exchanging the services each exports to `mesh:<other>`.
+    Establish { token: String },
+    /// The peered meshes.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -538,6 +559,81 @@ async fn run_async(ctl: Ctl) -> Result<()> {
             } else {
                 eprintln!("cluster {cluster} is not connected; it will be asked when it connects");
             }
+        }
+        Command::Peer(PeerCmd::Token { ttl }) => {
+            let r = conn
+                .admin
+                .peer_token(pb::PeerTokenRequest {
+                    ttl_seconds: ttl.as_secs(),
+                })
+                .await
+                .map_err(|s| conn.fail(s))?
+                .into_inner();
+            eprintln!("peer token valid until {}", time_str(r.expires_unix));
+            println!("{}", r.token);
+        }
+        Command::Peer(PeerCmd::Establish { token }) => {
+            let p = conn
+                .admin
+                .peer_establish(pb::PeerEstablishRequest { token })
+                .await
+                .map_err(|s| conn.fail(s))?
+                .into_inner();
+            eprintln!(
+                "peered with mesh {} (trust domain {}, {} root(s))",
+                p.mesh, p.trust_domain, p.roots
+            );
+        }
+        Command::Peer(PeerCmd::List) => {
+            let r = conn
+                .admin
+                .list_peers(pb::ListPeersRequest {})
+                .await
+                .map_err(|s| conn.fail(s))?
+                .into_inner();
+            let value = Value::Array(
+                r.peers
+                    .iter()
+                    .map(|p| {
+                        json!({
+                            "mesh": p.mesh,
+                            "trust_domain": p.trust_domain,
+                            "addresses": p.addresses,
+                            "connected": p.connected,
+                            "services_imported": p.services_imported,
+                            "roots": p.roots,
+                            "direction": p.direction,
+                        })
+                    })
+                    .collect(),
+            );
+            let rows = r
+                .peers
+                .iter()
+                .map(|p| {
+                    vec![
+                        p.mesh.clone(),
+                        p.trust_domain.clone(),
+                        if p.connected { "yes" } else { "no" }.into(),
+                        p.services_imported.to_string(),
+                        p.roots.to_string(),
+                        p.addresses.join(","),
+                    ]
+                })
+                .collect();
+            print(
+                out,
+                &value,
+                &[
+                    "MESH",
+                    "TRUST-DOMAIN",
+                    "CONNECTED",
+                    "IMPORTED",
+                    "ROOTS",
+                    "ADDRESSES",
+                ],
+                rows,
+            )?;
         }
         Command::Trust(TrustCmd::RotateRoot { step, force }) => {
             let r = conn

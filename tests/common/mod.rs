@@ -158,6 +158,11 @@ impl Broker {
     /// Starts on a given address (to restart a killed broker in place) and
     /// waits until its health endpoint says ready.
     pub fn start_at(data: &Path, trust_domain: &str, addr: &str) -> Self {
+        Self::start_with(data, trust_domain, addr, &[])
+    }
+
+    /// Starts with extra `strait broker` arguments.
+    pub fn start_with(data: &Path, trust_domain: &str, addr: &str, extra: &[&str]) -> Self {
         let health = format!("127.0.0.1:{}", free_port());
         let metrics = format!("127.0.0.1:{}", free_port());
         let log = std::fs::OpenOptions::new()
@@ -179,6 +184,7 @@ impl Broker {
                 "--metrics-listen",
                 &metrics,
             ])
+            .args(extra)
             .env("RUST_LOG", "strait_broker=debug,info")
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -346,3 +346,59 @@ fn export_diff_lists_rows_to_write() {
     assert_eq!(up.len(), 1);
     assert_eq!(rm, [key("shop", "b")]);
 }
+
+#[test]
+fn peered_services_reach_every_cluster_and_only_mesh_targets_leave() {
+    let mut m = mesh(&["east", "west"]);
+    run(
+        &mut m,
+        "east",
+        snap(
+            1,
+            vec![
+                svc_to("shop", "cart", &["mesh:partner"]),
+                svc("shop", "own"),
+            ],
+        ),
+    )
+    .unwrap();
+    let out: Vec<_> = m
+        .exports_to_mesh("partner")
+        .iter()
+        .map(|r| r.service.key.clone())
+        .collect();
+    assert_eq!(out, [key("shop", "cart")]);
+    assert!(m.exports_to_mesh("other").is_empty());
+
+    let mut foreign = info("north", "net-north");
+    foreign.trust_domain = TrustDomain::new("partner.example").unwrap();
+    let remote = RemoteService {
+        from: foreign,
+        service: svc("bank", "ledger"),
+    };
+    let seen = m.revision();
+    let p = m.plan_peer("partner", vec![remote.clone()]);
+    assert_eq!(p.changed, [key("bank", "ledger")].into());
+    m.apply_peer(p);
+    for c in ["east", "west"] {
+        let imports = m.imports_for(&name(c));
+        assert_eq!(
+            imports[&key("bank", "ledger")][0]
+                .from
+                .trust_domain
+                .as_str(),
+            "partner.example"
+        );
+    }
+    let u = m.import_update(&name("west"), seen, true);
+    assert_eq!(u.upserts.len(), 1);
+    // The same snapshot again changes nothing; an empty one removes it.
+    assert!(m.plan_peer("partner", vec![remote]).changed.is_empty());
+    let seen = m.revision();
+    let p = m.plan_peer("partner", vec![]);
+    m.apply_peer(p);
+    assert_eq!(
+        m.import_update(&name("west"), seen, true).removals,
+        [key("bank", "ledger")].into()
+    );
+}
