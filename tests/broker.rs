@@ -1003,3 +1003,40 @@ async fn meshes_peer_and_exchange_services_with_separate_bundles() {
         let _ = stop.send(());
     }
 }
+
+#[test]
+fn straitctl_reads_a_lab_directory() {
+    let s = Scratch::new();
+    let broker = Broker::start(&s.path("broker"), TD);
+    s.write(
+        "lab/lab.json",
+        &format!(
+            "{{\"broker\": {{\"address\": \"{}\", \"admin_creds\": \"{}\"}}}}",
+            broker.addr,
+            broker.admin_creds().display()
+        ),
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_straitctl"))
+        .args(["--lab", s.path("lab").to_str().unwrap(), "cluster", "list"])
+        .env_remove("STRAIT_BROKER")
+        .env_remove("STRAIT_CREDS")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("NAME"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_straitctl"))
+        .args([
+            "--lab",
+            s.path("nolab").to_str().unwrap(),
+            "cluster",
+            "list",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no lab.json"));
+}

@@ -34,6 +34,10 @@ pub struct Ctl {
     /// Directory with admin credentials (cert-chain.pem, key.pem, root-cert.pem).
     #[arg(long, global = true, env = "STRAIT_CREDS", value_name = "DIR")]
     creds: Option<PathBuf>,
+    /// A `strait lab` directory: broker address and admin credentials come
+    /// from its lab.json (`{"broker": {"address": ..., "admin_creds": ...}}`).
+    #[arg(long, global = true, env = "STRAIT_LAB", value_name = "DIR", conflicts_with_all = ["broker", "creds"])]
+    lab: Option<PathBuf>,
     /// Output format.
     #[arg(
         short = 'o',
@@ -268,10 +272,17 @@ struct Conn {
 
 impl Conn {
     fn open(ctl: &Ctl) -> Result<Self> {
-        let broker = ctl.broker.clone().ok_or_else(|| {
+        let (lab_broker, lab_creds) = match &ctl.lab {
+            Some(dir) => {
+                let (b, c) = read_lab(dir)?;
+                (Some(b), Some(c))
+            }
+            None => (None, None),
+        };
+        let broker = ctl.broker.clone().or(lab_broker).ok_or_else(|| {
             UsageError("no broker address: pass --broker HOST:PORT or set STRAIT_BROKER".into())
         })?;
-        let creds = ctl.creds.clone().ok_or_else(|| {
+        let creds = ctl.creds.clone().or(lab_creds).ok_or_else(|| {
             UsageError(
                 "no admin credentials: pass --creds DIR or set STRAIT_CREDS (the broker writes \
                  them to DATA/admin on first start)"
@@ -298,6 +309,31 @@ impl Conn {
         };
         anyhow::anyhow!("broker {}: {}{hint}", self.broker, status.message())
     }
+}
+
+/// The broker address and admin credentials of a lab directory.
+fn read_lab(dir: &std::path::Path) -> Result<(String, PathBuf)> {
+    let path = dir.join("lab.json");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "--lab {}: no lab.json (is a lab running there?)",
+            dir.display()
+        )
+    })?;
+    let v: Value = serde_json::from_str(&text).with_context(|| path.display().to_string())?;
+    let address = v["broker"]["address"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("{}: broker.address is missing", path.display()))?;
+    let creds = v["broker"]["admin_creds"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("{}: broker.admin_creds is missing", path.display()))?;
+    let creds = PathBuf::from(creds);
+    let creds = if creds.is_relative() {
+        dir.join(creds)
+    } else {
+        creds
+    };
+    Ok((address.to_string(), creds))
 }
 
 pub fn run(ctl: Ctl) -> Result<()> {
