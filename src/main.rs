@@ -33,6 +33,8 @@ enum Command {
     Ca(cli::ca::CaArgs),
     /// Run the trust broker of a mesh.
     Broker(cli::broker::BrokerArgs),
+    /// Run the east-west gateway (SNI passthrough to exported services).
+    Gateway(cli::gateway::GatewayArgs),
     /// The cluster side of a broker: join a mesh, sync a static config.
     #[command(subcommand)]
     Cluster(cli::cluster::ClusterCommand),
@@ -48,6 +50,7 @@ fn main() -> ExitCode {
         Command::Ca(args) => cli::ca::run(args),
         Command::Broker(args) => cli::broker::run(args),
         Command::Cluster(cmd) => cli::cluster::run(cmd),
+        Command::Gateway(args) => cli::gateway::run(args),
     };
     cli::exit(result)
 }

@@ -7,6 +7,7 @@ pub mod broker;
 pub mod ca;
 pub mod cluster;
 pub mod ctl;
+pub mod gateway;
 
 /// Exit code for a command-line usage error (sysexits `EX_USAGE`).
 pub const EXIT_USAGE: u8 = 64;

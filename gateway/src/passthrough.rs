@@ -1,0 +1,321 @@
+//! The SNI passthrough listener (Istio `AUTO_PASSTHROUGH` compatible): read
+//! the ClientHello without terminating TLS, admit only exported services,
+//! connect to a healthy local endpoint (one retry on another), replay the
+//! bytes read so far and splice both ways with half-close and an idle
+//! timeout. Anything else is closed and counted by reason; one connection
+//! never disturbs another.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::hello::{self, Progress};
+use crate::route::{self, ISTIO_ALPN, RouteTable};
+
+/// Timeouts and checks of the passthrough listener.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The whole ClientHello must arrive within this.
+    pub hello_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// A connection with no bytes either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// Require one of Istio's ALPN values.
+    pub require_istio_alpn: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            hello_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(3600),
+            require_istio_alpn: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    outcome: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabel {
+    service: String,
+}
+
+/// `strait_gateway_*` metrics.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    connections: Family<Outcome, Counter>,
+    active: Gauge,
+    bytes_sent: Family<ServiceLabel, Counter>,
+    bytes_received: Family<ServiceLabel, Counter>,
+}
+
+impl Metrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Metrics::default();
+        let r = registry.sub_registry_with_prefix("strait_gateway");
+        r.register(
+            "connections",
+            "Passthrough connections by outcome and reason",
+            m.connections.clone(),
+        );
+        r.register(
+            "active_connections",
+            "Connections being spliced",
+            m.active.clone(),
+        );
+        r.register(
+            "sent_bytes",
+            "Bytes from clients to endpoints, by service",
+            m.bytes_sent.clone(),
+        );
+        r.register(
+            "received_bytes",
+            "Bytes from endpoints to clients, by service",
+            m.bytes_received.clone(),
+        );
+        m
+    }
+
+    /// Connections being spliced right now.
+    pub fn active(&self) -> i64 {
+        self.active.get()
+    }
+
+    fn count(&self, outcome: &'static str, reason: &'static str) {
+        self.connections
+            .get_or_create(&Outcome { outcome, reason })
+            .inc();
+    }
+}
+
+/// Serves until the listener task is dropped (or `shutdown` flips), then
+/// stops accepting; live connections finish on their own.
+pub async fn serve(
+    listener: TcpListener,
+    table: watch::Receiver<Arc<RouteTable>>,
+    config: Config,
+    metrics: Metrics,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let table = table.borrow().clone();
+        let config = config.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            handle(tcp, peer, &table, &config, &metrics).await;
+        });
+    }
+}
+
+async fn handle(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    table: &RouteTable,
+    config: &Config,
+    metrics: &Metrics,
+) {
+    // 1. The ClientHello, within the deadline and the size limit.
+    let mut buf = Vec::with_capacity(2048);
+    let read = tokio::time::timeout(config.hello_timeout, async {
+        loop {
+            match hello::parse(&buf) {
+                Ok(Progress::Done(h)) => return Ok(h),
+                Ok(Progress::NeedMore) => {}
+                Err(e) => return Err(("malformed_hello", e.to_string())),
+            }
+            let mut chunk = [0u8; 4096];
+            match client.read(&mut chunk).await {
+                Ok(0) => return Err(("closed_before_hello", "client closed".to_string())),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) => return Err(("read_error", e.to_string())),
+            }
+        }
+    })
+    .await;
+    let hello = match read {
+        Ok(Ok(h)) => h,
+        Ok(Err((reason, detail))) => {
+            metrics.count("refused", reason);
+            tracing::info!(%peer, reason, detail, "connection refused");
+            return;
+        }
+        Err(_) => {
+            metrics.count("refused", "hello_timeout");
+            tracing::info!(%peer, "no complete ClientHello in time");
+            return;
+        }
+    };
+    // 2. Where to.
+    if config.require_istio_alpn
+        && !hello
+            .alpn
+            .iter()
+            .any(|p| ISTIO_ALPN.contains(&p.as_slice()))
+    {
+        metrics.count("refused", "alpn");
+        tracing::info!(%peer, alpn = ?hello.alpn, "no Istio ALPN offered");
+        return;
+    }
+    let Some(sni) = hello.server_name else {
+        metrics.count("refused", "no_sni");
+        return;
+    };
+    let target = match route::parse_target(&sni) {
+        Ok(t) => t,
+        Err(e) => {
+            metrics.count("refused", "bad_sni");
+            tracing::info!(%peer, error = %e, "connection refused");
+            return;
+        }
+    };
+    let candidates = match table.pick(&target, 2) {
+        Ok(c) => c,
+        Err(e) => {
+            metrics.count("refused", e.reason());
+            tracing::info!(%peer, %sni, error = %e, "connection refused");
+            return;
+        }
+    };
+    // 3. Connect, one retry on another endpoint.
+    let mut upstream = None;
+    for addr in &candidates {
+        match tokio::time::timeout(config.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => {
+                upstream = Some(s);
+                break;
+            }
+            Ok(Err(e)) => tracing::info!(%addr, error = %e, "endpoint connect failed"),
+            Err(_) => tracing::info!(%addr, "endpoint connect timed out"),
+        }
+    }
+    let Some(mut upstream) = upstream else {
+        metrics.count("failed", "connect");
+        return;
+    };
+    let _ = upstream.set_nodelay(true);
+    if let Err(e) = upstream.write_all(&buf).await {
+        metrics.count("failed", "upstream_write");
+        tracing::info!(error = %e, "replaying the ClientHello failed");
+        return;
+    }
+    // 4. Splice.
+    metrics.count("spliced", "ok");
+    metrics.active.inc();
+    let service = ServiceLabel {
+        service: target.host.clone(),
+    };
+    let (up, down) = splice(client, upstream, config.idle_timeout).await;
+    metrics.active.dec();
+    metrics
+        .bytes_sent
+        .get_or_create(&service)
+        .inc_by(up + buf.len() as u64);
+    metrics.bytes_received.get_or_create(&service).inc_by(down);
+    tracing::debug!(%peer, %sni, sent = up, received = down, "connection done");
+}
+
+/// Copies both ways until both sides closed (a read EOF on one side shuts
+/// down writing to the other: half-close), or nothing moved for `idle`.
+/// Returns the bytes client→upstream and upstream→client.
+pub async fn splice<A, B>(a: A, b: B, idle: Duration) -> (u64, u64)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut ar, mut aw) = tokio::io::split(a);
+    let (mut br, mut bw) = tokio::io::split(b);
+    let mut abuf = vec![0u8; 16 * 1024];
+    let mut bbuf = vec![0u8; 16 * 1024];
+    let (mut a_open, mut b_open) = (true, true);
+    let (mut up, mut down) = (0u64, 0u64);
+    while a_open || b_open {
+        tokio::select! {
+            r = ar.read(&mut abuf), if a_open => match r {
+                Ok(0) | Err(_) => {
+                    a_open = false;
+                    let _ = bw.shutdown().await;
+                }
+                Ok(n) => {
+                    if bw.write_all(&abuf[..n]).await.is_err() {
+                        break;
+                    }
+                    up += n as u64;
+                }
+            },
+            r = br.read(&mut bbuf), if b_open => match r {
+                Ok(0) | Err(_) => {
+                    b_open = false;
+                    let _ = aw.shutdown().await;
+                }
+                Ok(n) => {
+                    if aw.write_all(&bbuf[..n]).await.is_err() {
+                        break;
+                    }
+                    down += n as u64;
+                }
+            },
+            () = tokio::time::sleep(idle) => break,
+        }
+    }
+    (up, down)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn splice_half_closes_and_counts() {
+        let (client, mut client_far) = tokio::io::duplex(64);
+        let (server, mut server_far) = tokio::io::duplex(64);
+        let task = tokio::spawn(splice(client, server, Duration::from_secs(5)));
+        client_far.write_all(b"ping").await.unwrap();
+        client_far.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        server_far.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"ping", "EOF reached the server: half-close");
+        // The other direction still works after the client's half-close.
+        server_far.write_all(b"pong!").await.unwrap();
+        server_far.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        client_far.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"pong!");
+        assert_eq!(task.await.unwrap(), (4, 5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn splice_closes_idle_connections() {
+        let (client, _client_far) = tokio::io::duplex(64);
+        let (server, _server_far) = tokio::io::duplex(64);
+        let r = splice(client, server, Duration::from_secs(30)).await;
+        assert_eq!(r, (0, 0));
+    }
+}

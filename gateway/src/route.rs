@@ -1,0 +1,358 @@
+//! Where a passthrough connection goes: Istio's SNI format parsed into a
+//! target, and the routing table of exported services and their local
+//! endpoints (subsets by labels, round robin over healthy endpoints).
+//! Pure: the listener feeds names in and gets addresses out.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use serde::Deserialize;
+
+/// The ALPN values Istio sidecars offer on mTLS to a remote gateway.
+pub const ISTIO_ALPN: [&[u8]; 5] = [
+    b"istio",
+    b"istio-peer-exchange",
+    b"istio-http/1.0",
+    b"istio-http/1.1",
+    b"istio-h2",
+];
+
+/// A parsed `outbound_.<port>_.<subset>_.<fqdn>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub port: u16,
+    pub subset: Option<String>,
+    pub host: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TargetError {
+    #[error("SNI {0:?} is not Istio's outbound_.<port>_.<subset>_.<host> form")]
+    NotIstio(String),
+    #[error("SNI {sni:?}: port {port:?} is not a port number")]
+    Port { sni: String, port: String },
+    #[error("SNI {0:?} has an empty host")]
+    EmptyHost(String),
+}
+
+/// Parses Istio's cross-network SNI, e.g.
+/// `outbound_.9080_._.reviews.bookinfo.svc.cluster.local` (no subset) or
+/// `outbound_.9080_.v1_.reviews.bookinfo.svc.cluster.local`.
+pub fn parse_target(sni: &str) -> Result<Target, TargetError> {
+    let rest = sni
+        .strip_prefix("outbound_.")
+        .ok_or_else(|| TargetError::NotIstio(sni.to_string()))?;
+    let (port, rest) = rest
+        .split_once("_.")
+        .ok_or_else(|| TargetError::NotIstio(sni.to_string()))?;
+    // Digits only, no sign and no leading zero: the form Istio writes.
+    let canonical =
+        !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && !port.starts_with('0');
+    let port = canonical
+        .then(|| port.parse::<u16>().ok())
+        .flatten()
+        .ok_or_else(|| TargetError::Port {
+            sni: sni.to_string(),
+            port: port.to_string(),
+        })?;
+    let (subset, host) = rest
+        .split_once("_.")
+        .ok_or_else(|| TargetError::NotIstio(sni.to_string()))?;
+    if host.is_empty() {
+        return Err(TargetError::EmptyHost(sni.to_string()));
+    }
+    Ok(Target {
+        port,
+        subset: (!subset.is_empty()).then(|| subset.to_string()),
+        host: host.to_string(),
+    })
+}
+
+/// The routing table file (`--routes FILE`, YAML or JSON).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutesFile {
+    #[serde(default)]
+    pub services: Vec<ServiceRoute>,
+}
+
+/// One exported service: its host, exported ports, subsets and endpoints.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceRoute {
+    /// e.g. `reviews.bookinfo.svc.cluster.local`
+    pub host: String,
+    /// The exported service ports; connections for other ports are refused.
+    pub ports: Vec<u16>,
+    /// Subset name → labels an endpoint must have.
+    #[serde(default)]
+    pub subsets: BTreeMap<String, BTreeMap<String, String>>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Endpoint {
+    /// The workload's IP address.
+    pub address: std::net::IpAddr,
+    /// Service port → endpoint port, where they differ.
+    #[serde(default)]
+    pub ports: BTreeMap<u16, u16>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default = "yes")]
+    pub healthy: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Why a target has nowhere to go.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("{0} is not exported by this cluster")]
+    NotExported(String),
+    #[error("port {port} of {host} is not exported")]
+    PortNotExported { host: String, port: u16 },
+    #[error("subset {subset:?} of {host} is not defined")]
+    UnknownSubset { host: String, subset: String },
+    #[error("{0} has no healthy endpoint")]
+    NoHealthyEndpoint(String),
+}
+
+impl RouteError {
+    /// A short label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            RouteError::NotExported(_) => "not_exported",
+            RouteError::PortNotExported { .. } => "port_not_exported",
+            RouteError::UnknownSubset { .. } => "unknown_subset",
+            RouteError::NoHealthyEndpoint(_) => "no_healthy_endpoint",
+        }
+    }
+}
+
+/// The routing table, ready for lookups.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    services: BTreeMap<String, ServiceRoute>,
+    cursor: AtomicUsize,
+}
+
+impl RouteTable {
+    pub fn new(file: RoutesFile) -> Result<Self, String> {
+        let mut services = BTreeMap::new();
+        for s in file.services {
+            let host = s.host.to_ascii_lowercase();
+            if host.is_empty() || s.ports.is_empty() {
+                return Err(format!("service {host:?}: host and ports are required"));
+            }
+            if services.insert(host.clone(), s).is_some() {
+                return Err(format!("service {host:?} is listed twice"));
+            }
+        }
+        Ok(RouteTable {
+            services,
+            cursor: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.services.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+    }
+
+    /// Up to `n` distinct candidate addresses for `target`, in round-robin
+    /// order (the first to try first; the next for the one retry).
+    pub fn pick(&self, target: &Target, n: usize) -> Result<Vec<SocketAddr>, RouteError> {
+        let s = self
+            .services
+            .get(&target.host)
+            .ok_or_else(|| RouteError::NotExported(target.host.clone()))?;
+        if !s.ports.contains(&target.port) {
+            return Err(RouteError::PortNotExported {
+                host: target.host.clone(),
+                port: target.port,
+            });
+        }
+        let want = match &target.subset {
+            None => None,
+            Some(name) => Some(
+                s.subsets
+                    .get(name)
+                    .ok_or_else(|| RouteError::UnknownSubset {
+                        host: target.host.clone(),
+                        subset: name.clone(),
+                    })?,
+            ),
+        };
+        let eligible: Vec<SocketAddr> = s
+            .endpoints
+            .iter()
+            .filter(|e| e.healthy)
+            .filter(|e| want.is_none_or(|w| w.iter().all(|(k, v)| e.labels.get(k) == Some(v))))
+            .map(|e| {
+                let port = e.ports.get(&target.port).copied().unwrap_or(target.port);
+                SocketAddr::new(e.address, port)
+            })
+            .collect();
+        if eligible.is_empty() {
+            return Err(RouteError::NoHealthyEndpoint(target.host.clone()));
+        }
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed);
+        Ok((0..n.min(eligible.len()))
+            .map(|i| eligible[(start + i) % eligible.len()])
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn istio_sni_forms() {
+        assert_eq!(
+            parse_target("outbound_.9080_._.reviews.bookinfo.svc.cluster.local").unwrap(),
+            Target {
+                port: 9080,
+                subset: None,
+                host: "reviews.bookinfo.svc.cluster.local".into()
+            }
+        );
+        assert_eq!(
+            parse_target("outbound_.9080_.v1_.reviews.bookinfo.svc.cluster.local")
+                .unwrap()
+                .subset
+                .as_deref(),
+            Some("v1")
+        );
+        for bad in [
+            "reviews.bookinfo",
+            "inbound_.9080_._.x",
+            "outbound_.9080",
+            "outbound_.9080_.v1",
+        ] {
+            assert!(
+                matches!(parse_target(bad), Err(TargetError::NotIstio(_))),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            parse_target("outbound_.http_._.x"),
+            Err(TargetError::Port { .. })
+        ));
+        assert!(matches!(
+            parse_target("outbound_.0_._.x"),
+            Err(TargetError::Port { .. })
+        ));
+        assert!(matches!(
+            parse_target("outbound_.+80_._.x"),
+            Err(TargetError::Port { .. })
+        ));
+        assert!(matches!(
+            parse_target("outbound_.080_._.x"),
+            Err(TargetError::Port { .. })
+        ));
+        assert!(matches!(
+            parse_target("outbound_.99999_._.x"),
+            Err(TargetError::Port { .. })
+        ));
+        assert!(matches!(
+            parse_target("outbound_.80_._."),
+            Err(TargetError::EmptyHost(_))
+        ));
+    }
+
+    fn table() -> RouteTable {
+        let yaml = r#"
+services:
+- host: reviews.bookinfo.svc.cluster.local
+  ports: [9080]
+  subsets: {v1: {version: v1}, v2: {version: v2}}
+  endpoints:
+  - {address: 10.0.0.1, labels: {version: v1}}
+  - {address: 10.0.0.2, labels: {version: v2}, ports: {9080: 19080}}
+  - {address: 10.0.0.3, labels: {version: v1}, healthy: false}
+"#;
+        RouteTable::new(serde_saphyr::from_str(yaml).unwrap()).unwrap()
+    }
+
+    fn t(sni: &str) -> Target {
+        parse_target(sni).unwrap()
+    }
+
+    #[test]
+    fn picks_healthy_endpoints_round_robin_and_by_subset() {
+        let rt = table();
+        let any = t("outbound_.9080_._.reviews.bookinfo.svc.cluster.local");
+        let a = rt.pick(&any, 2).unwrap();
+        let b = rt.pick(&any, 2).unwrap();
+        assert_eq!(a.len(), 2);
+        assert_ne!(a[0], b[0], "round robin");
+        assert!(
+            a.iter().chain(&b).all(|x| x.ip().to_string() != "10.0.0.3"),
+            "unhealthy skipped"
+        );
+        let v2 = rt
+            .pick(
+                &t("outbound_.9080_.v2_.reviews.bookinfo.svc.cluster.local"),
+                2,
+            )
+            .unwrap();
+        assert_eq!(v2, ["10.0.0.2:19080".parse().unwrap()]);
+        let v1 = rt
+            .pick(
+                &t("outbound_.9080_.v1_.reviews.bookinfo.svc.cluster.local"),
+                2,
+            )
+            .unwrap();
+        assert_eq!(v1, ["10.0.0.1:9080".parse().unwrap()]);
+    }
+
+    #[test]
+    fn refusals_say_why() {
+        let rt = table();
+        let e = rt
+            .pick(
+                &t("outbound_.9080_._.ratings.bookinfo.svc.cluster.local"),
+                1,
+            )
+            .unwrap_err();
+        assert_eq!(e.reason(), "not_exported");
+        let e = rt
+            .pick(
+                &t("outbound_.9999_._.reviews.bookinfo.svc.cluster.local"),
+                1,
+            )
+            .unwrap_err();
+        assert_eq!(e.reason(), "port_not_exported");
+        let e = rt
+            .pick(
+                &t("outbound_.9080_.v9_.reviews.bookinfo.svc.cluster.local"),
+                1,
+            )
+            .unwrap_err();
+        assert_eq!(e.reason(), "unknown_subset");
+    }
+
+    #[test]
+    fn bad_tables_are_refused() {
+        let dup: RoutesFile = serde_saphyr::from_str(
+            "services:\n- {host: a, ports: [1], endpoints: []}\n- {host: a, ports: [1], endpoints: []}\n",
+        )
+        .unwrap();
+        assert!(RouteTable::new(dup).unwrap_err().contains("twice"));
+        assert!(
+            serde_saphyr::from_str::<RoutesFile>(
+                "services:\n- {host: a, ports: [1], endpoints: [], typo: 1}\n"
+            )
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,157 @@
+//! `strait gateway`: the east-west gateway (SNI passthrough).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use prometheus_client::registry::Registry;
+use strait_broker::http::{self, Ready};
+use strait_gateway::passthrough::{self, Config, Metrics};
+use strait_gateway::route::{RouteTable, RoutesFile};
+
+use super::parse_duration;
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum AlpnCheck {
+    /// Require one of Istio's ALPN values (istio, istio-peer-exchange,
+    /// istio-http/1.0, istio-http/1.1, istio-h2), as Istio sidecars send.
+    Istio,
+    /// Accept any ALPN (or none).
+    Off,
+}
+
+/// Run the east-west gateway: TLS passthrough routed by Istio's SNI
+/// (`outbound_.<port>_.<subset>_.<host>`) to the local endpoints of
+/// exported services. The gateway never terminates TLS: the client's mTLS
+/// session reaches the workload.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:
+  strait gateway --cluster east --network net-east --listen 0.0.0.0:15443 \\
+      --routes /etc/strait/routes.yaml --health-listen 0.0.0.0:15021 --metrics-listen 0.0.0.0:15090
+
+routes.yaml:
+  services:
+  - host: reviews.bookinfo.svc.cluster.local
+    ports: [9080]
+    subsets: {v1: {version: v1}}
+    endpoints:
+    - {address: 10.1.0.11, labels: {version: v1}}
+    - {address: 10.1.0.12, labels: {version: v2}, healthy: false}")]
+pub struct GatewayArgs {
+    /// This cluster's name (for logs and metrics).
+    #[arg(long, value_name = "NAME")]
+    cluster: strait_ca::ClusterName,
+    /// This cluster's network.
+    #[arg(long, value_name = "NET")]
+    network: String,
+    /// The passthrough listener.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15443")]
+    listen: SocketAddr,
+    /// Routing table of exported services (YAML or JSON); re-read when it changes.
+    #[arg(long, value_name = "FILE")]
+    routes: PathBuf,
+    /// Which ALPN values a connection must offer.
+    #[arg(long, value_enum, default_value = "istio")]
+    alpn_check: AlpnCheck,
+    /// Deadline for the whole ClientHello.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    hello_timeout: Duration,
+    /// Close a spliced connection after this long without traffic.
+    #[arg(long, value_parser = parse_duration, default_value = "1h")]
+    idle_timeout: Duration,
+    /// On SIGTERM, let live connections finish for up to this long.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    drain: Duration,
+    /// Health endpoint (/healthz/ready: ready once the routing table loaded).
+    #[arg(long, value_name = "ADDR")]
+    health_listen: Option<SocketAddr>,
+    /// Prometheus metrics endpoint (/metrics, strait_gateway_*).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+}
+
+fn load(path: &Path) -> Result<RouteTable> {
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    let file: RoutesFile = if text.trim_start().starts_with('{') {
+        serde_json::from_str(&text).with_context(|| path.display().to_string())?
+    } else {
+        serde_saphyr::from_str(&text).with_context(|| path.display().to_string())?
+    };
+    RouteTable::new(file).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+fn mtime(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+pub fn run(args: GatewayArgs) -> Result<()> {
+    let table = load(&args.routes)?;
+    tracing::info!(cluster = %args.cluster, network = %args.network, services = table.len(), "routing table loaded");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let (table_tx, table_rx) = tokio::sync::watch::channel(Arc::new(table));
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        let registry = Arc::new(registry);
+        let ready = Ready::default();
+        if let Some(addr) = args.health_listen {
+            let l = http::bind(addr, "health").await.map_err(anyhow::Error::msg)?;
+            tokio::spawn(http::serve(l, ready.clone(), None));
+        }
+        if let Some(addr) = args.metrics_listen {
+            let l = http::bind(addr, "metrics").await.map_err(anyhow::Error::msg)?;
+            tokio::spawn(http::serve(l, ready.clone(), Some(registry.clone())));
+        }
+        let listener = http::bind(args.listen, "passthrough").await.map_err(anyhow::Error::msg)?;
+        let config = Config {
+            hello_timeout: args.hello_timeout,
+            idle_timeout: args.idle_timeout,
+            require_istio_alpn: args.alpn_check == AlpnCheck::Istio,
+            ..Config::default()
+        };
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let server = tokio::spawn(passthrough::serve(listener, table_rx, config, metrics.clone(), stop_rx));
+        ready.set(true);
+        tracing::info!(listen = %args.listen, "gateway serving");
+
+        // Reload the routing table when the file changes; keep the last
+        // good one when the new one is bad.
+        let routes = args.routes.clone();
+        tokio::spawn(async move {
+            let mut last = mtime(&routes);
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let now = mtime(&routes);
+                if now == last {
+                    continue;
+                }
+                last = now;
+                match load(&routes) {
+                    Ok(t) => {
+                        tracing::info!(services = t.len(), "routing table reloaded");
+                        table_tx.send_replace(Arc::new(t));
+                    }
+                    Err(e) => tracing::error!(error = %format!("{e:#}"), "routing table refused; keeping the last good one"),
+                }
+            }
+        });
+
+        super::broker::shutdown_signal().await;
+        tracing::info!("draining: no new connections");
+        ready.set(false);
+        let _ = stop_tx.send(true);
+        let _ = server.await;
+        let deadline = tokio::time::Instant::now() + args.drain;
+        while metrics.active() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tracing::info!(left = metrics.active(), "gateway stopped");
+        Ok(())
+    })
+}
