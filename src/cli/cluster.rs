@@ -224,7 +224,7 @@ async fn sync(s: Sync) -> Result<()> {
                             eprintln!("config changed: publishing {} export(s)", e.len());
                             exports_tx.send_replace(e);
                         }
-                        Err(e) => eprintln!("warning: {e:#}; keeping the last good config"),
+                        Err(e) => eprintln!("warning: {}; keeping the last good config", super::describe(&e)),
                     }
                 }
             }

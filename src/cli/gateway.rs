@@ -137,7 +137,7 @@ pub fn run(args: GatewayArgs) -> Result<()> {
                         tracing::info!(services = t.len(), "routing table reloaded");
                         table_tx.send_replace(Arc::new(t));
                     }
-                    Err(e) => tracing::error!(error = %format!("{e:#}"), "routing table refused; keeping the last good one"),
+                    Err(e) => tracing::error!(error = %super::describe(&e), "routing table refused; keeping the last good one"),
                 }
             }
         });

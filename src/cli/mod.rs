@@ -44,7 +44,7 @@ pub fn exit(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<UsageError>() => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             ExitCode::from(EXIT_USAGE)
         }
         Err(e) if e.is::<Rejected>() => {
@@ -52,10 +52,27 @@ pub fn exit(result: anyhow::Result<()>) -> ExitCode {
             ExitCode::from(EXIT_FAILURE)
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             ExitCode::from(EXIT_FAILURE)
         }
     }
+}
+
+/// The error and its causes on one line, leaving out a cause whose text
+/// the message already contains (many errors quote their source).
+pub fn describe(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if text.contains(&c) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&c);
+    }
+    text
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -188,6 +205,15 @@ mod tests {
                 .unwrap_err()
                 .contains("too long")
         );
+    }
+
+    #[test]
+    fn causes_are_not_repeated() {
+        let inner = std::io::Error::other("disk on fire");
+        let e = anyhow::Error::new(inner).context("writing x.pem: disk on fire");
+        assert_eq!(describe(&e), "writing x.pem: disk on fire");
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(describe(&e), "outer: inner");
     }
 
     #[test]
