@@ -424,3 +424,189 @@ static_resources:
         "{stats}"
     );
 }
+
+/// A gateway identity from the east cluster's CA.
+fn gateway_identity(s: &Scratch, ca: &str, out: &str) {
+    s.strait(&[
+        "ca",
+        "issue-workload",
+        "--ca",
+        ca,
+        "--spiffe-id",
+        "spiffe://example.org/ns/strait-system/sa/eastwest-gateway",
+        "--out",
+        out,
+    ])
+    .ok();
+}
+
+/// West's egress listener → QUIC tunnel → east's gateway → backend: the
+/// client's TLS session runs end to end inside the tunnel stream.
+#[test]
+fn quic_tunnel_between_two_gateways_carries_an_end_to_end_tls_session() {
+    let s = Scratch::new();
+    let (_backend, port) = backend(&s);
+    s.strait(&[
+        "ca",
+        "issue-intermediate",
+        "--root",
+        "root",
+        "--cluster",
+        "west",
+        "--out",
+        "west",
+    ])
+    .ok();
+    gateway_identity(&s, "east", "east-gw");
+    gateway_identity(&s, "west", "west-gw");
+    // East: the backend's service, tunnels accepted on its listen address (UDP).
+    let (_east, east_addr, east_metrics) = gateway(&s, port, "east", &["--identity", "east-gw"]);
+    // West: no local services; reviews is remote, behind east's gateway.
+    let egress = format!("127.0.0.1:{}", common::free_port());
+    let west_listen = format!("127.0.0.1:{}", common::free_port());
+    s.write(
+        "west.yaml",
+        &format!("services: []\nremote:\n- host: reviews.bookinfo.svc.cluster.local\n  gateways: [\"{east_addr}\"]\n"),
+    );
+    let health = format!("127.0.0.1:{}", common::free_port());
+    let west_metrics = format!("127.0.0.1:{}", common::free_port());
+    let child = Command::new(env!("CARGO_BIN_EXE_strait"))
+        .args([
+            "gateway",
+            "--cluster",
+            "west",
+            "--network",
+            "net-west",
+            "--listen",
+            &west_listen,
+            "--routes",
+            "west.yaml",
+            "--identity",
+            "west-gw",
+            "--egress-listen",
+            &egress,
+            "--health-listen",
+            &health,
+            "--metrics-listen",
+            &west_metrics,
+        ])
+        .current_dir(s.dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _west = Proc(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while common::http_status(&health, "/healthz/ready") != Some(200) {
+        assert!(Instant::now() < deadline, "west gateway not ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for _ in 0..3 {
+        let r = s_client(&s, &egress, SNI, "istio");
+        assert!(
+            r.stdout.contains("Verify return code: 0 (ok)"),
+            "{}\n{}",
+            r.stdout,
+            r.stderr
+        );
+        assert!(r.stdout.contains("HTTP/1.0 200 ok"), "{}", r.stdout);
+    }
+    // One pooled tunnel carried all three connections.
+    let m = common::http_get(&east_metrics, "/metrics");
+    assert!(
+        m.contains("strait_gateway_tunnel_connections_total{outcome=\"accepted\",reason=\"ok\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("strait_gateway_connections_total{outcome=\"spliced\",reason=\"ok\"} 3"),
+        "{m}"
+    );
+    let m = common::http_get(&west_metrics, "/metrics");
+    assert!(
+        m.contains("strait_gateway_tunnel_streams_total{outcome=\"sent\",reason=\"ok\"} 3"),
+        "{m}"
+    );
+}
+
+/// A gateway whose identity comes from another root cannot open a tunnel.
+#[test]
+fn a_gateway_of_another_root_is_refused() {
+    let s = Scratch::new();
+    let (_backend, port) = backend(&s);
+    gateway_identity(&s, "east", "east-gw");
+    let (_east, east_addr, east_metrics) = gateway(&s, port, "east", &["--identity", "east-gw"]);
+    // A rogue mesh with the same trust domain name but its own root.
+    s.strait(&[
+        "ca",
+        "init-root",
+        "--trust-domain",
+        "example.org",
+        "--out",
+        "rogue-root",
+    ])
+    .ok();
+    s.strait(&[
+        "ca",
+        "issue-intermediate",
+        "--root",
+        "rogue-root",
+        "--cluster",
+        "rogue",
+        "--out",
+        "rogue",
+    ])
+    .ok();
+    gateway_identity(&s, "rogue", "rogue-gw");
+    let egress = format!("127.0.0.1:{}", common::free_port());
+    s.write(
+        "rogue.yaml",
+        &format!(
+            "remote:\n- host: reviews.bookinfo.svc.cluster.local\n  gateways: [\"{east_addr}\"]\n"
+        ),
+    );
+    let health = format!("127.0.0.1:{}", common::free_port());
+    let child = Command::new(env!("CARGO_BIN_EXE_strait"))
+        .args([
+            "gateway",
+            "--cluster",
+            "rogue",
+            "--network",
+            "net-rogue",
+            "--listen",
+            &format!("127.0.0.1:{}", common::free_port()),
+            "--routes",
+            "rogue.yaml",
+            "--identity",
+            "rogue-gw",
+            "--egress-listen",
+            &egress,
+            "--health-listen",
+            &health,
+        ])
+        .current_dir(s.dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _rogue = Proc(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while common::http_status(&health, "/healthz/ready") != Some(200) {
+        assert!(Instant::now() < deadline, "rogue gateway not ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = s_client(&s, &egress, SNI, "istio");
+    assert!(
+        !r.stdout.contains("HTTP/1.0 200"),
+        "a rogue gateway got through: {}",
+        r.stdout
+    );
+    let m = common::http_get(&east_metrics, "/metrics");
+    assert!(
+        !m.contains("tunnel_connections_total{outcome=\"accepted\""),
+        "{m}"
+    );
+    assert!(
+        !m.contains("strait_gateway_connections_total{outcome=\"spliced\""),
+        "{m}"
+    );
+}

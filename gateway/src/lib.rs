@@ -4,12 +4,15 @@
 //!   terminates TLS;
 //! - [`route`]: Istio's `outbound_.<port>_.<subset>_.<host>` SNI and the
 //!   routing table of exported services (subsets, round robin);
-//! - [`passthrough`]: the SNI passthrough listener (port 15443).
+//! - [`passthrough`]: the SNI passthrough listener (port 15443, TCP);
+//! - [`tunnel`]: QUIC tunnels between gateways (port 15443, UDP), pooled
+//!   per remote gateway, and the egress listener (15444) local sidecars
+//!   hand their connections to.
 //!
-//! Still to come in this crate: the QUIC tunnel endpoint that pools one
-//! connection per remote gateway, the egress listener local sidecars hand
-//! connections to, and routes pushed by the control plane.
+//! Still to come in this crate: routes pushed by the control plane, DNS
+//! names for remote gateways, identity reload on rotation.
 
 pub mod hello;
 pub mod passthrough;
 pub mod route;
+pub mod tunnel;

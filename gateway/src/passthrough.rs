@@ -59,6 +59,8 @@ struct ServiceLabel {
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
     connections: Family<Outcome, Counter>,
+    tunnels: Family<Outcome, Counter>,
+    streams: Family<Outcome, Counter>,
     active: Gauge,
     bytes_sent: Family<ServiceLabel, Counter>,
     bytes_received: Family<ServiceLabel, Counter>,
@@ -79,6 +81,16 @@ impl Metrics {
             m.active.clone(),
         );
         r.register(
+            "tunnel_connections",
+            "QUIC tunnel connections from other gateways, by outcome",
+            m.tunnels.clone(),
+        );
+        r.register(
+            "tunnel_streams",
+            "Tunnel and egress streams by outcome and reason",
+            m.streams.clone(),
+        );
+        r.register(
             "sent_bytes",
             "Bytes from clients to endpoints, by service",
             m.bytes_sent.clone(),
@@ -94,6 +106,18 @@ impl Metrics {
     /// Connections being spliced right now.
     pub fn active(&self) -> i64 {
         self.active.get()
+    }
+
+    pub(crate) fn count_tunnel(&self, outcome: &'static str, reason: &'static str) {
+        self.tunnels
+            .get_or_create(&Outcome { outcome, reason })
+            .inc();
+    }
+
+    pub(crate) fn count_stream(&self, outcome: &'static str, reason: &'static str) {
+        self.streams
+            .get_or_create(&Outcome { outcome, reason })
+            .inc();
     }
 
     fn count(&self, outcome: &'static str, reason: &'static str) {
@@ -196,15 +220,34 @@ async fn handle(
             return;
         }
     };
-    let candidates = match table.pick(&target, 2) {
+    tracing::debug!(%peer, %sni, "routing");
+    forward(client, buf, &target, table, config, metrics, "passthrough").await;
+}
+
+/// Routes one connection to `target`: picks a healthy endpoint (one retry
+/// on another), replays `buffered`, then splices. Used for passthrough
+/// connections and for tunnel streams alike.
+pub async fn forward<S>(
+    client: S,
+    buffered: Vec<u8>,
+    target: &crate::route::Target,
+    table: &RouteTable,
+    config: &Config,
+    metrics: &Metrics,
+    via: &'static str,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let buf = buffered;
+    let candidates = match table.pick(target, 2) {
         Ok(c) => c,
         Err(e) => {
             metrics.count("refused", e.reason());
-            tracing::info!(%peer, %sni, error = %e, "connection refused");
+            tracing::info!(via, host = %target.host, error = %e, "connection refused");
             return;
         }
     };
-    // 3. Connect, one retry on another endpoint.
+    // Connect, one retry on another endpoint.
     let mut upstream = None;
     for addr in &candidates {
         match tokio::time::timeout(config.connect_timeout, TcpStream::connect(addr)).await {
@@ -226,7 +269,7 @@ async fn handle(
         tracing::info!(error = %e, "replaying the ClientHello failed");
         return;
     }
-    // 4. Splice.
+    // Splice.
     metrics.count("spliced", "ok");
     metrics.active.inc();
     let service = ServiceLabel {
@@ -239,7 +282,7 @@ async fn handle(
         .get_or_create(&service)
         .inc_by(up + buf.len() as u64);
     metrics.bytes_received.get_or_create(&service).inc_by(down);
-    tracing::debug!(%peer, %sni, sent = up, received = down, "connection done");
+    tracing::debug!(via, host = %target.host, sent = up, received = down, "connection done");
 }
 
 /// Copies both ways until both sides closed (a read EOF on one side shuts

@@ -75,6 +75,19 @@ pub fn parse_target(sni: &str) -> Result<Target, TargetError> {
 pub struct RoutesFile {
     #[serde(default)]
     pub services: Vec<ServiceRoute>,
+    /// Services of other networks, reached through their gateways' QUIC
+    /// tunnels (used by the egress listener).
+    #[serde(default)]
+    pub remote: Vec<RemoteRoute>,
+}
+
+/// A host served by other networks' gateways.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RemoteRoute {
+    pub host: String,
+    /// The remote gateways' tunnel addresses (UDP `ip:port`), in order of preference.
+    pub gateways: Vec<SocketAddr>,
 }
 
 /// One exported service: its host, exported ports, subsets and endpoints.
@@ -138,6 +151,7 @@ impl RouteError {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     services: BTreeMap<String, ServiceRoute>,
+    remote: BTreeMap<String, Vec<SocketAddr>>,
     cursor: AtomicUsize,
 }
 
@@ -153,10 +167,26 @@ impl RouteTable {
                 return Err(format!("service {host:?} is listed twice"));
             }
         }
+        let mut remote = BTreeMap::new();
+        for r in file.remote {
+            let host = r.host.to_ascii_lowercase();
+            if r.gateways.is_empty() {
+                return Err(format!("remote {host:?}: no gateway"));
+            }
+            if remote.insert(host.clone(), r.gateways).is_some() {
+                return Err(format!("remote {host:?} is listed twice"));
+            }
+        }
         Ok(RouteTable {
             services,
+            remote,
             cursor: AtomicUsize::new(0),
         })
+    }
+
+    /// The gateways of other networks that serve `host`.
+    pub fn remote_gateways(&self, host: &str) -> Option<Vec<SocketAddr>> {
+        self.remote.get(host).cloned()
     }
 
     pub fn len(&self) -> usize {

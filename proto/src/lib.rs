@@ -18,6 +18,15 @@ pub mod strait {
     }
 }
 
+/// strait's gateway-to-gateway tunnel framing.
+pub mod tunnel {
+    /// Version 1 of the tunnel header.
+    #[allow(warnings, clippy::all, clippy::pedantic, clippy::unwrap_used)]
+    pub mod v1 {
+        tonic::include_proto!("strait.tunnel.v1");
+    }
+}
+
 /// Istio APIs.
 pub mod istio {
     /// Istio API version 1.

@@ -71,6 +71,18 @@ pub struct GatewayArgs {
     /// Prometheus metrics endpoint (/metrics, strait_gateway_*).
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
+    /// The egress listener local sidecars hand connections for other
+    /// networks to; they travel over QUIC tunnels (needs --identity).
+    #[arg(long, value_name = "ADDR")]
+    egress_listen: Option<SocketAddr>,
+    /// The gateway's identity for QUIC tunnels (cert-chain.pem, key.pem,
+    /// root-cert.pem; SPIFFE ID spiffe://<td>/ns/strait-system/sa/eastwest-gateway).
+    /// With it, the gateway also accepts tunnels on the --listen address (UDP).
+    #[arg(long, value_name = "DIR")]
+    identity: Option<PathBuf>,
+    /// Data-plane worker threads (default: one per CPU).
+    #[arg(long, value_name = "N")]
+    worker_threads: Option<usize>,
 }
 
 fn load(path: &Path) -> Result<RouteTable> {
@@ -83,6 +95,55 @@ fn load(path: &Path) -> Result<RouteTable> {
     RouteTable::new(file).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
+/// The QUIC endpoint of the gateway: serves tunnels on `listen` (UDP) and
+/// dials other gateways from the same socket, both with mutual TLS between
+/// gateway identities of the trust domain of `dir`'s certificate.
+fn tunnel_endpoint(dir: &Path, listen: SocketAddr) -> Result<quinn::Endpoint> {
+    use strait_ca::tls::{Accept, SpiffeClientVerifier, SpiffeServerVerifier, Trust};
+    let (chain, key, bundle) = strait_broker::client::read_credentials(dir)
+        .with_context(|| format!("--identity {}", dir.display()))?;
+    let leaf = strait_ca::cert::CertSummary::from_der(&chain[0]).map_err(anyhow::Error::msg)?;
+    let id = leaf
+        .spiffe_id
+        .as_deref()
+        .and_then(|i| strait_ca::SpiffeId::parse(i).ok())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "--identity {}: the certificate has no SPIFFE ID",
+                dir.display()
+            )
+        })?;
+    let gateway_id = strait_ca::SpiffeId::from_segments(
+        &id.trust_domain(),
+        &["ns", "strait-system", "sa", "eastwest-gateway"],
+    )?;
+    if id != gateway_id {
+        tracing::warn!(%id, expected = %gateway_id, "the gateway identity is not the east-west gateway's");
+    }
+    let trust = Trust::new(bundle);
+    let peers = Accept::Ids([gateway_id].into());
+    let server = strait_ca::tls::server_config(
+        &chain,
+        &key,
+        SpiffeClientVerifier::new(trust.clone(), peers.clone(), true),
+        &[],
+    )?;
+    let client = strait_ca::tls::client_config(
+        SpiffeServerVerifier::new(trust, peers),
+        Some((&chain, &key)),
+        &[],
+    )?;
+    let mut endpoint = quinn::Endpoint::server(
+        strait_gateway::tunnel::server_config(server).map_err(anyhow::Error::msg)?,
+        listen,
+    )
+    .with_context(|| format!("cannot listen on {listen} (UDP, tunnels)"))?;
+    endpoint.set_default_client_config(
+        strait_gateway::tunnel::client_config(client).map_err(anyhow::Error::msg)?,
+    );
+    Ok(endpoint)
+}
+
 fn mtime(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
@@ -90,9 +151,14 @@ fn mtime(path: &Path) -> Option<SystemTime> {
 pub fn run(args: GatewayArgs) -> Result<()> {
     let table = load(&args.routes)?;
     tracing::info!(cluster = %args.cluster, network = %args.network, services = table.len(), "routing table loaded");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.worker_threads {
+        if n == 0 {
+            return Err(super::UsageError("--worker-threads must be at least 1".into()).into());
+        }
+        builder.worker_threads(n);
+    }
+    let runtime = builder.enable_all().build()?;
     runtime.block_on(async move {
         let (table_tx, table_rx) = tokio::sync::watch::channel(Arc::new(table));
         let mut registry = Registry::default();
@@ -114,6 +180,33 @@ pub fn run(args: GatewayArgs) -> Result<()> {
             require_istio_alpn: args.alpn_check == AlpnCheck::Istio,
             ..Config::default()
         };
+        if let Some(dir) = &args.identity {
+            let endpoint = tunnel_endpoint(dir, args.listen)?;
+            tokio::spawn(strait_gateway::tunnel::serve(
+                endpoint.clone(),
+                table_rx.clone(),
+                config.clone(),
+                metrics.clone(),
+            ));
+            tracing::info!(listen = %args.listen, "QUIC tunnels accepted (UDP)");
+            if let Some(addr) = args.egress_listen {
+                let l = http::bind(addr, "egress").await.map_err(anyhow::Error::msg)?;
+                let pool = Arc::new(strait_gateway::tunnel::Pool::new(endpoint));
+                tokio::spawn(strait_gateway::tunnel::serve_egress(
+                    l,
+                    table_rx.clone(),
+                    pool,
+                    config.clone(),
+                    metrics.clone(),
+                ));
+                tracing::info!(listen = %addr, "egress listener serving");
+            }
+        } else if args.egress_listen.is_some() {
+            return Err(super::UsageError(
+                "--egress-listen needs --identity: tunnels are mutual TLS between gateways".into(),
+            )
+            .into());
+        }
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let server = tokio::spawn(passthrough::serve(listener, table_rx, config, metrics.clone(), stop_rx));
         ready.set(true);

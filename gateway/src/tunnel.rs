@@ -1,0 +1,425 @@
+//! QUIC tunnels between gateways (ALPN `strait-tunnel/1`): one pooled
+//! connection per remote gateway, mutual TLS with gateway identities, and
+//! one bidirectional stream per proxied TCP connection. A stream starts with
+//! a length-prefixed [`TunnelHeader`] naming the target in Istio's SNI form;
+//! the receiving gateway routes it exactly like SNI passthrough. The bytes
+//! after the header are the client's TLS session, untouched.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message;
+use strait_proto::tunnel::v1::TunnelHeader;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Mutex, watch};
+
+use crate::hello::{self, Progress};
+use crate::passthrough::{self, Config, Metrics};
+use crate::route::{self, RouteTable};
+
+/// The tunnel's ALPN.
+pub const ALPN: &[u8] = b"strait-tunnel/1";
+/// The largest header accepted.
+pub const MAX_HEADER: usize = 16 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    #[error("tunnel header of {0} bytes exceeds {MAX_HEADER}")]
+    TooLarge(usize),
+    #[error("tunnel header is empty")]
+    Empty,
+    #[error("tunnel header is not a valid TunnelHeader: {0}")]
+    Decode(String),
+    #[error("tunnel header has no target")]
+    NoTarget,
+    #[error("reading the tunnel header: {0}")]
+    Io(String),
+}
+
+/// The header as sent: 4-byte big-endian length, then the message.
+pub fn encode_header(h: &TunnelHeader) -> Vec<u8> {
+    let body = h.encode_to_vec();
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Decodes a header body (after the length prefix).
+pub fn decode_header(body: &[u8]) -> Result<TunnelHeader, HeaderError> {
+    if body.is_empty() {
+        return Err(HeaderError::Empty);
+    }
+    let h = TunnelHeader::decode(body).map_err(|e| HeaderError::Decode(e.to_string()))?;
+    if h.target.is_empty() {
+        return Err(HeaderError::NoTarget);
+    }
+    Ok(h)
+}
+
+/// Reads a length-prefixed header from a stream.
+pub async fn read_header<R: AsyncRead + Unpin>(r: &mut R) -> Result<TunnelHeader, HeaderError> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)
+        .await
+        .map_err(|e| HeaderError::Io(e.to_string()))?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_HEADER {
+        return Err(HeaderError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)
+        .await
+        .map_err(|e| HeaderError::Io(e.to_string()))?;
+    decode_header(&body)
+}
+
+/// The QUIC transport settings both sides use.
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(10)));
+    t.max_concurrent_bidi_streams(4096u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    if let Ok(idle) = Duration::from_secs(60).try_into() {
+        t.max_idle_timeout(Some(idle));
+    }
+    Arc::new(t)
+}
+
+/// A QUIC server config from a rustls one (TLS 1.3, ALPN set here).
+pub fn server_config(mut tls: rustls::ServerConfig) -> Result<quinn::ServerConfig, String> {
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto =
+        quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| e.to_string())?;
+    let mut c = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    c.transport_config(transport());
+    Ok(c)
+}
+
+/// A QUIC client config from a rustls one.
+pub fn client_config(mut tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, String> {
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+    let mut c = quinn::ClientConfig::new(Arc::new(crypto));
+    c.transport_config(transport());
+    Ok(c)
+}
+
+/// Serves tunnel streams arriving at `endpoint`, routing each like SNI
+/// passthrough.
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    table: watch::Receiver<Arc<RouteTable>>,
+    config: Config,
+    metrics: Metrics,
+) {
+    while let Some(incoming) = endpoint.accept().await {
+        let table = table.clone();
+        let config = config.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    metrics.count_tunnel("refused", "handshake");
+                    tracing::info!(%remote, error = %e, "tunnel handshake refused");
+                    return;
+                }
+            };
+            metrics.count_tunnel("accepted", "ok");
+            tracing::info!(%remote, "tunnel up");
+            loop {
+                let (send, mut recv) = match conn.accept_bi().await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::info!(%remote, reason = %e, "tunnel closed");
+                        return;
+                    }
+                };
+                let table = table.borrow().clone();
+                let config = config.clone();
+                let metrics = metrics.clone();
+                tokio::spawn(async move {
+                    let header =
+                        match tokio::time::timeout(config.hello_timeout, read_header(&mut recv))
+                            .await
+                        {
+                            Ok(Ok(h)) => h,
+                            Ok(Err(e)) => {
+                                metrics.count_stream("refused", "bad_header");
+                                tracing::info!(error = %e, "tunnel stream refused");
+                                return;
+                            }
+                            Err(_) => {
+                                metrics.count_stream("refused", "header_timeout");
+                                return;
+                            }
+                        };
+                    let target = match route::parse_target(&header.target) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            metrics.count_stream("refused", "bad_target");
+                            tracing::info!(error = %e, "tunnel stream refused");
+                            return;
+                        }
+                    };
+                    let stream = tokio::io::join(recv, send);
+                    passthrough::forward(
+                        stream,
+                        Vec::new(),
+                        &target,
+                        &table,
+                        &config,
+                        &metrics,
+                        "tunnel",
+                    )
+                    .await;
+                });
+            }
+        });
+    }
+}
+
+/// Pooled QUIC connections to remote gateways, one per address.
+pub struct Pool {
+    endpoint: quinn::Endpoint,
+    conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+}
+
+impl Pool {
+    /// `endpoint` must have a default client config (with the gateway's
+    /// identity and the verifier of remote gateways).
+    pub fn new(endpoint: quinn::Endpoint) -> Self {
+        Pool {
+            endpoint,
+            conns: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A new stream to `addr`, reusing the pooled connection, or making one.
+    pub async fn open(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
+        let mut conns = self.conns.lock().await;
+        if let Some(c) = conns.get(&addr)
+            && c.close_reason().is_none()
+            && let Ok(s) = c.open_bi().await
+        {
+            return Ok(s);
+        }
+        conns.remove(&addr);
+        let connecting = self
+            .endpoint
+            .connect(addr, "gateway.strait.internal")
+            .map_err(|e| format!("tunnel to {addr}: {e}"))?;
+        let conn = tokio::time::timeout(Duration::from_secs(5), connecting)
+            .await
+            .map_err(|_| format!("tunnel to {addr}: handshake timed out"))?
+            .map_err(|e| format!("tunnel to {addr}: {e}"))?;
+        tracing::info!(%addr, "tunnel connected");
+        let s = conn
+            .open_bi()
+            .await
+            .map_err(|e| format!("tunnel to {addr}: {e}"))?;
+        conns.insert(addr, conn);
+        Ok(s)
+    }
+
+    pub async fn connections(&self) -> usize {
+        self.conns
+            .lock()
+            .await
+            .values()
+            .filter(|c| c.close_reason().is_none())
+            .count()
+    }
+}
+
+/// The egress listener: local sidecars hand it their end-to-end mTLS
+/// connection; it reads the SNI, finds the remote gateway that serves the
+/// target, and sends the connection over that gateway's tunnel.
+pub async fn serve_egress(
+    listener: TcpListener,
+    table: watch::Receiver<Arc<RouteTable>>,
+    pool: Arc<Pool>,
+    config: Config,
+    metrics: Metrics,
+) {
+    loop {
+        let Ok((tcp, peer)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let table = table.borrow().clone();
+        let pool = pool.clone();
+        let config = config.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            egress(tcp, peer, &table, &pool, &config, &metrics).await;
+        });
+    }
+}
+
+async fn egress(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    table: &RouteTable,
+    pool: &Pool,
+    config: &Config,
+    metrics: &Metrics,
+) {
+    let mut buf = Vec::with_capacity(2048);
+    let read = tokio::time::timeout(config.hello_timeout, async {
+        loop {
+            match hello::parse(&buf) {
+                Ok(Progress::Done(h)) => return Ok(h),
+                Ok(Progress::NeedMore) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            let mut chunk = [0u8; 4096];
+            match client.read(&mut chunk).await {
+                Ok(0) => return Err("client closed".to_string()),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
+    .await;
+    let hello = match read {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            metrics.count_stream("refused", "egress_bad_hello");
+            tracing::info!(%peer, error = %e, "egress connection refused");
+            return;
+        }
+        Err(_) => {
+            metrics.count_stream("refused", "egress_hello_timeout");
+            return;
+        }
+    };
+    let Some(sni) = hello.server_name else {
+        metrics.count_stream("refused", "egress_no_sni");
+        return;
+    };
+    let target = match route::parse_target(&sni) {
+        Ok(t) => t,
+        Err(_) => {
+            metrics.count_stream("refused", "egress_bad_sni");
+            return;
+        }
+    };
+    let gateways = match table.remote_gateways(&target.host) {
+        Some(g) if !g.is_empty() => g,
+        _ => {
+            metrics.count_stream("refused", "egress_no_remote");
+            tracing::info!(%peer, host = %target.host, "no remote gateway serves this host");
+            return;
+        }
+    };
+    let mut stream = None;
+    for gw in gateways {
+        match pool.open(gw).await {
+            Ok(s) => {
+                stream = Some(s);
+                break;
+            }
+            Err(e) => tracing::warn!(error = %e, "tunnel unavailable"),
+        }
+    }
+    let Some((mut send, recv)) = stream else {
+        metrics.count_stream("failed", "tunnel_unavailable");
+        return;
+    };
+    let header = TunnelHeader {
+        target: sni.clone(),
+        source_identity: String::new(),
+        trace_context: Default::default(),
+    };
+    if send.write_all(&encode_header(&header)).await.is_err() || send.write_all(&buf).await.is_err()
+    {
+        metrics.count_stream("failed", "tunnel_write");
+        return;
+    }
+    metrics.count_stream("sent", "ok");
+    let (up, down) =
+        passthrough::splice(client, tokio::io::join(recv, send), config.idle_timeout).await;
+    tracing::debug!(%peer, %sni, sent = up, received = down, "egress connection done");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(target: &str) -> TunnelHeader {
+        TunnelHeader {
+            target: target.into(),
+            source_identity: "spiffe://td/ns/a/sa/b".into(),
+            trace_context: [("traceparent".to_string(), "00-abc-def-01".to_string())].into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn header_round_trip() {
+        let h = header("outbound_.9080_._.reviews.bookinfo.svc.cluster.local");
+        let mut wire = encode_header(&h);
+        wire.extend_from_slice(b"tls bytes follow");
+        let mut r = wire.as_slice();
+        assert_eq!(read_header(&mut r).await.unwrap(), h);
+        assert_eq!(
+            r, b"tls bytes follow",
+            "nothing after the header is consumed"
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_headers() {
+        let mut too_big = ((MAX_HEADER + 1) as u32).to_be_bytes().to_vec();
+        too_big.extend_from_slice(&[0; 8]);
+        assert_eq!(
+            read_header(&mut too_big.as_slice()).await,
+            Err(HeaderError::TooLarge(MAX_HEADER + 1))
+        );
+        let mut empty = 0u32.to_be_bytes().as_slice().to_vec();
+        assert_eq!(
+            read_header(&mut empty.as_slice()).await,
+            Err(HeaderError::Empty)
+        );
+        empty.clear();
+        assert!(matches!(
+            read_header(&mut empty.as_slice()).await,
+            Err(HeaderError::Io(_))
+        ));
+        let mut garbage = 3u32.to_be_bytes().to_vec();
+        garbage.extend_from_slice(&[0xff, 0xff, 0xff]);
+        assert!(matches!(
+            read_header(&mut garbage.as_slice()).await,
+            Err(HeaderError::Decode(_))
+        ));
+        let no_target = encode_header(&TunnelHeader::default());
+        // An all-default message encodes to nothing: "empty".
+        assert_eq!(
+            read_header(&mut no_target.as_slice()).await,
+            Err(HeaderError::Empty)
+        );
+        let mut only_id = encode_header(&TunnelHeader {
+            source_identity: "x".into(),
+            ..Default::default()
+        });
+        assert_eq!(
+            read_header(&mut only_id.as_slice()).await,
+            Err(HeaderError::NoTarget)
+        );
+        only_id.truncate(3);
+        assert!(matches!(
+            read_header(&mut only_id.as_slice()).await,
+            Err(HeaderError::Io(_))
+        ));
+    }
+}
