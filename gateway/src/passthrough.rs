@@ -288,44 +288,56 @@ pub async fn forward<S>(
 /// Copies both ways until both sides closed (a read EOF on one side shuts
 /// down writing to the other: half-close), or nothing moved for `idle`.
 /// Returns the bytes client→upstream and upstream→client.
-pub async fn splice<A, B>(a: A, b: B, idle: Duration) -> (u64, u64)
+///
+/// One task, no stream splitting (no lock per read), and one idle timer
+/// that is re-armed only when it fires early, not on every read.
+pub async fn splice<A, B>(mut a: A, mut b: B, idle: Duration) -> (u64, u64)
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut ar, mut aw) = tokio::io::split(a);
-    let (mut br, mut bw) = tokio::io::split(b);
-    let mut abuf = vec![0u8; 16 * 1024];
-    let mut bbuf = vec![0u8; 16 * 1024];
+    let mut abuf = vec![0u8; 32 * 1024];
+    let mut bbuf = vec![0u8; 32 * 1024];
     let (mut a_open, mut b_open) = (true, true);
     let (mut up, mut down) = (0u64, 0u64);
+    let mut last = tokio::time::Instant::now();
+    let timer = tokio::time::sleep(idle);
+    tokio::pin!(timer);
     while a_open || b_open {
         tokio::select! {
-            r = ar.read(&mut abuf), if a_open => match r {
+            r = a.read(&mut abuf), if a_open => match r {
                 Ok(0) | Err(_) => {
                     a_open = false;
-                    let _ = bw.shutdown().await;
+                    let _ = b.shutdown().await;
                 }
                 Ok(n) => {
-                    if bw.write_all(&abuf[..n]).await.is_err() {
+                    if b.write_all(&abuf[..n]).await.is_err() {
                         break;
                     }
                     up += n as u64;
+                    last = tokio::time::Instant::now();
                 }
             },
-            r = br.read(&mut bbuf), if b_open => match r {
+            r = b.read(&mut bbuf), if b_open => match r {
                 Ok(0) | Err(_) => {
                     b_open = false;
-                    let _ = aw.shutdown().await;
+                    let _ = a.shutdown().await;
                 }
                 Ok(n) => {
-                    if aw.write_all(&bbuf[..n]).await.is_err() {
+                    if a.write_all(&bbuf[..n]).await.is_err() {
                         break;
                     }
                     down += n as u64;
+                    last = tokio::time::Instant::now();
                 }
             },
-            () = tokio::time::sleep(idle) => break,
+            () = &mut timer => {
+                let deadline = last + idle;
+                if tokio::time::Instant::now() >= deadline {
+                    break;
+                }
+                timer.as_mut().reset(deadline);
+            }
         }
     }
     (up, down)
