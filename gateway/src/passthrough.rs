@@ -167,33 +167,11 @@ async fn handle(
     metrics: &Metrics,
 ) {
     // 1. The ClientHello, within the deadline and the size limit.
-    let mut buf = Vec::with_capacity(2048);
-    let read = tokio::time::timeout(config.hello_timeout, async {
-        loop {
-            match hello::parse(&buf) {
-                Ok(Progress::Done(h)) => return Ok(h),
-                Ok(Progress::NeedMore) => {}
-                Err(e) => return Err(("malformed_hello", e.to_string())),
-            }
-            let mut chunk = [0u8; 4096];
-            match client.read(&mut chunk).await {
-                Ok(0) => return Err(("closed_before_hello", "client closed".to_string())),
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                Err(e) => return Err(("read_error", e.to_string())),
-            }
-        }
-    })
-    .await;
-    let hello = match read {
-        Ok(Ok(h)) => h,
-        Ok(Err((reason, detail))) => {
+    let (hello, buf) = match read_hello(&mut client, config.hello_timeout).await {
+        Ok(h) => h,
+        Err((reason, detail)) => {
             metrics.count("refused", reason);
             tracing::info!(%peer, reason, detail, "connection refused");
-            return;
-        }
-        Err(_) => {
-            metrics.count("refused", "hello_timeout");
-            tracing::info!(%peer, "no complete ClientHello in time");
             return;
         }
     };
@@ -222,6 +200,40 @@ async fn handle(
     };
     tracing::debug!(%peer, %sni, "routing");
     forward(client, buf, &target, table, config, metrics, "passthrough").await;
+}
+
+/// Reads the ClientHello at the start of `client` within `deadline`.
+/// Returns it with every byte read (to replay upstream), or a metrics
+/// reason and a detail.
+pub async fn read_hello<S: AsyncRead + Unpin>(
+    client: &mut S,
+    deadline: Duration,
+) -> Result<(hello::ClientHello, Vec<u8>), (&'static str, String)> {
+    let mut buf = Vec::with_capacity(2048);
+    let read = tokio::time::timeout(deadline, async {
+        loop {
+            match hello::parse(&buf) {
+                Ok(Progress::Done(h)) => return Ok(h),
+                Ok(Progress::NeedMore) => {}
+                Err(e) => return Err(("malformed_hello", e.to_string())),
+            }
+            let mut chunk = [0u8; 4096];
+            match client.read(&mut chunk).await {
+                Ok(0) => return Err(("closed_before_hello", "client closed".to_string())),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) => return Err(("read_error", e.to_string())),
+            }
+        }
+    })
+    .await;
+    match read {
+        Ok(Ok(h)) => Ok((h, buf)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err((
+            "hello_timeout",
+            "no complete ClientHello in time".to_string(),
+        )),
+    }
 }
 
 /// Routes one connection to `target`: picks a healthy endpoint (one retry

@@ -16,7 +16,6 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, watch};
 
-use crate::hello::{self, Progress};
 use crate::passthrough::{self, Config, Metrics};
 use crate::route::{self, RouteTable};
 
@@ -275,32 +274,11 @@ async fn egress(
     config: &Config,
     metrics: &Metrics,
 ) {
-    let mut buf = Vec::with_capacity(2048);
-    let read = tokio::time::timeout(config.hello_timeout, async {
-        loop {
-            match hello::parse(&buf) {
-                Ok(Progress::Done(h)) => return Ok(h),
-                Ok(Progress::NeedMore) => {}
-                Err(e) => return Err(e.to_string()),
-            }
-            let mut chunk = [0u8; 4096];
-            match client.read(&mut chunk).await {
-                Ok(0) => return Err("client closed".to_string()),
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-    })
-    .await;
-    let hello = match read {
-        Ok(Ok(h)) => h,
-        Ok(Err(e)) => {
-            metrics.count_stream("refused", "egress_bad_hello");
-            tracing::info!(%peer, error = %e, "egress connection refused");
-            return;
-        }
-        Err(_) => {
-            metrics.count_stream("refused", "egress_hello_timeout");
+    let (hello, buf) = match passthrough::read_hello(&mut client, config.hello_timeout).await {
+        Ok(h) => h,
+        Err((reason, detail)) => {
+            metrics.count_stream("refused", reason);
+            tracing::info!(%peer, reason, detail, "egress connection refused");
             return;
         }
     };
