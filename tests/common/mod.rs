@@ -2,6 +2,8 @@
 //! tools (openssl) in a scratch directory.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod sync;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -1,0 +1,386 @@
+//! The broker's trust operations end to end: intermediate renewal over
+//! Sync, staged root rotation while clusters sync, and peering between
+//! meshes of different trust domains.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::sync::*;
+use common::{Broker, Scratch};
+use strait_broker::client::{self, SyncSession};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intermediates_are_renewed_through_sync() {
+    use strait_broker::agent::{Agent, AgentConfig};
+    let s = Scratch::new();
+    let broker = Broker::start(&s.path("broker"), TD);
+    let east = join(&broker, &s, "east", "net-east").await;
+    let before = s.read("east/cacerts/ca-cert.pem");
+    let key_before = s.read("east/cacerts/ca-key.pem");
+    let (_exports_tx, exports_rx) = tokio::sync::watch::channel(Default::default());
+    let (agent, mut status) = Agent::new(
+        AgentConfig {
+            dir: east.clone(),
+            gateways: vec!["127.0.0.1:15443".into()],
+        },
+        exports_rx,
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(agent.run(async move {
+        let _ = stopped.await;
+    }));
+    tokio::time::timeout(WAIT, status.wait_for(|s| s.connected && s.exports_acked))
+        .await
+        .unwrap()
+        .unwrap();
+    let r = broker.ctl(&["trust", "rotate-intermediate", "east"]).ok();
+    assert!(r.stderr.contains("was asked"), "{}", r.stderr);
+    // The agent swaps the plug-in CA files when the new chain arrives.
+    let deadline = Instant::now() + WAIT;
+    while s.read("east/cacerts/ca-cert.pem") == before {
+        assert!(
+            Instant::now() < deadline,
+            "intermediate not renewed in time"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_ne!(
+        s.read("east/cacerts/ca-key.pem"),
+        key_before,
+        "a new key, made in the cluster"
+    );
+    s.openssl(&[
+        "verify",
+        "-CAfile",
+        "east/cacerts/root-cert.pem",
+        "east/cacerts/ca-cert.pem",
+    ])
+    .ok();
+    // The broker records the new intermediate; the cluster keeps syncing
+    // with a client certificate issued under it.
+    let ca = strait_ca::layout::load_plugin_ca(&east.join("cacerts"), None).unwrap();
+    let fp = strait_ca::cert::fingerprint_sha256(ca.certificate_der());
+    let show = broker
+        .ctl(&["cluster", "show", "east", "-o", "json"])
+        .ok()
+        .stdout;
+    assert!(show.contains(&fp), "{show}");
+    let (channel, _) = client::cluster_channel(&east).unwrap();
+    SyncSession::open(
+        channel,
+        with_network(hello(0, "", "127.0.0.1:15443"), "net-east"),
+    )
+    .await
+    .expect("the renewed identity is accepted");
+    let _ = stop.send(());
+    task.await.unwrap();
+}
+
+/// Polls `straitctl trust rotate-root status -o json` until `check` holds.
+async fn wait_rotation(
+    broker: &Broker,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = broker
+            .ctl(&["trust", "rotate-root", "status", "-o", "json"])
+            .ok()
+            .stdout;
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        if check(&v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not reached in 10 s: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn all_clusters(v: &serde_json::Value, field: &str) -> bool {
+    let c = v["clusters"].as_array().unwrap();
+    !c.is_empty() && c.iter().all(|c| c[field] == true)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_rotation_in_stages_while_clusters_sync() {
+    use strait_broker::agent::{Agent, AgentConfig};
+    let s = Scratch::new();
+    let broker = Broker::start(&s.path("broker"), TD);
+    let mut stops = Vec::new();
+    let mut statuses = Vec::new();
+    let mut export_txs = Vec::new();
+    for (name, net, gw) in [
+        ("east", "net-east", "127.0.0.1:15443"),
+        ("west", "net-west", "127.0.0.2:15443"),
+    ] {
+        let dir = join(&broker, &s, name, net).await;
+        let (tx, rx) = tokio::sync::watch::channel(Default::default());
+        let (agent, status) = Agent::new(
+            AgentConfig {
+                dir,
+                gateways: vec![gw.into()],
+            },
+            rx,
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(agent.run(async move {
+            let _ = stopped.await;
+        }));
+        stops.push(stop);
+        statuses.push(status);
+        export_txs.push(tx);
+    }
+    let export = |name: &str| {
+        let svc = strait_broker::wire::exported_service(&svc("shop", name)).unwrap();
+        (svc.key.clone(), svc)
+    };
+    export_txs[0].send_replace([export("cart")].into());
+    tokio::time::timeout(WAIT, statuses[1].wait_for(|s| s.services.len() == 1))
+        .await
+        .unwrap()
+        .unwrap();
+
+    // Out of order: refused with the next step named.
+    broker
+        .ctl(&["trust", "rotate-root", "advance"])
+        .fails_with(1, "no root rotation is in progress");
+    broker
+        .ctl(&["trust", "rotate-root", "finish"])
+        .fails_with(1, "no root rotation is in progress");
+
+    let old_root = s.read("broker/root/root-cert.pem");
+    broker.ctl(&["trust", "rotate-root", "begin"]).ok();
+    broker
+        .ctl(&["trust", "rotate-root", "begin"])
+        .fails_with(1, "already in progress");
+    broker
+        .ctl(&["trust", "rotate-root", "finish"])
+        .fails_with(1, "not possible in stage distributing");
+    let v = wait_rotation(&broker, "bundle acknowledged", |v| {
+        all_clusters(v, "bundle_acknowledged")
+    })
+    .await;
+    assert_eq!(v["stage"], "distributing");
+    assert_eq!(v["roots"].as_array().unwrap().len(), 2);
+    let new_root = v["target_root"].as_str().unwrap().to_string();
+    // Every cluster's CA now trusts both roots.
+    for c in ["east", "west"] {
+        let bundle =
+            strait_ca::layout::load_bundle(&s.path(&format!("{c}/cacerts/root-cert.pem")), None)
+                .unwrap();
+        assert_eq!(bundle.roots().len(), 2, "{c}");
+    }
+
+    broker.ctl(&["trust", "rotate-root", "advance"]).ok();
+    let v = wait_rotation(&broker, "intermediates re-issued", |v| {
+        all_clusters(v, "on_target")
+    })
+    .await;
+    assert_eq!(v["stage"], "reissuing");
+    assert_eq!(v["signing_root"], new_root);
+    // The re-issued intermediate verifies under the new root alone.
+    let new_root_dir = s.path("broker/roots");
+    let new_root_pem = std::fs::read_dir(&new_root_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("root-cert.pem");
+    s.openssl(&[
+        "verify",
+        "-CAfile",
+        new_root_pem.to_str().unwrap(),
+        "east/cacerts/ca-cert.pem",
+    ])
+    .ok();
+    // Old leaves may still live: finish waits unless forced.
+    broker
+        .ctl(&["trust", "rotate-root", "finish"])
+        .fails_with(1, "wait, or finish with --force");
+
+    broker
+        .ctl(&["trust", "rotate-root", "finish", "--force"])
+        .ok();
+    let v = wait_rotation(&broker, "idle on the new root", |v| v["stage"] == "idle").await;
+    assert_eq!(v["roots"].as_array().unwrap().len(), 1);
+    assert_eq!(v["roots"][0]["sha256"], new_root);
+    // Clusters drop the old root.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let bundle =
+            strait_ca::layout::load_bundle(&s.path("west/cacerts/root-cert.pem"), None).unwrap();
+        if bundle.roots().len() == 1 {
+            assert!(!bundle.to_pem().contains(old_root.trim()));
+            break;
+        }
+        assert!(Instant::now() < deadline, "west kept the old root");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The admin credentials moved to the new root and still work.
+    broker.ctl(&["cluster", "list"]).ok();
+    // Services keep flowing after the rotation.
+    export_txs[0].send_replace([export("cart"), export("pay")].into());
+    tokio::time::timeout(WAIT, statuses[1].wait_for(|s| s.services.len() == 2))
+        .await
+        .unwrap()
+        .unwrap();
+    // A cluster that joins now pins the new root.
+    join(&broker, &s, "north", "net-north").await;
+    for stop in stops {
+        let _ = stop.send(());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_rotation_abort_returns_to_the_old_root() {
+    let s = Scratch::new();
+    let broker = Broker::start(&s.path("broker"), TD);
+    let before = broker
+        .ctl(&["trust", "rotate-root", "status", "-o", "json"])
+        .ok()
+        .stdout;
+    let before: serde_json::Value = serde_json::from_str(&before).unwrap();
+    broker.ctl(&["trust", "rotate-root", "begin"]).ok();
+    broker.ctl(&["trust", "rotate-root", "abort"]).ok();
+    let after = broker
+        .ctl(&["trust", "rotate-root", "status", "-o", "json"])
+        .ok()
+        .stdout;
+    let after: serde_json::Value = serde_json::from_str(&after).unwrap();
+    assert_eq!(after["stage"], "idle");
+    assert_eq!(after["signing_root"], before["signing_root"]);
+    assert_eq!(after["roots"].as_array().unwrap().len(), 1);
+    broker
+        .ctl(&["trust", "rotate-root", "abort"])
+        .fails_with(1, "no root rotation is in progress");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshes_peer_and_exchange_services_with_separate_bundles() {
+    use strait_broker::agent::{Agent, AgentConfig};
+    let s = Scratch::new();
+    let peer_a = format!("127.0.0.1:{}", common::free_port());
+    let peer_b = format!("127.0.0.1:{}", common::free_port());
+    let a = Broker::start_with(
+        &s.path("a"),
+        "a.example",
+        &format!("127.0.0.1:{}", common::free_port()),
+        &["--peer-listen", &peer_a],
+    );
+    let b = Broker::start_with(
+        &s.path("b"),
+        "b.example",
+        &format!("127.0.0.1:{}", common::free_port()),
+        &["--peer-listen", &peer_b, "--mesh-name", "bee"],
+    );
+    let east = join(&a, &s, "east", "net-east").await;
+    let west = join(&b, &s, "west", "net-west").await;
+
+    let mut agents = Vec::new();
+    let mut statuses = Vec::new();
+    let mut txs = Vec::new();
+    for (dir, gw) in [
+        (east.clone(), "127.0.0.1:15443"),
+        (west.clone(), "127.0.0.2:15443"),
+    ] {
+        let (tx, rx) = tokio::sync::watch::channel(Default::default());
+        let (agent, status) = Agent::new(
+            AgentConfig {
+                dir,
+                gateways: vec![gw.into()],
+            },
+            rx,
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(agent.run(async move {
+            let _ = stopped.await;
+        }));
+        agents.push(stop);
+        statuses.push(status);
+        txs.push(tx);
+    }
+    let mut ledger = svc("bank", "ledger");
+    ledger.export_to = vec!["mesh:bee".into()];
+    let private = svc("bank", "private");
+    let exports: strait_broker::agent::Exports = [ledger, private]
+        .iter()
+        .map(|p| {
+            let s = strait_broker::wire::exported_service(p).unwrap();
+            (s.key.clone(), s)
+        })
+        .collect();
+    txs[0].send_replace(exports.clone());
+    tokio::time::timeout(WAIT, statuses[0].wait_for(|s| s.exports_acked))
+        .await
+        .unwrap()
+        .unwrap();
+
+    let token = a.ctl(&["peer", "token"]).ok().stdout.trim().to_string();
+    assert!(token.starts_with("spt1."), "{token}");
+    b.ctl(&["peer", "establish", &token]).ok();
+    b.ctl(&["peer", "establish", &token])
+        .fails_with(1, "already been used");
+
+    // West (mesh b) imports exactly what east exported to mesh:bee, as a
+    // service of trust domain a.example.
+    let st = tokio::time::timeout(WAIT, statuses[1].wait_for(|s| !s.services.is_empty()))
+        .await
+        .expect("peered import in time")
+        .unwrap()
+        .clone();
+    let keys: Vec<String> = st.services.keys().map(|k| k.to_string()).collect();
+    assert_eq!(keys, ["bank/ledger"]);
+    let remote = &st.services.values().next().unwrap()[0];
+    assert_eq!(remote.from.trust_domain.as_str(), "a.example");
+    assert_eq!(remote.from.name.as_str(), "east");
+    // West trusts a.example's root for a.example only; its own bundle is untouched.
+    let deadline = Instant::now() + WAIT;
+    while !s.path("west/federated/a.example.pem").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no federated bundle for a.example"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        s.read("west/federated/a.example.pem"),
+        s.read("a/root/root-cert.pem")
+    );
+    assert_eq!(
+        s.read("west/cacerts/root-cert.pem"),
+        s.read("b/root/root-cert.pem")
+    );
+    // Mesh a does not import its own service back, and b exported nothing.
+    assert!(statuses[0].borrow().services.is_empty());
+    let peers = b.ctl(&["peer", "list", "-o", "json"]).ok().stdout;
+    let v: serde_json::Value = serde_json::from_str(&peers).unwrap();
+    assert_eq!(v[0]["mesh"], "a.example");
+    assert_eq!(v[0]["services_imported"], 1);
+    let peers = a.ctl(&["peer", "list", "-o", "json"]).ok().stdout;
+    assert!(peers.contains("\"bee\""), "{peers}");
+    // The istio objects of west name a.example's identity.
+    let yaml = b.ctl(&["imports", "show", "west"]).ok().stdout;
+    assert!(
+        yaml.contains("spiffe://a.example/ns/bank/sa/ledger"),
+        "{yaml}"
+    );
+
+    // Withdrawing the export reaches the other mesh.
+    let mut fewer = exports.clone();
+    fewer.retain(|k, _| k.name() != "ledger");
+    txs[0].send_replace(fewer);
+    tokio::time::timeout(WAIT, statuses[1].wait_for(|s| s.services.is_empty()))
+        .await
+        .expect("peered removal in time")
+        .unwrap();
+    for stop in agents {
+        let _ = stop.send(());
+    }
+}
