@@ -528,7 +528,8 @@ fn quic_tunnel_between_two_gateways_carries_an_end_to_end_tls_session() {
     );
 }
 
-/// A gateway whose identity comes from another root cannot open a tunnel.
+/// A gateway whose identity comes from another root cannot open a tunnel;
+/// once its identity files are replaced, it can (reload without restart).
 #[test]
 fn a_gateway_of_another_root_is_refused() {
     let s = Scratch::new();
@@ -609,4 +610,25 @@ fn a_gateway_of_another_root_is_refused() {
         !m.contains("strait_gateway_connections_total{outcome=\"spliced\""),
         "{m}"
     );
+
+    // The same gateway gets a proper identity (a rotation, say): it is
+    // picked up without a restart, and new tunnels work.
+    gateway_identity(&s, "east", "good-gw");
+    for f in ["root-cert.pem", "key.pem", "cert-chain.pem"] {
+        let tmp = s.path(&format!("rogue-gw/.{f}.new"));
+        std::fs::copy(s.path(&format!("good-gw/{f}")), &tmp).unwrap();
+        std::fs::rename(&tmp, s.path(&format!("rogue-gw/{f}"))).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = s_client(&s, &egress, SNI, "istio");
+        if r.stdout.contains("HTTP/1.0 200 ok") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the renewed identity was not picked up"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

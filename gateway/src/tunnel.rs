@@ -187,17 +187,25 @@ pub async fn serve(
 /// Pooled QUIC connections to remote gateways, one per address.
 pub struct Pool {
     endpoint: quinn::Endpoint,
+    /// The gateway's identity and the verifier of remote gateways; replaced
+    /// when the identity is renewed (new connections use the new one, live
+    /// ones keep theirs).
+    client: std::sync::RwLock<quinn::ClientConfig>,
     conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
 }
 
 impl Pool {
-    /// `endpoint` must have a default client config (with the gateway's
-    /// identity and the verifier of remote gateways).
-    pub fn new(endpoint: quinn::Endpoint) -> Self {
+    pub fn new(endpoint: quinn::Endpoint, client: quinn::ClientConfig) -> Self {
         Pool {
             endpoint,
+            client: std::sync::RwLock::new(client),
             conns: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Uses `client` for connections made from now on.
+    pub fn set_client_config(&self, client: quinn::ClientConfig) {
+        *self.client.write().unwrap_or_else(|p| p.into_inner()) = client;
     }
 
     /// A new stream to `addr`, reusing the pooled connection, or making one.
@@ -213,9 +221,14 @@ impl Pool {
             return Ok(s);
         }
         conns.remove(&addr);
+        let config = self
+            .client
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let connecting = self
             .endpoint
-            .connect(addr, "gateway.strait.internal")
+            .connect_with(config, addr, "gateway.strait.internal")
             .map_err(|e| format!("tunnel to {addr}: {e}"))?;
         let conn = tokio::time::timeout(Duration::from_secs(5), connecting)
             .await

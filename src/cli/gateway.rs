@@ -95,10 +95,9 @@ fn load(path: &Path) -> Result<RouteTable> {
     RouteTable::new(file).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
-/// The QUIC endpoint of the gateway: serves tunnels on `listen` (UDP) and
-/// dials other gateways from the same socket, both with mutual TLS between
-/// gateway identities of the trust domain of `dir`'s certificate.
-fn tunnel_endpoint(dir: &Path, listen: SocketAddr) -> Result<quinn::Endpoint> {
+/// The QUIC server and client configs of the gateway's tunnels: mutual TLS
+/// between gateway identities of the trust domain of `dir`'s certificate.
+fn tunnel_configs(dir: &Path) -> Result<(quinn::ServerConfig, quinn::ClientConfig)> {
     use strait_ca::tls::{Accept, SpiffeClientVerifier, SpiffeServerVerifier, Trust};
     let (chain, key, bundle) = strait_broker::client::read_credentials(dir)
         .with_context(|| format!("--identity {}", dir.display()))?;
@@ -133,15 +132,10 @@ fn tunnel_endpoint(dir: &Path, listen: SocketAddr) -> Result<quinn::Endpoint> {
         Some((&chain, &key)),
         &[],
     )?;
-    let mut endpoint = quinn::Endpoint::server(
+    Ok((
         strait_gateway::tunnel::server_config(server).map_err(anyhow::Error::msg)?,
-        listen,
-    )
-    .with_context(|| format!("cannot listen on {listen} (UDP, tunnels)"))?;
-    endpoint.set_default_client_config(
         strait_gateway::tunnel::client_config(client).map_err(anyhow::Error::msg)?,
-    );
-    Ok(endpoint)
+    ))
 }
 
 fn mtime(path: &Path) -> Option<SystemTime> {
@@ -181,7 +175,42 @@ pub fn run(args: GatewayArgs) -> Result<()> {
             ..Config::default()
         };
         if let Some(dir) = &args.identity {
-            let endpoint = tunnel_endpoint(dir, args.listen)?;
+            let (server, client) = tunnel_configs(dir)?;
+            let endpoint = quinn::Endpoint::server(server, args.listen)
+                .with_context(|| format!("cannot listen on {} (UDP, tunnels)", args.listen))?;
+            let pool = Arc::new(strait_gateway::tunnel::Pool::new(endpoint.clone(), client));
+            // A renewed identity applies to new tunnels; live ones keep theirs.
+            {
+                let dir = dir.clone();
+                let endpoint = endpoint.clone();
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    let stamp = |d: &Path| {
+                        ["cert-chain.pem", "key.pem", "root-cert.pem"].map(|f| mtime(&d.join(f)))
+                    };
+                    let mut last = stamp(&dir);
+                    let mut tick = tokio::time::interval(Duration::from_secs(1));
+                    loop {
+                        tick.tick().await;
+                        let now = stamp(&dir);
+                        if now == last {
+                            continue;
+                        }
+                        last = now;
+                        match tunnel_configs(&dir) {
+                            Ok((server, client)) => {
+                                endpoint.set_server_config(Some(server));
+                                pool.set_client_config(client);
+                                tracing::info!(dir = %dir.display(), "gateway identity reloaded");
+                            }
+                            Err(e) => tracing::warn!(
+                                error = %super::describe(&e),
+                                "gateway identity not reloaded; keeping the last good one"
+                            ),
+                        }
+                    }
+                });
+            }
             tokio::spawn(strait_gateway::tunnel::serve(
                 endpoint.clone(),
                 table_rx.clone(),
@@ -191,7 +220,6 @@ pub fn run(args: GatewayArgs) -> Result<()> {
             tracing::info!(listen = %args.listen, "QUIC tunnels accepted (UDP)");
             if let Some(addr) = args.egress_listen {
                 let l = http::bind(addr, "egress").await.map_err(anyhow::Error::msg)?;
-                let pool = Arc::new(strait_gateway::tunnel::Pool::new(endpoint));
                 tokio::spawn(strait_gateway::tunnel::serve_egress(
                     l,
                     table_rx.clone(),
