@@ -466,7 +466,11 @@ fn quic_tunnel_between_two_gateways_carries_an_end_to_end_tls_session() {
     let west_listen = format!("127.0.0.1:{}", common::free_port());
     s.write(
         "west.yaml",
-        &format!("services: []\nremote:\n- host: reviews.bookinfo.svc.cluster.local\n  gateways: [\"{east_addr}\"]\n"),
+        // By DNS name: resolved with hickory (here from the hosts file).
+        &format!(
+            "services: []\nremote:\n- host: reviews.bookinfo.svc.cluster.local\n  gateways: [\"localhost:{}\"]\n",
+            east_addr.rsplit(':').next().unwrap()
+        ),
     );
     let health = format!("127.0.0.1:{}", common::free_port());
     let west_metrics = format!("127.0.0.1:{}", common::free_port());

@@ -86,8 +86,9 @@ pub struct RoutesFile {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RemoteRoute {
     pub host: String,
-    /// The remote gateways' tunnel addresses (UDP `ip:port`), in order of preference.
-    pub gateways: Vec<SocketAddr>,
+    /// The remote gateways' tunnel addresses (UDP), `ip:port` or
+    /// `dns-name:port`, in order of preference.
+    pub gateways: Vec<String>,
 }
 
 /// One exported service: its host, exported ports, subsets and endpoints.
@@ -151,7 +152,7 @@ impl RouteError {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     services: BTreeMap<String, ServiceRoute>,
-    remote: BTreeMap<String, Vec<SocketAddr>>,
+    remote: BTreeMap<String, Vec<String>>,
     cursor: AtomicUsize,
 }
 
@@ -173,6 +174,14 @@ impl RouteTable {
             if r.gateways.is_empty() {
                 return Err(format!("remote {host:?}: no gateway"));
             }
+            for g in &r.gateways {
+                let ok = g
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
+                if !ok {
+                    return Err(format!("remote {host:?}: gateway {g:?} is not host:port"));
+                }
+            }
             if remote.insert(host.clone(), r.gateways).is_some() {
                 return Err(format!("remote {host:?} is listed twice"));
             }
@@ -184,8 +193,8 @@ impl RouteTable {
         })
     }
 
-    /// The gateways of other networks that serve `host`.
-    pub fn remote_gateways(&self, host: &str) -> Option<Vec<SocketAddr>> {
+    /// The gateways of other networks that serve `host` (`host:port`).
+    pub fn remote_gateways(&self, host: &str) -> Option<Vec<String>> {
         self.remote.get(host).cloned()
     }
 

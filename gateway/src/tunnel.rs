@@ -187,6 +187,7 @@ pub async fn serve(
 /// Pooled QUIC connections to remote gateways, one per address.
 pub struct Pool {
     endpoint: quinn::Endpoint,
+    resolver: Option<hickory_resolver::TokioResolver>,
     /// The gateway's identity and the verifier of remote gateways; replaced
     /// when the identity is renewed (new connections use the new one, live
     /// ones keep theirs).
@@ -196,11 +197,38 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(endpoint: quinn::Endpoint, client: quinn::ClientConfig) -> Self {
+        let resolver = hickory_resolver::TokioResolver::builder_tokio()
+            .and_then(|b| b.build())
+            .map_err(|e| tracing::warn!(error = %e, "no DNS resolver: remote gateways must be IP addresses"))
+            .ok();
         Pool {
             endpoint,
+            resolver,
             client: std::sync::RwLock::new(client),
             conns: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The addresses of `host:port` (an IP literal, or a DNS name resolved
+    /// with hickory; answers are cached for their TTL).
+    pub async fn resolve(&self, gateway: &str) -> Result<Vec<SocketAddr>, String> {
+        if let Ok(a) = gateway.parse::<SocketAddr>() {
+            return Ok(vec![a]);
+        }
+        let (host, port) = gateway
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+            .ok_or_else(|| format!("{gateway:?} is not host:port"))?;
+        let resolver = self.resolver.as_ref().ok_or("no DNS resolver")?;
+        let ips = resolver
+            .lookup_ip(host)
+            .await
+            .map_err(|e| format!("{host}: {e}"))?;
+        let addrs: Vec<SocketAddr> = ips.iter().map(|ip| SocketAddr::new(ip, port)).collect();
+        if addrs.is_empty() {
+            return Err(format!("{host}: no address"));
+        }
+        Ok(addrs)
     }
 
     /// Uses `client` for connections made from now on.
@@ -315,13 +343,24 @@ async fn egress(
         }
     };
     let mut stream = None;
-    for gw in gateways {
-        match pool.open(gw).await {
-            Ok(s) => {
-                stream = Some(s);
-                break;
+    'gateways: for gw in &gateways {
+        // A DNS name is resolved on every new stream; the resolver caches
+        // answers for their TTL, so a moved gateway is found again.
+        let addrs = match pool.resolve(gw).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(gateway = %gw, error = %e, "gateway address not resolved");
+                continue;
             }
-            Err(e) => tracing::warn!(error = %e, "tunnel unavailable"),
+        };
+        for addr in addrs {
+            match pool.open(addr).await {
+                Ok(s) => {
+                    stream = Some(s);
+                    break 'gateways;
+                }
+                Err(e) => tracing::warn!(error = %e, "tunnel unavailable"),
+            }
         }
     }
     let Some((mut send, recv)) = stream else {
