@@ -184,6 +184,50 @@ pub async fn serve(
     }
 }
 
+/// Reconnect backoff for one remote gateway: after a failed connect the
+/// gateway is not dialled again before the delay passes; the delay doubles
+/// per failure up to a cap and resets on success. Pure (time is an argument).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    until: Option<tokio::time::Instant>,
+    delay: Duration,
+}
+
+impl Backoff {
+    pub const MIN: Duration = Duration::from_millis(200);
+    pub const MAX: Duration = Duration::from_secs(10);
+
+    pub fn new() -> Self {
+        Backoff {
+            until: None,
+            delay: Self::MIN,
+        }
+    }
+
+    /// Whether a dial may happen at `now`; `Err` carries the wait left.
+    pub fn ready(&self, now: tokio::time::Instant) -> Result<(), Duration> {
+        match self.until {
+            Some(u) if now < u => Err(u - now),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn failed(&mut self, now: tokio::time::Instant) {
+        self.until = Some(now + self.delay);
+        self.delay = (self.delay * 2).min(Self::MAX);
+    }
+
+    pub fn succeeded(&mut self) {
+        *self = Backoff::new();
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff::new()
+    }
+}
+
 /// Pooled QUIC connections to remote gateways, one per address.
 pub struct Pool {
     endpoint: quinn::Endpoint,
@@ -193,6 +237,7 @@ pub struct Pool {
     /// ones keep theirs).
     client: std::sync::RwLock<quinn::ClientConfig>,
     conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    backoff: Mutex<HashMap<SocketAddr, Backoff>>,
 }
 
 impl Pool {
@@ -206,6 +251,7 @@ impl Pool {
             resolver,
             client: std::sync::RwLock::new(client),
             conns: Mutex::new(HashMap::new()),
+            backoff: Mutex::new(HashMap::new()),
         }
     }
 
@@ -249,6 +295,50 @@ impl Pool {
             return Ok(s);
         }
         conns.remove(&addr);
+        let now = tokio::time::Instant::now();
+        if let Err(wait) = self
+            .backoff
+            .lock()
+            .await
+            .entry(addr)
+            .or_default()
+            .ready(now)
+        {
+            return Err(format!(
+                "tunnel to {addr}: backing off for {} ms after a failure",
+                wait.as_millis()
+            ));
+        }
+        let conn = match self.dial(addr).await {
+            Ok(c) => {
+                self.backoff
+                    .lock()
+                    .await
+                    .entry(addr)
+                    .or_default()
+                    .succeeded();
+                c
+            }
+            Err(e) => {
+                self.backoff
+                    .lock()
+                    .await
+                    .entry(addr)
+                    .or_default()
+                    .failed(tokio::time::Instant::now());
+                return Err(e);
+            }
+        };
+        tracing::info!(%addr, "tunnel connected");
+        let s = conn
+            .open_bi()
+            .await
+            .map_err(|e| format!("tunnel to {addr}: {e}"))?;
+        conns.insert(addr, conn);
+        Ok(s)
+    }
+
+    async fn dial(&self, addr: SocketAddr) -> Result<quinn::Connection, String> {
         let config = self
             .client
             .read()
@@ -258,17 +348,10 @@ impl Pool {
             .endpoint
             .connect_with(config, addr, "gateway.strait.internal")
             .map_err(|e| format!("tunnel to {addr}: {e}"))?;
-        let conn = tokio::time::timeout(Duration::from_secs(5), connecting)
+        tokio::time::timeout(Duration::from_secs(5), connecting)
             .await
             .map_err(|_| format!("tunnel to {addr}: handshake timed out"))?
-            .map_err(|e| format!("tunnel to {addr}: {e}"))?;
-        tracing::info!(%addr, "tunnel connected");
-        let s = conn
-            .open_bi()
-            .await
-            .map_err(|e| format!("tunnel to {addr}: {e}"))?;
-        conns.insert(addr, conn);
-        Ok(s)
+            .map_err(|e| format!("tunnel to {addr}: {e}"))
     }
 
     pub async fn connections(&self) -> usize {
@@ -393,6 +476,26 @@ mod tests {
             source_identity: "spiffe://td/ns/a/sa/b".into(),
             trace_context: [("traceparent".to_string(), "00-abc-def-01".to_string())].into(),
         }
+    }
+
+    #[test]
+    fn backoff_doubles_caps_and_resets() {
+        let t0 = tokio::time::Instant::now();
+        let mut b = Backoff::new();
+        assert!(b.ready(t0).is_ok());
+        b.failed(t0);
+        assert_eq!(b.ready(t0), Err(Backoff::MIN));
+        assert!(b.ready(t0 + Backoff::MIN).is_ok());
+        let mut t = t0;
+        for _ in 0..10 {
+            b.failed(t);
+            t += Duration::from_secs(60);
+        }
+        b.failed(t);
+        assert_eq!(b.ready(t), Err(Backoff::MAX), "capped");
+        b.succeeded();
+        assert!(b.ready(t).is_ok());
+        assert_eq!(b, Backoff::new());
     }
 
     #[tokio::test]
