@@ -521,6 +521,7 @@ fn quic_tunnel_between_two_gateways_carries_an_end_to_end_tls_session() {
         m.contains("strait_gateway_tunnel_connections_total{outcome=\"accepted\",reason=\"ok\"} 1"),
         "{m}"
     );
+    assert!(m.contains("strait_gateway_active_tunnels 1"), "{m}");
     assert!(
         m.contains("strait_gateway_connections_total{outcome=\"spliced\",reason=\"ok\"} 3"),
         "{m}"

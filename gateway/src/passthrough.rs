@@ -62,6 +62,7 @@ pub struct Metrics {
     tunnels: Family<Outcome, Counter>,
     streams: Family<Outcome, Counter>,
     active: Gauge,
+    tunnels_active: Gauge,
     bytes_sent: Family<ServiceLabel, Counter>,
     bytes_received: Family<ServiceLabel, Counter>,
 }
@@ -79,6 +80,11 @@ impl Metrics {
             "active_connections",
             "Connections being spliced",
             m.active.clone(),
+        );
+        r.register(
+            "active_tunnels",
+            "QUIC tunnels from other gateways that are up",
+            m.tunnels_active.clone(),
         );
         r.register(
             "tunnel_connections",
@@ -108,6 +114,12 @@ impl Metrics {
         self.active.get()
     }
 
+    /// Counts one incoming tunnel up until the guard drops.
+    pub(crate) fn tunnel_up(&self) -> TunnelGuard {
+        self.tunnels_active.inc();
+        TunnelGuard(self.tunnels_active.clone())
+    }
+
     pub(crate) fn count_tunnel(&self, outcome: &'static str, reason: &'static str) {
         self.tunnels
             .get_or_create(&Outcome { outcome, reason })
@@ -124,6 +136,15 @@ impl Metrics {
         self.connections
             .get_or_create(&Outcome { outcome, reason })
             .inc();
+    }
+}
+
+/// Decrements the active-tunnel gauge when a tunnel ends.
+pub(crate) struct TunnelGuard(Gauge);
+
+impl Drop for TunnelGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

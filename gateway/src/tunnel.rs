@@ -131,6 +131,7 @@ pub async fn serve(
                 }
             };
             metrics.count_tunnel("accepted", "ok");
+            let _up = metrics.tunnel_up();
             tracing::info!(%remote, "tunnel up");
             loop {
                 let (send, mut recv) = match conn.accept_bi().await {
