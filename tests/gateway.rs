@@ -637,3 +637,98 @@ fn a_gateway_of_another_root_is_refused() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Gateways of two meshes (different trust domains, different roots)
+/// tunnel to each other once each holds the other's bundle as a federated
+/// bundle; each identity is verified against its own domain's bundle.
+#[test]
+fn tunnels_between_peered_meshes_use_federated_bundles() {
+    let s = Scratch::new();
+    let (_backend, port) = backend(&s);
+    gateway_identity(&s, "east", "east-gw");
+    s.strait(&[
+        "ca",
+        "init-root",
+        "--trust-domain",
+        "other.example",
+        "--out",
+        "oroot",
+    ])
+    .ok();
+    s.strait(&[
+        "ca",
+        "issue-intermediate",
+        "--root",
+        "oroot",
+        "--cluster",
+        "west",
+        "--out",
+        "owest",
+    ])
+    .ok();
+    s.strait(&[
+        "ca",
+        "issue-workload",
+        "--ca",
+        "owest",
+        "--spiffe-id",
+        "spiffe://other.example/ns/strait-system/sa/eastwest-gateway",
+        "--out",
+        "west-gw",
+    ])
+    .ok();
+    s.write("east-fed/other.example.pem", &s.read("oroot/root-cert.pem"));
+    s.write("west-fed/example.org.pem", &s.read("root/root-cert.pem"));
+    let (_east, east_addr, _) = gateway(
+        &s,
+        port,
+        "east",
+        &["--identity", "east-gw", "--federated", "east-fed"],
+    );
+    let egress = format!("127.0.0.1:{}", common::free_port());
+    s.write(
+        "west.yaml",
+        &format!(
+            "remote:\n- host: reviews.bookinfo.svc.cluster.local\n  gateways: [\"{east_addr}\"]\n"
+        ),
+    );
+    let health = format!("127.0.0.1:{}", common::free_port());
+    let child = Command::new(env!("CARGO_BIN_EXE_strait"))
+        .args([
+            "gateway",
+            "--cluster",
+            "west",
+            "--network",
+            "net-west",
+            "--listen",
+            &format!("127.0.0.1:{}", common::free_port()),
+            "--routes",
+            "west.yaml",
+            "--identity",
+            "west-gw",
+            "--federated",
+            "west-fed",
+            "--egress-listen",
+            &egress,
+            "--health-listen",
+            &health,
+        ])
+        .current_dir(s.dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _west = Proc(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while common::http_status(&health, "/healthz/ready") != Some(200) {
+        assert!(Instant::now() < deadline, "west gateway not ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = s_client(&s, &egress, SNI, "istio");
+    assert!(
+        r.stdout.contains("HTTP/1.0 200 ok"),
+        "{}\n{}",
+        r.stdout,
+        r.stderr
+    );
+}

@@ -66,6 +66,8 @@ pub struct Trust {
 struct TrustState {
     bundle: Arc<TrustBundle>,
     denied: BTreeSet<String>,
+    /// Bundles of peered trust domains, each only for its own identities.
+    federated: std::collections::BTreeMap<String, Arc<TrustBundle>>,
 }
 
 impl fmt::Debug for Trust {
@@ -99,11 +101,48 @@ impl Trust {
         s.denied = denied.into_iter().collect();
     }
 
+    /// Replaces the bundles of peered trust domains (by trust domain name).
+    /// A chain whose leaf names one of them is verified against that
+    /// bundle alone; bundles are never merged.
+    pub fn set_federated(&self, bundles: impl IntoIterator<Item = (String, TrustBundle)>) {
+        let mut s = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        s.federated = bundles
+            .into_iter()
+            .map(|(td, b)| (td, Arc::new(b)))
+            .collect();
+    }
+
+    /// The trust domains this trust accepts identities of.
+    pub fn trust_domains(&self) -> Vec<String> {
+        let s = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        s.bundle
+            .trust_domain()
+            .map(|t| t.to_string())
+            .into_iter()
+            .chain(s.federated.keys().cloned())
+            .collect()
+    }
+
     /// Verifies a presented chain now.
     pub fn verify(&self, chain: &[Vec<u8>], now: OffsetDateTime) -> Result<VerifiedSvid, String> {
         let (bundle, denied) = {
             let s = self.inner.read().unwrap_or_else(|p| p.into_inner());
-            (s.bundle.clone(), s.denied.clone())
+            let leaf_td = chain
+                .first()
+                .and_then(|d| crate::cert::CertSummary::from_der(d).ok())
+                .and_then(|c| c.spiffe_id)
+                .and_then(|id| SpiffeId::parse(&id).ok())
+                .map(|id| id.trust_domain_str().to_string());
+            let own = s.bundle.trust_domain().map(|t| t.to_string());
+            let bundle = match leaf_td {
+                Some(td)
+                    if own.as_deref() != Some(td.as_str()) && s.federated.contains_key(&td) =>
+                {
+                    s.federated[&td].clone()
+                }
+                _ => s.bundle.clone(),
+            };
+            (bundle, s.denied.clone())
         };
         for der in chain.iter().skip(1) {
             let fp = fingerprint_sha256(der);
@@ -408,6 +447,31 @@ mod tests {
         let other = TestPki::new("td");
         trust.set_bundle(other.bundle());
         assert!(trust.verify(&chain, now()).is_err());
+    }
+
+    #[test]
+    fn federated_bundles_stay_per_trust_domain() {
+        let own = TestPki::new("own.example");
+        let peer = TestPki::new("peer.example");
+        let trust = Trust::new(own.bundle());
+        let peer_chain = peer.leaf_chain("spiffe://peer.example/ns/a/sa/b");
+        assert!(
+            trust.verify(&peer_chain, now()).is_err(),
+            "unknown trust domain"
+        );
+        trust.set_federated([("peer.example".to_string(), peer.bundle())]);
+        assert_eq!(trust.trust_domains(), ["own.example", "peer.example"]);
+        let svid = trust.verify(&peer_chain, now()).unwrap();
+        assert_eq!(svid.spiffe_id.trust_domain_str(), "peer.example");
+        // Own identities still verify against the own bundle only.
+        let own_chain = own.leaf_chain("spiffe://own.example/ns/a/sa/b");
+        assert!(trust.verify(&own_chain, now()).is_ok());
+        let rogue = TestPki::new("own.example");
+        assert!(
+            trust
+                .verify(&rogue.leaf_chain("spiffe://own.example/ns/a/sa/b"), now())
+                .is_err()
+        );
     }
 
     #[test]

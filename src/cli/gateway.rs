@@ -80,6 +80,12 @@ pub struct GatewayArgs {
     /// With it, the gateway also accepts tunnels on the --listen address (UDP).
     #[arg(long, value_name = "DIR")]
     identity: Option<PathBuf>,
+    /// Bundles of peered meshes for tunnels (`<trust-domain>.pem` each, as a
+    /// joined cluster's `federated/` directory holds them): their gateways
+    /// may open tunnels to this one and be tunnelled to, each verified
+    /// against its own trust domain's bundle only.
+    #[arg(long, value_name = "DIR")]
+    federated: Option<PathBuf>,
     /// Data-plane worker threads (default: one per CPU).
     #[arg(long, value_name = "N")]
     worker_threads: Option<usize>,
@@ -97,7 +103,10 @@ fn load(path: &Path) -> Result<RouteTable> {
 
 /// The QUIC server and client configs of the gateway's tunnels: mutual TLS
 /// between gateway identities of the trust domain of `dir`'s certificate.
-fn tunnel_configs(dir: &Path) -> Result<(quinn::ServerConfig, quinn::ClientConfig)> {
+fn tunnel_configs(
+    dir: &Path,
+    federated: Option<&Path>,
+) -> Result<(quinn::ServerConfig, quinn::ClientConfig)> {
     use strait_ca::tls::{Accept, SpiffeClientVerifier, SpiffeServerVerifier, Trust};
     let (chain, key, bundle) = strait_broker::client::read_credentials(dir)
         .with_context(|| format!("--identity {}", dir.display()))?;
@@ -120,7 +129,19 @@ fn tunnel_configs(dir: &Path) -> Result<(quinn::ServerConfig, quinn::ClientConfi
         tracing::warn!(%id, expected = %gateway_id, "the gateway identity is not the east-west gateway's");
     }
     let trust = Trust::new(bundle);
-    let peers = Accept::Ids([gateway_id].into());
+    let mut gateways: std::collections::BTreeSet<strait_ca::SpiffeId> = [gateway_id].into();
+    if let Some(fdir) = federated {
+        let bundles = read_federated(fdir)?;
+        for td in bundles.iter().map(|(td, _)| td) {
+            let td = strait_ca::TrustDomain::new(td)?;
+            gateways.insert(strait_ca::SpiffeId::from_segments(
+                &td,
+                &["ns", "strait-system", "sa", "eastwest-gateway"],
+            )?);
+        }
+        trust.set_federated(bundles);
+    }
+    let peers = Accept::Ids(gateways);
     let server = strait_ca::tls::server_config(
         &chain,
         &key,
@@ -136,6 +157,45 @@ fn tunnel_configs(dir: &Path) -> Result<(quinn::ServerConfig, quinn::ClientConfi
         strait_gateway::tunnel::server_config(server).map_err(anyhow::Error::msg)?,
         strait_gateway::tunnel::client_config(client).map_err(anyhow::Error::msg)?,
     ))
+}
+
+/// The `<trust-domain>.pem` bundles of a federated directory.
+fn read_federated(dir: &Path) -> Result<Vec<(String, strait_ca::TrustBundle)>> {
+    let mut out = Vec::new();
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("--federated {}", dir.display()))?;
+    for entry in entries {
+        let path = entry?.path();
+        let Some(td) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".pem"))
+        else {
+            continue;
+        };
+        let td = strait_ca::TrustDomain::new(td)
+            .with_context(|| format!("{}: the file name must be a trust domain", path.display()))?;
+        let bundle = strait_ca::layout::load_bundle(&path, Some(td.clone()))?;
+        out.push((td.to_string(), bundle));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// Modification times of a federated directory's bundles (for reloads).
+fn federated_stamp(dir: &Path) -> Vec<(PathBuf, Option<SystemTime>)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .map(|p| {
+                    let m = mtime(&p);
+                    (p, m)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
 }
 
 fn mtime(path: &Path) -> Option<SystemTime> {
@@ -175,29 +235,34 @@ pub fn run(args: GatewayArgs) -> Result<()> {
             ..Config::default()
         };
         if let Some(dir) = &args.identity {
-            let (server, client) = tunnel_configs(dir)?;
+            let federated = args.federated.clone();
+            let (server, client) = tunnel_configs(dir, federated.as_deref())?;
             let endpoint = quinn::Endpoint::server(server, args.listen)
                 .with_context(|| format!("cannot listen on {} (UDP, tunnels)", args.listen))?;
             let pool = Arc::new(strait_gateway::tunnel::Pool::new(endpoint.clone(), client));
             // A renewed identity applies to new tunnels; live ones keep theirs.
             {
                 let dir = dir.clone();
+                let federated = federated.clone();
                 let endpoint = endpoint.clone();
                 let pool = pool.clone();
                 tokio::spawn(async move {
-                    let stamp = |d: &Path| {
-                        ["cert-chain.pem", "key.pem", "root-cert.pem"].map(|f| mtime(&d.join(f)))
+                    let stamp = |d: &Path, f: Option<&Path>| {
+                        (
+                            ["cert-chain.pem", "key.pem", "root-cert.pem"].map(|x| mtime(&d.join(x))),
+                            f.map(federated_stamp),
+                        )
                     };
-                    let mut last = stamp(&dir);
+                    let mut last = stamp(&dir, federated.as_deref());
                     let mut tick = tokio::time::interval(Duration::from_secs(1));
                     loop {
                         tick.tick().await;
-                        let now = stamp(&dir);
+                        let now = stamp(&dir, federated.as_deref());
                         if now == last {
                             continue;
                         }
                         last = now;
-                        match tunnel_configs(&dir) {
+                        match tunnel_configs(&dir, federated.as_deref()) {
                             Ok((server, client)) => {
                                 endpoint.set_server_config(Some(server));
                                 pool.set_client_config(client);
