@@ -1,0 +1,348 @@
+//! The directory config source: every `*.yaml` file of a config directory,
+//! multi-document, Kubernetes-style objects. Each object is judged on its
+//! own: a bad object (or a file that does not parse) is rejected with its
+//! file, object and reason, and the rest applies; the last good version of
+//! a rejected object stays in force.
+//!
+//! Reading is separate from judging: [`parse_file`] turns one file's text
+//! into documents, [`Config::apply`] folds a new read of the directory into
+//! the previous config. Both are pure.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+/// The kinds the control plane understands, by `apiVersion` group and kind.
+const KNOWN: [(&str, &str); 11] = [
+    ("", "Service"),
+    ("", "Namespace"),
+    ("networking.istio.io", "ServiceEntry"),
+    ("networking.istio.io", "WorkloadEntry"),
+    ("networking.istio.io", "VirtualService"),
+    ("networking.istio.io", "DestinationRule"),
+    ("networking.istio.io", "Sidecar"),
+    ("security.istio.io", "PeerAuthentication"),
+    ("security.istio.io", "AuthorizationPolicy"),
+    ("multicluster.x-k8s.io", "ServiceExport"),
+    ("multicluster.x-k8s.io", "ServiceImport"),
+];
+
+/// Which object: kind, namespace and name (cluster-scoped objects have an
+/// empty namespace).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+/// One accepted object and where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Object {
+    pub file: PathBuf,
+    pub value: Value,
+}
+
+/// A rejection: the file, the object when known, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub file: PathBuf,
+    pub object: Option<ObjectKey>,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.object {
+            Some(o) => write!(f, "{}: {o}: {}", self.file.display(), self.reason),
+            None => write!(f, "{}: {}", self.file.display(), self.reason),
+        }
+    }
+}
+
+/// What one file said: its documents, or why it could not be read at all.
+pub type FileRead = Result<Vec<Value>, String>;
+
+/// Parses one file's text into documents (empty documents are skipped).
+pub fn parse_file(text: &str) -> FileRead {
+    let docs: Vec<Value> =
+        serde_saphyr::from_multiple(text).map_err(|e| format!("not valid YAML: {e}"))?;
+    Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
+}
+
+fn dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(dns_label)
+}
+
+/// Checks one document's shape; returns its key.
+pub fn check(doc: &Value) -> Result<ObjectKey, (Option<ObjectKey>, String)> {
+    let api = doc["apiVersion"].as_str().unwrap_or_default();
+    let kind = doc["kind"].as_str().unwrap_or_default();
+    if api.is_empty() || kind.is_empty() {
+        return Err((None, "apiVersion and kind are required".into()));
+    }
+    let name = doc["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let cluster_scoped = kind == "Namespace";
+    let namespace = if cluster_scoped {
+        String::new()
+    } else {
+        doc["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_string()
+    };
+    let key = ObjectKey {
+        kind: kind.to_string(),
+        namespace,
+        name: name.clone(),
+    };
+    let group = api.rsplit_once('/').map_or("", |(g, _)| g);
+    if !KNOWN.iter().any(|(g, k)| *g == group && *k == kind) {
+        return Err((
+            Some(key),
+            format!("{api} {kind} is not a kind strait reads"),
+        ));
+    }
+    if !dns_subdomain(&name) {
+        return Err((
+            Some(key),
+            format!("metadata.name {name:?} is not a valid Kubernetes name"),
+        ));
+    }
+    if !key.namespace.is_empty() && !dns_label(&key.namespace) {
+        let ns = key.namespace.clone();
+        return Err((
+            Some(key),
+            format!("metadata.namespace {ns:?} is not a valid namespace"),
+        ));
+    }
+    if !doc["spec"].is_null() && !doc["spec"].is_object() {
+        return Err((Some(key), "spec must be a mapping".into()));
+    }
+    Ok(key)
+}
+
+/// The config in force: accepted objects, and the current rejections.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Config {
+    pub objects: BTreeMap<ObjectKey, Object>,
+    pub rejections: Vec<Rejection>,
+}
+
+impl Config {
+    /// Folds a new read of the directory (every file and what it said)
+    /// into this config. Valid objects replace their previous versions;
+    /// objects no longer in any file are removed; a rejected object (or
+    /// the objects of a file that no longer parses) keeps its last good
+    /// version; a key defined twice keeps the first file's version.
+    pub fn apply(&self, read: &BTreeMap<PathBuf, FileRead>) -> Config {
+        let mut objects = BTreeMap::new();
+        let mut rejections = Vec::new();
+        let mut keep: BTreeSet<ObjectKey> = BTreeSet::new();
+        for (file, result) in read {
+            let docs = match result {
+                Ok(d) => d,
+                Err(reason) => {
+                    rejections.push(Rejection {
+                        file: file.clone(),
+                        object: None,
+                        reason: reason.clone(),
+                    });
+                    // Everything that came from this file stays as it was.
+                    keep.extend(
+                        self.objects
+                            .iter()
+                            .filter(|(_, o)| &o.file == file)
+                            .map(|(k, _)| k.clone()),
+                    );
+                    continue;
+                }
+            };
+            for doc in docs {
+                match check(doc) {
+                    Ok(key) => {
+                        if let Some(prev) = objects.get(&key).map(|o: &Object| o.file.clone()) {
+                            rejections.push(Rejection {
+                                file: file.clone(),
+                                object: Some(key),
+                                reason: format!("already defined in {}", prev.display()),
+                            });
+                            continue;
+                        }
+                        objects.insert(
+                            key,
+                            Object {
+                                file: file.clone(),
+                                value: doc.clone(),
+                            },
+                        );
+                    }
+                    Err((key, reason)) => {
+                        if let Some(k) = &key {
+                            keep.insert(k.clone());
+                        }
+                        rejections.push(Rejection {
+                            file: file.clone(),
+                            object: key,
+                            reason,
+                        });
+                    }
+                }
+            }
+        }
+        for k in keep {
+            if !objects.contains_key(&k)
+                && let Some(prev) = self.objects.get(&k)
+            {
+                objects.insert(k, prev.clone());
+            }
+        }
+        Config {
+            objects,
+            rejections,
+        }
+    }
+}
+
+/// Reads every `*.yaml`/`*.yml` file directly in `dir` (sorted; the
+/// `imported/` subdirectory, where imports are written, is not a source).
+pub fn read_dir(dir: &Path) -> std::io::Result<BTreeMap<PathBuf, FileRead>> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let yaml = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e == "yaml" || e == "yml");
+        if !yaml || !path.is_file() {
+            continue;
+        }
+        let read = match std::fs::read_to_string(&path) {
+            Ok(text) => parse_file(&text),
+            Err(e) => Err(format!("unreadable: {e}")),
+        };
+        out.insert(path, read);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(files: &[(&str, &str)]) -> BTreeMap<PathBuf, FileRead> {
+        files
+            .iter()
+            .map(|(f, t)| (PathBuf::from(f), parse_file(t)))
+            .collect()
+    }
+
+    const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: bookinfo}\nspec: {ports: [{port: 9080}]}\n";
+
+    #[test]
+    fn good_objects_apply_and_bad_ones_are_named() {
+        let c = Config::default().apply(&read(&[(
+            "a.yaml",
+            &format!("{SVC}---\napiVersion: v1\nkind: Service\nmetadata: {{name: Bad_Name}}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: x}}\n---\n"),
+        )]));
+        assert_eq!(c.objects.len(), 1);
+        assert_eq!(c.rejections.len(), 2);
+        let text: Vec<String> = c.rejections.iter().map(|r| r.to_string()).collect();
+        assert!(
+            text[0].contains("a.yaml: Service default/Bad_Name: metadata.name"),
+            "{text:?}"
+        );
+        assert!(
+            text[1].contains("apps/v1 Deployment is not a kind strait reads"),
+            "{text:?}"
+        );
+    }
+
+    #[test]
+    fn a_rejected_object_keeps_its_last_good_version() {
+        let good = Config::default().apply(&read(&[("a.yaml", SVC)]));
+        let broken = SVC.replace("spec: {ports: [{port: 9080}]}", "spec: [1, 2]");
+        let next = good.apply(&read(&[("a.yaml", &broken)]));
+        assert_eq!(next.objects, good.objects, "last good version stays");
+        assert_eq!(next.rejections.len(), 1);
+        assert!(next.rejections[0].reason.contains("spec must be a mapping"));
+    }
+
+    #[test]
+    fn an_unparsable_file_keeps_its_objects_and_a_deleted_one_removes_them() {
+        let good = Config::default().apply(&read(&[("a.yaml", SVC), ("b.yaml", "")]));
+        let next = good.apply(&read(&[("a.yaml", "key: [unclosed"), ("b.yaml", "")]));
+        assert_eq!(next.objects, good.objects);
+        assert!(
+            next.rejections[0]
+                .to_string()
+                .starts_with("a.yaml: not valid YAML"),
+            "{:?}",
+            next.rejections
+        );
+        let gone = next.apply(&read(&[("b.yaml", "")]));
+        assert!(gone.objects.is_empty());
+        assert!(gone.rejections.is_empty());
+    }
+
+    #[test]
+    fn duplicates_keep_the_first_file() {
+        let c = Config::default().apply(&read(&[("a.yaml", SVC), ("b.yaml", SVC)]));
+        assert_eq!(c.objects.len(), 1);
+        assert_eq!(
+            c.objects.values().next().unwrap().file,
+            PathBuf::from("a.yaml")
+        );
+        assert!(
+            c.rejections[0]
+                .to_string()
+                .contains("already defined in a.yaml")
+        );
+    }
+
+    #[test]
+    fn shapes() {
+        let ns: Value = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "bookinfo"}});
+        assert_eq!(check(&ns).unwrap().to_string(), "Namespace bookinfo");
+        let no_kind: Value = serde_json::json!({"apiVersion": "v1"});
+        assert!(check(&no_kind).unwrap_err().1.contains("required"));
+        let bad_ns: Value = serde_json::json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+            "metadata": {"name": "x", "namespace": "Bad"}});
+        assert!(check(&bad_ns).unwrap_err().1.contains("namespace"));
+    }
+
+    #[test]
+    fn reads_yaml_files_of_a_directory_only() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), SVC).unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "not config").unwrap();
+        std::fs::create_dir(dir.path().join("imported")).unwrap();
+        std::fs::write(dir.path().join("imported/x.yaml"), SVC).unwrap();
+        let r = read_dir(dir.path()).unwrap();
+        assert_eq!(r.len(), 1);
+        assert_eq!(Config::default().apply(&r).objects.len(), 1);
+    }
+}
