@@ -106,8 +106,7 @@ fn gateway(s: &Scratch, backend_port: u16, name: &str, extra: &[&str]) -> (Proc,
         ),
     );
     let listen = format!("127.0.0.1:{}", common::free_port());
-    let metrics = format!("127.0.0.1:{}", common::free_port());
-    let health = format!("127.0.0.1:{}", common::free_port());
+    let routes = format!("{name}.yaml");
     let mut args = vec![
         "gateway",
         "--cluster",
@@ -117,13 +116,21 @@ fn gateway(s: &Scratch, backend_port: u16, name: &str, extra: &[&str]) -> (Proc,
         "--listen",
         &listen,
         "--routes",
+        &routes,
     ];
-    let routes = format!("{name}.yaml");
-    args.push(&routes);
-    args.extend_from_slice(&["--metrics-listen", &metrics, "--health-listen", &health]);
     args.extend_from_slice(extra);
+    let (p, metrics) = start_gateway(s, &args);
+    (p, listen, metrics)
+}
+
+/// Starts `strait ARGS` (a gateway) with health and metrics endpoints and
+/// waits until it is ready; returns the process and the metrics address.
+fn start_gateway(s: &Scratch, args: &[&str]) -> (Proc, String) {
+    let metrics = format!("127.0.0.1:{}", common::free_port());
+    let health = format!("127.0.0.1:{}", common::free_port());
     let child = Command::new(env!("CARGO_BIN_EXE_strait"))
-        .args(&args)
+        .args(args)
+        .args(["--metrics-listen", &metrics, "--health-listen", &health])
         .current_dir(s.dir.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -132,10 +139,10 @@ fn gateway(s: &Scratch, backend_port: u16, name: &str, extra: &[&str]) -> (Proc,
     let p = Proc(child);
     let deadline = Instant::now() + Duration::from_secs(20);
     while common::http_status(&health, "/healthz/ready") != Some(200) {
-        assert!(Instant::now() < deadline, "gateway not ready");
+        assert!(Instant::now() < deadline, "gateway {args:?} not ready");
         std::thread::sleep(Duration::from_millis(20));
     }
-    (p, listen, metrics)
+    (p, metrics)
 }
 
 fn s_client(s: &Scratch, addr: &str, sni: &str, alpn: &str) -> common::Run {
@@ -472,10 +479,9 @@ fn quic_tunnel_between_two_gateways_carries_an_end_to_end_tls_session() {
             east_addr.rsplit(':').next().unwrap()
         ),
     );
-    let health = format!("127.0.0.1:{}", common::free_port());
-    let west_metrics = format!("127.0.0.1:{}", common::free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_strait"))
-        .args([
+    let (_west, west_metrics) = start_gateway(
+        &s,
+        &[
             "gateway",
             "--cluster",
             "west",
@@ -489,22 +495,8 @@ fn quic_tunnel_between_two_gateways_carries_an_end_to_end_tls_session() {
             "west-gw",
             "--egress-listen",
             &egress,
-            "--health-listen",
-            &health,
-            "--metrics-listen",
-            &west_metrics,
-        ])
-        .current_dir(s.dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _west = Proc(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while common::http_status(&health, "/healthz/ready") != Some(200) {
-        assert!(Instant::now() < deadline, "west gateway not ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        ],
+    );
     for _ in 0..3 {
         let r = s_client(&s, &egress, SNI, "istio");
         assert!(
@@ -570,9 +562,9 @@ fn a_gateway_of_another_root_is_refused() {
             "remote:\n- host: reviews.bookinfo.svc.cluster.local\n  gateways: [\"{east_addr}\"]\n"
         ),
     );
-    let health = format!("127.0.0.1:{}", common::free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_strait"))
-        .args([
+    let (_rogue, _) = start_gateway(
+        &s,
+        &[
             "gateway",
             "--cluster",
             "rogue",
@@ -586,20 +578,8 @@ fn a_gateway_of_another_root_is_refused() {
             "rogue-gw",
             "--egress-listen",
             &egress,
-            "--health-listen",
-            &health,
-        ])
-        .current_dir(s.dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _rogue = Proc(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while common::http_status(&health, "/healthz/ready") != Some(200) {
-        assert!(Instant::now() < deadline, "rogue gateway not ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        ],
+    );
     let r = s_client(&s, &egress, SNI, "istio");
     assert!(
         !r.stdout.contains("HTTP/1.0 200"),
@@ -692,9 +672,9 @@ fn tunnels_between_peered_meshes_use_federated_bundles() {
             "remote:\n- host: reviews.bookinfo.svc.cluster.local\n  gateways: [\"{east_addr}\"]\n"
         ),
     );
-    let health = format!("127.0.0.1:{}", common::free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_strait"))
-        .args([
+    let (_west, _) = start_gateway(
+        &s,
+        &[
             "gateway",
             "--cluster",
             "west",
@@ -710,20 +690,8 @@ fn tunnels_between_peered_meshes_use_federated_bundles() {
             "west-fed",
             "--egress-listen",
             &egress,
-            "--health-listen",
-            &health,
-        ])
-        .current_dir(s.dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _west = Proc(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while common::http_status(&health, "/healthz/ready") != Some(200) {
-        assert!(Instant::now() < deadline, "west gateway not ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        ],
+    );
     let r = s_client(&s, &egress, SNI, "istio");
     assert!(
         r.stdout.contains("HTTP/1.0 200 ok"),
