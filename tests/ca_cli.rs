@@ -276,19 +276,7 @@ fn bad_files_are_named() {
 #[test]
 fn inspect_shows_every_certificate() {
     let s = Scratch::new();
-    s.strait(&["ca", "init-root", "--trust-domain", "td", "--out", "root"])
-        .ok();
-    s.strait(&[
-        "ca",
-        "issue-intermediate",
-        "--root",
-        "root",
-        "--cluster",
-        "east",
-        "--out",
-        "east",
-    ])
-    .ok();
+    s.pki("td", &["east"]);
     let text = s
         .strait(&["ca", "inspect", "east/cert-chain.pem"])
         .ok()

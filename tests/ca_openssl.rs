@@ -13,19 +13,7 @@ const TD: &str = "example.org";
 /// root → east intermediate → one workload, made with the CLI.
 fn mesh() -> Scratch {
     let s = Scratch::new();
-    s.strait(&["ca", "init-root", "--trust-domain", TD, "--out", "root"])
-        .ok();
-    s.strait(&[
-        "ca",
-        "issue-intermediate",
-        "--root",
-        "root",
-        "--cluster",
-        "east",
-        "--out",
-        "east",
-    ])
-    .ok();
+    s.pki(TD, &["east"]);
     s
 }
 
@@ -154,22 +142,7 @@ fn offline_root_flow_with_an_openssl_csr() {
     let s = mesh();
     // A cluster operator makes the key and CSR with openssl, not strait.
     std::fs::create_dir_all(s.path("north")).unwrap();
-    s.openssl(&[
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "north/ca-key.pem",
-        "-out",
-        "north.csr",
-        "-subj",
-        "/CN=north",
-    ])
-    .ok();
+    ec_csr(&s, "north/ca-key.pem", "north.csr", "/CN=north", &[]);
     s.strait(&[
         "ca",
         "sign-intermediate",
@@ -289,24 +262,16 @@ fn offline_root_flow_with_an_openssl_csr() {
 fn intermediate_csrs_that_break_the_rules_are_refused() {
     let s = mesh();
     // An intermediate CSR asking for a workload identity.
-    s.openssl(&[
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
+    ec_csr(
+        &s,
         "k1.pem",
-        "-out",
         "uri.csr",
-        "-subj",
         "/CN=north",
-        "-addext",
-        "subjectAltName=URI:spiffe://example.org/ns/a/sa/b",
-    ])
-    .ok();
+        &[
+            "-addext",
+            "subjectAltName=URI:spiffe://example.org/ns/a/sa/b",
+        ],
+    );
     s.strait(&[
         "ca",
         "sign-intermediate",
@@ -345,22 +310,7 @@ fn intermediate_csrs_that_break_the_rules_are_refused() {
     ])
     .fails_with(1, "at least 2048");
     // A CN that is not a cluster name.
-    s.openssl(&[
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "k3.pem",
-        "-out",
-        "cn.csr",
-        "-subj",
-        "/CN=Not A Cluster",
-    ])
-    .ok();
+    ec_csr(&s, "k3.pem", "cn.csr", "/CN=Not A Cluster", &[]);
     s.strait(&[
         "ca",
         "sign-intermediate",
@@ -387,11 +337,10 @@ fn intermediate_csrs_that_break_the_rules_are_refused() {
     assert!(!s.path("x.pem").exists());
 }
 
-/// Signs a leaf for `subj`/extensions with the east intermediate's key using
-/// `openssl x509 -req`; returns the chain file (leaf + intermediate).
-fn openssl_leaf(s: &Scratch, name: &str, ext: &str) -> String {
-    s.write(&format!("{name}.ext"), &format!("[v3]\n{ext}\n"));
-    s.openssl(&[
+/// `openssl req` with a new P-256 key: KEY and CSR files, subject, and any
+/// extra arguments (e.g. `-addext`).
+fn ec_csr(s: &Scratch, key: &str, csr: &str, subj: &str, extra: &[&str]) {
+    let mut args = vec![
         "req",
         "-new",
         "-newkey",
@@ -400,13 +349,27 @@ fn openssl_leaf(s: &Scratch, name: &str, ext: &str) -> String {
         "ec_paramgen_curve:P-256",
         "-nodes",
         "-keyout",
-        &format!("{name}.key"),
+        key,
         "-out",
-        &format!("{name}.csr"),
+        csr,
         "-subj",
+        subj,
+    ];
+    args.extend_from_slice(extra);
+    s.openssl(&args).ok();
+}
+
+/// Signs a leaf for `subj`/extensions with the east intermediate's key using
+/// `openssl x509 -req`; returns the chain file (leaf + intermediate).
+fn openssl_leaf(s: &Scratch, name: &str, ext: &str) -> String {
+    s.write(&format!("{name}.ext"), &format!("[v3]\n{ext}\n"));
+    ec_csr(
+        s,
+        &format!("{name}.key"),
+        &format!("{name}.csr"),
         "/O=test",
-    ])
-    .ok();
+        &[],
+    );
     s.openssl(&[
         "x509",
         "-req",
@@ -532,22 +495,7 @@ fn strait_rejects_a_ca_under_the_pathlen_zero_intermediate() {
     let s = mesh();
     // openssl happily signs a sub-CA with the cluster intermediate's key.
     s.write("sub.ext", "[v3]\nbasicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\n");
-    s.openssl(&[
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "sub.key",
-        "-out",
-        "sub.csr",
-        "-subj",
-        "/CN=rogue sub-CA",
-    ])
-    .ok();
+    ec_csr(&s, "sub.key", "sub.csr", "/CN=rogue sub-CA", &[]);
     s.openssl(&[
         "x509",
         "-req",
@@ -573,22 +521,7 @@ fn strait_rejects_a_ca_under_the_pathlen_zero_intermediate() {
         "leaf.ext",
         &format!("[v3]\n{GOOD_LEAF}\nsubjectAltName=URI:spiffe://{TD}/ns/a/sa/b\n"),
     );
-    s.openssl(&[
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "leaf.key",
-        "-out",
-        "leaf.csr",
-        "-subj",
-        "/O=test",
-    ])
-    .ok();
+    ec_csr(&s, "leaf.key", "leaf.csr", "/O=test", &[]);
     s.openssl(&[
         "x509",
         "-req",
@@ -647,22 +580,13 @@ fn openssl_ca_leaf(s: &Scratch, name: &str, start: &str, end: &str) -> String {
              [v3]\n{GOOD_LEAF}\nsubjectAltName=URI:spiffe://{TD}/ns/a/sa/{name}\n"
         ),
     );
-    s.openssl(&[
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
+    ec_csr(
+        s,
         &format!("{name}.key"),
-        "-out",
         &format!("{name}.csr"),
-        "-subj",
         "/O=test",
-    ])
-    .ok();
+        &[],
+    );
     s.openssl(&[
         "ca",
         "-batch",
@@ -743,22 +667,7 @@ fn strait_rejects_a_leaf_from_another_root() {
         "o.ext",
         &format!("[v3]\n{GOOD_LEAF}\nsubjectAltName=URI:spiffe://{TD}/ns/a/sa/b\n"),
     );
-    s.openssl(&[
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "o.key",
-        "-out",
-        "o.csr",
-        "-subj",
-        "/O=test",
-    ])
-    .ok();
+    ec_csr(&s, "o.key", "o.csr", "/O=test", &[]);
     s.openssl(&[
         "x509",
         "-req",

@@ -35,26 +35,7 @@ fn wait_port(addr: &str) {
 /// A PKI, a workload certificate for reviews, and `openssl s_server -www`
 /// serving it on a loopback port.
 fn backend(s: &Scratch) -> (Proc, u16) {
-    s.strait(&[
-        "ca",
-        "init-root",
-        "--trust-domain",
-        "example.org",
-        "--out",
-        "root",
-    ])
-    .ok();
-    s.strait(&[
-        "ca",
-        "issue-intermediate",
-        "--root",
-        "root",
-        "--cluster",
-        "east",
-        "--out",
-        "east",
-    ])
-    .ok();
+    s.pki("example.org", &["east"]);
     s.strait(&[
         "ca",
         "issue-workload",

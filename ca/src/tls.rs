@@ -127,8 +127,11 @@ impl Trust {
     pub fn verify(&self, chain: &[Vec<u8>], now: OffsetDateTime) -> Result<VerifiedSvid, String> {
         let (bundle, denied) = {
             let s = self.inner.read().unwrap_or_else(|p| p.into_inner());
+            // Only a trust with peered domains needs the leaf's domain
+            // (parsed once more here); the common case skips it.
             let leaf_td = chain
                 .first()
+                .filter(|_| !s.federated.is_empty())
                 .and_then(|d| crate::cert::CertSummary::from_der(d).ok())
                 .and_then(|c| c.spiffe_id)
                 .and_then(|id| SpiffeId::parse(&id).ok())

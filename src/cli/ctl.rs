@@ -192,6 +192,10 @@ impl RootStep {
     }
 }
 
+fn yes_no(b: bool) -> String {
+    if b { "yes" } else { "no" }.to_string()
+}
+
 fn short(fp: &str) -> String {
     fp.chars().take(23).collect()
 }
@@ -246,9 +250,9 @@ fn print_rotation(out: Output, r: &pb::RotationStatus) -> Result<()> {
         .map(|c| {
             vec![
                 c.name.clone(),
-                if c.bundle_acknowledged { "yes" } else { "no" }.into(),
+                yes_no(c.bundle_acknowledged),
                 short(&c.intermediate_root),
-                if c.on_target { "yes" } else { "no" }.into(),
+                yes_no(c.on_target),
             ]
         })
         .collect();
@@ -456,7 +460,7 @@ async fn run_async(ctl: Ctl) -> Result<()> {
                     vec![
                         c.name.clone(),
                         c.state.clone(),
-                        if c.connected { "yes" } else { "no" }.into(),
+                        yes_no(c.connected),
                         c.network.clone(),
                         c.locality.clone(),
                         c.exports.to_string(),
@@ -650,7 +654,7 @@ async fn run_async(ctl: Ctl) -> Result<()> {
                     vec![
                         p.mesh.clone(),
                         p.trust_domain.clone(),
-                        if p.connected { "yes" } else { "no" }.into(),
+                        yes_no(p.connected),
                         p.services_imported.to_string(),
                         p.roots.to_string(),
                         p.addresses.join(","),
@@ -727,12 +731,7 @@ async fn run_async(ctl: Ctl) -> Result<()> {
                         c.name.clone(),
                         c.state.clone(),
                         time_str(c.intermediate_expires_unix),
-                        if c.bundle_version_acked == r.bundle_version {
-                            "yes"
-                        } else {
-                            "no"
-                        }
-                        .into(),
+                        yes_no(c.bundle_version_acked == r.bundle_version),
                     ]
                 })
                 .collect();

@@ -82,6 +82,26 @@ impl Scratch {
         std::fs::read_to_string(self.path(rel)).unwrap()
     }
 
+    /// A root in `root/` for trust domain `td` and a cluster intermediate
+    /// (Istio plug-in CA layout) in a directory named after each cluster.
+    pub fn pki(&self, td: &str, clusters: &[&str]) {
+        self.strait(&["ca", "init-root", "--trust-domain", td, "--out", "root"])
+            .ok();
+        for c in clusters {
+            self.strait(&[
+                "ca",
+                "issue-intermediate",
+                "--root",
+                "root",
+                "--cluster",
+                c,
+                "--out",
+                c,
+            ])
+            .ok();
+        }
+    }
+
     /// Runs `strait ARGS...` here.
     pub fn strait(&self, args: &[&str]) -> Run {
         self.run(env!("CARGO_BIN_EXE_strait"), args)
