@@ -16,6 +16,29 @@ pub mod strait {
             tonic::include_proto!("strait.broker.v1");
         }
     }
+
+    /// The discovery resources the local control plane pushes to proxies.
+    pub mod mesh {
+        /// Version 1: `Service`, `Workload`, `Policy`, `TrustBundle`,
+        /// `GatewayRoute`, `Network`.
+        #[allow(warnings, clippy::all, clippy::pedantic, clippy::unwrap_used)]
+        pub mod v1 {
+            tonic::include_proto!("strait.mesh.v1");
+
+            /// The xDS type URL of each resource type.
+            pub mod type_url {
+                pub const SERVICE: &str = "type.googleapis.com/strait.mesh.v1.Service";
+                pub const WORKLOAD: &str = "type.googleapis.com/strait.mesh.v1.Workload";
+                pub const POLICY: &str = "type.googleapis.com/strait.mesh.v1.Policy";
+                pub const TRUST_BUNDLE: &str = "type.googleapis.com/strait.mesh.v1.TrustBundle";
+                pub const GATEWAY_ROUTE: &str = "type.googleapis.com/strait.mesh.v1.GatewayRoute";
+                pub const NETWORK: &str = "type.googleapis.com/strait.mesh.v1.Network";
+                /// Every type, in the order a proxy should apply them.
+                pub const ALL: [&str; 6] =
+                    [TRUST_BUNDLE, NETWORK, WORKLOAD, SERVICE, POLICY, GATEWAY_ROUTE];
+            }
+        }
+    }
 }
 
 /// strait's gateway-to-gateway tunnel framing.
