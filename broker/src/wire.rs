@@ -97,6 +97,11 @@ pub fn exported_service(p: &pb::ExportedService) -> Result<ExportedService, Wire
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     s.service_accounts = p.service_accounts.iter().cloned().collect::<BTreeSet<_>>();
+    s.endpoint_labels = p
+        .endpoint_labels
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     s.endpoints = endpoints;
     s.export_to = export_to;
     s.addresses = p.addresses.clone();
@@ -124,6 +129,11 @@ pub fn exported_service_pb(s: &ExportedService) -> pb::ExportedService {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         service_accounts: s.service_accounts.iter().cloned().collect(),
+        endpoint_labels: s
+            .endpoint_labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         endpoints: s
             .endpoints
             .iter()
@@ -249,6 +259,7 @@ mod tests {
             }],
             export_to: vec!["west".into(), "mesh:partner".into()],
             addresses: vec![],
+            endpoint_labels: [("version".to_string(), "v1".to_string())].into(),
         }
     }
 

@@ -166,6 +166,7 @@ pub fn local_exports(docs: &[Value]) -> LocalExports {
             let mut by_locality: BTreeMap<Option<Locality>, u32> = BTreeMap::new();
             let mut accounts = BTreeSet::new();
             let mut addresses = BTreeSet::new();
+            let mut shared: Option<BTreeMap<String, String>> = None;
             for w in workloads.iter().filter(|w| {
                 w.namespace == ns
                     && !selector.is_empty()
@@ -173,6 +174,13 @@ pub fn local_exports(docs: &[Value]) -> LocalExports {
             }) {
                 *by_locality.entry(w.locality.clone()).or_default() += 1;
                 accounts.insert(w.service_account.clone());
+                shared = Some(match shared.take() {
+                    None => w.labels.clone(),
+                    Some(mut s) => {
+                        s.retain(|k, v| w.labels.get(k) == Some(v));
+                        s
+                    }
+                });
                 addresses.insert(w.address.clone());
             }
             s.endpoints = by_locality
@@ -184,6 +192,13 @@ pub fn local_exports(docs: &[Value]) -> LocalExports {
                 })
                 .collect();
             s.service_accounts = accounts;
+            // The selector's own labels say nothing an importer's selector
+            // does not already say.
+            s.endpoint_labels = shared
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(k, _)| !selector.contains_key(k))
+                .collect();
             s.addresses = addresses.into_iter().collect();
             s.validate().map_err(|e| e.to_string())?;
             Ok(s)
@@ -241,6 +256,24 @@ mod tests {
         assert_eq!(s.service_accounts, ["cart".to_string()].into());
         assert_eq!(s.ports[0].protocol(), Protocol::Http);
         assert_eq!(s.addresses.len(), 2);
+    }
+
+    #[test]
+    fn endpoint_labels_are_those_every_workload_shares_beyond_the_selector() {
+        let mut a = workload("a", "cart", "us-east/a", "cart");
+        a["spec"]["labels"] = json!({"app": "cart", "version": "v2", "track": "stable"});
+        let mut b = workload("bb", "cart", "us-east/a", "cart");
+        b["spec"]["labels"] = json!({"app": "cart", "version": "v2", "track": "canary"});
+        let docs = vec![service("cart", json!({"strait.io/export": "true"})), a, b];
+        let out = local_exports(&docs);
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        assert_eq!(
+            out.exports[0].endpoint_labels,
+            BTreeMap::from([("version".to_string(), "v2".to_string())])
+        );
+        // No workloads: no shared labels.
+        let out = local_exports(&[service("cart", json!({"strait.io/export": "true"}))]);
+        assert!(out.exports[0].endpoint_labels.is_empty());
     }
 
     #[test]

@@ -644,6 +644,9 @@ impl<'a> ServiceImportInput<'a> {
     ) -> WorkloadEntrySpec {
         let from = &e.remote.from;
         // The selector wins a clash: the local Service must select this.
+        for (k, v) in &e.remote.service.endpoint_labels {
+            labels.entry(k.clone()).or_insert_with(|| v.clone());
+        }
         labels
             .entry(CLUSTER_LABEL.to_string())
             .or_insert_with(|| from.name.to_string());

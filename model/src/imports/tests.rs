@@ -671,3 +671,19 @@ fn ip_slugs() {
     assert_eq!(ip_slug(&"fd00::7".parse().unwrap()), "fd00-0-0-0-0-0-0-7");
     assert_eq!(ip_slug(&"::".parse().unwrap()), "0-0-0-0-0-0-0-0");
 }
+
+#[test]
+fn endpoint_labels_reach_entries_but_never_override_the_selector() {
+    let mut r = export(east(), "reviews", 3);
+    r.service.endpoint_labels = BTreeMap::from([
+        ("version".into(), "v1".into()),
+        ("app".into(), "other".into()),
+    ]);
+    let out = import_objects(&west(), &[r], &[local_reviews()]);
+    let we = &out.workload_entries[0];
+    assert_eq!(we.spec.labels["version"], "v1");
+    // The local selector still selects the entry.
+    assert_eq!(we.spec.labels["app"], "reviews");
+    let ep = &out.service_entries[0].spec.endpoints[0];
+    assert_eq!(ep.labels["version"], "v1");
+}

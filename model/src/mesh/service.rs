@@ -304,6 +304,11 @@ pub struct ExportedService {
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub service_accounts: BTreeSet<String>,
+    /// Labels every endpoint of the service carries (e.g. `version: v2`
+    /// when all of this cluster's endpoints run v2), so that importers can
+    /// select the cluster's endpoints by subset.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub endpoint_labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<LocalityEndpoints>,
     #[serde(default)]
@@ -323,6 +328,8 @@ struct RawExportedService {
     #[serde(default)]
     service_accounts: BTreeSet<String>,
     #[serde(default)]
+    endpoint_labels: BTreeMap<String, String>,
+    #[serde(default)]
     endpoints: Vec<LocalityEndpoints>,
     #[serde(default)]
     export_to: ExportTo,
@@ -338,6 +345,7 @@ impl TryFrom<RawExportedService> for ExportedService {
             ports: r.ports,
             labels: r.labels,
             service_accounts: r.service_accounts,
+            endpoint_labels: r.endpoint_labels,
             endpoints: r.endpoints,
             export_to: r.export_to,
             addresses: r.addresses,
@@ -356,6 +364,7 @@ impl ExportedService {
             ports,
             labels: BTreeMap::new(),
             service_accounts: BTreeSet::new(),
+            endpoint_labels: BTreeMap::new(),
             endpoints: Vec::new(),
             export_to: ExportTo::whole_mesh(),
             addresses: Vec::new(),
@@ -380,6 +389,7 @@ impl ExportedService {
         }
         validate_ports(&self.key, &self.ports)?;
         validate_labels(&self.key, "label", &self.labels)?;
+        validate_labels(&self.key, "endpoint label", &self.endpoint_labels)?;
         for sa in &self.service_accounts {
             if !names::is_dns1123_subdomain(sa) {
                 return Err(err(format!(
