@@ -2,3 +2,4 @@
 //! role's work lives in its crate (`strait-ca`, `strait-broker`, ...).
 
 pub mod cli;
+pub mod lab;

@@ -38,6 +38,8 @@ enum Command {
     /// The cluster side of a broker: join a mesh, sync a static config.
     #[command(subcommand)]
     Cluster(cli::cluster::ClusterCommand),
+    /// A whole federation on this machine: up, status, curl, demo, down.
+    Lab(strait::lab::LabArgs),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +53,7 @@ fn main() -> ExitCode {
         Command::Broker(args) => cli::broker::run(args),
         Command::Cluster(cmd) => cli::cluster::run(cmd),
         Command::Gateway(args) => cli::gateway::run(args),
+        Command::Lab(args) => strait::lab::run(args),
     };
     cli::exit(result)
 }

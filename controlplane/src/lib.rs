@@ -1,11 +1,20 @@
-//! The local control plane that runs in every strait cluster.
+//! The local control plane that runs in every strait cluster (the istiod of
+//! strait).
 //!
 //! - [`source`]: the directory config source (Kubernetes-style YAML; each
 //!   object judged on its own, last good version kept).
-//!
-//! Still to come in this crate: watching the directory and the Kubernetes
-//! API (`kube`), the broker link (`strait_broker::agent`), the workload CA
-//! service (Istio's CSR API, signing with the cluster's intermediate from
-//! `strait-ca`) and the discovery server for sidecars and gateways.
+//! - [`dirwatch`]: keeps that config current as files change (and reads
+//!   the imports written back under `imported/`).
+//! - [`link`]: the broker link: publishes exports, writes imports back.
+//! - [`resources`]: the discovery resources (`strait.mesh.v1.*`) built from
+//!   the config in force and the broker's imports. Pure.
+//! - [`xds`]: the discovery server (ADS over gRPC, state-of-the-world and
+//!   delta) with ACK/NACK tracking and debounced pushes.
+//! - [`client`]: the proxies' side of ADS: subscribe, keep the last good
+//!   resources, reconnect.
+//! - [`ca`]: the workload CA (Istio's `IstioCertificateService`), bootstrap
+//!   tokens and the proxies' certificate client.
 
+pub mod dirwatch;
+pub mod link;
 pub mod source;

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::export::{self, ObjectKind, ObjectRef};
 use crate::mesh::{
-    ExportedService, Locality, LocalityEndpoints, Protocol, ServiceKey, ServicePort,
+    ExportedService, LocalService, Locality, LocalityEndpoints, Protocol, ServiceKey, ServicePort,
 };
 
 /// The exports found, and the objects that were refused (one message each).
@@ -215,6 +215,26 @@ pub fn local_exports(docs: &[Value]) -> LocalExports {
     out
 }
 
+/// The `Service`s of a set of objects as an importer needs them (key,
+/// selector, ports), so that imported endpoints can join local services of
+/// the same name (namespace sameness). Objects that do not make a valid
+/// service are skipped: [`local_exports`] reports them.
+pub fn local_services(docs: &[Value]) -> Vec<LocalService> {
+    docs.iter()
+        .filter(|d| d["apiVersion"] == "v1" && d["kind"] == "Service")
+        .filter_map(|doc| {
+            let (ns, name) = meta(doc);
+            let s = LocalService {
+                key: ServiceKey::new(&ns, &name).ok()?,
+                selector: str_map(doc["spec"].get("selector")),
+                ports: service_ports(doc).ok()?,
+            };
+            s.validate().ok()?;
+            Some(s)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,6 +276,21 @@ mod tests {
         assert_eq!(s.service_accounts, ["cart".to_string()].into());
         assert_eq!(s.ports[0].protocol(), Protocol::Http);
         assert_eq!(s.addresses.len(), 2);
+    }
+
+    #[test]
+    fn local_services_keep_selector_and_ports_and_skip_bad_ones() {
+        let mut bad = service("bad", json!({}));
+        bad["spec"]["ports"][0]["port"] = json!("x");
+        let out = local_services(&[
+            service("cart", json!({})),
+            bad,
+            workload("a", "cart", "r/z", "cart"),
+        ]);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].key.to_string(), "shop/cart");
+        assert_eq!(out[0].selector["app"], "cart");
+        assert_eq!(out[0].ports[0].number(), 8080);
     }
 
     #[test]

@@ -1,0 +1,897 @@
+//! `strait lab`: a whole federation on one machine. Every component is its
+//! own process of this binary (brokers, control planes, gateways, echo
+//! workloads, sidecars); the lab directory holds their state, logs, the
+//! process table and `lab.json`.
+
+pub mod echo;
+pub mod plan;
+pub mod run;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, Subcommand};
+
+use plan::{Component, Lab, Mode, NAMESPACE, Topology};
+use run::Procs;
+
+/// How long a component may take to become ready.
+const READY_DEADLINE: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  strait lab up                      # multi-primary, in ./.strait-lab\n  \
+strait lab status\n  strait lab curl east http://echo.demo:8080/ -n 20\n  \
+straitctl --lab .strait-lab exports list\n  strait lab kill east/gateway\n  strait lab down"
+)]
+pub struct LabArgs {
+    #[command(subcommand)]
+    pub command: LabCommand,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DirArg {
+    /// The lab directory.
+    #[arg(long, default_value = ".strait-lab", env = "STRAIT_LAB")]
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LabCommand {
+    /// Start a lab and run it in the foreground until SIGINT/SIGTERM.
+    Up(UpArgs),
+    /// Table of the lab's components and their health (exit 0 only when all are ready).
+    Status(DirArg),
+    /// Stop a running lab (every process it started).
+    Down(DirArg),
+    /// SIGKILL one component, e.g. `broker`, `east/gateway`, `east/controlplane`.
+    Kill {
+        component: String,
+        #[command(flatten)]
+        dir: DirArg,
+    },
+    /// Start one (killed) component again.
+    Start {
+        component: String,
+        #[command(flatten)]
+        dir: DirArg,
+    },
+    /// Print a component's log.
+    Logs {
+        component: String,
+        #[command(flatten)]
+        dir: DirArg,
+    },
+    /// Put Kubernetes-style YAML into a cluster's config (like kubectl apply).
+    Apply {
+        cluster: String,
+        file: PathBuf,
+        #[command(flatten)]
+        dir: DirArg,
+    },
+    /// Remove what `apply` put (like kubectl delete -f).
+    Delete {
+        cluster: String,
+        file: PathBuf,
+        #[command(flatten)]
+        dir: DirArg,
+    },
+    /// Send N requests from a cluster's client through its sidecar and
+    /// summarise the answers.
+    Curl {
+        cluster: String,
+        url: String,
+        #[arg(short = 'n', default_value_t = 1)]
+        n: u32,
+        #[command(flatten)]
+        dir: DirArg,
+    },
+    /// The demo workload: answers every request with who answered and who asked.
+    Echo(echo::EchoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    #[arg(long, value_enum, default_value = "multi-primary")]
+    pub topology: Topology,
+    #[arg(long, value_enum, default_value = "sni")]
+    pub mode: Mode,
+    /// Run each cluster in its own network namespace (needs root).
+    #[arg(long)]
+    pub netns: bool,
+    /// First address block: brokers in 127.BASE.0.0/16, clusters in the
+    /// blocks after it.
+    #[arg(long, default_value_t = 10, hide = true)]
+    pub ip_base: u8,
+    #[command(flatten)]
+    pub dir: DirArg,
+}
+
+pub fn run(args: LabArgs) -> Result<()> {
+    match args.command {
+        LabCommand::Echo(a) => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(echo::serve(a, crate::cli::broker::shutdown_signal()))
+        }
+        LabCommand::Up(a) => up(a),
+        LabCommand::Status(d) => status(&d.dir),
+        LabCommand::Down(d) => down(&d.dir),
+        LabCommand::Kill { component, dir } => kill(&dir.dir, &component),
+        LabCommand::Start { component, dir } => start(&dir.dir, &component),
+        LabCommand::Logs { component, dir } => {
+            let path = run::log_file(&dir.dir, &component);
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("no log for {component:?} ({})", path.display()))?;
+            print!("{text}");
+            Ok(())
+        }
+        LabCommand::Apply { cluster, file, dir } => apply(&dir.dir, &cluster, &file, true),
+        LabCommand::Delete { cluster, file, dir } => apply(&dir.dir, &cluster, &file, false),
+        LabCommand::Curl {
+            cluster,
+            url,
+            n,
+            dir,
+        } => {
+            let lab = read_lab(&dir.dir)?;
+            let summary = curl(&lab, &cluster, &url, n)?;
+            print!("{}", summary.render());
+            if summary.failed() > 0 {
+                bail!("{} of {n} requests failed", summary.failed());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn exe() -> Result<PathBuf> {
+    std::env::current_exe().context("cannot find the strait binary")
+}
+
+fn strait(args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new(exe()?)
+        .args(args)
+        .output()
+        .with_context(|| format!("strait {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "strait {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn straitctl(mesh: &plan::Mesh, args: &[&str]) -> Result<String> {
+    let ctl = exe()?.with_file_name("straitctl");
+    let creds = mesh.admin_creds.to_string_lossy().into_owned();
+    let out = std::process::Command::new(&ctl)
+        .args(["--broker", &mesh.address, "--creds", &creds])
+        .args(args)
+        .output()
+        .with_context(|| format!("{} (build it with cargo build --bins)", ctl.display()))?;
+    if !out.status.success() {
+        bail!(
+            "straitctl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn s(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// The lab as `up` wrote it (`lab.json` is for people and scripts; the
+/// plan is recomputed from its topology, mode and base).
+pub fn read_lab(dir: &Path) -> Result<Lab> {
+    let path = dir.join("lab.json");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "{}: no lab here (start one with `strait lab up`)",
+            path.display()
+        )
+    })?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| path.display().to_string())?;
+    let topology = match v["topology"].as_str() {
+        Some("multi-primary") => Topology::MultiPrimary,
+        Some("primary-remote") => Topology::PrimaryRemote,
+        Some("federated") => Topology::Federated,
+        other => bail!("{}: unknown topology {other:?}", path.display()),
+    };
+    let mode = if v["mode"] == "quic" {
+        Mode::Quic
+    } else {
+        Mode::Sni
+    };
+    let base = v["ip_base"]
+        .as_u64()
+        .and_then(|b| u8::try_from(b).ok())
+        .unwrap_or(10);
+    let dir = v["dir"]
+        .as_str()
+        .map_or_else(|| dir.to_path_buf(), PathBuf::from);
+    Lab::new(topology, &dir, mode, base).map_err(|e| anyhow!(e))
+}
+
+/// The components of a lab, in start order (brokers first, then per
+/// cluster: control plane, gateway, workloads with their sidecars).
+pub fn components(lab: &Lab) -> Vec<Component> {
+    let mut out = Vec::new();
+    for m in &lab.brokers {
+        let mut args = vec![
+            "broker".to_string(),
+            "--data-dir".into(),
+            s(&m.data_dir),
+            "--root".into(),
+            s(&root_dir(lab, &m.mesh)),
+            "--trust-domain".into(),
+            m.trust_domain.clone(),
+            "--mesh-name".into(),
+            m.mesh.clone(),
+            "--listen".into(),
+            m.address.clone(),
+            "--health-listen".into(),
+            format!("{}:{}", m.ip, plan::HEALTH_PORT),
+            "--metrics-listen".into(),
+            format!("{}:{}", m.ip, plan::METRICS_PORT),
+        ];
+        if lab.brokers.len() > 1 {
+            args.extend(["--peer-listen".into(), m.peer_address.clone()]);
+        }
+        out.push(Component {
+            name: m.component.clone(),
+            args,
+            health: format!("http://{}:{}/healthz/ready", m.ip, plan::HEALTH_PORT),
+        });
+    }
+    for c in &lab.clusters {
+        let state = c.dir.join("state");
+        let root_cert = s(&state.join("cacerts").join("root-cert.pem"));
+        if let Some(cp) = &c.control_plane {
+            let mut args = vec![
+                "controlplane".to_string(),
+                "--cluster".into(),
+                c.name.clone(),
+                "--network".into(),
+                c.network.clone(),
+                "--config-dir".into(),
+                s(&c.config_dir),
+                "--state-dir".into(),
+                s(&state),
+                "--join-token".into(),
+                s(&c.dir.join("join.token")),
+                "--listen".into(),
+                cp.clone(),
+                "--gateway".into(),
+                c.gateway.tcp.clone(),
+                "--health-listen".into(),
+                format!("{}:{}", c.cp_ip(), plan::HEALTH_PORT),
+                "--metrics-listen".into(),
+                format!("{}:{}", c.cp_ip(), plan::METRICS_PORT),
+            ];
+            if lab.mode == Mode::Quic {
+                args.extend([
+                    "--quic-egress".into(),
+                    format!("{}:{}", c.gw_ip(), plan::EGRESS_PORT),
+                ]);
+            }
+            out.push(Component {
+                name: format!("{}/controlplane", c.name),
+                args,
+                health: format!("http://{}:{}/healthz/ready", c.cp_ip(), plan::HEALTH_PORT),
+            });
+        }
+        let cp = c.cp_address(lab).unwrap_or_default().to_string();
+        out.push(Component {
+            name: format!("{}/gateway", c.name),
+            args: vec![
+                "gateway".into(),
+                "--cluster".into(),
+                c.name.clone(),
+                "--network".into(),
+                c.network.clone(),
+                "--listen".into(),
+                c.gateway.tcp.clone(),
+                "--egress-listen".into(),
+                format!("{}:{}", c.gw_ip(), plan::EGRESS_PORT),
+                "--control-plane".into(),
+                cp.clone(),
+                "--root-cert".into(),
+                root_cert.clone(),
+                "--identity".into(),
+                s(&c.dir.join("gateway-identity")),
+                "--health-listen".into(),
+                format!("{}:{}", c.gw_ip(), plan::HEALTH_PORT),
+                "--metrics-listen".into(),
+                format!("{}:{}", c.gw_ip(), plan::METRICS_PORT),
+            ],
+            health: format!("http://{}:{}/healthz/ready", c.gw_ip(), plan::HEALTH_PORT),
+        });
+        for w in &c.workloads {
+            if w.service != "client" {
+                out.push(Component {
+                    name: format!("{}/{}", c.name, w.name),
+                    args: vec![
+                        "lab".into(),
+                        "echo".into(),
+                        "--listen".into(),
+                        format!("{}:{}", w.ip, plan::APP_PORT),
+                        "--cluster".into(),
+                        c.name.clone(),
+                        "--service".into(),
+                        w.service.clone(),
+                        "--version".into(),
+                        w.version.clone(),
+                        "--workload".into(),
+                        w.name.clone(),
+                    ],
+                    health: format!("http://{}:{}/healthz", w.ip, plan::APP_PORT),
+                });
+            }
+            out.push(Component {
+                name: format!("{}/{}/sidecar", c.name, w.name),
+                args: vec![
+                    "sidecar".into(),
+                    "--workload".into(),
+                    w.name.clone(),
+                    "--namespace".into(),
+                    w.namespace.clone(),
+                    "--control-plane".into(),
+                    cp.clone(),
+                    "--token".into(),
+                    s(&c.dir.join("tokens").join(format!("{}.token", w.name))),
+                    "--root-cert".into(),
+                    root_cert.clone(),
+                    "--inbound".into(),
+                    w.inbound.clone(),
+                    "--app".into(),
+                    format!("{}:{}", w.ip, plan::APP_PORT),
+                    "--outbound".into(),
+                    format!("{}:{}", w.ip, plan::OUTBOUND_PORT),
+                    "--health-listen".into(),
+                    format!("{}:{}", w.ip, plan::HEALTH_PORT),
+                    "--metrics-listen".into(),
+                    format!("{}:{}", w.ip, plan::METRICS_PORT),
+                ],
+                health: format!("http://{}:{}/healthz/ready", w.ip, plan::HEALTH_PORT),
+            });
+        }
+    }
+    out
+}
+
+fn root_dir(lab: &Lab, mesh: &str) -> PathBuf {
+    lab.dir.join(mesh).join("root")
+}
+
+/// Refuses a directory that is in use by a running lab.
+fn check_not_running(dir: &Path) -> Result<()> {
+    let procs = Procs::load(dir)?;
+    if let Some(pid) = procs.supervisor
+        && run::alive(pid)
+    {
+        bail!(
+            "a lab is already running in {} (pid {pid}); stop it with `strait lab down --dir {}`",
+            dir.display(),
+            dir.display()
+        );
+    }
+    if procs.procs.values().any(|p| run::alive(p.pid)) {
+        bail!(
+            "processes of an earlier lab in {} are still running; stop them with `strait lab down --dir {}`",
+            dir.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Prepares a fresh lab directory: the previous lab's state is replaced; a
+/// non-empty directory that is not a lab is refused.
+fn prepare_dir(dir: &Path) -> Result<()> {
+    if dir.exists() {
+        let is_lab = dir.join("lab.json").exists() || run::run_dir(dir).exists();
+        let empty = std::fs::read_dir(dir)?.next().is_none();
+        if !is_lab && !empty {
+            bail!(
+                "{} exists and is not a lab directory; choose another --dir",
+                dir.display()
+            );
+        }
+        std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir)?;
+    Ok(())
+}
+
+/// A step of `up`, shown as progress.
+fn step<T>(bar: &indicatif::ProgressBar, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    bar.set_message(what.to_string());
+    let r = f();
+    match &r {
+        Ok(_) => bar.println(format!("  ok  {what}")),
+        Err(_) => bar.println(format!("  FAILED  {what}")),
+    }
+    bar.inc(1);
+    r
+}
+
+fn start_component(lab: &Lab, procs: &mut Procs, c: &Component) -> Result<()> {
+    let pid = run::spawn(&lab.dir, &exe()?, c)?;
+    procs.order.retain(|n| n != &c.name);
+    procs.order.push(c.name.clone());
+    procs.procs.insert(
+        c.name.clone(),
+        run::Proc {
+            pid,
+            args: c.args.clone(),
+            health: c.health.clone(),
+        },
+    );
+    procs.save(&lab.dir)?;
+    run::wait_healthy(&lab.dir, c, pid, READY_DEADLINE)
+}
+
+/// Brings a lab up (returns once every component is ready).
+pub fn bring_up(lab: &Lab, quiet: bool) -> Result<()> {
+    if lab.topology == Topology::PrimaryRemote {
+        bail!(
+            "the primary-remote topology is not available yet: its remote proxies need the \
+primary's control plane exposed through the gateway, which the gateway does not do yet; \
+use --topology multi-primary or federated"
+        );
+    }
+    let dir = &lab.dir;
+    check_not_running(dir)?;
+    prepare_dir(dir)?;
+    let comps = components(lab);
+    let total = comps.len() + lab.brokers.len() + 2 * lab.clusters.len() + 1;
+    let bar = if quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let b = indicatif::ProgressBar::new(total as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("[{pos}/{len}] {wide_msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    };
+    let mut procs = Procs {
+        supervisor: Some(std::process::id()),
+        ..Procs::default()
+    };
+    procs.save(dir)?;
+    // lab.json first, so that status/down work while starting.
+    let mut json = lab.to_json();
+    json["ip_base"] = serde_json::json!(lab.clusters[0].block - 1);
+    std::fs::write(dir.join("lab.json"), serde_json::to_string_pretty(&json)?)?;
+
+    for m in &lab.brokers {
+        step(
+            &bar,
+            &format!("root CA for {} ({})", m.mesh, m.trust_domain),
+            || {
+                strait(&[
+                    "ca",
+                    "init-root",
+                    "--trust-domain",
+                    &m.trust_domain,
+                    "--out",
+                    &s(&root_dir(lab, &m.mesh)),
+                    "--validity",
+                    "1y",
+                ])?;
+                Ok(())
+            },
+        )?;
+    }
+    let by_name = |n: &str| comps.iter().find(|c| c.name == n).cloned();
+    for m in &lab.brokers {
+        let c = by_name(&m.component).ok_or_else(|| anyhow!("no component {}", m.component))?;
+        step(&bar, &format!("{} ready", c.name), || {
+            start_component(lab, &mut procs, &c)
+        })?;
+    }
+    if lab.brokers.len() > 1 {
+        step(&bar, "brokers peered", || {
+            let token = straitctl(&lab.brokers[0], &["peer", "token"])?;
+            straitctl(&lab.brokers[1], &["peer", "establish", token.trim()])?;
+            Ok(())
+        })?;
+    }
+    for cl in &lab.clusters {
+        let m = lab.mesh_of(cl);
+        std::fs::create_dir_all(&cl.config_dir)?;
+        std::fs::write(cl.config_dir.join("demo.yaml"), cl.config_yaml())?;
+        step(
+            &bar,
+            &format!("{} registered at the broker", cl.name),
+            || {
+                let token = straitctl(
+                    m,
+                    &[
+                        "cluster",
+                        "add",
+                        &cl.name,
+                        "--network",
+                        &cl.network,
+                        "--locality",
+                        &cl.locality,
+                    ],
+                )?;
+                std::fs::write(cl.dir.join("join.token"), token.trim())?;
+                Ok(())
+            },
+        )?;
+        let cp = by_name(&format!("{}/controlplane", cl.name));
+        if let Some(cp) = cp {
+            step(&bar, &format!("{} ready", cp.name), || {
+                start_component(lab, &mut procs, &cp)
+            })?;
+        }
+        let state = cl.dir.join("state");
+        step(
+            &bar,
+            &format!("{}: workload tokens and gateway identity", cl.name),
+            || {
+                let tokens = cl.dir.join("tokens");
+                std::fs::create_dir_all(&tokens)?;
+                for w in &cl.workloads {
+                    strait(&[
+                        "controlplane",
+                        "token",
+                        "--state-dir",
+                        &s(&state),
+                        "--namespace",
+                        &w.namespace,
+                        "--service-account",
+                        &w.service_account,
+                        "--workload",
+                        &w.name,
+                        "--out",
+                        &s(&tokens.join(format!("{}.token", w.name))),
+                    ])?;
+                }
+                strait(&[
+                    "ca",
+                    "issue-workload",
+                    "--ca",
+                    &s(&state.join("cacerts")),
+                    "--spiffe-id",
+                    &format!(
+                        "spiffe://{}/ns/strait-system/sa/eastwest-gateway",
+                        cl.trust_domain
+                    ),
+                    "--ttl",
+                    "24h",
+                    "--out",
+                    &s(&cl.dir.join("gateway-identity")),
+                ])?;
+                Ok(())
+            },
+        )?;
+        for c in comps.iter().filter(|c| {
+            c.name.starts_with(&format!("{}/", cl.name)) && !c.name.ends_with("/controlplane")
+        }) {
+            step(&bar, &format!("{} ready", c.name), || {
+                start_component(lab, &mut procs, c)
+            })?;
+        }
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
+fn up(a: UpArgs) -> Result<()> {
+    if a.netns {
+        bail!("--netns is not available yet; the lab runs on loopback blocks (127.<n>.0.0/16)");
+    }
+    let dir = absolute(&a.dir.dir)?;
+    let lab = Lab::new(a.topology, &dir, a.mode, a.ip_base).map_err(|e| anyhow!(e))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let signal = rt.spawn(crate::cli::broker::shutdown_signal());
+    if let Err(e) = bring_up(&lab, false) {
+        eprintln!("lab did not come up; stopping what started");
+        let _ = down(&dir);
+        return Err(e);
+    }
+    println!(
+        "lab {} is up in {} ({:?} mode)\n",
+        topology_name(lab.topology),
+        dir.display(),
+        lab.mode
+    );
+    run::print_table(&run::status_rows(&Procs::load(&dir)?));
+    println!(
+        "\nTry:\n  strait lab curl {} http://echo.demo:8080/ -n 10 --dir {}\n  straitctl --lab {} exports list\n  strait lab down --dir {}\n\nRunning until SIGINT/SIGTERM.",
+        lab.clusters[0].name,
+        dir.display(),
+        dir.display(),
+        dir.display()
+    );
+    let _ = rt.block_on(signal);
+    eprintln!("stopping the lab");
+    down(&dir)
+}
+
+fn topology_name(t: Topology) -> &'static str {
+    match t {
+        Topology::MultiPrimary => "multi-primary",
+        Topology::PrimaryRemote => "primary-remote",
+        Topology::Federated => "federated",
+    }
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    if p.is_absolute() {
+        Ok(p.to_path_buf())
+    } else {
+        Ok(std::env::current_dir()?.join(p))
+    }
+}
+
+fn status(dir: &Path) -> Result<()> {
+    let procs = Procs::load(dir)?;
+    if procs.order.is_empty() {
+        bail!("no lab is running in {}", dir.display());
+    }
+    let rows = run::status_rows(&procs);
+    run::print_table(&rows);
+    let bad = rows.iter().filter(|r| !r.healthy).count();
+    if bad > 0 {
+        return Err(crate::cli::Rejected(format!("{bad} component(s) not ready")).into());
+    }
+    Ok(())
+}
+
+/// Stops every process of the lab (in reverse start order) and the `up`
+/// process itself.
+pub fn down(dir: &Path) -> Result<()> {
+    let mut procs = Procs::load(dir)?;
+    let me = std::process::id();
+    for name in procs.order.iter().rev() {
+        if let Some(p) = procs.procs.get(name) {
+            run::stop(p.pid, Duration::from_secs(5));
+        }
+    }
+    if let Some(pid) = procs.supervisor
+        && pid != me
+    {
+        run::stop(pid, Duration::from_secs(10));
+    }
+    procs.procs.clear();
+    procs.order.clear();
+    procs.supervisor = None;
+    procs.save(dir)?;
+    Ok(())
+}
+
+fn kill(dir: &Path, component: &str) -> Result<()> {
+    let procs = Procs::load(dir)?;
+    let p = procs.procs.get(component).ok_or_else(|| {
+        anyhow!(
+            "no component {component:?} in {}; components: {}",
+            dir.display(),
+            procs.order.join(", ")
+        )
+    })?;
+    run::kill9(p.pid);
+    println!("{component} (pid {}) killed", p.pid);
+    Ok(())
+}
+
+fn start(dir: &Path, component: &str) -> Result<()> {
+    let lab = read_lab(dir)?;
+    let c = components(&lab)
+        .into_iter()
+        .find(|c| c.name == component)
+        .ok_or_else(|| anyhow!("no component {component:?} in this lab"))?;
+    let mut procs = Procs::load(dir)?;
+    if let Some(p) = procs.procs.get(component)
+        && run::alive(p.pid)
+    {
+        bail!("{component} is running (pid {})", p.pid);
+    }
+    start_component(&lab, &mut procs, &c)?;
+    println!("{component} started and ready");
+    Ok(())
+}
+
+/// `lab apply`/`delete`: the file's documents go to (or leave) the
+/// cluster's config directory as `applied-<file name>`.
+fn apply(dir: &Path, cluster: &str, file: &Path, put: bool) -> Result<()> {
+    let lab = read_lab(dir)?;
+    let c = lab
+        .cluster(cluster)
+        .ok_or_else(|| anyhow!("no cluster {cluster:?} in this lab"))?;
+    let name = file
+        .file_name()
+        .ok_or_else(|| anyhow!("{}: not a file", file.display()))?;
+    let target = c
+        .config_dir
+        .join(format!("applied-{}", name.to_string_lossy()));
+    if put {
+        let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
+        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text)
+            .map_err(|e| anyhow!("{}: not valid YAML: {e}", file.display()))?;
+        let tmp = target.with_extension("tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &target)?;
+        println!("{} object(s) applied to {cluster}", docs.len());
+    } else {
+        match std::fs::remove_file(&target) {
+            Ok(()) => println!("{} deleted from {cluster}", name.to_string_lossy()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                bail!("{} was not applied to {cluster}", name.to_string_lossy())
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// What `lab curl` saw.
+#[derive(Debug, Default)]
+pub struct CurlSummary {
+    pub codes: std::collections::BTreeMap<String, u32>,
+    pub answered_by: std::collections::BTreeMap<String, u32>,
+    pub identities: std::collections::BTreeMap<String, u32>,
+    pub bodies: Vec<serde_json::Value>,
+}
+
+impl CurlSummary {
+    pub fn failed(&self) -> u32 {
+        self.codes
+            .iter()
+            .filter(|(c, _)| c.as_str() != "200")
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let hist = |title: &str, m: &std::collections::BTreeMap<String, u32>, out: &mut String| {
+            out.push_str(title);
+            out.push('\n');
+            for (k, n) in m {
+                out.push_str(&format!("  {n:>5}  {k}\n"));
+            }
+        };
+        hist("status codes:", &self.codes, &mut out);
+        hist(
+            "answered by (cluster/service/version):",
+            &self.answered_by,
+            &mut out,
+        );
+        hist("identity the server saw:", &self.identities, &mut out);
+        out
+    }
+}
+
+/// N requests through a cluster's client sidecar (HTTP proxy).
+pub fn curl(lab: &Lab, cluster: &str, url: &str, n: u32) -> Result<CurlSummary> {
+    let c = lab
+        .cluster(cluster)
+        .ok_or_else(|| anyhow!("no cluster {cluster:?} in this lab"))?;
+    let proxy = c
+        .client_proxy
+        .strip_prefix("http://")
+        .ok_or_else(|| anyhow!("bad client proxy {}", c.client_proxy))?
+        .to_string();
+    let mut sum = CurlSummary::default();
+    for _ in 0..n {
+        let (code, body) = proxy_get(&proxy, url)?;
+        *sum.codes.entry(code.to_string()).or_default() += 1;
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) {
+            let who = format!(
+                "{}/{}/{}",
+                v["cluster"].as_str().unwrap_or("?"),
+                v["service"].as_str().unwrap_or("?"),
+                v["version"].as_str().unwrap_or("?")
+            );
+            *sum.answered_by.entry(who).or_default() += 1;
+            let id = v["peer_identity"].as_str().unwrap_or("(none)").to_string();
+            *sum.identities.entry(id).or_default() += 1;
+            sum.bodies.push(v);
+        } else if code != 200 {
+            *sum.answered_by
+                .entry(format!(
+                    "({})",
+                    body.trim().chars().take(80).collect::<String>()
+                ))
+                .or_default() += 1;
+        }
+    }
+    Ok(sum)
+}
+
+/// One HTTP/1.1 GET of `url` through the proxy at `proxy`; status and body.
+pub fn proxy_get(proxy: &str, url: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = proxy.parse().with_context(|| format!("proxy {proxy}"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .with_context(|| format!("cannot reach the client sidecar at {proxy}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let host = url
+        .strip_prefix("http://")
+        .and_then(|r| r.split('/').next())
+        .ok_or_else(|| anyhow!("{url}: only http:// URLs (the sidecar adds mTLS)"))?;
+    write!(
+        s,
+        "GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow!("no HTTP answer from {proxy}: {head:?}"))?;
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    Ok((
+        code,
+        if chunked {
+            dechunk(body)
+        } else {
+            body.to_string()
+        },
+    ))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The namespace demo YAML objects use.
+pub const DEMO_NAMESPACE: &str = NAMESPACE;
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn components_start_brokers_first_and_name_clusters() {
+        let lab = Lab::new(Topology::MultiPrimary, Path::new("/l"), Mode::Sni, 10).unwrap();
+        let names: Vec<String> = components(&lab).into_iter().map(|c| c.name).collect();
+        assert_eq!(names[0], "broker");
+        assert!(names.contains(&"east/controlplane".to_string()));
+        assert!(names.contains(&"west/gateway".to_string()));
+        assert!(names.contains(&"east/echo-v1/sidecar".to_string()));
+        assert!(names.contains(&"west/client/sidecar".to_string()));
+        // Every component has its own health endpoint.
+        let mut health: Vec<String> = components(&lab).into_iter().map(|c| c.health).collect();
+        health.sort();
+        health.dedup();
+        assert_eq!(health.len(), names.len());
+    }
+
+    #[test]
+    fn dechunk_joins_chunks() {
+        assert_eq!(dechunk("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), "abcde");
+        assert_eq!(dechunk("zz\r\n"), "");
+    }
+}

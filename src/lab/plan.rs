@@ -1,0 +1,369 @@
+//! What a lab contains, computed without I/O: meshes, clusters, the
+//! processes to run (with their command lines and health endpoints), the
+//! config each cluster starts with, and `lab.json`.
+//!
+//! Addresses (loopback mode): brokers live in `127.<base>.0.0/16`
+//! (`127.<base>.0.<mesh index + 1>`), cluster `i` in `127.<base + 1 + i>.0.0/16`:
+//! `.0.1` its control plane (15012 discovery and CSR, 15021 health, 15090
+//! metrics), `.0.2` its east-west gateway (15443 TCP passthrough and UDP
+//! QUIC, 15444 egress), `.0.10` and up its workloads (app 8080, sidecar
+//! inbound 15006, outbound 15001, health 15021, metrics 15090). Ports are
+//! Istio's; every process has its own address, as pods do.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+/// The lab's topology.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Topology {
+    /// Two clusters (east, west), each with its own control plane; one mesh.
+    MultiPrimary,
+    /// A primary cluster whose control plane also serves a remote cluster.
+    PrimaryRemote,
+    /// Two meshes with their own trust domains and brokers, peered.
+    Federated,
+}
+
+/// How sidecars reach other networks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// mTLS to the remote gateway, routed by SNI.
+    Sni,
+    /// Through the local gateway's egress and a pooled QUIC tunnel.
+    Quic,
+}
+
+pub const CP_PORT: u16 = 15012;
+pub const HEALTH_PORT: u16 = 15021;
+pub const METRICS_PORT: u16 = 15090;
+pub const GATEWAY_PORT: u16 = 15443;
+pub const EGRESS_PORT: u16 = 15444;
+pub const BROKER_PORT: u16 = 15011;
+pub const PEER_PORT: u16 = 15013;
+pub const APP_PORT: u16 = 8080;
+pub const INBOUND_PORT: u16 = 15006;
+pub const OUTBOUND_PORT: u16 = 15001;
+/// The demo namespace.
+pub const NAMESPACE: &str = "demo";
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Mesh {
+    pub mesh: String,
+    pub trust_domain: String,
+    #[serde(skip)]
+    pub ip: String,
+    pub address: String,
+    #[serde(skip)]
+    pub peer_address: String,
+    pub admin_creds: PathBuf,
+    /// The broker's data directory.
+    #[serde(skip)]
+    pub data_dir: PathBuf,
+    /// The broker's component name (`broker`, or `<mesh>/broker`).
+    #[serde(skip)]
+    pub component: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    pub service: String,
+    pub version: String,
+    pub service_account: String,
+    /// The sidecar's mTLS listener.
+    pub inbound: String,
+    pub metrics: String,
+    #[serde(skip)]
+    pub ip: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GatewayInfo {
+    pub tcp: String,
+    pub udp: String,
+    pub metrics: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Cluster {
+    pub name: String,
+    pub mesh: String,
+    pub trust_domain: String,
+    pub network: String,
+    pub locality: String,
+    pub role: &'static str,
+    pub config_dir: PathBuf,
+    pub control_plane: Option<String>,
+    pub gateway: GatewayInfo,
+    pub client_proxy: String,
+    pub workloads: Vec<Workload>,
+    /// The cluster's directory (state, tokens, identities).
+    #[serde(skip)]
+    pub dir: PathBuf,
+    #[serde(skip)]
+    pub block: u8,
+}
+
+/// A whole lab, as `lab.json` describes it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Lab {
+    pub topology: Topology,
+    pub dir: PathBuf,
+    pub mode: Mode,
+    pub brokers: Vec<Mesh>,
+    pub clusters: Vec<Cluster>,
+}
+
+/// One process of the lab.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Component {
+    /// e.g. `broker`, `east/controlplane`, `east/echo-v1/sidecar`.
+    pub name: String,
+    /// Arguments to the `strait` binary.
+    pub args: Vec<String>,
+    /// `http://…/healthz/ready`
+    pub health: String,
+}
+
+/// name, mesh index, network, locality, role
+type ClusterSpec = (
+    &'static str,
+    usize,
+    &'static str,
+    &'static str,
+    &'static str,
+);
+
+fn ip(block: u8, host: u8) -> String {
+    format!("127.{block}.0.{host}")
+}
+
+impl Lab {
+    /// The lab for `topology` in `dir`, with address blocks from `base`.
+    pub fn new(topology: Topology, dir: &Path, mode: Mode, base: u8) -> Result<Lab, String> {
+        if base == 0 || base > 250 {
+            return Err(format!("--ip-base {base} must be in 1..=250"));
+        }
+        let mesh = |i: u8, name: &str, td: &str, component: &str| {
+            let ip = ip(base, i + 1);
+            Mesh {
+                mesh: name.to_string(),
+                trust_domain: td.to_string(),
+                address: format!("{ip}:{BROKER_PORT}"),
+                peer_address: format!("{ip}:{PEER_PORT}"),
+                admin_creds: dir.join(name).join("broker").join("admin"),
+                data_dir: dir.join(name).join("broker"),
+                component: component.to_string(),
+                ip,
+            }
+        };
+        let (brokers, specs): (Vec<Mesh>, Vec<ClusterSpec>) = match topology {
+            Topology::MultiPrimary => (
+                vec![mesh(0, "mesh", "cluster.local", "broker")],
+                vec![
+                    ("east", 0, "net-east", "region-a/zone-1", "primary"),
+                    ("west", 0, "net-west", "region-b/zone-1", "primary"),
+                ],
+            ),
+            Topology::PrimaryRemote => (
+                vec![mesh(0, "mesh", "cluster.local", "broker")],
+                vec![
+                    ("primary", 0, "net-primary", "region-a/zone-1", "primary"),
+                    ("remote", 0, "net-remote", "region-b/zone-1", "remote"),
+                ],
+            ),
+            Topology::Federated => (
+                vec![
+                    mesh(0, "mesh-a", "mesh-a.local", "mesh-a/broker"),
+                    mesh(1, "mesh-b", "mesh-b.local", "mesh-b/broker"),
+                ],
+                vec![
+                    ("east", 0, "net-east", "region-a/zone-1", "primary"),
+                    ("west", 1, "net-west", "region-b/zone-1", "primary"),
+                ],
+            ),
+        };
+        let mut clusters = Vec::new();
+        for (i, (name, m, network, locality, role)) in specs.into_iter().enumerate() {
+            let block = base
+                .checked_add(1 + u8::try_from(i).map_err(|_| "too many clusters")?)
+                .ok_or_else(|| format!("--ip-base {base} leaves no block for cluster {name}"))?;
+            let version = if i == 0 { "v1" } else { "v2" };
+            let w = |host: u8, name: String, service: &str, version: &str, sa: &str| {
+                let ip = ip(block, host);
+                Workload {
+                    name,
+                    namespace: NAMESPACE.into(),
+                    service: service.into(),
+                    version: version.into(),
+                    service_account: sa.into(),
+                    inbound: format!("{ip}:{INBOUND_PORT}"),
+                    metrics: format!("http://{ip}:{METRICS_PORT}/stats/prometheus"),
+                    ip,
+                }
+            };
+            let workloads = vec![
+                w(10, format!("echo-{version}"), "echo", version, "echo"),
+                w(11, "private".into(), "private", "v1", "private"),
+                w(12, "client".into(), "client", "v1", "client"),
+            ];
+            let client_ip = ip(block, 12);
+            let cp_ip = ip(block, 1);
+            let gw_ip = ip(block, 2);
+            let dir = dir.join(name);
+            clusters.push(Cluster {
+                name: name.into(),
+                mesh: brokers[m].mesh.clone(),
+                trust_domain: brokers[m].trust_domain.clone(),
+                network: network.into(),
+                locality: locality.into(),
+                role,
+                config_dir: dir.join("config"),
+                control_plane: (role == "primary").then(|| format!("{cp_ip}:{CP_PORT}")),
+                gateway: GatewayInfo {
+                    tcp: format!("{gw_ip}:{GATEWAY_PORT}"),
+                    udp: format!("{gw_ip}:{GATEWAY_PORT}"),
+                    metrics: format!("http://{gw_ip}:{METRICS_PORT}/metrics"),
+                },
+                client_proxy: format!("http://{client_ip}:{OUTBOUND_PORT}"),
+                workloads,
+                dir,
+                block,
+            });
+        }
+        Ok(Lab {
+            topology,
+            dir: dir.to_path_buf(),
+            mode,
+            brokers,
+            clusters,
+        })
+    }
+
+    pub fn cluster(&self, name: &str) -> Option<&Cluster> {
+        self.clusters.iter().find(|c| c.name == name)
+    }
+
+    pub fn mesh_of(&self, c: &Cluster) -> &Mesh {
+        self.brokers
+            .iter()
+            .find(|m| m.mesh == c.mesh)
+            .unwrap_or(&self.brokers[0])
+    }
+
+    /// `lab.json`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        // straitctl --lab reads `broker` (the first mesh's).
+        if let Some(first) = self.brokers.first() {
+            v["broker"] = serde_json::json!({
+                "address": first.address,
+                "admin_creds": first.admin_creds,
+            });
+        }
+        v
+    }
+}
+
+impl Cluster {
+    pub fn cp_ip(&self) -> String {
+        ip(self.block, 1)
+    }
+
+    pub fn gw_ip(&self) -> String {
+        ip(self.block, 2)
+    }
+
+    /// The control plane this cluster's proxies use (a remote cluster's is
+    /// the primary's).
+    pub fn cp_address<'a>(&'a self, lab: &'a Lab) -> Option<&'a str> {
+        self.control_plane.as_deref().or_else(|| {
+            lab.clusters
+                .iter()
+                .find(|c| c.role == "primary" && c.mesh == self.mesh)
+                .and_then(|c| c.control_plane.as_deref())
+        })
+    }
+
+    /// The cluster's starting config: namespace `demo` with `echo`
+    /// (exported), `private` (not exported) and `client`, as
+    /// Kubernetes-style YAML.
+    pub fn config_yaml(&self) -> String {
+        let mut out = format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NAMESPACE}\n---\n\
+apiVersion: v1\nkind: Service\nmetadata:\n  name: echo\n  namespace: {NAMESPACE}\n  labels: {{app: echo}}\n  annotations:\n    strait.io/export: \"true\"\n\
+spec:\n  selector: {{app: echo}}\n  ports:\n  - {{name: http, port: {APP_PORT}}}\n---\n\
+apiVersion: v1\nkind: Service\nmetadata:\n  name: private\n  namespace: {NAMESPACE}\n\
+spec:\n  selector: {{app: private}}\n  ports:\n  - {{name: http, port: {APP_PORT}}}\n"
+        );
+        for w in &self.workloads {
+            out.push_str(&format!(
+                "---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: {}\n  namespace: {}\n\
+spec:\n  address: {}\n  labels: {{app: {}, version: {}}}\n  serviceAccount: {}\n  locality: {}\n  network: {}\n  ports: {{http: {APP_PORT}}}\n",
+                w.name, w.namespace, w.ip, w.service, w.version, w.service_account, self.locality, self.network
+            ));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn multi_primary_has_east_first_and_distinct_blocks() {
+        let lab = Lab::new(Topology::MultiPrimary, Path::new("/l"), Mode::Sni, 10).unwrap();
+        let names: Vec<&str> = lab.clusters.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["east", "west"]);
+        assert_eq!(
+            lab.clusters[0].control_plane.as_deref(),
+            Some("127.11.0.1:15012")
+        );
+        assert_eq!(lab.clusters[1].gateway.tcp, "127.12.0.2:15443");
+        assert_eq!(lab.clusters[0].workloads[0].version, "v1");
+        assert_eq!(lab.clusters[1].workloads[0].version, "v2");
+        let j = lab.to_json();
+        assert_eq!(j["topology"], "multi-primary");
+        assert_eq!(j["broker"]["address"], "127.10.0.1:15011");
+        assert_eq!(
+            j["clusters"][0]["workloads"][0]["inbound"],
+            "127.11.0.10:15006"
+        );
+        assert_eq!(j["clusters"][1]["client_proxy"], "http://127.12.0.12:15001");
+    }
+
+    #[test]
+    fn federated_has_two_meshes_and_remote_uses_the_primary() {
+        let lab = Lab::new(Topology::Federated, Path::new("/l"), Mode::Quic, 10).unwrap();
+        assert_eq!(lab.brokers.len(), 2);
+        assert_ne!(lab.brokers[0].trust_domain, lab.brokers[1].trust_domain);
+        assert_eq!(lab.clusters[1].trust_domain, "mesh-b.local");
+        let pr = Lab::new(Topology::PrimaryRemote, Path::new("/l"), Mode::Sni, 10).unwrap();
+        assert_eq!(pr.clusters[1].control_plane, None);
+        assert_eq!(pr.clusters[1].cp_address(&pr), Some("127.11.0.1:15012"));
+    }
+
+    #[test]
+    fn bad_bases_are_refused() {
+        assert!(Lab::new(Topology::MultiPrimary, Path::new("/l"), Mode::Sni, 0).is_err());
+        assert!(Lab::new(Topology::MultiPrimary, Path::new("/l"), Mode::Sni, 254).is_err());
+    }
+
+    #[test]
+    fn config_is_valid_yaml_with_exported_echo() {
+        let lab = Lab::new(Topology::MultiPrimary, Path::new("/l"), Mode::Sni, 10).unwrap();
+        let docs: Vec<serde_json::Value> =
+            serde_saphyr::from_multiple(&lab.clusters[1].config_yaml()).unwrap();
+        assert_eq!(docs.len(), 6);
+        let exports = strait_model::local::local_exports(&docs);
+        assert!(exports.errors.is_empty(), "{:?}", exports.errors);
+        assert_eq!(exports.exports.len(), 1);
+        assert_eq!(exports.exports[0].endpoint_labels["version"], "v2");
+    }
+}
