@@ -508,11 +508,14 @@ fn straitctl_reads_a_lab_directory() {
     let broker = Broker::start(&s.path("broker"), TD);
     s.write(
         "lab/lab.json",
-        &format!(
-            "{{\"broker\": {{\"address\": \"{}\", \"admin_creds\": \"{}\"}}}}",
-            broker.addr,
-            broker.admin_creds().display()
-        ),
+        &serde_json::json!({
+            "broker": {"address": broker.addr, "admin_creds": broker.admin_creds()},
+            "brokers": [
+                {"mesh": "mesh-a", "address": "127.0.0.1:1", "admin_creds": "/nonexistent"},
+                {"mesh": "mesh-b", "address": broker.addr, "admin_creds": broker.admin_creds()},
+            ],
+        })
+        .to_string(),
     );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_straitctl"))
         .args(["--lab", s.path("lab").to_str().unwrap(), "cluster", "list"])
@@ -526,6 +529,28 @@ fn straitctl_reads_a_lab_directory() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("NAME"));
+    // --mesh picks a broker from `brokers`; an unknown mesh is named.
+    let ctl = |mesh: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_straitctl"))
+            .args([
+                "--lab",
+                s.path("lab").to_str().unwrap(),
+                "--mesh",
+                mesh,
+                "cluster",
+                "list",
+            ])
+            .env_remove("STRAIT_BROKER")
+            .env_remove("STRAIT_CREDS")
+            .output()
+            .unwrap()
+    };
+    assert!(ctl("mesh-b").status.success());
+    let out = ctl("mesh-a");
+    assert_eq!(out.status.code(), Some(1), "mesh-a's broker does not exist");
+    let out = ctl("mesh-c");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mesh-a, mesh-b"));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_straitctl"))
         .args([
             "--lab",

@@ -38,6 +38,10 @@ pub struct Ctl {
     /// from its lab.json (`{"broker": {"address": ..., "admin_creds": ...}}`).
     #[arg(long, global = true, env = "STRAIT_LAB", value_name = "DIR", conflicts_with_all = ["broker", "creds"])]
     lab: Option<PathBuf>,
+    /// With --lab: which mesh's broker (default: the first in lab.json's
+    /// `brokers`).
+    #[arg(long, global = true, value_name = "NAME", requires = "lab")]
+    mesh: Option<String>,
     /// Output format.
     #[arg(
         short = 'o',
@@ -278,7 +282,7 @@ impl Conn {
     fn open(ctl: &Ctl) -> Result<Self> {
         let (lab_broker, lab_creds) = match &ctl.lab {
             Some(dir) => {
-                let (b, c) = read_lab(dir)?;
+                let (b, c) = read_lab(dir, ctl.mesh.as_deref())?;
                 (Some(b), Some(c))
             }
             None => (None, None),
@@ -315,8 +319,9 @@ impl Conn {
     }
 }
 
-/// The broker address and admin credentials of a lab directory.
-fn read_lab(dir: &std::path::Path) -> Result<(String, PathBuf)> {
+/// The broker address and admin credentials of a lab directory: the broker
+/// of mesh `mesh` from `brokers`, or the first one (`broker`).
+fn read_lab(dir: &std::path::Path, mesh: Option<&str>) -> Result<(String, PathBuf)> {
     let path = dir.join("lab.json");
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!(
@@ -325,12 +330,31 @@ fn read_lab(dir: &std::path::Path) -> Result<(String, PathBuf)> {
         )
     })?;
     let v: Value = serde_json::from_str(&text).with_context(|| path.display().to_string())?;
-    let address = v["broker"]["address"]
+    let broker = match mesh {
+        None => &v["broker"],
+        Some(m) => {
+            let brokers = v["brokers"].as_array().cloned().unwrap_or_default();
+            let names: Vec<String> = brokers
+                .iter()
+                .filter_map(|b| b["mesh"].as_str().map(str::to_string))
+                .collect();
+            let found = v["brokers"]
+                .as_array()
+                .and_then(|bs| bs.iter().find(|b| b["mesh"] == m));
+            found.ok_or_else(|| {
+                UsageError(format!(
+                    "--mesh {m:?}: the lab has no such mesh (meshes: {})",
+                    names.join(", ")
+                ))
+            })?
+        }
+    };
+    let address = broker["address"]
         .as_str()
-        .ok_or_else(|| anyhow::anyhow!("{}: broker.address is missing", path.display()))?;
-    let creds = v["broker"]["admin_creds"]
+        .ok_or_else(|| anyhow::anyhow!("{}: broker address is missing", path.display()))?;
+    let creds = broker["admin_creds"]
         .as_str()
-        .ok_or_else(|| anyhow::anyhow!("{}: broker.admin_creds is missing", path.display()))?;
+        .ok_or_else(|| anyhow::anyhow!("{}: broker admin_creds is missing", path.display()))?;
     let creds = PathBuf::from(creds);
     let creds = if creds.is_relative() {
         dir.join(creds)
