@@ -34,8 +34,14 @@ pub mod strait {
                 pub const GATEWAY_ROUTE: &str = "type.googleapis.com/strait.mesh.v1.GatewayRoute";
                 pub const NETWORK: &str = "type.googleapis.com/strait.mesh.v1.Network";
                 /// Every type, in the order a proxy should apply them.
-                pub const ALL: [&str; 6] =
-                    [TRUST_BUNDLE, NETWORK, WORKLOAD, SERVICE, POLICY, GATEWAY_ROUTE];
+                pub const ALL: [&str; 6] = [
+                    TRUST_BUNDLE,
+                    NETWORK,
+                    WORKLOAD,
+                    SERVICE,
+                    POLICY,
+                    GATEWAY_ROUTE,
+                ];
             }
         }
     }
