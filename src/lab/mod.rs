@@ -3,6 +3,7 @@
 //! workloads, sidecars); the lab directory holds their state, logs, the
 //! process table and `lab.json`.
 
+pub mod demo;
 pub mod echo;
 pub mod plan;
 pub mod run;
@@ -89,6 +90,14 @@ pub enum LabCommand {
     },
     /// The demo workload: answers every request with who answered and who asked.
     Echo(echo::EchoArgs),
+    /// Bring labs up, tour them (cross-cluster identity, weighted split,
+    /// authorization, failover, rotation, federation), tear them down.
+    Demo {
+        #[command(flatten)]
+        dir: DirArg,
+        #[arg(long, default_value_t = 10, hide = true)]
+        ip_base: u8,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -115,6 +124,7 @@ pub fn run(args: LabArgs) -> Result<()> {
             rt.block_on(echo::serve(a, crate::cli::broker::shutdown_signal()))
         }
         LabCommand::Up(a) => up(a),
+        LabCommand::Demo { dir, ip_base } => demo::demo(&absolute(&dir.dir)?, ip_base),
         LabCommand::Status(d) => status(&d.dir),
         LabCommand::Down(d) => down(&d.dir),
         LabCommand::Kill { component, dir } => kill(&dir.dir, &component),
@@ -164,7 +174,7 @@ fn strait(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn straitctl(mesh: &plan::Mesh, args: &[&str]) -> Result<String> {
+pub(crate) fn straitctl(mesh: &plan::Mesh, args: &[&str]) -> Result<String> {
     let ctl = exe()?.with_file_name("straitctl");
     let creds = mesh.admin_creds.to_string_lossy().into_owned();
     let out = std::process::Command::new(&ctl)
@@ -508,7 +518,14 @@ use --topology multi-primary or federated"
     for cl in &lab.clusters {
         let m = lab.mesh_of(cl);
         std::fs::create_dir_all(&cl.config_dir)?;
-        std::fs::write(cl.config_dir.join("demo.yaml"), cl.config_yaml())?;
+        // In a federation, echo is exported to the other meshes too.
+        let others: Vec<String> = lab
+            .brokers
+            .iter()
+            .filter(|b| b.mesh != cl.mesh)
+            .map(|b| format!("mesh:{}", b.mesh))
+            .collect();
+        std::fs::write(cl.config_dir.join("demo.yaml"), cl.config_yaml(&others))?;
         step(
             &bar,
             &format!("{} registered at the broker", cl.name),
@@ -622,7 +639,7 @@ fn up(a: UpArgs) -> Result<()> {
     down(&dir)
 }
 
-fn topology_name(t: Topology) -> &'static str {
+pub(crate) fn topology_name(t: Topology) -> &'static str {
     match t {
         Topology::MultiPrimary => "multi-primary",
         Topology::PrimaryRemote => "primary-remote",
@@ -630,7 +647,7 @@ fn topology_name(t: Topology) -> &'static str {
     }
 }
 
-fn absolute(p: &Path) -> Result<PathBuf> {
+pub(crate) fn absolute(p: &Path) -> Result<PathBuf> {
     if p.is_absolute() {
         Ok(p.to_path_buf())
     } else {
@@ -674,7 +691,7 @@ pub fn down(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn kill(dir: &Path, component: &str) -> Result<()> {
+pub(crate) fn kill(dir: &Path, component: &str) -> Result<()> {
     let procs = Procs::load(dir)?;
     let p = procs.procs.get(component).ok_or_else(|| {
         anyhow!(
@@ -688,7 +705,7 @@ fn kill(dir: &Path, component: &str) -> Result<()> {
     Ok(())
 }
 
-fn start(dir: &Path, component: &str) -> Result<()> {
+pub(crate) fn start(dir: &Path, component: &str) -> Result<()> {
     let lab = read_lab(dir)?;
     let c = components(&lab)
         .into_iter()
@@ -707,7 +724,7 @@ fn start(dir: &Path, component: &str) -> Result<()> {
 
 /// `lab apply`/`delete`: the file's documents go to (or leave) the
 /// cluster's config directory as `applied-<file name>`.
-fn apply(dir: &Path, cluster: &str, file: &Path, put: bool) -> Result<()> {
+pub(crate) fn apply(dir: &Path, cluster: &str, file: &Path, put: bool) -> Result<()> {
     let lab = read_lab(dir)?;
     let c = lab
         .cluster(cluster)

@@ -292,10 +292,21 @@ impl Cluster {
     /// The cluster's starting config: namespace `demo` with `echo`
     /// (exported), `private` (not exported) and `client`, as
     /// Kubernetes-style YAML.
-    pub fn config_yaml(&self) -> String {
+    /// `export_to`: other meshes (`mesh:<name>`) echo is exported to
+    /// besides its own mesh.
+    pub fn config_yaml(&self, export_to: &[String]) -> String {
+        let export_to = if export_to.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "    strait.io/export-to: \"mesh:{},{}\"\n",
+                self.mesh,
+                export_to.join(",")
+            )
+        };
         let mut out = format!(
             "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NAMESPACE}\n---\n\
-apiVersion: v1\nkind: Service\nmetadata:\n  name: echo\n  namespace: {NAMESPACE}\n  labels: {{app: echo}}\n  annotations:\n    strait.io/export: \"true\"\n\
+apiVersion: v1\nkind: Service\nmetadata:\n  name: echo\n  namespace: {NAMESPACE}\n  labels: {{app: echo}}\n  annotations:\n    strait.io/export: \"true\"\n{export_to}\
 spec:\n  selector: {{app: echo}}\n  ports:\n  - {{name: http, port: {APP_PORT}}}\n---\n\
 apiVersion: v1\nkind: Service\nmetadata:\n  name: private\n  namespace: {NAMESPACE}\n\
 spec:\n  selector: {{app: private}}\n  ports:\n  - {{name: http, port: {APP_PORT}}}\n"
@@ -359,11 +370,18 @@ mod tests {
     fn config_is_valid_yaml_with_exported_echo() {
         let lab = Lab::new(Topology::MultiPrimary, Path::new("/l"), Mode::Sni, 10).unwrap();
         let docs: Vec<serde_json::Value> =
-            serde_saphyr::from_multiple(&lab.clusters[1].config_yaml()).unwrap();
+            serde_saphyr::from_multiple(&lab.clusters[1].config_yaml(&[])).unwrap();
         assert_eq!(docs.len(), 6);
         let exports = strait_model::local::local_exports(&docs);
         assert!(exports.errors.is_empty(), "{:?}", exports.errors);
         assert_eq!(exports.exports.len(), 1);
         assert_eq!(exports.exports[0].endpoint_labels["version"], "v2");
+        // Federated: exported to its own mesh and the other one.
+        let docs: Vec<serde_json::Value> =
+            serde_saphyr::from_multiple(&lab.clusters[0].config_yaml(&["mesh:other".into()]))
+                .unwrap();
+        let exports = strait_model::local::local_exports(&docs);
+        assert!(exports.errors.is_empty(), "{:?}", exports.errors);
+        assert!(!exports.exports[0].export_to.is_whole_mesh());
     }
 }

@@ -1,0 +1,309 @@
+//! `strait lab demo`: brings labs up, tours them, tears them down. Each
+//! step prints what it does and what it saw; the demo fails (exit 1) if any
+//! step's check fails.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow, bail};
+
+use super::plan::{Lab, Mode, Topology};
+use super::{CurlSummary, curl};
+
+const ECHO: &str = "http://echo.demo:8080/";
+
+/// The tour's result: one line per step.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub steps: Vec<(String, Result<String, String>)>,
+}
+
+impl Report {
+    fn record(&mut self, name: &str, r: Result<String>) {
+        match &r {
+            Ok(seen) => println!(
+                "  PASS  {name}\n        {}",
+                seen.replace('\n', "\n        ")
+            ),
+            Err(e) => println!("  FAIL  {name}\n        {e:#}"),
+        }
+        self.steps
+            .push((name.to_string(), r.map_err(|e| format!("{e:#}"))));
+    }
+
+    pub fn failed(&self) -> usize {
+        self.steps.iter().filter(|(_, r)| r.is_err()).count()
+    }
+}
+
+fn count(sum: &CurlSummary, needle: &str) -> u32 {
+    sum.answered_by
+        .iter()
+        .filter(|(k, _)| k.contains(needle))
+        .map(|(_, n)| n)
+        .sum()
+}
+
+/// Retries `check` until it passes or `within` elapses (config takes a
+/// moment to reach every proxy); the last error otherwise.
+fn eventually<T>(within: Duration, mut check: impl FnMut() -> Result<T>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        match check() {
+            Ok(v) => return Ok(v),
+            Err(e) if start.elapsed() > within => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(250)),
+        }
+    }
+}
+
+fn write(dir: &Path, name: &str, yaml: &str) -> Result<PathBuf> {
+    let p = dir.join(name);
+    std::fs::write(&p, yaml)?;
+    Ok(p)
+}
+
+const SUBSETS: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo, namespace: demo}
+spec:
+  host: echo.demo.svc.cluster.local
+  trafficPolicy:
+    outlierDetection: {consecutiveGatewayErrors: 1, consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 10s, maxEjectionPercent: 100}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+";
+
+fn split(v1: u32, v2: u32) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: echo, namespace: demo}}
+spec:
+  hosts: [echo.demo.svc.cluster.local]
+  http:
+  - route:
+    - {{destination: {{host: echo.demo.svc.cluster.local, subset: v1}}, weight: {v1}}}
+    - {{destination: {{host: echo.demo.svc.cluster.local, subset: v2}}, weight: {v2}}}
+    retries: {{attempts: 2, retryOn: connect-failure,reset,5xx}}
+"
+    )
+}
+
+const DENY_CLIENT: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-client, namespace: demo}
+spec:
+  selector: {matchLabels: {app: echo}}
+  action: DENY
+  rules:
+  - from:
+    - source: {principals: [cluster.local/ns/demo/sa/client]}
+";
+
+/// The multi-primary tour on a running lab.
+pub fn tour_multi_primary(lab: &Lab, report: &mut Report) -> Result<()> {
+    let dir = &lab.dir;
+    let files = dir.join("demo-files");
+    std::fs::create_dir_all(&files)?;
+    let apply = |cluster: &str, file: &Path, put: bool| super::apply(dir, cluster, file, put);
+
+    report.record(
+        "cross-cluster call with end-to-end identity",
+        eventually(Duration::from_secs(20), || {
+            let sum = curl(lab, "east", ECHO, 20)?;
+            if sum.failed() > 0
+                || count(&sum, "west/echo/v2") == 0
+                || count(&sum, "east/echo/v1") == 0
+            {
+                bail!(
+                    "expected answers from both clusters, all 200:\n{}",
+                    sum.render()
+                );
+            }
+            let want = "spiffe://cluster.local/ns/demo/sa/client";
+            if sum.identities.keys().any(|k| k != want) {
+                bail!(
+                    "the echo saw another identity than {want}:\n{}",
+                    sum.render()
+                );
+            }
+            Ok(format!("20 requests from east's client:\n{}", sum.render()))
+        }),
+    );
+
+    let subsets = write(&files, "subsets.yaml", SUBSETS)?;
+    let vs = write(&files, "split.yaml", &split(80, 20))?;
+    apply("east", &subsets, true)?;
+    apply("west", &subsets, true)?;
+    apply("east", &vs, true)?;
+    report.record(
+        "80/20 split v1 (east) / v2 (west)",
+        eventually(Duration::from_secs(20), || {
+            let sum = curl(lab, "east", ECHO, 100)?;
+            let (v1, v2) = (count(&sum, "/v1"), count(&sum, "/v2"));
+            if sum.failed() > 0 || !(65..=95).contains(&v1) || !(5..=35).contains(&v2) {
+                bail!("expected about 80 v1 and 20 v2 of 100:\n{}", sum.render());
+            }
+            Ok(format!(
+                "100 requests: {v1} to v1 in east, {v2} to v2 in west"
+            ))
+        }),
+    );
+
+    // Everything to west for the policy step.
+    let all_west = write(&files, "all-west.yaml", &split(0, 100))?;
+    std::fs::copy(&all_west, &vs)?;
+    apply("east", &vs, true)?;
+    let deny = write(&files, "deny-client.yaml", DENY_CLIENT)?;
+    apply("west", &deny, true)?;
+    report.record(
+        "AuthorizationPolicy in west denies east's client",
+        eventually(Duration::from_secs(20), || {
+            let sum = curl(lab, "east", ECHO, 5)?;
+            if sum.codes.get("403") != Some(&5) {
+                bail!("expected 5 × 403:\n{}", sum.render());
+            }
+            Ok("5 × 403 RBAC: access denied".to_string())
+        }),
+    );
+    apply("west", &deny, false)?;
+    report.record(
+        "... and allows it again once deleted",
+        eventually(Duration::from_secs(20), || {
+            let sum = curl(lab, "east", ECHO, 5)?;
+            if sum.failed() > 0 || count(&sum, "west/") != 5 {
+                bail!("expected 5 × 200 from west:\n{}", sum.render());
+            }
+            Ok("5 × 200 from west".to_string())
+        }),
+    );
+
+    // Back to spreading over both clusters, then cut west off.
+    std::fs::write(&vs, split(50, 50))?;
+    apply("east", &vs, true)?;
+    super::kill(dir, "west/gateway")?;
+    report.record(
+        "failover when west's gateway is killed",
+        (|| {
+            let sum = curl(lab, "east", ECHO, 20)?;
+            if sum.failed() > 0 {
+                bail!("requests failed while west was cut off:\n{}", sum.render());
+            }
+            Ok(format!("20 requests, none failed:\n{}", sum.render()))
+        })(),
+    );
+    super::start(dir, "west/gateway")?;
+
+    let m = &lab.brokers[0];
+    report.record("intermediate rotation under traffic, no failed request", (|| {
+        let before = std::fs::read(lab.clusters[0].dir.join("state/cacerts/ca-cert.pem"))?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let traffic = {
+            let lab = lab.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut total = CurlSummary::default();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match curl(&lab, "west", ECHO, 5) {
+                        Ok(s) => {
+                            for (k, n) in s.codes {
+                                *total.codes.entry(k).or_default() += n;
+                            }
+                        }
+                        Err(e) => *total.codes.entry(format!("error: {e}")).or_default() += 1,
+                    }
+                }
+                total
+            })
+        };
+        super::straitctl(m, &["trust", "rotate-intermediate", "east"])?;
+        let rotated = eventually(Duration::from_secs(30), || {
+            let now = std::fs::read(lab.clusters[0].dir.join("state/cacerts/ca-cert.pem"))?;
+            if now == before {
+                bail!("east still has its old intermediate");
+            }
+            Ok(())
+        });
+        // Let traffic run on the new intermediate for a moment.
+        std::thread::sleep(Duration::from_secs(2));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let total = traffic.join().map_err(|_| anyhow!("traffic thread panicked"))?;
+        rotated?;
+        let n: u32 = total.codes.values().sum();
+        if total.failed() > 0 {
+            bail!("{} of {n} requests failed during rotation:\n{}", total.failed(), total.render());
+        }
+        Ok(format!("east got a new intermediate; {n} requests from west during the rotation, none failed"))
+    })());
+    Ok(())
+}
+
+/// The federated tour: a call across trust domains.
+pub fn tour_federated(lab: &Lab, report: &mut Report) -> Result<()> {
+    report.record(
+        "federated call across trust domains",
+        eventually(Duration::from_secs(30), || {
+            let sum = curl(
+                lab,
+                "east",
+                "http://echo.demo.svc.clusterset.local:8080/",
+                10,
+            )?;
+            let want = "spiffe://mesh-a.local/ns/demo/sa/client";
+            if sum.failed() > 0 || count(&sum, "west/") == 0 {
+                bail!("expected answers from west (mesh-b):\n{}", sum.render());
+            }
+            if !sum.identities.contains_key(want) {
+                bail!("west's echo did not see {want}:\n{}", sum.render());
+            }
+            Ok(format!(
+                "east (mesh-a.local) → west (mesh-b.local):\n{}",
+                sum.render()
+            ))
+        }),
+    );
+    Ok(())
+}
+
+/// A tour of one running lab.
+type Tour = fn(&Lab, &mut Report) -> Result<()>;
+
+/// Runs the whole demo under `dir`.
+pub fn demo(dir: &Path, base: u8) -> Result<()> {
+    let mut report = Report::default();
+    let tours: [(Topology, Tour); 2] = [
+        (Topology::MultiPrimary, tour_multi_primary),
+        (Topology::Federated, tour_federated),
+    ];
+    for (topology, tour) in tours {
+        let lab_dir = dir.join(super::topology_name(topology));
+        let lab = Lab::new(topology, &lab_dir, Mode::Sni, base).map_err(|e| anyhow!(e))?;
+        println!(
+            "\n== {} lab in {}",
+            super::topology_name(topology),
+            lab_dir.display()
+        );
+        let up = super::bring_up(&lab, false);
+        let result = up.and_then(|()| tour(&lab, &mut report));
+        if let Err(e) = &result {
+            report.record(
+                &format!("{} lab", super::topology_name(topology)),
+                Err(anyhow!("{e:#}")),
+            );
+        }
+        println!("   stopping the {} lab", super::topology_name(topology));
+        super::down(&lab_dir)?;
+    }
+    let failed = report.failed();
+    println!(
+        "\n{} of {} steps passed",
+        report.steps.len() - failed,
+        report.steps.len()
+    );
+    if failed > 0 {
+        return Err(crate::cli::Rejected(format!("{failed} demo step(s) failed")).into());
+    }
+    Ok(())
+}
