@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::Deserialize;
+use strait_proto::strait::mesh::v1 as pb;
 
 /// The ALPN values Istio sidecars offer on mTLS to a remote gateway.
 pub const ISTIO_ALPN: [&[u8]; 5] = [
@@ -79,6 +80,83 @@ pub struct RoutesFile {
     /// tunnels (used by the egress listener).
     #[serde(default)]
     pub remote: Vec<RemoteRoute>,
+}
+
+impl RoutesFile {
+    /// The routing table the control plane pushes: exported services from
+    /// `GatewayRoute` resources; for the egress side, every service with
+    /// endpoints on another network, reached through that network's QUIC
+    /// tunnel addresses (from `Network` resources). A route whose
+    /// endpoint address is not an IP is left out and named in the errors.
+    pub fn from_resources(
+        routes: &[pb::GatewayRoute],
+        services: &[pb::Service],
+        networks: &[pb::Network],
+    ) -> (RoutesFile, Vec<String>) {
+        let mut errors = Vec::new();
+        let mut out = RoutesFile::default();
+        for r in routes {
+            let mut endpoints = Vec::new();
+            for e in &r.endpoints {
+                let Ok(address) = e.address.parse() else {
+                    errors.push(format!(
+                        "GatewayRoute {}: endpoint address {:?} is not an IP address",
+                        r.hostname, e.address
+                    ));
+                    continue;
+                };
+                let ports = e
+                    .ports
+                    .iter()
+                    .filter_map(|(k, v)| Some((u16::try_from(*k).ok()?, u16::try_from(*v).ok()?)))
+                    .collect();
+                endpoints.push(Endpoint {
+                    address,
+                    ports,
+                    labels: e.labels.clone().into_iter().collect(),
+                    healthy: e.healthy,
+                });
+            }
+            out.services.push(ServiceRoute {
+                host: r.hostname.clone(),
+                ports: r
+                    .ports
+                    .iter()
+                    .filter_map(|p| u16::try_from(*p).ok())
+                    .collect(),
+                subsets: r
+                    .subsets
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.labels.clone().into_iter().collect()))
+                    .collect(),
+                endpoints,
+            });
+        }
+        let tunnels: BTreeMap<&str, &[String]> = networks
+            .iter()
+            .filter(|n| !n.tunnels.is_empty())
+            .map(|n| (n.name.as_str(), n.tunnels.as_slice()))
+            .collect();
+        for s in services {
+            let mut gateways: Vec<String> = Vec::new();
+            for e in &s.endpoints {
+                if let Some(t) = tunnels.get(e.network.as_str()) {
+                    for g in t.iter() {
+                        if !gateways.contains(g) {
+                            gateways.push(g.clone());
+                        }
+                    }
+                }
+            }
+            if !gateways.is_empty() {
+                out.remote.push(RemoteRoute {
+                    host: s.hostname.clone(),
+                    gateways,
+                });
+            }
+        }
+        (out, errors)
+    }
 }
 
 /// A host served by other networks' gateways.
@@ -252,6 +330,59 @@ impl RouteTable {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn routes_from_control_plane_resources() {
+        let route = pb::GatewayRoute {
+            hostname: "echo.demo.svc.cluster.local".into(),
+            ports: vec![8080],
+            subsets: [(
+                "v1".to_string(),
+                pb::Labels {
+                    labels: [("version".to_string(), "v1".to_string())].into(),
+                },
+            )]
+            .into(),
+            endpoints: vec![
+                pb::GatewayEndpoint {
+                    address: "127.11.0.10".into(),
+                    ports: [(8080, 15006)].into(),
+                    labels: [("version".to_string(), "v1".to_string())].into(),
+                    healthy: true,
+                },
+                pb::GatewayEndpoint {
+                    address: "not-an-ip".into(),
+                    ..Default::default()
+                },
+            ],
+        };
+        let remote = pb::Service {
+            hostname: "far.demo.svc.cluster.local".into(),
+            endpoints: vec![pb::Endpoint {
+                network: "net-west".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let net = pb::Network {
+            name: "net-west".into(),
+            tunnels: vec!["127.12.0.2:15443".into()],
+            ..Default::default()
+        };
+        let (file, errors) = RoutesFile::from_resources(&[route], &[remote], &[net]);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].contains("not-an-ip"));
+        let table = RouteTable::new(file).unwrap();
+        let t = parse_target("outbound_.8080_.v1_.echo.demo.svc.cluster.local").unwrap();
+        assert_eq!(
+            table.pick(&t, 1).unwrap(),
+            ["127.11.0.10:15006".parse().unwrap()]
+        );
+        assert_eq!(
+            table.remote_gateways("far.demo.svc.cluster.local"),
+            Some(vec!["127.12.0.2:15443".to_string()])
+        );
+    }
+
     use super::*;
 
     #[test]
