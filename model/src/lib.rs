@@ -23,6 +23,10 @@
 //!   remote endpoints) and MCS `ServiceImport`s, plus warnings for what it
 //!   had to leave out. [`ImportObjects::to_yaml`] writes them as one
 //!   multi-document YAML stream that passes the Istio and MCS CRD schemas.
+//! - [`istio`]: the Istio policy kinds the sidecar implements
+//!   (`VirtualService`, `DestinationRule`, `PeerAuthentication`,
+//!   `AuthorizationPolicy`, `Sidecar`): serde types of their `spec` and
+//!   validation with errors that name the field path ([`istio::parse`]).
 //! - [`objects`]: the serde types of those Istio and MCS objects.
 //! - [`names`]: Kubernetes name rules and bounded generated names.
 //!
@@ -48,6 +52,7 @@
 
 pub mod export;
 pub mod imports;
+pub mod istio;
 pub mod local;
 pub mod mesh;
 pub mod names;

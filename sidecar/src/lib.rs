@@ -4,3 +4,4 @@
 //! SPIFFE identities from `strait-ca`, Istio routing (`VirtualService`,
 //! `DestinationRule`) and security policy (`PeerAuthentication`,
 //! `AuthorizationPolicy`), Istio-named metrics and the JSON access log.
+pub mod policy;
