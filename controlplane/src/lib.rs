@@ -12,9 +12,10 @@
 //!   delta) with ACK/NACK tracking and debounced pushes.
 //! - [`client`]: the proxies' side of ADS: subscribe, keep the last good
 //!   resources, reconnect.
-//! - [`ca`]: the workload CA (Istio's `IstioCertificateService`), bootstrap
-//!   tokens and the proxies' certificate client.
 
+pub mod client;
 pub mod dirwatch;
 pub mod link;
+pub mod resources;
 pub mod source;
+pub mod xds;

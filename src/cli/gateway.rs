@@ -28,7 +28,10 @@ enum AlpnCheck {
 /// exported services. The gateway never terminates TLS: the client's mTLS
 /// session reaches the workload.
 #[derive(Debug, Args)]
-#[command(after_help = "Example:
+#[command(after_help = "Examples:
+  strait gateway --cluster east --network net-east --listen 0.0.0.0:15443 \\
+      --control-plane 10.0.0.5:15012 --identity /etc/strait/gateway \\
+      --health-listen 0.0.0.0:15021 --metrics-listen 0.0.0.0:15090
   strait gateway --cluster east --network net-east --listen 0.0.0.0:15443 \\
       --routes /etc/strait/routes.yaml --health-listen 0.0.0.0:15021 --metrics-listen 0.0.0.0:15090
 
@@ -50,9 +53,20 @@ pub struct GatewayArgs {
     /// The passthrough listener.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15443")]
     listen: SocketAddr,
-    /// Routing table of exported services (YAML or JSON); re-read when it changes.
-    #[arg(long, value_name = "FILE")]
-    routes: PathBuf,
+    /// Routing table of exported services (YAML or JSON); re-read when it
+    /// changes. For a gateway without a control plane.
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "control_plane",
+        conflicts_with = "control_plane"
+    )]
+    routes: Option<PathBuf>,
+    /// The cluster's control plane (`host:port`, its discovery port 15012):
+    /// the routing table comes from it, over mTLS with the --identity
+    /// certificate.
+    #[arg(long, value_name = "ADDR", requires = "identity")]
+    control_plane: Option<String>,
     /// Which ALPN values a connection must offer.
     #[arg(long, value_enum, default_value = "istio")]
     alpn_check: AlpnCheck,
@@ -202,9 +216,150 @@ fn mtime(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
+/// The control plane's identity, which the gateway requires of it.
+fn control_plane_id(td: &strait_ca::TrustDomain) -> Result<strait_ca::SpiffeId> {
+    Ok(strait_ca::SpiffeId::from_segments(
+        td,
+        &["ns", "strait-system", "sa", "controlplane"],
+    )?)
+}
+
+/// The routing table from the control plane's resources; the errors name
+/// the resources refused.
+fn table_from(
+    res: &strait_controlplane::client::Resources,
+) -> Result<RouteTable, Vec<(String, String)>> {
+    use strait_proto::strait::mesh::v1::{self as pb, type_url};
+    let routes = res
+        .decode::<pb::GatewayRoute>(type_url::GATEWAY_ROUTE)
+        .map_err(|e| vec![e])?;
+    let services = res
+        .decode::<pb::Service>(type_url::SERVICE)
+        .map_err(|e| vec![e])?;
+    let networks = res
+        .decode::<pb::Network>(type_url::NETWORK)
+        .map_err(|e| vec![e])?;
+    let routes: Vec<_> = routes.into_values().collect();
+    let services: Vec<_> = services.into_values().collect();
+    let networks: Vec<_> = networks.into_values().collect();
+    let (file, errors) = RoutesFile::from_resources(&routes, &services, &networks);
+    if !errors.is_empty() {
+        return Err(errors
+            .into_iter()
+            .map(|e| ("GatewayRoute".to_string(), e))
+            .collect());
+    }
+    RouteTable::new(file).map_err(|e| vec![("GatewayRoute".to_string(), e)])
+}
+
+/// Subscribes to the control plane; the table channel follows every
+/// accepted update, `ready` turns true at the first full set.
+fn subscribe(
+    args: &GatewayArgs,
+    address: &str,
+    table_tx: tokio::sync::watch::Sender<Arc<RouteTable>>,
+    ready: Ready,
+) -> Result<strait_controlplane::client::XdsClient> {
+    use strait_ca::tls::{Accept, SpiffeServerVerifier, Trust};
+    use strait_proto::strait::mesh::v1::type_url;
+    let dir = args
+        .identity
+        .as_ref()
+        .ok_or_else(|| super::UsageError("--control-plane needs --identity".into()))?;
+    let (chain, key, bundle) = strait_broker::client::read_credentials(dir)
+        .with_context(|| format!("--identity {}", dir.display()))?;
+    let td = bundle.trust_domain().cloned().ok_or_else(|| {
+        anyhow::anyhow!(
+            "--identity {}: the bundle names no trust domain",
+            dir.display()
+        )
+    })?;
+    let verifier = SpiffeServerVerifier::new(
+        Trust::new(bundle),
+        Accept::Ids([control_plane_id(&td)?].into()),
+    );
+    let tls = strait_ca::tls::client_config(verifier, Some((&chain, &key)), &[b"h2"])?;
+    let cfg = strait_controlplane::client::XdsClientConfig {
+        address: address.to_string(),
+        tls: Arc::new(tls),
+        node_id: format!(
+            "gateway~{}~eastwest-gateway.strait-system~strait-system.svc.cluster.local",
+            args.listen.ip()
+        ),
+        cluster: args.cluster.to_string(),
+        network: args.network.clone(),
+        types: vec![
+            type_url::NETWORK,
+            type_url::SERVICE,
+            type_url::GATEWAY_ROUTE,
+        ],
+    };
+    let validator: strait_controlplane::client::Validator =
+        Arc::new(|res| table_from(res).map(|_| ()));
+    let client = strait_controlplane::client::spawn(cfg, validator);
+    let mut resources = client.resources();
+    let mut state = client.state();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                r = resources.changed() => {
+                    if r.is_err() { return; }
+                    let res = resources.borrow_and_update().clone();
+                    match table_from(&res) {
+                        Ok(t) => {
+                            tracing::info!(services = t.len(), "routing table from the control plane");
+                            table_tx.send_replace(Arc::new(t));
+                        }
+                        Err(e) => tracing::error!(?e, "routing table refused; keeping the last good one"),
+                    }
+                }
+                r = state.changed() => {
+                    if r.is_err() { return; }
+                    if state.borrow_and_update().synced {
+                        ready.set(true);
+                    }
+                }
+            }
+        }
+    });
+    Ok(client)
+}
+
+/// Reloads the routing table when the file changes; the last good one
+/// stays when the new one is bad.
+fn spawn_file_reload(routes: PathBuf, table_tx: tokio::sync::watch::Sender<Arc<RouteTable>>) {
+    tokio::spawn(async move {
+        let mut last = mtime(&routes);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let now = mtime(&routes);
+            if now == last {
+                continue;
+            }
+            last = now;
+            match load(&routes) {
+                Ok(t) => {
+                    tracing::info!(services = t.len(), "routing table reloaded");
+                    table_tx.send_replace(Arc::new(t));
+                }
+                Err(e) => {
+                    tracing::error!(error = %super::describe(&e), "routing table refused; keeping the last good one")
+                }
+            }
+        }
+    });
+}
+
 pub fn run(args: GatewayArgs) -> Result<()> {
-    let table = load(&args.routes)?;
-    tracing::info!(cluster = %args.cluster, network = %args.network, services = table.len(), "routing table loaded");
+    let table = match &args.routes {
+        Some(path) => {
+            let t = load(path)?;
+            tracing::info!(cluster = %args.cluster, network = %args.network, services = t.len(), "routing table loaded");
+            t
+        }
+        None => RouteTable::default(),
+    };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = args.worker_threads {
         if n == 0 {
@@ -220,14 +375,20 @@ pub fn run(args: GatewayArgs) -> Result<()> {
         let registry = Arc::new(registry);
         let ready = Ready::default();
         if let Some(addr) = args.health_listen {
-            let l = http::bind(addr, "health").await.map_err(anyhow::Error::msg)?;
+            let l = http::bind(addr, "health")
+                .await
+                .map_err(anyhow::Error::msg)?;
             tokio::spawn(http::serve(l, ready.clone(), None));
         }
         if let Some(addr) = args.metrics_listen {
-            let l = http::bind(addr, "metrics").await.map_err(anyhow::Error::msg)?;
+            let l = http::bind(addr, "metrics")
+                .await
+                .map_err(anyhow::Error::msg)?;
             tokio::spawn(http::serve(l, ready.clone(), Some(registry.clone())));
         }
-        let listener = http::bind(args.listen, "passthrough").await.map_err(anyhow::Error::msg)?;
+        let listener = http::bind(args.listen, "passthrough")
+            .await
+            .map_err(anyhow::Error::msg)?;
         let config = Config {
             hello_timeout: args.hello_timeout,
             idle_timeout: args.idle_timeout,
@@ -249,7 +410,8 @@ pub fn run(args: GatewayArgs) -> Result<()> {
                 tokio::spawn(async move {
                     let stamp = |d: &Path, f: Option<&Path>| {
                         (
-                            ["cert-chain.pem", "key.pem", "root-cert.pem"].map(|x| mtime(&d.join(x))),
+                            ["cert-chain.pem", "key.pem", "root-cert.pem"]
+                                .map(|x| mtime(&d.join(x))),
                             f.map(federated_stamp),
                         )
                     };
@@ -284,7 +446,9 @@ pub fn run(args: GatewayArgs) -> Result<()> {
             ));
             tracing::info!(listen = %args.listen, "QUIC tunnels accepted (UDP)");
             if let Some(addr) = args.egress_listen {
-                let l = http::bind(addr, "egress").await.map_err(anyhow::Error::msg)?;
+                let l = http::bind(addr, "egress")
+                    .await
+                    .map_err(anyhow::Error::msg)?;
                 tokio::spawn(strait_gateway::tunnel::serve_egress(
                     l,
                     table_rx.clone(),
@@ -301,32 +465,31 @@ pub fn run(args: GatewayArgs) -> Result<()> {
             .into());
         }
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let server = tokio::spawn(passthrough::serve(listener, table_rx, config, metrics.clone(), stop_rx));
-        ready.set(true);
+        let server = tokio::spawn(passthrough::serve(
+            listener,
+            table_rx,
+            config,
+            metrics.clone(),
+            stop_rx,
+        ));
         tracing::info!(listen = %args.listen, "gateway serving");
 
-        // Reload the routing table when the file changes; keep the last
-        // good one when the new one is bad.
-        let routes = args.routes.clone();
-        tokio::spawn(async move {
-            let mut last = mtime(&routes);
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                let now = mtime(&routes);
-                if now == last {
-                    continue;
-                }
-                last = now;
-                match load(&routes) {
-                    Ok(t) => {
-                        tracing::info!(services = t.len(), "routing table reloaded");
-                        table_tx.send_replace(Arc::new(t));
-                    }
-                    Err(e) => tracing::error!(error = %super::describe(&e), "routing table refused; keeping the last good one"),
-                }
+        // The routing table: from the control plane (ready at its first
+        // full set), or from the file (reloaded when it changes; the last
+        // good one stays when the new one is bad).
+        let _subscription = match (&args.control_plane, args.routes.clone()) {
+            (Some(cp), _) => Some(subscribe(&args, cp, table_tx, ready.clone())?),
+            (None, Some(routes)) => {
+                ready.set(true);
+                spawn_file_reload(routes, table_tx);
+                None
             }
-        });
+            (None, None) => {
+                return Err(
+                    super::UsageError("pass --routes FILE or --control-plane ADDR".into()).into(),
+                );
+            }
+        };
 
         super::broker::shutdown_signal().await;
         tracing::info!("draining: no new connections");

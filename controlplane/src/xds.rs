@@ -1,0 +1,997 @@
+//! The discovery server: Envoy's Aggregated Discovery Service (ADS) over
+//! gRPC with mTLS, both state-of-the-world and delta, serving the current
+//! [`Snapshot`] from a `watch` channel.
+//!
+//! # Semantics
+//!
+//! Per stream and per type the server tracks the subscription, what it
+//! last sent and the nonce of each response:
+//!
+//! - **State of the world.** An empty `resource_names` is a wildcard (every
+//!   resource of the type). A request with an empty nonce (a new
+//!   subscription, or a reconnect) is always answered. A request carrying
+//!   the nonce of the last response is an ACK, or a NACK when it has
+//!   `error_detail`; it is answered only when it changes the subscription.
+//!   A request with an older nonce is stale and ignored, as the xDS
+//!   protocol says. A new snapshot is pushed to a subscriber only when its
+//!   view (names and versions of the resources it subscribes to) changed.
+//! - **Delta.** The first request of a type with no names (or `*`)
+//!   subscribes to everything; `*` in `resource_names_unsubscribe` ends
+//!   that. `initial_resource_versions` says what a resuming client holds,
+//!   so it receives only what changed (and removals of what is gone). The
+//!   first request of each type is always answered, even with nothing, so
+//!   a client knows it is in sync. A NACK undoes the server's record of
+//!   that response, so that the refused resources (and the others of the
+//!   same response, which the client did not apply either) are sent again
+//!   when the snapshot next changes.
+//! - A NACK is logged with the node id and the error, counted
+//!   (`strait_xds_nacks_total{type}`) and kept per node
+//!   ([`XdsServer::nacks`]) for the debug endpoint.
+//!
+//! Streams are refused (`UNAUTHENTICATED`) without a client certificate
+//! that verifies as an SVID of this trust domain.
+//!
+//! Snapshot rebuilds are debounced by the caller with [`debounce`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+};
+use envoy_types::pb::google::protobuf::Any;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use strait_ca::TrustDomain;
+use strait_ca::tls::Trust;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::resources::{Snapshot, Versioned};
+
+/// The label of per-type metrics.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeLabel {
+    /// The type URL without `type.googleapis.com/`.
+    pub r#type: String,
+}
+
+impl TypeLabel {
+    fn of(type_url: &str) -> Self {
+        TypeLabel {
+            r#type: type_url
+                .rsplit_once('/')
+                .map_or(type_url, |(_, t)| t)
+                .to_string(),
+        }
+    }
+}
+
+/// The discovery server's metrics (`strait_xds_*`).
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pushes: Family<TypeLabel, Counter>,
+    nacks: Family<TypeLabel, Counter>,
+    connected: Gauge,
+    push_latency: Histogram,
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them.
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Metrics {
+            pushes: Family::default(),
+            nacks: Family::default(),
+            connected: Gauge::default(),
+            push_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+        };
+        let r = registry.sub_registry_with_prefix("strait_xds");
+        r.register("pushes", "Discovery responses sent", m.pushes.clone());
+        r.register(
+            "nacks",
+            "Discovery responses refused by proxies",
+            m.nacks.clone(),
+        );
+        r.register(
+            "connected_proxies",
+            "Proxies with a live discovery stream",
+            m.connected.clone(),
+        );
+        r.register(
+            "push_latency_seconds",
+            "Time from a snapshot's creation to a response carrying it being sent",
+            m.push_latency.clone(),
+        );
+        m
+    }
+
+    /// Pushes sent for a type (for tests and the debug endpoint).
+    pub fn pushes(&self, type_url: &str) -> u64 {
+        self.pushes.get_or_create(&TypeLabel::of(type_url)).get()
+    }
+
+    /// NACKs received for a type.
+    pub fn nacks(&self, type_url: &str) -> u64 {
+        self.nacks.get_or_create(&TypeLabel::of(type_url)).get()
+    }
+
+    /// Live streams.
+    pub fn connected(&self) -> i64 {
+        self.connected.get()
+    }
+}
+
+/// The last response a proxy refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NackRecord {
+    pub type_url: String,
+    /// The nonce of the refused response.
+    pub nonce: String,
+    /// The version the proxy still runs (state of the world), or empty.
+    pub version_info: String,
+    /// The proxy's `error_detail.message`.
+    pub error: String,
+    pub at: SystemTime,
+}
+
+/// What a request said about the previous response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Reply {
+    /// No nonce: a new subscription or a reconnect.
+    Initial,
+    Ack,
+    Nack(String),
+    /// A nonce other than the last one: superseded, ignored.
+    Stale,
+}
+
+fn reply_of(nonce: &str, expected: Option<&str>, error: Option<&str>) -> Reply {
+    if nonce.is_empty() {
+        Reply::Initial
+    } else if Some(nonce) != expected {
+        Reply::Stale
+    } else {
+        match error {
+            Some(e) => Reply::Nack(e.to_string()),
+            None => Reply::Ack,
+        }
+    }
+}
+
+fn envoy_any(v: &Versioned) -> Any {
+    Any {
+        type_url: v.resource.type_url.clone(),
+        value: v.resource.value.clone(),
+    }
+}
+
+/// The resources of `type_url` a subscription sees.
+fn view<'a>(
+    snap: &'a Snapshot,
+    type_url: &str,
+    wildcard: bool,
+    names: &BTreeSet<String>,
+) -> BTreeMap<&'a str, &'a Versioned> {
+    snap.resources(type_url)
+        .map(|all| {
+            all.iter()
+                .filter(|(n, _)| wildcard || names.contains(*n))
+                .map(|(n, v)| (n.as_str(), v))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[derive(Debug, Default)]
+struct SotwType {
+    /// Empty: wildcard.
+    names: BTreeSet<String>,
+    /// Nonce and (name → version) of the last response.
+    sent: Option<(String, BTreeMap<String, String>)>,
+}
+
+/// One state-of-the-world stream's protocol state. No I/O.
+#[derive(Debug, Default)]
+struct SotwStream {
+    types: BTreeMap<String, SotwType>,
+    nonce: u64,
+}
+
+impl SotwStream {
+    fn on_request(
+        &mut self,
+        req: &DiscoveryRequest,
+        snap: &Snapshot,
+    ) -> (Reply, Option<DiscoveryResponse>) {
+        let t = self.types.entry(req.type_url.clone()).or_default();
+        let reply = reply_of(
+            &req.response_nonce,
+            t.sent.as_ref().map(|(n, _)| n.as_str()),
+            req.error_detail.as_ref().map(|e| e.message.as_str()),
+        );
+        if reply == Reply::Stale {
+            return (reply, None);
+        }
+        let names: BTreeSet<String> = req.resource_names.iter().cloned().collect();
+        let changed = names != t.names;
+        t.names = names;
+        let respond = reply == Reply::Initial || changed;
+        let resp = respond.then(|| self.respond(&req.type_url, snap));
+        (reply, resp)
+    }
+
+    fn respond(&mut self, type_url: &str, snap: &Snapshot) -> DiscoveryResponse {
+        self.nonce += 1;
+        let nonce = self.nonce.to_string();
+        let t = self.types.entry(type_url.to_string()).or_default();
+        let v = view(snap, type_url, t.names.is_empty(), &t.names);
+        let versions: BTreeMap<String, String> = v
+            .iter()
+            .map(|(n, r)| ((*n).to_string(), r.version.clone()))
+            .collect();
+        let version_info =
+            Snapshot::set_version(versions.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+        let resources = v.values().map(|r| envoy_any(r)).collect();
+        t.sent = Some((nonce.clone(), versions));
+        DiscoveryResponse {
+            version_info,
+            resources,
+            type_url: type_url.to_string(),
+            nonce,
+            ..Default::default()
+        }
+    }
+
+    /// Responses for every subscribed type whose view changed.
+    fn on_snapshot(&mut self, snap: &Snapshot) -> Vec<DiscoveryResponse> {
+        let stale: Vec<String> = self
+            .types
+            .iter()
+            .filter(|(type_url, t)| {
+                let Some((_, sent)) = &t.sent else {
+                    return false;
+                };
+                let now = view(snap, type_url, t.names.is_empty(), &t.names);
+                now.len() != sent.len()
+                    || now
+                        .iter()
+                        .any(|(n, r)| sent.get(*n).is_none_or(|v| *v != r.version))
+            })
+            .map(|(t, _)| t.clone())
+            .collect();
+        stale.iter().map(|t| self.respond(t, snap)).collect()
+    }
+}
+
+#[derive(Debug, Default)]
+struct DeltaType {
+    started: bool,
+    wildcard: bool,
+    names: BTreeSet<String>,
+    /// What the client holds, as far as the server knows: name → version.
+    known: BTreeMap<String, String>,
+    /// Per response nonce: the previous `known` entries it changed.
+    undo: BTreeMap<u64, Vec<(String, Option<String>)>>,
+}
+
+/// One delta stream's protocol state. No I/O.
+#[derive(Debug, Default)]
+struct DeltaStream {
+    types: BTreeMap<String, DeltaType>,
+    nonce: u64,
+}
+
+impl DeltaStream {
+    fn on_request(
+        &mut self,
+        req: &DeltaDiscoveryRequest,
+        snap: &Snapshot,
+    ) -> (Reply, Option<DeltaDiscoveryResponse>) {
+        let t = self.types.entry(req.type_url.clone()).or_default();
+        let reply = if req.response_nonce.is_empty() {
+            Reply::Initial
+        } else {
+            match req.response_nonce.parse::<u64>() {
+                Ok(n) if t.undo.contains_key(&n) => {
+                    let undo = t.undo.remove(&n).unwrap_or_default();
+                    // Older responses are settled by this answer.
+                    t.undo.retain(|k, _| *k > n);
+                    match &req.error_detail {
+                        Some(e) => {
+                            for (name, prev) in undo.into_iter().rev() {
+                                match prev {
+                                    Some(v) => t.known.insert(name, v),
+                                    None => t.known.remove(&name),
+                                };
+                            }
+                            Reply::Nack(e.message.clone())
+                        }
+                        None => Reply::Ack,
+                    }
+                }
+                _ => Reply::Stale,
+            }
+        };
+        let first = !t.started;
+        if first {
+            t.started = true;
+            t.wildcard = req.resource_names_subscribe.is_empty();
+            for (name, version) in &req.initial_resource_versions {
+                t.known.insert(name.clone(), version.clone());
+            }
+        }
+        for name in &req.resource_names_subscribe {
+            if name == "*" {
+                t.wildcard = true;
+            } else {
+                t.names.insert(name.clone());
+            }
+        }
+        for name in &req.resource_names_unsubscribe {
+            if name == "*" {
+                t.wildcard = false;
+            } else {
+                t.names.remove(name);
+            }
+        }
+        if !t.wildcard {
+            let names = &t.names;
+            t.known.retain(|n, _| names.contains(n));
+        }
+        // An ACK or NACK alone is not answered (after a NACK, the refused
+        // resources go again with the next change, not at once).
+        let resubscribed =
+            !req.resource_names_subscribe.is_empty() || !req.resource_names_unsubscribe.is_empty();
+        if !first && !resubscribed {
+            return (reply, None);
+        }
+        let resp = self.diff(&req.type_url, snap, first);
+        (reply, resp)
+    }
+
+    /// The response bringing the client of `type_url` to `snap`, if it
+    /// differs (or `always`).
+    fn diff(
+        &mut self,
+        type_url: &str,
+        snap: &Snapshot,
+        always: bool,
+    ) -> Option<DeltaDiscoveryResponse> {
+        let t = self.types.get_mut(type_url)?;
+        let v = view(snap, type_url, t.wildcard, &t.names);
+        let updated: Vec<(&str, &Versioned)> = v
+            .iter()
+            .filter(|(n, r)| t.known.get(**n) != Some(&r.version))
+            .map(|(n, r)| (*n, *r))
+            .collect();
+        let removed: Vec<String> = t
+            .known
+            .keys()
+            .filter(|n| !v.contains_key(n.as_str()))
+            .cloned()
+            .collect();
+        if updated.is_empty() && removed.is_empty() && !always {
+            return None;
+        }
+        self.nonce += 1;
+        let mut undo = Vec::new();
+        let mut resources = Vec::new();
+        for (name, r) in updated {
+            undo.push((
+                name.to_string(),
+                t.known.insert(name.to_string(), r.version.clone()),
+            ));
+            resources.push(Resource {
+                name: name.to_string(),
+                version: r.version.clone(),
+                resource: Some(envoy_any(r)),
+                ..Default::default()
+            });
+        }
+        for name in &removed {
+            undo.push((name.clone(), t.known.remove(name)));
+        }
+        t.undo.insert(self.nonce, undo);
+        Some(DeltaDiscoveryResponse {
+            system_version_info: Snapshot::set_version(
+                v.iter().map(|(n, r)| (*n, r.version.as_str())),
+            ),
+            resources,
+            type_url: type_url.to_string(),
+            removed_resources: removed,
+            nonce: self.nonce.to_string(),
+            ..Default::default()
+        })
+    }
+
+    fn on_snapshot(&mut self, snap: &Snapshot) -> Vec<DeltaDiscoveryResponse> {
+        let started: Vec<String> = self
+            .types
+            .iter()
+            .filter(|(_, t)| t.started)
+            .map(|(k, _)| k.clone())
+            .collect();
+        started
+            .iter()
+            .filter_map(|t| self.diff(t, snap, false))
+            .collect()
+    }
+}
+
+struct Inner {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    trust: Trust,
+    trust_domain: TrustDomain,
+    metrics: Metrics,
+    nacks: Mutex<BTreeMap<String, NackRecord>>,
+}
+
+/// The ADS server. Cheap to clone: clones share state (keep one to read
+/// [`XdsServer::nacks`]).
+#[derive(Clone)]
+pub struct XdsServer {
+    inner: Arc<Inner>,
+}
+
+/// Decrements the connected gauge when a stream ends, however it ends.
+struct Connected(Gauge);
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl XdsServer {
+    /// A server of `snapshots` to proxies whose client certificates verify
+    /// under `trust` as SVIDs of `trust_domain`.
+    pub fn new(
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        trust: Trust,
+        trust_domain: TrustDomain,
+        metrics: Metrics,
+    ) -> Self {
+        XdsServer {
+            inner: Arc::new(Inner {
+                snapshots,
+                trust,
+                trust_domain,
+                metrics,
+                nacks: Mutex::new(BTreeMap::new()),
+            }),
+        }
+    }
+
+    /// The tonic service.
+    pub fn service(&self) -> AggregatedDiscoveryServiceServer<XdsServer> {
+        AggregatedDiscoveryServiceServer::new(self.clone())
+            .max_decoding_message_size(16 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+
+    /// The last NACK of every node that sent one.
+    pub fn nacks(&self) -> BTreeMap<String, NackRecord> {
+        self.inner
+            .nacks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    fn authenticate<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        let certs = req.peer_certs().ok_or_else(|| {
+            Status::unauthenticated("discovery requires a client certificate (mTLS)")
+        })?;
+        let svid = strait_ca::tls::peer_identity(
+            &self.inner.trust,
+            &certs,
+            time::OffsetDateTime::now_utc(),
+        )
+        .map_err(|e| Status::unauthenticated(format!("client certificate refused: {e}")))?;
+        let td = svid.spiffe_id.trust_domain();
+        if td != self.inner.trust_domain {
+            return Err(Status::permission_denied(format!(
+                "{} is not of trust domain {}",
+                svid.spiffe_id, self.inner.trust_domain
+            )));
+        }
+        Ok(svid.spiffe_id.to_string())
+    }
+
+    fn record(
+        &self,
+        node: &str,
+        peer: &str,
+        type_url: &str,
+        reply: &Reply,
+        nonce: &str,
+        version: &str,
+    ) {
+        match reply {
+            Reply::Nack(error) => {
+                tracing::warn!(node, peer, type_url, nonce, error = %error, "proxy refused config (NACK)");
+                self.inner
+                    .metrics
+                    .nacks
+                    .get_or_create(&TypeLabel::of(type_url))
+                    .inc();
+                self.inner
+                    .nacks
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(
+                        node.to_string(),
+                        NackRecord {
+                            type_url: type_url.to_string(),
+                            nonce: nonce.to_string(),
+                            version_info: version.to_string(),
+                            error: error.clone(),
+                            at: SystemTime::now(),
+                        },
+                    );
+            }
+            Reply::Ack => tracing::debug!(node, type_url, nonce, "ACK"),
+            Reply::Stale => tracing::debug!(node, type_url, nonce, "stale nonce ignored"),
+            Reply::Initial => tracing::debug!(node, type_url, "subscribed"),
+        }
+    }
+
+    fn pushed(&self, type_url: &str, snap: &Snapshot) {
+        let m = &self.inner.metrics;
+        m.pushes.get_or_create(&TypeLabel::of(type_url)).inc();
+        m.push_latency
+            .observe(snap.created().elapsed().as_secs_f64());
+    }
+
+    fn connected(&self) -> Connected {
+        self.inner.metrics.connected.inc();
+        Connected(self.inner.metrics.connected.clone())
+    }
+}
+
+/// How long a stream may wait for room in its response queue before the
+/// proxy is considered stuck and the stream ends.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn send<T>(tx: &mpsc::Sender<Result<T, Status>>, msg: T) -> bool {
+    matches!(
+        tokio::time::timeout(SEND_TIMEOUT, tx.send(Ok(msg))).await,
+        Ok(Ok(()))
+    )
+}
+
+fn node_of(node: Option<&envoy_types::pb::envoy::config::core::v3::Node>, current: &mut String) {
+    if let Some(n) = node
+        && !n.id.is_empty()
+    {
+        *current = n.id.clone();
+    }
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for XdsServer {
+    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let peer = self.authenticate(&request)?;
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let server = self.clone();
+        let mut snaps = self.inner.snapshots.clone();
+        tokio::spawn(async move {
+            let _connected = server.connected();
+            let mut node = peer.clone();
+            let mut state = SotwStream::default();
+            tracing::info!(peer, "discovery stream (state of the world) opened");
+            loop {
+                tokio::select! {
+                    msg = inbound.message() => {
+                        let req = match msg {
+                            Ok(Some(r)) => r,
+                            Ok(None) => break,
+                            Err(e) => {
+                                tracing::debug!(node, error = %e, "discovery stream failed");
+                                break;
+                            }
+                        };
+                        node_of(req.node.as_ref(), &mut node);
+                        let snap = snaps.borrow().clone();
+                        let (reply, resp) = state.on_request(&req, &snap);
+                        server.record(&node, &peer, &req.type_url, &reply, &req.response_nonce, &req.version_info);
+                        if let Some(resp) = resp {
+                            let t = resp.type_url.clone();
+                            if !send(&tx, resp).await { break; }
+                            server.pushed(&t, &snap);
+                        }
+                    }
+                    changed = snaps.changed() => {
+                        if changed.is_err() { break; }
+                        let snap = snaps.borrow_and_update().clone();
+                        for resp in state.on_snapshot(&snap) {
+                            let t = resp.type_url.clone();
+                            if !send(&tx, resp).await { return; }
+                            server.pushed(&t, &snap);
+                        }
+                    }
+                    () = tx.closed() => break,
+                }
+            }
+            tracing::info!(node, "discovery stream closed");
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let peer = self.authenticate(&request)?;
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let server = self.clone();
+        let mut snaps = self.inner.snapshots.clone();
+        tokio::spawn(async move {
+            let _connected = server.connected();
+            let mut node = peer.clone();
+            let mut state = DeltaStream::default();
+            tracing::info!(peer, "discovery stream (delta) opened");
+            loop {
+                tokio::select! {
+                    msg = inbound.message() => {
+                        let req = match msg {
+                            Ok(Some(r)) => r,
+                            Ok(None) => break,
+                            Err(e) => {
+                                tracing::debug!(node, error = %e, "discovery stream failed");
+                                break;
+                            }
+                        };
+                        node_of(req.node.as_ref(), &mut node);
+                        let snap = snaps.borrow().clone();
+                        let (reply, resp) = state.on_request(&req, &snap);
+                        server.record(&node, &peer, &req.type_url, &reply, &req.response_nonce, "");
+                        if let Some(resp) = resp {
+                            let t = resp.type_url.clone();
+                            if !send(&tx, resp).await { break; }
+                            server.pushed(&t, &snap);
+                        }
+                    }
+                    changed = snaps.changed() => {
+                        if changed.is_err() { break; }
+                        let snap = snaps.borrow_and_update().clone();
+                        for resp in state.on_snapshot(&snap) {
+                            let t = resp.type_url.clone();
+                            if !send(&tx, resp).await { return; }
+                            server.pushed(&t, &snap);
+                        }
+                    }
+                    () = tx.closed() => break,
+                }
+            }
+            tracing::info!(node, "discovery stream closed");
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Follows `rx`, publishing its latest value once it has been quiet for
+/// `quiet`, and at the latest `max_delay` after the first change of a
+/// burst. The current value is published at once. The returned receiver
+/// ends (its sender drops) after `rx`'s sender drops and the last change
+/// is published; the task also ends when every returned receiver is gone.
+pub fn debounce<T: Clone + Send + Sync + 'static>(
+    mut rx: watch::Receiver<T>,
+    quiet: Duration,
+    max_delay: Duration,
+) -> watch::Receiver<T> {
+    let (tx, out) = watch::channel(rx.borrow_and_update().clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() { return; },
+                () = tx.closed() => return,
+            }
+            let burst_end = tokio::time::Instant::now() + max_delay;
+            let mut open = true;
+            loop {
+                let deadline = (tokio::time::Instant::now() + quiet).min(burst_end);
+                tokio::select! {
+                    changed = rx.changed() => {
+                        if changed.is_err() { open = false; break; }
+                    }
+                    () = tokio::time::sleep_until(deadline) => break,
+                }
+            }
+            let value = rx.borrow_and_update().clone();
+            if tx.send(value).is_err() || !open {
+                return;
+            }
+        }
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use envoy_types::pb::google::rpc::Status as RpcStatus;
+    use strait_proto::strait::mesh::v1 as pb;
+    use strait_proto::strait::mesh::v1::type_url::{NETWORK, SERVICE};
+
+    use super::*;
+
+    fn snap(networks: &[(&str, &str)]) -> Snapshot {
+        let mut s = Snapshot::empty(Instant::now());
+        for (name, gw) in networks {
+            s.insert(
+                NETWORK,
+                name,
+                &pb::Network {
+                    name: (*name).into(),
+                    gateways: vec![(*gw).into()],
+                    ..Default::default()
+                },
+            );
+        }
+        s
+    }
+
+    fn sotw(type_url: &str, names: &[&str], nonce: &str, error: Option<&str>) -> DiscoveryRequest {
+        DiscoveryRequest {
+            type_url: type_url.into(),
+            resource_names: names.iter().map(|n| (*n).to_string()).collect(),
+            response_nonce: nonce.into(),
+            error_detail: error.map(|e| RpcStatus {
+                code: 3,
+                message: e.into(),
+                details: vec![],
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn names(r: &DiscoveryResponse) -> Vec<String> {
+        r.resources
+            .iter()
+            .map(|a| pb::Network::decode(a.value.as_slice()).unwrap().name)
+            .collect()
+    }
+
+    use prost::Message;
+
+    #[test]
+    fn sotw_wildcard_ack_nack_and_pushes_only_on_change() {
+        let s1 = snap(&[("a", "1"), ("b", "1")]);
+        let mut st = SotwStream::default();
+        let (reply, resp) = st.on_request(&sotw(NETWORK, &[], "", None), &s1);
+        assert_eq!(reply, Reply::Initial);
+        let resp = resp.unwrap();
+        assert_eq!(names(&resp), ["a", "b"]);
+        // ACK: no response.
+        let (reply, resp2) = st.on_request(&sotw(NETWORK, &[], &resp.nonce, None), &s1);
+        assert_eq!((reply, resp2), (Reply::Ack, None));
+        // Same content again: nothing to push; other types are not pushed.
+        assert!(st.on_snapshot(&snap(&[("a", "1"), ("b", "1")])).is_empty());
+        // A change is pushed.
+        let s2 = snap(&[("a", "2"), ("b", "1")]);
+        let pushed = st.on_snapshot(&s2);
+        assert_eq!(pushed.len(), 1);
+        assert_ne!(pushed[0].version_info, resp.version_info);
+        // A stale nonce is ignored, the current one NACKed.
+        let (reply, _) = st.on_request(&sotw(NETWORK, &[], &resp.nonce, Some("bad")), &s2);
+        assert_eq!(reply, Reply::Stale);
+        let (reply, none) =
+            st.on_request(&sotw(NETWORK, &[], &pushed[0].nonce, Some("bad a")), &s2);
+        assert_eq!((reply, none), (Reply::Nack("bad a".into()), None));
+        // Removal of a resource changes the view.
+        let s3 = snap(&[("a", "2")]);
+        assert_eq!(names(&st.on_snapshot(&s3)[0]), ["a"]);
+    }
+
+    #[test]
+    fn sotw_named_subscriptions_see_only_their_names() {
+        let s1 = snap(&[("a", "1"), ("b", "1")]);
+        let mut st = SotwStream::default();
+        let resp = st
+            .on_request(&sotw(NETWORK, &["b"], "", None), &s1)
+            .1
+            .unwrap();
+        assert_eq!(names(&resp), ["b"]);
+        assert!(
+            st.on_snapshot(&snap(&[("a", "2"), ("b", "1")])).is_empty(),
+            "a is not watched"
+        );
+        // Changing the subscription in an ACK is answered.
+        let resp2 = st
+            .on_request(&sotw(NETWORK, &["a", "b"], &resp.nonce, None), &s1)
+            .1
+            .unwrap();
+        assert_eq!(names(&resp2), ["a", "b"]);
+        // An unknown type is answered, empty.
+        let other = st
+            .on_request(&sotw("type.googleapis.com/x.Y", &[], "", None), &s1)
+            .1
+            .unwrap();
+        assert!(other.resources.is_empty());
+    }
+
+    fn delta(
+        type_url: &str,
+        sub: &[&str],
+        nonce: &str,
+        error: Option<&str>,
+        initial: &[(&str, &str)],
+    ) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest {
+            type_url: type_url.into(),
+            resource_names_subscribe: sub.iter().map(|n| (*n).to_string()).collect(),
+            response_nonce: nonce.into(),
+            error_detail: error.map(|e| RpcStatus {
+                code: 3,
+                message: e.into(),
+                details: vec![],
+            }),
+            initial_resource_versions: initial
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn delta_names(r: &DeltaDiscoveryResponse) -> (Vec<&str>, Vec<&str>) {
+        (
+            r.resources.iter().map(|r| r.name.as_str()).collect(),
+            r.removed_resources.iter().map(String::as_str).collect(),
+        )
+    }
+
+    #[test]
+    fn delta_sends_changes_and_removals_only() {
+        let s1 = snap(&[("a", "1"), ("b", "1")]);
+        let mut st = DeltaStream::default();
+        let (reply, r1) = st.on_request(&delta(NETWORK, &[], "", None, &[]), &s1);
+        assert_eq!(reply, Reply::Initial);
+        let r1 = r1.unwrap();
+        assert_eq!(delta_names(&r1), (vec!["a", "b"], vec![]));
+        assert_eq!(
+            st.on_request(&delta(NETWORK, &[], &r1.nonce, None, &[]), &s1),
+            (Reply::Ack, None)
+        );
+        let s2 = snap(&[("a", "2"), ("c", "1")]);
+        let r2 = st.on_snapshot(&s2);
+        assert_eq!(delta_names(&r2[0]), (vec!["a", "c"], vec!["b"]));
+        assert!(st.on_snapshot(&s2).is_empty(), "nothing new");
+        // An empty first response for another type, so the client knows.
+        let r = st
+            .on_request(&delta(SERVICE, &[], "", None, &[]), &s2)
+            .1
+            .unwrap();
+        assert_eq!(delta_names(&r), (vec![], vec![]));
+    }
+
+    #[test]
+    fn delta_resume_sends_only_what_changed() {
+        let s1 = snap(&[("a", "1"), ("b", "1")]);
+        let mut first = DeltaStream::default();
+        let r1 = first
+            .on_request(&delta(NETWORK, &[], "", None, &[]), &s1)
+            .1
+            .unwrap();
+        let held: Vec<(&str, &str)> = r1
+            .resources
+            .iter()
+            .map(|r| (r.name.as_str(), r.version.as_str()))
+            .chain([("gone", "x")])
+            .collect();
+        let s2 = snap(&[("a", "1"), ("b", "2")]);
+        let mut resumed = DeltaStream::default();
+        let r = resumed
+            .on_request(&delta(NETWORK, &["*"], "", None, &held), &s2)
+            .1
+            .unwrap();
+        assert_eq!(delta_names(&r), (vec!["b"], vec!["gone"]));
+    }
+
+    #[test]
+    fn delta_nack_resends_the_refused_response_on_the_next_change() {
+        let s1 = snap(&[("a", "1")]);
+        let mut st = DeltaStream::default();
+        let r1 = st
+            .on_request(&delta(NETWORK, &[], "", None, &[]), &s1)
+            .1
+            .unwrap();
+        st.on_request(&delta(NETWORK, &[], &r1.nonce, None, &[]), &s1);
+        let s2 = snap(&[("a", "2"), ("b", "bad")]);
+        let r2 = st.on_snapshot(&s2).remove(0);
+        let (reply, none) =
+            st.on_request(&delta(NETWORK, &[], &r2.nonce, Some("b: bad"), &[]), &s2);
+        assert_eq!((reply, none), (Reply::Nack("b: bad".into()), None));
+        let s3 = snap(&[("a", "2"), ("b", "good")]);
+        let r3 = st.on_snapshot(&s3).remove(0);
+        assert_eq!(
+            delta_names(&r3),
+            (vec!["a", "b"], vec![]),
+            "a was not applied by the client either"
+        );
+    }
+
+    #[test]
+    fn delta_explicit_names_and_unsubscribe() {
+        let s1 = snap(&[("a", "1"), ("b", "1")]);
+        let mut st = DeltaStream::default();
+        let r = st
+            .on_request(&delta(NETWORK, &["a"], "", None, &[]), &s1)
+            .1
+            .unwrap();
+        assert_eq!(delta_names(&r), (vec!["a"], vec![]));
+        let mut unsub = delta(NETWORK, &["b"], &r.nonce, None, &[]);
+        unsub.resource_names_unsubscribe = vec!["a".into()];
+        let (reply, r2) = st.on_request(&unsub, &s1);
+        assert_eq!(reply, Reply::Ack);
+        assert_eq!(delta_names(&r2.unwrap()), (vec!["b"], vec![]));
+        assert!(st.on_snapshot(&snap(&[("a", "9"), ("b", "1")])).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn debounce_waits_for_quiet_but_not_beyond_max_delay() {
+        let (tx, rx) = watch::channel(0u32);
+        let mut out = debounce(rx, Duration::from_millis(100), Duration::from_millis(500));
+        assert_eq!(*out.borrow_and_update(), 0);
+        // A burst of changes 50 ms apart: nothing until it is quiet.
+        for i in 1..=3 {
+            tx.send(i).unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(
+                !out.has_changed().unwrap(),
+                "published during the burst at {i}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(out.has_changed().unwrap());
+        assert_eq!(
+            *out.borrow_and_update(),
+            3,
+            "one update with the last value"
+        );
+        // A never-ending burst is published after max_delay.
+        let start = tokio::time::Instant::now();
+        let mut i = 10;
+        while !out.has_changed().unwrap() {
+            i += 1;
+            tx.send(i).unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(
+                start.elapsed() <= Duration::from_millis(540),
+                "max_delay not honoured"
+            );
+        }
+        assert!(start.elapsed() >= Duration::from_millis(500));
+        out.borrow_and_update();
+        // The end of the input publishes the last value and closes.
+        tx.send(99).unwrap();
+        drop(tx);
+        out.changed().await.unwrap();
+        assert_eq!(*out.borrow_and_update(), 99);
+        assert!(out.changed().await.is_err());
+    }
+}
