@@ -38,6 +38,10 @@ enum Command {
     /// The cluster side of a broker: join a mesh, sync a static config.
     #[command(subcommand)]
     Cluster(cli::cluster::ClusterCommand),
+    /// Run a cluster's local control plane (discovery, workload certificates, broker link).
+    Controlplane(cli::controlplane::ControlPlaneArgs),
+    /// Run a workload's sidecar (mTLS, Istio routing and policy, metrics).
+    Sidecar(cli::sidecar::SidecarArgs),
     /// A whole federation on this machine: up, status, curl, demo, down.
     Lab(strait::lab::LabArgs),
 }
@@ -54,6 +58,8 @@ fn main() -> ExitCode {
         Command::Cluster(cmd) => cli::cluster::run(cmd),
         Command::Gateway(args) => cli::gateway::run(args),
         Command::Lab(args) => strait::lab::run(args),
+        Command::Controlplane(args) => cli::controlplane::run(args),
+        Command::Sidecar(args) => cli::sidecar::run(args),
     };
     cli::exit(result)
 }

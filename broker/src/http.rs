@@ -63,7 +63,7 @@ pub async fn serve(listener: TcpListener, ready: Ready, registry: Option<Arc<Reg
                             ("/healthz/live", _) => {
                                 respond(StatusCode::OK, "text/plain", "live\n".into())
                             }
-                            ("/metrics", Some(reg)) => {
+                            ("/metrics" | "/stats/prometheus", Some(reg)) => {
                                 let mut text = String::new();
                                 match prometheus_client::encoding::text::encode(&mut text, reg) {
                                     Ok(()) => respond(

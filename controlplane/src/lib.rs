@@ -12,7 +12,11 @@
 //!   delta) with ACK/NACK tracking and debounced pushes.
 //! - [`client`]: the proxies' side of ADS: subscribe, keep the last good
 //!   resources, reconnect.
+//! - [`ca`]: the workload CA (Istio's `IstioCertificateService`), bootstrap
+//!   tokens and the proxies' certificate client.
 
+pub mod app;
+pub mod ca;
 pub mod client;
 pub mod dirwatch;
 pub mod link;

@@ -1,7 +1,330 @@
 //! The strait sidecar: the data-plane proxy next to every workload.
 //!
-//! This crate will own the outbound and inbound listeners, mutual TLS with
-//! SPIFFE identities from `strait-ca`, Istio routing (`VirtualService`,
-//! `DestinationRule`) and security policy (`PeerAuthentication`,
-//! `AuthorizationPolicy`), Istio-named metrics and the JSON access log.
+//! - [`outbound`]: an HTTP proxy for the app (absolute-form requests);
+//!   Istio routing (VirtualService, DestinationRule) picks a destination
+//!   and an endpoint, and the request goes over mTLS (HTTP/2) to the
+//!   destination's sidecar, or to another network's east-west gateway
+//!   with Istio's SNI, with the peer's SPIFFE ID checked against the
+//!   service's identities.
+//! - [`inbound`]: the mTLS listener: PeerAuthentication (STRICT /
+//!   PERMISSIVE / DISABLE), AuthorizationPolicy, then the app, with
+//!   `x-forwarded-client-cert` in Envoy's format.
+//! - [`policy`]: pure evaluation of the Istio policies.
+//! - [`config`]: the mesh as the control plane pushed it.
+//! - [`identity`]: the workload certificate (CSR API), renewed at half life.
+//! - [`metrics`]: Istio's metrics and the JSON access log.
+//! - [`transparent`]: iptables interception rules and `SO_ORIGINAL_DST`.
+
+pub mod config;
+pub mod identity;
+pub mod inbound;
+pub mod metrics;
+pub mod outbound;
 pub mod policy;
+pub mod transparent;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use strait_ca::tls::Trust;
+use tokio::sync::watch;
+
+use config::{MeshConfig, WorkloadRef};
+use identity::Identity;
+
+/// The calling sidecar's cluster, for the destination's telemetry.
+pub const SOURCE_CLUSTER_HEADER: &str = "x-strait-source-cluster";
+/// The calling sidecar's workload name, for the destination's telemetry.
+pub const SOURCE_WORKLOAD_HEADER: &str = "x-strait-source-workload";
+
+/// Where the sidecar listens and what it serves.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The workload this sidecar serves.
+    pub workload: WorkloadRef,
+    /// The mTLS listener.
+    pub inbound: SocketAddr,
+    /// The app, plain HTTP/1.1.
+    pub app: SocketAddr,
+    /// The HTTP proxy for the app.
+    pub outbound: SocketAddr,
+    /// How long in-flight requests may finish on shutdown.
+    pub drain: Duration,
+}
+
+/// What every connection handler shares.
+pub struct Shared {
+    /// Listeners and the app.
+    pub opts: Options,
+    /// The newest accepted config.
+    pub config: watch::Receiver<Arc<MeshConfig>>,
+    /// The newest workload certificate (`None` until issued).
+    pub identity: watch::Receiver<Option<Arc<Identity>>>,
+    /// The trust bundles peers are verified against.
+    pub trust: Trust,
+    /// Endpoint picking and outlier detection state.
+    pub balancer: policy::Balancer,
+    /// Istio's metrics.
+    pub metrics: metrics::Metrics,
+    /// Upstream connections and in-flight counts.
+    pub pool: outbound::Pool,
+}
+
+impl Shared {
+    /// Everything a sidecar needs; the trust store follows the bundles in
+    /// `config` (see [`follow_trust`]).
+    pub fn new(
+        opts: Options,
+        config: watch::Receiver<Arc<MeshConfig>>,
+        identity: watch::Receiver<Option<Arc<Identity>>>,
+        trust: Trust,
+        metrics: metrics::Metrics,
+    ) -> Shared {
+        follow_trust(trust.clone(), config.clone());
+        Shared {
+            opts,
+            config,
+            identity,
+            trust,
+            balancer: policy::Balancer::new(),
+            metrics,
+            pool: outbound::Pool::default(),
+        }
+    }
+
+    /// The cluster this workload runs in (from the control plane).
+    pub fn cluster(&self) -> String {
+        self.config
+            .borrow()
+            .me
+            .as_ref()
+            .map_or_else(|| "unknown".to_string(), |w| w.cluster.clone())
+    }
+
+    /// Whether the sidecar can serve: a certificate and a first config.
+    pub fn is_ready(&self) -> bool {
+        self.identity.borrow().is_some() && self.config.borrow().loaded
+    }
+
+    /// The current identity, if issued.
+    pub fn current_identity(&self) -> Option<Arc<Identity>> {
+        self.identity.borrow().clone()
+    }
+}
+
+/// Keeps `ready` true exactly while the sidecar has a workload
+/// certificate and a config from the control plane (`/healthz/ready`).
+pub fn follow_readiness(
+    mut identity: watch::Receiver<Option<Arc<Identity>>>,
+    mut config: watch::Receiver<Arc<MeshConfig>>,
+    ready: strait_broker::http::Ready,
+) {
+    tokio::spawn(async move {
+        loop {
+            let now = identity.borrow_and_update().is_some() && config.borrow_and_update().loaded;
+            ready.set(now);
+            tokio::select! {
+                r = identity.changed() => if r.is_err() { break },
+                r = config.changed() => if r.is_err() { break },
+            }
+        }
+        ready.set(false);
+    });
+}
+
+/// Keeps `trust` in line with the bundles and deny-list in the config.
+pub fn follow_trust(trust: Trust, mut config: watch::Receiver<Arc<MeshConfig>>) {
+    tokio::spawn(async move {
+        loop {
+            {
+                let cfg = config.borrow_and_update().clone();
+                let (local, federated) = cfg.trust_bundles();
+                if let Some(b) = local {
+                    trust.set_bundle(b);
+                }
+                trust.set_federated(federated);
+                trust.set_denied(cfg.denied());
+            }
+            if config.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// Runs both listeners until `shutdown`, then stops accepting and lets
+/// the open connections finish for up to `opts.drain`.
+pub async fn run(
+    shared: Arc<Shared>,
+    inbound: tokio::net::TcpListener,
+    outbound: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let (stop_tx, stop_rx) = watch::channel(Phase::Run);
+    let active = Tracker::default();
+    let i = tokio::spawn(inbound::serve(
+        shared.clone(),
+        inbound,
+        stop_rx.clone(),
+        active.clone(),
+    ));
+    let o = tokio::spawn(outbound::serve(
+        shared.clone(),
+        outbound,
+        stop_rx,
+        active.clone(),
+    ));
+    shutdown.await;
+    tracing::info!(drain = ?shared.opts.drain, "draining: no new connections");
+    let _ = stop_tx.send(Phase::Drain);
+    let _ = i.await;
+    let _ = o.await;
+    if active.wait_idle(shared.opts.drain).await.is_err() {
+        tracing::warn!(
+            open = active.open(),
+            "drain deadline passed; closing the remaining connections"
+        );
+    }
+    let _ = stop_tx.send(Phase::Kill);
+}
+
+/// What a connection task needs to follow the sidecar's life.
+#[derive(Clone)]
+pub(crate) struct Life {
+    pub(crate) active: Tracker,
+    pub(crate) phase: watch::Receiver<Phase>,
+}
+
+/// Where the sidecar is in its life; connections follow it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Serving.
+    Run,
+    /// No new connections; open ones finish what is in flight.
+    Drain,
+    /// The drain deadline passed: close everything.
+    Kill,
+}
+
+/// Drives `conn` (a hyper connection) to its end: on [`Phase::Drain`]
+/// `shutdown` asks it to finish gracefully (HTTP/2 GOAWAY, HTTP/1.1
+/// close after the current request); on [`Phase::Kill`] it is dropped.
+pub(crate) async fn drive<C, F>(conn: C, shutdown: F, mut phase: watch::Receiver<Phase>)
+where
+    C: std::future::Future,
+    F: FnOnce(std::pin::Pin<&mut C>),
+{
+    let mut conn = std::pin::pin!(conn);
+    let mut shutdown = Some(shutdown);
+    if *phase.borrow_and_update() != Phase::Run
+        && let Some(f) = shutdown.take()
+    {
+        f(conn.as_mut());
+    }
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            r = phase.changed() => {
+                let now = if r.is_err() { Phase::Kill } else { *phase.borrow_and_update() };
+                match now {
+                    Phase::Run => {}
+                    Phase::Drain => {
+                        if let Some(f) = shutdown.take() {
+                            f(conn.as_mut());
+                        }
+                    }
+                    Phase::Kill => return,
+                }
+            }
+        }
+    }
+}
+
+/// Runs `fut` (a byte copy) until it ends or the phase reaches
+/// [`Phase::Kill`].
+pub(crate) async fn until_killed<T>(
+    fut: impl std::future::Future<Output = T>,
+    mut phase: watch::Receiver<Phase>,
+) -> Option<T> {
+    let kill = async move {
+        let _ = phase.wait_for(|p| *p == Phase::Kill).await;
+    };
+    tokio::select! {
+        r = fut => Some(r),
+        () = kill => None,
+    }
+}
+
+/// Counts open connections, so shutdown can wait until none is left.
+#[derive(Clone, Default)]
+pub(crate) struct Tracker(Arc<watch::Sender<usize>>);
+
+impl Tracker {
+    /// Counts a connection until the guard is dropped.
+    pub(crate) fn guard(&self) -> ActiveGuard {
+        self.0.send_modify(|n| *n += 1);
+        ActiveGuard(self.0.clone())
+    }
+
+    pub(crate) fn open(&self) -> usize {
+        *self.0.borrow()
+    }
+
+    /// Waits until no connection is open, at most `deadline`.
+    pub(crate) async fn wait_idle(&self, deadline: Duration) -> Result<(), ()> {
+        let mut rx = self.0.subscribe();
+        match tokio::time::timeout(deadline, rx.wait_for(|n| *n == 0)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(()),
+        }
+    }
+}
+
+/// Counts a connection as open while alive.
+pub(crate) struct ActiveGuard(Arc<watch::Sender<usize>>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// Parses Istio's `outbound_.<port>_.<subset>_.<host>` SNI.
+pub fn parse_sni(sni: &str) -> Option<(u16, Option<&str>, &str)> {
+    let rest = sni.strip_prefix("outbound_.")?;
+    let (port, rest) = rest.split_once("_.")?;
+    let (subset, host) = rest.split_once("_.")?;
+    let port = port.parse().ok()?;
+    (!host.is_empty()).then_some((port, (!subset.is_empty()).then_some(subset), host))
+}
+
+/// Istio's SNI for a destination.
+pub fn istio_sni(port: u16, subset: Option<&str>, host: &str) -> String {
+    format!("outbound_.{port}_.{}_.{host}", subset.unwrap_or(""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sni_round_trips_and_refuses_other_forms() {
+        let s = istio_sni(8080, Some("v2"), "echo.demo.svc.cluster.local");
+        assert_eq!(s, "outbound_.8080_.v2_.echo.demo.svc.cluster.local");
+        assert_eq!(
+            parse_sni(&s),
+            Some((8080, Some("v2"), "echo.demo.svc.cluster.local"))
+        );
+        assert_eq!(parse_sni("outbound_.80_._.a.b"), Some((80, None, "a.b")));
+        for bad in [
+            "",
+            "echo.demo",
+            "outbound_.x_._.a",
+            "outbound_.80_._.",
+            "inbound_.80_._.a",
+        ] {
+            assert_eq!(parse_sni(bad), None, "{bad}");
+        }
+    }
+}

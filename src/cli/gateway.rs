@@ -268,12 +268,15 @@ fn subscribe(
         .ok_or_else(|| super::UsageError("--control-plane needs --identity".into()))?;
     let (chain, key, bundle) = strait_broker::client::read_credentials(dir)
         .with_context(|| format!("--identity {}", dir.display()))?;
-    let td = bundle.trust_domain().cloned().ok_or_else(|| {
-        anyhow::anyhow!(
-            "--identity {}: the bundle names no trust domain",
-            dir.display()
-        )
-    })?;
+    // The trust domain is the gateway's own (its certificate's).
+    let td = strait_ca::cert::CertSummary::from_der(&chain[0])
+        .ok()
+        .and_then(|c| c.spiffe_id)
+        .and_then(|i| strait_ca::SpiffeId::parse(&i).ok())
+        .map(|i| i.trust_domain())
+        .ok_or_else(|| {
+            anyhow::anyhow!("--identity {}: the certificate has no SPIFFE ID", dir.display())
+        })?;
     let verifier = SpiffeServerVerifier::new(
         Trust::new(bundle),
         Accept::Ids([control_plane_id(&td)?].into()),

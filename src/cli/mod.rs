@@ -6,8 +6,10 @@ use std::process::ExitCode;
 pub mod broker;
 pub mod ca;
 pub mod cluster;
+pub mod controlplane;
 pub mod ctl;
 pub mod gateway;
+pub mod sidecar;
 
 /// Exit code for a command-line usage error (sysexits `EX_USAGE`).
 pub const EXIT_USAGE: u8 = 64;
@@ -99,8 +101,11 @@ impl LogArgs {
     pub fn init(&self) {
         use tracing_subscriber::EnvFilter;
         let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+        use std::io::IsTerminal;
+        // Colours only for a person at a terminal, never in log files.
         let builder = tracing_subscriber::fmt()
             .with_env_filter(filter)
+            .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
             .with_writer(std::io::stderr);
         match self.log_format {
             LogFormat::Plain => builder.init(),
@@ -109,12 +114,12 @@ impl LogArgs {
     }
 }
 
-/// Parses durations: one or more `<number><unit>` with units `s`, `m`, `h`,
+/// Parses durations: one or more `<number><unit>` with units `ms`, `s`, `m`, `h`,
 /// `d`, `w` and `y` (365 days, so a one-year certificate ends on the same
 /// time of day), e.g. `30m`, `24h`, `90d`, `10y`, `1h30m`.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    const EXPECTED: &str = "expected e.g. 30m, 24h, 90d, 10y";
-    let mut total: u64 = 0;
+    const EXPECTED: &str = "expected e.g. 250ms, 30m, 24h, 90d, 10y";
+    let mut total_ms: u64 = 0;
     let mut rest = s.trim();
     if rest.is_empty() {
         return Err(format!("empty duration ({EXPECTED})"));
@@ -127,29 +132,30 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         let (number, after) = rest.split_at(digits);
         let unit_len = after.bytes().take_while(u8::is_ascii_alphabetic).count();
         let (unit, after) = after.split_at(unit_len);
-        let seconds: u64 = match unit {
-            "s" => 1,
-            "m" => 60,
-            "h" => 3600,
-            "d" => 86_400,
-            "w" => 7 * 86_400,
-            "y" => 365 * 86_400,
+        let millis: u64 = match unit {
+            "ms" => 1,
+            "s" => 1000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            "w" => 7 * 86_400_000,
+            "y" => 365 * 86_400_000,
             "" => return Err(format!("{s:?} needs a unit ({EXPECTED})")),
             other => return Err(format!("unknown unit {other:?} in {s:?} ({EXPECTED})")),
         };
         let n: u64 = number
             .parse()
             .map_err(|_| format!("{number:?} in {s:?} is too large"))?;
-        total = n
-            .checked_mul(seconds)
-            .and_then(|v| total.checked_add(v))
+        total_ms = n
+            .checked_mul(millis)
+            .and_then(|v| total_ms.checked_add(v))
             .ok_or_else(|| format!("{s:?} is too long"))?;
         rest = after;
     }
-    if total == 0 {
+    if total_ms == 0 {
         return Err("must be longer than zero".to_string());
     }
-    Ok(std::time::Duration::from_secs(total))
+    Ok(std::time::Duration::from_millis(total_ms))
 }
 
 /// Renders a duration in the largest unit that divides it (`365d`, `24h`).
@@ -176,6 +182,8 @@ mod tests {
         assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
         assert_eq!(parse_duration("10y"), Ok(Duration::from_secs(3650 * 86400)));
         assert_eq!(parse_duration("2w"), Ok(Duration::from_secs(14 * 86400)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1s500ms"), Ok(Duration::from_millis(1500)));
         assert!(
             parse_duration("0s")
                 .unwrap_err()

@@ -312,8 +312,6 @@ pub fn components(lab: &Lab) -> Vec<Component> {
                 format!("{}:{}", c.gw_ip(), plan::EGRESS_PORT),
                 "--control-plane".into(),
                 cp.clone(),
-                "--root-cert".into(),
-                root_cert.clone(),
                 "--identity".into(),
                 s(&c.dir.join("gateway-identity")),
                 "--health-listen".into(),

@@ -1,0 +1,198 @@
+//! The workload's identity: a key made here, a certificate from the control
+//! plane's CSR API (Istio's `IstioCertificateService`), renewed at half
+//! life by one task. The first request carries the bootstrap token; later
+//! ones authenticate with the current certificate. A renewal failure keeps
+//! the current certificate (retried with backoff) until it expires.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use strait_ca::authority::{self, KeyAlgorithm};
+use strait_ca::tls::{Accept, SpiffeServerVerifier, Trust};
+use strait_ca::{SpiffeId, TrustBundle, TrustDomain};
+use strait_proto::istio::v1::auth::IstioCertificateRequest;
+use strait_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use tokio::sync::watch;
+
+/// A certificate chain (leaf first) and its PKCS#8 key.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub chain_der: Vec<Vec<u8>>,
+    pub key_pkcs8: Vec<u8>,
+    pub spiffe_id: SpiffeId,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+}
+
+impl Identity {
+    /// SHA-256 (hex) of the leaf, for XFCC's `Hash` and logs.
+    pub fn leaf_sha256(&self) -> String {
+        self.chain_der
+            .first()
+            .map(|d| strait_ca::tls::sha256_hex(d))
+            .unwrap_or_default()
+    }
+}
+
+/// The control plane's identity, which the sidecar requires of it.
+pub fn control_plane_id(td: &TrustDomain) -> Result<SpiffeId, String> {
+    SpiffeId::from_segments(td, &["ns", "strait-system", "sa", "controlplane"])
+        .map_err(|e| e.to_string())
+}
+
+/// How to reach the CSR API.
+#[derive(Clone)]
+pub struct CsrClientConfig {
+    /// The control plane, `host:port`.
+    pub address: String,
+    /// The mesh roots (to verify the control plane).
+    pub bundle: TrustBundle,
+    /// The identity to ask for.
+    pub spiffe_id: SpiffeId,
+    /// The bootstrap token.
+    pub token: String,
+    /// Requested lifetime.
+    pub ttl: Duration,
+}
+
+/// A TLS client config for the control plane: its identity verified
+/// against the bundle, with `client` as the client certificate if given.
+pub fn control_plane_tls(
+    bundle: &TrustBundle,
+    client: Option<&Identity>,
+) -> Result<rustls::ClientConfig, String> {
+    let td = bundle
+        .trust_domain()
+        .cloned()
+        .ok_or("the root bundle names no trust domain")?;
+    let verifier = SpiffeServerVerifier::new(
+        Trust::new(bundle.clone()),
+        Accept::Ids([control_plane_id(&td)?].into()),
+    );
+    strait_ca::tls::client_config(
+        verifier,
+        client.map(|i| (i.chain_der.as_slice(), i.key_pkcs8.as_slice())),
+        &[b"h2"],
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// One CSR round trip: a new key, its CSR, the signed chain.
+pub async fn request(
+    cfg: &CsrClientConfig,
+    current: Option<&Identity>,
+) -> Result<Identity, String> {
+    let key = authority::generate_key(KeyAlgorithm::EcdsaP256).map_err(|e| e.to_string())?;
+    let csr = authority::leaf_csr(&cfg.spiffe_id, &[], &key).map_err(|e| e.to_string())?;
+    let tls = control_plane_tls(&cfg.bundle, current)?;
+    let channel = strait_broker::transport::channel(&cfg.address, Arc::new(tls))?;
+    let mut client = IstioCertificateServiceClient::new(channel);
+    let mut req = tonic::Request::new(IstioCertificateRequest {
+        csr,
+        validity_duration: i64::try_from(cfg.ttl.as_secs()).unwrap_or(i64::MAX),
+        metadata: None,
+    });
+    if current.is_none() {
+        let value = format!("Bearer {}", cfg.token.trim())
+            .parse()
+            .map_err(|_| "the token is not a valid header value".to_string())?;
+        req.metadata_mut().insert("authorization", value);
+    }
+    let resp = client
+        .create_certificate(req)
+        .await
+        .map_err(|s| format!("control plane {}: {}", cfg.address, s.message()))?
+        .into_inner();
+    let mut chain = Vec::new();
+    for pem in &resp.cert_chain {
+        let certs = strait_ca::pemfile::parse_certificates(pem.as_bytes())
+            .map_err(|e| format!("the control plane sent a bad certificate: {e}"))?;
+        chain.extend(certs);
+    }
+    // The root is the trust anchor, not part of the presented chain.
+    if chain.len() > 1 {
+        chain.pop();
+    }
+    let leaf = chain
+        .first()
+        .ok_or("the control plane sent no certificate")?;
+    let summary = strait_ca::cert::CertSummary::from_der(leaf).map_err(|e| e.to_string())?;
+    let got = summary.spiffe_id.clone().unwrap_or_default();
+    if got != cfg.spiffe_id.as_str() {
+        return Err(format!(
+            "the control plane issued {got:?}, not the requested {}",
+            cfg.spiffe_id
+        ));
+    }
+    let when = |s: &str| {
+        OffsetDateTime::parse(s, &Rfc3339).map_err(|e| format!("certificate time {s:?}: {e}"))
+    };
+    Ok(Identity {
+        not_before: when(&summary.not_before)?,
+        not_after: when(&summary.not_after)?,
+        chain_der: chain,
+        key_pkcs8: key.serialize_der(),
+        spiffe_id: cfg.spiffe_id.clone(),
+    })
+}
+
+/// When to renew: half way through the certificate's life.
+pub fn renew_at(id: &Identity) -> OffsetDateTime {
+    id.not_before + (id.not_after - id.not_before) / 2
+}
+
+/// Gets a first identity, then renews it at half life until the receiver
+/// side is gone. The channel holds `None` until the first certificate.
+pub fn spawn(cfg: CsrClientConfig) -> watch::Receiver<Option<Arc<Identity>>> {
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(200);
+        let mut current: Option<Arc<Identity>> = None;
+        loop {
+            if let Some(id) = &current {
+                let wait = (renew_at(id) - OffsetDateTime::now_utc())
+                    .try_into()
+                    .unwrap_or(Duration::ZERO);
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = tx.closed() => return,
+                }
+            }
+            match request(&cfg, current.as_deref()).await {
+                Ok(id) => {
+                    tracing::info!(
+                        id = %id.spiffe_id,
+                        not_after = %id.not_after.format(&Rfc3339).unwrap_or_default(),
+                        "workload certificate {}",
+                        if current.is_some() { "renewed" } else { "issued" }
+                    );
+                    let id = Arc::new(id);
+                    current = Some(id.clone());
+                    backoff = Duration::from_millis(200);
+                    if tx.send(Some(id)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "certificate request failed");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = tx.closed() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    // An expired certificate cannot renew itself: start over
+                    // with the token.
+                    if current
+                        .as_ref()
+                        .is_some_and(|c| c.not_after <= OffsetDateTime::now_utc())
+                    {
+                        current = None;
+                    }
+                }
+            }
+        }
+    });
+    rx
+}

@@ -1,0 +1,532 @@
+//! The inbound listener: mTLS termination (client certificates optional at
+//! the TLS layer, then PeerAuthentication decides), plaintext detection
+//! for PERMISSIVE and DISABLE, AuthorizationPolicy per request, and the
+//! app behind it with `x-forwarded-client-cert` set to what was verified.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use strait_ca::tls::{Accept, SpiffeClientVerifier};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::identity::Identity;
+use crate::metrics::{self, RequestLabels};
+use crate::policy::{Decision, MtlsMode, RequestAttrs};
+use crate::{Phase, Shared, Tracker};
+
+/// How long a client may take to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The TLS server config for the current identity (rebuilt when it
+/// changes).
+fn server_config(shared: &Shared, id: &Identity) -> Option<Arc<rustls::ServerConfig>> {
+    let verifier = SpiffeClientVerifier::new(shared.trust.clone(), Accept::Any, false);
+    strait_ca::tls::server_config(
+        &id.chain_der,
+        &id.key_pkcs8,
+        verifier,
+        &[b"h2", b"istio-h2", b"http/1.1", b"istio-http/1.1", b"istio"],
+    )
+    .map(Arc::new)
+    .map_err(|e| tracing::error!(error = %e, "inbound TLS config"))
+    .ok()
+}
+
+/// Who is calling, as far as the connection tells.
+#[derive(Debug, Clone, Default)]
+struct Peer {
+    /// Verified SPIFFE ID.
+    identity: Option<String>,
+    /// SHA-256 of the peer's leaf.
+    hash: Option<String>,
+    mtls: bool,
+    addr: Option<SocketAddr>,
+    /// The service FQDN the client asked for in its SNI.
+    service: Option<String>,
+}
+
+/// Accepts until `stop`.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    listener: tokio::net::TcpListener,
+    mut stop: watch::Receiver<Phase>,
+    active: Tracker,
+) {
+    let app: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    // The config of the newest identity; holding the identity keeps the
+    // comparison by pointer sound.
+    let mut tls_cache: Option<(Arc<Identity>, Arc<rustls::ServerConfig>)> = None;
+    loop {
+        let (tcp, addr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "inbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        // One TLS config per identity version.
+        let tls = match shared.current_identity() {
+            Some(id) => match &tls_cache {
+                Some((k, c)) if Arc::ptr_eq(k, &id) => Some(c.clone()),
+                _ => {
+                    let c = server_config(&shared, &id);
+                    if let Some(c) = &c {
+                        tls_cache = Some((id, c.clone()));
+                    }
+                    c
+                }
+            },
+            None => None,
+        };
+        let shared = shared.clone();
+        let app = app.clone();
+        let guard = active.guard();
+        let phase = stop.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            handle(shared, app, tls, tcp, addr, phase).await;
+        });
+    }
+}
+
+/// What the first byte of a connection says it is.
+fn looks_like_tls(first: u8) -> bool {
+    // A TLS record of type handshake.
+    first == 0x16
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    app: Client<HttpConnector, Full<Bytes>>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    tcp: TcpStream,
+    addr: SocketAddr,
+    phase: watch::Receiver<Phase>,
+) {
+    let cfg = shared.config.borrow().clone();
+    let ns = shared.opts.workload.namespace.clone();
+    let app_port = shared.opts.app.port();
+    let mut first = [0u8; 1];
+    let is_tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
+        Ok(Ok(1)) => looks_like_tls(first[0]),
+        // Closed, failed or silent for too long.
+        _ => return,
+    };
+    if !is_tls {
+        let mode = cfg.policies.mtls_mode(&ns, &cfg.my_labels, app_port);
+        if mode == MtlsMode::Strict {
+            tracing::info!(%addr, "STRICT mTLS: a plaintext connection refused");
+            return;
+        }
+        let peer = Peer {
+            addr: Some(addr),
+            ..Peer::default()
+        };
+        serve_http(shared, app, TokioIo::new(tcp), peer, app_port, phase).await;
+        return;
+    }
+    let Some(tls) = tls else {
+        tracing::info!(%addr, "no workload certificate yet: TLS connection refused");
+        return;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::info!(%addr, error = %e, "inbound TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%addr, "inbound TLS handshake timed out");
+            return;
+        }
+    };
+    let (_, conn) = stream.get_ref();
+    let sni = conn.server_name().and_then(crate::parse_sni);
+    let port = sni.map_or(app_port, |(p, _, _)| p);
+    let service = sni.map(|(_, _, host)| host.to_string());
+    let tcp_mode = conn.alpn_protocol() == Some(b"istio".as_slice());
+    let certs = conn
+        .peer_certificates()
+        .map(<[_]>::to_vec)
+        .unwrap_or_default();
+    let mut peer = Peer {
+        mtls: !certs.is_empty(),
+        addr: Some(addr),
+        service,
+        ..Peer::default()
+    };
+    if let Some(leaf) = certs.first() {
+        match strait_ca::tls::peer_identity(&shared.trust, &certs, time::OffsetDateTime::now_utc())
+        {
+            Ok(svid) => {
+                peer.identity = Some(svid.spiffe_id.to_string());
+                peer.hash = Some(strait_ca::tls::sha256_hex(leaf.as_ref()));
+            }
+            Err(e) => {
+                tracing::info!(%addr, error = %e, "peer certificate refused");
+                return;
+            }
+        }
+    }
+    let mode = cfg.policies.mtls_mode(&ns, &cfg.my_labels, port);
+    if mode == MtlsMode::Strict && peer.identity.is_none() {
+        tracing::info!(%addr, "STRICT mTLS: a connection without a client certificate refused");
+        return;
+    }
+    if tcp_mode {
+        serve_tcp(shared, stream, peer, port, phase).await;
+    } else {
+        serve_http(shared, app, TokioIo::new(stream), peer, port, phase).await;
+    }
+}
+
+/// The namespace in a SPIFFE ID of Istio's form (`.../ns/<ns>/sa/<sa>`).
+fn namespace_of(id: &str) -> Option<&str> {
+    let rest = id.split_once("/ns/")?.1;
+    let ns = rest.split('/').next()?;
+    (!ns.is_empty()).then_some(ns)
+}
+
+/// A TCP connection (ALPN `istio`): AuthorizationPolicy on the connection
+/// (denied: closed), then bytes both ways to the app.
+async fn serve_tcp<S>(
+    shared: Arc<Shared>,
+    mut stream: S,
+    peer: Peer,
+    port: u16,
+    phase: watch::Receiver<Phase>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let start = Instant::now();
+    let started = metrics::now_rfc3339();
+    let cfg = shared.config.borrow().clone();
+    let ns = shared.opts.workload.namespace.clone();
+    let attrs = RequestAttrs {
+        method: None,
+        port,
+        peer_identity: peer.identity.as_deref(),
+        source_ip: peer.addr.map(|a| a.ip()),
+        source_namespace: peer.identity.as_deref().and_then(namespace_of),
+        ..RequestAttrs::default()
+    };
+    if let Decision::Deny { policy, reason } = cfg.policies.authorize(&ns, &cfg.my_labels, &attrs) {
+        tracing::info!(%policy, %reason, peer = ?peer.identity, port, "TCP connection denied");
+        return;
+    }
+    let labels = destination_labels(&shared, &peer, None, "tcp", 0);
+    let mut app =
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(shared.opts.app)).await {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => {
+                tracing::warn!(app = %shared.opts.app, error = %e, "the app is unreachable");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(app = %shared.opts.app, "connecting to the app timed out");
+                return;
+            }
+        };
+    shared.metrics.tcp_opened.get_or_create(&labels).inc();
+    let copied = crate::until_killed(tokio::io::copy_bidirectional(&mut stream, &mut app), phase)
+        .await
+        .unwrap_or_else(|| Err(std::io::Error::other("closed at the drain deadline")));
+    shared.metrics.tcp_closed.get_or_create(&labels).inc();
+    let reason = copied.as_ref().err().map(|e| e.to_string());
+    metrics::log(&metrics::AccessLog {
+        start_time: started,
+        reporter: "destination",
+        method: "TCP",
+        path: "",
+        authority: "",
+        response_code: 0,
+        duration_ms: start.elapsed().as_secs_f64() * 1000.0,
+        upstream_host: &shared.opts.app.to_string(),
+        peer_identity: peer.identity.as_deref(),
+        source_cluster: "unknown",
+        destination_cluster: &labels.destination_cluster,
+        request_id: "",
+        reason: reason.as_deref(),
+    });
+}
+
+/// A peer metadata header (as the calling sidecar set it), or `unknown`.
+/// Only reported in metrics: it is the caller's claim, not verified.
+fn peer_header(headers: Option<&http::HeaderMap>, name: &str) -> String {
+    headers
+        .and_then(|h| h.get(name))
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 253)
+        .unwrap_or("unknown")
+        .to_string()
+}
+
+/// Istio's labels for a request or connection this sidecar received.
+fn destination_labels(
+    shared: &Shared,
+    peer: &Peer,
+    headers: Option<&http::HeaderMap>,
+    protocol: &str,
+    code: u16,
+) -> RequestLabels {
+    let source_ns = peer.identity.as_deref().and_then(namespace_of);
+    RequestLabels {
+        reporter: "destination".into(),
+        source_workload: peer_header(headers, crate::SOURCE_WORKLOAD_HEADER),
+        source_workload_namespace: source_ns.unwrap_or("unknown").into(),
+        source_principal: peer.identity.clone().unwrap_or_else(|| "unknown".into()),
+        source_cluster: peer_header(headers, crate::SOURCE_CLUSTER_HEADER),
+        destination_workload: shared.opts.workload.name.clone(),
+        destination_workload_namespace: shared.opts.workload.namespace.clone(),
+        destination_principal: shared
+            .current_identity()
+            .map_or_else(|| "unknown".into(), |i| i.spiffe_id.to_string()),
+        destination_service: peer.service.clone().unwrap_or_else(|| "unknown".into()),
+        destination_cluster: shared.cluster(),
+        request_protocol: protocol.into(),
+        response_code: code.to_string(),
+        connection_security_policy: if peer.mtls { "mutual_tls" } else { "none" }.into(),
+    }
+}
+
+async fn serve_http<I>(
+    shared: Arc<Shared>,
+    app: Client<HttpConnector, Full<Bytes>>,
+    io: I,
+    peer: Peer,
+    port: u16,
+    phase: watch::Receiver<Phase>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let peer = Arc::new(peer);
+    let svc = hyper::service::service_fn(move |req| {
+        let shared = shared.clone();
+        let app = app.clone();
+        let peer = peer.clone();
+        async move { Ok::<_, std::convert::Infallible>(request(shared, app, peer, port, req).await) }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection(io, svc);
+    crate::drive(conn, |c| c.graceful_shutdown(), phase).await;
+}
+
+fn plain(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain"),
+    );
+    r
+}
+
+/// The `x-forwarded-client-cert` value for a verified peer (Envoy's format).
+pub fn xfcc(own_id: &str, hash: &str, peer_id: &str) -> String {
+    format!("By={own_id};Hash={hash};URI={peer_id}")
+}
+
+async fn request(
+    shared: Arc<Shared>,
+    app: Client<HttpConnector, Full<Bytes>>,
+    peer: Arc<Peer>,
+    port: u16,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let start = Instant::now();
+    let started = metrics::now_rfc3339();
+    let cfg = shared.config.borrow().clone();
+    let ns = shared.opts.workload.namespace.clone();
+    let (mut parts, body) = req.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let method = parts.method.as_str().to_string();
+    let authority = parts
+        .headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+        .unwrap_or_default();
+    let peer_ns = peer.identity.as_deref().and_then(namespace_of);
+    let attrs = RequestAttrs {
+        method: Some(&method),
+        path: Some(&path),
+        host: Some(&authority),
+        port,
+        headers: Some(&parts.headers),
+        peer_identity: peer.identity.as_deref(),
+        source_ip: peer.addr.map(|a| a.ip()),
+        source_namespace: peer_ns,
+        source_labels: None,
+    };
+    let decision = cfg.policies.authorize(&ns, &cfg.my_labels, &attrs);
+    let own_id = shared
+        .current_identity()
+        .map(|i| i.spiffe_id.to_string())
+        .unwrap_or_default();
+    let mut labels = destination_labels(&shared, &peer, Some(&parts.headers), "http", 0);
+    labels.destination_service = peer.service.clone().unwrap_or_else(|| {
+        authority
+            .rsplit_once(':')
+            .map_or(authority.as_str(), |(h, _)| h)
+            .to_string()
+    });
+    let rid = parts
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let body = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return plain(StatusCode::BAD_REQUEST, "request body could not be read\n"),
+    };
+    let req_len = body.len() as u64;
+    let (resp, reason) = match decision {
+        Decision::Deny { policy, reason } => {
+            tracing::debug!(%policy, %reason, peer = ?peer.identity, "request denied");
+            (
+                plain(StatusCode::FORBIDDEN, "RBAC: access denied"),
+                Some(format!("denied by {policy}: {reason}")),
+            )
+        }
+        Decision::Allow { .. } => {
+            // What the app learns about the caller is what was verified
+            // here, never what the caller claimed.
+            parts.headers.remove("x-forwarded-client-cert");
+            parts.headers.remove(crate::SOURCE_CLUSTER_HEADER);
+            parts.headers.remove(crate::SOURCE_WORKLOAD_HEADER);
+            if let (Some(id), Some(hash)) = (&peer.identity, &peer.hash)
+                && let Ok(v) = xfcc(&own_id, hash, id).parse()
+            {
+                parts.headers.insert("x-forwarded-client-cert", v);
+            }
+            let uri = format!("http://{}{}", shared.opts.app, path);
+            match uri.parse() {
+                Ok(u) => parts.uri = u,
+                Err(_) => return plain(StatusCode::BAD_REQUEST, "bad request path\n"),
+            }
+            parts.version = http::Version::HTTP_11;
+            // HTTP/2 carries the host in `:authority`; the app gets it as Host.
+            if !parts.headers.contains_key(http::header::HOST)
+                && let Ok(v) = authority.parse()
+            {
+                parts.headers.insert(http::header::HOST, v);
+            }
+            let out = Request::from_parts(parts, Full::new(body));
+            match app.request(out).await {
+                Ok(r) => {
+                    let (p, b) = r.into_parts();
+                    match b.collect().await {
+                        Ok(b) => (Response::from_parts(p, Full::new(b.to_bytes())), None),
+                        Err(e) => (
+                            plain(StatusCode::BAD_GATEWAY, "the app's response broke off\n"),
+                            Some(e.to_string()),
+                        ),
+                    }
+                }
+                Err(e) => (
+                    plain(StatusCode::SERVICE_UNAVAILABLE, "the app is unreachable\n"),
+                    Some(format!("app {}: {e}", shared.opts.app)),
+                ),
+            }
+        }
+    };
+    let code = resp.status().as_u16();
+    labels.response_code = code.to_string();
+    let millis = start.elapsed().as_secs_f64() * 1000.0;
+    let resp_len = hyper::body::Body::size_hint(resp.body())
+        .exact()
+        .unwrap_or(0);
+    shared.metrics.request(&labels, millis, req_len, resp_len);
+    metrics::log(&metrics::AccessLog {
+        start_time: started,
+        reporter: "destination",
+        method: &method,
+        path: &path,
+        authority: &authority,
+        response_code: code,
+        duration_ms: millis,
+        upstream_host: &shared.opts.app.to_string(),
+        peer_identity: peer.identity.as_deref(),
+        source_cluster: &labels.source_cluster,
+        destination_cluster: &labels.destination_cluster,
+        request_id: &rid,
+        reason: reason.as_deref(),
+    });
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xfcc_is_envoys_format() {
+        assert_eq!(
+            xfcc(
+                "spiffe://cluster.local/ns/demo/sa/echo",
+                "ab12",
+                "spiffe://cluster.local/ns/demo/sa/sleep"
+            ),
+            "By=spiffe://cluster.local/ns/demo/sa/echo;Hash=ab12;URI=spiffe://cluster.local/ns/demo/sa/sleep"
+        );
+    }
+
+    #[test]
+    fn namespace_comes_from_istio_shaped_ids_only() {
+        for (id, want) in [
+            ("spiffe://cluster.local/ns/demo/sa/sleep", Some("demo")),
+            ("spiffe://td/ns/a", Some("a")),
+            ("spiffe://td/ns//sa/x", None),
+            ("spiffe://td/strait/cluster/c1", None),
+            ("", None),
+        ] {
+            assert_eq!(namespace_of(id), want, "{id}");
+        }
+    }
+
+    #[test]
+    fn only_a_tls_handshake_record_is_tls() {
+        assert!(looks_like_tls(0x16));
+        for b in [b'G', b'P', 0x15, 0x17, 0] {
+            assert!(!looks_like_tls(b), "{b:#x}");
+        }
+    }
+
+    #[test]
+    fn peer_headers_fall_back_to_unknown() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(peer_header(None, "x"), "unknown");
+        assert_eq!(peer_header(Some(&h), "x"), "unknown");
+        h.insert("x", http::HeaderValue::from_static(""));
+        assert_eq!(peer_header(Some(&h), "x"), "unknown");
+        h.insert("x", http::HeaderValue::from_static("sleep"));
+        assert_eq!(peer_header(Some(&h), "x"), "sleep");
+        h.insert("x", http::HeaderValue::from_bytes(&[0xff, b'a']).unwrap());
+        assert_eq!(peer_header(Some(&h), "x"), "unknown");
+        let long = "a".repeat(300);
+        h.insert("x", long.parse().unwrap());
+        assert_eq!(peer_header(Some(&h), "x"), "unknown");
+    }
+}

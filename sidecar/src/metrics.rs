@@ -1,0 +1,275 @@
+//! Istio's standard metrics (`istio_requests_total`,
+//! `istio_request_duration_milliseconds`, `istio_request_bytes`,
+//! `istio_response_bytes`, `istio_tcp_connections_opened_total`,
+//! `istio_tcp_connections_closed_total`) with Istio's labels, and the JSON
+//! access log (one object a line on stdout).
+
+use std::io::Write;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+
+/// Istio's request labels.
+#[derive(Debug, Clone, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub reporter: String,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_cluster: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_service: String,
+    pub destination_cluster: String,
+    pub request_protocol: String,
+    pub response_code: String,
+    pub connection_security_policy: String,
+}
+
+fn ms_buckets() -> Histogram {
+    Histogram::new([
+        0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
+    ])
+}
+
+fn byte_buckets() -> Histogram {
+    Histogram::new([1.0, 10.0, 100.0, 1000.0, 10_000.0, 100_000.0, 1_000_000.0])
+}
+
+/// The sidecar's metric families.
+#[derive(Clone)]
+pub struct Metrics {
+    /// `istio_requests_total`.
+    pub requests: Family<RequestLabels, Counter>,
+    /// `istio_request_duration_milliseconds`.
+    pub duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    /// `istio_request_bytes`.
+    pub request_bytes: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    /// `istio_response_bytes`.
+    pub response_bytes: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    /// `istio_tcp_connections_opened_total`.
+    pub tcp_opened: Family<RequestLabels, Counter>,
+    /// `istio_tcp_connections_closed_total`.
+    pub tcp_closed: Family<RequestLabels, Counter>,
+}
+
+impl Metrics {
+    /// The families, registered in `registry` under Istio's names.
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Metrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(ms_buckets),
+            request_bytes: Family::new_with_constructor(byte_buckets),
+            response_bytes: Family::new_with_constructor(byte_buckets),
+            tcp_opened: Family::default(),
+            tcp_closed: Family::default(),
+        };
+        let istio = registry.sub_registry_with_prefix("istio");
+        istio.register(
+            "requests",
+            "Requests, by Istio's labels",
+            m.requests.clone(),
+        );
+        istio.register(
+            "request_duration_milliseconds",
+            "Request duration in milliseconds",
+            m.duration.clone(),
+        );
+        istio.register(
+            "request_bytes",
+            "Request body sizes",
+            m.request_bytes.clone(),
+        );
+        istio.register(
+            "response_bytes",
+            "Response body sizes",
+            m.response_bytes.clone(),
+        );
+        istio.register(
+            "tcp_connections_opened",
+            "TCP connections opened",
+            m.tcp_opened.clone(),
+        );
+        istio.register(
+            "tcp_connections_closed",
+            "TCP connections closed",
+            m.tcp_closed.clone(),
+        );
+        m
+    }
+
+    /// Records one finished request.
+    pub fn request(&self, l: &RequestLabels, millis: f64, req_bytes: u64, resp_bytes: u64) {
+        self.requests.get_or_create(l).inc();
+        self.duration.get_or_create(l).observe(millis);
+        self.request_bytes
+            .get_or_create(l)
+            .observe(req_bytes as f64);
+        self.response_bytes
+            .get_or_create(l)
+            .observe(resp_bytes as f64);
+    }
+}
+
+/// One access log line.
+#[derive(Debug, Serialize)]
+pub struct AccessLog<'a> {
+    pub start_time: String,
+    pub reporter: &'a str,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub authority: &'a str,
+    pub response_code: u16,
+    pub duration_ms: f64,
+    pub upstream_host: &'a str,
+    pub peer_identity: Option<&'a str>,
+    pub source_cluster: &'a str,
+    pub destination_cluster: &'a str,
+    pub request_id: &'a str,
+    pub reason: Option<&'a str>,
+}
+
+/// Lines waiting for the writer; beyond this, lines are dropped (counted)
+/// rather than slowing requests down.
+const LOG_QUEUE: usize = 4096;
+
+/// The access log writer: one thread that owns stdout, fed by a bounded
+/// queue, so a slow terminal or pipe never blocks a proxy thread.
+struct LogWriter {
+    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+fn writer() -> Option<&'static LogWriter> {
+    static WRITER: std::sync::OnceLock<Option<LogWriter>> = std::sync::OnceLock::new();
+    WRITER
+        .get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(LOG_QUEUE);
+            std::thread::Builder::new()
+                .name("access-log".into())
+                .spawn(move || {
+                    let stdout = std::io::stdout();
+                    while let Ok(line) = rx.recv() {
+                        let mut out = stdout.lock();
+                        if out.write_all(&line).and_then(|()| out.flush()).is_err() {
+                            // stdout is gone; nothing else to tell.
+                            return;
+                        }
+                    }
+                })
+                .map_err(|e| tracing::error!(error = %e, "no access log writer thread"))
+                .ok()
+                .map(|_| LogWriter {
+                    tx,
+                    dropped: std::sync::atomic::AtomicU64::new(0),
+                })
+        })
+        .as_ref()
+}
+
+/// The JSON line of an entry (newline-terminated).
+pub fn encode(entry: &AccessLog<'_>) -> Option<Vec<u8>> {
+    let mut line = serde_json::to_vec(entry).ok()?;
+    line.push(b'\n');
+    Some(line)
+}
+
+/// Queues one JSON line for stdout. Logging never fails or slows a
+/// request: when the writer falls behind, lines are dropped and counted
+/// (see [`dropped_log_lines`]).
+pub fn log(entry: &AccessLog<'_>) {
+    let (Some(w), Some(line)) = (writer(), encode(entry)) else {
+        return;
+    };
+    if w.tx.try_send(line).is_err() {
+        w.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Access log lines dropped because the writer fell behind.
+pub fn dropped_log_lines() -> u64 {
+    writer().map_or(0, |w| w.dropped.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// Now, RFC 3339.
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn metrics_carry_istio_names_and_labels() {
+        let mut registry = Registry::default();
+        let m = Metrics::new(&mut registry);
+        let l = RequestLabels {
+            reporter: "source".into(),
+            response_code: "200".into(),
+            connection_security_policy: "mutual_tls".into(),
+            ..RequestLabels::default()
+        };
+        m.request(&l, 12.0, 10, 2000);
+        m.tcp_opened.get_or_create(&l).inc();
+        m.tcp_closed.get_or_create(&l).inc();
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for name in [
+            "istio_requests_total{",
+            "istio_request_duration_milliseconds_bucket{",
+            "istio_request_bytes_sum{",
+            "istio_response_bytes_count{",
+            "istio_tcp_connections_opened_total{",
+            "istio_tcp_connections_closed_total{",
+        ] {
+            assert!(text.contains(name), "{name} missing:\n{text}");
+        }
+        assert!(text.contains("reporter=\"source\""), "{text}");
+        assert!(
+            text.contains("connection_security_policy=\"mutual_tls\""),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn an_access_log_line_is_one_json_object() {
+        let entry = AccessLog {
+            start_time: "2026-01-01T00:00:00Z".into(),
+            reporter: "source",
+            method: "GET",
+            path: "/a\nb\"c",
+            authority: "echo.demo:8080",
+            response_code: 200,
+            duration_ms: 1.5,
+            upstream_host: "10.0.0.1:15006",
+            peer_identity: Some("spiffe://cluster.local/ns/demo/sa/echo"),
+            source_cluster: "c1",
+            destination_cluster: "c2",
+            request_id: "abc",
+            reason: None,
+        };
+        let line = encode(&entry).unwrap();
+        assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v["path"], "/a\nb\"c");
+        assert_eq!(v["response_code"], 200);
+        assert_eq!(v["request_id"], "abc");
+        assert_eq!(v["destination_cluster"], "c2");
+        assert!(
+            time::OffsetDateTime::parse(
+                v["start_time"].as_str().unwrap(),
+                &time::format_description::well_known::Rfc3339
+            )
+            .is_ok()
+        );
+    }
+}

@@ -1,0 +1,243 @@
+//! Transparent interception, as Istio's `istio-init` sets it up: iptables
+//! `nat` rules redirect the pod's inbound TCP to the inbound listener and
+//! the app's outbound TCP to the outbound listener, except the sidecar's
+//! own traffic (by uid/gid). A redirected connection keeps its original
+//! destination, read back with `SO_ORIGINAL_DST`.
+//!
+//! The outbound listener serves explicit-proxy and redirected clients
+//! alike: a redirected HTTP/1.1 request is in origin form and names its
+//! service in `Host`; the original destination supplies the port when
+//! `Host` has none. Redirected non-HTTP traffic is not routed (the
+//! discovery resources carry no service VIPs to match it against).
+
+use std::io;
+use std::net::SocketAddr;
+
+use tokio::net::TcpStream;
+
+/// The destination the client dialed before iptables redirected the
+/// connection here (`SO_ORIGINAL_DST`, IPv4 or IPv6).
+pub fn original_dst(tcp: &TcpStream) -> io::Result<SocketAddr> {
+    let sock = socket2::SockRef::from(tcp);
+    let addr = if tcp.local_addr()?.is_ipv4() {
+        sock.original_dst_v4()?
+    } else {
+        sock.original_dst_v6()?
+    };
+    addr.as_socket()
+        .ok_or_else(|| io::Error::other("SO_ORIGINAL_DST is not an IP socket address"))
+}
+
+/// The port the client dialed, when the connection was redirected here
+/// (its original destination is not this listener); `None` for a client
+/// that connected to the listener itself.
+pub fn redirected_port(tcp: &TcpStream) -> Option<u16> {
+    let local = tcp.local_addr().ok()?;
+    let original = original_dst(tcp).ok()?;
+    (original != local).then_some(original.port())
+}
+
+/// What the interception rules need to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterceptOptions {
+    /// The uid the sidecar runs as (its traffic is not redirected).
+    pub proxy_uid: u32,
+    /// The gid the sidecar runs as, when it should be excluded too.
+    pub proxy_gid: Option<u32>,
+    /// The inbound (mTLS) listener's port.
+    pub inbound_port: u16,
+    /// The outbound listener's port.
+    pub outbound_port: u16,
+    /// Inbound ports left alone (health, metrics).
+    pub exclude_inbound_ports: Vec<u16>,
+    /// Outbound destination ports left alone.
+    pub exclude_outbound_ports: Vec<u16>,
+    /// Outbound destination CIDRs left alone (`10.0.0.0/8`).
+    pub exclude_outbound_cidrs: Vec<String>,
+}
+
+impl Default for InterceptOptions {
+    /// Istio's defaults: uid 1337, 15006 in, 15001 out, the health
+    /// (15021) and metrics (15090) ports not intercepted.
+    fn default() -> Self {
+        InterceptOptions {
+            proxy_uid: 1337,
+            proxy_gid: None,
+            inbound_port: 15006,
+            outbound_port: 15001,
+            exclude_inbound_ports: vec![15021, 15090],
+            exclude_outbound_ports: vec![],
+            exclude_outbound_cidrs: vec![],
+        }
+    }
+}
+
+/// Checks a CIDR (`a.b.c.d/n` or IPv4 address) for an iptables rule.
+fn check_cidr(cidr: &str) -> Result<(), String> {
+    let (addr, len) = cidr.split_once('/').unwrap_or((cidr, "32"));
+    addr.parse::<std::net::Ipv4Addr>()
+        .map_err(|_| format!("exclude CIDR {cidr:?}: {addr:?} is not an IPv4 address"))?;
+    match len.parse::<u8>() {
+        Ok(n) if n <= 32 => Ok(()),
+        _ => Err(format!(
+            "exclude CIDR {cidr:?}: prefix length {len:?} is not 0..=32"
+        )),
+    }
+}
+
+/// The `iptables` commands (IPv4, `nat` table) that intercept the pod's
+/// traffic, in order, as `strait sidecar iptables --print` shows them.
+pub fn iptables_rules(o: &InterceptOptions) -> Result<Vec<String>, String> {
+    if o.inbound_port == 0 || o.outbound_port == 0 {
+        return Err("the inbound and outbound ports must not be 0".into());
+    }
+    for c in &o.exclude_outbound_cidrs {
+        check_cidr(c)?;
+    }
+    let nat = |rule: String| format!("iptables -t nat {rule}");
+    let mut r = Vec::new();
+    for chain in [
+        "STRAIT_INBOUND",
+        "STRAIT_IN_REDIRECT",
+        "STRAIT_OUTPUT",
+        "STRAIT_REDIRECT",
+    ] {
+        r.push(nat(format!("-N {chain}")));
+    }
+    r.push(nat(format!(
+        "-A STRAIT_IN_REDIRECT -p tcp -j REDIRECT --to-ports {}",
+        o.inbound_port
+    )));
+    r.push(nat(format!(
+        "-A STRAIT_REDIRECT -p tcp -j REDIRECT --to-ports {}",
+        o.outbound_port
+    )));
+    // Inbound: everything but the excluded ports goes to the inbound listener.
+    r.push(nat("-A PREROUTING -p tcp -j STRAIT_INBOUND".into()));
+    for p in &o.exclude_inbound_ports {
+        r.push(nat(format!(
+            "-A STRAIT_INBOUND -p tcp --dport {p} -j RETURN"
+        )));
+    }
+    r.push(nat("-A STRAIT_INBOUND -p tcp -j STRAIT_IN_REDIRECT".into()));
+    // Outbound: the sidecar's own traffic leaves as is; the app's to
+    // itself over loopback stays local; the rest goes to the outbound
+    // listener.
+    r.push(nat("-A OUTPUT -p tcp -j STRAIT_OUTPUT".into()));
+    let mut owners = vec![format!("--uid-owner {}", o.proxy_uid)];
+    if let Some(gid) = o.proxy_gid {
+        owners.push(format!("--gid-owner {gid}"));
+    }
+    for owner in &owners {
+        // The sidecar calling the pod's own IP: that is inbound traffic.
+        r.push(nat(format!(
+            "-A STRAIT_OUTPUT ! -d 127.0.0.1/32 -o lo -m owner {owner} -j STRAIT_IN_REDIRECT"
+        )));
+        r.push(nat(format!("-A STRAIT_OUTPUT -m owner {owner} -j RETURN")));
+    }
+    r.push(nat("-A STRAIT_OUTPUT -d 127.0.0.1/32 -j RETURN".into()));
+    for p in &o.exclude_outbound_ports {
+        r.push(nat(format!(
+            "-A STRAIT_OUTPUT -p tcp --dport {p} -j RETURN"
+        )));
+    }
+    for c in &o.exclude_outbound_cidrs {
+        r.push(nat(format!("-A STRAIT_OUTPUT -d {c} -j RETURN")));
+    }
+    r.push(nat("-A STRAIT_OUTPUT -j STRAIT_REDIRECT".into()));
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn default_rules_redirect_in_and_out_but_spare_the_proxy() {
+        let rules = iptables_rules(&InterceptOptions::default()).unwrap();
+        let has = |s: &str| rules.iter().any(|r| r == s);
+        assert!(has(
+            "iptables -t nat -A STRAIT_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006"
+        ));
+        assert!(has(
+            "iptables -t nat -A STRAIT_REDIRECT -p tcp -j REDIRECT --to-ports 15001"
+        ));
+        assert!(has(
+            "iptables -t nat -A STRAIT_INBOUND -p tcp --dport 15021 -j RETURN"
+        ));
+        let own = rules
+            .iter()
+            .position(|r| r.ends_with("-m owner --uid-owner 1337 -j RETURN"))
+            .unwrap();
+        let redirect = rules
+            .iter()
+            .position(|r| r.ends_with("-A STRAIT_OUTPUT -j STRAIT_REDIRECT"))
+            .unwrap();
+        // The proxy's exemption comes before the catch-all, which is last.
+        assert!(own < redirect);
+        assert_eq!(redirect, rules.len() - 1);
+        // Chains exist before they are used.
+        let created = rules
+            .iter()
+            .position(|r| r.ends_with("-N STRAIT_OUTPUT"))
+            .unwrap();
+        let used = rules
+            .iter()
+            .position(|r| r.contains("-j STRAIT_OUTPUT"))
+            .unwrap();
+        assert!(created < used);
+    }
+
+    #[test]
+    fn exclusions_and_gid_are_honoured_and_bad_ones_refused() {
+        let o = InterceptOptions {
+            proxy_gid: Some(1337),
+            exclude_outbound_ports: vec![5432],
+            exclude_outbound_cidrs: vec!["169.254.169.254/32".into(), "10.0.0.0".into()],
+            ..InterceptOptions::default()
+        };
+        let rules = iptables_rules(&o).unwrap().join("\n");
+        for want in [
+            "-m owner --gid-owner 1337 -j RETURN",
+            "-A STRAIT_OUTPUT -p tcp --dport 5432 -j RETURN",
+            "-A STRAIT_OUTPUT -d 169.254.169.254/32 -j RETURN",
+            "-A STRAIT_OUTPUT -d 10.0.0.0 -j RETURN",
+        ] {
+            assert!(rules.contains(want), "{want} missing:\n{rules}");
+        }
+        for (cidr, needle) in [
+            ("10.0.0.0/33", "prefix length"),
+            ("10.0.0/8", "not an IPv4 address"),
+            ("fd00::/8", "not an IPv4 address"),
+            ("10.0.0.0/x", "prefix length"),
+            ("", "not an IPv4 address"),
+        ] {
+            let o = InterceptOptions {
+                exclude_outbound_cidrs: vec![cidr.into()],
+                ..InterceptOptions::default()
+            };
+            let e = iptables_rules(&o).unwrap_err();
+            assert!(e.contains(needle), "{cidr}: {e}");
+        }
+        let o = InterceptOptions {
+            inbound_port: 0,
+            ..InterceptOptions::default()
+        };
+        assert!(iptables_rules(&o).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_direct_connection_is_not_redirected() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (_c, accepted) = tokio::join!(TcpStream::connect(addr), l.accept());
+        let (server, _) = accepted.unwrap();
+        // No NAT happened: either no original destination is known, or it
+        // is the listener itself.
+        assert_eq!(redirected_port(&server), None);
+        if let Ok(orig) = original_dst(&server) {
+            assert_eq!(orig, addr);
+        }
+    }
+}

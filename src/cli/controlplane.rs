@@ -1,0 +1,165 @@
+//! `strait controlplane`: the local control plane of one cluster, and its
+//! `token` helper for workload bootstrap tokens.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+
+use super::parse_duration;
+
+/// Run a cluster's control plane: config from a directory, the broker
+/// link (exports out, imports and trust in), workload certificates (Istio's
+/// CSR API) and discovery for sidecars and gateways, on one mTLS port.
+#[derive(Debug, Args)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:
+  # first start: join the mesh with a token from `straitctl cluster add east ...`
+  strait controlplane --cluster east --network net-east --config-dir /etc/strait/config \\
+      --state-dir /var/lib/strait --join-token east.token --listen 0.0.0.0:15012 \\
+      --gateway 203.0.113.10:15443 --health-listen 0.0.0.0:15021 --metrics-listen 0.0.0.0:15090
+  # a bootstrap token for a workload's sidecar
+  strait controlplane token --state-dir /var/lib/strait --namespace demo \\
+      --service-account echo --workload echo-v1 --out echo-v1.token"
+)]
+pub struct ControlPlaneArgs {
+    #[command(subcommand)]
+    command: Option<ControlPlaneCommand>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum ControlPlaneCommand {
+    /// Issue a bootstrap token with which a workload's sidecar gets its
+    /// first certificate (it renews with that certificate afterwards).
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// This cluster's name (must match the join token's).
+    #[arg(long, value_name = "NAME")]
+    cluster: Option<String>,
+    /// This cluster's network.
+    #[arg(long, value_name = "NET")]
+    network: Option<String>,
+    /// Directory of Kubernetes-style YAML (watched; imports are written to
+    /// its imported/ subdirectory).
+    #[arg(long, value_name = "DIR")]
+    config_dir: Option<PathBuf>,
+    /// The cluster's state: intermediate CA (cacerts/), broker credentials,
+    /// the token key.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Join token file (from `straitctl cluster add`), used on first start.
+    #[arg(long, value_name = "FILE")]
+    join_token: Option<PathBuf>,
+    /// Discovery and certificate API (mTLS).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15012")]
+    listen: SocketAddr,
+    /// Health endpoint (/healthz/ready).
+    #[arg(long, value_name = "ADDR")]
+    health_listen: Option<SocketAddr>,
+    /// Prometheus metrics (/metrics).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+    /// This cluster's east-west gateway address (host:port), published to
+    /// importers (repeatable).
+    #[arg(long, value_name = "HOST:PORT")]
+    gateway: Vec<String>,
+    /// Reach other networks through QUIC tunnels via the local gateway's
+    /// egress listener at this address (default: SNI passthrough straight
+    /// to the remote gateways).
+    #[arg(long, value_name = "HOST:PORT")]
+    quic_egress: Option<String>,
+    /// Quiet time before pushing a config change to proxies.
+    #[arg(long, value_parser = parse_duration, default_value = "100ms")]
+    debounce: Duration,
+}
+
+#[derive(Debug, Args)]
+struct TokenArgs {
+    /// The control plane's state directory (holds the token key).
+    #[arg(long, value_name = "DIR")]
+    state_dir: PathBuf,
+    #[arg(long, value_name = "NS")]
+    namespace: String,
+    #[arg(long, value_name = "SA")]
+    service_account: String,
+    /// The workload's name.
+    #[arg(long, value_name = "NAME")]
+    workload: String,
+    /// How long the token may be used for a first certificate.
+    #[arg(long, value_parser = parse_duration, default_value = "24h")]
+    ttl: Duration,
+    /// Write the token here (mode 0600) instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+}
+
+fn required<T: Clone>(v: &Option<T>, flag: &str) -> Result<T> {
+    v.clone()
+        .ok_or_else(|| super::UsageError(format!("{flag} is required")).into())
+}
+
+pub fn run(args: ControlPlaneArgs) -> Result<()> {
+    match args.command {
+        Some(ControlPlaneCommand::Token(t)) => token(t),
+        None => serve(args.run),
+    }
+}
+
+fn token(t: TokenArgs) -> Result<()> {
+    let issuer = strait_controlplane::ca::TokenIssuer::load_or_create(
+        &t.state_dir.join(strait_controlplane::ca::TOKEN_KEY_FILE),
+    )
+    .with_context(|| format!("--state-dir {}", t.state_dir.display()))?;
+    let token = issuer
+        .issue(&t.namespace, &t.service_account, &t.workload, t.ttl)
+        .map_err(|e| super::UsageError(e.to_string()))?;
+    match &t.out {
+        Some(path) => {
+            strait_ca::layout::write_key(path, &token, true)
+                .with_context(|| path.display().to_string())?;
+            eprintln!(
+                "token for {}/{} (service account {}) written to {}",
+                t.namespace,
+                t.workload,
+                t.service_account,
+                path.display()
+            );
+        }
+        None => println!("{token}"),
+    }
+    Ok(())
+}
+
+fn serve(r: RunArgs) -> Result<()> {
+    let cfg = strait_controlplane::app::AppConfig {
+        cluster: required(&r.cluster, "--cluster")?,
+        network: required(&r.network, "--network")?,
+        config_dir: required(&r.config_dir, "--config-dir")?,
+        state_dir: required(&r.state_dir, "--state-dir")?,
+        join_token: r.join_token,
+        listen: r.listen,
+        health_listen: r.health_listen,
+        metrics_listen: r.metrics_listen,
+        gateways: r.gateway,
+        quic_egress: r.quic_egress,
+        debounce: r.debounce,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        strait_controlplane::app::run(cfg, super::broker::shutdown_signal())
+            .await
+            .map_err(anyhow::Error::msg)
+    })?;
+    tracing::info!("control plane stopped");
+    Ok(())
+}

@@ -1,0 +1,271 @@
+//! `strait sidecar`: the proxy next to a workload. Its key is made here,
+//! its certificate comes from the control plane's CSR API (bootstrap token
+//! first, then renewals with the certificate), its config from the control
+//! plane's discovery service; it keeps serving with the last good config
+//! while the control plane is away.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use prometheus_client::registry::Registry;
+use strait_broker::http::{self, Ready};
+use strait_controlplane::client::{self, Resources, Validator, XdsClientConfig};
+use strait_proto::strait::mesh::v1::{self as pb, type_url};
+use strait_sidecar::config::{MeshConfig, WorkloadRef};
+use strait_sidecar::identity;
+
+use super::parse_duration;
+
+/// Run a workload's sidecar: an HTTP proxy for the app's outbound calls
+/// (mTLS to the destination, Istio routing and policy) and an mTLS
+/// listener in front of the app (PeerAuthentication, AuthorizationPolicy,
+/// x-forwarded-client-cert).
+#[derive(Debug, Args)]
+#[command(after_help = "Example:
+  strait sidecar --workload echo-v1 --namespace demo --control-plane 10.0.0.5:15012 \\
+      --token /var/run/strait/token --root-cert /var/run/strait/root-cert.pem \\
+      --inbound 0.0.0.0:15006 --app 127.0.0.1:8080 --outbound 127.0.0.1:15001 \\
+      --health-listen 0.0.0.0:15021 --metrics-listen 0.0.0.0:15090
+  # then, from the app: curl -x http://127.0.0.1:15001 http://echo.demo:8080/")]
+pub struct SidecarArgs {
+    /// The workload's name (as its WorkloadEntry or pod is named).
+    #[arg(long, value_name = "NAME")]
+    workload: String,
+    /// The workload's namespace.
+    #[arg(long, value_name = "NS")]
+    namespace: String,
+    /// The control plane (`host:port`, discovery and CSR).
+    #[arg(long, value_name = "ADDR")]
+    control_plane: String,
+    /// The bootstrap token file (from `strait controlplane token`).
+    #[arg(long, value_name = "FILE")]
+    token: PathBuf,
+    /// The mesh root certificate(s), to verify the control plane.
+    #[arg(long, value_name = "FILE")]
+    root_cert: PathBuf,
+    /// The service account (default: from the token).
+    #[arg(long, value_name = "SA")]
+    service_account: Option<String>,
+    /// The mTLS listener.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15006")]
+    inbound: SocketAddr,
+    /// The app (plain HTTP/1.1).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    app: SocketAddr,
+    /// The HTTP proxy for the app's outbound calls.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15001")]
+    outbound: SocketAddr,
+    /// Health endpoint (/healthz/ready: ready once it has a certificate and
+    /// a first config).
+    #[arg(long, value_name = "ADDR")]
+    health_listen: Option<SocketAddr>,
+    /// Prometheus metrics (/stats/prometheus).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+    /// Requested workload certificate lifetime.
+    #[arg(long, value_parser = parse_duration, default_value = "24h")]
+    cert_ttl: Duration,
+    /// On SIGTERM, let in-flight requests finish for up to this long.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    drain: Duration,
+}
+
+/// The service account a token names (its claims are readable; the
+/// control plane checks the signature).
+fn token_service_account(token: &str) -> Option<String> {
+    use base64::Engine;
+    let body = token.trim().split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(body)
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    v["sa"].as_str().map(str::to_string)
+}
+
+fn mesh_config(res: &Resources, me: &WorkloadRef) -> Result<MeshConfig, Vec<(String, String)>> {
+    let decode_err = |e: (String, String)| vec![e];
+    let services = res
+        .decode::<pb::Service>(type_url::SERVICE)
+        .map_err(decode_err)?;
+    let workloads = res
+        .decode::<pb::Workload>(type_url::WORKLOAD)
+        .map_err(decode_err)?;
+    let policies = res
+        .decode::<pb::Policy>(type_url::POLICY)
+        .map_err(decode_err)?;
+    let bundles = res
+        .decode::<pb::TrustBundle>(type_url::TRUST_BUNDLE)
+        .map_err(decode_err)?;
+    let networks = res
+        .decode::<pb::Network>(type_url::NETWORK)
+        .map_err(decode_err)?;
+    let (cfg, errors) = MeshConfig::from_resources(
+        services.into_values().collect(),
+        workloads.into_values().collect(),
+        policies.into_values().collect(),
+        bundles.into_values().collect(),
+        networks.into_values().collect(),
+        me,
+    );
+    if errors.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(errors)
+    }
+}
+
+pub fn run(args: SidecarArgs) -> Result<()> {
+    let token = std::fs::read_to_string(&args.token)
+        .with_context(|| format!("--token {}", args.token.display()))?;
+    let sa = match &args.service_account {
+        Some(sa) => sa.clone(),
+        None => token_service_account(&token).ok_or_else(|| {
+            super::UsageError(format!(
+                "--token {}: not a strait workload token; pass --service-account too",
+                args.token.display()
+            ))
+        })?,
+    };
+    // strait's CA certificates name their trust domain (URI SAN
+    // spiffe://<td>); the first root's is the mesh's.
+    let pem = std::fs::read(&args.root_cert)
+        .with_context(|| format!("--root-cert {}", args.root_cert.display()))?;
+    let first = strait_ca::pemfile::parse_certificates(&pem)
+        .map_err(|e| anyhow::anyhow!("--root-cert {}: {e}", args.root_cert.display()))?;
+    let td = first
+        .first()
+        .and_then(|der| strait_ca::cert::CertSummary::from_der(der).ok())
+        .and_then(|c| c.spiffe_id)
+        .and_then(|id| strait_ca::TrustDomain::new(id.trim_start_matches("spiffe://")).ok())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "--root-cert {}: the root names no trust domain (URI SAN spiffe://<trust domain>)",
+                args.root_cert.display()
+            )
+        })?;
+    let bundle = strait_ca::layout::load_bundle(&args.root_cert, Some(td.clone()))
+        .with_context(|| format!("--root-cert {}", args.root_cert.display()))?;
+    let spiffe_id = strait_ca::SpiffeId::from_segments(&td, &["ns", &args.namespace, "sa", &sa])?;
+    let me = WorkloadRef {
+        name: args.workload.clone(),
+        namespace: args.namespace.clone(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let inbound = http::bind(args.inbound, "inbound").await.map_err(anyhow::Error::msg)?;
+        let outbound = http::bind(args.outbound, "outbound").await.map_err(anyhow::Error::msg)?;
+        let mut registry = Registry::default();
+        let metrics = strait_sidecar::metrics::Metrics::new(&mut registry);
+        let registry = Arc::new(registry);
+        let ready = Ready::default();
+        if let Some(addr) = args.health_listen {
+            let l = http::bind(addr, "health").await.map_err(anyhow::Error::msg)?;
+            tokio::spawn(http::serve(l, ready.clone(), None));
+        }
+        if let Some(addr) = args.metrics_listen {
+            let l = http::bind(addr, "metrics").await.map_err(anyhow::Error::msg)?;
+            tokio::spawn(http::serve(l, ready.clone(), Some(registry.clone())));
+        }
+
+        // Identity first: discovery needs a client certificate.
+        let mut identity = identity::spawn(identity::CsrClientConfig {
+            address: args.control_plane.clone(),
+            bundle: bundle.clone(),
+            spiffe_id: spiffe_id.clone(),
+            token,
+            ttl: args.cert_ttl,
+        });
+        let first = identity
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| anyhow::anyhow!("the certificate task stopped"))?
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("no certificate"))?;
+        tracing::info!(id = %first.spiffe_id, "workload certificate ready");
+
+        // Discovery, over mTLS with the current certificate (a reconnect
+        // after renewal uses the new one).
+        let tls = identity::control_plane_tls(&bundle, Some(&first)).map_err(anyhow::Error::msg)?;
+        let validator_me = me.clone();
+        let validator: Validator = Arc::new(move |res| mesh_config(res, &validator_me).map(|_| ()));
+        let xds = client::spawn(
+            XdsClientConfig {
+                address: args.control_plane.clone(),
+                tls: Arc::new(tls),
+                node_id: format!(
+                    "sidecar~{}~{}.{}~{}.svc.cluster.local",
+                    args.inbound.ip(),
+                    args.workload,
+                    args.namespace,
+                    args.namespace
+                ),
+                cluster: String::new(),
+                network: String::new(),
+                types: type_url::ALL.to_vec(),
+            },
+            validator,
+        );
+        let (config_tx, config_rx) = tokio::sync::watch::channel(Arc::new(MeshConfig::default()));
+        {
+            let mut resources = xds.resources();
+            let mut state = xds.state();
+            let ready = ready.clone();
+            let me = me.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        r = resources.changed() => {
+                            if r.is_err() { return; }
+                            let res = resources.borrow_and_update().clone();
+                            match mesh_config(&res, &me) {
+                                Ok(c) => {
+                                    config_tx.send_replace(Arc::new(c));
+                                }
+                                Err(e) => tracing::error!(?e, "config refused; keeping the last good one"),
+                            }
+                        }
+                        r = state.changed() => {
+                            if r.is_err() { return; }
+                            if state.borrow_and_update().synced {
+                                ready.set(true);
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        let trust = strait_ca::tls::Trust::new(bundle.clone());
+        strait_sidecar::follow_trust(trust.clone(), config_rx.clone());
+        let shared = Arc::new(strait_sidecar::Shared {
+            opts: strait_sidecar::Options {
+                workload: me,
+                inbound: args.inbound,
+                app: args.app,
+                outbound: args.outbound,
+                drain: args.drain,
+            },
+            config: config_rx,
+            identity,
+            trust,
+            balancer: strait_sidecar::policy::Balancer::new(),
+            metrics,
+            pool: strait_sidecar::outbound::Pool::default(),
+        });
+        tracing::info!(inbound = %args.inbound, outbound = %args.outbound, app = %args.app, "sidecar serving");
+        strait_sidecar::run(shared, inbound, outbound, async {
+            super::broker::shutdown_signal().await;
+            ready.set(false);
+        })
+        .await;
+        drop(xds);
+        tracing::info!("sidecar stopped");
+        Ok(())
+    })
+}
