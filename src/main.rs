@@ -42,6 +42,9 @@ enum Command {
     Controlplane(cli::controlplane::ControlPlaneArgs),
     /// Run a workload's sidecar (mTLS, Istio routing and policy, metrics).
     Sidecar(cli::sidecar::SidecarArgs),
+    /// straitctl, built in (the lab uses it so that one binary suffices).
+    #[command(hide = true)]
+    Ctl(cli::ctl::Ctl),
     /// A whole federation on this machine: up, status, curl, demo, down.
     Lab(strait::lab::LabArgs),
 }
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
         Command::Cluster(cmd) => cli::cluster::run(cmd),
         Command::Gateway(args) => cli::gateway::run(args),
         Command::Lab(args) => strait::lab::run(args),
+        Command::Ctl(args) => cli::ctl::run(args),
         Command::Controlplane(args) => cli::controlplane::run(args),
         Command::Sidecar(args) => cli::sidecar::run(args),
     };

@@ -183,7 +183,6 @@ fn ports_free(addrs: &[String]) -> Result<(), String> {
 }
 
 #[test]
-#[ignore = "the lab needs the control plane and sidecar commands, landing next"]
 fn multi_primary_end_to_end() {
     let mut lab = Lab::up("multi-primary", 20);
     let j = lab.json();
@@ -287,7 +286,6 @@ fn multi_primary_end_to_end() {
 }
 
 #[test]
-#[ignore = "the lab needs the control plane and sidecar commands, landing next"]
 fn federated_identity_crosses_trust_domains() {
     let lab = Lab::up("federated", 40);
     let seen = lab.curl_until(

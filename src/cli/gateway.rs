@@ -275,7 +275,10 @@ fn subscribe(
         .and_then(|i| strait_ca::SpiffeId::parse(&i).ok())
         .map(|i| i.trust_domain())
         .ok_or_else(|| {
-            anyhow::anyhow!("--identity {}: the certificate has no SPIFFE ID", dir.display())
+            anyhow::anyhow!(
+                "--identity {}: the certificate has no SPIFFE ID",
+                dir.display()
+            )
         })?;
     let verifier = SpiffeServerVerifier::new(
         Trust::new(bundle),

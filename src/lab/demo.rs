@@ -134,13 +134,16 @@ pub fn tour_multi_primary(lab: &Lab, report: &mut Report) -> Result<()> {
     // No routing rules yet: east's client spreads over both clusters.
     // Cut west off: connect failures are retried on another endpoint.
     super::kill(dir, "west/gateway")?;
-    report.record("failover when west's gateway is killed", (|| {
-        let sum = curl(lab, "east", ECHO, 20)?;
-        if sum.failed() > 0 {
-            bail!("requests failed while west was cut off:\n{}", sum.render());
-        }
-        Ok(format!("20 requests, none failed:\n{}", sum.render()))
-    })());
+    report.record(
+        "failover when west's gateway is killed",
+        (|| {
+            let sum = curl(lab, "east", ECHO, 20)?;
+            if sum.failed() > 0 {
+                bail!("requests failed while west was cut off:\n{}", sum.render());
+            }
+            Ok(format!("20 requests, none failed:\n{}", sum.render()))
+        })(),
+    );
     super::start(dir, "west/gateway")?;
 
     let subsets = write(&files, "subsets.yaml", SUBSETS)?;
@@ -189,7 +192,6 @@ pub fn tour_multi_primary(lab: &Lab, report: &mut Report) -> Result<()> {
             Ok("5 × 200 from west".to_string())
         }),
     );
-
 
     let m = &lab.brokers[0];
     report.record("intermediate rotation under traffic, no failed request", (|| {
@@ -280,6 +282,7 @@ pub fn demo(dir: &Path, base: u8) -> Result<()> {
             super::topology_name(topology),
             lab_dir.display()
         );
+        super::check_not_running(&lab_dir)?;
         let up = super::bring_up(&lab, false);
         let result = up.and_then(|()| tour(&lab, &mut report));
         if let Err(e) = &result {

@@ -175,13 +175,12 @@ fn strait(args: &[&str]) -> Result<String> {
 }
 
 pub(crate) fn straitctl(mesh: &plan::Mesh, args: &[&str]) -> Result<String> {
-    let ctl = exe()?.with_file_name("straitctl");
     let creds = mesh.admin_creds.to_string_lossy().into_owned();
-    let out = std::process::Command::new(&ctl)
-        .args(["--broker", &mesh.address, "--creds", &creds])
+    let out = std::process::Command::new(exe()?)
+        .args(["ctl", "--broker", &mesh.address, "--creds", &creds])
         .args(args)
         .output()
-        .with_context(|| format!("{} (build it with cargo build --bins)", ctl.display()))?;
+        .context("strait ctl")?;
     if !out.status.success() {
         bail!(
             "straitctl {} failed: {}",
@@ -379,7 +378,7 @@ fn root_dir(lab: &Lab, mesh: &str) -> PathBuf {
 }
 
 /// Refuses a directory that is in use by a running lab.
-fn check_not_running(dir: &Path) -> Result<()> {
+pub(crate) fn check_not_running(dir: &Path) -> Result<()> {
     let procs = Procs::load(dir)?;
     if let Some(pid) = procs.supervisor
         && run::alive(pid)
@@ -609,6 +608,8 @@ fn up(a: UpArgs) -> Result<()> {
     }
     let dir = absolute(&a.dir.dir)?;
     let lab = Lab::new(a.topology, &dir, a.mode, a.ip_base).map_err(|e| anyhow!(e))?;
+    // Refused before anything starts: a running lab is not ours to stop.
+    check_not_running(&dir)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
