@@ -19,10 +19,15 @@ use tokio::sync::watch;
 /// A certificate chain (leaf first) and its PKCS#8 key.
 #[derive(Debug, Clone)]
 pub struct Identity {
+    /// Leaf first, then intermediates (no root), DER.
     pub chain_der: Vec<Vec<u8>>,
+    /// The leaf's private key, PKCS#8 DER.
     pub key_pkcs8: Vec<u8>,
+    /// The leaf's SPIFFE ID.
     pub spiffe_id: SpiffeId,
+    /// The leaf's validity.
     pub not_before: OffsetDateTime,
+    /// The leaf's expiry.
     pub not_after: OffsetDateTime,
 }
 
@@ -111,10 +116,7 @@ pub async fn request(
             .map_err(|e| format!("the control plane sent a bad certificate: {e}"))?;
         chain.extend(certs);
     }
-    // The root is the trust anchor, not part of the presented chain.
-    if chain.len() > 1 {
-        chain.pop();
-    }
+    let chain = presented_chain(chain);
     let leaf = chain
         .first()
         .ok_or("the control plane sent no certificate")?;
@@ -136,6 +138,18 @@ pub async fn request(
         key_pkcs8: key.serialize_der(),
         spiffe_id: cfg.spiffe_id.clone(),
     })
+}
+
+/// The chain a workload presents: what the CA sent (leaf first), without
+/// a trailing self-signed root (the peer's trust anchor, not sent).
+pub fn presented_chain(mut chain: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    let self_signed = |der: &[u8]| {
+        strait_ca::cert::CertSummary::from_der(der).is_ok_and(|c| c.is_ca && c.subject == c.issuer)
+    };
+    if chain.len() > 1 && chain.last().is_some_and(|d| self_signed(d)) {
+        chain.pop();
+    }
+    chain
 }
 
 /// When to renew: half way through the certificate's life.
@@ -195,4 +209,47 @@ pub fn spawn(cfg: CsrClientConfig) -> watch::Receiver<Option<Arc<Identity>>> {
         }
     });
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn only_a_trailing_root_is_dropped_from_the_chain() {
+        let pki = strait_ca::testing::TestPki::new("cluster.local");
+        let chain = pki.leaf_chain("spiffe://cluster.local/ns/demo/sa/echo");
+        let root = pki.root.root_der().to_vec();
+        let with_root = [chain.clone(), vec![root.clone()]].concat();
+        assert_eq!(presented_chain(with_root), chain);
+        assert_eq!(presented_chain(chain.clone()), chain);
+        assert_eq!(
+            presented_chain(vec![chain[0].clone()]),
+            vec![chain[0].clone()]
+        );
+        // A lone root stays (nothing else to present), garbage is kept as is.
+        assert_eq!(presented_chain(vec![root.clone()]), vec![root]);
+        let junk = vec![chain[0].clone(), b"not DER".to_vec()];
+        assert_eq!(presented_chain(junk.clone()), junk);
+    }
+
+    #[test]
+    fn renewal_is_due_at_half_life() {
+        let nb = OffsetDateTime::from_unix_timestamp(1_000_000).unwrap();
+        let id = Identity {
+            chain_der: vec![b"leaf".to_vec()],
+            key_pkcs8: vec![],
+            spiffe_id: SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").unwrap(),
+            not_before: nb,
+            not_after: nb + time::Duration::hours(24),
+        };
+        assert_eq!(renew_at(&id), nb + time::Duration::hours(12));
+        assert_eq!(id.leaf_sha256(), strait_ca::tls::sha256_hex(b"leaf"));
+        let td = TrustDomain::new("cluster.local").unwrap();
+        assert_eq!(
+            control_plane_id(&td).unwrap().as_str(),
+            "spiffe://cluster.local/ns/strait-system/sa/controlplane"
+        );
+    }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
@@ -322,7 +322,12 @@ async fn serve_http<I>(
         let peer = peer.clone();
         async move { Ok::<_, std::convert::Infallible>(request(shared, app, peer, port, req).await) }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // A peer must finish its request head in time (slowloris).
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HANDSHAKE_TIMEOUT);
     let conn = builder.serve_connection(io, svc);
     crate::drive(conn, |c| c.graceful_shutdown(), phase).await;
 }
@@ -397,9 +402,12 @@ async fn request(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
-    let body = match body.collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return plain(StatusCode::BAD_REQUEST, "request body could not be read\n"),
+    let body = match crate::read_body(body, crate::MAX_BUFFERED_BODY).await {
+        Ok(b) => b,
+        Err(e @ crate::BodyError::TooLarge(_)) => {
+            return plain(StatusCode::PAYLOAD_TOO_LARGE, &format!("{e}\n"));
+        }
+        Err(e) => return plain(StatusCode::BAD_REQUEST, &format!("{e}\n")),
     };
     let req_len = body.len() as u64;
     let (resp, reason) = match decision {
@@ -437,10 +445,13 @@ async fn request(
             match app.request(out).await {
                 Ok(r) => {
                     let (p, b) = r.into_parts();
-                    match b.collect().await {
-                        Ok(b) => (Response::from_parts(p, Full::new(b.to_bytes())), None),
+                    match crate::read_body(b, crate::MAX_BUFFERED_BODY).await {
+                        Ok(b) => (Response::from_parts(p, Full::new(b)), None),
                         Err(e) => (
-                            plain(StatusCode::BAD_GATEWAY, "the app's response broke off\n"),
+                            plain(
+                                StatusCode::BAD_GATEWAY,
+                                &format!("the app's response: {e}\n"),
+                            ),
                             Some(e.to_string()),
                         ),
                     }

@@ -290,6 +290,35 @@ impl Drop for ActiveGuard {
     }
 }
 
+/// The most bytes of one body the sidecar buffers (requests are kept
+/// whole for retries; responses for the byte metrics).
+pub const MAX_BUFFERED_BODY: usize = 16 << 20;
+
+/// Why a body could not be buffered.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// Longer than the limit.
+    #[error("the body is larger than {0} bytes")]
+    TooLarge(usize),
+    /// The stream failed.
+    #[error("the body could not be read: {0}")]
+    Broken(String),
+}
+
+/// Reads `body` whole, refusing more than `limit` bytes.
+pub async fn read_body<B>(body: B, limit: usize) -> Result<bytes::Bytes, BodyError>
+where
+    B: hyper::body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use http_body_util::BodyExt;
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge(limit)),
+        Err(e) => Err(BodyError::Broken(e.to_string())),
+    }
+}
+
 /// Parses Istio's `outbound_.<port>_.<subset>_.<host>` SNI.
 pub fn parse_sni(sni: &str) -> Option<(u16, Option<&str>, &str)> {
     let rest = sni.strip_prefix("outbound_.")?;
@@ -307,6 +336,17 @@ pub fn istio_sni(port: u16, subset: Option<&str>, host: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn bodies_over_the_limit_are_refused() {
+        let body = |n: usize| http_body_util::Full::new(bytes::Bytes::from(vec![b'x'; n]));
+        assert_eq!(read_body(body(10), 10).await.unwrap().len(), 10);
+        assert_eq!(read_body(body(0), 10).await.unwrap().len(), 0);
+        assert!(matches!(
+            read_body(body(11), 10).await,
+            Err(BodyError::TooLarge(10))
+        ));
+    }
 
     #[test]
     fn sni_round_trips_and_refuses_other_forms() {

@@ -13,7 +13,9 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 
-/// Istio's request labels.
+/// Istio's standard labels, named as Istio names them (`unknown` where a
+/// value is not known, as Istio reports it). TCP series use the same set
+/// with `request_protocol="tcp"`.
 #[derive(Debug, Clone, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub reporter: String,
@@ -116,7 +118,10 @@ impl Metrics {
     }
 }
 
-/// One access log line.
+/// One access log line: start time (RFC 3339), who reported it (`source`
+/// or `destination`), the request, its answer and duration, where it
+/// went, who the peer proved to be, both clusters, the request id, and
+/// why the sidecar answered itself (if it did).
 #[derive(Debug, Serialize)]
 pub struct AccessLog<'a> {
     pub start_time: String,

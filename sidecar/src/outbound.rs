@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper::{Request, Response, StatusCode};
@@ -72,7 +72,8 @@ struct Pooled {
     sender: SendRequest<Full<Bytes>>,
     /// The verified server identity (`unknown` without TLS).
     peer: String,
-    identity: Option<Arc<Identity>>,
+    /// Holds the client identity alive while pooled (see [`PoolKey`]).
+    _identity: Arc<Identity>,
 }
 
 impl Pool {
@@ -461,10 +462,24 @@ async fn h2_connection(
     let pooled = Pooled {
         sender,
         peer,
-        identity: Some(id.clone()),
+        _identity: id.clone(),
     };
     shared.pool.put(key.clone(), pooled.clone());
     Ok((key, pooled))
+}
+
+/// Methods that may be sent twice without changing the outcome (RFC 9110
+/// 9.2.2).
+fn idempotent(m: &http::Method) -> bool {
+    matches!(
+        *m,
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::OPTIONS
+            | http::Method::PUT
+            | http::Method::DELETE
+            | http::Method::TRACE
+    )
 }
 
 /// Sends `req` to `t`; the verified server identity comes with the answer.
@@ -474,27 +489,133 @@ async fn send(
     t: &Target<'_>,
     req: Request<Full<Bytes>>,
 ) -> Result<(Response<Full<Bytes>>, String), SendError> {
-    let (key, pooled) = h2_connection(shared, id, t).await?;
-    debug_assert!(pooled.identity.is_some());
-    let mut sender = pooled.sender;
-    if let Err(e) = sender.ready().await {
-        shared.pool.forget(&key);
-        return Err(SendError::Reset(e.to_string()));
-    }
-    let resp = match sender.send_request(req).await {
-        Ok(r) => r,
-        Err(e) => {
+    // A pooled connection may have died since it was last used; a request
+    // it never sent goes once more over a fresh connection.
+    let mut req = req;
+    let mut fresh = false;
+    let (resp, peer) = loop {
+        let (key, pooled) = h2_connection(shared, id, t).await?;
+        let mut sender = pooled.sender;
+        if let Err(e) = sender.ready().await {
             shared.pool.forget(&key);
-            return Err(SendError::Reset(e.to_string()));
+            if fresh {
+                return Err(SendError::Connect(format!("{}: HTTP/2: {e}", key.target)));
+            }
+            fresh = true;
+            continue;
+        }
+        // An idempotent request that a connection from the pool lost after
+        // sending (the peer died a moment ago and the pool had not yet
+        // seen it close) is sent once more over a fresh connection, as
+        // the request cannot have been answered.
+        let again = (!fresh && idempotent(req.method())).then(|| {
+            let mut copy = Request::new(req.body().clone());
+            *copy.method_mut() = req.method().clone();
+            *copy.uri_mut() = req.uri().clone();
+            *copy.version_mut() = req.version();
+            *copy.headers_mut() = req.headers().clone();
+            copy
+        });
+        match sender.try_send_request(req).await {
+            Ok(r) => break (r, pooled.peer),
+            Err(mut e) => {
+                shared.pool.forget(&key);
+                match (e.take_message(), again) {
+                    (Some(unsent), _) if !fresh => {
+                        req = unsent;
+                        fresh = true;
+                    }
+                    (None, Some(copy)) => {
+                        tracing::debug!(target = %key.target, error = %e.error(), "pooled connection lost; resending once on a fresh one");
+                        req = copy;
+                        fresh = true;
+                    }
+                    _ => return Err(SendError::Reset(e.into_error().to_string())),
+                }
+            }
         }
     };
     let (p, body) = resp.into_parts();
-    let bytes = body
-        .collect()
+    let bytes = crate::read_body(body, crate::MAX_BUFFERED_BODY)
         .await
-        .map_err(|e| SendError::Reset(format!("response body: {e}")))?
-        .to_bytes();
-    Ok((Response::from_parts(p, Full::new(bytes)), pooled.peer))
+        .map_err(|e| SendError::Reset(format!("response: {e}")))?;
+    Ok((Response::from_parts(p, Full::new(bytes)), peer))
+}
+
+/// An endpoint the balancer picked. Its outcome is reported exactly once:
+/// by [`Picked::report`], or, when the request is abandoned first (the
+/// client went away), on drop as a non-error answer, which keeps the
+/// balancer's in-flight count right.
+struct Picked<'a> {
+    balancer: &'a crate::policy::Balancer,
+    tp: &'a TrafficPolicy,
+    key: String,
+    endpoint: pb::Endpoint,
+    reported: bool,
+}
+
+impl Picked<'_> {
+    fn report(mut self, outcome: Outcome) {
+        self.reported = true;
+        self.balancer
+            .report(&self.key, outcome, self.tp, Instant::now());
+    }
+}
+
+impl Drop for Picked<'_> {
+    fn drop(&mut self) {
+        if !self.reported {
+            // nginx's "client closed request": not the endpoint's fault.
+            self.balancer
+                .report(&self.key, Outcome::Status(499), self.tp, Instant::now());
+        }
+    }
+}
+
+/// Picks an endpoint of `service` for `tp`, avoiding the `tried` ones
+/// while others can serve (Envoy's `previous_hosts` retry predicate,
+/// which Istio turns on).
+fn pick<'a>(
+    shared: &'a Shared,
+    service: &pb::Service,
+    tp: &'a TrafficPolicy,
+    locality: &str,
+    tried: &[String],
+) -> Result<Picked<'a>, crate::policy::PickError> {
+    let from = |endpoints: &[pb::Endpoint]| {
+        shared
+            .balancer
+            .pick(
+                endpoints,
+                tp.subset_labels.as_ref(),
+                tp,
+                locality,
+                Instant::now(),
+                fastrand::f64(),
+            )
+            .map(|i| endpoints[i].clone())
+    };
+    let fresh: Vec<pb::Endpoint> = if tried.is_empty() {
+        Vec::new()
+    } else {
+        service
+            .endpoints
+            .iter()
+            .filter(|e| !tried.contains(&endpoint_key(e)))
+            .cloned()
+            .collect()
+    };
+    let endpoint = match (fresh.is_empty(), tried.is_empty()) {
+        (false, false) => from(&fresh).or_else(|_| from(&service.endpoints))?,
+        _ => from(&service.endpoints)?,
+    };
+    Ok(Picked {
+        balancer: &shared.balancer,
+        tp,
+        key: endpoint_key(&endpoint),
+        endpoint,
+        reported: false,
+    })
 }
 
 /// What the request loop settled on, for metrics and the log.
@@ -559,14 +680,12 @@ async fn proxy(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
-    let body = match body.collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            return reply(
-                StatusCode::BAD_REQUEST,
-                &format!("the request body could not be read: {e}"),
-            );
+    let body = match crate::read_body(body, crate::MAX_BUFFERED_BODY).await {
+        Ok(b) => b,
+        Err(e @ crate::BodyError::TooLarge(_)) => {
+            return reply(StatusCode::PAYLOAD_TOO_LARGE, &e.to_string());
         }
+        Err(e) => return reply(StatusCode::BAD_REQUEST, &e.to_string()),
     };
     let req_len = body.len() as u64;
     let mut settled = Settled::default();
@@ -721,6 +840,7 @@ async fn forward(
     parts.headers.remove(http::header::TRANSFER_ENCODING);
     parts.headers.remove(http::header::UPGRADE);
     let tries = 1 + route.retries.attempts;
+    let mut tried: Vec<String> = Vec::new();
     let deadline = route.timeout.map(|t| Instant::now() + t);
     let mut last: Option<Response<Full<Bytes>>> = None;
     for attempt in 0..tries {
@@ -777,15 +897,8 @@ async fn forward(
                 Some(service),
             );
         };
-        let i = match shared.balancer.pick(
-            &dest_service.endpoints,
-            tp.subset_labels.as_ref(),
-            &tp,
-            cfg.my_locality(),
-            Instant::now(),
-            fastrand::f64(),
-        ) {
-            Ok(i) => i,
+        let picked = match pick(shared, &dest_service, &tp, cfg.my_locality(), &tried) {
+            Ok(p) => p,
             Err(e) => {
                 let subset = dest
                     .subset
@@ -802,16 +915,8 @@ async fn forward(
                 );
             }
         };
-        let Some(ep) = dest_service.endpoints.get(i) else {
-            return (
-                fail(
-                    settled,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the balancer picked no endpoint".into(),
-                ),
-                Some(service),
-            );
-        };
+        let ep = &picked.endpoint;
+        tried.push(picked.key.clone());
         let target = Target {
             service: &dest_service,
             endpoint: ep,
@@ -856,7 +961,6 @@ async fn forward(
         settled.upstream = target.address();
         settled.destination_cluster = or_unknown(&ep.cluster);
         settled.destination_workload = or_unknown(&ep.workload);
-        let key = endpoint_key(ep);
         let retry = match result {
             Ok((resp, peer)) => {
                 let code = resp.status().as_u16();
@@ -865,7 +969,7 @@ async fn forward(
                 } else {
                     Outcome::Success
                 };
-                shared.balancer.report(&key, outcome, &tp, Instant::now());
+                picked.report(outcome);
                 settled.destination_principal = peer;
                 settled.reason = None;
                 let retry = route.retries.retries_status(code);
@@ -873,11 +977,9 @@ async fn forward(
                 retry
             }
             Err(e) => {
-                shared
-                    .balancer
-                    .report(&key, e.outcome(), &tp, Instant::now());
-                let why = format!("{e} ({})", target.address());
-                tracing::debug!(attempt, endpoint = %key, error = %why, "upstream attempt failed");
+                let why = format!("{e} ({})", settled.upstream);
+                tracing::debug!(attempt, endpoint = %picked.key, error = %why, "upstream attempt failed");
+                picked.report(e.outcome());
                 settled.reason = Some(why.clone());
                 let retry = e.retriable(&route.retries);
                 last = Some(reply(e.status(), &why));
@@ -976,15 +1078,8 @@ async fn tunnel(shared: Arc<Shared>, req: Request<Incoming>, life: Life) -> Resp
             ),
         );
     };
-    let i = match shared.balancer.pick(
-        &dest_service.endpoints,
-        tp.subset_labels.as_ref(),
-        &tp,
-        cfg.my_locality(),
-        Instant::now(),
-        fastrand::f64(),
-    ) {
-        Ok(i) => i,
+    let picked = match pick(&shared, &dest_service, &tp, cfg.my_locality(), &[]) {
+        Ok(p) => p,
         Err(e) => {
             return reply(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -992,12 +1087,7 @@ async fn tunnel(shared: Arc<Shared>, req: Request<Incoming>, life: Life) -> Resp
             );
         }
     };
-    let Some(ep) = dest_service.endpoints.get(i) else {
-        return reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the balancer picked no endpoint",
-        );
-    };
+    let ep = &picked.endpoint;
     let target = Target {
         service: &dest_service,
         endpoint: ep,
@@ -1006,7 +1096,6 @@ async fn tunnel(shared: Arc<Shared>, req: Request<Incoming>, life: Life) -> Resp
         tls: tp.tls,
         connect_timeout: tp.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
     };
-    let key = endpoint_key(ep);
     let upstream: Result<(Box<dyn Duplex>, String), SendError> = if target.tls {
         connect_tls(&shared, &id, &target, ALPN_TCP)
             .await
@@ -1017,17 +1106,11 @@ async fn tunnel(shared: Arc<Shared>, req: Request<Incoming>, life: Life) -> Resp
             .map(|t| (Box::new(t) as Box<dyn Duplex>, "unknown".to_string()))
     };
     let (mut upstream, peer) = match upstream {
-        Ok(u) => {
-            shared
-                .balancer
-                .report(&key, Outcome::Success, &tp, Instant::now());
-            u
-        }
+        Ok(u) => u,
         Err(e) => {
-            shared
-                .balancer
-                .report(&key, e.outcome(), &tp, Instant::now());
-            return reply(e.status(), &format!("{e} ({})", target.address()));
+            let why = format!("{e} ({})", target.address());
+            picked.report(e.outcome());
+            return reply(e.status(), &why);
         }
     };
     let settled = Settled {
@@ -1037,6 +1120,8 @@ async fn tunnel(shared: Arc<Shared>, req: Request<Incoming>, life: Life) -> Resp
         destination_principal: peer,
         reason: None,
     };
+    // A TCP endpoint's health is whether it could be connected to.
+    picked.report(Outcome::Success);
     let labels = source_labels(&shared, &settled, Some(&service), &host, "tcp", 200);
     shared.metrics.tcp_opened.get_or_create(&labels).inc();
     let shared2 = shared.clone();

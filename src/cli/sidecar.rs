@@ -25,28 +25,36 @@ use super::parse_duration;
 /// listener in front of the app (PeerAuthentication, AuthorizationPolicy,
 /// x-forwarded-client-cert).
 #[derive(Debug, Args)]
-#[command(after_help = "Example:
+#[command(
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    after_help = "Example:
   strait sidecar --workload echo-v1 --namespace demo --control-plane 10.0.0.5:15012 \\
       --token /var/run/strait/token --root-cert /var/run/strait/root-cert.pem \\
       --inbound 0.0.0.0:15006 --app 127.0.0.1:8080 --outbound 127.0.0.1:15001 \\
       --health-listen 0.0.0.0:15021 --metrics-listen 0.0.0.0:15090
-  # then, from the app: curl -x http://127.0.0.1:15001 http://echo.demo:8080/")]
+  # then, from the app: curl -x http://127.0.0.1:15001 http://echo.demo:8080/
+  # transparent capture rules for a pod's init container (istio-init-like)
+  strait sidecar iptables --print"
+)]
 pub struct SidecarArgs {
+    #[command(subcommand)]
+    command: Option<SidecarCommand>,
     /// The workload's name (as its WorkloadEntry or pod is named).
-    #[arg(long, value_name = "NAME")]
-    workload: String,
+    #[arg(long, value_name = "NAME", required = true)]
+    workload: Option<String>,
     /// The workload's namespace.
-    #[arg(long, value_name = "NS")]
-    namespace: String,
+    #[arg(long, value_name = "NS", required = true)]
+    namespace: Option<String>,
     /// The control plane (`host:port`, discovery and CSR).
-    #[arg(long, value_name = "ADDR")]
-    control_plane: String,
+    #[arg(long, value_name = "ADDR", required = true)]
+    control_plane: Option<String>,
     /// The bootstrap token file (from `strait controlplane token`).
-    #[arg(long, value_name = "FILE")]
-    token: PathBuf,
+    #[arg(long, value_name = "FILE", required = true)]
+    token: Option<PathBuf>,
     /// The mesh root certificate(s), to verify the control plane.
-    #[arg(long, value_name = "FILE")]
-    root_cert: PathBuf,
+    #[arg(long, value_name = "FILE", required = true)]
+    root_cert: Option<PathBuf>,
     /// The service account (default: from the token).
     #[arg(long, value_name = "SA")]
     service_account: Option<String>,
@@ -72,6 +80,53 @@ pub struct SidecarArgs {
     /// On SIGTERM, let in-flight requests finish for up to this long.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     drain: Duration,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum SidecarCommand {
+    /// The iptables rules (IPv4, nat table) that redirect a pod's traffic
+    /// to the sidecar, as Istio's init container sets them up.
+    Iptables(IptablesArgs),
+}
+
+#[derive(Debug, Args)]
+struct IptablesArgs {
+    /// Print the commands (applying them is left to the init container's
+    /// shell: `strait sidecar iptables --print | sh`).
+    #[arg(long, required = true)]
+    print: bool,
+    /// The uid the sidecar runs as (its own traffic is not redirected).
+    #[arg(long, default_value_t = 1337)]
+    proxy_uid: u32,
+    /// The inbound (mTLS) listener's port.
+    #[arg(long, default_value_t = 15006)]
+    inbound_port: u16,
+    /// The outbound listener's port.
+    #[arg(long, default_value_t = 15001)]
+    outbound_port: u16,
+    /// Inbound ports not to redirect (repeatable; 15021 and 15090 always).
+    #[arg(long, value_name = "PORT")]
+    exclude_inbound_port: Vec<u16>,
+    /// Outbound CIDRs not to redirect (repeatable).
+    #[arg(long, value_name = "CIDR")]
+    exclude_outbound_cidr: Vec<String>,
+}
+
+fn iptables(a: IptablesArgs) -> Result<()> {
+    let mut o = strait_sidecar::transparent::InterceptOptions {
+        proxy_uid: a.proxy_uid,
+        inbound_port: a.inbound_port,
+        outbound_port: a.outbound_port,
+        ..Default::default()
+    };
+    o.exclude_inbound_ports.extend(a.exclude_inbound_port);
+    o.exclude_outbound_cidrs.extend(a.exclude_outbound_cidr);
+    let rules = strait_sidecar::transparent::iptables_rules(&o).map_err(super::UsageError)?;
+    debug_assert!(a.print);
+    for r in rules {
+        println!("{r}");
+    }
+    Ok(())
 }
 
 /// The service account a token names (its claims are readable; the
@@ -119,23 +174,35 @@ fn mesh_config(res: &Resources, me: &WorkloadRef) -> Result<MeshConfig, Vec<(Str
 }
 
 pub fn run(args: SidecarArgs) -> Result<()> {
-    let token = std::fs::read_to_string(&args.token)
-        .with_context(|| format!("--token {}", args.token.display()))?;
+    if let Some(SidecarCommand::Iptables(a)) = args.command {
+        return iptables(a);
+    }
+    let missing = |f: &str| super::UsageError(format!("--{f} is required"));
+    let workload = args.workload.clone().ok_or_else(|| missing("workload"))?;
+    let namespace = args.namespace.clone().ok_or_else(|| missing("namespace"))?;
+    let control_plane = args
+        .control_plane
+        .clone()
+        .ok_or_else(|| missing("control-plane"))?;
+    let token_file = args.token.clone().ok_or_else(|| missing("token"))?;
+    let root_cert = args.root_cert.clone().ok_or_else(|| missing("root-cert"))?;
+    let token = std::fs::read_to_string(&token_file)
+        .with_context(|| format!("--token {}", token_file.display()))?;
     let sa = match &args.service_account {
         Some(sa) => sa.clone(),
         None => token_service_account(&token).ok_or_else(|| {
             super::UsageError(format!(
                 "--token {}: not a strait workload token; pass --service-account too",
-                args.token.display()
+                token_file.display()
             ))
         })?,
     };
     // strait's CA certificates name their trust domain (URI SAN
     // spiffe://<td>); the first root's is the mesh's.
-    let pem = std::fs::read(&args.root_cert)
-        .with_context(|| format!("--root-cert {}", args.root_cert.display()))?;
+    let pem = std::fs::read(&root_cert)
+        .with_context(|| format!("--root-cert {}", root_cert.display()))?;
     let first = strait_ca::pemfile::parse_certificates(&pem)
-        .map_err(|e| anyhow::anyhow!("--root-cert {}: {e}", args.root_cert.display()))?;
+        .map_err(|e| anyhow::anyhow!("--root-cert {}: {e}", root_cert.display()))?;
     let td = first
         .first()
         .and_then(|der| strait_ca::cert::CertSummary::from_der(der).ok())
@@ -144,15 +211,15 @@ pub fn run(args: SidecarArgs) -> Result<()> {
         .ok_or_else(|| {
             anyhow::anyhow!(
                 "--root-cert {}: the root names no trust domain (URI SAN spiffe://<trust domain>)",
-                args.root_cert.display()
+                root_cert.display()
             )
         })?;
-    let bundle = strait_ca::layout::load_bundle(&args.root_cert, Some(td.clone()))
-        .with_context(|| format!("--root-cert {}", args.root_cert.display()))?;
-    let spiffe_id = strait_ca::SpiffeId::from_segments(&td, &["ns", &args.namespace, "sa", &sa])?;
+    let bundle = strait_ca::layout::load_bundle(&root_cert, Some(td.clone()))
+        .with_context(|| format!("--root-cert {}", root_cert.display()))?;
+    let spiffe_id = strait_ca::SpiffeId::from_segments(&td, &["ns", &namespace, "sa", &sa])?;
     let me = WorkloadRef {
-        name: args.workload.clone(),
-        namespace: args.namespace.clone(),
+        name: workload.clone(),
+        namespace: namespace.clone(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -176,7 +243,7 @@ pub fn run(args: SidecarArgs) -> Result<()> {
 
         // Identity first: discovery needs a client certificate.
         let mut identity = identity::spawn(identity::CsrClientConfig {
-            address: args.control_plane.clone(),
+            address: control_plane.clone(),
             bundle: bundle.clone(),
             spiffe_id: spiffe_id.clone(),
             token,
@@ -197,14 +264,14 @@ pub fn run(args: SidecarArgs) -> Result<()> {
         let validator: Validator = Arc::new(move |res| mesh_config(res, &validator_me).map(|_| ()));
         let xds = client::spawn(
             XdsClientConfig {
-                address: args.control_plane.clone(),
+                address: control_plane.clone(),
                 tls: Arc::new(tls),
                 node_id: format!(
                     "sidecar~{}~{}.{}~{}.svc.cluster.local",
                     args.inbound.ip(),
-                    args.workload,
-                    args.namespace,
-                    args.namespace
+                    workload,
+                    namespace,
+                    namespace
                 ),
                 cluster: String::new(),
                 network: String::new(),
@@ -216,7 +283,6 @@ pub fn run(args: SidecarArgs) -> Result<()> {
         {
             let mut resources = xds.resources();
             let mut state = xds.state();
-            let ready = ready.clone();
             let me = me.clone();
             tokio::spawn(async move {
                 loop {
@@ -233,8 +299,9 @@ pub fn run(args: SidecarArgs) -> Result<()> {
                         }
                         r = state.changed() => {
                             if r.is_err() { return; }
-                            if state.borrow_and_update().synced {
-                                ready.set(true);
+                            let st = state.borrow_and_update().clone();
+                            if let Some((type_url, error)) = st.last_nack {
+                                tracing::warn!(%type_url, %error, "the last update was refused (NACK)");
                             }
                         }
                     }
@@ -242,22 +309,22 @@ pub fn run(args: SidecarArgs) -> Result<()> {
             });
         }
         let trust = strait_ca::tls::Trust::new(bundle.clone());
-        strait_sidecar::follow_trust(trust.clone(), config_rx.clone());
-        let shared = Arc::new(strait_sidecar::Shared {
-            opts: strait_sidecar::Options {
+        // Ready means a certificate and a first config, whatever the
+        // control plane's stream is doing now.
+        strait_sidecar::follow_readiness(identity.clone(), config_rx.clone(), ready.clone());
+        let shared = Arc::new(strait_sidecar::Shared::new(
+            strait_sidecar::Options {
                 workload: me,
                 inbound: args.inbound,
                 app: args.app,
                 outbound: args.outbound,
                 drain: args.drain,
             },
-            config: config_rx,
+            config_rx,
             identity,
             trust,
-            balancer: strait_sidecar::policy::Balancer::new(),
             metrics,
-            pool: strait_sidecar::outbound::Pool::default(),
-        });
+        ));
         tracing::info!(inbound = %args.inbound, outbound = %args.outbound, app = %args.app, "sidecar serving");
         strait_sidecar::run(shared, inbound, outbound, async {
             super::broker::shutdown_signal().await;
