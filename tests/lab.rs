@@ -300,3 +300,22 @@ fn federated_identity_crosses_trust_domains() {
         "{seen}"
     );
 }
+
+/// The README's main command: every step of the tour passes.
+#[test]
+fn the_demo_passes_every_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(STRAIT)
+        .args(["lab", "demo", "--ip-base", "120", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("7 of 7 steps passed"), "{text}");
+    assert!(!text.contains("FAIL"), "{text}");
+}
