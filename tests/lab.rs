@@ -272,6 +272,29 @@ fn multi_primary_end_to_end() {
         std::thread::sleep(Duration::from_millis(300));
     }
 
+    // The control plane killed: proxies keep their last config and keep
+    // serving; restarted, they resume and take new config.
+    let (code, _, err) = lab.lab(&["kill", "east/controlplane"]);
+    assert_eq!(code, 0, "{err}");
+    lab.curl_until("east", "http://echo.demo:8080/", 10, |t| {
+        t.contains("  10  200")
+    });
+    let (code, _, err) = lab.lab(&["start", "east/controlplane"]);
+    assert_eq!(code, 0, "{err}");
+    let to_v2 = lab.dir.path().join("to-v2.yaml");
+    std::fs::write(
+        &to_v2,
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo, namespace: demo}\nspec:\n  host: echo.demo.svc.cluster.local\n  subsets:\n  - {name: v2, labels: {version: v2}}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: echo, namespace: demo}\nspec:\n  hosts: [echo.demo.svc.cluster.local]\n  http:\n  - route:\n    - destination: {host: echo.demo.svc.cluster.local, subset: v2}\n",
+    )
+    .unwrap();
+    for cluster in ["east", "west"] {
+        let (code, _, err) = lab.lab(&["apply", cluster, to_v2.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+    }
+    lab.curl_until("east", "http://echo.demo:8080/", 10, |t| {
+        t.contains("  10  200") && t.contains("west/echo/v2") && !t.contains("east/echo/v1")
+    });
+
     // Down leaves no process and no bound port.
     let mut addrs: Vec<String> = vec![j["brokers"][0]["address"].as_str().unwrap().to_string()];
     for c in j["clusters"].as_array().unwrap() {
