@@ -12,6 +12,8 @@
 //!   delta) with ACK/NACK tracking and debounced pushes.
 //! - [`client`]: the proxies' side of ADS: subscribe, keep the last good
 //!   resources, reconnect.
+//! - [`kube`]: the Kubernetes config source (watchers feeding the same
+//!   config model) and the write-back of imports to the API.
 //! - [`ca`]: the workload CA (Istio's `IstioCertificateService`), bootstrap
 //!   tokens and the proxies' certificate client.
 
@@ -19,6 +21,7 @@ pub mod app;
 pub mod ca;
 pub mod client;
 pub mod dirwatch;
+pub mod kube;
 pub mod link;
 pub mod resources;
 pub mod source;
