@@ -2,6 +2,17 @@
 //! config directory, keeps the broker link up, rebuilds the discovery
 //! snapshot when config, imports or trust change, and serves discovery
 //! and workload certificates on one mTLS port.
+//!
+//! - The serving certificate (`spiffe://<td>/ns/strait-system/sa/controlplane`)
+//!   is issued here from the cluster intermediate, re-issued at half its
+//!   lifetime and when the broker link installs a new intermediate (the
+//!   workload CA then signs with the new one too).
+//! - Trust (who may call) follows the bundle, peered bundles and
+//!   deny-list the broker link installs.
+//! - The health listener serves `/healthz/ready`, `/healthz/live` and
+//!   `/debug/nacks` (the last refusal of every proxy, JSON).
+//! - On shutdown the snapshot channel closes first, which ends the
+//!   proxies' discovery streams; connections get [`DRAIN`] to close.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -13,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 use prometheus_client::registry::Registry;
 use strait_broker::agent::{FEDERATED_DIR, Imports};
 use strait_broker::client::{BROKER_FILE, BrokerInfo, CACERTS_DIR};
-use strait_broker::http::{self, Ready};
+use strait_broker::http::{self as broker_http, Ready};
 use strait_ca::TrustDomain;
 use strait_ca::authority::Authority;
 use strait_ca::tls::{Accept, SpiffeClientVerifier, Trust};
@@ -236,6 +247,92 @@ pub fn spawn_builder(
     rx
 }
 
+/// How long the control plane's serving certificate is valid; it is
+/// re-issued at half of that, and at once when the intermediate changes.
+pub const SERVING_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long open connections (proxies' discovery streams) get to close
+/// after shutdown begins.
+pub const DRAIN: Duration = Duration::from_secs(5);
+
+/// The control plane's serving certificate, swappable while serving (TLS
+/// handshakes pick up the current one).
+#[derive(Debug)]
+pub struct ServingCert {
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl ServingCert {
+    /// Issues a serving certificate from `authority`.
+    pub fn issue(authority: &Authority, td: &TrustDomain) -> Result<Self, String> {
+        Ok(ServingCert {
+            current: std::sync::RwLock::new(Arc::new(certified_key(authority, td)?)),
+        })
+    }
+
+    /// Re-issues from `authority` (renewal, or a new intermediate).
+    pub fn renew(&self, authority: &Authority, td: &TrustDomain) -> Result<(), String> {
+        let key = Arc::new(certified_key(authority, td)?);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = key;
+        Ok(())
+    }
+
+    /// The certificate chain served now (leaf first).
+    pub fn chain(&self) -> Vec<Vec<u8>> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .cert
+            .iter()
+            .map(|c| c.to_vec())
+            .collect()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServingCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
+    }
+}
+
+fn certified_key(
+    authority: &Authority,
+    td: &TrustDomain,
+) -> Result<rustls::sign::CertifiedKey, String> {
+    let (chain, key) = crate::ca::serving_identity(authority, td, SERVING_TTL)
+        .map_err(|e| format!("serving certificate: {e}"))?;
+    let (certs, key) = strait_ca::tls::identity(&chain, &key);
+    let signer = strait_ca::tls::provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| format!("serving certificate key: {e}"))?;
+    Ok(rustls::sign::CertifiedKey::new(certs, signer))
+}
+
+/// The TLS config of the discovery and CSR port: TLS 1.3, h2, the
+/// swappable serving certificate, and client certificates verified when
+/// presented but optional (a proxy's first CSR comes with a token instead;
+/// discovery refuses a stream without one).
+pub fn server_tls(
+    cert: Arc<ServingCert>,
+    trust: Trust,
+) -> Result<rustls::ServerConfig, rustls::Error> {
+    let verifier = SpiffeClientVerifier::new(trust, Accept::Any, false);
+    let mut config = rustls::ServerConfig::builder_with_provider(strait_ca::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(cert);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
 /// Loads the cluster's intermediate (the plug-in CA directory the broker
 /// link keeps current).
 pub fn load_authority(state_dir: &Path, td: &TrustDomain) -> Result<Authority, String> {
@@ -271,6 +368,119 @@ fn refresh_trust(trust: &Trust, state_dir: &Path, td: &TrustDomain, imports: &Im
     }
     trust.set_federated(fed);
     trust.set_denied(imports.denied_intermediates.iter().cloned());
+}
+
+/// Reloads the intermediate after the trust files changed: when it is a
+/// new one, the CA signs with it and the serving certificate is re-issued
+/// from it.
+fn reload_authority(
+    ca: &crate::ca::WorkloadCa,
+    serving: &ServingCert,
+    state_dir: &Path,
+    td: &TrustDomain,
+    renew_at: &mut Instant,
+    renew_every: Duration,
+) {
+    let authority = match load_authority(state_dir, td) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error = %e, "intermediate not reloaded");
+            return;
+        }
+    };
+    if authority.chain() == ca.authority().chain() {
+        return;
+    }
+    tracing::info!("the cluster intermediate changed; signing with the new one");
+    if let Err(e) = serving.renew(&authority, td) {
+        tracing::error!(error = %e, "serving certificate not re-issued from the new intermediate");
+    } else {
+        *renew_at = Instant::now() + renew_every;
+    }
+    if let Err(e) = ca.set_authority(authority) {
+        tracing::error!(error = %e, "new intermediate refused");
+    }
+}
+
+/// The body of `/debug/nacks`: the last refusal of every node that sent
+/// one, by node id (time as Unix seconds).
+pub fn nacks_json(nacks: &BTreeMap<String, crate::xds::NackRecord>) -> serde_json::Value {
+    let by_node: serde_json::Map<String, serde_json::Value> = nacks
+        .iter()
+        .map(|(node, n)| {
+            let at =
+                n.at.duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
+            (
+                node.clone(),
+                serde_json::json!({
+                    "type_url": n.type_url,
+                    "nonce": n.nonce,
+                    "version_info": n.version_info,
+                    "error": n.error,
+                    "at_unix_seconds": at,
+                }),
+            )
+        })
+        .collect();
+    serde_json::Value::Object(by_node)
+}
+
+fn respond(status: http::StatusCode, content_type: &str, body: String) -> http::Response<String> {
+    let mut r = http::Response::new(body);
+    *r.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        r.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+/// The answer of the health listener: `/healthz/ready`, `/healthz/live`
+/// (as `strait_broker::http` serves them) and `/debug/nacks`.
+fn health_route(path: &str, ready: bool, xds: &crate::xds::XdsServer) -> http::Response<String> {
+    use http::StatusCode;
+    match path {
+        "/healthz/ready" if ready => respond(StatusCode::OK, "text/plain", "ready\n".into()),
+        "/healthz/ready" => respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready\n".into(),
+        ),
+        "/healthz/live" => respond(StatusCode::OK, "text/plain", "live\n".into()),
+        "/debug/nacks" => respond(
+            StatusCode::OK,
+            "application/json",
+            format!("{:#}\n", nacks_json(&xds.nacks())),
+        ),
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+/// Serves the health listener until the task is dropped.
+async fn serve_health(listener: tokio::net::TcpListener, ready: Ready, xds: crate::xds::XdsServer) {
+    loop {
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                tracing::warn!(error = %e, "health listener: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let ready = ready.clone();
+        let xds = xds.clone();
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let r = health_route(req.uri().path(), ready.get(), &xds);
+                    async move { Ok::<_, std::convert::Infallible>(r) }
+                });
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+        });
+    }
 }
 
 /// Runs the control plane until `shutdown`.
@@ -324,9 +534,7 @@ pub async fn run(
     let trust = Trust::new(bundle);
     refresh_trust(&trust, &cfg.state_dir, &td, &imports.borrow());
     let authority = load_authority(&cfg.state_dir, &td)?;
-    let (chain, key) =
-        crate::ca::serving_identity(&authority, &td, Duration::from_secs(7 * 24 * 3600))
-            .map_err(|e| format!("serving certificate: {e}"))?;
+    let serving = Arc::new(ServingCert::issue(&authority, &td)?);
 
     let mut registry = Registry::default();
     let xds = crate::xds::XdsServer::new(
@@ -347,12 +555,7 @@ pub async fn run(
     )
     .map_err(|e| e.to_string())?;
 
-    // The serving certificate (re-issued, with the whole TLS config, when
-    // the intermediate changes) and client certificates optional at the
-    // TLS layer: a proxy's first CSR comes with a token instead.
-    let verifier = SpiffeClientVerifier::new(trust.clone(), Accept::Any, false);
-    let tls = strait_ca::tls::server_config(&chain, &key, verifier, &[b"h2"])
-        .map_err(|e| e.to_string())?;
+    let tls = server_tls(serving.clone(), trust.clone()).map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
@@ -361,12 +564,12 @@ pub async fn run(
     let registry = Arc::new(registry);
     let ready = Ready::default();
     if let Some(addr) = cfg.health_listen {
-        let l = http::bind(addr, "health").await?;
-        tokio::spawn(http::serve(l, ready.clone(), None));
+        let l = broker_http::bind(addr, "health").await?;
+        tokio::spawn(serve_health(l, ready.clone(), xds.clone()));
     }
     if let Some(addr) = cfg.metrics_listen {
-        let l = http::bind(addr, "metrics").await?;
-        tokio::spawn(http::serve(l, ready.clone(), Some(registry.clone())));
+        let l = broker_http::bind(addr, "metrics").await?;
+        tokio::spawn(broker_http::serve(l, ready.clone(), Some(registry.clone())));
     }
 
     // Trust follows what the broker link installs.
@@ -376,29 +579,37 @@ pub async fn run(
         let td = td.clone();
         let mut imports = imports.clone();
         let ca = ca.clone();
+        let serving = serving.clone();
         let stop = stopped();
         tokio::spawn(async move {
             tokio::pin!(stop);
             let mut stamp = trust_stamp(&state_dir);
             let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let renew_every = SERVING_TTL / 2;
+            let mut renew_at = Instant::now() + renew_every;
             loop {
                 tokio::select! {
                     () = &mut stop => return,
                     r = imports.changed() => if r.is_err() { return },
                     _ = tick.tick() => {
                         let now = trust_stamp(&state_dir);
-                        if now == stamp {
-                            continue;
-                        }
-                        stamp = now;
-                        match load_authority(&state_dir, &td) {
-                            Ok(a) => {
-                                tracing::info!("the cluster intermediate changed; signing with the new one");
-                                if let Err(e) = ca.set_authority(a) {
-                                    tracing::error!(error = %e, "new intermediate refused");
+                        if now != stamp {
+                            stamp = now;
+                            reload_authority(&ca, &serving, &state_dir, &td, &mut renew_at, renew_every);
+                        } else if Instant::now() >= renew_at {
+                            match serving.renew(&ca.authority(), &td) {
+                                Ok(()) => {
+                                    tracing::info!("serving certificate renewed");
+                                    renew_at = Instant::now() + renew_every;
+                                }
+                                Err(e) => {
+                                    tracing::error!(error = %e, "serving certificate not renewed; retrying in a minute");
+                                    renew_at = Instant::now() + Duration::from_secs(60);
                                 }
                             }
-                            Err(e) => tracing::warn!(error = %e, "intermediate not reloaded"),
+                            continue;
+                        } else {
+                            continue;
                         }
                     }
                 }
@@ -409,17 +620,122 @@ pub async fn run(
 
     tracing::info!(listen = %cfg.listen, cluster = %cfg.cluster, trust_domain = %td, "control plane serving discovery and certificates");
     ready.set(true);
+    // On shutdown, the background tasks stop first: the snapshot channel
+    // closes, which ends the proxies' discovery streams, so the server can
+    // drain (bounded by DRAIN for connections that linger).
+    let not_ready = ready.clone();
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .add_service(xds.service())
         .add_service(ca.service())
         .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
-            tracing::info!("shutting down");
-        })
-        .await;
+            tracing::info!("shutting down: closing discovery streams");
+            not_ready.set(false);
+            let _ = stop_tx.send(true);
+        });
+    let drain_deadline = async {
+        stopped().await;
+        tokio::time::sleep(DRAIN).await;
+    };
+    let served = tokio::select! {
+        r = server => r.map_err(|e| format!("discovery server: {e}")),
+        () = drain_deadline => {
+            tracing::warn!(drain = ?DRAIN, "connections still open after the drain time; closing them");
+            Ok(())
+        }
+    };
     ready.set(false);
-    let _ = stop_tx.send(true);
     let _ = link_task.await;
-    server.map_err(|e| format!("discovery server: {e}"))
+    served
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use prometheus_client::registry::Registry;
+    use strait_ca::testing::TestPki;
+
+    use super::*;
+    use crate::xds::{Metrics, NackRecord, XdsServer};
+
+    fn xds() -> XdsServer {
+        let pki = TestPki::new("cluster.local");
+        let (_tx, rx) = watch::channel(Arc::new(Snapshot::empty(Instant::now())));
+        XdsServer::new(
+            rx,
+            Trust::new(pki.bundle()),
+            TrustDomain::new("cluster.local").unwrap(),
+            Metrics::new(&mut Registry::default()),
+        )
+    }
+
+    #[test]
+    fn nacks_are_listed_by_node_as_json() {
+        let mut nacks = BTreeMap::new();
+        assert_eq!(nacks_json(&nacks), serde_json::json!({}));
+        nacks.insert(
+            "sidecar~10.0.0.1~echo-1.demo~demo.svc.cluster.local".to_string(),
+            NackRecord {
+                type_url: "type.googleapis.com/strait.mesh.v1.Service".into(),
+                nonce: "7".into(),
+                version_info: String::new(),
+                error: "echo.demo.svc.cluster.local: bad port".into(),
+                at: SystemTime::UNIX_EPOCH + Duration::from_millis(1_500),
+            },
+        );
+        assert_eq!(
+            nacks_json(&nacks),
+            serde_json::json!({
+                "sidecar~10.0.0.1~echo-1.demo~demo.svc.cluster.local": {
+                    "type_url": "type.googleapis.com/strait.mesh.v1.Service",
+                    "nonce": "7",
+                    "version_info": "",
+                    "error": "echo.demo.svc.cluster.local: bad port",
+                    "at_unix_seconds": 1.5,
+                }
+            })
+        );
+    }
+
+    #[test]
+    fn the_health_listener_routes() {
+        let xds = xds();
+        // (path, ready, status, body fragment)
+        let cases = [
+            ("/healthz/ready", true, 200, "ready"),
+            ("/healthz/ready", false, 503, "not ready"),
+            ("/healthz/live", false, 200, "live"),
+            ("/debug/nacks", true, 200, "{}"),
+            ("/debug", true, 404, "not found"),
+            ("/metrics", true, 404, "not found"),
+        ];
+        for (path, ready, status, body) in cases {
+            let r = health_route(path, ready, &xds);
+            assert_eq!(r.status().as_u16(), status, "{path} ready={ready}");
+            assert!(r.body().contains(body), "{path}: {:?}", r.body());
+        }
+        let r = health_route("/debug/nacks", true, &xds);
+        assert_eq!(r.headers()[http::header::CONTENT_TYPE], "application/json");
+    }
+
+    #[test]
+    fn the_serving_certificate_is_the_control_planes_and_renews() {
+        let pki = TestPki::new("cluster.local");
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let cert = ServingCert::issue(&pki.intermediate, &td).unwrap();
+        let first = cert.chain();
+        let trust = Trust::new(pki.bundle());
+        let svid = trust
+            .verify(&first, time::OffsetDateTime::now_utc())
+            .unwrap();
+        assert_eq!(
+            svid.spiffe_id.to_string(),
+            "spiffe://cluster.local/ns/strait-system/sa/controlplane"
+        );
+        cert.renew(&pki.intermediate, &td).unwrap();
+        assert_ne!(cert.chain()[0], first[0], "a new leaf");
+        server_tls(Arc::new(cert), trust).unwrap();
+    }
 }

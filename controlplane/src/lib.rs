@@ -6,14 +6,14 @@
 //! - [`dirwatch`]: keeps that config current as files change (and reads
 //!   the imports written back under `imported/`).
 //! - [`link`]: the broker link: publishes exports, writes imports back.
+//! - [`kube`]: the Kubernetes config source (watchers feeding the same
+//!   config model) and the write-back of imports to the API.
 //! - [`resources`]: the discovery resources (`strait.mesh.v1.*`) built from
 //!   the config in force and the broker's imports. Pure.
 //! - [`xds`]: the discovery server (ADS over gRPC, state-of-the-world and
 //!   delta) with ACK/NACK tracking and debounced pushes.
 //! - [`client`]: the proxies' side of ADS: subscribe, keep the last good
 //!   resources, reconnect.
-//! - [`kube`]: the Kubernetes config source (watchers feeding the same
-//!   config model) and the write-back of imports to the API.
 //! - [`ca`]: the workload CA (Istio's `IstioCertificateService`), bootstrap
 //!   tokens and the proxies' certificate client.
 

@@ -228,6 +228,26 @@ impl Snapshot {
         self.types.get(type_url)
     }
 
+    /// A copy keeping only the resources `keep(type_url, name)` accepts
+    /// (a proxy's scoped view); same creation time, same types.
+    pub fn retain(&self, keep: impl Fn(&str, &str) -> bool) -> Snapshot {
+        Snapshot {
+            created: self.created,
+            types: self
+                .types
+                .iter()
+                .map(|(t, items)| {
+                    let kept = items
+                        .iter()
+                        .filter(|(name, _)| keep(t, name))
+                        .map(|(n, v)| (n.clone(), v.clone()))
+                        .collect();
+                    (t.clone(), kept)
+                })
+                .collect(),
+        }
+    }
+
     /// The type URLs served.
     pub fn type_urls(&self) -> impl Iterator<Item = &str> {
         self.types.keys().map(String::as_str)

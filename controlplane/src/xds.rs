@@ -29,7 +29,17 @@
 //!   ([`XdsServer::nacks`]) for the debug endpoint.
 //!
 //! Streams are refused (`UNAUTHENTICATED`) without a client certificate
-//! that verifies as an SVID of this trust domain.
+//! that verifies as an SVID of this trust domain. The node id a proxy gives
+//! (Istio's `<kind>~<ip>~<name>.<namespace>~<domain>`) must name the
+//! namespace of that SVID (`spiffe://<td>/ns/<namespace>/sa/…`): a
+//! workload cannot ask for another namespace's view, nor pose as a gateway
+//! (`strait-system`). A stream whose first request names no node, or a
+//! node that does not match, ends with `INVALID_ARGUMENT` or
+//! `PERMISSION_DENIED` ([`check_node`]).
+//!
+//! Each stream serves the snapshot as scoped for its node: a sidecar sees
+//! the Services its namespace's Istio `Sidecar` resource lets it reach
+//! (egress `hosts`), see [`scope`].
 //!
 //! Snapshot rebuilds are debounced by the caller with [`debounce`].
 
@@ -50,8 +60,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use strait_ca::TrustDomain;
 use strait_ca::tls::Trust;
+use strait_ca::{SpiffeId, TrustDomain};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -108,7 +118,7 @@ impl Metrics {
         );
         r.register(
             "push_latency_seconds",
-            "Time from a snapshot's creation to a response carrying it being sent",
+            "Time from a snapshot's creation (the config read) to a push of its changes being sent",
             m.push_latency.clone(),
         );
         m
@@ -492,7 +502,7 @@ impl XdsServer {
         &self.inner.metrics
     }
 
-    fn authenticate<T>(&self, req: &Request<T>) -> Result<String, Status> {
+    fn authenticate<T>(&self, req: &Request<T>) -> Result<SpiffeId, Status> {
         let certs = req.peer_certs().ok_or_else(|| {
             Status::unauthenticated("discovery requires a client certificate (mTLS)")
         })?;
@@ -509,7 +519,7 @@ impl XdsServer {
                 svid.spiffe_id, self.inner.trust_domain
             )));
         }
-        Ok(svid.spiffe_id.to_string())
+        Ok(svid.spiffe_id)
     }
 
     fn record(
@@ -550,11 +560,16 @@ impl XdsServer {
         }
     }
 
-    fn pushed(&self, type_url: &str, snap: &Snapshot) {
+    /// Counts a response; `change` is the snapshot whose change it pushes
+    /// (its latency is observed), `None` for an answer to a request (a
+    /// proxy connecting long after the last change is no push latency).
+    fn pushed(&self, type_url: &str, change: Option<&Snapshot>) {
         let m = &self.inner.metrics;
         m.pushes.get_or_create(&TypeLabel::of(type_url)).inc();
-        m.push_latency
-            .observe(snap.created().elapsed().as_secs_f64());
+        if let Some(snap) = change {
+            m.push_latency
+                .observe(snap.created().elapsed().as_secs_f64());
+        }
     }
 
     fn connected(&self) -> Connected {
@@ -574,11 +589,184 @@ async fn send<T>(tx: &mpsc::Sender<Result<T, Status>>, msg: T) -> bool {
     )
 }
 
-fn node_of(node: Option<&envoy_types::pb::envoy::config::core::v3::Node>, current: &mut String) {
-    if let Some(n) = node
-        && !n.id.is_empty()
-    {
-        *current = n.id.clone();
+/// The kinds of proxy a node id may name.
+const NODE_KINDS: [&str; 3] = ["sidecar", "gateway", "router"];
+
+/// Checks the node id a proxy gives against its certificate's SPIFFE ID.
+///
+/// The node id is Istio's `<kind>~<ip>~<name>.<namespace>~<domain>`
+/// (`sidecar~10.0.0.1~echo-1.demo~demo.svc.cluster.local`); `kind` is
+/// `sidecar`, `gateway` or `router`. The namespace (after the last `.` of
+/// the third field: namespaces are DNS labels, names may hold dots) must be
+/// the one of `peer` (`spiffe://<td>/ns/<namespace>/sa/<sa>`). Errors name
+/// the node id and the peer.
+pub fn check_node(node_id: &str, peer: &SpiffeId) -> Result<(), String> {
+    let fields: Vec<&str> = node_id.split('~').collect();
+    let [kind, ip, name_ns, _domain] = fields.as_slice() else {
+        return Err(format!(
+            "node id {node_id:?} is not <kind>~<ip>~<name>.<namespace>~<domain>"
+        ));
+    };
+    if !NODE_KINDS.contains(kind) {
+        return Err(format!(
+            "node id {node_id:?}: kind {kind:?} is not one of {}",
+            NODE_KINDS.join(", ")
+        ));
+    }
+    if ip.is_empty() {
+        return Err(format!("node id {node_id:?} has no IP address"));
+    }
+    let Some((name, ns)) = name_ns.rsplit_once('.') else {
+        return Err(format!(
+            "node id {node_id:?}: {name_ns:?} is not <name>.<namespace>"
+        ));
+    };
+    if name.is_empty() || ns.is_empty() {
+        return Err(format!(
+            "node id {node_id:?}: {name_ns:?} is not <name>.<namespace>"
+        ));
+    }
+    let Some((peer_ns, _sa)) = peer.workload_parts() else {
+        return Err(format!(
+            "{peer} is not a workload identity (spiffe://<td>/ns/<namespace>/sa/<sa>)"
+        ));
+    };
+    if ns != peer_ns {
+        return Err(format!(
+            "node id {node_id:?} names namespace {ns:?} but the client certificate is {peer} (namespace {peer_ns:?})"
+        ));
+    }
+    Ok(())
+}
+
+/// Which Service resources a sidecar sees, from the Istio `Sidecar`
+/// resources of its namespace (Istio's egress `hosts`).
+///
+/// The Sidecar applying to workload `name` in `namespace` is the first (by
+/// name) whose `workloadSelector` labels the workload (its `Workload`
+/// resource) all carries, else the first without a selector; with none,
+/// or one without `egress`, the sidecar sees every Service. Otherwise a
+/// Service is seen when an `egress[].hosts` entry `ns/host` matches it:
+/// `ns` is `*` (any), `.` (the Sidecar's namespace), `~` (none) or a
+/// namespace name; `host` is `*`, `*.suffix` or a name, matched against
+/// the hostname and aliases. Resources of other types are not scoped;
+/// gateways (any kind but `sidecar`) see everything. A Sidecar whose spec
+/// does not parse was already left out of the snapshot with a warning.
+pub fn scope(snap: &Snapshot, kind: &str, namespace: &str, name: &str) -> Option<Snapshot> {
+    use strait_proto::strait::mesh::v1 as pb;
+    use strait_proto::strait::mesh::v1::type_url;
+
+    if kind != "sidecar" {
+        return None;
+    }
+    let decode = |type_url: &str, name: &str| {
+        snap.resources(type_url)
+            .and_then(|r| r.get(name))
+            .map(|v| v.resource.value.clone())
+    };
+    let labels = decode(type_url::WORKLOAD, &format!("{namespace}/{name}"))
+        .and_then(|b| <pb::Workload as prost::Message>::decode(b.as_slice()).ok())
+        .map(|w| w.labels)
+        .unwrap_or_default();
+    let prefix = format!("Sidecar/{namespace}/");
+    let sidecars: Vec<strait_model::istio::Sidecar> = snap
+        .resources(type_url::POLICY)
+        .into_iter()
+        .flat_map(|r| r.range(prefix.clone()..))
+        .take_while(|(n, _)| n.starts_with(&prefix))
+        .filter_map(|(_, v)| {
+            let p = <pb::Policy as prost::Message>::decode(v.resource.value.as_slice()).ok()?;
+            let spec: serde_json::Value = serde_json::from_str(&p.spec_json).ok()?;
+            match strait_model::istio::parse("Sidecar", &spec).ok()? {
+                strait_model::istio::IstioSpec::Sidecar(s) => Some(s),
+                _ => None,
+            }
+        })
+        .collect();
+    let applies = sidecars
+        .iter()
+        .find(|s| {
+            s.workload_selector.as_ref().is_some_and(|sel| {
+                sel.labels
+                    .iter()
+                    .all(|(k, v)| labels.get(k).is_some_and(|l| l == v))
+            })
+        })
+        .or_else(|| sidecars.iter().find(|s| s.workload_selector.is_none()))?;
+    if applies.egress.is_empty() {
+        return None;
+    }
+    let hosts: Vec<strait_model::istio::sidecar::EgressHost<'_>> = applies
+        .egress
+        .iter()
+        .flat_map(|e| e.hosts.iter())
+        .filter_map(|h| strait_model::istio::sidecar::parse_egress_host(h).ok())
+        .collect();
+    let host_matches = |pattern: &str, host: &str| {
+        pattern == "*"
+            || pattern == host
+            || pattern
+                .strip_prefix('*')
+                .is_some_and(|suffix| host.ends_with(suffix))
+    };
+    let visible = |svc: &pb::Service| {
+        hosts.iter().any(|h| {
+            let ns_ok = match h.namespace {
+                "*" => true,
+                "." => svc.namespace == namespace,
+                "~" => false,
+                ns => svc.namespace == ns,
+            };
+            ns_ok
+                && std::iter::once(&svc.hostname)
+                    .chain(&svc.aliases)
+                    .any(|n| host_matches(h.host, n))
+        })
+    };
+    Some(snap.retain(|t, n| {
+        t != type_url::SERVICE
+            || decode(t, n)
+                .and_then(|b| <pb::Service as prost::Message>::decode(b.as_slice()).ok())
+                .is_some_and(|svc| visible(&svc))
+    }))
+}
+
+/// The kind, namespace and name a checked node id names.
+fn node_parts(node_id: &str) -> Option<(&str, &str, &str)> {
+    let mut fields = node_id.split('~');
+    let kind = fields.next()?;
+    let (name, ns) = fields.nth(1)?.rsplit_once('.')?;
+    Some((kind, ns, name))
+}
+
+/// What the stream of `node` (None before the first request) serves of
+/// `snap`.
+fn scoped_view(snap: &Arc<Snapshot>, node: Option<&str>) -> Arc<Snapshot> {
+    node.and_then(node_parts)
+        .and_then(|(kind, ns, name)| scope(snap, kind, ns, name))
+        .map_or_else(|| snap.clone(), Arc::new)
+}
+
+/// Follows the node id of a stream's requests: Envoy names the node on the
+/// first request and may leave it out afterwards. Each node id given is
+/// checked against the peer's SPIFFE ID.
+fn node_of(
+    node: Option<&envoy_types::pb::envoy::config::core::v3::Node>,
+    peer: &SpiffeId,
+    current: &mut Option<String>,
+) -> Result<(), Status> {
+    match node.map(|n| n.id.as_str()).filter(|id| !id.is_empty()) {
+        Some(id) => {
+            if current.as_deref() != Some(id) {
+                check_node(id, peer).map_err(Status::permission_denied)?;
+                *current = Some(id.to_string());
+            }
+            Ok(())
+        }
+        None if current.is_some() => Ok(()),
+        None => Err(Status::invalid_argument(
+            "the first discovery request of a stream must name its node (node.id)",
+        )),
     }
 }
 
@@ -591,13 +779,15 @@ impl AggregatedDiscoveryService for XdsServer {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let peer = self.authenticate(&request)?;
+        let peer_id = self.authenticate(&request)?;
+        let peer = peer_id.to_string();
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let server = self.clone();
         let mut snaps = self.inner.snapshots.clone();
         tokio::spawn(async move {
             let _connected = server.connected();
+            let mut node_id = None;
             let mut node = peer.clone();
             let mut state = SotwStream::default();
             tracing::info!(peer, "discovery stream (state of the world) opened");
@@ -612,23 +802,30 @@ impl AggregatedDiscoveryService for XdsServer {
                                 break;
                             }
                         };
-                        node_of(req.node.as_ref(), &mut node);
-                        let snap = snaps.borrow().clone();
+                        if let Err(status) = node_of(req.node.as_ref(), &peer_id, &mut node_id) {
+                            tracing::warn!(peer, error = %status.message(), "discovery stream refused");
+                            let _ = tx.send(Err(status)).await;
+                            break;
+                        }
+                        if let Some(id) = &node_id {
+                            node.clone_from(id);
+                        }
+                        let snap = scoped_view(&snaps.borrow(), node_id.as_deref());
                         let (reply, resp) = state.on_request(&req, &snap);
                         server.record(&node, &peer, &req.type_url, &reply, &req.response_nonce, &req.version_info);
                         if let Some(resp) = resp {
                             let t = resp.type_url.clone();
                             if !send(&tx, resp).await { break; }
-                            server.pushed(&t, &snap);
+                            server.pushed(&t, None);
                         }
                     }
                     changed = snaps.changed() => {
                         if changed.is_err() { break; }
-                        let snap = snaps.borrow_and_update().clone();
+                        let snap = scoped_view(&snaps.borrow_and_update(), node_id.as_deref());
                         for resp in state.on_snapshot(&snap) {
                             let t = resp.type_url.clone();
                             if !send(&tx, resp).await { return; }
-                            server.pushed(&t, &snap);
+                            server.pushed(&t, Some(&snap));
                         }
                     }
                     () = tx.closed() => break,
@@ -643,13 +840,15 @@ impl AggregatedDiscoveryService for XdsServer {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let peer = self.authenticate(&request)?;
+        let peer_id = self.authenticate(&request)?;
+        let peer = peer_id.to_string();
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let server = self.clone();
         let mut snaps = self.inner.snapshots.clone();
         tokio::spawn(async move {
             let _connected = server.connected();
+            let mut node_id = None;
             let mut node = peer.clone();
             let mut state = DeltaStream::default();
             tracing::info!(peer, "discovery stream (delta) opened");
@@ -664,23 +863,30 @@ impl AggregatedDiscoveryService for XdsServer {
                                 break;
                             }
                         };
-                        node_of(req.node.as_ref(), &mut node);
-                        let snap = snaps.borrow().clone();
+                        if let Err(status) = node_of(req.node.as_ref(), &peer_id, &mut node_id) {
+                            tracing::warn!(peer, error = %status.message(), "discovery stream refused");
+                            let _ = tx.send(Err(status)).await;
+                            break;
+                        }
+                        if let Some(id) = &node_id {
+                            node.clone_from(id);
+                        }
+                        let snap = scoped_view(&snaps.borrow(), node_id.as_deref());
                         let (reply, resp) = state.on_request(&req, &snap);
                         server.record(&node, &peer, &req.type_url, &reply, &req.response_nonce, "");
                         if let Some(resp) = resp {
                             let t = resp.type_url.clone();
                             if !send(&tx, resp).await { break; }
-                            server.pushed(&t, &snap);
+                            server.pushed(&t, None);
                         }
                     }
                     changed = snaps.changed() => {
                         if changed.is_err() { break; }
-                        let snap = snaps.borrow_and_update().clone();
+                        let snap = scoped_view(&snaps.borrow_and_update(), node_id.as_deref());
                         for resp in state.on_snapshot(&snap) {
                             let t = resp.type_url.clone();
                             if !send(&tx, resp).await { return; }
-                            server.pushed(&t, &snap);
+                            server.pushed(&t, Some(&snap));
                         }
                     }
                     () = tx.closed() => break,
@@ -738,6 +944,231 @@ mod tests {
     use strait_proto::strait::mesh::v1::type_url::{NETWORK, SERVICE};
 
     use super::*;
+
+    #[test]
+    fn node_ids_must_name_the_namespace_of_the_certificate() {
+        let echo = "spiffe://cluster.local/ns/demo/sa/echo";
+        let gateway = "spiffe://cluster.local/ns/strait-system/sa/eastwest-gateway";
+        // (node id, peer, Ok or a fragment of the error)
+        let cases: &[(&str, &str, Result<(), &str>)] = &[
+            (
+                "sidecar~10.0.0.1~echo-1.demo~demo.svc.cluster.local",
+                echo,
+                Ok(()),
+            ),
+            (
+                "sidecar~10.0.0.1~echo.v1.demo~demo.svc.cluster.local",
+                echo,
+                Ok(()),
+            ),
+            ("router~10.0.0.1~echo-1.demo~", echo, Ok(())),
+            (
+                "gateway~127.0.0.1~eastwest-gateway.strait-system~strait-system.svc.cluster.local",
+                gateway,
+                Ok(()),
+            ),
+            (
+                "sidecar~10.0.0.1~echo-1.other~other.svc.cluster.local",
+                echo,
+                Err("names namespace \"other\""),
+            ),
+            (
+                "gateway~127.0.0.1~eastwest-gateway.strait-system~strait-system.svc.cluster.local",
+                echo,
+                Err("namespace \"demo\""),
+            ),
+            (
+                "sidecar~10.0.0.1~echo-1.demo~demo.svc.cluster.local",
+                gateway,
+                Err("names namespace \"demo\""),
+            ),
+            ("", echo, Err("is not <kind>")),
+            ("sidecar~10.0.0.1~echo-1.demo", echo, Err("is not <kind>")),
+            (
+                "sidecar~10.0.0.1~echo-1.demo~d~extra",
+                echo,
+                Err("is not <kind>"),
+            ),
+            (
+                "ingress~10.0.0.1~echo-1.demo~d",
+                echo,
+                Err("kind \"ingress\""),
+            ),
+            ("sidecar~~echo-1.demo~d", echo, Err("no IP address")),
+            (
+                "sidecar~10.0.0.1~echo-1~d",
+                echo,
+                Err("is not <name>.<namespace>"),
+            ),
+            (
+                "sidecar~10.0.0.1~.demo~d",
+                echo,
+                Err("is not <name>.<namespace>"),
+            ),
+            (
+                "sidecar~10.0.0.1~echo-1.~d",
+                echo,
+                Err("is not <name>.<namespace>"),
+            ),
+            (
+                "sidecar~10.0.0.1~east.cluster~d",
+                "spiffe://cluster.local/cluster/east",
+                Err("not a workload identity"),
+            ),
+        ];
+        for (node, peer, want) in cases {
+            let peer = SpiffeId::parse(peer).unwrap();
+            let got = check_node(node, &peer);
+            match (want, &got) {
+                (Ok(()), Ok(())) => {}
+                (Err(fragment), Err(e)) => assert!(
+                    e.contains(fragment),
+                    "{node:?} as {peer}: error {e:?} lacks {fragment:?}"
+                ),
+                _ => panic!("{node:?} as {peer}: want {want:?}, got {got:?}"),
+            }
+        }
+    }
+
+    fn scoped_services(snap: &Snapshot, kind: &str, ns: &str, name: &str) -> Option<Vec<String>> {
+        scope(snap, kind, ns, name).map(|s| s.resources(SERVICE).unwrap().keys().cloned().collect())
+    }
+
+    #[test]
+    fn sidecar_resources_scope_the_services_a_sidecar_sees() {
+        use strait_proto::strait::mesh::v1::type_url::{POLICY, WORKLOAD};
+        let mut snap = snap(&[("net-west", "192.0.2.1:15443")]);
+        for (ns, name, aliases) in [
+            ("demo", "echo.demo.svc.cluster.local", vec!["echo.demo"]),
+            ("demo", "db.demo.svc.cluster.local", vec![]),
+            (
+                "prod",
+                "api.prod.svc.cluster.local",
+                vec!["api.prod.svc.clusterset.local"],
+            ),
+            ("ext", "example.com", vec![]),
+        ] {
+            snap.insert(
+                SERVICE,
+                name,
+                &pb::Service {
+                    hostname: name.into(),
+                    namespace: ns.into(),
+                    aliases: aliases.into_iter().map(String::from).collect(),
+                    ..Default::default()
+                },
+            );
+        }
+        for (name, app) in [("client-1", "client"), ("echo-1", "echo")] {
+            snap.insert(
+                WORKLOAD,
+                &format!("demo/{name}"),
+                &pb::Workload {
+                    name: name.into(),
+                    namespace: "demo".into(),
+                    labels: [("app".to_string(), app.to_string())].into(),
+                    ..Default::default()
+                },
+            );
+        }
+        let all = scoped_services(&snap, "gateway", "demo", "x");
+        assert_eq!(all, None, "no Sidecar: everything");
+        let sidecar = |snap: &mut Snapshot, name: &str, spec: &str| {
+            snap.insert(
+                POLICY,
+                &format!("Sidecar/demo/{name}"),
+                &pb::Policy {
+                    kind: "Sidecar".into(),
+                    namespace: "demo".into(),
+                    name: name.into(),
+                    spec_json: spec.into(),
+                    generation: 1,
+                },
+            );
+        };
+        assert_eq!(scoped_services(&snap, "sidecar", "demo", "echo-1"), None);
+        sidecar(&mut snap, "default", r#"{"egress":[{"hosts":["./*"]}]}"#);
+        sidecar(
+            &mut snap,
+            "client",
+            r#"{"workloadSelector":{"labels":{"app":"client"}},
+                "egress":[{"hosts":["prod/*.clusterset.local","*/example.com","~/*"]}]}"#,
+        );
+        // Other namespaces' Sidecars do not apply.
+        snap.insert(
+            POLICY,
+            "Sidecar/prod/default",
+            &pb::Policy {
+                kind: "Sidecar".into(),
+                namespace: "prod".into(),
+                name: "default".into(),
+                spec_json: r#"{"egress":[{"hosts":["~/*"]}]}"#.into(),
+                generation: 1,
+            },
+        );
+        // (kind, namespace, workload, services seen or None for all)
+        let cases: &[(&str, &str, &str, Option<&[&str]>)] = &[
+            (
+                "sidecar",
+                "demo",
+                "echo-1",
+                Some(&["db.demo.svc.cluster.local", "echo.demo.svc.cluster.local"]),
+            ),
+            // An unknown workload gets the namespace default.
+            (
+                "sidecar",
+                "demo",
+                "ghost",
+                Some(&["db.demo.svc.cluster.local", "echo.demo.svc.cluster.local"]),
+            ),
+            (
+                "sidecar",
+                "demo",
+                "client-1",
+                Some(&["api.prod.svc.cluster.local", "example.com"]),
+            ),
+            ("sidecar", "prod", "api-1", Some(&[])),
+            ("sidecar", "other", "x", None),
+            ("gateway", "demo", "echo-1", None),
+        ];
+        for (kind, ns, name, want) in cases {
+            let got = scoped_services(&snap, kind, ns, name);
+            let want = want.map(|w| w.iter().map(|s| (*s).to_string()).collect::<Vec<_>>());
+            assert_eq!(got, want, "{kind} {ns}/{name}");
+        }
+        // Other types are not scoped.
+        let scoped = scope(&snap, "sidecar", "prod", "api-1").unwrap();
+        assert_eq!(scoped.resources(NETWORK), snap.resources(NETWORK));
+        assert_eq!(scoped.resources(POLICY), snap.resources(POLICY));
+    }
+
+    #[test]
+    fn a_stream_must_name_its_node_first_and_keep_to_it() {
+        use envoy_types::pb::envoy::config::core::v3::Node;
+        let peer = SpiffeId::parse("spiffe://cluster.local/ns/demo/sa/echo").unwrap();
+        let node = |id: &str| Node {
+            id: id.into(),
+            ..Default::default()
+        };
+        let mut current = None;
+        let err = node_of(None, &peer, &mut current).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        let good = "sidecar~10.0.0.1~echo-1.demo~demo.svc.cluster.local";
+        node_of(Some(&node(good)), &peer, &mut current).unwrap();
+        assert_eq!(current.as_deref(), Some(good));
+        // Later requests may leave the node out.
+        node_of(None, &peer, &mut current).unwrap();
+        node_of(Some(&node("")), &peer, &mut current).unwrap();
+        // A switch to another namespace mid-stream is refused.
+        let err = node_of(
+            Some(&node("sidecar~10.0.0.1~x.kube-system~d")),
+            &peer,
+            &mut current,
+        )
+        .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert_eq!(current.as_deref(), Some(good));
+    }
 
     fn snap(networks: &[(&str, &str)]) -> Snapshot {
         let mut s = Snapshot::empty(Instant::now());

@@ -61,7 +61,8 @@ struct RunArgs {
     /// Discovery and certificate API (mTLS).
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
-    /// Health endpoint (/healthz/ready).
+    /// Health endpoints (/healthz/ready, /healthz/live) and /debug/nacks
+    /// (the last config each proxy refused, JSON).
     #[arg(long, value_name = "ADDR")]
     health_listen: Option<SocketAddr>,
     /// Prometheus metrics (/metrics).

@@ -1,0 +1,611 @@
+//! `strait controlplane` end to end: a real broker, real control plane
+//! processes joined to it with `straitctl cluster add` tokens, and a
+//! proxy-like client in the test that gets its certificate with a
+//! bootstrap token (Istio's CSR API) and then subscribes to discovery
+//! (delta ADS), ACKing or NACKing what it receives.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Broker, Scratch, free_port, http_get, http_status};
+use strait_ca::TrustDomain;
+use strait_ca::tls::Trust;
+use strait_controlplane::ca::{self, Credential, Identity};
+use strait_controlplane::client::{
+    self, ClientState, Resources, Validator, XdsClient, XdsClientConfig,
+};
+use strait_proto::strait::mesh::v1 as pb;
+use strait_proto::strait::mesh::v1::type_url;
+use tokio::sync::watch;
+
+const TD: &str = "cluster.local";
+/// Generous: two cores shared with other test binaries.
+const WAIT: Duration = Duration::from_secs(60);
+/// A Service the test proxy refuses (to see a NACK end to end).
+const REFUSED: &str = "refuse-me.demo.svc.cluster.local";
+
+/// Writes `data` to `dir/name` atomically (a temporary name the control
+/// plane does not read, then rename), as a config management tool would.
+fn put(dir: &Path, name: &str, data: &str) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, data).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+fn service_yaml(name: &str, port: u32, export: bool) -> String {
+    let annotations = if export {
+        "  annotations: {strait.io/export: \"true\"}\n"
+    } else {
+        ""
+    };
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: demo\n{annotations}\
+spec:\n  selector: {{app: {name}}}\n  ports:\n  - {{name: http, port: {port}}}\n"
+    )
+}
+
+fn workload_yaml(name: &str, app: &str, address: &str, network: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: {name}\n  namespace: demo\n\
+spec:\n  address: {address}\n  labels: {{app: {app}}}\n  serviceAccount: {app}\n  network: {network}\n  ports: {{http: 8080}}\n"
+    )
+}
+
+/// A `strait controlplane` process of one cluster.
+struct ControlPlane {
+    child: Option<Child>,
+    args: Vec<String>,
+    listen: String,
+    health: String,
+    metrics: String,
+    state: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+impl ControlPlane {
+    /// Joins `cluster` to `broker` (first start) and waits until ready.
+    fn start(s: &Scratch, broker: &Broker, cluster: &str, network: &str, gateway: &str) -> Self {
+        let token = broker
+            .ctl(&["cluster", "add", cluster, "--network", network])
+            .ok()
+            .stdout;
+        let token_file = s.write(&format!("{cluster}.token"), &token);
+        let config = s.path(&format!("{cluster}/config"));
+        std::fs::create_dir_all(&config).unwrap();
+        let state = s.path(&format!("{cluster}/state"));
+        let listen = format!("127.0.0.1:{}", free_port());
+        let health = format!("127.0.0.1:{}", free_port());
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let args: Vec<String> = [
+            "controlplane",
+            "--cluster",
+            cluster,
+            "--network",
+            network,
+            "--config-dir",
+            config.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--join-token",
+            token_file.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--health-listen",
+            &health,
+            "--metrics-listen",
+            &metrics,
+            "--gateway",
+            gateway,
+        ]
+        .iter()
+        .map(|a| (*a).to_string())
+        .collect();
+        let mut cp = ControlPlane {
+            child: None,
+            args,
+            listen,
+            health,
+            metrics,
+            state,
+            config,
+            log: s.path(&format!("{cluster}/controlplane.log")),
+        };
+        cp.spawn();
+        cp
+    }
+
+    /// (Re)starts the process with the same arguments and waits until its
+    /// health endpoint says ready.
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_strait"))
+            .args(&self.args)
+            .env("RUST_LOG", "strait_controlplane=debug,info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start strait controlplane");
+        self.child = Some(child);
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("control plane exited with {status}:\n{}", self.log());
+            }
+            if http_status(&self.health, "/healthz/ready") == Some(200) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "control plane not ready within {WAIT:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM and a clean exit.
+    fn terminate(&mut self) {
+        let mut child = self.child.take().expect("running");
+        Command::new("kill")
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        let status = child.wait().unwrap();
+        assert!(
+            status.success(),
+            "control plane exit: {status}\n{}",
+            self.log()
+        );
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn trust_domain(&self) -> TrustDomain {
+        TrustDomain::new(TD).unwrap()
+    }
+
+    /// The mesh roots, as a sidecar is given them.
+    fn trust(&self) -> Trust {
+        let root = self.state.join("cacerts/root-cert.pem");
+        Trust::new(strait_ca::layout::load_bundle(&root, Some(self.trust_domain())).unwrap())
+    }
+
+    /// A bootstrap token from `strait controlplane token`.
+    fn token(&self, ns: &str, sa: &str, workload: &str) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_strait"))
+            .args(["controlplane", "token", "--state-dir"])
+            .arg(&self.state)
+            .args([
+                "--namespace",
+                ns,
+                "--service-account",
+                sa,
+                "--workload",
+                workload,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "strait controlplane token: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// What a sidecar does first: a certificate for `ns/sa` with a token.
+    async fn certificate(&self, ns: &str, sa: &str, workload: &str) -> Identity {
+        let td = self.trust_domain();
+        let id = strait_ca::SpiffeId::from_segments(&td, &["ns", ns, "sa", sa]).unwrap();
+        let tls = ca::mesh_client_tls(self.trust(), ca::control_plane_id(&td));
+        let token = self.token(ns, sa, workload);
+        ca::request_certificate(
+            &self.listen,
+            &tls,
+            &self.trust(),
+            &id,
+            Credential::Token(&token),
+            None,
+        )
+        .await
+        .unwrap()
+    }
+
+    /// A sidecar-like discovery client with `identity`, refusing the
+    /// Service [`REFUSED`].
+    fn subscribe(&self, identity: &Identity, workload: &str) -> XdsClient {
+        let td = self.trust_domain();
+        let tls = ca::mesh_client_tls(self.trust(), ca::control_plane_id(&td));
+        let validator: Validator = Arc::new(|r: &Resources| {
+            let services = r
+                .decode::<pb::Service>(type_url::SERVICE)
+                .map_err(|e| vec![e])?;
+            if services.contains_key(REFUSED) {
+                return Err(vec![(
+                    REFUSED.to_string(),
+                    "refused by the test proxy".to_string(),
+                )]);
+            }
+            Ok(())
+        });
+        client::spawn(
+            XdsClientConfig {
+                address: self.listen.clone(),
+                tls: Arc::new(tls(Some(identity)).unwrap()),
+                node_id: format!(
+                    "sidecar~10.1.0.1~{workload}.{}~{}.svc.cluster.local",
+                    identity.spiffe_id.workload_parts().unwrap().0,
+                    identity.spiffe_id.workload_parts().unwrap().0
+                ),
+                cluster: String::new(),
+                network: String::new(),
+                types: type_url::ALL.to_vec(),
+            },
+            validator,
+        )
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn services(r: &Resources) -> std::collections::BTreeMap<String, pb::Service> {
+    r.decode::<pb::Service>(type_url::SERVICE).unwrap()
+}
+
+/// Waits until `f` finds what it wants in the client's resources.
+async fn until<T>(
+    rx: &mut watch::Receiver<Arc<Resources>>,
+    what: &str,
+    cp: &ControlPlane,
+    f: impl Fn(&Resources) -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(t) = f(&rx.borrow_and_update()) {
+            return t;
+        }
+        match tokio::time::timeout_at(deadline, rx.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => panic!("the client stopped while waiting for {what}"),
+            Err(_) => panic!(
+                "{what}: not seen within {WAIT:?}; the client holds {:?}\ncontrol plane log:\n{}",
+                services(&rx.borrow()).keys().collect::<Vec<_>>(),
+                cp.log()
+            ),
+        }
+    }
+}
+
+/// Waits until the client's state satisfies `f`.
+async fn until_state(
+    rx: &mut watch::Receiver<ClientState>,
+    what: &str,
+    f: impl Fn(&ClientState) -> bool,
+) -> ClientState {
+    tokio::time::timeout(WAIT, rx.wait_for(|s| f(s)))
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not within {WAIT:?}"))
+        .expect("client running")
+        .clone()
+}
+
+fn has(name: &str) -> impl Fn(&Resources) -> Option<()> + '_ {
+    move |r| services(r).contains_key(name).then_some(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clusters_config_changes_nacks_and_a_restart() {
+    let s = Scratch::new();
+    let broker = Broker::start(&s.path("broker"), TD);
+    let mut east = ControlPlane::start(&s, &broker, "east", "net-east", "192.0.2.10:15443");
+    let west = ControlPlane::start(&s, &broker, "west", "net-west", "192.0.2.20:15443");
+    put(
+        &east.config,
+        "echo.yaml",
+        &format!(
+            "{}---\n{}",
+            service_yaml("echo", 8080, false),
+            workload_yaml("echo-v1", "echo", "10.1.0.1", "net-east")
+        ),
+    );
+    put(
+        &west.config,
+        "echo.yaml",
+        &format!(
+            "{}---\n{}",
+            service_yaml("echo", 8080, true),
+            workload_yaml("echo-v2", "echo", "10.2.0.1", "net-west")
+        ),
+    );
+
+    // A sidecar of east: certificate with a token, then discovery with it.
+    let identity = east.certificate("demo", "echo", "echo-v1").await;
+    assert_eq!(
+        identity.spiffe_id.to_string(),
+        "spiffe://cluster.local/ns/demo/sa/echo"
+    );
+    let proxy = east.subscribe(&identity, "echo-v1");
+    let mut res = proxy.resources();
+    let mut state = proxy.state();
+
+    // West's export reaches east's Service resource as a GATEWAY endpoint,
+    // next to east's own SIDECAR endpoint.
+    let echo = until(&mut res, "echo with west's gateway", &east, |r| {
+        let svc = services(r).remove("echo.demo.svc.cluster.local")?;
+        svc.endpoints
+            .iter()
+            .any(|e| e.kind == pb::endpoint::Kind::Gateway as i32)
+            .then_some(svc)
+    })
+    .await;
+    let kinds: Vec<(i32, &str, &str)> = echo
+        .endpoints
+        .iter()
+        .map(|e| (e.kind, e.address.as_str(), e.network.as_str()))
+        .collect();
+    assert!(
+        kinds.contains(&(pb::endpoint::Kind::Sidecar as i32, "10.1.0.1", "net-east")),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&(pb::endpoint::Kind::Gateway as i32, "192.0.2.20", "net-west")),
+        "{kinds:?}"
+    );
+    let gw = echo
+        .endpoints
+        .iter()
+        .find(|e| e.kind == pb::endpoint::Kind::Gateway as i32)
+        .unwrap();
+    assert_eq!((gw.port, gw.cluster.as_str()), (15443, "west"), "{gw:?}");
+    assert!(
+        std::fs::read_to_string(east.config.join("imported/strait-imports.yaml"))
+            .unwrap()
+            .contains("192.0.2.20"),
+        "imports written back to the config directory"
+    );
+    until_state(&mut state, "synced", |s| s.synced && s.connected).await;
+
+    // A change to a file reaches the subscriber.
+    put(
+        &east.config,
+        "extra.yaml",
+        &service_yaml("extra", 9090, false),
+    );
+    until(
+        &mut res,
+        "extra",
+        &east,
+        has("extra.demo.svc.cluster.local"),
+    )
+    .await;
+
+    // A bad file is isolated: named in the log, its last good version
+    // stays, and a good change made at the same time applies.
+    put(
+        &east.config,
+        "extra.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: [\n",
+    );
+    put(
+        &east.config,
+        "more.yaml",
+        &service_yaml("more", 7070, false),
+    );
+    until(&mut res, "more", &east, has("more.demo.svc.cluster.local")).await;
+    let held = services(&res.borrow());
+    assert_eq!(
+        held["extra.demo.svc.cluster.local"].ports[0].port, 9090,
+        "the last good version of extra.yaml is kept"
+    );
+    let deadline = Instant::now() + WAIT;
+    while !east.log().contains("extra.yaml") {
+        assert!(
+            Instant::now() < deadline,
+            "extra.yaml not named in the log:\n{}",
+            east.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A config the proxy refuses is NACKed: it keeps what it had, the
+    // control plane logs and counts the NACK (and names the node).
+    let accepted = state.borrow().accepted;
+    put(
+        &east.config,
+        "refused.yaml",
+        &service_yaml("refuse-me", 80, false),
+    );
+    let st = until_state(&mut state, "a NACK", |s| s.last_nack.is_some()).await;
+    let (nacked_type, error) = st.last_nack.unwrap();
+    assert_eq!(nacked_type, type_url::SERVICE);
+    assert!(error.contains("refused by the test proxy"), "{error}");
+    assert!(!services(&res.borrow()).contains_key(REFUSED));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let metrics = http_get(&east.metrics, "/metrics");
+        let log = east.log();
+        let counted = metrics.lines().any(|l| {
+            l.starts_with("strait_xds_nacks_total{") && l.contains("Service") && !l.ends_with(" 0")
+        });
+        if counted
+            && log.contains("proxy refused config (NACK)")
+            && log.contains("sidecar~10.1.0.1~echo-v1.demo")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "NACK not logged and counted:\n{metrics}\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let nacks: serde_json::Value =
+        serde_json::from_str(&http_get(&east.health, "/debug/nacks")).unwrap();
+    let ours = &nacks["sidecar~10.1.0.1~echo-v1.demo~demo.svc.cluster.local"];
+    assert_eq!(ours["type_url"], type_url::SERVICE, "{nacks:#}");
+    assert!(
+        ours["error"]
+            .as_str()
+            .unwrap()
+            .contains("refused by the test proxy"),
+        "{nacks:#}"
+    );
+    // Taking the refused object away: the proxy accepts updates again.
+    std::fs::remove_file(east.config.join("refused.yaml")).unwrap();
+    put(
+        &east.config,
+        "after.yaml",
+        &service_yaml("after", 6060, false),
+    );
+    until(
+        &mut res,
+        "after",
+        &east,
+        has("after.demo.svc.cluster.local"),
+    )
+    .await;
+    assert!(state.borrow().accepted > accepted);
+
+    // An Istio Sidecar resource scopes what the sidecar sees (egress
+    // hosts); taking it away shows everything again.
+    put(
+        &east.config,
+        "scope.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: default, namespace: demo}\n\
+spec:\n  egress:\n  - hosts: [./echo.demo.svc.cluster.local]\n",
+    );
+    until(&mut res, "only echo in scope", &east, |r| {
+        (services(r).keys().collect::<Vec<_>>() == ["echo.demo.svc.cluster.local"]).then_some(())
+    })
+    .await;
+    std::fs::remove_file(east.config.join("scope.yaml")).unwrap();
+    until(
+        &mut res,
+        "everything back in scope",
+        &east,
+        has("after.demo.svc.cluster.local"),
+    )
+    .await;
+
+    // The control plane restarts: the proxy keeps its resources meanwhile
+    // and resumes (same certificate) when it is back.
+    east.terminate();
+    until_state(&mut state, "disconnected", |s| !s.connected).await;
+    assert!(services(&res.borrow()).contains_key("after.demo.svc.cluster.local"));
+    put(
+        &east.config,
+        "while-down.yaml",
+        &service_yaml("while-down", 5050, false),
+    );
+    east.spawn();
+    until(
+        &mut res,
+        "while-down",
+        &east,
+        has("while-down.demo.svc.cluster.local"),
+    )
+    .await;
+    until_state(&mut state, "reconnected", |s| s.connected && s.synced).await;
+    put(
+        &east.config,
+        "resumed.yaml",
+        &service_yaml("resumed", 4040, false),
+    );
+    until(
+        &mut res,
+        "resumed",
+        &east,
+        has("resumed.demo.svc.cluster.local"),
+    )
+    .await;
+    // West's export survived east's restart too.
+    let echo = services(&res.borrow())["echo.demo.svc.cluster.local"].clone();
+    assert!(
+        echo.endpoints
+            .iter()
+            .any(|e| e.kind == pb::endpoint::Kind::Gateway as i32),
+        "{echo:?}"
+    );
+}
+
+/// Push latency: the time from a config file write to the subscriber
+/// holding the new resource, over 100 changes. Prints figures (this
+/// machine's, shared with other tests) rather than asserting a bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_latency_from_file_write_to_subscriber() {
+    const CHANGES: u32 = 100;
+    let s = Scratch::new();
+    let broker = Broker::start(&s.path("broker"), TD);
+    let cp = ControlPlane::start(&s, &broker, "solo", "net-solo", "192.0.2.30:15443");
+    let identity = cp.certificate("demo", "bench", "bench-1").await;
+    let proxy = cp.subscribe(&identity, "bench-1");
+    let mut res = proxy.resources();
+    let mut state = proxy.state();
+    until_state(&mut state, "synced", |s| s.synced).await;
+
+    let mut samples = Vec::with_capacity(CHANGES as usize);
+    for i in 0..CHANGES {
+        let port = 10_000 + i;
+        // Writes land at varied points of the control plane's 200 ms poll
+        // (writing right after the previous push would phase-lock to it
+        // and measure one point of the cycle only).
+        tokio::time::sleep(Duration::from_millis(u64::from(i * 37 % 200))).await;
+        let start = Instant::now();
+        put(
+            &cp.config,
+            "bench.yaml",
+            &service_yaml("bench", port, false),
+        );
+        until(&mut res, "the new port", &cp, |r| {
+            let svc = services(r).remove("bench.demo.svc.cluster.local")?;
+            (svc.ports.first()?.port == port).then_some(())
+        })
+        .await;
+        samples.push(start.elapsed());
+    }
+    samples.sort();
+    let pct = |p: f64| samples[((samples.len() as f64 * p).ceil() as usize).saturating_sub(1)];
+    eprintln!(
+        "push latency, file write to subscriber ({CHANGES} changes; poll {:?}, debounce 100ms): \
+         p50 {:?}, p90 {:?}, p99 {:?}, max {:?}",
+        strait_controlplane::dirwatch::POLL,
+        pct(0.50),
+        pct(0.90),
+        pct(0.99),
+        samples[samples.len() - 1]
+    );
+    let metrics = http_get(&cp.metrics, "/metrics");
+    let histogram: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("strait_xds_push_latency_seconds"))
+        .collect();
+    eprintln!("{}", histogram.join("\n"));
+    let count = histogram
+        .iter()
+        .find_map(|l| l.strip_prefix("strait_xds_push_latency_seconds_count "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .expect("the push latency histogram is exported");
+    assert!(
+        count >= u64::from(CHANGES),
+        "every change was pushed and observed: {count}"
+    );
+}
