@@ -6,6 +6,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+#[path = "../controlplane/tests/support/fake_api.rs"]
+mod fake_api;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -60,6 +62,7 @@ spec:\n  address: {address}\n  labels: {{app: {app}}}\n  serviceAccount: {app}\n
 struct ControlPlane {
     child: Option<Child>,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     listen: String,
     health: String,
     metrics: String,
@@ -71,6 +74,19 @@ struct ControlPlane {
 impl ControlPlane {
     /// Joins `cluster` to `broker` (first start) and waits until ready.
     fn start(s: &Scratch, broker: &Broker, cluster: &str, network: &str, gateway: &str) -> Self {
+        Self::start_with(s, broker, cluster, network, gateway, None)
+    }
+
+    /// [`Self::start`] reading the config from the Kubernetes API of
+    /// `kubeconfig` (`--kube`) when given, else from a directory.
+    fn start_with(
+        s: &Scratch,
+        broker: &Broker,
+        cluster: &str,
+        network: &str,
+        gateway: &str,
+        kubeconfig: Option<&Path>,
+    ) -> Self {
         let token = broker
             .ctl(&["cluster", "add", cluster, "--network", network])
             .ok()
@@ -82,33 +98,36 @@ impl ControlPlane {
         let listen = format!("127.0.0.1:{}", free_port());
         let health = format!("127.0.0.1:{}", free_port());
         let metrics = format!("127.0.0.1:{}", free_port());
-        let args: Vec<String> = [
-            "controlplane",
-            "--cluster",
-            cluster,
-            "--network",
-            network,
-            "--config-dir",
-            config.to_str().unwrap(),
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--join-token",
-            token_file.to_str().unwrap(),
-            "--listen",
-            &listen,
-            "--health-listen",
-            &health,
-            "--metrics-listen",
-            &metrics,
-            "--gateway",
-            gateway,
-        ]
-        .iter()
-        .map(|a| (*a).to_string())
-        .collect();
+        let source = match kubeconfig {
+            Some(_) => vec!["--kube"],
+            None => vec!["--config-dir", config.to_str().unwrap()],
+        };
+        let args: Vec<String> = ["controlplane", "--cluster", cluster, "--network", network]
+            .into_iter()
+            .chain(source)
+            .chain([
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--join-token",
+                token_file.to_str().unwrap(),
+                "--listen",
+                &listen,
+                "--health-listen",
+                &health,
+                "--metrics-listen",
+                &metrics,
+                "--gateway",
+                gateway,
+            ])
+            .map(str::to_string)
+            .collect();
+        let env = kubeconfig
+            .map(|k| vec![("KUBECONFIG".to_string(), k.display().to_string())])
+            .unwrap_or_default();
         let mut cp = ControlPlane {
             child: None,
             args,
+            env,
             listen,
             health,
             metrics,
@@ -130,6 +149,7 @@ impl ControlPlane {
             .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_strait"))
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "strait_controlplane=debug,info")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -608,4 +628,134 @@ async fn push_latency_from_file_write_to_subscriber() {
         count >= u64::from(CHANGES),
         "every change was pushed and observed: {count}"
     );
+}
+
+/// A kubeconfig for the API server at `url` (no credentials).
+fn kubeconfig(s: &Scratch, url: &str) -> PathBuf {
+    s.write(
+        "kubeconfig",
+        &format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{url}\"}}\n\
+contexts:\n- name: fake\n  context: {{cluster: fake, user: fake}}\ncurrent-context: fake\n\
+users:\n- name: fake\n  user: {{}}\n"
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_mode_reads_the_api_applies_imports_and_reviews_tokens() {
+    let s = Scratch::new();
+    let broker = Broker::start(&s.path("broker"), TD);
+    // The recorded bookinfo cluster; `reviews` has a ServiceExport.
+    let recorded = Path::new(env!("CARGO_MANIFEST_DIR")).join("controlplane/tests/testdata/kube");
+    let (fake, url) = fake_api::Fake::start(recorded);
+    let kube = kubeconfig(&s, &url);
+    let east = ControlPlane::start_with(
+        &s,
+        &broker,
+        "east",
+        "net-east",
+        "192.0.2.10:15443",
+        Some(&kube),
+    );
+    let west = ControlPlane::start(&s, &broker, "west", "net-west", "192.0.2.20:15443");
+    put(
+        &west.config,
+        "echo.yaml",
+        &format!(
+            "{}---\n{}",
+            service_yaml("echo", 8080, true),
+            workload_yaml("echo-v2", "echo", "10.2.0.1", "net-west")
+        ),
+    );
+
+    // A pod's proxy bootstraps with its service-account token, reviewed by
+    // the API server, and gets that account's identity.
+    let td = east.trust_domain();
+    let id = strait_ca::SpiffeId::workload(&td, "bookinfo", "bookinfo-reviews").unwrap();
+    let tls = ca::mesh_client_tls(east.trust(), ca::control_plane_id(&td));
+    let identity = ca::request_certificate(
+        &east.listen,
+        &tls,
+        &east.trust(),
+        &id,
+        Credential::Token("reviews-token"),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(identity.spiffe_id, id);
+    let other = strait_ca::SpiffeId::workload(&td, "bookinfo", "admin").unwrap();
+    let refused = ca::request_certificate(
+        &east.listen,
+        &tls,
+        &east.trust(),
+        &other,
+        Credential::Token("reviews-token"),
+        None,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        refused.to_string().contains("bookinfo-reviews"),
+        "{refused}"
+    );
+
+    // Discovery serves the API's services with the pods as endpoints.
+    let proxy = east.subscribe(&identity, "reviews-v1");
+    let mut res = proxy.resources();
+    let reviews = until(&mut res, "reviews with its pods", &east, |r| {
+        let svc = services(r).remove("reviews.bookinfo.svc.cluster.local")?;
+        (!svc.endpoints.is_empty()).then_some(svc)
+    })
+    .await;
+    assert!(
+        reviews
+            .endpoints
+            .iter()
+            .all(|e| e.kind == pb::endpoint::Kind::Sidecar as i32 && e.network == "net-east"),
+        "{:?}",
+        reviews.endpoints
+    );
+
+    // West's export is applied to the API (server-side apply, labelled as
+    // strait's), and east's ServiceExport reaches west.
+    let deadline = Instant::now() + WAIT;
+    let applied = loop {
+        let seen = fake.seen();
+        let found = seen.into_iter().find(|r| {
+            r.method == hyper::Method::PATCH
+                && r.path.contains("/namespaces/demo/serviceentries/")
+                && r.body.contains("192.0.2.20")
+        });
+        if let Some(f) = found {
+            break f;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "west's echo not applied to the API within {WAIT:?}:\n{}\nwest:\n{}",
+            east.log(),
+            west.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(applied.content_type, "application/apply-patch+yaml");
+    assert!(
+        applied.query.contains("fieldManager=strait-controlplane"),
+        "{applied:?}"
+    );
+    let imported = west.config.join("imported/strait-imports.yaml");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = std::fs::read_to_string(&imported).unwrap_or_default();
+        if text.contains("reviews") && text.contains("192.0.2.10") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "east's reviews not imported by west within {WAIT:?}:\n{text}\n{}",
+            east.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

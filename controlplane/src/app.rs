@@ -39,7 +39,8 @@ use crate::{dirwatch, link};
 pub struct AppConfig {
     pub cluster: String,
     pub network: String,
-    pub config_dir: PathBuf,
+    /// Where the config comes from (and imports go back to).
+    pub source: ConfigSource,
     /// The joined cluster directory (`cacerts/`, `broker-client/`,
     /// `broker.json`, the token key).
     pub state_dir: PathBuf,
@@ -56,6 +57,64 @@ pub struct AppConfig {
     pub quic_egress: Option<String>,
     /// Quiet time before a rebuilt snapshot is pushed.
     pub debounce: Duration,
+}
+
+/// Where a control plane reads its cluster's config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// A watched directory of YAML; imports are written to its `imported/`.
+    Dir(PathBuf),
+    /// The Kubernetes API (kubeconfig from `KUBECONFIG`, `~/.kube/config`
+    /// or the in-cluster service account); imports are applied to it, and
+    /// workloads may bootstrap with service-account tokens (TokenReview).
+    Kube,
+}
+
+impl ConfigSource {
+    /// How it is named in logs and errors.
+    pub fn describe(&self) -> String {
+        match self {
+            ConfigSource::Dir(d) => format!("--config-dir {}", d.display()),
+            ConfigSource::Kube => "--kube".to_string(),
+        }
+    }
+}
+
+/// The config channel and the import sink of a config source, and the
+/// Kubernetes client in Kubernetes mode.
+async fn open_source(
+    cfg: &AppConfig,
+) -> Result<
+    (
+        watch::Receiver<Arc<Config>>,
+        link::ImportSink,
+        Option<::kube::Client>,
+    ),
+    String,
+> {
+    match &cfg.source {
+        ConfigSource::Dir(dir) => {
+            let config = dirwatch::watch_dir(dir.clone())
+                .map_err(|e| format!("--config-dir {}: {e}", dir.display()))?;
+            Ok((config, link::ImportSink::Dir(dir.clone()), None))
+        }
+        ConfigSource::Kube => {
+            let client = ::kube::Client::try_default().await.map_err(|e| {
+                format!("--kube: no Kubernetes API to talk to (KUBECONFIG, ~/.kube/config or in-cluster): {e}")
+            })?;
+            tracing::info!("reading config from the Kubernetes API");
+            let config = crate::kube::watch_kube(
+                client.clone(),
+                crate::kube::KubeOptions {
+                    cluster: cfg.cluster.clone(),
+                    network: cfg.network.clone(),
+                },
+            )
+            .await
+            .map_err(|e| format!("--kube: {e}"))?;
+            Ok((config, link::ImportSink::Kube(client.clone()), Some(client)))
+        }
+    }
 }
 
 /// Joins the mesh with the token file if `state_dir` has not joined yet;
@@ -490,8 +549,7 @@ pub async fn run(
 ) -> Result<(), String> {
     let info = ensure_joined(&cfg).await?;
     let td = TrustDomain::new(&info.trust_domain).map_err(|e| e.to_string())?;
-    let config = dirwatch::watch_dir(cfg.config_dir.clone())
-        .map_err(|e| format!("--config-dir {}: {e}", cfg.config_dir.display()))?;
+    let (config, sink, kube_client) = open_source(&cfg).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
@@ -502,7 +560,7 @@ pub async fn run(
     let (imports, link_task) = link::spawn(
         link::LinkConfig {
             state_dir: cfg.state_dir.clone(),
-            config_dir: cfg.config_dir.clone(),
+            sink,
             gateways: cfg.gateways.clone(),
         },
         config.clone(),
@@ -554,6 +612,10 @@ pub async fn run(
         &mut registry,
     )
     .map_err(|e| e.to_string())?;
+    let ca = match kube_client {
+        Some(client) => ca.with_token_review(client),
+        None => ca,
+    };
 
     let tls = server_tls(serving.clone(), trust.clone()).map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)

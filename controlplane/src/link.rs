@@ -1,9 +1,18 @@
 //! The control plane's link to its mesh broker: publishes what the config
 //! exports, writes what the broker says this cluster imports back into the
-//! config directory (`imported/strait-imports.yaml`, read again by the
-//! directory watcher like any other config), and exposes the broker's
-//! imports (trust bundle version, deny-list, remote networks) to the rest
-//! of the control plane.
+//! config source, and exposes the broker's imports (trust bundle version,
+//! deny-list, remote networks) to the rest of the control plane.
+//!
+//! - Directory mode: `<config-dir>/imported/strait-imports.yaml`, read
+//!   again by the directory watcher like any other config.
+//! - Kubernetes mode: server-side apply of the objects to the API (see
+//!   [`crate::kube::apply_imports`]); the watchers read them back. A
+//!   write-back that failed in part is retried, after [`APPLY_RETRY`] at
+//!   first, doubling up to [`APPLY_RETRY_MAX`].
+//!
+//! Either way the objects carry `app.kubernetes.io/managed-by: strait`,
+//! which is how they are told apart from the cluster's own config (they
+//! are never exported again).
 //!
 //! The Sync stream itself (reconnect with backoff, resume by revision,
 //! intermediate renewal, trust bundle installation) is
@@ -22,11 +31,48 @@ use strait_broker::client::{BROKER_FILE, BrokerInfo};
 use strait_model::mesh::{ClusterInfo, GatewayAddress, Locality, Network};
 use tokio::sync::watch;
 
+use strait_model::ImportObjects;
+use strait_model::objects::{MANAGED_BY, MANAGED_BY_LABEL};
+
 use crate::dirwatch::{IMPORTED_DIR, is_imported};
 use crate::source::Config;
 
 /// The file the imports are written to, under `<config-dir>/imported/`.
 pub const IMPORTS_FILE: &str = "strait-imports.yaml";
+/// The field manager of the objects applied in Kubernetes mode.
+pub const FIELD_MANAGER: &str = "strait-controlplane";
+/// How soon a Kubernetes write-back that failed in part is tried again.
+pub const APPLY_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+/// The longest wait between retries of a failing write-back.
+pub const APPLY_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Where imports are written back to.
+#[derive(Clone)]
+pub enum ImportSink {
+    /// `<config-dir>/imported/`.
+    Dir(PathBuf),
+    /// The Kubernetes API.
+    Kube(::kube::Client),
+}
+
+impl std::fmt::Debug for ImportSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ImportSink::Dir(d) => f.debug_tuple("Dir").field(d).finish(),
+            ImportSink::Kube(_) => f.write_str("Kube"),
+        }
+    }
+}
+
+impl ImportSink {
+    /// The config directory, in directory mode.
+    fn config_dir(&self) -> Option<&Path> {
+        match self {
+            ImportSink::Dir(d) => Some(d),
+            ImportSink::Kube(_) => None,
+        }
+    }
+}
 
 /// How the link is set up.
 #[derive(Debug, Clone)]
@@ -34,8 +80,8 @@ pub struct LinkConfig {
     /// The joined cluster directory (`cacerts/`, `broker-client/`,
     /// `broker.json`).
     pub state_dir: PathBuf,
-    /// The config directory; imports go to its `imported/`.
-    pub config_dir: PathBuf,
+    /// Where imports are written back.
+    pub sink: ImportSink,
     /// This cluster's east-west gateway addresses (`host:port`), published
     /// with its exports.
     pub gateways: Vec<String>,
@@ -71,18 +117,25 @@ pub fn cluster_info(info: &BrokerInfo, gateways: &[String]) -> Result<ClusterInf
     })
 }
 
-/// The cluster's own objects (not the imports written back).
-fn own_docs(config_dir: &Path, config: &Config) -> Vec<Value> {
+/// Whether an object is one strait wrote (an import), by its
+/// `app.kubernetes.io/managed-by` label.
+pub fn is_managed(doc: &Value) -> bool {
+    doc["metadata"]["labels"][MANAGED_BY_LABEL].as_str() == Some(MANAGED_BY)
+}
+
+/// The cluster's own objects (not the imports written back: not under the
+/// config directory's `imported/`, not labelled as strait's).
+pub fn own_docs(config_dir: Option<&Path>, config: &Config) -> Vec<Value> {
     config
         .objects
         .values()
-        .filter(|o| !is_imported(config_dir, &o.file))
+        .filter(|o| !config_dir.is_some_and(|d| is_imported(d, &o.file)) && !is_managed(&o.value))
         .map(|o| o.value.clone())
         .collect()
 }
 
 /// What the config exports, with a log line for every object refused.
-pub fn exports_of(config_dir: &Path, config: &Config) -> Exports {
+pub fn exports_of(config_dir: Option<&Path>, config: &Config) -> Exports {
     let found = strait_model::local::local_exports(&own_docs(config_dir, config));
     for e in &found.errors {
         tracing::warn!(error = %e, "not exported");
@@ -97,17 +150,29 @@ pub fn exports_of(config_dir: &Path, config: &Config) -> Exports {
 /// The import objects for `imports`, as YAML.
 pub fn imports_yaml(
     me: &ClusterInfo,
-    config_dir: &Path,
+    config_dir: Option<&Path>,
     config: &Config,
     imports: &Imports,
 ) -> Result<String, String> {
+    import_objects(me, config_dir, config, imports)
+        .to_yaml()
+        .map_err(|e| e.to_string())
+}
+
+/// The import objects for `imports`, given the cluster's own services.
+pub fn import_objects(
+    me: &ClusterInfo,
+    config_dir: Option<&Path>,
+    config: &Config,
+    imports: &Imports,
+) -> ImportObjects {
     let remotes: Vec<_> = imports.services.values().flatten().cloned().collect();
     let locals = strait_model::local::local_services(&own_docs(config_dir, config));
     let objects = strait_model::imports::import_objects(me, &remotes, &locals);
     for w in &objects.warnings {
         tracing::warn!(warning = %w, "import");
     }
-    objects.to_yaml().map_err(|e| e.to_string())
+    objects
 }
 
 /// Starts the link. The returned channel carries the broker's imports (as
@@ -119,7 +184,8 @@ pub fn spawn(
 ) -> Result<(watch::Receiver<Imports>, tokio::task::JoinHandle<()>), String> {
     let info = broker_info(&cfg.state_dir)?;
     let me = cluster_info(&info, &cfg.gateways)?;
-    let first = exports_of(&cfg.config_dir, &config.borrow_and_update());
+    let config_dir = cfg.sink.config_dir().map(Path::to_path_buf);
+    let first = exports_of(config_dir.as_deref(), &config.borrow_and_update());
     let (exports_tx, exports_rx) = watch::channel(first);
     let (agent, imports) = Agent::new(
         AgentConfig {
@@ -132,12 +198,12 @@ pub fn spawn(
     let agent_task = tokio::spawn(agent.run(async move {
         let _ = stop_rx.await;
     }));
-    let out_dir = cfg.config_dir.join(IMPORTED_DIR);
-    let out = out_dir.join(IMPORTS_FILE);
     let mut imports_rx = imports.clone();
     let task = tokio::spawn(async move {
         tokio::pin!(shutdown);
-        let mut written: Option<String> = None;
+        let mut writer = Writer::new(cfg.sink.clone());
+        let retry = tokio::time::sleep(APPLY_RETRY);
+        tokio::pin!(retry);
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
@@ -147,7 +213,7 @@ pub fn spawn(
                     }
                     let c = config.borrow_and_update().clone();
                     exports_tx.send_if_modified(|e| {
-                        let next = exports_of(&cfg.config_dir, &c);
+                        let next = exports_of(config_dir.as_deref(), &c);
                         if *e == next {
                             false
                         } else {
@@ -163,6 +229,7 @@ pub fn spawn(
                         break;
                     }
                 }
+                () = &mut retry, if writer.incomplete => {}
             }
             // Imports are (re)written when they or the local services
             // they attach to changed; a revision 0 means none received yet.
@@ -170,36 +237,148 @@ pub fn spawn(
             if now.revision == 0 {
                 continue;
             }
-            let yaml = match imports_yaml(&me, &cfg.config_dir, &config.borrow(), &now) {
-                Ok(y) => y,
-                Err(e) => {
-                    tracing::error!(error = %e, "imports not written");
-                    continue;
-                }
-            };
-            if written.as_deref() == Some(yaml.as_str()) {
-                continue;
-            }
-            let write = std::fs::create_dir_all(&out_dir)
-                .map_err(|e| e.to_string())
-                .and_then(|()| {
-                    strait_ca::layout::write_public(&out, &yaml).map_err(|e| e.to_string())
-                });
-            match write {
-                Ok(()) => {
-                    tracing::info!(
-                        revision = now.revision,
-                        services = now.services.len(),
-                        file = %out.display(),
-                        "imports written"
-                    );
-                    written = Some(yaml);
-                }
-                Err(e) => tracing::error!(file = %out.display(), error = %e, "imports not written"),
+            let objects = import_objects(&me, config_dir.as_deref(), &config.borrow(), &now);
+            writer.write(&objects, &now).await;
+            if writer.incomplete {
+                retry
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + writer.retry_delay());
             }
         }
         let _ = stop_tx.send(());
         let _ = agent_task.await;
     });
     Ok((imports, task))
+}
+
+/// Writes import objects to the sink, skipping a write of what was last
+/// written in full.
+struct Writer {
+    sink: ImportSink,
+    written: Option<ImportObjects>,
+    /// The last write failed (in part): retry even without a change.
+    incomplete: bool,
+    /// Writes failed in a row.
+    failures: u32,
+}
+
+impl Writer {
+    fn new(sink: ImportSink) -> Self {
+        Writer {
+            sink,
+            written: None,
+            incomplete: false,
+            failures: 0,
+        }
+    }
+
+    /// How long to wait before retrying: doubling from [`APPLY_RETRY`]
+    /// with each failure in a row, up to [`APPLY_RETRY_MAX`].
+    fn retry_delay(&self) -> std::time::Duration {
+        let doublings = self.failures.saturating_sub(1).min(16);
+        APPLY_RETRY
+            .saturating_mul(1 << doublings)
+            .min(APPLY_RETRY_MAX)
+    }
+
+    async fn write(&mut self, objects: &ImportObjects, imports: &Imports) {
+        if !self.incomplete && self.written.as_ref() == Some(objects) {
+            return;
+        }
+        let done = match &self.sink {
+            ImportSink::Dir(config_dir) => write_file(config_dir, objects, imports),
+            ImportSink::Kube(client) => apply(client, objects, imports).await,
+        };
+        self.incomplete = !done;
+        self.failures = if done {
+            0
+        } else {
+            self.failures.saturating_add(1)
+        };
+        self.written = done.then(|| objects.clone());
+    }
+}
+
+fn write_file(config_dir: &Path, objects: &ImportObjects, imports: &Imports) -> bool {
+    let out_dir = config_dir.join(IMPORTED_DIR);
+    let out = out_dir.join(IMPORTS_FILE);
+    let write = objects
+        .to_yaml()
+        .map_err(|e| e.to_string())
+        .and_then(|yaml| {
+            std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
+            strait_ca::layout::write_public(&out, &yaml).map_err(|e| e.to_string())
+        });
+    match write {
+        Ok(()) => {
+            tracing::info!(
+                revision = imports.revision,
+                services = imports.services.len(),
+                file = %out.display(),
+                "imports written"
+            );
+            true
+        }
+        Err(e) => {
+            tracing::error!(file = %out.display(), error = %e, "imports not written");
+            false
+        }
+    }
+}
+
+async fn apply(client: &::kube::Client, objects: &ImportObjects, imports: &Imports) -> bool {
+    match crate::kube::apply_imports(client.clone(), FIELD_MANAGER, objects).await {
+        Ok(report) => {
+            for f in &report.failed {
+                tracing::warn!(object = %f.object, error = %f.error, "import not applied; retrying");
+            }
+            for o in &report.not_served {
+                tracing::info!(object = %o, "import not applied: the API does not serve its kind (CRD not installed)");
+            }
+            tracing::info!(
+                revision = imports.revision,
+                services = imports.services.len(),
+                applied = report.applied.len(),
+                not_served = report.not_served.len(),
+                deleted = report.deleted.len(),
+                failed = report.failed.len(),
+                "imports applied to the Kubernetes API"
+            );
+            report.is_complete()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "imports not applied");
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_to_the_maximum() {
+        let mut w = Writer::new(ImportSink::Dir(PathBuf::from("/nonexistent")));
+        let delays: Vec<u64> = (1..=9)
+            .map(|n| {
+                w.failures = n;
+                w.retry_delay().as_secs()
+            })
+            .collect();
+        assert_eq!(delays, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+        w.failures = u32::MAX;
+        assert_eq!(w.retry_delay(), APPLY_RETRY_MAX);
+    }
+
+    #[test]
+    fn strait_objects_are_not_the_clusters_own() {
+        let own = serde_json::json!({"metadata": {"labels": {"app": "echo"}}});
+        let managed = serde_json::json!({"metadata": {"labels": {MANAGED_BY_LABEL: MANAGED_BY}}});
+        let other = serde_json::json!({"metadata": {"labels": {MANAGED_BY_LABEL: "helm"}}});
+        assert!(!is_managed(&own));
+        assert!(is_managed(&managed));
+        assert!(!is_managed(&other));
+        assert!(!is_managed(&serde_json::json!({})));
+    }
 }

@@ -1,28 +1,17 @@
 //! The Kubernetes config source and the write-back of imports against a
-//! fake API server on loopback that serves recorded API responses from
-//! `tests/testdata/kube/` (lists as the API server returns them, watch
-//! events as newline-delimited JSON). No cluster needed.
-//!
-//! The fake server: `GET <path>` serves `<last path segment>.json`, or a
-//! 404 `Status` when there is none (a CRD that is not installed). A watch
-//! (`?watch=true`) from the list's `resourceVersion` serves
-//! `<segment>.watch.jsonl` once the test releases it, then ends; every
-//! other watch stays open without events, so the watcher idles
-//! deterministically. `PATCH` echoes the body (404 when the kind has no
-//! list file), `DELETE` answers with the object; every request is logged.
+//! fake API server on loopback ([`support::fake_api`]) that serves recorded
+//! API responses from `tests/testdata/kube/`. No cluster needed.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::{BTreeSet, VecDeque};
-use std::convert::Infallible;
+mod support;
+
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::body::{Body, Bytes, Frame, Incoming};
-use hyper::{Method, Request, Response, StatusCode};
-use serde_json::{Value, json};
+use hyper::Method;
+use serde_json::Value;
 use strait_controlplane::kube::{
     KubeError, KubeOptions, apply_imports, watch_kube, watch_kube_with,
 };
@@ -32,211 +21,13 @@ use strait_model::objects::{
     MANAGED_BY, MANAGED_BY_LABEL, ObjectMeta, ServiceEntry, ServiceEntrySpec, ServiceImport,
     ServiceImportPort, ServiceImportSpec, ServiceImportType, WorkloadEntry, WorkloadEntrySpec,
 };
+use support::fake_api::{Fake, Seen, query_param};
 use tokio::sync::watch;
-
-/// A response body: some chunks, then either the end or nothing ever
-/// again (an open watch with no events).
-struct TestBody {
-    chunks: VecDeque<Bytes>,
-    hold_open: bool,
-}
-
-impl Body for TestBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        match self.chunks.pop_front() {
-            Some(c) => Poll::Ready(Some(Ok(Frame::data(c)))),
-            // Never woken: the client drops the connection when done.
-            None if self.hold_open => Poll::Pending,
-            None => Poll::Ready(None),
-        }
-    }
-}
-
-/// One request the fake server received.
-#[derive(Debug, Clone)]
-struct Seen {
-    method: Method,
-    path: String,
-    query: String,
-    content_type: String,
-    body: String,
-}
-
-struct Fake {
-    dir: PathBuf,
-    seen: Mutex<Vec<Seen>>,
-    release_watch: watch::Sender<bool>,
-}
 
 fn testdata(sub: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/testdata/kube")
         .join(sub)
-}
-
-fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
-    query
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
-}
-
-fn respond(status: StatusCode, chunks: Vec<Bytes>, hold_open: bool) -> Response<TestBody> {
-    Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(TestBody {
-            chunks: chunks.into(),
-            hold_open,
-        })
-        .unwrap()
-}
-
-fn not_found(path: &str) -> Response<TestBody> {
-    let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-        "message": format!("the server could not find the requested resource (get {path})"),
-        "reason": "NotFound", "details": {}, "code": 404});
-    respond(
-        StatusCode::NOT_FOUND,
-        vec![Bytes::from(status.to_string())],
-        false,
-    )
-}
-
-impl Fake {
-    fn start(dir: PathBuf) -> (Arc<Fake>, String) {
-        let (release_watch, _) = watch::channel(false);
-        let fake = Arc::new(Fake {
-            dir,
-            seen: Mutex::new(Vec::new()),
-            release_watch,
-        });
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-        let server = fake.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let fake = server.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let fake = fake.clone();
-                        async move { Ok::<_, Infallible>(fake.handle(req).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        (fake, url)
-    }
-
-    fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
-    }
-
-    fn release_watches(&self) {
-        self.release_watch.send_replace(true);
-    }
-
-    async fn handle(&self, req: Request<Incoming>) -> Response<TestBody> {
-        use http_body_util_free::collect;
-        let method = req.method().clone();
-        let path = req.uri().path().to_string();
-        let query = req.uri().query().unwrap_or_default().to_string();
-        let content_type = req
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
-        let body = collect(req.into_body()).await;
-        self.seen.lock().unwrap().push(Seen {
-            method: method.clone(),
-            path: path.clone(),
-            query: query.clone(),
-            content_type,
-            body: body.clone(),
-        });
-        // `/apis/<g>/<v>/namespaces/<ns>/<plural>/<name>` or `.../<plural>`.
-        let segments: Vec<&str> = path.split('/').collect();
-        let plural = |at_end: bool| -> String {
-            let i = if at_end {
-                segments.len() - 1
-            } else {
-                segments.len() - 2
-            };
-            segments[i].to_string()
-        };
-        match method {
-            Method::GET => {
-                let name = plural(true);
-                let Ok(list) = std::fs::read_to_string(self.dir.join(format!("{name}.json")))
-                else {
-                    return not_found(&path);
-                };
-                if query_param(&query, "watch") != Some("true") {
-                    return respond(StatusCode::OK, vec![Bytes::from(list)], false);
-                }
-                let listed: Value = serde_json::from_str(&list).unwrap();
-                let from = query_param(&query, "resourceVersion");
-                let events = std::fs::read_to_string(self.dir.join(format!("{name}.watch.jsonl")));
-                match events {
-                    Ok(events) if from == listed["metadata"]["resourceVersion"].as_str() => {
-                        let mut release = self.release_watch.subscribe();
-                        release.wait_for(|r| *r).await.unwrap();
-                        let chunks = events
-                            .lines()
-                            .map(|l| Bytes::from(format!("{l}\n")))
-                            .collect();
-                        respond(StatusCode::OK, chunks, false)
-                    }
-                    _ => respond(StatusCode::OK, Vec::new(), true),
-                }
-            }
-            Method::PATCH => {
-                if !self.dir.join(format!("{}.json", plural(false))).exists() {
-                    return not_found(&path);
-                }
-                respond(StatusCode::OK, vec![Bytes::from(body)], false)
-            }
-            Method::DELETE => {
-                let obj = json!({"metadata": {"name": plural(true)}});
-                respond(StatusCode::OK, vec![Bytes::from(obj.to_string())], false)
-            }
-            _ => not_found(&path),
-        }
-    }
-}
-
-/// Collects a request body without `http-body-util` (not a dependency).
-mod http_body_util_free {
-    use std::future::poll_fn;
-    use std::pin::Pin;
-
-    use hyper::body::{Body, Incoming};
-
-    pub async fn collect(mut body: Incoming) -> String {
-        let mut out = Vec::new();
-        while let Some(frame) = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
-            if let Ok(data) = frame.unwrap().into_data() {
-                out.extend_from_slice(&data);
-            }
-        }
-        String::from_utf8(out).unwrap()
-    }
 }
 
 fn client(url: &str) -> kube::Client {
@@ -466,10 +257,11 @@ async fn imports_are_applied_server_side_and_stale_ones_deleted() {
             "WorkloadEntry bookinfo/reviews-west-0"
         ]
     );
-    // The ServiceImport CRD is not installed: a failure naming the object.
-    assert_eq!(report.failed.len(), 1, "{:?}", report.failed);
-    assert_eq!(report.failed[0].object, "ServiceImport bookinfo/reviews");
-    assert!(report.failed[0].error.contains("404") || report.failed[0].error.contains("not find"));
+    // The ServiceImport CRD is not installed: not served, not a failure
+    // to retry.
+    assert_eq!(report.not_served, vec!["ServiceImport bookinfo/reviews"]);
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert!(report.is_complete());
     // Only the managed object no longer imported is deleted, not the
     // unlabelled one.
     assert_eq!(
@@ -517,4 +309,115 @@ async fn imports_are_applied_server_side_and_stale_ones_deleted() {
         deletes,
         vec!["/apis/networking.istio.io/v1/namespaces/bookinfo/serviceentries/ratings-clusterset"]
     );
+}
+
+fn csr_for(uri: &str) -> String {
+    use strait_ca::authority::{KeyAlgorithm, generate_key, leaf_csr};
+    let key = generate_key(KeyAlgorithm::EcdsaP256).unwrap();
+    leaf_csr(&strait_ca::SpiffeId::parse(uri).unwrap(), &[], &key).unwrap()
+}
+
+/// Asks the CA for a certificate for `uri` with `authorization: Bearer
+/// <token>` (no client certificate).
+async fn ask(
+    ca: &strait_controlplane::ca::WorkloadCa,
+    uri: &str,
+    token: &str,
+) -> Result<Vec<String>, tonic::Status> {
+    use strait_proto::istio::v1::auth::IstioCertificateRequest;
+    use strait_proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateService;
+    let mut req = tonic::Request::new(IstioCertificateRequest {
+        csr: csr_for(uri),
+        validity_duration: 3600,
+        metadata: None,
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    ca.create_certificate(req)
+        .await
+        .map(|r| r.into_inner().cert_chain)
+}
+
+#[tokio::test]
+async fn service_account_tokens_are_checked_with_a_token_review() {
+    use strait_controlplane::ca::{TtlPolicy, WorkloadCa};
+    let (fake, url) = Fake::start(testdata(""));
+    let pki = strait_ca::testing::TestPki::new("cluster.local");
+    let ca = WorkloadCa::new(
+        strait_ca::testing::intermediate_of(&pki.root, "east", time::OffsetDateTime::now_utc()),
+        strait_ca::tls::Trust::new(pki.bundle()),
+        None,
+        TtlPolicy::default(),
+        &mut prometheus_client::registry::Registry::default(),
+    )
+    .unwrap()
+    .with_token_review(client(&url));
+    let reviews = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews";
+
+    // The account the API server names gets its certificate.
+    let chain = ask(&ca, reviews, "reviews-token").await.unwrap();
+    let leaf = strait_ca::pemfile::parse_single(chain[0].as_bytes(), "CERTIFICATE").unwrap();
+    let cert = strait_ca::cert::CertSummary::from_der(&leaf).unwrap();
+    assert_eq!(cert.spiffe_id.as_deref(), Some(reviews));
+
+    // The review asked for Istio's audience, with the token as sent.
+    let review = fake
+        .seen()
+        .into_iter()
+        .find(|s| s.method == Method::POST)
+        .expect("a TokenReview");
+    assert_eq!(review.path, "/apis/authentication.k8s.io/v1/tokenreviews");
+    let body: Value = serde_json::from_str(&review.body).unwrap();
+    assert_eq!(body["spec"]["token"], "reviews-token");
+    assert_eq!(body["spec"]["audiences"], serde_json::json!(["istio-ca"]));
+
+    // Another identity with the same token, an unknown token, and a user
+    // that is not a service account: refused, naming why.
+    let other = ask(
+        &ca,
+        "spiffe://cluster.local/ns/bookinfo/sa/admin",
+        "reviews-token",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(other.code(), tonic::Code::PermissionDenied, "{other:?}");
+    assert!(
+        other.message().contains("bookinfo-reviews"),
+        "{}",
+        other.message()
+    );
+    let unknown = ask(&ca, reviews, "forged").await.unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::Unauthenticated);
+    assert!(
+        unknown.message().contains("invalid bearer token"),
+        "{}",
+        unknown.message()
+    );
+    let node = ask(&ca, reviews, "node-token").await.unwrap_err();
+    assert!(
+        node.message().contains("system:node:worker-1"),
+        "{}",
+        node.message()
+    );
+
+    // A strait token still goes to the token issuer (none here).
+    let swt = ask(&ca, reviews, "swt1.abc.def").await.unwrap_err();
+    assert!(
+        swt.message().contains("accepts no workload tokens"),
+        "{}",
+        swt.message()
+    );
+
+    // No API server: unavailable, not a silent refusal.
+    let down = WorkloadCa::new(
+        strait_ca::testing::intermediate_of(&pki.root, "east", time::OffsetDateTime::now_utc()),
+        strait_ca::tls::Trust::new(pki.bundle()),
+        None,
+        TtlPolicy::default(),
+        &mut prometheus_client::registry::Registry::default(),
+    )
+    .unwrap()
+    .with_token_review(client("http://127.0.0.1:9"));
+    let err = ask(&down, reviews, "reviews-token").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
 }

@@ -10,7 +10,8 @@ use clap::{Args, Subcommand};
 
 use super::parse_duration;
 
-/// Run a cluster's control plane: config from a directory, the broker
+/// Run a cluster's control plane: config from a directory or the
+/// Kubernetes API, the broker
 /// link (exports out, imports and trust in), workload certificates (Istio's
 /// CSR API) and discovery for sidecars and gateways, on one mTLS port.
 #[derive(Debug, Args)]
@@ -21,6 +22,9 @@ use super::parse_duration;
   strait controlplane --cluster east --network net-east --config-dir /etc/strait/config \\
       --state-dir /var/lib/strait --join-token east.token --listen 0.0.0.0:15012 \\
       --gateway 203.0.113.10:15443 --health-listen 0.0.0.0:15021 --metrics-listen 0.0.0.0:15090
+  # in a Kubernetes cluster (config from the API, imports applied to it)
+  strait controlplane --kube --cluster east --network net-east --state-dir /var/lib/strait \
+      --join-token /etc/strait/join/token --gateway 203.0.113.10:15443
   # a bootstrap token for a workload's sidecar
   strait controlplane token --state-dir /var/lib/strait --namespace demo \\
       --service-account echo --workload echo-v1 --out echo-v1.token"
@@ -49,8 +53,15 @@ struct RunArgs {
     network: Option<String>,
     /// Directory of Kubernetes-style YAML (watched; imports are written to
     /// its imported/ subdirectory).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "kube")]
     config_dir: Option<PathBuf>,
+    /// Read the config from the Kubernetes API instead (KUBECONFIG,
+    /// ~/.kube/config or the in-cluster service account): Services,
+    /// EndpointSlices, Pods, Nodes, Namespaces and the Istio/MCS resources.
+    /// Imports are applied to the API; workloads may also bootstrap with
+    /// service-account tokens (audience istio-ca, checked by TokenReview).
+    #[arg(long)]
+    kube: bool,
     /// The cluster's state: intermediate CA (cacerts/), broker credentials,
     /// the token key.
     #[arg(long, value_name = "DIR")]
@@ -143,7 +154,15 @@ fn serve(r: RunArgs) -> Result<()> {
     let cfg = strait_controlplane::app::AppConfig {
         cluster: required(&r.cluster, "--cluster")?,
         network: required(&r.network, "--network")?,
-        config_dir: required(&r.config_dir, "--config-dir")?,
+        source: match (r.kube, &r.config_dir) {
+            (true, _) => strait_controlplane::app::ConfigSource::Kube,
+            (false, Some(dir)) => strait_controlplane::app::ConfigSource::Dir(dir.clone()),
+            (false, None) => {
+                return Err(
+                    super::UsageError("--config-dir DIR or --kube is required".into()).into(),
+                );
+            }
+        },
         state_dir: required(&r.state_dir, "--state-dir")?,
         join_token: r.join_token,
         listen: r.listen,

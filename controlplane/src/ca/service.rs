@@ -7,7 +7,12 @@
 //!   identities (`spiffe://<td>/ns/<ns>/sa/<sa>`) of this trust domain are
 //!   issued here;
 //! - a caller without one must send `authorization: Bearer <token>` with a
-//!   workload token ([`super::token`]) and gets the token's identity.
+//!   workload token ([`super::token`]) and gets the token's identity;
+//! - in Kubernetes mode ([`WorkloadCa::with_token_review`]), the bearer may
+//!   instead be a Kubernetes service-account token for the audience
+//!   [`KUBE_AUDIENCE`] (as Istio's proxies send it), checked with a
+//!   `TokenReview`; the caller gets `spiffe://<td>/ns/<ns>/sa/<sa>` of the
+//!   account the API server names.
 //!
 //! The CSR must prove possession of its key and ask for exactly that
 //! identity as its only SAN. The authority is swappable at run time: the
@@ -136,6 +141,9 @@ pub enum AuthMethod {
     Token,
     /// A client certificate of the mesh (renewal).
     Certificate,
+    /// A Kubernetes service-account token (first certificate, Kubernetes
+    /// mode).
+    KubernetesToken,
 }
 
 impl AuthMethod {
@@ -143,6 +151,7 @@ impl AuthMethod {
         match self {
             AuthMethod::Token => "token",
             AuthMethod::Certificate => "certificate",
+            AuthMethod::KubernetesToken => "kubernetes_token",
         }
     }
 }
@@ -184,6 +193,9 @@ struct Inner {
     trust_domain: TrustDomain,
     trust: Trust,
     tokens: Option<TokenIssuer>,
+    /// Kubernetes mode: service-account tokens are checked with this
+    /// client's TokenReview.
+    token_review: std::sync::OnceLock<::kube::Client>,
     ttl: TtlPolicy,
     metrics: Metrics,
 }
@@ -229,10 +241,85 @@ impl WorkloadCa {
                 authority: RwLock::new(Arc::new(authority)),
                 trust,
                 tokens,
+                token_review: std::sync::OnceLock::new(),
                 ttl,
                 metrics: Metrics::new(registry),
             }),
         })
+    }
+
+    /// Also accepts Kubernetes service-account tokens, checked with a
+    /// `TokenReview` through `client` (set once; later calls are ignored).
+    pub fn with_token_review(self, client: ::kube::Client) -> Self {
+        let _ = self.inner.token_review.set(client);
+        self
+    }
+
+    /// The bearer token to check with a TokenReview: in Kubernetes mode,
+    /// a caller without a client certificate whose token is not one of
+    /// ours.
+    fn kube_token<'a>(
+        &self,
+        peer_certs: Option<&[CertificateDer<'_>]>,
+        authorization: Option<&'a [u8]>,
+    ) -> Option<(&::kube::Client, &'a str)> {
+        let client = self.inner.token_review.get()?;
+        if peer_certs.is_some_and(|c| !c.is_empty()) {
+            return None;
+        }
+        let token = bearer_token(authorization?).ok()?;
+        (!token.starts_with(super::token::PREFIX)).then_some((client, token))
+    }
+
+    /// The identity of a Kubernetes service-account token, asked of the
+    /// API server.
+    async fn review(&self, client: &::kube::Client, token: &str) -> Result<SpiffeId, Refusal> {
+        use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+        let api: ::kube::Api<TokenReview> = ::kube::Api::all(client.clone());
+        let ask = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_string()),
+                audiences: Some(vec![KUBE_AUDIENCE.to_string()]),
+            },
+            ..Default::default()
+        };
+        let answer = api
+            .create(&::kube::api::PostParams::default(), &ask)
+            .await
+            .map_err(|e| {
+                Refusal::new(
+                    Code::Unavailable,
+                    "token_review_failed",
+                    format!("the Kubernetes API could not review the token: {e}"),
+                )
+            })?;
+        let status = answer.status.unwrap_or_default();
+        let refused = |why: String| {
+            Refusal::new(
+                Code::Unauthenticated,
+                "bad_token",
+                format!("Kubernetes token refused: {why}"),
+            )
+        };
+        if status.authenticated != Some(true) {
+            return Err(refused(
+                status
+                    .error
+                    .filter(|e| !e.is_empty())
+                    .unwrap_or_else(|| "not authenticated by the API server".to_string()),
+            ));
+        }
+        if let Some(audiences) = status.audiences.filter(|a| !a.is_empty())
+            && !audiences.iter().any(|a| a == KUBE_AUDIENCE)
+        {
+            return Err(refused(format!(
+                "issued for audiences {audiences:?}, not {KUBE_AUDIENCE:?}"
+            )));
+        }
+        let username = status.user.and_then(|u| u.username).unwrap_or_default();
+        let (ns, sa) = service_account_of(&username).map_err(refused)?;
+        SpiffeId::workload(&self.inner.trust_domain, ns, sa)
+            .map_err(|e| refused(format!("{username}: {e}")))
     }
 
     /// Signs with `authority` from now on (the intermediate was renewed).
@@ -374,15 +461,21 @@ impl WorkloadCa {
         })
     }
 
-    fn handle(
+    async fn handle(
         &self,
         req: &Request<IstioCertificateRequest>,
         now: OffsetDateTime,
     ) -> Result<(Signed, AuthMethod), Refusal> {
         let certs = req.peer_certs();
+        let certs = certs.as_deref().map(Vec::as_slice);
         let authorization = req.metadata().get("authorization").map(|v| v.as_bytes());
-        let (id, method) =
-            self.authenticate(certs.as_deref().map(Vec::as_slice), authorization, now)?;
+        let (id, method) = match self.kube_token(certs, authorization) {
+            Some((client, token)) => (
+                self.review(client, token).await?,
+                AuthMethod::KubernetesToken,
+            ),
+            None => self.authenticate(certs, authorization, now)?,
+        };
         let body = req.get_ref();
         let signed = self.sign(&id, &body.csr, body.validity_duration, now)?;
         Ok((signed, method))
@@ -397,7 +490,7 @@ impl IstioCertificateService for WorkloadCa {
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         let started = Instant::now();
         let peer = req.remote_addr();
-        let result = self.handle(&req, OffsetDateTime::now_utc());
+        let result = self.handle(&req, OffsetDateTime::now_utc()).await;
         let metrics = &self.inner.metrics;
         metrics
             .issue_seconds
@@ -437,6 +530,27 @@ impl IstioCertificateService for WorkloadCa {
                 Err(refusal.status())
             }
         }
+    }
+}
+
+/// The audience of the Kubernetes service-account tokens the CA accepts
+/// (Istio's: proxies mount a projected token for it).
+pub const KUBE_AUDIENCE: &str = "istio-ca";
+
+/// The namespace and service account of a TokenReview's username,
+/// `system:serviceaccount:<namespace>:<name>`.
+pub fn service_account_of(username: &str) -> Result<(&str, &str), String> {
+    let bad = || {
+        format!(
+            "user {username:?} is not a service account (system:serviceaccount:<namespace>:<name>)"
+        )
+    };
+    let rest = username
+        .strip_prefix("system:serviceaccount:")
+        .ok_or_else(bad)?;
+    match rest.split_once(':') {
+        Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains(':') => Ok((ns, sa)),
+        _ => Err(bad()),
     }
 }
 
@@ -590,6 +704,27 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, CaError::ZeroTtl { .. }), "{err}");
+    }
+
+    #[test]
+    fn service_accounts_of_token_review_users() {
+        assert_eq!(
+            service_account_of("system:serviceaccount:demo:client"),
+            Ok(("demo", "client"))
+        );
+        for bad in [
+            "",
+            "admin",
+            "system:serviceaccount:",
+            "system:serviceaccount:demo",
+            "system:serviceaccount:demo:",
+            "system:serviceaccount::client",
+            "system:serviceaccount:demo:client:extra",
+            "system:node:worker-1",
+        ] {
+            let e = service_account_of(bad).unwrap_err();
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
+        }
     }
 
     #[test]

@@ -162,18 +162,33 @@ impl std::fmt::Display for ApplyFailure {
 }
 
 /// What [`apply_imports`] did: the objects applied and deleted
-/// (`<Kind> <namespace>/<name>`), and what failed.
+/// (`<Kind> <namespace>/<name>`), the objects of kinds the API does not
+/// serve (CRD not installed: e.g. `ServiceImport` without the MCS API),
+/// and what failed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ApplyReport {
     pub applied: Vec<String>,
     pub deleted: Vec<String>,
+    pub not_served: Vec<String>,
     pub failed: Vec<ApplyFailure>,
 }
 
 impl ApplyReport {
-    /// Whether everything was applied and pruned.
+    /// Whether everything the API serves was applied and pruned (a kind it
+    /// does not serve is not retried until it does: the next change).
     pub fn is_complete(&self) -> bool {
         self.failed.is_empty()
+    }
+}
+
+/// Whether an API error says the resource type itself is not served (a
+/// CRD not installed), not that one object or its namespace is missing.
+fn kind_not_served(e: &::kube::Error) -> bool {
+    match e {
+        ::kube::Error::Api(s) => {
+            s.code == 404 && s.message.contains("could not find the requested resource")
+        }
+        _ => false,
     }
 }
 
@@ -196,6 +211,7 @@ pub async fn apply_imports(
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &d.namespace, &resource);
         match api.patch(&d.name, &params, &Patch::Apply(&d.body)).await {
             Ok(_) => report.applied.push(d.describe()),
+            Err(e) if kind_not_served(&e) => report.not_served.push(d.describe()),
             Err(e) => report.failed.push(ApplyFailure {
                 object: d.describe(),
                 error: e.to_string(),
