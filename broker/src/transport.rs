@@ -64,6 +64,15 @@ pub fn tls_incoming(
 /// A lazily connecting gRPC channel to `addr` (`host:port`) over TLS with
 /// `config` (which carries the verifier and, for mTLS, the client identity).
 pub fn channel(addr: &str, config: Arc<rustls::ClientConfig>) -> Result<Channel, String> {
+    channel_to(addr, SERVER_NAME, config)
+}
+
+/// [`channel`] sending `server_name` as the TLS server name (SNI).
+pub fn channel_to(
+    addr: &str,
+    server_name: &'static str,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<Channel, String> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| format!("bad address {addr:?}: {e}"))?
         .connect_timeout(Duration::from_secs(5))
@@ -78,7 +87,7 @@ pub fn channel(addr: &str, config: Arc<rustls::ClientConfig>) -> Result<Channel,
         async move {
             let tcp = TcpStream::connect(&target).await?;
             let _ = tcp.set_nodelay(true);
-            let name = rustls::pki_types::ServerName::try_from(SERVER_NAME)
+            let name = rustls::pki_types::ServerName::try_from(server_name)
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
             let tls = connector.connect(name, tcp).await?;
             Ok::<_, std::io::Error>(TokioIo::new(tls))

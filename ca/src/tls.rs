@@ -6,6 +6,12 @@
 //! Hostname checks do not apply in a mesh: the identity is the SPIFFE ID.
 //! No sockets here; servers and clients build their configs from these.
 
+/// The TLS server name proxies send to their control plane. Identities
+/// are checked by SPIFFE ID, not by this name; it lets an east-west gateway
+/// that exposes the control plane to remote clusters (primary-remote) tell
+/// its connections from others, as Istio's `istiod.istio-system.svc` does.
+pub const CONTROL_PLANE_SERVER_NAME: &str = "controlplane.strait-system.svc";
+
 use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::{Arc, RwLock};

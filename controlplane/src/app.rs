@@ -57,6 +57,8 @@ pub struct AppConfig {
     pub quic_egress: Option<String>,
     /// Quiet time before a rebuilt snapshot is pushed.
     pub debounce: Duration,
+    /// Remote clusters this control plane also serves (primary-remote).
+    pub remotes: Vec<crate::remote::RemoteSpec>,
 }
 
 /// Where a control plane reads its cluster's config.
@@ -245,6 +247,10 @@ pub fn trust_stamp(state_dir: &Path) -> Vec<(PathBuf, Option<SystemTime>)> {
         .collect()
 }
 
+/// The other networks of the clusters served with this one
+/// (primary-remote): network → gateways.
+pub type Siblings = BTreeMap<String, Vec<String>>;
+
 /// Keeps a snapshot channel current: rebuilds on config, imports and trust
 /// changes (trust files are polled every second) and publishes a snapshot
 /// only when it differs from the last one.
@@ -254,16 +260,31 @@ pub fn spawn_builder(
     quic: bool,
     mut config: watch::Receiver<Arc<Config>>,
     mut imports: watch::Receiver<Imports>,
+    mut siblings: watch::Receiver<Siblings>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> watch::Receiver<Arc<Snapshot>> {
     let trust_dir = state_dir.clone();
-    let build = move |config: &Config, imports: &Imports| {
+    let build = move |config: &Config, imports: &Imports, siblings: &Siblings| {
         let trust = read_trust(&state_dir, imports);
-        let nets = networks(&ctx.network, imports, quic);
+        let mut nets = networks(&ctx.network, imports, quic);
+        for (name, gateways) in siblings {
+            if !nets.iter().any(|n| &n.name == name) {
+                nets.push(NetworkInput {
+                    name: name.clone(),
+                    gateways: gateways.clone(),
+                    mode: NetworkMode::Sni,
+                    tunnels: Vec::new(),
+                });
+            }
+        }
         let (snap, warnings) = resources::build(&ctx, config, &trust, &nets);
         (snap.with_created(Instant::now()), warnings)
     };
-    let (first, warnings) = build(&config.borrow_and_update(), &imports.borrow_and_update());
+    let (first, warnings) = build(
+        &config.borrow_and_update(),
+        &imports.borrow_and_update(),
+        &siblings.borrow_and_update(),
+    );
     for w in &warnings {
         tracing::warn!(warning = %w, "left out of discovery");
     }
@@ -273,11 +294,16 @@ pub fn spawn_builder(
         let mut last_warnings = warnings;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut stamp = trust_stamp(&trust_dir);
+        let mut siblings_open = true;
         loop {
             tokio::select! {
                 () = &mut shutdown => return,
                 r = config.changed() => if r.is_err() { return },
                 r = imports.changed() => if r.is_err() { return },
+                r = siblings.changed(), if siblings_open => if r.is_err() {
+                    siblings_open = false;
+                    continue;
+                },
                 _ = tick.tick() => {
                     let now = trust_stamp(&trust_dir);
                     if now == stamp {
@@ -286,7 +312,11 @@ pub fn spawn_builder(
                     stamp = now;
                 }
             }
-            let (snap, warnings) = build(&config.borrow_and_update(), &imports.borrow_and_update());
+            let (snap, warnings) = build(
+                &config.borrow_and_update(),
+                &imports.borrow_and_update(),
+                &siblings.borrow_and_update(),
+            );
             for w in &warnings {
                 if !last_warnings.contains(w) {
                     tracing::warn!(warning = %w, "left out of discovery");
@@ -304,6 +334,119 @@ pub fn spawn_builder(
         }
     });
     rx
+}
+
+/// One served cluster's name, network, config view and sibling networks.
+type Served = (
+    String,
+    String,
+    watch::Receiver<Arc<Config>>,
+    watch::Receiver<Siblings>,
+);
+
+/// The views of every served cluster (this one first, then the remotes of
+/// `remotes`), kept current as any of their configs change. Without
+/// remotes, this cluster's view is its config as is.
+fn spawn_views(
+    me: strait_model::mesh::ClusterInfo,
+    remotes: &[crate::remote::RemoteSpec],
+    own: watch::Receiver<Arc<Config>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Vec<Served>, String> {
+    use crate::remote::{Member, remote_info, sibling_networks, view};
+    if remotes.is_empty() {
+        // No siblings, ever: the sender goes, which the builder takes as
+        // "no more changes".
+        let (_, siblings) = watch::channel(Siblings::new());
+        return Ok(vec![(
+            me.name.to_string(),
+            me.network.to_string(),
+            own,
+            siblings,
+        )]);
+    }
+    let mut configs = vec![own];
+    for r in remotes {
+        let rx = dirwatch::watch_dir(r.config_dir.clone())
+            .map_err(|e| format!("--remote {}={}: {e}", r.name, r.config_dir.display()))?;
+        configs.push(rx);
+    }
+    let names: Vec<strait_ca::ClusterName> = remotes.iter().map(|r| r.name.clone()).collect();
+    let members = move |configs: &mut [watch::Receiver<Arc<Config>>]| {
+        let mut out = vec![Member {
+            info: me.clone(),
+            config: configs[0].borrow_and_update().clone(),
+        }];
+        for (name, rx) in names.iter().zip(configs[1..].iter_mut()) {
+            let config = rx.borrow_and_update().clone();
+            let info = match remote_info(name, &me.trust_domain, &me.network, &config) {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::warn!(error = %e, "remote cluster's network: using the primary's");
+                    remote_info(name, &me.trust_domain, &me.network, &Config::default())
+                        .unwrap_or_else(|_| me.clone())
+                }
+            };
+            out.push(Member { info, config });
+        }
+        out
+    };
+    let views = |m: &[Member]| -> Vec<(Config, Siblings)> {
+        (0..m.len())
+            .map(|i| {
+                let (v, warnings) = view(m, i);
+                for w in warnings {
+                    tracing::warn!(cluster = %m[i].info.name, warning = %w, "served cluster view");
+                }
+                (v, sibling_networks(m, i))
+            })
+            .collect()
+    };
+    let first = members(&mut configs);
+    let mut senders = Vec::new();
+    let mut out = Vec::new();
+    for (m, (v, sib)) in first.iter().zip(views(&first)) {
+        let (vtx, vrx) = watch::channel(Arc::new(v));
+        let (stx, srx) = watch::channel(sib);
+        senders.push((vtx, stx));
+        out.push((
+            m.info.name.to_string(),
+            m.info.network.to_string(),
+            vrx,
+            srx,
+        ));
+    }
+    tokio::spawn(async move {
+        tokio::pin!(shutdown);
+        loop {
+            let changed =
+                futures::future::select_all(configs.iter_mut().map(|c| Box::pin(c.changed())));
+            tokio::select! {
+                () = &mut shutdown => return,
+                (r, _, _) = changed => if r.is_err() { return },
+            }
+            let now = members(&mut configs);
+            for ((vtx, stx), (v, sib)) in senders.iter().zip(views(&now)) {
+                vtx.send_if_modified(|cur| {
+                    if **cur == v {
+                        false
+                    } else {
+                        *cur = Arc::new(v);
+                        true
+                    }
+                });
+                stx.send_if_modified(|cur| {
+                    if *cur == sib {
+                        false
+                    } else {
+                        *cur = sib;
+                        true
+                    }
+                });
+            }
+        }
+    });
+    Ok(out)
 }
 
 /// How long the control plane's serving certificate is valid; it is
@@ -573,14 +716,46 @@ pub async fn run(
         locality: (!info.locality.is_empty()).then(|| info.locality.clone()),
         egress: cfg.quic_egress.clone(),
     };
+    let me = link::cluster_info(&info, &cfg.gateways)?;
+    let served = spawn_views(me, &cfg.remotes, config, stopped())?;
+    let mut served = served.into_iter();
+    let (own_view, own_siblings) = served
+        .next()
+        .map(|(_, _, v, s)| (v, s))
+        .ok_or("no served cluster")?;
     let snapshots = spawn_builder(
         ctx,
         cfg.state_dir.clone(),
         cfg.quic_egress.is_some(),
-        config,
+        own_view,
         imports.clone(),
+        own_siblings,
         stopped(),
     );
+    let mut remote_snapshots = BTreeMap::new();
+    for (name, network, view, siblings) in served {
+        let ctx = ClusterContext {
+            cluster: name.clone(),
+            network,
+            trust_domain: td.clone(),
+            locality: None,
+            egress: None,
+        };
+        let snaps = spawn_builder(
+            ctx,
+            cfg.state_dir.clone(),
+            false,
+            view,
+            imports.clone(),
+            siblings,
+            stopped(),
+        );
+        tracing::info!(cluster = %name, "serving remote cluster");
+        remote_snapshots.insert(
+            name,
+            crate::xds::debounce(snaps, cfg.debounce, cfg.debounce * 10),
+        );
+    }
     let snapshots = crate::xds::debounce(snapshots, cfg.debounce, cfg.debounce * 10);
 
     // Who may call: SVIDs of this mesh (and peered meshes' are refused by
@@ -600,7 +775,8 @@ pub async fn run(
         trust.clone(),
         td.clone(),
         crate::xds::Metrics::new(&mut registry),
-    );
+    )
+    .with_clusters(&cfg.cluster, remote_snapshots);
     let tokens =
         crate::ca::TokenIssuer::load_or_create(&cfg.state_dir.join(crate::ca::TOKEN_KEY_FILE))
             .map_err(|e| e.to_string())?;

@@ -273,7 +273,11 @@ async fn session(
     state_tx: &watch::Sender<ClientState>,
     progressed: &mut bool,
 ) -> Result<(), String> {
-    let channel = strait_broker::transport::channel(&cfg.address, cfg.tls.clone())?;
+    let channel = strait_broker::transport::channel_to(
+        &cfg.address,
+        strait_ca::tls::CONTROL_PLANE_SERVER_NAME,
+        cfg.tls.clone(),
+    )?;
     let mut client =
         AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
     let (req_tx, req_rx) = mpsc::channel(cfg.types.len() + 16);

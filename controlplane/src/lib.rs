@@ -23,6 +23,7 @@ pub mod client;
 pub mod dirwatch;
 pub mod kube;
 pub mod link;
+pub mod remote;
 pub mod resources;
 pub mod source;
 pub mod xds;

@@ -439,6 +439,10 @@ impl DeltaStream {
 
 struct Inner {
     snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// This control plane's cluster, and the snapshots of the remote
+    /// clusters it also serves (primary-remote), by cluster name.
+    cluster: String,
+    remotes: BTreeMap<String, watch::Receiver<Arc<Snapshot>>>,
     trust: Trust,
     trust_domain: TrustDomain,
     metrics: Metrics,
@@ -473,12 +477,48 @@ impl XdsServer {
         XdsServer {
             inner: Arc::new(Inner {
                 snapshots,
+                cluster: String::new(),
+                remotes: BTreeMap::new(),
                 trust,
                 trust_domain,
                 metrics,
                 nacks: Mutex::new(BTreeMap::new()),
             }),
         }
+    }
+
+    /// Also serves the proxies of remote clusters (primary-remote): a
+    /// proxy whose node metadata `CLUSTER_ID` names one of `remotes` gets
+    /// that cluster's snapshots; one naming `cluster` (this control
+    /// plane's), or none, gets the own ones; any other cluster is refused.
+    /// Call before the server is shared.
+    pub fn with_clusters(
+        mut self,
+        cluster: &str,
+        remotes: BTreeMap<String, watch::Receiver<Arc<Snapshot>>>,
+    ) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.cluster = cluster.to_string();
+            inner.remotes = remotes;
+        }
+        self
+    }
+
+    /// The snapshots for a proxy of `cluster` (empty: this control
+    /// plane's own).
+    fn snapshots_of(&self, cluster: &str) -> Result<watch::Receiver<Arc<Snapshot>>, Status> {
+        let inner = &self.inner;
+        if cluster.is_empty() || inner.cluster.is_empty() || cluster == inner.cluster {
+            return Ok(inner.snapshots.clone());
+        }
+        inner.remotes.get(cluster).cloned().ok_or_else(|| {
+            let mut served = vec![inner.cluster.clone()];
+            served.extend(inner.remotes.keys().cloned());
+            Status::permission_denied(format!(
+                "node names cluster {cluster:?} (CLUSTER_ID); this control plane serves {}",
+                served.join(", ")
+            ))
+        })
     }
 
     /// The tonic service.
@@ -747,6 +787,25 @@ fn scoped_view(snap: &Arc<Snapshot>, node: Option<&str>) -> Arc<Snapshot> {
         .map_or_else(|| snap.clone(), Arc::new)
 }
 
+/// The cluster a node names: its metadata `CLUSTER_ID` (as Istio's
+/// proxies send it), else `node.cluster`.
+pub fn node_cluster(node: Option<&envoy_types::pb::envoy::config::core::v3::Node>) -> String {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let Some(node) = node else {
+        return String::new();
+    };
+    let from_metadata = node
+        .metadata
+        .as_ref()
+        .and_then(|m| m.fields.get("CLUSTER_ID"))
+        .and_then(|v| match &v.kind {
+            Some(Kind::StringValue(s)) => Some(s.clone()),
+            _ => None,
+        })
+        .filter(|s| !s.is_empty());
+    from_metadata.unwrap_or_else(|| node.cluster.clone())
+}
+
 /// Follows the node id of a stream's requests: Envoy names the node on the
 /// first request and may leave it out afterwards. Each node id given is
 /// checked against the peer's SPIFFE ID.
@@ -789,6 +848,7 @@ impl AggregatedDiscoveryService for XdsServer {
             let _connected = server.connected();
             let mut node_id = None;
             let mut node = peer.clone();
+            let mut cluster_chosen = false;
             let mut state = SotwStream::default();
             tracing::info!(peer, "discovery stream (state of the world) opened");
             loop {
@@ -809,6 +869,17 @@ impl AggregatedDiscoveryService for XdsServer {
                         }
                         if let Some(id) = &node_id {
                             node.clone_from(id);
+                        }
+                        if !cluster_chosen {
+                            cluster_chosen = true;
+                            match server.snapshots_of(&node_cluster(req.node.as_ref())) {
+                                Ok(rx) => snaps = rx,
+                                Err(status) => {
+                                    tracing::warn!(peer, error = %status.message(), "discovery stream refused");
+                                    let _ = tx.send(Err(status)).await;
+                                    break;
+                                }
+                            }
                         }
                         let snap = scoped_view(&snaps.borrow(), node_id.as_deref());
                         let (reply, resp) = state.on_request(&req, &snap);
@@ -850,6 +921,7 @@ impl AggregatedDiscoveryService for XdsServer {
             let _connected = server.connected();
             let mut node_id = None;
             let mut node = peer.clone();
+            let mut cluster_chosen = false;
             let mut state = DeltaStream::default();
             tracing::info!(peer, "discovery stream (delta) opened");
             loop {
@@ -870,6 +942,17 @@ impl AggregatedDiscoveryService for XdsServer {
                         }
                         if let Some(id) = &node_id {
                             node.clone_from(id);
+                        }
+                        if !cluster_chosen {
+                            cluster_chosen = true;
+                            match server.snapshots_of(&node_cluster(req.node.as_ref())) {
+                                Ok(rx) => snaps = rx,
+                                Err(status) => {
+                                    tracing::warn!(peer, error = %status.message(), "discovery stream refused");
+                                    let _ = tx.send(Err(status)).await;
+                                    break;
+                                }
+                            }
                         }
                         let snap = scoped_view(&snaps.borrow(), node_id.as_deref());
                         let (reply, resp) = state.on_request(&req, &snap);

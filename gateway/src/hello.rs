@@ -273,7 +273,7 @@ fn alpn(data: &[u8]) -> Result<Vec<Vec<u8>>, HelloError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A ClientHello as rustls writes it (the real thing), for `sni`/`alpn`.

@@ -12,6 +12,7 @@
 //! Still to come in this crate: routes pushed by the control plane, DNS
 //! names for remote gateways, identity reload on rotation.
 
+pub mod expose;
 pub mod hello;
 pub mod passthrough;
 pub mod route;

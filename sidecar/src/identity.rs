@@ -92,7 +92,11 @@ pub async fn request(
     let key = authority::generate_key(KeyAlgorithm::EcdsaP256).map_err(|e| e.to_string())?;
     let csr = authority::leaf_csr(&cfg.spiffe_id, &[], &key).map_err(|e| e.to_string())?;
     let tls = control_plane_tls(&cfg.bundle, current)?;
-    let channel = strait_broker::transport::channel(&cfg.address, Arc::new(tls))?;
+    let channel = strait_broker::transport::channel_to(
+        &cfg.address,
+        strait_ca::tls::CONTROL_PLANE_SERVER_NAME,
+        Arc::new(tls),
+    )?;
     let mut client = IstioCertificateServiceClient::new(channel);
     let mut req = tonic::Request::new(IstioCertificateRequest {
         csr,

@@ -25,6 +25,9 @@ use super::parse_duration;
   # in a Kubernetes cluster (config from the API, imports applied to it)
   strait controlplane --kube --cluster east --network net-east --state-dir /var/lib/strait \
       --join-token /etc/strait/join/token --gateway 203.0.113.10:15443
+  # primary-remote: also serve cluster `remote`, whose config is in /etc/strait/remote
+  strait controlplane --cluster primary --network net-primary --config-dir /etc/strait/config \
+      --state-dir /var/lib/strait --remote remote=/etc/strait/remote --gateway 203.0.113.10:15443
   # a bootstrap token for a workload's sidecar
   strait controlplane token --state-dir /var/lib/strait --namespace demo \\
       --service-account echo --workload echo-v1 --out echo-v1.token"
@@ -88,6 +91,15 @@ struct RunArgs {
     /// to the remote gateways).
     #[arg(long, value_name = "HOST:PORT")]
     quic_egress: Option<String>,
+    /// Also serve a remote cluster that has no control plane of its own
+    /// (primary-remote): NAME=CONFIG_DIR, its Services, WorkloadEntries,
+    /// Namespaces and ServiceExports (policy comes from this cluster's
+    /// config). Its network is the `topology.istio.io/network` label of its
+    /// strait-system Namespace, its gateways the Services labelled with
+    /// that network (port 15443, spec.externalIPs). Its proxies name it in
+    /// their node metadata (`strait sidecar --cluster NAME`). Repeatable.
+    #[arg(long, value_name = "NAME=CONFIG_DIR")]
+    remote: Vec<strait_controlplane::remote::RemoteSpec>,
     /// Quiet time before pushing a config change to proxies.
     #[arg(long, value_parser = parse_duration, default_value = "100ms")]
     debounce: Duration,
@@ -171,6 +183,7 @@ fn serve(r: RunArgs) -> Result<()> {
         gateways: r.gateway,
         quic_egress: r.quic_egress,
         debounce: r.debounce,
+        remotes: r.remote,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

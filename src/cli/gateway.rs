@@ -34,6 +34,9 @@ enum AlpnCheck {
       --health-listen 0.0.0.0:15021 --metrics-listen 0.0.0.0:15090
   strait gateway --cluster east --network net-east --listen 0.0.0.0:15443 \\
       --routes /etc/strait/routes.yaml --health-listen 0.0.0.0:15021 --metrics-listen 0.0.0.0:15090
+  # primary-remote: the primary's gateway also exposes its control plane on 15012
+  strait gateway --cluster primary --network net-primary --control-plane 10.0.0.5:15012 \
+      --identity /etc/strait/gateway --expose-control-plane 10.0.0.5:15012
 
 routes.yaml:
   services:
@@ -100,6 +103,14 @@ pub struct GatewayArgs {
     /// against its own trust domain's bundle only.
     #[arg(long, value_name = "DIR")]
     federated: Option<PathBuf>,
+    /// Expose this cluster's control plane (`host:port`) to the proxies of
+    /// remote clusters (primary-remote), as TLS passthrough on
+    /// --expose-listen for the server name controlplane.strait-system.svc.
+    #[arg(long, value_name = "ADDR")]
+    expose_control_plane: Option<String>,
+    /// The listener of the exposed control plane.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15012")]
+    expose_listen: SocketAddr,
     /// Data-plane worker threads (default: one per CPU).
     #[arg(long, value_name = "N")]
     worker_threads: Option<usize>,
@@ -378,6 +389,7 @@ pub fn run(args: GatewayArgs) -> Result<()> {
         let (table_tx, table_rx) = tokio::sync::watch::channel(Arc::new(table));
         let mut registry = Registry::default();
         let metrics = Metrics::new(&mut registry);
+        let expose_metrics = strait_gateway::expose::ExposeMetrics::new(&mut registry);
         let registry = Arc::new(registry);
         let ready = Ready::default();
         if let Some(addr) = args.health_listen {
@@ -471,6 +483,23 @@ pub fn run(args: GatewayArgs) -> Result<()> {
             .into());
         }
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        if let Some(upstream) = &args.expose_control_plane {
+            let l = http::bind(args.expose_listen, "exposed control plane")
+                .await
+                .map_err(anyhow::Error::msg)?;
+            tokio::spawn(strait_gateway::expose::serve(
+                l,
+                strait_gateway::expose::ExposeConfig {
+                    upstream: upstream.clone(),
+                    hello_timeout: args.hello_timeout,
+                    connect_timeout: Duration::from_secs(5),
+                    idle_timeout: args.idle_timeout,
+                },
+                expose_metrics,
+                stop_rx.clone(),
+            ));
+            tracing::info!(listen = %args.expose_listen, control_plane = %upstream, "control plane exposed to remote clusters");
+        }
         let server = tokio::spawn(passthrough::serve(
             listener,
             table_rx,

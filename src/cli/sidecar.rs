@@ -55,6 +55,12 @@ pub struct SidecarArgs {
     /// The mesh root certificate(s), to verify the control plane.
     #[arg(long, value_name = "FILE", required = true)]
     root_cert: Option<PathBuf>,
+    /// The cluster this workload runs in, sent to the control plane as
+    /// node metadata CLUSTER_ID. Needed in a remote cluster of a
+    /// primary-remote mesh (the primary's control plane serves several
+    /// clusters); default: the control plane's own cluster.
+    #[arg(long, value_name = "NAME")]
+    cluster: Option<String>,
     /// The service account (default: from the token).
     #[arg(long, value_name = "SA")]
     service_account: Option<String>,
@@ -273,7 +279,7 @@ pub fn run(args: SidecarArgs) -> Result<()> {
                     namespace,
                     namespace
                 ),
-                cluster: String::new(),
+                cluster: args.cluster.clone().unwrap_or_default(),
                 network: String::new(),
                 types: type_url::ALL.to_vec(),
             },

@@ -173,8 +173,12 @@ pub async fn request_certificate(
         address: address.to_string(),
         message,
     };
-    let channel =
-        strait_broker::transport::channel(address, Arc::new(config)).map_err(unreachable)?;
+    let channel = strait_broker::transport::channel_to(
+        address,
+        strait_ca::tls::CONTROL_PLANE_SERVER_NAME,
+        Arc::new(config),
+    )
+    .map_err(unreachable)?;
     let mut client = IstioCertificateServiceClient::new(channel);
     let mut request = tonic::Request::new(IstioCertificateRequest {
         csr,
