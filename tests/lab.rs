@@ -326,6 +326,49 @@ fn federated_identity_crosses_trust_domains() {
 
 /// The README's main command: every step of the tour passes.
 #[test]
+fn primary_remote_serves_the_remote_through_the_primarys_gateway() {
+    let mut lab = Lab::up("primary-remote", 60);
+    let json = lab.json();
+    let clusters = json["clusters"].as_array().unwrap();
+    assert_eq!(clusters[0]["name"], "primary");
+    assert_eq!(clusters[1]["role"], "remote");
+    assert!(
+        clusters[1]["control_plane"].is_null(),
+        "a remote has no control plane"
+    );
+    let procs: Vec<String> = std::fs::read_dir(lab.path().join("logs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !procs
+            .iter()
+            .any(|p| p.starts_with("remote") && p.contains("controlplane")),
+        "{procs:?}"
+    );
+
+    // Both directions cross: the remote's proxies got their certificates
+    // and config from the primary's control plane through its gateway.
+    for from in ["primary", "remote"] {
+        let seen = lab.curl_until(from, "http://echo.demo:8080/", 20, |t| {
+            t.contains("primary/echo/v1") && t.contains("remote/echo/v2")
+        });
+        assert!(
+            seen.contains("spiffe://cluster.local/ns/demo/sa/client"),
+            "{seen}"
+        );
+        assert!(seen.contains("20  200"), "{seen}");
+    }
+    // `private` is not exported: each cluster reaches only its own.
+    let own = lab.curl_until("remote", "http://private.demo:8080/", 6, |t| {
+        t.contains("remote/private")
+    });
+    assert!(!own.contains("primary/private"), "{own}");
+    lab.down();
+}
+
+#[test]
 fn the_demo_passes_every_step() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(STRAIT)

@@ -260,8 +260,8 @@ pub fn components(lab: &Lab) -> Vec<Component> {
         });
     }
     for c in &lab.clusters {
+        let root_cert = s(&c.state_dir(lab).join("cacerts").join("root-cert.pem"));
         let state = c.dir.join("state");
-        let root_cert = s(&state.join("cacerts").join("root-cert.pem"));
         if let Some(cp) = &c.control_plane {
             let mut args = vec![
                 "controlplane".to_string(),
@@ -284,6 +284,16 @@ pub fn components(lab: &Lab) -> Vec<Component> {
                 "--metrics-listen".into(),
                 format!("{}:{}", c.cp_ip(), plan::METRICS_PORT),
             ];
+            for r in lab
+                .clusters
+                .iter()
+                .filter(|r| r.role == "remote" && r.mesh == c.mesh)
+            {
+                args.extend([
+                    "--remote".into(),
+                    format!("{}={}", r.name, s(&r.config_dir)),
+                ]);
+            }
             if lab.mode == Mode::Quic {
                 args.extend([
                     "--quic-egress".into(),
@@ -296,28 +306,43 @@ pub fn components(lab: &Lab) -> Vec<Component> {
                 health: format!("http://{}:{}/healthz/ready", c.cp_ip(), plan::HEALTH_PORT),
             });
         }
-        let cp = c.cp_address(lab).unwrap_or_default().to_string();
+        let cp = c.cp_address(lab).unwrap_or_default();
+        let mut gateway_args = vec![
+            "gateway".into(),
+            "--cluster".into(),
+            c.name.clone(),
+            "--network".into(),
+            c.network.clone(),
+            "--listen".into(),
+            c.gateway.tcp.clone(),
+            "--egress-listen".into(),
+            format!("{}:{}", c.gw_ip(), plan::EGRESS_PORT),
+            "--control-plane".into(),
+            cp.clone(),
+            "--identity".into(),
+            s(&c.dir.join("gateway-identity")),
+            "--health-listen".into(),
+            format!("{}:{}", c.gw_ip(), plan::HEALTH_PORT),
+            "--metrics-listen".into(),
+            format!("{}:{}", c.gw_ip(), plan::METRICS_PORT),
+        ];
+        // A primary serving remotes exposes its control plane to them.
+        if let Some(own_cp) = &c.control_plane
+            && lab
+                .clusters
+                .iter()
+                .any(|r| r.role == "remote" && r.mesh == c.mesh)
+        {
+            gateway_args.extend([
+                "--expose-control-plane".into(),
+                own_cp.clone(),
+                "--expose-listen".into(),
+                format!("{}:{}", c.gw_ip(), plan::CP_PORT),
+            ]);
+        }
         out.push(Component {
             name: format!("{}/gateway", c.name),
-            args: vec![
-                "gateway".into(),
-                "--cluster".into(),
-                c.name.clone(),
-                "--network".into(),
-                c.network.clone(),
-                "--listen".into(),
-                c.gateway.tcp.clone(),
-                "--egress-listen".into(),
-                format!("{}:{}", c.gw_ip(), plan::EGRESS_PORT),
-                "--control-plane".into(),
-                cp.clone(),
-                "--identity".into(),
-                s(&c.dir.join("gateway-identity")),
-                "--health-listen".into(),
-                format!("{}:{}", c.gw_ip(), plan::HEALTH_PORT),
-                "--metrics-listen".into(),
-                format!("{}:{}", c.gw_ip(), plan::METRICS_PORT),
-            ],
+            args: gateway_args,
             health: format!("http://{}:{}/healthz/ready", c.gw_ip(), plan::HEALTH_PORT),
         });
         for w in &c.workloads {
@@ -351,6 +376,8 @@ pub fn components(lab: &Lab) -> Vec<Component> {
                     w.namespace.clone(),
                     "--control-plane".into(),
                     cp.clone(),
+                    "--cluster".into(),
+                    c.name.clone(),
                     "--token".into(),
                     s(&c.dir.join("tokens").join(format!("{}.token", w.name))),
                     "--root-cert".into(),
@@ -447,18 +474,17 @@ fn start_component(lab: &Lab, procs: &mut Procs, c: &Component) -> Result<()> {
 
 /// Brings a lab up (returns once every component is ready).
 pub fn bring_up(lab: &Lab, quiet: bool) -> Result<()> {
-    if lab.topology == Topology::PrimaryRemote {
-        bail!(
-            "the primary-remote topology is not available yet: its remote proxies need the \
-primary's control plane exposed through the gateway, which the gateway does not do yet; \
-use --topology multi-primary or federated"
-        );
-    }
     let dir = &lab.dir;
     check_not_running(dir)?;
     prepare_dir(dir)?;
     let comps = components(lab);
-    let total = comps.len() + lab.brokers.len() + 2 * lab.clusters.len() + 1;
+    // Root CAs, components, peering, registrations, tokens.
+    let joined = lab.clusters.iter().filter(|c| c.role != "remote").count();
+    let total = lab.brokers.len()
+        + comps.len()
+        + usize::from(lab.brokers.len() > 1)
+        + joined
+        + lab.clusters.len();
     let bar = if quiet {
         indicatif::ProgressBar::hidden()
     } else {
@@ -512,8 +538,9 @@ use --topology multi-primary or federated"
             Ok(())
         })?;
     }
+    // Every cluster's config first: a primary's control plane reads its
+    // remotes' at start.
     for cl in &lab.clusters {
-        let m = lab.mesh_of(cl);
         std::fs::create_dir_all(&cl.config_dir)?;
         // In a federation, echo is exported to the other meshes too.
         let others: Vec<String> = lab
@@ -523,33 +550,45 @@ use --topology multi-primary or federated"
             .map(|b| format!("mesh:{}", b.mesh))
             .collect();
         std::fs::write(cl.config_dir.join("demo.yaml"), cl.config_yaml(&others))?;
-        step(
-            &bar,
-            &format!("{} registered at the broker", cl.name),
-            || {
-                let token = straitctl(
-                    m,
-                    &[
-                        "cluster",
-                        "add",
-                        &cl.name,
-                        "--network",
-                        &cl.network,
-                        "--locality",
-                        &cl.locality,
-                    ],
-                )?;
-                std::fs::write(cl.dir.join("join.token"), token.trim())?;
-                Ok(())
-            },
-        )?;
+        if cl.role == "remote" {
+            std::fs::write(cl.config_dir.join("network.yaml"), cl.network_yaml())?;
+        }
+    }
+    for cl in &lab.clusters {
+        let m = lab.mesh_of(cl);
+        // A remote cluster joins no broker: the primary's control plane
+        // serves it, with the primary's intermediate.
+        let joins = cl.role != "remote";
+        if joins {
+            step(
+                &bar,
+                &format!("{} registered at the broker", cl.name),
+                || {
+                    let token = straitctl(
+                        m,
+                        &[
+                            "cluster",
+                            "add",
+                            &cl.name,
+                            "--network",
+                            &cl.network,
+                            "--locality",
+                            &cl.locality,
+                        ],
+                    )?;
+                    std::fs::write(cl.dir.join("join.token"), token.trim())?;
+                    Ok(())
+                },
+            )?;
+        }
         let cp = by_name(&format!("{}/controlplane", cl.name));
         if let Some(cp) = cp {
             step(&bar, &format!("{} ready", cp.name), || {
                 start_component(lab, &mut procs, &cp)
             })?;
         }
-        let state = cl.dir.join("state");
+        let state = cl.state_dir(lab);
+        std::fs::create_dir_all(&cl.dir)?;
         step(
             &bar,
             &format!("{}: workload tokens and gateway identity", cl.name),

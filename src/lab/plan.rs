@@ -278,15 +278,44 @@ impl Cluster {
         ip(self.block, 2)
     }
 
-    /// The control plane this cluster's proxies use (a remote cluster's is
-    /// the primary's).
-    pub fn cp_address<'a>(&'a self, lab: &'a Lab) -> Option<&'a str> {
-        self.control_plane.as_deref().or_else(|| {
-            lab.clusters
-                .iter()
-                .find(|c| c.role == "primary" && c.mesh == self.mesh)
-                .and_then(|c| c.control_plane.as_deref())
+    /// The primary cluster whose control plane serves this (remote)
+    /// cluster.
+    pub fn primary<'a>(&self, lab: &'a Lab) -> Option<&'a Cluster> {
+        lab.clusters
+            .iter()
+            .find(|c| c.role == "primary" && c.mesh == self.mesh)
+    }
+
+    /// The control plane this cluster's proxies use: its own, or for a
+    /// remote cluster the primary's, exposed by the primary's gateway.
+    pub fn cp_address(&self, lab: &Lab) -> Option<String> {
+        self.control_plane.clone().or_else(|| {
+            self.primary(lab)
+                .map(|p| format!("{}:{CP_PORT}", p.gw_ip()))
         })
+    }
+
+    /// The directory of the control plane state this cluster's proxies
+    /// and gateway get their tokens and identity from (a remote cluster
+    /// uses its primary's).
+    pub fn state_dir(&self, lab: &Lab) -> PathBuf {
+        match (self.role, self.primary(lab)) {
+            ("remote", Some(p)) => p.dir.join("state"),
+            _ => self.dir.join("state"),
+        }
+    }
+
+    /// A remote cluster's own network and gateway, as its primary's
+    /// control plane discovers them (Istio's `topology.istio.io/network`
+    /// label on the system namespace and on the gateway Service).
+    pub fn network_yaml(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: strait-system\n  labels: {{topology.istio.io/network: {net}}}\n---\n\
+apiVersion: v1\nkind: Service\nmetadata:\n  name: eastwest-gateway\n  namespace: strait-system\n  labels: {{topology.istio.io/network: {net}}}\n\
+spec:\n  externalIPs: [{ip}]\n  ports:\n  - {{name: tls, port: {GATEWAY_PORT}}}\n",
+            net = self.network,
+            ip = self.gw_ip()
+        )
     }
 
     /// The cluster's starting config: namespace `demo` with `echo`
@@ -357,7 +386,17 @@ mod tests {
         assert_eq!(lab.clusters[1].trust_domain, "mesh-b.local");
         let pr = Lab::new(Topology::PrimaryRemote, Path::new("/l"), Mode::Sni, 10).unwrap();
         assert_eq!(pr.clusters[1].control_plane, None);
-        assert_eq!(pr.clusters[1].cp_address(&pr), Some("127.11.0.1:15012"));
+        assert_eq!(
+            pr.clusters[1].cp_address(&pr).as_deref(),
+            Some("127.11.0.2:15012"),
+            "through the primary's gateway"
+        );
+        assert_eq!(pr.clusters[1].state_dir(&pr), Path::new("/l/primary/state"));
+        assert!(
+            pr.clusters[1]
+                .network_yaml()
+                .contains("externalIPs: [127.12.0.2]")
+        );
     }
 
     #[test]
