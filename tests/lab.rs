@@ -34,6 +34,11 @@ fn strait(args: &[&str]) -> (i32, String, String) {
 
 impl Lab {
     fn up(topology: &str, base: u8) -> Lab {
+        Self::up_with(topology, base, &[])
+    }
+
+    /// [`Lab::up`] with more `lab up` arguments.
+    fn up_with(topology: &str, base: u8, extra: &[&str]) -> Lab {
         let dir = tempfile::tempdir().unwrap();
         let lab_dir = dir.path().join("lab");
         let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
@@ -48,6 +53,7 @@ impl Lab {
                 "--dir",
             ])
             .arg(&lab_dir)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -365,6 +371,44 @@ fn primary_remote_serves_the_remote_through_the_primarys_gateway() {
         t.contains("remote/private")
     });
     assert!(!own.contains("primary/private"), "{own}");
+    lab.down();
+}
+
+/// One metric's value from a Prometheus text page (0 when absent).
+fn metric(url: &str, name_and_labels: &str) -> f64 {
+    let out = Command::new("curl").args(["-s", url]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn quic_mode_carries_cross_network_calls_in_tunnels() {
+    let mut lab = Lab::up_with("multi-primary", 80, &["--mode", "quic"]);
+    assert_eq!(lab.json()["mode"], "quic");
+    for from in ["east", "west"] {
+        let seen = lab.curl_until(from, "http://echo.demo:8080/", 20, |t| {
+            t.contains("east/echo/v1") && t.contains("west/echo/v2")
+        });
+        assert!(
+            seen.contains("spiffe://cluster.local/ns/demo/sa/client"),
+            "{seen}"
+        );
+    }
+    // Each side's sidecar handed its connection to its own gateway's
+    // egress listener, which sent it as a stream of the pooled tunnel.
+    let json = lab.json();
+    for c in json["clusters"].as_array().unwrap() {
+        let url = c["gateway"]["metrics"].as_str().unwrap();
+        let sent = metric(
+            url,
+            "strait_gateway_tunnel_streams_total{outcome=\"sent\",reason=\"ok\"}",
+        );
+        let tunnels = metric(url, "strait_gateway_active_tunnels");
+        assert!(sent >= 1.0, "{}: no tunnel stream sent", c["name"]);
+        assert!(tunnels >= 1.0, "{}: no tunnel up", c["name"]);
+    }
     lab.down();
 }
 
