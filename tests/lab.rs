@@ -412,6 +412,116 @@ fn quic_mode_carries_cross_network_calls_in_tunnels() {
     lab.down();
 }
 
+/// Why netns mode cannot run here (not root, no iproute2), if it cannot.
+fn netns_unavailable() -> Option<&'static str> {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root {
+        return Some("not root");
+    }
+    match Command::new("ip").arg("-V").output() {
+        Ok(o) if o.status.success() => {}
+        _ => return Some("iproute2's `ip` is missing"),
+    }
+    // Root in a container may still lack CAP_NET_ADMIN: try one.
+    let probe = format!("strait-probe-{}", std::process::id());
+    let made = Command::new("ip")
+        .args(["netns", "add", &probe])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !made {
+        return Some("network namespaces cannot be created here");
+    }
+    let _ = Command::new("ip").args(["netns", "del", &probe]).output();
+    None
+}
+
+#[test]
+fn netns_partition_fails_over_to_local_endpoints_and_heal_brings_them_back() {
+    if let Some(why) = netns_unavailable() {
+        eprintln!("skipped: netns mode needs root and iproute2 ({why})");
+        return;
+    }
+    let mut lab = Lab::up_with("multi-primary", 100, &["--netns"]);
+    let json = lab.json();
+    assert_eq!(json["netns"], true);
+    let east = &json["clusters"][0];
+    assert_eq!(east["netns"], "strait100-east");
+    assert_eq!(east["gateway"]["tcp"], "10.100.1.2:15443");
+
+    // Spread over both clusters (no locality preference), with outlier
+    // detection and per-try timeouts, as an operator would set failover.
+    let policy = lab.dir.path().join("failover.yaml");
+    std::fs::write(
+        &policy,
+        r#"apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo, namespace: demo}
+spec:
+  host: echo.demo.svc.cluster.local
+  trafficPolicy:
+    loadBalancer: {localityLbSetting: {enabled: false}}
+    outlierDetection: {consecutiveGatewayErrors: 1, interval: 1s, baseEjectionTime: 3s, maxEjectionPercent: 100}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo, namespace: demo}
+spec:
+  hosts: [echo.demo.svc.cluster.local]
+  http:
+  - route: [{destination: {host: echo.demo.svc.cluster.local}}]
+    retries: {attempts: 3, perTryTimeout: 1s, retryOn: "connect-failure,reset,5xx"}
+"#,
+    )
+    .unwrap();
+    let (code, out, err) = lab.lab(&["apply", "east", policy.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    // In force once the client's sidecar has applied it.
+    let client_log = lab.path().join("logs/east-client-sidecar.log");
+    let start = Instant::now();
+    while !std::fs::read_to_string(&client_log)
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.contains("config applied") && l.contains("VirtualService/demo/echo"))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the policy never reached east's client sidecar:\n{}",
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    lab.curl_until("east", "http://echo.demo:8080/", 20, |t| {
+        t.contains("east/echo/v1") && t.contains("west/echo/v2")
+    });
+
+    // The WAN between east and west is cut: every request still succeeds,
+    // answered in east (a stalled try times out and is retried there; the
+    // west gateway is ejected).
+    let (code, out, err) = lab.lab(&["partition", "east", "west"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let failed_over = lab.curl_until("east", "http://echo.demo:8080/", 20, |t| {
+        t.contains("20  200") && !t.contains("west/")
+    });
+    assert!(failed_over.contains("east/echo/v1"), "{failed_over}");
+
+    // Healed: west answers again once its ejection ends.
+    let (code, out, err) = lab.lab(&["heal"]);
+    assert_eq!(code, 0, "{out}{err}");
+    lab.curl_until("east", "http://echo.demo:8080/", 20, |t| {
+        t.contains("west/echo/v2")
+    });
+
+    lab.down();
+    let left = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&left.stdout).contains("strait100-"),
+        "network namespaces left behind"
+    );
+}
+
 #[test]
 fn the_demo_passes_every_step() {
     let dir = tempfile::tempdir().unwrap();

@@ -291,7 +291,7 @@ impl SendError {
         match self {
             SendError::Connect(_) => r.retries_connect_failure(),
             SendError::Reset(_) => r.retries_reset(),
-            SendError::Timeout => false,
+            SendError::Timeout => r.retries_per_try_timeout(),
         }
     }
 

@@ -298,6 +298,13 @@ pub fn run(args: SidecarArgs) -> Result<()> {
                             let res = resources.borrow_and_update().clone();
                             match mesh_config(&res, &me) {
                                 Ok(c) => {
+                                    let policies: Vec<&str> =
+                                        res.of_type(type_url::POLICY).map(|(n, _)| n).collect();
+                                    tracing::info!(
+                                        services = res.of_type(type_url::SERVICE).count(),
+                                        policies = %policies.join(","),
+                                        "config applied"
+                                    );
                                     config_tx.send_replace(Arc::new(c));
                                 }
                                 Err(e) => tracing::error!(?e, "config refused; keeping the last good one"),

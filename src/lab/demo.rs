@@ -276,7 +276,7 @@ pub fn demo(dir: &Path, base: u8) -> Result<()> {
     ];
     for (topology, tour) in tours {
         let lab_dir = dir.join(super::topology_name(topology));
-        let lab = Lab::new(topology, &lab_dir, Mode::Sni, base).map_err(|e| anyhow!(e))?;
+        let lab = Lab::new(topology, &lab_dir, Mode::Sni, base, false).map_err(|e| anyhow!(e))?;
         println!(
             "\n== {} lab in {}",
             super::topology_name(topology),

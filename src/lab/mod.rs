@@ -5,6 +5,7 @@
 
 pub mod demo;
 pub mod echo;
+pub mod netns;
 pub mod plan;
 pub mod run;
 
@@ -24,6 +25,8 @@ const READY_DEADLINE: Duration = Duration::from_secs(60);
 #[command(
     after_help = "Examples:\n  strait lab up                      # multi-primary, in ./.strait-lab\n  \
 strait lab status\n  strait lab curl east http://echo.demo:8080/ -n 20\n  \
+strait lab up --netns &             # root: clusters in network namespaces\n  \
+strait lab partition east west; strait lab heal\n  \
 straitctl --lab .strait-lab exports list\n  strait lab kill east/gateway\n  strait lab down"
 )]
 pub struct LabArgs {
@@ -78,6 +81,15 @@ pub enum LabCommand {
         #[command(flatten)]
         dir: DirArg,
     },
+    /// Cut the WAN link between two clusters (netns mode).
+    Partition {
+        a: String,
+        b: String,
+        #[command(flatten)]
+        dir: DirArg,
+    },
+    /// Restore every link `partition` cut (netns mode).
+    Heal(DirArg),
     /// Send N requests from a cluster's client through its sidecar and
     /// summarise the answers.
     Curl {
@@ -106,7 +118,9 @@ pub struct UpArgs {
     pub topology: Topology,
     #[arg(long, value_enum, default_value = "sni")]
     pub mode: Mode,
-    /// Run each cluster in its own network namespace (needs root).
+    /// Run each cluster in its own network namespace on a shared WAN
+    /// bridge (needs root and iproute2); then `partition`/`heal` cut and
+    /// restore links between clusters.
     #[arg(long)]
     pub netns: bool,
     /// First address block: brokers in 127.BASE.0.0/16, clusters in the
@@ -134,6 +148,16 @@ pub fn run(args: LabArgs) -> Result<()> {
             let text = std::fs::read_to_string(&path)
                 .with_context(|| format!("no log for {component:?} ({})", path.display()))?;
             print!("{text}");
+            Ok(())
+        }
+        LabCommand::Partition { a, b, dir } => {
+            netns::partition(&read_lab(&dir.dir)?, &a, &b)?;
+            println!("WAN link between {a} and {b} cut (`strait lab heal` restores it)");
+            Ok(())
+        }
+        LabCommand::Heal(dir) => {
+            netns::heal(&read_lab(&dir.dir)?)?;
+            println!("every WAN link restored");
             Ok(())
         }
         LabCommand::Apply { cluster, file, dir } => apply(&dir.dir, &cluster, &file, true),
@@ -225,7 +249,8 @@ pub fn read_lab(dir: &Path) -> Result<Lab> {
     let dir = v["dir"]
         .as_str()
         .map_or_else(|| dir.to_path_buf(), PathBuf::from);
-    Lab::new(topology, &dir, mode, base).map_err(|e| anyhow!(e))
+    let netns = v["netns"].as_bool().unwrap_or(false);
+    Lab::new(topology, &dir, mode, base, netns).map_err(|e| anyhow!(e))
 }
 
 /// The components of a lab, in start order (brokers first, then per
@@ -257,6 +282,7 @@ pub fn components(lab: &Lab) -> Vec<Component> {
             name: m.component.clone(),
             args,
             health: format!("http://{}:{}/healthz/ready", m.ip, plan::HEALTH_PORT),
+            netns: None,
         });
     }
     for c in &lab.clusters {
@@ -304,6 +330,7 @@ pub fn components(lab: &Lab) -> Vec<Component> {
                 name: format!("{}/controlplane", c.name),
                 args,
                 health: format!("http://{}:{}/healthz/ready", c.cp_ip(), plan::HEALTH_PORT),
+                netns: c.netns.clone(),
             });
         }
         let cp = c.cp_address(lab).unwrap_or_default();
@@ -344,6 +371,7 @@ pub fn components(lab: &Lab) -> Vec<Component> {
             name: format!("{}/gateway", c.name),
             args: gateway_args,
             health: format!("http://{}:{}/healthz/ready", c.gw_ip(), plan::HEALTH_PORT),
+            netns: c.netns.clone(),
         });
         for w in &c.workloads {
             if w.service != "client" {
@@ -364,6 +392,7 @@ pub fn components(lab: &Lab) -> Vec<Component> {
                         w.name.clone(),
                     ],
                     health: format!("http://{}:{}/healthz", w.ip, plan::APP_PORT),
+                    netns: c.netns.clone(),
                 });
             }
             out.push(Component {
@@ -394,6 +423,7 @@ pub fn components(lab: &Lab) -> Vec<Component> {
                     format!("{}:{}", w.ip, plan::METRICS_PORT),
                 ],
                 health: format!("http://{}:{}/healthz/ready", w.ip, plan::HEALTH_PORT),
+                netns: c.netns.clone(),
             });
         }
     }
@@ -466,6 +496,7 @@ fn start_component(lab: &Lab, procs: &mut Procs, c: &Component) -> Result<()> {
             pid,
             args: c.args.clone(),
             health: c.health.clone(),
+            netns: c.netns.clone(),
         },
     );
     procs.save(&lab.dir)?;
@@ -642,17 +673,22 @@ pub fn bring_up(lab: &Lab, quiet: bool) -> Result<()> {
 }
 
 fn up(a: UpArgs) -> Result<()> {
-    if a.netns {
-        bail!("--netns is not available yet; the lab runs on loopback blocks (127.<n>.0.0/16)");
+    if a.netns
+        && let Some(why) = netns::unavailable()
+    {
+        bail!("{why}");
     }
     let dir = absolute(&a.dir.dir)?;
-    let lab = Lab::new(a.topology, &dir, a.mode, a.ip_base).map_err(|e| anyhow!(e))?;
+    let lab = Lab::new(a.topology, &dir, a.mode, a.ip_base, a.netns).map_err(|e| anyhow!(e))?;
     // Refused before anything starts: a running lab is not ours to stop.
     check_not_running(&dir)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let signal = rt.spawn(crate::cli::broker::shutdown_signal());
+    if lab.netns {
+        netns::setup(&lab).context("setting up the network namespaces")?;
+    }
     if let Err(e) = bring_up(&lab, false) {
         eprintln!("lab did not come up; stopping what started");
         let _ = down(&dir);
@@ -708,8 +744,18 @@ fn status(dir: &Path) -> Result<()> {
 }
 
 /// Stops every process of the lab (in reverse start order) and the `up`
-/// process itself.
+/// process itself, and removes its network namespaces (netns mode).
 pub fn down(dir: &Path) -> Result<()> {
+    stop_all(dir)?;
+    if let Ok(lab) = read_lab(dir)
+        && lab.netns
+    {
+        netns::teardown(&lab);
+    }
+    Ok(())
+}
+
+fn stop_all(dir: &Path) -> Result<()> {
     let mut procs = Procs::load(dir)?;
     let me = std::process::id();
     for name in procs.order.iter().rev() {
@@ -843,7 +889,7 @@ pub fn curl(lab: &Lab, cluster: &str, url: &str, n: u32) -> Result<CurlSummary> 
         .to_string();
     let mut sum = CurlSummary::default();
     for _ in 0..n {
-        let (code, body) = proxy_get(&proxy, url)?;
+        let (code, body) = netns::within(c.netns.as_deref(), || proxy_get(&proxy, url))??;
         *sum.codes.entry(code.to_string()).or_default() += 1;
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) {
             let who = format!(
@@ -884,7 +930,12 @@ pub fn proxy_get(proxy: &str, url: &str) -> Result<(u16, String)> {
         "GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
     )?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
+    s.read_to_end(&mut raw).map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            anyhow!("GET {url}: no answer from the client sidecar at {proxy} within 30s")
+        }
+        _ => anyhow!("GET {url} through {proxy}: {e}"),
+    })?;
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let code = head
@@ -930,7 +981,14 @@ mod tests {
 
     #[test]
     fn components_start_brokers_first_and_name_clusters() {
-        let lab = Lab::new(Topology::MultiPrimary, Path::new("/l"), Mode::Sni, 10).unwrap();
+        let lab = Lab::new(
+            Topology::MultiPrimary,
+            Path::new("/l"),
+            Mode::Sni,
+            10,
+            false,
+        )
+        .unwrap();
         let names: Vec<String> = components(&lab).into_iter().map(|c| c.name).collect();
         assert_eq!(names[0], "broker");
         assert!(names.contains(&"east/controlplane".to_string()));

@@ -9,6 +9,11 @@
 //! QUIC, 15444 egress), `.0.10` and up its workloads (app 8080, sidecar
 //! inbound 15006, outbound 15001, health 15021, metrics 15090). Ports are
 //! Istio's; every process has its own address, as pods do.
+//!
+//! Netns mode (see [`super::netns`]): brokers on the WAN bridge at
+//! `10.<base>.0.<mesh index + 1>`, cluster `i`'s control plane and gateway
+//! at `10.<base>.<i + 1>.1` and `.2` in its namespace; its workloads keep
+//! their loopback addresses, private to the namespace.
 
 use std::path::{Path, PathBuf};
 
@@ -101,6 +106,13 @@ pub struct Cluster {
     pub gateway: GatewayInfo,
     pub client_proxy: String,
     pub workloads: Vec<Workload>,
+    /// The network namespace the cluster runs in (netns mode).
+    pub netns: Option<String>,
+    /// The control plane's and gateway's addresses.
+    #[serde(skip)]
+    pub cp_host: String,
+    #[serde(skip)]
+    pub gw_host: String,
     /// The cluster's directory (state, tokens, identities).
     #[serde(skip)]
     pub dir: PathBuf,
@@ -114,8 +126,12 @@ pub struct Lab {
     pub topology: Topology,
     pub dir: PathBuf,
     pub mode: Mode,
+    /// Each cluster in its own network namespace.
+    pub netns: bool,
     pub brokers: Vec<Mesh>,
     pub clusters: Vec<Cluster>,
+    #[serde(skip)]
+    base: u8,
 }
 
 /// One process of the lab.
@@ -127,6 +143,8 @@ pub struct Component {
     pub args: Vec<String>,
     /// `http://…/healthz/ready`
     pub health: String,
+    /// The network namespace it runs in (netns mode).
+    pub netns: Option<String>,
 }
 
 /// name, mesh index, network, locality, role
@@ -144,12 +162,23 @@ fn ip(block: u8, host: u8) -> String {
 
 impl Lab {
     /// The lab for `topology` in `dir`, with address blocks from `base`.
-    pub fn new(topology: Topology, dir: &Path, mode: Mode, base: u8) -> Result<Lab, String> {
+    pub fn new(
+        topology: Topology,
+        dir: &Path,
+        mode: Mode,
+        base: u8,
+        netns: bool,
+    ) -> Result<Lab, String> {
         if base == 0 || base > 250 {
             return Err(format!("--ip-base {base} must be in 1..=250"));
         }
+        let wan = |i: usize, host: u8| format!("10.{base}.{i}.{host}");
         let mesh = |i: u8, name: &str, td: &str, component: &str| {
-            let ip = ip(base, i + 1);
+            let ip = if netns {
+                wan(0, i + 1)
+            } else {
+                ip(base, i + 1)
+            };
             Mesh {
                 mesh: name.to_string(),
                 trust_domain: td.to_string(),
@@ -212,8 +241,11 @@ impl Lab {
                 w(12, "client".into(), "client", "v1", "client"),
             ];
             let client_ip = ip(block, 12);
-            let cp_ip = ip(block, 1);
-            let gw_ip = ip(block, 2);
+            let (cp_ip, gw_ip) = if netns {
+                (wan(i + 1, 1), wan(i + 1, 2))
+            } else {
+                (ip(block, 1), ip(block, 2))
+            };
             let dir = dir.join(name);
             clusters.push(Cluster {
                 name: name.into(),
@@ -231,6 +263,9 @@ impl Lab {
                 },
                 client_proxy: format!("http://{client_ip}:{OUTBOUND_PORT}"),
                 workloads,
+                netns: netns.then(|| format!("strait{base}-{name}")),
+                cp_host: cp_ip,
+                gw_host: gw_ip,
                 dir,
                 block,
             });
@@ -239,9 +274,16 @@ impl Lab {
             topology,
             dir: dir.to_path_buf(),
             mode,
+            netns,
             brokers,
             clusters,
+            base,
         })
+    }
+
+    /// The first address block (`--ip-base`).
+    pub fn base(&self) -> u8 {
+        self.base
     }
 
     pub fn cluster(&self, name: &str) -> Option<&Cluster> {
@@ -271,11 +313,11 @@ impl Lab {
 
 impl Cluster {
     pub fn cp_ip(&self) -> String {
-        ip(self.block, 1)
+        self.cp_host.clone()
     }
 
     pub fn gw_ip(&self) -> String {
-        ip(self.block, 2)
+        self.gw_host.clone()
     }
 
     /// The primary cluster whose control plane serves this (remote)
@@ -358,7 +400,14 @@ mod tests {
 
     #[test]
     fn multi_primary_has_east_first_and_distinct_blocks() {
-        let lab = Lab::new(Topology::MultiPrimary, Path::new("/l"), Mode::Sni, 10).unwrap();
+        let lab = Lab::new(
+            Topology::MultiPrimary,
+            Path::new("/l"),
+            Mode::Sni,
+            10,
+            false,
+        )
+        .unwrap();
         let names: Vec<&str> = lab.clusters.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["east", "west"]);
         assert_eq!(
@@ -380,11 +429,18 @@ mod tests {
 
     #[test]
     fn federated_has_two_meshes_and_remote_uses_the_primary() {
-        let lab = Lab::new(Topology::Federated, Path::new("/l"), Mode::Quic, 10).unwrap();
+        let lab = Lab::new(Topology::Federated, Path::new("/l"), Mode::Quic, 10, false).unwrap();
         assert_eq!(lab.brokers.len(), 2);
         assert_ne!(lab.brokers[0].trust_domain, lab.brokers[1].trust_domain);
         assert_eq!(lab.clusters[1].trust_domain, "mesh-b.local");
-        let pr = Lab::new(Topology::PrimaryRemote, Path::new("/l"), Mode::Sni, 10).unwrap();
+        let pr = Lab::new(
+            Topology::PrimaryRemote,
+            Path::new("/l"),
+            Mode::Sni,
+            10,
+            false,
+        )
+        .unwrap();
         assert_eq!(pr.clusters[1].control_plane, None);
         assert_eq!(
             pr.clusters[1].cp_address(&pr).as_deref(),
@@ -400,14 +456,43 @@ mod tests {
     }
 
     #[test]
+    fn netns_mode_puts_control_planes_and_gateways_on_the_wan() {
+        let lab = Lab::new(Topology::MultiPrimary, Path::new("/l"), Mode::Sni, 10, true).unwrap();
+        assert_eq!(lab.brokers[0].address, "10.10.0.1:15011");
+        let west = &lab.clusters[1];
+        assert_eq!(west.netns.as_deref(), Some("strait10-west"));
+        assert_eq!(west.control_plane.as_deref(), Some("10.10.2.1:15012"));
+        assert_eq!(west.gateway.tcp, "10.10.2.2:15443");
+        // Workloads stay on the namespace's loopback.
+        assert_eq!(west.workloads[0].inbound, "127.12.0.10:15006");
+        assert_eq!(lab.to_json()["netns"], true);
+    }
+
+    #[test]
     fn bad_bases_are_refused() {
-        assert!(Lab::new(Topology::MultiPrimary, Path::new("/l"), Mode::Sni, 0).is_err());
-        assert!(Lab::new(Topology::MultiPrimary, Path::new("/l"), Mode::Sni, 254).is_err());
+        assert!(Lab::new(Topology::MultiPrimary, Path::new("/l"), Mode::Sni, 0, false).is_err());
+        assert!(
+            Lab::new(
+                Topology::MultiPrimary,
+                Path::new("/l"),
+                Mode::Sni,
+                254,
+                false
+            )
+            .is_err()
+        );
     }
 
     #[test]
     fn config_is_valid_yaml_with_exported_echo() {
-        let lab = Lab::new(Topology::MultiPrimary, Path::new("/l"), Mode::Sni, 10).unwrap();
+        let lab = Lab::new(
+            Topology::MultiPrimary,
+            Path::new("/l"),
+            Mode::Sni,
+            10,
+            false,
+        )
+        .unwrap();
         let docs: Vec<serde_json::Value> =
             serde_saphyr::from_multiple(&lab.clusters[1].config_yaml(&[])).unwrap();
         assert_eq!(docs.len(), 6);

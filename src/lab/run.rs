@@ -32,6 +32,9 @@ pub struct Proc {
     pub pid: u32,
     pub args: Vec<String>,
     pub health: String,
+    /// The network namespace it runs in (netns mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
 }
 
 /// The process table of a lab, in start order.
@@ -99,7 +102,17 @@ pub fn spawn(dir: &Path, exe: &Path, c: &Component) -> Result<u32> {
         .create(true)
         .append(true)
         .open(log_file(dir, &c.name))?;
-    let child = Command::new(exe)
+    // In netns mode `ip netns exec` enters the namespace and execs the
+    // component: the pid is the component's.
+    let mut cmd = match &c.netns {
+        Some(ns) => {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", ns]).arg(exe);
+            cmd
+        }
+        None => Command::new(exe),
+    };
+    let child = cmd
         .args(&c.args)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -112,6 +125,13 @@ pub fn spawn(dir: &Path, exe: &Path, c: &Component) -> Result<u32> {
         .spawn()
         .with_context(|| format!("cannot start {}", c.name))?;
     Ok(child.id())
+}
+
+/// [`http_status`] from inside network namespace `netns` (when given).
+pub fn http_status_in(netns: Option<&str>, url: &str, timeout: Duration) -> Option<u16> {
+    super::netns::within(netns, || http_status(url, timeout))
+        .ok()
+        .flatten()
 }
 
 /// HTTP GET of `url` (plain `http://host:port/path`); the status code.
@@ -141,7 +161,7 @@ pub fn http_status(url: &str, timeout: Duration) -> Option<u16> {
 pub fn wait_healthy(dir: &Path, c: &Component, pid: u32, deadline: Duration) -> Result<()> {
     let start = Instant::now();
     loop {
-        if http_status(&c.health, Duration::from_millis(500)) == Some(200) {
+        if http_status_in(c.netns.as_deref(), &c.health, Duration::from_millis(500)) == Some(200) {
             return Ok(());
         }
         if !alive(pid) {
@@ -221,7 +241,9 @@ pub fn status_rows(procs: &Procs) -> Vec<Row> {
                 component: name.clone(),
                 pid: Some(p.pid),
                 running,
-                healthy: running && http_status(&p.health, Duration::from_secs(1)) == Some(200),
+                healthy: running
+                    && http_status_in(p.netns.as_deref(), &p.health, Duration::from_secs(1))
+                        == Some(200),
             }
         })
         .collect()

@@ -83,6 +83,13 @@ impl RetryPolicy {
         self.has("reset") || self.has("5xx")
     }
 
+    /// Whether an attempt that hit its per-try timeout is retried: as
+    /// Envoy does, under `5xx` and `gateway-error` (a timeout is a 504).
+    /// The route's own timeout ends all tries whatever this says.
+    pub fn retries_per_try_timeout(&self) -> bool {
+        self.has("5xx") || self.has("gateway-error")
+    }
+
     /// Whether a stream refused by the server (HTTP/2 REFUSED_STREAM) is
     /// retried.
     pub fn retries_refused_stream(&self) -> bool {
@@ -515,6 +522,39 @@ mod tests {
             .route("bookinfo", REVIEWS, 9090, &RequestAttrs::default())
             .unwrap();
         assert_eq!(tcp.destinations[0].port, Some(9090));
+    }
+
+    #[test]
+    fn which_failures_each_retry_on_condition_retries() {
+        let policy = |conds: &[&str]| RetryPolicy {
+            attempts: 2,
+            per_try_timeout: None,
+            retry_on: conds.iter().map(|c| (*c).to_string()).collect(),
+        };
+        // (retryOn, connect failure, reset, per-try timeout, 500, 503)
+        let cases: [(&[&str], [bool; 5]); 6] = [
+            (&["5xx"], [true, true, true, true, true]),
+            (&["gateway-error"], [true, false, true, false, true]),
+            (&["connect-failure"], [true, false, false, false, false]),
+            (&["reset"], [false, true, false, false, false]),
+            (&["503"], [false, false, false, false, true]),
+            (&[], [false, false, false, false, false]),
+        ];
+        for (conds, want) in cases {
+            let r = policy(conds);
+            let got = [
+                r.retries_connect_failure(),
+                r.retries_reset(),
+                r.retries_per_try_timeout(),
+                r.retries_status(500),
+                r.retries_status(503),
+            ];
+            assert_eq!(got, want, "retryOn {conds:?}");
+        }
+        // Istio's default retries connect failures and 503, not timeouts.
+        let d = RetryPolicy::default();
+        assert!(d.retries_connect_failure() && d.retries_status(503));
+        assert!(!d.retries_per_try_timeout());
     }
 
     #[test]

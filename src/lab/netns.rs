@@ -1,0 +1,216 @@
+//! Netns mode (`strait lab up --netns`, root): each cluster in its own
+//! network namespace, joined to the others by a WAN bridge in the host
+//! namespace, so that a partition between two clusters is a real cut.
+//!
+//! - The bridge `st<base>wan` carries `10.<base>.0.0/16`; brokers listen on
+//!   its addresses `10.<base>.0.<mesh + 1>` (in the host namespace).
+//! - Cluster `i` lives in the namespace `strait<base>-<cluster>`, linked to
+//!   the bridge by a veth pair (`st<base>v<i>` outside, `eth0` inside)
+//!   carrying its control plane `10.<base>.<i + 1>.1` and gateway
+//!   `10.<base>.<i + 1>.2`. Its workloads and sidecars stay on the
+//!   namespace's own loopback (`127.<block>.0.x`): only gateways, control
+//!   planes and brokers are reachable across the WAN.
+//! - `partition A B` adds `unreachable` routes for each other's WAN /24 in
+//!   both namespaces (connections fail at once, as behind a router that
+//!   answers with ICMP unreachable; live connections stall); `heal` takes
+//!   them away.
+//!
+//! Everything is done with iproute2 (`ip`), as an operator would.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use super::plan::Lab;
+
+/// The WAN bridge of a lab.
+pub fn bridge(base: u8) -> String {
+    format!("st{base}wan")
+}
+
+/// The host-side veth of cluster `i`.
+fn veth(base: u8, i: usize) -> String {
+    format!("st{base}v{i}")
+}
+
+/// The WAN /24 of cluster `i`.
+pub fn wan_net(base: u8, i: usize) -> String {
+    format!("10.{base}.{}.0/24", i + 1)
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("cannot run `ip` (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Why netns mode cannot run here, if it cannot: not root, or no `ip`.
+pub fn unavailable() -> Option<String> {
+    if !rustix::process::geteuid().is_root() {
+        return Some("--netns needs root (network namespaces, veth, a bridge)".into());
+    }
+    match Command::new("ip").arg("-V").output() {
+        Ok(o) if o.status.success() => None,
+        _ => Some("--netns needs iproute2's `ip` on the PATH".into()),
+    }
+}
+
+/// Creates the bridge, the namespaces and their links. Leftovers of a lab
+/// with the same base that was not torn down are removed first.
+pub fn setup(lab: &Lab) -> Result<()> {
+    teardown(lab);
+    let base = lab.base();
+    let br = bridge(base);
+    ip(&["link", "add", &br, "type", "bridge"])?;
+    ip(&["link", "set", &br, "up"])?;
+    for m in &lab.brokers {
+        ip(&["addr", "add", &format!("{}/16", m.ip), "dev", &br])?;
+    }
+    for (i, c) in lab.clusters.iter().enumerate() {
+        let Some(ns) = &c.netns else { continue };
+        let v = veth(base, i);
+        ip(&["netns", "add", ns])?;
+        ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        ip(&[
+            "link", "add", &v, "type", "veth", "peer", "name", "eth0", "netns", ns,
+        ])?;
+        ip(&["link", "set", &v, "master", &br])?;
+        ip(&["link", "set", &v, "up"])?;
+        for host in [c.cp_ip(), c.gw_ip()] {
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{host}/16"),
+                "dev",
+                "eth0",
+            ])?;
+        }
+        ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+    }
+    Ok(())
+}
+
+/// Removes what [`setup`] made (the veths go with their namespaces);
+/// what is already gone is fine.
+pub fn teardown(lab: &Lab) {
+    for (i, c) in lab.clusters.iter().enumerate() {
+        if let Some(ns) = &c.netns {
+            let _ = ip(&["netns", "del", ns]);
+            // A namespace some process still holds outlives its name, and
+            // keeps the pair: take the host end away explicitly.
+            let _ = ip(&["link", "del", &veth(lab.base(), i)]);
+        }
+    }
+    let _ = ip(&["link", "del", &bridge(lab.base())]);
+}
+
+fn cluster_index(lab: &Lab, name: &str) -> Result<usize> {
+    lab.clusters
+        .iter()
+        .position(|c| c.name == name)
+        .with_context(|| {
+            let names: Vec<&str> = lab.clusters.iter().map(|c| c.name.as_str()).collect();
+            format!(
+                "no cluster {name:?} in this lab (clusters: {})",
+                names.join(", ")
+            )
+        })
+}
+
+fn netns_of(lab: &Lab, i: usize) -> Result<&str> {
+    match &lab.clusters[i].netns {
+        Some(ns) => Ok(ns),
+        None => bail!(
+            "this lab does not run in network namespaces: start it with `strait lab up --netns`"
+        ),
+    }
+}
+
+/// Cuts the WAN between clusters `a` and `b`.
+pub fn partition(lab: &Lab, a: &str, b: &str) -> Result<()> {
+    let (i, j) = (cluster_index(lab, a)?, cluster_index(lab, b)?);
+    if i == j {
+        bail!("partition: {a} and {b} are the same cluster");
+    }
+    let base = lab.base();
+    for (from, to) in [(i, j), (j, i)] {
+        let ns = netns_of(lab, from)?;
+        let net = wan_net(base, to);
+        // Already cut: nothing to add.
+        let _ = ip(&["-n", ns, "route", "del", "unreachable", &net]);
+        ip(&["-n", ns, "route", "add", "unreachable", &net])?;
+    }
+    Ok(())
+}
+
+/// Restores every cut link.
+pub fn heal(lab: &Lab) -> Result<()> {
+    let base = lab.base();
+    for i in 0..lab.clusters.len() {
+        let ns = netns_of(lab, i)?;
+        for j in 0..lab.clusters.len() {
+            if i != j {
+                let _ = ip(&["-n", ns, "route", "del", "unreachable", &wan_net(base, j)]);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `f` on a thread that has entered the network namespace `ns`
+/// (sockets it opens live there), or here when `ns` is `None`.
+pub fn within<T: Send>(ns: Option<&str>, f: impl FnOnce() -> T + Send) -> Result<T> {
+    let Some(ns) = ns else { return Ok(f()) };
+    let path = Path::new("/var/run/netns").join(ns);
+    let file = std::fs::File::open(&path)
+        .with_context(|| format!("network namespace {ns} ({})", path.display()))?;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            use std::os::fd::AsFd;
+            // Only this (scoped, short-lived) thread changes namespace.
+            rustix::thread::move_into_link_name_space(
+                file.as_fd(),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .with_context(|| format!("cannot enter network namespace {ns}"))?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the thread in network namespace {ns} panicked"))?
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_fit_linux_interface_names() {
+        // IFNAMSIZ is 16 with the NUL: at most 15 characters.
+        assert!(bridge(250).len() <= 15);
+        assert!(veth(250, 9).len() <= 15);
+        assert_eq!(wan_net(10, 1), "10.10.2.0/24");
+    }
+
+    #[test]
+    fn within_no_namespace_runs_here() {
+        assert_eq!(within(None, || 7).unwrap(), 7);
+        let e = within(Some("strait-no-such-namespace"), || 7).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("strait-no-such-namespace"),
+            "{e:#}"
+        );
+    }
+}
