@@ -245,11 +245,37 @@ fn multi_primary_end_to_end() {
     // The broker killed with -9 under traffic: no request fails (the data
     // path does not need it), and after a restart exports are intact and
     // new ones propagate.
+    let dir = lab.path();
+    let traffic = std::thread::spawn(move || {
+        Command::new(STRAIT)
+            .args([
+                "lab",
+                "curl",
+                "east",
+                "http://echo.demo:8080/",
+                "-n",
+                "300",
+                "--dir",
+            ])
+            .arg(&dir)
+            .output()
+            .unwrap()
+    });
+    // Killed while the requests are flowing (the first ones are through).
+    std::thread::sleep(Duration::from_millis(100));
     let (code, _, err) = lab.lab(&["kill", "broker"]);
     assert_eq!(code, 0, "{err}");
-    let seen = lab.curl_until("east", "http://echo.demo:8080/", 20, |t| {
-        t.contains("  20  200")
-    });
+    assert!(
+        !traffic.is_finished(),
+        "the requests were done before the broker died: raise -n"
+    );
+    let out = traffic.join().unwrap();
+    let seen = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "requests failed while the broker died:\n{seen}"
+    );
+    assert!(seen.contains("  300  200"), "{seen}");
     assert!(seen.contains("west/echo/v2"), "{seen}");
     let (code, _, err) = lab.lab(&["start", "broker"]);
     assert_eq!(code, 0, "{err}");
@@ -277,6 +303,11 @@ fn multi_primary_end_to_end() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
+    // ... and on to west, which calls it across the gateway.
+    let seen = lab.curl_until("west", "http://extra.demo:8080/", 5, |t| {
+        t.contains("  5  200")
+    });
+    assert!(seen.contains("east/"), "{seen}");
 
     // The control plane killed: proxies keep their last config and keep
     // serving; restarted, they resume and take new config.
