@@ -359,6 +359,20 @@ fn federated_identity_crosses_trust_domains() {
         seen.contains("spiffe://mesh-a.local/ns/demo/sa/client"),
         "{seen}"
     );
+    // `private` is not exported to the other mesh.
+    let own = lab.curl_until("west", "http://private.demo:8080/", 6, |t| {
+        t.contains("west/private")
+    });
+    assert!(!own.contains("east/private"), "{own}");
+    let clusterset = lab.lab(&[
+        "curl",
+        "west",
+        "http://private.demo.svc.clusterset.local:8080/",
+    ]);
+    assert!(
+        !format!("{}{}", clusterset.1, clusterset.2).contains("east/private"),
+        "{clusterset:?}"
+    );
 }
 
 /// The README's main command: every step of the tour passes.
