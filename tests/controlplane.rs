@@ -74,7 +74,7 @@ struct ControlPlane {
 impl ControlPlane {
     /// Joins `cluster` to `broker` (first start) and waits until ready.
     fn start(s: &Scratch, broker: &Broker, cluster: &str, network: &str, gateway: &str) -> Self {
-        Self::start_with(s, broker, cluster, network, gateway, None)
+        Self::start_with(s, broker, cluster, network, gateway, None, &[])
     }
 
     /// [`Self::start`] reading the config from the Kubernetes API of
@@ -86,6 +86,7 @@ impl ControlPlane {
         network: &str,
         gateway: &str,
         kubeconfig: Option<&Path>,
+        extra: &[String],
     ) -> Self {
         let token = broker
             .ctl(&["cluster", "add", cluster, "--network", network])
@@ -120,6 +121,7 @@ impl ControlPlane {
                 gateway,
             ])
             .map(str::to_string)
+            .chain(extra.iter().cloned())
             .collect();
         let env = kubeconfig
             .map(|k| vec![("KUBECONFIG".to_string(), k.display().to_string())])
@@ -246,6 +248,12 @@ impl ControlPlane {
     /// A sidecar-like discovery client with `identity`, refusing the
     /// Service [`REFUSED`].
     fn subscribe(&self, identity: &Identity, workload: &str) -> XdsClient {
+        self.subscribe_as(identity, workload, "")
+    }
+
+    /// [`Self::subscribe`] for a proxy of `cluster` (node metadata
+    /// CLUSTER_ID; empty: the control plane's own).
+    fn subscribe_as(&self, identity: &Identity, workload: &str, cluster: &str) -> XdsClient {
         let td = self.trust_domain();
         let tls = ca::mesh_client_tls(self.trust(), ca::control_plane_id(&td));
         let validator: Validator = Arc::new(|r: &Resources| {
@@ -269,7 +277,7 @@ impl ControlPlane {
                     identity.spiffe_id.workload_parts().unwrap().0,
                     identity.spiffe_id.workload_parts().unwrap().0
                 ),
-                cluster: String::new(),
+                cluster: cluster.to_string(),
                 network: String::new(),
                 types: type_url::ALL.to_vec(),
             },
@@ -632,9 +640,9 @@ async fn push_latency_from_file_write_to_subscriber() {
 }
 
 /// A kubeconfig for the API server at `url` (no credentials).
-fn kubeconfig(s: &Scratch, url: &str) -> PathBuf {
+fn kubeconfig(s: &Scratch, name: &str, url: &str) -> PathBuf {
     s.write(
-        "kubeconfig",
+        name,
         &format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{url}\"}}\n\
 contexts:\n- name: fake\n  context: {{cluster: fake, user: fake}}\ncurrent-context: fake\n\
@@ -650,7 +658,7 @@ async fn kubernetes_mode_reads_the_api_applies_imports_and_reviews_tokens() {
     // The recorded bookinfo cluster; `reviews` has a ServiceExport.
     let recorded = Path::new(env!("CARGO_MANIFEST_DIR")).join("controlplane/tests/testdata/kube");
     let (fake, url) = fake_api::Fake::start(recorded);
-    let kube = kubeconfig(&s, &url);
+    let kube = kubeconfig(&s, "kubeconfig", &url);
     let east = ControlPlane::start_with(
         &s,
         &broker,
@@ -658,6 +666,7 @@ async fn kubernetes_mode_reads_the_api_applies_imports_and_reviews_tokens() {
         "net-east",
         "192.0.2.10:15443",
         Some(&kube),
+        &[],
     );
     let west = ControlPlane::start(&s, &broker, "west", "net-west", "192.0.2.20:15443");
     put(
@@ -759,4 +768,114 @@ async fn kubernetes_mode_reads_the_api_applies_imports_and_reviews_tokens() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubernetes_primary_serves_a_remote_cluster_from_its_api() {
+    let s = Scratch::new();
+    let broker = Broker::start(&s.path("broker"), TD);
+    let testdata = Path::new(env!("CARGO_MANIFEST_DIR")).join("controlplane/tests/testdata");
+    let (_primary_api, url) = fake_api::Fake::start(testdata.join("kube"));
+    let (_remote_api, remote_url) = fake_api::Fake::start(testdata.join("kube-remote"));
+    let kube = kubeconfig(&s, "kubeconfig", &url);
+    let remote_kube = kubeconfig(&s, "remote.kubeconfig", &remote_url);
+    let east = ControlPlane::start_with(
+        &s,
+        &broker,
+        "east",
+        "net-east",
+        "192.0.2.10:15443",
+        Some(&kube),
+        &[
+            "--remote".to_string(),
+            format!("remote={}", remote_kube.display()),
+        ],
+    );
+    let td = east.trust_domain();
+    let id = strait_ca::SpiffeId::workload(&td, "bookinfo", "bookinfo-reviews").unwrap();
+    let tls = ca::mesh_client_tls(east.trust(), ca::control_plane_id(&td));
+    let identity = ca::request_certificate(
+        &east.listen,
+        &tls,
+        &east.trust(),
+        &id,
+        Credential::Token("reviews-token"),
+        None,
+    )
+    .await
+    .unwrap();
+
+    // A proxy of the remote cluster: the remote's pod is local (its
+    // network from the remote's strait-system Namespace), east's exported
+    // reviews is behind east's gateway.
+    let remote_proxy = east.subscribe_as(&identity, "reviews-r", "remote");
+    let mut res = remote_proxy.resources();
+    let (ratings, reviews) = until(&mut res, "the remote's view", &east, |r| {
+        let svcs = services(r);
+        let ratings = svcs.get("ratings.bookinfo.svc.cluster.local")?.clone();
+        let reviews = svcs.get("reviews.bookinfo.svc.cluster.local")?.clone();
+        (!ratings.endpoints.is_empty() && !reviews.endpoints.is_empty())
+            .then_some((ratings, reviews))
+    })
+    .await;
+    let eps = |svc: &pb::Service| -> Vec<(i32, String, String)> {
+        svc.endpoints
+            .iter()
+            .map(|e| (e.kind, e.address.clone(), e.network.clone()))
+            .collect()
+    };
+    assert_eq!(
+        eps(&ratings),
+        [(
+            pb::endpoint::Kind::Sidecar as i32,
+            "10.20.0.5".to_string(),
+            "net-remote".to_string()
+        )]
+    );
+    assert!(
+        eps(&reviews)
+            .iter()
+            .all(|(k, a, n)| *k == pb::endpoint::Kind::Gateway as i32
+                && a == "192.0.2.10"
+                && n == "net-east"),
+        "{:?}",
+        eps(&reviews)
+    );
+
+    // East's own proxies see the remote's exported ratings behind the
+    // remote's gateway (from its LoadBalancer Service).
+    let east_proxy = east.subscribe(&identity, "reviews-v1");
+    let mut res = east_proxy.resources();
+    let ratings = until(
+        &mut res,
+        "ratings behind the remote's gateway",
+        &east,
+        |r| {
+            let svc = services(r).remove("ratings.bookinfo.svc.cluster.local")?;
+            svc.endpoints
+                .iter()
+                .any(|e| e.address == "192.0.2.30" && e.network == "net-remote")
+                .then_some(svc)
+        },
+    )
+    .await;
+    assert!(
+        ratings
+            .endpoints
+            .iter()
+            .any(|e| e.kind == pb::endpoint::Kind::Gateway as i32 && e.port == 15443),
+        "{:?}",
+        ratings.endpoints
+    );
+
+    // A proxy naming a cluster this control plane does not serve is
+    // refused by name.
+    let stranger = east.subscribe_as(&identity, "reviews-x", "elsewhere");
+    let mut state = stranger.state();
+    let refused = until_state(&mut state, "a refusal", |s| s.last_error.is_some()).await;
+    let error = refused.last_error.unwrap();
+    assert!(
+        error.contains("elsewhere") && error.contains("remote"),
+        "{error}"
+    );
 }

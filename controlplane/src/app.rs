@@ -336,6 +336,70 @@ pub fn spawn_builder(
     rx
 }
 
+/// The config of every remote cluster (`--remote`): a watched directory,
+/// or in Kubernetes mode the API its kubeconfig names. A Kubernetes
+/// remote's network (the network of its pods) is the
+/// `topology.istio.io/network` label of its `strait-system` Namespace when
+/// it starts (default: this cluster's).
+async fn open_remotes(
+    cfg: &AppConfig,
+) -> Result<Vec<(strait_ca::ClusterName, watch::Receiver<Arc<Config>>)>, String> {
+    let mut out = Vec::new();
+    for r in &cfg.remotes {
+        let flag = format!("--remote {}={}", r.name, r.config_dir.display());
+        let rx = match &cfg.source {
+            ConfigSource::Dir(_) => {
+                dirwatch::watch_dir(r.config_dir.clone()).map_err(|e| format!("{flag}: {e}"))?
+            }
+            ConfigSource::Kube => {
+                let client = kube_client(&r.config_dir)
+                    .await
+                    .map_err(|e| format!("{flag}: {e}"))?;
+                let network = kube_network(&client, &cfg.network)
+                    .await
+                    .map_err(|e| format!("{flag}: {e}"))?;
+                tracing::info!(cluster = %r.name, %network, "reading a remote cluster from its Kubernetes API");
+                crate::kube::watch_kube(
+                    client,
+                    crate::kube::KubeOptions {
+                        cluster: r.name.to_string(),
+                        network,
+                    },
+                )
+                .await
+                .map_err(|e| format!("{flag}: {e}"))?
+            }
+        };
+        out.push((r.name.clone(), rx));
+    }
+    Ok(out)
+}
+
+/// A client of the API a kubeconfig file names (its current context).
+async fn kube_client(kubeconfig: &Path) -> Result<::kube::Client, String> {
+    let kc = ::kube::config::Kubeconfig::read_from(kubeconfig).map_err(|e| e.to_string())?;
+    let config =
+        ::kube::Config::from_custom_kubeconfig(kc, &::kube::config::KubeConfigOptions::default())
+            .await
+            .map_err(|e| e.to_string())?;
+    ::kube::Client::try_from(config).map_err(|e| e.to_string())
+}
+
+/// The `topology.istio.io/network` label of the cluster's `strait-system`
+/// Namespace, else `default`.
+async fn kube_network(client: &::kube::Client, default: &str) -> Result<String, String> {
+    use k8s_openapi::api::core::v1::Namespace;
+    let api: ::kube::Api<Namespace> = ::kube::Api::all(client.clone());
+    let ns = api
+        .get_opt(crate::remote::SYSTEM_NAMESPACE)
+        .await
+        .map_err(|e| format!("reading Namespace {}: {e}", crate::remote::SYSTEM_NAMESPACE))?;
+    Ok(ns
+        .and_then(|n| n.metadata.labels)
+        .and_then(|l| l.get(crate::remote::NETWORK_LABEL).cloned())
+        .unwrap_or_else(|| default.to_string()))
+}
+
 /// One served cluster's name, network, config view and sibling networks.
 type Served = (
     String,
@@ -349,7 +413,7 @@ type Served = (
 /// remotes, this cluster's view is its config as is.
 fn spawn_views(
     me: strait_model::mesh::ClusterInfo,
-    remotes: &[crate::remote::RemoteSpec],
+    remotes: Vec<(strait_ca::ClusterName, watch::Receiver<Arc<Config>>)>,
     own: watch::Receiver<Arc<Config>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Vec<Served>, String> {
@@ -366,12 +430,11 @@ fn spawn_views(
         )]);
     }
     let mut configs = vec![own];
-    for r in remotes {
-        let rx = dirwatch::watch_dir(r.config_dir.clone())
-            .map_err(|e| format!("--remote {}={}: {e}", r.name, r.config_dir.display()))?;
+    let mut names = Vec::new();
+    for (name, rx) in remotes {
+        names.push(name);
         configs.push(rx);
     }
-    let names: Vec<strait_ca::ClusterName> = remotes.iter().map(|r| r.name.clone()).collect();
     let members = move |configs: &mut [watch::Receiver<Arc<Config>>]| {
         let mut out = vec![Member {
             info: me.clone(),
@@ -717,7 +780,8 @@ pub async fn run(
         egress: cfg.quic_egress.clone(),
     };
     let me = link::cluster_info(&info, &cfg.gateways)?;
-    let served = spawn_views(me, &cfg.remotes, config, stopped())?;
+    let remotes = open_remotes(&cfg).await?;
+    let served = spawn_views(me, remotes, config, stopped())?;
     let mut served = served.into_iter();
     let (own_view, own_siblings) = served
         .next()

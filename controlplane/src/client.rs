@@ -173,6 +173,9 @@ pub struct ClientState {
     pub last_nack: Option<(String, String)>,
     /// Responses accepted so far.
     pub accepted: u64,
+    /// Why the last stream failed (a refusal names its reason), until a
+    /// stream opens again.
+    pub last_error: Option<String>,
 }
 
 /// A running subscription. Dropping it stops the task.
@@ -255,7 +258,10 @@ async fn run(
             Ok(()) => {
                 tracing::info!(address = %cfg.address, "discovery stream closed by the control plane")
             }
-            Err(e) => tracing::warn!(address = %cfg.address, error = %e, "discovery stream failed"),
+            Err(e) => {
+                tracing::warn!(address = %cfg.address, error = %e, "discovery stream failed");
+                state_tx.send_modify(|s| s.last_error = Some(e));
+            }
         }
         if progressed {
             backoff = BACKOFF_MIN;
@@ -300,7 +306,10 @@ async fn session(
         .await
         .map_err(|s| format!("{}: {}", s.code(), s.message()))?
         .into_inner();
-    state_tx.send_modify(|s| s.connected = true);
+    state_tx.send_modify(|s| {
+        s.connected = true;
+        s.last_error = None;
+    });
     tracing::info!(address = %cfg.address, node = %cfg.node_id, "discovery stream open");
     let mut waiting: BTreeSet<String> = cfg.types.iter().map(|t| (*t).to_string()).collect();
     loop {

@@ -43,10 +43,11 @@ pub const GATEWAY_PORT: u16 = 15443;
 /// primary.
 pub const REMOTE_KINDS: [&str; 4] = ["Service", "WorkloadEntry", "Namespace", "ServiceExport"];
 
-/// `--remote NAME=CONFIG_DIR`.
+/// `--remote NAME=CONFIG_DIR` (Kubernetes mode: `NAME=KUBECONFIG`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteSpec {
     pub name: ClusterName,
+    /// Its config directory (Kubernetes mode: its kubeconfig file).
     pub config_dir: PathBuf,
 }
 

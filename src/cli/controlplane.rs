@@ -92,13 +92,13 @@ struct RunArgs {
     #[arg(long, value_name = "HOST:PORT")]
     quic_egress: Option<String>,
     /// Also serve a remote cluster that has no control plane of its own
-    /// (primary-remote): NAME=CONFIG_DIR, its Services, WorkloadEntries,
-    /// Namespaces and ServiceExports (policy comes from this cluster's
-    /// config). Its network is the `topology.istio.io/network` label of its
+    /// (primary-remote): NAME=CONFIG_DIR (with --kube: NAME=KUBECONFIG of
+    /// the remote's API), its Services, WorkloadEntries (pods), Namespaces
+    /// and ServiceExports (policy comes from this cluster's config). Its network is the `topology.istio.io/network` label of its
     /// strait-system Namespace, its gateways the Services labelled with
     /// that network (port 15443, spec.externalIPs). Its proxies name it in
     /// their node metadata (`strait sidecar --cluster NAME`). Repeatable.
-    #[arg(long, value_name = "NAME=CONFIG_DIR")]
+    #[arg(long, value_name = "NAME=CONFIG_DIR|KUBECONFIG")]
     remote: Vec<strait_controlplane::remote::RemoteSpec>,
     /// Quiet time before pushing a config change to proxies.
     #[arg(long, value_parser = parse_duration, default_value = "100ms")]

@@ -4,7 +4,8 @@
 //! and the workspace's end-to-end test of `strait controlplane --kube`.
 //!
 //! - `GET <path>` serves `<last path segment>.json`, or a 404 `Status` when
-//!   there is none (a CRD that is not installed).
+//!   there is none (a CRD that is not installed); `GET .../<plural>/<name>`
+//!   serves that item of `<plural>.json`.
 //! - A watch (`?watch=true`) from the list's `resourceVersion` serves
 //!   `<segment>.watch.jsonl` once the test releases it, then ends; every
 //!   other watch stays open without events, so the watcher idles
@@ -175,7 +176,7 @@ impl Fake {
                 let name = plural(true);
                 let Ok(list) = std::fs::read_to_string(self.dir.join(format!("{name}.json")))
                 else {
-                    return not_found(&path);
+                    return self.get_one(&segments, &path);
                 };
                 if query_param(&query, "watch") != Some("true") {
                     return respond(StatusCode::OK, vec![Bytes::from(list)], false);
@@ -213,6 +214,33 @@ impl Fake {
 }
 
 impl Fake {
+    /// `GET .../<plural>/<name>`: the item of `<plural>.json` of that
+    /// name (and namespace, when the path names one), else a 404.
+    fn get_one(&self, segments: &[&str], path: &str) -> Response<TestBody> {
+        let n = segments.len();
+        if n < 2 {
+            return not_found(path);
+        }
+        let (plural, name) = (segments[n - 2], segments[n - 1]);
+        let namespace = segments
+            .iter()
+            .position(|s| *s == "namespaces")
+            .filter(|i| i + 2 < n)
+            .map(|i| segments[i + 1]);
+        let Ok(list) = std::fs::read_to_string(self.dir.join(format!("{plural}.json"))) else {
+            return not_found(path);
+        };
+        let list: Value = serde_json::from_str(&list).unwrap();
+        let found = list["items"].as_array().into_iter().flatten().find(|item| {
+            item["metadata"]["name"] == name
+                && namespace.is_none_or(|ns| item["metadata"]["namespace"] == ns)
+        });
+        match found {
+            Some(item) => respond(StatusCode::OK, vec![Bytes::from(item.to_string())], false),
+            None => not_found(path),
+        }
+    }
+
     fn token_review(&self, body: &str) -> Response<TestBody> {
         let asked: Value = serde_json::from_str(body).unwrap_or_default();
         let token = asked["spec"]["token"].as_str().unwrap_or_default();
