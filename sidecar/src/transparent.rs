@@ -148,6 +148,29 @@ pub fn iptables_rules(o: &InterceptOptions) -> Result<Vec<String>, String> {
     Ok(r)
 }
 
+/// The rules of [`iptables_rules`] as `iptables-restore --noflush` input:
+/// one transaction for the `nat` table, so that applying them either
+/// installs every rule or none. Chains that exist already make the whole
+/// transaction fail (the rules are applied once per network namespace).
+pub fn restore_input(rules: &[String]) -> Result<String, String> {
+    let mut chains = String::new();
+    let mut appends = String::new();
+    for r in rules {
+        let rest = r
+            .strip_prefix("iptables -t nat ")
+            .ok_or_else(|| format!("rule {r:?} is not an `iptables -t nat` command"))?;
+        if let Some(chain) = rest.strip_prefix("-N ") {
+            chains.push_str(&format!(":{chain} - [0:0]\n"));
+        } else if rest.starts_with("-A ") {
+            appends.push_str(rest);
+            appends.push('\n');
+        } else {
+            return Err(format!("rule {r:?}: only -N and -A are expected"));
+        }
+    }
+    Ok(format!("*nat\n{chains}{appends}COMMIT\n"))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -187,6 +210,26 @@ mod tests {
             .position(|r| r.contains("-j STRAIT_OUTPUT"))
             .unwrap();
         assert!(created < used);
+    }
+
+    #[test]
+    fn restore_input_is_one_nat_transaction() {
+        let rules = iptables_rules(&InterceptOptions::default()).unwrap();
+        let input = restore_input(&rules).unwrap();
+        let lines: Vec<&str> = input.lines().collect();
+        assert_eq!(lines[0], "*nat");
+        assert_eq!(lines[1], ":STRAIT_INBOUND - [0:0]");
+        assert_eq!(*lines.last().unwrap(), "COMMIT");
+        assert!(lines.contains(&"-A OUTPUT -p tcp -j STRAIT_OUTPUT"));
+        // Every rule is there, chains declared before any append.
+        assert_eq!(lines.len(), rules.len() + 2);
+        let last_chain = lines.iter().rposition(|l| l.starts_with(':')).unwrap();
+        let first_append = lines.iter().position(|l| l.starts_with("-A")).unwrap();
+        assert!(last_chain < first_append);
+        for bad in ["iptables -t filter -A X", "iptables -t nat -D OUTPUT 1"] {
+            let e = restore_input(&[bad.to_string()]).unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
     }
 
     #[test]

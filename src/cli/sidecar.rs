@@ -35,7 +35,8 @@ use super::parse_duration;
       --health-listen 0.0.0.0:15021 --metrics-listen 0.0.0.0:15090
   # then, from the app: curl -x http://127.0.0.1:15001 http://echo.demo:8080/
   # transparent capture rules for a pod's init container (istio-init-like)
-  strait sidecar iptables --print"
+  strait sidecar iptables --print
+  strait sidecar iptables --apply     # in the pod's network namespace, as its init container"
 )]
 pub struct SidecarArgs {
     #[command(subcommand)]
@@ -97,10 +98,15 @@ enum SidecarCommand {
 
 #[derive(Debug, Args)]
 struct IptablesArgs {
-    /// Print the commands (applying them is left to the init container's
-    /// shell: `strait sidecar iptables --print | sh`).
-    #[arg(long, required = true)]
+    /// Print the commands (for review, or for an init container's shell:
+    /// `strait sidecar iptables --print | sh`).
+    #[arg(long, required_unless_present = "apply", conflicts_with = "apply")]
     print: bool,
+    /// Apply the rules in this network namespace, as one
+    /// `iptables-restore --noflush` transaction (all or nothing; needs
+    /// CAP_NET_ADMIN and iptables). Refused when they are applied already.
+    #[arg(long)]
+    apply: bool,
     /// The uid the sidecar runs as (its own traffic is not redirected).
     #[arg(long, default_value_t = 1337)]
     proxy_uid: u32,
@@ -128,10 +134,60 @@ fn iptables(a: IptablesArgs) -> Result<()> {
     o.exclude_inbound_ports.extend(a.exclude_inbound_port);
     o.exclude_outbound_cidrs.extend(a.exclude_outbound_cidr);
     let rules = strait_sidecar::transparent::iptables_rules(&o).map_err(super::UsageError)?;
-    debug_assert!(a.print);
-    for r in rules {
-        println!("{r}");
+    if !a.apply {
+        for r in rules {
+            println!("{r}");
+        }
+        return Ok(());
     }
+    let input = strait_sidecar::transparent::restore_input(&rules).map_err(anyhow::Error::msg)?;
+    // iptables-restore would flush our chains and append the jumps to
+    // them twice: once per network namespace is the rule.
+    let present = std::process::Command::new("iptables")
+        .args(["-t", "nat", "-n", "-L", "STRAIT_OUTPUT"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .context("cannot run iptables (is it installed?)")?;
+    if present.success() {
+        return Err(crate::cli::Rejected(
+            "the rules are applied in this network namespace already (chain STRAIT_OUTPUT exists in the nat table)".into(),
+        )
+        .into());
+    }
+    let mut child = std::process::Command::new("iptables-restore")
+        .arg("--noflush")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot run iptables-restore (is iptables installed?)")?;
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().context("iptables-restore stdin")?;
+        stdin.write_all(input.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let hint = if err.contains("already exists") || err.contains("File exists") {
+            " (the rules are applied in this network namespace already)"
+        } else {
+            ""
+        };
+        return Err(crate::cli::Rejected(format!(
+            "iptables-restore refused the rules{hint}: {}",
+            err.trim()
+        ))
+        .into());
+    }
+    eprintln!(
+        "{} rules applied (nat table): inbound to {}, outbound to {}, uid {} spared",
+        rules.len(),
+        o.inbound_port,
+        o.outbound_port,
+        o.proxy_uid
+    );
     Ok(())
 }
 

@@ -1,0 +1,153 @@
+//! `strait sidecar iptables --apply` for real, in a network namespace this
+//! test makes: the rules go in as one transaction, a second apply is
+//! refused, and an app's connection to an outside address lands on the
+//! outbound listener, which reads where it was going (SO_ORIGINAL_DST).
+//!
+//! Skipped, with the reason printed, unless root with iproute2 and
+//! iptables (`scripts/test.sh` installs iptables).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+
+const STRAIT: &str = env!("CARGO_BIN_EXE_strait");
+
+fn run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// A network namespace for the test, removed when dropped.
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Result<Netns, String> {
+        let name = format!("strait-ipt-{}", std::process::id());
+        let (ok, out) = run(&["ip", "netns", "add", &name]);
+        if !ok {
+            return Err(format!("cannot create a network namespace: {out}"));
+        }
+        let ns = Netns(name);
+        // An interface for an "outside" address, so that routing finds a
+        // way before NAT redirects the connection.
+        for cmd in [
+            vec!["link", "set", "lo", "up"],
+            vec!["link", "add", "v0", "type", "veth", "peer", "name", "v1"],
+            vec!["addr", "add", "10.9.9.1/24", "dev", "v0"],
+            vec!["link", "set", "v0", "up"],
+            vec!["link", "set", "v1", "up"],
+        ] {
+            let mut args = vec!["ip", "-n", &ns.0];
+            args.extend(cmd);
+            let (ok, out) = run(&args);
+            assert!(ok, "{args:?}: {out}");
+        }
+        Ok(ns)
+    }
+
+    fn exec(&self, args: &[&str]) -> (bool, String) {
+        let mut all = vec!["ip", "netns", "exec", &self.0];
+        all.extend(args);
+        run(&all)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = run(&["ip", "netns", "del", &self.0]);
+    }
+}
+
+fn unavailable() -> Option<String> {
+    if !run(&["id", "-u"]).1.trim().eq("0") {
+        return Some("not root".into());
+    }
+    for tool in ["ip", "iptables-restore", "iptables-save"] {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+        {
+            return Some(format!("{tool} is missing"));
+        }
+    }
+    None
+}
+
+#[test]
+fn applied_rules_send_an_apps_connection_to_the_outbound_listener() {
+    if let Some(why) = unavailable() {
+        eprintln!("skipped: needs root, iproute2 and iptables ({why})");
+        return;
+    }
+    let ns = match Netns::new() {
+        Ok(ns) => ns,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let (ok, out) = ns.exec(&[STRAIT, "sidecar", "iptables", "--apply"]);
+    assert!(ok, "apply: {out}");
+    assert!(out.contains("rules applied"), "{out}");
+    let (ok, saved) = ns.exec(&["iptables-save", "-t", "nat"]);
+    assert!(ok, "{saved}");
+    for rule in [
+        "-A OUTPUT -p tcp -j STRAIT_OUTPUT",
+        "-A STRAIT_REDIRECT -p tcp -j REDIRECT --to-ports 15001",
+        "-A STRAIT_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006",
+        "--uid-owner 1337 -j RETURN",
+    ] {
+        assert!(saved.contains(rule), "{rule:?} not in:\n{saved}");
+    }
+    // Applied already: refused, and nothing changed.
+    let (ok, out) = ns.exec(&[STRAIT, "sidecar", "iptables", "--apply"]);
+    assert!(!ok, "a second apply succeeded: {out}");
+    assert!(
+        out.contains("applied in this network namespace already"),
+        "{out}"
+    );
+    assert_eq!(
+        ns.exec(&["iptables-save", "-t", "nat"])
+            .1
+            .lines()
+            .filter(|l| l.starts_with("-A"))
+            .count(),
+        saved.lines().filter(|l| l.starts_with("-A")).count()
+    );
+
+    // In the namespace: the outbound listener on 15001, and an app (this
+    // thread, uid 0, not the proxy's 1337) calling 10.9.9.9:8080.
+    let file = std::fs::File::open(format!("/var/run/netns/{}", ns.0)).unwrap();
+    let original = std::thread::spawn(move || {
+        use std::os::fd::AsFd;
+        rustix::thread::move_into_link_name_space(
+            file.as_fd(),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("0.0.0.0:15001")
+                .await
+                .unwrap();
+            let app = tokio::spawn(tokio::net::TcpStream::connect("10.9.9.9:8080"));
+            let (accepted, _) = listener.accept().await.unwrap();
+            let _app = app.await.unwrap().unwrap();
+            strait_sidecar::transparent::original_dst(&accepted).unwrap()
+        })
+    })
+    .join()
+    .unwrap();
+    assert_eq!(original.to_string(), "10.9.9.9:8080");
+}
