@@ -271,7 +271,7 @@ impl ControlPlane {
         client::spawn(
             XdsClientConfig {
                 address: self.listen.clone(),
-                tls: Arc::new(tls(Some(identity)).unwrap()),
+                tls: Arc::new(tls(Some(identity)).unwrap()).into(),
                 node_id: format!(
                     "sidecar~10.1.0.1~{workload}.{}~{}.svc.cluster.local",
                     identity.spiffe_id.workload_parts().unwrap().0,

@@ -41,14 +41,50 @@ const INVALID_ARGUMENT: i32 = 3;
 pub struct XdsClientConfig {
     /// The control plane's discovery address, `host:port`.
     pub address: String,
-    /// mTLS: the proxy's identity and the control plane's verifier.
-    pub tls: Arc<rustls::ClientConfig>,
+    /// mTLS: the proxy's identity and the control plane's verifier, asked
+    /// for at every (re)connect, so that a renewed certificate is used.
+    pub tls: ClientTls,
     /// `<sidecar|gateway>~<address>~<workload>.<namespace>~<namespace>.svc.cluster.local`.
     pub node_id: String,
     pub cluster: String,
     pub network: String,
     /// Type URLs to subscribe to (wildcard each).
     pub types: Vec<&'static str>,
+}
+
+/// Where a discovery client's TLS config comes from at each connect.
+#[derive(Clone)]
+pub struct ClientTls(Arc<dyn Fn() -> Result<Arc<rustls::ClientConfig>, String> + Send + Sync>);
+
+impl ClientTls {
+    /// The same config at every connect.
+    pub fn fixed(config: Arc<rustls::ClientConfig>) -> Self {
+        ClientTls(Arc::new(move || Ok(config.clone())))
+    }
+
+    /// A config made at each connect (from the current certificate).
+    pub fn dynamic(
+        f: impl Fn() -> Result<Arc<rustls::ClientConfig>, String> + Send + Sync + 'static,
+    ) -> Self {
+        ClientTls(Arc::new(f))
+    }
+
+    /// The config for a connect now.
+    pub fn current(&self) -> Result<Arc<rustls::ClientConfig>, String> {
+        (self.0)()
+    }
+}
+
+impl From<Arc<rustls::ClientConfig>> for ClientTls {
+    fn from(config: Arc<rustls::ClientConfig>) -> Self {
+        ClientTls::fixed(config)
+    }
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientTls")
+    }
 }
 
 impl std::fmt::Debug for XdsClientConfig {
@@ -282,7 +318,7 @@ async fn session(
     let channel = strait_broker::transport::channel_to(
         &cfg.address,
         strait_ca::tls::CONTROL_PLANE_SERVER_NAME,
-        cfg.tls.clone(),
+        cfg.tls.current()?,
     )?;
     let mut client =
         AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
@@ -375,6 +411,43 @@ mod tests {
     use super::*;
 
     const T: &str = "type.googleapis.com/strait.mesh.v1.Network";
+
+    #[tokio::test(start_paused = true)]
+    async fn every_connect_asks_for_the_current_tls_config() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        // Nothing listens there: each attempt fails, and the client
+        // reconnects with backoff, asking for the TLS config each time
+        // (where a renewed certificate comes in); a failing provider is a
+        // failed attempt with its reason.
+        let asked = Arc::new(AtomicUsize::new(0));
+        let counter = asked.clone();
+        let cfg = XdsClientConfig {
+            address: "127.0.0.1:9".into(),
+            tls: ClientTls::dynamic(move || {
+                counter.fetch_add(1, Ordering::SeqCst);
+                Err("no certificate yet".to_string())
+            }),
+            node_id: "sidecar~10.0.0.1~a.ns~ns.svc.cluster.local".into(),
+            cluster: String::new(),
+            network: String::new(),
+            types: vec![T],
+        };
+        let validator: Validator = Arc::new(|_| Ok(()));
+        let client = spawn(cfg, validator);
+        let mut state = client.state();
+        let failed = state
+            .wait_for(|s| s.last_error.is_some())
+            .await
+            .unwrap()
+            .clone();
+        assert_eq!(failed.last_error.as_deref(), Some("no certificate yet"));
+        tokio::time::sleep(BACKOFF_MIN * 8).await;
+        assert!(
+            asked.load(Ordering::SeqCst) >= 3,
+            "{}",
+            asked.load(Ordering::SeqCst)
+        );
+    }
 
     fn res(name: &str, version: &str, type_url: Option<&str>) -> Resource {
         Resource {

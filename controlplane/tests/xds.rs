@@ -132,7 +132,7 @@ fn client_tls(pki: &TestPki, id: Option<&str>) -> Arc<rustls::ClientConfig> {
 fn client_config(pki: &TestPki, addr: SocketAddr) -> XdsClientConfig {
     XdsClientConfig {
         address: addr.to_string(),
-        tls: client_tls(pki, Some("spiffe://cluster.local/ns/demo/sa/echo")),
+        tls: client_tls(pki, Some("spiffe://cluster.local/ns/demo/sa/echo")).into(),
         node_id: NODE.into(),
         cluster: "east".into(),
         network: "net-east".into(),

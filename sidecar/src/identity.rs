@@ -72,10 +72,18 @@ pub fn control_plane_tls(
         .trust_domain()
         .cloned()
         .ok_or("the root bundle names no trust domain")?;
-    let verifier = SpiffeServerVerifier::new(
-        Trust::new(bundle.clone()),
-        Accept::Ids([control_plane_id(&td)?].into()),
-    );
+    control_plane_tls_with(&Trust::new(bundle.clone()), &td, client)
+}
+
+/// [`control_plane_tls`] verifying with `trust` (shared: it follows bundle
+/// updates) for the control plane of trust domain `td`.
+pub fn control_plane_tls_with(
+    trust: &Trust,
+    td: &strait_ca::TrustDomain,
+    client: Option<&Identity>,
+) -> Result<rustls::ClientConfig, String> {
+    let verifier =
+        SpiffeServerVerifier::new(trust.clone(), Accept::Ids([control_plane_id(td)?].into()));
     strait_ca::tls::client_config(
         verifier,
         client.map(|i| (i.chain_der.as_slice(), i.key_pkcs8.as_slice())),

@@ -295,10 +295,25 @@ fn subscribe(
         Trust::new(bundle),
         Accept::Ids([control_plane_id(&td)?].into()),
     );
-    let tls = strait_ca::tls::client_config(verifier, Some((&chain, &key)), &[b"h2"])?;
+    // Checked once now (a bad identity fails at start); then read again at
+    // every (re)connect, so that a rotated identity is used.
+    strait_ca::tls::client_config(verifier, Some((&chain, &key)), &[b"h2"])?;
+    let tls = {
+        let dir = dir.clone();
+        let cp_id = control_plane_id(&td)?;
+        strait_controlplane::client::ClientTls::dynamic(move || {
+            let (chain, key, bundle) = strait_broker::client::read_credentials(&dir)
+                .map_err(|e| format!("--identity {}: {e}", dir.display()))?;
+            let verifier =
+                SpiffeServerVerifier::new(Trust::new(bundle), Accept::Ids([cp_id.clone()].into()));
+            strait_ca::tls::client_config(verifier, Some((&chain, &key)), &[b"h2"])
+                .map(Arc::new)
+                .map_err(|e| e.to_string())
+        })
+    };
     let cfg = strait_controlplane::client::XdsClientConfig {
         address: address.to_string(),
-        tls: Arc::new(tls),
+        tls,
         node_id: format!(
             "gateway~{}~eastwest-gateway.strait-system~strait-system.svc.cluster.local",
             args.listen.ip()

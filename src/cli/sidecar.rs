@@ -319,15 +319,26 @@ pub fn run(args: SidecarArgs) -> Result<()> {
             .ok_or_else(|| anyhow::anyhow!("no certificate"))?;
         tracing::info!(id = %first.spiffe_id, "workload certificate ready");
 
-        // Discovery, over mTLS with the current certificate (a reconnect
-        // after renewal uses the new one).
-        let tls = identity::control_plane_tls(&bundle, Some(&first)).map_err(anyhow::Error::msg)?;
+        // Discovery, over mTLS: every (re)connect takes the current
+        // certificate (renewed at half life) and the current trust (which
+        // follows the pushed bundles through root rotations).
+        let trust = strait_ca::tls::Trust::new(bundle.clone());
+        identity::control_plane_tls_with(&trust, &td, Some(&first)).map_err(anyhow::Error::msg)?;
+        let tls = {
+            let identity = identity.clone();
+            let trust = trust.clone();
+            let td = td.clone();
+            client::ClientTls::dynamic(move || {
+                let current = identity.borrow().clone().ok_or("no certificate yet")?;
+                identity::control_plane_tls_with(&trust, &td, Some(&current)).map(Arc::new)
+            })
+        };
         let validator_me = me.clone();
         let validator: Validator = Arc::new(move |res| mesh_config(res, &validator_me).map(|_| ()));
         let xds = client::spawn(
             XdsClientConfig {
                 address: control_plane.clone(),
-                tls: Arc::new(tls),
+                tls,
                 node_id: format!(
                     "sidecar~{}~{}.{}~{}.svc.cluster.local",
                     args.inbound.ip(),
@@ -377,7 +388,6 @@ pub fn run(args: SidecarArgs) -> Result<()> {
                 }
             });
         }
-        let trust = strait_ca::tls::Trust::new(bundle.clone());
         // Ready means a certificate and a first config, whatever the
         // control plane's stream is doing now.
         strait_sidecar::follow_readiness(identity.clone(), config_rx.clone(), ready.clone());
