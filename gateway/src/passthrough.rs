@@ -5,8 +5,11 @@
 //! timeout. Anything else is closed and counted by reason; one connection
 //! never disturbs another.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -14,7 +17,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -318,62 +321,167 @@ pub async fn forward<S>(
     tracing::debug!(via, host = %target.host, sent = up, received = down, "connection done");
 }
 
-/// Copies both ways until both sides closed (a read EOF on one side shuts
-/// down writing to the other: half-close), or nothing moved for `idle`.
-/// Returns the bytes client→upstream and upstream→client.
+/// Copies both ways until both sides closed (a read EOF or read error on
+/// one side shuts down writing to the other: half-close), a write fails, or
+/// nothing moved for `idle`. Returns the bytes written client→upstream and
+/// upstream→client.
 ///
-/// One task, no stream splitting (no lock per read), and one idle timer
-/// that is re-armed only when it fires early, not on every read.
+/// One task and one hand-written future: each wake-up polls both
+/// directions once, with no stream splitting (no lock per read), no
+/// per-iteration futures or random branch order, and a direction blocked on
+/// a slow writer never stops the other. The idle timer is re-armed only
+/// when it fires early, not on every read.
 pub async fn splice<A, B>(mut a: A, mut b: B, idle: Duration) -> (u64, u64)
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut abuf = vec![0u8; 32 * 1024];
-    let mut bbuf = vec![0u8; 32 * 1024];
-    let (mut a_open, mut b_open) = (true, true);
-    let (mut up, mut down) = (0u64, 0u64);
+    let mut up = Pipe::new();
+    let mut down = Pipe::new();
     let mut last = tokio::time::Instant::now();
     let timer = tokio::time::sleep(idle);
     tokio::pin!(timer);
-    while a_open || b_open {
-        tokio::select! {
-            r = a.read(&mut abuf), if a_open => match r {
-                Ok(0) | Err(_) => {
-                    a_open = false;
-                    let _ = b.shutdown().await;
-                }
-                Ok(n) => {
-                    if b.write_all(&abuf[..n]).await.is_err() {
-                        break;
-                    }
-                    up += n as u64;
-                    last = tokio::time::Instant::now();
-                }
-            },
-            r = b.read(&mut bbuf), if b_open => match r {
-                Ok(0) | Err(_) => {
-                    b_open = false;
-                    let _ = a.shutdown().await;
-                }
-                Ok(n) => {
-                    if a.write_all(&bbuf[..n]).await.is_err() {
-                        break;
-                    }
-                    down += n as u64;
-                    last = tokio::time::Instant::now();
-                }
-            },
-            () = &mut timer => {
-                let deadline = last + idle;
-                if tokio::time::Instant::now() >= deadline {
-                    break;
-                }
-                timer.as_mut().reset(deadline);
+    std::future::poll_fn(|cx| {
+        let u = up.poll(cx, Pin::new(&mut a), Pin::new(&mut b));
+        let d = down.poll(cx, Pin::new(&mut b), Pin::new(&mut a));
+        if u == Flow::Failed || d == Flow::Failed || (u == Flow::Done && d == Flow::Done) {
+            return Poll::Ready(());
+        }
+        if up.moved || down.moved {
+            up.moved = false;
+            down.moved = false;
+            last = tokio::time::Instant::now();
+        }
+        while timer.as_mut().poll(cx).is_ready() {
+            let deadline = last + idle;
+            if tokio::time::Instant::now() >= deadline {
+                return Poll::Ready(());
             }
+            timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    })
+    .await;
+    (up.bytes, down.bytes)
+}
+
+/// Where one direction of a splice stands after a poll.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    /// Waiting on the reader or the writer, or out of budget for this
+    /// wake-up (either way the task will be woken).
+    Pending,
+    /// The reader ended and the writer was shut down: nothing more to do.
+    Done,
+    /// Writing failed: the whole splice ends.
+    Failed,
+}
+
+/// One direction of a splice: bytes read from one side and not yet written
+/// to the other, in a buffer allocated once per connection.
+struct Pipe {
+    buf: Box<[u8]>,
+    /// `buf[start..end]` is still to be written.
+    start: usize,
+    end: usize,
+    /// Written bytes not flushed yet.
+    unflushed: bool,
+    /// The reader returned EOF or an error: no more reads.
+    eof: bool,
+    /// The writer was shut down after `eof`.
+    done: bool,
+    /// Bytes moved since the caller last cleared it (for the idle timer).
+    moved: bool,
+    /// Bytes written in total.
+    bytes: u64,
+}
+
+/// Per direction: a TLS record is at most ~16 KiB, so one read usually
+/// takes whatever the peer has sent.
+const PIPE_BUFFER: usize = 32 * 1024;
+
+/// Chunks one direction moves per wake-up before it yields. Tokio's own
+/// sockets already yield through the runtime's cooperative budget, but a
+/// stream outside it (a QUIC stream, say) that is always ready would
+/// otherwise keep the loop going and, on a one-thread runtime, starve every
+/// other connection.
+const CHUNKS_PER_POLL: usize = 16;
+
+impl Pipe {
+    fn new() -> Self {
+        Pipe {
+            buf: vec![0u8; PIPE_BUFFER].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            unflushed: false,
+            eof: false,
+            done: false,
+            moved: false,
+            bytes: 0,
         }
     }
-    (up, down)
+
+    /// Moves what it can from `r` to `w` without blocking, at most
+    /// [`CHUNKS_PER_POLL`] reads' worth.
+    fn poll<R, W>(&mut self, cx: &mut Context<'_>, mut r: Pin<&mut R>, mut w: Pin<&mut W>) -> Flow
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        for _ in 0..CHUNKS_PER_POLL {
+            // Drain what was read.
+            while self.start < self.end {
+                match w.as_mut().poll_write(cx, &self.buf[self.start..self.end]) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Flow::Failed,
+                    Poll::Ready(Ok(n)) => {
+                        self.start += n;
+                        self.bytes += n as u64;
+                        self.moved = true;
+                        self.unflushed = true;
+                    }
+                    Poll::Pending => return Flow::Pending,
+                }
+            }
+            if self.unflushed {
+                match w.as_mut().poll_flush(cx) {
+                    Poll::Ready(Ok(())) => self.unflushed = false,
+                    Poll::Ready(Err(_)) => return Flow::Failed,
+                    Poll::Pending => return Flow::Pending,
+                }
+            }
+            if self.eof {
+                if !self.done {
+                    // Half-close: the far side sees EOF; an error here (the
+                    // peer already gone) changes nothing for the other
+                    // direction.
+                    match w.as_mut().poll_shutdown(cx) {
+                        Poll::Ready(_) => self.done = true,
+                        Poll::Pending => return Flow::Pending,
+                    }
+                }
+                return Flow::Done;
+            }
+            // Read the next chunk into the (now empty) buffer.
+            let mut rb = ReadBuf::new(&mut self.buf);
+            match r.as_mut().poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    if n == 0 {
+                        self.eof = true;
+                    } else {
+                        self.start = 0;
+                        self.end = n;
+                        self.moved = true;
+                    }
+                }
+                Poll::Ready(Err(_)) => self.eof = true,
+                Poll::Pending => return Flow::Pending,
+            }
+        }
+        // Budget spent with work left: be polled again after the others.
+        cx.waker().wake_by_ref();
+        Flow::Pending
+    }
 }
 
 #[cfg(test)]
@@ -397,6 +505,195 @@ mod tests {
         client_far.read_to_end(&mut back).await.unwrap();
         assert_eq!(back, b"pong!");
         assert_eq!(task.await.unwrap(), (4, 5));
+    }
+
+    #[tokio::test]
+    async fn splice_half_closes_from_the_server_side_first() {
+        let (client, mut client_far) = tokio::io::duplex(64);
+        let (server, mut server_far) = tokio::io::duplex(64);
+        let task = tokio::spawn(splice(client, server, Duration::from_secs(5)));
+        server_far.write_all(b"hello").await.unwrap();
+        server_far.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        client_far.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"hello", "EOF reached the client: half-close");
+        // The client can still send after the server's half-close.
+        client_far.write_all(b"late request").await.unwrap();
+        client_far.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        server_far.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"late request");
+        assert_eq!(task.await.unwrap(), (12, 5));
+    }
+
+    /// Real sockets: a half-close is a FIN the peer reads as EOF while its
+    /// own direction stays open.
+    #[tokio::test]
+    async fn splice_half_closes_tcp_sockets() {
+        async fn pair() -> (TcpStream, TcpStream) {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let (a, b) = tokio::join!(TcpStream::connect(l.local_addr().unwrap()), l.accept());
+            (a.unwrap(), b.unwrap().0)
+        }
+        let (mut client_far, client) = pair().await;
+        let (server, mut server_far) = pair().await;
+        let task = tokio::spawn(splice(client, server, Duration::from_secs(3600)));
+        client_far.write_all(b"GET").await.unwrap();
+        client_far.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        server_far.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"GET");
+        let reply = vec![42u8; 1 << 20];
+        server_far.write_all(&reply).await.unwrap();
+        server_far.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        client_far.read_to_end(&mut back).await.unwrap();
+        assert!(
+            back == reply,
+            "the reply arrives whole after the client's FIN"
+        );
+        assert_eq!(task.await.unwrap(), (3, 1 << 20));
+    }
+
+    #[tokio::test]
+    async fn splice_moves_large_transfers_both_ways_at_once() {
+        // Small pipes on both sides and more than one buffer each way: both
+        // directions must progress together, bytes intact and counted.
+        let (client, client_far) = tokio::io::duplex(1024);
+        let (server, server_far) = tokio::io::duplex(1024);
+        let task = tokio::spawn(splice(client, server, Duration::from_secs(5)));
+        let up: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let down: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+        let (mut cr, mut cw) = tokio::io::split(client_far);
+        let (mut sr, mut sw) = tokio::io::split(server_far);
+        let (up2, down2) = (up.clone(), down.clone());
+        let (_, _, got_up, got_down) = tokio::time::timeout(Duration::from_secs(30), async {
+            tokio::join!(
+                async move {
+                    cw.write_all(&up2).await.unwrap();
+                    cw.shutdown().await.unwrap();
+                },
+                async move {
+                    sw.write_all(&down2).await.unwrap();
+                    sw.shutdown().await.unwrap();
+                },
+                async move {
+                    let mut v = Vec::new();
+                    sr.read_to_end(&mut v).await.unwrap();
+                    v
+                },
+                async move {
+                    let mut v = Vec::new();
+                    cr.read_to_end(&mut v).await.unwrap();
+                    v
+                },
+            )
+        })
+        .await
+        .expect("transfers finish");
+        assert!(got_up == up, "client→server bytes intact");
+        assert!(got_down == down, "server→client bytes intact");
+        assert_eq!(task.await.unwrap(), (200_000, 300_000));
+    }
+
+    #[tokio::test]
+    async fn splice_keeps_one_direction_moving_while_the_other_is_stuck() {
+        // The server does not read: client→server stalls once its pipe is
+        // full, yet server→client still flows.
+        let (client, mut client_far) = tokio::io::duplex(64);
+        let (server, mut server_far) = tokio::io::duplex(64);
+        let _task = tokio::spawn(splice(client, server, Duration::from_secs(5)));
+        client_far.write_all(&[7u8; 60]).await.unwrap();
+        client_far.write_all(&[7u8; 60]).await.unwrap();
+        server_far.write_all(b"pong").await.unwrap();
+        let mut back = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(5), client_far.read_exact(&mut back))
+            .await
+            .expect("server→client not blocked by the stalled direction")
+            .unwrap();
+        assert_eq!(&back, b"pong");
+    }
+
+    #[tokio::test]
+    async fn splice_ends_when_a_write_fails() {
+        let (client, mut client_far) = tokio::io::duplex(64);
+        let (server, server_far) = tokio::io::duplex(64);
+        let task = tokio::spawn(splice(client, server, Duration::from_secs(3600)));
+        drop(server_far);
+        // The server's EOF half-closes the client side...
+        let mut rest = Vec::new();
+        client_far.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        // ...and the client's next bytes cannot be delivered: the end.
+        client_far.write_all(b"lost").await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("splice ends on a failed write")
+            .unwrap();
+        assert_eq!(r, (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn splice_idle_timer_restarts_on_traffic() {
+        let (client, mut client_far) = tokio::io::duplex(64);
+        let (server, mut server_far) = tokio::io::duplex(64);
+        let start = tokio::time::Instant::now();
+        let task = tokio::spawn(splice(client, server, Duration::from_secs(30)));
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        client_far.write_all(b"hi").await.unwrap();
+        let mut got = [0u8; 2];
+        server_far.read_exact(&mut got).await.unwrap();
+        let r = task.await.unwrap();
+        let closed_after = start.elapsed();
+        assert_eq!(r, (2, 0));
+        assert!(
+            (Duration::from_secs(50)..Duration::from_secs(51)).contains(&closed_after),
+            "closed 30 s after the last bytes (at 20 s), not {closed_after:?}"
+        );
+    }
+
+    /// Always ready and outside tokio's cooperative budget: an endless
+    /// source and a bottomless sink.
+    struct Endless;
+
+    impl AsyncRead for Endless {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            let n = buf.remaining().min(1000);
+            buf.put_slice(&[1u8; 1000][..n]);
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Endless {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn splice_yields_between_bounded_bursts() {
+        // Streams that never say "pending" must not keep the (possibly only)
+        // thread: each poll moves a bounded amount and asks to be woken.
+        let spliced = splice(Endless, Endless, Duration::from_secs(5));
+        tokio::pin!(spliced);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        for _ in 0..3 {
+            assert!(spliced.as_mut().poll(&mut cx).is_pending());
+        }
     }
 
     #[tokio::test(start_paused = true)]
