@@ -111,7 +111,8 @@ pub struct GatewayArgs {
     /// The listener of the exposed control plane.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15012")]
     expose_listen: SocketAddr,
-    /// Data-plane worker threads (default: one per CPU).
+    /// Data-plane worker threads (default: one per CPU). With 1, everything
+    /// runs on one thread with tokio's current-thread scheduler.
     #[arg(long, value_name = "N")]
     worker_threads: Option<usize>,
 }
@@ -392,14 +393,11 @@ pub fn run(args: GatewayArgs) -> Result<()> {
         }
         None => RouteTable::default(),
     };
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = args.worker_threads {
-        if n == 0 {
-            return Err(super::UsageError("--worker-threads must be at least 1".into()).into());
-        }
-        builder.worker_threads(n);
+    if args.worker_threads == Some(0) {
+        return Err(super::UsageError("--worker-threads must be at least 1".into()).into());
     }
-    let runtime = builder.enable_all().build()?;
+    // One worker: a current-thread runtime (see `passthrough::runtime`).
+    let runtime = strait_gateway::passthrough::runtime(args.worker_threads)?;
     runtime.block_on(async move {
         let (table_tx, table_rx) = tokio::sync::watch::channel(Arc::new(table));
         let mut registry = Registry::default();
