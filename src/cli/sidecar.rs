@@ -87,6 +87,12 @@ pub struct SidecarArgs {
     /// On SIGTERM, let in-flight requests finish for up to this long.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     drain: Duration,
+    /// Worker threads. With 1 (the default, like Envoy's --concurrency 1)
+    /// everything runs on one thread with tokio's current-thread scheduler:
+    /// no cross-thread wake-ups on the request path and no idle worker
+    /// stacks. More use the multi-thread scheduler, for busier workloads.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    worker_threads: usize,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -283,10 +289,10 @@ pub fn run(args: SidecarArgs) -> Result<()> {
         name: workload.clone(),
         namespace: namespace.clone(),
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    if args.worker_threads == 0 {
+        return Err(super::UsageError("--worker-threads must be at least 1".into()).into());
+    }
+    let runtime = strait_sidecar::runtime(args.worker_threads)?;
     runtime.block_on(async move {
         let inbound = http::bind(args.inbound, "inbound").await.map_err(anyhow::Error::msg)?;
         let outbound = http::bind(args.outbound, "outbound").await.map_err(anyhow::Error::msg)?;
@@ -412,6 +418,7 @@ pub fn run(args: SidecarArgs) -> Result<()> {
         .await;
         drop(xds);
         tracing::info!("sidecar stopped");
+        strait_sidecar::metrics::flush_log();
         Ok(())
     })
 }
