@@ -139,42 +139,88 @@ pub struct AccessLog<'a> {
     pub reason: Option<&'a str>,
 }
 
-/// Lines waiting for the writer; beyond this, lines are dropped (counted)
-/// rather than slowing requests down.
-const LOG_QUEUE: usize = 4096;
+/// How long the writer lets lines gather before writing them out: one
+/// wake-up and one write per batch instead of per request (Envoy's file
+/// access log flushes every second; this is shorter).
+const LOG_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// The access log writer: one thread that owns stdout, fed by a bounded
-/// queue, so a slow terminal or pipe never blocks a proxy thread.
+/// Bytes waiting for the writer; beyond this, lines are dropped (counted)
+/// rather than slowing requests down or growing without bound.
+const LOG_BUFFER_LIMIT: usize = 4 << 20;
+
+/// What a batch buffer keeps of its capacity after a burst.
+const LOG_BUFFER_KEEP: usize = 64 << 10;
+
+/// The access log writer: one thread that owns stdout and writes the lines
+/// gathered in a buffer, so a slow terminal or pipe never blocks a proxy
+/// thread, and a request only appends to memory. The thread is woken when
+/// the buffer stops being empty, then waits [`LOG_FLUSH_INTERVAL`] for more
+/// lines before writing them all.
 struct LogWriter {
-    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+    lines: std::sync::Mutex<Vec<u8>>,
+    wake: std::sync::Condvar,
     dropped: std::sync::atomic::AtomicU64,
+}
+
+impl LogWriter {
+    /// Writes out what is buffered. Taking the batch with stdout locked
+    /// keeps batches in order between the writer thread and [`flush_log`].
+    fn write_batch(&self, spare: &mut Vec<u8>) -> std::io::Result<()> {
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        match self.lines.lock() {
+            Ok(mut lines) => std::mem::swap(&mut *lines, spare),
+            Err(_) => return Ok(()),
+        }
+        let written = out.write_all(spare).and_then(|()| out.flush());
+        spare.clear();
+        spare.shrink_to(LOG_BUFFER_KEEP);
+        written
+    }
 }
 
 fn writer() -> Option<&'static LogWriter> {
     static WRITER: std::sync::OnceLock<Option<LogWriter>> = std::sync::OnceLock::new();
-    WRITER
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    let w = WRITER
         .get_or_init(|| {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(LOG_QUEUE);
-            std::thread::Builder::new()
-                .name("access-log".into())
-                .spawn(move || {
-                    let stdout = std::io::stdout();
-                    while let Ok(line) = rx.recv() {
-                        let mut out = stdout.lock();
-                        if out.write_all(&line).and_then(|()| out.flush()).is_err() {
-                            // stdout is gone; nothing else to tell.
+            Some(LogWriter {
+                lines: std::sync::Mutex::new(Vec::new()),
+                wake: std::sync::Condvar::new(),
+                dropped: std::sync::atomic::AtomicU64::new(0),
+            })
+        })
+        .as_ref()?;
+    STARTED.call_once(|| {
+        let spawned = std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || {
+                let mut spare = Vec::new();
+                loop {
+                    {
+                        let Ok(mut lines) = w.lines.lock() else {
                             return;
+                        };
+                        while lines.is_empty() {
+                            lines = match w.wake.wait(lines) {
+                                Ok(l) => l,
+                                Err(_) => return,
+                            };
                         }
                     }
-                })
-                .map_err(|e| tracing::error!(error = %e, "no access log writer thread"))
-                .ok()
-                .map(|_| LogWriter {
-                    tx,
-                    dropped: std::sync::atomic::AtomicU64::new(0),
-                })
-        })
-        .as_ref()
+                    std::thread::sleep(LOG_FLUSH_INTERVAL);
+                    if w.write_batch(&mut spare).is_err() {
+                        // stdout is gone; nothing else to tell. Lines
+                        // pile up to the limit, then are dropped (counted).
+                        return;
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "no access log writer thread");
+        }
+    });
+    Some(w)
 }
 
 /// The JSON line of an entry (newline-terminated).
@@ -184,15 +230,39 @@ pub fn encode(entry: &AccessLog<'_>) -> Option<Vec<u8>> {
     Some(line)
 }
 
-/// Queues one JSON line for stdout. Logging never fails or slows a
+/// Buffers one JSON line for stdout. Logging never fails or slows a
 /// request: when the writer falls behind, lines are dropped and counted
-/// (see [`dropped_log_lines`]).
+/// (see [`dropped_log_lines`]). Lines reach stdout within about
+/// [`LOG_FLUSH_INTERVAL`], or at [`flush_log`].
 pub fn log(entry: &AccessLog<'_>) {
-    let (Some(w), Some(line)) = (writer(), encode(entry)) else {
+    let Some(w) = writer() else {
         return;
     };
-    if w.tx.try_send(line).is_err() {
+    let Ok(mut lines) = w.lines.lock() else {
+        return;
+    };
+    let was_empty = lines.is_empty();
+    let before = lines.len();
+    if before >= LOG_BUFFER_LIMIT {
         w.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return;
+    }
+    if serde_json::to_writer(&mut *lines, entry).is_err() {
+        lines.truncate(before);
+        return;
+    }
+    lines.push(b'\n');
+    drop(lines);
+    if was_empty {
+        w.wake.notify_one();
+    }
+}
+
+/// Writes out the buffered access log lines now (on shutdown, so none is
+/// lost with the process).
+pub fn flush_log() {
+    if let Some(w) = writer() {
+        let _ = w.write_batch(&mut Vec::new());
     }
 }
 
@@ -243,6 +313,35 @@ mod tests {
             text.contains("connection_security_policy=\"mutual_tls\""),
             "{text}"
         );
+    }
+
+    #[test]
+    fn logged_lines_are_buffered_until_flushed() {
+        let entry = AccessLog {
+            start_time: now_rfc3339(),
+            reporter: "source",
+            method: "GET",
+            path: "/",
+            authority: "echo.demo:8080",
+            response_code: 200,
+            duration_ms: 0.5,
+            upstream_host: "10.0.0.1:15006",
+            peer_identity: None,
+            source_cluster: "c1",
+            destination_cluster: "c2",
+            request_id: "r",
+            reason: None,
+        };
+        let w = writer().unwrap();
+        log(&entry);
+        log(&entry);
+        flush_log();
+        // The writer thread may have taken the batch first; either way
+        // nothing is left behind and nothing was dropped.
+        assert!(w.lines.lock().unwrap().is_empty());
+        assert_eq!(dropped_log_lines(), 0);
+        let line = encode(&entry).unwrap();
+        assert!(line.len() < LOG_BUFFER_KEEP);
     }
 
     #[test]
