@@ -482,16 +482,18 @@ fn idempotent(m: &http::Method) -> bool {
     )
 }
 
-/// Sends `req` to `t`; the verified server identity comes with the answer.
+/// Sends the request `make` builds to `t`; the verified server identity
+/// comes with the answer. `make` is called again only when a pooled
+/// connection lost a request it had sent (so no copy is made up front).
 async fn send(
     shared: &Shared,
     id: &Arc<Identity>,
     t: &Target<'_>,
-    req: Request<Full<Bytes>>,
+    make: &(dyn Fn() -> Request<Full<Bytes>> + Sync),
 ) -> Result<(Response<Full<Bytes>>, String), SendError> {
     // A pooled connection may have died since it was last used; a request
     // it never sent goes once more over a fresh connection.
-    let mut req = req;
+    let mut req = make();
     let mut fresh = false;
     let (resp, peer) = loop {
         let (key, pooled) = h2_connection(shared, id, t).await?;
@@ -508,14 +510,7 @@ async fn send(
         // sending (the peer died a moment ago and the pool had not yet
         // seen it close) is sent once more over a fresh connection, as
         // the request cannot have been answered.
-        let again = (!fresh && idempotent(req.method())).then(|| {
-            let mut copy = Request::new(req.body().clone());
-            *copy.method_mut() = req.method().clone();
-            *copy.uri_mut() = req.uri().clone();
-            *copy.version_mut() = req.version();
-            *copy.headers_mut() = req.headers().clone();
-            copy
-        });
+        let again = !fresh && idempotent(req.method());
         match sender.try_send_request(req).await {
             Ok(r) => break (r, pooled.peer),
             Err(mut e) => {
@@ -525,9 +520,9 @@ async fn send(
                         req = unsent;
                         fresh = true;
                     }
-                    (None, Some(copy)) => {
+                    (None, true) => {
                         tracing::debug!(target = %key.target, error = %e.error(), "pooled connection lost; resending once on a fresh one");
-                        req = copy;
+                        req = make();
                         fresh = true;
                     }
                     _ => return Err(SendError::Reset(e.into_error().to_string())),
@@ -925,16 +920,14 @@ async fn forward(
             tls: tp.tls,
             connect_timeout: tp.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
         };
-        let mut out = Request::from_parts(parts.clone(), Full::new(body.clone()));
-        *out.version_mut() = http::Version::HTTP_2;
         let authority = if dest_service.hostname == service.hostname && dest.port.is_none() {
             authority.clone()
         } else {
             // Rerouted to another service or port: name that one.
             format!("{}:{dest_port}", dest_service.hostname)
         };
-        match format!("http://{authority}{path}").parse() {
-            Ok(u) => *out.uri_mut() = u,
+        let uri: http::Uri = match format!("http://{authority}{path}").parse() {
+            Ok(u) => u,
             Err(e) => {
                 return (
                     fail(
@@ -945,13 +938,20 @@ async fn forward(
                     Some(service),
                 );
             }
-        }
+        };
+        let parts: &http::request::Parts = parts;
+        let make = || {
+            let mut out = Request::from_parts(parts.clone(), Full::new(body.clone()));
+            *out.version_mut() = http::Version::HTTP_2;
+            *out.uri_mut() = uri.clone();
+            out
+        };
         let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let per_try = match (route.retries.per_try_timeout, remaining) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let sent = send(shared, &id, &target, out);
+        let sent = send(shared, &id, &target, &make);
         let result = match per_try {
             Some(t) => tokio::time::timeout(t, sent)
                 .await
