@@ -241,7 +241,7 @@ strait_idle=$(proc_pid east/private/sidecar)
 threads() { awk '/^Threads/ {print $2}' "/proc/$1/status"; }
 
 echo "==> $rounds round(s) of $n GETs per path at $rate req/s (+$warmup warm-up), one keep-alive connection" >&2
-echo "strait sidecars: $(threads "$strait_client") threads (tokio multi-thread runtime: main + workers + helpers); Envoy: --concurrency 1, $(threads "$envoy_out_pid") threads"
+echo "strait sidecars: default --worker-threads (1: tokio's current-thread runtime; an access-log writer thread starts with the first request), $(threads "$strait_client") thread(s) before the run; Envoy: --concurrency 1, $(threads "$envoy_out_pid") threads"
 python3 - "$work/lab/lab.json" "$n" "$rate" "$rounds" "$warmup" "127.0.0.1:$env_out" \
     "$strait_client,$strait_echo" "$envoy_out_pid,$envoy_in_pid" "$strait_idle" <<'PY'
 import http.client, json, os, socket, statistics, sys, time
@@ -257,9 +257,15 @@ echo = next(w for w in east["workloads"] if w["service"] == "echo")
 app_host = echo["inbound"].split(":")[0]
 proxy_host, proxy_port = east["client_proxy"].removeprefix("http://").split(":")
 
-def rss_kb(pid):
+def rss_kb(pid, field="VmRSS"):
     with open(f"/proc/{pid}/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+        return next(int(l.split()[1]) for l in f if l.startswith(field + ":"))
+
+def rss(pid):
+    """VmRSS, and how much of it is private memory and mapped file pages
+    (mostly the binary's code, shared with every process running it)."""
+    return (f"{rss_kb(pid) / 1024:.1f} MB (anon {rss_kb(pid, 'RssAnon') / 1024:.1f}, "
+            f"file {rss_kb(pid, 'RssFile') / 1024:.1f})")
 
 def proc_cpu(pid):
     """CPU seconds the live threads of `pid` ran (scheduler clock, in ns;
@@ -273,7 +279,7 @@ def proc_cpu(pid):
             pass  # the thread ended meanwhile
     return total / 1e9
 
-envoy_idle = {p: rss_kb(p) for p in envoy_pids}
+envoy_idle = {p: rss(p) for p in envoy_pids}
 
 paths = {
     "direct": (app_host, 8080, "/", []),
@@ -383,9 +389,9 @@ print("target: strait's added p50 <= 0.250 ms")
 print("us/req: CPU time of the pair's two processes per request; late: requests that "
       "started more than half an interval after their slot")
 print("RSS (VmRSS):")
-print(f"  strait idle   east/private sidecar (served nothing): {rss_kb(idle_pid) / 1024:.1f} MB  (target <= 15 MB)")
+print(f"  strait idle   east/private sidecar (served nothing): {rss(idle_pid)}  (target <= 15 MB)")
 for name, p in zip(("client", "echo-v1"), strait_pids):
-    print(f"  strait loaded east/{name} sidecar: {rss_kb(p) / 1024:.1f} MB")
+    print(f"  strait loaded east/{name} sidecar: {rss(p)}, {len(os.listdir(f'/proc/{p}/task'))} threads")
 for name, p in zip(("outbound", "inbound"), envoy_pids):
-    print(f"  envoy {name}: idle {envoy_idle[p] / 1024:.1f} MB, loaded {rss_kb(p) / 1024:.1f} MB")
+    print(f"  envoy {name}: idle {envoy_idle[p]}, loaded {rss(p)}")
 PY
