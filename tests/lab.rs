@@ -197,6 +197,15 @@ fn multi_primary_end_to_end() {
     assert_eq!(j["clusters"][1]["name"], "west");
     let (code, out, err) = lab.lab(&["status"]);
     assert_eq!(code, 0, "status: {out}{err}");
+    // Sidecars run the slim binary, which cargo builds next to `strait`.
+    let procs: Value =
+        serde_json::from_str(&std::fs::read_to_string(lab.path().join("run/procs.json")).unwrap())
+            .unwrap();
+    let pid = procs["procs"]["east/client/sidecar"]["pid"]
+        .as_u64()
+        .unwrap();
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert!(exe.ends_with("strait-sidecar"), "{}", exe.display());
     // A second `up` on the same directory is refused.
     let (code, _, err) = strait(&[
         "lab",

@@ -694,8 +694,14 @@ fn up(a: UpArgs) -> Result<()> {
         let _ = down(&dir);
         return Err(e);
     }
+    let (sidecar, _) = run::program(&exe()?, &["sidecar".to_string()]);
+    let sidecar = if sidecar.ends_with(run::SIDECAR_BIN) {
+        run::SIDECAR_BIN
+    } else {
+        "strait sidecar (strait-sidecar is not built next to strait)"
+    };
     println!(
-        "lab {} is up in {} ({:?} mode)\n",
+        "lab {} is up in {} ({:?} mode; sidecars run {sidecar})\n",
         topology_name(lab.topology),
         dir.display(),
         lab.mode

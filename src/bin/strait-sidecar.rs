@@ -1,0 +1,32 @@
+//! `strait-sidecar`: the sidecar on its own, the binary a pod runs.
+//!
+//! It takes exactly the arguments of `strait sidecar` and runs the same
+//! code; what differs is what is linked in. `strait` carries every role
+//! (broker, control plane with its Kubernetes client, gateway, lab), and
+//! the pages of that code which startup touches stay resident: the sidecar
+//! run from `strait` idles at about 15.7 MB RSS, from this binary at about
+//! 10 MB (`scripts/bench-sidecar.sh` prints both sides).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use strait::cli;
+
+#[derive(Debug, Parser)]
+#[command(name = "strait-sidecar", version)]
+struct Cli {
+    #[command(flatten)]
+    log: cli::LogArgs,
+    #[command(flatten)]
+    args: cli::sidecar::SidecarArgs,
+}
+
+fn main() -> ExitCode {
+    let cli = match cli::parse::<Cli>() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    cli.log.init();
+    cli::exit(cli::sidecar::run(cli.args))
+}
