@@ -353,7 +353,12 @@ pub fn parse_sni(sni: &str) -> Option<(u16, Option<&str>, &str)> {
 
 /// Istio's SNI for a destination.
 pub fn istio_sni(port: u16, subset: Option<&str>, host: &str) -> String {
-    format!("outbound_.{port}_.{}_.{host}", subset.unwrap_or(""))
+    use std::fmt::Write;
+    let subset = subset.unwrap_or("");
+    // Sized up front: made for every request's pool lookup.
+    let mut sni = String::with_capacity(20 + subset.len() + host.len());
+    let _ = write!(sni, "outbound_.{port}_.{subset}_.{host}");
+    sni
 }
 
 #[cfg(test)]

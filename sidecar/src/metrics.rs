@@ -60,10 +60,10 @@ pub struct Metrics {
     pub tcp_closed: Family<RequestLabels, Counter>,
     /// The four request series of each label set seen, looked up once per
     /// request instead of once per family (each lookup hashes and compares
-    /// thirteen label strings). The handles share their values with the
-    /// families' series, so the exposition is unchanged.
-    series:
-        std::sync::Arc<std::sync::Mutex<std::collections::HashMap<RequestLabels, RequestSeries>>>,
+    /// thirteen label strings; foldhash rather than SipHash for that). The
+    /// handles share their values with the families' series, so the
+    /// exposition is unchanged.
+    series: std::sync::Arc<std::sync::Mutex<foldhash::HashMap<RequestLabels, RequestSeries>>>,
 }
 
 /// One label set's request series (clones of the families' own).

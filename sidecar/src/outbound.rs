@@ -10,7 +10,6 @@
 //! identities. Retries, timeouts, fault injection, connection-pool limits
 //! and outlier reporting follow the route and the DestinationRule.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -48,8 +47,9 @@ const ALPN_TCP: &[&[u8]] = &[b"istio"];
 /// destination that enforces DestinationRule `connectionPool` limits.
 #[derive(Default)]
 pub struct Pool {
-    conns: Mutex<HashMap<PoolKey, Pooled>>,
-    in_flight: Mutex<HashMap<String, Arc<AtomicU32>>>,
+    // foldhash rather than SipHash: looked up on every request.
+    conns: Mutex<foldhash::HashMap<PoolKey, Pooled>>,
+    in_flight: Mutex<foldhash::HashMap<String, Arc<AtomicU32>>>,
 }
 
 /// What a pooled connection was opened for: a connection is reused only
@@ -119,9 +119,10 @@ impl Pool {
         self.len() == 0
     }
 
-    /// Takes one of `limit` in-flight slots of `destination`; `None` when
-    /// all are taken (the request overflows). No limit always admits.
-    fn admit(&self, destination: &str, limit: Option<u32>) -> Option<InFlight> {
+    /// Takes one of `limit` in-flight slots of `destination` (named only
+    /// when there is a limit); `None` when all are taken (the request
+    /// overflows). No limit always admits.
+    fn admit(&self, destination: impl FnOnce() -> String, limit: Option<u32>) -> Option<InFlight> {
         let Some(limit) = limit else {
             return Some(InFlight(None));
         };
@@ -129,7 +130,7 @@ impl Pool {
             .in_flight
             .lock()
             .ok()?
-            .entry(destination.to_string())
+            .entry(destination())
             .or_default()
             .clone();
         counter
@@ -226,7 +227,10 @@ pub fn reply(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
 
 /// A random hex id (`x-request-id`).
 fn request_id() -> String {
-    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+    use std::fmt::Write;
+    let mut id = String::with_capacity(32);
+    let _ = write!(id, "{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    id
 }
 
 /// The host and port a proxied request names: the absolute-form URI, else
@@ -316,7 +320,9 @@ impl std::fmt::Display for SendError {
 /// One endpoint to connect to, and how.
 struct Target<'a> {
     service: &'a pb::Service,
-    endpoint: &'a pb::Endpoint,
+    /// Where to open TCP: the endpoint's `via` (its network's gateway)
+    /// when set, else the endpoint itself. Made once per attempt.
+    address: String,
     /// The service port (in the SNI).
     port: u16,
     subset: Option<&'a str>,
@@ -325,16 +331,16 @@ struct Target<'a> {
     connect_timeout: Duration,
 }
 
-impl Target<'_> {
-    /// Where to open TCP: `via` when set, else the endpoint.
-    fn address(&self) -> String {
-        if self.endpoint.via.is_empty() {
-            endpoint_key(self.endpoint)
-        } else {
-            self.endpoint.via.clone()
-        }
+/// Where to open TCP for `ep`: `via` when set, else the endpoint.
+fn upstream_address(ep: &pb::Endpoint) -> String {
+    if ep.via.is_empty() {
+        endpoint_key(ep)
+    } else {
+        ep.via.clone()
     }
+}
 
+impl Target<'_> {
     fn sni(&self) -> String {
         crate::istio_sni(self.port, self.subset, &self.service.hostname)
     }
@@ -379,8 +385,8 @@ fn client_tls(
 }
 
 async fn connect_tcp(t: &Target<'_>) -> Result<TcpStream, SendError> {
-    let addr = t.address();
-    let tcp = tokio::time::timeout(t.connect_timeout, TcpStream::connect(&addr))
+    let addr = &t.address;
+    let tcp = tokio::time::timeout(t.connect_timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| SendError::Connect(format!("{addr}: connect timed out")))?
         .map_err(|e| SendError::Connect(format!("{addr}: {e}")))?;
@@ -400,7 +406,7 @@ async fn connect_tls(
     let name = rustls::pki_types::ServerName::try_from(sni.clone())
         .map_err(|e| SendError::Connect(format!("SNI {sni}: {e}")))?;
     let tcp = connect_tcp(t).await?;
-    let addr = t.address();
+    let addr = &t.address;
     let stream = tokio::time::timeout(
         t.connect_timeout,
         tokio_rustls::TlsConnector::from(config).connect(name, tcp),
@@ -442,7 +448,7 @@ async fn h2_connection(
     t: &Target<'_>,
 ) -> Result<(PoolKey, Pooled), SendError> {
     let key = PoolKey {
-        target: t.address(),
+        target: t.address.clone(),
         sni: t.sni(),
         identities: t.service.identities.join(","),
         tls: t.tls,
@@ -545,7 +551,8 @@ struct Picked<'a> {
     balancer: &'a crate::policy::Balancer,
     tp: &'a TrafficPolicy,
     key: String,
-    endpoint: pb::Endpoint,
+    /// Index of the endpoint in its service's `endpoints`.
+    index: usize,
     reported: bool,
 }
 
@@ -578,37 +585,38 @@ fn pick<'a>(
     tried: &[String],
 ) -> Result<Picked<'a>, crate::policy::PickError> {
     let from = |endpoints: &[pb::Endpoint]| {
-        shared
-            .balancer
-            .pick(
-                endpoints,
-                tp.subset_labels.as_ref(),
-                tp,
-                locality,
-                Instant::now(),
-                fastrand::f64(),
-            )
-            .map(|i| endpoints[i].clone())
+        shared.balancer.pick(
+            endpoints,
+            tp.subset_labels.as_ref(),
+            tp,
+            locality,
+            Instant::now(),
+            fastrand::f64(),
+        )
     };
-    let fresh: Vec<pb::Endpoint> = if tried.is_empty() {
-        Vec::new()
+    let all = &service.endpoints;
+    let index = if tried.is_empty() {
+        from(all)?
     } else {
-        service
-            .endpoints
-            .iter()
-            .filter(|e| !tried.contains(&endpoint_key(e)))
-            .cloned()
-            .collect()
-    };
-    let endpoint = match (fresh.is_empty(), tried.is_empty()) {
-        (false, false) => from(&fresh).or_else(|_| from(&service.endpoints))?,
-        _ => from(&service.endpoints)?,
+        // A retry (the uncommon path, so copying is fine): the endpoints
+        // not tried yet, mapped back to their index in `all`.
+        let fresh: Vec<usize> = (0..all.len())
+            .filter(|&i| !tried.contains(&endpoint_key(&all[i])))
+            .collect();
+        let fresh_endpoints: Vec<pb::Endpoint> = fresh.iter().map(|&i| all[i].clone()).collect();
+        if fresh.is_empty() {
+            from(all)?
+        } else {
+            from(&fresh_endpoints)
+                .map(|j| fresh[j])
+                .or_else(|_| from(all))?
+        }
     };
     Ok(Picked {
         balancer: &shared.balancer,
         tp,
-        key: endpoint_key(&endpoint),
-        endpoint,
+        key: endpoint_key(&all[index]),
+        index,
         reported: false,
     })
 }
@@ -876,12 +884,14 @@ async fn forward(
                     return (fail(settled, status, e.to_string()), Some(service));
                 }
             };
-        let limit_key = format!(
-            "{}|{}",
-            dest_service.hostname,
-            dest.subset.as_deref().unwrap_or("")
-        );
-        let Some(_slot) = shared.pool.admit(&limit_key, concurrency_limit(&tp)) else {
+        let limit_key = || {
+            format!(
+                "{}|{}",
+                dest_service.hostname,
+                dest.subset.as_deref().unwrap_or("")
+            )
+        };
+        let Some(_slot) = shared.pool.admit(limit_key, concurrency_limit(&tp)) else {
             let why = format!(
                 "upstream connection pool overflow: {} allows {} requests in flight",
                 dest_service.hostname,
@@ -910,11 +920,11 @@ async fn forward(
                 );
             }
         };
-        let ep = &picked.endpoint;
+        let ep = &dest_service.endpoints[picked.index];
         tried.push(picked.key.clone());
         let target = Target {
             service: &dest_service,
-            endpoint: ep,
+            address: upstream_address(ep),
             port: dest_port,
             subset: dest.subset.as_deref(),
             tls: tp.tls,
@@ -926,7 +936,11 @@ async fn forward(
             // Rerouted to another service or port: name that one.
             format!("{}:{dest_port}", dest_service.hostname)
         };
-        let uri: http::Uri = match format!("http://{authority}{path}").parse() {
+        let mut uri = String::with_capacity(7 + authority.len() + path.len());
+        uri.push_str("http://");
+        uri.push_str(&authority);
+        uri.push_str(path);
+        let uri = match http::Uri::try_from(uri) {
             Ok(u) => u,
             Err(e) => {
                 return (
@@ -958,7 +972,7 @@ async fn forward(
                 .unwrap_or(Err(SendError::Timeout)),
             None => sent.await,
         };
-        settled.upstream = target.address();
+        settled.upstream = target.address;
         settled.destination_cluster = or_unknown(&ep.cluster);
         settled.destination_workload = or_unknown(&ep.workload);
         let retry = match result {
@@ -1063,12 +1077,14 @@ async fn tunnel(shared: Arc<Shared>, req: Request<Incoming>, life: Life) -> Resp
                 );
             }
         };
-    let limit_key = format!(
-        "tcp|{}|{}",
-        dest_service.hostname,
-        dest.subset.as_deref().unwrap_or("")
-    );
-    let Some(slot) = shared.pool.admit(&limit_key, tp.max_connections) else {
+    let limit_key = || {
+        format!(
+            "tcp|{}|{}",
+            dest_service.hostname,
+            dest.subset.as_deref().unwrap_or("")
+        )
+    };
+    let Some(slot) = shared.pool.admit(limit_key, tp.max_connections) else {
         return reply(
             StatusCode::SERVICE_UNAVAILABLE,
             &format!(
@@ -1087,10 +1103,10 @@ async fn tunnel(shared: Arc<Shared>, req: Request<Incoming>, life: Life) -> Resp
             );
         }
     };
-    let ep = &picked.endpoint;
+    let ep = &dest_service.endpoints[picked.index];
     let target = Target {
         service: &dest_service,
-        endpoint: ep,
+        address: upstream_address(ep),
         port: dest.port.unwrap_or(port),
         subset: dest.subset.as_deref(),
         tls: tp.tls,
@@ -1108,13 +1124,13 @@ async fn tunnel(shared: Arc<Shared>, req: Request<Incoming>, life: Life) -> Resp
     let (mut upstream, peer) = match upstream {
         Ok(u) => u,
         Err(e) => {
-            let why = format!("{e} ({})", target.address());
+            let why = format!("{e} ({})", target.address);
             picked.report(e.outcome());
             return reply(e.status(), &why);
         }
     };
     let settled = Settled {
-        upstream: target.address(),
+        upstream: target.address,
         destination_cluster: or_unknown(&ep.cluster),
         destination_workload: or_unknown(&ep.workload),
         destination_principal: peer,
@@ -1254,17 +1270,17 @@ mod tests {
     #[test]
     fn admission_overflows_at_the_limit_and_frees_slots_on_drop() {
         let pool = Pool::default();
-        let a = pool.admit("echo|", Some(2)).unwrap();
-        let b = pool.admit("echo|", Some(2)).unwrap();
-        assert!(pool.admit("echo|", Some(2)).is_none());
+        let a = pool.admit(|| "echo|".into(), Some(2)).unwrap();
+        let b = pool.admit(|| "echo|".into(), Some(2)).unwrap();
+        assert!(pool.admit(|| "echo|".into(), Some(2)).is_none());
         // Other destinations have their own count.
-        assert!(pool.admit("other|", Some(1)).is_some());
+        assert!(pool.admit(|| "other|".into(), Some(1)).is_some());
         drop(a);
-        let c = pool.admit("echo|", Some(2)).unwrap();
+        let c = pool.admit(|| "echo|".into(), Some(2)).unwrap();
         drop((b, c));
         for _ in 0..100 {
-            assert!(pool.admit("echo|", None).is_some());
+            assert!(pool.admit(|| "echo|".into(), None).is_some());
         }
-        assert!(pool.admit("echo|", Some(0)).is_none());
+        assert!(pool.admit(|| "echo|".into(), Some(0)).is_none());
     }
 }

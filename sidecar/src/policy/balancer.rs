@@ -6,7 +6,6 @@
 //! [`Balancer::report`] for the picked endpoint: the pick counts a request
 //! in flight (for LEAST_REQUEST) and the report ends it.
 
-use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -44,11 +43,18 @@ pub enum PickError {
 
 /// The key [`Balancer::report`] takes: `address:port` (`[v6]:port`).
 pub fn endpoint_key(ep: &pb::Endpoint) -> String {
+    use std::fmt::Write;
+    // Sized up front: made on every pick, and `format!` would grow it.
+    let mut key = String::with_capacity(ep.address.len() + 8);
     if ep.address.contains(':') {
-        format!("[{}]:{}", ep.address, ep.port)
+        key.push('[');
+        key.push_str(&ep.address);
+        key.push(']');
     } else {
-        format!("{}:{}", ep.address, ep.port)
+        key.push_str(&ep.address);
     }
+    let _ = write!(key, ":{}", ep.port);
+    key
 }
 
 #[derive(Debug, Default)]
@@ -72,7 +78,7 @@ struct State {
     /// Endpoints the last pick chose among (the base of
     /// `maxEjectionPercent`).
     known: usize,
-    endpoints: HashMap<String, EndpointState>,
+    endpoints: foldhash::HashMap<String, EndpointState>,
 }
 
 /// Endpoint selection state for one (service, subset). Thread-safe.
@@ -94,9 +100,9 @@ fn region_zone_subzone(locality: &str) -> [&str; 3] {
 /// 0 same region/zone/subzone, 1 same zone, 2 same region, 3.. the
 /// `failover` target regions of the caller's region in order, then the
 /// rest.
-fn tier(endpoint: &str, caller: &str, failover: &[(String, String)]) -> usize {
+fn tier(endpoint: &str, caller: [&str; 3], failover: &[(String, String)]) -> usize {
     let e = region_zone_subzone(endpoint);
-    let c = region_zone_subzone(caller);
+    let c = caller;
     if e == c {
         return 0;
     }
@@ -188,7 +194,7 @@ impl Balancer {
         }
         let mut available = Vec::with_capacity(healthy.len());
         for &i in &healthy {
-            match st.endpoints.get_mut(&keys[i]) {
+            match st.endpoints.get_mut(keys[i].as_str()) {
                 Some(s) if s.ejected(now) => {}
                 Some(s) => {
                     if s.ejected_until.take().is_some() {
@@ -205,15 +211,10 @@ impl Balancer {
             return Err(PickError::AllEjected(healthy.len()));
         }
         if policy.outlier.is_some() && policy.locality.enabled && !caller_locality.is_empty() {
+            let caller = region_zone_subzone(caller_locality);
             let tiers: Vec<usize> = available
                 .iter()
-                .map(|&i| {
-                    tier(
-                        &endpoints[i].locality,
-                        caller_locality,
-                        &policy.locality.failover,
-                    )
-                })
+                .map(|&i| tier(&endpoints[i].locality, caller, &policy.locality.failover))
                 .collect();
             let best = tiers.iter().copied().min().unwrap_or(0);
             available = available
@@ -625,7 +626,11 @@ mod tests {
             ("", 5),
         ];
         for (loc, want) in cases {
-            assert_eq!(tier(loc, "r1/z1/s1", &f), want, "{loc}");
+            assert_eq!(
+                tier(loc, region_zone_subzone("r1/z1/s1"), &f),
+                want,
+                "{loc}"
+            );
         }
     }
 }

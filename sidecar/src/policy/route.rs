@@ -1,6 +1,7 @@
 //! VirtualService: where an outbound request goes.
 
 use std::collections::BTreeSet;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use strait_model::istio::parse_duration;
@@ -34,28 +35,34 @@ pub struct RetryPolicy {
     pub per_try_timeout: Option<Duration>,
     /// Conditions (`5xx`, `gateway-error`, `connect-failure`, `reset`,
     /// `refused-stream`, `retriable-4xx`, `retriable-status-codes`,
-    /// status codes as text, ...).
-    pub retry_on: BTreeSet<String>,
+    /// status codes as text, ...). Shared: a route's policy is copied
+    /// into every request's decision.
+    pub retry_on: Arc<BTreeSet<String>>,
 }
 
 impl Default for RetryPolicy {
     /// Istio's default when a route sets no `retries`: 2 attempts on
     /// connect-failure, refused-stream, unavailable, cancelled and 503.
     fn default() -> Self {
+        static DEFAULT_RETRY_ON: LazyLock<Arc<BTreeSet<String>>> = LazyLock::new(|| {
+            Arc::new(
+                [
+                    "connect-failure",
+                    "refused-stream",
+                    "unavailable",
+                    "cancelled",
+                    "retriable-status-codes",
+                    "503",
+                ]
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+            )
+        });
         RetryPolicy {
             attempts: 2,
             per_try_timeout: None,
-            retry_on: [
-                "connect-failure",
-                "refused-stream",
-                "unavailable",
-                "cancelled",
-                "retriable-status-codes",
-                "503",
-            ]
-            .into_iter()
-            .map(str::to_owned)
-            .collect(),
+            retry_on: DEFAULT_RETRY_ON.clone(),
         }
     }
 }
@@ -291,7 +298,7 @@ impl CompiledRoute {
             Some(r) => RetryPolicy {
                 attempts: u32::try_from(r.attempts).unwrap_or(0),
                 per_try_timeout: duration(&r.per_try_timeout),
-                retry_on: r.retry_on().into_iter().map(str::to_owned).collect(),
+                retry_on: Arc::new(r.retry_on().into_iter().map(str::to_owned).collect()),
             },
         };
         let fault = r.fault.as_ref().map(|f| Fault {
@@ -340,7 +347,7 @@ impl CompiledVirtualService {
             retries: RetryPolicy {
                 attempts: 0,
                 per_try_timeout: None,
-                retry_on: BTreeSet::new(),
+                retry_on: Arc::default(),
             },
             fault: None,
             route_name: None,
@@ -410,7 +417,7 @@ fn default_route(host: &str, is_tcp: bool) -> RouteDecision {
             RetryPolicy {
                 attempts: 0,
                 per_try_timeout: None,
-                retry_on: BTreeSet::new(),
+                retry_on: Arc::default(),
             }
         } else {
             RetryPolicy::default()
@@ -529,7 +536,7 @@ mod tests {
         let policy = |conds: &[&str]| RetryPolicy {
             attempts: 2,
             per_try_timeout: None,
-            retry_on: conds.iter().map(|c| (*c).to_string()).collect(),
+            retry_on: Arc::new(conds.iter().map(|c| (*c).to_string()).collect()),
         };
         // (retryOn, connect failure, reset, per-try timeout, 500, 503)
         let cases: [(&[&str], [bool; 5]); 6] = [

@@ -74,7 +74,7 @@ impl Default for OutlierPolicy {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TrafficPolicy {
     /// `<namespace>/<name>` of the DestinationRule, if one applies.
-    pub destination_rule: Option<String>,
+    pub destination_rule: Option<std::sync::Arc<str>>,
     /// The subset's labels when a subset was asked for.
     pub subset_labels: Option<Labels>,
     /// Endpoint selection.
@@ -103,6 +103,8 @@ pub struct TrafficPolicy {
 pub(crate) struct CompiledDestinationRule {
     namespace: String,
     name: String,
+    /// `<namespace>/<name>`, made once.
+    qualified: std::sync::Arc<str>,
     host: HostPattern,
     top: Option<dr::TrafficPolicy>,
     subsets: Vec<dr::Subset>,
@@ -113,6 +115,7 @@ impl CompiledDestinationRule {
         Ok(CompiledDestinationRule {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
+            qualified: format!("{namespace}/{name}").into(),
             host: HostPattern::new(&rule.host, namespace),
             top: rule.traffic_policy.clone(),
             subsets: rule.subsets.clone(),
@@ -205,7 +208,7 @@ pub(crate) fn lookup(
             None => Ok(out),
         };
     };
-    out.destination_rule = Some(format!("{}/{}", rule.namespace, rule.name));
+    out.destination_rule = Some(rule.qualified.clone());
     if let Some(top) = &rule.top {
         apply(&mut out, top);
     }
