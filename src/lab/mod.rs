@@ -701,10 +701,13 @@ fn up(a: UpArgs) -> Result<()> {
         "strait sidecar (strait-sidecar is not built next to strait)"
     };
     println!(
-        "lab {} is up in {} ({:?} mode; sidecars run {sidecar})\n",
+        "lab {} is up in {} (--mode {}; sidecars run {sidecar})\n",
         topology_name(lab.topology),
         dir.display(),
-        lab.mode
+        match lab.mode {
+            Mode::Sni => "sni",
+            Mode::Quic => "quic",
+        }
     );
     run::print_table(&run::status_rows(&Procs::load(&dir)?));
     println!(
