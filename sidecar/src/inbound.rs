@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use crate::identity::Identity;
 use crate::metrics::{self, RequestLabels};
 use crate::policy::{Decision, MtlsMode, RequestAttrs};
-use crate::{Phase, Shared, Tracker};
+use crate::{Observed, Phase, ProxyBody, Shared, Tracker};
 
 /// How long a client may take to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -353,7 +353,8 @@ async fn request(
     peer: Arc<Peer>,
     port: u16,
     req: Request<Incoming>,
-) -> Response<Full<Bytes>> {
+) -> Response<Observed<ProxyBody>> {
+    let own = |r: Response<Full<Bytes>>| r.map(|b| Observed::plain(Either::Right(b)));
     let start = Instant::now();
     let started = metrics::now_rfc3339();
     let cfg = shared.config.borrow().clone();
@@ -405,16 +406,16 @@ async fn request(
     let body = match crate::read_body(body, crate::MAX_BUFFERED_BODY).await {
         Ok(b) => b,
         Err(e @ crate::BodyError::TooLarge(_)) => {
-            return plain(StatusCode::PAYLOAD_TOO_LARGE, &format!("{e}\n"));
+            return own(plain(StatusCode::PAYLOAD_TOO_LARGE, &format!("{e}\n")));
         }
-        Err(e) => return plain(StatusCode::BAD_REQUEST, &format!("{e}\n")),
+        Err(e) => return own(plain(StatusCode::BAD_REQUEST, &format!("{e}\n"))),
     };
     let req_len = body.len() as u64;
     let (resp, reason) = match decision {
         Decision::Deny { policy, reason } => {
             tracing::debug!(%policy, %reason, peer = ?peer.identity, "request denied");
             (
-                plain(StatusCode::FORBIDDEN, "RBAC: access denied"),
+                plain(StatusCode::FORBIDDEN, "RBAC: access denied").map(Either::Right),
                 Some(format!("denied by {policy}: {reason}")),
             )
         }
@@ -432,7 +433,7 @@ async fn request(
             let uri = format!("http://{}{}", shared.opts.app, path);
             match uri.parse() {
                 Ok(u) => parts.uri = u,
-                Err(_) => return plain(StatusCode::BAD_REQUEST, "bad request path\n"),
+                Err(_) => return own(plain(StatusCode::BAD_REQUEST, "bad request path\n")),
             }
             parts.version = http::Version::HTTP_11;
             // HTTP/2 carries the host in `:authority`; the app gets it as Host.
@@ -443,21 +444,11 @@ async fn request(
             }
             let out = Request::from_parts(parts, Full::new(body));
             match app.request(out).await {
-                Ok(r) => {
-                    let (p, b) = r.into_parts();
-                    match crate::read_body(b, crate::MAX_BUFFERED_BODY).await {
-                        Ok(b) => (Response::from_parts(p, Full::new(b)), None),
-                        Err(e) => (
-                            plain(
-                                StatusCode::BAD_GATEWAY,
-                                &format!("the app's response: {e}\n"),
-                            ),
-                            Some(e.to_string()),
-                        ),
-                    }
-                }
+                // The app's response streams through.
+                Ok(r) => (r.map(Either::Left), None),
                 Err(e) => (
-                    plain(StatusCode::SERVICE_UNAVAILABLE, "the app is unreachable\n"),
+                    plain(StatusCode::SERVICE_UNAVAILABLE, "the app is unreachable\n")
+                        .map(Either::Right),
                     Some(format!("app {}: {e}", shared.opts.app)),
                 ),
             }
@@ -465,27 +456,29 @@ async fn request(
     };
     let code = resp.status().as_u16();
     labels.response_code = code.to_string();
-    let millis = start.elapsed().as_secs_f64() * 1000.0;
-    let resp_len = hyper::body::Body::size_hint(resp.body())
-        .exact()
-        .unwrap_or(0);
-    shared.metrics.request(&labels, millis, req_len, resp_len);
-    metrics::log(&metrics::AccessLog {
-        start_time: started,
-        reporter: "destination",
-        method: &method,
-        path: &path,
-        authority: &authority,
-        response_code: code,
-        duration_ms: millis,
-        upstream_host: &shared.opts.app.to_string(),
-        peer_identity: peer.identity.as_deref(),
-        source_cluster: &labels.source_cluster,
-        destination_cluster: &labels.destination_cluster,
-        request_id: &rid,
-        reason: reason.as_deref(),
-    });
-    resp
+    // Metrics and the access log once the response has gone through (it
+    // may stream): its size and the whole duration are known then.
+    resp.map(|body| {
+        Observed::new(body, move |resp_len| {
+            let millis = start.elapsed().as_secs_f64() * 1000.0;
+            shared.metrics.request(&labels, millis, req_len, resp_len);
+            metrics::log(&metrics::AccessLog {
+                start_time: started,
+                reporter: "destination",
+                method: &method,
+                path: &path,
+                authority: &authority,
+                response_code: code,
+                duration_ms: millis,
+                upstream_host: &shared.opts.app.to_string(),
+                peer_identity: peer.identity.as_deref(),
+                source_cluster: &labels.source_cluster,
+                destination_cluster: &labels.destination_cluster,
+                request_id: &rid,
+                reason: reason.as_deref(),
+            });
+        })
+    })
 }
 
 #[cfg(test)]

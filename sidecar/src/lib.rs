@@ -313,9 +313,98 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// The most bytes of one body the sidecar buffers (requests are kept
-/// whole for retries; responses for the byte metrics).
+/// The most bytes of one body the sidecar buffers: requests are kept
+/// whole (so that any request can be retried), and so are responses on a
+/// route with a timeout (the timeout covers the whole response, as in
+/// Envoy). Other responses stream.
 pub const MAX_BUFFERED_BODY: usize = 16 << 20;
+
+/// A response body as the sidecar relays it: the upstream's, streamed,
+/// or one it holds whole (its own answers, buffered responses).
+pub type ProxyBody =
+    http_body_util::Either<hyper::body::Incoming, http_body_util::Full<bytes::Bytes>>;
+
+/// A body whose end is observed: `on_end` gets the bytes that went
+/// through, once, when the last frame is handed on, the stream fails, or
+/// the body is dropped unfinished (the client went away). Metrics and the
+/// access log of a streamed response are written there, when its size
+/// and duration are known.
+pub struct Observed<B> {
+    inner: B,
+    bytes: u64,
+    on_end: Option<Box<dyn FnOnce(u64) + Send>>,
+}
+
+impl<B> Observed<B> {
+    /// `inner`, with `on_end` called once at its end.
+    pub fn new(inner: B, on_end: impl FnOnce(u64) + Send + 'static) -> Self {
+        Observed {
+            inner,
+            bytes: 0,
+            on_end: Some(Box::new(on_end)),
+        }
+    }
+
+    /// `inner`, with nothing to report.
+    pub fn plain(inner: B) -> Self {
+        Observed {
+            inner,
+            bytes: 0,
+            on_end: None,
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(f) = self.on_end.take() {
+            f(self.bytes);
+        }
+    }
+}
+
+impl<B> Drop for Observed<B> {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl<B> hyper::body::Body for Observed<B>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Unpin,
+{
+    type Data = bytes::Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes += data.len() as u64;
+                }
+                // The last frame: hyper may not ask again.
+                if this.inner.is_end_stream() {
+                    this.finish();
+                }
+            }
+            Poll::Ready(None | Some(Err(_))) => this.finish(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// Why a body could not be buffered.
 #[derive(Debug, thiserror::Error)]

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper::{Request, Response, StatusCode};
@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use crate::identity::Identity;
 use crate::metrics::{self, RequestLabels};
 use crate::policy::{Outcome, RequestAttrs, RetryPolicy, TrafficPolicy, endpoint_key};
-use crate::{Life, Phase, Shared, Tracker};
+use crate::{Life, Observed, Phase, ProxyBody, Shared, Tracker};
 
 /// Istio's default TCP connect timeout, when no DestinationRule sets one.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -496,7 +496,7 @@ async fn send(
     id: &Arc<Identity>,
     t: &Target<'_>,
     make: &(dyn Fn() -> Request<Full<Bytes>> + Sync),
-) -> Result<(Response<Full<Bytes>>, String), SendError> {
+) -> Result<(Response<Incoming>, String), SendError> {
     // A pooled connection may have died since it was last used; a request
     // it never sent goes once more over a fresh connection.
     let mut req = make();
@@ -536,11 +536,12 @@ async fn send(
             }
         }
     };
-    let (p, body) = resp.into_parts();
-    let bytes = crate::read_body(body, crate::MAX_BUFFERED_BODY)
-        .await
-        .map_err(|e| SendError::Reset(format!("response: {e}")))?;
-    Ok((Response::from_parts(p, Full::new(bytes)), peer))
+    Ok((resp, peer))
+}
+
+/// [`reply`] as a relayed response.
+fn reply_body(status: StatusCode, reason: &str) -> Response<ProxyBody> {
+    reply(status, reason).map(Either::Right)
 }
 
 /// An endpoint the balancer picked. Its outcome is reported exactly once:
@@ -655,16 +656,17 @@ async fn proxy(
     req: Request<Incoming>,
     life: Life,
     dialed: Option<u16>,
-) -> Response<Full<Bytes>> {
+) -> Response<Observed<ProxyBody>> {
+    let own = |r: Response<Full<Bytes>>| r.map(|b| Observed::plain(Either::Right(b)));
     if req.method() == http::Method::CONNECT {
-        return tunnel(shared, req, life).await;
+        return own(tunnel(shared, req, life).await);
     }
     let start = Instant::now();
     let started = metrics::now_rfc3339();
     let (mut parts, body) = req.into_parts();
     let (host, port) = match destination_of(&parts.uri, &parts.headers, false, dialed) {
         Ok(d) => d,
-        Err(e) => return reply(StatusCode::BAD_REQUEST, &e),
+        Err(e) => return own(reply(StatusCode::BAD_REQUEST, &e)),
     };
     let path = parts
         .uri
@@ -686,38 +688,39 @@ async fn proxy(
     let body = match crate::read_body(body, crate::MAX_BUFFERED_BODY).await {
         Ok(b) => b,
         Err(e @ crate::BodyError::TooLarge(_)) => {
-            return reply(StatusCode::PAYLOAD_TOO_LARGE, &e.to_string());
+            return own(reply(StatusCode::PAYLOAD_TOO_LARGE, &e.to_string()));
         }
-        Err(e) => return reply(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(e) => return own(reply(StatusCode::BAD_REQUEST, &e.to_string())),
     };
     let req_len = body.len() as u64;
     let mut settled = Settled::default();
     let (resp, service) =
         forward(&shared, &mut parts, body, &host, port, &path, &mut settled).await;
     let code = resp.status().as_u16();
-    let millis = start.elapsed().as_secs_f64() * 1000.0;
-    let cluster = shared.cluster();
     let labels = source_labels(&shared, &settled, service.as_deref(), &host, "http", code);
-    let resp_len = hyper::body::Body::size_hint(resp.body())
-        .exact()
-        .unwrap_or(0);
-    shared.metrics.request(&labels, millis, req_len, resp_len);
-    metrics::log(&metrics::AccessLog {
-        start_time: started,
-        reporter: "source",
-        method: &method,
-        path: &path,
-        authority: &host,
-        response_code: code,
-        duration_ms: millis,
-        upstream_host: &settled.upstream,
-        peer_identity: Some(&settled.destination_principal),
-        source_cluster: &cluster,
-        destination_cluster: &settled.destination_cluster,
-        request_id: &rid,
-        reason: settled.reason.as_deref(),
-    });
-    resp
+    // Metrics and the access log once the response has gone through (it
+    // may stream): its size and the whole duration are known then.
+    resp.map(|body| {
+        Observed::new(body, move |resp_len| {
+            let millis = start.elapsed().as_secs_f64() * 1000.0;
+            shared.metrics.request(&labels, millis, req_len, resp_len);
+            metrics::log(&metrics::AccessLog {
+                start_time: started,
+                reporter: "source",
+                method: &method,
+                path: &path,
+                authority: &host,
+                response_code: code,
+                duration_ms: millis,
+                upstream_host: &settled.upstream,
+                peer_identity: Some(&settled.destination_principal),
+                source_cluster: &labels.source_cluster,
+                destination_cluster: &settled.destination_cluster,
+                request_id: &rid,
+                reason: settled.reason.as_deref(),
+            });
+        })
+    })
 }
 
 /// Istio's labels for a request this sidecar sent.
@@ -759,7 +762,7 @@ async fn forward(
     port: u16,
     path: &str,
     settled: &mut Settled,
-) -> (Response<Full<Bytes>>, Option<Arc<pb::Service>>) {
+) -> (Response<ProxyBody>, Option<Arc<pb::Service>>) {
     let cfg = shared.config.borrow().clone();
     let my_ns = shared.opts.workload.namespace.as_str();
     let Some(service) = cfg.lookup(host, my_ns).cloned() else {
@@ -767,11 +770,11 @@ async fn forward(
             "no service {host} in the mesh (names: <svc>, <svc>.<ns>, <svc>.<ns>.svc.cluster.local, <svc>.<ns>.svc.clusterset.local)"
         );
         settled.reason = Some(why.clone());
-        return (reply(StatusCode::BAD_GATEWAY, &why), None);
+        return (reply_body(StatusCode::BAD_GATEWAY, &why), None);
     };
     let fail = |settled: &mut Settled, status: StatusCode, why: String| {
         settled.reason = Some(why.clone());
-        reply(status, &why)
+        reply_body(status, &why)
     };
     let Some(id) = shared.current_identity() else {
         let r = fail(
@@ -845,7 +848,7 @@ async fn forward(
     let tries = 1 + route.retries.attempts;
     let mut tried: Vec<String> = Vec::new();
     let deadline = route.timeout.map(|t| Instant::now() + t);
-    let mut last: Option<Response<Full<Bytes>>> = None;
+    let mut last: Option<Response<ProxyBody>> = None;
     for attempt in 0..tries {
         let Some(dest) = route.pick(fastrand::f64()).cloned() else {
             return (
@@ -965,7 +968,24 @@ async fn forward(
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let sent = send(shared, &id, &target, &make);
+        // Under a timeout the response is read whole within it (the
+        // timeout covers the whole response, as Envoy's does); otherwise
+        // it streams.
+        let buffer = per_try.is_some();
+        let sent = async {
+            let (resp, peer) = send(shared, &id, &target, &make).await?;
+            if !buffer {
+                return Ok((resp.map(Either::Left), peer));
+            }
+            let (p, b) = resp.into_parts();
+            let bytes = crate::read_body(b, crate::MAX_BUFFERED_BODY)
+                .await
+                .map_err(|e| SendError::Reset(format!("response: {e}")))?;
+            Ok((
+                Response::from_parts(p, Either::Right(Full::new(bytes))),
+                peer,
+            ))
+        };
         let result = match per_try {
             Some(t) => tokio::time::timeout(t, sent)
                 .await
@@ -996,7 +1016,7 @@ async fn forward(
                 picked.report(e.outcome());
                 settled.reason = Some(why.clone());
                 let retry = e.retriable(&route.retries);
-                last = Some(reply(e.status(), &why));
+                last = Some(reply_body(e.status(), &why));
                 retry
             }
         };
@@ -1005,7 +1025,7 @@ async fn forward(
         }
     }
     let resp =
-        last.unwrap_or_else(|| reply(StatusCode::SERVICE_UNAVAILABLE, "no attempt was made"));
+        last.unwrap_or_else(|| reply_body(StatusCode::SERVICE_UNAVAILABLE, "no attempt was made"));
     (resp, Some(service))
 }
 
