@@ -21,33 +21,7 @@ struct Pair {
 
 async fn pair() -> Pair {
     let pki = TestPki::new(TD);
-    let client_app = backend("sleep").await;
-    let echo_app = backend("v1").await;
-    let client = Sidecar::start(
-        "sleep",
-        "demo",
-        client_app,
-        identity(&pki, &spiffe("demo", "sleep")),
-        &pki,
-    )
-    .await;
-    let server = Sidecar::start(
-        "echo-v1",
-        "demo",
-        echo_app,
-        identity(&pki, &spiffe("demo", "echo")),
-        &pki,
-    )
-    .await;
-    let mesh = Mesh::new(&pki)
-        .echo(
-            vec![server.endpoint("v1", &spiffe("demo", "echo"))],
-            &[spiffe("demo", "echo")],
-        )
-        .workload("sleep", "demo", &[("app", "sleep")])
-        .workload("echo-v1", "demo", &[("app", "echo"), ("version", "v1")]);
-    client.push(&mesh);
-    server.push(&mesh);
+    let (client, server, mesh) = sleep_and_echo(&pki, backend("v1").await).await;
     Pair {
         pki,
         client,

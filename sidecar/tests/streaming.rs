@@ -75,33 +75,8 @@ struct Setup {
 
 async fn setup() -> Setup {
     let pki = TestPki::new(TD);
-    let client_app = backend("sleep").await;
     let (app, chunks) = streaming_app().await;
-    let client = Sidecar::start(
-        "sleep",
-        "demo",
-        client_app,
-        identity(&pki, &spiffe("demo", "sleep")),
-        &pki,
-    )
-    .await;
-    let server = Sidecar::start(
-        "echo-v1",
-        "demo",
-        app,
-        identity(&pki, &spiffe("demo", "echo")),
-        &pki,
-    )
-    .await;
-    let mesh = Mesh::new(&pki)
-        .echo(
-            vec![server.endpoint("v1", &spiffe("demo", "echo"))],
-            &[spiffe("demo", "echo")],
-        )
-        .workload("sleep", "demo", &[("app", "sleep")])
-        .workload("echo-v1", "demo", &[("app", "echo"), ("version", "v1")]);
-    client.push(&mesh);
-    server.push(&mesh);
+    let (client, server, _) = sleep_and_echo(&pki, app).await;
     Setup {
         _pki: pki,
         client,

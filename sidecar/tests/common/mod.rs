@@ -108,6 +108,39 @@ pub async fn backend_counted(name: &str) -> (SocketAddr, watch::Receiver<u64>) {
     (addr, started)
 }
 
+/// A client sidecar (`sleep`, its app a [`backend`]) and one server
+/// sidecar (`echo-v1`, service account `echo`) in front of `echo_app`,
+/// with the mesh naming them pushed to both.
+pub async fn sleep_and_echo(pki: &TestPki, echo_app: SocketAddr) -> (Sidecar, Sidecar, Mesh) {
+    let client_app = backend("sleep").await;
+    let client = Sidecar::start(
+        "sleep",
+        "demo",
+        client_app,
+        identity(pki, &spiffe("demo", "sleep")),
+        pki,
+    )
+    .await;
+    let server = Sidecar::start(
+        "echo-v1",
+        "demo",
+        echo_app,
+        identity(pki, &spiffe("demo", "echo")),
+        pki,
+    )
+    .await;
+    let mesh = Mesh::new(pki)
+        .echo(
+            vec![server.endpoint("v1", &spiffe("demo", "echo"))],
+            &[spiffe("demo", "echo")],
+        )
+        .workload("sleep", "demo", &[("app", "sleep")])
+        .workload("echo-v1", "demo", &[("app", "echo"), ("version", "v1")]);
+    client.push(&mesh);
+    server.push(&mesh);
+    (client, server, mesh)
+}
+
 /// A running sidecar.
 pub struct Sidecar {
     pub name: String,
