@@ -1,0 +1,508 @@
+//! Reaching an upstream: pooled HTTP/2 connections over mTLS (or plain
+//! TCP), connection-pool limits, endpoint picking with outlier reporting,
+//! and one attempt of a request with its failure classified for retries.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use strait_ca::SpiffeId;
+use strait_ca::tls::{Accept, SpiffeServerVerifier};
+use strait_proto::strait::mesh::v1 as pb;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use super::reply;
+use crate::identity::Identity;
+use crate::policy::{Outcome, RetryPolicy, TrafficPolicy, endpoint_key};
+use crate::{ProxyBody, Shared};
+
+/// ALPN for HTTP/2 between sidecars (Istio's), then plain `h2`.
+pub(super) const ALPN_H2: &[&[u8]] = &[b"istio-h2", b"h2"];
+/// ALPN for a TCP tunnel between sidecars (Istio's).
+pub(super) const ALPN_TCP: &[&[u8]] = &[b"istio"];
+
+/// Pooled HTTP/2 connections to upstreams, and the in-flight count per
+/// destination that enforces DestinationRule `connectionPool` limits.
+#[derive(Default)]
+pub struct Pool {
+    // foldhash rather than SipHash: looked up on every request.
+    pub(super) conns: Mutex<foldhash::HashMap<PoolKey, Pooled>>,
+    pub(super) in_flight: Mutex<foldhash::HashMap<String, Arc<AtomicU32>>>,
+}
+
+/// What a pooled connection was opened for: a connection is reused only
+/// for the same address, SNI, accepted identities and client identity.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) struct PoolKey {
+    pub(super) target: String,
+    pub(super) sni: String,
+    pub(super) identities: String,
+    pub(super) tls: bool,
+    /// The client identity's allocation (kept alive by [`Pooled`], so it
+    /// cannot be reused by a newer identity while the entry exists).
+    pub(super) generation: usize,
+    /// The trust (bundles, deny-list) the server was verified under.
+    pub(super) trust_version: u64,
+}
+
+#[derive(Clone)]
+pub(super) struct Pooled {
+    pub(super) sender: SendRequest<Full<Bytes>>,
+    /// The verified server identity (`unknown` without TLS).
+    pub(super) peer: String,
+    /// Holds the client identity alive while pooled (see [`PoolKey`]).
+    pub(super) _identity: Arc<Identity>,
+}
+
+impl Pool {
+    pub(super) fn get(&self, key: &PoolKey) -> Option<Pooled> {
+        let mut m = self.conns.lock().ok()?;
+        match m.get(key) {
+            Some(p) if !p.sender.is_closed() => Some(p.clone()),
+            Some(_) => {
+                m.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Pools `p`, forgetting closed connections and those of older client
+    /// identities (dropping a sender lets its connection finish the
+    /// requests in flight, then close).
+    pub(super) fn put(&self, key: PoolKey, p: Pooled) {
+        if let Ok(mut m) = self.conns.lock() {
+            m.retain(|k, v| {
+                !v.sender.is_closed()
+                    && k.generation == key.generation
+                    && k.trust_version == key.trust_version
+            });
+            m.insert(key, p);
+        }
+    }
+
+    pub(super) fn forget(&self, key: &PoolKey) {
+        if let Ok(mut m) = self.conns.lock() {
+            m.remove(key);
+        }
+    }
+
+    /// Pooled connections (open or not yet noticed closed).
+    pub fn len(&self) -> usize {
+        self.conns.lock().map_or(0, |m| m.len())
+    }
+
+    /// Whether no connection is pooled.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Takes one of `limit` in-flight slots of `destination` (named only
+    /// when there is a limit); `None` when all are taken (the request
+    /// overflows). No limit always admits.
+    pub(super) fn admit(
+        &self,
+        destination: impl FnOnce() -> String,
+        limit: Option<u32>,
+    ) -> Option<InFlight> {
+        let Some(limit) = limit else {
+            return Some(InFlight(None));
+        };
+        let counter = self
+            .in_flight
+            .lock()
+            .ok()?
+            .entry(destination())
+            .or_default()
+            .clone();
+        counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()?;
+        Some(InFlight(Some(counter)))
+    }
+}
+
+/// An in-flight slot, given back on drop.
+pub(super) struct InFlight(Option<Arc<AtomicU32>>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(c) = &self.0 {
+            c.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// How many requests may be in flight to one destination under `tp`
+/// (Envoy's circuit breakers as Istio configures them): `http2MaxRequests`,
+/// and for HTTP/1.1-style limits `maxConnections` plus
+/// `http1MaxPendingRequests`; the smaller wins.
+pub fn concurrency_limit(tp: &TrafficPolicy) -> Option<u32> {
+    let queued = match (tp.max_connections, tp.max_pending_requests) {
+        (Some(c), Some(p)) => Some(c.saturating_add(p)),
+        _ => None,
+    };
+    [tp.max_requests, queued].into_iter().flatten().min()
+}
+
+/// Why one attempt failed.
+#[derive(Debug)]
+pub(super) enum SendError {
+    /// No connection (TCP, TLS or HTTP/2 setup).
+    Connect(String),
+    /// The connection broke before a response.
+    Reset(String),
+    /// The per-try or route timeout passed.
+    Timeout,
+}
+
+impl SendError {
+    pub(super) fn outcome(&self) -> Outcome {
+        match self {
+            SendError::Connect(_) => Outcome::ConnectFailure,
+            SendError::Reset(_) | SendError::Timeout => Outcome::Reset,
+        }
+    }
+
+    pub(super) fn retriable(&self, r: &RetryPolicy) -> bool {
+        match self {
+            SendError::Connect(_) => r.retries_connect_failure(),
+            SendError::Reset(_) => r.retries_reset(),
+            SendError::Timeout => r.retries_per_try_timeout(),
+        }
+    }
+
+    pub(super) fn status(&self) -> StatusCode {
+        match self {
+            SendError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Connect(e) => write!(f, "upstream connect error: {e}"),
+            SendError::Reset(e) => write!(f, "upstream reset: {e}"),
+            SendError::Timeout => f.write_str("upstream request timeout"),
+        }
+    }
+}
+
+/// One endpoint to connect to, and how.
+pub(super) struct Target<'a> {
+    pub(super) service: &'a pb::Service,
+    /// Where to open TCP: the endpoint's `via` (its network's gateway)
+    /// when set, else the endpoint itself. Made once per attempt.
+    pub(super) address: String,
+    /// The service port (in the SNI).
+    pub(super) port: u16,
+    pub(super) subset: Option<&'a str>,
+    /// Originate mTLS (DestinationRule `tls.mode` other than DISABLE).
+    pub(super) tls: bool,
+    pub(super) connect_timeout: Duration,
+}
+
+/// Where to open TCP for `ep`: `via` when set, else the endpoint.
+pub(super) fn upstream_address(ep: &pb::Endpoint) -> String {
+    if ep.via.is_empty() {
+        endpoint_key(ep)
+    } else {
+        ep.via.clone()
+    }
+}
+
+impl Target<'_> {
+    pub(super) fn sni(&self) -> String {
+        crate::istio_sni(self.port, self.subset, &self.service.hostname)
+    }
+}
+
+/// A connected upstream stream and the identity its server proved.
+pub(super) struct Connected<S> {
+    pub(super) stream: S,
+    pub(super) peer: String,
+}
+
+/// The TLS client config for calling `service` as `id`: the server must
+/// present one of the service's identities, chained to its trust domain's
+/// bundle.
+pub(super) fn client_tls(
+    shared: &Shared,
+    id: &Identity,
+    service: &pb::Service,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut accepted = std::collections::BTreeSet::new();
+    for i in &service.identities {
+        match SpiffeId::parse(i) {
+            Ok(id) => {
+                accepted.insert(id);
+            }
+            Err(e) => {
+                tracing::warn!(service = %service.hostname, identity = %i, error = %e, "ignoring a bad service identity")
+            }
+        }
+    }
+    if accepted.is_empty() {
+        return Err(format!(
+            "{} lists no valid identity to verify its servers against",
+            service.hostname
+        ));
+    }
+    let verifier = SpiffeServerVerifier::new(shared.trust.clone(), Accept::Ids(accepted));
+    strait_ca::tls::client_config(verifier, Some((&id.chain_der, &id.key_pkcs8)), alpn)
+        .map(Arc::new)
+        .map_err(|e| format!("TLS client config: {e}"))
+}
+
+pub(super) async fn connect_tcp(t: &Target<'_>) -> Result<TcpStream, SendError> {
+    let addr = &t.address;
+    let tcp = tokio::time::timeout(t.connect_timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| SendError::Connect(format!("{addr}: connect timed out")))?
+        .map_err(|e| SendError::Connect(format!("{addr}: {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
+/// TCP then mTLS to `t`, offering `alpn`.
+pub(super) async fn connect_tls(
+    shared: &Shared,
+    id: &Identity,
+    t: &Target<'_>,
+    alpn: &[&[u8]],
+) -> Result<Connected<tokio_rustls::client::TlsStream<TcpStream>>, SendError> {
+    let config = client_tls(shared, id, t.service, alpn).map_err(SendError::Connect)?;
+    let sni = t.sni();
+    let name = rustls::pki_types::ServerName::try_from(sni.clone())
+        .map_err(|e| SendError::Connect(format!("SNI {sni}: {e}")))?;
+    let tcp = connect_tcp(t).await?;
+    let addr = &t.address;
+    let stream = tokio::time::timeout(
+        t.connect_timeout,
+        tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| SendError::Connect(format!("{addr}: TLS handshake timed out")))?
+    .map_err(|e| SendError::Connect(format!("{addr}: TLS handshake: {e}")))?;
+    let peer = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|leaf| strait_ca::cert::CertSummary::from_der(leaf.as_ref()).ok())
+        .and_then(|s| s.spiffe_id)
+        .unwrap_or_else(|| "unknown".to_string());
+    Ok(Connected { stream, peer })
+}
+
+pub(super) async fn h2_handshake<I>(
+    io: I,
+    addr: &str,
+) -> Result<SendRequest<Full<Bytes>>, SendError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .map_err(|e| SendError::Connect(format!("{addr}: HTTP/2: {e}")))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+        }
+    });
+    Ok(sender)
+}
+
+/// A pooled (or new) HTTP/2 connection to `t`.
+pub(super) async fn h2_connection(
+    shared: &Shared,
+    id: &Arc<Identity>,
+    t: &Target<'_>,
+) -> Result<(PoolKey, Pooled), SendError> {
+    let key = PoolKey {
+        target: t.address.clone(),
+        sni: t.sni(),
+        identities: t.service.identities.join(","),
+        tls: t.tls,
+        generation: Arc::as_ptr(id) as usize,
+        trust_version: shared.config.borrow().trust_version,
+    };
+    if let Some(p) = shared.pool.get(&key) {
+        return Ok((key, p));
+    }
+    let (sender, peer) = if t.tls {
+        let c = connect_tls(shared, id, t, ALPN_H2).await?;
+        (h2_handshake(c.stream, &key.target).await?, c.peer)
+    } else {
+        let tcp = connect_tcp(t).await?;
+        (h2_handshake(tcp, &key.target).await?, "unknown".to_string())
+    };
+    let pooled = Pooled {
+        sender,
+        peer,
+        _identity: id.clone(),
+    };
+    shared.pool.put(key.clone(), pooled.clone());
+    Ok((key, pooled))
+}
+
+/// Methods that may be sent twice without changing the outcome (RFC 9110
+/// 9.2.2).
+pub(super) fn idempotent(m: &http::Method) -> bool {
+    matches!(
+        *m,
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::OPTIONS
+            | http::Method::PUT
+            | http::Method::DELETE
+            | http::Method::TRACE
+    )
+}
+
+/// Sends the request `make` builds to `t`; the verified server identity
+/// comes with the answer. `make` is called again only when a pooled
+/// connection lost a request it had sent (so no copy is made up front).
+pub(super) async fn send(
+    shared: &Shared,
+    id: &Arc<Identity>,
+    t: &Target<'_>,
+    make: &(dyn Fn() -> Request<Full<Bytes>> + Sync),
+) -> Result<(Response<Incoming>, String), SendError> {
+    // A pooled connection may have died since it was last used; a request
+    // it never sent goes once more over a fresh connection.
+    let mut req = make();
+    let mut fresh = false;
+    let (resp, peer) = loop {
+        let (key, pooled) = h2_connection(shared, id, t).await?;
+        let mut sender = pooled.sender;
+        if let Err(e) = sender.ready().await {
+            shared.pool.forget(&key);
+            if fresh {
+                return Err(SendError::Connect(format!("{}: HTTP/2: {e}", key.target)));
+            }
+            fresh = true;
+            continue;
+        }
+        // An idempotent request that a connection from the pool lost after
+        // sending (the peer died a moment ago and the pool had not yet
+        // seen it close) is sent once more over a fresh connection, as
+        // the request cannot have been answered.
+        let again = !fresh && idempotent(req.method());
+        match sender.try_send_request(req).await {
+            Ok(r) => break (r, pooled.peer),
+            Err(mut e) => {
+                shared.pool.forget(&key);
+                match (e.take_message(), again) {
+                    (Some(unsent), _) if !fresh => {
+                        req = unsent;
+                        fresh = true;
+                    }
+                    (None, true) => {
+                        tracing::debug!(target = %key.target, error = %e.error(), "pooled connection lost; resending once on a fresh one");
+                        req = make();
+                        fresh = true;
+                    }
+                    _ => return Err(SendError::Reset(e.into_error().to_string())),
+                }
+            }
+        }
+    };
+    Ok((resp, peer))
+}
+
+/// [`reply`] as a relayed response.
+pub(super) fn reply_body(status: StatusCode, reason: &str) -> Response<ProxyBody> {
+    reply(status, reason).map(Either::Right)
+}
+
+/// An endpoint the balancer picked. Its outcome is reported exactly once:
+/// by [`Picked::report`], or, when the request is abandoned first (the
+/// client went away), on drop as a non-error answer, which keeps the
+/// balancer's in-flight count right.
+pub(super) struct Picked<'a> {
+    pub(super) balancer: &'a crate::policy::Balancer,
+    pub(super) tp: &'a TrafficPolicy,
+    pub(super) key: String,
+    /// Index of the endpoint in its service's `endpoints`.
+    pub(super) index: usize,
+    pub(super) reported: bool,
+}
+
+impl Picked<'_> {
+    pub(super) fn report(mut self, outcome: Outcome) {
+        self.reported = true;
+        self.balancer
+            .report(&self.key, outcome, self.tp, Instant::now());
+    }
+}
+
+impl Drop for Picked<'_> {
+    fn drop(&mut self) {
+        if !self.reported {
+            // nginx's "client closed request": not the endpoint's fault.
+            self.balancer
+                .report(&self.key, Outcome::Status(499), self.tp, Instant::now());
+        }
+    }
+}
+
+/// Picks an endpoint of `service` for `tp`, avoiding the `tried` ones
+/// while others can serve (Envoy's `previous_hosts` retry predicate,
+/// which Istio turns on).
+pub(super) fn pick<'a>(
+    shared: &'a Shared,
+    service: &pb::Service,
+    tp: &'a TrafficPolicy,
+    locality: &str,
+    tried: &[String],
+) -> Result<Picked<'a>, crate::policy::PickError> {
+    let from = |endpoints: &[pb::Endpoint]| {
+        shared.balancer.pick(
+            endpoints,
+            tp.subset_labels.as_ref(),
+            tp,
+            locality,
+            Instant::now(),
+            fastrand::f64(),
+        )
+    };
+    let all = &service.endpoints;
+    let index = if tried.is_empty() {
+        from(all)?
+    } else {
+        // A retry (the uncommon path, so copying is fine): the endpoints
+        // not tried yet, mapped back to their index in `all`.
+        let fresh: Vec<usize> = (0..all.len())
+            .filter(|&i| !tried.contains(&endpoint_key(&all[i])))
+            .collect();
+        let fresh_endpoints: Vec<pb::Endpoint> = fresh.iter().map(|&i| all[i].clone()).collect();
+        if fresh.is_empty() {
+            from(all)?
+        } else {
+            from(&fresh_endpoints)
+                .map(|j| fresh[j])
+                .or_else(|_| from(all))?
+        }
+    };
+    Ok(Picked {
+        balancer: &shared.balancer,
+        tp,
+        key: endpoint_key(&all[index]),
+        index,
+        reported: false,
+    })
+}
