@@ -97,6 +97,11 @@ pub fn reply(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
     r
 }
 
+/// [`reply`] as a relayed response.
+fn reply_body(status: StatusCode, reason: &str) -> Response<ProxyBody> {
+    reply(status, reason).map(Either::Right)
+}
+
 /// A random hex id (`x-request-id`).
 fn request_id() -> String {
     use std::fmt::Write;

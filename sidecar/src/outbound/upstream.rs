@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{Either, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper::{Request, Response, StatusCode};
@@ -18,10 +18,9 @@ use strait_proto::strait::mesh::v1 as pb;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use super::reply;
+use crate::Shared;
 use crate::identity::Identity;
 use crate::policy::{Outcome, RetryPolicy, TrafficPolicy, endpoint_key};
-use crate::{ProxyBody, Shared};
 
 /// ALPN for HTTP/2 between sidecars (Istio's), then plain `h2`.
 pub(super) const ALPN_H2: &[&[u8]] = &[b"istio-h2", b"h2"];
@@ -422,11 +421,6 @@ pub(super) async fn send(
         }
     };
     Ok((resp, peer))
-}
-
-/// [`reply`] as a relayed response.
-pub(super) fn reply_body(status: StatusCode, reason: &str) -> Response<ProxyBody> {
-    reply(status, reason).map(Either::Right)
 }
 
 /// An endpoint the balancer picked. Its outcome is reported exactly once:
