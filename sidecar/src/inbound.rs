@@ -5,10 +5,11 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{Either, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
@@ -21,7 +22,7 @@ use tokio::sync::watch;
 use crate::identity::Identity;
 use crate::metrics::{self, RequestLabels};
 use crate::policy::{Decision, MtlsMode, RequestAttrs};
-use crate::{Observed, Phase, ProxyBody, Shared, Tracker};
+use crate::{Counted, Observed, Phase, ProxyBody, Shared, Tracker};
 
 /// How long a client may take to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -39,6 +40,63 @@ fn server_config(shared: &Shared, id: &Identity) -> Option<Arc<rustls::ServerCon
     .map(Arc::new)
     .map_err(|e| tracing::error!(error = %e, "inbound TLS config"))
     .ok()
+}
+
+/// The request body as it goes on to the app: streamed, counted.
+type AppBody = Counted<Incoming>;
+
+/// The app's pooled clients: HTTP/1.1, and HTTP/2 with prior knowledge
+/// (h2c) for requests whose client spoke HTTP/2 (see
+/// [`crate::ORIG_PROTO_HEADER`]).
+#[derive(Clone)]
+pub(crate) struct App {
+    http1: Client<HttpConnector, AppBody>,
+    http2: Client<Dial, AppBody>,
+}
+
+impl App {
+    fn new(app: SocketAddr) -> App {
+        let mut http1 = Client::builder(TokioExecutor::new());
+        http1.timer(hyper_util::rt::TokioTimer::new());
+        let mut http2 = Client::builder(TokioExecutor::new());
+        http2
+            .timer(hyper_util::rt::TokioTimer::new())
+            .http2_only(true);
+        App {
+            http1: http1.build_http(),
+            http2: http2.build(Dial(app)),
+        }
+    }
+}
+
+/// Connects to the app whatever the request's URI names, so that an
+/// HTTP/2 request keeps its `:authority` (the service name the client
+/// used, as Envoy's inbound keeps it).
+#[derive(Clone, Copy)]
+pub(crate) struct Dial(SocketAddr);
+
+impl tower::Service<http::Uri> for Dial {
+    type Response = TokioIo<TcpStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<TokioIo<TcpStream>>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let addr = self.0;
+        Box::pin(async move {
+            let tcp = TcpStream::connect(addr).await?;
+            let _ = tcp.set_nodelay(true);
+            Ok(TokioIo::new(tcp))
+        })
+    }
 }
 
 /// Who is calling, as far as the connection tells.
@@ -61,8 +119,7 @@ pub(crate) async fn serve(
     mut stop: watch::Receiver<Phase>,
     active: Tracker,
 ) {
-    let app: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
+    let app = App::new(shared.opts.app);
     // The config of the newest identity; holding the identity keeps the
     // comparison by pointer sound.
     let mut tls_cache: Option<(Arc<Identity>, Arc<rustls::ServerConfig>)> = None;
@@ -112,7 +169,7 @@ fn looks_like_tls(first: u8) -> bool {
 
 async fn handle(
     shared: Arc<Shared>,
-    app: Client<HttpConnector, Full<Bytes>>,
+    app: App,
     tls: Option<Arc<rustls::ServerConfig>>,
     tcp: TcpStream,
     addr: SocketAddr,
@@ -307,7 +364,7 @@ fn destination_labels(
 
 async fn serve_http<I>(
     shared: Arc<Shared>,
-    app: Client<HttpConnector, Full<Bytes>>,
+    app: App,
     io: I,
     peer: Peer,
     port: u16,
@@ -349,12 +406,12 @@ pub fn xfcc(own_id: &str, hash: &str, peer_id: &str) -> String {
 
 async fn request(
     shared: Arc<Shared>,
-    app: Client<HttpConnector, Full<Bytes>>,
+    app: App,
     peer: Arc<Peer>,
     port: u16,
     req: Request<Incoming>,
 ) -> Response<Observed<ProxyBody>> {
-    let own = |r: Response<Full<Bytes>>| r.map(|b| Observed::plain(Either::Right(b)));
+    let own = |r: Response<Full<Bytes>>| r.map(|b| Observed::plain(ProxyBody::Own(b)));
     let start = Instant::now();
     let started = metrics::now_rfc3339();
     let cfg = shared.config.borrow().clone();
@@ -403,19 +460,14 @@ async fn request(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
-    let body = match crate::read_body(body, crate::MAX_BUFFERED_BODY).await {
-        Ok(b) => b,
-        Err(e @ crate::BodyError::TooLarge(_)) => {
-            return own(plain(StatusCode::PAYLOAD_TOO_LARGE, &format!("{e}\n")));
-        }
-        Err(e) => return own(plain(StatusCode::BAD_REQUEST, &format!("{e}\n"))),
-    };
-    let req_len = body.len() as u64;
+    // The body streams to the app (no retries here to keep it for).
+    let req_bytes = Arc::new(AtomicU64::new(0));
+    let body = Counted::new(body, req_bytes.clone());
     let (resp, reason) = match decision {
         Decision::Deny { policy, reason } => {
             tracing::debug!(%policy, %reason, peer = ?peer.identity, "request denied");
             (
-                plain(StatusCode::FORBIDDEN, "RBAC: access denied").map(Either::Right),
+                plain(StatusCode::FORBIDDEN, "RBAC: access denied").map(ProxyBody::Own),
                 Some(format!("denied by {policy}: {reason}")),
             )
         }
@@ -430,25 +482,46 @@ async fn request(
             {
                 parts.headers.insert("x-forwarded-client-cert", v);
             }
-            let uri = format!("http://{}{}", shared.opts.app, path);
-            match uri.parse() {
-                Ok(u) => parts.uri = u,
-                Err(_) => return own(plain(StatusCode::BAD_REQUEST, "bad request path\n")),
-            }
-            parts.version = http::Version::HTTP_11;
-            // HTTP/2 carries the host in `:authority`; the app gets it as Host.
-            if !parts.headers.contains_key(http::header::HOST)
-                && let Ok(v) = authority.parse()
-            {
-                parts.headers.insert(http::header::HOST, v);
-            }
-            let out = Request::from_parts(parts, Full::new(body));
-            match app.request(out).await {
+            // The app gets the HTTP version its client spoke.
+            let http2 = parts.version == http::Version::HTTP_2
+                && parts.headers.remove(crate::ORIG_PROTO_HEADER).is_none();
+            parts.headers.remove(crate::ORIG_PROTO_HEADER);
+            let sent = if http2 {
+                // `:authority` stays what the client asked for; [`Dial`]
+                // connects to the app whatever it says.
+                let uri = format!("http://{authority}{path}");
+                match uri.parse() {
+                    Ok(u) => parts.uri = u,
+                    Err(_) => {
+                        return own(plain(
+                            StatusCode::BAD_REQUEST,
+                            "bad request authority or path\n",
+                        ));
+                    }
+                }
+                parts.headers.remove(http::header::HOST);
+                app.http2.request(Request::from_parts(parts, body)).await
+            } else {
+                let uri = format!("http://{}{}", shared.opts.app, path);
+                match uri.parse() {
+                    Ok(u) => parts.uri = u,
+                    Err(_) => return own(plain(StatusCode::BAD_REQUEST, "bad request path\n")),
+                }
+                parts.version = http::Version::HTTP_11;
+                // HTTP/2 carries the host in `:authority`; the app gets it as Host.
+                if !parts.headers.contains_key(http::header::HOST)
+                    && let Ok(v) = authority.parse()
+                {
+                    parts.headers.insert(http::header::HOST, v);
+                }
+                app.http1.request(Request::from_parts(parts, body)).await
+            };
+            match sent {
                 // The app's response streams through.
-                Ok(r) => (r.map(Either::Left), None),
+                Ok(r) => (r.map(ProxyBody::Stream), None),
                 Err(e) => (
                     plain(StatusCode::SERVICE_UNAVAILABLE, "the app is unreachable\n")
-                        .map(Either::Right),
+                        .map(ProxyBody::Own),
                     Some(format!("app {}: {e}", shared.opts.app)),
                 ),
             }
@@ -461,6 +534,7 @@ async fn request(
     resp.map(|body| {
         Observed::new(body, move |resp_len| {
             let millis = start.elapsed().as_secs_f64() * 1000.0;
+            let req_len = req_bytes.load(Ordering::Relaxed);
             shared.metrics.request(&labels, millis, req_len, resp_len);
             metrics::log(&metrics::AccessLog {
                 start_time: started,

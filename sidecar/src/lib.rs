@@ -313,16 +313,123 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// The most bytes of one body the sidecar buffers: requests are kept
-/// whole (so that any request can be retried), and so are responses on a
-/// route with a timeout (the timeout covers the whole response, as in
-/// Envoy). Other responses stream.
+/// The most bytes of one response the sidecar buffers: responses on a
+/// route with a timeout are read whole (the timeout covers the whole
+/// response, as in Envoy), data and trailers. Other responses stream.
 pub const MAX_BUFFERED_BODY: usize = 16 << 20;
 
-/// A response body as the sidecar relays it: the upstream's, streamed,
-/// or one it holds whole (its own answers, buffered responses).
-pub type ProxyBody =
-    http_body_util::Either<hyper::body::Incoming, http_body_util::Full<bytes::Bytes>>;
+/// The largest request body held whole so that a retry can send it again
+/// (Envoy's default buffer limit): a body that declares its length up to
+/// this is read before it is sent. Longer bodies, and bodies of unknown
+/// length (HTTP/2 and gRPC streams, chunked uploads), stream as they
+/// arrive; such a request is retried only while none of it was sent.
+pub const MAX_REPLAYABLE_BODY: usize = 1 << 20;
+
+/// Carries the HTTP version the app spoke when its sidecar sent the
+/// request on as HTTP/2 (sidecars always talk HTTP/2 to each other): the
+/// destination's sidecar speaks that version to its app. A request over
+/// HTTP/2 without it came from an HTTP/2 client (a gRPC app, or an Istio
+/// sidecar, which upgrades nothing by default) and reaches the app as
+/// HTTP/2. Linkerd's `l5d-orig-proto` does the same.
+pub const ORIG_PROTO_HEADER: &str = "x-strait-orig-proto";
+
+/// A response body as the sidecar relays it.
+pub enum ProxyBody {
+    /// The upstream's, streamed.
+    Stream(hyper::body::Incoming),
+    /// One the sidecar made itself.
+    Own(http_body_util::Full<bytes::Bytes>),
+    /// The upstream's, read whole (data and trailers).
+    Buffered(http_body_util::Collected<bytes::Bytes>),
+}
+
+impl From<http_body_util::Full<bytes::Bytes>> for ProxyBody {
+    fn from(b: http_body_util::Full<bytes::Bytes>) -> Self {
+        ProxyBody::Own(b)
+    }
+}
+
+impl hyper::body::Body for ProxyBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::pin::Pin;
+        use std::task::Poll;
+        let infallible = |p: Poll<Option<Result<_, std::convert::Infallible>>>| {
+            p.map(|f| f.map(|r| r.map_err(|e| match e {})))
+        };
+        match self.get_mut() {
+            ProxyBody::Stream(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Own(b) => infallible(Pin::new(b).poll_frame(cx)),
+            ProxyBody::Buffered(b) => infallible(Pin::new(b).poll_frame(cx)),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Stream(b) => b.is_end_stream(),
+            ProxyBody::Own(b) => b.is_end_stream(),
+            ProxyBody::Buffered(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            ProxyBody::Stream(b) => b.size_hint(),
+            ProxyBody::Own(b) => b.size_hint(),
+            ProxyBody::Buffered(b) => b.size_hint(),
+        }
+    }
+}
+
+/// A request body passed on as it arrives, its data bytes counted into a
+/// shared counter (read for `istio_request_bytes` when the exchange ends).
+pub struct Counted<B> {
+    inner: B,
+    bytes: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<B> Counted<B> {
+    /// `inner`, counted into `bytes`.
+    pub fn new(inner: B, bytes: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        Counted { inner, bytes }
+    }
+}
+
+impl<B> hyper::body::Body for Counted<B>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Unpin,
+{
+    type Data = bytes::Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            this.bytes
+                .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// A body whose end is observed: `on_end` gets the bytes that went
 /// through, once, when the last frame is handed on, the stream fails, or
@@ -417,18 +524,31 @@ pub enum BodyError {
     Broken(String),
 }
 
-/// Reads `body` whole, refusing more than `limit` bytes.
-pub async fn read_body<B>(body: B, limit: usize) -> Result<bytes::Bytes, BodyError>
+/// Reads `body` whole (data and trailers), refusing more than `limit`
+/// bytes.
+pub async fn read_whole<B>(
+    body: B,
+    limit: usize,
+) -> Result<http_body_util::Collected<bytes::Bytes>, BodyError>
 where
-    B: hyper::body::Body,
+    B: hyper::body::Body<Data = bytes::Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     use http_body_util::BodyExt;
     match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(b) => Ok(b.to_bytes()),
+        Ok(b) => Ok(b),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge(limit)),
         Err(e) => Err(BodyError::Broken(e.to_string())),
     }
+}
+
+/// Reads `body`'s data whole, refusing more than `limit` bytes.
+pub async fn read_body<B>(body: B, limit: usize) -> Result<bytes::Bytes, BodyError>
+where
+    B: hyper::body::Body<Data = bytes::Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    read_whole(body, limit).await.map(|c| c.to_bytes())
 }
 
 /// Parses Istio's `outbound_.<port>_.<subset>_.<host>` SNI.

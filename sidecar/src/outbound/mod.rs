@@ -11,6 +11,7 @@
 //! and outlier reporting follow the route and the DestinationRule.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -24,7 +25,7 @@ use tokio::sync::watch;
 
 use crate::metrics::{self, RequestLabels};
 use crate::policy::{Outcome, RequestAttrs};
-use crate::{Life, Observed, Phase, ProxyBody, Shared, Tracker};
+use crate::{Counted, Life, Observed, Phase, ProxyBody, Shared, Tracker};
 
 /// Istio's default TCP connect timeout, when no DestinationRule sets one.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -74,9 +75,12 @@ pub(crate) async fn serve(
                 let life = life.clone();
                 async move { Ok::<_, std::convert::Infallible>(proxy(shared, req, life, dialed).await) }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .with_upgrades();
+            // HTTP/1.1 (proxy requests, CONNECT, redirected requests) or
+            // HTTP/2 with prior knowledge (gRPC and other h2c clients),
+            // told apart by the HTTP/2 preface.
+            let builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
             crate::drive(conn, |c| c.graceful_shutdown(), phase).await;
         });
     }
@@ -99,7 +103,53 @@ pub fn reply(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
 
 /// [`reply`] as a relayed response.
 fn reply_body(status: StatusCode, reason: &str) -> Response<ProxyBody> {
-    reply(status, reason).map(Either::Right)
+    reply(status, reason).map(ProxyBody::Own)
+}
+
+/// A request body across the attempts of one request.
+enum Outgoing {
+    /// Held whole: every attempt sends a copy.
+    Whole(Bytes),
+    /// Passed on as it arrives: the first attempt that sends takes it.
+    Stream(std::sync::Mutex<Option<Counted<Incoming>>>),
+}
+
+impl Outgoing {
+    /// Holds `body` whole when it declares a length of at most
+    /// [`crate::MAX_REPLAYABLE_BODY`] (or has none), else streams it;
+    /// `bytes` counts what goes through.
+    async fn new(body: Incoming, bytes: Arc<AtomicU64>) -> Result<Outgoing, crate::BodyError> {
+        use hyper::body::Body;
+        if body.is_end_stream() {
+            return Ok(Outgoing::Whole(Bytes::new()));
+        }
+        match body.size_hint().exact() {
+            Some(n) if n <= crate::MAX_REPLAYABLE_BODY as u64 => {
+                let b = crate::read_body(body, crate::MAX_REPLAYABLE_BODY).await?;
+                bytes.store(b.len() as u64, Ordering::Relaxed);
+                Ok(Outgoing::Whole(b))
+            }
+            _ => Ok(Outgoing::Stream(std::sync::Mutex::new(Some(Counted::new(
+                body, bytes,
+            ))))),
+        }
+    }
+
+    /// The body for one more attempt; `None` once a stream was taken.
+    fn take(&self) -> Option<SendBody> {
+        match self {
+            Outgoing::Whole(b) => Some(Either::Left(Full::new(b.clone()))),
+            Outgoing::Stream(s) => s.lock().ok()?.take().map(Either::Right),
+        }
+    }
+
+    /// Whether another attempt can still send the body.
+    fn replayable(&self) -> bool {
+        match self {
+            Outgoing::Whole(_) => true,
+            Outgoing::Stream(s) => s.lock().is_ok_and(|s| s.is_some()),
+        }
+    }
 }
 
 /// A random hex id (`x-request-id`).
@@ -184,7 +234,7 @@ async fn proxy(
     life: Life,
     dialed: Option<u16>,
 ) -> Response<Observed<ProxyBody>> {
-    let own = |r: Response<Full<Bytes>>| r.map(|b| Observed::plain(Either::Right(b)));
+    let own = |r: Response<Full<Bytes>>| r.map(|b| Observed::plain(ProxyBody::Own(b)));
     if req.method() == http::Method::CONNECT {
         return own(tunnel(shared, req, life).await);
     }
@@ -212,17 +262,26 @@ async fn proxy(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
-    let body = match crate::read_body(body, crate::MAX_BUFFERED_BODY).await {
+    // The destination's sidecar speaks to its app what this app spoke.
+    if parts.version == http::Version::HTTP_2 {
+        parts.headers.remove(crate::ORIG_PROTO_HEADER);
+    } else {
+        parts.headers.insert(
+            crate::ORIG_PROTO_HEADER,
+            http::HeaderValue::from_static("HTTP/1.1"),
+        );
+    }
+    let req_bytes = Arc::new(AtomicU64::new(0));
+    let body = match Outgoing::new(body, req_bytes.clone()).await {
         Ok(b) => b,
         Err(e @ crate::BodyError::TooLarge(_)) => {
             return own(reply(StatusCode::PAYLOAD_TOO_LARGE, &e.to_string()));
         }
         Err(e) => return own(reply(StatusCode::BAD_REQUEST, &e.to_string())),
     };
-    let req_len = body.len() as u64;
     let mut settled = Settled::default();
     let (resp, service) =
-        forward(&shared, &mut parts, body, &host, port, &path, &mut settled).await;
+        forward(&shared, &mut parts, &body, &host, port, &path, &mut settled).await;
     let code = resp.status().as_u16();
     let labels = source_labels(&shared, &settled, service.as_deref(), &host, "http", code);
     // Metrics and the access log once the response has gone through (it
@@ -230,6 +289,7 @@ async fn proxy(
     resp.map(|body| {
         Observed::new(body, move |resp_len| {
             let millis = start.elapsed().as_secs_f64() * 1000.0;
+            let req_len = req_bytes.load(Ordering::Relaxed);
             shared.metrics.request(&labels, millis, req_len, resp_len);
             metrics::log(&metrics::AccessLog {
                 start_time: started,
@@ -284,7 +344,7 @@ fn source_labels(
 async fn forward(
     shared: &Shared,
     parts: &mut http::request::Parts,
-    body: Bytes,
+    body: &Outgoing,
     host: &str,
     port: u16,
     path: &str,
@@ -485,10 +545,10 @@ async fn forward(
         };
         let parts: &http::request::Parts = parts;
         let make = || {
-            let mut out = Request::from_parts(parts.clone(), Full::new(body.clone()));
+            let mut out = Request::from_parts(parts.clone(), body.take()?);
             *out.version_mut() = http::Version::HTTP_2;
             *out.uri_mut() = uri.clone();
-            out
+            Some(out)
         };
         let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let per_try = match (route.retries.per_try_timeout, remaining) {
@@ -502,16 +562,13 @@ async fn forward(
         let sent = async {
             let (resp, peer) = send(shared, &id, &target, &make).await?;
             if !buffer {
-                return Ok((resp.map(Either::Left), peer));
+                return Ok((resp.map(ProxyBody::Stream), peer));
             }
             let (p, b) = resp.into_parts();
-            let bytes = crate::read_body(b, crate::MAX_BUFFERED_BODY)
+            let whole = crate::read_whole(b, crate::MAX_BUFFERED_BODY)
                 .await
                 .map_err(|e| SendError::Reset(format!("response: {e}")))?;
-            Ok((
-                Response::from_parts(p, Either::Right(Full::new(bytes))),
-                peer,
-            ))
+            Ok((Response::from_parts(p, ProxyBody::Buffered(whole)), peer))
         };
         let result = match per_try {
             Some(t) => tokio::time::timeout(t, sent)
@@ -547,7 +604,11 @@ async fn forward(
                 retry
             }
         };
-        if !retry || attempt + 1 == tries || deadline.is_some_and(|d| Instant::now() >= d) {
+        if !retry
+            || attempt + 1 == tries
+            || deadline.is_some_and(|d| Instant::now() >= d)
+            || !body.replayable()
+        {
             break;
         }
     }

@@ -18,9 +18,13 @@ use strait_proto::strait::mesh::v1 as pb;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use crate::Shared;
 use crate::identity::Identity;
 use crate::policy::{Outcome, RetryPolicy, TrafficPolicy, endpoint_key};
+use crate::{Counted, Shared};
+
+/// A request body as one attempt sends it: a copy of one held whole, or
+/// the client's stream.
+pub(super) type SendBody = http_body_util::Either<Full<Bytes>, Counted<Incoming>>;
 
 /// ALPN for HTTP/2 between sidecars (Istio's), then plain `h2`.
 pub(super) const ALPN_H2: &[&[u8]] = &[b"istio-h2", b"h2"];
@@ -53,7 +57,7 @@ pub(super) struct PoolKey {
 
 #[derive(Clone)]
 pub(super) struct Pooled {
-    pub(super) sender: SendRequest<Full<Bytes>>,
+    pub(super) sender: SendRequest<SendBody>,
     /// The verified server identity (`unknown` without TLS).
     pub(super) peer: String,
     /// Holds the client identity alive while pooled (see [`PoolKey`]).
@@ -306,10 +310,7 @@ pub(super) async fn connect_tls(
     Ok(Connected { stream, peer })
 }
 
-pub(super) async fn h2_handshake<I>(
-    io: I,
-    addr: &str,
-) -> Result<SendRequest<Full<Bytes>>, SendError>
+pub(super) async fn h2_handshake<I>(io: I, addr: &str) -> Result<SendRequest<SendBody>, SendError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -373,17 +374,21 @@ pub(super) fn idempotent(m: &http::Method) -> bool {
 }
 
 /// Sends the request `make` builds to `t`; the verified server identity
-/// comes with the answer. `make` is called again only when a pooled
-/// connection lost a request it had sent (so no copy is made up front).
+/// comes with the answer. `make` is called once a connection is ready
+/// (so a streamed body is not taken by an attempt that never connects),
+/// and again only when a pooled connection lost a request it had sent;
+/// it gives `None` when the body cannot be sent again (it streamed).
 pub(super) async fn send(
     shared: &Shared,
     id: &Arc<Identity>,
     t: &Target<'_>,
-    make: &(dyn Fn() -> Request<Full<Bytes>> + Sync),
+    make: &(dyn Fn() -> Option<Request<SendBody>> + Sync),
 ) -> Result<(Response<Incoming>, String), SendError> {
+    let spent =
+        || SendError::Reset("the request body streamed once and cannot be sent again".into());
     // A pooled connection may have died since it was last used; a request
     // it never sent goes once more over a fresh connection.
-    let mut req = make();
+    let mut unsent: Option<Request<SendBody>> = None;
     let mut fresh = false;
     let (resp, peer) = loop {
         let (key, pooled) = h2_connection(shared, id, t).await?;
@@ -396,6 +401,10 @@ pub(super) async fn send(
             fresh = true;
             continue;
         }
+        let req = match unsent.take() {
+            Some(r) => r,
+            None => make().ok_or_else(spent)?,
+        };
         // An idempotent request that a connection from the pool lost after
         // sending (the peer died a moment ago and the pool had not yet
         // seen it close) is sent once more over a fresh connection, as
@@ -406,13 +415,18 @@ pub(super) async fn send(
             Err(mut e) => {
                 shared.pool.forget(&key);
                 match (e.take_message(), again) {
-                    (Some(unsent), _) if !fresh => {
-                        req = unsent;
+                    (Some(r), _) if !fresh => {
+                        unsent = Some(r);
                         fresh = true;
                     }
                     (None, true) => {
                         tracing::debug!(target = %key.target, error = %e.error(), "pooled connection lost; resending once on a fresh one");
-                        req = make();
+                        unsent = Some(make().ok_or_else(|| {
+                            SendError::Reset(format!(
+                                "{} (the request body streamed; not resent)",
+                                e.error()
+                            ))
+                        })?);
                         fresh = true;
                     }
                     _ => return Err(SendError::Reset(e.into_error().to_string())),
