@@ -45,7 +45,8 @@ pub struct Options {
     pub workload: WorkloadRef,
     /// The mTLS listener.
     pub inbound: SocketAddr,
-    /// The app, plain HTTP/1.1.
+    /// The app, plain HTTP (HTTP/1.1, or HTTP/2 with prior knowledge for
+    /// requests whose client spoke HTTP/2).
     pub app: SocketAddr,
     /// The HTTP proxy for the app.
     pub outbound: SocketAddr,

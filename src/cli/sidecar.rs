@@ -34,6 +34,7 @@ use super::parse_duration;
       --inbound 0.0.0.0:15006 --app 127.0.0.1:8080 --outbound 127.0.0.1:15001 \\
       --health-listen 0.0.0.0:15021 --metrics-listen 0.0.0.0:15090
   # then, from the app: curl -x http://127.0.0.1:15001 http://echo.demo:8080/
+  # (gRPC: dial 127.0.0.1:15001 with authority echo.demo:8080)
   # transparent capture rules for a pod's init container (istio-init-like)
   strait sidecar iptables --print
   strait sidecar iptables --apply     # in the pod's network namespace, as its init container"
@@ -68,10 +69,13 @@ pub struct SidecarArgs {
     /// The mTLS listener.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15006")]
     inbound: SocketAddr,
-    /// The app (plain HTTP/1.1).
+    /// The app, plain HTTP: HTTP/1.1, or HTTP/2 with prior knowledge for
+    /// callers that spoke HTTP/2 (gRPC).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
     app: SocketAddr,
-    /// The HTTP proxy for the app's outbound calls.
+    /// The HTTP proxy for the app's outbound calls (HTTP/1.1, or HTTP/2
+    /// with prior knowledge: gRPC clients naming the service in
+    /// `:authority`).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15001")]
     outbound: SocketAddr,
     /// Health endpoint (/healthz/ready: ready once it has a certificate and

@@ -1,7 +1,8 @@
 //! The outbound side: an HTTP proxy for the app. A request names its
 //! destination in absolute form (`GET http://echo.demo:8080/path`, as
-//! `http_proxy`/`curl -x` send it) or asks for a tunnel (`CONNECT
-//! echo.demo:8080`); the host resolves against the pushed services;
+//! `http_proxy`/`curl -x` send it), in `Host` or HTTP/2's `:authority`
+//! (redirected connections, h2c and gRPC clients), or asks for a tunnel
+//! (`CONNECT echo.demo:8080`); the host resolves against the pushed services;
 //! VirtualService and DestinationRule pick the destination, subset and
 //! endpoint; the request travels over mTLS with Istio's SNI
 //! (`outbound_.<port>_.<subset>_.<host>`) to the destination's sidecar or
