@@ -319,6 +319,7 @@ async fn serve_tcp<S>(
         source_cluster: "unknown",
         destination_cluster: &labels.destination_cluster,
         request_id: "",
+        grpc_status: None,
         reason: reason.as_deref(),
     });
 }
@@ -447,7 +448,8 @@ async fn request(
         .current_identity()
         .map(|i| i.spiffe_id.to_string())
         .unwrap_or_default();
-    let mut labels = destination_labels(&shared, &peer, Some(&parts.headers), "http", 0);
+    let protocol = metrics::http_protocol(&parts.headers);
+    let mut labels = destination_labels(&shared, &peer, Some(&parts.headers), protocol, 0);
     labels.destination_service = peer.service.clone().unwrap_or_else(|| {
         authority
             .rsplit_once(':')
@@ -530,29 +532,36 @@ async fn request(
     let code = resp.status().as_u16();
     labels.response_code = code.to_string();
     // Metrics and the access log once the response has gone through (it
-    // may stream): its size and the whole duration are known then.
-    resp.map(|body| {
-        Observed::new(body, move |resp_len| {
-            let millis = start.elapsed().as_secs_f64() * 1000.0;
-            let req_len = req_bytes.load(Ordering::Relaxed);
-            shared.metrics.request(&labels, millis, req_len, resp_len);
-            metrics::log(&metrics::AccessLog {
-                start_time: started,
-                reporter: "destination",
-                method: &method,
-                path: &path,
-                authority: &authority,
-                response_code: code,
-                duration_ms: millis,
-                upstream_host: &shared.opts.app.to_string(),
-                peer_identity: peer.identity.as_deref(),
-                source_cluster: &labels.source_cluster,
-                destination_cluster: &labels.destination_cluster,
-                request_id: &rid,
-                reason: reason.as_deref(),
-            });
-        })
-    })
+    // may stream): its size, gRPC status and the whole duration are known
+    // then.
+    let (head, body) = resp.into_parts();
+    let body = Observed::new(body, &head.headers, move |end| {
+        let millis = start.elapsed().as_secs_f64() * 1000.0;
+        let req_len = req_bytes.load(Ordering::Relaxed);
+        let labels = metrics::RequestCountLabels {
+            labels,
+            grpc_response_status: end.grpc_status.clone().unwrap_or_default(),
+        };
+        shared.metrics.request(&labels, millis, req_len, end.bytes);
+        let labels = &labels.labels;
+        metrics::log(&metrics::AccessLog {
+            start_time: started,
+            reporter: "destination",
+            method: &method,
+            path: &path,
+            authority: &authority,
+            response_code: code,
+            duration_ms: millis,
+            upstream_host: &shared.opts.app.to_string(),
+            peer_identity: peer.identity.as_deref(),
+            source_cluster: &labels.source_cluster,
+            destination_cluster: &labels.destination_cluster,
+            request_id: &rid,
+            grpc_status: end.grpc_status.as_deref(),
+            reason: reason.as_deref(),
+        });
+    });
+    Response::from_parts(head, body)
 }
 
 #[cfg(test)]

@@ -439,16 +439,42 @@ where
 /// and duration are known.
 pub struct Observed<B> {
     inner: B,
-    bytes: u64,
-    on_end: Option<Box<dyn FnOnce(u64) + Send>>,
+    ended: Ended,
+    on_end: Option<Box<dyn FnOnce(Ended) + Send>>,
+}
+
+/// What went through an [`Observed`] body.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ended {
+    /// Data bytes.
+    pub bytes: u64,
+    /// The `grpc-status` of a gRPC response: from its trailers, or from
+    /// its head when it had no body (trailers-only).
+    pub grpc_status: Option<String>,
+}
+
+/// `grpc-status` in `headers`, if any.
+pub fn grpc_status(headers: &http::HeaderMap) -> Option<String> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 impl<B> Observed<B> {
-    /// `inner`, with `on_end` called once at its end.
-    pub fn new(inner: B, on_end: impl FnOnce(u64) + Send + 'static) -> Self {
+    /// `inner`, the body of a response with headers `head`, with
+    /// `on_end` called once at its end.
+    pub fn new(
+        inner: B,
+        head: &http::HeaderMap,
+        on_end: impl FnOnce(Ended) + Send + 'static,
+    ) -> Self {
         Observed {
             inner,
-            bytes: 0,
+            ended: Ended {
+                bytes: 0,
+                grpc_status: grpc_status(head),
+            },
             on_end: Some(Box::new(on_end)),
         }
     }
@@ -457,14 +483,14 @@ impl<B> Observed<B> {
     pub fn plain(inner: B) -> Self {
         Observed {
             inner,
-            bytes: 0,
+            ended: Ended::default(),
             on_end: None,
         }
     }
 
     fn finish(&mut self) {
         if let Some(f) = self.on_end.take() {
-            f(self.bytes);
+            f(std::mem::take(&mut self.ended));
         }
     }
 }
@@ -492,7 +518,9 @@ where
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    this.bytes += data.len() as u64;
+                    this.ended.bytes += data.len() as u64;
+                } else if let Some(status) = frame.trailers_ref().and_then(grpc_status) {
+                    this.ended.grpc_status = Some(status);
                 }
                 // The last frame: hyper may not ask again.
                 if this.inner.is_end_stream() {

@@ -33,6 +33,34 @@ pub struct RequestLabels {
     pub connection_security_policy: String,
 }
 
+/// `istio_requests_total`'s labels: the standard ones and, on this
+/// family only (as in Istio), `grpc_response_status` (the gRPC status
+/// code of a gRPC response, from its trailers or a trailers-only head;
+/// empty otherwise).
+#[derive(Debug, Clone, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestCountLabels {
+    #[prometheus(flatten)]
+    pub labels: RequestLabels,
+    pub grpc_response_status: String,
+}
+
+/// Whether a request is gRPC (`content-type: application/grpc[+proto…]`),
+/// which makes its `request_protocol` `grpc`, as Istio reports it.
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.strip_prefix("application/grpc")
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['+', ';']))
+        })
+}
+
+/// The `request_protocol` of an HTTP request with these headers.
+pub fn http_protocol(headers: &http::HeaderMap) -> &'static str {
+    if is_grpc(headers) { "grpc" } else { "http" }
+}
+
 fn ms_buckets() -> Histogram {
     Histogram::new([
         0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
@@ -47,7 +75,7 @@ fn byte_buckets() -> Histogram {
 #[derive(Clone)]
 pub struct Metrics {
     /// `istio_requests_total`.
-    pub requests: Family<RequestLabels, Counter>,
+    pub requests: Family<RequestCountLabels, Counter>,
     /// `istio_request_duration_milliseconds`.
     pub duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
     /// `istio_request_bytes`.
@@ -63,7 +91,7 @@ pub struct Metrics {
     /// thirteen label strings; foldhash rather than SipHash for that). The
     /// handles share their values with the families' series, so the
     /// exposition is unchanged.
-    series: std::sync::Arc<std::sync::Mutex<foldhash::HashMap<RequestLabels, RequestSeries>>>,
+    series: std::sync::Arc<std::sync::Mutex<foldhash::HashMap<RequestCountLabels, RequestSeries>>>,
 }
 
 /// One label set's request series (clones of the families' own).
@@ -122,16 +150,16 @@ impl Metrics {
     }
 
     /// Records one finished request.
-    pub fn request(&self, l: &RequestLabels, millis: f64, req_bytes: u64, resp_bytes: u64) {
+    pub fn request(&self, l: &RequestCountLabels, millis: f64, req_bytes: u64, resp_bytes: u64) {
         let cached = self.series.lock().ok().and_then(|m| m.get(l).cloned());
         let s = match cached {
             Some(s) => s,
             None => {
                 let s = RequestSeries {
                     requests: self.requests.get_or_create(l).clone(),
-                    duration: self.duration.get_or_create(l).clone(),
-                    request_bytes: self.request_bytes.get_or_create(l).clone(),
-                    response_bytes: self.response_bytes.get_or_create(l).clone(),
+                    duration: self.duration.get_or_create(&l.labels).clone(),
+                    request_bytes: self.request_bytes.get_or_create(&l.labels).clone(),
+                    response_bytes: self.response_bytes.get_or_create(&l.labels).clone(),
                 };
                 if let Ok(mut m) = self.series.lock() {
                     m.insert(l.clone(), s.clone());
@@ -164,6 +192,8 @@ pub struct AccessLog<'a> {
     pub source_cluster: &'a str,
     pub destination_cluster: &'a str,
     pub request_id: &'a str,
+    /// A gRPC response's status code.
+    pub grpc_status: Option<&'a str>,
     pub reason: Option<&'a str>,
 }
 
@@ -312,6 +342,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn grpc_is_told_by_its_content_type() {
+        let h = |ct: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(http::header::CONTENT_TYPE, ct.parse().unwrap());
+            h
+        };
+        for ct in [
+            "application/grpc",
+            "application/grpc+proto",
+            "application/grpc;x=y",
+        ] {
+            assert_eq!(http_protocol(&h(ct)), "grpc", "{ct}");
+        }
+        for ct in [
+            "application/grpc-web",
+            "application/json",
+            "text/plain",
+            "application/grpcx",
+        ] {
+            assert_eq!(http_protocol(&h(ct)), "http", "{ct}");
+        }
+        assert_eq!(http_protocol(&http::HeaderMap::new()), "http");
+    }
+
+    #[test]
     fn metrics_carry_istio_names_and_labels() {
         let mut registry = Registry::default();
         let m = Metrics::new(&mut registry);
@@ -321,7 +376,11 @@ mod tests {
             connection_security_policy: "mutual_tls".into(),
             ..RequestLabels::default()
         };
-        m.request(&l, 12.0, 10, 2000);
+        let count = RequestCountLabels {
+            labels: l.clone(),
+            grpc_response_status: "0".into(),
+        };
+        m.request(&count, 12.0, 10, 2000);
         m.tcp_opened.get_or_create(&l).inc();
         m.tcp_closed.get_or_create(&l).inc();
         let mut text = String::new();
@@ -337,6 +396,11 @@ mod tests {
             assert!(text.contains(name), "{name} missing:\n{text}");
         }
         assert!(text.contains("reporter=\"source\""), "{text}");
+        // As in Istio, only istio_requests_total has grpc_response_status.
+        for line in text.lines().filter(|l| l.contains("grpc_response_status")) {
+            assert!(line.starts_with("istio_requests_total{"), "{line}");
+        }
+        assert!(text.contains("grpc_response_status=\"0\""), "{text}");
         assert!(
             text.contains("connection_security_policy=\"mutual_tls\""),
             "{text}"
@@ -347,10 +411,13 @@ mod tests {
     fn repeated_requests_add_up_in_the_exposed_series() {
         let mut registry = Registry::default();
         let m = Metrics::new(&mut registry);
-        let l = |code: &str| RequestLabels {
-            reporter: "destination".into(),
-            response_code: code.into(),
-            ..RequestLabels::default()
+        let l = |code: &str| RequestCountLabels {
+            labels: RequestLabels {
+                reporter: "destination".into(),
+                response_code: code.into(),
+                ..RequestLabels::default()
+            },
+            grpc_response_status: String::new(),
         };
         for _ in 0..3 {
             m.request(&l("200"), 1.0, 10, 20);
@@ -405,6 +472,7 @@ mod tests {
             source_cluster: "c1",
             destination_cluster: "c2",
             request_id: "r",
+            grpc_status: None,
             reason: None,
         };
         let w = writer().unwrap();
@@ -434,6 +502,7 @@ mod tests {
             source_cluster: "c1",
             destination_cluster: "c2",
             request_id: "abc",
+            grpc_status: Some("14"),
             reason: None,
         };
         let line = encode(&entry).unwrap();
@@ -443,6 +512,7 @@ mod tests {
         assert_eq!(v["response_code"], 200);
         assert_eq!(v["request_id"], "abc");
         assert_eq!(v["destination_cluster"], "c2");
+        assert_eq!(v["grpc_status"], "14");
         assert!(
             time::OffsetDateTime::parse(
                 v["start_time"].as_str().unwrap(),

@@ -187,7 +187,7 @@ async fn count(
 
 #[tokio::test]
 async fn unary_calls_and_their_status_cross_the_mesh() {
-    let (_pki, client_sidecar, _server, _mesh) = setup().await;
+    let (_pki, client_sidecar, server, _mesh) = setup().await;
     let mut grpc = client(client_sidecar.outbound).await;
     grpc.ready().await.unwrap();
     let resp = grpc
@@ -212,16 +212,27 @@ async fn unary_calls_and_their_status_cross_the_mesh() {
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
     assert_eq!(err.message(), "no such thing");
 
-    // Istio's metrics count the calls as HTTP 200s.
-    let metrics = client_sidecar.metrics();
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("istio_requests_total{")
+    // Istio's metrics: HTTP 200s of protocol grpc, told apart by their
+    // gRPC status (NOT_FOUND came in a trailers-only head), on both sides.
+    for sidecar in [&client_sidecar, &server] {
+        assert_eq!(grpc_calls(sidecar, "0"), 1, "{}", sidecar.metrics());
+        assert_eq!(grpc_calls(sidecar, "5"), 1, "{}", sidecar.metrics());
+    }
+}
+
+/// `istio_requests_total` of gRPC calls that got HTTP 200 and `status`.
+fn grpc_calls(sidecar: &Sidecar, status: &str) -> u64 {
+    sidecar
+        .metrics()
+        .lines()
+        .filter(|l| {
+            l.starts_with("istio_requests_total{")
+                && l.contains("request_protocol=\"grpc\"")
                 && l.contains("response_code=\"200\"")
-                && l.ends_with(" 2")),
-        "{metrics}"
-    );
+                && l.contains(&format!("grpc_response_status=\"{status}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 #[tokio::test]
@@ -244,6 +255,8 @@ async fn streams_flow_both_ways_without_buffering() {
     assert_eq!(got, vec![0, 1, 2, 3, 4]);
     assert_eq!(status.code(), Code::Aborted, "{status:?}");
     assert_eq!(status.message(), "stopped after 5");
+    // ABORTED, read from the trailers.
+    assert_eq!(grpc_calls(&client_sidecar, "10"), 1);
 
     // Ping-pong: each message is sent only after the answer to the last
     // one arrived, which cannot happen if either direction is held back.

@@ -284,31 +284,39 @@ async fn proxy(
     let (resp, service) =
         forward(&shared, &mut parts, &body, &host, port, &path, &mut settled).await;
     let code = resp.status().as_u16();
-    let labels = source_labels(&shared, &settled, service.as_deref(), &host, "http", code);
+    let protocol = metrics::http_protocol(&parts.headers);
+    let labels = source_labels(&shared, &settled, service.as_deref(), &host, protocol, code);
     // Metrics and the access log once the response has gone through (it
-    // may stream): its size and the whole duration are known then.
-    resp.map(|body| {
-        Observed::new(body, move |resp_len| {
-            let millis = start.elapsed().as_secs_f64() * 1000.0;
-            let req_len = req_bytes.load(Ordering::Relaxed);
-            shared.metrics.request(&labels, millis, req_len, resp_len);
-            metrics::log(&metrics::AccessLog {
-                start_time: started,
-                reporter: "source",
-                method: &method,
-                path: &path,
-                authority: &host,
-                response_code: code,
-                duration_ms: millis,
-                upstream_host: &settled.upstream,
-                peer_identity: Some(&settled.destination_principal),
-                source_cluster: &labels.source_cluster,
-                destination_cluster: &settled.destination_cluster,
-                request_id: &rid,
-                reason: settled.reason.as_deref(),
-            });
-        })
-    })
+    // may stream): its size, gRPC status and the whole duration are known
+    // then.
+    let (head, body) = resp.into_parts();
+    let body = Observed::new(body, &head.headers, move |end| {
+        let millis = start.elapsed().as_secs_f64() * 1000.0;
+        let req_len = req_bytes.load(Ordering::Relaxed);
+        let labels = metrics::RequestCountLabels {
+            labels,
+            grpc_response_status: end.grpc_status.clone().unwrap_or_default(),
+        };
+        shared.metrics.request(&labels, millis, req_len, end.bytes);
+        let labels = &labels.labels;
+        metrics::log(&metrics::AccessLog {
+            start_time: started,
+            reporter: "source",
+            method: &method,
+            path: &path,
+            authority: &host,
+            response_code: code,
+            duration_ms: millis,
+            upstream_host: &settled.upstream,
+            peer_identity: Some(&settled.destination_principal),
+            source_cluster: &labels.source_cluster,
+            destination_cluster: &settled.destination_cluster,
+            request_id: &rid,
+            grpc_status: end.grpc_status.as_deref(),
+            reason: settled.reason.as_deref(),
+        });
+    });
+    Response::from_parts(head, body)
 }
 
 /// Istio's labels for a request this sidecar sent.
@@ -782,6 +790,7 @@ async fn tunnel(shared: Arc<Shared>, req: Request<Incoming>, life: Life) -> Resp
             source_cluster: &shared2.cluster(),
             destination_cluster: &settled.destination_cluster,
             request_id: "",
+            grpc_status: None,
             reason: reason.as_deref(),
         });
         tracing::debug!(sent, received, "tunnel closed");
