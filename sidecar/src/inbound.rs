@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use crate::identity::Identity;
 use crate::metrics::{self, RequestLabels};
 use crate::policy::{Decision, MtlsMode, RequestAttrs};
-use crate::{Counted, Observed, Phase, ProxyBody, Shared, Tracker};
+use crate::{Counted, Life, Observed, Phase, ProxyBody, Shared, Tracker};
 
 /// How long a client may take to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -153,10 +153,13 @@ pub(crate) async fn serve(
         let shared = shared.clone();
         let app = app.clone();
         let guard = active.guard();
-        let phase = stop.clone();
+        let life = Life {
+            active: active.clone(),
+            phase: stop.clone(),
+        };
         tokio::spawn(async move {
             let _guard = guard;
-            handle(shared, app, tls, tcp, addr, phase).await;
+            handle(shared, app, tls, tcp, addr, life).await;
         });
     }
 }
@@ -173,7 +176,7 @@ async fn handle(
     tls: Option<Arc<rustls::ServerConfig>>,
     tcp: TcpStream,
     addr: SocketAddr,
-    phase: watch::Receiver<Phase>,
+    life: Life,
 ) {
     let cfg = shared.config.borrow().clone();
     let ns = shared.opts.workload.namespace.clone();
@@ -194,7 +197,7 @@ async fn handle(
             addr: Some(addr),
             ..Peer::default()
         };
-        serve_http(shared, app, TokioIo::new(tcp), peer, app_port, phase).await;
+        serve_http(shared, app, TokioIo::new(tcp), peer, app_port, life).await;
         return;
     }
     let Some(tls) = tls else {
@@ -247,9 +250,9 @@ async fn handle(
         return;
     }
     if tcp_mode {
-        serve_tcp(shared, stream, peer, port, phase).await;
+        serve_tcp(shared, stream, peer, port, life.phase).await;
     } else {
-        serve_http(shared, app, TokioIo::new(stream), peer, port, phase).await;
+        serve_http(shared, app, TokioIo::new(stream), peer, port, life).await;
     }
 }
 
@@ -363,22 +366,20 @@ fn destination_labels(
     }
 }
 
-async fn serve_http<I>(
-    shared: Arc<Shared>,
-    app: App,
-    io: I,
-    peer: Peer,
-    port: u16,
-    phase: watch::Receiver<Phase>,
-) where
+async fn serve_http<I>(shared: Arc<Shared>, app: App, io: I, peer: Peer, port: u16, life: Life)
+where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let peer = Arc::new(peer);
+    let phase = life.phase.clone();
     let svc = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         let app = app.clone();
         let peer = peer.clone();
-        async move { Ok::<_, std::convert::Infallible>(request(shared, app, peer, port, req).await) }
+        let life = life.clone();
+        async move {
+            Ok::<_, std::convert::Infallible>(request(shared, app, peer, port, req, life).await)
+        }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // A peer must finish its request head in time (slowloris).
@@ -386,7 +387,9 @@ async fn serve_http<I>(
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HANDSHAKE_TIMEOUT);
-    let conn = builder.serve_connection(io, svc);
+    // Upgrades: a WebSocket handshake the app accepts switches the
+    // connection over to it.
+    let conn = builder.serve_connection_with_upgrades(io, svc);
     crate::drive(conn, |c| c.graceful_shutdown(), phase).await;
 }
 
@@ -411,6 +414,7 @@ async fn request(
     peer: Arc<Peer>,
     port: u16,
     req: Request<Incoming>,
+    life: Life,
 ) -> Response<Observed<ProxyBody>> {
     let own = |r: Response<Full<Bytes>>| r.map(|b| Observed::plain(ProxyBody::Own(b)));
     let start = Instant::now();
@@ -484,6 +488,9 @@ async fn request(
             {
                 parts.headers.insert("x-forwarded-client-cert", v);
             }
+            // A protocol switch (WebSocket): the caller's side of it.
+            let client_side = crate::upgrade_of(parts.version, &parts.headers)
+                .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
             // The app gets the HTTP version its client spoke.
             let http2 = parts.version == http::Version::HTTP_2
                 && parts.headers.remove(crate::ORIG_PROTO_HEADER).is_none();
@@ -519,8 +526,21 @@ async fn request(
                 app.http1.request(Request::from_parts(parts, body)).await
             };
             match sent {
-                // The app's response streams through.
-                Ok(r) => (r.map(ProxyBody::Stream), None),
+                Ok(mut r) => {
+                    if r.status() == StatusCode::SWITCHING_PROTOCOLS
+                        && let Some(client_side) = client_side
+                    {
+                        let app_side = hyper::upgrade::on(&mut r);
+                        crate::splice_upgraded(
+                            client_side,
+                            app_side,
+                            life,
+                            |r| tracing::debug!(result = ?r, "switched protocol to the app ended"),
+                        );
+                    }
+                    // The app's response streams through.
+                    (r.map(ProxyBody::Stream), None)
+                }
                 Err(e) => (
                     plain(StatusCode::SERVICE_UNAVAILABLE, "the app is unreachable\n")
                         .map(ProxyBody::Own),

@@ -265,6 +265,56 @@ where
     }
 }
 
+/// The protocol an HTTP/1.1 request asks to switch to (`Connection:
+/// upgrade` and `Upgrade: <protocol>`, as WebSocket's handshake sends).
+pub fn upgrade_of(version: http::Version, headers: &http::HeaderMap) -> Option<http::HeaderValue> {
+    if version != http::Version::HTTP_11 {
+        return None;
+    }
+    let upgrade = headers.get(http::header::UPGRADE)?;
+    let asked = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    asked.then(|| upgrade.clone())
+}
+
+/// Once both sides of a switched protocol are handed over (the client's
+/// connection after hyper sent it the 101, and the upstream's after it
+/// received one), copies bytes both ways until both end, the sidecar's
+/// drain deadline passes, or one side fails. Counted as an open
+/// connection for the drain. Returns (client→upstream, upstream→client)
+/// bytes, or why the copy ended early.
+pub(crate) fn splice_upgraded(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    life: Life,
+    done: impl FnOnce(Result<(u64, u64), String>) + Send + 'static,
+) {
+    let guard = life.active.guard();
+    tokio::spawn(async move {
+        let _guard = guard;
+        let copied = match tokio::try_join!(client, upstream) {
+            Ok((c, u)) => {
+                let (mut c, mut u) = (
+                    hyper_util::rt::TokioIo::new(c),
+                    hyper_util::rt::TokioIo::new(u),
+                );
+                match until_killed(tokio::io::copy_bidirectional(&mut c, &mut u), life.phase).await
+                {
+                    Some(Ok(n)) => Ok(n),
+                    Some(Err(e)) => Err(e.to_string()),
+                    None => Err("closed at the drain deadline".to_string()),
+                }
+            }
+            Err(e) => Err(format!("protocol switch failed: {e}")),
+        };
+        done(copied);
+    });
+}
+
 /// Runs `fut` (a byte copy) until it ends or the phase reaches
 /// [`Phase::Kill`].
 pub(crate) async fn until_killed<T>(
@@ -612,6 +662,68 @@ mod tests {
             read_body(body(11), 10).await,
             Err(BodyError::TooLarge(10))
         ));
+    }
+
+    #[test]
+    fn an_upgrade_needs_http11_both_headers_and_the_connection_token() {
+        let h = |pairs: &[(&str, &str)]| {
+            let mut h = http::HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(
+                    http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            h
+        };
+        let v11 = http::Version::HTTP_11;
+        for (version, headers, want) in [
+            (
+                v11,
+                h(&[("connection", "Upgrade"), ("upgrade", "websocket")]),
+                Some("websocket"),
+            ),
+            (
+                v11,
+                h(&[("connection", "keep-alive, upgrade"), ("upgrade", "h2c")]),
+                Some("h2c"),
+            ),
+            (
+                v11,
+                h(&[
+                    ("connection", "keep-alive"),
+                    ("connection", " UPGRADE "),
+                    ("upgrade", "x"),
+                ]),
+                Some("x"),
+            ),
+            // Upgrade without asking for it in Connection: not a switch.
+            (v11, h(&[("upgrade", "websocket")]), None),
+            (
+                v11,
+                h(&[("connection", "upgraded"), ("upgrade", "websocket")]),
+                None,
+            ),
+            (v11, h(&[("connection", "upgrade")]), None),
+            // HTTP/1.0 and HTTP/2 have no Upgrade.
+            (
+                http::Version::HTTP_10,
+                h(&[("connection", "upgrade"), ("upgrade", "websocket")]),
+                None,
+            ),
+            (
+                http::Version::HTTP_2,
+                h(&[("connection", "upgrade"), ("upgrade", "websocket")]),
+                None,
+            ),
+        ] {
+            let got = upgrade_of(version, &headers);
+            assert_eq!(
+                got.as_ref().map(|v| v.to_str().unwrap()),
+                want,
+                "{version:?} {headers:?}"
+            );
+        }
     }
 
     #[test]

@@ -6,8 +6,10 @@
 //! VirtualService and DestinationRule pick the destination, subset and
 //! endpoint; the request travels over mTLS with Istio's SNI
 //! (`outbound_.<port>_.<subset>_.<host>`) to the destination's sidecar or
-//! to another network's gateway (HTTP/2, ALPN `istio-h2`; a tunnel is raw
-//! TCP, ALPN `istio`), and the server must present one of the service's
+//! to another network's gateway (HTTP/2, ALPN `istio-h2`; a request that
+//! switches protocols, such as a WebSocket handshake, HTTP/1.1 on its own
+//! connection, ALPN `istio-http/1.1`; a tunnel is raw TCP, ALPN `istio`),
+//! and the server must present one of the service's
 //! identities. Retries, timeouts, fault injection, connection-pool limits
 //! and outlier reporting follow the route and the DestinationRule.
 
@@ -272,6 +274,12 @@ async fn proxy(
             http::HeaderValue::from_static("HTTP/1.1"),
         );
     }
+    // A protocol switch (WebSocket): the client's side of it, taken now so
+    // that no copy of the request carries it.
+    let upgrade = crate::upgrade_of(parts.version, &parts.headers);
+    let client_side = upgrade
+        .as_ref()
+        .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
     let req_bytes = Arc::new(AtomicU64::new(0));
     let body = match Outgoing::new(body, req_bytes.clone()).await {
         Ok(b) => b,
@@ -281,8 +289,26 @@ async fn proxy(
         Err(e) => return own(reply(StatusCode::BAD_REQUEST, &e.to_string())),
     };
     let mut settled = Settled::default();
-    let (resp, service) =
-        forward(&shared, &mut parts, &body, &host, port, &path, &mut settled).await;
+    let request = Forward {
+        body: &body,
+        host: &host,
+        port,
+        path: &path,
+        upgrade,
+    };
+    let (mut resp, service) = forward(&shared, &mut parts, request, &mut settled).await;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_side) = client_side
+    {
+        let upstream_side = hyper::upgrade::on(&mut resp);
+        let upstream = settled.upstream.clone();
+        crate::splice_upgraded(client_side, upstream_side, life, move |r| match r {
+            Ok((sent, received)) => {
+                tracing::debug!(%upstream, sent, received, "switched protocol ended")
+            }
+            Err(e) => tracing::debug!(%upstream, error = %e, "switched protocol ended"),
+        });
+    }
     let code = resp.status().as_u16();
     let protocol = metrics::http_protocol(&parts.headers);
     let labels = source_labels(&shared, &settled, service.as_deref(), &host, protocol, code);
@@ -348,17 +374,32 @@ fn source_labels(
     }
 }
 
+/// What [`forward`] sends besides the request head.
+struct Forward<'a> {
+    body: &'a Outgoing,
+    /// The destination host and port the request named.
+    host: &'a str,
+    port: u16,
+    path: &'a str,
+    /// The protocol the request asks to switch to, if any.
+    upgrade: Option<http::HeaderValue>,
+}
+
 /// Routes and sends one HTTP request (with retries). Returns the answer
 /// and the service it resolved to.
 async fn forward(
     shared: &Shared,
     parts: &mut http::request::Parts,
-    body: &Outgoing,
-    host: &str,
-    port: u16,
-    path: &str,
+    request: Forward<'_>,
     settled: &mut Settled,
 ) -> (Response<ProxyBody>, Option<Arc<pb::Service>>) {
+    let Forward {
+        body,
+        host,
+        port,
+        path,
+        upgrade,
+    } = request;
     let cfg = shared.config.borrow().clone();
     let my_ns = shared.opts.workload.namespace.as_str();
     let Some(service) = cfg.lookup(host, my_ns).cloned() else {
@@ -559,6 +600,21 @@ async fn forward(
             *out.uri_mut() = uri.clone();
             Some(out)
         };
+        // A protocol switch goes as HTTP/1.1 (origin form, Host, the
+        // upgrade asked for).
+        let make_upgrade = |proto: &http::HeaderValue| {
+            let mut out = make()?;
+            *out.version_mut() = http::Version::HTTP_11;
+            *out.uri_mut() = http::Uri::try_from(path).ok()?;
+            let h = out.headers_mut();
+            h.insert(http::header::HOST, authority.parse().ok()?);
+            h.insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("upgrade"),
+            );
+            h.insert(http::header::UPGRADE, proto.clone());
+            Some(out)
+        };
         let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let per_try = match (route.retries.per_try_timeout, remaining) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -567,9 +623,17 @@ async fn forward(
         // Under a timeout the response is read whole within it (the
         // timeout covers the whole response, as Envoy's does); otherwise
         // it streams.
-        let buffer = per_try.is_some();
+        let buffer = per_try.is_some() && upgrade.is_none();
         let sent = async {
-            let (resp, peer) = send(shared, &id, &target, &make).await?;
+            let (resp, peer) = match &upgrade {
+                Some(proto) => {
+                    let req = make_upgrade(proto).ok_or_else(|| {
+                        SendError::Reset(format!("cannot switch protocols for {authority}{path}"))
+                    })?;
+                    send_upgrade(shared, &id, &target, req).await?
+                }
+                None => send(shared, &id, &target, &make).await?,
+            };
             if !buffer {
                 return Ok((resp.map(ProxyBody::Stream), peer));
             }

@@ -28,6 +28,9 @@ pub(super) type SendBody = http_body_util::Either<Full<Bytes>, Counted<Incoming>
 
 /// ALPN for HTTP/2 between sidecars (Istio's), then plain `h2`.
 pub(super) const ALPN_H2: &[&[u8]] = &[b"istio-h2", b"h2"];
+/// ALPN for HTTP/1.1 between sidecars (Istio's), then plain `http/1.1`:
+/// only for requests that switch protocols (see [`send_upgrade`]).
+pub(super) const ALPN_H1: &[&[u8]] = &[b"istio-http/1.1", b"http/1.1"];
 /// ALPN for a TCP tunnel between sidecars (Istio's).
 pub(super) const ALPN_TCP: &[&[u8]] = &[b"istio"];
 
@@ -435,6 +438,48 @@ pub(super) async fn send(
         }
     };
     Ok((resp, peer))
+}
+
+/// Sends a request that asks to switch protocols (`Upgrade`, as
+/// WebSocket's handshake does) over a new HTTP/1.1 connection of its own:
+/// HTTP/2 between sidecars has no `Upgrade`, and an upgraded connection
+/// carries that one exchange, so it is never pooled. The connection
+/// stays open for the switched protocol when the answer is 101.
+pub(super) async fn send_upgrade(
+    shared: &Shared,
+    id: &Arc<Identity>,
+    t: &Target<'_>,
+    req: Request<SendBody>,
+) -> Result<(Response<Incoming>, String), SendError> {
+    if t.tls {
+        let c = connect_tls(shared, id, t, ALPN_H1).await?;
+        Ok((h1_exchange(c.stream, &t.address, req).await?, c.peer))
+    } else {
+        let tcp = connect_tcp(t).await?;
+        Ok((h1_exchange(tcp, &t.address, req).await?, "unknown".into()))
+    }
+}
+
+async fn h1_exchange<I>(
+    io: I,
+    addr: &str,
+    req: Request<SendBody>,
+) -> Result<Response<Incoming>, SendError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| SendError::Connect(format!("{addr}: HTTP/1.1: {e}")))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
+        }
+    });
+    sender
+        .send_request(req)
+        .await
+        .map_err(|e| SendError::Reset(e.to_string()))
 }
 
 /// An endpoint the balancer picked. Its outcome is reported exactly once:
