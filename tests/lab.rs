@@ -238,6 +238,67 @@ fn multi_primary_end_to_end() {
     });
     assert!(!seen.contains("east/private"), "{seen}");
 
+    // Protocols across the gateway: an h2c client (as gRPC apps are)
+    // naming the service in :authority reaches west's app as HTTP/2, an
+    // HTTP/1.1 client as HTTP/1.1; a WebSocket handshake switches and
+    // bytes cross both ways.
+    let proxy = lab.json()["clusters"][0]["client_proxy"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("http://")
+        .to_string();
+    let from_west = |h2: bool| {
+        for _ in 0..40 {
+            let mut args = vec!["-sS", "--max-time", "10"];
+            let url = format!("http://{proxy}/");
+            if h2 {
+                args.extend([
+                    "--http2-prior-knowledge",
+                    "-H",
+                    "Host: echo.demo:8080",
+                    &url,
+                ]);
+            } else {
+                args.extend(["-x", &url, "http://echo.demo:8080/"]);
+            }
+            let out = std::process::Command::new("curl")
+                .args(&args)
+                .output()
+                .unwrap();
+            let doc: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+                panic!(
+                    "curl {args:?}: {e}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            });
+            if doc["cluster"] == "west" {
+                return doc;
+            }
+        }
+        panic!("west never answered");
+    };
+    let doc = from_west(true);
+    assert_eq!(doc["protocol"], "HTTP/2.0", "{doc}");
+    assert_eq!(
+        doc["peer_identity"],
+        "spiffe://cluster.local/ns/demo/sa/client"
+    );
+    assert_eq!(from_west(false)["protocol"], "HTTP/1.1");
+    let mut crossed = false;
+    for _ in 0..40 {
+        let (first, echoed) = websocket_echo(&proxy, "http://echo.demo:8080/ws", "ping");
+        assert_eq!(echoed, "ping", "{first}");
+        if first["cluster"] == "west" {
+            assert_eq!(
+                first["peer_identity"],
+                "spiffe://cluster.local/ns/demo/sa/client"
+            );
+            crossed = true;
+            break;
+        }
+    }
+    assert!(crossed, "no WebSocket reached west");
+
     // straitctl reads the lab.
     let out = Command::new(STRAITCTL)
         .args(["--lab", lab.path().to_str().unwrap(), "exports", "list"])
@@ -464,6 +525,41 @@ fn quic_mode_carries_cross_network_calls_in_tunnels() {
         assert!(tunnels >= 1.0, "{}: no tunnel up", c["name"]);
     }
     lab.down();
+}
+
+/// A WebSocket handshake through the HTTP proxy at `proxy`, then `msg`
+/// sent and read back: the echo's first line (who answered) and what came
+/// back.
+fn websocket_echo(proxy: &str, url: &str, msg: &str) -> (Value, String) {
+    use std::io::{BufRead, Read, Write};
+    let mut s = std::net::TcpStream::connect(proxy).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {url} HTTP/1.1\r\nHost: echo.demo:8080\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    .unwrap();
+    let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+    let mut status = String::new();
+    r.read_line(&mut status).unwrap();
+    assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut first = String::new();
+    r.read_line(&mut first).unwrap();
+    s.write_all(msg.as_bytes()).unwrap();
+    let mut back = vec![0u8; msg.len()];
+    r.read_exact(&mut back).unwrap();
+    (
+        serde_json::from_str(&first).unwrap_or_else(|e| panic!("{first:?}: {e}")),
+        String::from_utf8(back).unwrap(),
+    )
 }
 
 /// Why netns mode cannot run here (not root, no iproute2), if it cannot.

@@ -2,7 +2,10 @@
 //! or h2c) with a JSON document naming who answered (cluster, service,
 //! version, workload), who asked (`peer_identity`: the `URI` of the
 //! `x-forwarded-client-cert` header its sidecar added, `null` without one),
-//! and the request's path and headers.
+//! and the request's protocol, path and headers. A request that asks to
+//! switch to WebSocket (`Upgrade: websocket`) gets 101; then that document
+//! comes as one line, and every chunk sent after it comes back as it was
+//! (a raw echo, no WebSocket framing: enough to see bytes cross).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -48,7 +51,13 @@ pub fn xfcc_uri(xfcc: &str) -> Option<String> {
 }
 
 /// The answer to one request.
-pub fn answer(who: &EchoArgs, method: &str, path: &str, headers: &http::HeaderMap) -> Value {
+pub fn answer(
+    who: &EchoArgs,
+    version: http::Version,
+    method: &str,
+    path: &str,
+    headers: &http::HeaderMap,
+) -> Value {
     let mut h = Map::new();
     for (k, v) in headers {
         h.insert(
@@ -66,6 +75,7 @@ pub fn answer(who: &EchoArgs, method: &str, path: &str, headers: &http::HeaderMa
         "version": who.version,
         "workload": who.workload,
         "peer_identity": peer,
+        "protocol": format!("{version:?}"),
         "method": method,
         "path": path,
         "headers": h,
@@ -76,21 +86,64 @@ async fn handle(
     who: Arc<EchoArgs>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let (parts, body) = req.into_parts();
-    // Drain the request body so that the connection can be reused.
-    let _ = body.collect().await;
+    let (mut parts, body) = req.into_parts();
     let path = parts
         .uri
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_string();
-    let doc = answer(&who, parts.method.as_str(), &path, &parts.headers);
+    let doc = answer(
+        &who,
+        parts.version,
+        parts.method.as_str(),
+        &path,
+        &parts.headers,
+    );
+    let websocket = strait_sidecar::upgrade_of(parts.version, &parts.headers)
+        .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    if websocket && let Some(on) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() {
+        tokio::spawn(async move {
+            if let Err(e) = echo_switched(on, format!("{doc}\n")).await {
+                tracing::debug!(error = %e, "switched connection ended");
+            }
+        });
+        let mut resp = Response::new(Full::new(Bytes::new()));
+        *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+        let h = resp.headers_mut();
+        h.insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("upgrade"),
+        );
+        h.insert(
+            http::header::UPGRADE,
+            http::HeaderValue::from_static("websocket"),
+        );
+        return Ok(resp);
+    }
+    // Drain the request body so that the connection can be reused.
+    let _ = body.collect().await;
     let mut resp = Response::new(Full::new(Bytes::from(format!("{doc}\n"))));
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
     );
     Ok(resp)
+}
+
+/// After a switch: `first`, then every chunk back as it came, until the
+/// client closes.
+async fn echo_switched(on: hyper::upgrade::OnUpgrade, first: String) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut io = TokioIo::new(on.await.map_err(std::io::Error::other)?);
+    io.write_all(first.as_bytes()).await?;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = io.read(&mut buf).await?;
+        if n == 0 {
+            return io.shutdown().await;
+        }
+        io.write_all(&buf[..n]).await?;
+    }
 }
 
 /// Serves until `shutdown` resolves.
@@ -123,7 +176,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| handle(who.clone(), req));
             let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tcp), svc)
+                .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
                 .await;
         });
     }
@@ -164,7 +217,7 @@ mod tests {
             workload: "echo-v1".into(),
         };
         let mut h = http::HeaderMap::new();
-        let doc = answer(&who, "GET", "/x", &h);
+        let doc = answer(&who, http::Version::HTTP_11, "GET", "/x", &h);
         assert_eq!(doc["peer_identity"], Value::Null);
         assert_eq!(doc["cluster"], "east");
         h.insert(
@@ -173,7 +226,8 @@ mod tests {
                 .parse()
                 .unwrap(),
         );
-        let doc = answer(&who, "GET", "/x?y=1", &h);
+        let doc = answer(&who, http::Version::HTTP_2, "GET", "/x?y=1", &h);
+        assert_eq!(doc["protocol"], "HTTP/2.0");
         assert_eq!(
             doc["peer_identity"],
             "spiffe://cluster.local/ns/demo/sa/client"
