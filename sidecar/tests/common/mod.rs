@@ -22,6 +22,8 @@ use strait_sidecar::{Options, Shared};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
+pub mod grpc;
+
 pub const TD: &str = "cluster.local";
 pub const ECHO: &str = "echo.demo.svc.cluster.local";
 
