@@ -311,3 +311,30 @@ async fn only_a_body_held_whole_is_retried_after_it_was_sent() {
     );
     assert_eq!(s.calls.load(Ordering::SeqCst), 1, "not retried");
 }
+
+#[tokio::test]
+async fn curl_uploads_through_the_sidecars_with_and_without_a_length() {
+    let s = setup().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("upload.bin");
+    // 3 MiB: over the replay limit, so curl's `Expect: 100-continue` has
+    // to be answered by the sidecar as it starts streaming the body.
+    let data: Vec<u8> = (0..3u32 << 20).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&file, &data).unwrap();
+    let sum: u64 = data.iter().map(|b| u64::from(*b)).sum();
+    let want = format!("len={} sum={sum}", data.len());
+    let at_file = format!("@{}", file.display());
+    for extra in [
+        vec!["--data-binary", at_file.as_str()],
+        vec![
+            "--data-binary",
+            at_file.as_str(),
+            "-H",
+            "Transfer-Encoding: chunked",
+        ],
+    ] {
+        let r = via_proxy(s.client.outbound, "http://echo.demo:8080/upload", &extra).await;
+        assert_eq!(r.status, 200, "{extra:?}: {r:?}");
+        assert_eq!(r.body, want, "{extra:?}");
+    }
+}
