@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{Either, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -28,7 +28,7 @@ use tokio::sync::watch;
 
 use crate::metrics::{self, RequestLabels};
 use crate::policy::{Outcome, RequestAttrs};
-use crate::{Counted, Life, Observed, Phase, ProxyBody, Shared, Tracker};
+use crate::{Life, Observed, Phase, ProxyBody, Shared, Tracker};
 
 /// Istio's default TCP connect timeout, when no DestinationRule sets one.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -107,52 +107,6 @@ pub fn reply(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
 /// [`reply`] as a relayed response.
 fn reply_body(status: StatusCode, reason: &str) -> Response<ProxyBody> {
     reply(status, reason).map(ProxyBody::Own)
-}
-
-/// A request body across the attempts of one request.
-enum Outgoing {
-    /// Held whole: every attempt sends a copy.
-    Whole(Bytes),
-    /// Passed on as it arrives: the first attempt that sends takes it.
-    Stream(std::sync::Mutex<Option<Counted<Incoming>>>),
-}
-
-impl Outgoing {
-    /// Holds `body` whole when it declares a length of at most
-    /// [`crate::MAX_REPLAYABLE_BODY`] (or has none), else streams it;
-    /// `bytes` counts what goes through.
-    async fn new(body: Incoming, bytes: Arc<AtomicU64>) -> Result<Outgoing, crate::BodyError> {
-        use hyper::body::Body;
-        if body.is_end_stream() {
-            return Ok(Outgoing::Whole(Bytes::new()));
-        }
-        match body.size_hint().exact() {
-            Some(n) if n <= crate::MAX_REPLAYABLE_BODY as u64 => {
-                let b = crate::read_body(body, crate::MAX_REPLAYABLE_BODY).await?;
-                bytes.store(b.len() as u64, Ordering::Relaxed);
-                Ok(Outgoing::Whole(b))
-            }
-            _ => Ok(Outgoing::Stream(std::sync::Mutex::new(Some(Counted::new(
-                body, bytes,
-            ))))),
-        }
-    }
-
-    /// The body for one more attempt; `None` once a stream was taken.
-    fn take(&self) -> Option<SendBody> {
-        match self {
-            Outgoing::Whole(b) => Some(Either::Left(Full::new(b.clone()))),
-            Outgoing::Stream(s) => s.lock().ok()?.take().map(Either::Right),
-        }
-    }
-
-    /// Whether another attempt can still send the body.
-    fn replayable(&self) -> bool {
-        match self {
-            Outgoing::Whole(_) => true,
-            Outgoing::Stream(s) => s.lock().is_ok_and(|s| s.is_some()),
-        }
-    }
 }
 
 /// A random hex id (`x-request-id`).

@@ -1,13 +1,14 @@
 //! Reaching an upstream: pooled HTTP/2 connections over mTLS (or plain
 //! TCP), connection-pool limits, endpoint picking with outlier reporting,
-//! and one attempt of a request with its failure classified for retries.
+//! the request body across attempts, and one attempt of a request with its
+//! failure classified for retries.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper::{Request, Response, StatusCode};
@@ -25,6 +26,55 @@ use crate::{Counted, Shared};
 /// A request body as one attempt sends it: a copy of one held whole, or
 /// the client's stream.
 pub(super) type SendBody = http_body_util::Either<Full<Bytes>, Counted<Incoming>>;
+
+/// A request body across the attempts of one request.
+pub(super) enum Outgoing {
+    /// Held whole: every attempt sends a copy.
+    Whole(Bytes),
+    /// Passed on as it arrives: the first attempt that sends takes it.
+    Stream(std::sync::Mutex<Option<Counted<Incoming>>>),
+}
+
+impl Outgoing {
+    /// Holds `body` whole when it declares a length of at most
+    /// [`crate::MAX_REPLAYABLE_BODY`] (or has none), else streams it;
+    /// `bytes` counts what goes through.
+    pub(super) async fn new(
+        body: Incoming,
+        bytes: Arc<AtomicU64>,
+    ) -> Result<Outgoing, crate::BodyError> {
+        use hyper::body::Body;
+        if body.is_end_stream() {
+            return Ok(Outgoing::Whole(Bytes::new()));
+        }
+        match body.size_hint().exact() {
+            Some(n) if n <= crate::MAX_REPLAYABLE_BODY as u64 => {
+                let b = crate::read_body(body, crate::MAX_REPLAYABLE_BODY).await?;
+                bytes.store(b.len() as u64, Ordering::Relaxed);
+                Ok(Outgoing::Whole(b))
+            }
+            _ => Ok(Outgoing::Stream(std::sync::Mutex::new(Some(Counted::new(
+                body, bytes,
+            ))))),
+        }
+    }
+
+    /// The body for one more attempt; `None` once a stream was taken.
+    pub(super) fn take(&self) -> Option<SendBody> {
+        match self {
+            Outgoing::Whole(b) => Some(Either::Left(Full::new(b.clone()))),
+            Outgoing::Stream(s) => s.lock().ok()?.take().map(Either::Right),
+        }
+    }
+
+    /// Whether another attempt can still send the body.
+    pub(super) fn replayable(&self) -> bool {
+        match self {
+            Outgoing::Whole(_) => true,
+            Outgoing::Stream(s) => s.lock().is_ok_and(|s| s.is_some()),
+        }
+    }
+}
 
 /// ALPN for HTTP/2 between sidecars (Istio's), then plain `h2`.
 pub(super) const ALPN_H2: &[&[u8]] = &[b"istio-h2", b"h2"];
