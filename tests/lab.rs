@@ -286,7 +286,8 @@ fn multi_primary_end_to_end() {
     assert_eq!(from_west(false)["protocol"], "HTTP/1.1");
     let mut crossed = false;
     for _ in 0..40 {
-        let (first, echoed) = websocket_echo(&proxy, "http://echo.demo:8080/ws", "ping");
+        let (first, echoed) =
+            strait::lab::websocket_echo(&proxy, "http://echo.demo:8080/ws", "ping").unwrap();
         assert_eq!(echoed, "ping", "{first}");
         if first["cluster"] == "west" {
             assert_eq!(
@@ -527,41 +528,6 @@ fn quic_mode_carries_cross_network_calls_in_tunnels() {
     lab.down();
 }
 
-/// A WebSocket handshake through the HTTP proxy at `proxy`, then `msg`
-/// sent and read back: the echo's first line (who answered) and what came
-/// back.
-fn websocket_echo(proxy: &str, url: &str, msg: &str) -> (Value, String) {
-    use std::io::{BufRead, Read, Write};
-    let mut s = std::net::TcpStream::connect(proxy).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {url} HTTP/1.1\r\nHost: echo.demo:8080\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    )
-    .unwrap();
-    let mut r = std::io::BufReader::new(s.try_clone().unwrap());
-    let mut status = String::new();
-    r.read_line(&mut status).unwrap();
-    assert!(status.starts_with("HTTP/1.1 101"), "{status}");
-    loop {
-        let mut line = String::new();
-        r.read_line(&mut line).unwrap();
-        if line == "\r\n" {
-            break;
-        }
-    }
-    let mut first = String::new();
-    r.read_line(&mut first).unwrap();
-    s.write_all(msg.as_bytes()).unwrap();
-    let mut back = vec![0u8; msg.len()];
-    r.read_exact(&mut back).unwrap();
-    (
-        serde_json::from_str(&first).unwrap_or_else(|e| panic!("{first:?}: {e}")),
-        String::from_utf8(back).unwrap(),
-    )
-}
-
 /// Why netns mode cannot run here (not root, no iproute2), if it cannot.
 fn netns_unavailable() -> Option<&'static str> {
     let root = Command::new("id")
@@ -686,6 +652,6 @@ fn the_demo_passes_every_step() {
         "{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("7 of 7 steps passed"), "{text}");
+    assert!(text.contains("8 of 8 steps passed"), "{text}");
     assert!(!text.contains("FAIL"), "{text}");
 }

@@ -193,6 +193,37 @@ pub fn tour_multi_primary(lab: &Lab, report: &mut Report) -> Result<()> {
         }),
     );
 
+    // Still everything to west: protocols other than HTTP/1.1 requests.
+    let east = lab
+        .cluster("east")
+        .ok_or_else(|| anyhow!("the lab has no cluster east"))?;
+    let proxy = east.client_proxy.trim_start_matches("http://").to_string();
+    let netns = east.netns.clone();
+    report.record(
+        "HTTP/2 (as gRPC speaks it) and a WebSocket across the gateway",
+        eventually(Duration::from_secs(20), || {
+            let (code, body) = super::netns::within(netns.as_deref(), || {
+                super::proxy_get_h2(&proxy, "echo.demo:8080", "/")
+            })??;
+            let doc: serde_json::Value = serde_json::from_str(&body)
+                .map_err(|e| anyhow!("h2c answer {code} {body:?}: {e}"))?;
+            if code != 200 || doc["cluster"] != "west" || doc["protocol"] != "HTTP/2.0" {
+                bail!("expected 200 from west's echo over HTTP/2, got {code}: {body}");
+            }
+            let (who, back) = super::netns::within(netns.as_deref(), || {
+                super::websocket_echo(&proxy, ECHO, "ping")
+            })??;
+            if who["cluster"] != "west" || back != "ping" {
+                bail!("WebSocket: answered by {who}, {back:?} came back");
+            }
+            Ok(format!(
+                "h2c GET from east's client: 200 from west's echo, which got it as {}\n\
+                 WebSocket to west's echo: switched, \"ping\" came back",
+                doc["protocol"]
+            ))
+        }),
+    );
+
     let m = &lab.brokers[0];
     report.record("intermediate rotation under traffic, no failed request", (|| {
         let before = std::fs::read(lab.clusters[0].dir.join("state/cacerts/ca-cert.pem"))?;

@@ -965,6 +965,85 @@ pub fn proxy_get(proxy: &str, url: &str) -> Result<(u16, String)> {
     ))
 }
 
+/// One GET of `path` through the proxy at `proxy` over HTTP/2 with prior
+/// knowledge (h2c, as gRPC clients speak), naming the service in
+/// `:authority`; status and body.
+pub fn proxy_get_h2(proxy: &str, authority: &str, path: &str) -> Result<(u16, String)> {
+    use http_body_util::BodyExt;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let tcp = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::TcpStream::connect(proxy),
+        )
+        .await
+        .map_err(|_| anyhow!("connecting to the client sidecar at {proxy} timed out"))?
+        .with_context(|| format!("cannot reach the client sidecar at {proxy}"))?;
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .with_context(|| format!("HTTP/2 with {proxy}"))?;
+        tokio::spawn(conn);
+        let req = http::Request::get(format!("http://{authority}{path}"))
+            .body(http_body_util::Empty::<hyper::body::Bytes>::new())?;
+        let resp = tokio::time::timeout(Duration::from_secs(30), send.send_request(req))
+            .await
+            .map_err(|_| anyhow!("GET {authority}{path} over h2c: no answer within 30s"))?
+            .with_context(|| format!("GET {authority}{path} over h2c through {proxy}"))?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    })
+}
+
+/// A WebSocket handshake for `url` through the HTTP proxy at `proxy`,
+/// then `msg` sent and read back: the echo's first line (who answered,
+/// as JSON) and what came back.
+pub fn websocket_echo(proxy: &str, url: &str, msg: &str) -> Result<(serde_json::Value, String)> {
+    use std::io::{BufRead, Read, Write};
+    let addr: std::net::SocketAddr = proxy.parse().with_context(|| format!("proxy {proxy}"))?;
+    let host = url
+        .strip_prefix("http://")
+        .and_then(|r| r.split('/').next())
+        .ok_or_else(|| anyhow!("{url}: only http:// URLs"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .with_context(|| format!("cannot reach the client sidecar at {proxy}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )?;
+    let mut r = std::io::BufReader::new(s.try_clone()?);
+    let mut status = String::new();
+    r.read_line(&mut status)?;
+    if !status.starts_with("HTTP/1.1 101") {
+        bail!("WebSocket handshake for {url}: {:?}", status.trim_end());
+    }
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line)? == 0 {
+            bail!("WebSocket handshake for {url}: closed in the head");
+        }
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut first = String::new();
+    r.read_line(&mut first)?;
+    s.write_all(msg.as_bytes())?;
+    let mut back = vec![0u8; msg.len()];
+    r.read_exact(&mut back)
+        .with_context(|| format!("reading {msg:?} back over the WebSocket"))?;
+    let who =
+        serde_json::from_str(&first).with_context(|| format!("the echo's first line {first:?}"))?;
+    Ok((who, String::from_utf8_lossy(&back).into_owned()))
+}
+
 fn dechunk(mut s: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = s.split_once("\r\n") {
