@@ -67,6 +67,21 @@ pub struct Options {
     pub outbound: SocketAddr,
     /// How long in-flight requests may finish on shutdown.
     pub drain: Duration,
+    /// What redirected traffic for destinations outside the mesh gets.
+    pub outbound_policy: OutboundPolicy,
+}
+
+/// What the outbound side does with redirected traffic for a destination
+/// outside the mesh: a connection that is not HTTP, or an HTTP request for
+/// a host no service has (Istio's `outboundTrafficPolicy.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OutboundPolicy {
+    /// It goes on, unchanged and without mTLS, to where the app was going
+    /// (Istio's default and its `PassthroughCluster`).
+    #[default]
+    AllowAny,
+    /// It is refused: closed, or answered 502.
+    RegistryOnly,
 }
 
 /// What every connection handler shares.

@@ -5,10 +5,16 @@
 //! destination, read back with `SO_ORIGINAL_DST`.
 //!
 //! The outbound listener serves explicit-proxy and redirected clients
-//! alike: a redirected HTTP/1.1 request is in origin form and names its
-//! service in `Host`; the original destination supplies the port when
-//! `Host` has none. Redirected non-HTTP traffic is not routed (the
-//! discovery resources carry no service VIPs to match it against).
+//! alike: a redirected HTTP request (HTTP/1.1 or h2c) names its service in
+//! `Host` or `:authority`; the original destination supplies the port when
+//! it names none. What a redirected connection carries is told by its
+//! first bytes ([`sniff`]): HTTP is routed; anything else (TLS to an
+//! outside host, a database protocol, a client that waits for the server
+//! to speak first) goes on unchanged to the original destination, as
+//! Istio's `PassthroughCluster` does under `outboundTrafficPolicy:
+//! ALLOW_ANY` (the discovery resources carry no service VIPs to route raw
+//! TCP by). An HTTP request for a host outside the mesh also goes to the
+//! original destination. `REGISTRY_ONLY` refuses both.
 
 use std::io;
 use std::net::SocketAddr;
@@ -28,13 +34,88 @@ pub fn original_dst(tcp: &TcpStream) -> io::Result<SocketAddr> {
         .ok_or_else(|| io::Error::other("SO_ORIGINAL_DST is not an IP socket address"))
 }
 
-/// The port the client dialed, when the connection was redirected here
+/// Where the client was going, when the connection was redirected here
 /// (its original destination is not this listener); `None` for a client
 /// that connected to the listener itself.
-pub fn redirected_port(tcp: &TcpStream) -> Option<u16> {
+pub fn redirected_to(tcp: &TcpStream) -> Option<SocketAddr> {
     let local = tcp.local_addr().ok()?;
     let original = original_dst(tcp).ok()?;
-    (original != local).then_some(original.port())
+    (original != local).then_some(original)
+}
+
+/// What the first bytes of a connection say, as far as they go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sniffed {
+    /// An HTTP/1.x request line (a method token and a space) or the
+    /// HTTP/2 preface.
+    Http,
+    /// Something else.
+    Other,
+    /// Too few bytes to tell.
+    NeedMore,
+}
+
+/// The HTTP/2 connection preface's first line.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+
+/// The longest method token taken for HTTP (`OPTIONS`, `CONNECT` and the
+/// WebDAV ones fit).
+const MAX_METHOD: usize = 16;
+
+/// Classifies the first bytes a client sent.
+pub fn classify(first: &[u8]) -> Sniffed {
+    if first.is_empty() {
+        return Sniffed::NeedMore;
+    }
+    let n = first.len().min(H2_PREFACE.len());
+    if first[..n] == H2_PREFACE[..n] {
+        return if n == H2_PREFACE.len() {
+            Sniffed::Http
+        } else {
+            Sniffed::NeedMore
+        };
+    }
+    for (i, b) in first.iter().enumerate() {
+        match b {
+            b'A'..=b'Z' | b'-' | b'_' if i < MAX_METHOD => {}
+            b' ' if i > 0 => return Sniffed::Http,
+            _ => return Sniffed::Other,
+        }
+    }
+    Sniffed::NeedMore
+}
+
+/// How long [`sniff`] waits for a redirected client's first bytes: a
+/// client that says nothing for this long is taken for one that waits for
+/// the server to speak first (MySQL, SMTP), and its connection goes
+/// through unchanged.
+pub const SNIFF_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Whether a redirected connection speaks HTTP, from the bytes it sent
+/// within `wait` (peeked, not consumed). A client that sends nothing in
+/// time, closes, or sends something else is [`Sniffed::Other`].
+pub async fn sniff(tcp: &TcpStream, wait: std::time::Duration) -> Sniffed {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut buf = [0u8; 24];
+    let mut seen = 0;
+    loop {
+        let n = match tokio::time::timeout_at(deadline, tcp.peek(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return Sniffed::Other,
+        };
+        match classify(&buf[..n]) {
+            Sniffed::NeedMore if n < buf.len() && tokio::time::Instant::now() < deadline => {
+                // A request line split across segments: peeking again
+                // returns the same bytes until more arrive.
+                if n == seen {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                seen = n;
+            }
+            Sniffed::NeedMore => return Sniffed::Other,
+            decided => return decided,
+        }
+    }
 }
 
 /// What the interception rules need to know.
@@ -177,6 +258,79 @@ mod tests {
     use super::*;
 
     #[test]
+    fn first_bytes_tell_http_from_the_rest() {
+        use Sniffed::*;
+        for (bytes, want) in [
+            (&b"GET / HTTP/1.1\r\n"[..], Http),
+            (b"POST ", Http),
+            (b"M-SEARCH * HTTP/1.1", Http),
+            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", Http),
+            (b"PRI * HTTP/2.0\r\n", Http),
+            // Not yet decidable.
+            (b"", NeedMore),
+            (b"GE", NeedMore),
+            (b"PRI * HTT", NeedMore),
+            (b"P", NeedMore),
+            // TLS, binary protocols, lower case, a leading space, a token
+            // too long to be a method, PRI that is not the preface.
+            (b"\x16\x03\x01\x02\x00", Other),
+            (b"\x00\x00\x00\x01", Other),
+            (b"get / HTTP/1.1", Other),
+            (b" GET", Other),
+            (b"ABCDEFGHIJKLMNOPQRSTUVWXYZ ", Other),
+            (b"PRI / HTTP/1.1", Http),
+            (b"PRIX", NeedMore),
+            (b"SSH-2.0-OpenSSH_9.2", Other),
+            (b"*1\r\n$4\r\nPING\r\n", Other),
+        ] {
+            assert_eq!(
+                classify(bytes),
+                want,
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+    }
+
+    #[test]
+    fn classify_takes_any_bytes() {
+        // Every one- and two-byte input, and longer pseudo-random ones:
+        // no panic, and a verdict never changes once more bytes come.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut inputs: Vec<Vec<u8>> = Vec::new();
+        for a in 0..=255u8 {
+            for b in 0..=255u8 {
+                inputs.push(vec![a, b]);
+            }
+        }
+        for _ in 0..20_000 {
+            let len = (next() % 40) as usize;
+            let alphabet = b"GETPOSRI */HT2.0\r\n \x16\x00az-_";
+            inputs.push(
+                (0..len)
+                    .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                    .collect(),
+            );
+        }
+        for input in inputs {
+            let mut verdict = Sniffed::NeedMore;
+            for end in 0..=input.len() {
+                let v = classify(&input[..end]);
+                if verdict != Sniffed::NeedMore {
+                    assert_eq!(v, verdict, "{input:?} at {end}");
+                }
+                verdict = v;
+            }
+        }
+    }
+
+    #[test]
     fn default_rules_redirect_in_and_out_but_spare_the_proxy() {
         let rules = iptables_rules(&InterceptOptions::default()).unwrap();
         let has = |s: &str| rules.iter().any(|r| r == s);
@@ -271,6 +425,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn sniffing_waits_for_a_split_request_line_and_not_for_silence() {
+        use tokio::io::AsyncWriteExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let wait = std::time::Duration::from_millis(300);
+        // A request line in two segments.
+        let (c, accepted) = tokio::join!(TcpStream::connect(addr), l.accept());
+        let (mut c, (server, _)) = (c.unwrap(), accepted.unwrap());
+        c.write_all(b"GE").await.unwrap();
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            c.write_all(b"T / HTTP/1.1\r\n").await.unwrap();
+            c
+        });
+        assert_eq!(sniff(&server, wait).await, Sniffed::Http);
+        // Peeked, not consumed.
+        let mut first = [0u8; 3];
+        server.peek(&mut first).await.unwrap();
+        assert_eq!(&first, b"GET");
+        drop(writer.await.unwrap());
+        // A TLS ClientHello, and a client waiting for the server.
+        let (c, accepted) = tokio::join!(TcpStream::connect(addr), l.accept());
+        let (mut c, (server, _)) = (c.unwrap(), accepted.unwrap());
+        c.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+        assert_eq!(sniff(&server, wait).await, Sniffed::Other);
+        let (_quiet, accepted) = tokio::join!(TcpStream::connect(addr), l.accept());
+        let (server, _) = accepted.unwrap();
+        let start = std::time::Instant::now();
+        assert_eq!(sniff(&server, wait).await, Sniffed::Other);
+        assert!(start.elapsed() >= wait, "decided before the wait was over");
+    }
+
+    #[tokio::test]
     async fn a_direct_connection_is_not_redirected() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
@@ -278,7 +465,7 @@ mod tests {
         let (server, _) = accepted.unwrap();
         // No NAT happened: either no original destination is known, or it
         // is the listener itself.
-        assert_eq!(redirected_port(&server), None);
+        assert_eq!(redirected_to(&server), None);
         if let Ok(orig) = original_dst(&server) {
             assert_eq!(orig, addr);
         }

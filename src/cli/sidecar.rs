@@ -20,6 +20,22 @@ use strait_sidecar::identity;
 
 use super::parse_duration;
 
+/// `--outbound-traffic-policy` (Istio's `outboundTrafficPolicy.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutboundTrafficPolicy {
+    AllowAny,
+    RegistryOnly,
+}
+
+impl From<OutboundTrafficPolicy> for strait_sidecar::OutboundPolicy {
+    fn from(p: OutboundTrafficPolicy) -> Self {
+        match p {
+            OutboundTrafficPolicy::AllowAny => strait_sidecar::OutboundPolicy::AllowAny,
+            OutboundTrafficPolicy::RegistryOnly => strait_sidecar::OutboundPolicy::RegistryOnly,
+        }
+    }
+}
+
 /// Run a workload's sidecar: an HTTP proxy for the app's outbound calls
 /// (mTLS to the destination, Istio routing and policy) and an mTLS
 /// listener in front of the app (PeerAuthentication, AuthorizationPolicy,
@@ -78,6 +94,13 @@ pub struct SidecarArgs {
     /// `:authority`).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15001")]
     outbound: SocketAddr,
+    /// What redirected traffic for destinations outside the mesh gets
+    /// (transparent mode): `allow-any` sends it on unchanged to where the
+    /// app was going (TLS to outside hosts, databases, HTTP to unknown
+    /// hosts), as Istio's default `ALLOW_ANY` does; `registry-only`
+    /// refuses it.
+    #[arg(long, value_name = "POLICY", value_enum, default_value_t = OutboundTrafficPolicy::AllowAny)]
+    outbound_traffic_policy: OutboundTrafficPolicy,
     /// Health endpoint (/healthz/ready: ready once it has a certificate and
     /// a first config).
     #[arg(long, value_name = "ADDR")]
@@ -408,6 +431,7 @@ pub fn run(args: SidecarArgs) -> Result<()> {
                 app: args.app,
                 outbound: args.outbound,
                 drain: args.drain,
+                outbound_policy: args.outbound_traffic_policy.into(),
             },
             config_rx,
             identity,

@@ -13,6 +13,7 @@
 //! identities. Retries, timeouts, fault injection, connection-pool limits
 //! and outlier reporting follow the route and the DestinationRule.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -24,6 +25,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use strait_proto::strait::mesh::v1 as pb;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::metrics::{self, RequestLabels};
@@ -62,8 +64,8 @@ pub(crate) async fn serve(
             _ = stop.changed() => return,
         };
         let _ = tcp.set_nodelay(true);
-        // Redirected by iptables (transparent mode): the port the app dialed.
-        let dialed = crate::transparent::redirected_port(&tcp);
+        // Redirected by iptables (transparent mode): where the app was going.
+        let original = crate::transparent::redirected_to(&tcp);
         let shared = shared.clone();
         let guard = active.guard();
         let life = Life {
@@ -72,11 +74,20 @@ pub(crate) async fn serve(
         };
         tokio::spawn(async move {
             let _guard = guard;
+            if let Some(to) = original
+                && crate::transparent::sniff(&tcp, crate::transparent::SNIFF_WAIT).await
+                    != crate::transparent::Sniffed::Http
+            {
+                passthrough_tcp(&shared, tcp, to, &life).await;
+                return;
+            }
             let phase = life.phase.clone();
             let svc = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
                 let life = life.clone();
-                async move { Ok::<_, std::convert::Infallible>(proxy(shared, req, life, dialed).await) }
+                async move {
+                    Ok::<_, std::convert::Infallible>(proxy(shared, req, life, original).await)
+                }
             });
             // HTTP/1.1 (proxy requests, CONNECT, redirected requests) or
             // HTTP/2 with prior knowledge (gRPC and other h2c clients),
@@ -163,6 +174,8 @@ struct Settled {
     destination_workload: String,
     destination_principal: String,
     reason: Option<String>,
+    /// Sent outside the mesh as it was (no mTLS).
+    passthrough: bool,
 }
 
 impl Default for Settled {
@@ -173,6 +186,7 @@ impl Default for Settled {
             destination_workload: "unknown".into(),
             destination_principal: "unknown".into(),
             reason: None,
+            passthrough: false,
         }
     }
 }
@@ -189,8 +203,9 @@ async fn proxy(
     shared: Arc<Shared>,
     req: Request<Incoming>,
     life: Life,
-    dialed: Option<u16>,
+    original: Option<SocketAddr>,
 ) -> Response<Observed<ProxyBody>> {
+    let dialed = original.map(|a| a.port());
     let own = |r: Response<Full<Bytes>>| r.map(|b| Observed::plain(ProxyBody::Own(b)));
     if req.method() == http::Method::CONNECT {
         return own(tunnel(shared, req, life).await);
@@ -249,6 +264,7 @@ async fn proxy(
         port,
         path: &path,
         upgrade,
+        original,
     };
     let (mut resp, service) = forward(&shared, &mut parts, request, &mut settled).await;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -324,7 +340,127 @@ fn source_labels(
         destination_cluster: s.destination_cluster.clone(),
         request_protocol: protocol.into(),
         response_code: code.to_string(),
-        connection_security_policy: "mutual_tls".into(),
+        connection_security_policy: if s.passthrough { "none" } else { "mutual_tls" }.into(),
+    }
+}
+
+/// Istio's name for traffic that leaves the mesh as it was.
+const PASSTHROUGH: &str = "PassthroughCluster";
+
+/// A redirected connection that is not HTTP goes on unchanged, without
+/// mTLS, to where the app was going (Istio's `PassthroughCluster`), unless
+/// the outbound traffic policy is registry-only.
+async fn passthrough_tcp(shared: &Shared, mut client: TcpStream, to: SocketAddr, life: &Life) {
+    let started = metrics::now_rfc3339();
+    let start = Instant::now();
+    let settled = Settled {
+        upstream: to.to_string(),
+        passthrough: true,
+        ..Settled::default()
+    };
+    let labels = source_labels(shared, &settled, None, PASSTHROUGH, "tcp", 0);
+    let result = if shared.opts.outbound_policy == crate::OutboundPolicy::RegistryOnly {
+        Err(format!(
+            "{to} is outside the mesh and the outbound traffic policy is registry-only"
+        ))
+    } else {
+        match tokio::time::timeout(DEFAULT_CONNECT_TIMEOUT, TcpStream::connect(to)).await {
+            Ok(Ok(mut upstream)) => {
+                let _ = upstream.set_nodelay(true);
+                shared.metrics.tcp_opened.get_or_create(&labels).inc();
+                let copied = crate::until_killed(
+                    tokio::io::copy_bidirectional(&mut client, &mut upstream),
+                    life.phase.clone(),
+                )
+                .await;
+                shared.metrics.tcp_closed.get_or_create(&labels).inc();
+                match copied {
+                    Some(Ok(n)) => Ok(n),
+                    Some(Err(e)) => Err(e.to_string()),
+                    None => Err("closed at the drain deadline".into()),
+                }
+            }
+            Ok(Err(e)) => Err(format!("passthrough to {to}: {e}")),
+            Err(_) => Err(format!("passthrough to {to}: connect timed out")),
+        }
+    };
+    let reason = result.as_ref().err();
+    if let Some(why) = reason {
+        tracing::debug!(%to, error = %why, "passthrough connection ended");
+    }
+    metrics::log(&metrics::AccessLog {
+        start_time: started,
+        reporter: "source",
+        method: "TCP",
+        path: "",
+        authority: &settled.upstream,
+        response_code: 0,
+        duration_ms: start.elapsed().as_secs_f64() * 1000.0,
+        upstream_host: &settled.upstream,
+        peer_identity: None,
+        source_cluster: &labels.source_cluster,
+        destination_cluster: "unknown",
+        request_id: "",
+        grpc_status: None,
+        reason: reason.map(String::as_str),
+    });
+}
+
+/// An HTTP request from a redirected app for a host outside the mesh goes
+/// to where the app was going, as it was (no mTLS, `Host` kept).
+async fn passthrough_http(
+    shared: &Shared,
+    parts: &http::request::Parts,
+    body: &Outgoing,
+    to: SocketAddr,
+    path: &str,
+    settled: &mut Settled,
+) -> Response<ProxyBody> {
+    settled.upstream = to.to_string();
+    settled.passthrough = true;
+    let fail = |settled: &mut Settled, why: String| {
+        settled.reason = Some(why.clone());
+        reply_body(StatusCode::BAD_GATEWAY, &why)
+    };
+    let Some(body) = body.take() else {
+        return fail(settled, "the request body was already sent".into());
+    };
+    let mut req = Request::from_parts(parts.clone(), body);
+    req.headers_mut().remove(crate::ORIG_PROTO_HEADER);
+    let authority = req.uri().authority().map(|a| a.to_string());
+    if req.version() == http::Version::HTTP_2 {
+        // h2c to an outside host: rare; a connection of its own keeps the
+        // request's `:authority`.
+        let sent = async {
+            let tcp = tokio::time::timeout(DEFAULT_CONNECT_TIMEOUT, TcpStream::connect(to))
+                .await
+                .map_err(|_| "connect timed out".to_string())?
+                .map_err(|e| e.to_string())?;
+            let _ = tcp.set_nodelay(true);
+            let mut sender = h2_handshake(tcp, &settled.upstream)
+                .await
+                .map_err(|e| e.to_string())?;
+            sender.send_request(req).await.map_err(|e| e.to_string())
+        };
+        return match sent.await {
+            Ok(r) => r.map(ProxyBody::Stream),
+            Err(e) => fail(settled, format!("passthrough to {to}: {e}")),
+        };
+    }
+    // HTTP/1.x: origin form to the original destination, `Host` as the
+    // app wrote it.
+    if !req.headers().contains_key(http::header::HOST)
+        && let Some(v) = authority.and_then(|a| a.parse().ok())
+    {
+        req.headers_mut().insert(http::header::HOST, v);
+    }
+    match format!("http://{to}{path}").parse() {
+        Ok(u) => *req.uri_mut() = u,
+        Err(e) => return fail(settled, format!("bad request path {path:?}: {e}")),
+    }
+    match shared.pool.passthrough_http1().request(req).await {
+        Ok(r) => r.map(ProxyBody::Stream),
+        Err(e) => fail(settled, format!("passthrough to {to}: {e}")),
     }
 }
 
@@ -337,6 +473,8 @@ struct Forward<'a> {
     path: &'a str,
     /// The protocol the request asks to switch to, if any.
     upgrade: Option<http::HeaderValue>,
+    /// Where a redirected app was going (transparent mode).
+    original: Option<SocketAddr>,
 }
 
 /// Routes and sends one HTTP request (with retries). Returns the answer
@@ -353,10 +491,19 @@ async fn forward(
         port,
         path,
         upgrade,
+        original,
     } = request;
     let cfg = shared.config.borrow().clone();
     let my_ns = shared.opts.workload.namespace.as_str();
     let Some(service) = cfg.lookup(host, my_ns).cloned() else {
+        if let Some(to) = original
+            && shared.opts.outbound_policy == crate::OutboundPolicy::AllowAny
+        {
+            return (
+                passthrough_http(shared, parts, body, to, path, settled).await,
+                None,
+            );
+        }
         let why = format!(
             "no service {host} in the mesh (names: <svc>, <svc>.<ns>, <svc>.<ns>.svc.cluster.local, <svc>.<ns>.svc.clusterset.local)"
         );
@@ -770,6 +917,7 @@ async fn tunnel(shared: Arc<Shared>, req: Request<Incoming>, life: Life) -> Resp
         destination_workload: or_unknown(&ep.workload),
         destination_principal: peer,
         reason: None,
+        passthrough: false,
     };
     // A TCP endpoint's health is whether it could be connected to.
     picked.report(Outcome::Success);

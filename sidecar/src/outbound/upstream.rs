@@ -91,7 +91,16 @@ pub struct Pool {
     // foldhash rather than SipHash: looked up on every request.
     pub(super) conns: Mutex<foldhash::HashMap<PoolKey, Pooled>>,
     pub(super) in_flight: Mutex<foldhash::HashMap<String, Arc<AtomicU32>>>,
+    /// HTTP/1.1 to destinations outside the mesh (passthrough), made on
+    /// first use.
+    passthrough: std::sync::OnceLock<PassthroughClient>,
 }
+
+/// The pooled HTTP/1.1 client for passthrough requests.
+pub(super) type PassthroughClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    SendBody,
+>;
 
 /// What a pooled connection was opened for: a connection is reused only
 /// for the same address, SNI, accepted identities and client identity.
@@ -148,6 +157,13 @@ impl Pool {
         if let Ok(mut m) = self.conns.lock() {
             m.remove(key);
         }
+    }
+
+    /// The client for passthrough HTTP/1.1 requests.
+    pub(super) fn passthrough_http1(&self) -> &PassthroughClient {
+        self.passthrough.get_or_init(|| {
+            hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http()
+        })
     }
 
     /// Pooled connections (open or not yet noticed closed).

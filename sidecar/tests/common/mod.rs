@@ -18,7 +18,7 @@ use strait_ca::tls::Trust;
 use strait_proto::strait::mesh::v1 as pb;
 use strait_sidecar::config::{MeshConfig, WorkloadRef};
 use strait_sidecar::identity::Identity;
-use strait_sidecar::{Options, Shared};
+use strait_sidecar::{Options, OutboundPolicy, Shared};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
@@ -178,6 +178,18 @@ impl Sidecar {
         pki: &TestPki,
         drain: Duration,
     ) -> Sidecar {
+        Self::start_opts(name, ns, app, id, pki, drain, OutboundPolicy::AllowAny).await
+    }
+
+    pub async fn start_opts(
+        name: &str,
+        ns: &str,
+        app: SocketAddr,
+        id: Arc<Identity>,
+        pki: &TestPki,
+        drain: Duration,
+        outbound_policy: OutboundPolicy,
+    ) -> Sidecar {
         let inbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let outbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let me = WorkloadRef {
@@ -195,6 +207,7 @@ impl Sidecar {
                 app,
                 outbound: outbound.local_addr().unwrap(),
                 drain,
+                outbound_policy,
             },
             config_rx,
             id_rx,
