@@ -9,8 +9,11 @@
 //! `Host` or `:authority`; the original destination supplies the port when
 //! it names none. What a redirected connection carries is told by its
 //! first bytes ([`sniff`]): HTTP is routed; anything else (TLS to an
-//! outside host, a database protocol, a client that waits for the server
-//! to speak first) goes on unchanged to the original destination, as
+//! outside host, a database protocol) goes on unchanged to the original
+//! destination. A client silent for [`SNIFF_WAIT`] gets the way to its
+//! destination opened, and whichever side speaks first decides (a
+//! server-first protocol passes through; a client that connected ahead of
+//! its first HTTP request is still routed). All this as
 //! Istio's `PassthroughCluster` does under `outboundTrafficPolicy:
 //! ALLOW_ANY` (the discovery resources carry no service VIPs to route raw
 //! TCP by). An HTTP request for a host outside the mesh also goes to the
@@ -85,15 +88,16 @@ pub fn classify(first: &[u8]) -> Sniffed {
     Sniffed::NeedMore
 }
 
-/// How long [`sniff`] waits for a redirected client's first bytes: a
-/// client that says nothing for this long is taken for one that waits for
-/// the server to speak first (MySQL, SMTP), and its connection goes
-/// through unchanged.
+/// How long [`sniff`] waits for a redirected client's first bytes before
+/// the outbound side stops waiting on the client alone: a client silent
+/// this long may wait for the server to speak first (MySQL, SMTP), or may
+/// have opened its connection ahead of its first request.
 pub const SNIFF_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// Whether a redirected connection speaks HTTP, from the bytes it sent
-/// within `wait` (peeked, not consumed). A client that sends nothing in
-/// time, closes, or sends something else is [`Sniffed::Other`].
+/// What a redirected connection speaks, from the bytes it sent within
+/// `wait` (peeked, not consumed): [`Sniffed::Http`], [`Sniffed::Other`]
+/// (other bytes, or closed), or [`Sniffed::NeedMore`] when nothing
+/// decisive came in time (silence, or a fragment).
 pub async fn sniff(tcp: &TcpStream, wait: std::time::Duration) -> Sniffed {
     let deadline = tokio::time::Instant::now() + wait;
     let mut buf = [0u8; 24];
@@ -101,10 +105,12 @@ pub async fn sniff(tcp: &TcpStream, wait: std::time::Duration) -> Sniffed {
     loop {
         let n = match tokio::time::timeout_at(deadline, tcp.peek(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => n,
-            _ => return Sniffed::Other,
+            Ok(_) => return Sniffed::Other,
+            Err(_) => return Sniffed::NeedMore,
         };
         match classify(&buf[..n]) {
-            Sniffed::NeedMore if n < buf.len() && tokio::time::Instant::now() < deadline => {
+            Sniffed::NeedMore if n == buf.len() => return Sniffed::Other,
+            Sniffed::NeedMore if tokio::time::Instant::now() < deadline => {
                 // A request line split across segments: peeking again
                 // returns the same bytes until more arrive.
                 if n == seen {
@@ -112,7 +118,6 @@ pub async fn sniff(tcp: &TcpStream, wait: std::time::Duration) -> Sniffed {
                 }
                 seen = n;
             }
-            Sniffed::NeedMore => return Sniffed::Other,
             decided => return decided,
         }
     }
@@ -453,8 +458,13 @@ mod tests {
         let (_quiet, accepted) = tokio::join!(TcpStream::connect(addr), l.accept());
         let (server, _) = accepted.unwrap();
         let start = std::time::Instant::now();
-        assert_eq!(sniff(&server, wait).await, Sniffed::Other);
+        assert_eq!(sniff(&server, wait).await, Sniffed::NeedMore);
         assert!(start.elapsed() >= wait, "decided before the wait was over");
+        // A client that closes is not HTTP.
+        let (closing, accepted) = tokio::join!(TcpStream::connect(addr), l.accept());
+        drop(closing.unwrap());
+        let (server, _) = accepted.unwrap();
+        assert_eq!(sniff(&server, wait).await, Sniffed::Other);
     }
 
     #[tokio::test]

@@ -7,7 +7,9 @@
 //! - HTTP for a mesh service is routed through the mesh (mTLS);
 //! - HTTP for a host outside the mesh goes to where the app was going;
 //! - anything else (here a client-first protocol, and a server-first one
-//!   that sends nothing until the server greets it) goes through as it is;
+//!   that sends nothing until the server greets it) goes through as it is,
+//!   while a client that connects well before its first HTTP request is
+//!   still routed;
 //! - with `--outbound-traffic-policy registry-only`, the last two are
 //!   refused and the mesh service still works.
 //!
@@ -206,7 +208,14 @@ fn connect(port: u16) -> TcpStream {
 
 /// `GET /p` with `Host: host` to 10.9.9.2:7080: the whole answer.
 fn http(host: &str) -> String {
+    http_after(host, Duration::ZERO)
+}
+
+/// [`http`], the request sent `pause` after connecting (a client that
+/// connects ahead of its first request).
+fn http_after(host: &str, pause: Duration) -> String {
     let mut s = connect(7080);
+    std::thread::sleep(pause);
     write!(
         s,
         "GET /p HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
@@ -253,6 +262,9 @@ fn app_checks() -> Vec<String> {
     // HTTP, for a host outside the mesh and for a mesh service.
     seen.push(http("api.example.com"));
     seen.push(http("echo.demo:8080"));
+    // Connected ahead of its request, longer than the sniffing waits: the
+    // request is still routed, not passed through as raw bytes.
+    seen.push(http_after("echo.demo:8080", Duration::from_millis(400)));
     seen
 }
 
@@ -341,6 +353,11 @@ fn redirected_traffic_is_routed_or_passed_through() {
         seen[4].starts_with("HTTP/1.1 200") && seen[4].contains("backend=v1"),
         "a mesh service is routed through the mesh, not to the dialed address: {}",
         seen[4]
+    );
+    assert!(
+        seen[5].starts_with("HTTP/1.1 200") && seen[5].contains("backend=v1"),
+        "a late first request is routed too: {}",
+        seen[5]
     );
     // The mesh request carried the caller's identity to the server.
     assert!(

@@ -74,12 +74,16 @@ pub(crate) async fn serve(
         };
         tokio::spawn(async move {
             let _guard = guard;
-            if let Some(to) = original
-                && crate::transparent::sniff(&tcp, crate::transparent::SNIFF_WAIT).await
-                    != crate::transparent::Sniffed::Http
-            {
-                passthrough_tcp(&shared, tcp, to, &life).await;
-                return;
+            if let Some(to) = original {
+                let Some(what) =
+                    crate::until_killed(redirected(&shared, &tcp, to), life.phase.clone()).await
+                else {
+                    return;
+                };
+                if let Redirected::Raw(upstream) = what {
+                    passthrough_tcp(&shared, tcp, to, upstream, &life).await;
+                    return;
+                }
             }
             let phase = life.phase.clone();
             let svc = hyper::service::service_fn(move |req| {
@@ -347,10 +351,64 @@ fn source_labels(
 /// Istio's name for traffic that leaves the mesh as it was.
 const PASSTHROUGH: &str = "PassthroughCluster";
 
+/// What a redirected connection turned out to carry.
+enum Redirected {
+    /// HTTP: routed.
+    Http,
+    /// Anything else: to pass through, over this connection to the
+    /// original destination when one was opened already.
+    Raw(Option<TcpStream>),
+}
+
+/// Tells what a redirected connection carries from its first bytes. A
+/// client silent for [`crate::transparent::SNIFF_WAIT`] may wait for the
+/// server to speak first (MySQL, SMTP) or may have connected ahead of its
+/// first request: the way to the original destination is opened, and
+/// whichever side speaks first decides. Under registry-only nothing may
+/// pass through, so only the client can.
+async fn redirected(shared: &Shared, tcp: &TcpStream, to: SocketAddr) -> Redirected {
+    use crate::transparent::{SNIFF_WAIT, Sniffed, sniff};
+    match sniff(tcp, SNIFF_WAIT).await {
+        Sniffed::Http => return Redirected::Http,
+        Sniffed::Other => return Redirected::Raw(None),
+        Sniffed::NeedMore => {}
+    }
+    let upstream = if shared.opts.outbound_policy == crate::OutboundPolicy::RegistryOnly {
+        None
+    } else {
+        tokio::time::timeout(DEFAULT_CONNECT_TIMEOUT, TcpStream::connect(to))
+            .await
+            .ok()
+            .and_then(Result::ok)
+    };
+    let client_spoke = match &upstream {
+        Some(up) => tokio::select! {
+            _ = tcp.readable() => true,
+            _ = up.readable() => false,
+        },
+        // Nowhere to pass it, or the destination is unreachable (the
+        // passthrough reports why): the client decides.
+        None => tcp.readable().await.is_ok(),
+    };
+    if client_spoke && sniff(tcp, SNIFF_WAIT).await == Sniffed::Http {
+        return Redirected::Http;
+    }
+    if let Some(up) = &upstream {
+        let _ = up.set_nodelay(true);
+    }
+    Redirected::Raw(upstream)
+}
+
 /// A redirected connection that is not HTTP goes on unchanged, without
 /// mTLS, to where the app was going (Istio's `PassthroughCluster`), unless
 /// the outbound traffic policy is registry-only.
-async fn passthrough_tcp(shared: &Shared, mut client: TcpStream, to: SocketAddr, life: &Life) {
+async fn passthrough_tcp(
+    shared: &Shared,
+    mut client: TcpStream,
+    to: SocketAddr,
+    connected: Option<TcpStream>,
+    life: &Life,
+) {
     let started = metrics::now_rfc3339();
     let start = Instant::now();
     let settled = Settled {
@@ -364,7 +422,11 @@ async fn passthrough_tcp(shared: &Shared, mut client: TcpStream, to: SocketAddr,
             "{to} is outside the mesh and the outbound traffic policy is registry-only"
         ))
     } else {
-        match tokio::time::timeout(DEFAULT_CONNECT_TIMEOUT, TcpStream::connect(to)).await {
+        let upstream = match connected {
+            Some(up) => Ok(Ok(up)),
+            None => tokio::time::timeout(DEFAULT_CONNECT_TIMEOUT, TcpStream::connect(to)).await,
+        };
+        match upstream {
             Ok(Ok(mut upstream)) => {
                 let _ = upstream.set_nodelay(true);
                 shared.metrics.tcp_opened.get_or_create(&labels).inc();
