@@ -200,3 +200,57 @@ async fn switched_connections_are_separate_and_plain_requests_unaffected() {
     let r = via_proxy(client.outbound, "http://echo.demo:8080/ws", &[]).await;
     assert_eq!(r.status, 426, "{r:?}");
 }
+
+#[tokio::test]
+async fn a_switched_connection_holds_shutdown_until_the_drain_deadline() {
+    let pki = TestPki::new(TD);
+    let mut client = Sidecar::start_with(
+        "sleep",
+        "demo",
+        backend("sleep").await,
+        identity(&pki, &spiffe("demo", "sleep")),
+        &pki,
+        Duration::from_millis(500),
+    )
+    .await;
+    let server = Sidecar::start(
+        "echo-v1",
+        "demo",
+        upgrading_app().await,
+        identity(&pki, &spiffe("demo", "echo")),
+        &pki,
+    )
+    .await;
+    let id = spiffe("demo", "echo");
+    let mesh = Mesh::new(&pki).echo(vec![server.endpoint("v1", &id)], std::slice::from_ref(&id));
+    client.push(&mesh);
+    server.push(&mesh);
+
+    let (mut ws, head) = handshake(client.outbound, HANDSHAKE).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let mut line = String::new();
+    while !line.ends_with('\n') {
+        line += &read_some(&mut ws, 1).await;
+    }
+    // Shutdown waits for the open switched connection, which still
+    // works meanwhile, then closes it at the drain deadline.
+    let start = std::time::Instant::now();
+    let stopping = tokio::spawn(async move {
+        client.shutdown().await;
+        start.elapsed()
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    ws.write_all(b"still").await.unwrap();
+    assert_eq!(read_some(&mut ws, 10).await, "echo:still");
+    let took = tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .expect("shutdown ends at the drain deadline")
+        .unwrap();
+    assert!(took >= Duration::from_millis(500), "stopped after {took:?}");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), ws.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(_)) | Ok(Err(_))),
+        "the switched connection is closed at the deadline"
+    );
+}
