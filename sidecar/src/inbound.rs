@@ -1,7 +1,9 @@
 //! The inbound listener: mTLS termination (client certificates optional at
 //! the TLS layer, then PeerAuthentication decides), plaintext detection
-//! for PERMISSIVE and DISABLE, AuthorizationPolicy per request, and the
-//! app behind it with `x-forwarded-client-cert` set to what was verified.
+//! for PERMISSIVE and DISABLE (HTTP per request, anything else, including
+//! a server-first protocol, as TCP), AuthorizationPolicy per request or
+//! connection, and the app behind it with `x-forwarded-client-cert` set to
+//! what was verified.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -181,23 +183,38 @@ async fn handle(
     let cfg = shared.config.borrow().clone();
     let ns = shared.opts.workload.namespace.clone();
     let app_port = shared.opts.app.port();
-    let mut first = [0u8; 1];
-    let is_tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
-        Ok(Ok(1)) => looks_like_tls(first[0]),
-        // Closed, failed or silent for too long.
-        _ => return,
+    let mode = cfg.policies.mtls_mode(&ns, &cfg.my_labels, app_port);
+    let first = match first_move(&shared, &tcp, mode).await {
+        Some(f) => f,
+        None => return,
+    };
+    let plain = Peer {
+        addr: Some(addr),
+        ..Peer::default()
+    };
+    let is_tls = match first {
+        FirstMove::Client(byte) => looks_like_tls(byte),
+        FirstMove::App(app_conn) => {
+            // A server-first protocol in plaintext (MySQL, SMTP): bytes
+            // both ways, the connection authorized as TCP.
+            serve_tcp(shared, tcp, plain, app_port, life.phase, Some(app_conn)).await;
+            return;
+        }
     };
     if !is_tls {
-        let mode = cfg.policies.mtls_mode(&ns, &cfg.my_labels, app_port);
         if mode == MtlsMode::Strict {
             tracing::info!(%addr, "STRICT mTLS: a plaintext connection refused");
             return;
         }
-        let peer = Peer {
-            addr: Some(addr),
-            ..Peer::default()
-        };
-        serve_http(shared, app, TokioIo::new(tcp), peer, app_port, life).await;
+        // Plaintext (PERMISSIVE, DISABLE): HTTP per request, anything
+        // else as TCP, as Istio's inbound passes it on.
+        if crate::transparent::sniff(&tcp, crate::transparent::SNIFF_WAIT).await
+            == crate::transparent::Sniffed::Http
+        {
+            serve_http(shared, app, TokioIo::new(tcp), plain, app_port, life).await;
+        } else {
+            serve_tcp(shared, tcp, plain, app_port, life.phase, None).await;
+        }
         return;
     }
     let Some(tls) = tls else {
@@ -250,7 +267,7 @@ async fn handle(
         return;
     }
     if tcp_mode {
-        serve_tcp(shared, stream, peer, port, life.phase).await;
+        serve_tcp(shared, stream, peer, port, life.phase, None).await;
     } else {
         serve_http(shared, app, TokioIo::new(stream), peer, port, life).await;
     }
@@ -263,14 +280,73 @@ fn namespace_of(id: &str) -> Option<&str> {
     (!ns.is_empty()).then_some(ns)
 }
 
-/// A TCP connection (ALPN `istio`): AuthorizationPolicy on the connection
-/// (denied: closed), then bytes both ways to the app.
+/// Who spoke first on a new inbound connection.
+enum FirstMove {
+    /// The client, with its first byte.
+    Client(u8),
+    /// The app (the client was silent, and plaintext is allowed): the
+    /// connection to it, which has bytes waiting.
+    App(TcpStream),
+}
+
+/// Waits for a new connection's first byte. Under STRICT only the client
+/// can move (it must start a TLS handshake). Otherwise a client silent for
+/// [`crate::transparent::SNIFF_WAIT`] may be waiting for the server to
+/// speak first, in plaintext: the app is connected, and whichever speaks
+/// first decides. `None`: closed, failed, or silent past the handshake
+/// timeout.
+async fn first_move(shared: &Shared, tcp: &TcpStream, mode: MtlsMode) -> Option<FirstMove> {
+    let mut first = [0u8; 1];
+    let client = |wait| async move {
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(wait, tcp.peek(&mut first)).await {
+            Ok(Ok(1)) => Some(Some(first[0])),
+            Ok(_) => None,
+            Err(_) => Some(None),
+        }
+    };
+    if mode == MtlsMode::Strict {
+        return client(HANDSHAKE_TIMEOUT)
+            .await
+            .flatten()
+            .map(FirstMove::Client);
+    }
+    if let Some(byte) = client(crate::transparent::SNIFF_WAIT).await? {
+        return Some(FirstMove::Client(byte));
+    }
+    let app = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(shared.opts.app))
+        .await
+        .ok()
+        .and_then(Result::ok);
+    let Some(app) = app else {
+        // The app cannot speak: only the client can.
+        return client(HANDSHAKE_TIMEOUT)
+            .await
+            .flatten()
+            .map(FirstMove::Client);
+    };
+    tokio::select! {
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)) => match r {
+            Ok(Ok(1)) => Some(FirstMove::Client(first[0])),
+            _ => None,
+        },
+        r = app.readable() => r.ok().map(|()| {
+            let _ = app.set_nodelay(true);
+            FirstMove::App(app)
+        }),
+    }
+}
+
+/// A TCP connection (ALPN `istio`, or plaintext that is not HTTP):
+/// AuthorizationPolicy on the connection (denied: closed), then bytes both
+/// ways to the app (over `connected` when the app was connected already).
 async fn serve_tcp<S>(
     shared: Arc<Shared>,
     mut stream: S,
     peer: Peer,
     port: u16,
     phase: watch::Receiver<Phase>,
+    connected: Option<TcpStream>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -291,18 +367,25 @@ async fn serve_tcp<S>(
         return;
     }
     let labels = destination_labels(&shared, &peer, None, "tcp", 0);
-    let mut app =
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(shared.opts.app)).await {
-            Ok(Ok(a)) => a,
-            Ok(Err(e)) => {
-                tracing::warn!(app = %shared.opts.app, error = %e, "the app is unreachable");
-                return;
+    let connect = async {
+        match connected {
+            Some(app) => Ok(Ok(app)),
+            None => {
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(shared.opts.app)).await
             }
-            Err(_) => {
-                tracing::warn!(app = %shared.opts.app, "connecting to the app timed out");
-                return;
-            }
-        };
+        }
+    };
+    let mut app = match connect.await {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => {
+            tracing::warn!(app = %shared.opts.app, error = %e, "the app is unreachable");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(app = %shared.opts.app, "connecting to the app timed out");
+            return;
+        }
+    };
     shared.metrics.tcp_opened.get_or_create(&labels).inc();
     let copied = crate::until_killed(tokio::io::copy_bidirectional(&mut stream, &mut app), phase)
         .await
