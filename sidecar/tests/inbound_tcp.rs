@@ -80,12 +80,13 @@ async fn plaintext_tcp_reaches_the_app_whoever_speaks_first() {
     assert_eq!(read_exactly(&mut c, 10).await, "app:\x00\x01ping");
 
     // The client waits for the app's greeting (server-first), which
-    // comes long before the TLS handshake timeout (10 s).
+    // comes after the 100 ms sniffing wait, not after the TLS handshake
+    // timeout (10 s) that used to close such connections.
     let start = Instant::now();
     let mut c = TcpStream::connect(db.inbound).await.unwrap();
     assert_eq!(read_exactly(&mut c, 4).await, "hi\r\n");
     assert!(
-        start.elapsed() < Duration::from_secs(2),
+        start.elapsed() < Duration::from_secs(5),
         "{:?}",
         start.elapsed()
     );
