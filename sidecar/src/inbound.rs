@@ -575,9 +575,8 @@ async fn request(
             let client_side = crate::upgrade_of(parts.version, &parts.headers)
                 .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
             // The app gets the HTTP version its client spoke.
-            let http2 = parts.version == http::Version::HTTP_2
-                && parts.headers.remove(crate::ORIG_PROTO_HEADER).is_none();
-            parts.headers.remove(crate::ORIG_PROTO_HEADER);
+            let orig_proto = parts.headers.remove(crate::ORIG_PROTO_HEADER);
+            let http2 = parts.version == http::Version::HTTP_2 && orig_proto.is_none();
             let sent = if http2 {
                 // `:authority` stays what the client asked for; [`Dial`]
                 // connects to the app whatever it says.
@@ -641,12 +640,10 @@ async fn request(
     let body = Observed::new(body, &head.headers, move |end| {
         let millis = start.elapsed().as_secs_f64() * 1000.0;
         let req_len = req_bytes.load(Ordering::Relaxed);
-        let labels = metrics::RequestCountLabels {
-            labels,
-            grpc_response_status: end.grpc_status.clone().unwrap_or_default(),
-        };
-        shared.metrics.request(&labels, millis, req_len, end.bytes);
-        let labels = &labels.labels;
+        let grpc = end.grpc_status.as_deref();
+        let labels = &shared
+            .metrics
+            .request_ended(labels, grpc, millis, req_len, end.bytes);
         metrics::log(&metrics::AccessLog {
             start_time: started,
             reporter: "destination",
@@ -660,7 +657,7 @@ async fn request(
             source_cluster: &labels.source_cluster,
             destination_cluster: &labels.destination_cluster,
             request_id: &rid,
-            grpc_status: end.grpc_status.as_deref(),
+            grpc_status: grpc,
             reason: reason.as_deref(),
         });
     });

@@ -149,6 +149,24 @@ impl Metrics {
         m
     }
 
+    /// Records a request whose response ended (with `grpc_status`, if
+    /// gRPC) and gives its labels back for the access log.
+    pub fn request_ended(
+        &self,
+        labels: RequestLabels,
+        grpc_status: Option<&str>,
+        millis: f64,
+        req_bytes: u64,
+        resp_bytes: u64,
+    ) -> RequestLabels {
+        let l = RequestCountLabels {
+            labels,
+            grpc_response_status: grpc_status.unwrap_or_default().to_string(),
+        };
+        self.request(&l, millis, req_bytes, resp_bytes);
+        l.labels
+    }
+
     /// Records one finished request.
     pub fn request(&self, l: &RequestCountLabels, millis: f64, req_bytes: u64, resp_bytes: u64) {
         let cached = self.series.lock().ok().and_then(|m| m.get(l).cloned());

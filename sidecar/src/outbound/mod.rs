@@ -293,12 +293,10 @@ async fn proxy(
     let body = Observed::new(body, &head.headers, move |end| {
         let millis = start.elapsed().as_secs_f64() * 1000.0;
         let req_len = req_bytes.load(Ordering::Relaxed);
-        let labels = metrics::RequestCountLabels {
-            labels,
-            grpc_response_status: end.grpc_status.clone().unwrap_or_default(),
-        };
-        shared.metrics.request(&labels, millis, req_len, end.bytes);
-        let labels = &labels.labels;
+        let grpc = end.grpc_status.as_deref();
+        let labels = &shared
+            .metrics
+            .request_ended(labels, grpc, millis, req_len, end.bytes);
         metrics::log(&metrics::AccessLog {
             start_time: started,
             reporter: "source",
@@ -312,7 +310,7 @@ async fn proxy(
             source_cluster: &labels.source_cluster,
             destination_cluster: &settled.destination_cluster,
             request_id: &rid,
-            grpc_status: end.grpc_status.as_deref(),
+            grpc_status: grpc,
             reason: settled.reason.as_deref(),
         });
     });
