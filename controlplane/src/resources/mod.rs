@@ -1,0 +1,878 @@
+//! The discovery resources (`strait.mesh.v1.*`) the control plane serves to
+//! its proxies, built from the config in force alone. Pure: no I/O; the
+//! snapshot is stamped with the time it was built, which a caller that
+//! read the config earlier may restamp ([`Snapshot::with_created`]) so
+//! that push latency counts from the read.
+//!
+//! Imports from the broker are written back into the config as Istio
+//! `ServiceEntry` and `WorkloadEntry` objects, so the same rules serve local
+//! and imported services, in directory and Kubernetes mode alike.
+//!
+//! # Rules
+//!
+//! - **Service** per Kubernetes `Service` `<name>` in `<ns>`: hostname
+//!   `<name>.<ns>.svc.cluster.local`, aliases
+//!   `<name>.<ns>.svc.clusterset.local` and `<name>.<ns>`. Ports from
+//!   `spec.ports`; the protocol is Istio's choice: `appProtocol`, else the
+//!   port name's prefix (`http-web`), else `tcp` (an unknown protocol is a
+//!   warning and `tcp`). `exported` follows [`strait_model::export`]
+//!   (`strait.io/export` or an MCS `ServiceExport` of the same name; a bad
+//!   signal is a warning and exports nothing).
+//! - **Endpoints** of a Service: every `WorkloadEntry` of its namespace
+//!   whose labels match its (non-empty) selector. On this cluster's network
+//!   (`network` empty or equal): kind `SIDECAR`, address = the entry's,
+//!   port = its `strait.io/inbound-port` annotation or 15006, identity
+//!   `spiffe://<td>/ns/<ns>/sa/<serviceAccount or default>`, workload = its
+//!   name. On another network: kind `GATEWAY`, address = the entry's (the
+//!   remote gateway), port = the entry's `ports` value for the first
+//!   service port whose name it maps (else 15443), weight = `weight`
+//!   (default and minimum 1), cluster = its `strait.io/cluster` label; when
+//!   that network is in QUIC mode and the context names a local egress,
+//!   `via` = that egress. Every endpoint is healthy (static config has no
+//!   health).
+//! - **identities** of a Service: the SPIFFE IDs of its endpoints' service
+//!   accounts (a gateway endpoint's `serviceAccount`, when set, in this
+//!   trust domain) plus the `subjectAltNames` of the ServiceEntries for
+//!   the same service.
+//! - **Namespace sameness.** A `ServiceEntry` whose first host is
+//!   `<svc>.<ns>.svc.clusterset.local` stands for the service `<svc>.<ns>`
+//!   of the whole clusterset. When a local Service `<svc>` exists in
+//!   `<ns>`, the entry merges into that Service's resource: only its
+//!   `subjectAltNames` are added. Its endpoints are NOT added: the importer
+//!   wrote each remote endpoint a second time as a `WorkloadEntry` that the
+//!   local selector picks, so they are already there (an exporter serving
+//!   none of the local ports, or behind a DNS-named gateway, has no such
+//!   `WorkloadEntry` and is therefore not reachable under the local name,
+//!   as in Istio). Without a local Service, the entry becomes its own
+//!   Service resource with hostname `<svc>.<ns>.svc.cluster.local` and
+//!   aliases (the clusterset name, `<svc>.<ns>`), so the local name
+//!   resolves to the remote endpoints; ports from `spec.ports`, endpoints
+//!   from `spec.endpoints` (kinds as above; a `SIDECAR` endpoint of an
+//!   entry connects to 15006).
+//! - Other `ServiceEntry` objects become a Service resource named by their
+//!   first host (the other hosts are aliases); one whose name is already
+//!   taken is a warning and skipped.
+//! - **Workload** per local `WorkloadEntry`, named `<ns>/<name>`.
+//! - **Policy** per `VirtualService`, `DestinationRule`,
+//!   `PeerAuthentication`, `AuthorizationPolicy`, `Sidecar`, named
+//!   `<kind>/<ns>/<name>`: the spec as JSON, generation =
+//!   `metadata.generation` or a hash of the spec JSON. A spec that
+//!   [`strait_model::istio::parse`] refuses is left out with a warning
+//!   that names the object and every problem, as an admission webhook
+//!   would refuse it.
+//! - **TrustBundle** per trust domain (this one `local: true`), each with
+//!   the denied intermediates.
+//! - **GatewayRoute** per exported Service: its ports, subsets from the
+//!   DestinationRules of its host (`echo`, `echo.demo`, `echo.demo.svc`,
+//!   the FQDN and the clusterset name all name the same host, short names
+//!   in the rule's namespace; the first rule in (namespace, name) order
+//!   wins a subset name, later ones warn) and its local `SIDECAR`
+//!   endpoints (every service port → the sidecar's inbound port).
+//! - **Network** per [`NetworkInput`].
+//!
+//! # Determinism
+//!
+//! The same input gives byte-identical resources and versions. prost
+//! encodes `map` fields in hash-map order, so resources are encoded here
+//! with map entries sorted by key ([`encode_canonical`]); a protobuf
+//! decoder reads the result as the same message. A version is the
+//! 16-hex-digit FNV-1a of those bytes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
+
+use serde_json::Value;
+use strait_ca::{SpiffeId, TrustDomain};
+use strait_model::Protocol;
+use strait_model::export::{self, ObjectKind, ObjectRef};
+use strait_model::objects::CLUSTER_LABEL;
+use strait_proto::strait::mesh::v1 as pb;
+use strait_proto::strait::mesh::v1::type_url;
+
+use crate::source::{Config, ObjectKey};
+
+mod canonical;
+mod service_entry;
+
+pub use canonical::Canonical;
+use service_entry::{ServiceEntryObj, entry_service, sans};
+
+/// The sidecar's inbound mTLS port (Istio's).
+pub const SIDECAR_INBOUND_PORT: u32 = 15006;
+/// The east-west gateway's passthrough port (Istio's).
+pub const GATEWAY_PORT: u32 = 15443;
+/// A `WorkloadEntry` annotation naming its sidecar's inbound port.
+pub const INBOUND_PORT_ANNOTATION: &str = "strait.io/inbound-port";
+/// The Kubernetes DNS suffix of this cluster's services.
+pub const CLUSTER_SUFFIX: &str = "svc.cluster.local";
+/// The MCS DNS suffix of clusterset services.
+pub const CLUSTERSET_SUFFIX: &str = "svc.clusterset.local";
+
+/// The Istio policy kinds served as [`pb::Policy`].
+pub const POLICY_KINDS: [&str; 5] = [
+    "VirtualService",
+    "DestinationRule",
+    "PeerAuthentication",
+    "AuthorizationPolicy",
+    "Sidecar",
+];
+
+/// Who this control plane serves: its cluster, network and trust domain.
+#[derive(Debug, Clone)]
+pub struct ClusterContext {
+    pub cluster: String,
+    pub network: String,
+    pub trust_domain: TrustDomain,
+    /// `region/zone/subzone` of this cluster, the default locality of its
+    /// workloads.
+    pub locality: Option<String>,
+    /// The local east-west gateway's egress listener (`host:port`), which
+    /// sidecars use to reach QUIC-mode networks.
+    pub egress: Option<String>,
+}
+
+/// The trust material to publish.
+#[derive(Debug, Clone, Default)]
+pub struct TrustInput {
+    /// PEM roots of this trust domain.
+    pub local_roots_pem: Vec<String>,
+    /// Peered trust domain → its PEM roots.
+    pub federated: BTreeMap<String, Vec<String>>,
+    /// SHA-256 (hex) of intermediates that must be refused.
+    pub denied_intermediates: BTreeSet<String>,
+}
+
+/// How another network is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NetworkMode {
+    /// Straight to its gateways, SNI passthrough.
+    #[default]
+    Sni,
+    /// Through the local gateway's pooled QUIC tunnel.
+    Quic,
+}
+
+/// A remote network and its gateways.
+#[derive(Debug, Clone, Default)]
+pub struct NetworkInput {
+    pub name: String,
+    /// Passthrough addresses, `host:port`.
+    pub gateways: Vec<String>,
+    pub mode: NetworkMode,
+    /// QUIC tunnel addresses (UDP `host:port`).
+    pub tunnels: Vec<String>,
+}
+
+/// One resource as served: its version and its encoded message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Versioned {
+    /// Hex FNV-1a of the encoded resource.
+    pub version: String,
+    pub resource: prost_types::Any,
+}
+
+/// Every resource of every type, as one consistent view of the config.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    created: Instant,
+    types: BTreeMap<String, BTreeMap<String, Versioned>>,
+}
+
+impl PartialEq for Snapshot {
+    /// Equal when the resources are (the creation time is not compared).
+    fn eq(&self, other: &Self) -> bool {
+        self.types == other.types
+    }
+}
+
+impl Snapshot {
+    /// An empty snapshot that knows every strait type (each with no
+    /// resources), created at `created`.
+    pub fn empty(created: Instant) -> Self {
+        Snapshot {
+            created,
+            types: type_url::ALL
+                .iter()
+                .map(|t| ((*t).to_string(), BTreeMap::new()))
+                .collect(),
+        }
+    }
+
+    /// When the config this snapshot was built from was read (for push
+    /// latency).
+    pub fn created(&self) -> Instant {
+        self.created
+    }
+
+    /// Sets the creation time (the caller owns the clock).
+    pub fn with_created(mut self, created: Instant) -> Self {
+        self.created = created;
+        self
+    }
+
+    /// Adds (or replaces) a resource, encoding it canonically.
+    pub fn insert(&mut self, type_url: &str, name: &str, message: &impl Canonical) {
+        let bytes = message.canonical_bytes();
+        let version = format!("{:016x}", strait_model::names::fnv1a64(&bytes));
+        self.types.entry(type_url.to_string()).or_default().insert(
+            name.to_string(),
+            Versioned {
+                version,
+                resource: prost_types::Any {
+                    type_url: type_url.to_string(),
+                    value: bytes,
+                },
+            },
+        );
+    }
+
+    /// The resources of one type, by name (`None` for a type this
+    /// snapshot does not serve).
+    pub fn resources(&self, type_url: &str) -> Option<&BTreeMap<String, Versioned>> {
+        self.types.get(type_url)
+    }
+
+    /// A copy keeping only the resources `keep(type_url, name)` accepts
+    /// (a proxy's scoped view); same creation time, same types.
+    pub fn retain(&self, keep: impl Fn(&str, &str) -> bool) -> Snapshot {
+        Snapshot {
+            created: self.created,
+            types: self
+                .types
+                .iter()
+                .map(|(t, items)| {
+                    let kept = items
+                        .iter()
+                        .filter(|(name, _)| keep(t, name))
+                        .map(|(n, v)| (n.clone(), v.clone()))
+                        .collect();
+                    (t.clone(), kept)
+                })
+                .collect(),
+        }
+    }
+
+    /// The type URLs served.
+    pub fn type_urls(&self) -> impl Iterator<Item = &str> {
+        self.types.keys().map(String::as_str)
+    }
+
+    /// A version for a set of (name, version) pairs: changes when any
+    /// resource of the set changes, appears or goes.
+    pub fn set_version<'a>(items: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+        let mut bytes = Vec::new();
+        for (name, version) in items {
+            bytes.extend_from_slice(name.as_bytes());
+            bytes.push(0);
+            bytes.extend_from_slice(version.as_bytes());
+            bytes.push(0);
+        }
+        format!("{:016x}", strait_model::names::fnv1a64(&bytes))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Reading the config.
+
+fn str_map(v: Option<&Value>) -> BTreeMap<String, String> {
+    v.and_then(Value::as_object)
+        .map(|o| {
+            o.iter()
+                .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn port_number(v: &Value) -> Option<u32> {
+    v.as_u64()
+        .and_then(|n| u16::try_from(n).ok())
+        .filter(|n| *n != 0)
+        .map(u32::from)
+}
+
+/// Istio's protocol of a port: `appProtocol`, else the name's prefix, else
+/// TCP. Lowercase Istio names.
+fn protocol_of(app_protocol: Option<&str>, name: &str) -> Result<String, String> {
+    let p = match app_protocol {
+        Some(app) => Protocol::parse(app)
+            .ok()
+            .or_else(|| Protocol::ALL.into_iter().find(|p| p.app_protocol() == app))
+            .ok_or_else(|| format!("appProtocol {app:?} is not a protocol strait knows"))?,
+        None => Protocol::from_port_name(name).unwrap_or(Protocol::Tcp),
+    };
+    Ok(p.as_str().to_ascii_lowercase())
+}
+
+/// A `WorkloadEntry` (or a `ServiceEntry` endpoint), read.
+#[derive(Debug, Clone)]
+struct Entry {
+    namespace: String,
+    name: String,
+    address: String,
+    labels: BTreeMap<String, String>,
+    ports: BTreeMap<String, u32>,
+    network: String,
+    locality: String,
+    weight: u32,
+    service_account: Option<String>,
+    inbound_port: u32,
+}
+
+fn read_entry(
+    namespace: &str,
+    name: &str,
+    spec: &Value,
+    annotations: &BTreeMap<String, String>,
+) -> Result<Entry, String> {
+    let address = spec["address"]
+        .as_str()
+        .filter(|a| !a.is_empty())
+        .ok_or("address is missing")?
+        .to_string();
+    let mut ports = BTreeMap::new();
+    if let Some(map) = spec["ports"].as_object() {
+        for (port_name, v) in map {
+            let n = port_number(v)
+                .ok_or_else(|| format!("ports.{port_name}: {v} is not a port number"))?;
+            ports.insert(port_name.clone(), n);
+        }
+    }
+    let weight = match &spec["weight"] {
+        Value::Null => 1,
+        v => v
+            .as_u64()
+            .and_then(|w| u32::try_from(w).ok())
+            .ok_or_else(|| format!("weight: {v} is not a non-negative integer"))?
+            .max(1),
+    };
+    let inbound_port = match annotations.get(INBOUND_PORT_ANNOTATION) {
+        None => SIDECAR_INBOUND_PORT,
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .map(u32::from)
+            .ok_or_else(|| {
+                format!("annotation {INBOUND_PORT_ANNOTATION}: {p:?} is not a port number")
+            })?,
+    };
+    Ok(Entry {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+        address,
+        labels: str_map(spec.get("labels")),
+        ports,
+        network: spec["network"].as_str().unwrap_or_default().to_string(),
+        locality: spec["locality"].as_str().unwrap_or_default().to_string(),
+        weight,
+        service_account: spec["serviceAccount"]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .map(str::to_string),
+        inbound_port,
+    })
+}
+
+struct Builder<'a> {
+    ctx: &'a ClusterContext,
+    quic_networks: BTreeSet<&'a str>,
+    warnings: Vec<String>,
+}
+
+impl Builder<'_> {
+    fn is_local(&self, e: &Entry) -> bool {
+        e.network.is_empty() || e.network == self.ctx.network
+    }
+
+    fn identity(&mut self, what: &str, namespace: &str, sa: &str) -> Option<String> {
+        match SpiffeId::workload(&self.ctx.trust_domain, namespace, sa) {
+            Ok(id) => Some(id.to_string()),
+            Err(e) => {
+                self.warnings
+                    .push(format!("{what}: service account {sa:?}: {e}"));
+                None
+            }
+        }
+    }
+
+    /// The endpoint an entry stands for, for a service whose ports are
+    /// `port_names` (in order).
+    fn endpoint(&mut self, what: &str, e: &Entry, port_names: &[&str]) -> pb::Endpoint {
+        if self.is_local(e) {
+            let sa = e.service_account.as_deref().unwrap_or("default");
+            let identity = self.identity(what, &e.namespace, sa).unwrap_or_default();
+            pb::Endpoint {
+                kind: pb::endpoint::Kind::Sidecar as i32,
+                address: e.address.clone(),
+                port: e.inbound_port,
+                labels: e.labels.clone().into_iter().collect(),
+                locality: if e.locality.is_empty() {
+                    self.ctx.locality.clone().unwrap_or_default()
+                } else {
+                    e.locality.clone()
+                },
+                network: self.ctx.network.clone(),
+                cluster: self.ctx.cluster.clone(),
+                identity,
+                healthy: true,
+                weight: 1,
+                workload: e.name.clone(),
+                via: String::new(),
+            }
+        } else {
+            let port = port_names
+                .iter()
+                .find_map(|n| e.ports.get(*n).copied())
+                .unwrap_or(GATEWAY_PORT);
+            let via = if self.quic_networks.contains(e.network.as_str()) {
+                self.ctx.egress.clone().unwrap_or_default()
+            } else {
+                String::new()
+            };
+            pb::Endpoint {
+                kind: pb::endpoint::Kind::Gateway as i32,
+                address: e.address.clone(),
+                port,
+                labels: e.labels.clone().into_iter().collect(),
+                locality: e.locality.clone(),
+                network: e.network.clone(),
+                cluster: e.labels.get(CLUSTER_LABEL).cloned().unwrap_or_default(),
+                identity: String::new(),
+                healthy: true,
+                weight: e.weight,
+                workload: String::new(),
+                via,
+            }
+        }
+    }
+}
+
+fn sort_endpoints(eps: &mut [pb::Endpoint]) {
+    eps.sort_by(|a, b| {
+        (
+            a.kind,
+            &a.network,
+            &a.cluster,
+            &a.address,
+            a.port,
+            &a.workload,
+        )
+            .cmp(&(
+                b.kind,
+                &b.network,
+                &b.cluster,
+                &b.address,
+                b.port,
+                &b.workload,
+            ))
+    });
+}
+
+/// `<svc>.<ns>` of a clusterset host name, when it is one.
+fn clusterset_key(host: &str) -> Option<(String, String)> {
+    let rest = host.strip_suffix(CLUSTERSET_SUFFIX)?.strip_suffix('.')?;
+    let (svc, ns) = rest.split_once('.')?;
+    (!svc.is_empty() && !ns.is_empty() && !ns.contains('.'))
+        .then(|| (svc.to_string(), ns.to_string()))
+}
+
+/// The FQDN a DestinationRule's `host` names, resolved in `namespace` as
+/// short names are: `echo`, `echo.demo` and `echo.demo.svc` mean
+/// `echo.demo.svc.cluster.local` (the first in the rule's namespace).
+pub fn resolve_host(host: &str, namespace: &str) -> String {
+    let dots = host.matches('.').count();
+    match dots {
+        0 => format!("{host}.{namespace}.{CLUSTER_SUFFIX}"),
+        1 => format!("{host}.{CLUSTER_SUFFIX}"),
+        2 if host.ends_with(".svc") => format!("{host}.cluster.local"),
+        _ => host.to_string(),
+    }
+}
+
+/// Builds every resource from the config, with a warning (naming the
+/// object) for each thing left out.
+pub fn build(
+    ctx: &ClusterContext,
+    config: &Config,
+    trust: &TrustInput,
+    networks: &[NetworkInput],
+) -> (Snapshot, Vec<String>) {
+    let mut b = Builder {
+        ctx,
+        quic_networks: networks
+            .iter()
+            .filter(|n| n.mode == NetworkMode::Quic)
+            .map(|n| n.name.as_str())
+            .collect(),
+        warnings: Vec::new(),
+    };
+    let mut snap = Snapshot::empty(Instant::now());
+
+    let of_kind = |kind: &'static str| {
+        config
+            .objects
+            .iter()
+            .filter(move |(k, _)| k.kind == kind)
+            .map(|(k, o)| (k, &o.value))
+    };
+
+    // WorkloadEntries.
+    let mut entries: Vec<Entry> = Vec::new();
+    for (key, doc) in of_kind("WorkloadEntry") {
+        let annotations = str_map(doc["metadata"].get("annotations"));
+        match read_entry(&key.namespace, &key.name, &doc["spec"], &annotations) {
+            Ok(e) => entries.push(e),
+            Err(reason) => b.warnings.push(format!("{key}: {reason}")),
+        }
+    }
+
+    // Workloads.
+    for e in entries
+        .iter()
+        .filter(|e| b.is_local(e))
+        .cloned()
+        .collect::<Vec<_>>()
+    {
+        let what = format!("WorkloadEntry {}/{}", e.namespace, e.name);
+        let sa = e
+            .service_account
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let identity = b.identity(&what, &e.namespace, &sa).unwrap_or_default();
+        let w = pb::Workload {
+            name: e.name.clone(),
+            namespace: e.namespace.clone(),
+            address: e.address.clone(),
+            labels: e.labels.clone().into_iter().collect(),
+            service_account: sa,
+            identity,
+            locality: if e.locality.is_empty() {
+                ctx.locality.clone().unwrap_or_default()
+            } else {
+                e.locality.clone()
+            },
+            network: ctx.network.clone(),
+            cluster: ctx.cluster.clone(),
+            ports: e.ports.clone().into_iter().collect(),
+        };
+        snap.insert(
+            type_url::WORKLOAD,
+            &format!("{}/{}", e.namespace, e.name),
+            &w,
+        );
+    }
+
+    // ServiceExports, by (namespace, name).
+    let service_exports: BTreeMap<(String, String), BTreeMap<String, String>> =
+        of_kind("ServiceExport")
+            .map(|(k, doc)| {
+                (
+                    (k.namespace.clone(), k.name.clone()),
+                    str_map(doc["metadata"].get("annotations")),
+                )
+            })
+            .collect();
+
+    // ServiceEntries, split by whether they name a clusterset service.
+    let mut clusterset_entries: BTreeMap<(String, String), Vec<ServiceEntryObj<'_>>> =
+        BTreeMap::new();
+    let mut other_entries = Vec::new();
+    for (key, doc) in of_kind("ServiceEntry") {
+        let hosts: Vec<String> = doc["spec"]["hosts"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|h| h.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let Some(first) = hosts.first() else {
+            b.warnings.push(format!("{key}: spec.hosts is empty"));
+            continue;
+        };
+        let obj = ServiceEntryObj {
+            key,
+            doc,
+            hosts: hosts.clone(),
+        };
+        match clusterset_key(first) {
+            Some(k) => clusterset_entries.entry(k).or_default().push(obj),
+            None => other_entries.push(obj),
+        }
+    }
+
+    let mut services: BTreeMap<String, pb::Service> = BTreeMap::new();
+
+    // Kubernetes Services.
+    for (key, doc) in of_kind("Service") {
+        let (ns, name) = (key.namespace.as_str(), key.name.as_str());
+        let what = key.to_string();
+        let mut ports = Vec::new();
+        for (i, p) in doc["spec"]["ports"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            let Some(number) = port_number(&p["port"]) else {
+                b.warnings.push(format!(
+                    "{what}: spec.ports[{i}].port is not a port number; port left out"
+                ));
+                continue;
+            };
+            let port_name = p["name"].as_str().unwrap_or_default().to_string();
+            let protocol = protocol_of(p["appProtocol"].as_str(), &port_name).unwrap_or_else(|e| {
+                b.warnings
+                    .push(format!("{what}: spec.ports[{i}]: {e}; served as tcp"));
+                "tcp".into()
+            });
+            ports.push(pb::Port {
+                name: port_name,
+                port: number,
+                protocol,
+                target_port: port_number(&p["targetPort"]).unwrap_or_default(),
+            });
+        }
+        let annotations = str_map(doc["metadata"].get("annotations"));
+        let svc_ref = ObjectRef::new(ObjectKind::Service, ns, name);
+        let se = service_exports
+            .get(&(ns.to_string(), name.to_string()))
+            .map(|a| (ObjectRef::new(ObjectKind::ServiceExport, ns, name), a));
+        let exported = match export::export_decision_with_service_export(
+            &svc_ref,
+            &annotations,
+            se.as_ref().map(|(r, a)| (r, *a)),
+        ) {
+            Ok(to) => to.is_some(),
+            Err(e) => {
+                b.warnings.push(format!("{e}; not exported"));
+                false
+            }
+        };
+        let selector = str_map(doc["spec"].get("selector"));
+        let port_names: Vec<&str> = ports.iter().map(|p| p.name.as_str()).collect();
+        let mut endpoints = Vec::new();
+        let mut identities = BTreeSet::new();
+        for e in entries.iter().filter(|e| {
+            e.namespace == ns
+                && !selector.is_empty()
+                && selector.iter().all(|(k, v)| e.labels.get(k) == Some(v))
+        }) {
+            let ep = b.endpoint(
+                &format!("WorkloadEntry {}/{}", e.namespace, e.name),
+                e,
+                &port_names,
+            );
+            if !ep.identity.is_empty() {
+                identities.insert(ep.identity.clone());
+            } else if let Some(sa) = &e.service_account
+                && let Some(id) = b.identity(&what, ns, sa)
+            {
+                identities.insert(id);
+            }
+            endpoints.push(ep);
+        }
+        sort_endpoints(&mut endpoints);
+        // Namespace sameness: the clusterset entries of this service add
+        // their identities (their endpoints are the WorkloadEntries above).
+        if let Some(ses) = clusterset_entries.remove(&(name.to_string(), ns.to_string())) {
+            for se in ses {
+                identities.extend(sans(&se));
+            }
+        }
+        let hostname = format!("{name}.{ns}.{CLUSTER_SUFFIX}");
+        services.insert(
+            hostname.clone(),
+            pb::Service {
+                hostname,
+                namespace: ns.to_string(),
+                name: name.to_string(),
+                aliases: vec![
+                    format!("{name}.{ns}.{CLUSTERSET_SUFFIX}"),
+                    format!("{name}.{ns}"),
+                ],
+                ports,
+                identities: identities.into_iter().collect(),
+                exported,
+                endpoints,
+            },
+        );
+    }
+
+    // ServiceEntries of clusterset services without a local Service.
+    for ((svc, ns), ses) in clusterset_entries {
+        let mut ses = ses.into_iter();
+        let Some(se) = ses.next() else { continue };
+        for dup in ses {
+            b.warnings.push(format!(
+                "{}: host {} is already served by {}; left out",
+                dup.key, dup.hosts[0], se.key
+            ));
+        }
+        let hostname = format!("{svc}.{ns}.{CLUSTER_SUFFIX}");
+        let mut aliases = vec![se.hosts[0].clone(), format!("{svc}.{ns}")];
+        aliases.extend(se.hosts.iter().skip(1).cloned());
+        let s = entry_service(&mut b, &se, hostname.clone(), &ns, &svc, aliases);
+        services.insert(hostname, s);
+    }
+
+    // Other ServiceEntries.
+    for se in other_entries {
+        let hostname = se.hosts[0].clone();
+        if services.contains_key(&hostname)
+            || services.values().any(|s| s.aliases.contains(&hostname))
+        {
+            b.warnings.push(format!(
+                "{}: host {hostname} is already a service; left out",
+                se.key
+            ));
+            continue;
+        }
+        let aliases = se.hosts[1..].to_vec();
+        let (ns, name) = (se.key.namespace.clone(), se.key.name.clone());
+        let s = entry_service(&mut b, &se, hostname.clone(), &ns, &name, aliases);
+        services.insert(hostname, s);
+    }
+
+    // Policies.
+    let mut destination_rules = Vec::new();
+    for kind in POLICY_KINDS {
+        for (key, doc) in of_kind(kind) {
+            let spec = &doc["spec"];
+            if let Err(problems) = strait_model::istio::parse(kind, spec) {
+                b.warnings
+                    .push(format!("{key}: {}; left out", problems.join("; ")));
+                continue;
+            }
+            let spec_json = serde_json::to_string(spec).unwrap_or_else(|_| "null".into());
+            let generation = doc["metadata"]["generation"]
+                .as_u64()
+                .unwrap_or_else(|| strait_model::names::fnv1a64(spec_json.as_bytes()));
+            snap.insert(
+                type_url::POLICY,
+                &format!("{kind}/{}/{}", key.namespace, key.name),
+                &pb::Policy {
+                    kind: kind.to_string(),
+                    namespace: key.namespace.clone(),
+                    name: key.name.clone(),
+                    spec_json,
+                    generation,
+                },
+            );
+            if kind == "DestinationRule" {
+                destination_rules.push((key, spec));
+            }
+        }
+    }
+
+    // Gateway routes.
+    for s in services.values().filter(|s| s.exported) {
+        let mut subsets: BTreeMap<String, (String, pb::Labels)> = BTreeMap::new();
+        for (key, spec) in &destination_rules {
+            let host = resolve_host(spec["host"].as_str().unwrap_or_default(), &key.namespace);
+            if host != s.hostname && !s.aliases.contains(&host) {
+                continue;
+            }
+            for subset in spec["subsets"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+            {
+                let name = subset["name"].as_str().unwrap_or_default().to_string();
+                let labels = pb::Labels {
+                    labels: str_map(subset.get("labels")).into_iter().collect(),
+                };
+                match subsets.get(&name) {
+                    Some((first, _)) => b.warnings.push(format!(
+                        "{key}: subset {name:?} of {} is already defined by {first}; left out",
+                        s.hostname
+                    )),
+                    None => {
+                        subsets.insert(name, (key.to_string(), labels));
+                    }
+                }
+            }
+        }
+        let endpoints = s
+            .endpoints
+            .iter()
+            .filter(|e| e.kind == pb::endpoint::Kind::Sidecar as i32)
+            .map(|e| pb::GatewayEndpoint {
+                address: e.address.clone(),
+                ports: s.ports.iter().map(|p| (p.port, e.port)).collect(),
+                labels: e.labels.clone(),
+                healthy: e.healthy,
+            })
+            .collect();
+        snap.insert(
+            type_url::GATEWAY_ROUTE,
+            &s.hostname,
+            &pb::GatewayRoute {
+                hostname: s.hostname.clone(),
+                ports: s.ports.iter().map(|p| p.port).collect(),
+                subsets: subsets.into_iter().map(|(n, (_, l))| (n, l)).collect(),
+                endpoints,
+            },
+        );
+    }
+
+    for (hostname, s) in &services {
+        snap.insert(type_url::SERVICE, hostname, s);
+    }
+
+    // Trust bundles.
+    let denied: Vec<String> = trust.denied_intermediates.iter().cloned().collect();
+    let local_td = ctx.trust_domain.to_string();
+    snap.insert(
+        type_url::TRUST_BUNDLE,
+        &local_td,
+        &pb::TrustBundle {
+            trust_domain: local_td.clone(),
+            roots_pem: trust.local_roots_pem.clone(),
+            denied_intermediates: denied.clone(),
+            local: true,
+        },
+    );
+    for (td, roots) in &trust.federated {
+        if *td == local_td {
+            b.warnings.push(format!(
+                "federated trust domain {td} is this cluster's own; its federated roots are left out"
+            ));
+            continue;
+        }
+        snap.insert(
+            type_url::TRUST_BUNDLE,
+            td,
+            &pb::TrustBundle {
+                trust_domain: td.clone(),
+                roots_pem: roots.clone(),
+                denied_intermediates: denied.clone(),
+                local: false,
+            },
+        );
+    }
+
+    // Networks.
+    for n in networks {
+        snap.insert(
+            type_url::NETWORK,
+            &n.name,
+            &pb::Network {
+                name: n.name.clone(),
+                gateways: n.gateways.clone(),
+                mode: match n.mode {
+                    NetworkMode::Sni => pb::network::Mode::Sni as i32,
+                    NetworkMode::Quic => pb::network::Mode::Quic as i32,
+                },
+                tunnels: n.tunnels.clone(),
+            },
+        );
+    }
+
+    (snap, b.warnings)
+}
+
+#[cfg(test)]
+mod tests;
