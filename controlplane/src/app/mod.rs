@@ -34,6 +34,11 @@ use crate::resources::{self, ClusterContext, NetworkInput, NetworkMode, Snapshot
 use crate::source::Config;
 use crate::{dirwatch, link};
 
+mod serving;
+
+pub use serving::{ServingCert, load_authority, server_tls};
+use serving::{refresh_trust, reload_authority};
+
 /// How the control plane is set up.
 #[derive(Debug, Clone)]
 pub struct AppConfig {
@@ -518,154 +523,6 @@ pub const SERVING_TTL: Duration = Duration::from_secs(24 * 3600);
 /// How long open connections (proxies' discovery streams) get to close
 /// after shutdown begins.
 pub const DRAIN: Duration = Duration::from_secs(5);
-
-/// The control plane's serving certificate, swappable while serving (TLS
-/// handshakes pick up the current one).
-#[derive(Debug)]
-pub struct ServingCert {
-    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
-}
-
-impl ServingCert {
-    /// Issues a serving certificate from `authority`.
-    pub fn issue(authority: &Authority, td: &TrustDomain) -> Result<Self, String> {
-        Ok(ServingCert {
-            current: std::sync::RwLock::new(Arc::new(certified_key(authority, td)?)),
-        })
-    }
-
-    /// Re-issues from `authority` (renewal, or a new intermediate).
-    pub fn renew(&self, authority: &Authority, td: &TrustDomain) -> Result<(), String> {
-        let key = Arc::new(certified_key(authority, td)?);
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = key;
-        Ok(())
-    }
-
-    /// The certificate chain served now (leaf first).
-    pub fn chain(&self) -> Vec<Vec<u8>> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .cert
-            .iter()
-            .map(|c| c.to_vec())
-            .collect()
-    }
-}
-
-impl rustls::server::ResolvesServerCert for ServingCert {
-    fn resolve(
-        &self,
-        _hello: rustls::server::ClientHello<'_>,
-    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        Some(
-            self.current
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-        )
-    }
-}
-
-fn certified_key(
-    authority: &Authority,
-    td: &TrustDomain,
-) -> Result<rustls::sign::CertifiedKey, String> {
-    let (chain, key) = crate::ca::serving_identity(authority, td, SERVING_TTL)
-        .map_err(|e| format!("serving certificate: {e}"))?;
-    let (certs, key) = strait_ca::tls::identity(&chain, &key);
-    let signer = strait_ca::tls::provider()
-        .key_provider
-        .load_private_key(key)
-        .map_err(|e| format!("serving certificate key: {e}"))?;
-    Ok(rustls::sign::CertifiedKey::new(certs, signer))
-}
-
-/// The TLS config of the discovery and CSR port: TLS 1.3, h2, the
-/// swappable serving certificate, and client certificates verified when
-/// presented but optional (a proxy's first CSR comes with a token instead;
-/// discovery refuses a stream without one).
-pub fn server_tls(
-    cert: Arc<ServingCert>,
-    trust: Trust,
-) -> Result<rustls::ServerConfig, rustls::Error> {
-    let verifier = SpiffeClientVerifier::new(trust, Accept::Any, false);
-    let mut config = rustls::ServerConfig::builder_with_provider(strait_ca::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_cert_resolver(cert);
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(config)
-}
-
-/// Loads the cluster's intermediate (the plug-in CA directory the broker
-/// link keeps current).
-pub fn load_authority(state_dir: &Path, td: &TrustDomain) -> Result<Authority, String> {
-    let dir = state_dir.join(CACERTS_DIR);
-    strait_ca::layout::load_plugin_ca(&dir, Some(td)).map_err(|e| format!("{}: {e}", dir.display()))
-}
-
-/// Keeps `trust` (who may call the control plane) current with the roots,
-/// peered bundles and deny-list the broker link installs.
-fn refresh_trust(trust: &Trust, state_dir: &Path, td: &TrustDomain, imports: &Imports) {
-    let root = state_dir.join(CACERTS_DIR).join("root-cert.pem");
-    match strait_ca::layout::load_bundle(&root, Some(td.clone())) {
-        Ok(b) => trust.set_bundle(b),
-        Err(e) => tracing::warn!(error = %e, "trust bundle not reloaded"),
-    }
-    let mut fed = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(state_dir.join(FEDERATED_DIR)) {
-        for e in rd.flatten() {
-            let path = e.path();
-            let Some(name) = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".pem"))
-            else {
-                continue;
-            };
-            if let Ok(ftd) = TrustDomain::new(name)
-                && let Ok(b) = strait_ca::layout::load_bundle(&path, Some(ftd))
-            {
-                fed.push((name.to_string(), b));
-            }
-        }
-    }
-    trust.set_federated(fed);
-    trust.set_denied(imports.denied_intermediates.iter().cloned());
-}
-
-/// Reloads the intermediate after the trust files changed: when it is a
-/// new one, the CA signs with it and the serving certificate is re-issued
-/// from it.
-fn reload_authority(
-    ca: &crate::ca::WorkloadCa,
-    serving: &ServingCert,
-    state_dir: &Path,
-    td: &TrustDomain,
-    renew_at: &mut Instant,
-    renew_every: Duration,
-) {
-    let authority = match load_authority(state_dir, td) {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::warn!(error = %e, "intermediate not reloaded");
-            return;
-        }
-    };
-    if authority.chain() == ca.authority().chain() {
-        return;
-    }
-    tracing::info!("the cluster intermediate changed; signing with the new one");
-    if let Err(e) = serving.renew(&authority, td) {
-        tracing::error!(error = %e, "serving certificate not re-issued from the new intermediate");
-    } else {
-        *renew_at = Instant::now() + renew_every;
-    }
-    if let Err(e) = ca.set_authority(authority) {
-        tracing::error!(error = %e, "new intermediate refused");
-    }
-}
 
 /// The body of `/debug/nacks`: the last refusal of every node that sent
 /// one, by node id (time as Unix seconds).
