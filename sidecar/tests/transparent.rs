@@ -317,6 +317,7 @@ fn redirected_traffic_is_routed_or_passed_through() {
                 &pki,
                 Duration::from_secs(5),
                 strait_sidecar::OutboundPolicy::RegistryOnly,
+                tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
             )
             .await;
             strict.push(&mesh);

@@ -178,9 +178,25 @@ impl Sidecar {
         pki: &TestPki,
         drain: Duration,
     ) -> Sidecar {
-        Self::start_opts(name, ns, app, id, pki, drain, OutboundPolicy::AllowAny).await
+        let inbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_opts(
+            name,
+            ns,
+            app,
+            id,
+            pki,
+            drain,
+            OutboundPolicy::AllowAny,
+            inbound,
+        )
+        .await
     }
 
+    /// Runs the sidecar with `inbound` as its mTLS listener. A test that
+    /// checks the listener is closed binds it on a loopback address of
+    /// its own: a port on 127.0.0.1 freed by one test may be bound by
+    /// another running in parallel.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start_opts(
         name: &str,
         ns: &str,
@@ -189,8 +205,8 @@ impl Sidecar {
         pki: &TestPki,
         drain: Duration,
         outbound_policy: OutboundPolicy,
+        inbound: TcpListener,
     ) -> Sidecar {
-        let inbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let outbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let me = WorkloadRef {
             name: name.into(),
