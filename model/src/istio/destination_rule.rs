@@ -157,6 +157,21 @@ pub struct HttpSettings {
     /// Most requests over one connection (0: unlimited).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_requests_per_connection: Option<i64>,
+    /// Whether HTTP/1.1 from the app goes to the destination as HTTP/2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub h2_upgrade_policy: Option<H2UpgradePolicy>,
+}
+
+lenient_enum! {
+    /// `connectionPool.http.h2UpgradePolicy`.
+    H2UpgradePolicy {
+        /// The mesh's default (Istio's: do not upgrade).
+        Default = "DEFAULT",
+        /// HTTP/1.1 stays HTTP/1.1 between the sidecars.
+        DoNotUpgrade = "DO_NOT_UPGRADE",
+        /// HTTP/1.1 goes as HTTP/2 between the sidecars.
+        Upgrade = "UPGRADE",
+    }
 }
 
 /// `outlierDetection`.
@@ -299,6 +314,12 @@ impl Validate for TrafficPolicy {
                     &p.field("maxRequestsPerConnection"),
                     errors,
                 );
+                if let Some(H2UpgradePolicy::Other(v)) = &h.h2_upgrade_policy {
+                    errors.at(
+                        &p.field("h2UpgradePolicy"),
+                        format!("{v:?} is not one of DEFAULT, DO_NOT_UPGRADE, UPGRADE"),
+                    );
+                }
             }
         }
         if let Some(od) = &self.outlier_detection {
@@ -458,6 +479,10 @@ mod tests {
             (
                 tp(json!({"connectionPool": {"http": {"http2MaxRequests": -3}}})),
                 "http.http2MaxRequests: -3",
+            ),
+            (
+                tp(json!({"connectionPool": {"http": {"h2UpgradePolicy": "ALWAYS"}}})),
+                "http.h2UpgradePolicy: \"ALWAYS\" is not one of DEFAULT, DO_NOT_UPGRADE, UPGRADE",
             ),
             (
                 tp(json!({"outlierDetection": {"maxEjectionPercent": 150}})),

@@ -30,7 +30,7 @@ use tokio::sync::watch;
 
 use crate::metrics::{self, RequestLabels};
 use crate::policy::{Outcome, RequestAttrs};
-use crate::{Life, Observed, Phase, ProxyBody, Shared, Tracker};
+use crate::{Life, Observed, Phase, ProxyBody, Shared, Tracker, names};
 
 /// Istio's default TCP connect timeout, when no DestinationRule sets one.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -231,26 +231,19 @@ async fn proxy(
         .map_or("/", |p| p.as_str())
         .to_string();
     let method = parts.method.as_str().to_string();
-    if !parts.headers.contains_key("x-request-id")
+    if !parts.headers.contains_key(names::REQUEST_ID)
         && let Ok(v) = request_id().parse()
     {
-        parts.headers.insert("x-request-id", v);
+        parts.headers.insert(names::REQUEST_ID, v);
     }
     let rid = parts
         .headers
-        .get("x-request-id")
+        .get(names::REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
-    // The destination's sidecar speaks to its app what this app spoke.
-    if parts.version == http::Version::HTTP_2 {
-        parts.headers.remove(crate::ORIG_PROTO_HEADER);
-    } else {
-        parts.headers.insert(
-            crate::ORIG_PROTO_HEADER,
-            http::HeaderValue::from_static("HTTP/1.1"),
-        );
-    }
+    // Set by this sidecar only (see `forward`), never by the app.
+    parts.headers.remove(names::ORIG_PROTO);
     // A protocol switch (WebSocket): the client's side of it, taken now so
     // that no copy of the request carries it.
     let upgrade = crate::upgrade_of(parts.version, &parts.headers);
@@ -336,7 +329,7 @@ fn source_labels(
         source_workload_namespace: shared.opts.workload.namespace.clone(),
         source_principal: shared
             .current_identity()
-            .map_or_else(|| "unknown".into(), |i| i.spiffe_id.to_string()),
+            .map_or_else(|| "unknown".into(), |i| i.spiffe_id.as_str().to_owned()),
         source_cluster: shared.cluster(),
         destination_workload: s.destination_workload.clone(),
         destination_workload_namespace: service
@@ -411,13 +404,10 @@ async fn forward(
     // Peer metadata for the destination's telemetry (Istio exchanges the
     // same through its metadata-exchange filter).
     for (name, value) in [
-        (crate::SOURCE_CLUSTER_HEADER, shared.cluster()),
-        (
-            crate::SOURCE_WORKLOAD_HEADER,
-            shared.opts.workload.name.clone(),
-        ),
+        (names::SOURCE_CLUSTER, shared.cluster()),
+        (names::SOURCE_WORKLOAD, shared.opts.workload.name.clone()),
     ] {
-        if let Ok(v) = value.parse() {
+        if let Ok(v) = http::HeaderValue::try_from(value) {
             parts.headers.insert(name, v);
         }
     }
@@ -464,9 +454,9 @@ async fn forward(
         .or_else(|| parts.uri.authority().map(|a| a.to_string()))
         .unwrap_or_else(|| format!("{host}:{port}"));
     parts.headers.remove(http::header::HOST);
-    parts.headers.remove("proxy-connection");
+    parts.headers.remove(names::PROXY_CONNECTION);
     parts.headers.remove(http::header::CONNECTION);
-    parts.headers.remove("keep-alive");
+    parts.headers.remove(names::KEEP_ALIVE);
     parts.headers.remove(http::header::TRANSFER_ENCODING);
     parts.headers.remove(http::header::UPGRADE);
     let tries = 1 + route.retries.attempts;
@@ -580,11 +570,51 @@ async fn forward(
                 );
             }
         };
+        // HTTP/2 from the app goes as HTTP/2; HTTP/1.1 stays HTTP/1.1
+        // unless the DestinationRule says UPGRADE (Istio's
+        // h2UpgradePolicy), and then the destination's sidecar is told to
+        // speak HTTP/1.1 to its app.
+        let app_h2 = parts.version == http::Version::HTTP_2;
+        let wire = if app_h2 || tp.h2_upgrade {
+            Wire::Http2
+        } else {
+            Wire::Http1
+        };
+        let host_header = match (wire, http::HeaderValue::try_from(authority.as_str())) {
+            (Wire::Http2, _) => None,
+            (Wire::Http1, Ok(h)) => Some(h),
+            (Wire::Http1, Err(e)) => {
+                return (
+                    fail(
+                        settled,
+                        StatusCode::BAD_REQUEST,
+                        format!("bad authority {authority:?}: {e}"),
+                    ),
+                    Some(service),
+                );
+            }
+        };
         let parts: &http::request::Parts = parts;
         let make = || {
             let mut out = Request::from_parts(parts.clone(), body.take()?);
-            *out.version_mut() = http::Version::HTTP_2;
-            *out.uri_mut() = uri.clone();
+            match &host_header {
+                None => {
+                    *out.version_mut() = http::Version::HTTP_2;
+                    *out.uri_mut() = uri.clone();
+                    if !app_h2 {
+                        out.headers_mut().insert(
+                            names::ORIG_PROTO,
+                            http::HeaderValue::from_static("HTTP/1.1"),
+                        );
+                    }
+                }
+                Some(host) => {
+                    // Origin form and a Host header.
+                    *out.version_mut() = http::Version::HTTP_11;
+                    *out.uri_mut() = http::Uri::try_from(path).ok()?;
+                    out.headers_mut().insert(http::header::HOST, host.clone());
+                }
+            }
             Some(out)
         };
         // A protocol switch goes as HTTP/1.1 (origin form, Host, the
@@ -619,7 +649,17 @@ async fn forward(
                     })?;
                     send_upgrade(shared, &id, &target, req).await?
                 }
-                None => send(shared, &id, &target, &make).await?,
+                None => {
+                    send(
+                        shared,
+                        &id,
+                        &target,
+                        wire,
+                        tp.max_requests_per_connection,
+                        &make,
+                    )
+                    .await?
+                }
             };
             if !buffer {
                 return Ok((resp.map(ProxyBody::Stream), peer));

@@ -1,5 +1,5 @@
-//! Reaching an upstream: pooled HTTP/2 connections over mTLS (or plain
-//! TCP), connection-pool limits, endpoint picking with outlier reporting,
+//! Reaching an upstream: pooled HTTP/1.1 and HTTP/2 connections over mTLS
+//! (or plain TCP), connection-pool limits, endpoint picking with outlier reporting,
 //! the request body across attempts, and one attempt of a request with its
 //! failure classified for retries.
 
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper::client::conn::http2::SendRequest;
+use hyper::client::conn::{http1, http2::SendRequest};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use strait_ca::SpiffeId;
@@ -18,6 +18,7 @@ use strait_ca::tls::{Accept, SpiffeServerVerifier};
 use strait_proto::strait::mesh::v1 as pb;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
 use crate::identity::Identity;
 use crate::policy::{Outcome, RetryPolicy, TrafficPolicy, endpoint_key};
@@ -78,18 +79,23 @@ impl Outgoing {
 
 /// ALPN for HTTP/2 between sidecars (Istio's), then plain `h2`.
 pub(super) const ALPN_H2: &[&[u8]] = &[b"istio-h2", b"h2"];
-/// ALPN for HTTP/1.1 between sidecars (Istio's), then plain `http/1.1`:
-/// only for requests that switch protocols (see [`send_upgrade`]).
+/// ALPN for HTTP/1.1 between sidecars (Istio's), then plain `http/1.1`.
 pub(super) const ALPN_H1: &[&[u8]] = &[b"istio-http/1.1", b"http/1.1"];
 /// ALPN for a TCP tunnel between sidecars (Istio's).
 pub(super) const ALPN_TCP: &[&[u8]] = &[b"istio"];
 
-/// Pooled HTTP/2 connections to upstreams, and the in-flight count per
-/// destination that enforces DestinationRule `connectionPool` limits.
+/// Pooled connections to upstreams (HTTP/2: one shared per destination;
+/// HTTP/1.1: idle keep-alive connections, one request at a time each), and
+/// the in-flight count per destination that enforces DestinationRule
+/// `connectionPool` limits.
 #[derive(Default)]
 pub struct Pool {
     // foldhash rather than SipHash: looked up on every request.
     pub(super) conns: Mutex<foldhash::HashMap<PoolKey, Pooled>>,
+    /// Idle HTTP/1.1 connections, most recently used last.
+    idle: Arc<Mutex<foldhash::HashMap<PoolKey, Vec<Idle>>>>,
+    /// HTTP/2 connects under way, and where their outcome will be told.
+    connecting: Mutex<foldhash::HashMap<PoolKey, watch::Receiver<Option<Connected2>>>>,
     pub(super) in_flight: Mutex<foldhash::HashMap<String, Arc<AtomicU32>>>,
     /// HTTP/1.1 to destinations outside the mesh (passthrough), made on
     /// first use.
@@ -116,6 +122,26 @@ pub(super) struct PoolKey {
     /// The trust (bundles, deny-list) the server was verified under.
     pub(super) trust_version: u64,
 }
+
+/// How a shared HTTP/2 connect ended.
+type Connected2 = Result<Pooled, String>;
+
+/// An idle pooled HTTP/1.1 connection.
+struct Idle {
+    sender: http1::SendRequest<SendBody>,
+    peer: String,
+    _identity: Arc<Identity>,
+    /// Requests it carried.
+    used: u32,
+    since: Instant,
+}
+
+/// How long an HTTP/1.1 connection may wait in the pool (hyper's and
+/// Go's default for idle keep-alive connections).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle HTTP/1.1 connections kept per destination; more are closed as
+/// they come back (a burst's connections do not all stay open).
+const MAX_IDLE: usize = 64;
 
 #[derive(Clone)]
 pub(super) struct Pooled {
@@ -159,6 +185,64 @@ impl Pool {
         }
     }
 
+    /// An idle HTTP/1.1 connection for `key` (the most recently used one
+    /// that is still open), forgetting closed and expired ones.
+    fn take_idle(&self, key: &PoolKey) -> Option<Idle> {
+        let mut m = self.idle.lock().ok()?;
+        let list = m.get_mut(key)?;
+        let now = Instant::now();
+        let found = loop {
+            let Some(c) = list.pop() else {
+                break None;
+            };
+            if !c.sender.is_closed()
+                && c.sender.is_ready()
+                && now.duration_since(c.since) < IDLE_TIMEOUT
+            {
+                break Some(c);
+            }
+        };
+        if list.is_empty() {
+            m.remove(key);
+        }
+        found
+    }
+
+    /// Waits (in a task of its own) until `c` has finished its request,
+    /// then pools it as idle; a connection that closed, or carried
+    /// `max_requests` requests, is not pooled.
+    fn park(&self, key: PoolKey, mut c: Idle, max_requests: Option<u32>) {
+        if max_requests.is_some_and(|max| max > 0 && c.used >= max) {
+            return;
+        }
+        let idle = self.idle.clone();
+        tokio::spawn(async move {
+            if c.sender.ready().await.is_err() {
+                return;
+            }
+            let Ok(mut m) = idle.lock() else { return };
+            let current = |k: &PoolKey| {
+                k.generation == key.generation && k.trust_version == key.trust_version
+            };
+            // Connections of an older client identity or trust go.
+            m.retain(|k, _| current(k));
+            let list = m.entry(key).or_default();
+            let now = Instant::now();
+            list.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < IDLE_TIMEOUT);
+            if list.len() < MAX_IDLE {
+                c.since = now;
+                list.push(c);
+            }
+        });
+    }
+
+    /// Idle pooled HTTP/1.1 connections.
+    pub fn idle_http1(&self) -> usize {
+        self.idle
+            .lock()
+            .map_or(0, |m| m.values().map(Vec::len).sum())
+    }
+
     /// The client for passthrough HTTP/1.1 requests.
     pub(super) fn passthrough_http1(&self) -> &PassthroughClient {
         self.passthrough.get_or_init(|| {
@@ -166,7 +250,7 @@ impl Pool {
         })
     }
 
-    /// Pooled connections (open or not yet noticed closed).
+    /// Pooled HTTP/2 connections (open or not yet noticed closed).
     pub fn len(&self) -> usize {
         self.conns.lock().map_or(0, |m| m.len())
     }
@@ -395,23 +479,98 @@ where
     Ok(sender)
 }
 
-/// A pooled (or new) HTTP/2 connection to `t`.
-pub(super) async fn h2_connection(
-    shared: &Shared,
-    id: &Arc<Identity>,
-    t: &Target<'_>,
-) -> Result<(PoolKey, Pooled), SendError> {
-    let key = PoolKey {
+/// What a connection to `t` as `id` is pooled under.
+fn pool_key(shared: &Shared, id: &Arc<Identity>, t: &Target<'_>) -> PoolKey {
+    PoolKey {
         target: t.address.clone(),
         sni: t.sni(),
         identities: t.service.identities.join(","),
         tls: t.tls,
         generation: Arc::as_ptr(id) as usize,
         trust_version: shared.config.borrow().trust_version,
-    };
-    if let Some(p) = shared.pool.get(&key) {
-        return Ok((key, p));
     }
+}
+
+/// A pooled (or new) HTTP/2 connection to `t`.
+pub(super) async fn h2_connection(
+    shared: &Shared,
+    id: &Arc<Identity>,
+    t: &Target<'_>,
+) -> Result<(PoolKey, Pooled), SendError> {
+    let key = pool_key(shared, id, t);
+    loop {
+        if let Some(p) = shared.pool.get(&key) {
+            return Ok((key, p));
+        }
+        // One connect per destination at a time: the requests of a burst
+        // wait for it and share its outcome, rather than each opening a
+        // connection of its own (of which the pool would keep one).
+        let joined = {
+            let Ok(mut m) = shared.pool.connecting.lock() else {
+                break;
+            };
+            match m.get(&key) {
+                Some(rx) => Ok(rx.clone()),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    m.insert(key.clone(), rx);
+                    Err(tx)
+                }
+            }
+        };
+        let mut waiting = match joined {
+            Ok(rx) => rx,
+            Err(tx) => {
+                let guard = Connecting {
+                    pool: &shared.pool,
+                    key: &key,
+                };
+                let made = h2_connect(shared, id, t, &key).await;
+                if let Ok(p) = &made {
+                    shared.pool.put(key.clone(), p.clone());
+                }
+                let shared_outcome = match &made {
+                    Ok(p) => Ok(p.clone()),
+                    Err(SendError::Connect(e) | SendError::Reset(e)) => Err(e.clone()),
+                    Err(e @ SendError::Timeout) => Err(e.to_string()),
+                };
+                let _ = tx.send(Some(shared_outcome));
+                drop(guard);
+                return made.map(|p| (key, p));
+            }
+        };
+        match waiting.wait_for(Option::is_some).await.as_deref() {
+            Ok(Some(Ok(p))) => return Ok((key, p.clone())),
+            Ok(Some(Err(e))) => return Err(SendError::Connect(e.clone())),
+            // The request that was connecting went away: try again.
+            _ => continue,
+        }
+    }
+    let p = h2_connect(shared, id, t, &key).await?;
+    Ok((key, p))
+}
+
+/// Forgets an in-progress connect when it ends (or is abandoned).
+struct Connecting<'a> {
+    pool: &'a Pool,
+    key: &'a PoolKey,
+}
+
+impl Drop for Connecting<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.pool.connecting.lock() {
+            m.remove(self.key);
+        }
+    }
+}
+
+/// A new HTTP/2 connection to `t`.
+async fn h2_connect(
+    shared: &Shared,
+    id: &Arc<Identity>,
+    t: &Target<'_>,
+    key: &PoolKey,
+) -> Result<Pooled, SendError> {
     let (sender, peer) = if t.tls {
         let c = connect_tls(shared, id, t, ALPN_H2).await?;
         (h2_handshake(c.stream, &key.target).await?, c.peer)
@@ -419,13 +578,71 @@ pub(super) async fn h2_connection(
         let tcp = connect_tcp(t).await?;
         (h2_handshake(tcp, &key.target).await?, "unknown".to_string())
     };
-    let pooled = Pooled {
+    Ok(Pooled {
         sender,
         peer,
         _identity: id.clone(),
+    })
+}
+
+/// The HTTP version sidecars speak to each other for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Wire {
+    /// HTTP/1.1 over a pooled keep-alive connection, one request at a
+    /// time (ALPN `istio-http/1.1`).
+    Http1,
+    /// HTTP/2 over one shared connection (ALPN `istio-h2`).
+    Http2,
+}
+
+/// A connection ready to take one request.
+enum Conn {
+    Http2(SendRequest<SendBody>),
+    Http1(Idle),
+}
+
+/// An idle pooled HTTP/1.1 connection to `t`, or a new one (`fresh`:
+/// only a new one).
+async fn h1_connection(
+    shared: &Shared,
+    id: &Arc<Identity>,
+    t: &Target<'_>,
+    fresh: bool,
+) -> Result<(PoolKey, Idle, bool), SendError> {
+    let key = pool_key(shared, id, t);
+    if !fresh && let Some(c) = shared.pool.take_idle(&key) {
+        return Ok((key, c, false));
+    }
+    let (sender, peer) = if t.tls {
+        let c = connect_tls(shared, id, t, ALPN_H1).await?;
+        (h1_handshake(c.stream, &key.target).await?, c.peer)
+    } else {
+        let tcp = connect_tcp(t).await?;
+        (h1_handshake(tcp, &key.target).await?, "unknown".to_string())
     };
-    shared.pool.put(key.clone(), pooled.clone());
-    Ok((key, pooled))
+    let c = Idle {
+        sender,
+        peer,
+        _identity: id.clone(),
+        used: 0,
+        since: Instant::now(),
+    };
+    Ok((key, c, true))
+}
+
+async fn h1_handshake<I>(io: I, addr: &str) -> Result<http1::SendRequest<SendBody>, SendError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| SendError::Connect(format!("{addr}: HTTP/1.1: {e}")))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
+        }
+    });
+    Ok(sender)
 }
 
 /// Methods that may be sent twice without changing the outcome (RFC 9110
@@ -442,15 +659,19 @@ pub(super) fn idempotent(m: &http::Method) -> bool {
     )
 }
 
-/// Sends the request `make` builds to `t`; the verified server identity
-/// comes with the answer. `make` is called once a connection is ready
-/// (so a streamed body is not taken by an attempt that never connects),
-/// and again only when a pooled connection lost a request it had sent;
-/// it gives `None` when the body cannot be sent again (it streamed).
+/// Sends the request `make` builds to `t` over `wire`; the verified
+/// server identity comes with the answer. `make` is called once a
+/// connection is ready (so a streamed body is not taken by an attempt
+/// that never connects), and again only when a pooled connection lost a
+/// request it had sent; it gives `None` when the body cannot be sent
+/// again (it streamed). An HTTP/1.1 connection goes back to the pool once
+/// its exchange is over, unless it carried `max_requests`.
 pub(super) async fn send(
     shared: &Shared,
     id: &Arc<Identity>,
     t: &Target<'_>,
+    wire: Wire,
+    max_requests: Option<u32>,
     make: &(dyn Fn() -> Option<Request<SendBody>> + Sync),
 ) -> Result<(Response<Incoming>, String), SendError> {
     let spent =
@@ -460,12 +681,28 @@ pub(super) async fn send(
     let mut unsent: Option<Request<SendBody>> = None;
     let mut fresh = false;
     let (resp, peer) = loop {
-        let (key, pooled) = h2_connection(shared, id, t).await?;
-        let mut sender = pooled.sender;
-        if let Err(e) = sender.ready().await {
-            shared.pool.forget(&key);
+        let (key, mut conn, peer) = match wire {
+            Wire::Http2 => {
+                let (key, pooled) = h2_connection(shared, id, t).await?;
+                (key, Conn::Http2(pooled.sender), pooled.peer)
+            }
+            Wire::Http1 => {
+                let (key, c, new) = h1_connection(shared, id, t, fresh).await?;
+                fresh |= new;
+                let peer = c.peer.clone();
+                (key, Conn::Http1(c), peer)
+            }
+        };
+        let ready = match &mut conn {
+            Conn::Http2(s) => s.ready().await,
+            Conn::Http1(c) => c.sender.ready().await,
+        };
+        if let Err(e) = ready {
+            if matches!(conn, Conn::Http2(_)) {
+                shared.pool.forget(&key);
+            }
             if fresh {
-                return Err(SendError::Connect(format!("{}: HTTP/2: {e}", key.target)));
+                return Err(SendError::Connect(format!("{}: {e}", key.target)));
             }
             fresh = true;
             continue;
@@ -479,10 +716,24 @@ pub(super) async fn send(
         // seen it close) is sent once more over a fresh connection, as
         // the request cannot have been answered.
         let again = !fresh && idempotent(req.method());
-        match sender.try_send_request(req).await {
-            Ok(r) => break (r, pooled.peer),
+        let sent = match &mut conn {
+            Conn::Http2(s) => s.try_send_request(req).await,
+            Conn::Http1(c) => {
+                c.used += 1;
+                c.sender.try_send_request(req).await
+            }
+        };
+        match sent {
+            Ok(r) => {
+                if let Conn::Http1(c) = conn {
+                    shared.pool.park(key, c, max_requests);
+                }
+                break (r, peer);
+            }
             Err(mut e) => {
-                shared.pool.forget(&key);
+                if matches!(conn, Conn::Http2(_)) {
+                    shared.pool.forget(&key);
+                }
                 match (e.take_message(), again) {
                     (Some(r), _) if !fresh => {
                         unsent = Some(r);

@@ -185,16 +185,23 @@ impl Balancer {
         if healthy.is_empty() {
             return Err(PickError::NoHealthyEndpoints(in_subset.len()));
         }
-        let keys: Vec<String> = endpoints.iter().map(endpoint_key).collect();
+        // Keys of the healthy endpoints only (`key[j]` is `healthy[j]`'s):
+        // made on every pick, so not for the whole list.
+        let key: Vec<String> = healthy
+            .iter()
+            .map(|&i| endpoint_key(&endpoints[i]))
+            .collect();
+        let key_of = |i: usize| healthy.binary_search(&i).map_or("", |j| key[j].as_str());
         let mut st = self.lock();
         st.known = healthy.len();
         if st.endpoints.len() > 2 * endpoints.len() + 16 {
+            let all: foldhash::HashSet<String> = endpoints.iter().map(endpoint_key).collect();
             st.endpoints
-                .retain(|k, s| s.in_flight > 0 || s.ejected(now) || keys.contains(k));
+                .retain(|k, s| s.in_flight > 0 || s.ejected(now) || all.contains(k));
         }
         let mut available = Vec::with_capacity(healthy.len());
-        for &i in &healthy {
-            match st.endpoints.get_mut(keys[i].as_str()) {
+        for (j, &i) in healthy.iter().enumerate() {
+            match st.endpoints.get_mut(key[j].as_str()) {
                 Some(s) if s.ejected(now) => {}
                 Some(s) => {
                     if s.ejected_until.take().is_some() {
@@ -242,7 +249,7 @@ impl Balancer {
                 let a = weighted(&cands, point(r, total));
                 let b = weighted(&cands, point((r * 65536.0).fract(), total));
                 let load = |i: usize| {
-                    let in_flight = st.endpoints.get(&keys[i]).map_or(0, |s| s.in_flight);
+                    let in_flight = st.endpoints.get(key_of(i)).map_or(0, |s| s.in_flight);
                     (u64::from(in_flight), u64::from(endpoints[i].weight.max(1)))
                 };
                 let ((la, wa), (lb, wb)) = (load(a), load(b));
@@ -250,10 +257,19 @@ impl Balancer {
                 if lb * wa < la * wb { b } else { a }
             }
         };
-        st.endpoints
-            .entry(keys[chosen].clone())
-            .or_default()
-            .in_flight += 1;
+        let chosen_key = key_of(chosen);
+        match st.endpoints.get_mut(chosen_key) {
+            Some(s) => s.in_flight += 1,
+            None => {
+                st.endpoints.insert(
+                    chosen_key.to_owned(),
+                    EndpointState {
+                        in_flight: 1,
+                        ..EndpointState::default()
+                    },
+                );
+            }
+        }
         Ok(chosen)
     }
 
@@ -272,9 +288,15 @@ impl Balancer {
         now: Instant,
     ) {
         let mut st = self.lock();
-        let ejected_now = st.endpoints.values().filter(|s| s.ejected(now)).count();
         let known = st.known.max(1);
-        let e = st.endpoints.entry(endpoint_key.to_owned()).or_default();
+        if !st.endpoints.contains_key(endpoint_key) {
+            st.endpoints
+                .insert(endpoint_key.to_owned(), EndpointState::default());
+        }
+        let State { endpoints, .. } = &mut *st;
+        let Some(e) = endpoints.get_mut(endpoint_key) else {
+            return;
+        };
         e.in_flight = e.in_flight.saturating_sub(1);
         match outcome {
             Outcome::Success => {
@@ -304,8 +326,15 @@ impl Balancer {
         }
         let tripped = (od.consecutive_5xx > 0 && e.consecutive_5xx >= od.consecutive_5xx)
             || (od.consecutive_gateway > 0 && e.consecutive_gateway >= od.consecutive_gateway);
-        if tripped && (ejected_now as u64) * 100 < u64::from(od.max_ejection_percent) * known as u64
-        {
+        if !tripped {
+            return;
+        }
+        // Counted only when about to eject: a scan of every endpoint.
+        let ejected_now = endpoints.values().filter(|s| s.ejected(now)).count();
+        let Some(e) = endpoints.get_mut(endpoint_key) else {
+            return;
+        };
+        if (ejected_now as u64) * 100 < u64::from(od.max_ejection_percent) * known as u64 {
             e.times_ejected += 1;
             e.ejected_until = Some(now + od.base_ejection_time * e.times_ejected);
             e.consecutive_5xx = 0;

@@ -93,6 +93,11 @@ pub struct TrafficPolicy {
     pub max_requests_per_connection: Option<u32>,
     /// Passive health checking; `None`: off.
     pub outlier: Option<OutlierPolicy>,
+    /// Send the app's HTTP/1.1 to the destination's sidecar as HTTP/2
+    /// (`h2UpgradePolicy: UPGRADE`). Off by default, as in Istio: HTTP/1.1
+    /// stays HTTP/1.1 between the sidecars, over pooled keep-alive
+    /// connections. HTTP/2 from the app always goes as HTTP/2.
+    pub h2_upgrade: bool,
     /// Whether to originate mTLS (`ISTIO_MUTUAL`, the default) or not
     /// (`DISABLE`); `SIMPLE`/`MUTUAL` are reported as `true` too (strait
     /// only originates mesh mTLS).
@@ -161,6 +166,9 @@ fn apply(out: &mut TrafficPolicy, p: &dr::TrafficPolicy) {
             out.max_pending_requests = count(h.http1_max_pending_requests);
             out.max_requests = count(h.http2_max_requests);
             out.max_requests_per_connection = count(h.max_requests_per_connection);
+            // As the other `http` fields: a subset's `http` replaces the
+            // top level's whole (DEFAULT: the mesh's, do not upgrade).
+            out.h2_upgrade = h.h2_upgrade_policy == Some(dr::H2UpgradePolicy::Upgrade);
         }
     }
     if let Some(od) = &p.outlier_detection {
@@ -284,6 +292,42 @@ mod tests {
             Some([("version".to_owned(), "v2".to_owned())].into())
         );
         assert_eq!(v2.destination_rule.as_deref(), Some("bookinfo/reviews"));
+    }
+
+    #[test]
+    fn h2_upgrade_policy_is_off_by_default_and_subsets_override_it() {
+        let p = compile(&[policy(
+            "DestinationRule",
+            "bookinfo/reviews",
+            json!({
+                "host": "reviews",
+                "trafficPolicy": {"connectionPool": {"http": {"h2UpgradePolicy": "UPGRADE"}}},
+                "subsets": [
+                    {"name": "v1", "labels": {"version": "v1"}},
+                    {"name": "v2", "labels": {"version": "v2"},
+                     "trafficPolicy": {"connectionPool": {"http": {"h2UpgradePolicy": "DO_NOT_UPGRADE"}}}},
+                    {"name": "v3", "labels": {"version": "v3"},
+                     "trafficPolicy": {"connectionPool": {"http": {"h2UpgradePolicy": "DEFAULT"}}}}
+                ]
+            }),
+        )]);
+        let upgrade = |subset| {
+            p.traffic_policy("bookinfo", REVIEWS, subset)
+                .unwrap()
+                .h2_upgrade
+        };
+        assert!(upgrade(None));
+        assert!(upgrade(Some("v1")));
+        assert!(!upgrade(Some("v2")));
+        // A subset's `http` settings replace the top level's, as the
+        // other fields there do: DEFAULT is the mesh default.
+        assert!(!upgrade(Some("v3")));
+        assert!(
+            !compile(&[])
+                .traffic_policy("a", REVIEWS, None)
+                .unwrap()
+                .h2_upgrade
+        );
     }
 
     #[test]

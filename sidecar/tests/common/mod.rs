@@ -152,6 +152,8 @@ pub struct Sidecar {
     pub identity: watch::Sender<Option<Arc<Identity>>>,
     pub registry: Arc<Registry>,
     pub me: WorkloadRef,
+    /// The running sidecar's state (its upstream pool, for one).
+    pub shared: Arc<Shared>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -239,6 +241,7 @@ impl Sidecar {
             identity: id_tx,
             registry: Arc::new(registry),
             me,
+            shared: shared.clone(),
             stop: Some(stop_tx),
             task: None,
         };

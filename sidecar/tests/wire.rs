@@ -1,0 +1,238 @@
+//! The HTTP version sidecars speak to each other (Istio's
+//! `h2UpgradePolicy`): an HTTP/1.1 app's requests stay HTTP/1.1 between
+//! the sidecars, over pooled keep-alive connections, one request at a time
+//! each; a DestinationRule with `UPGRADE` sends them as HTTP/2 over one
+//! shared connection. A counting TCP relay in front of the server sidecar
+//! shows the connections the client sidecar opens.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use strait_ca::testing::TestPki;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Barrier;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A TCP relay to `to`; counts the connections it accepted.
+async fn counting_relay(to: SocketAddr) -> (SocketAddr, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut down, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut up) = TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// An HTTP/1.1 app that answers its HTTP version, each answer only once
+/// `gate` has let `n` requests through together (`None`: at once).
+async fn gated_app(gate: Option<Arc<Barrier>>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let gate = gate.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                    let gate = gate.clone();
+                    async move {
+                        if let Some(g) = gate {
+                            g.wait().await;
+                        }
+                        let orig = req.headers().get("x-strait-orig-proto").is_some();
+                        let body = format!("{:?} orig-proto={orig}", req.version());
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            Bytes::from(body),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A client and a server sidecar, the server reached through a counting
+/// relay, and `rule` (a DestinationRule spec for `echo`) if any.
+async fn pair(
+    pki: &TestPki,
+    app: SocketAddr,
+    rule: Option<serde_json::Value>,
+) -> (Sidecar, Sidecar, Arc<AtomicU64>, Mesh) {
+    let client = Sidecar::start(
+        "sleep",
+        "demo",
+        backend("sleep").await,
+        identity(pki, &spiffe("demo", "sleep")),
+        pki,
+    )
+    .await;
+    let server = Sidecar::start(
+        "echo-v1",
+        "demo",
+        app,
+        identity(pki, &spiffe("demo", "echo")),
+        pki,
+    )
+    .await;
+    let (relay, accepted) = counting_relay(server.inbound).await;
+    let id = spiffe("demo", "echo");
+    let mut ep = server.endpoint("v1", &id);
+    ep.port = u32::from(relay.port());
+    let mut mesh = Mesh::new(pki).echo(vec![ep], std::slice::from_ref(&id));
+    if let Some(rule) = rule {
+        mesh = mesh.policy("DestinationRule", "demo", "echo", rule);
+    }
+    client.push(&mesh);
+    server.push(&mesh);
+    (client, server, accepted, mesh)
+}
+
+/// Sends `n` GETs at once, each over a client connection of its own, and
+/// returns the bodies (all must be 200).
+async fn concurrent(proxy: SocketAddr, n: usize) -> Vec<String> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut c = ProxyClient::connect(proxy).await;
+                c.get("http://echo.demo:8080/").await
+            })
+        })
+        .collect();
+    let mut bodies = Vec::new();
+    for t in tasks {
+        let (status, body, _) = tokio::time::timeout(WAIT, t)
+            .await
+            .expect("all requests answered")
+            .unwrap();
+        assert_eq!(status, 200, "{body}");
+        bodies.push(body);
+    }
+    bodies
+}
+
+/// Waits until `sidecar` has `n` idle pooled HTTP/1.1 connections.
+async fn idle_connections(sidecar: &Sidecar, n: usize) {
+    let pool = &sidecar.shared.pool;
+    tokio::time::timeout(WAIT, async {
+        while pool.idle_http1() != n {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{} idle connections, not {n}", pool.idle_http1()));
+}
+
+#[tokio::test]
+async fn http1_stays_http1_over_pooled_keep_alive_connections() {
+    let pki = TestPki::new(TD);
+    let gate = Arc::new(Barrier::new(6));
+    let app = gated_app(Some(gate.clone())).await;
+    let (client, _server, accepted, _) = pair(&pki, app, None).await;
+
+    // Six requests at once need six HTTP/1.1 connections; the app answers
+    // none of them before all six have reached it.
+    for body in concurrent(client.outbound, 6).await {
+        assert_eq!(body, "HTTP/1.1 orig-proto=false");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 6);
+    assert_eq!(client.shared.pool.len(), 0, "no HTTP/2 connection");
+    // All six go back to the pool, and the next six reuse them.
+    idle_connections(&client, 6).await;
+    concurrent(client.outbound, 6).await;
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        6,
+        "pooled connections reused"
+    );
+}
+
+#[tokio::test]
+async fn sequential_requests_share_one_connection_up_to_max_requests_per_connection() {
+    let pki = TestPki::new(TD);
+    let app = gated_app(None).await;
+    let rule = json!({"host": "echo", "trafficPolicy": {"connectionPool": {"http": {"maxRequestsPerConnection": 3}}}});
+    let (client, _server, accepted, _) = pair(&pki, app, Some(rule)).await;
+    let mut c = ProxyClient::connect(client.outbound).await;
+    for _ in 0..9 {
+        let (status, body, _) = c.get("http://echo.demo:8080/").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body, "HTTP/1.1 orig-proto=false");
+    }
+    // Three requests per connection: three connections for nine.
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn upgrade_sends_http1_as_http2_over_one_connection() {
+    let pki = TestPki::new(TD);
+    let gate = Arc::new(Barrier::new(6));
+    let app = gated_app(Some(gate)).await;
+    let rule = json!({"host": "echo", "trafficPolicy": {"connectionPool": {"http": {"h2UpgradePolicy": "UPGRADE"}}}});
+    let (client, _server, accepted, _) = pair(&pki, app, Some(rule)).await;
+    // The destination's sidecar still speaks HTTP/1.1 to its app, and
+    // takes the marker off.
+    for body in concurrent(client.outbound, 6).await {
+        assert_eq!(body, "HTTP/1.1 orig-proto=false");
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "one multiplexed connection"
+    );
+    assert_eq!(client.shared.pool.len(), 1);
+    assert_eq!(client.shared.pool.idle_http1(), 0);
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_server_closed_is_replaced() {
+    let pki = TestPki::new(TD);
+    let app = gated_app(None).await;
+    let (client, mut server, accepted, mesh) = pair(&pki, app, None).await;
+    let mut c = ProxyClient::connect(client.outbound).await;
+    let (status, body, _) = c.get("http://echo.demo:8080/").await;
+    assert_eq!(status, 200, "{body}");
+    idle_connections(&client, 1).await;
+    // The server sidecar restarts on the same address: the pooled
+    // connection is dead, and the next request goes over a new one.
+    let inbound = server.inbound;
+    server.shutdown().await;
+    let restarted = Sidecar::start_opts(
+        "echo-v1",
+        "demo",
+        app,
+        identity(&pki, &spiffe("demo", "echo")),
+        &pki,
+        Duration::from_secs(5),
+        strait_sidecar::OutboundPolicy::AllowAny,
+        TcpListener::bind(inbound).await.unwrap(),
+    )
+    .await;
+    restarted.push(&mesh);
+    let (status, body, _) = c.get("http://echo.demo:8080/").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
