@@ -15,7 +15,6 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use strait_ca::tls::{Accept, SpiffeClientVerifier};
 use tokio::net::TcpStream;
@@ -52,7 +51,7 @@ type AppBody = Counted<Incoming>;
 /// [`crate::ORIG_PROTO_HEADER`]).
 #[derive(Clone)]
 pub(crate) struct App {
-    http1: Client<HttpConnector, AppBody>,
+    http1: crate::app::AppHttp1<AppBody>,
     http2: Client<Dial, AppBody>,
     /// `<ip>:<port>` of the app, formatted once (for every request's URI
     /// and access log line).
@@ -61,14 +60,12 @@ pub(crate) struct App {
 
 impl App {
     fn new(app: SocketAddr) -> App {
-        let mut http1 = Client::builder(TokioExecutor::new());
-        http1.timer(hyper_util::rt::TokioTimer::new());
         let mut http2 = Client::builder(TokioExecutor::new());
         http2
             .timer(hyper_util::rt::TokioTimer::new())
             .http2_only(true);
         App {
-            http1: http1.build_http(),
+            http1: crate::app::AppHttp1::new(app),
             http2: http2.build(Dial(app)),
             address: app.to_string().into(),
         }
@@ -596,13 +593,13 @@ async fn request(
                     }
                 }
                 parts.headers.remove(http::header::HOST);
-                app.http2.request(Request::from_parts(parts, body)).await
+                app.http2
+                    .request(Request::from_parts(parts, body))
+                    .await
+                    .map_err(|e| e.to_string())
             } else {
-                let mut uri = String::with_capacity(7 + app.address.len() + path.len());
-                uri.push_str("http://");
-                uri.push_str(&app.address);
-                uri.push_str(&path);
-                match http::Uri::try_from(uri) {
+                // Origin form, as HTTP/1.1 sends it to a server.
+                match http::Uri::try_from(path.as_str()) {
                     Ok(u) => parts.uri = u,
                     Err(_) => return own(plain(StatusCode::BAD_REQUEST, "bad request path\n")),
                 }

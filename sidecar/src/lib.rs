@@ -17,6 +17,7 @@
 //!   (for retries, and under a route timeout).
 //! - [`transparent`]: iptables interception rules and `SO_ORIGINAL_DST`.
 
+mod app;
 pub mod body;
 pub mod config;
 pub mod identity;
