@@ -113,6 +113,8 @@ struct Peer {
     addr: Option<SocketAddr>,
     /// The service FQDN the client asked for in its SNI.
     service: Option<String>,
+    /// `x-forwarded-client-cert` for the app, made once per connection.
+    xfcc: Option<http::HeaderValue>,
 }
 
 /// Accepts until `stop`.
@@ -253,8 +255,13 @@ async fn handle(
         match strait_ca::tls::peer_identity(&shared.trust, &certs, time::OffsetDateTime::now_utc())
         {
             Ok(svid) => {
-                peer.identity = Some(svid.spiffe_id.to_string());
-                peer.hash = Some(strait_ca::tls::sha256_hex(leaf.as_ref()));
+                let id = svid.spiffe_id.as_str().to_owned();
+                let hash = strait_ca::tls::sha256_hex(leaf.as_ref());
+                let own = shared.current_identity();
+                let own = own.as_ref().map_or("", |i| i.spiffe_id.as_str());
+                peer.xfcc = http::HeaderValue::try_from(xfcc(own, &hash, &id)).ok();
+                peer.identity = Some(id);
+                peer.hash = Some(hash);
             }
             Err(e) => {
                 tracing::info!(%addr, error = %e, "peer certificate refused");
@@ -533,10 +540,6 @@ async fn request(
         source_labels: None,
     };
     let decision = cfg.policies.authorize(&ns, &cfg.my_labels, &attrs);
-    let own_id = shared
-        .current_identity()
-        .map(|i| i.spiffe_id.as_str().to_owned())
-        .unwrap_or_default();
     let protocol = metrics::http_protocol(&parts.headers);
     let mut labels = destination_labels(&shared, &peer, Some(&parts.headers), protocol, 0);
     labels.destination_service = peer.service.clone().unwrap_or_else(|| {
@@ -568,10 +571,8 @@ async fn request(
             parts.headers.remove(crate::names::XFCC);
             parts.headers.remove(crate::names::SOURCE_CLUSTER);
             parts.headers.remove(crate::names::SOURCE_WORKLOAD);
-            if let (Some(id), Some(hash)) = (&peer.identity, &peer.hash)
-                && let Ok(v) = xfcc(&own_id, hash, id).parse()
-            {
-                parts.headers.insert(crate::names::XFCC, v);
+            if let Some(v) = &peer.xfcc {
+                parts.headers.insert(crate::names::XFCC, v.clone());
             }
             // A protocol switch (WebSocket): the caller's side of it.
             let client_side = crate::upgrade_of(parts.version, &parts.headers)
