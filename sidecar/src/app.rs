@@ -9,13 +9,15 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+
+use crate::idle::{self, IdleList};
 
 /// What a request body to the app must be.
 pub(crate) trait AppBody:
@@ -46,12 +48,8 @@ const MAX_IDLE: usize = 64;
 /// Pooled HTTP/1.1 connections to the app at one address.
 pub(crate) struct AppHttp1<B> {
     addr: SocketAddr,
-    /// Idle connections, most recently used last.
-    idle: Arc<Mutex<Vec<Idle<B>>>>,
+    idle: Arc<Mutex<IdleList<B, ()>>>,
 }
-
-/// An idle connection, and since when.
-type Idle<B> = (http1::SendRequest<B>, Instant);
 
 impl<B> Clone for AppHttp1<B> {
     fn clone(&self) -> Self {
@@ -66,7 +64,7 @@ impl<B: AppBody> AppHttp1<B> {
     pub(crate) fn new(addr: SocketAddr) -> AppHttp1<B> {
         AppHttp1 {
             addr,
-            idle: Arc::default(),
+            idle: Arc::new(Mutex::new(IdleList::new(IDLE_TIMEOUT, MAX_IDLE))),
         }
     }
 
@@ -79,23 +77,29 @@ impl<B: AppBody> AppHttp1<B> {
         let mut req = req;
         let mut fresh = false;
         loop {
-            let mut sender = match self.take_idle() {
-                Some(s) if !fresh => s,
-                _ => {
+            let idle = if fresh { None } else { self.take_idle() };
+            let mut c = match idle {
+                Some(c) => c,
+                None => {
                     fresh = true;
                     self.connect().await?
                 }
             };
-            if sender.ready().await.is_err() {
+            if c.sender.ready().await.is_err() {
                 if fresh {
                     return Err(format!("{}: the connection closed", self.addr));
                 }
                 fresh = true;
                 continue;
             }
-            match sender.try_send_request(req).await {
+            match c.sender.try_send_request(req).await {
                 Ok(resp) => {
-                    self.park(sender);
+                    let idle = self.idle.clone();
+                    idle::when_idle(c, move |c| {
+                        if let Ok(mut idle) = idle.lock() {
+                            idle.put(c);
+                        }
+                    });
                     return Ok(resp);
                 }
                 Err(mut e) => match e.take_message() {
@@ -109,18 +113,11 @@ impl<B: AppBody> AppHttp1<B> {
         }
     }
 
-    fn take_idle(&self) -> Option<http1::SendRequest<B>> {
-        let mut idle = self.idle.lock().ok()?;
-        let now = Instant::now();
-        while let Some((s, since)) = idle.pop() {
-            if !s.is_closed() && s.is_ready() && now.duration_since(since) < IDLE_TIMEOUT {
-                return Some(s);
-            }
-        }
-        None
+    fn take_idle(&self) -> Option<idle::Conn<B, ()>> {
+        self.idle.lock().ok()?.take()
     }
 
-    async fn connect(&self) -> Result<http1::SendRequest<B>, String> {
+    async fn connect(&self) -> Result<idle::Conn<B, ()>, String> {
         let tcp = TcpStream::connect(self.addr)
             .await
             .map_err(|e| format!("{}: {e}", self.addr))?;
@@ -133,23 +130,7 @@ impl<B: AppBody> AppHttp1<B> {
                 tracing::debug!(error = %e, "connection to the app ended");
             }
         });
-        Ok(sender)
-    }
-
-    /// Pools `sender` once its exchange is over (in a task of its own).
-    fn park(&self, mut sender: http1::SendRequest<B>) {
-        let idle = self.idle.clone();
-        tokio::spawn(async move {
-            if sender.ready().await.is_err() {
-                return;
-            }
-            let Ok(mut idle) = idle.lock() else { return };
-            let now = Instant::now();
-            idle.retain(|(s, since)| !s.is_closed() && now.duration_since(*since) < IDLE_TIMEOUT);
-            if idle.len() < MAX_IDLE {
-                idle.push((sender, now));
-            }
-        });
+        Ok(idle::Conn::new(sender, ()))
     }
 
     /// Idle pooled connections.

@@ -21,6 +21,7 @@ mod app;
 pub mod body;
 pub mod config;
 pub mod identity;
+mod idle;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;

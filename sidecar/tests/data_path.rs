@@ -540,14 +540,12 @@ async fn shutdown_drains_in_flight_requests_and_stops_accepting() {
     // On an address no other test binds, so that nothing else can take
     // the port once the server has closed it.
     let inbound = tokio::net::TcpListener::bind("127.0.83.1:0").await.unwrap();
-    let mut server = Sidecar::start_opts(
+    let mut server = Sidecar::start_on(
         "echo-v1",
         "demo",
         app,
         identity(&pki, &spiffe("demo", "echo")),
         &pki,
-        Duration::from_secs(5),
-        strait_sidecar::OutboundPolicy::AllowAny,
         inbound,
     )
     .await;

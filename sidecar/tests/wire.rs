@@ -74,29 +74,15 @@ async fn gated_app(gate: Option<Arc<Barrier>>) -> SocketAddr {
     addr
 }
 
-/// A client and a server sidecar, the server reached through a counting
-/// relay, and `rule` (a DestinationRule spec for `echo`) if any.
+/// A client and a server sidecar ([`sleep_and_echo`]), the server reached
+/// through a counting relay, and `rule` (a DestinationRule spec for
+/// `echo`) if any.
 async fn pair(
     pki: &TestPki,
     app: SocketAddr,
     rule: Option<serde_json::Value>,
 ) -> (Sidecar, Sidecar, Arc<AtomicU64>, Mesh) {
-    let client = Sidecar::start(
-        "sleep",
-        "demo",
-        backend("sleep").await,
-        identity(pki, &spiffe("demo", "sleep")),
-        pki,
-    )
-    .await;
-    let server = Sidecar::start(
-        "echo-v1",
-        "demo",
-        app,
-        identity(pki, &spiffe("demo", "echo")),
-        pki,
-    )
-    .await;
+    let (client, server, _) = sleep_and_echo(pki, app).await;
     let (relay, accepted) = counting_relay(server.inbound).await;
     let id = spiffe("demo", "echo");
     let mut ep = server.endpoint("v1", &id);
@@ -220,14 +206,12 @@ async fn a_pooled_connection_the_server_closed_is_replaced() {
     // connection is dead, and the next request goes over a new one.
     let inbound = server.inbound;
     server.shutdown().await;
-    let restarted = Sidecar::start_opts(
+    let restarted = Sidecar::start_on(
         "echo-v1",
         "demo",
         app,
         identity(&pki, &spiffe("demo", "echo")),
         &pki,
-        Duration::from_secs(5),
-        strait_sidecar::OutboundPolicy::AllowAny,
         TcpListener::bind(inbound).await.unwrap(),
     )
     .await;

@@ -553,54 +553,51 @@ async fn forward(
             // Rerouted to another service or port: name that one.
             format!("{}:{dest_port}", dest_service.hostname)
         };
-        let mut uri = String::with_capacity(7 + authority.len() + path.len());
-        uri.push_str("http://");
-        uri.push_str(&authority);
-        uri.push_str(path);
-        let uri = match http::Uri::try_from(uri) {
-            Ok(u) => u,
-            Err(e) => {
-                return (
-                    fail(
-                        settled,
-                        StatusCode::BAD_REQUEST,
-                        format!("bad request path {path:?}: {e}"),
-                    ),
-                    Some(service),
-                );
-            }
-        };
         // HTTP/2 from the app goes as HTTP/2; HTTP/1.1 stays HTTP/1.1
         // unless the DestinationRule says UPGRADE (Istio's
         // h2UpgradePolicy), and then the destination's sidecar is told to
-        // speak HTTP/1.1 to its app.
+        // speak HTTP/1.1 to its app. A protocol switch always goes as
+        // HTTP/1.1.
         let app_h2 = parts.version == http::Version::HTTP_2;
-        let wire = if app_h2 || tp.h2_upgrade {
+        let wire = if (app_h2 || tp.h2_upgrade) && upgrade.is_none() {
             Wire::Http2
         } else {
             Wire::Http1
         };
-        let host_header = match (wire, http::HeaderValue::try_from(authority.as_str())) {
-            (Wire::Http2, _) => None,
-            (Wire::Http1, Ok(h)) => Some(h),
-            (Wire::Http1, Err(e)) => {
-                return (
-                    fail(
-                        settled,
-                        StatusCode::BAD_REQUEST,
-                        format!("bad authority {authority:?}: {e}"),
-                    ),
-                    Some(service),
-                );
+        // The request target as that version wants it, made once for all
+        // attempts: absolute (`:scheme`, `:authority`) for HTTP/2, origin
+        // form with a Host header for HTTP/1.1.
+        let target_uri = match wire {
+            Wire::Http2 => {
+                let mut uri = String::with_capacity(7 + authority.len() + path.len());
+                uri.push_str("http://");
+                uri.push_str(&authority);
+                uri.push_str(path);
+                http::Uri::try_from(uri).map_err(|e| format!("bad request path {path:?}: {e}"))
+            }
+            Wire::Http1 => {
+                http::Uri::try_from(path).map_err(|e| format!("bad request path {path:?}: {e}"))
+            }
+        };
+        let host = match wire {
+            Wire::Http2 => Ok(None),
+            Wire::Http1 => http::HeaderValue::try_from(authority.as_str())
+                .map(Some)
+                .map_err(|e| format!("bad authority {authority:?}: {e}")),
+        };
+        let (target_uri, host) = match (target_uri, host) {
+            (Ok(u), Ok(h)) => (u, h),
+            (Err(why), _) | (_, Err(why)) => {
+                return (fail(settled, StatusCode::BAD_REQUEST, why), Some(service));
             }
         };
         let parts: &http::request::Parts = parts;
         let make = || {
             let mut out = Request::from_parts(parts.clone(), body.take()?);
-            match &host_header {
+            *out.uri_mut() = target_uri.clone();
+            match &host {
                 None => {
                     *out.version_mut() = http::Version::HTTP_2;
-                    *out.uri_mut() = uri.clone();
                     if !app_h2 {
                         out.headers_mut().insert(
                             names::ORIG_PROTO,
@@ -609,22 +606,16 @@ async fn forward(
                     }
                 }
                 Some(host) => {
-                    // Origin form and a Host header.
                     *out.version_mut() = http::Version::HTTP_11;
-                    *out.uri_mut() = http::Uri::try_from(path).ok()?;
                     out.headers_mut().insert(http::header::HOST, host.clone());
                 }
             }
             Some(out)
         };
-        // A protocol switch goes as HTTP/1.1 (origin form, Host, the
-        // upgrade asked for).
+        // A protocol switch: the upgrade asked for, on top.
         let make_upgrade = |proto: &http::HeaderValue| {
             let mut out = make()?;
-            *out.version_mut() = http::Version::HTTP_11;
-            *out.uri_mut() = http::Uri::try_from(path).ok()?;
             let h = out.headers_mut();
-            h.insert(http::header::HOST, authority.parse().ok()?);
             h.insert(
                 http::header::CONNECTION,
                 http::HeaderValue::from_static("upgrade"),

@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::identity::Identity;
+use crate::idle::{self, IdleList};
 use crate::policy::{Outcome, RetryPolicy, TrafficPolicy, endpoint_key};
 use crate::{Counted, Shared};
 
@@ -93,7 +94,7 @@ pub struct Pool {
     // foldhash rather than SipHash: looked up on every request.
     pub(super) conns: Mutex<foldhash::HashMap<PoolKey, Pooled>>,
     /// Idle HTTP/1.1 connections, most recently used last.
-    idle: Arc<Mutex<foldhash::HashMap<PoolKey, Vec<Idle>>>>,
+    idle: Arc<Mutex<foldhash::HashMap<PoolKey, IdleList<SendBody, Http1Meta>>>>,
     /// HTTP/2 connects under way, and where their outcome will be told.
     connecting: Mutex<foldhash::HashMap<PoolKey, watch::Receiver<Option<Connected2>>>>,
     pub(super) in_flight: Mutex<foldhash::HashMap<String, Arc<AtomicU32>>>,
@@ -126,15 +127,18 @@ pub(super) struct PoolKey {
 /// How a shared HTTP/2 connect ended.
 type Connected2 = Result<Pooled, String>;
 
-/// An idle pooled HTTP/1.1 connection.
-struct Idle {
-    sender: http1::SendRequest<SendBody>,
+/// What a pooled HTTP/1.1 connection keeps with it.
+struct Http1Meta {
+    /// The verified server identity (`unknown` without TLS).
     peer: String,
+    /// Holds the client identity alive while pooled (see [`PoolKey`]).
     _identity: Arc<Identity>,
     /// Requests it carried.
     used: u32,
-    since: Instant,
 }
+
+/// A pooled HTTP/1.1 connection to an upstream.
+type Http1Conn = idle::Conn<SendBody, Http1Meta>;
 
 /// How long an HTTP/1.1 connection may wait in the pool (hyper's and
 /// Go's default for idle keep-alive connections).
@@ -186,53 +190,31 @@ impl Pool {
     }
 
     /// An idle HTTP/1.1 connection for `key` (the most recently used one
-    /// that is still open), forgetting closed and expired ones.
-    fn take_idle(&self, key: &PoolKey) -> Option<Idle> {
+    /// that is still open).
+    fn take_idle(&self, key: &PoolKey) -> Option<Http1Conn> {
         let mut m = self.idle.lock().ok()?;
         let list = m.get_mut(key)?;
-        let now = Instant::now();
-        let found = loop {
-            let Some(c) = list.pop() else {
-                break None;
-            };
-            if !c.sender.is_closed()
-                && c.sender.is_ready()
-                && now.duration_since(c.since) < IDLE_TIMEOUT
-            {
-                break Some(c);
-            }
-        };
+        let found = list.take();
         if list.is_empty() {
             m.remove(key);
         }
         found
     }
 
-    /// Waits (in a task of its own) until `c` has finished its request,
-    /// then pools it as idle; a connection that closed, or carried
-    /// `max_requests` requests, is not pooled.
-    fn park(&self, key: PoolKey, mut c: Idle, max_requests: Option<u32>) {
-        if max_requests.is_some_and(|max| max > 0 && c.used >= max) {
+    /// Pools `c` as idle once its exchange is over, unless it carried
+    /// `max_requests` requests.
+    fn park(&self, key: PoolKey, c: Http1Conn, max_requests: Option<u32>) {
+        if max_requests.is_some_and(|max| max > 0 && c.meta.used >= max) {
             return;
         }
         let idle = self.idle.clone();
-        tokio::spawn(async move {
-            if c.sender.ready().await.is_err() {
-                return;
-            }
+        idle::when_idle(c, move |c| {
             let Ok(mut m) = idle.lock() else { return };
-            let current = |k: &PoolKey| {
-                k.generation == key.generation && k.trust_version == key.trust_version
-            };
             // Connections of an older client identity or trust go.
-            m.retain(|k, _| current(k));
-            let list = m.entry(key).or_default();
-            let now = Instant::now();
-            list.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < IDLE_TIMEOUT);
-            if list.len() < MAX_IDLE {
-                c.since = now;
-                list.push(c);
-            }
+            m.retain(|k, _| k.generation == key.generation && k.trust_version == key.trust_version);
+            m.entry(key)
+                .or_insert_with(|| IdleList::new(IDLE_TIMEOUT, MAX_IDLE))
+                .put(c);
         });
     }
 
@@ -240,7 +222,7 @@ impl Pool {
     pub fn idle_http1(&self) -> usize {
         self.idle
             .lock()
-            .map_or(0, |m| m.values().map(Vec::len).sum())
+            .map_or(0, |m| m.values().map(IdleList::len).sum())
     }
 
     /// The client for passthrough HTTP/1.1 requests.
@@ -463,6 +445,31 @@ pub(super) async fn connect_tls(
     Ok(Connected { stream, peer })
 }
 
+/// A connection to an upstream: mTLS, or plain TCP (DestinationRule
+/// `tls.mode: DISABLE`).
+type UpstreamIo = Box<dyn Io>;
+
+/// What an upstream connection is.
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// TCP to `t`, then mTLS offering `alpn` when `t.tls`; with the identity
+/// the server proved (`unknown` without TLS).
+async fn open(
+    shared: &Shared,
+    id: &Identity,
+    t: &Target<'_>,
+    alpn: &[&[u8]],
+) -> Result<(UpstreamIo, String), SendError> {
+    if t.tls {
+        let c = connect_tls(shared, id, t, alpn).await?;
+        Ok((Box::new(c.stream), c.peer))
+    } else {
+        Ok((Box::new(connect_tcp(t).await?), "unknown".to_string()))
+    }
+}
+
 pub(super) async fn h2_handshake<I>(io: I, addr: &str) -> Result<SendRequest<SendBody>, SendError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -571,13 +578,8 @@ async fn h2_connect(
     t: &Target<'_>,
     key: &PoolKey,
 ) -> Result<Pooled, SendError> {
-    let (sender, peer) = if t.tls {
-        let c = connect_tls(shared, id, t, ALPN_H2).await?;
-        (h2_handshake(c.stream, &key.target).await?, c.peer)
-    } else {
-        let tcp = connect_tcp(t).await?;
-        (h2_handshake(tcp, &key.target).await?, "unknown".to_string())
-    };
+    let (io, peer) = open(shared, id, t, ALPN_H2).await?;
+    let sender = h2_handshake(io, &key.target).await?;
     Ok(Pooled {
         sender,
         peer,
@@ -598,7 +600,7 @@ pub(super) enum Wire {
 /// A connection ready to take one request.
 enum Conn {
     Http2(SendRequest<SendBody>),
-    Http1(Idle),
+    Http1(Http1Conn),
 }
 
 /// An idle pooled HTTP/1.1 connection to `t`, or a new one (`fresh`:
@@ -608,26 +610,19 @@ async fn h1_connection(
     id: &Arc<Identity>,
     t: &Target<'_>,
     fresh: bool,
-) -> Result<(PoolKey, Idle, bool), SendError> {
+) -> Result<(PoolKey, Http1Conn, bool), SendError> {
     let key = pool_key(shared, id, t);
     if !fresh && let Some(c) = shared.pool.take_idle(&key) {
         return Ok((key, c, false));
     }
-    let (sender, peer) = if t.tls {
-        let c = connect_tls(shared, id, t, ALPN_H1).await?;
-        (h1_handshake(c.stream, &key.target).await?, c.peer)
-    } else {
-        let tcp = connect_tcp(t).await?;
-        (h1_handshake(tcp, &key.target).await?, "unknown".to_string())
-    };
-    let c = Idle {
-        sender,
+    let (io, peer) = open(shared, id, t, ALPN_H1).await?;
+    let sender = h1_handshake(io, &key.target).await?;
+    let meta = Http1Meta {
         peer,
         _identity: id.clone(),
         used: 0,
-        since: Instant::now(),
     };
-    Ok((key, c, true))
+    Ok((key, idle::Conn::new(sender, meta), true))
 }
 
 async fn h1_handshake<I>(io: I, addr: &str) -> Result<http1::SendRequest<SendBody>, SendError>
@@ -689,7 +684,7 @@ pub(super) async fn send(
             Wire::Http1 => {
                 let (key, c, new) = h1_connection(shared, id, t, fresh).await?;
                 fresh |= new;
-                let peer = c.peer.clone();
+                let peer = c.meta.peer.clone();
                 (key, Conn::Http1(c), peer)
             }
         };
@@ -719,7 +714,7 @@ pub(super) async fn send(
         let sent = match &mut conn {
             Conn::Http2(s) => s.try_send_request(req).await,
             Conn::Http1(c) => {
-                c.used += 1;
+                c.meta.used += 1;
                 c.sender.try_send_request(req).await
             }
         };
@@ -768,13 +763,8 @@ pub(super) async fn send_upgrade(
     t: &Target<'_>,
     req: Request<SendBody>,
 ) -> Result<(Response<Incoming>, String), SendError> {
-    if t.tls {
-        let c = connect_tls(shared, id, t, ALPN_H1).await?;
-        Ok((h1_exchange(c.stream, &t.address, req).await?, c.peer))
-    } else {
-        let tcp = connect_tcp(t).await?;
-        Ok((h1_exchange(tcp, &t.address, req).await?, "unknown".into()))
-    }
+    let (io, peer) = open(shared, id, t, ALPN_H1).await?;
+    Ok((h1_exchange(io, &t.address, req).await?, peer))
 }
 
 async fn h1_exchange<I>(

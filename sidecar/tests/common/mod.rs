@@ -194,6 +194,29 @@ impl Sidecar {
         .await
     }
 
+    /// [`Sidecar::start`] with `inbound` as its mTLS listener.
+    pub async fn start_on(
+        name: &str,
+        ns: &str,
+        app: SocketAddr,
+        id: Arc<Identity>,
+        pki: &TestPki,
+        inbound: TcpListener,
+    ) -> Sidecar {
+        let drain = Duration::from_secs(5);
+        Self::start_opts(
+            name,
+            ns,
+            app,
+            id,
+            pki,
+            drain,
+            OutboundPolicy::AllowAny,
+            inbound,
+        )
+        .await
+    }
+
     /// Runs the sidecar with `inbound` as its mTLS listener. A test that
     /// checks the listener is closed binds it on a loopback address of
     /// its own: a port on 127.0.0.1 freed by one test may be bound by
