@@ -169,9 +169,11 @@ impl Sidecar {
         id: Arc<Identity>,
         pki: &TestPki,
     ) -> Sidecar {
-        Self::start_with(name, ns, app, id, pki, Duration::from_secs(5)).await
+        let inbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(name, ns, app, id, pki, inbound).await
     }
 
+    /// [`Sidecar::start`] with a drain deadline of `drain`.
     pub async fn start_with(
         name: &str,
         ns: &str,
@@ -181,17 +183,8 @@ impl Sidecar {
         drain: Duration,
     ) -> Sidecar {
         let inbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        Self::start_opts(
-            name,
-            ns,
-            app,
-            id,
-            pki,
-            drain,
-            OutboundPolicy::AllowAny,
-            inbound,
-        )
-        .await
+        let policy = OutboundPolicy::AllowAny;
+        Self::start_opts(name, ns, app, id, pki, drain, policy, inbound).await
     }
 
     /// [`Sidecar::start`] with `inbound` as its mTLS listener.
@@ -204,17 +197,8 @@ impl Sidecar {
         inbound: TcpListener,
     ) -> Sidecar {
         let drain = Duration::from_secs(5);
-        Self::start_opts(
-            name,
-            ns,
-            app,
-            id,
-            pki,
-            drain,
-            OutboundPolicy::AllowAny,
-            inbound,
-        )
-        .await
+        let policy = OutboundPolicy::AllowAny;
+        Self::start_opts(name, ns, app, id, pki, drain, policy, inbound).await
     }
 
     /// Runs the sidecar with `inbound` as its mTLS listener. A test that
