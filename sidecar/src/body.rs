@@ -172,9 +172,19 @@ impl<B> Observed<B> {
         }
     }
 
+    /// Reports the end, off the response's path: on a runtime the report
+    /// (metrics, access log line) runs as a task of its own, after the
+    /// connection's task has written the response's last bytes in the same
+    /// poll, so the caller does not wait for the telemetry. The task runs
+    /// before anything that I/O wakes later (a metrics scrape included):
+    /// it is queued first. Outside a runtime the report runs here.
     fn finish(&mut self) {
         if let Some(f) = self.on_end.take() {
-            f(std::mem::take(&mut self.ended));
+            let ended = std::mem::take(&mut self.ended);
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn(async move { f(ended) })),
+                Err(_) => f(ended),
+            }
         }
     }
 }
@@ -267,6 +277,47 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Counts the reports of one [`Observed`] body.
+    fn observed(
+        reports: &Arc<std::sync::atomic::AtomicU64>,
+    ) -> Observed<http_body_util::Full<bytes::Bytes>> {
+        let reports = reports.clone();
+        let body = http_body_util::Full::new(bytes::Bytes::from_static(b"four"));
+        Observed::new(body, &http::HeaderMap::new(), move |end| {
+            assert_eq!(end.bytes, 4);
+            reports.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        })
+    }
+
+    #[tokio::test]
+    async fn the_end_is_reported_after_the_task_that_sent_the_body_yields() {
+        use http_body_util::BodyExt;
+        use std::sync::atomic::Ordering::SeqCst;
+        let reports = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut body = observed(&reports);
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "four");
+        // The last frame ended the body: the report is queued, not run on
+        // the path that sends the bytes on.
+        assert_eq!(reports.load(SeqCst), 0);
+        tokio::task::yield_now().await;
+        assert_eq!(reports.load(SeqCst), 1);
+        // Once only, dropping included.
+        drop(body);
+        tokio::task::yield_now().await;
+        assert_eq!(reports.load(SeqCst), 1);
+    }
+
+    #[test]
+    fn without_a_runtime_the_end_is_reported_at_once() {
+        let reports = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut body = observed(&reports);
+        // Dropped half read: the report still comes, here and now.
+        body.ended.bytes = 4;
+        drop(body);
+        assert_eq!(reports.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
 
     #[tokio::test]
     async fn bodies_over_the_limit_are_refused() {

@@ -374,7 +374,7 @@ async fn serve_tcp<S>(
         tracing::info!(%policy, %reason, peer = ?peer.identity, port, "TCP connection denied");
         return;
     }
-    let labels = destination_labels(&shared, &peer, None, "tcp", 0);
+    let labels = destination_labels(&shared, &peer, Claimed::from(None), "tcp", 0);
     let connect = async {
         match connected {
             Some(app) => Ok(Ok(app)),
@@ -429,21 +429,39 @@ fn peer_header(headers: Option<&http::HeaderMap>, name: &str) -> String {
         .to_string()
 }
 
+/// The source workload and cluster a caller's sidecar names in its
+/// request headers (`"unknown"` when absent or not plain text).
+struct Claimed {
+    workload: String,
+    cluster: String,
+}
+
+impl Claimed {
+    fn from(headers: Option<&http::HeaderMap>) -> Self {
+        Claimed {
+            workload: peer_header(headers, crate::SOURCE_WORKLOAD_HEADER),
+            cluster: peer_header(headers, crate::SOURCE_CLUSTER_HEADER),
+        }
+    }
+}
+
 /// Istio's labels for a request or connection this sidecar received.
+/// `claimed` is what the caller's sidecar said about it: its workload and
+/// cluster headers (see [`Claimed`]).
 fn destination_labels(
     shared: &Shared,
     peer: &Peer,
-    headers: Option<&http::HeaderMap>,
+    claimed: Claimed,
     protocol: &str,
     code: u16,
 ) -> RequestLabels {
     let source_ns = peer.identity.as_deref().and_then(namespace_of);
     RequestLabels {
         reporter: "destination".into(),
-        source_workload: peer_header(headers, crate::SOURCE_WORKLOAD_HEADER),
+        source_workload: claimed.workload,
         source_workload_namespace: source_ns.unwrap_or("unknown").into(),
         source_principal: peer.identity.clone().unwrap_or_else(|| "unknown".into()),
-        source_cluster: peer_header(headers, crate::SOURCE_CLUSTER_HEADER),
+        source_cluster: claimed.cluster,
         destination_workload: shared.opts.workload.name.clone(),
         destination_workload_namespace: shared.opts.workload.namespace.clone(),
         destination_principal: shared
@@ -541,13 +559,7 @@ async fn request(
     };
     let decision = cfg.policies.authorize(&ns, &cfg.my_labels, &attrs);
     let protocol = metrics::http_protocol(&parts.headers);
-    let mut labels = destination_labels(&shared, &peer, Some(&parts.headers), protocol, 0);
-    labels.destination_service = peer.service.clone().unwrap_or_else(|| {
-        authority
-            .rsplit_once(':')
-            .map_or(authority.as_str(), |(h, _)| h)
-            .to_string()
-    });
+    let claimed = Claimed::from(Some(&parts.headers));
     let rid = parts
         .headers
         .get(crate::names::REQUEST_ID)
@@ -638,13 +650,19 @@ async fn request(
         }
     };
     let code = resp.status().as_u16();
-    labels.response_code = code.to_string();
     // Metrics and the access log once the response has gone through (it
     // may stream): its size, gRPC status and the whole duration are known
-    // then.
+    // then. The labels are made then too, off the response's path.
     let (head, body) = resp.into_parts();
     let body = Observed::new(body, &head.headers, move |end| {
         let millis = start.elapsed().as_secs_f64() * 1000.0;
+        let mut labels = destination_labels(&shared, &peer, claimed, protocol, code);
+        labels.destination_service = peer.service.clone().unwrap_or_else(|| {
+            authority
+                .rsplit_once(':')
+                .map_or(authority.as_str(), |(h, _)| h)
+                .to_string()
+        });
         let req_len = req_bytes.load(Ordering::Relaxed);
         let grpc = end.grpc_status.as_deref();
         let labels = &shared

@@ -282,13 +282,13 @@ async fn proxy(
     }
     let code = resp.status().as_u16();
     let protocol = metrics::http_protocol(&parts.headers);
-    let labels = source_labels(&shared, &settled, service.as_deref(), &host, protocol, code);
     // Metrics and the access log once the response has gone through (it
     // may stream): its size, gRPC status and the whole duration are known
-    // then.
+    // then. The labels are made then too, off the response's path.
     let (head, body) = resp.into_parts();
     let body = Observed::new(body, &head.headers, move |end| {
         let millis = start.elapsed().as_secs_f64() * 1000.0;
+        let labels = source_labels(&shared, &settled, service.as_deref(), &host, protocol, code);
         let req_len = req_bytes.load(Ordering::Relaxed);
         let grpc = end.grpc_status.as_deref();
         let labels = &shared
