@@ -4,6 +4,7 @@
 //! resources. Rebuilt whole on every accepted update.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use strait_ca::{SpiffeId, TrustDomain};
@@ -27,6 +28,11 @@ pub struct MeshConfig {
     pub services: HashMap<String, Arc<pb::Service>>,
     /// Every name a service answers to → its canonical hostname.
     names: HashMap<String, String>,
+    /// Where a service is served → its canonical hostname and the
+    /// service port: its virtual IPs on each service port, and its sidecar
+    /// endpoints' addresses on each target port (what a redirected app
+    /// dialed; see [`MeshConfig::service_at`]).
+    addresses: HashMap<SocketAddr, (String, u16)>,
     /// This workload, once the control plane knows it.
     pub me: Option<pb::Workload>,
     /// This workload's labels (for policy selectors).
@@ -42,6 +48,52 @@ pub struct MeshConfig {
     /// Changes whenever the bundles or the deny-list change: upstream
     /// connections verified under other trust are not reused.
     pub trust_version: u64,
+}
+
+/// The index behind [`MeshConfig::service_at`]. Services go in hostname
+/// order and the first to claim an address keeps it (two Services that
+/// select the same pods, a headless one next to a ClusterIP one, reach
+/// the same endpoints either way); virtual IPs before endpoint addresses.
+fn service_addresses(
+    services: &HashMap<String, Arc<pb::Service>>,
+) -> HashMap<SocketAddr, (String, u16)> {
+    let mut sorted: Vec<(&String, &Arc<pb::Service>)> = services.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    let mut out = HashMap::new();
+    let ports = |s: &pb::Service| -> Vec<(u16, u16)> {
+        s.ports
+            .iter()
+            .filter_map(|p| {
+                let port = u16::try_from(p.port).ok()?;
+                let target = match p.target_port {
+                    0 => port,
+                    t => u16::try_from(t).ok()?,
+                };
+                Some((port, target))
+            })
+            .collect()
+    };
+    for (host, s) in &sorted {
+        for ip in s.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
+            for (port, _) in ports(s) {
+                out.entry(SocketAddr::new(ip, port))
+                    .or_insert_with(|| ((*host).clone(), port));
+            }
+        }
+    }
+    for (host, s) in &sorted {
+        let sidecars = s
+            .endpoints
+            .iter()
+            .filter(|e| e.kind() == pb::endpoint::Kind::Sidecar && e.via.is_empty());
+        for ip in sidecars.filter_map(|e| e.address.parse::<IpAddr>().ok()) {
+            for (port, target) in ports(s) {
+                out.entry(SocketAddr::new(ip, target))
+                    .or_insert_with(|| ((*host).clone(), port));
+            }
+        }
+    }
+    out
 }
 
 /// Why a service resource is unusable, if it is.
@@ -189,6 +241,7 @@ impl MeshConfig {
             cfg.names.insert(host.clone(), host.clone());
             cfg.services.insert(host, Arc::new(s));
         }
+        cfg.addresses = service_addresses(&cfg.services);
         cfg.me = workloads
             .into_iter()
             .find(|w| w.name == me.name && w.namespace == me.namespace);
@@ -239,6 +292,15 @@ impl MeshConfig {
             .flatten()
             .find_map(|name| self.names.get(name))?;
         self.services.get(canonical)
+    }
+
+    /// The service a redirected connection to `to` was going to, and its
+    /// service port: `to` is one of the service's virtual IPs on a service
+    /// port, or the address of one of its sidecar endpoints on a target
+    /// port (a pod IP, as a headless service's clients dial).
+    pub fn service_at(&self, to: SocketAddr) -> Option<(&Arc<pb::Service>, u16)> {
+        let (host, port) = self.addresses.get(&to)?;
+        Some((self.services.get(host)?, *port))
     }
 
     /// This workload's locality (`region/zone`), for locality-aware picks.
@@ -306,6 +368,64 @@ mod tests {
         bundles: Vec<pb::TrustBundle>,
     ) -> (MeshConfig, Vec<(String, String)>) {
         MeshConfig::from_resources(services, vec![], vec![], bundles, vec![], &me())
+    }
+
+    #[test]
+    fn redirected_addresses_find_their_service() {
+        let port = |port: u32, target_port: u32| pb::Port {
+            name: "tcp".into(),
+            port,
+            protocol: "tcp".into(),
+            target_port,
+        };
+        let sidecar = |address: &str| pb::Endpoint {
+            address: address.into(),
+            port: 15006,
+            ..Default::default()
+        };
+        let db = pb::Service {
+            hostname: "db.demo.svc.cluster.local".into(),
+            ports: vec![port(5432, 0), port(80, 8080)],
+            addresses: vec!["10.96.0.10".into(), "fd00::10".into(), "not-an-ip".into()],
+            endpoints: vec![
+                sidecar("10.1.0.1"),
+                sidecar("db-1.example.com"),
+                pb::Endpoint {
+                    kind: pb::endpoint::Kind::Gateway as i32,
+                    ..sidecar("10.2.0.1")
+                },
+                pb::Endpoint {
+                    via: "10.0.0.1:15444".into(),
+                    ..sidecar("10.3.0.1")
+                },
+            ],
+            ..svc("db.demo.svc.cluster.local", &[])
+        };
+        // A headless twin selecting the same pod: the first name keeps it.
+        let twin = pb::Service {
+            hostname: "db-headless.demo.svc.cluster.local".into(),
+            ..db.clone()
+        };
+        let (cfg, errors) = build(vec![db, twin], vec![]);
+        assert!(errors.is_empty(), "{errors:?}");
+        let at = |to: &str| {
+            cfg.service_at(to.parse().unwrap())
+                .map(|(s, port)| (s.hostname.as_str(), port))
+        };
+        let twin = "db-headless.demo.svc.cluster.local";
+        // Virtual IPs on service ports.
+        assert_eq!(at("10.96.0.10:5432"), Some((twin, 5432)));
+        assert_eq!(at("[fd00::10]:80"), Some((twin, 80)));
+        assert_eq!(at("10.96.0.10:8080"), None, "a VIP takes service ports");
+        // Sidecar endpoints on target ports.
+        assert_eq!(at("10.1.0.1:5432"), Some((twin, 5432)));
+        assert_eq!(at("10.1.0.1:8080"), Some((twin, 80)));
+        assert_eq!(at("10.1.0.1:80"), None, "a pod serves its target port");
+        assert_eq!(at("10.1.0.1:15006"), None);
+        // Gateways and QUIC-mode endpoints are not where an app dials.
+        assert_eq!(at("10.2.0.1:5432"), None);
+        assert_eq!(at("10.3.0.1:5432"), None);
+        assert_eq!(at("10.9.9.9:5432"), None);
     }
 
     #[test]

@@ -11,7 +11,10 @@
 //!   while a client that connects well before its first HTTP request is
 //!   still routed;
 //! - with `--outbound-traffic-policy registry-only`, the last two are
-//!   refused and the mesh service still works.
+//!   refused and the mesh service still works;
+//! - TCP to a mesh service's cluster IP or to its pod's address goes over
+//!   mTLS to the service's sidecar (a STRICT one), not to the address
+//!   dialed; so does HTTP to a cluster IP.
 //!
 //! Skipped, with the reason printed, unless root with iproute2 and
 //! iptables (`scripts/test.sh` installs iptables).
@@ -26,6 +29,7 @@ use std::time::Duration;
 
 use common::*;
 use strait_ca::testing::TestPki;
+use strait_proto::strait::mesh::v1 as pb;
 use strait_sidecar::transparent::{InterceptOptions, iptables_rules, restore_input};
 
 fn run(args: &[&str], stdin: Option<&str>) -> Result<String, String> {
@@ -86,6 +90,11 @@ impl Namespaces {
             vec!["ip", "-n", out, "addr", "add", "10.9.9.2/24", "dev", "v1"],
             vec!["ip", "-n", pod, "link", "set", "v0", "up"],
             vec!["ip", "-n", out, "link", "set", "v1", "up"],
+            // Cluster IPs are routable from the pod (the redirect takes
+            // the connection before anything is sent).
+            vec![
+                "ip", "-n", pod, "route", "add", "default", "via", "10.9.9.2",
+            ],
         ] {
             run(&cmd, None)?;
         }
@@ -125,8 +134,8 @@ fn enter(name: &str) {
     .unwrap_or_else(|e| panic!("entering {name}: {e}"));
 }
 
-/// Serves, in the outside namespace, on 10.9.9.2: 7000 answers each
-/// chunk with `outside:<chunk>`; 7001 first greets (`220 hello\r\n`),
+/// Serves, in the outside namespace, on 10.9.9.2: 7000 and 5432 answer
+/// each chunk with `outside:<chunk>`; 7001 first greets (`220 hello\r\n`),
 /// then does the same; 7080 answers one HTTP/1.1 request with the Host
 /// and path it got, then closes.
 fn outside_servers(ns: String) {
@@ -138,7 +147,7 @@ fn outside_servers(ns: String) {
             .unwrap();
         rt.block_on(async {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            for (port, greet) in [(7000u16, false), (7001, true), (7080, false)] {
+            for (port, greet) in [(7000u16, false), (5432, false), (7001, true), (7080, false)] {
                 let l = tokio::net::TcpListener::bind(("10.9.9.2", port)).await.unwrap();
                 tokio::spawn(async move {
                     while let Ok((mut s, _)) = l.accept().await {
@@ -201,9 +210,59 @@ async fn as_app<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T 
 }
 
 fn connect(port: u16) -> TcpStream {
-    let s = TcpStream::connect(("10.9.9.2", port)).unwrap();
+    connect_to("10.9.9.2", port)
+}
+
+fn connect_to(ip: &str, port: u16) -> TcpStream {
+    let s = TcpStream::connect((ip, port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s
+}
+
+/// Writes `line` on a new connection to `ip:port` and reads the answer.
+fn exchange(ip: &str, port: u16, line: &str) -> String {
+    let mut s = connect_to(ip, port);
+    s.write_all(line.as_bytes()).unwrap();
+    let mut buf = [0u8; 256];
+    match s.read(&mut buf) {
+        Ok(n) => String::from_utf8_lossy(&buf[..n]).to_string(),
+        Err(e) => format!("error: {e}"),
+    }
+}
+
+/// A TCP app that answers each chunk with `db:<chunk>`.
+async fn tcp_app() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    let mut out = b"db:".to_vec();
+                    out.extend_from_slice(&buf[..n]);
+                    if s.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A listener on `ip:0` in network namespace `ns`.
+fn listener_in(ns: &str, ip: &str) -> tokio::net::TcpListener {
+    let (ns, ip) = (ns.to_string(), ip.to_string());
+    let l = std::thread::spawn(move || {
+        enter(&ns);
+        std::net::TcpListener::bind((ip.as_str(), 0)).unwrap()
+    })
+    .join()
+    .unwrap();
+    l.set_nonblocking(true).unwrap();
+    tokio::net::TcpListener::from_std(l).unwrap()
 }
 
 /// `GET /p` with `Host: host` to 10.9.9.2:7080: the whole answer.
@@ -283,7 +342,8 @@ fn redirected_traffic_is_routed_or_passed_through() {
     };
     outside_servers(ns.out.clone());
     let pod = ns.pod.clone();
-    let (seen, metrics, refused) = std::thread::spawn(move || {
+    let out = ns.out.clone();
+    let (seen, metrics, mesh_tcp, refused) = std::thread::spawn(move || {
         enter(&pod);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -291,7 +351,45 @@ fn redirected_traffic_is_routed_or_passed_through() {
             .unwrap();
         rt.block_on(async {
             let pki = TestPki::new(TD);
-            let (client, _server, mesh) = sleep_and_echo(&pki, backend("v1").await).await;
+            let (client, server, mesh) = sleep_and_echo(&pki, backend("v1").await).await;
+            // A TCP service, db, whose pod is 10.9.9.2 (its sidecar listens
+            // there, in the other namespace) with cluster IP 10.96.0.10,
+            // STRICT; and a cluster IP for echo.
+            let db_id = spiffe("demo", "db");
+            let db = Sidecar::start_on(
+                "db-v1",
+                "demo",
+                tcp_app().await,
+                identity(&pki, &db_id),
+                &pki,
+                listener_in(&out, "10.9.9.2"),
+            )
+            .await;
+            let mut mesh = mesh.workload("db-v1", "demo", &[("app", "db")]).policy(
+                "PeerAuthentication",
+                "demo",
+                "default",
+                serde_json::json!({"mtls": {"mode": "STRICT"}}),
+            );
+            mesh.services[0].addresses = vec!["10.96.0.20".into()];
+            mesh.services.push(pb::Service {
+                hostname: "db.demo.svc.cluster.local".into(),
+                namespace: "demo".into(),
+                name: "db".into(),
+                ports: vec![pb::Port {
+                    name: "tcp-postgres".into(),
+                    port: 5432,
+                    protocol: "tcp".into(),
+                    target_port: 0,
+                }],
+                identities: vec![db_id.clone()],
+                endpoints: vec![db.endpoint("v1", &db_id)],
+                addresses: vec!["10.96.0.10".into()],
+                ..Default::default()
+            });
+            for s in [&client, &server, &db] {
+                s.push(&mesh);
+            }
             // The sidecars run as root here: that is the proxy's uid.
             let rules = iptables_rules(&InterceptOptions {
                 proxy_uid: 0,
@@ -306,7 +404,20 @@ fn redirected_traffic_is_routed_or_passed_through() {
             )
             .unwrap();
             let seen = as_app(app_checks).await;
+            let mesh_tcp = as_app(|| {
+                [
+                    exchange("10.96.0.10", 5432, "by cluster IP"),
+                    exchange("10.9.9.2", 5432, "by pod IP"),
+                    exchange(
+                        "10.96.0.20",
+                        8080,
+                        "GET /vip HTTP/1.1\r\nHost: 10.96.0.20:8080\r\nConnection: close\r\n\r\n",
+                    ),
+                ]
+            })
+            .await;
             let metrics = client.metrics();
+            let db_metrics = db.metrics();
 
             // Registry-only: a client sidecar that refuses the outside.
             let strict = Sidecar::start_opts(
@@ -333,7 +444,7 @@ fn redirected_traffic_is_routed_or_passed_through() {
                 (raw, http("api.example.com"), http("echo.demo:8080"))
             })
             .await;
-            (seen, metrics, refused)
+            (seen, metrics, (mesh_tcp, db_metrics), refused)
         })
     })
     .join()
@@ -375,6 +486,52 @@ fn redirected_traffic_is_routed_or_passed_through() {
                 && l.contains("destination_service=\"PassthroughCluster\"")
                 && l.ends_with(" 2")),
         "{metrics}"
+    );
+
+    // TCP to the db service, by cluster IP and by pod IP, reached its app
+    // through its STRICT sidecar (plain TCP to 10.9.9.2:5432 would have
+    // met the outside server); HTTP to echo's cluster IP was routed.
+    let (mesh_tcp, db_metrics) = mesh_tcp;
+    assert_eq!(mesh_tcp[0], "db:by cluster IP");
+    assert_eq!(mesh_tcp[1], "db:by pod IP");
+    assert!(
+        mesh_tcp[2].starts_with("HTTP/1.1 200") && mesh_tcp[2].contains("backend=v1"),
+        "{}",
+        mesh_tcp[2]
+    );
+    let count = |m: &str, family: &str, labels: &[&str]| -> u64 {
+        m.lines()
+            .filter(|l| l.starts_with(&format!("{family}{{")))
+            .filter(|l| labels.iter().all(|want| l.contains(want)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let db_service = "destination_service=\"db.demo.svc.cluster.local\"";
+    assert_eq!(
+        count(
+            &metrics,
+            "istio_tcp_connections_opened_total",
+            &[
+                "reporter=\"source\"",
+                db_service,
+                "connection_security_policy=\"mutual_tls\""
+            ]
+        ),
+        2,
+        "{metrics}"
+    );
+    assert_eq!(
+        count(
+            &db_metrics,
+            "istio_tcp_connections_opened_total",
+            &[
+                "reporter=\"destination\"",
+                "source_principal=\"spiffe://cluster.local/ns/demo/sa/sleep\"",
+                "connection_security_policy=\"mutual_tls\"",
+            ]
+        ),
+        2,
+        "{db_metrics}"
     );
 
     // Registry-only: the raw connection closed unanswered, the outside

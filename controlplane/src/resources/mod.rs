@@ -284,6 +284,31 @@ fn str_map(v: Option<&Value>) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
+/// A Kubernetes Service's cluster IPs (`spec.clusterIPs`, else
+/// `spec.clusterIP`): none for a headless Service (`None`) or one not
+/// allocated yet. An address that is not an IP is left out with a
+/// warning.
+fn cluster_ips(b: &mut Builder<'_>, what: &str, spec: &Value) -> Vec<String> {
+    let listed: Vec<&Value> = match spec["clusterIPs"].as_array() {
+        Some(ips) => ips.iter().collect(),
+        None => vec![&spec["clusterIP"]],
+    };
+    let mut out = Vec::new();
+    for v in listed {
+        match v.as_str() {
+            None | Some("" | "None") => {}
+            Some(text) => match text.parse::<std::net::IpAddr>() {
+                Ok(ip) if !out.contains(&ip.to_string()) => out.push(ip.to_string()),
+                Ok(_) => {}
+                Err(_) => b.warnings.push(format!(
+                    "{what}: spec.clusterIP {text:?} is not an IP address; left out"
+                )),
+            },
+        }
+    }
+    out
+}
+
 fn port_number(v: &Value) -> Option<u32> {
     v.as_u64()
         .and_then(|n| u16::try_from(n).ok())
@@ -635,6 +660,7 @@ pub fn build(
                 target_port: port_number(&p["targetPort"]).unwrap_or_default(),
             });
         }
+        let addresses = cluster_ips(&mut b, &what, &doc["spec"]);
         let annotations = str_map(doc["metadata"].get("annotations"));
         let svc_ref = ObjectRef::new(ObjectKind::Service, ns, name);
         let se = service_exports
@@ -697,6 +723,7 @@ pub fn build(
                 identities: identities.into_iter().collect(),
                 exported,
                 endpoints,
+                addresses,
             },
         );
     }

@@ -109,7 +109,37 @@ pub(super) fn entry_service(
         identities: identities.into_iter().collect(),
         exported: export_flag_of_entry(b, se),
         endpoints,
+        addresses: entry_addresses(b, &what, spec),
     }
+}
+
+/// A ServiceEntry's `spec.addresses` that are single IPs (a `/32` or
+/// `/128` counts as one): the virtual IPs a redirected connection is
+/// routed by. CIDR ranges are left out with a warning.
+fn entry_addresses(b: &mut Builder<'_>, what: &str, spec: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, a) in spec["addresses"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        let text = a.as_str().unwrap_or_default();
+        let single = match text.split_once('/') {
+            None => Some(text),
+            Some((ip, "32")) if ip.parse::<std::net::Ipv4Addr>().is_ok() => Some(ip),
+            Some((ip, "128")) if ip.parse::<std::net::Ipv6Addr>().is_ok() => Some(ip),
+            Some(_) => None,
+        };
+        match single.and_then(|ip| ip.parse::<std::net::IpAddr>().ok()) {
+            Some(ip) => out.push(ip.to_string()),
+            None => b.warnings.push(format!(
+                "{what}: spec.addresses[{i}] {text:?} is not a single IP address; not used to route connections"
+            )),
+        }
+    }
+    out
 }
 
 fn export_flag_of_entry(b: &mut Builder<'_>, se: &ServiceEntryObj<'_>) -> bool {

@@ -312,6 +312,72 @@ spec:
 }
 
 #[test]
+fn services_carry_their_virtual_ips() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: demo}
+spec:
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, "fd00::10"]
+  ports: [{name: tcp-pg, port: 5432}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: old, namespace: demo}
+spec:
+  clusterIP: 10.96.0.11
+  ports: [{name: tcp, port: 1}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: headless, namespace: demo}
+spec:
+  clusterIP: None
+  ports: [{name: tcp, port: 1}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: odd, namespace: demo}
+spec:
+  clusterIP: ten.nine.six
+  ports: [{name: tcp, port: 1}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ext, namespace: demo}
+spec:
+  hosts: [db.example.com]
+  addresses: [240.0.0.1, 240.0.0.2/32, 240.0.1.0/24, "fd00::1/128", nonsense]
+  ports: [{number: 5432, name: tcp, protocol: TCP}]
+"#;
+    let (snap, warnings) = run(yaml);
+    let addresses = |host: &str| service(&snap, host).addresses;
+    assert_eq!(
+        addresses("db.demo.svc.cluster.local"),
+        ["10.96.0.10", "fd00::10"]
+    );
+    assert_eq!(addresses("old.demo.svc.cluster.local"), ["10.96.0.11"]);
+    assert!(addresses("headless.demo.svc.cluster.local").is_empty());
+    assert!(addresses("odd.demo.svc.cluster.local").is_empty());
+    assert_eq!(
+        addresses("db.example.com"),
+        ["240.0.0.1", "240.0.0.2", "fd00::1"]
+    );
+    let named = |needle: &str| warnings.iter().any(|w| w.contains(needle));
+    assert!(
+        named(r#"Service demo/odd: spec.clusterIP "ten.nine.six" is not an IP address"#),
+        "{warnings:?}"
+    );
+    assert!(
+        named(r#"ServiceEntry demo/ext: spec.addresses[2] "240.0.1.0/24" is not a single IP"#),
+        "{warnings:?}"
+    );
+    assert!(named(r#"spec.addresses[4] "nonsense""#), "{warnings:?}");
+    assert_eq!(warnings.len(), 3, "{warnings:?}");
+}
+
+#[test]
 fn other_service_entries_are_named_by_their_first_host() {
     let yaml = r#"
 apiVersion: networking.istio.io/v1

@@ -43,7 +43,7 @@ mod tunnel;
 mod upstream;
 
 use passthrough::*;
-use tunnel::tunnel;
+use tunnel::{redirected_tcp, tunnel};
 use upstream::*;
 pub use upstream::{Pool, concurrency_limit};
 
@@ -79,13 +79,36 @@ pub(crate) async fn serve(
         tokio::spawn(async move {
             let _guard = guard;
             if let Some(to) = original {
+                // Dialed a mesh service's address (a cluster IP, a pod's IP)?
+                let mesh = shared
+                    .config
+                    .borrow()
+                    .service_at(to)
+                    .map(|(s, port)| (s.clone(), port));
+                // On a port declared TCP (not HTTP, HTTP/2 or gRPC) it is
+                // relayed as TCP, unsniffed, as Istio does by port protocol.
+                if let Some((service, port)) = &mesh
+                    && !carries_http(service, *port)
+                {
+                    redirected_tcp(&shared, tcp, service.clone(), *port, &life).await;
+                    return;
+                }
                 let Some(what) =
                     crate::until_killed(redirected(&shared, &tcp, to), life.phase.clone()).await
                 else {
                     return;
                 };
                 if let Redirected::Raw(upstream) = what {
-                    passthrough_tcp(&shared, tcp, to, upstream, &life).await;
+                    match mesh {
+                        // Not HTTP after all, on an HTTP port: TCP through
+                        // the mesh (the connection opened to `to` to see
+                        // who speaks first is not used).
+                        Some((service, port)) => {
+                            drop(upstream);
+                            redirected_tcp(&shared, tcp, service, port, &life).await;
+                        }
+                        None => passthrough_tcp(&shared, tcp, to, upstream, &life).await,
+                    }
                     return;
                 }
             }
@@ -106,6 +129,15 @@ pub(crate) async fn serve(
             crate::drive(conn, |c| c.graceful_shutdown(), phase).await;
         });
     }
+}
+
+/// Whether `service` declares `port` as HTTP, HTTP/2 or gRPC (what the
+/// outbound routes per request), rather than TCP or TLS.
+fn carries_http(service: &pb::Service, port: u16) -> bool {
+    service.ports.iter().any(|p| {
+        p.port == u32::from(port)
+            && matches!(p.protocol.as_str(), "http" | "http2" | "grpc" | "grpc-web")
+    })
 }
 
 /// An answer the sidecar makes itself: `reason` in the body and in
@@ -374,7 +406,16 @@ async fn forward(
     } = request;
     let cfg = shared.config.borrow().clone();
     let my_ns = shared.opts.workload.namespace.as_str();
-    let Some(service) = cfg.lookup(host, my_ns).cloned() else {
+    // The host the request names; else, for a redirected app, the service
+    // whose address it dialed (a cluster IP, a pod's IP) on that service's
+    // port, as Istio routes a request by its destination address.
+    let by_name = cfg.lookup(host, my_ns).map(|s| (s.clone(), port));
+    let dialed = || {
+        original
+            .and_then(|to| cfg.service_at(to))
+            .map(|(s, p)| (s.clone(), p))
+    };
+    let Some((service, port)) = by_name.or_else(dialed) else {
         if let Some(to) = original
             && shared.opts.outbound_policy == crate::OutboundPolicy::AllowAny
         {

@@ -345,6 +345,7 @@ impl Mesh {
             identities: identities.to_vec(),
             exported: false,
             endpoints,
+            addresses: vec![],
         });
         self
     }
