@@ -274,6 +274,11 @@ impl MeshConfig {
     /// clusterset name, `<svc>.<ns>`, or `<svc>` in `caller_ns`; a port
     /// suffix is ignored.
     pub fn lookup(&self, host: &str, caller_ns: &str) -> Option<&Arc<pb::Service>> {
+        // The usual case, a name exactly as pushed (lower case, no port, no
+        // trailing dot), without the copies the general case makes.
+        if let Some(canonical) = self.names.get(host) {
+            return self.services.get(canonical);
+        }
         let host = host.trim_end_matches('.').to_ascii_lowercase();
         let bare = match host.rsplit_once(':') {
             Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h.to_string(),

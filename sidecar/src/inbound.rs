@@ -283,7 +283,10 @@ async fn handle(
 
 /// The namespace in a SPIFFE ID of Istio's form (`.../ns/<ns>/sa/<sa>`).
 fn namespace_of(id: &str) -> Option<&str> {
-    let rest = id.split_once("/ns/")?.1;
+    // A plain window scan: `split_once("/ns/")` sets up a two-way string
+    // searcher, which costs more than the whole scan of an id this short.
+    let at = id.as_bytes().windows(4).position(|w| w == b"/ns/")?;
+    let rest = &id[at + 4..];
     let ns = rest.split('/').next()?;
     (!ns.is_empty()).then_some(ns)
 }

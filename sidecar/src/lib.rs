@@ -423,11 +423,20 @@ pub fn parse_sni(sni: &str) -> Option<(u16, Option<&str>, &str)> {
 
 /// Istio's SNI for a destination.
 pub fn istio_sni(port: u16, subset: Option<&str>, host: &str) -> String {
-    use std::fmt::Write;
     let subset = subset.unwrap_or("");
-    // Sized up front: made for every request's pool lookup.
+    // Sized up front and written without `fmt`: made for every request's
+    // pool lookup.
     let mut sni = String::with_capacity(20 + subset.len() + host.len());
-    let _ = write!(sni, "outbound_.{port}_.{subset}_.{host}");
+    for part in [
+        "outbound_.",
+        itoa::Buffer::new().format(port),
+        "_.",
+        subset,
+        "_.",
+        host,
+    ] {
+        sni.push_str(part);
+    }
     sni
 }
 

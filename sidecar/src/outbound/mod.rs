@@ -162,9 +162,16 @@ fn reply_body(status: StatusCode, reason: &str) -> Response<ProxyBody> {
 
 /// A random hex id (`x-request-id`).
 fn request_id() -> String {
-    use std::fmt::Write;
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut id = String::with_capacity(32);
-    let _ = write!(id, "{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    for mut n in [fastrand::u64(..), fastrand::u64(..)] {
+        let mut digits = [0u8; 16];
+        for d in digits.iter_mut().rev() {
+            *d = HEX[(n & 0xf) as usize];
+            n >>= 4;
+        }
+        id.extend(digits.iter().map(|&d| char::from(d)));
+    }
     id
 }
 
@@ -754,6 +761,28 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::policy::TrafficPolicy;
+
+    #[test]
+    fn request_ids_are_32_lowercase_hex_digits() {
+        let ids: std::collections::HashSet<String> = (0..1000).map(|_| request_id()).collect();
+        assert_eq!(ids.len(), 1000);
+        for id in &ids {
+            assert_eq!(id.len(), 32, "{id}");
+            assert!(
+                id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')),
+                "{id}"
+            );
+        }
+        // Every digit value shows up: no nibble is lost.
+        let digits: std::collections::HashSet<u8> = ids.iter().flat_map(|i| i.bytes()).collect();
+        assert_eq!(digits.len(), 16);
+        // Leading zeros are kept, as `{:016x}` keeps them.
+        fastrand::seed(0);
+        let id = request_id();
+        fastrand::seed(0);
+        let want = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        assert_eq!(id, want);
+    }
 
     #[test]
     fn destination_comes_from_the_uri_then_the_host_header() {

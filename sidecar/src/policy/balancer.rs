@@ -43,8 +43,7 @@ pub enum PickError {
 
 /// The key [`Balancer::report`] takes: `address:port` (`[v6]:port`).
 pub fn endpoint_key(ep: &pb::Endpoint) -> String {
-    use std::fmt::Write;
-    // Sized up front: made on every pick, and `format!` would grow it.
+    // Sized up front and written without `fmt`: made on every pick.
     let mut key = String::with_capacity(ep.address.len() + 8);
     if ep.address.contains(':') {
         key.push('[');
@@ -53,7 +52,8 @@ pub fn endpoint_key(ep: &pb::Endpoint) -> String {
     } else {
         key.push_str(&ep.address);
     }
-    let _ = write!(key, ":{}", ep.port);
+    key.push(':');
+    key.push_str(itoa::Buffer::new().format(ep.port));
     key
 }
 
