@@ -727,6 +727,9 @@ async fn kubernetes_mode_reads_the_api_applies_imports_and_reviews_tokens() {
         "{:?}",
         reviews.endpoints
     );
+    // Its cluster IP, as the API recorded it: what a redirected app's
+    // connection is routed by.
+    assert_eq!(reviews.addresses, ["10.96.0.81"]);
 
     // West's export is applied to the API (server-side apply, labelled as
     // strait's), and east's ServiceExport reaches west.
