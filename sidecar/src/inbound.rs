@@ -20,6 +20,7 @@ use strait_ca::tls::{Accept, SpiffeClientVerifier};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use crate::config::MeshConfig;
 use crate::identity::Identity;
 use crate::metrics::{self, RequestLabels};
 use crate::policy::{Decision, MtlsMode, RequestAttrs};
@@ -56,6 +57,7 @@ pub(crate) struct App {
     /// `<ip>:<port>` of the app, formatted once (for every request's URI
     /// and access log line).
     address: Arc<str>,
+    socket: SocketAddr,
 }
 
 impl App {
@@ -68,8 +70,53 @@ impl App {
             http1: crate::app::AppHttp1::new(app),
             http2: http2.build(Dial(app)),
             address: app.to_string().into(),
+            socket: app,
         }
     }
+}
+
+/// The app's clients by workload port: `--app`, and `--app`'s host on
+/// each of `--app-ports` (a pod that serves more than one port).
+#[derive(Clone)]
+pub(crate) struct Apps {
+    main: App,
+    others: Arc<std::collections::HashMap<u16, App>>,
+}
+
+impl Apps {
+    fn new(opts: &crate::Options) -> Apps {
+        let others = opts
+            .app_ports
+            .iter()
+            .filter(|&&p| p != opts.app.port())
+            .map(|&p| (p, App::new(SocketAddr::new(opts.app.ip(), p))))
+            .collect();
+        Apps {
+            main: App::new(opts.app),
+            others: Arc::new(others),
+        }
+    }
+
+    /// The app serving workload port `port`: its own listener when it is
+    /// one of `--app-ports`, else `--app`.
+    fn get(&self, port: u16) -> &App {
+        self.others.get(&port).unwrap_or(&self.main)
+    }
+}
+
+/// The workload port an mTLS connection is for: the target port of the
+/// service port its SNI names (Istio's authorization `ports` and
+/// port-level mTLS speak of workload ports), the SNI's port itself when
+/// the service or port is not known here; `None` without an Istio SNI.
+fn workload_port(cfg: &MeshConfig, sni: Option<(u16, Option<&str>, &str)>) -> Option<u16> {
+    let (port, _, host) = sni?;
+    let target = cfg
+        .services
+        .get(host)
+        .and_then(|s| s.ports.iter().find(|p| p.port == u32::from(port)))
+        .and_then(|p| u16::try_from(p.target_port).ok())
+        .filter(|&t| t != 0);
+    Some(target.unwrap_or(port))
 }
 
 /// Connects to the app whatever the request's URI names, so that an
@@ -124,7 +171,7 @@ pub(crate) async fn serve(
     mut stop: watch::Receiver<Phase>,
     active: Tracker,
 ) {
-    let app = App::new(shared.opts.app);
+    let apps = Apps::new(&shared.opts);
     // The config of the newest identity; holding the identity keeps the
     // comparison by pointer sound.
     let mut tls_cache: Option<(Arc<Identity>, Arc<rustls::ServerConfig>)> = None;
@@ -156,7 +203,7 @@ pub(crate) async fn serve(
             None => None,
         };
         let shared = shared.clone();
-        let app = app.clone();
+        let apps = apps.clone();
         let guard = active.guard();
         let life = Life {
             active: active.clone(),
@@ -164,7 +211,7 @@ pub(crate) async fn serve(
         };
         tokio::spawn(async move {
             let _guard = guard;
-            handle(shared, app, tls, tcp, addr, life).await;
+            handle(shared, apps, tls, tcp, addr, life).await;
         });
     }
 }
@@ -177,7 +224,7 @@ fn looks_like_tls(first: u8) -> bool {
 
 async fn handle(
     shared: Arc<Shared>,
-    app: App,
+    apps: Apps,
     tls: Option<Arc<rustls::ServerConfig>>,
     tcp: TcpStream,
     addr: SocketAddr,
@@ -185,9 +232,13 @@ async fn handle(
 ) {
     let cfg = shared.config.borrow().clone();
     let ns = shared.opts.workload.namespace.clone();
-    let app_port = shared.opts.app.port();
+    // Redirected here (transparent inbound capture): the port the caller
+    // dialed is the workload port.
+    let dialed = crate::transparent::redirected_to(&tcp).map(|a| a.port());
+    let app_port = dialed.unwrap_or(shared.opts.app.port());
+    let app = apps.get(app_port);
     let mode = cfg.policies.mtls_mode(&ns, &cfg.my_labels, app_port);
-    let first = match first_move(&shared, &tcp, mode).await {
+    let first = match first_move(&tcp, mode, app.socket).await {
         Some(f) => f,
         None => return,
     };
@@ -200,7 +251,16 @@ async fn handle(
         FirstMove::App(app_conn) => {
             // A server-first protocol in plaintext (MySQL, SMTP): bytes
             // both ways, the connection authorized as TCP.
-            serve_tcp(shared, tcp, plain, app_port, life.phase, Some(app_conn)).await;
+            serve_tcp(
+                shared,
+                tcp,
+                plain,
+                app_port,
+                app.socket,
+                life.phase,
+                Some(app_conn),
+            )
+            .await;
             return;
         }
     };
@@ -214,9 +274,17 @@ async fn handle(
         if crate::transparent::sniff(&tcp, crate::transparent::SNIFF_WAIT).await
             == crate::transparent::Sniffed::Http
         {
-            serve_http(shared, app, TokioIo::new(tcp), plain, app_port, life).await;
+            serve_http(
+                shared,
+                app.clone(),
+                TokioIo::new(tcp),
+                plain,
+                app_port,
+                life,
+            )
+            .await;
         } else {
-            serve_tcp(shared, tcp, plain, app_port, life.phase, None).await;
+            serve_tcp(shared, tcp, plain, app_port, app.socket, life.phase, None).await;
         }
         return;
     }
@@ -238,7 +306,8 @@ async fn handle(
     };
     let (_, conn) = stream.get_ref();
     let sni = conn.server_name().and_then(crate::parse_sni);
-    let port = sni.map_or(app_port, |(p, _, _)| p);
+    let port = workload_port(&cfg, sni).unwrap_or(app_port);
+    let app = apps.get(port);
     let service = sni.map(|(_, _, host)| host.to_string());
     let tcp_mode = conn.alpn_protocol() == Some(b"istio".as_slice());
     let certs = conn
@@ -275,9 +344,9 @@ async fn handle(
         return;
     }
     if tcp_mode {
-        serve_tcp(shared, stream, peer, port, life.phase, None).await;
+        serve_tcp(shared, stream, peer, port, app.socket, life.phase, None).await;
     } else {
-        serve_http(shared, app, TokioIo::new(stream), peer, port, life).await;
+        serve_http(shared, app.clone(), TokioIo::new(stream), peer, port, life).await;
     }
 }
 
@@ -306,7 +375,7 @@ enum FirstMove {
 /// speak first, in plaintext: the app is connected, and whichever speaks
 /// first decides. `None`: closed, failed, or silent past the handshake
 /// timeout.
-async fn first_move(shared: &Shared, tcp: &TcpStream, mode: MtlsMode) -> Option<FirstMove> {
+async fn first_move(tcp: &TcpStream, mode: MtlsMode, app: SocketAddr) -> Option<FirstMove> {
     let mut first = [0u8; 1];
     let client = |wait| async move {
         let mut first = [0u8; 1];
@@ -325,7 +394,7 @@ async fn first_move(shared: &Shared, tcp: &TcpStream, mode: MtlsMode) -> Option<
     if let Some(byte) = client(crate::transparent::SNIFF_WAIT).await? {
         return Some(FirstMove::Client(byte));
     }
-    let app = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(shared.opts.app))
+    let app = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(app))
         .await
         .ok()
         .and_then(Result::ok);
@@ -356,6 +425,7 @@ async fn serve_tcp<S>(
     mut stream: S,
     peer: Peer,
     port: u16,
+    app: SocketAddr,
     phase: watch::Receiver<Phase>,
     connected: Option<TcpStream>,
 ) where
@@ -380,25 +450,23 @@ async fn serve_tcp<S>(
     let labels = destination_labels(&shared, &peer, Claimed::from(None), "tcp", 0);
     let connect = async {
         match connected {
-            Some(app) => Ok(Ok(app)),
-            None => {
-                tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(shared.opts.app)).await
-            }
+            Some(conn) => Ok(Ok(conn)),
+            None => tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(app)).await,
         }
     };
-    let mut app = match connect.await {
+    let mut conn = match connect.await {
         Ok(Ok(a)) => a,
         Ok(Err(e)) => {
-            tracing::warn!(app = %shared.opts.app, error = %e, "the app is unreachable");
+            tracing::warn!(%app, error = %e, "the app is unreachable");
             return;
         }
         Err(_) => {
-            tracing::warn!(app = %shared.opts.app, "connecting to the app timed out");
+            tracing::warn!(%app, "connecting to the app timed out");
             return;
         }
     };
     shared.metrics.tcp_opened.get_or_create(&labels).inc();
-    let copied = crate::until_killed(tokio::io::copy_bidirectional(&mut stream, &mut app), phase)
+    let copied = crate::until_killed(tokio::io::copy_bidirectional(&mut stream, &mut conn), phase)
         .await
         .unwrap_or_else(|| Err(std::io::Error::other("closed at the drain deadline")));
     shared.metrics.tcp_closed.get_or_create(&labels).inc();
@@ -411,7 +479,7 @@ async fn serve_tcp<S>(
         authority: "",
         response_code: 0,
         duration_ms: start.elapsed().as_secs_f64() * 1000.0,
-        upstream_host: &shared.opts.app.to_string(),
+        upstream_host: &app.to_string(),
         peer_identity: peer.identity.as_deref(),
         source_cluster: "unknown",
         destination_cluster: &labels.destination_cluster,
@@ -647,7 +715,7 @@ async fn request(
                 Err(e) => (
                     plain(StatusCode::SERVICE_UNAVAILABLE, "the app is unreachable\n")
                         .map(ProxyBody::Own),
-                    Some(format!("app {}: {e}", shared.opts.app)),
+                    Some(format!("app {}: {e}", app.address)),
                 ),
             }
         }

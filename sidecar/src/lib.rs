@@ -81,6 +81,10 @@ pub struct Options {
     /// The app, plain HTTP (HTTP/1.1, or HTTP/2 with prior knowledge for
     /// requests whose client spoke HTTP/2).
     pub app: SocketAddr,
+    /// Other ports the app serves on `app`'s host (a pod with several
+    /// ports): a request or connection for one of them as its workload
+    /// port goes there; anything else goes to `app`.
+    pub app_ports: Vec<u16>,
     /// The HTTP proxy for the app.
     pub outbound: SocketAddr,
     /// How long in-flight requests may finish on shutdown.

@@ -426,8 +426,10 @@ fn redirected_traffic_is_routed_or_passed_through() {
                 backend("sleep").await,
                 identity(&pki, &spiffe("demo", "sleep")),
                 &pki,
-                Duration::from_secs(5),
-                strait_sidecar::OutboundPolicy::RegistryOnly,
+                Tuning {
+                    outbound_policy: strait_sidecar::OutboundPolicy::RegistryOnly,
+                    ..Tuning::default()
+                },
                 tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
             )
             .await;

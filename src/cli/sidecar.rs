@@ -49,6 +49,7 @@ impl From<OutboundTrafficPolicy> for strait_sidecar::OutboundPolicy {
       --token /var/run/strait/token --root-cert /var/run/strait/root-cert.pem \\
       --inbound 0.0.0.0:15006 --app 127.0.0.1:8080 --outbound 127.0.0.1:15001 \\
       --health-listen 0.0.0.0:15021 --metrics-listen 0.0.0.0:15090
+  # a pod serving HTTP on 8080 and gRPC on 9090: add --app-ports 9090
   # then, from the app: curl -x http://127.0.0.1:15001 http://echo.demo:8080/
   # (gRPC: dial 127.0.0.1:15001 with authority echo.demo:8080)
   # transparent capture rules for a pod's init container (istio-init-like)
@@ -89,6 +90,13 @@ pub struct SidecarArgs {
     /// callers that spoke HTTP/2 (gRPC).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
     app: SocketAddr,
+    /// Other ports the app serves on --app's host (a pod with several
+    /// container ports), comma-separated. A request or connection whose
+    /// workload port (the target port of the service port it came for,
+    /// or the port a redirected caller dialed) is one of them goes to that
+    /// port; everything else goes to --app.
+    #[arg(long, value_name = "PORTS", value_delimiter = ',')]
+    app_ports: Vec<u16>,
     /// The HTTP proxy for the app's outbound calls (HTTP/1.1, or HTTP/2
     /// with prior knowledge: gRPC clients naming the service in
     /// `:authority`).
@@ -429,6 +437,7 @@ pub fn run(args: SidecarArgs) -> Result<()> {
                 workload: me,
                 inbound: args.inbound,
                 app: args.app,
+                app_ports: args.app_ports,
                 outbound: args.outbound,
                 drain: args.drain,
                 outbound_policy: args.outbound_traffic_policy.into(),

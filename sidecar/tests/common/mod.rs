@@ -143,6 +143,26 @@ pub async fn sleep_and_echo(pki: &TestPki, echo_app: SocketAddr) -> (Sidecar, Si
     (client, server, mesh)
 }
 
+/// The options a test may change from their defaults.
+pub struct Tuning {
+    /// The drain deadline (5 s).
+    pub drain: Duration,
+    /// Allow-any.
+    pub outbound_policy: OutboundPolicy,
+    /// None.
+    pub app_ports: Vec<u16>,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            drain: Duration::from_secs(5),
+            outbound_policy: OutboundPolicy::AllowAny,
+            app_ports: vec![],
+        }
+    }
+}
+
 /// A running sidecar.
 pub struct Sidecar {
     pub name: String,
@@ -183,8 +203,11 @@ impl Sidecar {
         drain: Duration,
     ) -> Sidecar {
         let inbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let policy = OutboundPolicy::AllowAny;
-        Self::start_opts(name, ns, app, id, pki, drain, policy, inbound).await
+        let tuning = Tuning {
+            drain,
+            ..Tuning::default()
+        };
+        Self::start_opts(name, ns, app, id, pki, tuning, inbound).await
     }
 
     /// [`Sidecar::start`] with `inbound` as its mTLS listener.
@@ -196,26 +219,27 @@ impl Sidecar {
         pki: &TestPki,
         inbound: TcpListener,
     ) -> Sidecar {
-        let drain = Duration::from_secs(5);
-        let policy = OutboundPolicy::AllowAny;
-        Self::start_opts(name, ns, app, id, pki, drain, policy, inbound).await
+        Self::start_opts(name, ns, app, id, pki, Tuning::default(), inbound).await
     }
 
     /// Runs the sidecar with `inbound` as its mTLS listener. A test that
     /// checks the listener is closed binds it on a loopback address of
     /// its own: a port on 127.0.0.1 freed by one test may be bound by
     /// another running in parallel.
-    #[allow(clippy::too_many_arguments)]
     pub async fn start_opts(
         name: &str,
         ns: &str,
         app: SocketAddr,
         id: Arc<Identity>,
         pki: &TestPki,
-        drain: Duration,
-        outbound_policy: OutboundPolicy,
+        tuning: Tuning,
         inbound: TcpListener,
     ) -> Sidecar {
+        let Tuning {
+            drain,
+            outbound_policy,
+            app_ports,
+        } = tuning;
         let outbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let me = WorkloadRef {
             name: name.into(),
@@ -230,6 +254,7 @@ impl Sidecar {
                 workload: me.clone(),
                 inbound: inbound.local_addr().unwrap(),
                 app,
+                app_ports,
                 outbound: outbound.local_addr().unwrap(),
                 drain,
                 outbound_policy,
