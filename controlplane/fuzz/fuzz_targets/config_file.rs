@@ -1,11 +1,16 @@
-//! A config file of untrusted text: parsing and judging never panic, and
-//! applying the same read twice gives the same config (idempotent).
+//! A config file of untrusted text: parsing and judging never panic,
+//! applying the same read twice gives the same config (idempotent), and
+//! building the discovery resources from it (services with their ports,
+//! endpoints and virtual IPs, policies) never panics and gives the same
+//! resources twice.
 #![no_main]
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use libfuzzer_sys::fuzz_target;
+use strait_ca::TrustDomain;
+use strait_controlplane::resources::{ClusterContext, TrustInput, build};
 use strait_controlplane::source::{Config, parse_file};
 
 fuzz_target!(|data: &[u8]| {
@@ -16,4 +21,17 @@ fuzz_target!(|data: &[u8]| {
     let once = Config::default().apply(&read);
     let twice = once.apply(&read);
     assert_eq!(once, twice);
+    let ctx = ClusterContext {
+        cluster: "east".into(),
+        network: "net-east".into(),
+        trust_domain: TrustDomain::new("cluster.local").unwrap(),
+        locality: Some("eu/a".into()),
+        egress: None,
+    };
+    let (a, warnings_a) = build(&ctx, &once, &TrustInput::default(), &[]);
+    let (b, warnings_b) = build(&ctx, &once, &TrustInput::default(), &[]);
+    assert_eq!(warnings_a, warnings_b);
+    for type_url in a.type_urls() {
+        assert_eq!(a.resources(type_url), b.resources(type_url), "{type_url}");
+    }
 });
