@@ -124,7 +124,7 @@ where
 pub struct Observed<B> {
     inner: B,
     ended: Ended,
-    on_end: Option<Box<dyn FnOnce(Ended) + Send>>,
+    on_end: Option<OnEnd>,
 }
 
 /// What went through an [`Observed`] body.
@@ -177,14 +177,30 @@ impl<B> Observed<B> {
     /// connection's task has written the response's last bytes in the same
     /// poll, so the caller does not wait for the telemetry. The task runs
     /// before anything that I/O wakes later (a metrics scrape included):
-    /// it is queued first. Outside a runtime the report runs here.
+    /// it is queued first. Outside a runtime, or if the runtime drops the
+    /// task unrun (it is shutting down), the report runs there and then:
+    /// it is made exactly once either way.
     fn finish(&mut self) {
         if let Some(f) = self.on_end.take() {
-            let ended = std::mem::take(&mut self.ended);
+            let report = Report(Some((f, std::mem::take(&mut self.ended))));
             match tokio::runtime::Handle::try_current() {
-                Ok(rt) => drop(rt.spawn(async move { f(ended) })),
-                Err(_) => f(ended),
+                Ok(rt) => drop(rt.spawn(async move { drop(report) })),
+                Err(_) => drop(report),
             }
+        }
+    }
+}
+
+/// What an [`Observed`] body calls at its end.
+type OnEnd = Box<dyn FnOnce(Ended) + Send>;
+
+/// A report to make once: when dropped, wherever that happens.
+struct Report(Option<(OnEnd, Ended)>);
+
+impl Drop for Report {
+    fn drop(&mut self) {
+        if let Some((f, ended)) = self.0.take() {
+            f(ended);
         }
     }
 }
@@ -306,6 +322,22 @@ mod tests {
         // Once only, dropping included.
         drop(body);
         tokio::task::yield_now().await;
+        assert_eq!(reports.load(SeqCst), 1);
+    }
+
+    #[test]
+    fn a_runtime_shutting_down_still_reports_the_end() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let reports = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut body = observed(&reports);
+        body.ended.bytes = 4;
+        // Ended inside the runtime: queued as a task that never gets to run.
+        rt.block_on(async move { drop(body) });
+        assert_eq!(reports.load(SeqCst), 0);
+        drop(rt);
         assert_eq!(reports.load(SeqCst), 1);
     }
 
