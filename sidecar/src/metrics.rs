@@ -373,11 +373,32 @@ pub fn encode(entry: &AccessLog<'_>) -> Option<Vec<u8>> {
     Some(line)
 }
 
+/// Whether [`log`] writes (`--access-log`): on unless turned off.
+static ACCESS_LOG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Lines [`log`] took (buffered for stdout).
+static LOGGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Turns this process's access log on or off (`--access-log off`, as
+/// Istio's default empty `accessLogFile`): off, [`log`] does nothing, no
+/// writer thread starts, and requests are still counted in the metrics.
+pub fn set_access_log(on: bool) {
+    ACCESS_LOG.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Access log lines taken so far (written or about to be).
+pub fn logged_lines() -> u64 {
+    LOGGED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Buffers one JSON line for stdout. Logging never fails or slows a
 /// request: when the writer falls behind, lines are dropped and counted
 /// (see [`dropped_log_lines`]). Lines reach stdout within about
 /// [`LOG_FLUSH_INTERVAL`], or at [`flush_log`].
 pub fn log(entry: &AccessLog<'_>) {
+    if !ACCESS_LOG.load(std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
     let Some(w) = writer() else {
         return;
     };
@@ -393,6 +414,7 @@ pub fn log(entry: &AccessLog<'_>) {
     entry.write_json(&mut lines);
     lines.push(b'\n');
     drop(lines);
+    LOGGED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if was_empty {
         w.wake.notify_one();
     }

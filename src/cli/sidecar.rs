@@ -27,6 +27,15 @@ pub enum OutboundTrafficPolicy {
     RegistryOnly,
 }
 
+/// Where the access log goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum AccessLogTarget {
+    /// One JSON line per request on stdout.
+    Stdout,
+    /// Not written.
+    Off,
+}
+
 impl From<OutboundTrafficPolicy> for strait_sidecar::OutboundPolicy {
     fn from(p: OutboundTrafficPolicy) -> Self {
         match p {
@@ -109,6 +118,11 @@ pub struct SidecarArgs {
     /// refuses it.
     #[arg(long, value_name = "POLICY", value_enum, default_value_t = OutboundTrafficPolicy::AllowAny)]
     outbound_traffic_policy: OutboundTrafficPolicy,
+    /// The JSON access log, one line per request or TCP connection:
+    /// `stdout`, or `off` (Istio's default; the metrics still count every
+    /// request).
+    #[arg(long, value_name = "WHERE", value_enum, default_value_t = AccessLogTarget::Stdout)]
+    access_log: AccessLogTarget,
     /// Health endpoint (/healthz/ready: ready once it has a certificate and
     /// a first config).
     #[arg(long, value_name = "ADDR")]
@@ -432,6 +446,7 @@ pub fn run(args: SidecarArgs) -> Result<()> {
         // Ready means a certificate and a first config, whatever the
         // control plane's stream is doing now.
         strait_sidecar::follow_readiness(identity.clone(), config_rx.clone(), ready.clone());
+        strait_sidecar::metrics::set_access_log(args.access_log == AccessLogTarget::Stdout);
         let shared = Arc::new(strait_sidecar::Shared::new(
             strait_sidecar::Options {
                 workload: me,
