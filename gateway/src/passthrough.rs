@@ -329,6 +329,9 @@ pub async fn forward<S>(
         tracing::info!(error = %e, "replaying the ClientHello failed");
         return;
     }
+    // Not kept for the connection's life: only its length is counted.
+    let replayed = buf.len() as u64;
+    drop(buf);
     // Splice.
     metrics.count("spliced", "ok");
     metrics.active.inc();
@@ -340,7 +343,7 @@ pub async fn forward<S>(
     metrics
         .bytes_sent
         .get_or_create(&service)
-        .inc_by(up + buf.len() as u64);
+        .inc_by(up + replayed);
     metrics.bytes_received.get_or_create(&service).inc_by(down);
     tracing::debug!(via, host = %target.host, sent = up, received = down, "connection done");
 }
@@ -401,13 +404,19 @@ enum Flow {
     Failed,
 }
 
-/// One direction of a splice: bytes read from one side and not yet written
-/// to the other, in a buffer allocated once per connection.
+/// One direction of a splice. A chunk is read into a buffer that every
+/// splice on the thread shares and written on in the same poll; only what
+/// the writer does not take at once (backpressure) is kept, in a buffer of
+/// the pipe's own that is freed once written out. So an idle connection
+/// holds no buffer: with one 32 KiB buffer per direction, each connection
+/// kept 64 KiB resident for its whole life (68 kB per idle connection
+/// measured, against next to nothing for Envoy).
 struct Pipe {
-    buf: Box<[u8]>,
-    /// `buf[start..end]` is still to be written.
+    /// Read but not yet written (no capacity unless the writer pushed
+    /// back).
+    held: Vec<u8>,
+    /// `held[start..]` is still to be written.
     start: usize,
-    end: usize,
     /// Written bytes not flushed yet.
     unflushed: bool,
     /// The reader returned EOF or an error: no more reads.
@@ -420,9 +429,15 @@ struct Pipe {
     bytes: u64,
 }
 
-/// Per direction: a TLS record is at most ~16 KiB, so one read usually
-/// takes whatever the peer has sent.
+/// The shared read buffer: a TLS record is at most ~16 KiB, so one read
+/// usually takes whatever the peer has sent.
 const PIPE_BUFFER: usize = 32 * 1024;
+
+thread_local! {
+    /// The read buffer of the splices on this thread (see [`Pipe`]).
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; PIPE_BUFFER].into_boxed_slice());
+}
 
 /// Chunks one direction moves per wake-up before it yields. Tokio's own
 /// sockets already yield through the runtime's cooperative budget, but a
@@ -431,12 +446,21 @@ const PIPE_BUFFER: usize = 32 * 1024;
 /// other connection.
 const CHUNKS_PER_POLL: usize = 16;
 
+/// What one read-and-write step did.
+enum Step {
+    /// A chunk went on whole: keep going.
+    Moved,
+    /// The reader ended (EOF or error).
+    Eof,
+    Pending,
+    Failed,
+}
+
 impl Pipe {
     fn new() -> Self {
         Pipe {
-            buf: vec![0u8; PIPE_BUFFER].into_boxed_slice(),
+            held: Vec::new(),
             start: 0,
-            end: 0,
             unflushed: false,
             eof: false,
             done: false,
@@ -453,18 +477,20 @@ impl Pipe {
         W: AsyncWrite + ?Sized,
     {
         for _ in 0..CHUNKS_PER_POLL {
-            // Drain what was read.
-            while self.start < self.end {
-                match w.as_mut().poll_write(cx, &self.buf[self.start..self.end]) {
+            // Drain what the writer pushed back last time.
+            while self.start < self.held.len() {
+                match w.as_mut().poll_write(cx, &self.held[self.start..]) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Flow::Failed,
                     Poll::Ready(Ok(n)) => {
                         self.start += n;
-                        self.bytes += n as u64;
-                        self.moved = true;
-                        self.unflushed = true;
+                        self.wrote(n);
                     }
                     Poll::Pending => return Flow::Pending,
                 }
+            }
+            if self.held.capacity() > 0 {
+                self.held = Vec::new();
+                self.start = 0;
             }
             if self.unflushed {
                 match w.as_mut().poll_flush(cx) {
@@ -485,26 +511,72 @@ impl Pipe {
                 }
                 return Flow::Done;
             }
-            // Read the next chunk into the (now empty) buffer.
-            let mut rb = ReadBuf::new(&mut self.buf);
-            match r.as_mut().poll_read(cx, &mut rb) {
-                Poll::Ready(Ok(())) => {
-                    let n = rb.filled().len();
-                    if n == 0 {
-                        self.eof = true;
-                    } else {
-                        self.start = 0;
-                        self.end = n;
-                        self.moved = true;
-                    }
+            // The next chunk, through the thread's buffer (a buffer of its
+            // own should a stream's poll ever run another splice's).
+            let step = SCRATCH.with(|cell| match cell.try_borrow_mut() {
+                Ok(mut scratch) => self.pass_on(cx, r.as_mut(), w.as_mut(), &mut scratch),
+                Err(_) => {
+                    let mut own = vec![0u8; PIPE_BUFFER];
+                    self.pass_on(cx, r.as_mut(), w.as_mut(), &mut own)
                 }
-                Poll::Ready(Err(_)) => self.eof = true,
-                Poll::Pending => return Flow::Pending,
+            });
+            match step {
+                Step::Moved => {}
+                Step::Eof => self.eof = true,
+                Step::Pending => return Flow::Pending,
+                Step::Failed => return Flow::Failed,
             }
         }
         // Budget spent with work left: be polled again after the others.
         cx.waker().wake_by_ref();
         Flow::Pending
+    }
+
+    /// Reads a chunk into `scratch` and writes it on; what the writer does
+    /// not take is kept in `held`.
+    fn pass_on<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut r: Pin<&mut R>,
+        mut w: Pin<&mut W>,
+        scratch: &mut [u8],
+    ) -> Step
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        let mut rb = ReadBuf::new(scratch);
+        let n = match r.as_mut().poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => rb.filled().len(),
+            Poll::Ready(Err(_)) => return Step::Eof,
+            Poll::Pending => return Step::Pending,
+        };
+        if n == 0 {
+            return Step::Eof;
+        }
+        self.moved = true;
+        let mut off = 0;
+        while off < n {
+            match w.as_mut().poll_write(cx, &scratch[off..n]) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Step::Failed,
+                Poll::Ready(Ok(k)) => {
+                    off += k;
+                    self.wrote(k);
+                }
+                Poll::Pending => {
+                    self.held.extend_from_slice(&scratch[off..n]);
+                    self.start = 0;
+                    return Step::Pending;
+                }
+            }
+        }
+        Step::Moved
+    }
+
+    fn wrote(&mut self, n: usize) {
+        self.bytes += n as u64;
+        self.moved = true;
+        self.unflushed = true;
     }
 }
 
@@ -717,6 +789,38 @@ mod tests {
         fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
             Poll::Ready(Ok(()))
         }
+    }
+
+    #[tokio::test]
+    async fn a_pipe_holds_a_buffer_only_while_the_writer_pushes_back() {
+        let (mut reader_far, reader) = tokio::io::duplex(64);
+        // A writer that takes 4 bytes before it pushes back.
+        let (writer, mut writer_far) = tokio::io::duplex(4);
+        tokio::pin!(reader);
+        tokio::pin!(writer);
+        let mut pipe = Pipe::new();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        reader_far.write_all(b"0123456789").await.unwrap();
+        let flow = pipe.poll(&mut cx, reader.as_mut(), writer.as_mut());
+        assert_eq!(flow, Flow::Pending);
+        assert_eq!(&pipe.held[pipe.start..], b"456789", "the rest is kept");
+        let mut got = Vec::new();
+        while got.len() < 10 {
+            let mut buf = [0u8; 4];
+            let n = writer_far.read(&mut buf).await.unwrap();
+            got.extend_from_slice(&buf[..n]);
+            let _ = pipe.poll(&mut cx, reader.as_mut(), writer.as_mut());
+        }
+        assert_eq!(got, b"0123456789");
+        assert_eq!(pipe.bytes, 10);
+        assert_eq!(pipe.held.capacity(), 0, "written out: the buffer is freed");
+        // A chunk the writer takes whole is never kept.
+        reader_far.write_all(b"ab").await.unwrap();
+        let _ = pipe.poll(&mut cx, reader.as_mut(), writer.as_mut());
+        assert_eq!(pipe.held.capacity(), 0);
+        let mut buf = [0u8; 2];
+        writer_far.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ab");
     }
 
     #[tokio::test]
