@@ -4,7 +4,8 @@
 # passthrough, driven by the same load generator (oha: it accepts Istio's
 # SNI with underscores, wrk and h2load do not). Envoy runs with
 # --concurrency 1 and strait with one worker thread. Prints req/s, p50 and
-# p99 for each, and the ratios strait/Envoy.
+# p99 for each, and the ratios strait/Envoy; then what each gateway's
+# memory (RSS) grows by per idle connection held open through it.
 #
 # Everything shares the machine's cores, so a compile or a test run next to
 # it moves the figures by tens of percent. To keep that from favouring one
@@ -253,4 +254,37 @@ print(f"strait/envoy: req/s {rps:.2f}x ({span(0)}), p50 {p50:.2f}x ({span(1)}), 
       f"p99 {p99:.2f}x ({span(2)})  (target: req/s >= 1.3x, p99 <= 0.8x)")
 print("gw us/req: the gateway's CPU time per request; other: cores used by everything "
       "outside the benchmark during the run")
+
+# Memory: idle connections (a TLS session and one request each, then
+# quiet) held open through each gateway. Envoy's default circuit breaker
+# allows 1024 connections to a cluster, so fewer than that.
+import socket, ssl, time
+IDLE = 900
+
+def rss_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS"))
+
+def idle_cost(name):
+    port, pid = paths[name]
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    before, held = rss_kb(pid), []
+    for _ in range(IDLE):
+        t = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname=sni)
+        t.sendall(b"GET / HTTP/1.1\r\nHost: backend\r\n\r\n")
+        t.recv(4096)
+        held.append(t)
+    time.sleep(0.5)
+    after = rss_kb(pid)
+    for t in held:
+        t.close()
+    return before, after
+
+print(f"== memory: {IDLE} idle connections held open through each gateway")
+for n in ("strait", "envoy"):
+    before, after = idle_cost(n)
+    print(f"{n:<8} RSS {before / 1024:6.1f} MB -> {after / 1024:6.1f} MB: "
+          f"{(after - before) / IDLE:5.1f} kB per idle connection")
 PY
