@@ -220,3 +220,120 @@ async fn a_pooled_connection_the_server_closed_is_replaced() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
+
+/// An HTTP/1.1 app that holds every request until `open` says true, and
+/// records how many it has in (now, and the most at once).
+async fn held_app() -> (
+    SocketAddr,
+    Arc<AtomicU64>,
+    Arc<AtomicU64>,
+    tokio::sync::watch::Sender<bool>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let most = Arc::new(AtomicU64::new(0));
+    let now = Arc::new(AtomicU64::new(0));
+    let (open, opened) = tokio::sync::watch::channel(false);
+    let (seen_most, seen_now) = (most.clone(), now.clone());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (most, now, opened) = (most.clone(), now.clone(), opened.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req: hyper::Request<_>| {
+                    let (most, now, mut opened) = (most.clone(), now.clone(), opened.clone());
+                    async move {
+                        let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(n, Ordering::SeqCst);
+                        let _ = opened.wait_for(|o| *o).await;
+                        now.fetch_sub(1, Ordering::SeqCst);
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            Bytes::from("ok"),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen_most, seen_now, open)
+}
+
+/// Sends `n` GETs at once, each over a client connection of its own.
+fn spawn_gets(
+    proxy: SocketAddr,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<(u16, String, http::HeaderMap)>> {
+    (0..n)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut c = ProxyClient::connect(proxy).await;
+                c.get("http://echo.demo:8080/").await
+            })
+        })
+        .collect()
+}
+
+/// Waits until the app has `n` requests in.
+async fn app_holds(now: &AtomicU64, n: u64) {
+    tokio::time::timeout(WAIT, async {
+        while now.load(Ordering::SeqCst) != n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the app holds {}, not {n}", now.load(Ordering::SeqCst)));
+}
+
+#[tokio::test]
+async fn max_connections_queues_requests_beyond_it() {
+    // maxConnections 2, no pending limit (Istio's default): of 6 requests
+    // at once the app gets 2, the rest wait (none overflows), and all are
+    // answered once the app lets go.
+    let pki = TestPki::new(TD);
+    let (app, most, now, open) = held_app().await;
+    let rule = json!({"host": "echo",
+                      "trafficPolicy": {"connectionPool": {"tcp": {"maxConnections": 2}}}});
+    let (client, _server, _accepted, mesh) = pair(&pki, app, Some(rule)).await;
+    let gets = spawn_gets(client.outbound, 6);
+    app_holds(&now, 2).await;
+    open.send_replace(true);
+    for t in gets {
+        let (status, body, _) = tokio::time::timeout(WAIT, t).await.unwrap().unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(most.load(Ordering::SeqCst), 2);
+
+    // With http1MaxPendingRequests 1: two in, one waiting, the other three
+    // overflow at once (503 naming the limit) while the app holds the two.
+    open.send_replace(false);
+    most.store(0, Ordering::SeqCst);
+    let rule = json!({"host": "echo",
+                      "trafficPolicy": {"connectionPool": {
+                          "tcp": {"maxConnections": 2},
+                          "http": {"http1MaxPendingRequests": 1}}}});
+    client.push(&mesh.policy("DestinationRule", "demo", "echo", rule));
+    let mut gets = spawn_gets(client.outbound, 6);
+    let mut overflowed = 0;
+    while overflowed < 3 {
+        let (done, _, rest) = futures::future::select_all(gets).await;
+        gets = rest;
+        let (status, body, _) = done.unwrap();
+        assert_eq!(
+            status, 503,
+            "only overflows end while the app holds: {body}"
+        );
+        assert!(body.contains("overflow"), "{body}");
+        overflowed += 1;
+    }
+    // The two with a connection reach the app (they may still be on the
+    // way), the waiting one does not.
+    app_holds(&now, 2).await;
+    open.send_replace(true);
+    for t in gets {
+        let (status, body, _) = tokio::time::timeout(WAIT, t).await.unwrap().unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(most.load(Ordering::SeqCst), 2);
+}

@@ -223,6 +223,9 @@ struct Settled {
     reason: Option<String>,
     /// Sent outside the mesh as it was (no mTLS).
     passthrough: bool,
+    /// The HTTP/1.1 connection slot (`maxConnections`) the answer holds
+    /// until its body has gone through.
+    connection: Option<Connection>,
 }
 
 impl Default for Settled {
@@ -234,6 +237,7 @@ impl Default for Settled {
             destination_principal: "unknown".into(),
             reason: None,
             passthrough: false,
+            connection: None,
         }
     }
 }
@@ -612,6 +616,52 @@ async fn forward(
         } else {
             Wire::Http1
         };
+        // HTTP/1.1 under `maxConnections`: one connection per request in
+        // flight, so a request that finds them all busy waits for one,
+        // queued with at most `http1MaxPendingRequests` others (and no
+        // longer than the route's timeout), as Envoy's pending queue.
+        // A retry gives back the slot of the attempt before.
+        settled.connection = None;
+        settled.connection = if matches!(wire, Wire::Http1) {
+            let wait =
+                shared
+                    .pool
+                    .connection(limit_key, tp.max_connections, tp.max_pending_requests);
+            let waited = match deadline {
+                Some(d) => tokio::time::timeout_at(tokio::time::Instant::from_std(d), wait)
+                    .await
+                    .map_err(|_| ()),
+                None => Ok(wait.await),
+            };
+            match waited {
+                Ok(Some(c)) => Some(c),
+                Ok(None) => {
+                    let why = format!(
+                        "upstream connection pool overflow: {} allows {} connections and {} waiting",
+                        dest_service.hostname,
+                        tp.max_connections.unwrap_or(0),
+                        tp.max_pending_requests.unwrap_or(0)
+                    );
+                    return (
+                        fail(settled, StatusCode::SERVICE_UNAVAILABLE, why),
+                        Some(service),
+                    );
+                }
+                Err(()) => {
+                    let why = format!(
+                        "timed out waiting for a connection to {} ({} allowed)",
+                        dest_service.hostname,
+                        tp.max_connections.unwrap_or(0)
+                    );
+                    return (
+                        fail(settled, StatusCode::GATEWAY_TIMEOUT, why),
+                        Some(service),
+                    );
+                }
+            }
+        } else {
+            None
+        };
         // The request target as that version wants it, made once for all
         // attempts: absolute (`:scheme`, `:authority`) for HTTP/2, origin
         // form with a Host header for HTTP/1.1.
@@ -844,7 +894,7 @@ mod tests {
     }
 
     #[test]
-    fn concurrency_limit_takes_the_tightest_circuit_breaker() {
+    fn the_request_limit_is_http2_max_requests_alone() {
         let tp = |c, p, r| TrafficPolicy {
             max_connections: c,
             max_pending_requests: p,
@@ -852,14 +902,62 @@ mod tests {
             ..TrafficPolicy::default()
         };
         assert_eq!(concurrency_limit(&tp(None, None, None)), None);
-        assert_eq!(concurrency_limit(&tp(Some(1), Some(1), None)), Some(2));
-        assert_eq!(concurrency_limit(&tp(Some(1), None, None)), None);
+        // maxConnections and the pending queue are the connection limit's.
+        assert_eq!(concurrency_limit(&tp(Some(1), Some(1), None)), None);
         assert_eq!(concurrency_limit(&tp(Some(10), Some(10), Some(5))), Some(5));
         assert_eq!(concurrency_limit(&tp(None, None, Some(3))), Some(3));
-        assert_eq!(
-            concurrency_limit(&tp(Some(u32::MAX), Some(5), None)),
-            Some(u32::MAX)
+    }
+
+    #[tokio::test]
+    async fn connections_queue_up_to_the_pending_limit_then_overflow() {
+        use std::future::Future;
+        let pool = Pool::default();
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let dest = || "echo|".to_string();
+        // Two connections allowed, one request may wait.
+        let a = pool.connection(dest, Some(2), Some(1)).await.unwrap();
+        let b = pool.connection(dest, Some(2), Some(1)).await.unwrap();
+        let mut queued = Box::pin(pool.connection(dest, Some(2), Some(1)));
+        assert!(queued.as_mut().poll(&mut cx).is_pending(), "waits");
+        assert!(
+            pool.connection(dest, Some(2), Some(1)).await.is_none(),
+            "the queue is full: overflow"
         );
+        // A connection freed goes to the waiting request.
+        drop(a);
+        let c = match queued.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(c) => c.unwrap(),
+            std::task::Poll::Pending => panic!("the freed connection was not handed on"),
+        };
+        // A request that stops waiting leaves the queue.
+        let mut gone = Box::pin(pool.connection(dest, Some(2), Some(1)));
+        assert!(gone.as_mut().poll(&mut cx).is_pending());
+        drop(gone);
+        let mut next = Box::pin(pool.connection(dest, Some(2), Some(1)));
+        assert!(
+            next.as_mut().poll(&mut cx).is_pending(),
+            "room in the queue again"
+        );
+        drop((b, c, next));
+        // No pending limit: any number waits; no connection limit: none do.
+        let only = pool
+            .connection(|| "x|".into(), Some(1), None)
+            .await
+            .unwrap();
+        let waiters: Vec<_> = (0..50)
+            .map(|_| Box::pin(pool.connection(|| "x|".into(), Some(1), None)))
+            .collect();
+        for mut w in waiters {
+            assert!(w.as_mut().poll(&mut cx).is_pending());
+        }
+        drop(only);
+        for _ in 0..100 {
+            assert!(
+                pool.connection(|| "y|".into(), None, Some(0))
+                    .await
+                    .is_some()
+            );
+        }
     }
 
     #[test]

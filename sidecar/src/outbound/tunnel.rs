@@ -205,8 +205,7 @@ async fn open_mesh_tcp(
         destination_cluster: or_unknown(&ep.cluster),
         destination_workload: or_unknown(&ep.workload),
         destination_principal: peer,
-        reason: None,
-        passthrough: false,
+        ..Settled::default()
     };
     // A TCP endpoint's health is whether it could be connected to.
     picked.report(Outcome::Success);

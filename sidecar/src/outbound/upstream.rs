@@ -98,6 +98,9 @@ pub struct Pool {
     /// HTTP/2 connects under way, and where their outcome will be told.
     connecting: Mutex<foldhash::HashMap<PoolKey, watch::Receiver<Option<Connected2>>>>,
     pub(super) in_flight: Mutex<foldhash::HashMap<String, Arc<AtomicU32>>>,
+    /// HTTP/1.1 connections busy per destination and limit, under
+    /// `maxConnections` (see [`Pool::connection`]).
+    busy: Mutex<foldhash::HashMap<String, Arc<Busy>>>,
     /// HTTP/1.1 to destinations outside the mesh (passthrough), made on
     /// first use.
     passthrough: std::sync::OnceLock<PassthroughClient>,
@@ -269,6 +272,77 @@ impl Pool {
     }
 }
 
+/// The HTTP/1.1 connections of one destination under one
+/// `maxConnections`: a permit per connection in use, and the requests
+/// waiting for one.
+struct Busy {
+    permits: Arc<tokio::sync::Semaphore>,
+    waiting: AtomicU32,
+}
+
+/// A place in a [`Busy`] queue, left on drop (also when the waiting
+/// request goes away).
+struct Waiting<'a>(&'a AtomicU32);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One of `maxConnections` HTTP/1.1 connections, given back on drop.
+pub(super) struct Connection {
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Pool {
+    /// Waits for one of `limit` HTTP/1.1 connections to `destination`
+    /// (named only when there is a limit): Envoy's `max_connections`
+    /// circuit breaker, as Istio's `maxConnections` sets it. A request
+    /// that finds them all busy waits in a queue of at most `pending`
+    /// (`http1MaxPendingRequests`; `None`: unbounded, Istio's default);
+    /// `None` when the queue is full (the request overflows). No limit
+    /// never waits.
+    pub(super) async fn connection(
+        &self,
+        destination: impl FnOnce() -> String,
+        limit: Option<u32>,
+        pending: Option<u32>,
+    ) -> Option<Connection> {
+        let Some(limit) = limit else {
+            return Some(Connection { _permit: None });
+        };
+        let busy = self
+            .busy
+            .lock()
+            .ok()?
+            .entry(format!("{}|{limit}", destination()))
+            .or_insert_with(|| {
+                Arc::new(Busy {
+                    permits: Arc::new(tokio::sync::Semaphore::new(limit as usize)),
+                    waiting: AtomicU32::new(0),
+                })
+            })
+            .clone();
+        if let Ok(p) = busy.permits.clone().try_acquire_owned() {
+            return Some(Connection { _permit: Some(p) });
+        }
+        busy.waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| match pending {
+                Some(max) if n >= max => None,
+                _ => Some(n + 1),
+            })
+            .ok()?;
+        let _waiting = Waiting(&busy.waiting);
+        busy.permits
+            .clone()
+            .acquire_owned()
+            .await
+            .ok()
+            .map(|p| Connection { _permit: Some(p) })
+    }
+}
+
 /// An in-flight slot, given back on drop.
 pub(super) struct InFlight(Option<Arc<AtomicU32>>);
 
@@ -280,16 +354,13 @@ impl Drop for InFlight {
     }
 }
 
-/// How many requests may be in flight to one destination under `tp`
-/// (Envoy's circuit breakers as Istio configures them): `http2MaxRequests`,
-/// and for HTTP/1.1-style limits `maxConnections` plus
-/// `http1MaxPendingRequests`; the smaller wins.
+/// How many requests may be in flight to one destination under `tp`:
+/// `http2MaxRequests`, which Istio makes Envoy's `max_requests` circuit
+/// breaker, for HTTP/1.1 and HTTP/2 alike; beyond it a request overflows
+/// at once. (`maxConnections` and `http1MaxPendingRequests` bound the
+/// HTTP/1.1 connections and the queue for them: [`Pool::connection`].)
 pub fn concurrency_limit(tp: &TrafficPolicy) -> Option<u32> {
-    let queued = match (tp.max_connections, tp.max_pending_requests) {
-        (Some(c), Some(p)) => Some(c.saturating_add(p)),
-        _ => None,
-    };
-    [tp.max_requests, queued].into_iter().flatten().min()
+    tp.max_requests
 }
 
 /// Why one attempt failed.
