@@ -38,14 +38,17 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The reason header on answers the sidecar makes itself.
 pub const REASON_HEADER: &str = "x-strait-reason";
 
+mod limits;
 mod passthrough;
 mod tunnel;
 mod upstream;
 
+pub use limits::concurrency_limit;
+use limits::{Connection, InFlight};
 use passthrough::*;
 use tunnel::{redirected_tcp, tunnel};
+pub use upstream::Pool;
 use upstream::*;
-pub use upstream::{Pool, concurrency_limit};
 
 /// Accepts until `stop`.
 pub(crate) async fn serve(
@@ -560,7 +563,7 @@ async fn forward(
                 dest.subset.as_deref().unwrap_or("")
             )
         };
-        let Some(_slot) = shared.pool.admit(limit_key, concurrency_limit(&tp)) else {
+        let Some(_slot) = shared.pool.limits.admit(limit_key, concurrency_limit(&tp)) else {
             let why = format!(
                 "upstream connection pool overflow: {} allows {} requests in flight",
                 dest_service.hostname,
@@ -622,46 +625,18 @@ async fn forward(
         // longer than the route's timeout), as Envoy's pending queue.
         // A retry gives back the slot of the attempt before.
         settled.connection = None;
-        settled.connection = if matches!(wire, Wire::Http1) {
-            let wait =
-                shared
-                    .pool
-                    .connection(limit_key, tp.max_connections, tp.max_pending_requests);
-            let waited = match deadline {
-                Some(d) => tokio::time::timeout_at(tokio::time::Instant::from_std(d), wait)
-                    .await
-                    .map_err(|_| ()),
-                None => Ok(wait.await),
-            };
-            match waited {
-                Ok(Some(c)) => Some(c),
-                Ok(None) => {
-                    let why = format!(
-                        "upstream connection pool overflow: {} allows {} connections and {} waiting",
-                        dest_service.hostname,
-                        tp.max_connections.unwrap_or(0),
-                        tp.max_pending_requests.unwrap_or(0)
-                    );
-                    return (
-                        fail(settled, StatusCode::SERVICE_UNAVAILABLE, why),
-                        Some(service),
-                    );
-                }
-                Err(()) => {
-                    let why = format!(
-                        "timed out waiting for a connection to {} ({} allowed)",
-                        dest_service.hostname,
-                        tp.max_connections.unwrap_or(0)
-                    );
-                    return (
-                        fail(settled, StatusCode::GATEWAY_TIMEOUT, why),
-                        Some(service),
-                    );
-                }
+        if matches!(wire, Wire::Http1) {
+            let slot = shared.pool.limits.http1_connection(
+                limit_key,
+                &dest_service.hostname,
+                &tp,
+                deadline,
+            );
+            match slot.await {
+                Ok(c) => settled.connection = Some(c),
+                Err((status, why)) => return (fail(settled, status, why), Some(service)),
             }
-        } else {
-            None
-        };
+        }
         // The request target as that version wants it, made once for all
         // attempts: absolute (`:scheme`, `:authority`) for HTTP/2, origin
         // form with a Host header for HTTP/1.1.
@@ -810,7 +785,6 @@ async fn forward(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::policy::TrafficPolicy;
 
     #[test]
     fn request_ids_are_32_lowercase_hex_digits() {
@@ -891,89 +865,5 @@ mod tests {
                 .unwrap_err()
                 .contains("names no port")
         );
-    }
-
-    #[test]
-    fn the_request_limit_is_http2_max_requests_alone() {
-        let tp = |c, p, r| TrafficPolicy {
-            max_connections: c,
-            max_pending_requests: p,
-            max_requests: r,
-            ..TrafficPolicy::default()
-        };
-        assert_eq!(concurrency_limit(&tp(None, None, None)), None);
-        // maxConnections and the pending queue are the connection limit's.
-        assert_eq!(concurrency_limit(&tp(Some(1), Some(1), None)), None);
-        assert_eq!(concurrency_limit(&tp(Some(10), Some(10), Some(5))), Some(5));
-        assert_eq!(concurrency_limit(&tp(None, None, Some(3))), Some(3));
-    }
-
-    #[tokio::test]
-    async fn connections_queue_up_to_the_pending_limit_then_overflow() {
-        use std::future::Future;
-        let pool = Pool::default();
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        let dest = || "echo|".to_string();
-        // Two connections allowed, one request may wait.
-        let a = pool.connection(dest, Some(2), Some(1)).await.unwrap();
-        let b = pool.connection(dest, Some(2), Some(1)).await.unwrap();
-        let mut queued = Box::pin(pool.connection(dest, Some(2), Some(1)));
-        assert!(queued.as_mut().poll(&mut cx).is_pending(), "waits");
-        assert!(
-            pool.connection(dest, Some(2), Some(1)).await.is_none(),
-            "the queue is full: overflow"
-        );
-        // A connection freed goes to the waiting request.
-        drop(a);
-        let c = match queued.as_mut().poll(&mut cx) {
-            std::task::Poll::Ready(c) => c.unwrap(),
-            std::task::Poll::Pending => panic!("the freed connection was not handed on"),
-        };
-        // A request that stops waiting leaves the queue.
-        let mut gone = Box::pin(pool.connection(dest, Some(2), Some(1)));
-        assert!(gone.as_mut().poll(&mut cx).is_pending());
-        drop(gone);
-        let mut next = Box::pin(pool.connection(dest, Some(2), Some(1)));
-        assert!(
-            next.as_mut().poll(&mut cx).is_pending(),
-            "room in the queue again"
-        );
-        drop((b, c, next));
-        // No pending limit: any number waits; no connection limit: none do.
-        let only = pool
-            .connection(|| "x|".into(), Some(1), None)
-            .await
-            .unwrap();
-        let waiters: Vec<_> = (0..50)
-            .map(|_| Box::pin(pool.connection(|| "x|".into(), Some(1), None)))
-            .collect();
-        for mut w in waiters {
-            assert!(w.as_mut().poll(&mut cx).is_pending());
-        }
-        drop(only);
-        for _ in 0..100 {
-            assert!(
-                pool.connection(|| "y|".into(), None, Some(0))
-                    .await
-                    .is_some()
-            );
-        }
-    }
-
-    #[test]
-    fn admission_overflows_at_the_limit_and_frees_slots_on_drop() {
-        let pool = Pool::default();
-        let a = pool.admit(|| "echo|".into(), Some(2)).unwrap();
-        let b = pool.admit(|| "echo|".into(), Some(2)).unwrap();
-        assert!(pool.admit(|| "echo|".into(), Some(2)).is_none());
-        // Other destinations have their own count.
-        assert!(pool.admit(|| "other|".into(), Some(1)).is_some());
-        drop(a);
-        let c = pool.admit(|| "echo|".into(), Some(2)).unwrap();
-        drop((b, c));
-        for _ in 0..100 {
-            assert!(pool.admit(|| "echo|".into(), None).is_some());
-        }
-        assert!(pool.admit(|| "echo|".into(), Some(0)).is_none());
     }
 }

@@ -161,7 +161,7 @@ async fn open_mesh_tcp(
             dest.subset.as_deref().unwrap_or("")
         )
     };
-    let Some(slot) = shared.pool.admit(limit_key, tp.max_connections) else {
+    let Some(slot) = shared.pool.limits.admit(limit_key, tp.max_connections) else {
         return Err(unavailable(format!(
             "upstream connection pool overflow: {} allows {} connections",
             dest_service.hostname,

@@ -1,9 +1,9 @@
 //! Reaching an upstream: pooled HTTP/1.1 and HTTP/2 connections over mTLS
-//! (or plain TCP), connection-pool limits, endpoint picking with outlier reporting,
+//! (or plain TCP), endpoint picking with outlier reporting,
 //! the request body across attempts, and one attempt of a request with its
 //! failure classified for retries.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,8 @@ use crate::identity::Identity;
 use crate::idle::{self, IdleList};
 use crate::policy::{Outcome, RetryPolicy, TrafficPolicy, endpoint_key};
 use crate::{Counted, Shared};
+
+use super::limits::Limits;
 
 /// A request body as one attempt sends it: a copy of one held whole, or
 /// the client's stream.
@@ -97,10 +99,8 @@ pub struct Pool {
     idle: Arc<Mutex<foldhash::HashMap<PoolKey, IdleList<SendBody, Http1Meta>>>>,
     /// HTTP/2 connects under way, and where their outcome will be told.
     connecting: Mutex<foldhash::HashMap<PoolKey, watch::Receiver<Option<Connected2>>>>,
-    pub(super) in_flight: Mutex<foldhash::HashMap<String, Arc<AtomicU32>>>,
-    /// HTTP/1.1 connections busy per destination and limit, under
-    /// `maxConnections` (see [`Pool::connection`]).
-    busy: Mutex<foldhash::HashMap<String, Arc<Busy>>>,
+    /// DestinationRule `connectionPool` limits.
+    pub(super) limits: Limits,
     /// HTTP/1.1 to destinations outside the mesh (passthrough), made on
     /// first use.
     passthrough: std::sync::OnceLock<PassthroughClient>,
@@ -244,123 +244,6 @@ impl Pool {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-
-    /// Takes one of `limit` in-flight slots of `destination` (named only
-    /// when there is a limit); `None` when all are taken (the request
-    /// overflows). No limit always admits.
-    pub(super) fn admit(
-        &self,
-        destination: impl FnOnce() -> String,
-        limit: Option<u32>,
-    ) -> Option<InFlight> {
-        let Some(limit) = limit else {
-            return Some(InFlight(None));
-        };
-        let counter = self
-            .in_flight
-            .lock()
-            .ok()?
-            .entry(destination())
-            .or_default()
-            .clone();
-        counter
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < limit).then_some(n + 1)
-            })
-            .ok()?;
-        Some(InFlight(Some(counter)))
-    }
-}
-
-/// The HTTP/1.1 connections of one destination under one
-/// `maxConnections`: a permit per connection in use, and the requests
-/// waiting for one.
-struct Busy {
-    permits: Arc<tokio::sync::Semaphore>,
-    waiting: AtomicU32,
-}
-
-/// A place in a [`Busy`] queue, left on drop (also when the waiting
-/// request goes away).
-struct Waiting<'a>(&'a AtomicU32);
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// One of `maxConnections` HTTP/1.1 connections, given back on drop.
-pub(super) struct Connection {
-    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
-}
-
-impl Pool {
-    /// Waits for one of `limit` HTTP/1.1 connections to `destination`
-    /// (named only when there is a limit): Envoy's `max_connections`
-    /// circuit breaker, as Istio's `maxConnections` sets it. A request
-    /// that finds them all busy waits in a queue of at most `pending`
-    /// (`http1MaxPendingRequests`; `None`: unbounded, Istio's default);
-    /// `None` when the queue is full (the request overflows). No limit
-    /// never waits.
-    pub(super) async fn connection(
-        &self,
-        destination: impl FnOnce() -> String,
-        limit: Option<u32>,
-        pending: Option<u32>,
-    ) -> Option<Connection> {
-        let Some(limit) = limit else {
-            return Some(Connection { _permit: None });
-        };
-        let busy = self
-            .busy
-            .lock()
-            .ok()?
-            .entry(format!("{}|{limit}", destination()))
-            .or_insert_with(|| {
-                Arc::new(Busy {
-                    permits: Arc::new(tokio::sync::Semaphore::new(limit as usize)),
-                    waiting: AtomicU32::new(0),
-                })
-            })
-            .clone();
-        if let Ok(p) = busy.permits.clone().try_acquire_owned() {
-            return Some(Connection { _permit: Some(p) });
-        }
-        busy.waiting
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| match pending {
-                Some(max) if n >= max => None,
-                _ => Some(n + 1),
-            })
-            .ok()?;
-        let _waiting = Waiting(&busy.waiting);
-        busy.permits
-            .clone()
-            .acquire_owned()
-            .await
-            .ok()
-            .map(|p| Connection { _permit: Some(p) })
-    }
-}
-
-/// An in-flight slot, given back on drop.
-pub(super) struct InFlight(Option<Arc<AtomicU32>>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        if let Some(c) = &self.0 {
-            c.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-}
-
-/// How many requests may be in flight to one destination under `tp`:
-/// `http2MaxRequests`, which Istio makes Envoy's `max_requests` circuit
-/// breaker, for HTTP/1.1 and HTTP/2 alike; beyond it a request overflows
-/// at once. (`maxConnections` and `http1MaxPendingRequests` bound the
-/// HTTP/1.1 connections and the queue for them: [`Pool::connection`].)
-pub fn concurrency_limit(tp: &TrafficPolicy) -> Option<u32> {
-    tp.max_requests
 }
 
 /// Why one attempt failed.
