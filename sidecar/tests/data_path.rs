@@ -346,14 +346,7 @@ async fn a_server_outside_the_service_identities_is_refused() {
 #[tokio::test]
 async fn virtual_service_weights_split_traffic_80_20() {
     let pki = TestPki::new(TD);
-    let client = Sidecar::start(
-        "sleep",
-        "demo",
-        backend("sleep").await,
-        identity(&pki, &spiffe("demo", "sleep")),
-        &pki,
-    )
-    .await;
+    let client = sleep_client(&pki).await;
     let v1 = Sidecar::start(
         "echo-v1",
         "demo",
@@ -528,14 +521,7 @@ async fn connection_pool_overflow_is_a_503() {
 #[tokio::test]
 async fn shutdown_drains_in_flight_requests_and_stops_accepting() {
     let pki = TestPki::new(TD);
-    let client = Sidecar::start(
-        "sleep",
-        "demo",
-        backend("sleep").await,
-        identity(&pki, &spiffe("demo", "sleep")),
-        &pki,
-    )
-    .await;
+    let client = sleep_client(&pki).await;
     let (app, mut started) = backend_counted("v1").await;
     // On an address no other test binds, so that nothing else can take
     // the port once the server has closed it.

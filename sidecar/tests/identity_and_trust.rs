@@ -31,14 +31,7 @@ async fn read_until(s: &mut tokio::net::TcpStream, needle: &str) -> String {
 #[tokio::test]
 async fn new_connections_use_the_newest_identity_and_live_ones_stay() {
     let pki = TestPki::new(TD);
-    let client = Sidecar::start(
-        "sleep",
-        "demo",
-        backend("sleep").await,
-        identity(&pki, &spiffe("demo", "sleep")),
-        &pki,
-    )
-    .await;
+    let client = sleep_client(&pki).await;
     let server = Sidecar::start(
         "echo-v1",
         "demo",

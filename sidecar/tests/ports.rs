@@ -26,14 +26,7 @@ async fn each_service_port_reaches_its_own_app_port() {
     let pki = TestPki::new(TD);
     let main = backend("main").await;
     let admin = backend("admin").await;
-    let client = Sidecar::start(
-        "sleep",
-        "demo",
-        backend("sleep").await,
-        identity(&pki, &spiffe("demo", "sleep")),
-        &pki,
-    )
-    .await;
+    let client = sleep_client(&pki).await;
     let server = Sidecar::start_opts(
         "echo-v1",
         "demo",

@@ -12,14 +12,7 @@ use strait_ca::testing::TestPki;
 /// `echo` service also lists an endpoint nobody listens on.
 async fn with_dead_endpoint() -> (TestPki, Sidecar, Sidecar, Mesh) {
     let pki = TestPki::new(TD);
-    let client = Sidecar::start(
-        "sleep",
-        "demo",
-        backend("sleep").await,
-        identity(&pki, &spiffe("demo", "sleep")),
-        &pki,
-    )
-    .await;
+    let client = sleep_client(&pki).await;
     let server = Sidecar::start(
         "echo-v1",
         "demo",

@@ -99,16 +99,13 @@ async fn pair(
 /// Sends `n` GETs at once, each over a client connection of its own, and
 /// returns the bodies (all must be 200).
 async fn concurrent(proxy: SocketAddr, n: usize) -> Vec<String> {
-    let tasks: Vec<_> = (0..n)
-        .map(|_| {
-            tokio::spawn(async move {
-                let mut c = ProxyClient::connect(proxy).await;
-                c.get("http://echo.demo:8080/").await
-            })
-        })
-        .collect();
+    answered(spawn_gets(proxy, n)).await
+}
+
+/// The bodies of `gets`, each of which must be answered 200.
+async fn answered(gets: Vec<Gets>) -> Vec<String> {
     let mut bodies = Vec::new();
-    for t in tasks {
+    for t in gets {
         let (status, body, _) = tokio::time::timeout(WAIT, t)
             .await
             .expect("all requests answered")
@@ -260,11 +257,11 @@ async fn held_app() -> (
     (addr, seen_most, seen_now, open)
 }
 
+/// A GET under way: status, body, headers.
+type Gets = tokio::task::JoinHandle<(u16, String, http::HeaderMap)>;
+
 /// Sends `n` GETs at once, each over a client connection of its own.
-fn spawn_gets(
-    proxy: SocketAddr,
-    n: usize,
-) -> Vec<tokio::task::JoinHandle<(u16, String, http::HeaderMap)>> {
+fn spawn_gets(proxy: SocketAddr, n: usize) -> Vec<Gets> {
     (0..n)
         .map(|_| {
             tokio::spawn(async move {
@@ -299,10 +296,7 @@ async fn max_connections_queues_requests_beyond_it() {
     let gets = spawn_gets(client.outbound, 6);
     app_holds(&now, 2).await;
     open.send_replace(true);
-    for t in gets {
-        let (status, body, _) = tokio::time::timeout(WAIT, t).await.unwrap().unwrap();
-        assert_eq!(status, 200, "{body}");
-    }
+    answered(gets).await;
     assert_eq!(most.load(Ordering::SeqCst), 2);
 
     // With http1MaxPendingRequests 1: two in, one waiting, the other three
@@ -331,9 +325,6 @@ async fn max_connections_queues_requests_beyond_it() {
     // way), the waiting one does not.
     app_holds(&now, 2).await;
     open.send_replace(true);
-    for t in gets {
-        let (status, body, _) = tokio::time::timeout(WAIT, t).await.unwrap().unwrap();
-        assert_eq!(status, 200, "{body}");
-    }
+    answered(gets).await;
     assert_eq!(most.load(Ordering::SeqCst), 2);
 }

@@ -110,19 +110,24 @@ pub async fn backend_counted(name: &str) -> (SocketAddr, watch::Receiver<u64>) {
     (addr, started)
 }
 
+/// The client sidecar `sleep` (service account `sleep`, its app a
+/// [`backend`]), with no config yet.
+pub async fn sleep_client(pki: &TestPki) -> Sidecar {
+    Sidecar::start(
+        "sleep",
+        "demo",
+        backend("sleep").await,
+        identity(pki, &spiffe("demo", "sleep")),
+        pki,
+    )
+    .await
+}
+
 /// A client sidecar (`sleep`, its app a [`backend`]) and one server
 /// sidecar (`echo-v1`, service account `echo`) in front of `echo_app`,
 /// with the mesh naming them pushed to both.
 pub async fn sleep_and_echo(pki: &TestPki, echo_app: SocketAddr) -> (Sidecar, Sidecar, Mesh) {
-    let client_app = backend("sleep").await;
-    let client = Sidecar::start(
-        "sleep",
-        "demo",
-        client_app,
-        identity(pki, &spiffe("demo", "sleep")),
-        pki,
-    )
-    .await;
+    let client = sleep_client(pki).await;
     let server = Sidecar::start(
         "echo-v1",
         "demo",
