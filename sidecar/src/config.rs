@@ -50,6 +50,17 @@ pub struct MeshConfig {
     pub trust_version: u64,
 }
 
+/// A service port and the workload port it reaches (its `targetPort`, or
+/// the same port when unset); `None` for numbers that are not ports.
+fn port_and_target(p: &pb::Port) -> Option<(u16, u16)> {
+    let port = u16::try_from(p.port).ok()?;
+    let target = match p.target_port {
+        0 => port,
+        t => u16::try_from(t).ok()?,
+    };
+    Some((port, target))
+}
+
 /// The index behind [`MeshConfig::service_at`]. Services go in hostname
 /// order and the first to claim an address keeps it (two Services that
 /// select the same pods, a headless one next to a ClusterIP one, reach
@@ -61,17 +72,7 @@ fn service_addresses(
     sorted.sort_by(|a, b| a.0.cmp(b.0));
     let mut out = HashMap::new();
     let ports = |s: &pb::Service| -> Vec<(u16, u16)> {
-        s.ports
-            .iter()
-            .filter_map(|p| {
-                let port = u16::try_from(p.port).ok()?;
-                let target = match p.target_port {
-                    0 => port,
-                    t => u16::try_from(t).ok()?,
-                };
-                Some((port, target))
-            })
-            .collect()
+        s.ports.iter().filter_map(port_and_target).collect()
     };
     for (host, s) in &sorted {
         for ip in s.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
@@ -308,6 +309,17 @@ impl MeshConfig {
         Some((self.services.get(host)?, *port))
     }
 
+    /// The workload port that port `port` of service `host` (its canonical
+    /// name) reaches; `None` when the service or the port is not known.
+    pub fn target_port(&self, host: &str, port: u16) -> Option<u16> {
+        let service = self.services.get(host)?;
+        service
+            .ports
+            .iter()
+            .filter_map(port_and_target)
+            .find_map(|(p, target)| (p == port).then_some(target))
+    }
+
     /// This workload's locality (`region/zone`), for locality-aware picks.
     pub fn my_locality(&self) -> &str {
         self.me.as_ref().map_or("", |w| w.locality.as_str())
@@ -431,6 +443,11 @@ mod tests {
         assert_eq!(at("10.2.0.1:5432"), None);
         assert_eq!(at("10.3.0.1:5432"), None);
         assert_eq!(at("10.9.9.9:5432"), None);
+        // The workload port a service port reaches.
+        assert_eq!(cfg.target_port(twin, 80), Some(8080));
+        assert_eq!(cfg.target_port(twin, 5432), Some(5432));
+        assert_eq!(cfg.target_port(twin, 8080), None);
+        assert_eq!(cfg.target_port("nope.demo.svc.cluster.local", 80), None);
     }
 
     #[test]

@@ -110,13 +110,7 @@ impl Apps {
 /// the service or port is not known here; `None` without an Istio SNI.
 fn workload_port(cfg: &MeshConfig, sni: Option<(u16, Option<&str>, &str)>) -> Option<u16> {
     let (port, _, host) = sni?;
-    let target = cfg
-        .services
-        .get(host)
-        .and_then(|s| s.ports.iter().find(|p| p.port == u32::from(port)))
-        .and_then(|p| u16::try_from(p.target_port).ok())
-        .filter(|&t| t != 0);
-    Some(target.unwrap_or(port))
+    Some(cfg.target_port(host, port).unwrap_or(port))
 }
 
 /// Connects to the app whatever the request's URI names, so that an
