@@ -508,13 +508,7 @@ pub fn build(
         let (ns, name) = (key.namespace.as_str(), key.name.as_str());
         let what = key.to_string();
         let mut ports = Vec::new();
-        for (i, p) in doc["spec"]["ports"]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or_default()
-            .iter()
-            .enumerate()
-        {
+        for (i, p) in items(&doc["spec"]["ports"]) {
             let Some(number) = port_number(&p["port"]) else {
                 b.warnings.push(format!(
                     "{what}: spec.ports[{i}].port is not a port number; port left out"

@@ -3,6 +3,16 @@
 
 use super::*;
 
+/// The elements of a JSON array with their indexes (none when `v` is
+/// not an array).
+pub(super) fn items(v: &Value) -> std::iter::Enumerate<std::slice::Iter<'_, Value>> {
+    v.as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+}
+
 pub(super) fn str_map(v: Option<&Value>) -> BTreeMap<String, String> {
     v.and_then(Value::as_object)
         .map(|o| {

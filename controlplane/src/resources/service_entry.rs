@@ -35,13 +35,7 @@ pub(super) fn entry_service(
     let what = se.key.to_string();
     let spec = &se.doc["spec"];
     let mut ports = Vec::new();
-    for (i, p) in spec["ports"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
-        .iter()
-        .enumerate()
-    {
+    for (i, p) in items(&spec["ports"]) {
         let Some(number) = port_number(&p["number"]) else {
             b.warnings.push(format!(
                 "{what}: spec.ports[{i}].number is not a port number; port left out"
@@ -72,13 +66,7 @@ pub(super) fn entry_service(
     let port_names: Vec<&str> = ports.iter().map(|p| p.name.as_str()).collect();
     let mut identities: BTreeSet<String> = sans(se).into_iter().collect();
     let mut endpoints = Vec::new();
-    for (i, ep) in spec["endpoints"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
-        .iter()
-        .enumerate()
-    {
+    for (i, ep) in items(&spec["endpoints"]) {
         let ep_what = format!("{what}: spec.endpoints[{i}]");
         match read_entry(&se.key.namespace, "", ep, &BTreeMap::new()) {
             Ok(mut e) => {
@@ -118,13 +106,7 @@ pub(super) fn entry_service(
 /// routed by. CIDR ranges are left out with a warning.
 fn entry_addresses(b: &mut Builder<'_>, what: &str, spec: &serde_json::Value) -> Vec<String> {
     let mut out = Vec::new();
-    for (i, a) in spec["addresses"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
-        .iter()
-        .enumerate()
-    {
+    for (i, a) in items(&spec["addresses"]) {
         let text = a.as_str().unwrap_or_default();
         let single = match text.split_once('/') {
             None => Some(text),
