@@ -30,7 +30,9 @@ struct Workload {
     locality: Option<Locality>,
 }
 
-fn str_map(v: Option<&Value>) -> BTreeMap<String, String> {
+/// A JSON object's string values by key (`metadata.labels`, a selector);
+/// empty when `v` is not an object, values that are not strings left out.
+pub fn str_map(v: Option<&Value>) -> BTreeMap<String, String> {
     v.and_then(Value::as_object)
         .map(|o| {
             o.iter()

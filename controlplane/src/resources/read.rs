@@ -13,15 +13,7 @@ pub(super) fn items(v: &Value) -> std::iter::Enumerate<std::slice::Iter<'_, Valu
         .enumerate()
 }
 
-pub(super) fn str_map(v: Option<&Value>) -> BTreeMap<String, String> {
-    v.and_then(Value::as_object)
-        .map(|o| {
-            o.iter()
-                .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string())))
-                .collect()
-        })
-        .unwrap_or_default()
-}
+pub(super) use strait_model::local::str_map;
 
 /// A Kubernetes Service's cluster IPs (`spec.clusterIPs`, else
 /// `spec.clusterIP`): none for a headless Service (`None`) or one not
