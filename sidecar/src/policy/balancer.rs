@@ -43,8 +43,15 @@ pub enum PickError {
 
 /// The key [`Balancer::report`] takes: `address:port` (`[v6]:port`).
 pub fn endpoint_key(ep: &pb::Endpoint) -> String {
-    // Sized up front and written without `fmt`: made on every pick.
     let mut key = String::with_capacity(ep.address.len() + 8);
+    write_endpoint_key(&mut key, ep);
+    key
+}
+
+/// Writes [`endpoint_key`] into `key` (cleared first), without `fmt`: the
+/// balancer does this for every endpoint on every pick.
+fn write_endpoint_key(key: &mut String, ep: &pb::Endpoint) {
+    key.clear();
     if ep.address.contains(':') {
         key.push('[');
         key.push_str(&ep.address);
@@ -54,7 +61,6 @@ pub fn endpoint_key(ep: &pb::Endpoint) -> String {
     }
     key.push(':');
     key.push_str(itoa::Buffer::new().format(ep.port));
-    key
 }
 
 #[derive(Debug, Default)]
@@ -165,76 +171,66 @@ impl Balancer {
         now: Instant,
         r: f64,
     ) -> Result<usize, PickError> {
-        let in_subset: Vec<usize> = endpoints
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| {
-                subset_labels
-                    .is_none_or(|want| want.iter().all(|(k, v)| e.labels.get(k) == Some(v)))
-            })
-            .map(|(i, _)| i)
-            .collect();
-        if in_subset.is_empty() {
-            return Err(PickError::NoEndpoints);
-        }
-        let healthy: Vec<usize> = in_subset
-            .iter()
-            .copied()
-            .filter(|&i| endpoints[i].healthy)
-            .collect();
-        if healthy.is_empty() {
-            return Err(PickError::NoHealthyEndpoints(in_subset.len()));
-        }
-        // Keys of the healthy endpoints only (`key[j]` is `healthy[j]`'s):
-        // made on every pick, so not for the whole list.
-        let key: Vec<String> = healthy
-            .iter()
-            .map(|&i| endpoint_key(&endpoints[i]))
-            .collect();
-        let key_of = |i: usize| healthy.binary_search(&i).map_or("", |j| key[j].as_str());
+        // One pass over the endpoints, with one buffer for their keys: this
+        // runs on every request.
+        let mut key = String::with_capacity(64);
+        let caller =
+            (policy.outlier.is_some() && policy.locality.enabled && !caller_locality.is_empty())
+                .then(|| region_zone_subzone(caller_locality));
         let mut st = self.lock();
-        st.known = healthy.len();
         if st.endpoints.len() > 2 * endpoints.len() + 16 {
             let all: foldhash::HashSet<String> = endpoints.iter().map(endpoint_key).collect();
             st.endpoints
                 .retain(|k, s| s.in_flight > 0 || s.ejected(now) || all.contains(k));
         }
-        let mut available = Vec::with_capacity(healthy.len());
-        for (j, &i) in healthy.iter().enumerate() {
-            match st.endpoints.get_mut(key[j].as_str()) {
-                Some(s) if s.ejected(now) => {}
-                Some(s) => {
-                    if s.ejected_until.take().is_some() {
-                        // Back from ejection with a clean slate.
-                        s.consecutive_5xx = 0;
-                        s.consecutive_gateway = 0;
-                    }
-                    available.push(i);
-                }
-                None => available.push(i),
+        let (mut in_subset, mut healthy) = (0, 0);
+        let mut best_tier = usize::MAX;
+        // (index, weight) of the endpoints traffic may go to.
+        let mut cands: Vec<(usize, u64)> = Vec::with_capacity(endpoints.len());
+        for (i, e) in endpoints.iter().enumerate() {
+            let wanted = subset_labels
+                .is_none_or(|want| want.iter().all(|(k, v)| e.labels.get(k) == Some(v)));
+            if !wanted {
+                continue;
             }
+            in_subset += 1;
+            if !e.healthy {
+                continue;
+            }
+            healthy += 1;
+            write_endpoint_key(&mut key, e);
+            if let Some(s) = st.endpoints.get_mut(key.as_str()) {
+                if s.ejected(now) {
+                    continue;
+                }
+                if s.ejected_until.take().is_some() {
+                    // Back from ejection with a clean slate.
+                    s.consecutive_5xx = 0;
+                    s.consecutive_gateway = 0;
+                }
+            }
+            if let Some(caller) = caller {
+                let t = tier(&e.locality, caller, &policy.locality.failover);
+                if t > best_tier {
+                    continue;
+                }
+                if t < best_tier {
+                    best_tier = t;
+                    cands.clear();
+                }
+            }
+            cands.push((i, u64::from(e.weight.max(1))));
         }
-        if available.is_empty() {
-            return Err(PickError::AllEjected(healthy.len()));
+        st.known = healthy;
+        if in_subset == 0 {
+            return Err(PickError::NoEndpoints);
         }
-        if policy.outlier.is_some() && policy.locality.enabled && !caller_locality.is_empty() {
-            let caller = region_zone_subzone(caller_locality);
-            let tiers: Vec<usize> = available
-                .iter()
-                .map(|&i| tier(&endpoints[i].locality, caller, &policy.locality.failover))
-                .collect();
-            let best = tiers.iter().copied().min().unwrap_or(0);
-            available = available
-                .into_iter()
-                .zip(tiers)
-                .filter(|(_, t)| *t == best)
-                .map(|(i, _)| i)
-                .collect();
+        if healthy == 0 {
+            return Err(PickError::NoHealthyEndpoints(in_subset));
         }
-        let cands: Vec<(usize, u64)> = available
-            .iter()
-            .map(|&i| (i, u64::from(endpoints[i].weight.max(1))))
-            .collect();
+        if cands.is_empty() {
+            return Err(PickError::AllEjected(healthy));
+        }
         let total: u64 = cands.iter().map(|c| c.1).sum();
         let chosen = match policy.lb {
             LbAlgorithm::RoundRobin => {
@@ -248,8 +244,9 @@ impl Balancer {
                 // bits of `r`.
                 let a = weighted(&cands, point(r, total));
                 let b = weighted(&cands, point((r * 65536.0).fract(), total));
-                let load = |i: usize| {
-                    let in_flight = st.endpoints.get(key_of(i)).map_or(0, |s| s.in_flight);
+                let mut load = |i: usize| {
+                    write_endpoint_key(&mut key, &endpoints[i]);
+                    let in_flight = st.endpoints.get(key.as_str()).map_or(0, |s| s.in_flight);
                     (u64::from(in_flight), u64::from(endpoints[i].weight.max(1)))
                 };
                 let ((la, wa), (lb, wb)) = (load(a), load(b));
@@ -257,12 +254,12 @@ impl Balancer {
                 if lb * wa < la * wb { b } else { a }
             }
         };
-        let chosen_key = key_of(chosen);
-        match st.endpoints.get_mut(chosen_key) {
+        write_endpoint_key(&mut key, &endpoints[chosen]);
+        match st.endpoints.get_mut(key.as_str()) {
             Some(s) => s.in_flight += 1,
             None => {
                 st.endpoints.insert(
-                    chosen_key.to_owned(),
+                    key,
                     EndpointState {
                         in_flight: 1,
                         ..EndpointState::default()

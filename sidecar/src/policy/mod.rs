@@ -276,7 +276,7 @@ impl Policies {
         client_ns: &str,
         host: &str,
         subset: Option<&str>,
-    ) -> Result<TrafficPolicy, RouteError> {
+    ) -> Result<std::sync::Arc<TrafficPolicy>, RouteError> {
         traffic::lookup(&self.destination_rules, client_ns, host, subset)
     }
 }

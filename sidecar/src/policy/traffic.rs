@@ -1,5 +1,6 @@
 //! DestinationRule: subsets and the traffic policy towards a service.
 
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use strait_model::istio::destination_rule::{self as dr, DestinationRule, SimpleLb};
@@ -104,28 +105,64 @@ pub struct TrafficPolicy {
     pub tls: bool,
 }
 
+/// A DestinationRule with its policies worked out when the config arrives,
+/// so that a request only looks one up: no duration parsing, label copies
+/// or field-by-field merging per request.
 #[derive(Debug)]
 pub(crate) struct CompiledDestinationRule {
     namespace: String,
     name: String,
-    /// `<namespace>/<name>`, made once.
-    qualified: std::sync::Arc<str>,
     host: HostPattern,
-    top: Option<dr::TrafficPolicy>,
-    subsets: Vec<dr::Subset>,
+    /// The mesh defaults with the rule's top-level `trafficPolicy` applied.
+    top: Arc<TrafficPolicy>,
+    /// Each subset by name (the first of a repeated name wins): `top` with
+    /// the subset's labels and its own `trafficPolicy` applied.
+    subsets: Vec<(String, Arc<TrafficPolicy>)>,
 }
 
 impl CompiledDestinationRule {
     pub(crate) fn new(namespace: &str, name: &str, rule: &DestinationRule) -> Result<Self, String> {
+        let mut top = TrafficPolicy {
+            destination_rule: Some(format!("{namespace}/{name}").into()),
+            ..default_policy().as_ref().clone()
+        };
+        if let Some(p) = &rule.traffic_policy {
+            apply(&mut top, p);
+        }
+        let subsets = rule
+            .subsets
+            .iter()
+            .map(|s| {
+                let mut policy = TrafficPolicy {
+                    subset_labels: Some(s.labels.clone()),
+                    ..top.clone()
+                };
+                if let Some(p) = &s.traffic_policy {
+                    apply(&mut policy, p);
+                }
+                (s.name.clone(), Arc::new(policy))
+            })
+            .collect();
         Ok(CompiledDestinationRule {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
-            qualified: format!("{namespace}/{name}").into(),
             host: HostPattern::new(&rule.host, namespace),
-            top: rule.traffic_policy.clone(),
-            subsets: rule.subsets.clone(),
+            top: Arc::new(top),
+            subsets,
         })
     }
+}
+
+/// The policy towards a host no DestinationRule names: Istio's defaults
+/// (mesh mTLS on).
+fn default_policy() -> &'static Arc<TrafficPolicy> {
+    static DEFAULT: LazyLock<Arc<TrafficPolicy>> = LazyLock::new(|| {
+        Arc::new(TrafficPolicy {
+            tls: true,
+            ..TrafficPolicy::default()
+        })
+    });
+    &DEFAULT
 }
 
 fn count(v: Option<i64>) -> Option<u32> {
@@ -192,7 +229,7 @@ pub(crate) fn lookup(
     client_ns: &str,
     host: &str,
     subset: Option<&str>,
-) -> Result<TrafficPolicy, RouteError> {
+) -> Result<Arc<TrafficPolicy>, RouteError> {
     let candidates = all.iter().filter_map(|r| {
         Some((
             r.host.specificity(host)?,
@@ -202,36 +239,19 @@ pub(crate) fn lookup(
         ))
     });
     let rule = pick_best(candidates, client_ns);
-    let mut out = TrafficPolicy {
-        tls: true,
-        ..TrafficPolicy::default()
-    };
-    let unknown = || RouteError::UnknownSubset {
-        host: host.to_owned(),
-        subset: subset.unwrap_or_default().to_owned(),
-    };
-    let Some(rule) = rule else {
-        return match subset {
-            Some(_) => Err(unknown()),
-            None => Ok(out),
-        };
-    };
-    out.destination_rule = Some(rule.qualified.clone());
-    if let Some(top) = &rule.top {
-        apply(&mut out, top);
-    }
-    if let Some(name) = subset {
-        let s = rule
+    let found = match (rule, subset) {
+        (None, None) => Some(default_policy()),
+        (Some(rule), None) => Some(&rule.top),
+        (None, Some(_)) => None,
+        (Some(rule), Some(name)) => rule
             .subsets
             .iter()
-            .find(|s| s.name == name)
-            .ok_or_else(unknown)?;
-        out.subset_labels = Some(s.labels.clone());
-        if let Some(p) = &s.traffic_policy {
-            apply(&mut out, p);
-        }
-    }
-    Ok(out)
+            .find_map(|(n, p)| (n == name).then_some(p)),
+    };
+    found.cloned().ok_or_else(|| RouteError::UnknownSubset {
+        host: host.to_owned(),
+        subset: subset.unwrap_or_default().to_owned(),
+    })
 }
 
 #[cfg(test)]
@@ -331,6 +351,22 @@ mod tests {
     }
 
     #[test]
+    fn a_request_gets_the_policy_worked_out_with_the_config() {
+        let p = rules();
+        for subset in [None, Some("v1"), Some("v2")] {
+            let a = p.traffic_policy("bookinfo", REVIEWS, subset).unwrap();
+            let b = p.traffic_policy("other", REVIEWS, subset).unwrap();
+            assert!(Arc::ptr_eq(&a, &b), "{subset:?}: made again per lookup");
+        }
+        let none = compile(&[]);
+        let a = none.traffic_policy("a", REVIEWS, None).unwrap();
+        let b = none
+            .traffic_policy("b", "other.b.svc.cluster.local", None)
+            .unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+    }
+
+    #[test]
     fn missing_subset_is_a_clear_503() {
         let p = rules();
         let err = p
@@ -352,7 +388,7 @@ mod tests {
         let p = compile(&[]);
         let t = p.traffic_policy("a", REVIEWS, None).unwrap();
         assert_eq!(
-            t,
+            *t,
             TrafficPolicy {
                 tls: true,
                 ..TrafficPolicy::default()
