@@ -412,6 +412,40 @@ async fn two_clusters_config_changes_nacks_and_a_restart() {
     );
     until_state(&mut state, "synced", |s| s.synced && s.connected).await;
 
+    // The import carries a ClusterSet IP from the default range, in the
+    // ServiceEntry's addresses and the ServiceImport's spec.ips, and the
+    // service resource has it (for captured connections to it).
+    let imported = east.config.join("imported/strait-imports.yaml");
+    let vip = until(&mut res, "echo's ClusterSet IP", &east, |r| {
+        let svc = services(r).remove("echo.demo.svc.cluster.local")?;
+        svc.addresses
+            .iter()
+            .find(|a| a.starts_with("240.241."))
+            .cloned()
+    })
+    .await;
+    let text = std::fs::read_to_string(&imported).unwrap();
+    assert_eq!(text.matches(vip.as_str()).count(), 2, "{text}");
+    // An address the cluster already holds is kept, not moved back to where
+    // the name hashes.
+    let kept_ip = "240.241.9.9";
+    assert_ne!(vip, kept_ip);
+    std::fs::write(&imported, text.replace(&vip, kept_ip)).unwrap();
+    let has_held = |r: &Resources| {
+        services(r)
+            .remove("echo.demo.svc.cluster.local")?
+            .addresses
+            .contains(&kept_ip.to_string())
+            .then_some(())
+    };
+    until(
+        &mut res,
+        "the ClusterSet IP held in the config",
+        &east,
+        has_held,
+    )
+    .await;
+
     // A change to a file reaches the subscriber.
     put(
         &east.config,
@@ -573,6 +607,18 @@ spec:\n  egress:\n  - hosts: [./echo.demo.svc.cluster.local]\n",
             .iter()
             .any(|e| e.kind == pb::endpoint::Kind::Gateway as i32),
         "{echo:?}"
+    );
+    assert_eq!(
+        echo.addresses,
+        [kept_ip],
+        "the ClusterSet IP survived the restart"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&imported)
+            .unwrap()
+            .matches(kept_ip)
+            .count(),
+        2
     );
 }
 

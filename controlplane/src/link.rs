@@ -22,6 +22,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -32,6 +33,7 @@ use strait_model::mesh::{ClusterInfo, GatewayAddress, Locality, Network};
 use tokio::sync::watch;
 
 use strait_model::ImportObjects;
+use strait_model::imports::vips::VipRange;
 use strait_model::objects::{MANAGED_BY, MANAGED_BY_LABEL};
 
 use crate::dirwatch::{IMPORTED_DIR, is_imported};
@@ -85,6 +87,8 @@ pub struct LinkConfig {
     /// This cluster's east-west gateway addresses (`host:port`), published
     /// with its exports.
     pub gateways: Vec<String>,
+    /// Where imported services' ClusterSet IPs come from (`None`: none).
+    pub clusterset_ips: Option<VipRange>,
 }
 
 /// Reads `broker.json` of a joined cluster directory.
@@ -147,32 +151,43 @@ pub fn exports_of(config_dir: Option<&Path>, config: &Config) -> Exports {
         .collect::<BTreeMap<_, _>>()
 }
 
-/// The import objects for `imports`, as YAML.
-pub fn imports_yaml(
-    me: &ClusterInfo,
-    config_dir: Option<&Path>,
-    config: &Config,
-    imports: &Imports,
-) -> Result<String, String> {
-    import_objects(me, config_dir, config, imports)
-        .to_yaml()
-        .map_err(|e| e.to_string())
-}
-
-/// The import objects for `imports`, given the cluster's own services.
+/// The import objects for `imports`, given the cluster's own services, with
+/// ClusterSet IPs from `clusterset_ips` (none when `None`); a service keeps
+/// the address the config's imported ServiceEntry already carries.
 pub fn import_objects(
     me: &ClusterInfo,
     config_dir: Option<&Path>,
     config: &Config,
     imports: &Imports,
+    clusterset_ips: Option<&VipRange>,
 ) -> ImportObjects {
     let remotes: Vec<_> = imports.services.values().flatten().cloned().collect();
     let locals = strait_model::local::local_services(&own_docs(config_dir, config));
-    let objects = strait_model::imports::import_objects(me, &remotes, &locals);
+    let mut objects = strait_model::imports::import_objects(me, &remotes, &locals);
+    if let Some(range) = clusterset_ips {
+        objects.assign_clusterset_ips(range, &clusterset_ips_held(config));
+    }
     for w in &objects.warnings {
         tracing::warn!(warning = %w, "import");
     }
     objects
+}
+
+/// The ClusterSet IPs the config's imported ServiceEntries (strait's, by
+/// their managed-by label) carry, by host: written before, by this control
+/// plane or by the one before a restart.
+pub fn clusterset_ips_held(config: &Config) -> BTreeMap<String, Ipv4Addr> {
+    config
+        .objects
+        .iter()
+        .filter(|(key, o)| key.kind == "ServiceEntry" && is_managed(&o.value))
+        .filter_map(|(_, o)| {
+            let spec = &o.value["spec"];
+            let host = spec["hosts"][0].as_str()?;
+            let ip = spec["addresses"][0].as_str()?.parse().ok()?;
+            Some((host.to_string(), ip))
+        })
+        .collect()
 }
 
 /// Starts the link. The returned channel carries the broker's imports (as
@@ -237,7 +252,13 @@ pub fn spawn(
             if now.revision == 0 {
                 continue;
             }
-            let objects = import_objects(&me, config_dir.as_deref(), &config.borrow(), &now);
+            let objects = import_objects(
+                &me,
+                config_dir.as_deref(),
+                &config.borrow(),
+                &now,
+                cfg.clusterset_ips.as_ref(),
+            );
             writer.write(&objects, &now).await;
             if writer.incomplete {
                 retry

@@ -403,8 +403,11 @@ fn synthetic_objects() -> Vec<Value> {
         selector: BTreeMap::from([("app.kubernetes.io/name".to_string(), "x".to_string())]),
         ports: vec![ServicePort::new("http-0", 8000, Protocol::Http, None).unwrap()],
     }];
-    let out = import_objects(&importer, &remote, &local);
+    let mut out = import_objects(&importer, &remote, &local);
     assert!(!out.workload_entries.is_empty());
+    // With ClusterSet IPs, as a control plane writes them.
+    out.assign_clusterset_ips(&Default::default(), &BTreeMap::new());
+    assert!(out.service_imports.iter().all(|si| si.spec.ips.len() == 1));
     out.to_json_values().unwrap()
 }
 

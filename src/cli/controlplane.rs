@@ -103,6 +103,16 @@ struct RunArgs {
     /// Quiet time before pushing a config change to proxies.
     #[arg(long, value_parser = parse_duration, default_value = "100ms")]
     debounce: Duration,
+    /// The IPv4 range imported services get their ClusterSet IP from, or
+    /// `off`. Each imported service gets one address, kept across restarts
+    /// and changes, in its ServiceEntry's `addresses` and its
+    /// ServiceImport's `spec.ips`: CoreDNS's multicluster plugin answers
+    /// `<svc>.<ns>.svc.clusterset.local` with it, and sidecars that capture
+    /// traffic (iptables) know a connection to it is for that service. The
+    /// default sits beside Istio's own auto-allocation range
+    /// (240.240.0.0/16), not in it.
+    #[arg(long, value_name = "CIDR|off", default_value = strait_model::imports::vips::DEFAULT_RANGE)]
+    clusterset_ip_range: String,
 }
 
 #[derive(Debug, Args)]
@@ -184,6 +194,14 @@ fn serve(r: RunArgs) -> Result<()> {
         quic_egress: r.quic_egress,
         debounce: r.debounce,
         remotes: r.remote,
+        clusterset_ips: match r.clusterset_ip_range.as_str() {
+            "off" => None,
+            range => Some(
+                range
+                    .parse()
+                    .map_err(|e| super::UsageError(format!("--clusterset-ip-range: {e}")))?,
+            ),
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

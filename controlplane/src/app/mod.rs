@@ -64,6 +64,9 @@ pub struct AppConfig {
     pub debounce: Duration,
     /// Remote clusters this control plane also serves (primary-remote).
     pub remotes: Vec<crate::remote::RemoteSpec>,
+    /// Where imported services' ClusterSet IPs come from (`None`: imports
+    /// get none).
+    pub clusterset_ips: Option<strait_model::imports::vips::VipRange>,
 }
 
 /// Where a control plane reads its cluster's config.
@@ -625,6 +628,7 @@ pub async fn run(
             state_dir: cfg.state_dir.clone(),
             sink,
             gateways: cfg.gateways.clone(),
+            clusterset_ips: cfg.clusterset_ips,
         },
         config.clone(),
         stopped(),

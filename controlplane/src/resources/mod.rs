@@ -38,7 +38,8 @@
 //!   `<svc>.<ns>.svc.clusterset.local` stands for the service `<svc>.<ns>`
 //!   of the whole clusterset. When a local Service `<svc>` exists in
 //!   `<ns>`, the entry merges into that Service's resource: only its
-//!   `subjectAltNames` are added. Its endpoints are NOT added: the importer
+//!   `subjectAltNames` and its single-IP `addresses` (the ClusterSet IP,
+//!   next to the cluster IP) are added. Its endpoints are NOT added: the importer
 //!   wrote each remote endpoint a second time as a `WorkloadEntry` that the
 //!   local selector picks, so they are already there (an exporter serving
 //!   none of the local ports, or behind a DNS-named gateway, has no such
@@ -570,10 +571,19 @@ pub fn build(
         }
         sort_endpoints(&mut endpoints);
         // Namespace sameness: the clusterset entries of this service add
-        // their identities (their endpoints are the WorkloadEntries above).
+        // their identities (their endpoints are the WorkloadEntries above)
+        // and their addresses (the ClusterSet IP, beside the cluster IP).
+        let mut addresses = addresses;
         if let Some(ses) = clusterset_entries.remove(&(name.to_string(), ns.to_string())) {
             for se in ses {
                 identities.extend(sans(&se));
+                for a in
+                    service_entry::entry_addresses(&mut b, &se.key.to_string(), &se.doc["spec"])
+                {
+                    if !addresses.contains(&a) {
+                        addresses.push(a);
+                    }
+                }
             }
         }
         let hostname = format!("{name}.{ns}.{CLUSTER_SUFFIX}");

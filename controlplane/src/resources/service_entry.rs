@@ -104,7 +104,11 @@ pub(super) fn entry_service(
 /// A ServiceEntry's `spec.addresses` that are single IPs (a `/32` or
 /// `/128` counts as one): the virtual IPs a redirected connection is
 /// routed by. CIDR ranges are left out with a warning.
-fn entry_addresses(b: &mut Builder<'_>, what: &str, spec: &serde_json::Value) -> Vec<String> {
+pub(super) fn entry_addresses(
+    b: &mut Builder<'_>,
+    what: &str,
+    spec: &serde_json::Value,
+) -> Vec<String> {
     let mut out = Vec::new();
     for (i, a) in items(&spec["addresses"]) {
         let text = a.as_str().unwrap_or_default();

@@ -290,6 +290,28 @@ fn a_clusterset_entry_without_local_service_is_served_under_the_local_name() {
 }
 
 #[test]
+fn a_clusterset_ip_reaches_the_service_beside_its_cluster_ip() {
+    let entry = IMPORTED_SE.replace(
+        "  hosts: [echo.demo.svc.clusterset.local]\n",
+        "  hosts: [echo.demo.svc.clusterset.local]\n  addresses: [240.241.0.9]\n",
+    );
+    // Imported only: the entry's address is the service's.
+    let (snap, warnings) = run(&entry);
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let s = service(&snap, "echo.demo.svc.cluster.local");
+    assert_eq!(s.addresses, ["240.241.0.9"]);
+    // With a local Service: its cluster IP first, then the ClusterSet IP.
+    let local = ECHO.replace(
+        "  selector: {app: echo}\n",
+        "  selector: {app: echo}\n  clusterIP: 10.96.0.20\n",
+    );
+    let (snap, warnings) = run(&format!("{local}{IMPORTED_WE}{entry}"));
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let s = service(&snap, "echo.demo.svc.cluster.local");
+    assert_eq!(s.addresses, ["10.96.0.20", "240.241.0.9"]);
+}
+
+#[test]
 fn an_entry_endpoint_on_the_local_network_is_a_sidecar() {
     let yaml = r#"
 apiVersion: networking.istio.io/v1

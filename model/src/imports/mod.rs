@@ -51,6 +51,10 @@
 //! - **ServiceImport** (`multicluster.x-k8s.io/v1beta1`), type
 //!   `ClusterSetIP`, with the merged ports (L4 protocol `TCP`, `appProtocol`
 //!   from the Istio protocol) and `status.clusters` listing every exporter.
+//! - **ClusterSet IPs** (`ServiceEntry.addresses`, `ServiceImport.spec.ips`)
+//!   are not set here: they depend on what the importing cluster already
+//!   gave out, so its control plane adds them with
+//!   [`ImportObjects::assign_clusterset_ips`] (see [`vips`]).
 //!
 //! # Names
 //!
@@ -72,6 +76,8 @@
 //!
 //! Output is sorted (by namespace, then name, per kind) and independent of
 //! the order of the inputs.
+
+pub mod vips;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -155,6 +161,11 @@ pub enum ImportWarning {
          (the ServiceEntry for the clusterset host is still written)"
     )]
     LocalServiceWithoutSelector { service: ServiceKey },
+    #[error(
+        "{host}: no ClusterSet IP is free in {range}; the service is imported without one \
+         (captured traffic cannot reach it by address)"
+    )]
+    NoClusterSetIp { host: String, range: String },
 }
 
 /// Serializing the generated objects failed.

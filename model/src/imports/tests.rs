@@ -687,3 +687,75 @@ fn endpoint_labels_reach_entries_but_never_override_the_selector() {
     let ep = &out.service_entries[0].spec.endpoints[0];
     assert_eq!(ep.labels["version"], "v1");
 }
+
+#[test]
+fn clusterset_ips_reach_the_service_entry_and_the_service_import() {
+    let mut out = import_objects(
+        &west(),
+        &[export(east(), "reviews", 3), export(east(), "ratings", 1)],
+        &[],
+    );
+    assert!(
+        out.service_entries
+            .iter()
+            .all(|se| se.spec.addresses.is_empty()),
+        "import_objects leaves addresses to the importer"
+    );
+    let reviews = "reviews.bookinfo.svc.clusterset.local".to_string();
+    let kept: std::net::Ipv4Addr = "240.241.7.7".parse().unwrap();
+    let range = vips::VipRange::default();
+    out.assign_clusterset_ips(&range, &BTreeMap::from([(reviews.clone(), kept)]));
+    assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+    let mut seen = BTreeSet::new();
+    for se in &out.service_entries {
+        let [ip] = se.spec.addresses.as_slice() else {
+            panic!("{}: {:?}", se.spec.hosts[0], se.spec.addresses);
+        };
+        assert!(range.contains(ip.parse().unwrap()), "{ip}");
+        assert!(seen.insert(ip.clone()), "{ip} given twice");
+        if se.spec.hosts[0] == reviews {
+            assert_eq!(*ip, kept.to_string(), "the previous address is kept");
+        }
+        let si = out
+            .service_imports
+            .iter()
+            .find(|si| se.spec.hosts[0].starts_with(&format!("{}.", si.metadata.name)))
+            .unwrap();
+        assert_eq!(si.spec.ips, se.spec.addresses, "{}", si.metadata.name);
+    }
+    assert_eq!(seen.len(), 2);
+
+    // A /30 gives out two addresses: of three services, one is imported
+    // without, and a warning names it.
+    let tiny: vips::VipRange = "10.0.0.0/30".parse().unwrap();
+    let mut out3 = import_objects(
+        &west(),
+        &[
+            export(east(), "reviews", 3),
+            export(east(), "ratings", 1),
+            export(east(), "details", 1),
+        ],
+        &[],
+    );
+    out3.assign_clusterset_ips(&tiny, &BTreeMap::new());
+    let without: Vec<_> = out3
+        .service_entries
+        .iter()
+        .filter(|se| se.spec.addresses.is_empty())
+        .collect();
+    assert_eq!(without.len(), 1);
+    let host = &without[0].spec.hosts[0];
+    assert_eq!(
+        out3.warnings,
+        vec![ImportWarning::NoClusterSetIp {
+            host: host.clone(),
+            range: "10.0.0.0/30".into()
+        }]
+    );
+    let si = out3
+        .service_imports
+        .iter()
+        .find(|si| host.starts_with(&format!("{}.", si.metadata.name)))
+        .unwrap();
+    assert!(si.spec.ips.is_empty());
+}
