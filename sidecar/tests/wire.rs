@@ -328,3 +328,118 @@ async fn max_connections_queues_requests_beyond_it() {
     answered(gets).await;
     assert_eq!(most.load(Ordering::SeqCst), 2);
 }
+
+/// An app whose answer sends its head and a first chunk at once and the
+/// rest only once `open` is true.
+async fn trickling_app() -> (SocketAddr, tokio::sync::watch::Sender<bool>) {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (open, opened) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let opened = opened.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req: hyper::Request<_>| {
+                    let opened = opened.clone();
+                    let chunks = futures::stream::unfold(0u8, move |step| {
+                        let mut opened = opened.clone();
+                        async move {
+                            let chunk = match step {
+                                0 => "first ",
+                                1 => {
+                                    let _ = opened.wait_for(|o| *o).await;
+                                    "last"
+                                }
+                                _ => return None,
+                            };
+                            let frame = Frame::data(Bytes::from(chunk));
+                            Some((Ok::<_, std::convert::Infallible>(frame), step + 1))
+                        }
+                    });
+                    async move {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(StreamBody::new(
+                            chunks,
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, open)
+}
+
+#[tokio::test]
+async fn http2_max_requests_counts_a_request_until_its_body_ends() {
+    // Envoy counts a request against max_requests until its stream ends:
+    // while one answer's body is still coming, a second request overflows.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = TestPki::new(TD);
+    let (app, open) = trickling_app().await;
+    let rule = json!({"host": "echo",
+                      "trafficPolicy": {"connectionPool": {"http": {"http2MaxRequests": 1}}}});
+    let (client, _server, _accepted, _mesh) = pair(&pki, app, Some(rule)).await;
+    let mut first = TcpStream::connect(client.outbound).await.unwrap();
+    first
+        .write_all(b"GET http://echo.demo:8080/ HTTP/1.1\r\nHost: echo.demo:8080\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(WAIT, async {
+        while !String::from_utf8_lossy(&seen).contains("first ") {
+            let n = first.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("the answer's head and first chunk");
+    assert!(
+        seen.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+
+    let mut c = ProxyClient::connect(client.outbound).await;
+    // (Let in, it would wait on the app's held body.)
+    let (status, body, _) = tokio::time::timeout(WAIT, c.get("http://echo.demo:8080/"))
+        .await
+        .expect("a second request let in while the first answer's body is open");
+    assert_eq!(
+        status, 503,
+        "the first request still holds the slot: {body}"
+    );
+    assert!(body.contains("overflow"), "{body}");
+
+    open.send_replace(true);
+    tokio::time::timeout(WAIT, async {
+        while !String::from_utf8_lossy(&seen).ends_with("0\r\n\r\n") {
+            let n = first.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("the rest of the answer");
+    assert!(String::from_utf8_lossy(&seen).contains("last"));
+    // The slot is given back once the body is through (the report that
+    // drops it runs just after): the next request gets in.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, body, _) = c.get("http://echo.demo:8080/").await;
+        if status == 200 {
+            break;
+        }
+        assert!(body.contains("overflow"), "{body}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot never came back"
+        );
+        tokio::task::yield_now().await;
+    }
+}

@@ -173,7 +173,7 @@ impl Drop for InFlight {
 /// How many requests may be in flight to one destination under `tp`:
 /// `http2MaxRequests`, which Istio makes Envoy's `max_requests` circuit
 /// breaker, for HTTP/1.1 and HTTP/2 alike; beyond it a request overflows
-/// at once. (`maxConnections` and `http1MaxPendingRequests` bound the
+/// at once. A request counts until its response body has gone through. (`maxConnections` and `http1MaxPendingRequests` bound the
 /// HTTP/1.1 connections and the queue for them: [`Limits::connection`].)
 pub fn concurrency_limit(tp: &TrafficPolicy) -> Option<u32> {
     tp.max_requests

@@ -229,6 +229,9 @@ struct Settled {
     /// The HTTP/1.1 connection slot (`maxConnections`) the answer holds
     /// until its body has gone through.
     connection: Option<Connection>,
+    /// The request slot (`http2MaxRequests`), held as long: Envoy counts a
+    /// request active until its stream ends, not until its response head.
+    request: Option<InFlight>,
 }
 
 impl Default for Settled {
@@ -241,6 +244,7 @@ impl Default for Settled {
             reason: None,
             passthrough: false,
             connection: None,
+            request: None,
         }
     }
 }
@@ -563,7 +567,10 @@ async fn forward(
                 dest.subset.as_deref().unwrap_or("")
             )
         };
-        let Some(_slot) = shared.pool.limits.admit(limit_key, concurrency_limit(&tp)) else {
+        // A retry gives back the slots of the attempt before.
+        settled.request = None;
+        settled.connection = None;
+        let Some(slot) = shared.pool.limits.admit(limit_key, concurrency_limit(&tp)) else {
             let why = format!(
                 "upstream connection pool overflow: {} allows {} requests in flight",
                 dest_service.hostname,
@@ -592,6 +599,7 @@ async fn forward(
                 );
             }
         };
+        settled.request = Some(slot);
         let ep = &dest_service.endpoints[picked.index];
         tried.push(picked.key.clone());
         let target = Target {
@@ -623,8 +631,6 @@ async fn forward(
         // flight, so a request that finds them all busy waits for one,
         // queued with at most `http1MaxPendingRequests` others (and no
         // longer than the route's timeout), as Envoy's pending queue.
-        // A retry gives back the slot of the attempt before.
-        settled.connection = None;
         if matches!(wire, Wire::Http1) {
             let slot = shared.pool.limits.http1_connection(
                 limit_key,
