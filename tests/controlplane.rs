@@ -803,6 +803,23 @@ async fn kubernetes_mode_reads_the_api_applies_imports_and_reviews_tokens() {
         applied.query.contains("fieldManager=strait-controlplane"),
         "{applied:?}"
     );
+    // It carries a ClusterSet IP, and the ServiceImport sent for it (this
+    // API serves no MCS CRDs, so it is refused) the same one.
+    let at = applied
+        .body
+        .find("240.241.")
+        .unwrap_or_else(|| panic!("no ClusterSet IP: {}", applied.body));
+    let vip: String = applied.body[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    assert!(vip.parse::<std::net::Ipv4Addr>().is_ok(), "{vip}");
+    assert!(
+        fake.seen().iter().any(|r| r.method == hyper::Method::PATCH
+            && r.path.contains("/namespaces/demo/serviceimports/")
+            && r.body.contains(&vip)),
+        "no ServiceImport with {vip} sent"
+    );
     let imported = west.config.join("imported/strait-imports.yaml");
     let deadline = Instant::now() + WAIT;
     loop {
