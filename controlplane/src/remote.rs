@@ -28,6 +28,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 use strait_ca::{ClusterName, TrustDomain};
+use strait_model::imports::vips::VipRange;
 use strait_model::mesh::{ClusterInfo, GatewayAddress, Locality, Network, RemoteService};
 
 use crate::link::is_managed;
@@ -160,8 +161,15 @@ fn insert_absent(out: &mut Config, key: ObjectKey, object: Object) {
 }
 
 /// The config of member `index` as its proxies see it. Member 0 is the
-/// primary. Returns the view and a warning for each object left out.
-pub fn view(members: &[Member], index: usize) -> (Config, Vec<String>) {
+/// primary. What the members import from each other gets ClusterSet IPs
+/// from `clusterset_ips`, never one the view already holds (the primary's
+/// imports from the broker). Returns the view and a warning for each
+/// object left out.
+pub fn view(
+    members: &[Member],
+    index: usize,
+    clusterset_ips: Option<&VipRange>,
+) -> (Config, Vec<String>) {
     let mut warnings = Vec::new();
     let Some(me) = members.get(index) else {
         return (Config::default(), warnings);
@@ -201,7 +209,10 @@ pub fn view(members: &[Member], index: usize) -> (Config, Vec<String>) {
         config: Arc::new(out.clone()),
     };
     let locals = strait_model::local::local_services(&own_docs(&mine));
-    let objects = strait_model::imports::import_objects(&me.info, &remotes, &locals);
+    let mut objects = strait_model::imports::import_objects(&me.info, &remotes, &locals);
+    if let Some(range) = clusterset_ips {
+        objects.assign_clusterset_ips(range, &crate::link::clusterset_ips_held(&out));
+    }
     warnings.extend(objects.warnings.iter().map(ToString::to_string));
     let desired = match crate::kube::apply::desired(&objects) {
         Ok(d) => d,
@@ -364,6 +375,41 @@ spec:\n  address: {address}\n  labels: {{app: echo, version: {version}}}\n  serv
         ]
     }
 
+    #[test]
+    fn imports_between_served_clusters_get_clusterset_ips_the_view_does_not_hold() {
+        // The primary already holds a broker import with 10.10.0.1; a /30
+        // has two addresses, so echo (imported between the members) gets
+        // the other one, in both views.
+        let held = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: strait-other\n  namespace: demo\n  labels: {app.kubernetes.io/managed-by: strait}\nspec:\n  hosts: [other.demo.svc.clusterset.local]\n  addresses: [\"10.10.0.1\"]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  location: MESH_INTERNAL\n  resolution: STATIC\n";
+        let mut m = members();
+        let mut primary = (*m[0].config).clone();
+        primary
+            .objects
+            .extend(config(&[("held.yaml", held)]).objects);
+        m[0].config = Arc::new(primary);
+        let range: VipRange = "10.10.0.0/30".parse().unwrap();
+        for index in [0, 1] {
+            let (v, warnings) = view(&m, index, Some(&range));
+            assert!(warnings.is_empty(), "{index}: {warnings:?}");
+            let held = crate::link::clusterset_ips_held(&v);
+            let ip = |host: &str| held.get(host).map(ToString::to_string);
+            assert_eq!(
+                ip("other.demo.svc.clusterset.local").as_deref(),
+                Some("10.10.0.1")
+            );
+            assert_eq!(
+                ip("echo.demo.svc.clusterset.local").as_deref(),
+                Some("10.10.0.2"),
+                "{index}: {held:?}"
+            );
+        }
+        // Without a range, none.
+        let (v, _) = view(&m, 1, None);
+        assert!(
+            !crate::link::clusterset_ips_held(&v).contains_key("echo.demo.svc.clusterset.local")
+        );
+    }
+
     fn entries(c: &Config) -> Vec<(String, String, String)> {
         c.objects
             .iter()
@@ -385,7 +431,7 @@ spec:\n  address: {address}\n  labels: {{app: echo, version: {version}}}\n  serv
     #[test]
     fn each_cluster_sees_its_workloads_locally_and_the_others_through_their_gateways() {
         let m = members();
-        let (primary, warnings) = view(&m, 0);
+        let (primary, warnings) = view(&m, 0, None);
         assert!(warnings.is_empty(), "{warnings:?}");
         let mut seen = entries(&primary);
         seen.sort();
@@ -397,7 +443,7 @@ spec:\n  address: {address}\n  labels: {{app: echo, version: {version}}}\n  serv
             ]
         );
 
-        let (remote, warnings) = view(&m, 1);
+        let (remote, warnings) = view(&m, 1, None);
         assert!(warnings.is_empty(), "{warnings:?}");
         let mut seen = entries(&remote);
         seen.sort();

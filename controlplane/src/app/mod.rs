@@ -421,6 +421,7 @@ type Served = (
 /// remotes, this cluster's view is its config as is.
 fn spawn_views(
     me: strait_model::mesh::ClusterInfo,
+    clusterset_ips: Option<strait_model::imports::vips::VipRange>,
     remotes: Vec<(strait_ca::ClusterName, watch::Receiver<Arc<Config>>)>,
     own: watch::Receiver<Arc<Config>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -462,10 +463,10 @@ fn spawn_views(
         }
         out
     };
-    let views = |m: &[Member]| -> Vec<(Config, Siblings)> {
+    let views = move |m: &[Member]| -> Vec<(Config, Siblings)> {
         (0..m.len())
             .map(|i| {
-                let (v, warnings) = view(m, i);
+                let (v, warnings) = view(m, i, clusterset_ips.as_ref());
                 for w in warnings {
                     tracing::warn!(cluster = %m[i].info.name, warning = %w, "served cluster view");
                 }
@@ -642,7 +643,7 @@ pub async fn run(
     };
     let me = link::cluster_info(&info, &cfg.gateways)?;
     let remotes = open_remotes(&cfg).await?;
-    let served = spawn_views(me, remotes, config, stopped())?;
+    let served = spawn_views(me, cfg.clusterset_ips, remotes, config, stopped())?;
     let mut served = served.into_iter();
     let (own_view, own_siblings) = served
         .next()

@@ -23,8 +23,10 @@
 //!    platforms), wrapping around.
 //!
 //! So adding or removing a service never moves another one's address, and a
-//! restart (same `previous`) gives the same answer. A full range leaves the
-//! rest without an address, with a warning.
+//! restart (same `previous`) gives the same answer. An address `previous`
+//! gives a host that is not being assigned is given to no one (it is held
+//! elsewhere, or was until now). A full range leaves the rest without an
+//! address, with a warning.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -119,14 +121,21 @@ fn fnv1a(s: &str) -> u64 {
 }
 
 /// Gives each host an address from `range` (see the module documentation).
-/// Hosts without one (the range is full) are left out of the map.
+/// Hosts without one (the range is full) are left out of the map. The
+/// addresses `previous` gives hosts not in `hosts` are given to no one:
+/// they are still in use (by objects not computed here), or were until
+/// now, and DNS caches may still hold them.
 pub fn assign(
     hosts: &BTreeSet<String>,
     range: &VipRange,
     previous: &BTreeMap<String, Ipv4Addr>,
 ) -> BTreeMap<String, Ipv4Addr> {
     let capacity = range.capacity();
-    let mut taken: BTreeSet<Ipv4Addr> = BTreeSet::new();
+    let mut taken: BTreeSet<Ipv4Addr> = previous
+        .iter()
+        .filter(|(host, ip)| !hosts.contains(*host) && range.contains(**ip))
+        .map(|(_, ip)| *ip)
+        .collect();
     let mut out = BTreeMap::new();
     for host in hosts {
         if let Some(&ip) = previous.get(host)
@@ -289,6 +298,21 @@ mod tests {
         assert!(range.contains(got[&b]));
         let outside = BTreeMap::from([(a.clone(), "192.0.2.1".parse().unwrap())]);
         assert!(range.contains(assign(&hosts(&["a"]), &range, &outside)[&a]));
+    }
+
+    #[test]
+    fn addresses_held_by_other_hosts_are_not_given_out() {
+        // A /30 has two: `z` holds one (assigned elsewhere), so of `a` and
+        // `b` only one gets an address, and not z's.
+        let range: VipRange = "10.10.0.0/30".parse().unwrap();
+        let z: Ipv4Addr = "10.10.0.1".parse().unwrap();
+        let previous = BTreeMap::from([("z.demo.svc.clusterset.local".to_string(), z)]);
+        let got = assign(&hosts(&["a", "b"]), &range, &previous);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(
+            got.values()
+                .all(|ip| *ip == "10.10.0.2".parse::<Ipv4Addr>().unwrap())
+        );
     }
 
     #[test]
