@@ -402,4 +402,39 @@ mod tests {
         assert!(!is_managed(&other));
         assert!(!is_managed(&serde_json::json!({})));
     }
+
+    #[test]
+    fn held_clusterset_ips_are_read_from_straits_entries_only() {
+        let entry = |name: &str, managed: bool, address: &str| {
+            let labels = if managed {
+                format!("{{{MANAGED_BY_LABEL}: {MANAGED_BY}}}")
+            } else {
+                "{app: x}".to_string()
+            };
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: {name}\n  namespace: demo\n  labels: {labels}\nspec:\n  hosts: [{name}.demo.svc.clusterset.local]\n  addresses: [\"{address}\"]\n  ports: [{{number: 80, name: http}}]\n"
+            )
+        };
+        let files = [
+            ("a.yaml", entry("a", true, "240.241.0.7")),
+            ("b.yaml", entry("b", false, "240.241.0.8")),
+            ("c.yaml", entry("c", true, "240.241.0.0/24")),
+            ("d.yaml", entry("d", true, "fd00::1")),
+        ];
+        let read = files
+            .iter()
+            .map(|(f, text)| (PathBuf::from(f), crate::source::parse_file(text)))
+            .collect::<BTreeMap<_, _>>();
+        let config = Config::default().apply(&read);
+        assert!(config.rejections.is_empty(), "{:?}", config.rejections);
+        let held = clusterset_ips_held(&config);
+        assert_eq!(
+            held,
+            BTreeMap::from([(
+                "a.demo.svc.clusterset.local".to_string(),
+                "240.241.0.7".parse().unwrap()
+            )]),
+            "not strait's (b), not one IPv4 address (c, d): not held"
+        );
+    }
 }
