@@ -16,7 +16,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::passthrough::{read_hello, splice};
+use strait_io::splice;
+
+use crate::passthrough::read_hello;
 
 /// The TLS server name strait's proxies send to their control plane.
 pub const CONTROL_PLANE_SNI: &str = strait_ca::tls::CONTROL_PLANE_SERVER_NAME;

@@ -463,7 +463,7 @@ async fn egress(
     }
     metrics.count_stream("sent", "ok");
     let (up, down) =
-        passthrough::splice(client, tokio::io::join(recv, send), config.idle_timeout).await;
+        strait_io::splice(client, tokio::io::join(recv, send), config.idle_timeout).await;
     tracing::debug!(%peer, %sni, sent = up, received = down, "egress connection done");
 }
 

@@ -460,11 +460,9 @@ async fn serve_tcp<S>(
         }
     };
     shared.metrics.tcp_opened.get_or_create(&labels).inc();
-    let copied = crate::until_killed(tokio::io::copy_bidirectional(&mut stream, &mut conn), phase)
-        .await
-        .unwrap_or_else(|| Err(std::io::Error::other("closed at the drain deadline")));
+    let copied = crate::relay_tcp(&mut stream, &mut conn, phase).await;
     shared.metrics.tcp_closed.get_or_create(&labels).inc();
-    let reason = copied.as_ref().err().map(|e| e.to_string());
+    let reason = copied.as_ref().err();
     metrics::log(&metrics::AccessLog {
         start_time: started,
         reporter: "destination",
@@ -479,7 +477,7 @@ async fn serve_tcp<S>(
         destination_cluster: &labels.destination_cluster,
         request_id: "",
         grpc_status: None,
-        reason: reason.as_deref(),
+        reason: reason.map(String::as_str),
     });
 }
 

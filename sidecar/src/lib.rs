@@ -354,17 +354,39 @@ pub(crate) fn splice_upgraded(
                     hyper_util::rt::TokioIo::new(c),
                     hyper_util::rt::TokioIo::new(u),
                 );
-                match until_killed(tokio::io::copy_bidirectional(&mut c, &mut u), life.phase).await
-                {
-                    Some(Ok(n)) => Ok(n),
-                    Some(Err(e)) => Err(e.to_string()),
-                    None => Err("closed at the drain deadline".to_string()),
-                }
+                relay_tcp(&mut c, &mut u, life.phase).await
             }
             Err(e) => Err(format!("protocol switch failed: {e}")),
         };
         done(copied);
     });
+}
+
+/// How long a relayed TCP connection may stay silent both ways before it
+/// is closed: Envoy's `tcp_proxy` default, which Istio keeps. Without one,
+/// a connection whose peer vanished without a FIN would stay forever.
+pub const TCP_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Relays bytes both ways (half-close, no buffer held while idle) until
+/// both sides close, nothing moves for [`TCP_IDLE_TIMEOUT`], or the phase
+/// reaches [`Phase::Kill`]. Returns (a→b, b→a) bytes, or why it ended
+/// otherwise.
+pub(crate) async fn relay_tcp<A, B>(
+    a: A,
+    b: B,
+    phase: watch::Receiver<Phase>,
+) -> Result<(u64, u64), String>
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match until_killed(strait_io::relay(a, b, TCP_IDLE_TIMEOUT), phase).await {
+        Some(strait_io::Spliced {
+            error: Some(why), ..
+        }) => Err(why),
+        Some(s) => Ok((s.up, s.down)),
+        None => Err("closed at the drain deadline".into()),
+    }
 }
 
 /// Runs `fut` (a byte copy) until it ends or the phase reaches

@@ -88,17 +88,9 @@ pub(super) async fn passthrough_tcp(
             Ok(Ok(mut upstream)) => {
                 let _ = upstream.set_nodelay(true);
                 shared.metrics.tcp_opened.get_or_create(&labels).inc();
-                let copied = crate::until_killed(
-                    tokio::io::copy_bidirectional(&mut client, &mut upstream),
-                    life.phase.clone(),
-                )
-                .await;
+                let copied = crate::relay_tcp(&mut client, &mut upstream, life.phase.clone()).await;
                 shared.metrics.tcp_closed.get_or_create(&labels).inc();
-                match copied {
-                    Some(Ok(n)) => Ok(n),
-                    Some(Err(e)) => Err(e.to_string()),
-                    None => Err("closed at the drain deadline".into()),
-                }
+                copied
             }
             Ok(Err(e)) => Err(format!("passthrough to {to}: {e}")),
             Err(_) => Err(format!("passthrough to {to}: connect timed out")),

@@ -229,13 +229,7 @@ async fn relay_mesh_tcp<C>(
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    crate::until_killed(
-        tokio::io::copy_bidirectional(&mut client, &mut conn.upstream),
-        life.phase.clone(),
-    )
-    .await
-    .unwrap_or_else(|| Err(std::io::Error::other("closed at the drain deadline")))
-    .map_err(|e| e.to_string())
+    crate::relay_tcp(&mut client, &mut conn.upstream, life.phase.clone()).await
 }
 
 impl MeshTcp {
