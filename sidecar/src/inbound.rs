@@ -460,7 +460,7 @@ async fn serve_tcp<S>(
         }
     };
     shared.metrics.tcp_opened.get_or_create(&labels).inc();
-    let copied = crate::relay_tcp(&mut stream, &mut conn, phase).await;
+    let copied = crate::relay_tcp(&mut stream, &mut conn, crate::TCP_IDLE_TIMEOUT, phase).await;
     shared.metrics.tcp_closed.get_or_create(&labels).inc();
     let reason = copied.as_ref().err();
     metrics::log(&metrics::AccessLog {

@@ -354,7 +354,7 @@ pub(crate) fn splice_upgraded(
                     hyper_util::rt::TokioIo::new(c),
                     hyper_util::rt::TokioIo::new(u),
                 );
-                relay_tcp(&mut c, &mut u, life.phase).await
+                relay_tcp(&mut c, &mut u, TCP_IDLE_TIMEOUT, life.phase).await
             }
             Err(e) => Err(format!("protocol switch failed: {e}")),
         };
@@ -367,20 +367,30 @@ pub(crate) fn splice_upgraded(
 /// a connection whose peer vanished without a FIN would stay forever.
 pub const TCP_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
 
+/// The idle timeout a DestinationRule's `connectionPool.tcp.idleTimeout`
+/// asks for: unset, [`TCP_IDLE_TIMEOUT`]; `0s`, none (a century).
+pub(crate) fn tcp_idle_timeout(asked: Option<std::time::Duration>) -> std::time::Duration {
+    match asked {
+        None => TCP_IDLE_TIMEOUT,
+        Some(d) if d.is_zero() => std::time::Duration::from_secs(100 * 365 * 86400),
+        Some(d) => d,
+    }
+}
+
 /// Relays bytes both ways (half-close, no buffer held while idle) until
-/// both sides close, nothing moves for [`TCP_IDLE_TIMEOUT`], or the phase
-/// reaches [`Phase::Kill`]. Returns (a→b, b→a) bytes, or why it ended
-/// otherwise.
+/// both sides close, nothing moves for `idle`, or the phase reaches
+/// [`Phase::Kill`]. Returns (a→b, b→a) bytes, or why it ended otherwise.
 pub(crate) async fn relay_tcp<A, B>(
     a: A,
     b: B,
+    idle: std::time::Duration,
     phase: watch::Receiver<Phase>,
 ) -> Result<(u64, u64), String>
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    match until_killed(strait_io::relay(a, b, TCP_IDLE_TIMEOUT), phase).await {
+    match until_killed(strait_io::relay(a, b, idle), phase).await {
         Some(strait_io::Spliced {
             error: Some(why), ..
         }) => Err(why),
@@ -469,6 +479,21 @@ pub fn istio_sni(port: u16, subset: Option<&str>, host: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcp_idle_timeout_is_istios_hour_unless_a_rule_says_otherwise() {
+        use std::time::Duration;
+        assert_eq!(tcp_idle_timeout(None), Duration::from_secs(3600));
+        assert_eq!(
+            tcp_idle_timeout(Some(Duration::from_secs(5))),
+            Duration::from_secs(5)
+        );
+        // 0s turns it off: far enough never to fire, near enough to add
+        // to an Instant.
+        let off = tcp_idle_timeout(Some(Duration::ZERO));
+        assert!(off > Duration::from_secs(50 * 365 * 86400));
+        assert!(std::time::Instant::now().checked_add(off).is_some());
+    }
 
     #[test]
     fn an_upgrade_needs_http11_both_headers_and_the_connection_token() {

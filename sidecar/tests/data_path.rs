@@ -566,3 +566,89 @@ async fn shutdown_drains_in_flight_requests_and_stops_accepting() {
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("connect"), "{body}");
 }
+
+/// A `CONNECT` tunnel to echo through `proxy`, answered 200.
+async fn connect_tunnel(proxy: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    s.write_all(b"CONNECT echo.demo:8080 HTTP/1.1\r\nHost: echo.demo:8080\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).await.unwrap(), 1, "{head:?}");
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    s
+}
+
+#[tokio::test]
+async fn a_tcp_tunnel_quiet_past_the_rules_idle_timeout_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut p = pair().await;
+    // Opened under the default (an hour, as Istio's).
+    let mut before = connect_tunnel(p.client.outbound).await;
+    let rule = json!({"host": "echo",
+                      "trafficPolicy": {"connectionPool": {"tcp": {"idleTimeout": "300ms"}}}});
+    p.push(
+        p.mesh
+            .clone()
+            .policy("DestinationRule", "demo", "echo", rule),
+    );
+    let mut quiet = connect_tunnel(p.client.outbound).await;
+    let opened = tokio::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), quiet.read(&mut buf))
+        .await
+        .expect("the quiet tunnel is closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed, not answered");
+    assert!(
+        opened.elapsed() >= Duration::from_millis(300),
+        "closed after {:?}, before the idle timeout",
+        opened.elapsed()
+    );
+    // The tunnel opened before the rule keeps its hour: still usable.
+    before
+        .write_all(b"GET /still-here HTTP/1.1\r\nHost: echo.demo:8080\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("GET /still-here") {
+        let n = tokio::time::timeout(Duration::from_secs(10), before.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+
+    // `0s` turns the timeout off: the tunnel works (no timer overflow).
+    let rule = json!({"host": "echo",
+                      "trafficPolicy": {"connectionPool": {"tcp": {"idleTimeout": "0s"}}}});
+    p.push(
+        p.mesh
+            .clone()
+            .policy("DestinationRule", "demo", "echo", rule),
+    );
+    let mut off = connect_tunnel(p.client.outbound).await;
+    off.write_all(b"GET /no-timeout HTTP/1.1\r\nHost: echo.demo:8080\r\n\r\n")
+        .await
+        .unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(10), off.read(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+}

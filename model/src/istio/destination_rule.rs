@@ -142,6 +142,10 @@ pub struct TcpSettings {
     /// TCP connect timeout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_timeout: Option<String>,
+    /// How long a connection may carry nothing either way before it is
+    /// closed (Istio's default 1h; `0s` turns it off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
 }
 
 /// `connectionPool.http`.
@@ -300,6 +304,12 @@ impl Validate for TrafficPolicy {
                 let p = p.field("tcp");
                 non_negative(t.max_connections, &p.field("maxConnections"), errors);
                 validate_duration(&t.connect_timeout, &p.field("connectTimeout"), errors);
+                // `0s` is allowed here: it turns the timeout off.
+                if let Some(text) = &t.idle_timeout
+                    && let Err(e) = super::parse_duration(text)
+                {
+                    errors.at(&p.field("idleTimeout"), e);
+                }
             }
             if let Some(h) = &cp.http {
                 let p = p.field("http");
@@ -370,7 +380,7 @@ mod tests {
                     "simple": "LEAST_CONN",
                     "localityLbSetting": {"enabled": true, "failover": [{"from": "us-east", "to": "us-west"}]}
                 },
-                "connectionPool": {"tcp": {"maxConnections": 100, "connectTimeout": "30ms"},
+                "connectionPool": {"tcp": {"maxConnections": 100, "connectTimeout": "30ms", "idleTimeout": "0s"},
                                    "http": {"http1MaxPendingRequests": 10, "http2MaxRequests": 1000, "maxRequestsPerConnection": 10}},
                 "outlierDetection": {"consecutive5xxErrors": 7, "consecutiveGatewayErrors": 3, "interval": "5m",
                                      "baseEjectionTime": "15m", "maxEjectionPercent": 50},
@@ -475,6 +485,10 @@ mod tests {
             (
                 tp(json!({"connectionPool": {"tcp": {"connectTimeout": "soon"}}})),
                 "connectTimeout: \"soon\" is not a duration",
+            ),
+            (
+                tp(json!({"connectionPool": {"tcp": {"idleTimeout": "forever"}}})),
+                "tcp.idleTimeout: \"forever\" is not a duration",
             ),
             (
                 tp(json!({"connectionPool": {"http": {"http2MaxRequests": -3}}})),

@@ -88,7 +88,13 @@ pub(super) async fn passthrough_tcp(
             Ok(Ok(mut upstream)) => {
                 let _ = upstream.set_nodelay(true);
                 shared.metrics.tcp_opened.get_or_create(&labels).inc();
-                let copied = crate::relay_tcp(&mut client, &mut upstream, life.phase.clone()).await;
+                let copied = crate::relay_tcp(
+                    &mut client,
+                    &mut upstream,
+                    crate::TCP_IDLE_TIMEOUT,
+                    life.phase.clone(),
+                )
+                .await;
                 shared.metrics.tcp_closed.get_or_create(&labels).inc();
                 copied
             }

@@ -101,6 +101,9 @@ struct MeshTcp {
     labels: RequestLabels,
     /// Its place under the DestinationRule's `maxConnections`.
     _slot: InFlight,
+    /// Closed after this long with nothing moving (the DestinationRule's
+    /// `connectionPool.tcp.idleTimeout`).
+    idle: std::time::Duration,
 }
 
 /// Routes TCP for `host:port` (the service `service` it resolved to): the
@@ -216,6 +219,7 @@ async fn open_mesh_tcp(
         settled,
         labels,
         _slot: slot,
+        idle: crate::tcp_idle_timeout(tp.tcp_idle_timeout),
     })
 }
 
@@ -229,7 +233,13 @@ async fn relay_mesh_tcp<C>(
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    crate::relay_tcp(&mut client, &mut conn.upstream, life.phase.clone()).await
+    crate::relay_tcp(
+        &mut client,
+        &mut conn.upstream,
+        conn.idle,
+        life.phase.clone(),
+    )
+    .await
 }
 
 impl MeshTcp {

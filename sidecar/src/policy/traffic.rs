@@ -84,6 +84,9 @@ pub struct TrafficPolicy {
     pub locality: LocalityPolicy,
     /// TCP connect timeout (Istio's default 10s when `None`).
     pub connect_timeout: Option<Duration>,
+    /// How long a TCP connection may carry nothing either way (Istio's
+    /// default 1h when `None`; zero: no timeout).
+    pub tcp_idle_timeout: Option<Duration>,
     /// Most connections to the service.
     pub max_connections: Option<u32>,
     /// Most requests waiting for a connection.
@@ -198,6 +201,10 @@ fn apply(out: &mut TrafficPolicy, p: &dr::TrafficPolicy) {
         if let Some(t) = &cp.tcp {
             out.max_connections = count(t.max_connections);
             out.connect_timeout = duration(&t.connect_timeout);
+            out.tcp_idle_timeout = t
+                .idle_timeout
+                .as_deref()
+                .and_then(|d| parse_duration(d).ok());
         }
         if let Some(h) = &cp.http {
             out.max_pending_requests = count(h.http1_max_pending_requests);
@@ -271,7 +278,7 @@ mod tests {
                 "host": "reviews",
                 "trafficPolicy": {
                     "loadBalancer": {"simple": "RANDOM"},
-                    "connectionPool": {"tcp": {"maxConnections": 100, "connectTimeout": "250ms"}},
+                    "connectionPool": {"tcp": {"maxConnections": 100, "connectTimeout": "250ms", "idleTimeout": "24h"}},
                     "outlierDetection": {"consecutive5xxErrors": 3, "baseEjectionTime": "1m"}
                 },
                 "subsets": [
@@ -290,6 +297,7 @@ mod tests {
         assert_eq!(top.lb, LbAlgorithm::Random);
         assert_eq!(top.subset_labels, None);
         assert_eq!(top.connect_timeout, Some(Duration::from_millis(250)));
+        assert_eq!(top.tcp_idle_timeout, Some(Duration::from_secs(86400)));
         let od = top.outlier.unwrap();
         assert_eq!(
             (
