@@ -2,7 +2,7 @@
 //!
 //! [`splice`] copies both ways between two streams with half-close and an
 //! idle timeout, on one task and without a buffer of its own while idle
-//! (one buffer per thread, see [`Pipe`]); [`relay`] also tells why it
+//! (one read buffer per thread, shared by its splices); [`relay`] also tells why it
 //! ended, for access logs.
 
 use std::pin::Pin;
