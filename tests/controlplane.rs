@@ -96,54 +96,71 @@ impl ControlPlane {
         let config = s.path(&format!("{cluster}/config"));
         std::fs::create_dir_all(&config).unwrap();
         let state = s.path(&format!("{cluster}/state"));
-        let listen = format!("127.0.0.1:{}", free_port());
-        let health = format!("127.0.0.1:{}", free_port());
-        let metrics = format!("127.0.0.1:{}", free_port());
-        let source = match kubeconfig {
-            Some(_) => vec!["--kube"],
-            None => vec!["--config-dir", config.to_str().unwrap()],
-        };
-        let args: Vec<String> = ["controlplane", "--cluster", cluster, "--network", network]
-            .into_iter()
-            .chain(source)
-            .chain([
-                "--state-dir",
-                state.to_str().unwrap(),
-                "--join-token",
-                token_file.to_str().unwrap(),
-                "--listen",
-                &listen,
-                "--health-listen",
-                &health,
-                "--metrics-listen",
-                &metrics,
-                "--gateway",
-                gateway,
-            ])
-            .map(str::to_string)
-            .chain(extra.iter().cloned())
-            .collect();
-        let env = kubeconfig
-            .map(|k| vec![("KUBECONFIG".to_string(), k.display().to_string())])
-            .unwrap_or_default();
-        let mut cp = ControlPlane {
-            child: None,
-            args,
-            env,
-            listen,
-            health,
-            metrics,
-            state,
-            config,
-            log: s.path(&format!("{cluster}/controlplane.log")),
-        };
-        cp.spawn();
-        cp
+        // A port picked free can be taken (by another test's outgoing
+        // connection) before the control plane binds it: pick again.
+        for attempt in 1.. {
+            let listen = format!("127.0.0.1:{}", free_port());
+            let health = format!("127.0.0.1:{}", free_port());
+            let metrics = format!("127.0.0.1:{}", free_port());
+            let source = match kubeconfig {
+                Some(_) => vec!["--kube"],
+                None => vec!["--config-dir", config.to_str().unwrap()],
+            };
+            let args: Vec<String> = ["controlplane", "--cluster", cluster, "--network", network]
+                .into_iter()
+                .chain(source)
+                .chain([
+                    "--state-dir",
+                    state.to_str().unwrap(),
+                    "--join-token",
+                    token_file.to_str().unwrap(),
+                    "--listen",
+                    &listen,
+                    "--health-listen",
+                    &health,
+                    "--metrics-listen",
+                    &metrics,
+                    "--gateway",
+                    gateway,
+                ])
+                .map(str::to_string)
+                .chain(extra.iter().cloned())
+                .collect();
+            let env = kubeconfig
+                .map(|k| vec![("KUBECONFIG".to_string(), k.display().to_string())])
+                .unwrap_or_default();
+            let mut cp = ControlPlane {
+                child: None,
+                args,
+                env,
+                listen,
+                health,
+                metrics,
+                state: state.clone(),
+                config: config.clone(),
+                log: s.path(&format!("{cluster}/controlplane.log")),
+            };
+            match cp.try_spawn() {
+                Ok(()) => return cp,
+                Err(log) if attempt < 5 && log.contains("Address already in use") => {
+                    let _ = std::fs::remove_file(&cp.log);
+                }
+                Err(log) => panic!("{log}"),
+            }
+        }
+        unreachable!("the loop returns or panics")
     }
 
     /// (Re)starts the process with the same arguments and waits until its
     /// health endpoint says ready.
     fn spawn(&mut self) {
+        if let Err(log) = self.try_spawn() {
+            panic!("{log}");
+        }
+    }
+
+    /// [`Self::spawn`], or the log when the process exited while starting.
+    fn try_spawn(&mut self) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -161,10 +178,14 @@ impl ControlPlane {
         let deadline = Instant::now() + WAIT;
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("control plane exited with {status}:\n{}", self.log());
+                self.child = None;
+                return Err(format!(
+                    "control plane exited with {status}:\n{}",
+                    self.log()
+                ));
             }
             if http_status(&self.health, "/healthz/ready") == Some(200) {
-                return;
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,
