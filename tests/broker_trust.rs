@@ -86,11 +86,19 @@ async fn wait_rotation(
 ) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let out = broker
-            .ctl(&["trust", "rotate-root", "status", "-o", "json"])
-            .ok()
-            .stdout;
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let run = broker.ctl(&["trust", "rotate-root", "status", "-o", "json"]);
+        // A poll may fail while the broker swaps its serving certificate
+        // (seen once, under load); the next one decides, within the deadline.
+        if run.code != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: status kept failing for 10 s: {}",
+                run.stderr
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
         if check(&v) {
             return v;
         }

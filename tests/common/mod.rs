@@ -181,8 +181,17 @@ pub struct Broker {
 
 impl Broker {
     pub fn start(data: &Path, trust_domain: &str) -> Self {
-        let addr = format!("127.0.0.1:{}", free_port());
-        Self::start_at(data, trust_domain, &addr)
+        // A port picked free can be taken (by another test's outgoing
+        // connection) before the broker binds it: pick again.
+        for attempt in 1.. {
+            let addr = format!("127.0.0.1:{}", free_port());
+            match Self::try_start(data, trust_domain, &addr, &[]) {
+                Ok(b) => return b,
+                Err(log) if attempt < 5 && log.contains("Address already in use") => {}
+                Err(log) => panic!("{log}"),
+            }
+        }
+        unreachable!("the loop returns or panics")
     }
 
     /// Starts on a given address (to restart a killed broker in place) and
@@ -193,8 +202,33 @@ impl Broker {
 
     /// Starts with extra `strait broker` arguments.
     pub fn start_with(data: &Path, trust_domain: &str, addr: &str, extra: &[&str]) -> Self {
+        // The health and metrics ports are picked here: a lost race for one
+        // of them (not for `addr`, the caller's) is retried on new ones.
+        for attempt in 1.. {
+            match Self::try_start(data, trust_domain, addr, extra) {
+                Ok(b) => return b,
+                Err(log)
+                    if attempt < 5
+                        && log.contains("Address already in use")
+                        && !log.contains(&format!("{addr} ")) => {}
+                Err(log) => panic!("{log}"),
+            }
+        }
+        unreachable!("the loop returns or panics")
+    }
+
+    /// Starts the broker and waits until it is ready, or returns what it
+    /// logged when it exited while starting.
+    fn try_start(
+        data: &Path,
+        trust_domain: &str,
+        addr: &str,
+        extra: &[&str],
+    ) -> Result<Self, String> {
         let health = format!("127.0.0.1:{}", free_port());
         let metrics = format!("127.0.0.1:{}", free_port());
+        let log_path = data.with_extension("log");
+        let logged_before = std::fs::metadata(&log_path).map_or(0, |m| m.len());
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -228,21 +262,25 @@ impl Broker {
             data: data.to_path_buf(),
             trust_domain: trust_domain.to_string(),
         };
-        b.wait_ready();
-        b
+        b.wait_ready(logged_before)?;
+        Ok(b)
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits until ready; when the broker exits first, what it logged
+    /// after `logged_before` bytes.
+    fn wait_ready(&mut self, logged_before: u64) -> Result<(), String> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
+                let log = std::fs::read(self.data.with_extension("log")).unwrap_or_default();
+                let start = usize::try_from(logged_before).unwrap_or(0).min(log.len());
+                return Err(format!(
                     "broker exited with {status}: {}",
-                    std::fs::read_to_string(self.data.with_extension("log")).unwrap_or_default()
-                );
+                    String::from_utf8_lossy(&log[start..])
+                ));
             }
             if http_status(&self.health, "/healthz/ready") == Some(200) {
-                return;
+                return Ok(());
             }
             assert!(
                 std::time::Instant::now() < deadline,
