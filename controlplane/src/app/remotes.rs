@@ -1,0 +1,189 @@
+//! Primary-remote: the config of the remote clusters this control plane
+//! also serves, and the view each served cluster's proxies get.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use super::{AppConfig, ConfigSource, Siblings};
+use crate::dirwatch;
+use crate::source::Config;
+
+/// The config of every remote cluster (`--remote`): a watched directory,
+/// or in Kubernetes mode the API its kubeconfig names. A Kubernetes
+/// remote's network (the network of its pods) is the
+/// `topology.istio.io/network` label of its `strait-system` Namespace when
+/// it starts (default: this cluster's).
+pub(super) async fn open_remotes(
+    cfg: &AppConfig,
+) -> Result<Vec<(strait_ca::ClusterName, watch::Receiver<Arc<Config>>)>, String> {
+    let mut out = Vec::new();
+    for r in &cfg.remotes {
+        let flag = format!("--remote {}={}", r.name, r.config_dir.display());
+        let rx = match &cfg.source {
+            ConfigSource::Dir(_) => {
+                dirwatch::watch_dir(r.config_dir.clone()).map_err(|e| format!("{flag}: {e}"))?
+            }
+            ConfigSource::Kube => {
+                let client = kube_client(&r.config_dir)
+                    .await
+                    .map_err(|e| format!("{flag}: {e}"))?;
+                let network = kube_network(&client, &cfg.network)
+                    .await
+                    .map_err(|e| format!("{flag}: {e}"))?;
+                tracing::info!(cluster = %r.name, %network, "reading a remote cluster from its Kubernetes API");
+                crate::kube::watch_kube(
+                    client,
+                    crate::kube::KubeOptions {
+                        cluster: r.name.to_string(),
+                        network,
+                    },
+                )
+                .await
+                .map_err(|e| format!("{flag}: {e}"))?
+            }
+        };
+        out.push((r.name.clone(), rx));
+    }
+    Ok(out)
+}
+
+/// A client of the API a kubeconfig file names (its current context).
+async fn kube_client(kubeconfig: &Path) -> Result<::kube::Client, String> {
+    let kc = ::kube::config::Kubeconfig::read_from(kubeconfig).map_err(|e| e.to_string())?;
+    let config =
+        ::kube::Config::from_custom_kubeconfig(kc, &::kube::config::KubeConfigOptions::default())
+            .await
+            .map_err(|e| e.to_string())?;
+    ::kube::Client::try_from(config).map_err(|e| e.to_string())
+}
+
+/// The `topology.istio.io/network` label of the cluster's `strait-system`
+/// Namespace, else `default`.
+async fn kube_network(client: &::kube::Client, default: &str) -> Result<String, String> {
+    use k8s_openapi::api::core::v1::Namespace;
+    let api: ::kube::Api<Namespace> = ::kube::Api::all(client.clone());
+    let ns = api
+        .get_opt(crate::remote::SYSTEM_NAMESPACE)
+        .await
+        .map_err(|e| format!("reading Namespace {}: {e}", crate::remote::SYSTEM_NAMESPACE))?;
+    Ok(ns
+        .and_then(|n| n.metadata.labels)
+        .and_then(|l| l.get(crate::remote::NETWORK_LABEL).cloned())
+        .unwrap_or_else(|| default.to_string()))
+}
+
+/// One served cluster's name, network, config view and sibling networks.
+pub(super) type Served = (
+    String,
+    String,
+    watch::Receiver<Arc<Config>>,
+    watch::Receiver<Siblings>,
+);
+
+/// The views of every served cluster (this one first, then the remotes of
+/// `remotes`), kept current as any of their configs change. Without
+/// remotes, this cluster's view is its config as is.
+pub(super) fn spawn_views(
+    me: strait_model::mesh::ClusterInfo,
+    clusterset_ips: Option<strait_model::imports::vips::VipRange>,
+    remotes: Vec<(strait_ca::ClusterName, watch::Receiver<Arc<Config>>)>,
+    own: watch::Receiver<Arc<Config>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Vec<Served>, String> {
+    use crate::remote::{Member, remote_info, sibling_networks, view};
+    if remotes.is_empty() {
+        // No siblings, ever: the sender goes, which the builder takes as
+        // "no more changes".
+        let (_, siblings) = watch::channel(Siblings::new());
+        return Ok(vec![(
+            me.name.to_string(),
+            me.network.to_string(),
+            own,
+            siblings,
+        )]);
+    }
+    let mut configs = vec![own];
+    let mut names = Vec::new();
+    for (name, rx) in remotes {
+        names.push(name);
+        configs.push(rx);
+    }
+    let members = move |configs: &mut [watch::Receiver<Arc<Config>>]| {
+        let mut out = vec![Member {
+            info: me.clone(),
+            config: configs[0].borrow_and_update().clone(),
+        }];
+        for (name, rx) in names.iter().zip(configs[1..].iter_mut()) {
+            let config = rx.borrow_and_update().clone();
+            let info = match remote_info(name, &me.trust_domain, &me.network, &config) {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::warn!(error = %e, "remote cluster's network: using the primary's");
+                    remote_info(name, &me.trust_domain, &me.network, &Config::default())
+                        .unwrap_or_else(|_| me.clone())
+                }
+            };
+            out.push(Member { info, config });
+        }
+        out
+    };
+    let views = move |m: &[Member]| -> Vec<(Config, Siblings)> {
+        (0..m.len())
+            .map(|i| {
+                let (v, warnings) = view(m, i, clusterset_ips.as_ref());
+                for w in warnings {
+                    tracing::warn!(cluster = %m[i].info.name, warning = %w, "served cluster view");
+                }
+                (v, sibling_networks(m, i))
+            })
+            .collect()
+    };
+    let first = members(&mut configs);
+    let mut senders = Vec::new();
+    let mut out = Vec::new();
+    for (m, (v, sib)) in first.iter().zip(views(&first)) {
+        let (vtx, vrx) = watch::channel(Arc::new(v));
+        let (stx, srx) = watch::channel(sib);
+        senders.push((vtx, stx));
+        out.push((
+            m.info.name.to_string(),
+            m.info.network.to_string(),
+            vrx,
+            srx,
+        ));
+    }
+    tokio::spawn(async move {
+        tokio::pin!(shutdown);
+        loop {
+            let changed =
+                futures::future::select_all(configs.iter_mut().map(|c| Box::pin(c.changed())));
+            tokio::select! {
+                () = &mut shutdown => return,
+                (r, _, _) = changed => if r.is_err() { return },
+            }
+            let now = members(&mut configs);
+            for ((vtx, stx), (v, sib)) in senders.iter().zip(views(&now)) {
+                vtx.send_if_modified(|cur| {
+                    if **cur == v {
+                        false
+                    } else {
+                        *cur = Arc::new(v);
+                        true
+                    }
+                });
+                stx.send_if_modified(|cur| {
+                    if *cur == sib {
+                        false
+                    } else {
+                        *cur = sib;
+                        true
+                    }
+                });
+            }
+        }
+    });
+    Ok(out)
+}
