@@ -1,0 +1,273 @@
+//! Kubernetes mode against recorded API responses: config from the API,
+//! imports applied to it, and a primary serving a remote cluster.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::common::{Broker, Scratch};
+use strait_controlplane::ca::{self, Credential};
+use strait_proto::strait::mesh::v1 as pb;
+
+use crate::fake_api;
+use crate::support::*;
+
+/// A kubeconfig for the API server at `url` (no credentials).
+fn kubeconfig(s: &Scratch, name: &str, url: &str) -> PathBuf {
+    s.write(
+        name,
+        &format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{url}\"}}\n\
+contexts:\n- name: fake\n  context: {{cluster: fake, user: fake}}\ncurrent-context: fake\n\
+users:\n- name: fake\n  user: {{}}\n"
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_mode_reads_the_api_applies_imports_and_reviews_tokens() {
+    let s = Scratch::new();
+    let broker = Broker::start(&s.path("broker"), TD);
+    // The recorded bookinfo cluster; `reviews` has a ServiceExport.
+    let recorded = Path::new(env!("CARGO_MANIFEST_DIR")).join("controlplane/tests/testdata/kube");
+    let (fake, url) = fake_api::Fake::start(recorded);
+    let kube = kubeconfig(&s, "kubeconfig", &url);
+    let east = ControlPlane::start_with(
+        &s,
+        &broker,
+        "east",
+        "net-east",
+        "192.0.2.10:15443",
+        Some(&kube),
+        &[],
+    );
+    let west = ControlPlane::start(&s, &broker, "west", "net-west", "192.0.2.20:15443");
+    put(
+        &west.config,
+        "echo.yaml",
+        &format!(
+            "{}---\n{}",
+            service_yaml("echo", 8080, true),
+            workload_yaml("echo-v2", "echo", "10.2.0.1", "net-west")
+        ),
+    );
+
+    // A pod's proxy bootstraps with its service-account token, reviewed by
+    // the API server, and gets that account's identity.
+    let td = east.trust_domain();
+    let id = strait_ca::SpiffeId::workload(&td, "bookinfo", "bookinfo-reviews").unwrap();
+    let tls = ca::mesh_client_tls(east.trust(), ca::control_plane_id(&td));
+    let identity = ca::request_certificate(
+        &east.listen,
+        &tls,
+        &east.trust(),
+        &id,
+        Credential::Token("reviews-token"),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(identity.spiffe_id, id);
+    let other = strait_ca::SpiffeId::workload(&td, "bookinfo", "admin").unwrap();
+    let refused = ca::request_certificate(
+        &east.listen,
+        &tls,
+        &east.trust(),
+        &other,
+        Credential::Token("reviews-token"),
+        None,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        refused.to_string().contains("bookinfo-reviews"),
+        "{refused}"
+    );
+
+    // Discovery serves the API's services with the pods as endpoints.
+    let proxy = east.subscribe(&identity, "reviews-v1");
+    let mut res = proxy.resources();
+    let reviews = until(&mut res, "reviews with its pods", &east, |r| {
+        let svc = services(r).remove("reviews.bookinfo.svc.cluster.local")?;
+        (!svc.endpoints.is_empty()).then_some(svc)
+    })
+    .await;
+    assert!(
+        reviews
+            .endpoints
+            .iter()
+            .all(|e| e.kind == pb::endpoint::Kind::Sidecar as i32 && e.network == "net-east"),
+        "{:?}",
+        reviews.endpoints
+    );
+    // Its cluster IP, as the API recorded it: what a redirected app's
+    // connection is routed by.
+    assert_eq!(reviews.addresses, ["10.96.0.81"]);
+
+    // West's export is applied to the API (server-side apply, labelled as
+    // strait's), and east's ServiceExport reaches west.
+    let deadline = Instant::now() + WAIT;
+    let applied = loop {
+        let seen = fake.seen();
+        let found = seen.into_iter().find(|r| {
+            r.method == hyper::Method::PATCH
+                && r.path.contains("/namespaces/demo/serviceentries/")
+                && r.body.contains("192.0.2.20")
+        });
+        if let Some(f) = found {
+            break f;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "west's echo not applied to the API within {WAIT:?}:\n{}\nwest:\n{}",
+            east.log(),
+            west.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(applied.content_type, "application/apply-patch+yaml");
+    assert!(
+        applied.query.contains("fieldManager=strait-controlplane"),
+        "{applied:?}"
+    );
+    // It carries a ClusterSet IP, and the ServiceImport sent for it (this
+    // API serves no MCS CRDs, so it is refused) the same one.
+    let at = applied
+        .body
+        .find("240.241.")
+        .unwrap_or_else(|| panic!("no ClusterSet IP: {}", applied.body));
+    let vip: String = applied.body[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    assert!(vip.parse::<std::net::Ipv4Addr>().is_ok(), "{vip}");
+    assert!(
+        fake.seen().iter().any(|r| r.method == hyper::Method::PATCH
+            && r.path.contains("/namespaces/demo/serviceimports/")
+            && r.body.contains(&vip)),
+        "no ServiceImport with {vip} sent"
+    );
+    let imported = west.config.join("imported/strait-imports.yaml");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = std::fs::read_to_string(&imported).unwrap_or_default();
+        if text.contains("reviews") && text.contains("192.0.2.10") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "east's reviews not imported by west within {WAIT:?}:\n{text}\n{}",
+            east.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubernetes_primary_serves_a_remote_cluster_from_its_api() {
+    let s = Scratch::new();
+    let broker = Broker::start(&s.path("broker"), TD);
+    let testdata = Path::new(env!("CARGO_MANIFEST_DIR")).join("controlplane/tests/testdata");
+    let (_primary_api, url) = fake_api::Fake::start(testdata.join("kube"));
+    let (_remote_api, remote_url) = fake_api::Fake::start(testdata.join("kube-remote"));
+    let kube = kubeconfig(&s, "kubeconfig", &url);
+    let remote_kube = kubeconfig(&s, "remote.kubeconfig", &remote_url);
+    let east = ControlPlane::start_with(
+        &s,
+        &broker,
+        "east",
+        "net-east",
+        "192.0.2.10:15443",
+        Some(&kube),
+        &[
+            "--remote".to_string(),
+            format!("remote={}", remote_kube.display()),
+        ],
+    );
+    let td = east.trust_domain();
+    let id = strait_ca::SpiffeId::workload(&td, "bookinfo", "bookinfo-reviews").unwrap();
+    let tls = ca::mesh_client_tls(east.trust(), ca::control_plane_id(&td));
+    let identity = ca::request_certificate(
+        &east.listen,
+        &tls,
+        &east.trust(),
+        &id,
+        Credential::Token("reviews-token"),
+        None,
+    )
+    .await
+    .unwrap();
+
+    // A proxy of the remote cluster: the remote's pod is local (its
+    // network from the remote's strait-system Namespace), east's exported
+    // reviews is behind east's gateway.
+    let remote_proxy = east.subscribe_as(&identity, "reviews-r", "remote");
+    let mut res = remote_proxy.resources();
+    let (ratings, reviews) = until(&mut res, "the remote's view", &east, |r| {
+        let svcs = services(r);
+        let ratings = svcs.get("ratings.bookinfo.svc.cluster.local")?.clone();
+        let reviews = svcs.get("reviews.bookinfo.svc.cluster.local")?.clone();
+        (!ratings.endpoints.is_empty() && !reviews.endpoints.is_empty())
+            .then_some((ratings, reviews))
+    })
+    .await;
+    let eps = |svc: &pb::Service| -> Vec<(i32, String, String)> {
+        svc.endpoints
+            .iter()
+            .map(|e| (e.kind, e.address.clone(), e.network.clone()))
+            .collect()
+    };
+    assert_eq!(
+        eps(&ratings),
+        [(
+            pb::endpoint::Kind::Sidecar as i32,
+            "10.20.0.5".to_string(),
+            "net-remote".to_string()
+        )]
+    );
+    assert!(
+        eps(&reviews)
+            .iter()
+            .all(|(k, a, n)| *k == pb::endpoint::Kind::Gateway as i32
+                && a == "192.0.2.10"
+                && n == "net-east"),
+        "{:?}",
+        eps(&reviews)
+    );
+
+    // East's own proxies see the remote's exported ratings behind the
+    // remote's gateway (from its LoadBalancer Service).
+    let east_proxy = east.subscribe(&identity, "reviews-v1");
+    let mut res = east_proxy.resources();
+    let ratings = until(
+        &mut res,
+        "ratings behind the remote's gateway",
+        &east,
+        |r| {
+            let svc = services(r).remove("ratings.bookinfo.svc.cluster.local")?;
+            svc.endpoints
+                .iter()
+                .any(|e| e.address == "192.0.2.30" && e.network == "net-remote")
+                .then_some(svc)
+        },
+    )
+    .await;
+    assert!(
+        ratings
+            .endpoints
+            .iter()
+            .any(|e| e.kind == pb::endpoint::Kind::Gateway as i32 && e.port == 15443),
+        "{:?}",
+        ratings.endpoints
+    );
+
+    // A proxy naming a cluster this control plane does not serve is
+    // refused by name.
+    let stranger = east.subscribe_as(&identity, "reviews-x", "elsewhere");
+    let mut state = stranger.state();
+    let refused = until_state(&mut state, "a refusal", |s| s.last_error.is_some()).await;
+    let error = refused.last_error.unwrap();
+    assert!(
+        error.contains("elsewhere") && error.contains("remote"),
+        "{error}"
+    );
+}
