@@ -588,19 +588,21 @@ async fn connect_tunnel(proxy: std::net::SocketAddr) -> tokio::net::TcpStream {
     s
 }
 
+/// `mesh` with a DestinationRule for echo setting
+/// `connectionPool.tcp.idleTimeout`.
+fn idle_timeout_rule(mesh: &Mesh, timeout: &str) -> Mesh {
+    let rule = json!({"host": "echo",
+                      "trafficPolicy": {"connectionPool": {"tcp": {"idleTimeout": timeout}}}});
+    mesh.clone().policy("DestinationRule", "demo", "echo", rule)
+}
+
 #[tokio::test]
 async fn a_tcp_tunnel_quiet_past_the_rules_idle_timeout_is_closed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut p = pair().await;
     // Opened under the default (an hour, as Istio's).
     let mut before = connect_tunnel(p.client.outbound).await;
-    let rule = json!({"host": "echo",
-                      "trafficPolicy": {"connectionPool": {"tcp": {"idleTimeout": "300ms"}}}});
-    p.push(
-        p.mesh
-            .clone()
-            .policy("DestinationRule", "demo", "echo", rule),
-    );
+    p.push(idle_timeout_rule(&p.mesh, "300ms"));
     let mut quiet = connect_tunnel(p.client.outbound).await;
     let opened = tokio::time::Instant::now();
     let mut buf = [0u8; 64];
@@ -635,13 +637,7 @@ async fn a_tcp_tunnel_quiet_past_the_rules_idle_timeout_is_closed() {
     );
 
     // `0s` turns the timeout off: the tunnel works (no timer overflow).
-    let rule = json!({"host": "echo",
-                      "trafficPolicy": {"connectionPool": {"tcp": {"idleTimeout": "0s"}}}});
-    p.push(
-        p.mesh
-            .clone()
-            .policy("DestinationRule", "demo", "echo", rule),
-    );
+    p.push(idle_timeout_rule(&p.mesh, "0s"));
     let mut off = connect_tunnel(p.client.outbound).await;
     off.write_all(b"GET /no-timeout HTTP/1.1\r\nHost: echo.demo:8080\r\n\r\n")
         .await
