@@ -140,10 +140,14 @@ fn issue_from_root(
 }
 
 /// Keeps `DATA/admin/` (cert-chain.pem, key.pem, root-cert.pem) usable:
-/// re-issues the certificate when it no longer verifies under the bundle
-/// (after a root rotation) or nears expiry, and rewrites root-cert.pem when
-/// the bundle changed. The admin key is kept across re-issues, so that a
-/// reader never sees a certificate and a key that do not belong together.
+/// re-issues the certificate when it does not chain to the signing root
+/// `root` or nears expiry, and rewrites root-cert.pem when the bundle
+/// changed. Following the signing root, not merely the bundle, moves the
+/// certificate at a rotation's `advance`, while the old root is still
+/// trusted; kept until `finish` dropped the old root, straitctl's next
+/// call could present it before this ran again, and be refused. The admin
+/// key is kept across re-issues, so that a reader never sees a certificate
+/// and a key that do not belong together.
 fn ensure_admin_credentials(
     data_dir: &Path,
     root: &Authority,
@@ -151,13 +155,18 @@ fn ensure_admin_credentials(
 ) -> Result<PathBuf, AppError> {
     let dir = data_dir.join(ADMIN_DIR);
     let now = OffsetDateTime::now_utc();
+    let signing = strait_ca::TrustBundle::new(
+        Some(root.trust_domain().clone()),
+        vec![root.root_der().to_vec()],
+    )
+    .map_err(setup)?;
     let key = std::fs::read(dir.join(layout::WORKLOAD_KEY))
         .ok()
         .and_then(|k| strait_ca::pemfile::parse_private_key(&k).ok());
     let cert_ok = std::fs::read(dir.join(layout::CERT_CHAIN))
         .ok()
         .and_then(|pem| strait_ca::pemfile::parse_certificates(&pem).ok())
-        .and_then(|certs| strait_ca::verify_svid(&certs, bundle, now).ok())
+        .and_then(|certs| strait_ca::verify_svid(&certs, &signing, now).ok())
         .is_some_and(|svid| svid.path_len == 2 && svid.expires - now > ADMIN_RENEW_BEFORE);
     if key.is_none() || !cert_ok {
         let id = SpiffeId::admin(root.trust_domain(), "admin").map_err(setup)?;
