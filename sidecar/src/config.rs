@@ -332,32 +332,60 @@ impl MeshConfig {
         Option<strait_ca::TrustBundle>,
         BTreeMap<String, strait_ca::TrustBundle>,
     ) {
-        let mut local = None;
-        let mut federated = BTreeMap::new();
-        for b in &self.bundles {
-            let Ok(td) = TrustDomain::new(&b.trust_domain) else {
-                continue;
-            };
-            let pem = b.roots_pem.join("\n");
-            let Ok(bundle) = strait_ca::TrustBundle::from_pem(pem.as_bytes(), Some(td)) else {
-                continue;
-            };
-            if b.local {
-                local = Some(bundle);
-            } else {
-                federated.insert(b.trust_domain.clone(), bundle);
-            }
-        }
-        (local, federated)
+        trust_bundles(&self.bundles)
     }
 
     /// Deny-listed intermediates across bundles, as `strait_ca` fingerprints.
     pub fn denied(&self) -> Vec<String> {
-        self.bundles
-            .iter()
-            .flat_map(|b| b.denied_intermediates.iter().filter_map(|d| fingerprint(d)))
-            .collect()
+        denied(&self.bundles)
     }
+}
+
+/// The local trust domain's bundle and the peered ones in pushed bundle
+/// resources (unusable ones left out: validation refuses them first).
+pub fn trust_bundles(
+    bundles: &[pb::TrustBundle],
+) -> (
+    Option<strait_ca::TrustBundle>,
+    BTreeMap<String, strait_ca::TrustBundle>,
+) {
+    let mut local = None;
+    let mut federated = BTreeMap::new();
+    for b in bundles {
+        let Ok(td) = TrustDomain::new(&b.trust_domain) else {
+            continue;
+        };
+        let pem = b.roots_pem.join("\n");
+        let Ok(bundle) = strait_ca::TrustBundle::from_pem(pem.as_bytes(), Some(td)) else {
+            continue;
+        };
+        if b.local {
+            local = Some(bundle);
+        } else {
+            federated.insert(b.trust_domain.clone(), bundle);
+        }
+    }
+    (local, federated)
+}
+
+/// Deny-listed intermediates across pushed bundles, as `strait_ca`
+/// fingerprints.
+pub fn denied(bundles: &[pb::TrustBundle]) -> Vec<String> {
+    bundles
+        .iter()
+        .flat_map(|b| b.denied_intermediates.iter().filter_map(|d| fingerprint(d)))
+        .collect()
+}
+
+/// Sets `trust` to what pushed bundles say: the local roots (kept when no
+/// local bundle is pushed), the peered meshes' bundles and the deny-list.
+pub fn apply_trust(trust: &strait_ca::tls::Trust, bundles: &[pb::TrustBundle]) {
+    let (local, federated) = trust_bundles(bundles);
+    if let Some(b) = local {
+        trust.set_bundle(b);
+    }
+    trust.set_federated(federated);
+    trust.set_denied(denied(bundles));
 }
 
 #[cfg(test)]

@@ -215,12 +215,7 @@ pub fn follow_trust(trust: Trust, mut config: watch::Receiver<Arc<MeshConfig>>) 
         loop {
             {
                 let cfg = config.borrow_and_update().clone();
-                let (local, federated) = cfg.trust_bundles();
-                if let Some(b) = local {
-                    trust.set_bundle(b);
-                }
-                trust.set_federated(federated);
-                trust.set_denied(cfg.denied());
+                crate::config::apply_trust(&trust, &cfg.bundles);
             }
             if config.changed().await.is_err() {
                 return;

@@ -30,13 +30,17 @@ enum AlpnCheck {
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
   strait gateway --cluster east --network net-east --listen 0.0.0.0:15443 \\
-      --control-plane 10.0.0.5:15012 --identity /etc/strait/gateway \\
+      --control-plane 10.0.0.5:15012 --token /var/run/secrets/tokens/istio-token \\
+      --root-cert /etc/strait/root-cert.pem \\
       --health-listen 0.0.0.0:15021 --metrics-listen 0.0.0.0:15090
+  # a certificate kept current by something else, re-read when it changes
+  strait gateway --cluster east --network net-east --control-plane 10.0.0.5:15012 \\
+      --identity /etc/strait/gateway
   strait gateway --cluster east --network net-east --listen 0.0.0.0:15443 \\
       --routes /etc/strait/routes.yaml --health-listen 0.0.0.0:15021 --metrics-listen 0.0.0.0:15090
   # primary-remote: the primary's gateway also exposes its control plane on 15012
   strait gateway --cluster primary --network net-primary --control-plane 10.0.0.5:15012 \
-      --identity /etc/strait/gateway --expose-control-plane 10.0.0.5:15012
+      --token gateway.token --root-cert root-cert.pem --expose-control-plane 10.0.0.5:15012
 
 routes.yaml:
   services:
@@ -66,10 +70,30 @@ pub struct GatewayArgs {
     )]
     routes: Option<PathBuf>,
     /// The cluster's control plane (`host:port`, its discovery port 15012):
-    /// the routing table comes from it, over mTLS with the --identity
-    /// certificate.
-    #[arg(long, value_name = "ADDR", requires = "identity")]
+    /// the routing table comes from it, over mTLS with the gateway's
+    /// certificate (--token or --identity).
+    #[arg(long, value_name = "ADDR")]
     control_plane: Option<String>,
+    /// The gateway gets its certificate from the control plane's CSR API
+    /// with this token: a file holding a bootstrap token (`strait
+    /// controlplane token --namespace strait-system --service-account
+    /// eastwest-gateway`) or, in Kubernetes, the pod's projected service
+    /// account token (audience istio-ca). The key is made here; the
+    /// certificate is renewed at about half life, and the trust follows the
+    /// bundles the control plane pushes (root rotations, peered meshes).
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires_all = ["control_plane", "root_cert"],
+        conflicts_with_all = ["identity", "federated"]
+    )]
+    token: Option<PathBuf>,
+    /// The mesh root certificate(s), to verify the control plane (--token).
+    #[arg(long, value_name = "FILE", requires = "token")]
+    root_cert: Option<PathBuf>,
+    /// Certificate lifetime to ask for (--token).
+    #[arg(long, value_parser = parse_duration, default_value = "24h")]
+    cert_ttl: Duration,
     /// Which ALPN values a connection must offer.
     #[arg(long, value_enum, default_value = "istio")]
     alpn_check: AlpnCheck,
@@ -89,12 +113,15 @@ pub struct GatewayArgs {
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
     /// The egress listener local sidecars hand connections for other
-    /// networks to; they travel over QUIC tunnels (needs --identity).
+    /// networks to; they travel over QUIC tunnels (needs --token or
+    /// --identity).
     #[arg(long, value_name = "ADDR")]
     egress_listen: Option<SocketAddr>,
-    /// The gateway's identity for QUIC tunnels (cert-chain.pem, key.pem,
-    /// root-cert.pem; SPIFFE ID spiffe://<td>/ns/strait-system/sa/eastwest-gateway).
-    /// With it, the gateway also accepts tunnels on the --listen address (UDP).
+    /// The gateway's identity as files someone else keeps current
+    /// (cert-chain.pem, key.pem, root-cert.pem; SPIFFE ID
+    /// spiffe://<td>/ns/strait-system/sa/eastwest-gateway), re-read when
+    /// they change. With an identity (this or --token), the gateway also
+    /// accepts QUIC tunnels on the --listen address (UDP).
     #[arg(long, value_name = "DIR")]
     identity: Option<PathBuf>,
     /// Bundles of peered meshes for tunnels (`<trust-domain>.pem` each, as a
@@ -127,62 +154,100 @@ fn load(path: &Path) -> Result<RouteTable> {
     RouteTable::new(file).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
+/// The east-west gateway identity of trust domain `td`.
+fn gateway_id(td: &strait_ca::TrustDomain) -> Result<strait_ca::SpiffeId> {
+    Ok(strait_ca::SpiffeId::from_segments(
+        td,
+        &["ns", "strait-system", "sa", "eastwest-gateway"],
+    )?)
+}
+
 /// The QUIC server and client configs of the gateway's tunnels: mutual TLS
-/// between gateway identities of the trust domain of `dir`'s certificate.
+/// with `chain` and `key`, towards the east-west gateways of every trust
+/// domain `trust` holds (each verified against its own bundle only).
 fn tunnel_configs(
-    dir: &Path,
-    federated: Option<&Path>,
+    chain: &[Vec<u8>],
+    key: &[u8],
+    trust: &strait_ca::tls::Trust,
 ) -> Result<(quinn::ServerConfig, quinn::ClientConfig)> {
-    use strait_ca::tls::{Accept, SpiffeClientVerifier, SpiffeServerVerifier, Trust};
-    let (chain, key, bundle) = strait_broker::client::read_credentials(dir)
-        .with_context(|| format!("--identity {}", dir.display()))?;
-    let leaf = strait_ca::cert::CertSummary::from_der(&chain[0]).map_err(anyhow::Error::msg)?;
+    use strait_ca::tls::{Accept, SpiffeClientVerifier, SpiffeServerVerifier};
+    let leaf = chain
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no certificate"))
+        .and_then(|der| strait_ca::cert::CertSummary::from_der(der).map_err(anyhow::Error::msg))?;
     let id = leaf
         .spiffe_id
         .as_deref()
         .and_then(|i| strait_ca::SpiffeId::parse(i).ok())
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "--identity {}: the certificate has no SPIFFE ID",
-                dir.display()
-            )
-        })?;
-    let gateway_id = strait_ca::SpiffeId::from_segments(
-        &id.trust_domain(),
-        &["ns", "strait-system", "sa", "eastwest-gateway"],
-    )?;
-    if id != gateway_id {
-        tracing::warn!(%id, expected = %gateway_id, "the gateway identity is not the east-west gateway's");
+        .ok_or_else(|| anyhow::anyhow!("the certificate has no SPIFFE ID"))?;
+    let own = gateway_id(&id.trust_domain())?;
+    if id != own {
+        tracing::warn!(%id, expected = %own, "the gateway identity is not the east-west gateway's");
     }
-    let trust = Trust::new(bundle);
-    let mut gateways: std::collections::BTreeSet<strait_ca::SpiffeId> = [gateway_id].into();
-    if let Some(fdir) = federated {
-        let bundles = read_federated(fdir)?;
-        for td in bundles.iter().map(|(td, _)| td) {
-            let td = strait_ca::TrustDomain::new(td)?;
-            gateways.insert(strait_ca::SpiffeId::from_segments(
-                &td,
-                &["ns", "strait-system", "sa", "eastwest-gateway"],
-            )?);
-        }
-        trust.set_federated(bundles);
+    let mut gateways: std::collections::BTreeSet<strait_ca::SpiffeId> = [own].into();
+    for td in trust.trust_domains() {
+        gateways.insert(gateway_id(&strait_ca::TrustDomain::new(&td)?)?);
     }
     let peers = Accept::Ids(gateways);
     let server = strait_ca::tls::server_config(
-        &chain,
-        &key,
+        chain,
+        key,
         SpiffeClientVerifier::new(trust.clone(), peers.clone(), true),
         &[],
     )?;
     let client = strait_ca::tls::client_config(
-        SpiffeServerVerifier::new(trust, peers),
-        Some((&chain, &key)),
+        SpiffeServerVerifier::new(trust.clone(), peers),
+        Some((chain, key)),
         &[],
     )?;
     Ok((
         strait_gateway::tunnel::server_config(server).map_err(anyhow::Error::msg)?,
         strait_gateway::tunnel::client_config(client).map_err(anyhow::Error::msg)?,
     ))
+}
+
+/// Where the gateway's certificate comes from.
+enum Creds {
+    /// `--identity DIR` (and `--federated DIR`): files kept current by
+    /// someone else, read again when they change.
+    Dir {
+        dir: PathBuf,
+        federated: Option<PathBuf>,
+    },
+    /// `--token FILE`: a key made here and certificates from the control
+    /// plane's CSR API, renewed by the manager's task; `trust` follows the
+    /// bundles the control plane pushes, and `bundles` ticks when they
+    /// change (the tunnels' accepted peers are rebuilt then).
+    Csr {
+        manager: strait_controlplane::ca::identity::IdentityManager,
+        trust: strait_ca::tls::Trust,
+        td: strait_ca::TrustDomain,
+        bundles: tokio::sync::watch::Sender<Vec<strait_proto::strait::mesh::v1::TrustBundle>>,
+    },
+}
+
+impl Creds {
+    /// The tunnels' configs with the current certificate and trust.
+    fn tunnel_configs(&self) -> Result<(quinn::ServerConfig, quinn::ClientConfig)> {
+        match self {
+            Creds::Dir { dir, federated } => {
+                let (chain, key, bundle) = strait_broker::client::read_credentials(dir)
+                    .with_context(|| format!("--identity {}", dir.display()))?;
+                let trust = strait_ca::tls::Trust::new(bundle);
+                if let Some(fdir) = federated {
+                    trust.set_federated(read_federated(fdir)?);
+                }
+                tunnel_configs(&chain, &key, &trust)
+                    .with_context(|| format!("--identity {}", dir.display()))
+            }
+            Creds::Csr { manager, trust, .. } => {
+                let id = manager
+                    .current()
+                    .ok_or_else(|| anyhow::anyhow!("no gateway certificate (yet)"))?;
+                tunnel_configs(&id.chain_der, &id.key_pkcs8, trust)
+            }
+        }
+    }
 }
 
 /// The `<trust-domain>.pem` bundles of a federated directory.
@@ -265,52 +330,83 @@ fn table_from(
 }
 
 /// Subscribes to the control plane; the table channel follows every
-/// accepted update, `ready` turns true at the first full set.
+/// accepted update, `ready` turns true at the first full set. With a
+/// certificate from the CSR API, the pushed trust bundles are followed too.
 fn subscribe(
     args: &GatewayArgs,
     address: &str,
+    creds: &Arc<Creds>,
     table_tx: tokio::sync::watch::Sender<Arc<RouteTable>>,
     ready: Ready,
 ) -> Result<strait_controlplane::client::XdsClient> {
     use strait_ca::tls::{Accept, SpiffeServerVerifier, Trust};
-    use strait_proto::strait::mesh::v1::type_url;
-    let dir = args
-        .identity
-        .as_ref()
-        .ok_or_else(|| super::UsageError("--control-plane needs --identity".into()))?;
-    let (chain, key, bundle) = strait_broker::client::read_credentials(dir)
-        .with_context(|| format!("--identity {}", dir.display()))?;
-    // The trust domain is the gateway's own (its certificate's).
-    let td = strait_ca::cert::CertSummary::from_der(&chain[0])
-        .ok()
-        .and_then(|c| c.spiffe_id)
-        .and_then(|i| strait_ca::SpiffeId::parse(&i).ok())
-        .map(|i| i.trust_domain())
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "--identity {}: the certificate has no SPIFFE ID",
-                dir.display()
-            )
-        })?;
-    let verifier = SpiffeServerVerifier::new(
-        Trust::new(bundle),
-        Accept::Ids([control_plane_id(&td)?].into()),
-    );
-    // Checked once now (a bad identity fails at start); then read again at
-    // every (re)connect, so that a rotated identity is used.
-    strait_ca::tls::client_config(verifier, Some((&chain, &key)), &[b"h2"])?;
-    let tls = {
-        let dir = dir.clone();
-        let cp_id = control_plane_id(&td)?;
-        strait_controlplane::client::ClientTls::dynamic(move || {
-            let (chain, key, bundle) = strait_broker::client::read_credentials(&dir)
-                .map_err(|e| format!("--identity {}: {e}", dir.display()))?;
-            let verifier =
-                SpiffeServerVerifier::new(Trust::new(bundle), Accept::Ids([cp_id.clone()].into()));
-            strait_ca::tls::client_config(verifier, Some((&chain, &key)), &[b"h2"])
+    use strait_proto::strait::mesh::v1::{self as pb, type_url};
+    let mut types = vec![
+        type_url::NETWORK,
+        type_url::SERVICE,
+        type_url::GATEWAY_ROUTE,
+    ];
+    let tls = match &**creds {
+        Creds::Dir { dir, .. } => {
+            let (chain, key, bundle) = strait_broker::client::read_credentials(dir)
+                .with_context(|| format!("--identity {}", dir.display()))?;
+            // The trust domain is the gateway's own (its certificate's).
+            let td = strait_ca::cert::CertSummary::from_der(&chain[0])
+                .ok()
+                .and_then(|c| c.spiffe_id)
+                .and_then(|i| strait_ca::SpiffeId::parse(&i).ok())
+                .map(|i| i.trust_domain())
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--identity {}: the certificate has no SPIFFE ID",
+                        dir.display()
+                    )
+                })?;
+            let verifier = SpiffeServerVerifier::new(
+                Trust::new(bundle),
+                Accept::Ids([control_plane_id(&td)?].into()),
+            );
+            // Checked once now (a bad identity fails at start); then read
+            // again at every (re)connect, so that a rotated identity is used.
+            strait_ca::tls::client_config(verifier, Some((&chain, &key)), &[b"h2"])?;
+            let dir = dir.clone();
+            let cp_id = control_plane_id(&td)?;
+            strait_controlplane::client::ClientTls::dynamic(move || {
+                let (chain, key, bundle) = strait_broker::client::read_credentials(&dir)
+                    .map_err(|e| format!("--identity {}: {e}", dir.display()))?;
+                let verifier = SpiffeServerVerifier::new(
+                    Trust::new(bundle),
+                    Accept::Ids([cp_id.clone()].into()),
+                );
+                strait_ca::tls::client_config(verifier, Some((&chain, &key)), &[b"h2"])
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            })
+        }
+        Creds::Csr {
+            manager, trust, td, ..
+        } => {
+            types.push(type_url::TRUST_BUNDLE);
+            // Every (re)connect takes the current certificate and trust.
+            let identity = manager.subscribe();
+            let trust = trust.clone();
+            let cp_id = control_plane_id(td)?;
+            strait_controlplane::client::ClientTls::dynamic(move || {
+                let id = identity
+                    .borrow()
+                    .clone()
+                    .ok_or("no gateway certificate yet")?;
+                let verifier =
+                    SpiffeServerVerifier::new(trust.clone(), Accept::Ids([cp_id.clone()].into()));
+                strait_ca::tls::client_config(
+                    verifier,
+                    Some((&id.chain_der, &id.key_pkcs8)),
+                    &[b"h2"],
+                )
                 .map(Arc::new)
                 .map_err(|e| e.to_string())
-        })
+            })
+        }
     };
     let cfg = strait_controlplane::client::XdsClientConfig {
         address: address.to_string(),
@@ -321,23 +417,34 @@ fn subscribe(
         ),
         cluster: args.cluster.to_string(),
         network: args.network.clone(),
-        types: vec![
-            type_url::NETWORK,
-            type_url::SERVICE,
-            type_url::GATEWAY_ROUTE,
-        ],
+        types,
     };
     let validator: strait_controlplane::client::Validator =
         Arc::new(|res| table_from(res).map(|_| ()));
     let client = strait_controlplane::client::spawn(cfg, validator);
     let mut resources = client.resources();
     let mut state = client.state();
+    let creds = creds.clone();
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 r = resources.changed() => {
                     if r.is_err() { return; }
                     let res = resources.borrow_and_update().clone();
+                    if let Creds::Csr { trust, bundles, .. } = &*creds {
+                        match res.decode::<pb::TrustBundle>(type_url::TRUST_BUNDLE) {
+                            Ok(b) => {
+                                let b: Vec<_> = b.into_values().collect();
+                                strait_sidecar::config::apply_trust(trust, &b);
+                                bundles.send_if_modified(|old| {
+                                    let changed = *old != b;
+                                    *old = b;
+                                    changed
+                                });
+                            }
+                            Err((name, e)) => tracing::error!(resource = %name, error = %e, "trust bundles refused; keeping the last good ones"),
+                        }
+                    }
                     match table_from(&res) {
                         Ok(t) => {
                             tracing::info!(services = t.len(), "routing table from the control plane");
@@ -378,6 +485,105 @@ fn spawn_file_reload(routes: PathBuf, table_tx: tokio::sync::watch::Sender<Arc<R
                 }
                 Err(e) => {
                     tracing::error!(error = %super::describe(&e), "routing table refused; keeping the last good one")
+                }
+            }
+        }
+    });
+}
+
+/// `--token`: the CSR client for the gateway's identity, with the trust of
+/// `--root-cert` (followed by pushed bundles afterwards).
+fn csr_creds(args: &GatewayArgs, token_file: &Path) -> Result<Creds> {
+    let root_cert = args
+        .root_cert
+        .as_deref()
+        .ok_or_else(|| super::UsageError("--token needs --root-cert".into()))?;
+    let control_plane = args
+        .control_plane
+        .clone()
+        .ok_or_else(|| super::UsageError("--token needs --control-plane".into()))?;
+    let token = std::fs::read_to_string(token_file)
+        .with_context(|| format!("--token {}", token_file.display()))?;
+    let (td, bundle) = super::sidecar::load_root_cert(root_cert)?;
+    let trust = strait_ca::tls::Trust::new(bundle);
+    let config = strait_controlplane::ca::identity::IdentityConfig {
+        ttl: Some(args.cert_ttl),
+        ..strait_controlplane::ca::identity::IdentityConfig::new(
+            &control_plane,
+            gateway_id(&td)?,
+            trust.clone(),
+            Some(token.trim().to_string()),
+        )
+    };
+    Ok(Creds::Csr {
+        manager: strait_controlplane::ca::identity::IdentityManager::spawn(config),
+        trust,
+        td,
+        bundles: tokio::sync::watch::Sender::new(Vec::new()),
+    })
+}
+
+/// Keeps the tunnels' TLS current: rebuilt when the identity files change
+/// (`--identity`), or when the CSR client renews the certificate or the
+/// pushed bundles change (`--token`). New tunnels use it; live ones keep
+/// theirs. A bad new identity is refused and the last good one kept.
+fn spawn_tunnel_reload(
+    creds: Arc<Creds>,
+    endpoint: quinn::Endpoint,
+    pool: Arc<strait_gateway::tunnel::Pool>,
+) {
+    tokio::spawn(async move {
+        let apply = |why: &str| match creds.tunnel_configs() {
+            Ok((server, client)) => {
+                endpoint.set_server_config(Some(server));
+                pool.set_client_config(client);
+                tracing::info!(why, "gateway identity reloaded");
+            }
+            Err(e) => tracing::warn!(
+                error = %super::describe(&e),
+                "gateway identity not reloaded; keeping the last good one"
+            ),
+        };
+        match &*creds {
+            Creds::Dir { dir, federated } => {
+                let stamp = |d: &Path, f: Option<&Path>| {
+                    (
+                        ["cert-chain.pem", "key.pem", "root-cert.pem"].map(|x| mtime(&d.join(x))),
+                        f.map(federated_stamp),
+                    )
+                };
+                let mut last = stamp(dir, federated.as_deref());
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    let now = stamp(dir, federated.as_deref());
+                    if now != last {
+                        last = now;
+                        apply("files changed");
+                    }
+                }
+            }
+            Creds::Csr {
+                manager, bundles, ..
+            } => {
+                let mut identity = manager.subscribe();
+                let mut bundles = bundles.subscribe();
+                identity.borrow_and_update();
+                bundles.borrow_and_update();
+                loop {
+                    tokio::select! {
+                        r = identity.changed() => {
+                            if r.is_err() { return; }
+                            if identity.borrow_and_update().is_some() {
+                                apply("certificate renewed");
+                            }
+                        }
+                        r = bundles.changed() => {
+                            if r.is_err() { return; }
+                            bundles.borrow_and_update();
+                            apply("trust bundles changed");
+                        }
+                    }
                 }
             }
         }
@@ -426,49 +632,38 @@ pub fn run(args: GatewayArgs) -> Result<()> {
             require_istio_alpn: args.alpn_check == AlpnCheck::Istio,
             ..Config::default()
         };
-        if let Some(dir) = &args.identity {
-            let federated = args.federated.clone();
-            let (server, client) = tunnel_configs(dir, federated.as_deref())?;
+        let creds = match (&args.token, &args.identity) {
+            (Some(token), _) => {
+                let creds = csr_creds(&args, token)?;
+                let mut identity = match &creds {
+                    Creds::Csr { manager, .. } => manager.subscribe(),
+                    Creds::Dir { .. } => unreachable!("csr_creds makes CSR credentials"),
+                };
+                tracing::info!(control_plane = args.control_plane.as_deref().unwrap_or_default(), "asking the control plane for the gateway certificate");
+                tokio::select! {
+                    r = identity.wait_for(Option::is_some) => {
+                        r.map_err(|_| anyhow::anyhow!("the certificate task stopped"))?;
+                    }
+                    () = super::broker::shutdown_signal() => {
+                        tracing::info!("stopped before the first certificate");
+                        return Ok(());
+                    }
+                }
+                Some(Arc::new(creds))
+            }
+            (None, Some(dir)) => Some(Arc::new(Creds::Dir {
+                dir: dir.clone(),
+                federated: args.federated.clone(),
+            })),
+            (None, None) => None,
+        };
+        if let Some(creds) = &creds {
+            let (server, client) = creds.tunnel_configs()?;
             let endpoint = quinn::Endpoint::server(server, args.listen)
                 .with_context(|| format!("cannot listen on {} (UDP, tunnels)", args.listen))?;
             let pool = Arc::new(strait_gateway::tunnel::Pool::new(endpoint.clone(), client));
             // A renewed identity applies to new tunnels; live ones keep theirs.
-            {
-                let dir = dir.clone();
-                let federated = federated.clone();
-                let endpoint = endpoint.clone();
-                let pool = pool.clone();
-                tokio::spawn(async move {
-                    let stamp = |d: &Path, f: Option<&Path>| {
-                        (
-                            ["cert-chain.pem", "key.pem", "root-cert.pem"]
-                                .map(|x| mtime(&d.join(x))),
-                            f.map(federated_stamp),
-                        )
-                    };
-                    let mut last = stamp(&dir, federated.as_deref());
-                    let mut tick = tokio::time::interval(Duration::from_secs(1));
-                    loop {
-                        tick.tick().await;
-                        let now = stamp(&dir, federated.as_deref());
-                        if now == last {
-                            continue;
-                        }
-                        last = now;
-                        match tunnel_configs(&dir, federated.as_deref()) {
-                            Ok((server, client)) => {
-                                endpoint.set_server_config(Some(server));
-                                pool.set_client_config(client);
-                                tracing::info!(dir = %dir.display(), "gateway identity reloaded");
-                            }
-                            Err(e) => tracing::warn!(
-                                error = %super::describe(&e),
-                                "gateway identity not reloaded; keeping the last good one"
-                            ),
-                        }
-                    }
-                });
-            }
+            spawn_tunnel_reload(creds.clone(), endpoint.clone(), pool.clone());
             tokio::spawn(strait_gateway::tunnel::serve(
                 endpoint.clone(),
                 table_rx.clone(),
@@ -491,7 +686,8 @@ pub fn run(args: GatewayArgs) -> Result<()> {
             }
         } else if args.egress_listen.is_some() {
             return Err(super::UsageError(
-                "--egress-listen needs --identity: tunnels are mutual TLS between gateways".into(),
+                "--egress-listen needs --token or --identity: tunnels are mutual TLS between gateways"
+                    .into(),
             )
             .into());
         }
@@ -526,7 +722,15 @@ pub fn run(args: GatewayArgs) -> Result<()> {
         // full set), or from the file (reloaded when it changes; the last
         // good one stays when the new one is bad).
         let _subscription = match (&args.control_plane, args.routes.clone()) {
-            (Some(cp), _) => Some(subscribe(&args, cp, table_tx, ready.clone())?),
+            (Some(cp), _) => {
+                let creds = creds.as_ref().ok_or_else(|| {
+                    super::UsageError(
+                        "--control-plane needs the gateway's certificate: --token FILE --root-cert FILE, or --identity DIR"
+                            .into(),
+                    )
+                })?;
+                Some(subscribe(&args, cp, creds, table_tx, ready.clone())?)
+            }
             (None, Some(routes)) => {
                 ready.set(true);
                 spawn_file_reload(routes, table_tx);

@@ -9,6 +9,7 @@
 mod common;
 #[path = "../../controlplane/tests/support/fake_api.rs"]
 mod fake_api;
+mod gateway;
 mod kube;
 mod support;
 

@@ -1,0 +1,179 @@
+//! `strait gateway --token`: the east-west gateway's own identity from the
+//! control plane's CSR API, renewed like a sidecar's.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use quinn::rustls::pki_types::CertificateDer;
+use strait_ca::tls::{Accept, SpiffeServerVerifier, Trust};
+
+use crate::common::{Broker, Scratch, free_port, http_status};
+use crate::support::*;
+
+struct Gateway(Child);
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn gateway_id(td: &str) -> strait_ca::SpiffeId {
+    strait_ca::SpiffeId::parse(&format!(
+        "spiffe://{td}/ns/strait-system/sa/eastwest-gateway"
+    ))
+    .unwrap()
+}
+
+/// Opens a QUIC tunnel to `addr` as the mesh gateway `me` and returns the
+/// chain the gateway presented (leaf first).
+async fn tunnel_chain(
+    addr: &str,
+    me: &strait_controlplane::ca::Identity,
+    trust: &Trust,
+) -> Vec<Vec<u8>> {
+    let verifier = SpiffeServerVerifier::new(trust.clone(), Accept::Ids([gateway_id(TD)].into()));
+    let tls =
+        strait_ca::tls::client_config(verifier, Some((&me.chain_der, &me.key_pkcs8)), &[]).unwrap();
+    let config = strait_gateway::tunnel::client_config(tls).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = tokio::time::timeout(
+        Duration::from_secs(10),
+        endpoint
+            .connect_with(config, addr.parse().unwrap(), "gateway.strait.internal")
+            .unwrap(),
+    )
+    .await
+    .expect("the tunnel handshake timed out")
+    .expect("the gateway refused a tunnel from a gateway of its own mesh");
+    let certs = conn
+        .peer_identity()
+        .unwrap()
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .unwrap();
+    conn.close(0u32.into(), b"done");
+    endpoint.wait_idle().await;
+    certs.iter().map(|c| c.to_vec()).collect()
+}
+
+/// The gateway makes its key, gets its certificate with a bootstrap token
+/// (ready only once its routes came over mTLS with it), and renews it
+/// before it expires: new tunnels are served with the renewed certificate,
+/// without a restart and with nothing written to disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_with_a_token_gets_its_certificate_and_renews_it() {
+    let s = Scratch::new();
+    let broker = Broker::start(&s.path("broker"), TD);
+    let cp = ControlPlane::start(&s, &broker, "east", "net-east", "127.0.0.1:15443");
+    let token = s.write(
+        "gateway.token",
+        &cp.token("strait-system", "eastwest-gateway", "eastwest-gateway"),
+    );
+    let root = cp.state.join("cacerts/root-cert.pem");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let health = format!("127.0.0.1:{}", free_port());
+    let log = std::fs::File::create(s.path("gateway.log")).unwrap();
+    let mut gw = Gateway(
+        Command::new(env!("CARGO_BIN_EXE_strait"))
+            .args(["gateway", "--cluster", "east", "--network", "net-east"])
+            .args(["--listen", &listen, "--health-listen", &health])
+            .args(["--control-plane", &cp.listen])
+            .arg("--token")
+            .arg(&token)
+            .arg("--root-cert")
+            .arg(&root)
+            // Renewed at about half life: a few times within the test.
+            .args(["--cert-ttl", "4s"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + WAIT;
+    while http_status(&health, "/healthz/ready") != Some(200) {
+        if let Ok(Some(status)) = gw.0.try_wait() {
+            panic!("the gateway exited ({status}):\n{}", s.read("gateway.log"));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateway never got ready:\n{}",
+            s.read("gateway.log")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A peer gateway of the same mesh opens a tunnel and sees the gateway's
+    // certificate: the east-west gateway's identity, from east's CA.
+    let peer = cp
+        .certificate("strait-system", "eastwest-gateway", "peer")
+        .await;
+    let trust = cp.trust();
+    let first = tunnel_chain(&listen, &peer, &trust).await;
+    let summary = strait_ca::cert::CertSummary::from_der(&first[0]).unwrap();
+    assert_eq!(
+        summary.spiffe_id.as_deref(),
+        Some(gateway_id(TD).as_str()),
+        "{summary:?}"
+    );
+    let intermediate = std::fs::read(cp.state.join("cacerts/ca-cert.pem")).unwrap();
+    let intermediate = strait_ca::pemfile::parse_certificates(&intermediate).unwrap();
+    assert_eq!(first[1], intermediate[0], "issued by east's intermediate");
+
+    // Renewed before the 4 s are up: a later tunnel sees another leaf.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = tunnel_chain(&listen, &peer, &trust).await;
+        if now[0] != first[0] {
+            let renewed = strait_ca::cert::CertSummary::from_der(&now[0]).unwrap();
+            assert_eq!(renewed.spiffe_id, summary.spiffe_id);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateway kept its first certificate:\n{}",
+            s.read("gateway.log")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Still ready: discovery reconnects with the current certificate.
+    assert_eq!(http_status(&health, "/healthz/ready"), Some(200));
+    assert!(gw.0.try_wait().unwrap().is_none());
+}
+
+/// `--token` without its companions is refused before anything starts, and
+/// the message says what is missing.
+#[test]
+fn a_gateway_token_needs_a_control_plane_and_the_roots() {
+    let s = Scratch::new();
+    let run = s.strait(&[
+        "gateway",
+        "--cluster",
+        "east",
+        "--network",
+        "net-east",
+        "--routes",
+        "routes.yaml",
+        "--token",
+        "gateway.token",
+    ]);
+    assert_eq!(run.code, 64, "{}", run.stderr);
+    assert!(run.stderr.contains("--control-plane"), "{}", run.stderr);
+    let run = s.strait(&[
+        "gateway",
+        "--cluster",
+        "east",
+        "--network",
+        "net-east",
+        "--control-plane",
+        "127.0.0.1:1",
+        "--token",
+        "gateway.token",
+        "--identity",
+        "gw",
+        "--root-cert",
+        "root-cert.pem",
+    ]);
+    assert_eq!(run.code, 64, "{}", run.stderr);
+    assert!(run.stderr.contains("--identity"), "{}", run.stderr);
+}
