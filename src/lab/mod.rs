@@ -349,8 +349,12 @@ pub fn components(lab: &Lab) -> Vec<Component> {
             format!("{}:{}", c.gw_ip(), plan::EGRESS_PORT),
             "--control-plane".into(),
             cp.clone(),
-            "--identity".into(),
-            s(&c.dir.join("gateway-identity")),
+            // Its own key and a certificate from the control plane's CSR
+            // API, renewed at half life, as a sidecar's.
+            "--token".into(),
+            s(&c.dir.join("tokens").join("eastwest-gateway.token")),
+            "--root-cert".into(),
+            s(&c.state_dir(lab).join("cacerts").join("root-cert.pem")),
             "--health-listen".into(),
             format!("{}:{}", c.gw_ip(), plan::HEALTH_PORT),
             "--metrics-listen".into(),
@@ -625,41 +629,30 @@ pub fn bring_up(lab: &Lab, quiet: bool) -> Result<()> {
         std::fs::create_dir_all(&cl.dir)?;
         step(
             &bar,
-            &format!("{}: workload tokens and gateway identity", cl.name),
+            &format!("{}: workload and gateway tokens", cl.name),
             || {
                 let tokens = cl.dir.join("tokens");
                 std::fs::create_dir_all(&tokens)?;
-                for w in &cl.workloads {
+                let token = |namespace: &str, service_account: &str, workload: &str| {
                     strait(&[
                         "controlplane",
                         "token",
                         "--state-dir",
                         &s(&state),
                         "--namespace",
-                        &w.namespace,
+                        namespace,
                         "--service-account",
-                        &w.service_account,
+                        service_account,
                         "--workload",
-                        &w.name,
+                        workload,
                         "--out",
-                        &s(&tokens.join(format!("{}.token", w.name))),
-                    ])?;
+                        &s(&tokens.join(format!("{workload}.token"))),
+                    ])
+                };
+                for w in &cl.workloads {
+                    token(&w.namespace, &w.service_account, &w.name)?;
                 }
-                strait(&[
-                    "ca",
-                    "issue-workload",
-                    "--ca",
-                    &s(&state.join("cacerts")),
-                    "--spiffe-id",
-                    &format!(
-                        "spiffe://{}/ns/strait-system/sa/eastwest-gateway",
-                        cl.trust_domain
-                    ),
-                    "--ttl",
-                    "24h",
-                    "--out",
-                    &s(&cl.dir.join("gateway-identity")),
-                ])?;
+                token("strait-system", "eastwest-gateway", "eastwest-gateway")?;
                 Ok(())
             },
         )?;
