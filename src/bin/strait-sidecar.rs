@@ -9,8 +9,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 use strait::cli;
 
 /// mimalloc rather than glibc's malloc: a request through the sidecar
@@ -19,17 +17,8 @@ use strait::cli;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[derive(Debug, Parser)]
-#[command(name = "strait-sidecar", version)]
-struct Cli {
-    #[command(flatten)]
-    log: cli::LogArgs,
-    #[command(flatten)]
-    args: cli::sidecar::SidecarArgs,
-}
-
 fn main() -> ExitCode {
-    let cli = match cli::parse::<Cli>() {
+    let cli = match cli::parse::<cli::commands::SidecarCli>() {
         Ok(cli) => cli,
         Err(code) => return code,
     };

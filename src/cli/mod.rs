@@ -6,6 +6,7 @@ use std::process::ExitCode;
 pub mod broker;
 pub mod ca;
 pub mod cluster;
+pub mod commands;
 pub mod controlplane;
 pub mod ctl;
 pub mod gateway;
