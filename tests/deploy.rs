@@ -84,7 +84,6 @@ fn installer_made() -> BTreeMap<&'static str, BTreeMap<&'static str, &'static st
                 ("cluster", "east"),
                 ("network", "net-east"),
                 ("gateway", "172.18.0.2:31443"),
-                ("root-cert.pem", "-----BEGIN CERTIFICATE-----"),
             ]
             .into(),
         ),
@@ -99,6 +98,18 @@ fn installer_made() -> BTreeMap<&'static str, BTreeMap<&'static str, &'static st
         ),
     ]
     .into()
+}
+
+/// What exists for the manifests to read: what the installer makes, and
+/// the mesh roots the control plane publishes in every namespace.
+fn made() -> BTreeMap<&'static str, BTreeMap<&'static str, &'static str>> {
+    use strait_controlplane::kube::roots;
+    let mut m = installer_made();
+    m.insert(
+        roots::NAME,
+        [(roots::KEY, "-----BEGIN CERTIFICATE-----")].into(),
+    );
+    m
 }
 
 /// A pod template and where it came from.
@@ -139,7 +150,7 @@ fn strs(v: &Value) -> Vec<String> {
 /// literal values, ConfigMap keys (from the manifests or the installer's)
 /// and the pod fields strait's manifests use.
 fn env_of(objs: &[Obj], pod: &Pod<'_>, c: &Value) -> BTreeMap<String, String> {
-    let made = installer_made();
+    let made = made();
     let ns = pod.owner.namespace();
     let mut env = BTreeMap::new();
     for e in c["env"].as_array().into_iter().flatten() {
@@ -287,7 +298,7 @@ fn a_misspelt_flag_would_be_caught() {
 #[test]
 fn files_the_arguments_name_are_mounted_from_volumes_that_hold_them() {
     let objs = load();
-    let made = installer_made();
+    let made = made();
     for (what, c, pod, argv) in strait_containers(&objs) {
         for name in [
             "--token",
@@ -475,6 +486,9 @@ fn the_control_planes_rbac_grants_what_its_kubernetes_source_uses() {
     }
     // Sidecars' service account tokens are checked with TokenReviews.
     has("authentication.k8s.io", "tokenreviews", &["create"]);
+    // The mesh roots' ConfigMap, server-side applied in every namespace
+    // (an apply that creates needs create as well as patch).
+    has("", "configmaps", &["create", "patch"]);
     // Nothing else: every grant is for something the code uses.
     let used: BTreeSet<(String, String)> = SOURCES
         .iter()
@@ -485,10 +499,13 @@ fn the_control_planes_rbac_grants_what_its_kubernetes_source_uses() {
                 m.plural.to_string(),
             )
         }))
-        .chain([(
-            "authentication.k8s.io".to_string(),
-            "tokenreviews".to_string(),
-        )])
+        .chain([
+            (
+                "authentication.k8s.io".to_string(),
+                "tokenreviews".to_string(),
+            ),
+            (String::new(), "configmaps".to_string()),
+        ])
         .collect();
     for key in grants.keys() {
         assert!(

@@ -13,10 +13,12 @@
 //!
 //! [`apply_imports`] writes what the broker says this cluster imports with
 //! server-side apply and deletes the objects strait applied before that are
-//! no longer imported.
+//! no longer imported. [`roots::spawn_publisher`] keeps the mesh roots in a
+//! ConfigMap of every namespace.
 
 pub mod apply;
 pub mod convert;
+pub mod roots;
 pub mod store;
 
 use std::sync::Arc;

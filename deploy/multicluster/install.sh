@@ -31,9 +31,10 @@ Usage:
            clusters reach it (default: its Service's cluster DNS name,
            enough when every member runs in this cluster).
   cluster  Registers NAME at the broker (straitctl cluster add), then
-           installs the control plane and the east-west gateway with the
-           join token and the mesh roots. --gateway is where other
-           clusters reach this cluster's gateway.
+           installs the control plane (with the join token) and the
+           east-west gateway. --gateway is where other clusters reach this
+           cluster's gateway. The control plane publishes the mesh roots
+           in every namespace (ConfigMap strait-ca-root-cert).
   demo     The echo service (exported) and a client, with sidecars, in
            namespace demo.
   ctl      Runs straitctl in the broker's pod, with its admin credentials.
@@ -137,15 +138,9 @@ cmd_cluster() {
         kubectl --context "$context" -n strait-system create secret generic strait-join \
             --from-literal=token="$token" >/dev/null
     fi
-    local roots
-    roots=$(mktemp)
-    # shellcheck disable=SC2064 # expand now: the file of this call
-    trap "rm -f '$roots'" RETURN
-    kubectl --context "$broker" -n strait-system exec strait-broker-0 -c broker -- \
-        cat /var/lib/strait-broker/admin/root-cert.pem >"$roots"
     kubectl --context "$context" -n strait-system create configmap strait-mesh \
         --from-literal=cluster="$name" --from-literal=network="$network" \
-        --from-literal=gateway="$gateway" --from-file=root-cert.pem="$roots" \
+        --from-literal=gateway="$gateway" \
         --dry-run=client -o yaml | kubectl --context "$context" apply -f - >/dev/null
     apply_manifest "$context" cluster.yaml >/dev/null
     kubectl --context "$context" -n strait-system rollout status statefulset/strait-controlplane --timeout=180s
@@ -156,16 +151,11 @@ cmd_demo() {
     local context=$1
     echo "==> demo on $context" >&2
     ensure_namespace "$context" demo
-    local cluster roots
+    local cluster
     cluster=$(kubectl --context "$context" -n strait-system get configmap strait-mesh \
         -o jsonpath='{.data.cluster}') || die "demo: install the cluster first"
-    roots=$(mktemp)
-    # shellcheck disable=SC2064 # expand now: the file of this call
-    trap "rm -f '$roots'" RETURN
-    kubectl --context "$context" -n strait-system get configmap strait-mesh \
-        -o jsonpath='{.data.root-cert\.pem}' >"$roots"
     kubectl --context "$context" -n demo create configmap strait-mesh \
-        --from-literal=cluster="$cluster" --from-file=root-cert.pem="$roots" \
+        --from-literal=cluster="$cluster" \
         --dry-run=client -o yaml | kubectl --context "$context" apply -f - >/dev/null
     apply_manifest "$context" demo.yaml >/dev/null
     kubectl --context "$context" -n demo rollout status deployment/echo --timeout=180s

@@ -62,7 +62,9 @@ struct RunArgs {
     /// ~/.kube/config or the in-cluster service account): Services,
     /// EndpointSlices, Pods, Nodes, Namespaces and the Istio/MCS resources.
     /// Imports are applied to the API; workloads may also bootstrap with
-    /// service-account tokens (audience istio-ca, checked by TokenReview).
+    /// service-account tokens (audience istio-ca, checked by TokenReview);
+    /// the mesh roots are kept in ConfigMap strait-ca-root-cert (key
+    /// root-cert.pem) of every namespace, for sidecars to mount.
     #[arg(long)]
     kube: bool,
     /// The cluster's state: intermediate CA (cacerts/), broker credentials,

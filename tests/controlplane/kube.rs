@@ -146,6 +146,40 @@ async fn kubernetes_mode_reads_the_api_applies_imports_and_reviews_tokens() {
             && r.body.contains(&vip)),
         "no ServiceImport with {vip} sent"
     );
+    // The mesh roots are published in every namespace but the cluster's
+    // own machinery, as istiod publishes istio-ca-root-cert.
+    let roots = std::fs::read_to_string(east.state.join("cacerts/root-cert.pem")).unwrap();
+    let root_line = roots.lines().nth(1).unwrap().to_string();
+    let deadline = Instant::now() + WAIT;
+    let published = loop {
+        let found = fake.seen().into_iter().find(|r| {
+            r.method == hyper::Method::PATCH
+                && r.path == "/api/v1/namespaces/bookinfo/configmaps/strait-ca-root-cert"
+        });
+        if let Some(f) = found {
+            break f;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the roots were not published in bookinfo within {WAIT:?}:\n{}",
+            east.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(published.content_type, "application/apply-patch+yaml");
+    assert!(published.body.contains(&root_line), "{}", published.body);
+    assert!(
+        published.body.contains("root-cert.pem"),
+        "{}",
+        published.body
+    );
+    assert!(
+        !fake
+            .seen()
+            .iter()
+            .any(|r| r.path.contains("/namespaces/kube-system/configmaps")),
+        "kube-system is left alone"
+    );
     let imported = west.config.join("imported/strait-imports.yaml");
     let deadline = Instant::now() + WAIT;
     loop {

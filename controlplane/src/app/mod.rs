@@ -468,6 +468,7 @@ pub async fn run(
     };
     let me = link::cluster_info(&info, &cfg.gateways)?;
     let remotes = open_remotes(&cfg).await?;
+    let roots_config = config.clone();
     let served = spawn_views(me, cfg.clusterset_ips, remotes, config, stopped())?;
     let mut served = served.into_iter();
     let (own_view, own_siblings) = served
@@ -483,6 +484,18 @@ pub async fn run(
         own_siblings,
         stopped(),
     );
+    // Kubernetes mode: the mesh roots in a ConfigMap of every namespace,
+    // republished when the trust changes (the snapshot changes with it).
+    if let Some(client) = &kube_client {
+        crate::kube::roots::spawn_publisher(
+            client.clone(),
+            link::FIELD_MANAGER.to_string(),
+            cfg.state_dir.join(CACERTS_DIR).join("root-cert.pem"),
+            roots_config,
+            snapshots.clone(),
+            stopped(),
+        );
+    }
     let mut remote_snapshots = BTreeMap::new();
     for (name, network, view, siblings) in served {
         let ctx = ClusterContext {

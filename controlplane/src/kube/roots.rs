@@ -1,0 +1,201 @@
+//! The mesh roots in every namespace, as istiod puts `istio-ca-root-cert`
+//! there: ConfigMap [`NAME`] with key [`KEY`], the PEM of every root the
+//! cluster trusts (the broker's bundle, several during a root rotation).
+//! A pod's sidecar (and the east-west gateway) mounts it to verify the
+//! control plane on its first connection; after a rotation, pods started
+//! later get the new roots without anyone copying them.
+//!
+//! What to apply is a pure function ([`namespaces`], [`desired`]);
+//! [`spawn_publisher`] applies it server-side, labelled as strait's, when
+//! a namespace appears or the roots change, and retries what failed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::api::core::v1::ConfigMap;
+use serde_json::{Value, json};
+use strait_model::objects::{MANAGED_BY, MANAGED_BY_LABEL};
+use tokio::sync::watch;
+
+use crate::source::Config;
+
+/// The ConfigMap's name in every namespace.
+pub const NAME: &str = "strait-ca-root-cert";
+/// Its key: the roots, PEM.
+pub const KEY: &str = "root-cert.pem";
+/// The cluster's own machinery, left alone (as Istio leaves it).
+pub const SKIPPED: [&str; 4] = [
+    "kube-system",
+    "kube-public",
+    "kube-node-lease",
+    "local-path-storage",
+];
+/// How soon a failed apply is tried again.
+const RETRY: Duration = Duration::from_secs(30);
+
+/// The namespaces of the config that get the roots.
+pub fn namespaces(config: &Config) -> BTreeSet<String> {
+    config
+        .objects
+        .keys()
+        .filter(|k| k.kind == "Namespace" && !SKIPPED.contains(&k.name.as_str()))
+        .map(|k| k.name.clone())
+        .collect()
+}
+
+/// The ConfigMap to apply in each namespace, by namespace.
+pub fn desired(namespaces: &BTreeSet<String>, roots_pem: &str) -> BTreeMap<String, Value> {
+    namespaces
+        .iter()
+        .map(|ns| {
+            let body = json!({
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {
+                    "name": NAME,
+                    "namespace": ns,
+                    "labels": {MANAGED_BY_LABEL: MANAGED_BY},
+                },
+                "data": {KEY: roots_pem},
+            });
+            (ns.clone(), body)
+        })
+        .collect()
+}
+
+/// Keeps [`NAME`] current in every namespace of `config`, with the roots
+/// in `roots_file` (read again whenever `changed` ticks: the trust the
+/// control plane serves changed). Stops when `stop` resolves.
+pub fn spawn_publisher<T: Send + Sync + 'static>(
+    client: ::kube::Client,
+    field_manager: String,
+    roots_file: PathBuf,
+    mut config: watch::Receiver<Arc<Config>>,
+    mut changed: watch::Receiver<T>,
+    stop: impl Future<Output = ()> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        tokio::pin!(stop);
+        let params = PatchParams::apply(&field_manager).force();
+        // What each namespace holds now, as far as this process applied it.
+        let mut applied: BTreeMap<String, Value> = BTreeMap::new();
+        loop {
+            let roots = match std::fs::read_to_string(&roots_file) {
+                Ok(r) if r.contains("BEGIN CERTIFICATE") => Some(r),
+                Ok(_) => {
+                    tracing::warn!(file = %roots_file.display(), "no root certificate to publish");
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(file = %roots_file.display(), error = %e, "roots not published");
+                    None
+                }
+            };
+            let mut failed = false;
+            if let Some(roots) = roots {
+                let wanted = desired(&namespaces(&config.borrow_and_update()), &roots);
+                applied.retain(|ns, _| wanted.contains_key(ns));
+                for (ns, body) in wanted {
+                    if applied.get(&ns) == Some(&body) {
+                        continue;
+                    }
+                    let api: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+                    match api.patch(NAME, &params, &Patch::Apply(&body)).await {
+                        Ok(_) => {
+                            tracing::info!(namespace = %ns, configmap = NAME, "mesh roots published");
+                            applied.insert(ns, body);
+                        }
+                        Err(e) => {
+                            // A namespace being deleted refuses it; the
+                            // next change or the retry decides.
+                            tracing::warn!(namespace = %ns, configmap = NAME, error = %e, "mesh roots not published");
+                            failed = true;
+                        }
+                    }
+                }
+            }
+            let retry = async {
+                if failed {
+                    tokio::time::sleep(RETRY).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                () = &mut stop => return,
+                r = config.changed() => if r.is_err() { return },
+                r = changed.changed() => if r.is_err() { return },
+                () = retry => {}
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::source::{Object, ObjectKey};
+
+    fn config_with(kinds_names: &[(&str, &str, &str)]) -> Config {
+        let objects: BTreeMap<ObjectKey, Object> = kinds_names
+            .iter()
+            .map(|(kind, ns, name)| {
+                (
+                    ObjectKey {
+                        kind: kind.to_string(),
+                        namespace: ns.to_string(),
+                        name: name.to_string(),
+                    },
+                    Object {
+                        file: format!("kube://{kind}/{ns}/{name}").into(),
+                        value: json!({"kind": kind}),
+                    },
+                )
+            })
+            .collect();
+        Config {
+            objects,
+            rejections: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn every_namespace_but_the_clusters_own_machinery_gets_the_roots() {
+        let config = config_with(&[
+            ("Namespace", "", "demo"),
+            ("Namespace", "", "strait-system"),
+            ("Namespace", "", "kube-system"),
+            ("Namespace", "", "kube-public"),
+            ("Namespace", "", "kube-node-lease"),
+            ("Namespace", "", "local-path-storage"),
+            // Other kinds name namespaces too, but only Namespaces count.
+            ("Service", "ghost", "echo"),
+        ]);
+        assert_eq!(
+            namespaces(&config),
+            BTreeSet::from(["demo".to_string(), "strait-system".to_string()])
+        );
+    }
+
+    #[test]
+    fn each_namespace_gets_one_labelled_config_map_with_the_roots() {
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let ns = BTreeSet::from(["a".to_string(), "b".to_string()]);
+        let d = desired(&ns, pem);
+        assert_eq!(d.len(), 2);
+        let a = &d["a"];
+        assert_eq!(a["kind"], "ConfigMap");
+        assert_eq!(a["metadata"]["name"], NAME);
+        assert_eq!(a["metadata"]["namespace"], "a");
+        assert_eq!(a["metadata"]["labels"][MANAGED_BY_LABEL], MANAGED_BY);
+        assert_eq!(a["data"][KEY], pem);
+        assert!(desired(&BTreeSet::new(), pem).is_empty());
+    }
+}
