@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use prometheus_client::registry::Registry;
 use strait_broker::http::{self, Ready};
+use strait_controlplane::ca::identity::{IdentityConfig, IdentityManager};
 use strait_controlplane::client::{self, Resources, Validator, XdsClientConfig};
 use strait_proto::strait::mesh::v1::{self as pb, type_url};
 use strait_sidecar::config::{MeshConfig, WorkloadRef};
@@ -340,14 +341,17 @@ pub fn run(args: SidecarArgs) -> Result<()> {
             tokio::spawn(http::serve(l, ready.clone(), Some(registry.clone())));
         }
 
-        // Identity first: discovery needs a client certificate.
-        let mut identity = identity::spawn(identity::CsrClientConfig {
-            address: control_plane.clone(),
-            bundle: bundle.clone(),
-            spiffe_id: spiffe_id.clone(),
-            token,
-            ttl: args.cert_ttl,
+        // The mesh trust: verifies the control plane (its CA answers and
+        // discovery) and peers; it follows the pushed bundles, so that a
+        // root rotation moves it along.
+        let trust = strait_ca::tls::Trust::new(bundle.clone());
+        // Identity first: discovery needs a client certificate. The key is
+        // made here; one task renews the certificate at about half life.
+        let manager = IdentityManager::spawn(IdentityConfig {
+            ttl: Some(args.cert_ttl),
+            ..IdentityConfig::new(&control_plane, spiffe_id.clone(), trust.clone(), Some(token.trim().to_string()))
         });
+        let mut identity = workload_identity(manager.subscribe());
         let first = identity
             .wait_for(Option::is_some)
             .await
@@ -357,9 +361,7 @@ pub fn run(args: SidecarArgs) -> Result<()> {
         tracing::info!(id = %first.spiffe_id, "workload certificate ready");
 
         // Discovery, over mTLS: every (re)connect takes the current
-        // certificate (renewed at half life) and the current trust (which
-        // follows the pushed bundles through root rotations).
-        let trust = strait_ca::tls::Trust::new(bundle.clone());
+        // certificate and the current trust.
         identity::control_plane_tls_with(&trust, &td, Some(&first)).map_err(anyhow::Error::msg)?;
         let tls = {
             let identity = identity.clone();
@@ -455,6 +457,31 @@ pub fn run(args: SidecarArgs) -> Result<()> {
         strait_sidecar::metrics::flush_log();
         Ok(())
     })
+}
+
+/// The sidecar's view of the identity the manager keeps current.
+fn workload_identity(
+    mut from: tokio::sync::watch::Receiver<Option<Arc<strait_controlplane::ca::Identity>>>,
+) -> tokio::sync::watch::Receiver<Option<Arc<identity::Identity>>> {
+    let convert = |i: &Option<Arc<strait_controlplane::ca::Identity>>| {
+        i.as_ref().map(|i| {
+            Arc::new(identity::Identity {
+                chain_der: i.chain_der.clone(),
+                key_pkcs8: i.key_pkcs8.clone(),
+                spiffe_id: i.spiffe_id.clone(),
+                not_after: i.not_after,
+            })
+        })
+    };
+    let (tx, rx) = tokio::sync::watch::channel(convert(&from.borrow_and_update()));
+    tokio::spawn(async move {
+        while from.changed().await.is_ok() {
+            if tx.send(convert(&from.borrow_and_update())).is_err() {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 /// The mesh roots of `--root-cert` and their trust domain. strait's CA

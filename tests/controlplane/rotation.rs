@@ -1,0 +1,199 @@
+//! A root rotation reaches a running sidecar: its certificate renewals
+//! keep working while the control plane moves to the new root, and the
+//! certificate it serves ends up under the new root.
+
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quinn::rustls;
+use strait_ca::tls::{Accept, SpiffeServerVerifier, Trust};
+
+use crate::common::{Broker, Scratch, free_port, http_status};
+use crate::support::*;
+
+struct Sidecar(Child);
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The chain the mTLS listener at `addr` presents (with ALPN `alpn`),
+/// when it verifies under `trust` (else why not).
+fn served_chain(
+    addr: &str,
+    alpn: &[u8],
+    trust: &Trust,
+    me: &strait_controlplane::ca::Identity,
+) -> Result<Vec<Vec<u8>>, String> {
+    let tls = strait_ca::tls::client_config(
+        SpiffeServerVerifier::new(trust.clone(), Accept::Any),
+        Some((&me.chain_der, &me.key_pkcs8)),
+        &[alpn],
+    )
+    .map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from("sidecar.strait.internal").unwrap();
+    let mut conn = rustls::ClientConnection::new(Arc::new(tls), name).map_err(|e| e.to_string())?;
+    let mut sock = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock).map_err(|e| e.to_string())?;
+    }
+    let chain = conn
+        .peer_certificates()
+        .ok_or("no certificate")?
+        .iter()
+        .map(|c| c.to_vec())
+        .collect();
+    // Close politely; the answer does not matter.
+    let _ = conn.writer().write_all(b"");
+    let _ = sock.read(&mut [0u8; 1]);
+    Ok(chain)
+}
+
+/// Polls `straitctl trust rotate-root status` until `check` holds.
+async fn wait_rotation(broker: &Broker, what: &str, check: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let run = broker
+            .ctl(&["trust", "rotate-root", "status", "-o", "json"])
+            .ok();
+        let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+        if check(&v) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: not reached: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn every_cluster(v: &serde_json::Value, field: &str) -> bool {
+    let c = v["clusters"].as_array().unwrap();
+    !c.is_empty() && c.iter().all(|c| c[field] == true)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_renews_its_certificate_through_a_root_rotation() {
+    let s = Scratch::new();
+    let broker = Broker::start(&s.path("broker"), TD);
+    let cp = ControlPlane::start(&s, &broker, "east", "net-east", "192.0.2.10:15443");
+    put(
+        &cp.config,
+        "echo.yaml",
+        &workload_yaml("echo-1", "echo", "127.0.0.1", "net-east"),
+    );
+    // The sidecar is started with the roots of that moment: the old root.
+    let old_roots = s.write(
+        "old-root-cert.pem",
+        &std::fs::read_to_string(cp.state.join("cacerts/root-cert.pem")).unwrap(),
+    );
+    let token = s.write("echo.token", &cp.token("demo", "echo", "echo-1"));
+    let inbound = format!("127.0.0.1:{}", free_port());
+    let health = format!("127.0.0.1:{}", free_port());
+    let log = std::fs::File::create(s.path("sidecar.log")).unwrap();
+    let mut sidecar = Sidecar(
+        Command::new(env!("CARGO_BIN_EXE_strait-sidecar"))
+            .args(["--workload", "echo-1", "--namespace", "demo"])
+            .args(["--control-plane", &cp.listen])
+            .arg("--token")
+            .arg(&token)
+            .arg("--root-cert")
+            .arg(&old_roots)
+            .args(["--inbound", &inbound, "--health-listen", &health])
+            .args(["--app", &format!("127.0.0.1:{}", free_port())])
+            .args(["--outbound", &format!("127.0.0.1:{}", free_port())])
+            .args(["--access-log", "off"])
+            // Renewed every few seconds, so that renewals happen during
+            // and after the rotation.
+            .args(["--cert-ttl", "6s"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + WAIT;
+    while http_status(&health, "/healthz/ready") != Some(200) {
+        if let Ok(Some(status)) = sidecar.0.try_wait() {
+            panic!("the sidecar exited ({status}):\n{}", s.read("sidecar.log"));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sidecar never got ready:\n{}",
+            s.read("sidecar.log")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    broker.ctl(&["trust", "rotate-root", "begin"]).ok();
+    wait_rotation(&broker, "bundle acknowledged", |v| {
+        every_cluster(v, "bundle_acknowledged")
+    })
+    .await;
+    broker.ctl(&["trust", "rotate-root", "advance"]).ok();
+    wait_rotation(&broker, "intermediate re-issued", |v| {
+        every_cluster(v, "on_target")
+    })
+    .await;
+
+    // The new root alone, as a peer that joined after the rotation has it.
+    let new_root = std::fs::read_dir(s.path("broker/roots"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("root-cert.pem");
+    let new_only =
+        Trust::new(strait_ca::layout::load_bundle(&new_root, Some(cp.trust_domain())).unwrap());
+    let client = cp.certificate("demo", "client", "client-1").await;
+    // The control plane's own certificate moves to the new root too.
+    let deadline = Instant::now() + WAIT;
+    while let Err(e) = served_chain(&cp.listen, b"h2", &new_only, &client) {
+        assert!(
+            Instant::now() < deadline,
+            "the control plane stayed on the old root: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // From then on, the sidecar still renews: a certificate issued after
+    // the control plane moved, under the new root, is served.
+    let both = cp.trust();
+    both.set_bundle(
+        strait_ca::TrustBundle::new(
+            Some(cp.trust_domain()),
+            [cp.trust().bundle().roots(), new_only.bundle().roots()]
+                .concat()
+                .into_iter()
+                .map(|r| r.to_vec())
+                .collect(),
+        )
+        .unwrap(),
+    );
+    let before = served_chain(&inbound, b"http/1.1", &both, &client).unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match served_chain(&inbound, b"http/1.1", &new_only, &client) {
+            Ok(chain) if chain[0] != before[0] => {
+                let leaf = strait_ca::cert::CertSummary::from_der(&chain[0]).unwrap();
+                assert_eq!(
+                    leaf.spiffe_id.as_deref(),
+                    Some("spiffe://cluster.local/ns/demo/sa/echo")
+                );
+                break;
+            }
+            other => assert!(
+                Instant::now() < deadline,
+                "no certificate renewed under the new root after the control plane moved ({:?}):\n{}",
+                other.map(|_| "the same certificate"),
+                s.read("sidecar.log")
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(sidecar.0.try_wait().unwrap().is_none());
+    assert_eq!(http_status(&health, "/healthz/ready"), Some(200));
+}
