@@ -10,7 +10,7 @@ use strait_ca::tls::{Accept, SpiffeServerVerifier, Trust};
 use crate::common::{Broker, Scratch, free_port, http_status};
 use crate::support::*;
 
-struct Gateway(Child);
+pub(crate) struct Gateway(pub(crate) Child);
 
 impl Drop for Gateway {
     fn drop(&mut self) {
@@ -33,44 +33,49 @@ async fn tunnel_chain(
     me: &strait_controlplane::ca::Identity,
     trust: &Trust,
 ) -> Vec<Vec<u8>> {
-    let verifier = SpiffeServerVerifier::new(trust.clone(), Accept::Ids([gateway_id(TD)].into()));
-    let tls =
-        strait_ca::tls::client_config(verifier, Some((&me.chain_der, &me.key_pkcs8)), &[]).unwrap();
-    let config = strait_gateway::tunnel::client_config(tls).unwrap();
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let conn = tokio::time::timeout(
-        Duration::from_secs(10),
-        endpoint
-            .connect_with(config, addr.parse().unwrap(), "gateway.strait.internal")
-            .unwrap(),
-    )
-    .await
-    .expect("the tunnel handshake timed out")
-    .expect("the gateway refused a tunnel from a gateway of its own mesh");
-    let certs = conn
-        .peer_identity()
-        .unwrap()
-        .downcast::<Vec<CertificateDer<'static>>>()
-        .unwrap();
-    conn.close(0u32.into(), b"done");
-    endpoint.wait_idle().await;
-    certs.iter().map(|c| c.to_vec()).collect()
+    try_tunnel_chain(addr, me, trust).await.unwrap()
 }
 
-/// The gateway makes its key, gets its certificate with a bootstrap token
-/// (ready only once its routes came over mTLS with it), and renews it
-/// before it expires: new tunnels are served with the renewed certificate,
-/// without a restart and with nothing written to disk.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_gateway_with_a_token_gets_its_certificate_and_renews_it() {
-    let s = Scratch::new();
-    let broker = Broker::start(&s.path("broker"), TD);
-    let cp = ControlPlane::start(&s, &broker, "east", "net-east", "127.0.0.1:15443");
+/// [`tunnel_chain`], or why the tunnel was not opened.
+pub(crate) async fn try_tunnel_chain(
+    addr: &str,
+    me: &strait_controlplane::ca::Identity,
+    trust: &Trust,
+) -> Result<Vec<Vec<u8>>, String> {
+    let verifier = SpiffeServerVerifier::new(trust.clone(), Accept::Ids([gateway_id(TD)].into()));
+    let tls = strait_ca::tls::client_config(verifier, Some((&me.chain_der, &me.key_pkcs8)), &[])
+        .map_err(|e| e.to_string())?;
+    let config = strait_gateway::tunnel::client_config(tls)?;
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let connecting = endpoint
+        .connect_with(config, addr.parse().unwrap(), "gateway.strait.internal")
+        .map_err(|e| e.to_string())?;
+    let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
+        .await
+        .map_err(|_| "the tunnel handshake timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let certs = conn
+        .peer_identity()
+        .ok_or("no peer identity")?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .map_err(|_| "not a certificate chain")?;
+    conn.close(0u32.into(), b"done");
+    endpoint.wait_idle().await;
+    Ok(certs.iter().map(|c| c.to_vec()).collect())
+}
+
+/// Starts `strait gateway` for `cp` with a bootstrap token and waits until
+/// it is ready; its log goes to `gateway.log`.
+pub(crate) async fn start_token_gateway(
+    s: &Scratch,
+    cp: &ControlPlane,
+    root_cert: &std::path::Path,
+    cert_ttl: &str,
+) -> (Gateway, String, String) {
     let token = s.write(
         "gateway.token",
         &cp.token("strait-system", "eastwest-gateway", "eastwest-gateway"),
     );
-    let root = cp.state.join("cacerts/root-cert.pem");
     let listen = format!("127.0.0.1:{}", free_port());
     let health = format!("127.0.0.1:{}", free_port());
     let log = std::fs::File::create(s.path("gateway.log")).unwrap();
@@ -82,9 +87,8 @@ async fn a_gateway_with_a_token_gets_its_certificate_and_renews_it() {
             .arg("--token")
             .arg(&token)
             .arg("--root-cert")
-            .arg(&root)
-            // Renewed at about half life: a few times within the test.
-            .args(["--cert-ttl", "4s"])
+            .arg(root_cert)
+            .args(["--cert-ttl", cert_ttl])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -102,6 +106,21 @@ async fn a_gateway_with_a_token_gets_its_certificate_and_renews_it() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    (gw, listen, health)
+}
+
+/// The gateway makes its key, gets its certificate with a bootstrap token
+/// (ready only once its routes came over mTLS with it), and renews it
+/// before it expires: new tunnels are served with the renewed certificate,
+/// without a restart and with nothing written to disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_with_a_token_gets_its_certificate_and_renews_it() {
+    let s = Scratch::new();
+    let broker = Broker::start(&s.path("broker"), TD);
+    let cp = ControlPlane::start(&s, &broker, "east", "net-east", "127.0.0.1:15443");
+    let root = cp.state.join("cacerts/root-cert.pem");
+    // Renewed at about half life: a few times within the test.
+    let (mut gw, listen, health) = start_token_gateway(&s, &cp, &root, "4s").await;
 
     // A peer gateway of the same mesh opens a tunnel and sees the gateway's
     // certificate: the east-west gateway's identity, from east's CA.

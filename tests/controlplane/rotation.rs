@@ -1,6 +1,6 @@
-//! A root rotation reaches a running sidecar: its certificate renewals
-//! keep working while the control plane moves to the new root, and the
-//! certificate it serves ends up under the new root.
+//! A root rotation reaches a running sidecar and a running gateway: their
+//! certificate renewals keep working while the control plane moves to the
+//! new root, and the certificates they serve end up under the new root.
 
 use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
@@ -77,7 +77,7 @@ fn every_cluster(v: &serde_json::Value, field: &str) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sidecar_renews_its_certificate_through_a_root_rotation() {
+async fn a_sidecar_and_a_gateway_renew_their_certificates_through_a_root_rotation() {
     let s = Scratch::new();
     let broker = Broker::start(&s.path("broker"), TD);
     let cp = ControlPlane::start(&s, &broker, "east", "net-east", "192.0.2.10:15443");
@@ -115,6 +115,8 @@ async fn a_sidecar_renews_its_certificate_through_a_root_rotation() {
             .spawn()
             .unwrap(),
     );
+    let (mut gateway, gateway_listen, gateway_health) =
+        crate::gateway::start_token_gateway(&s, &cp, &old_roots, "6s").await;
     let deadline = Instant::now() + WAIT;
     while http_status(&health, "/healthz/ready") != Some(200) {
         if let Ok(Some(status)) = sidecar.0.try_wait() {
@@ -196,4 +198,28 @@ async fn a_sidecar_renews_its_certificate_through_a_root_rotation() {
     }
     assert!(sidecar.0.try_wait().unwrap().is_none());
     assert_eq!(http_status(&health, "/healthz/ready"), Some(200));
+
+    // The gateway too: a later tunnel sees a certificate under the new
+    // root, and the gateway accepts a peer gateway issued after the move.
+    let peer = cp
+        .certificate("strait-system", "eastwest-gateway", "peer")
+        .await;
+    let before = crate::gateway::try_tunnel_chain(&gateway_listen, &peer, &both)
+        .await
+        .unwrap_or_default();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match crate::gateway::try_tunnel_chain(&gateway_listen, &peer, &new_only).await {
+            Ok(chain) if before.first() != chain.first() => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "the gateway renewed no certificate under the new root ({:?}):\n{}",
+                other.map(|_| "the same certificate"),
+                s.read("gateway.log")
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(gateway.0.try_wait().unwrap().is_none());
+    assert_eq!(http_status(&gateway_health, "/healthz/ready"), Some(200));
 }
