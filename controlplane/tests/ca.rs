@@ -485,3 +485,40 @@ async fn identity_manager_without_credentials_stops() {
     .expect("the task stops: it has nothing to ask with");
     assert!(rx.borrow().is_none());
 }
+
+#[tokio::test]
+async fn identity_manager_reads_its_token_file_again_at_every_use() {
+    let h = Harness::start().await;
+    let id = workload("shop", "cart");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    // A stale token, in the file and read at start: the CA refuses it.
+    std::fs::write(&file, "stale-token").unwrap();
+    let mut config = IdentityConfig::new(
+        &h.address(),
+        id.clone(),
+        h.trust.clone(),
+        Some("stale-token".to_string()),
+    );
+    config.token_file = Some(file.clone());
+    config.backoff.initial = Duration::from_millis(50);
+    let manager = IdentityManager::spawn(config);
+    let refused = tokio::time::timeout(Duration::from_secs(10), async {
+        while !h.metrics().contains("strait_ca_requests_refused_total{") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        refused.is_ok(),
+        "the stale token was never tried: {}",
+        h.metrics()
+    );
+    assert!(manager.current().is_none());
+    // The file is replaced (as the kubelet replaces a projected token): the
+    // next try reads it.
+    std::fs::write(&file, h.token("shop", "cart")).unwrap();
+    let mut rx = manager.subscribe();
+    let first = wait_for(&mut rx, Duration::from_secs(10), |_| true).await;
+    assert_eq!(first.spiffe_id, id);
+}

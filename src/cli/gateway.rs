@@ -78,9 +78,10 @@ pub struct GatewayArgs {
     /// with this token: a file holding a bootstrap token (`strait
     /// controlplane token --namespace strait-system --service-account
     /// eastwest-gateway`) or, in Kubernetes, the pod's projected service
-    /// account token (audience istio-ca). The key is made here; the
-    /// certificate is renewed at about half life, and the trust follows the
-    /// bundles the control plane pushes (root rotations, peered meshes).
+    /// account token (audience istio-ca), read again whenever it is needed.
+    /// The key is made here; the certificate is renewed at about half life,
+    /// and the trust follows the bundles the control plane pushes (root
+    /// rotations, peered meshes).
     #[arg(
         long,
         value_name = "FILE",
@@ -508,6 +509,7 @@ fn csr_creds(args: &GatewayArgs, token_file: &Path) -> Result<Creds> {
     let trust = strait_ca::tls::Trust::new(bundle);
     let config = strait_controlplane::ca::identity::IdentityConfig {
         ttl: Some(args.cert_ttl),
+        token_file: Some(token_file.to_path_buf()),
         ..strait_controlplane::ca::identity::IdentityConfig::new(
             &control_plane,
             gateway_id(&td)?,

@@ -78,7 +78,11 @@ pub struct SidecarArgs {
     /// The control plane (`host:port`, discovery and CSR).
     #[arg(long, value_name = "ADDR", required = true)]
     control_plane: Option<String>,
-    /// The bootstrap token file (from `strait controlplane token`).
+    /// The bootstrap token file (from `strait controlplane token`, or in
+    /// Kubernetes the pod's projected service account token, audience
+    /// istio-ca, with --service-account). Read again whenever the token is
+    /// needed (the first certificate, or after one expired), so a rotated
+    /// token file is followed.
     #[arg(long, value_name = "FILE", required = true)]
     token: Option<PathBuf>,
     /// The mesh root certificate(s), to verify the control plane.
@@ -349,6 +353,7 @@ pub fn run(args: SidecarArgs) -> Result<()> {
         // made here; one task renews the certificate at about half life.
         let manager = IdentityManager::spawn(IdentityConfig {
             ttl: Some(args.cert_ttl),
+            token_file: Some(token_file.clone()),
             ..IdentityConfig::new(&control_plane, spiffe_id.clone(), trust.clone(), Some(token.trim().to_string()))
         });
         let mut identity = workload_identity(manager.subscribe());

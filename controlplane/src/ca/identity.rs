@@ -339,6 +339,11 @@ pub struct IdentityConfig {
     /// The bootstrap token for the first certificate (and when the current
     /// one has expired or is refused).
     pub token: Option<String>,
+    /// A file to read the token from again at every use (a Kubernetes
+    /// projected service account token is replaced before it expires, so
+    /// the one read at start may be stale when it is needed again); `token`
+    /// stands in when the file cannot be read.
+    pub token_file: Option<std::path::PathBuf>,
     /// The TTL to ask for (`None`: the CA's default).
     pub ttl: Option<Duration>,
     pub backoff: Backoff,
@@ -350,6 +355,7 @@ impl std::fmt::Debug for IdentityConfig {
             .field("address", &self.address)
             .field("spiffe_id", &self.spiffe_id)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
             .field("ttl", &self.ttl)
             .field("backoff", &self.backoff)
             .finish_non_exhaustive()
@@ -367,6 +373,7 @@ impl IdentityConfig {
             spiffe_id,
             trust,
             token,
+            token_file: None,
             ttl: None,
             backoff: Backoff::default(),
         }
@@ -407,6 +414,21 @@ impl Drop for IdentityManager {
     }
 }
 
+/// The token in `path`, or `None` (logged) when it cannot be read.
+fn read_token(path: &std::path::Path) -> Option<String> {
+    match std::fs::read_to_string(path) {
+        Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+        Ok(_) => {
+            tracing::warn!(file = %path.display(), "the token file is empty");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "the token file cannot be read");
+            None
+        }
+    }
+}
+
 async fn run(config: IdentityConfig, tx: watch::Sender<Option<Arc<Identity>>>) {
     let mut current: Option<Arc<Identity>> = None;
     let mut failures: u32 = 0;
@@ -419,8 +441,14 @@ async fn run(config: IdentityConfig, tx: watch::Sender<Option<Arc<Identity>>>) {
             current = None;
             tx.send_replace(None);
         }
-        let credential = match (&current, &config.token) {
-            (_, Some(t)) if token_next || current.is_none() => Credential::Token(t),
+        let wants_token = token_next || current.is_none();
+        let file_token = match &config.token_file {
+            Some(path) if wants_token => read_token(path),
+            _ => None,
+        };
+        let token = file_token.as_deref().or(config.token.as_deref());
+        let credential = match (&current, token) {
+            (_, Some(t)) if wants_token => Credential::Token(t),
             (Some(c), _) => Credential::Certificate(c),
             (None, _) => {
                 tracing::error!(error = %IdentityError::NoCredential, "identity task stops");
