@@ -64,7 +64,8 @@ struct RunArgs {
     /// Imports are applied to the API; workloads may also bootstrap with
     /// service-account tokens (audience istio-ca, checked by TokenReview);
     /// the mesh roots are kept in ConfigMap strait-ca-root-cert (key
-    /// root-cert.pem) of every namespace, for sidecars to mount.
+    /// root-cert.pem) of every namespace, for sidecars to mount (in the
+    /// --remote clusters' namespaces too).
     #[arg(long)]
     kube: bool,
     /// The cluster's state: intermediate CA (cacerts/), broker credentials,

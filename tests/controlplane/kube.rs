@@ -202,7 +202,7 @@ async fn a_kubernetes_primary_serves_a_remote_cluster_from_its_api() {
     let broker = Broker::start(&s.path("broker"), TD);
     let testdata = Path::new(env!("CARGO_MANIFEST_DIR")).join("controlplane/tests/testdata");
     let (_primary_api, url) = fake_api::Fake::start(testdata.join("kube"));
-    let (_remote_api, remote_url) = fake_api::Fake::start(testdata.join("kube-remote"));
+    let (remote_api, remote_url) = fake_api::Fake::start(testdata.join("kube-remote"));
     let kube = kubeconfig(&s, "kubeconfig", &url);
     let remote_kube = kubeconfig(&s, "remote.kubeconfig", &remote_url);
     let east = ControlPlane::start_with(
@@ -230,6 +230,28 @@ async fn a_kubernetes_primary_serves_a_remote_cluster_from_its_api() {
     )
     .await
     .unwrap();
+
+    // The remote cluster's namespaces get the mesh roots too: its pods'
+    // sidecars verify this control plane with them.
+    let roots = std::fs::read_to_string(east.state.join("cacerts/root-cert.pem")).unwrap();
+    let root_line = roots.lines().nth(1).unwrap().to_string();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let published = remote_api.seen().into_iter().any(|r| {
+            r.method == hyper::Method::PATCH
+                && r.path == "/api/v1/namespaces/bookinfo/configmaps/strait-ca-root-cert"
+                && r.body.contains(&root_line)
+        });
+        if published {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the roots were not published in the remote's bookinfo within {WAIT:?}:\n{}",
+            east.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // A proxy of the remote cluster: the remote's pod is local (its
     // network from the remote's strait-system Namespace), east's exported

@@ -468,7 +468,18 @@ pub async fn run(
     };
     let me = link::cluster_info(&info, &cfg.gateways)?;
     let remotes = open_remotes(&cfg).await?;
-    let roots_config = config.clone();
+    // Kubernetes mode: where the mesh roots are published (this cluster's
+    // API and the remote clusters' it serves).
+    let roots_targets: Vec<(::kube::Client, watch::Receiver<Arc<Config>>)> = kube_client
+        .iter()
+        .map(|c| (c.clone(), config.clone()))
+        .chain(
+            remotes
+                .iter()
+                .filter_map(|r| r.api.clone().map(|c| (c, r.config.clone()))),
+        )
+        .collect();
+    let remotes = remotes.into_iter().map(|r| (r.name, r.config)).collect();
     let served = spawn_views(me, cfg.clusterset_ips, remotes, config, stopped())?;
     let mut served = served.into_iter();
     let (own_view, own_siblings) = served
@@ -486,12 +497,12 @@ pub async fn run(
     );
     // Kubernetes mode: the mesh roots in a ConfigMap of every namespace,
     // republished when the trust changes (the snapshot changes with it).
-    if let Some(client) = &kube_client {
+    for (client, namespaces) in roots_targets {
         crate::kube::roots::spawn_publisher(
-            client.clone(),
+            client,
             link::FIELD_MANAGER.to_string(),
             cfg.state_dir.join(CACERTS_DIR).join("root-cert.pem"),
-            roots_config,
+            namespaces,
             snapshots.clone(),
             stopped(),
         );

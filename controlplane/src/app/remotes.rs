@@ -11,21 +11,28 @@ use super::{AppConfig, ConfigSource, Siblings};
 use crate::dirwatch;
 use crate::source::Config;
 
+/// A remote cluster this control plane serves: its config, and its API
+/// client in Kubernetes mode.
+pub(super) struct OpenedRemote {
+    pub(super) name: strait_ca::ClusterName,
+    pub(super) config: watch::Receiver<Arc<Config>>,
+    pub(super) api: Option<::kube::Client>,
+}
+
 /// The config of every remote cluster (`--remote`): a watched directory,
 /// or in Kubernetes mode the API its kubeconfig names. A Kubernetes
 /// remote's network (the network of its pods) is the
 /// `topology.istio.io/network` label of its `strait-system` Namespace when
 /// it starts (default: this cluster's).
-pub(super) async fn open_remotes(
-    cfg: &AppConfig,
-) -> Result<Vec<(strait_ca::ClusterName, watch::Receiver<Arc<Config>>)>, String> {
+pub(super) async fn open_remotes(cfg: &AppConfig) -> Result<Vec<OpenedRemote>, String> {
     let mut out = Vec::new();
     for r in &cfg.remotes {
         let flag = format!("--remote {}={}", r.name, r.config_dir.display());
-        let rx = match &cfg.source {
-            ConfigSource::Dir(_) => {
-                dirwatch::watch_dir(r.config_dir.clone()).map_err(|e| format!("{flag}: {e}"))?
-            }
+        let (rx, api) = match &cfg.source {
+            ConfigSource::Dir(_) => (
+                dirwatch::watch_dir(r.config_dir.clone()).map_err(|e| format!("{flag}: {e}"))?,
+                None,
+            ),
             ConfigSource::Kube => {
                 let client = kube_client(&r.config_dir)
                     .await
@@ -34,18 +41,23 @@ pub(super) async fn open_remotes(
                     .await
                     .map_err(|e| format!("{flag}: {e}"))?;
                 tracing::info!(cluster = %r.name, %network, "reading a remote cluster from its Kubernetes API");
-                crate::kube::watch_kube(
-                    client,
+                let rx = crate::kube::watch_kube(
+                    client.clone(),
                     crate::kube::KubeOptions {
                         cluster: r.name.to_string(),
                         network,
                     },
                 )
                 .await
-                .map_err(|e| format!("{flag}: {e}"))?
+                .map_err(|e| format!("{flag}: {e}"))?;
+                (rx, Some(client))
             }
         };
-        out.push((r.name.clone(), rx));
+        out.push(OpenedRemote {
+            name: r.name.clone(),
+            config: rx,
+            api,
+        });
     }
     Ok(out)
 }
