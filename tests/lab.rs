@@ -528,6 +528,51 @@ fn quic_mode_carries_cross_network_calls_in_tunnels() {
     lab.down();
 }
 
+/// Across trust domains in QUIC mode: the gateways of the two meshes get
+/// their certificates from their own control planes and open a tunnel to
+/// each other, each verifying the other against that mesh's bundle, which
+/// only the control plane's pushed bundles carry.
+#[test]
+fn federated_quic_tunnels_cross_trust_domains() {
+    let mut lab = Lab::up_with("federated", 120, &["--mode", "quic"]);
+    let seen = lab.curl_until(
+        "east",
+        "http://echo.demo.svc.clusterset.local:8080/",
+        10,
+        |t| t.contains("west/echo/v2"),
+    );
+    assert!(
+        seen.contains("spiffe://mesh-a.local/ns/demo/sa/client"),
+        "{seen}"
+    );
+    let json = lab.json();
+    let gateway_metrics = |name: &str| {
+        json["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap()["gateway"]["metrics"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let sent = metric(
+        &gateway_metrics("east"),
+        "strait_gateway_tunnel_streams_total{outcome=\"sent\",reason=\"ok\"}",
+    );
+    assert!(sent >= 1.0, "east sent no tunnel stream");
+    let accepted = metric(
+        &gateway_metrics("west"),
+        "strait_gateway_tunnel_connections_total{outcome=\"accepted\",reason=\"ok\"}",
+    );
+    assert!(
+        accepted >= 1.0,
+        "west accepted no tunnel from the other mesh"
+    );
+    lab.down();
+}
+
 /// Why netns mode cannot run here (not root, no iproute2), if it cannot.
 fn netns_unavailable() -> Option<&'static str> {
     let root = Command::new("id")
