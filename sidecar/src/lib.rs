@@ -11,7 +11,8 @@
 //!   `x-forwarded-client-cert` in Envoy's format.
 //! - [`policy`]: pure evaluation of the Istio policies.
 //! - [`config`]: the mesh as the control plane pushed it.
-//! - [`identity`]: the workload certificate (CSR API), renewed at half life.
+//! - [`identity`]: the workload certificate as the data path uses it (the
+//!   control plane client's `IdentityManager` gets and renews it).
 //! - [`metrics`]: Istio's metrics and the JSON access log.
 //! - [`body`]: how bodies go through: streamed and counted, or held whole
 //!   (for retries, and under a route timeout).
