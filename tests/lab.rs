@@ -528,6 +528,155 @@ fn quic_mode_carries_cross_network_calls_in_tunnels() {
     lab.down();
 }
 
+/// The status codes of a `lab curl` summary, e.g. `["200"]`.
+fn status_codes(summary: &str) -> Vec<String> {
+    summary
+        .lines()
+        .skip_while(|l| !l.starts_with("status codes:"))
+        .skip(1)
+        .take_while(|l| l.starts_with(' '))
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+        .collect()
+}
+
+/// Every request answered 200, by both clusters.
+fn both_clusters_all_ok(summary: &str) -> bool {
+    status_codes(summary) == ["200"]
+        && summary.contains("east/echo/v1")
+        && summary.contains("west/echo/v2")
+}
+
+/// A root rotation under cross-cluster traffic, to the end: at every
+/// stage calls from each cluster reach both clusters, every sidecar
+/// renews under the new root (10 s certificates), and once `finish` has
+/// dropped the old root, they still do.
+#[test]
+fn root_rotation_under_cross_cluster_traffic() {
+    let mut lab = Lab::up_with("multi-primary", 140, &["--cert-ttl", "10s"]);
+    let ctl = |args: &[&str]| {
+        let out = Command::new(STRAITCTL)
+            .arg("--lab")
+            .arg(lab.path())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "straitctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let wait_rotation = |what: &str, field: &str| {
+        let start = Instant::now();
+        loop {
+            let v: Value =
+                serde_json::from_str(&ctl(&["trust", "rotate-root", "status", "-o", "json"]))
+                    .unwrap();
+            let clusters = v["clusters"].as_array().unwrap();
+            if !clusters.is_empty() && clusters.iter().all(|c| c[field] == true) {
+                return;
+            }
+            assert!(start.elapsed() < UP, "{what}: not reached: {v}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let traffic = |stage: &str| {
+        for from in ["east", "west"] {
+            let seen = lab.curl_until(from, "http://echo.demo:8080/", 20, both_clusters_all_ok);
+            assert!(
+                seen.contains("spiffe://cluster.local/ns/demo/sa/client"),
+                "{stage}, from {from}: {seen}"
+            );
+        }
+    };
+    traffic("before");
+
+    ctl(&["trust", "rotate-root", "begin"]);
+    wait_rotation("bundle acknowledged", "bundle_acknowledged");
+    traffic("distributing");
+    ctl(&["trust", "rotate-root", "advance"]);
+    wait_rotation("intermediates re-issued", "on_target");
+    traffic("reissuing");
+
+    // Every sidecar serves a certificate under the new root (verified by
+    // openssl with the new root alone).
+    let roots = lab.path().join("mesh/broker/roots");
+    let new_root = std::fs::read_dir(&roots)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("root-cert.pem");
+    let json = lab.json();
+    let inbounds: Vec<String> = json["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| c["workloads"].as_array().unwrap().iter())
+        .map(|w| w["inbound"].as_str().unwrap().to_string())
+        .collect();
+    assert!(inbounds.len() >= 6, "{inbounds:?}");
+    // The leaf `inbound` serves when it verifies under the new root alone.
+    let new_leaf = |inbound: &str| -> Option<String> {
+        let out = Command::new("openssl")
+            .args(["s_client", "-connect", inbound, "-CAfile"])
+            .arg(&new_root)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !text.contains("Verify return code: 0 (ok)") {
+            return None;
+        }
+        let begin = text.find("-----BEGIN CERTIFICATE-----")?;
+        let end = text[begin..].find("-----END CERTIFICATE-----")?;
+        Some(text[begin..begin + end].to_string())
+    };
+    // Waits until every sidecar serves a leaf under the new root, other
+    // than the one it served at `before` (if any); returns them.
+    let renewed = |before: &[Option<String>]| -> Vec<Option<String>> {
+        let start = Instant::now();
+        inbounds
+            .iter()
+            .zip(before)
+            .map(|(inbound, old)| {
+                loop {
+                    let leaf = new_leaf(inbound);
+                    if leaf.is_some() && leaf != *old {
+                        return leaf;
+                    }
+                    assert!(
+                        start.elapsed() < UP,
+                        "{inbound} served no new certificate under the new root\n{}",
+                        lab.logs()
+                    );
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            })
+            .collect()
+    };
+    let on_new_root = renewed(&vec![None; inbounds.len()]);
+
+    // The old root goes (forced: 10 s leaves, not 24 h); calls still work.
+    ctl(&["trust", "rotate-root", "finish", "--force"]);
+    let start = Instant::now();
+    loop {
+        let v: Value =
+            serde_json::from_str(&ctl(&["trust", "rotate-root", "status", "-o", "json"])).unwrap();
+        if v["stage"] == "idle" {
+            break;
+        }
+        assert!(start.elapsed() < UP, "not idle: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Renewals go on without the old root: each sidecar gets a new leaf.
+    renewed(&on_new_root);
+    traffic("after finish");
+    lab.down();
+}
+
 /// Across trust domains in QUIC mode: the gateways of the two meshes get
 /// their certificates from their own control planes and open a tunnel to
 /// each other, each verifying the other against that mesh's bundle, which

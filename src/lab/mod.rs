@@ -130,6 +130,11 @@ pub struct UpArgs {
     /// blocks after it.
     #[arg(long, default_value_t = 10, hide = true)]
     pub ip_base: u8,
+    /// The certificate lifetime sidecars and gateways ask for (default:
+    /// theirs, 24h). A short one (e.g. 30s) makes renewals, and a root
+    /// rotation's `finish`, reachable within minutes.
+    #[arg(long, value_name = "DURATION", value_parser = crate::cli::parse_duration)]
+    pub cert_ttl: Option<std::time::Duration>,
     #[command(flatten)]
     pub dir: DirArg,
 }
@@ -253,13 +258,21 @@ pub fn read_lab(dir: &Path) -> Result<Lab> {
         .as_str()
         .map_or_else(|| dir.to_path_buf(), PathBuf::from);
     let netns = v["netns"].as_bool().unwrap_or(false);
-    Lab::new(topology, &dir, mode, base, netns).map_err(|e| anyhow!(e))
+    Ok(Lab::new(topology, &dir, mode, base, netns)
+        .map_err(|e| anyhow!(e))?
+        .with_cert_ttl(v["cert_ttl"].as_str().map(str::to_string)))
 }
 
 /// The components of a lab, in start order (brokers first, then per
 /// cluster: control plane, gateway, workloads with their sidecars).
 pub fn components(lab: &Lab) -> Vec<Component> {
     let mut out = Vec::new();
+    // For sidecars and gateways.
+    let cert_ttl: Vec<String> = lab
+        .cert_ttl
+        .iter()
+        .flat_map(|t| ["--cert-ttl".to_string(), t.clone()])
+        .collect();
     for m in &lab.brokers {
         let mut args = vec![
             "broker".to_string(),
@@ -374,6 +387,7 @@ pub fn components(lab: &Lab) -> Vec<Component> {
                 format!("{}:{}", c.gw_ip(), plan::CP_PORT),
             ]);
         }
+        gateway_args.extend(cert_ttl.clone());
         out.push(Component {
             name: format!("{}/gateway", c.name),
             args: gateway_args,
@@ -428,7 +442,10 @@ pub fn components(lab: &Lab) -> Vec<Component> {
                     format!("{}:{}", w.ip, plan::HEALTH_PORT),
                     "--metrics-listen".into(),
                     format!("{}:{}", w.ip, plan::METRICS_PORT),
-                ],
+                ]
+                .into_iter()
+                .chain(cert_ttl.clone())
+                .collect(),
                 health: format!("http://{}:{}/healthz/ready", w.ip, plan::HEALTH_PORT),
                 netns: c.netns.clone(),
             });
@@ -675,7 +692,9 @@ fn up(a: UpArgs) -> Result<()> {
         bail!("{why}");
     }
     let dir = absolute(&a.dir.dir)?;
-    let lab = Lab::new(a.topology, &dir, a.mode, a.ip_base, a.netns).map_err(|e| anyhow!(e))?;
+    let lab = Lab::new(a.topology, &dir, a.mode, a.ip_base, a.netns)
+        .map_err(|e| anyhow!(e))?
+        .with_cert_ttl(a.cert_ttl.map(crate::cli::format_duration));
     // Refused before anything starts: a running lab is not ours to stop.
     check_not_running(&dir)?;
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -130,6 +130,10 @@ pub struct Lab {
     pub netns: bool,
     pub brokers: Vec<Mesh>,
     pub clusters: Vec<Cluster>,
+    /// The certificate lifetime sidecars and gateways ask for (`None`:
+    /// theirs, 24 h).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_ttl: Option<String>,
     #[serde(skip)]
     base: u8,
 }
@@ -277,8 +281,16 @@ impl Lab {
             netns,
             brokers,
             clusters,
+            cert_ttl: None,
             base,
         })
+    }
+
+    /// The lab with sidecars and gateways asking for certificates of
+    /// `ttl` (e.g. `10s`).
+    pub fn with_cert_ttl(mut self, ttl: Option<String>) -> Self {
+        self.cert_ttl = ttl;
+        self
     }
 
     /// The first address block (`--ip-base`).
