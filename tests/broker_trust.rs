@@ -402,6 +402,50 @@ async fn meshes_peer_and_exchange_services_with_separate_bundles() {
         .await
         .expect("peered removal in time")
         .unwrap();
+
+    // Mesh a rotates its root to the end. The peer follows: west ends up
+    // trusting a.example's new root alone, and the peering (now between
+    // a broker on the new root and one on the old) still carries exports.
+    a.ctl(&["trust", "rotate-root", "begin"]).ok();
+    wait_rotation(&a, "a: bundle acknowledged", |v| {
+        all_clusters(v, "bundle_acknowledged")
+    })
+    .await;
+    a.ctl(&["trust", "rotate-root", "advance"]).ok();
+    wait_rotation(&a, "a: intermediates re-issued", |v| {
+        all_clusters(v, "on_target")
+    })
+    .await;
+    a.ctl(&["trust", "rotate-root", "finish", "--force"]).ok();
+    let a_new_root = std::fs::read_dir(s.path("a/roots"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("root-cert.pem");
+    let a_new_root = std::fs::read_to_string(a_new_root).unwrap();
+    let deadline = Instant::now() + WAIT;
+    while std::fs::read_to_string(s.path("west/federated/a.example.pem")).ok()
+        != Some(a_new_root.clone())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "west never trusted a.example's new root alone:\n{}",
+            s.read("west/federated/a.example.pem")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    txs[0].send_replace(exports);
+    let st = tokio::time::timeout(WAIT, statuses[1].wait_for(|s| !s.services.is_empty()))
+        .await
+        .expect("peered import after the rotation in time")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        st.services.keys().next().unwrap().to_string(),
+        "bank/ledger"
+    );
     for stop in agents {
         let _ = stop.send(());
     }
