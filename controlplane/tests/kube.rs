@@ -421,3 +421,70 @@ async fn service_account_tokens_are_checked_with_a_token_review() {
     let err = ask(&down, reviews, "reviews-token").await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
 }
+
+/// The mesh roots go to every namespace but kube-system, again when the
+/// trust changes, and again at every resync (a ConfigMap someone deleted
+/// comes back).
+#[tokio::test]
+async fn the_roots_config_map_follows_the_trust_and_is_resynced() {
+    let (fake, url) = Fake::start(testdata(""));
+    let mut config = strait_controlplane::kube::watch_kube(client(&url), opts())
+        .await
+        .unwrap();
+    config_where(&mut config, |c| {
+        c.objects.keys().any(|k| k.kind == "Namespace")
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let roots = dir.path().join("root-cert.pem");
+    let pem =
+        |body: &str| format!("-----BEGIN CERTIFICATE-----\n{body}\n-----END CERTIFICATE-----\n");
+    std::fs::write(&roots, pem("T0xE")).unwrap();
+    let (trust_changed, changed) = watch::channel(0u32);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    strait_controlplane::kube::roots::spawn_publisher(
+        client(&url),
+        "strait-controlplane".into(),
+        roots.clone(),
+        config,
+        changed,
+        async {
+            let _ = stop_rx.await;
+        },
+        Duration::from_millis(300),
+    );
+    const PATH: &str = "/api/v1/namespaces/bookinfo/configmaps/strait-ca-root-cert";
+    let patches = |with: &str| {
+        fake.seen()
+            .into_iter()
+            .filter(|r: &Seen| r.method == Method::PATCH && r.path == PATH && r.body.contains(with))
+            .count()
+    };
+    until("the roots applied in bookinfo", || patches("T0xE") >= 1).await;
+    // Applied again at the resync, unchanged.
+    until("the roots applied again at the resync", &|| {
+        patches("T0xE") >= 2
+    })
+    .await;
+    // A rotation: the file changes and the trust ticks.
+    std::fs::write(&roots, pem("TkVX")).unwrap();
+    trust_changed.send_replace(1);
+    until("the new roots applied", || patches("TkVX") >= 1).await;
+    assert!(
+        !fake
+            .seen()
+            .iter()
+            .any(|r| r.path.contains("/namespaces/kube-system/configmaps")),
+        "kube-system is left alone"
+    );
+    let _ = stop_tx.send(());
+}
+
+/// Polls `check` until it holds (up to 10 s), else fails naming `what`.
+async fn until(what: &str, check: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -505,6 +505,7 @@ pub async fn run(
             namespaces,
             snapshots.clone(),
             stopped(),
+            crate::kube::roots::RESYNC,
         );
     }
     let mut remote_snapshots = BTreeMap::new();

@@ -36,6 +36,10 @@ pub const SKIPPED: [&str; 4] = [
 ];
 /// How soon a failed apply is tried again.
 const RETRY: Duration = Duration::from_secs(30);
+/// How often every namespace's ConfigMap is applied again, changed or not:
+/// one someone edited or deleted comes back (as istiod restores
+/// istio-ca-root-cert).
+pub const RESYNC: Duration = Duration::from_secs(300);
 
 /// The namespaces of the config that get the roots.
 pub fn namespaces(config: &Config) -> BTreeSet<String> {
@@ -69,7 +73,8 @@ pub fn desired(namespaces: &BTreeSet<String>, roots_pem: &str) -> BTreeMap<Strin
 
 /// Keeps [`NAME`] current in every namespace of `config`, with the roots
 /// in `roots_file` (read again whenever `changed` ticks: the trust the
-/// control plane serves changed). Stops when `stop` resolves.
+/// control plane serves changed), and applies them all again every
+/// `resync` ([`RESYNC`]). Stops when `stop` resolves.
 pub fn spawn_publisher<T: Send + Sync + 'static>(
     client: ::kube::Client,
     field_manager: String,
@@ -77,9 +82,11 @@ pub fn spawn_publisher<T: Send + Sync + 'static>(
     mut config: watch::Receiver<Arc<Config>>,
     mut changed: watch::Receiver<T>,
     stop: impl Future<Output = ()> + Send + 'static,
+    resync: Duration,
 ) {
     tokio::spawn(async move {
         tokio::pin!(stop);
+        let mut next_resync = tokio::time::Instant::now() + resync;
         let params = PatchParams::apply(&field_manager).force();
         // What each namespace holds now, as far as this process applied it.
         let mut applied: BTreeMap<String, Value> = BTreeMap::new();
@@ -130,6 +137,10 @@ pub fn spawn_publisher<T: Send + Sync + 'static>(
                 r = config.changed() => if r.is_err() { return },
                 r = changed.changed() => if r.is_err() { return },
                 () = retry => {}
+                () = tokio::time::sleep_until(next_resync) => {
+                    applied.clear();
+                    next_resync = tokio::time::Instant::now() + resync;
+                }
             }
         }
     });
