@@ -36,7 +36,10 @@ pub fn serving_identity(
 ) -> Result<(Vec<Vec<u8>>, Vec<u8>), IssueError> {
     let id = control_plane_id(td);
     let key = authority::generate_key(KeyAlgorithm::EcdsaP256)?;
-    let csr = Csr::from_pem(authority::leaf_csr(&id, &[], &key)?.as_bytes())?;
+    // The DNS name too: the proxies ask for it as the TLS server name, and
+    // the API server checks it on the injection webhook.
+    let dns = [strait_ca::tls::CONTROL_PLANE_SERVER_NAME.to_string()];
+    let csr = Csr::from_pem(authority::leaf_csr(&id, &dns, &key)?.as_bytes())?;
     let issued = authority.issue_leaf(
         &csr,
         ttl,

@@ -18,6 +18,7 @@
 
 pub mod apply;
 pub mod convert;
+pub mod inject;
 pub mod roots;
 pub mod store;
 

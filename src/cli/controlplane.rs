@@ -116,6 +116,24 @@ struct RunArgs {
     /// (240.240.0.0/16), not in it.
     #[arg(long, value_name = "CIDR|off", default_value = strait_model::imports::vips::DEFAULT_RANGE)]
     clusterset_ip_range: String,
+    /// Serve the sidecar injection webhook here (HTTPS, `POST /inject`,
+    /// with this control plane's certificate for
+    /// controlplane.strait-system.svc; Istio's port is 15017). A pod it
+    /// admits gets `strait-sidecar` (explicit mode: the app's http_proxy
+    /// is the sidecar) unless it is annotated
+    /// `sidecar.strait.io/inject: "false"`. Needs --kube.
+    #[arg(long, value_name = "ADDR", requires = "kube")]
+    inject_listen: Option<SocketAddr>,
+    /// The image injected sidecars run.
+    #[arg(long, value_name = "IMAGE", default_value = "strait:dev")]
+    inject_image: String,
+    /// The control plane address injected sidecars use.
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        default_value = "controlplane.strait-system.svc:15012"
+    )]
+    inject_control_plane: String,
 }
 
 #[derive(Debug, Args)]
@@ -197,6 +215,15 @@ fn serve(r: RunArgs) -> Result<()> {
         quic_egress: r.quic_egress,
         debounce: r.debounce,
         remotes: r.remote,
+        inject: r
+            .inject_listen
+            .map(|listen| strait_controlplane::app::InjectServe {
+                listen,
+                config: strait_controlplane::kube::inject::InjectConfig {
+                    image: r.inject_image.clone(),
+                    control_plane: r.inject_control_plane.clone(),
+                },
+            }),
         clusterset_ips: match r.clusterset_ip_range.as_str() {
             "off" => None,
             range => Some(

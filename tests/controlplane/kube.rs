@@ -327,3 +327,117 @@ async fn a_kubernetes_primary_serves_a_remote_cluster_from_its_api() {
         "{error}"
     );
 }
+
+/// The injection webhook as the API server meets it: HTTPS to
+/// controlplane.strait-system.svc with the mesh roots as the caBundle, an
+/// AdmissionReview in, the review back with a JSON Patch whose sidecar
+/// runs with arguments the real `strait-sidecar` parser accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_injection_webhook_answers_the_api_server() {
+    use base64::Engine;
+    use clap::Parser;
+    let s = Scratch::new();
+    let broker = Broker::start(&s.path("broker"), TD);
+    let recorded = Path::new(env!("CARGO_MANIFEST_DIR")).join("controlplane/tests/testdata/kube");
+    let (_fake, url) = fake_api::Fake::start(recorded);
+    let kube = kubeconfig(&s, "kubeconfig", &url);
+    let port = crate::common::free_port();
+    let east = ControlPlane::start_with(
+        &s,
+        &broker,
+        "east",
+        "net-east",
+        "192.0.2.10:15443",
+        Some(&kube),
+        &[
+            "--inject-listen".to_string(),
+            format!("127.0.0.1:{port}"),
+            "--inject-image".to_string(),
+            "registry.example/strait:1".to_string(),
+        ],
+    );
+    let review = |object: serde_json::Value| {
+        serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "b7b4ea5c-0001",
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "operation": "CREATE",
+                "namespace": "bookinfo",
+                "object": object,
+            },
+        })
+        .to_string()
+    };
+    let post = |body: &str| {
+        s.write("review.json", body);
+        s.run(
+            "curl",
+            &[
+                "-sS",
+                "-w",
+                "\n%{http_code}",
+                "--cacert",
+                east.state.join("cacerts/root-cert.pem").to_str().unwrap(),
+                "--resolve",
+                &format!("controlplane.strait-system.svc:{port}:127.0.0.1"),
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                "@review.json",
+                &format!("https://controlplane.strait-system.svc:{port}/inject"),
+            ],
+        )
+    };
+    let pod = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"generateName": "reviews-v1-", "namespace": "bookinfo"},
+        "spec": {
+            "serviceAccountName": "bookinfo-reviews",
+            "containers": [{"name": "reviews", "image": "reviews", "ports": [{"containerPort": 9080}]}],
+        },
+    });
+    let run = post(&review(pod));
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let (body, status) = run.stdout.rsplit_once('\n').unwrap();
+    assert_eq!(status, "200", "{body}");
+    let answer: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(answer["response"]["uid"], "b7b4ea5c-0001");
+    assert_eq!(answer["response"]["allowed"], true);
+    assert_eq!(answer["response"]["patchType"], "JSONPatch");
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(answer["response"]["patch"].as_str().unwrap())
+        .unwrap();
+    let ops: Vec<serde_json::Value> = serde_json::from_slice(&patch).unwrap();
+    let sidecar = &ops
+        .iter()
+        .find(|o| o["path"] == "/spec/containers/-")
+        .expect("the sidecar is added")["value"];
+    assert_eq!(sidecar["image"], "registry.example/strait:1");
+    // Its arguments, with the pod's fields the kubelet fills in, parse
+    // with the very parser of the binary it runs.
+    let argv: Vec<String> = std::iter::once("strait-sidecar".to_string())
+        .chain(sidecar["args"].as_array().unwrap().iter().map(|a| {
+            a.as_str()
+                .unwrap()
+                .replace("$(POD_NAME)", "reviews-v1-x7k2p")
+                .replace("$(POD_NAMESPACE)", "bookinfo")
+                .replace("$(SERVICE_ACCOUNT)", "bookinfo-reviews")
+        }))
+        .collect();
+    if let Err(e) = strait::cli::commands::SidecarCli::try_parse_from(&argv) {
+        panic!("{argv:?}:\n{e}");
+    }
+    assert!(
+        argv.contains(&"--app=127.0.0.1:9080".to_string()),
+        "{argv:?}"
+    );
+
+    // A request that is no AdmissionReview is refused, and says why.
+    let run = post("{\"kind\": \"Pod\"}");
+    let (body, status) = run.stdout.rsplit_once('\n').unwrap();
+    assert_eq!(status, "400", "{body}");
+    assert!(body.contains("AdmissionReview"), "{body}");
+}

@@ -34,9 +34,11 @@ use crate::resources::{self, ClusterContext, NetworkInput, NetworkMode, Snapshot
 use crate::source::Config;
 use crate::{dirwatch, link};
 
+mod inject;
 mod remotes;
 mod serving;
 
+pub use inject::InjectServe;
 use remotes::{open_remotes, spawn_views};
 pub use serving::{ServingCert, load_authority, server_tls};
 use serving::{refresh_trust, reload_authority};
@@ -69,6 +71,8 @@ pub struct AppConfig {
     /// Where imported services' ClusterSet IPs come from (`None`: imports
     /// get none).
     pub clusterset_ips: Option<strait_model::imports::vips::VipRange>,
+    /// The sidecar injection webhook, if served (Kubernetes mode).
+    pub inject: Option<InjectServe>,
 }
 
 /// Where a control plane reads its cluster's config.
@@ -569,6 +573,18 @@ pub async fn run(
         None => ca,
     };
 
+    if let Some(inject) = &cfg.inject {
+        let tls = inject::server_tls(serving.clone()).map_err(|e| e.to_string())?;
+        let l = tokio::net::TcpListener::bind(inject.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {} (--inject-listen): {e}", inject.listen))?;
+        tokio::spawn(inject::serve(
+            l,
+            Arc::new(tls),
+            Arc::new(inject.config.clone()),
+        ));
+        tracing::info!(listen = %inject.listen, image = %inject.config.image, "sidecar injection webhook serving");
+    }
     let tls = server_tls(serving.clone(), trust.clone()).map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await

@@ -1,0 +1,109 @@
+//! The sidecar injection webhook's listener (`--inject-listen`): HTTPS,
+//! `POST /inject` with an `AdmissionReview`, answered by
+//! [`crate::kube::inject::review`]. It is served with the control plane's
+//! own certificate, which names `controlplane.strait-system.svc`; the API
+//! server verifies it against the MutatingWebhookConfiguration's
+//! `caBundle` (the mesh roots).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+
+use super::ServingCert;
+use crate::kube::inject::{InjectConfig, MAX_REVIEW, review};
+
+/// Where the webhook listens and what it injects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InjectServe {
+    pub listen: SocketAddr,
+    pub config: InjectConfig,
+}
+
+/// TLS for the webhook: the control plane's certificate, no client
+/// certificate (the API server sends none), HTTP/2 or HTTP/1.1.
+pub fn server_tls(cert: Arc<ServingCert>) -> Result<rustls::ServerConfig, rustls::Error> {
+    let mut config = rustls::ServerConfig::builder_with_provider(strait_ca::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_cert_resolver(cert);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Serves the webhook until the task is dropped.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    config: Arc<InjectConfig>,
+) {
+    use futures::StreamExt;
+    let mut incoming = strait_broker::transport::tls_incoming(listener, tls);
+    while let Some(conn) = incoming.next().await {
+        let Ok(tls) = conn else {
+            continue;
+        };
+        let config = config.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let config = config.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(req, &config).await) }
+            });
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+        });
+    }
+}
+
+fn respond(status: StatusCode, content_type: &str, body: String) -> Response<String> {
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        r.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+async fn handle(req: Request<Incoming>, config: &InjectConfig) -> Response<String> {
+    if req.uri().path() != "/inject" {
+        return respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            format!("{} is not served here: POST /inject\n", req.uri().path()),
+        );
+    }
+    if req.method() != http::Method::POST {
+        return respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "POST an AdmissionReview to /inject\n".into(),
+        );
+    }
+    let body = match Limited::new(req.into_body(), MAX_REVIEW).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return respond(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "text/plain",
+                format!(
+                    "the AdmissionReview could not be read (at most {MAX_REVIEW} bytes): {e}\n"
+                ),
+            );
+        }
+    };
+    match review(&body, config) {
+        Ok(answer) => {
+            let injected = answer["response"].get("patch").is_some();
+            tracing::info!(injected, "admission review answered");
+            respond(StatusCode::OK, "application/json", answer.to_string())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "admission review refused");
+            respond(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n"))
+        }
+    }
+}

@@ -1,0 +1,446 @@
+//! Sidecar injection: the mutating admission webhook's decision, pure.
+//!
+//! [`review`] reads an `admission.k8s.io/v1` `AdmissionReview` (the API
+//! server's request, untrusted input) and answers one that lets the pod
+//! through, with a JSON Patch ([`patch_for`]) adding `strait-sidecar` and
+//! its two volumes: a projected service account token for the audience
+//! `istio-ca` and the mesh roots' ConfigMap (`strait-ca-root-cert`, which
+//! the control plane publishes in every namespace).
+//!
+//! The sidecar runs in explicit mode: the app reaches the mesh through
+//! `http_proxy=http://127.0.0.1:15001` (set on the app containers unless
+//! they set it themselves), and mesh callers reach the app through the
+//! sidecar's inbound port 15006, which forwards to the app's first
+//! container port on loopback (`--app`) or, for the other ports the pod
+//! declares, to that port (`--app-ports`). No init container, no
+//! NET_ADMIN: it fits namespaces that forbid privileged pods.
+//!
+//! A pod is left alone when it asks (`sidecar.strait.io/inject: "false"`),
+//! when it already has a `strait-sidecar` container, or when it runs in
+//! the host's network namespace.
+
+use base64::Engine;
+use serde_json::{Value, json};
+
+/// The injected container's name.
+pub const CONTAINER: &str = "strait-sidecar";
+/// A pod annotation: `"false"` keeps the pod as it is.
+pub const INJECT_ANNOTATION: &str = "sidecar.strait.io/inject";
+/// Set on every injected pod.
+pub const STATUS_ANNOTATION: &str = "sidecar.strait.io/status";
+/// The largest AdmissionReview read (the API server's own limit is 3 MiB).
+pub const MAX_REVIEW: usize = 3 * 1024 * 1024;
+const TOKEN_VOLUME: &str = "strait-token";
+const ROOTS_VOLUME: &str = "strait-roots";
+
+/// What the injected sidecar runs and where it finds the control plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InjectConfig {
+    /// The image with `strait-sidecar`.
+    pub image: String,
+    /// The control plane's discovery and CSR address, `host:port`.
+    pub control_plane: String,
+}
+
+/// The answer to an `AdmissionReview` request: the review to send back.
+/// Errors name what is wrong with the request (answered as 400).
+pub fn review(body: &[u8], cfg: &InjectConfig) -> Result<Value, String> {
+    if body.len() > MAX_REVIEW {
+        return Err(format!(
+            "the AdmissionReview is {} bytes, more than {MAX_REVIEW}",
+            body.len()
+        ));
+    }
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| format!("the AdmissionReview is not JSON: {e}"))?;
+    let api_version = v["apiVersion"].as_str().unwrap_or_default();
+    if api_version != "admission.k8s.io/v1" || v["kind"] != "AdmissionReview" {
+        return Err(format!(
+            "expected an admission.k8s.io/v1 AdmissionReview, got apiVersion {:?} kind {}",
+            api_version, v["kind"]
+        ));
+    }
+    let request = &v["request"];
+    let uid = request["uid"]
+        .as_str()
+        .filter(|u| !u.is_empty())
+        .ok_or("the AdmissionReview has no request.uid")?;
+    let kind = request["kind"]["kind"].as_str().unwrap_or_default();
+    let mut response = json!({"uid": uid, "allowed": true});
+    if kind == "Pod" {
+        let pod = &request["object"];
+        if !pod.is_object() {
+            return Err("the AdmissionReview's request.object is not a pod".to_string());
+        }
+        if let Some(ops) = patch_for(pod, cfg)? {
+            let patch = serde_json::to_vec(&ops).map_err(|e| e.to_string())?;
+            response["patchType"] = json!("JSONPatch");
+            response["patch"] = json!(base64::engine::general_purpose::STANDARD.encode(patch));
+        }
+    }
+    Ok(json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "response": response,
+    }))
+}
+
+/// The JSON Patch that injects the sidecar into `pod`, or `None` when the
+/// pod is left alone. Errors name a malformed pod.
+pub fn patch_for(pod: &Value, cfg: &InjectConfig) -> Result<Option<Vec<Value>>, String> {
+    let annotations = &pod["metadata"]["annotations"];
+    if annotations[INJECT_ANNOTATION] == "false" || pod["spec"]["hostNetwork"] == true {
+        return Ok(None);
+    }
+    let containers = pod["spec"]["containers"]
+        .as_array()
+        .ok_or("the pod has no spec.containers list")?;
+    if containers.is_empty() {
+        return Err("the pod has no containers".to_string());
+    }
+    if containers.iter().any(|c| c["name"] == CONTAINER) {
+        return Ok(None);
+    }
+    let volumes = pod["spec"]["volumes"].as_array();
+    for name in [TOKEN_VOLUME, ROOTS_VOLUME] {
+        if volumes.is_some_and(|vs| vs.iter().any(|v| v["name"] == name)) {
+            return Err(format!(
+                "the pod already has a volume named {name}, which the sidecar needs"
+            ));
+        }
+    }
+
+    // The app's ports: the first is --app, the others --app-ports.
+    let mut ports: Vec<u64> = Vec::new();
+    for c in containers {
+        for p in c["ports"].as_array().into_iter().flatten() {
+            let tcp = p["protocol"].as_str().unwrap_or("TCP") == "TCP";
+            if let Some(n) = p["containerPort"]
+                .as_u64()
+                .filter(|n| (1..=65535).contains(n))
+                && tcp
+                && !ports.contains(&n)
+            {
+                ports.push(n);
+            }
+        }
+    }
+    if let Some(taken) = ports
+        .iter()
+        .find(|p| [15001, 15006, 15021, 15090].contains(*p))
+    {
+        return Err(format!(
+            "the pod serves port {taken}, which the sidecar listens on"
+        ));
+    }
+    let app = ports.first().copied().unwrap_or(8080);
+    let mut args = vec![
+        "--workload=$(POD_NAME)".to_string(),
+        "--namespace=$(POD_NAMESPACE)".to_string(),
+        "--service-account=$(SERVICE_ACCOUNT)".to_string(),
+        format!("--control-plane={}", cfg.control_plane),
+        "--token=/var/run/secrets/strait/tokens/istio-token".to_string(),
+        "--root-cert=/etc/strait/roots/root-cert.pem".to_string(),
+        "--inbound=0.0.0.0:15006".to_string(),
+        format!("--app=127.0.0.1:{app}"),
+        "--outbound=127.0.0.1:15001".to_string(),
+        "--health-listen=0.0.0.0:15021".to_string(),
+        "--metrics-listen=0.0.0.0:15090".to_string(),
+        "--log-format=json".to_string(),
+    ];
+    if ports.len() > 1 {
+        let others: Vec<String> = ports[1..].iter().map(u64::to_string).collect();
+        args.push(format!("--app-ports={}", others.join(",")));
+    }
+    let field = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
+    let sidecar = json!({
+        "name": CONTAINER,
+        "image": cfg.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["strait-sidecar"],
+        "args": args,
+        "env": [
+            field("POD_NAME", "metadata.name"),
+            field("POD_NAMESPACE", "metadata.namespace"),
+            field("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+        ],
+        "ports": [
+            {"name": "tls-inbound", "containerPort": 15006},
+            {"name": "http-health", "containerPort": 15021},
+            {"name": "http-metrics", "containerPort": 15090},
+        ],
+        "readinessProbe": {
+            "httpGet": {"path": "/healthz/ready", "port": 15021},
+            "periodSeconds": 5,
+        },
+        "resources": {
+            "requests": {"cpu": "10m", "memory": "16Mi"},
+            "limits": {"memory": "128Mi"},
+        },
+        "securityContext": {
+            "runAsNonRoot": true,
+            "runAsUser": 1337,
+            "runAsGroup": 1337,
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [
+            {"name": TOKEN_VOLUME, "mountPath": "/var/run/secrets/strait/tokens", "readOnly": true},
+            {"name": ROOTS_VOLUME, "mountPath": "/etc/strait/roots", "readOnly": true},
+        ],
+    });
+    let token_volume = json!({
+        "name": TOKEN_VOLUME,
+        "projected": {
+            // Readable by the sidecar's user whatever the pod's fsGroup.
+            "defaultMode": 0o444,
+            "sources": [{"serviceAccountToken": {
+                "audience": crate::ca::service::KUBE_AUDIENCE,
+                "expirationSeconds": 3600,
+                "path": "istio-token",
+            }}],
+        },
+    });
+    let roots_volume = json!({
+        "name": ROOTS_VOLUME,
+        "configMap": {"name": super::roots::NAME},
+    });
+
+    let mut ops = Vec::new();
+    if volumes.is_none() {
+        ops.push(json!({"op": "add", "path": "/spec/volumes", "value": []}));
+    }
+    ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": token_volume}));
+    ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": roots_volume}));
+    ops.push(json!({"op": "add", "path": "/spec/containers/-", "value": sidecar}));
+    // The app's calls go through the sidecar, unless a container says
+    // otherwise.
+    for (i, c) in containers.iter().enumerate() {
+        let env = c["env"].as_array();
+        let sets = |name: &str| env.is_some_and(|e| e.iter().any(|v| v["name"] == name));
+        if env.is_none() {
+            ops.push(
+                json!({"op": "add", "path": format!("/spec/containers/{i}/env"), "value": []}),
+            );
+        }
+        for (name, value) in [
+            ("http_proxy", "http://127.0.0.1:15001"),
+            ("HTTP_PROXY", "http://127.0.0.1:15001"),
+            ("no_proxy", "localhost,127.0.0.1"),
+            ("NO_PROXY", "localhost,127.0.0.1"),
+        ] {
+            if !sets(name) {
+                ops.push(json!({
+                    "op": "add",
+                    "path": format!("/spec/containers/{i}/env/-"),
+                    "value": {"name": name, "value": value},
+                }));
+            }
+        }
+    }
+    if !annotations.is_object() {
+        ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": {}}));
+    }
+    ops.push(json!({
+        "op": "add",
+        "path": format!("/metadata/annotations/{}", STATUS_ANNOTATION.replace('/', "~1")),
+        "value": "injected",
+    }));
+    Ok(Some(ops))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn cfg() -> InjectConfig {
+        InjectConfig {
+            image: "strait:dev".into(),
+            control_plane: "controlplane.strait-system.svc:15012".into(),
+        }
+    }
+
+    fn pod(spec: Value) -> Value {
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"namespace": "demo"}, "spec": spec})
+    }
+
+    fn review_of(object: Value) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "operation": "CREATE",
+                "namespace": "demo",
+                "object": object,
+            },
+        }))
+        .unwrap()
+    }
+
+    /// Applies a JSON Patch of `add` operations (all the injector makes).
+    fn apply(mut doc: Value, ops: &[Value]) -> Value {
+        for op in ops {
+            assert_eq!(op["op"], "add", "{op}");
+            let path = op["path"].as_str().unwrap();
+            let (parent, last) = path.rsplit_once('/').unwrap();
+            let last = last.replace("~1", "/").replace("~0", "~");
+            let mut target = &mut doc;
+            for seg in parent.split('/').skip(1) {
+                target = match target {
+                    Value::Array(a) => &mut a[seg.parse::<usize>().unwrap()],
+                    other => &mut other[seg],
+                };
+            }
+            match target {
+                Value::Array(a) if last == "-" => a.push(op["value"].clone()),
+                Value::Object(o) => {
+                    o.insert(last, op["value"].clone());
+                }
+                other => panic!("cannot add {path} to {other}"),
+            }
+        }
+        doc
+    }
+
+    fn sidecar_args(patched: &Value) -> Vec<String> {
+        patched["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == CONTAINER)
+            .unwrap()["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn a_pod_gets_the_sidecar_its_volumes_the_proxy_and_the_annotation() {
+        let p = pod(json!({"containers": [
+            {"name": "app", "image": "app", "ports": [{"containerPort": 9080}, {"containerPort": 9090}, {"containerPort": 53, "protocol": "UDP"}]},
+        ]}));
+        let ops = patch_for(&p, &cfg()).unwrap().unwrap();
+        let patched = apply(p, &ops);
+        let args = sidecar_args(&patched);
+        assert!(
+            args.contains(&"--app=127.0.0.1:9080".to_string()),
+            "{args:?}"
+        );
+        assert!(args.contains(&"--app-ports=9090".to_string()), "{args:?}");
+        assert!(args.contains(&"--control-plane=controlplane.strait-system.svc:15012".to_string()));
+        let volumes = patched["spec"]["volumes"].as_array().unwrap();
+        assert_eq!(volumes.len(), 2);
+        assert_eq!(
+            volumes[0]["projected"]["sources"][0]["serviceAccountToken"]["audience"],
+            "istio-ca"
+        );
+        assert_eq!(volumes[1]["configMap"]["name"], "strait-ca-root-cert");
+        let app_env = patched["spec"]["containers"][0]["env"].as_array().unwrap();
+        assert!(
+            app_env
+                .iter()
+                .any(|e| e["name"] == "http_proxy" && e["value"] == "http://127.0.0.1:15001")
+        );
+        assert_eq!(
+            patched["metadata"]["annotations"][STATUS_ANNOTATION],
+            "injected"
+        );
+        // Injecting the injected pod again changes nothing.
+        assert_eq!(patch_for(&patched, &cfg()).unwrap(), None);
+    }
+
+    #[test]
+    fn existing_volumes_env_and_annotations_are_kept() {
+        let p = json!({
+            "metadata": {"annotations": {"team": "shop"}},
+            "spec": {
+                "volumes": [{"name": "data", "emptyDir": {}}],
+                "containers": [{"name": "app", "env": [{"name": "HTTP_PROXY", "value": "http://corp:3128"}]}],
+            },
+        });
+        let patched = apply(p.clone(), &patch_for(&p, &cfg()).unwrap().unwrap());
+        assert_eq!(patched["spec"]["volumes"].as_array().unwrap().len(), 3);
+        assert_eq!(patched["metadata"]["annotations"]["team"], "shop");
+        let env = patched["spec"]["containers"][0]["env"].as_array().unwrap();
+        // The app's own proxy setting stays; the others are added.
+        assert_eq!(env.iter().filter(|e| e["name"] == "HTTP_PROXY").count(), 1);
+        assert_eq!(env[0]["value"], "http://corp:3128");
+        assert!(env.iter().any(|e| e["name"] == "http_proxy"));
+        // No ports declared: the app is taken to serve 8080.
+        assert!(sidecar_args(&patched).contains(&"--app=127.0.0.1:8080".to_string()));
+    }
+
+    #[test]
+    fn pods_that_opt_out_or_cannot_have_it_are_left_alone() {
+        let c = json!([{"name": "app"}]);
+        let out = json!({"metadata": {"annotations": {INJECT_ANNOTATION: "false"}}, "spec": {"containers": c}});
+        assert_eq!(patch_for(&out, &cfg()).unwrap(), None);
+        let host = json!({"spec": {"hostNetwork": true, "containers": c}});
+        assert_eq!(patch_for(&host, &cfg()).unwrap(), None);
+        let has = json!({"spec": {"containers": [{"name": "app"}, {"name": CONTAINER}]}});
+        assert_eq!(patch_for(&has, &cfg()).unwrap(), None);
+    }
+
+    #[test]
+    fn malformed_pods_are_refused_with_the_reason() {
+        let err = |p: Value| patch_for(&p, &cfg()).unwrap_err();
+        assert!(err(json!({"spec": {}})).contains("spec.containers"));
+        assert!(err(json!({"spec": {"containers": []}})).contains("no containers"));
+        assert!(
+            err(json!({"spec": {"containers": [{"name": "a", "ports": [{"containerPort": 15006}]}]}}))
+                .contains("15006")
+        );
+        assert!(
+            err(json!({"spec": {"containers": [{"name": "a"}], "volumes": [{"name": "strait-token"}]}}))
+                .contains("strait-token")
+        );
+    }
+
+    #[test]
+    fn a_review_is_answered_with_its_uid_and_a_base64_patch() {
+        let body = review_of(pod(json!({"containers": [{"name": "app"}]})));
+        let answer = review(&body, &cfg()).unwrap();
+        assert_eq!(answer["apiVersion"], "admission.k8s.io/v1");
+        assert_eq!(answer["kind"], "AdmissionReview");
+        let r = &answer["response"];
+        assert_eq!(r["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002");
+        assert_eq!(r["allowed"], true);
+        assert_eq!(r["patchType"], "JSONPatch");
+        let patch = base64::engine::general_purpose::STANDARD
+            .decode(r["patch"].as_str().unwrap())
+            .unwrap();
+        let ops: Vec<Value> = serde_json::from_slice(&patch).unwrap();
+        assert!(ops.iter().any(|o| o["path"] == "/spec/containers/-"));
+        // Not a pod: allowed, unchanged.
+        let mut other: Value = serde_json::from_slice(&body).unwrap();
+        other["request"]["kind"]["kind"] = json!("Service");
+        let answer = review(&serde_json::to_vec(&other).unwrap(), &cfg()).unwrap();
+        assert_eq!(answer["response"]["allowed"], true);
+        assert!(answer["response"].get("patch").is_none());
+    }
+
+    #[test]
+    fn bad_reviews_are_refused_and_named() {
+        let err = |b: &[u8]| review(b, &cfg()).unwrap_err();
+        assert!(err(b"").contains("not JSON"));
+        assert!(err(b"[1,2]").contains("AdmissionReview"));
+        assert!(
+            err(br#"{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview"}"#)
+                .contains("v1beta1")
+        );
+        assert!(
+            err(br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{}}"#)
+                .contains("uid")
+        );
+        let mut v: Value = serde_json::from_slice(&review_of(json!("a string"))).unwrap();
+        v["request"]["object"] = json!("a string");
+        assert!(err(&serde_json::to_vec(&v).unwrap()).contains("not a pod"));
+        assert!(err(&vec![b' '; MAX_REVIEW + 1]).contains("more than"));
+    }
+}
