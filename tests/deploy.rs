@@ -489,6 +489,12 @@ fn the_control_planes_rbac_grants_what_its_kubernetes_source_uses() {
     // The mesh roots' ConfigMap, server-side applied in every namespace
     // (an apply that creates needs create as well as patch).
     has("", "configmaps", &["create", "patch"]);
+    // The injection webhook's caBundle (read, then merge-patched).
+    has(
+        "admissionregistration.k8s.io",
+        "mutatingwebhookconfigurations",
+        &["get", "patch"],
+    );
     // Nothing else: every grant is for something the code uses.
     let used: BTreeSet<(String, String)> = SOURCES
         .iter()
@@ -505,6 +511,10 @@ fn the_control_planes_rbac_grants_what_its_kubernetes_source_uses() {
                 "tokenreviews".to_string(),
             ),
             (String::new(), "configmaps".to_string()),
+            (
+                "admissionregistration.k8s.io".to_string(),
+                "mutatingwebhookconfigurations".to_string(),
+            ),
         ])
         .collect();
     for key in grants.keys() {
@@ -643,5 +653,62 @@ fn the_installer_makes_the_config_maps_and_secrets_the_manifests_read() {
                 "install.sh never sets {name} key {key}"
             );
         }
+    }
+}
+
+/// The injection webhook the API server calls is the one the control
+/// plane serves and keeps the caBundle of: its name, Service, port and
+/// path.
+#[test]
+fn the_injection_webhook_reaches_the_control_planes_listener() {
+    use strait_controlplane::kube::inject::WEBHOOK_CONFIGURATION;
+    let objs = load();
+    let mwc = objs
+        .iter()
+        .find(|o| o.kind() == "MutatingWebhookConfiguration")
+        .expect("a MutatingWebhookConfiguration");
+    assert_eq!(mwc.name(), WEBHOOK_CONFIGURATION);
+    let cp = strait_containers(&objs)
+        .into_iter()
+        .find(|(_, _, _, argv)| argv.get(1).is_some_and(|a| a == "controlplane"))
+        .expect("a control plane container");
+    let listen = flag(&cp.3, "--inject-listen").expect("the control plane serves the webhook");
+    let port: u64 = listen.rsplit(':').next().unwrap().parse().unwrap();
+    for hook in mwc.v["webhooks"].as_array().unwrap() {
+        let svc = &hook["clientConfig"]["service"];
+        assert_eq!(svc["path"], "/inject");
+        assert!(
+            hook["clientConfig"].get("caBundle").is_none(),
+            "the control plane sets caBundle; a manifest value would fight it"
+        );
+        let service = objs
+            .iter()
+            .find(|o| {
+                o.kind() == "Service"
+                    && o.name() == svc["name"]
+                    && o.namespace() == svc["namespace"]
+            })
+            .unwrap_or_else(|| panic!("no Service {svc}"));
+        let target = service.v["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["port"] == svc["port"])
+            .unwrap_or_else(|| panic!("{}: no port {}", service.what(), svc["port"]))["targetPort"]
+            .as_u64();
+        assert_eq!(
+            target,
+            Some(port),
+            "the webhook port reaches --inject-listen"
+        );
+        // The control plane's certificate names this Service.
+        assert_eq!(
+            format!(
+                "{}.{}.svc",
+                svc["name"].as_str().unwrap(),
+                svc["namespace"].as_str().unwrap()
+            ),
+            strait_ca::tls::CONTROL_PLANE_SERVER_NAME
+        );
     }
 }

@@ -443,15 +443,18 @@ async fn the_roots_config_map_follows_the_trust_and_is_resynced() {
     let (trust_changed, changed) = watch::channel(0u32);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     strait_controlplane::kube::roots::spawn_publisher(
-        client(&url),
-        "strait-controlplane".into(),
-        roots.clone(),
+        strait_controlplane::kube::roots::Publisher {
+            client: client(&url),
+            field_manager: "strait-controlplane".into(),
+            roots_file: roots.clone(),
+            resync: Duration::from_millis(300),
+            webhook: Some("strait-sidecar-injector".into()),
+        },
         config,
         changed,
         async {
             let _ = stop_rx.await;
         },
-        Duration::from_millis(300),
     );
     const PATH: &str = "/api/v1/namespaces/bookinfo/configmaps/strait-ca-root-cert";
     let patches = |with: &str| {
@@ -470,6 +473,22 @@ async fn the_roots_config_map_follows_the_trust_and_is_resynced() {
     std::fs::write(&roots, pem("TkVX")).unwrap();
     trust_changed.send_replace(1);
     until("the new roots applied", || patches("TkVX") >= 1).await;
+    // The injection webhook's caBundle follows the roots (base64 in JSON).
+    use base64::Engine;
+    let bundle = |body: &str| base64::engine::general_purpose::STANDARD.encode(pem(body));
+    let webhook = |with: &str| {
+        fake.seen().into_iter().any(|r: Seen| {
+            r.method == Method::PATCH
+                && r.path == "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/strait-sidecar-injector"
+                && r.body.contains(with)
+                && r.body.contains("/inject")
+        })
+    };
+    until("the webhook's caBundle set", || webhook(&bundle("T0xE"))).await;
+    until("the webhook's caBundle updated", || {
+        webhook(&bundle("TkVX"))
+    })
+    .await;
     assert!(
         !fake
             .seen()

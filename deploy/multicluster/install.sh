@@ -60,7 +60,7 @@ die() {
 # kubectl apply of a manifest file with the image replaced.
 apply_manifest() {
     local context=$1 file=$2
-    sed "s|image: strait:dev|image: ${image}|" "$manifests/$file" |
+    sed "s|strait:dev|${image}|g" "$manifests/$file" |
         kubectl --context "$context" apply -f -
 }
 

@@ -8,6 +8,8 @@
 #   - a client in each cluster, through its sidecar, reaches echo in both
 #     clusters (the other one across the east-west gateways, mTLS end to
 #     end), and echo sees the client's SPIFFE ID;
+#   - a pod of a namespace labelled strait.io/inject=enabled gets the
+#     sidecar from the injection webhook and reaches echo through it;
 # and deletes the clusters (KEEP=1 keeps them).
 #
 # Usage: bash tests/kind/run.sh
@@ -88,5 +90,27 @@ reaches_both() {
 }
 until_ok "east's client reaches echo in east and in west" 180 reaches_both east
 until_ok "west's client reaches echo in west and in east" 180 reaches_both west
+
+# Injection: a pod of a labelled namespace gets the sidecar, gets ready
+# (certificate and config from the control plane) and reaches echo.
+kubectl --context kind-east create namespace injected --dry-run=client -o yaml |
+    kubectl --context kind-east apply -f - >/dev/null
+kubectl --context kind-east label namespace injected strait.io/inject=enabled --overwrite >/dev/null
+kubectl --context kind-east -n injected delete pod probe --ignore-not-found >/dev/null
+kubectl --context kind-east -n injected run probe --image="${STRAIT_IMAGE:-strait:dev}" \
+    --image-pull-policy=IfNotPresent --port=8080 --restart=Never \
+    --command -- strait lab echo --listen 127.0.0.1:8080 --cluster east >/dev/null
+injected() {
+    kubectl --context kind-east -n injected get pod probe \
+        -o jsonpath='{.spec.containers[*].name}' | grep -qw strait-sidecar
+}
+until_ok "a pod of a labelled namespace got strait-sidecar" 60 injected
+kubectl --context kind-east -n injected wait --for=condition=Ready pod/probe --timeout=120s >/dev/null ||
+    fail "the injected pod never got ready"
+probe_reaches_echo() {
+    kubectl --context kind-east -n injected exec probe -c probe -- \
+        curl -s --max-time 5 http://echo.demo:8080/ | grep -q '"peer_identity":"spiffe://cluster.local/ns/injected/sa/default"'
+}
+until_ok "the injected pod reaches echo through its sidecar (http_proxy)" 60 probe_reaches_echo
 
 echo "tests/kind: all checks passed"

@@ -501,15 +501,20 @@ pub async fn run(
     );
     // Kubernetes mode: the mesh roots in a ConfigMap of every namespace,
     // republished when the trust changes (the snapshot changes with it).
-    for (client, namespaces) in roots_targets {
+    for (i, (client, namespaces)) in roots_targets.into_iter().enumerate() {
         crate::kube::roots::spawn_publisher(
-            client,
-            link::FIELD_MANAGER.to_string(),
-            cfg.state_dir.join(CACERTS_DIR).join("root-cert.pem"),
+            crate::kube::roots::Publisher {
+                client,
+                field_manager: link::FIELD_MANAGER.to_string(),
+                roots_file: cfg.state_dir.join(CACERTS_DIR).join("root-cert.pem"),
+                resync: crate::kube::roots::RESYNC,
+                // The injection webhook runs in this cluster (the first).
+                webhook: (i == 0 && cfg.inject.is_some())
+                    .then(|| crate::kube::inject::WEBHOOK_CONFIGURATION.to_string()),
+            },
             namespaces,
             snapshots.clone(),
             stopped(),
-            crate::kube::roots::RESYNC,
         );
     }
     let mut remote_snapshots = BTreeMap::new();

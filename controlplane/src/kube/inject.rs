@@ -22,6 +22,9 @@
 use base64::Engine;
 use serde_json::{Value, json};
 
+/// The MutatingWebhookConfiguration whose `caBundle` the control plane
+/// keeps equal to the mesh roots.
+pub const WEBHOOK_CONFIGURATION: &str = "strait-sidecar-injector";
 /// The injected container's name.
 pub const CONTAINER: &str = "strait-sidecar";
 /// A pod annotation: `"false"` keeps the pod as it is.

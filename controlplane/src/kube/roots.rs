@@ -71,34 +71,48 @@ pub fn desired(namespaces: &BTreeSet<String>, roots_pem: &str) -> BTreeMap<Strin
         .collect()
 }
 
-/// Keeps [`NAME`] current in every namespace of `config`, with the roots
-/// in `roots_file` (read again whenever `changed` ticks: the trust the
-/// control plane serves changed), and applies them all again every
-/// `resync` ([`RESYNC`]). Stops when `stop` resolves.
+/// Where and how [`spawn_publisher`] publishes the roots.
+#[derive(Clone)]
+pub struct Publisher {
+    pub client: ::kube::Client,
+    /// The server-side apply field manager.
+    pub field_manager: String,
+    /// The roots, PEM (read again at every change).
+    pub roots_file: PathBuf,
+    /// How often everything is applied again ([`RESYNC`]).
+    pub resync: Duration,
+    /// A MutatingWebhookConfiguration whose webhooks' `caBundle` is kept
+    /// equal to the roots (the injection webhook is served with a
+    /// certificate under them).
+    pub webhook: Option<String>,
+}
+
+/// Keeps [`NAME`] current in every namespace of `config` (and the
+/// webhook's `caBundle`), with the roots read again whenever `changed`
+/// ticks (the trust the control plane serves changed), and applies them
+/// all again every `resync`. Stops when `stop` resolves.
 pub fn spawn_publisher<T: Send + Sync + 'static>(
-    client: ::kube::Client,
-    field_manager: String,
-    roots_file: PathBuf,
+    p: Publisher,
     mut config: watch::Receiver<Arc<Config>>,
     mut changed: watch::Receiver<T>,
     stop: impl Future<Output = ()> + Send + 'static,
-    resync: Duration,
 ) {
     tokio::spawn(async move {
         tokio::pin!(stop);
-        let mut next_resync = tokio::time::Instant::now() + resync;
-        let params = PatchParams::apply(&field_manager).force();
+        let mut next_resync = tokio::time::Instant::now() + p.resync;
+        let params = PatchParams::apply(&p.field_manager).force();
         // What each namespace holds now, as far as this process applied it.
         let mut applied: BTreeMap<String, Value> = BTreeMap::new();
+        let mut webhook_roots: Option<String> = None;
         loop {
-            let roots = match std::fs::read_to_string(&roots_file) {
+            let roots = match std::fs::read_to_string(&p.roots_file) {
                 Ok(r) if r.contains("BEGIN CERTIFICATE") => Some(r),
                 Ok(_) => {
-                    tracing::warn!(file = %roots_file.display(), "no root certificate to publish");
+                    tracing::warn!(file = %p.roots_file.display(), "no root certificate to publish");
                     None
                 }
                 Err(e) => {
-                    tracing::warn!(file = %roots_file.display(), error = %e, "roots not published");
+                    tracing::warn!(file = %p.roots_file.display(), error = %e, "roots not published");
                     None
                 }
             };
@@ -110,7 +124,7 @@ pub fn spawn_publisher<T: Send + Sync + 'static>(
                     if applied.get(&ns) == Some(&body) {
                         continue;
                     }
-                    let api: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+                    let api: Api<ConfigMap> = Api::namespaced(p.client.clone(), &ns);
                     match api.patch(NAME, &params, &Patch::Apply(&body)).await {
                         Ok(_) => {
                             tracing::info!(namespace = %ns, configmap = NAME, "mesh roots published");
@@ -120,6 +134,20 @@ pub fn spawn_publisher<T: Send + Sync + 'static>(
                             // A namespace being deleted refuses it; the
                             // next change or the retry decides.
                             tracing::warn!(namespace = %ns, configmap = NAME, error = %e, "mesh roots not published");
+                            failed = true;
+                        }
+                    }
+                }
+                if let Some(name) = &p.webhook
+                    && webhook_roots.as_deref() != Some(roots.as_str())
+                {
+                    match set_ca_bundle(&p.client, name, &roots).await {
+                        Ok(()) => {
+                            tracing::info!(webhook = %name, "webhook caBundle set to the mesh roots");
+                            webhook_roots = Some(roots);
+                        }
+                        Err(e) => {
+                            tracing::warn!(webhook = %name, error = %e, "webhook caBundle not set");
                             failed = true;
                         }
                     }
@@ -139,11 +167,35 @@ pub fn spawn_publisher<T: Send + Sync + 'static>(
                 () = retry => {}
                 () = tokio::time::sleep_until(next_resync) => {
                     applied.clear();
-                    next_resync = tokio::time::Instant::now() + resync;
+                    webhook_roots = None;
+                    next_resync = tokio::time::Instant::now() + p.resync;
                 }
             }
         }
     });
+}
+
+/// Sets every webhook's `caBundle` of the MutatingWebhookConfiguration
+/// `name` to `roots` (a merge patch of its whole `webhooks` list, read
+/// just before).
+async fn set_ca_bundle(client: &::kube::Client, name: &str, roots: &str) -> Result<(), String> {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let mut mwc = api.get(name).await.map_err(|e| e.to_string())?;
+    let mut webhooks = mwc.webhooks.take().unwrap_or_default();
+    if webhooks.is_empty() {
+        return Err(format!(
+            "MutatingWebhookConfiguration {name} has no webhooks"
+        ));
+    }
+    for w in &mut webhooks {
+        w.client_config.ca_bundle = Some(k8s_openapi::ByteString(roots.as_bytes().to_vec()));
+    }
+    let patch = json!({"webhooks": webhooks});
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
