@@ -440,4 +440,14 @@ async fn the_injection_webhook_answers_the_api_server() {
     let (body, status) = run.stdout.rsplit_once('\n').unwrap();
     assert_eq!(status, "400", "{body}");
     assert!(body.contains("AdmissionReview"), "{body}");
+    // Both counted.
+    let metrics = crate::common::http_get(&east.metrics, "/metrics");
+    for outcome in ["injected", "refused"] {
+        assert!(
+            metrics.contains(&format!(
+                "strait_inject_reviews_total{{outcome=\"{outcome}\"}} 1"
+            )),
+            "{metrics}"
+        );
+    }
 }

@@ -11,6 +11,10 @@ use std::sync::Arc;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 
 use super::ServingCert;
 use crate::kube::inject::{InjectConfig, MAX_REVIEW, review};
@@ -20,6 +24,34 @@ use crate::kube::inject::{InjectConfig, MAX_REVIEW, review};
 pub struct InjectServe {
     pub listen: SocketAddr,
     pub config: InjectConfig,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+/// `strait_inject_reviews_total{outcome}`: admission reviews answered,
+/// by outcome (`injected`, `unchanged`, `refused`).
+#[derive(Debug, Clone, Default)]
+pub struct InjectMetrics {
+    reviews: Family<OutcomeLabel, Counter>,
+}
+
+impl InjectMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = InjectMetrics::default();
+        registry.sub_registry_with_prefix("strait_inject").register(
+            "reviews",
+            "Admission reviews the injection webhook answered, by outcome (injected, unchanged, refused)",
+            m.reviews.clone(),
+        );
+        m
+    }
+
+    fn count(&self, outcome: &'static str) {
+        self.reviews.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
 }
 
 /// TLS for the webhook: the control plane's certificate, no client
@@ -38,6 +70,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     tls: Arc<rustls::ServerConfig>,
     config: Arc<InjectConfig>,
+    metrics: InjectMetrics,
 ) {
     use futures::StreamExt;
     let mut incoming = strait_broker::transport::tls_incoming(listener, tls);
@@ -46,10 +79,12 @@ pub async fn serve(
             continue;
         };
         let config = config.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let config = config.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(req, &config).await) }
+                let metrics = metrics.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(req, &config, &metrics).await) }
             });
             let _ =
                 hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
@@ -68,7 +103,11 @@ fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Str
     r
 }
 
-async fn handle(req: Request<Incoming>, config: &InjectConfig) -> Response<String> {
+async fn handle(
+    req: Request<Incoming>,
+    config: &InjectConfig,
+    metrics: &InjectMetrics,
+) -> Response<String> {
     if req.uri().path() != "/inject" {
         return respond(
             StatusCode::NOT_FOUND,
@@ -86,6 +125,7 @@ async fn handle(req: Request<Incoming>, config: &InjectConfig) -> Response<Strin
     let body = match Limited::new(req.into_body(), MAX_REVIEW).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
+            metrics.count("refused");
             return respond(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "text/plain",
@@ -98,10 +138,12 @@ async fn handle(req: Request<Incoming>, config: &InjectConfig) -> Response<Strin
     match review(&body, config) {
         Ok(answer) => {
             let injected = answer["response"].get("patch").is_some();
+            metrics.count(if injected { "injected" } else { "unchanged" });
             tracing::info!(injected, "admission review answered");
             respond(StatusCode::OK, "application/json", answer.to_string())
         }
         Err(e) => {
+            metrics.count("refused");
             tracing::warn!(error = %e, "admission review refused");
             respond(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n"))
         }

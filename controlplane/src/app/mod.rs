@@ -587,6 +587,7 @@ pub async fn run(
             l,
             Arc::new(tls),
             Arc::new(inject.config.clone()),
+            inject::InjectMetrics::new(&mut registry),
         ));
         tracing::info!(listen = %inject.listen, image = %inject.config.image, "sidecar injection webhook serving");
     }
