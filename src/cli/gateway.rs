@@ -294,14 +294,6 @@ fn mtime(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
-/// The control plane's identity, which the gateway requires of it.
-fn control_plane_id(td: &strait_ca::TrustDomain) -> Result<strait_ca::SpiffeId> {
-    Ok(strait_ca::SpiffeId::from_segments(
-        td,
-        &["ns", "strait-system", "sa", "controlplane"],
-    )?)
-}
-
 /// The routing table from the control plane's resources; the errors name
 /// the resources refused.
 fn table_from(
@@ -365,13 +357,13 @@ fn subscribe(
                 })?;
             let verifier = SpiffeServerVerifier::new(
                 Trust::new(bundle),
-                Accept::Ids([control_plane_id(&td)?].into()),
+                Accept::Ids([strait_controlplane::ca::control_plane_id(&td)].into()),
             );
             // Checked once now (a bad identity fails at start); then read
             // again at every (re)connect, so that a rotated identity is used.
             strait_ca::tls::client_config(verifier, Some((&chain, &key)), &[b"h2"])?;
             let dir = dir.clone();
-            let cp_id = control_plane_id(&td)?;
+            let cp_id = strait_controlplane::ca::control_plane_id(&td);
             strait_controlplane::client::ClientTls::dynamic(move || {
                 let (chain, key, bundle) = strait_broker::client::read_credentials(&dir)
                     .map_err(|e| format!("--identity {}: {e}", dir.display()))?;
@@ -391,7 +383,7 @@ fn subscribe(
             // Every (re)connect takes the current certificate and trust.
             let identity = manager.subscribe();
             let trust = trust.clone();
-            let cp_id = control_plane_id(td)?;
+            let cp_id = strait_controlplane::ca::control_plane_id(td);
             strait_controlplane::client::ClientTls::dynamic(move || {
                 let id = identity
                     .borrow()
@@ -505,7 +497,7 @@ fn csr_creds(args: &GatewayArgs, token_file: &Path) -> Result<Creds> {
         .ok_or_else(|| super::UsageError("--token needs --control-plane".into()))?;
     let token = std::fs::read_to_string(token_file)
         .with_context(|| format!("--token {}", token_file.display()))?;
-    let (td, bundle) = super::sidecar::load_root_cert(root_cert)?;
+    let (td, bundle) = super::load_root_cert(root_cert)?;
     let trust = strait_ca::tls::Trust::new(bundle);
     let config = strait_controlplane::ca::identity::IdentityConfig {
         ttl: Some(args.cert_ttl),

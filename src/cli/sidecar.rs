@@ -319,7 +319,7 @@ pub fn run(args: SidecarArgs) -> Result<()> {
             ))
         })?,
     };
-    let (td, bundle) = load_root_cert(&root_cert)?;
+    let (td, bundle) = super::load_root_cert(&root_cert)?;
     let spiffe_id = strait_ca::SpiffeId::from_segments(&td, &["ns", &namespace, "sa", &sa])?;
     let me = WorkloadRef {
         name: workload.clone(),
@@ -487,30 +487,4 @@ fn workload_identity(
         }
     });
     rx
-}
-
-/// The mesh roots of `--root-cert` and their trust domain. strait's CA
-/// certificates name their trust domain (URI SAN spiffe://<td>); the first
-/// root's is the mesh's.
-pub(super) fn load_root_cert(
-    root_cert: &std::path::Path,
-) -> Result<(strait_ca::TrustDomain, strait_ca::TrustBundle)> {
-    let pem =
-        std::fs::read(root_cert).with_context(|| format!("--root-cert {}", root_cert.display()))?;
-    let first = strait_ca::pemfile::parse_certificates(&pem)
-        .map_err(|e| anyhow::anyhow!("--root-cert {}: {e}", root_cert.display()))?;
-    let td = first
-        .first()
-        .and_then(|der| strait_ca::cert::CertSummary::from_der(der).ok())
-        .and_then(|c| c.spiffe_id)
-        .and_then(|id| strait_ca::TrustDomain::new(id.trim_start_matches("spiffe://")).ok())
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "--root-cert {}: the root names no trust domain (URI SAN spiffe://<trust domain>)",
-                root_cert.display()
-            )
-        })?;
-    let bundle = strait_ca::layout::load_bundle(root_cert, Some(td.clone()))
-        .with_context(|| format!("--root-cert {}", root_cert.display()))?;
-    Ok((td, bundle))
 }

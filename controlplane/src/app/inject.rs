@@ -16,7 +16,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
-use super::ServingCert;
+use super::{ServingCert, respond};
 use crate::kube::inject::{InjectConfig, MAX_REVIEW, review};
 
 /// Where the webhook listens and what it injects.
@@ -92,15 +92,6 @@ pub async fn serve(
                     .await;
         });
     }
-}
-
-fn respond(status: StatusCode, content_type: &str, body: String) -> Response<String> {
-    let mut r = Response::new(body);
-    *r.status_mut() = status;
-    if let Ok(v) = content_type.parse() {
-        r.headers_mut().insert(http::header::CONTENT_TYPE, v);
-    }
-    r
 }
 
 async fn handle(

@@ -381,6 +381,7 @@ pub fn nacks_json(nacks: &BTreeMap<String, crate::xds::NackRecord>) -> serde_jso
     serde_json::Value::Object(by_node)
 }
 
+/// A response with `status`, a content type and `body`.
 fn respond(status: http::StatusCode, content_type: &str, body: String) -> http::Response<String> {
     let mut r = http::Response::new(body);
     *r.status_mut() = status;
