@@ -43,10 +43,18 @@ pub const RESYNC: Duration = Duration::from_secs(300);
 
 /// The namespaces of the config that get the roots.
 pub fn namespaces(config: &Config) -> BTreeSet<String> {
+    // Keys sort by kind first: the Namespaces are one run.
+    let from = crate::source::ObjectKey {
+        kind: "Namespace".to_string(),
+        namespace: String::new(),
+        name: String::new(),
+    };
     config
         .objects
-        .keys()
-        .filter(|k| k.kind == "Namespace" && !SKIPPED.contains(&k.name.as_str()))
+        .range(from..)
+        .map(|(k, _)| k)
+        .take_while(|k| k.kind == "Namespace")
+        .filter(|k| !SKIPPED.contains(&k.name.as_str()))
         .map(|k| k.name.clone())
         .collect()
 }
@@ -104,6 +112,9 @@ pub fn spawn_publisher<T: Send + Sync + 'static>(
         // What each namespace holds now, as far as this process applied it.
         let mut applied: BTreeMap<String, Value> = BTreeMap::new();
         let mut webhook_roots: Option<String> = None;
+        // What the last pass worked from: most config changes (pods come
+        // and go) touch neither the namespaces nor the roots.
+        let mut last: Option<(BTreeSet<String>, String)> = None;
         loop {
             let roots = match std::fs::read_to_string(&p.roots_file) {
                 Ok(r) if r.contains("BEGIN CERTIFICATE") => Some(r),
@@ -117,8 +128,10 @@ pub fn spawn_publisher<T: Send + Sync + 'static>(
                 }
             };
             let mut failed = false;
-            if let Some(roots) = roots {
-                let wanted = desired(&namespaces(&config.borrow_and_update()), &roots);
+            let input = roots.map(|r| (namespaces(&config.borrow_and_update()), r));
+            if let Some((names, roots)) = input.filter(|i| last.as_ref() != Some(i)) {
+                last = Some((names.clone(), roots.clone()));
+                let wanted = desired(&names, &roots);
                 applied.retain(|ns, _| wanted.contains_key(ns));
                 for (ns, body) in wanted {
                     if applied.get(&ns) == Some(&body) {
@@ -153,6 +166,10 @@ pub fn spawn_publisher<T: Send + Sync + 'static>(
                     }
                 }
             }
+            if failed {
+                // Not done: the retry (or the next change) passes again.
+                last = None;
+            }
             let retry = async {
                 if failed {
                     tokio::time::sleep(RETRY).await;
@@ -168,6 +185,7 @@ pub fn spawn_publisher<T: Send + Sync + 'static>(
                 () = tokio::time::sleep_until(next_resync) => {
                     applied.clear();
                     webhook_roots = None;
+                    last = None;
                     next_resync = tokio::time::Instant::now() + p.resync;
                 }
             }
