@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::sync::*;
-use common::{Broker, Scratch};
+use common::{Broker, Scratch, all_clusters};
 use strait_broker::client::{self, SyncSession};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,35 +78,8 @@ async fn intermediates_are_renewed_through_sync() {
     task.await.unwrap();
 }
 
-/// Polls `straitctl trust rotate-root status -o json` until `check` holds.
-async fn wait_rotation(
-    broker: &Broker,
-    what: &str,
-    check: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        // Every call must work: the broker's own credentials move while
-        // both roots are trusted (see the check after `advance`).
-        let run = broker
-            .ctl(&["trust", "rotate-root", "status", "-o", "json"])
-            .ok();
-        let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
-        if check(&v) {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not reached in 10 s: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn all_clusters(v: &serde_json::Value, field: &str) -> bool {
-    let c = v["clusters"].as_array().unwrap();
-    !c.is_empty() && c.iter().all(|c| c[field] == true)
-}
+/// Rotation steps are quick here: agents acknowledge at once.
+const ROTATION_STEP: Duration = Duration::from_secs(10);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_rotation_in_stages_while_clusters_sync() {
@@ -163,10 +136,11 @@ async fn root_rotation_in_stages_while_clusters_sync() {
     broker
         .ctl(&["trust", "rotate-root", "finish"])
         .fails_with(1, "not possible in stage distributing");
-    let v = wait_rotation(&broker, "bundle acknowledged", |v| {
-        all_clusters(v, "bundle_acknowledged")
-    })
-    .await;
+    let v = broker
+        .wait_rotation("bundle acknowledged", ROTATION_STEP, |v| {
+            all_clusters(v, "bundle_acknowledged")
+        })
+        .await;
     assert_eq!(v["stage"], "distributing");
     assert_eq!(v["roots"].as_array().unwrap().len(), 2);
     let new_root = v["target_root"].as_str().unwrap().to_string();
@@ -179,21 +153,15 @@ async fn root_rotation_in_stages_while_clusters_sync() {
     }
 
     broker.ctl(&["trust", "rotate-root", "advance"]).ok();
-    let v = wait_rotation(&broker, "intermediates re-issued", |v| {
-        all_clusters(v, "on_target")
-    })
-    .await;
+    let v = broker
+        .wait_rotation("intermediates re-issued", ROTATION_STEP, |v| {
+            all_clusters(v, "on_target")
+        })
+        .await;
     assert_eq!(v["stage"], "reissuing");
     assert_eq!(v["signing_root"], new_root);
     // The re-issued intermediate verifies under the new root alone.
-    let new_root_dir = s.path("broker/roots");
-    let new_root_pem = std::fs::read_dir(&new_root_dir)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path()
-        .join("root-cert.pem");
+    let new_root_pem = broker.rotation_root();
     s.openssl(&[
         "verify",
         "-CAfile",
@@ -230,7 +198,11 @@ async fn root_rotation_in_stages_while_clusters_sync() {
     broker
         .ctl(&["trust", "rotate-root", "finish", "--force"])
         .ok();
-    let v = wait_rotation(&broker, "idle on the new root", |v| v["stage"] == "idle").await;
+    let v = broker
+        .wait_rotation("idle on the new root", ROTATION_STEP, |v| {
+            v["stage"] == "idle"
+        })
+        .await;
     assert_eq!(v["roots"].as_array().unwrap().len(), 1);
     assert_eq!(v["roots"][0]["sha256"], new_root);
     // Clusters drop the old root.
@@ -407,24 +379,17 @@ async fn meshes_peer_and_exchange_services_with_separate_bundles() {
     // trusting a.example's new root alone, and the peering (now between
     // a broker on the new root and one on the old) still carries exports.
     a.ctl(&["trust", "rotate-root", "begin"]).ok();
-    wait_rotation(&a, "a: bundle acknowledged", |v| {
+    a.wait_rotation("a: bundle acknowledged", ROTATION_STEP, |v| {
         all_clusters(v, "bundle_acknowledged")
     })
     .await;
     a.ctl(&["trust", "rotate-root", "advance"]).ok();
-    wait_rotation(&a, "a: intermediates re-issued", |v| {
+    a.wait_rotation("a: intermediates re-issued", ROTATION_STEP, |v| {
         all_clusters(v, "on_target")
     })
     .await;
     a.ctl(&["trust", "rotate-root", "finish", "--force"]).ok();
-    let a_new_root = std::fs::read_dir(s.path("a/roots"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path()
-        .join("root-cert.pem");
-    let a_new_root = std::fs::read_to_string(a_new_root).unwrap();
+    let a_new_root = std::fs::read_to_string(a.rotation_root()).unwrap();
     let deadline = Instant::now() + WAIT;
     while std::fs::read_to_string(s.path("west/federated/a.example.pem")).ok()
         != Some(a_new_root.clone())

@@ -180,6 +180,44 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// Polls `straitctl trust rotate-root status -o json` until `check`
+    /// holds, for up to `within`; every call must work (the broker's own
+    /// credentials move while both roots are trusted).
+    pub async fn wait_rotation(
+        &self,
+        what: &str,
+        within: std::time::Duration,
+        check: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let run = self
+                .ctl(&["trust", "rotate-root", "status", "-o", "json"])
+                .ok();
+            let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+            if check(&v) {
+                return v;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: not reached in {within:?}: {v}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The root certificate file of the root a rotation made (the one
+    /// directory under DATA/roots).
+    pub fn rotation_root(&self) -> PathBuf {
+        std::fs::read_dir(self.data.join("roots"))
+            .unwrap()
+            .next()
+            .expect("a rotation root")
+            .unwrap()
+            .path()
+            .join("root-cert.pem")
+    }
+
     pub fn start(data: &Path, trust_domain: &str) -> Self {
         // A port picked free can be taken (by another test's outgoing
         // connection) before the broker binds it: pick again.
@@ -329,4 +367,10 @@ impl Drop for Broker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Whether every cluster of a rotation status (`-o json`) has `field` set.
+pub fn all_clusters(v: &serde_json::Value, field: &str) -> bool {
+    let c = v["clusters"].as_array().unwrap();
+    !c.is_empty() && c.iter().all(|c| c[field] == true)
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use quinn::rustls;
 use strait_ca::tls::{Accept, SpiffeServerVerifier, Trust};
 
-use crate::common::{Broker, Scratch, free_port, http_status};
+use crate::common::{Broker, Scratch, all_clusters, free_port, http_status};
 use crate::support::*;
 
 struct Sidecar(Child);
@@ -53,27 +53,6 @@ fn served_chain(
     let _ = conn.writer().write_all(b"");
     let _ = sock.read(&mut [0u8; 1]);
     Ok(chain)
-}
-
-/// Polls `straitctl trust rotate-root status` until `check` holds.
-async fn wait_rotation(broker: &Broker, what: &str, check: impl Fn(&serde_json::Value) -> bool) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let run = broker
-            .ctl(&["trust", "rotate-root", "status", "-o", "json"])
-            .ok();
-        let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
-        if check(&v) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{what}: not reached: {v}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn every_cluster(v: &serde_json::Value, field: &str) -> bool {
-    let c = v["clusters"].as_array().unwrap();
-    !c.is_empty() && c.iter().all(|c| c[field] == true)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,24 +110,20 @@ async fn a_sidecar_and_a_gateway_renew_their_certificates_through_a_root_rotatio
     }
 
     broker.ctl(&["trust", "rotate-root", "begin"]).ok();
-    wait_rotation(&broker, "bundle acknowledged", |v| {
-        every_cluster(v, "bundle_acknowledged")
-    })
-    .await;
+    broker
+        .wait_rotation("bundle acknowledged", WAIT, |v| {
+            all_clusters(v, "bundle_acknowledged")
+        })
+        .await;
     broker.ctl(&["trust", "rotate-root", "advance"]).ok();
-    wait_rotation(&broker, "intermediate re-issued", |v| {
-        every_cluster(v, "on_target")
-    })
-    .await;
+    broker
+        .wait_rotation("intermediate re-issued", WAIT, |v| {
+            all_clusters(v, "on_target")
+        })
+        .await;
 
     // The new root alone, as a peer that joined after the rotation has it.
-    let new_root = std::fs::read_dir(s.path("broker/roots"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path()
-        .join("root-cert.pem");
+    let new_root = broker.rotation_root();
     let new_only =
         Trust::new(strait_ca::layout::load_bundle(&new_root, Some(cp.trust_domain())).unwrap());
     let client = cp.certificate("demo", "client", "client-1").await;
