@@ -1,7 +1,7 @@
 //! `strait gateway --token`: the east-west gateway's own identity from the
 //! control plane's CSR API, renewed like a sidecar's.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use quinn::rustls::pki_types::CertificateDer;
@@ -9,15 +9,6 @@ use strait_ca::tls::{Accept, SpiffeServerVerifier, Trust};
 
 use crate::common::{Broker, Scratch, free_port, http_status};
 use crate::support::*;
-
-pub(crate) struct Gateway(pub(crate) Child);
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn gateway_id(td: &str) -> strait_ca::SpiffeId {
     strait_ca::SpiffeId::parse(&format!(
@@ -71,15 +62,16 @@ pub(crate) async fn start_token_gateway(
     cp: &ControlPlane,
     root_cert: &std::path::Path,
     cert_ttl: &str,
-) -> (Gateway, String, String) {
+) -> (Process, String, String) {
     let token = s.write(
         "gateway.token",
         &cp.token("strait-system", "eastwest-gateway", "eastwest-gateway"),
     );
     let listen = format!("127.0.0.1:{}", free_port());
     let health = format!("127.0.0.1:{}", free_port());
-    let log = std::fs::File::create(s.path("gateway.log")).unwrap();
-    let mut gw = Gateway(
+    let mut gw = Process::spawn(
+        s,
+        "gateway",
         Command::new(env!("CARGO_BIN_EXE_strait"))
             .args(["gateway", "--cluster", "east", "--network", "net-east"])
             .args(["--listen", &listen, "--health-listen", &health])
@@ -88,24 +80,9 @@ pub(crate) async fn start_token_gateway(
             .arg(&token)
             .arg("--root-cert")
             .arg(root_cert)
-            .args(["--cert-ttl", cert_ttl])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
+            .args(["--cert-ttl", cert_ttl]),
     );
-    let deadline = Instant::now() + WAIT;
-    while http_status(&health, "/healthz/ready") != Some(200) {
-        if let Ok(Some(status)) = gw.0.try_wait() {
-            panic!("the gateway exited ({status}):\n{}", s.read("gateway.log"));
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the gateway never got ready:\n{}",
-            s.read("gateway.log")
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    gw.ready(s, &health).await;
     (gw, listen, health)
 }
 
@@ -151,13 +128,13 @@ async fn a_gateway_with_a_token_gets_its_certificate_and_renews_it() {
         assert!(
             Instant::now() < deadline,
             "the gateway kept its first certificate:\n{}",
-            s.read("gateway.log")
+            gw.log(&s)
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Still ready: discovery reconnects with the current certificate.
     assert_eq!(http_status(&health, "/healthz/ready"), Some(200));
-    assert!(gw.0.try_wait().unwrap().is_none());
+    gw.assert_running(&s);
 }
 
 /// `--token` without its companions is refused before anything starts, and
@@ -165,34 +142,29 @@ async fn a_gateway_with_a_token_gets_its_certificate_and_renews_it() {
 #[test]
 fn a_gateway_token_needs_a_control_plane_and_the_roots() {
     let s = Scratch::new();
-    let run = s.strait(&[
-        "gateway",
-        "--cluster",
-        "east",
-        "--network",
-        "net-east",
-        "--routes",
-        "routes.yaml",
-        "--token",
-        "gateway.token",
-    ]);
-    assert_eq!(run.code, 64, "{}", run.stderr);
-    assert!(run.stderr.contains("--control-plane"), "{}", run.stderr);
-    let run = s.strait(&[
-        "gateway",
-        "--cluster",
-        "east",
-        "--network",
-        "net-east",
-        "--control-plane",
-        "127.0.0.1:1",
-        "--token",
-        "gateway.token",
-        "--identity",
-        "gw",
-        "--root-cert",
-        "root-cert.pem",
-    ]);
-    assert_eq!(run.code, 64, "{}", run.stderr);
-    assert!(run.stderr.contains("--identity"), "{}", run.stderr);
+    let common = ["gateway", "--cluster", "east", "--network", "net-east"];
+    let cases: [(&[&str], &str); 2] = [
+        (
+            &["--routes", "routes.yaml", "--token", "gateway.token"],
+            "--control-plane",
+        ),
+        (
+            &[
+                "--control-plane",
+                "127.0.0.1:1",
+                "--token",
+                "gateway.token",
+                "--identity",
+                "gw",
+                "--root-cert",
+                "root-cert.pem",
+            ],
+            "--identity",
+        ),
+    ];
+    for (flags, named) in cases {
+        let run = s.strait(&[&common[..], flags].concat());
+        assert_eq!(run.code, 64, "{flags:?}: {}", run.stderr);
+        assert!(run.stderr.contains(named), "{flags:?}: {}", run.stderr);
+    }
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::common::{Broker, Scratch};
-use strait_controlplane::ca::{self, Credential};
+use strait_controlplane::ca::{self, Credential, Identity};
 use strait_proto::strait::mesh::v1 as pb;
 
 use crate::fake_api;
@@ -21,6 +21,51 @@ contexts:\n- name: fake\n  context: {{cluster: fake, user: fake}}\ncurrent-conte
 users:\n- name: fake\n  user: {{}}\n"
         ),
     )
+}
+
+/// Requests the certificate of `bookinfo/<account>` from `cp` with the
+/// recorded API's `reviews-token` (a token of `bookinfo-reviews`).
+async fn with_reviews_token(cp: &ControlPlane, account: &str) -> Result<Identity, String> {
+    let td = cp.trust_domain();
+    let id = strait_ca::SpiffeId::workload(&td, "bookinfo", account).unwrap();
+    let tls = ca::mesh_client_tls(cp.trust(), ca::control_plane_id(&td));
+    ca::request_certificate(
+        &cp.listen,
+        &tls,
+        &cp.trust(),
+        &id,
+        Credential::Token("reviews-token"),
+        None,
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
+/// Waits for the first request to `api` that `wanted` picks.
+async fn until_sent(
+    api: &fake_api::Fake,
+    what: &str,
+    cp: &ControlPlane,
+    wanted: impl Fn(&fake_api::Seen) -> bool,
+) -> fake_api::Seen {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(found) = api.seen().into_iter().find(&wanted) {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {WAIT:?}:\n{}",
+            cp.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The PATCH that publishes the roots ConfigMap in `namespace`.
+fn roots_published(namespace: &str) -> impl Fn(&fake_api::Seen) -> bool {
+    let path = format!("/api/v1/namespaces/{namespace}/configmaps/strait-ca-root-cert");
+    move |r| r.method == hyper::Method::PATCH && r.path == path
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -53,31 +98,12 @@ async fn kubernetes_mode_reads_the_api_applies_imports_and_reviews_tokens() {
 
     // A pod's proxy bootstraps with its service-account token, reviewed by
     // the API server, and gets that account's identity.
-    let td = east.trust_domain();
-    let id = strait_ca::SpiffeId::workload(&td, "bookinfo", "bookinfo-reviews").unwrap();
-    let tls = ca::mesh_client_tls(east.trust(), ca::control_plane_id(&td));
-    let identity = ca::request_certificate(
-        &east.listen,
-        &tls,
-        &east.trust(),
-        &id,
-        Credential::Token("reviews-token"),
-        None,
-    )
-    .await
-    .unwrap();
-    assert_eq!(identity.spiffe_id, id);
-    let other = strait_ca::SpiffeId::workload(&td, "bookinfo", "admin").unwrap();
-    let refused = ca::request_certificate(
-        &east.listen,
-        &tls,
-        &east.trust(),
-        &other,
-        Credential::Token("reviews-token"),
-        None,
-    )
-    .await
-    .unwrap_err();
+    let identity = with_reviews_token(&east, "bookinfo-reviews").await.unwrap();
+    assert_eq!(
+        identity.spiffe_id.as_str(),
+        format!("spiffe://{TD}/ns/bookinfo/sa/bookinfo-reviews")
+    );
+    let refused = with_reviews_token(&east, "admin").await.unwrap_err();
     assert!(
         refused.to_string().contains("bookinfo-reviews"),
         "{refused}"
@@ -105,25 +131,12 @@ async fn kubernetes_mode_reads_the_api_applies_imports_and_reviews_tokens() {
 
     // West's export is applied to the API (server-side apply, labelled as
     // strait's), and east's ServiceExport reaches west.
-    let deadline = Instant::now() + WAIT;
-    let applied = loop {
-        let seen = fake.seen();
-        let found = seen.into_iter().find(|r| {
-            r.method == hyper::Method::PATCH
-                && r.path.contains("/namespaces/demo/serviceentries/")
-                && r.body.contains("192.0.2.20")
-        });
-        if let Some(f) = found {
-            break f;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "west's echo not applied to the API within {WAIT:?}:\n{}\nwest:\n{}",
-            east.log(),
-            west.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let applied = until_sent(&fake, "west's echo applied to the API", &east, |r| {
+        r.method == hyper::Method::PATCH
+            && r.path.contains("/namespaces/demo/serviceentries/")
+            && r.body.contains("192.0.2.20")
+    })
+    .await;
     assert_eq!(applied.content_type, "application/apply-patch+yaml");
     assert!(
         applied.query.contains("fieldManager=strait-controlplane"),
@@ -150,22 +163,13 @@ async fn kubernetes_mode_reads_the_api_applies_imports_and_reviews_tokens() {
     // own machinery, as istiod publishes istio-ca-root-cert.
     let roots = std::fs::read_to_string(east.state.join("cacerts/root-cert.pem")).unwrap();
     let root_line = roots.lines().nth(1).unwrap().to_string();
-    let deadline = Instant::now() + WAIT;
-    let published = loop {
-        let found = fake.seen().into_iter().find(|r| {
-            r.method == hyper::Method::PATCH
-                && r.path == "/api/v1/namespaces/bookinfo/configmaps/strait-ca-root-cert"
-        });
-        if let Some(f) = found {
-            break f;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the roots were not published in bookinfo within {WAIT:?}:\n{}",
-            east.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let published = until_sent(
+        &fake,
+        "the roots published in bookinfo",
+        &east,
+        roots_published("bookinfo"),
+    )
+    .await;
     assert_eq!(published.content_type, "application/apply-patch+yaml");
     assert!(published.body.contains(&root_line), "{}", published.body);
     assert!(
@@ -217,41 +221,20 @@ async fn a_kubernetes_primary_serves_a_remote_cluster_from_its_api() {
             format!("remote={}", remote_kube.display()),
         ],
     );
-    let td = east.trust_domain();
-    let id = strait_ca::SpiffeId::workload(&td, "bookinfo", "bookinfo-reviews").unwrap();
-    let tls = ca::mesh_client_tls(east.trust(), ca::control_plane_id(&td));
-    let identity = ca::request_certificate(
-        &east.listen,
-        &tls,
-        &east.trust(),
-        &id,
-        Credential::Token("reviews-token"),
-        None,
-    )
-    .await
-    .unwrap();
+    let identity = with_reviews_token(&east, "bookinfo-reviews").await.unwrap();
 
     // The remote cluster's namespaces get the mesh roots too: its pods'
     // sidecars verify this control plane with them.
     let roots = std::fs::read_to_string(east.state.join("cacerts/root-cert.pem")).unwrap();
     let root_line = roots.lines().nth(1).unwrap().to_string();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let published = remote_api.seen().into_iter().any(|r| {
-            r.method == hyper::Method::PATCH
-                && r.path == "/api/v1/namespaces/bookinfo/configmaps/strait-ca-root-cert"
-                && r.body.contains(&root_line)
-        });
-        if published {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the roots were not published in the remote's bookinfo within {WAIT:?}:\n{}",
-            east.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let in_bookinfo = roots_published("bookinfo");
+    until_sent(
+        &remote_api,
+        "the roots published in the remote's bookinfo",
+        &east,
+        |r| in_bookinfo(r) && r.body.contains(&root_line),
+    )
+    .await;
 
     // A proxy of the remote cluster: the remote's pod is local (its
     // network from the remote's strait-system Namespace), east's exported

@@ -3,7 +3,7 @@
 //! new root, and the certificates they serve end up under the new root.
 
 use std::io::{Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,15 +12,6 @@ use strait_ca::tls::{Accept, SpiffeServerVerifier, Trust};
 
 use crate::common::{Broker, Scratch, all_clusters, free_port, http_status};
 use crate::support::*;
-
-struct Sidecar(Child);
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The chain the mTLS listener at `addr` presents (with ALPN `alpn`),
 /// when it verifies under `trust` (else why not).
@@ -73,8 +64,9 @@ async fn a_sidecar_and_a_gateway_renew_their_certificates_through_a_root_rotatio
     let token = s.write("echo.token", &cp.token("demo", "echo", "echo-1"));
     let inbound = format!("127.0.0.1:{}", free_port());
     let health = format!("127.0.0.1:{}", free_port());
-    let log = std::fs::File::create(s.path("sidecar.log")).unwrap();
-    let mut sidecar = Sidecar(
+    let mut sidecar = Process::spawn(
+        &s,
+        "sidecar",
         Command::new(env!("CARGO_BIN_EXE_strait-sidecar"))
             .args(["--workload", "echo-1", "--namespace", "demo"])
             .args(["--control-plane", &cp.listen])
@@ -88,26 +80,11 @@ async fn a_sidecar_and_a_gateway_renew_their_certificates_through_a_root_rotatio
             .args(["--access-log", "off"])
             // Renewed every few seconds, so that renewals happen during
             // and after the rotation.
-            .args(["--cert-ttl", "6s"])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
+            .args(["--cert-ttl", "6s"]),
     );
     let (mut gateway, gateway_listen, gateway_health) =
         crate::gateway::start_token_gateway(&s, &cp, &old_roots, "6s").await;
-    let deadline = Instant::now() + WAIT;
-    while http_status(&health, "/healthz/ready") != Some(200) {
-        if let Ok(Some(status)) = sidecar.0.try_wait() {
-            panic!("the sidecar exited ({status}):\n{}", s.read("sidecar.log"));
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the sidecar never got ready:\n{}",
-            s.read("sidecar.log")
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    sidecar.ready(&s, &health).await;
 
     broker.ctl(&["trust", "rotate-root", "begin"]).ok();
     broker
@@ -166,12 +143,12 @@ async fn a_sidecar_and_a_gateway_renew_their_certificates_through_a_root_rotatio
                 Instant::now() < deadline,
                 "no certificate renewed under the new root after the control plane moved ({:?}):\n{}",
                 other.map(|_| "the same certificate"),
-                s.read("sidecar.log")
+                sidecar.log(&s)
             ),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(sidecar.0.try_wait().unwrap().is_none());
+    sidecar.assert_running(&s);
     assert_eq!(http_status(&health, "/healthz/ready"), Some(200));
 
     // The gateway too: a later tunnel sees a certificate under the new
@@ -190,11 +167,11 @@ async fn a_sidecar_and_a_gateway_renew_their_certificates_through_a_root_rotatio
                 Instant::now() < deadline,
                 "the gateway renewed no certificate under the new root ({:?}):\n{}",
                 other.map(|_| "the same certificate"),
-                s.read("gateway.log")
+                gateway.log(&s)
             ),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(gateway.0.try_wait().unwrap().is_none());
+    gateway.assert_running(&s);
     assert_eq!(http_status(&gateway_health, "/healthz/ready"), Some(200));
 }

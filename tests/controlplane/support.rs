@@ -363,3 +363,59 @@ pub(crate) async fn until_state(
 pub(crate) fn has(name: &str) -> impl Fn(&Resources) -> Option<()> + '_ {
     move |r| services(r).contains_key(name).then_some(())
 }
+
+/// A strait process a test started: its stderr goes to `<name>.log` in the
+/// scratch directory, and it is killed when dropped.
+pub(crate) struct Process {
+    pub(crate) child: Child,
+    name: &'static str,
+}
+
+impl Process {
+    pub(crate) fn spawn(s: &Scratch, name: &'static str, cmd: &mut Command) -> Self {
+        let log = std::fs::File::create(s.path(&format!("{name}.log"))).unwrap();
+        let child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting the {name}: {e}"));
+        Process { child, name }
+    }
+
+    /// Its log so far.
+    pub(crate) fn log(&self, s: &Scratch) -> String {
+        s.read(&format!("{}.log", self.name))
+    }
+
+    /// Waits until its health endpoint `health` reports ready; fails with
+    /// its log when it exits first or is not ready within [`WAIT`].
+    pub(crate) async fn ready(&mut self, s: &Scratch, health: &str) {
+        let deadline = Instant::now() + WAIT;
+        while http_status(health, "/healthz/ready") != Some(200) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the {} exited ({status}):\n{}", self.name, self.log(s));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the {} never got ready:\n{}",
+                self.name,
+                self.log(s)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Fails with its log if it has exited.
+    pub(crate) fn assert_running(&mut self, s: &Scratch) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("the {} exited ({status}):\n{}", self.name, self.log(s));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
