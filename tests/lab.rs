@@ -87,6 +87,34 @@ impl Lab {
             .unwrap()
     }
 
+    /// The metrics URL of `cluster`'s east-west gateway.
+    fn gateway_metrics(&self, cluster: &str) -> String {
+        let json = self.json();
+        let c = json["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == cluster)
+            .unwrap_or_else(|| panic!("no cluster {cluster} in lab.json"));
+        c["gateway"]["metrics"].as_str().unwrap().to_string()
+    }
+
+    /// In the federated lab: east's client (mesh-a) reaches west's echo
+    /// (mesh-b) by its clusterset name and keeps its own trust domain's
+    /// identity on the way.
+    fn assert_east_reaches_the_other_mesh(&self) {
+        let seen = self.curl_until(
+            "east",
+            "http://echo.demo.svc.clusterset.local:8080/",
+            10,
+            |t| t.contains("west/echo/v2"),
+        );
+        assert!(
+            seen.contains("spiffe://mesh-a.local/ns/demo/sa/client"),
+            "{seen}"
+        );
+    }
+
     fn lab(&self, args: &[&str]) -> (i32, String, String) {
         let mut a = vec!["lab"];
         a.extend_from_slice(args);
@@ -419,17 +447,7 @@ fn multi_primary_end_to_end() {
 #[test]
 fn federated_identity_crosses_trust_domains() {
     let lab = Lab::up("federated", 40);
-    let seen = lab.curl_until(
-        "east",
-        "http://echo.demo.svc.clusterset.local:8080/",
-        10,
-        |t| t.contains("west/echo/v2"),
-    );
-    // The caller keeps its own trust domain's identity.
-    assert!(
-        seen.contains("spiffe://mesh-a.local/ns/demo/sa/client"),
-        "{seen}"
-    );
+    lab.assert_east_reaches_the_other_mesh();
     // `private` is not exported to the other mesh.
     let own = lab.curl_until("west", "http://private.demo:8080/", 6, |t| {
         t.contains("west/private")
@@ -514,16 +532,15 @@ fn quic_mode_carries_cross_network_calls_in_tunnels() {
     }
     // Each side's sidecar handed its connection to its own gateway's
     // egress listener, which sent it as a stream of the pooled tunnel.
-    let json = lab.json();
-    for c in json["clusters"].as_array().unwrap() {
-        let url = c["gateway"]["metrics"].as_str().unwrap();
+    for c in ["east", "west"] {
+        let url = lab.gateway_metrics(c);
         let sent = metric(
-            url,
+            &url,
             "strait_gateway_tunnel_streams_total{outcome=\"sent\",reason=\"ok\"}",
         );
-        let tunnels = metric(url, "strait_gateway_active_tunnels");
-        assert!(sent >= 1.0, "{}: no tunnel stream sent", c["name"]);
-        assert!(tunnels >= 1.0, "{}: no tunnel up", c["name"]);
+        let tunnels = metric(&url, "strait_gateway_active_tunnels");
+        assert!(sent >= 1.0, "{c}: no tunnel stream sent");
+        assert!(tunnels >= 1.0, "{c}: no tunnel up");
     }
     lab.down();
 }
@@ -684,35 +701,14 @@ fn root_rotation_under_cross_cluster_traffic() {
 #[test]
 fn federated_quic_tunnels_cross_trust_domains() {
     let mut lab = Lab::up_with("federated", 120, &["--mode", "quic"]);
-    let seen = lab.curl_until(
-        "east",
-        "http://echo.demo.svc.clusterset.local:8080/",
-        10,
-        |t| t.contains("west/echo/v2"),
-    );
-    assert!(
-        seen.contains("spiffe://mesh-a.local/ns/demo/sa/client"),
-        "{seen}"
-    );
-    let json = lab.json();
-    let gateway_metrics = |name: &str| {
-        json["clusters"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["name"] == name)
-            .unwrap()["gateway"]["metrics"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    lab.assert_east_reaches_the_other_mesh();
     let sent = metric(
-        &gateway_metrics("east"),
+        &lab.gateway_metrics("east"),
         "strait_gateway_tunnel_streams_total{outcome=\"sent\",reason=\"ok\"}",
     );
     assert!(sent >= 1.0, "east sent no tunnel stream");
     let accepted = metric(
-        &gateway_metrics("west"),
+        &lab.gateway_metrics("west"),
         "strait_gateway_tunnel_connections_total{outcome=\"accepted\",reason=\"ok\"}",
     );
     assert!(
