@@ -1,4 +1,5 @@
-//! `strait sidecar iptables --apply` for real, in a network namespace this
+//! `strait sidecar iptables --apply`, as the injection webhook gives it to
+//! a transparent pod's init container, for real in a network namespace this
 //! test makes: the rules go in as one transaction, a second apply is
 //! refused, and an app's connection to an outside address lands on the
 //! outbound listener, which reads where it was going (SO_ORIGINAL_DST).
@@ -81,6 +82,37 @@ fn unavailable() -> Option<String> {
     None
 }
 
+/// The command the injection webhook gives a transparent pod's init
+/// container, with this build's `strait` in place of the image's.
+fn injected_init_command() -> Vec<String> {
+    use strait_controlplane::kube::inject;
+    let pod = serde_json::json!({
+        "metadata": {"annotations": {inject::INTERCEPTION_ANNOTATION: "transparent"}},
+        "spec": {"containers": [{"name": "app"}]},
+    });
+    let cfg = inject::InjectConfig {
+        image: "strait:dev".into(),
+        control_plane: "controlplane.strait-system.svc:15012".into(),
+    };
+    let ops = inject::patch_for(&pod, &cfg).unwrap().unwrap();
+    let init = ops
+        .iter()
+        .find(|o| o["path"] == "/spec/initContainers/-")
+        .expect("an init container")["value"]
+        .clone();
+    assert_eq!(init["command"], serde_json::json!(["strait"]));
+    std::iter::once(STRAIT.to_string())
+        .chain(
+            init["args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap().to_string()),
+        )
+        .collect()
+}
+
+/// What the injected init container runs, run for real.
 #[test]
 fn applied_rules_send_an_apps_connection_to_the_outbound_listener() {
     if let Some(why) = unavailable() {
@@ -94,7 +126,9 @@ fn applied_rules_send_an_apps_connection_to_the_outbound_listener() {
             return;
         }
     };
-    let (ok, out) = ns.exec(&[STRAIT, "sidecar", "iptables", "--apply"]);
+    let init = injected_init_command();
+    let init: Vec<&str> = init.iter().map(String::as_str).collect();
+    let (ok, out) = ns.exec(&init);
     assert!(ok, "apply: {out}");
     assert!(out.contains("rules applied"), "{out}");
     let (ok, saved) = ns.exec(&["iptables-save", "-t", "nat"]);
@@ -108,7 +142,7 @@ fn applied_rules_send_an_apps_connection_to_the_outbound_listener() {
         assert!(saved.contains(rule), "{rule:?} not in:\n{saved}");
     }
     // Applied already: refused, and nothing changed.
-    let (ok, out) = ns.exec(&[STRAIT, "sidecar", "iptables", "--apply"]);
+    let (ok, out) = ns.exec(&init);
     assert!(!ok, "a second apply succeeded: {out}");
     assert!(
         out.contains("applied in this network namespace already"),

@@ -122,7 +122,9 @@ struct RunArgs {
     /// with this control plane's certificate for
     /// controlplane.strait-system.svc; Istio's port is 15017). A pod it
     /// admits gets `strait-sidecar` (explicit mode: the app's http_proxy
-    /// is the sidecar) unless it is annotated
+    /// is the sidecar; with the pod annotation
+    /// `sidecar.strait.io/interception: transparent`, an iptables init
+    /// container instead) unless it is annotated
     /// `sidecar.strait.io/inject: "false"`. Needs --kube.
     #[arg(long, value_name = "ADDR", requires = "kube")]
     inject_listen: Option<SocketAddr>,

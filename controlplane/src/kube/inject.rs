@@ -7,13 +7,21 @@
 //! `istio-ca` and the mesh roots' ConfigMap (`strait-ca-root-cert`, which
 //! the control plane publishes in every namespace).
 //!
-//! The sidecar runs in explicit mode: the app reaches the mesh through
-//! `http_proxy=http://127.0.0.1:15001` (set on the app containers unless
-//! they set it themselves), and mesh callers reach the app through the
-//! sidecar's inbound port 15006, which forwards to the app's first
+//! By default the sidecar runs in explicit mode: the app reaches the mesh
+//! through `http_proxy=http://127.0.0.1:15001` (set on the app containers
+//! unless they set it themselves), and mesh callers reach the app through
+//! the sidecar's inbound port 15006, which forwards to the app's first
 //! container port on loopback (`--app`) or, for the other ports the pod
 //! declares, to that port (`--app-ports`). No init container, no
 //! NET_ADMIN: it fits namespaces that forbid privileged pods.
+//!
+//! With `sidecar.strait.io/interception: transparent` the pod also gets
+//! the init container `strait-init` (`strait sidecar iptables --apply`,
+//! with NET_ADMIN and NET_RAW, as istio-init), which redirects the pod's
+//! TCP to the sidecar: the app's outbound connections to 15001 and inbound
+//! ones to 15006, the sidecar's own (uid 1337) and ports 15021 and 15090
+//! spared. The app then needs no proxy setting. It runs after the pod's
+//! other init containers, so that they reach the network directly.
 //!
 //! A pod is left alone when it asks (`sidecar.strait.io/inject: "false"`),
 //! when it already has a `strait-sidecar` container, or when it runs in
@@ -31,6 +39,13 @@ pub const CONTAINER: &str = "strait-sidecar";
 pub const INJECT_ANNOTATION: &str = "sidecar.strait.io/inject";
 /// Set on every injected pod.
 pub const STATUS_ANNOTATION: &str = "sidecar.strait.io/status";
+/// A pod annotation: how the app's traffic reaches the sidecar,
+/// `explicit` (the default: `http_proxy`) or `transparent` (iptables).
+pub const INTERCEPTION_ANNOTATION: &str = "sidecar.strait.io/interception";
+/// The init container that sets up transparent interception.
+pub const INIT_CONTAINER: &str = "strait-init";
+/// The uid the sidecar runs as: its own traffic is never redirected.
+const PROXY_UID: u32 = 1337;
 /// The largest AdmissionReview read (the API server's own limit is 3 MiB).
 pub const MAX_REVIEW: usize = 3 * 1024 * 1024;
 const TOKEN_VOLUME: &str = "strait-token";
@@ -103,6 +118,23 @@ pub fn patch_for(pod: &Value, cfg: &InjectConfig) -> Result<Option<Vec<Value>>, 
     }
     if containers.iter().any(|c| c["name"] == CONTAINER) {
         return Ok(None);
+    }
+    let transparent = match annotations[INTERCEPTION_ANNOTATION].as_str() {
+        None | Some("explicit") => false,
+        Some("transparent") => true,
+        Some(other) => {
+            return Err(format!(
+                "annotation {INTERCEPTION_ANNOTATION}: {other:?} is neither \"explicit\" nor \"transparent\""
+            ));
+        }
+    };
+    let init_containers = pod["spec"]["initContainers"].as_array();
+    if transparent
+        && init_containers.is_some_and(|cs| cs.iter().any(|c| c["name"] == INIT_CONTAINER))
+    {
+        return Err(format!(
+            "the pod already has an init container named {INIT_CONTAINER}, which transparent interception needs"
+        ));
     }
     let volumes = pod["spec"]["volumes"].as_array();
     for name in [TOKEN_VOLUME, ROOTS_VOLUME] {
@@ -182,8 +214,8 @@ pub fn patch_for(pod: &Value, cfg: &InjectConfig) -> Result<Option<Vec<Value>>, 
         },
         "securityContext": {
             "runAsNonRoot": true,
-            "runAsUser": 1337,
-            "runAsGroup": 1337,
+            "runAsUser": PROXY_UID,
+            "runAsGroup": PROXY_UID,
             "allowPrivilegeEscalation": false,
             "readOnlyRootFilesystem": true,
             "capabilities": {"drop": ["ALL"]},
@@ -217,9 +249,17 @@ pub fn patch_for(pod: &Value, cfg: &InjectConfig) -> Result<Option<Vec<Value>>, 
     ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": token_volume}));
     ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": roots_volume}));
     ops.push(json!({"op": "add", "path": "/spec/containers/-", "value": sidecar}));
+    if transparent {
+        if init_containers.is_none() {
+            ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": []}));
+        }
+        ops.push(
+            json!({"op": "add", "path": "/spec/initContainers/-", "value": init_container(cfg)}),
+        );
+    }
     // The app's calls go through the sidecar, unless a container says
-    // otherwise.
-    for (i, c) in containers.iter().enumerate() {
+    // otherwise (or they are redirected to it).
+    for (i, c) in containers.iter().enumerate().filter(|_| !transparent) {
         let env = c["env"].as_array();
         let sets = |name: &str| env.is_some_and(|e| e.iter().any(|v| v["name"] == name));
         if env.is_none() {
@@ -251,6 +291,40 @@ pub fn patch_for(pod: &Value, cfg: &InjectConfig) -> Result<Option<Vec<Value>>, 
         "value": "injected",
     }));
     Ok(Some(ops))
+}
+
+/// `strait-init`: the iptables rules of transparent interception, applied
+/// in the pod's network namespace before the app and the sidecar start.
+fn init_container(cfg: &InjectConfig) -> Value {
+    json!({
+        "name": INIT_CONTAINER,
+        "image": cfg.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["strait"],
+        "args": [
+            "sidecar",
+            "iptables",
+            "--apply",
+            format!("--proxy-uid={PROXY_UID}"),
+            "--inbound-port=15006",
+            "--outbound-port=15001",
+        ],
+        "resources": {
+            "requests": {"cpu": "10m", "memory": "16Mi"},
+            "limits": {"memory": "64Mi"},
+        },
+        // As istio-init: root in the pod's network namespace with the two
+        // capabilities iptables needs, nothing else; iptables may write
+        // its lock file.
+        "securityContext": {
+            "runAsNonRoot": false,
+            "runAsUser": 0,
+            "runAsGroup": 0,
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": false,
+            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+        },
+    })
 }
 
 #[cfg(test)]
@@ -359,6 +433,76 @@ mod tests {
     }
 
     #[test]
+    fn a_transparent_pod_gets_the_iptables_init_container_and_no_proxy_setting() {
+        let p = json!({
+            "metadata": {"annotations": {INTERCEPTION_ANNOTATION: "transparent"}},
+            "spec": {
+                "initContainers": [{"name": "migrate", "image": "db"}],
+                "containers": [{"name": "app", "ports": [{"containerPort": 9080}]}],
+            },
+        });
+        let patched = apply(p.clone(), &patch_for(&p, &cfg()).unwrap().unwrap());
+        let inits = patched["spec"]["initContainers"].as_array().unwrap();
+        // After the pod's own init containers, which reach the network
+        // directly.
+        assert_eq!(inits.len(), 2);
+        assert_eq!(inits[0]["name"], "migrate");
+        let init = &inits[1];
+        assert_eq!(init["name"], INIT_CONTAINER);
+        assert_eq!(init["image"], "strait:dev");
+        assert_eq!(init["command"], json!(["strait"]));
+        assert_eq!(
+            init["args"],
+            json!([
+                "sidecar",
+                "iptables",
+                "--apply",
+                "--proxy-uid=1337",
+                "--inbound-port=15006",
+                "--outbound-port=15001"
+            ])
+        );
+        assert_eq!(
+            init["securityContext"]["capabilities"]["add"],
+            json!(["NET_ADMIN", "NET_RAW"])
+        );
+        assert_eq!(init["securityContext"]["runAsUser"], 0);
+        // The sidecar runs as the uid the rules spare.
+        let sidecar = patched["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == CONTAINER)
+            .unwrap();
+        assert_eq!(sidecar["securityContext"]["runAsUser"], 1337);
+        // Redirected, the app needs no proxy setting.
+        assert!(
+            patched["spec"]["containers"][0]["env"].is_null(),
+            "{patched}"
+        );
+        assert_eq!(patch_for(&patched, &cfg()).unwrap(), None);
+
+        // Without init containers of its own, the list is made.
+        let bare = json!({
+            "metadata": {"annotations": {INTERCEPTION_ANNOTATION: "transparent"}},
+            "spec": {"containers": [{"name": "app"}]},
+        });
+        let patched = apply(bare.clone(), &patch_for(&bare, &cfg()).unwrap().unwrap());
+        assert_eq!(patched["spec"]["initContainers"][0]["name"], INIT_CONTAINER);
+        // `explicit` is the default, said out loud.
+        let explicit = json!({
+            "metadata": {"annotations": {INTERCEPTION_ANNOTATION: "explicit"}},
+            "spec": {"containers": [{"name": "app"}]},
+        });
+        let patched = apply(
+            explicit.clone(),
+            &patch_for(&explicit, &cfg()).unwrap().unwrap(),
+        );
+        assert!(patched["spec"]["initContainers"].is_null());
+        assert!(patched["spec"]["containers"][0]["env"].is_array());
+    }
+
+    #[test]
     fn existing_volumes_env_and_annotations_are_kept() {
         let p = json!({
             "metadata": {"annotations": {"team": "shop"}},
@@ -403,6 +547,19 @@ mod tests {
             err(json!({"spec": {"containers": [{"name": "a"}], "volumes": [{"name": "strait-token"}]}}))
                 .contains("strait-token")
         );
+        let e = err(json!({
+            "metadata": {"annotations": {INTERCEPTION_ANNOTATION: "REDIRECT"}},
+            "spec": {"containers": [{"name": "a"}]},
+        }));
+        assert!(
+            e.contains("\"REDIRECT\"") && e.contains(INTERCEPTION_ANNOTATION),
+            "{e}"
+        );
+        let e = err(json!({
+            "metadata": {"annotations": {INTERCEPTION_ANNOTATION: "transparent"}},
+            "spec": {"containers": [{"name": "a"}], "initContainers": [{"name": INIT_CONTAINER}]},
+        }));
+        assert!(e.contains(INIT_CONTAINER), "{e}");
     }
 
     #[test]
