@@ -186,11 +186,14 @@ for a in sys.argv[6:9]:
 backend_pid = int(sys.argv[9])
 tick = os.sysconf("SC_CLK_TCK")
 
-def proc_cpu(pid):
-    """CPU seconds (user + system, all threads) of a live process."""
+def proc_times(pid):
+    """CPU seconds (user, system; all threads) of a live process."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / tick
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+def proc_cpu(pid):
+    return sum(proc_times(pid))
 
 def machine_cpu():
     """CPU seconds in user and system mode on the whole machine."""
@@ -206,6 +209,7 @@ def run(name):
     port, pid = paths[name]
     ours = [backend_pid] + ([pid] if pid else [])
     before = [proc_cpu(p) for p in ours], machine_cpu(), children_cpu()
+    user_before = proc_times(pid)[0] if pid else 0.0
     out = subprocess.run(
         ["oha", "-z", duration, "-c", conns, "--insecure", "--no-tui"]
         + (["-q", rate] if rate else [])
@@ -213,6 +217,7 @@ def run(name):
            f"https://{sni}:{port}/"],
         check=True, capture_output=True, text=True).stdout
     after = [proc_cpu(p) for p in ours], machine_cpu(), children_cpu()
+    user = (proc_times(pid)[0] - user_before) if pid else None
     d = json.loads(out)
     s, p = d["summary"], d["latencyPercentiles"]
     secs = s["total"]
@@ -223,16 +228,18 @@ def run(name):
         "rps": s["requestsPerSec"], "p50": p["p50"] * 1000, "p99": p["p99"] * 1000,
         "ok": s["successRate"],
         "gw_us": gw / requests * 1e6 if gw is not None and requests else None,
+        "user_us": user / requests * 1e6 if user is not None and requests else None,
         "other": max(0.0, (after[1] - before[1] - bench) / secs),
     }
 
 def row(name, r):
-    gw = f"{r['gw_us']:>8.1f}" if r["gw_us"] is not None else f"{'-':>8}"
+    gw = f"{r['gw_us']:>9.1f}" if r["gw_us"] is not None else f"{'-':>9}"
+    user = f"{r['user_us']:>7.1f}" if r["user_us"] is not None else f"{'-':>7}"
     return (f"{name:<8} {r['rps']:>10.1f} {r['p50']:>9.3f} {r['p99']:>9.3f} "
-            f"{r['ok']:>8.4f} {gw} {r['other']:>6.2f}")
+            f"{r['ok']:>8.4f} {gw} {user} {r['other']:>6.2f}")
 
 header = (f"{'path':<8} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'success':>8} "
-          f"{'gw us/req':>8} {'other':>6}")
+          f"{'gw us/req':>9} {'user us':>7} {'other':>6}")
 results = {n: [] for n in paths}
 ratios = []
 for i in range(rounds):
@@ -260,7 +267,8 @@ rps, p50, p99 = (med(r[k] for r in ratios) for k in range(3))
 span = lambda k: f"{min(r[k] for r in ratios):.2f}-{max(r[k] for r in ratios):.2f}"
 print(f"strait/envoy: req/s {rps:.2f}x ({span(0)}), p50 {p50:.2f}x ({span(1)}), "
       f"p99 {p99:.2f}x ({span(2)})  (target: req/s >= 1.3x, p99 <= 0.8x)")
-print("gw us/req: the gateway's CPU time per request; other: cores used by everything "
+print("gw us/req: the gateway's CPU time per request (user us: the part in user space, "
+      "the rest is the kernel's: syscalls, TCP, wake-ups); other: cores used by everything "
       "outside the benchmark during the run")
 
 # Memory: idle connections (a TLS session and one request each, then

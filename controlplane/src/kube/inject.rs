@@ -258,27 +258,29 @@ pub fn patch_for(pod: &Value, cfg: &InjectConfig) -> Result<Option<Vec<Value>>, 
         );
     }
     // The app's calls go through the sidecar, unless a container says
-    // otherwise (or they are redirected to it).
-    for (i, c) in containers.iter().enumerate().filter(|_| !transparent) {
-        let env = c["env"].as_array();
-        let sets = |name: &str| env.is_some_and(|e| e.iter().any(|v| v["name"] == name));
-        if env.is_none() {
-            ops.push(
-                json!({"op": "add", "path": format!("/spec/containers/{i}/env"), "value": []}),
-            );
-        }
-        for (name, value) in [
-            ("http_proxy", "http://127.0.0.1:15001"),
-            ("HTTP_PROXY", "http://127.0.0.1:15001"),
-            ("no_proxy", "localhost,127.0.0.1"),
-            ("NO_PROXY", "localhost,127.0.0.1"),
-        ] {
-            if !sets(name) {
-                ops.push(json!({
-                    "op": "add",
-                    "path": format!("/spec/containers/{i}/env/-"),
-                    "value": {"name": name, "value": value},
-                }));
+    // otherwise. Redirected, they need no setting.
+    if !transparent {
+        for (i, c) in containers.iter().enumerate() {
+            let env = c["env"].as_array();
+            let sets = |name: &str| env.is_some_and(|e| e.iter().any(|v| v["name"] == name));
+            if env.is_none() {
+                ops.push(
+                    json!({"op": "add", "path": format!("/spec/containers/{i}/env"), "value": []}),
+                );
+            }
+            for (name, value) in [
+                ("http_proxy", "http://127.0.0.1:15001"),
+                ("HTTP_PROXY", "http://127.0.0.1:15001"),
+                ("no_proxy", "localhost,127.0.0.1"),
+                ("NO_PROXY", "localhost,127.0.0.1"),
+            ] {
+                if !sets(name) {
+                    ops.push(json!({
+                        "op": "add",
+                        "path": format!("/spec/containers/{i}/env/-"),
+                        "value": {"name": name, "value": value},
+                    }));
+                }
             }
         }
     }
