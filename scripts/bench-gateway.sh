@@ -18,7 +18,12 @@
 # cgroup of its own with that CPU quota (100 ms period, as Kubernetes sets
 # a container's limits.cpu), so the gateway rather than the load generator
 # and the backend is what runs out of CPU. Needs root and a writable cgroup
-# cpu controller (v1 or v2).
+# cpu controller (v1 or v2). Under a quota, p99 mostly tells whether the
+# connections' last requests of each 100 ms period wait out a throttled
+# stretch: the CONNECTIONS requests in flight then stall for up to the rest
+# of the period, and whether they make up more or less than 1 % of a
+# period's requests decides whether p99 shows it. req/s and the CPU time
+# per request are the figures to compare there.
 #
 # With RATE (requests per second, e.g. 5000), oha paces the load instead of
 # going flat out: p50/p99 then show what each gateway adds when the
