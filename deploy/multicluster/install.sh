@@ -10,7 +10,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 manifests=$here/manifests
 image=${STRAIT_IMAGE:-strait:dev}
 
-# The CRD sources the model's schema tests use (see ../shared/testdata).
+# The CRD sources the model's schema tests use (model/tests/testdata/crds).
 istio_crds=https://raw.githubusercontent.com/istio/api/b8f8791d9653b2edc77a071d48887e582cfe84bf/kubernetes/customresourcedefinitions.gen.yaml
 mcs_crds=https://raw.githubusercontent.com/kubernetes-sigs/mcs-api/ded161af6ea9596cd9e878c61ed4f4e8d5cf8401/config/crd
 

@@ -1,5 +1,6 @@
 //! The generated objects must pass the CRD schemas of Istio and of the MCS
-//! API, read from `shared/testdata` (beside the repository).
+//! API, read from `tests/testdata/crds` (copies of the shared test data,
+//! pinned to the commits `SOURCES.txt` there names).
 //!
 //! The API server prunes unknown fields instead of rejecting them, so plain
 //! JSON Schema validation would let a misspelled field through. Before
@@ -31,12 +32,12 @@ use strait_model::mesh::{
     Protocol, RemoteService, ServiceKey, ServicePort,
 };
 
-fn shared_testdata() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata")
+fn crd_testdata() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/testdata/crds")
 }
 
 fn load_documents(file: &str) -> Vec<Value> {
-    let path = shared_testdata().join(file);
+    let path = crd_testdata().join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
@@ -689,4 +690,28 @@ fn tightening_leaves_open_maps_and_preserved_fields_alone() {
             .get("additionalProperties")
             .is_none()
     );
+}
+
+/// The copies here are the project's shared test data, byte for byte, when
+/// that is beside the repository (it is in the project's CI).
+#[test]
+fn the_crd_copies_match_the_shared_test_data() {
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata");
+    if !shared.is_dir() {
+        eprintln!("skipped: no {}", shared.display());
+        return;
+    }
+    for file in [
+        "istio-crds.gen.yaml",
+        "multicluster.x-k8s.io_serviceexports.yaml",
+        "multicluster.x-k8s.io_serviceimports.yaml",
+    ] {
+        let ours = std::fs::read(crd_testdata().join(file)).unwrap();
+        let theirs = std::fs::read(shared.join(file)).unwrap();
+        assert!(
+            ours == theirs,
+            "tests/testdata/crds/{file} differs from {}",
+            shared.join(file).display()
+        );
+    }
 }
