@@ -23,6 +23,32 @@ users:\n- name: fake\n  user: {{}}\n"
     )
 }
 
+/// Starts the recorded API server of `controlplane/tests/testdata/<api>`
+/// and east's control plane in Kubernetes mode against it, with `extra`
+/// arguments.
+fn start_on_recorded_api(
+    s: &Scratch,
+    broker: &Broker,
+    api: &str,
+    extra: &[String],
+) -> (std::sync::Arc<fake_api::Fake>, ControlPlane) {
+    let recorded = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("controlplane/tests/testdata")
+        .join(api);
+    let (fake, url) = fake_api::Fake::start(recorded);
+    let kube = kubeconfig(s, &format!("{api}.kubeconfig"), &url);
+    let east = ControlPlane::start_with(
+        s,
+        broker,
+        "east",
+        "net-east",
+        "192.0.2.10:15443",
+        Some(&kube),
+        extra,
+    );
+    (fake, east)
+}
+
 /// Requests the certificate of `bookinfo/<account>` from `cp` with the
 /// recorded API's `reviews-token` (a token of `bookinfo-reviews`).
 async fn with_reviews_token(cp: &ControlPlane, account: &str) -> Result<Identity, String> {
@@ -73,18 +99,7 @@ async fn kubernetes_mode_reads_the_api_applies_imports_and_reviews_tokens() {
     let s = Scratch::new();
     let broker = Broker::start(&s.path("broker"), TD);
     // The recorded bookinfo cluster; `reviews` has a ServiceExport.
-    let recorded = Path::new(env!("CARGO_MANIFEST_DIR")).join("controlplane/tests/testdata/kube");
-    let (fake, url) = fake_api::Fake::start(recorded);
-    let kube = kubeconfig(&s, "kubeconfig", &url);
-    let east = ControlPlane::start_with(
-        &s,
-        &broker,
-        "east",
-        "net-east",
-        "192.0.2.10:15443",
-        Some(&kube),
-        &[],
-    );
+    let (fake, east) = start_on_recorded_api(&s, &broker, "kube", &[]);
     let west = ControlPlane::start(&s, &broker, "west", "net-west", "192.0.2.20:15443");
     put(
         &west.config,
@@ -205,17 +220,12 @@ async fn a_kubernetes_primary_serves_a_remote_cluster_from_its_api() {
     let s = Scratch::new();
     let broker = Broker::start(&s.path("broker"), TD);
     let testdata = Path::new(env!("CARGO_MANIFEST_DIR")).join("controlplane/tests/testdata");
-    let (_primary_api, url) = fake_api::Fake::start(testdata.join("kube"));
     let (remote_api, remote_url) = fake_api::Fake::start(testdata.join("kube-remote"));
-    let kube = kubeconfig(&s, "kubeconfig", &url);
     let remote_kube = kubeconfig(&s, "remote.kubeconfig", &remote_url);
-    let east = ControlPlane::start_with(
+    let (_primary_api, east) = start_on_recorded_api(
         &s,
         &broker,
-        "east",
-        "net-east",
-        "192.0.2.10:15443",
-        Some(&kube),
+        "kube",
         &[
             "--remote".to_string(),
             format!("remote={}", remote_kube.display()),
@@ -321,17 +331,11 @@ async fn the_injection_webhook_answers_the_api_server() {
     use clap::Parser;
     let s = Scratch::new();
     let broker = Broker::start(&s.path("broker"), TD);
-    let recorded = Path::new(env!("CARGO_MANIFEST_DIR")).join("controlplane/tests/testdata/kube");
-    let (_fake, url) = fake_api::Fake::start(recorded);
-    let kube = kubeconfig(&s, "kubeconfig", &url);
     let port = crate::common::free_port();
-    let east = ControlPlane::start_with(
+    let (_fake, east) = start_on_recorded_api(
         &s,
         &broker,
-        "east",
-        "net-east",
-        "192.0.2.10:15443",
-        Some(&kube),
+        "kube",
         &[
             "--inject-listen".to_string(),
             format!("127.0.0.1:{port}"),

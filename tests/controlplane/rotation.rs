@@ -13,6 +13,34 @@ use strait_ca::tls::{Accept, SpiffeServerVerifier, Trust};
 use crate::common::{Broker, Scratch, all_clusters, free_port, http_status};
 use crate::support::*;
 
+/// Polls `served` until it returns a chain (verified as `served` checks it)
+/// whose leaf is not the first of `before`; fails with `log` after
+/// [`WAIT`].
+async fn until_renewed<F, Fut>(
+    who: &str,
+    before: &[Vec<u8>],
+    mut served: F,
+    log: impl Fn() -> String,
+) -> Vec<Vec<u8>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<Vec<u8>>, String>>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match served().await {
+            Ok(chain) if chain.first() != before.first() => return chain,
+            other => assert!(
+                Instant::now() < deadline,
+                "{who} renewed no certificate under the new root after the control plane moved ({:?}):\n{}",
+                other.map(|_| "the same certificate"),
+                log()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The chain the mTLS listener at `addr` presents (with ALPN `alpn`),
 /// when it verifies under `trust` (else why not).
 fn served_chain(
@@ -128,26 +156,18 @@ async fn a_sidecar_and_a_gateway_renew_their_certificates_through_a_root_rotatio
         .unwrap(),
     );
     let before = served_chain(&inbound, b"http/1.1", &both, &client).unwrap();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match served_chain(&inbound, b"http/1.1", &new_only, &client) {
-            Ok(chain) if chain[0] != before[0] => {
-                let leaf = strait_ca::cert::CertSummary::from_der(&chain[0]).unwrap();
-                assert_eq!(
-                    leaf.spiffe_id.as_deref(),
-                    Some("spiffe://cluster.local/ns/demo/sa/echo")
-                );
-                break;
-            }
-            other => assert!(
-                Instant::now() < deadline,
-                "no certificate renewed under the new root after the control plane moved ({:?}):\n{}",
-                other.map(|_| "the same certificate"),
-                sidecar.log(&s)
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let chain = until_renewed(
+        "the sidecar",
+        &before,
+        || std::future::ready(served_chain(&inbound, b"http/1.1", &new_only, &client)),
+        || sidecar.log(&s),
+    )
+    .await;
+    let leaf = strait_ca::cert::CertSummary::from_der(&chain[0]).unwrap();
+    assert_eq!(
+        leaf.spiffe_id.as_deref(),
+        Some("spiffe://cluster.local/ns/demo/sa/echo")
+    );
     sidecar.assert_running(&s);
     assert_eq!(http_status(&health, "/healthz/ready"), Some(200));
 
@@ -159,19 +179,13 @@ async fn a_sidecar_and_a_gateway_renew_their_certificates_through_a_root_rotatio
     let before = crate::gateway::try_tunnel_chain(&gateway_listen, &peer, &both)
         .await
         .unwrap_or_default();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match crate::gateway::try_tunnel_chain(&gateway_listen, &peer, &new_only).await {
-            Ok(chain) if before.first() != chain.first() => break,
-            other => assert!(
-                Instant::now() < deadline,
-                "the gateway renewed no certificate under the new root ({:?}):\n{}",
-                other.map(|_| "the same certificate"),
-                gateway.log(&s)
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_renewed(
+        "the gateway",
+        &before,
+        || crate::gateway::try_tunnel_chain(&gateway_listen, &peer, &new_only),
+        || gateway.log(&s),
+    )
+    .await;
     gateway.assert_running(&s);
     assert_eq!(http_status(&gateway_health, "/healthz/ready"), Some(200));
 }
