@@ -46,6 +46,13 @@ pub const INTERCEPTION_ANNOTATION: &str = "sidecar.strait.io/interception";
 pub const INIT_CONTAINER: &str = "strait-init";
 /// The uid the sidecar runs as: its own traffic is never redirected.
 const PROXY_UID: u32 = 1337;
+/// The sidecar's listeners, as Istio numbers them. The iptables rules of
+/// the init container redirect to the first two, so both sides take them
+/// from here.
+const OUTBOUND_PORT: u16 = 15001;
+const INBOUND_PORT: u16 = 15006;
+const HEALTH_PORT: u16 = 15021;
+const METRICS_PORT: u16 = 15090;
 /// The largest AdmissionReview read (the API server's own limit is 3 MiB).
 pub const MAX_REVIEW: usize = 3 * 1024 * 1024;
 const TOKEN_VOLUME: &str = "strait-token";
@@ -146,13 +153,14 @@ pub fn patch_for(pod: &Value, cfg: &InjectConfig) -> Result<Option<Vec<Value>>, 
     }
 
     // The app's ports: the first is --app, the others --app-ports.
-    let mut ports: Vec<u64> = Vec::new();
+    let mut ports: Vec<u16> = Vec::new();
     for c in containers {
         for p in c["ports"].as_array().into_iter().flatten() {
             let tcp = p["protocol"].as_str().unwrap_or("TCP") == "TCP";
             if let Some(n) = p["containerPort"]
                 .as_u64()
-                .filter(|n| (1..=65535).contains(n))
+                .and_then(|n| u16::try_from(n).ok())
+                .filter(|n| *n != 0)
                 && tcp
                 && !ports.contains(&n)
             {
@@ -162,7 +170,7 @@ pub fn patch_for(pod: &Value, cfg: &InjectConfig) -> Result<Option<Vec<Value>>, 
     }
     if let Some(taken) = ports
         .iter()
-        .find(|p| [15001, 15006, 15021, 15090].contains(*p))
+        .find(|p| [OUTBOUND_PORT, INBOUND_PORT, HEALTH_PORT, METRICS_PORT].contains(*p))
     {
         return Err(format!(
             "the pod serves port {taken}, which the sidecar listens on"
@@ -176,15 +184,15 @@ pub fn patch_for(pod: &Value, cfg: &InjectConfig) -> Result<Option<Vec<Value>>, 
         format!("--control-plane={}", cfg.control_plane),
         "--token=/var/run/secrets/strait/tokens/istio-token".to_string(),
         "--root-cert=/etc/strait/roots/root-cert.pem".to_string(),
-        "--inbound=0.0.0.0:15006".to_string(),
+        format!("--inbound=0.0.0.0:{INBOUND_PORT}"),
         format!("--app=127.0.0.1:{app}"),
-        "--outbound=127.0.0.1:15001".to_string(),
-        "--health-listen=0.0.0.0:15021".to_string(),
-        "--metrics-listen=0.0.0.0:15090".to_string(),
+        format!("--outbound=127.0.0.1:{OUTBOUND_PORT}"),
+        format!("--health-listen=0.0.0.0:{HEALTH_PORT}"),
+        format!("--metrics-listen=0.0.0.0:{METRICS_PORT}"),
         "--log-format=json".to_string(),
     ];
     if ports.len() > 1 {
-        let others: Vec<String> = ports[1..].iter().map(u64::to_string).collect();
+        let others: Vec<String> = ports[1..].iter().map(u16::to_string).collect();
         args.push(format!("--app-ports={}", others.join(",")));
     }
     let field = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
@@ -200,12 +208,12 @@ pub fn patch_for(pod: &Value, cfg: &InjectConfig) -> Result<Option<Vec<Value>>, 
             field("SERVICE_ACCOUNT", "spec.serviceAccountName"),
         ],
         "ports": [
-            {"name": "tls-inbound", "containerPort": 15006},
-            {"name": "http-health", "containerPort": 15021},
-            {"name": "http-metrics", "containerPort": 15090},
+            {"name": "tls-inbound", "containerPort": INBOUND_PORT},
+            {"name": "http-health", "containerPort": HEALTH_PORT},
+            {"name": "http-metrics", "containerPort": METRICS_PORT},
         ],
         "readinessProbe": {
-            "httpGet": {"path": "/healthz/ready", "port": 15021},
+            "httpGet": {"path": "/healthz/ready", "port": HEALTH_PORT},
             "periodSeconds": 5,
         },
         "resources": {
@@ -268,9 +276,10 @@ pub fn patch_for(pod: &Value, cfg: &InjectConfig) -> Result<Option<Vec<Value>>, 
                     json!({"op": "add", "path": format!("/spec/containers/{i}/env"), "value": []}),
                 );
             }
+            let proxy = format!("http://127.0.0.1:{OUTBOUND_PORT}");
             for (name, value) in [
-                ("http_proxy", "http://127.0.0.1:15001"),
-                ("HTTP_PROXY", "http://127.0.0.1:15001"),
+                ("http_proxy", proxy.as_str()),
+                ("HTTP_PROXY", proxy.as_str()),
                 ("no_proxy", "localhost,127.0.0.1"),
                 ("NO_PROXY", "localhost,127.0.0.1"),
             ] {
@@ -308,8 +317,8 @@ fn init_container(cfg: &InjectConfig) -> Value {
             "iptables",
             "--apply",
             format!("--proxy-uid={PROXY_UID}"),
-            "--inbound-port=15006",
-            "--outbound-port=15001",
+            format!("--inbound-port={INBOUND_PORT}"),
+            format!("--outbound-port={OUTBOUND_PORT}"),
         ],
         "resources": {
             "requests": {"cpu": "10m", "memory": "16Mi"},
