@@ -3,7 +3,9 @@
 //! (`/metrics`).
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -28,7 +30,8 @@ impl Ready {
     }
 }
 
-fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+/// A response with `body` of `content_type`.
+pub fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
     if let Ok(v) = content_type.parse() {
@@ -37,19 +40,38 @@ fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Ful
     r
 }
 
+/// What an extra route answers.
+pub type RouteFuture = Pin<Box<dyn Future<Output = Response<Full<Bytes>>> + Send>>;
+
+/// Extra routes of a listener: the answer for a path it knows, `None` for
+/// the rest (the built-in paths come first).
+pub type Routes = Arc<dyn Fn(&str) -> Option<RouteFuture> + Send + Sync>;
+
 /// Serves health and/or metrics on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, ready: Ready, registry: Option<Arc<Registry>>) {
+    serve_with(listener, ready, registry, None).await
+}
+
+/// [`serve`], with extra routes.
+pub async fn serve_with(
+    listener: TcpListener,
+    ready: Ready,
+    registry: Option<Arc<Registry>>,
+    routes: Option<Routes>,
+) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             continue;
         };
         let ready = ready.clone();
         let registry = registry.clone();
+        let routes = routes.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(
                 move |req: http::Request<hyper::body::Incoming>| {
                     let ready = ready.clone();
                     let registry = registry.clone();
+                    let extra = routes.as_ref().and_then(|r| r(req.uri().path()));
                     async move {
                         let r = match (req.uri().path(), &registry) {
                             ("/healthz/ready", _) if ready.get() => {
@@ -78,7 +100,14 @@ pub async fn serve(listener: TcpListener, ready: Ready, registry: Option<Arc<Reg
                                     ),
                                 }
                             }
-                            _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+                            _ => match extra {
+                                Some(answer) => answer.await,
+                                None => respond(
+                                    StatusCode::NOT_FOUND,
+                                    "text/plain",
+                                    "not found\n".into(),
+                                ),
+                            },
                         };
                         Ok::<_, Infallible>(r)
                     }

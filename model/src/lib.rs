@@ -29,6 +29,8 @@
 //!   validation with errors that name the field path ([`istio::parse`]).
 //! - [`objects`]: the serde types of those Istio and MCS objects.
 //! - [`names`]: Kubernetes name rules and bounded generated names.
+//! - [`probe`]: the app probes an injected sidecar answers for the kubelet
+//!   under transparent interception ([`probe::AppProbers`]).
 //!
 //! # Object names
 //!
@@ -57,6 +59,7 @@ pub mod local;
 pub mod mesh;
 pub mod names;
 pub mod objects;
+pub mod probe;
 
 pub use export::{ExportError, ObjectKind, ObjectRef, export_decision};
 pub use imports::{ImportObjects, ImportWarning, import_objects};

@@ -27,6 +27,7 @@ pub mod inbound;
 pub mod metrics;
 pub mod outbound;
 pub mod policy;
+pub mod probe;
 pub mod transparent;
 
 use std::net::SocketAddr;

@@ -132,6 +132,14 @@ pub struct SidecarArgs {
     /// a first config).
     #[arg(long, value_name = "ADDR")]
     health_listen: Option<SocketAddr>,
+    /// The app's probes, answered on the health listener at
+    /// /app-health/<container>/<livez|readyz|startupz> by probing the app
+    /// on loopback: JSON from those paths to Kubernetes `httpGet` or
+    /// `tcpSocket` probes (ports as numbers), as the injector writes it
+    /// for transparent interception, where the kubelet's own probes would
+    /// meet the inbound mTLS listener.
+    #[arg(long, value_name = "JSON", env = strait_model::probe::ENV)]
+    app_probers: Option<String>,
     /// Prometheus metrics (/stats/prometheus).
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
@@ -308,6 +316,19 @@ pub fn run(args: SidecarArgs) -> Result<()> {
         .ok_or_else(|| missing("control-plane"))?;
     let token_file = args.token.clone().ok_or_else(|| missing("token"))?;
     let root_cert = args.root_cert.clone().ok_or_else(|| missing("root-cert"))?;
+    let app_probers = match &args.app_probers {
+        None => None,
+        Some(_) if args.health_listen.is_none() => {
+            return Err(super::UsageError(
+                "--app-probers are answered on the health listener: give --health-listen".into(),
+            )
+            .into());
+        }
+        Some(json) => Some(Arc::new(
+            strait_model::probe::AppProbers::parse(json)
+                .map_err(|e| super::UsageError(format!("--app-probers: {e}")))?,
+        )),
+    };
     let token = std::fs::read_to_string(&token_file)
         .with_context(|| format!("--token {}", token_file.display()))?;
     let sa = match &args.service_account {
@@ -338,7 +359,8 @@ pub fn run(args: SidecarArgs) -> Result<()> {
         let ready = Ready::default();
         if let Some(addr) = args.health_listen {
             let l = http::bind(addr, "health").await.map_err(anyhow::Error::msg)?;
-            tokio::spawn(http::serve(l, ready.clone(), None));
+            let routes = app_probers.map(strait_sidecar::probe::routes);
+            tokio::spawn(http::serve_with(l, ready.clone(), None, routes));
         }
         if let Some(addr) = args.metrics_listen {
             let l = http::bind(addr, "metrics").await.map_err(anyhow::Error::msg)?;

@@ -1,0 +1,343 @@
+//! The app probes a sidecar answers for the kubelet.
+//!
+//! Under transparent interception the kubelet's `httpGet` and `tcpSocket`
+//! probes of an app port are redirected to the sidecar's inbound listener,
+//! which under `STRICT` mTLS refuses plain text: the pod would never
+//! become ready. As Istio's injector does (`rewriteAppHTTPProbers`),
+//! strait's rewrites such a probe to an `httpGet` of the sidecar's health
+//! port (15021, never redirected) at `/app-health/<container>/<livez|readyz|startupz>`
+//! and hands the sidecar the original probe in the environment variable
+//! [`ENV`], a JSON object from those paths to [`AppProbe`]s (the shape of
+//! Istio's `ISTIO_KUBE_APP_PROBERS`). The sidecar then probes the app on
+//! loopback, where its own connections are not redirected.
+//!
+//! [`AppProbers::parse`] reads that variable; it comes from the pod's spec,
+//! so it is checked as untrusted input: paths, ports, header names and
+//! values that could not go into a request line are refused, naming the
+//! entry.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The environment variable that carries the probes to the sidecar.
+pub const ENV: &str = "STRAIT_APP_PROBERS";
+/// Every rewritten probe's path starts with this.
+pub const PATH_PREFIX: &str = "/app-health/";
+/// The largest [`ENV`] value read.
+pub const MAX_LEN: usize = 64 * 1024;
+/// The most probes one sidecar answers (three per container).
+pub const MAX_PROBES: usize = 96;
+/// The longest timeout a probe may ask for, in seconds.
+pub const MAX_TIMEOUT_SECONDS: u32 = 3600;
+
+/// One probe of the app, as the pod's spec gave it (named ports resolved
+/// to numbers).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AppProbe {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_get: Option<HttpGet>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_socket: Option<TcpSocket>,
+    /// As the kubelet's: the whole probe must answer within it.
+    #[serde(default = "one_second")]
+    pub timeout_seconds: u32,
+}
+
+fn one_second() -> u32 {
+    1
+}
+
+/// An HTTP GET of the app on loopback; 200–399 is success, as for the
+/// kubelet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpGet {
+    pub path: String,
+    pub port: u16,
+    /// Only `HTTP` (HTTPS probes are not rewritten).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http_headers: Vec<Header>,
+}
+
+/// A request header of an [`HttpGet`] probe.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Header {
+    pub name: String,
+    pub value: String,
+}
+
+/// A TCP connect to the app on loopback.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpSocket {
+    pub port: u16,
+}
+
+/// A bad [`ENV`] value; it names the entry and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{ENV}: {0}")]
+pub struct ProbeError(String);
+
+/// The probes a sidecar answers, by path.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct AppProbers(BTreeMap<String, AppProbe>);
+
+impl AppProbers {
+    /// Reads and checks an [`ENV`] value.
+    pub fn parse(text: &str) -> Result<Self, ProbeError> {
+        if text.len() > MAX_LEN {
+            return Err(ProbeError(format!(
+                "{} bytes, more than {MAX_LEN}",
+                text.len()
+            )));
+        }
+        let probers: AppProbers =
+            serde_json::from_str(text).map_err(|e| ProbeError(format!("not valid: {e}")))?;
+        if probers.0.len() > MAX_PROBES {
+            return Err(ProbeError(format!(
+                "{} probes, more than {MAX_PROBES}",
+                probers.0.len()
+            )));
+        }
+        for (path, probe) in &probers.0 {
+            check(path, probe).map_err(|why| ProbeError(format!("{path:?}: {why}")))?;
+        }
+        Ok(probers)
+    }
+
+    /// Adds a probe; the same checks as [`AppProbers::parse`].
+    pub fn insert(&mut self, path: String, probe: AppProbe) -> Result<(), ProbeError> {
+        check(&path, &probe).map_err(|why| ProbeError(format!("{path:?}: {why}")))?;
+        self.0.insert(path, probe);
+        Ok(())
+    }
+
+    /// The probe answered at `path`.
+    pub fn get(&self, path: &str) -> Option<&AppProbe> {
+        self.0.get(path)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The [`ENV`] value.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(&self.0).expect("probes serialize")
+    }
+}
+
+/// The path a rewritten probe of `container` asks the sidecar for;
+/// `kind` is `livez`, `readyz` or `startupz`.
+pub fn path_for(container: &str, kind: &str) -> String {
+    format!("{PATH_PREFIX}{container}/{kind}")
+}
+
+fn check(path: &str, probe: &AppProbe) -> Result<(), String> {
+    let rest = path
+        .strip_prefix(PATH_PREFIX)
+        .ok_or_else(|| format!("the path does not start with {PATH_PREFIX}"))?;
+    if rest.is_empty()
+        || !rest
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#')
+    {
+        return Err(
+            "the path needs a name after the prefix, of printable characters with no '?' or '#'"
+                .into(),
+        );
+    }
+    if probe.timeout_seconds == 0 || probe.timeout_seconds > MAX_TIMEOUT_SECONDS {
+        return Err(format!(
+            "timeoutSeconds {} is not between 1 and {MAX_TIMEOUT_SECONDS}",
+            probe.timeout_seconds
+        ));
+    }
+    match (&probe.http_get, &probe.tcp_socket) {
+        (Some(get), None) => {
+            if get.port == 0 {
+                return Err("httpGet.port is 0".into());
+            }
+            if !get.path.starts_with('/') || !get.path.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(format!(
+                    "httpGet.path {:?} does not start with '/' or has spaces or control characters",
+                    get.path
+                ));
+            }
+            if let Some(s) = &get.scheme
+                && !s.eq_ignore_ascii_case("HTTP")
+            {
+                return Err(format!("httpGet.scheme {s:?}: only HTTP is probed"));
+            }
+            for h in &get.http_headers {
+                if http_token(&h.name).is_none() {
+                    return Err(format!("header name {:?} is not an HTTP token", h.name));
+                }
+                if h.value.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
+                    return Err(format!(
+                        "header {} has a control character in its value",
+                        h.name
+                    ));
+                }
+            }
+            Ok(())
+        }
+        (None, Some(tcp)) if tcp.port == 0 => Err("tcpSocket.port is 0".into()),
+        (None, Some(_)) => Ok(()),
+        _ => Err("needs exactly one of httpGet and tcpSocket".into()),
+    }
+}
+
+/// `name` when it is a non-empty RFC 9110 token.
+fn http_token(name: &str) -> Option<&str> {
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    ok.then_some(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{
+        "/app-health/app/livez": {"httpGet": {"path": "/healthz?full=1", "port": 8080, "scheme": "HTTP",
+            "httpHeaders": [{"name": "X-Probe", "value": "kubelet"}]}, "timeoutSeconds": 3},
+        "/app-health/app/readyz": {"tcpSocket": {"port": 8080}}
+    }"#;
+
+    #[test]
+    fn reads_what_the_injector_writes() {
+        let p = AppProbers::parse(GOOD).unwrap();
+        assert_eq!(p.len(), 2);
+        let live = p.get("/app-health/app/livez").unwrap();
+        assert_eq!(live.timeout_seconds, 3);
+        assert_eq!(live.http_get.as_ref().unwrap().path, "/healthz?full=1");
+        let ready = p.get("/app-health/app/readyz").unwrap();
+        assert_eq!(ready.timeout_seconds, 1, "the kubelet's default");
+        assert_eq!(ready.tcp_socket, Some(TcpSocket { port: 8080 }));
+        assert_eq!(AppProbers::parse(&p.to_json()).unwrap(), p, "round trip");
+        assert_eq!(
+            path_for("app", "livez"),
+            "/app-health/app/livez",
+            "the path the injector rewrites to"
+        );
+    }
+
+    #[test]
+    fn bad_values_are_refused_naming_the_entry() {
+        let cases: &[(&str, &str)] = &[
+            ("", "not valid"),
+            ("[]", "not valid"),
+            (
+                r#"{"/app-health/a/livez": {"httpGet": {"path": "/", "port": "http"}}}"#,
+                "not valid",
+            ),
+            (
+                r#"{"/app-health/a/livez": {"exec": {"command": ["true"]}}}"#,
+                "not valid",
+            ),
+            (
+                r#"{"/app-health/a/livez": {"httpGet": {"path": "/", "port": 70000}}}"#,
+                "not valid",
+            ),
+            (
+                r#"{"/healthz": {"tcpSocket": {"port": 1}}}"#,
+                "\"/healthz\": the path does not start",
+            ),
+            (
+                r#"{"/app-health/": {"tcpSocket": {"port": 1}}}"#,
+                "needs a name",
+            ),
+            (
+                r#"{"/app-health/a b": {"tcpSocket": {"port": 1}}}"#,
+                "needs a name",
+            ),
+            (
+                r#"{"/app-health/a/livez": {"tcpSocket": {"port": 0}}}"#,
+                "tcpSocket.port is 0",
+            ),
+            (
+                r#"{"/app-health/a/livez": {"httpGet": {"path": "/", "port": 0}}}"#,
+                "httpGet.port is 0",
+            ),
+            (r#"{"/app-health/a/livez": {}}"#, "exactly one of"),
+            (
+                r#"{"/app-health/a/livez": {"httpGet": {"path": "/", "port": 1}, "tcpSocket": {"port": 1}}}"#,
+                "exactly one of",
+            ),
+            (
+                r#"{"/app-health/a/livez": {"httpGet": {"path": "healthz", "port": 1}}}"#,
+                "\"healthz\" does not start",
+            ),
+            (
+                r#"{"/app-health/a/livez": {"httpGet": {"path": "/a b", "port": 1}}}"#,
+                "has spaces",
+            ),
+            (
+                r#"{"/app-health/a/livez": {"httpGet": {"path": "/a\r\nX: y", "port": 1}}}"#,
+                "control",
+            ),
+            (
+                r#"{"/app-health/a/livez": {"httpGet": {"path": "/", "port": 1, "scheme": "HTTPS"}}}"#,
+                "only HTTP",
+            ),
+            (
+                r#"{"/app-health/a/livez": {"httpGet": {"path": "/", "port": 1, "httpHeaders": [{"name": "A:B", "value": ""}]}}}"#,
+                "\"A:B\" is not an HTTP token",
+            ),
+            (
+                r#"{"/app-health/a/livez": {"httpGet": {"path": "/", "port": 1, "httpHeaders": [{"name": "A", "value": "x\ny"}]}}}"#,
+                "header A has a control character",
+            ),
+            (
+                r#"{"/app-health/a/livez": {"tcpSocket": {"port": 1}, "timeoutSeconds": 0}}"#,
+                "timeoutSeconds 0",
+            ),
+            (
+                r#"{"/app-health/a/livez": {"tcpSocket": {"port": 1}, "timeoutSeconds": 3601}}"#,
+                "timeoutSeconds 3601",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = AppProbers::parse(text).unwrap_err().to_string();
+            assert!(err.starts_with(ENV), "{text}: {err}");
+            assert!(err.contains(want), "{text}: {err:?} should say {want:?}");
+        }
+        let huge = format!("{{\"{}\": 1}}", "x".repeat(MAX_LEN));
+        assert!(
+            AppProbers::parse(&huge)
+                .unwrap_err()
+                .to_string()
+                .contains("more than")
+        );
+        let many: Vec<String> = (0..=MAX_PROBES)
+            .map(|i| format!("\"/app-health/c{i}/livez\": {{\"tcpSocket\": {{\"port\": 1}}}}"))
+            .collect();
+        let err = AppProbers::parse(&format!("{{{}}}", many.join(","))).unwrap_err();
+        assert!(err.to_string().contains("97 probes"), "{err}");
+    }
+
+    #[test]
+    fn insert_checks_as_parse_does() {
+        let mut p = AppProbers::default();
+        let tcp = AppProbe {
+            http_get: None,
+            tcp_socket: Some(TcpSocket { port: 0 }),
+            timeout_seconds: 1,
+        };
+        assert!(p.insert("/app-health/a/livez".into(), tcp).is_err());
+        assert!(p.is_empty());
+    }
+}

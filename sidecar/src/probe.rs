@@ -1,0 +1,278 @@
+//! The kubelet's app probes, answered on the sidecar's health listener.
+//!
+//! Under transparent interception the injector rewrites an app
+//! container's `httpGet` and `tcpSocket` probes to `GET
+//! /app-health/<container>/<livez|readyz|startupz>` on the health port
+//! (see [`strait_model::probe`]); [`routes`] answers those paths by
+//! probing the app on loopback, where the sidecar's own connections are
+//! not redirected, so the probe works whatever the inbound mTLS mode.
+//! The answer is 200 when the app's is (HTTP 200–399, or a TCP connect
+//! within the probe's timeout), 503 naming what failed otherwise.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::StatusCode;
+use http::header::{HOST, HeaderName, HeaderValue, USER_AGENT};
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use strait_broker::http::{Routes, respond};
+use strait_model::probe::{AppProbe, AppProbers};
+use tokio::net::TcpStream;
+
+/// The health listener's routes for `probers`.
+pub fn routes(probers: Arc<AppProbers>) -> Routes {
+    Arc::new(move |path: &str| {
+        let probe = probers.get(path)?.clone();
+        let path = path.to_string();
+        Some(Box::pin(async move {
+            match check(&probe).await {
+                Ok(()) => respond(StatusCode::OK, "text/plain", "ok\n".into()),
+                Err(why) => {
+                    tracing::debug!(%path, %why, "app probe failed");
+                    respond(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        format!("{why}\n"),
+                    )
+                }
+            }
+        }))
+    })
+}
+
+/// Probes the app once; the error says what failed.
+pub async fn check(probe: &AppProbe) -> Result<(), String> {
+    let limit = Duration::from_secs(probe.timeout_seconds.into());
+    tokio::time::timeout(limit, attempt(probe))
+        .await
+        .map_err(|_| format!("{}: no answer within {limit:?}", target(probe)))?
+}
+
+fn target(probe: &AppProbe) -> String {
+    match (&probe.http_get, &probe.tcp_socket) {
+        (Some(get), _) => format!("http://127.0.0.1:{}{}", get.port, get.path),
+        (None, Some(tcp)) => format!("tcp 127.0.0.1:{}", tcp.port),
+        (None, None) => "nothing to probe".to_string(),
+    }
+}
+
+async fn attempt(probe: &AppProbe) -> Result<(), String> {
+    let what = target(probe);
+    let (port, get) = match (&probe.http_get, &probe.tcp_socket) {
+        (Some(get), _) => (get.port, Some(get)),
+        (None, Some(tcp)) => (tcp.port, None),
+        (None, None) => return Err(what),
+    };
+    let tcp = TcpStream::connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+        .await
+        .map_err(|e| format!("{what}: {e}"))?;
+    let Some(get) = get else {
+        return Ok(());
+    };
+    let mut request = http::Request::get(get.path.as_str())
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("{what}: {e}"))?;
+    let headers = request.headers_mut();
+    headers.insert(USER_AGENT, HeaderValue::from_static("kube-probe/strait"));
+    headers.insert(
+        HOST,
+        HeaderValue::from_str(&format!("127.0.0.1:{port}")).expect("an address is a header value"),
+    );
+    for h in &get.http_headers {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|e| format!("{what}: header {}: {e}", h.name))?;
+        let value = HeaderValue::from_bytes(h.value.as_bytes())
+            .map_err(|e| format!("{what}: header {}: {e}", h.name))?;
+        // As the kubelet: a probe's own Host or User-Agent replaces ours.
+        if name == HOST || name == USER_AGENT {
+            headers.insert(name, value);
+        } else {
+            headers.append(name, value);
+        }
+    }
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| format!("{what}: {e}"))?;
+    let answer = send.send_request(request);
+    tokio::pin!(conn, answer);
+    // The connection may end (the app closes after answering) in the same
+    // poll that hands over the answer: then the answer is still taken.
+    let response = tokio::select! {
+        biased;
+        r = &mut answer => r,
+        c = &mut conn => match c {
+            Ok(()) => answer.await,
+            Err(e) => return Err(format!("{what}: {e}")),
+        },
+    }
+    .map_err(|e| format!("{what}: {e}"))?;
+    let status = response.status();
+    if (200..400).contains(&status.as_u16()) {
+        Ok(())
+    } else {
+        Err(format!("{what} answered {status}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use strait_model::probe::{Header, HttpGet, TcpSocket};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    fn http(port: u16, path: &str, headers: Vec<Header>) -> AppProbe {
+        AppProbe {
+            http_get: Some(HttpGet {
+                path: path.into(),
+                port,
+                scheme: None,
+                http_headers: headers,
+            }),
+            tcp_socket: None,
+            timeout_seconds: 1,
+        }
+    }
+
+    /// An app that answers every request with `status` and hands back the
+    /// request heads it read.
+    async fn app(status: &'static str) -> (u16, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        let n = s.read(&mut buf).await.unwrap();
+                        if n == 0 {
+                            return;
+                        }
+                        head.extend_from_slice(&buf[..n]);
+                    }
+                    let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
+                    let reply = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n");
+                    let _ = s.write_all(reply.as_bytes()).await;
+                });
+            }
+        });
+        (port, rx)
+    }
+
+    #[tokio::test]
+    async fn an_http_probe_passes_on_2xx_and_3xx_with_the_probes_headers() {
+        for status in ["200 OK", "302 Found"] {
+            let (port, mut heads) = app(status).await;
+            let probe = http(
+                port,
+                "/healthz?deep=1",
+                vec![
+                    Header {
+                        name: "Host".into(),
+                        value: "app.example".into(),
+                    },
+                    Header {
+                        name: "X-Probe".into(),
+                        value: "kubelet".into(),
+                    },
+                ],
+            );
+            check(&probe).await.unwrap();
+            let head = heads.recv().await.unwrap().to_ascii_lowercase();
+            assert!(
+                head.starts_with("get /healthz?deep=1 http/1.1\r\n"),
+                "{head}"
+            );
+            assert!(
+                head.contains("host: app.example\r\n"),
+                "the probe's Host wins: {head}"
+            );
+            assert!(!head.contains("host: 127.0.0.1"), "one Host only: {head}");
+            assert!(head.contains("x-probe: kubelet\r\n"), "{head}");
+            assert!(head.contains("user-agent: kube-probe/strait\r\n"), "{head}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_http_probe_fails_on_an_error_status_naming_it() {
+        let (port, _heads) = app("500 Internal Server Error").await;
+        let err = check(&http(port, "/healthz", vec![])).await.unwrap_err();
+        assert_eq!(
+            err,
+            format!("http://127.0.0.1:{port}/healthz answered 500 Internal Server Error")
+        );
+    }
+
+    #[tokio::test]
+    async fn probes_fail_on_a_closed_port_or_a_silent_app() {
+        // A port nothing listens on: bind, note it, close.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let tcp = AppProbe {
+            http_get: None,
+            tcp_socket: Some(TcpSocket { port: closed }),
+            timeout_seconds: 1,
+        };
+        let err = check(&tcp).await.unwrap_err();
+        assert!(
+            err.starts_with(&format!("tcp 127.0.0.1:{closed}: ")),
+            "{err}"
+        );
+        assert!(check(&http(closed, "/", vec![])).await.is_err());
+
+        // Accepts and never answers: the probe's timeout ends it.
+        let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = silent.local_addr().unwrap().port();
+        let started = tokio::time::Instant::now();
+        let err = check(&http(port, "/", vec![])).await.unwrap_err();
+        assert!(err.ends_with("no answer within 1s"), "{err}");
+        assert!(started.elapsed() >= Duration::from_secs(1));
+        drop(silent);
+    }
+
+    #[tokio::test]
+    async fn a_tcp_probe_passes_when_the_port_accepts() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = AppProbe {
+            http_get: None,
+            tcp_socket: Some(TcpSocket {
+                port: l.local_addr().unwrap().port(),
+            }),
+            timeout_seconds: 1,
+        };
+        check(&tcp).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn routes_answer_known_paths_only() {
+        let (up, _h1) = app("204 No Content").await;
+        let (down, _h2) = app("503 Service Unavailable").await;
+        let mut probers = AppProbers::default();
+        probers
+            .insert("/app-health/app/livez".into(), http(up, "/live", vec![]))
+            .unwrap();
+        probers
+            .insert(
+                "/app-health/app/readyz".into(),
+                http(down, "/ready", vec![]),
+            )
+            .unwrap();
+        let routes = routes(Arc::new(probers));
+        assert!(routes("/app-health/other/livez").is_none());
+        assert!(routes("/healthz/ready").is_none());
+        let live = routes("/app-health/app/livez").unwrap().await;
+        assert_eq!(live.status(), StatusCode::OK);
+        let ready = routes("/app-health/app/readyz").unwrap().await;
+        assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+}
