@@ -21,7 +21,14 @@
 //! TCP to the sidecar: the app's outbound connections to 15001 and inbound
 //! ones to 15006, the sidecar's own (uid 1337) and ports 15021 and 15090
 //! spared. The app then needs no proxy setting. It runs after the pod's
-//! other init containers, so that they reach the network directly.
+//! other init containers, so that they reach the network directly. The
+//! app containers' `httpGet` (HTTP) and `tcpSocket` probes, which would
+//! otherwise meet the inbound listener as plaintext (refused under
+//! STRICT), are rewritten to `/app-health/<container>/<kind>` on the
+//! sidecar's health port, and the sidecar is given the originals to run
+//! on loopback ([`strait_model::probe`]);
+//! `sidecar.strait.io/rewriteAppHTTPProbers: "false"` keeps them as they
+//! are.
 //!
 //! A pod is left alone when it asks (`sidecar.strait.io/inject: "false"`),
 //! when it already has a `strait-sidecar` container, or when it runs in
@@ -29,6 +36,7 @@
 
 use base64::Engine;
 use serde_json::{Value, json};
+use strait_model::probe::{self, AppProbe, AppProbers, Header, HttpGet, TcpSocket};
 
 /// The MutatingWebhookConfiguration whose `caBundle` the control plane
 /// keeps equal to the mesh roots.
@@ -42,6 +50,10 @@ pub const STATUS_ANNOTATION: &str = "sidecar.strait.io/status";
 /// A pod annotation: how the app's traffic reaches the sidecar,
 /// `explicit` (the default: `http_proxy`) or `transparent` (iptables).
 pub const INTERCEPTION_ANNOTATION: &str = "sidecar.strait.io/interception";
+/// A pod annotation: `"false"` leaves the app's probes as they are under
+/// transparent interception (by default they are rewritten, as Istio's
+/// annotation of the same name does).
+pub const REWRITE_PROBES_ANNOTATION: &str = "sidecar.strait.io/rewriteAppHTTPProbers";
 /// The init container that sets up transparent interception.
 pub const INIT_CONTAINER: &str = "strait-init";
 /// The uid the sidecar runs as: its own traffic is never redirected.
@@ -135,6 +147,20 @@ pub fn patch_for(pod: &Value, cfg: &InjectConfig) -> Result<Option<Vec<Value>>, 
             ));
         }
     };
+    let rewrite_probes = match annotations[REWRITE_PROBES_ANNOTATION].as_str() {
+        None | Some("true") => transparent,
+        Some("false") => false,
+        Some(other) => {
+            return Err(format!(
+                "annotation {REWRITE_PROBES_ANNOTATION}: {other:?} is neither \"true\" nor \"false\""
+            ));
+        }
+    };
+    let (probe_ops, probers) = if rewrite_probes {
+        rewritten_probes(containers)?
+    } else {
+        (Vec::new(), AppProbers::default())
+    };
     let init_containers = pod["spec"]["initContainers"].as_array();
     if transparent
         && init_containers.is_some_and(|cs| cs.iter().any(|c| c["name"] == INIT_CONTAINER))
@@ -196,7 +222,7 @@ pub fn patch_for(pod: &Value, cfg: &InjectConfig) -> Result<Option<Vec<Value>>, 
         args.push(format!("--app-ports={}", others.join(",")));
     }
     let field = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
-    let sidecar = json!({
+    let mut sidecar = json!({
         "name": CONTAINER,
         "image": cfg.image,
         "imagePullPolicy": "IfNotPresent",
@@ -250,6 +276,14 @@ pub fn patch_for(pod: &Value, cfg: &InjectConfig) -> Result<Option<Vec<Value>>, 
         "configMap": {"name": super::roots::NAME},
     });
 
+    if !probers.is_empty() {
+        // Kubernetes expands $(VAR) in env values; $$ keeps a '$'.
+        sidecar["env"]
+            .as_array_mut()
+            .expect("env is a list")
+            .push(json!({"name": probe::ENV, "value": probers.to_json().replace('$', "$$")}));
+    }
+
     let mut ops = Vec::new();
     if volumes.is_none() {
         ops.push(json!({"op": "add", "path": "/spec/volumes", "value": []}));
@@ -293,6 +327,7 @@ pub fn patch_for(pod: &Value, cfg: &InjectConfig) -> Result<Option<Vec<Value>>, 
             }
         }
     }
+    ops.extend(probe_ops);
     if !annotations.is_object() {
         ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": {}}));
     }
@@ -302,6 +337,134 @@ pub fn patch_for(pod: &Value, cfg: &InjectConfig) -> Result<Option<Vec<Value>>, 
         "value": "injected",
     }));
     Ok(Some(ops))
+}
+
+/// The app containers' `httpGet` (HTTP) and `tcpSocket` probes, rewritten
+/// to `httpGet` of the sidecar's health port at
+/// `/app-health/<container>/<livez|readyz|startupz>` (JSON Patch
+/// operations), and the originals the sidecar is to run for them. Probes
+/// that do not go through the inbound redirect stay as they are: `exec`
+/// and `grpc` probes, HTTPS ones (the sidecar does not probe over TLS) and
+/// ones aimed at another `host`.
+fn rewritten_probes(containers: &[Value]) -> Result<(Vec<Value>, AppProbers), String> {
+    let mut ops = Vec::new();
+    let mut probers = AppProbers::default();
+    for (i, c) in containers.iter().enumerate() {
+        let name = c["name"]
+            .as_str()
+            .ok_or_else(|| format!("container {i} has no name"))?;
+        for (field, kind) in [
+            ("livenessProbe", "livez"),
+            ("readinessProbe", "readyz"),
+            ("startupProbe", "startupz"),
+        ] {
+            let Some(spec) = c[field].as_object() else {
+                continue;
+            };
+            let at = |what: &str| format!("container {name}: {field}.{what}");
+            let timeout_seconds = match &spec.get("timeoutSeconds") {
+                None => 1,
+                Some(t) => t
+                    .as_u64()
+                    .and_then(|t| u32::try_from(t).ok())
+                    .ok_or_else(|| {
+                        format!("{}: {t} is not a number of seconds", at("timeoutSeconds"))
+                    })?
+                    .clamp(1, probe::MAX_TIMEOUT_SECONDS),
+            };
+            let original = if let Some(get) = spec.get("httpGet") {
+                let scheme = get["scheme"].as_str().unwrap_or("HTTP");
+                if !scheme.eq_ignore_ascii_case("HTTP")
+                    || get["host"].as_str().is_some_and(|h| !h.is_empty())
+                {
+                    continue;
+                }
+                let path = get["path"].as_str().unwrap_or_default();
+                let mut http_headers = Vec::new();
+                for h in get["httpHeaders"].as_array().into_iter().flatten() {
+                    let (Some(name), Some(value)) = (h["name"].as_str(), h["value"].as_str())
+                    else {
+                        return Err(format!(
+                            "{}: {h} needs a name and a value",
+                            at("httpGet.httpHeaders")
+                        ));
+                    };
+                    http_headers.push(Header {
+                        name: name.into(),
+                        value: value.into(),
+                    });
+                }
+                AppProbe {
+                    http_get: Some(HttpGet {
+                        // The kubelet asks for "/" when the path is empty.
+                        path: if path.starts_with('/') {
+                            path.into()
+                        } else {
+                            format!("/{path}")
+                        },
+                        port: container_port(c, &get["port"])
+                            .map_err(|e| format!("{}: {e}", at("httpGet.port")))?,
+                        scheme: None,
+                        http_headers,
+                    }),
+                    tcp_socket: None,
+                    timeout_seconds,
+                }
+            } else if let Some(tcp) = spec.get("tcpSocket") {
+                if tcp["host"].as_str().is_some_and(|h| !h.is_empty()) {
+                    continue;
+                }
+                AppProbe {
+                    http_get: None,
+                    tcp_socket: Some(TcpSocket {
+                        port: container_port(c, &tcp["port"])
+                            .map_err(|e| format!("{}: {e}", at("tcpSocket.port")))?,
+                    }),
+                    timeout_seconds,
+                }
+            } else {
+                continue;
+            };
+            let path = probe::path_for(name, kind);
+            probers
+                .insert(path.clone(), original)
+                .map_err(|e| format!("container {name}: {field}: {e}"))?;
+            let mut rewritten = spec.clone();
+            rewritten.remove("tcpSocket");
+            rewritten.insert(
+                "httpGet".into(),
+                json!({"path": path, "port": HEALTH_PORT, "scheme": "HTTP"}),
+            );
+            ops.push(json!({
+                "op": "replace",
+                "path": format!("/spec/containers/{i}/{field}"),
+                "value": rewritten,
+            }));
+        }
+    }
+    Ok((ops, probers))
+}
+
+/// A probe's port: a number, or the name of one of the container's ports
+/// (then, as the kubelet, a number written as a string).
+fn container_port(container: &Value, port: &Value) -> Result<u16, String> {
+    let number = |n: u64| u16::try_from(n).ok().filter(|n| *n != 0);
+    match port {
+        Value::Number(n) => n
+            .as_u64()
+            .and_then(number)
+            .ok_or_else(|| format!("{n} is not a port")),
+        Value::String(name) => container["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["name"] == name.as_str())
+            .and_then(|p| p["containerPort"].as_u64())
+            .and_then(number)
+            .or_else(|| name.parse().ok().and_then(number))
+            .ok_or_else(|| format!("{name:?} is neither a port of the container nor a number")),
+        other => Err(format!("{other} is not a port")),
+    }
 }
 
 /// `strait-init`: the iptables rules of transparent interception, applied
@@ -369,10 +532,12 @@ mod tests {
         .unwrap()
     }
 
-    /// Applies a JSON Patch of `add` operations (all the injector makes).
+    /// Applies a JSON Patch of `add` and `replace` operations (all the
+    /// injector makes).
     fn apply(mut doc: Value, ops: &[Value]) -> Value {
         for op in ops {
-            assert_eq!(op["op"], "add", "{op}");
+            let replace = op["op"] == "replace";
+            assert!(replace || op["op"] == "add", "{op}");
             let path = op["path"].as_str().unwrap();
             let (parent, last) = path.rsplit_once('/').unwrap();
             let last = last.replace("~1", "/").replace("~0", "~");
@@ -384,9 +549,14 @@ mod tests {
                 };
             }
             match target {
-                Value::Array(a) if last == "-" => a.push(op["value"].clone()),
+                Value::Array(a) if last == "-" && !replace => a.push(op["value"].clone()),
                 Value::Object(o) => {
-                    o.insert(last, op["value"].clone());
+                    let old = o.insert(last, op["value"].clone());
+                    assert_eq!(
+                        old.is_some(),
+                        replace,
+                        "{op}: replace needs the member, add must not"
+                    );
                 }
                 other => panic!("cannot add {path} to {other}"),
             }
@@ -441,6 +611,161 @@ mod tests {
         );
         // Injecting the injected pod again changes nothing.
         assert_eq!(patch_for(&patched, &cfg()).unwrap(), None);
+    }
+
+    /// The sidecar's env value of `name`.
+    fn sidecar_env(patched: &Value, name: &str) -> Option<String> {
+        patched["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == CONTAINER)
+            .unwrap()["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .map(|e| e["value"].as_str().unwrap().to_string())
+    }
+
+    fn probed_pod(annotations: Value) -> Value {
+        json!({
+            "metadata": {"annotations": annotations},
+            "spec": {"containers": [
+                {
+                    "name": "web",
+                    "ports": [{"name": "http", "containerPort": 8080}, {"name": "admin", "containerPort": 9901}],
+                    "livenessProbe": {
+                        "httpGet": {"path": "/healthz", "port": "http",
+                                    "httpHeaders": [{"name": "X-Probe", "value": "k$(HOME)"}]},
+                        "timeoutSeconds": 3, "periodSeconds": 7, "failureThreshold": 2,
+                    },
+                    "readinessProbe": {"tcpSocket": {"port": 9901}},
+                    "startupProbe": {"exec": {"command": ["true"]}},
+                },
+                {
+                    "name": "tls",
+                    "ports": [{"containerPort": 8443}],
+                    "readinessProbe": {"httpGet": {"path": "/ready", "port": 8443, "scheme": "HTTPS"}},
+                    "livenessProbe": {"httpGet": {"path": "/up", "port": "8443", "host": "10.0.0.9"}},
+                },
+            ]},
+        })
+    }
+
+    #[test]
+    fn a_transparent_pods_http_and_tcp_probes_go_to_the_sidecar() {
+        let p = probed_pod(json!({INTERCEPTION_ANNOTATION: "transparent"}));
+        let patched = apply(p.clone(), &patch_for(&p, &cfg()).unwrap().unwrap());
+        let web = &patched["spec"]["containers"][0];
+        // Rewritten to the health port, the probe's timing kept.
+        assert_eq!(
+            web["livenessProbe"],
+            json!({
+                "httpGet": {"path": "/app-health/web/livez", "port": 15021, "scheme": "HTTP"},
+                "timeoutSeconds": 3, "periodSeconds": 7, "failureThreshold": 2,
+            })
+        );
+        assert_eq!(
+            web["readinessProbe"],
+            json!({"httpGet": {"path": "/app-health/web/readyz", "port": 15021, "scheme": "HTTP"}})
+        );
+        // Probes that do not meet the inbound redirect stay.
+        assert_eq!(
+            web["startupProbe"],
+            p["spec"]["containers"][0]["startupProbe"]
+        );
+        assert_eq!(patched["spec"]["containers"][1], p["spec"]["containers"][1]);
+
+        // The sidecar runs the originals, named ports resolved; '$' is
+        // written "$$" so that Kubernetes does not expand $(HOME).
+        let env = sidecar_env(&patched, probe::ENV).unwrap();
+        assert!(env.contains("k$$(HOME)"), "{env}");
+        let probers = AppProbers::parse(&env.replace("$$", "$")).unwrap();
+        assert_eq!(probers.len(), 2);
+        let live = probers.get("/app-health/web/livez").unwrap();
+        let get = live.http_get.as_ref().unwrap();
+        assert_eq!(
+            (get.path.as_str(), get.port, live.timeout_seconds),
+            ("/healthz", 8080, 3)
+        );
+        assert_eq!(
+            get.http_headers,
+            vec![Header {
+                name: "X-Probe".into(),
+                value: "k$(HOME)".into()
+            }]
+        );
+        assert_eq!(
+            probers.get("/app-health/web/readyz").unwrap().tcp_socket,
+            Some(TcpSocket { port: 9901 })
+        );
+        // Injected once: the patched pod is left alone.
+        assert_eq!(patch_for(&patched, &cfg()).unwrap(), None);
+    }
+
+    #[test]
+    fn probes_stay_in_explicit_mode_or_when_the_pod_says_so() {
+        for annotations in [
+            json!({}),
+            json!({INTERCEPTION_ANNOTATION: "transparent", REWRITE_PROBES_ANNOTATION: "false"}),
+        ] {
+            let p = probed_pod(annotations);
+            let patched = apply(p.clone(), &patch_for(&p, &cfg()).unwrap().unwrap());
+            assert_eq!(
+                patched["spec"]["containers"][0]["livenessProbe"],
+                p["spec"]["containers"][0]["livenessProbe"]
+            );
+            assert_eq!(sidecar_env(&patched, probe::ENV), None);
+        }
+        // "true" asks for the default; in explicit mode the kubelet reaches
+        // the app directly, so there is nothing to rewrite.
+        let p = probed_pod(json!({REWRITE_PROBES_ANNOTATION: "true"}));
+        let patched = apply(p.clone(), &patch_for(&p, &cfg()).unwrap().unwrap());
+        assert_eq!(sidecar_env(&patched, probe::ENV), None);
+    }
+
+    #[test]
+    fn bad_probes_are_refused_naming_the_container_and_field() {
+        let cases = [
+            (
+                json!({"httpGet": {"path": "/", "port": "nope"}}),
+                "container web: livenessProbe.httpGet.port: \"nope\" is neither",
+            ),
+            (
+                json!({"tcpSocket": {"port": 0}}),
+                "container web: livenessProbe.tcpSocket.port: 0 is not a port",
+            ),
+            (json!({"tcpSocket": {"port": 70000}}), "70000 is not a port"),
+            (
+                json!({"httpGet": {"path": "/", "port": 80, "httpHeaders": [{"name": "A"}]}}),
+                "needs a name and a value",
+            ),
+            (
+                json!({"httpGet": {"path": "/a b", "port": 80}}),
+                "livenessProbe: STRAIT_APP_PROBERS",
+            ),
+            (
+                json!({"tcpSocket": {"port": 80}, "timeoutSeconds": "1"}),
+                "livenessProbe.timeoutSeconds: \"1\" is not a number",
+            ),
+        ];
+        for (probe, want) in cases {
+            let p = json!({
+                "metadata": {"annotations": {INTERCEPTION_ANNOTATION: "transparent"}},
+                "spec": {"containers": [{"name": "web", "livenessProbe": probe}]},
+            });
+            let err = patch_for(&p, &cfg()).unwrap_err();
+            assert!(err.contains(want), "{probe}: {err:?} should say {want:?}");
+        }
+        let p = json!({
+            "metadata": {"annotations": {REWRITE_PROBES_ANNOTATION: "no"}},
+            "spec": {"containers": [{"name": "web"}]},
+        });
+        assert_eq!(
+            patch_for(&p, &cfg()).unwrap_err(),
+            "annotation sidecar.strait.io/rewriteAppHTTPProbers: \"no\" is neither \"true\" nor \"false\""
+        );
     }
 
     #[test]
