@@ -93,6 +93,7 @@ fn injected_init_command() -> Vec<String> {
     let cfg = inject::InjectConfig {
         image: "strait:dev".into(),
         control_plane: "controlplane.strait-system.svc:15012".into(),
+        interception: inject::Interception::Explicit,
     };
     let ops = inject::patch_for(&pod, &cfg).unwrap().unwrap();
     let init = ops

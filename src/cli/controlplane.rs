@@ -8,7 +8,16 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 
+use strait_controlplane::kube::inject::Interception;
+
 use super::parse_duration;
+
+/// `--inject-interception`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InjectInterception {
+    Explicit,
+    Transparent,
+}
 
 /// Run a cluster's control plane: config from a directory or the
 /// Kubernetes API, the broker
@@ -133,6 +142,13 @@ struct RunArgs {
     /// The image injected sidecars run.
     #[arg(long, value_name = "IMAGE", default_value = "strait:dev")]
     inject_image: String,
+    /// How injected pods' traffic reaches the sidecar unless a pod's
+    /// `sidecar.strait.io/interception` annotation says otherwise:
+    /// `explicit` (the app's http_proxy; no privileged init container, so
+    /// it fits namespaces whose Pod Security level is restricted) or
+    /// `transparent` (iptables in an init container, as Istio's default).
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = InjectInterception::Explicit, requires = "inject_listen")]
+    inject_interception: InjectInterception,
     /// The control plane address injected sidecars use.
     #[arg(
         long,
@@ -228,6 +244,10 @@ fn serve(r: RunArgs) -> Result<()> {
                 config: strait_controlplane::kube::inject::InjectConfig {
                     image: r.inject_image.clone(),
                     control_plane: r.inject_control_plane.clone(),
+                    interception: match r.inject_interception {
+                        InjectInterception::Explicit => Interception::Explicit,
+                        InjectInterception::Transparent => Interception::Transparent,
+                    },
                 },
             }),
         clusterset_ips: match r.clusterset_ip_range.as_str() {

@@ -77,6 +77,7 @@ async fn an_injected_sidecar_answers_the_rewritten_probes() {
     let cfg = InjectConfig {
         image: "strait:dev".into(),
         control_plane: cp.listen.clone(),
+        interception: inject::Interception::Explicit,
     };
     let ops = inject::patch_for(&pod, &cfg).unwrap().unwrap();
     // What the kubelet will ask for, and what the sidecar is given (as

@@ -15,7 +15,8 @@
 //! declares, to that port (`--app-ports`). No init container, no
 //! NET_ADMIN: it fits namespaces that forbid privileged pods.
 //!
-//! With `sidecar.strait.io/interception: transparent` the pod also gets
+//! With `sidecar.strait.io/interception: transparent` (or without the
+//! annotation, when [`InjectConfig::interception`] says so) the pod also gets
 //! the init container `strait-init` (`strait sidecar iptables --apply`,
 //! with NET_ADMIN and NET_RAW, as istio-init), which redirects the pod's
 //! TCP to the sidecar: the app's outbound connections to 15001 and inbound
@@ -77,6 +78,18 @@ pub struct InjectConfig {
     pub image: String,
     /// The control plane's discovery and CSR address, `host:port`.
     pub control_plane: String,
+    /// The interception of pods without [`INTERCEPTION_ANNOTATION`].
+    pub interception: Interception,
+}
+
+/// How an injected pod's traffic reaches its sidecar.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Interception {
+    /// The app's `http_proxy` is the sidecar; no init container.
+    #[default]
+    Explicit,
+    /// iptables rules from the init container `strait-init` redirect it.
+    Transparent,
 }
 
 /// The answer to an `AdmissionReview` request: the review to send back.
@@ -139,7 +152,8 @@ pub fn patch_for(pod: &Value, cfg: &InjectConfig) -> Result<Option<Vec<Value>>, 
         return Ok(None);
     }
     let transparent = match annotations[INTERCEPTION_ANNOTATION].as_str() {
-        None | Some("explicit") => false,
+        None => cfg.interception == Interception::Transparent,
+        Some("explicit") => false,
         Some("transparent") => true,
         Some(other) => {
             return Err(format!(
@@ -510,6 +524,7 @@ mod tests {
         InjectConfig {
             image: "strait:dev".into(),
             control_plane: "controlplane.strait-system.svc:15012".into(),
+            interception: Interception::Explicit,
         }
     }
 
@@ -765,6 +780,29 @@ mod tests {
         assert_eq!(
             patch_for(&p, &cfg()).unwrap_err(),
             "annotation sidecar.strait.io/rewriteAppHTTPProbers: \"no\" is neither \"true\" nor \"false\""
+        );
+    }
+
+    #[test]
+    fn the_configured_interception_applies_unless_the_pod_says_otherwise() {
+        let transparent = InjectConfig {
+            interception: Interception::Transparent,
+            ..cfg()
+        };
+        let has_init = |p: &Value, cfg: &InjectConfig| {
+            let ops = patch_for(p, cfg).unwrap().unwrap();
+            ops.iter().any(|o| o["path"] == "/spec/initContainers/-")
+        };
+        let plain = pod(json!({"containers": [{"name": "app"}]}));
+        assert!(has_init(&plain, &transparent));
+        assert!(!has_init(&plain, &cfg()), "explicit is the default");
+        let explicit = json!({
+            "metadata": {"annotations": {INTERCEPTION_ANNOTATION: "explicit"}},
+            "spec": {"containers": [{"name": "app"}]},
+        });
+        assert!(
+            !has_init(&explicit, &transparent),
+            "the pod's annotation wins"
         );
     }
 
