@@ -56,7 +56,8 @@ fn one_second() -> u32 {
 pub struct HttpGet {
     pub path: String,
     pub port: u16,
-    /// Only `HTTP` (HTTPS probes are not rewritten).
+    /// `HTTP` (the default) or `HTTPS` (the certificate is not verified,
+    /// as the kubelet does not).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheme: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -87,6 +88,15 @@ pub struct ProbeError(String);
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct AppProbers(BTreeMap<String, AppProbe>);
+
+impl HttpGet {
+    /// Whether the probe speaks TLS.
+    pub fn https(&self) -> bool {
+        self.scheme
+            .as_deref()
+            .is_some_and(|s| s.eq_ignore_ascii_case("HTTPS"))
+    }
+}
 
 impl AppProbers {
     /// Reads and checks an [`ENV`] value.
@@ -176,8 +186,9 @@ fn check(path: &str, probe: &AppProbe) -> Result<(), String> {
             }
             if let Some(s) = &get.scheme
                 && !s.eq_ignore_ascii_case("HTTP")
+                && !s.eq_ignore_ascii_case("HTTPS")
             {
-                return Err(format!("httpGet.scheme {s:?}: only HTTP is probed"));
+                return Err(format!("httpGet.scheme {s:?} is neither HTTP nor HTTPS"));
             }
             for h in &get.http_headers {
                 if http_token(&h.name).is_none() {
@@ -228,6 +239,17 @@ mod tests {
         assert_eq!(ready.timeout_seconds, 1, "the kubelet's default");
         assert_eq!(ready.tcp_socket, Some(TcpSocket { port: 8080 }));
         assert_eq!(AppProbers::parse(&p.to_json()).unwrap(), p, "round trip");
+        assert!(!live.http_get.as_ref().unwrap().https());
+        let tls = r#"{"/app-health/a/livez": {"httpGet": {"path": "/", "port": 8443, "scheme": "https"}}}"#;
+        let tls = AppProbers::parse(tls).unwrap();
+        assert!(
+            tls.get("/app-health/a/livez")
+                .unwrap()
+                .http_get
+                .as_ref()
+                .unwrap()
+                .https()
+        );
         assert_eq!(
             path_for("app", "livez"),
             "/app-health/app/livez",
@@ -290,8 +312,8 @@ mod tests {
                 "control",
             ),
             (
-                r#"{"/app-health/a/livez": {"httpGet": {"path": "/", "port": 1, "scheme": "HTTPS"}}}"#,
-                "only HTTP",
+                r#"{"/app-health/a/livez": {"httpGet": {"path": "/", "port": 1, "scheme": "GRPC"}}}"#,
+                "neither HTTP nor HTTPS",
             ),
             (
                 r#"{"/app-health/a/livez": {"httpGet": {"path": "/", "port": 1, "httpHeaders": [{"name": "A:B", "value": ""}]}}}"#,

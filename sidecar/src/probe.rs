@@ -6,11 +6,11 @@
 //! (see [`strait_model::probe`]); [`routes`] answers those paths by
 //! probing the app on loopback, where the sidecar's own connections are
 //! not redirected, so the probe works whatever the inbound mTLS mode.
-//! The answer is 200 when the app's is (HTTP 200–399, or a TCP connect
-//! within the probe's timeout), 503 naming what failed otherwise.
+//! The answer is 200 when the app's is (HTTP or HTTPS 200–399, or a TCP
+//! connect within the probe's timeout), 503 naming what failed otherwise.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,6 +18,9 @@ use http::StatusCode;
 use http::header::{HOST, HeaderName, HeaderValue, USER_AGENT};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use strait_broker::http::{Routes, respond};
 use strait_model::probe::{AppProbe, AppProbers};
 use tokio::net::TcpStream;
@@ -53,7 +56,12 @@ pub async fn check(probe: &AppProbe) -> Result<(), String> {
 
 fn target(probe: &AppProbe) -> String {
     match (&probe.http_get, &probe.tcp_socket) {
-        (Some(get), _) => format!("http://127.0.0.1:{}{}", get.port, get.path),
+        (Some(get), _) => format!(
+            "{}://127.0.0.1:{}{}",
+            if get.https() { "https" } else { "http" },
+            get.port,
+            get.path
+        ),
         (None, Some(tcp)) => format!("tcp 127.0.0.1:{}", tcp.port),
         (None, None) => "nothing to probe".to_string(),
     }
@@ -93,14 +101,40 @@ async fn attempt(probe: &AppProbe) -> Result<(), String> {
             headers.append(name, value);
         }
     }
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+    let response = if get.https() {
+        let tls = tokio_rustls::TlsConnector::from(insecure_tls())
+            .connect(ServerName::IpAddress(Ipv4Addr::LOCALHOST.into()), tcp)
+            .await
+            .map_err(|e| format!("{what}: TLS: {e}"))?;
+        send(tls, request, &what).await?
+    } else {
+        send(tcp, request, &what).await?
+    };
+    let status = response.status();
+    if (200..400).contains(&status.as_u16()) {
+        Ok(())
+    } else {
+        Err(format!("{what} answered {status}"))
+    }
+}
+
+/// Sends `request` on `io` (HTTP/1.1): the response head.
+async fn send<IO>(
+    io: IO,
+    request: http::Request<Empty<Bytes>>,
+    what: &str,
+) -> Result<http::Response<hyper::body::Incoming>, String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| format!("{what}: {e}"))?;
-    let answer = send.send_request(request);
+    let answer = sender.send_request(request);
     tokio::pin!(conn, answer);
     // The connection may end (the app closes after answering) in the same
     // poll that hands over the answer: then the answer is still taken.
-    let response = tokio::select! {
+    tokio::select! {
         biased;
         r = &mut answer => r,
         c = &mut conn => match c {
@@ -108,12 +142,75 @@ async fn attempt(probe: &AppProbe) -> Result<(), String> {
             Err(e) => return Err(format!("{what}: {e}")),
         },
     }
-    .map_err(|e| format!("{what}: {e}"))?;
-    let status = response.status();
-    if (200..400).contains(&status.as_u16()) {
-        Ok(())
-    } else {
-        Err(format!("{what} answered {status}"))
+    .map_err(|e| format!("{what}: {e}"))
+}
+
+/// TLS for HTTPS probes: as the kubelet's, the app's certificate is not
+/// verified (it is the app's own, often self-signed), only the handshake's
+/// signature with it; no SNI (the address is an IP).
+fn insecure_tls() -> Arc<rustls::ClientConfig> {
+    static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let provider = strait_ca::tls::provider();
+            let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default versions")
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+                .with_no_client_auth();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Arc::new(config)
+        })
+        .clone()
+}
+
+/// Accepts any server certificate (see [`insecure_tls`]).
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -199,6 +296,66 @@ mod tests {
             assert!(head.contains("x-probe: kubelet\r\n"), "{head}");
             assert!(head.contains("user-agent: kube-probe/strait\r\n"), "{head}");
         }
+    }
+
+    #[tokio::test]
+    async fn an_https_probe_takes_the_apps_own_certificate() {
+        use rustls_pki_types::PrivateKeyDer;
+        use rustls_pki_types::pem::PemObject;
+        // A certificate no trust here knows of, as an app's self-signed one.
+        let pki = strait_ca::testing::TestPki::new("app.example");
+        let (leaf, key) = pki.leaf("spiffe://app.example/ns/app/sa/web");
+        let config = rustls::ServerConfig::builder_with_provider(strait_ca::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.into()],
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            for status in ["200 OK", "503 Service Unavailable"] {
+                let (tcp, _) = l.accept().await.unwrap();
+                let mut tls = acceptor.accept(tcp).await.unwrap();
+                let mut buf = [0u8; 1024];
+                let n = tls.read(&mut buf).await.unwrap();
+                assert!(buf[..n].starts_with(b"GET /ready HTTP/1.1\r\n"));
+                let reply = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n");
+                tls.write_all(reply.as_bytes()).await.unwrap();
+                tls.shutdown().await.unwrap();
+            }
+        });
+        let mut probe = http(port, "/ready", vec![]);
+        probe.http_get.as_mut().unwrap().scheme = Some("HTTPS".into());
+        check(&probe).await.unwrap();
+        let err = check(&probe).await.unwrap_err();
+        assert_eq!(
+            err,
+            format!("https://127.0.0.1:{port}/ready answered 503 Service Unavailable")
+        );
+        server.await.unwrap();
+
+        // Plain text where TLS is expected: a TLS error, named.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let plain = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .await;
+            let _ = s.read(&mut [0u8; 1024]).await;
+        });
+        let mut probe = http(plain, "/", vec![]);
+        probe.http_get.as_mut().unwrap().scheme = Some("HTTPS".into());
+        let err = check(&probe).await.unwrap_err();
+        assert!(
+            err.starts_with(&format!("https://127.0.0.1:{plain}/: TLS: ")),
+            "{err}"
+        );
     }
 
     #[tokio::test]

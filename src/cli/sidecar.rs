@@ -134,7 +134,8 @@ pub struct SidecarArgs {
     health_listen: Option<SocketAddr>,
     /// The app's probes, answered on the health listener at
     /// /app-health/<container>/<livez|readyz|startupz> by probing the app
-    /// on loopback: JSON from those paths to Kubernetes `httpGet` or
+    /// on loopback: JSON from those paths to Kubernetes `httpGet` (HTTP,
+    /// or HTTPS without verifying the app's certificate, as the kubelet) or
     /// `tcpSocket` probes (ports as numbers), as the injector writes it
     /// for transparent interception, where the kubelet's own probes would
     /// meet the inbound mTLS listener.

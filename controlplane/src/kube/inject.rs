@@ -23,7 +23,7 @@
 //! ones to 15006, the sidecar's own (uid 1337) and ports 15021 and 15090
 //! spared. The app then needs no proxy setting. It runs after the pod's
 //! other init containers, so that they reach the network directly. The
-//! app containers' `httpGet` (HTTP) and `tcpSocket` probes, which would
+//! app containers' `httpGet` and `tcpSocket` probes, which would
 //! otherwise meet the inbound listener as plaintext (refused under
 //! STRICT), are rewritten to `/app-health/<container>/<kind>` on the
 //! sidecar's health port, and the sidecar is given the originals to run
@@ -353,13 +353,13 @@ pub fn patch_for(pod: &Value, cfg: &InjectConfig) -> Result<Option<Vec<Value>>, 
     Ok(Some(ops))
 }
 
-/// The app containers' `httpGet` (HTTP) and `tcpSocket` probes, rewritten
+/// The app containers' `httpGet` (HTTP and HTTPS) and `tcpSocket` probes, rewritten
 /// to `httpGet` of the sidecar's health port at
 /// `/app-health/<container>/<livez|readyz|startupz>` (JSON Patch
 /// operations), and the originals the sidecar is to run for them. Probes
-/// that do not go through the inbound redirect stay as they are: `exec`
-/// and `grpc` probes, HTTPS ones (the sidecar does not probe over TLS) and
-/// ones aimed at another `host`.
+/// that do not go through the inbound redirect, or that the sidecar cannot
+/// run, stay as they are: `exec` and `grpc` probes and ones aimed at
+/// another `host`.
 fn rewritten_probes(containers: &[Value]) -> Result<(Vec<Value>, AppProbers), String> {
     let mut ops = Vec::new();
     let mut probers = AppProbers::default();
@@ -388,7 +388,8 @@ fn rewritten_probes(containers: &[Value]) -> Result<(Vec<Value>, AppProbers), St
             };
             let original = if let Some(get) = spec.get("httpGet") {
                 let scheme = get["scheme"].as_str().unwrap_or("HTTP");
-                if !scheme.eq_ignore_ascii_case("HTTP")
+                let https = scheme.eq_ignore_ascii_case("HTTPS");
+                if !(https || scheme.eq_ignore_ascii_case("HTTP"))
                     || get["host"].as_str().is_some_and(|h| !h.is_empty())
                 {
                     continue;
@@ -418,7 +419,7 @@ fn rewritten_probes(containers: &[Value]) -> Result<(Vec<Value>, AppProbers), St
                         },
                         port: container_port(c, &get["port"])
                             .map_err(|e| format!("{}: {e}", at("httpGet.port")))?,
-                        scheme: None,
+                        scheme: https.then(|| "HTTPS".to_string()),
                         http_headers,
                     }),
                     tcp_socket: None,
@@ -685,19 +686,38 @@ mod tests {
             web["readinessProbe"],
             json!({"httpGet": {"path": "/app-health/web/readyz", "port": 15021, "scheme": "HTTP"}})
         );
-        // Probes that do not meet the inbound redirect stay.
+        // An HTTPS probe too; probes that do not meet the inbound redirect
+        // stay.
         assert_eq!(
             web["startupProbe"],
             p["spec"]["containers"][0]["startupProbe"]
         );
-        assert_eq!(patched["spec"]["containers"][1], p["spec"]["containers"][1]);
+        let tls = &patched["spec"]["containers"][1];
+        assert_eq!(
+            tls["readinessProbe"]["httpGet"],
+            json!({"path": "/app-health/tls/readyz", "port": 15021, "scheme": "HTTP"})
+        );
+        assert_eq!(
+            tls["livenessProbe"],
+            p["spec"]["containers"][1]["livenessProbe"]
+        );
 
         // The sidecar runs the originals, named ports resolved; '$' is
         // written "$$" so that Kubernetes does not expand $(HOME).
         let env = sidecar_env(&patched, probe::ENV).unwrap();
         assert!(env.contains("k$$(HOME)"), "{env}");
         let probers = AppProbers::parse(&env.replace("$$", "$")).unwrap();
-        assert_eq!(probers.len(), 2);
+        assert_eq!(probers.len(), 3);
+        let tls = probers
+            .get("/app-health/tls/readyz")
+            .unwrap()
+            .http_get
+            .clone()
+            .unwrap();
+        assert!(
+            tls.https() && tls.port == 8443 && tls.path == "/ready",
+            "{tls:?}"
+        );
         let live = probers.get("/app-health/web/livez").unwrap();
         let get = live.http_get.as_ref().unwrap();
         assert_eq!(
