@@ -40,6 +40,8 @@ pub struct AppProbe {
     pub http_get: Option<HttpGet>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp_socket: Option<TcpSocket>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<Grpc>,
     /// As the kubelet's: the whole probe must answer within it.
     #[serde(default = "one_second")]
     pub timeout_seconds: u32,
@@ -78,6 +80,20 @@ pub struct Header {
 pub struct TcpSocket {
     pub port: u16,
 }
+
+/// A gRPC health check (`grpc.health.v1.Health/Check`) of the app on
+/// loopback, over h2c; `SERVING` is success, as for the kubelet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grpc {
+    pub port: u16,
+    /// The service asked about; none (or empty) is the server as a whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+}
+
+/// The longest gRPC service name a probe may ask about.
+pub const MAX_SERVICE_LEN: usize = 1024;
 
 /// A bad [`ENV`] value; it names the entry and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -173,8 +189,8 @@ fn check(path: &str, probe: &AppProbe) -> Result<(), String> {
             probe.timeout_seconds
         ));
     }
-    match (&probe.http_get, &probe.tcp_socket) {
-        (Some(get), None) => {
+    match (&probe.http_get, &probe.tcp_socket, &probe.grpc) {
+        (Some(get), None, None) => {
             if get.port == 0 {
                 return Err("httpGet.port is 0".into());
             }
@@ -203,9 +219,20 @@ fn check(path: &str, probe: &AppProbe) -> Result<(), String> {
             }
             Ok(())
         }
-        (None, Some(tcp)) if tcp.port == 0 => Err("tcpSocket.port is 0".into()),
-        (None, Some(_)) => Ok(()),
-        _ => Err("needs exactly one of httpGet and tcpSocket".into()),
+        (None, Some(tcp), None) if tcp.port == 0 => Err("tcpSocket.port is 0".into()),
+        (None, Some(_), None) => Ok(()),
+        (None, None, Some(g)) if g.port == 0 => Err("grpc.port is 0".into()),
+        (None, None, Some(g))
+            if g.service
+                .as_ref()
+                .is_some_and(|s| s.len() > MAX_SERVICE_LEN) =>
+        {
+            Err(format!(
+                "grpc.service is longer than {MAX_SERVICE_LEN} bytes"
+            ))
+        }
+        (None, None, Some(_)) => Ok(()),
+        _ => Err("needs exactly one of httpGet, tcpSocket and grpc".into()),
     }
 }
 
@@ -242,6 +269,15 @@ mod tests {
         assert!(!live.http_get.as_ref().unwrap().https());
         let tls = r#"{"/app-health/a/livez": {"httpGet": {"path": "/", "port": 8443, "scheme": "https"}}}"#;
         let tls = AppProbers::parse(tls).unwrap();
+        let grpc = r#"{"/app-health/a/readyz": {"grpc": {"port": 9090, "service": "shop"}}}"#;
+        let grpc = AppProbers::parse(grpc).unwrap();
+        assert_eq!(
+            grpc.get("/app-health/a/readyz").unwrap().grpc,
+            Some(Grpc {
+                port: 9090,
+                service: Some("shop".into())
+            })
+        );
         assert!(
             tls.get("/app-health/a/livez")
                 .unwrap()
@@ -296,6 +332,14 @@ mod tests {
             ),
             (r#"{"/app-health/a/livez": {}}"#, "exactly one of"),
             (
+                r#"{"/app-health/a/livez": {"grpc": {"port": 0}}}"#,
+                "grpc.port is 0",
+            ),
+            (
+                r#"{"/app-health/a/livez": {"grpc": {"port": 1}, "tcpSocket": {"port": 1}}}"#,
+                "exactly one of",
+            ),
+            (
                 r#"{"/app-health/a/livez": {"httpGet": {"path": "/", "port": 1}, "tcpSocket": {"port": 1}}}"#,
                 "exactly one of",
             ),
@@ -337,6 +381,15 @@ mod tests {
             assert!(err.starts_with(ENV), "{text}: {err}");
             assert!(err.contains(want), "{text}: {err:?} should say {want:?}");
         }
+        let long = format!(
+            r#"{{"/app-health/a/livez": {{"grpc": {{"port": 1, "service": "{}"}}}}}}"#,
+            "s".repeat(MAX_SERVICE_LEN + 1)
+        );
+        let err = AppProbers::parse(&long).unwrap_err().to_string();
+        assert!(
+            err.contains("grpc.service is longer than 1024 bytes"),
+            "{err}"
+        );
         let huge = format!("{{\"{}\": 1}}", "x".repeat(MAX_LEN));
         assert!(
             AppProbers::parse(&huge)
@@ -357,6 +410,7 @@ mod tests {
         let tcp = AppProbe {
             http_get: None,
             tcp_socket: Some(TcpSocket { port: 0 }),
+            grpc: None,
             timeout_seconds: 1,
         };
         assert!(p.insert("/app-health/a/livez".into(), tcp).is_err());

@@ -15,9 +15,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::StatusCode;
-use http::header::{HOST, HeaderName, HeaderValue, USER_AGENT};
-use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
+use http::header::{CONTENT_TYPE, HOST, HeaderName, HeaderValue, TE, USER_AGENT};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prost::Message;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
@@ -55,29 +56,39 @@ pub async fn check(probe: &AppProbe) -> Result<(), String> {
 }
 
 fn target(probe: &AppProbe) -> String {
-    match (&probe.http_get, &probe.tcp_socket) {
-        (Some(get), _) => format!(
+    match (&probe.http_get, &probe.tcp_socket, &probe.grpc) {
+        (Some(get), _, _) => format!(
             "{}://127.0.0.1:{}{}",
             if get.https() { "https" } else { "http" },
             get.port,
             get.path
         ),
-        (None, Some(tcp)) => format!("tcp 127.0.0.1:{}", tcp.port),
-        (None, None) => "nothing to probe".to_string(),
+        (None, Some(tcp), _) => format!("tcp 127.0.0.1:{}", tcp.port),
+        (None, None, Some(g)) => match g.service.as_deref() {
+            Some(service) if !service.is_empty() => {
+                format!("grpc 127.0.0.1:{} service {service:?}", g.port)
+            }
+            _ => format!("grpc 127.0.0.1:{}", g.port),
+        },
+        (None, None, None) => "nothing to probe".to_string(),
     }
 }
 
 async fn attempt(probe: &AppProbe) -> Result<(), String> {
     let what = target(probe);
-    let (port, get) = match (&probe.http_get, &probe.tcp_socket) {
-        (Some(get), _) => (get.port, Some(get)),
-        (None, Some(tcp)) => (tcp.port, None),
-        (None, None) => return Err(what),
+    let port = match (&probe.http_get, &probe.tcp_socket, &probe.grpc) {
+        (Some(get), _, _) => get.port,
+        (None, Some(tcp), _) => tcp.port,
+        (None, None, Some(g)) => g.port,
+        (None, None, None) => return Err(what),
     };
     let tcp = TcpStream::connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
         .await
         .map_err(|e| format!("{what}: {e}"))?;
-    let Some(get) = get else {
+    if let Some(g) = &probe.grpc {
+        return grpc_health(tcp, port, g.service.as_deref().unwrap_or_default(), &what).await;
+    }
+    let Some(get) = &probe.http_get else {
         return Ok(());
     };
     let mut request = http::Request::get(get.path.as_str())
@@ -115,6 +126,109 @@ async fn attempt(probe: &AppProbe) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("{what} answered {status}"))
+    }
+}
+
+/// `grpc.health.v1.HealthCheckRequest`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct HealthCheckRequest {
+    #[prost(string, tag = "1")]
+    service: String,
+}
+
+/// `grpc.health.v1.HealthCheckResponse`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct HealthCheckResponse {
+    #[prost(int32, tag = "1")]
+    status: i32,
+}
+
+/// `HealthCheckResponse.ServingStatus.SERVING`.
+const SERVING: i32 = 1;
+
+/// A gRPC health check over h2c, as the kubelet's gRPC probe: success
+/// when the app answers `SERVING`.
+async fn grpc_health(tcp: TcpStream, port: u16, service: &str, what: &str) -> Result<(), String> {
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .map_err(|e| format!("{what}: {e}"))?;
+    let message = HealthCheckRequest {
+        service: service.to_string(),
+    }
+    .encode_to_vec();
+    let mut body = Vec::with_capacity(5 + message.len());
+    body.push(0); // not compressed
+    body.extend_from_slice(
+        &u32::try_from(message.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
+    body.extend_from_slice(&message);
+    let request = http::Request::post(format!(
+        "http://127.0.0.1:{port}/grpc.health.v1.Health/Check"
+    ))
+    .header(CONTENT_TYPE, "application/grpc")
+    .header(TE, "trailers")
+    .header(USER_AGENT, "kube-probe/strait")
+    .body(Full::new(Bytes::from(body)))
+    .map_err(|e| format!("{what}: {e}"))?;
+    let exchange = async {
+        let response = sender.send_request(request).await?;
+        let (head, body) = response.into_parts();
+        let body = body.collect().await?;
+        Ok::<_, hyper::Error>((head, body))
+    };
+    tokio::pin!(conn, exchange);
+    let (head, body) = tokio::select! {
+        biased;
+        r = &mut exchange => r,
+        c = &mut conn => match c {
+            Ok(()) => exchange.await,
+            Err(e) => return Err(format!("{what}: {e}")),
+        },
+    }
+    .map_err(|e| format!("{what}: {e}"))?;
+    if head.status != StatusCode::OK {
+        return Err(format!("{what} answered HTTP {}", head.status));
+    }
+    // grpc-status is a trailer, or a header of a trailers-only answer.
+    let trailers = body.trailers().cloned().unwrap_or_default();
+    let grpc_status = trailers
+        .get("grpc-status")
+        .or_else(|| head.headers.get("grpc-status"))
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("none");
+    if grpc_status != "0" {
+        let message = trailers
+            .get("grpc-message")
+            .or_else(|| head.headers.get("grpc-message"))
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        return Err(
+            format!("{what} answered grpc-status {grpc_status} {message}")
+                .trim_end()
+                .to_string(),
+        );
+    }
+    let bytes = body.to_bytes();
+    let message = match bytes.as_ref() {
+        [0, len @ ..] if len.len() >= 4 => {
+            let n = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+            len.get(4..4 + n)
+        }
+        _ => None,
+    }
+    .ok_or_else(|| format!("{what}: the answer is not one uncompressed gRPC message"))?;
+    let status = HealthCheckResponse::decode(message)
+        .map_err(|e| format!("{what}: the answer is not a HealthCheckResponse: {e}"))?
+        .status;
+    match status {
+        SERVING => Ok(()),
+        0 => Err(format!("{what} answered UNKNOWN")),
+        2 => Err(format!("{what} answered NOT_SERVING")),
+        3 => Err(format!("{what} answered SERVICE_UNKNOWN")),
+        other => Err(format!("{what} answered status {other}")),
     }
 }
 
@@ -216,7 +330,7 @@ impl ServerCertVerifier for AnyCertificate {
 
 #[cfg(test)]
 mod tests {
-    use strait_model::probe::{Header, HttpGet, TcpSocket};
+    use strait_model::probe::{Grpc, Header, HttpGet, TcpSocket};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
@@ -231,6 +345,7 @@ mod tests {
                 http_headers: headers,
             }),
             tcp_socket: None,
+            grpc: None,
             timeout_seconds: 1,
         }
     }
@@ -378,6 +493,7 @@ mod tests {
         let tcp = AppProbe {
             http_get: None,
             tcp_socket: Some(TcpSocket { port: closed }),
+            grpc: None,
             timeout_seconds: 1,
         };
         let err = check(&tcp).await.unwrap_err();
@@ -397,6 +513,96 @@ mod tests {
         drop(silent);
     }
 
+    /// A gRPC health server (h2c): `shop` is SERVING, `down` NOT_SERVING,
+    /// anything else NOT_FOUND (trailers only), as grpc-health servers do.
+    async fn grpc_app() -> u16 {
+        use futures::stream;
+        use hyper::body::Frame;
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = l.accept().await.unwrap();
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        assert_eq!(req.uri().path(), "/grpc.health.v1.Health/Check");
+                        assert_eq!(req.headers()[CONTENT_TYPE], "application/grpc");
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let asked = HealthCheckRequest::decode(&body[5..]).unwrap().service;
+                        let mut trailers = http::HeaderMap::new();
+                        let status = match asked.as_str() {
+                            "shop" => 1,
+                            "down" => 2,
+                            _ => {
+                                let r = http::Response::builder()
+                                    .header(CONTENT_TYPE, "application/grpc")
+                                    .header("grpc-status", "5")
+                                    .header("grpc-message", "unknown service")
+                                    .body(http_body_util::Either::Right(Empty::<Bytes>::new()))
+                                    .unwrap();
+                                return Ok::<_, std::convert::Infallible>(r);
+                            }
+                        };
+                        let message = HealthCheckResponse { status }.encode_to_vec();
+                        let mut data = vec![0u8];
+                        data.extend_from_slice(&(message.len() as u32).to_be_bytes());
+                        data.extend_from_slice(&message);
+                        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                        let frames = vec![
+                            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(data))),
+                            Ok(Frame::trailers(trailers)),
+                        ];
+                        let body = http_body_util::StreamBody::new(stream::iter(frames));
+                        let r = http::Response::builder()
+                            .header(CONTENT_TYPE, "application/grpc")
+                            .body(http_body_util::Either::Left(body))
+                            .unwrap();
+                        Ok(r)
+                    },
+                );
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc),
+                );
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn a_grpc_probe_passes_only_when_the_service_is_serving() {
+        let port = grpc_app().await;
+        let probe = |service: &str| AppProbe {
+            http_get: None,
+            tcp_socket: None,
+            grpc: Some(Grpc {
+                port,
+                service: Some(service.into()),
+            }),
+            timeout_seconds: 1,
+        };
+        check(&probe("shop")).await.unwrap();
+        assert_eq!(
+            check(&probe("down")).await.unwrap_err(),
+            format!("grpc 127.0.0.1:{port} service \"down\" answered NOT_SERVING")
+        );
+        assert_eq!(
+            check(&probe("cart")).await.unwrap_err(),
+            format!(
+                "grpc 127.0.0.1:{port} service \"cart\" answered grpc-status 5 unknown service"
+            )
+        );
+        // Not a gRPC server: an HTTP/1.1 app.
+        let (plain, _heads) = app("200 OK").await;
+        let mut p = probe("shop");
+        p.grpc.as_mut().unwrap().port = plain;
+        let err = check(&p).await.unwrap_err();
+        assert!(
+            err.starts_with(&format!("grpc 127.0.0.1:{plain} service \"shop\"")),
+            "{err}"
+        );
+    }
+
     #[tokio::test]
     async fn a_tcp_probe_passes_when_the_port_accepts() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -405,6 +611,7 @@ mod tests {
             tcp_socket: Some(TcpSocket {
                 port: l.local_addr().unwrap().port(),
             }),
+            grpc: None,
             timeout_seconds: 1,
         };
         check(&tcp).await.unwrap();

@@ -135,8 +135,9 @@ pub struct SidecarArgs {
     /// The app's probes, answered on the health listener at
     /// /app-health/<container>/<livez|readyz|startupz> by probing the app
     /// on loopback: JSON from those paths to Kubernetes `httpGet` (HTTP,
-    /// or HTTPS without verifying the app's certificate, as the kubelet) or
-    /// `tcpSocket` probes (ports as numbers), as the injector writes it
+    /// or HTTPS without verifying the app's certificate, as the kubelet),
+    /// `tcpSocket` or `grpc` (a health check over h2c) probes (ports as
+    /// numbers), as the injector writes it
     /// for transparent interception, where the kubelet's own probes would
     /// meet the inbound mTLS listener.
     #[arg(long, value_name = "JSON", env = strait_model::probe::ENV)]

@@ -23,7 +23,7 @@
 //! ones to 15006, the sidecar's own (uid 1337) and ports 15021 and 15090
 //! spared. The app then needs no proxy setting. It runs after the pod's
 //! other init containers, so that they reach the network directly. The
-//! app containers' `httpGet` and `tcpSocket` probes, which would
+//! app containers' `httpGet`, `tcpSocket` and `grpc` probes, which would
 //! otherwise meet the inbound listener as plaintext (refused under
 //! STRICT), are rewritten to `/app-health/<container>/<kind>` on the
 //! sidecar's health port, and the sidecar is given the originals to run
@@ -37,7 +37,7 @@
 
 use base64::Engine;
 use serde_json::{Value, json};
-use strait_model::probe::{self, AppProbe, AppProbers, Header, HttpGet, TcpSocket};
+use strait_model::probe::{self, AppProbe, AppProbers, Grpc, Header, HttpGet, TcpSocket};
 
 /// The MutatingWebhookConfiguration whose `caBundle` the control plane
 /// keeps equal to the mesh roots.
@@ -353,13 +353,13 @@ pub fn patch_for(pod: &Value, cfg: &InjectConfig) -> Result<Option<Vec<Value>>, 
     Ok(Some(ops))
 }
 
-/// The app containers' `httpGet` (HTTP and HTTPS) and `tcpSocket` probes, rewritten
+/// The app containers' `httpGet` (HTTP and HTTPS), `tcpSocket` and `grpc` probes, rewritten
 /// to `httpGet` of the sidecar's health port at
 /// `/app-health/<container>/<livez|readyz|startupz>` (JSON Patch
 /// operations), and the originals the sidecar is to run for them. Probes
 /// that do not go through the inbound redirect, or that the sidecar cannot
-/// run, stay as they are: `exec` and `grpc` probes and ones aimed at
-/// another `host`.
+/// run, stay as they are: `exec` probes and ones aimed at another
+/// `host`.
 fn rewritten_probes(containers: &[Value]) -> Result<(Vec<Value>, AppProbers), String> {
     let mut ops = Vec::new();
     let mut probers = AppProbers::default();
@@ -423,6 +423,7 @@ fn rewritten_probes(containers: &[Value]) -> Result<(Vec<Value>, AppProbers), St
                         http_headers,
                     }),
                     tcp_socket: None,
+                    grpc: None,
                     timeout_seconds,
                 }
             } else if let Some(tcp) = spec.get("tcpSocket") {
@@ -435,6 +436,29 @@ fn rewritten_probes(containers: &[Value]) -> Result<(Vec<Value>, AppProbers), St
                         port: container_port(c, &tcp["port"])
                             .map_err(|e| format!("{}: {e}", at("tcpSocket.port")))?,
                     }),
+                    grpc: None,
+                    timeout_seconds,
+                }
+            } else if let Some(grpc) = spec.get("grpc") {
+                let service = match &grpc["service"] {
+                    Value::Null => None,
+                    Value::String(s) => Some(s.clone()),
+                    other => {
+                        return Err(format!("{}: {other} is not a string", at("grpc.service")));
+                    }
+                };
+                AppProbe {
+                    http_get: None,
+                    tcp_socket: None,
+                    grpc: Some(Grpc {
+                        // A number only: gRPC probes take no named port.
+                        port: match &grpc["port"] {
+                            Value::Number(_) => container_port(c, &grpc["port"]),
+                            other => Err(format!("{other} is not a port number")),
+                        }
+                        .map_err(|e| format!("{}: {e}", at("grpc.port")))?,
+                        service,
+                    }),
                     timeout_seconds,
                 }
             } else {
@@ -446,6 +470,7 @@ fn rewritten_probes(containers: &[Value]) -> Result<(Vec<Value>, AppProbers), St
                 .map_err(|e| format!("container {name}: {field}: {e}"))?;
             let mut rewritten = spec.clone();
             rewritten.remove("tcpSocket");
+            rewritten.remove("grpc");
             rewritten.insert(
                 "httpGet".into(),
                 json!({"path": path, "port": HEALTH_PORT, "scheme": "HTTP"}),
@@ -663,6 +688,7 @@ mod tests {
                     "name": "tls",
                     "ports": [{"containerPort": 8443}],
                     "readinessProbe": {"httpGet": {"path": "/ready", "port": 8443, "scheme": "HTTPS"}},
+                    "startupProbe": {"grpc": {"port": 9090, "service": "tls"}, "failureThreshold": 30},
                     "livenessProbe": {"httpGet": {"path": "/up", "port": "8443", "host": "10.0.0.9"}},
                 },
             ]},
@@ -707,7 +733,21 @@ mod tests {
         let env = sidecar_env(&patched, probe::ENV).unwrap();
         assert!(env.contains("k$$(HOME)"), "{env}");
         let probers = AppProbers::parse(&env.replace("$$", "$")).unwrap();
-        assert_eq!(probers.len(), 3);
+        assert_eq!(
+            tls["startupProbe"],
+            json!({
+                "httpGet": {"path": "/app-health/tls/startupz", "port": 15021, "scheme": "HTTP"},
+                "failureThreshold": 30,
+            })
+        );
+        assert_eq!(probers.len(), 4);
+        assert_eq!(
+            probers.get("/app-health/tls/startupz").unwrap().grpc,
+            Some(Grpc {
+                port: 9090,
+                service: Some("tls".into())
+            })
+        );
         let tls = probers
             .get("/app-health/tls/readyz")
             .unwrap()
@@ -772,6 +812,14 @@ mod tests {
                 "container web: livenessProbe.tcpSocket.port: 0 is not a port",
             ),
             (json!({"tcpSocket": {"port": 70000}}), "70000 is not a port"),
+            (
+                json!({"grpc": {"port": "grpc"}}),
+                "livenessProbe.grpc.port: \"grpc\" is not a port number",
+            ),
+            (
+                json!({"grpc": {"port": 9090, "service": 1}}),
+                "livenessProbe.grpc.service: 1 is not a string",
+            ),
             (
                 json!({"httpGet": {"path": "/", "port": 80, "httpHeaders": [{"name": "A"}]}}),
                 "needs a name and a value",
