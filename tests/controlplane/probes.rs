@@ -1,6 +1,8 @@
 //! A transparent pod's probes, as the injection webhook rewrites them,
 //! answered by a real sidecar: the kubelet's GET of the path the webhook
-//! wrote reaches the app on loopback and reports what the app says.
+//! wrote reaches the app on loopback and reports what the app says, also
+//! once STRICT mTLS refuses the plain-text probes the kubelet would
+//! otherwise send through the inbound listener.
 
 use std::io::{Read, Write};
 use std::process::Command;
@@ -100,6 +102,7 @@ async fn an_injected_sidecar_answers_the_rewritten_probes() {
 
     let token = s.write("web.token", &cp.token("demo", "web", "web-1"));
     let health = format!("127.0.0.1:{}", free_port());
+    let inbound = format!("127.0.0.1:{}", free_port());
     let mut sidecar = Process::spawn(
         &s,
         "sidecar",
@@ -111,7 +114,7 @@ async fn an_injected_sidecar_answers_the_rewritten_probes() {
             .arg(&token)
             .arg("--root-cert")
             .arg(cp.state.join("cacerts/root-cert.pem"))
-            .args(["--inbound", &format!("127.0.0.1:{}", free_port())])
+            .args(["--inbound", &inbound])
             .args(["--health-listen", &health])
             .args(["--app", &format!("127.0.0.1:{http_port}")])
             .args(["--outbound", &format!("127.0.0.1:{}", free_port())])
@@ -126,6 +129,30 @@ async fn an_injected_sidecar_answers_the_rewritten_probes() {
         sidecar.log(&s)
     );
     assert_eq!(http_status(&health, &ready), Some(200));
+
+    // Why the probes are rewritten: redirected to the inbound listener, a
+    // kubelet's plain-text probe reaches the app under PERMISSIVE (the
+    // default) and is refused once the namespace is STRICT.
+    assert_eq!(http_status(&inbound, "/healthz"), Some(200));
+    put(
+        &cp.config,
+        "strict.yaml",
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+         metadata: {name: default, namespace: demo}\nspec: {mtls: {mode: STRICT}}\n",
+    );
+    let deadline = Instant::now() + WAIT;
+    while http_status(&inbound, "/healthz").is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "STRICT never applied:\n{}",
+            sidecar.log(&s)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The rewritten probes do not go through it.
+    assert_eq!(http_status(&health, &live), Some(200));
+    assert_eq!(http_status(&health, &ready), Some(200));
+
     // The answers follow the app.
     healthy.store(false, Ordering::SeqCst);
     assert_eq!(http_status(&health, &live), Some(503));
