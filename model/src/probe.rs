@@ -149,6 +149,11 @@ impl AppProbers {
         self.0.get(path)
     }
 
+    /// The paths answered, in order.
+    pub fn paths(&self) -> impl Iterator<Item = &str> {
+        self.0.keys().map(String::as_str)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

@@ -9,7 +9,9 @@
 //! The answer is 200 when the app's is (HTTP or HTTPS 200–399, or a TCP
 //! connect within the probe's timeout), 503 naming what failed otherwise.
 
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -18,6 +20,10 @@ use http::StatusCode;
 use http::header::{CONTENT_TYPE, HOST, HeaderName, HeaderValue, TE, USER_AGENT};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use prost::Message;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::{DigitallySignedStruct, SignatureScheme};
@@ -26,16 +32,65 @@ use strait_broker::http::{Routes, respond};
 use strait_model::probe::{AppProbe, AppProbers};
 use tokio::net::TcpStream;
 
-/// The health listener's routes for `probers`.
-pub fn routes(probers: Arc<AppProbers>) -> Routes {
+/// `strait_sidecar_app_probes_total` labels.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ProbeLabels {
+    /// The path the kubelet asked for (`/app-health/<container>/<kind>`).
+    path: String,
+    /// `ok` or `failed`.
+    outcome: &'static str,
+}
+
+/// The health listener's routes for `probers`; each answer is counted in
+/// `strait_sidecar_app_probes_total{path,outcome}` (registered in
+/// `registry`), and a probe that starts or stops failing is logged with
+/// the reason.
+pub fn routes(probers: Arc<AppProbers>, registry: &mut Registry) -> Routes {
+    let counts = Family::<ProbeLabels, Counter>::default();
+    registry.register(
+        "strait_sidecar_app_probes",
+        "The kubelet's app probes the sidecar answered, by path and outcome",
+        counts.clone(),
+    );
+    // Whether each probe passed last time (all start as passing, so a
+    // first failure is logged).
+    let passing: Arc<HashMap<String, AtomicBool>> = Arc::new(
+        probers
+            .paths()
+            .map(|p| (p.to_string(), AtomicBool::new(true)))
+            .collect(),
+    );
     Arc::new(move |path: &str| {
         let probe = probers.get(path)?.clone();
         let path = path.to_string();
+        let counts = counts.clone();
+        let passing = passing.clone();
         Some(Box::pin(async move {
-            match check(&probe).await {
-                Ok(()) => respond(StatusCode::OK, "text/plain", "ok\n".into()),
+            let result = check(&probe).await;
+            let ok = result.is_ok();
+            counts
+                .get_or_create(&ProbeLabels {
+                    path: path.clone(),
+                    outcome: if ok { "ok" } else { "failed" },
+                })
+                .inc();
+            let was = passing
+                .get(&path)
+                .map(|p| p.swap(ok, Ordering::Relaxed))
+                .unwrap_or(ok);
+            match result {
+                Ok(()) => {
+                    if !was {
+                        tracing::info!(%path, "app probe passes again");
+                    }
+                    respond(StatusCode::OK, "text/plain", "ok\n".into())
+                }
                 Err(why) => {
-                    tracing::debug!(%path, %why, "app probe failed");
+                    if was {
+                        tracing::warn!(%path, %why, "app probe failed");
+                    } else {
+                        tracing::debug!(%path, %why, "app probe still failing");
+                    }
                     respond(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "text/plain",
@@ -631,12 +686,23 @@ mod tests {
                 http(down, "/ready", vec![]),
             )
             .unwrap();
-        let routes = routes(Arc::new(probers));
+        let mut registry = Registry::default();
+        let routes = routes(Arc::new(probers), &mut registry);
         assert!(routes("/app-health/other/livez").is_none());
         assert!(routes("/healthz/ready").is_none());
         let live = routes("/app-health/app/livez").unwrap().await;
         assert_eq!(live.status(), StatusCode::OK);
-        let ready = routes("/app-health/app/readyz").unwrap().await;
-        assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+        for _ in 0..2 {
+            let ready = routes("/app-health/app/readyz").unwrap().await;
+            assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+        }
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            r#"strait_sidecar_app_probes_total{path="/app-health/app/livez",outcome="ok"} 1"#,
+            r#"strait_sidecar_app_probes_total{path="/app-health/app/readyz",outcome="failed"} 2"#,
+        ] {
+            assert!(text.contains(line), "{line} in:\n{text}");
+        }
     }
 }

@@ -357,11 +357,11 @@ pub fn run(args: SidecarArgs) -> Result<()> {
         let outbound = http::bind(args.outbound, "outbound").await.map_err(anyhow::Error::msg)?;
         let mut registry = Registry::default();
         let metrics = strait_sidecar::metrics::Metrics::new(&mut registry);
+        let routes = app_probers.map(|p| strait_sidecar::probe::routes(p, &mut registry));
         let registry = Arc::new(registry);
         let ready = Ready::default();
         if let Some(addr) = args.health_listen {
             let l = http::bind(addr, "health").await.map_err(anyhow::Error::msg)?;
-            let routes = app_probers.map(strait_sidecar::probe::routes);
             tokio::spawn(http::serve_with(l, ready.clone(), None, routes));
         }
         if let Some(addr) = args.metrics_listen {
