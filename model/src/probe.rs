@@ -47,6 +47,28 @@ pub struct AppProbe {
     pub timeout_seconds: u32,
 }
 
+/// What a probe does: the one of `httpGet`, `tcpSocket` and `grpc` it
+/// has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action<'a> {
+    Http(&'a HttpGet),
+    Tcp(&'a TcpSocket),
+    Grpc(&'a Grpc),
+}
+
+impl AppProbe {
+    /// Its action; an error when it has none or more than one (which
+    /// [`AppProbers::parse`] refuses).
+    pub fn action(&self) -> Result<Action<'_>, &'static str> {
+        match (&self.http_get, &self.tcp_socket, &self.grpc) {
+            (Some(get), None, None) => Ok(Action::Http(get)),
+            (None, Some(tcp), None) => Ok(Action::Tcp(tcp)),
+            (None, None, Some(grpc)) => Ok(Action::Grpc(grpc)),
+            _ => Err("needs exactly one of httpGet, tcpSocket and grpc"),
+        }
+    }
+}
+
 fn one_second() -> u32 {
     1
 }
@@ -194,8 +216,8 @@ fn check(path: &str, probe: &AppProbe) -> Result<(), String> {
             probe.timeout_seconds
         ));
     }
-    match (&probe.http_get, &probe.tcp_socket, &probe.grpc) {
-        (Some(get), None, None) => {
+    match probe.action()? {
+        Action::Http(get) => {
             if get.port == 0 {
                 return Err("httpGet.port is 0".into());
             }
@@ -224,10 +246,10 @@ fn check(path: &str, probe: &AppProbe) -> Result<(), String> {
             }
             Ok(())
         }
-        (None, Some(tcp), None) if tcp.port == 0 => Err("tcpSocket.port is 0".into()),
-        (None, Some(_), None) => Ok(()),
-        (None, None, Some(g)) if g.port == 0 => Err("grpc.port is 0".into()),
-        (None, None, Some(g))
+        Action::Tcp(tcp) if tcp.port == 0 => Err("tcpSocket.port is 0".into()),
+        Action::Tcp(_) => Ok(()),
+        Action::Grpc(g) if g.port == 0 => Err("grpc.port is 0".into()),
+        Action::Grpc(g)
             if g.service
                 .as_ref()
                 .is_some_and(|s| s.len() > MAX_SERVICE_LEN) =>
@@ -236,8 +258,7 @@ fn check(path: &str, probe: &AppProbe) -> Result<(), String> {
                 "grpc.service is longer than {MAX_SERVICE_LEN} bytes"
             ))
         }
-        (None, None, Some(_)) => Ok(()),
-        _ => Err("needs exactly one of httpGet, tcpSocket and grpc".into()),
+        Action::Grpc(_) => Ok(()),
     }
 }
 

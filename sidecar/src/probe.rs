@@ -1,13 +1,14 @@
 //! The kubelet's app probes, answered on the sidecar's health listener.
 //!
 //! Under transparent interception the injector rewrites an app
-//! container's `httpGet` and `tcpSocket` probes to `GET
+//! container's `httpGet`, `tcpSocket` and `grpc` probes to `GET
 //! /app-health/<container>/<livez|readyz|startupz>` on the health port
 //! (see [`strait_model::probe`]); [`routes`] answers those paths by
 //! probing the app on loopback, where the sidecar's own connections are
 //! not redirected, so the probe works whatever the inbound mTLS mode.
-//! The answer is 200 when the app's is (HTTP or HTTPS 200–399, or a TCP
-//! connect within the probe's timeout), 503 naming what failed otherwise.
+//! The answer is 200 when the app's is (HTTP or HTTPS 200–399, a TCP
+//! connect, or a gRPC health check answering `SERVING`, within the probe's
+//! timeout), 503 naming what failed otherwise.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -29,7 +30,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use strait_broker::http::{Routes, respond};
-use strait_model::probe::{AppProbe, AppProbers};
+use strait_model::probe::{Action, AppProbe, AppProbers};
 use tokio::net::TcpStream;
 
 /// `strait_sidecar_app_probes_total` labels.
@@ -111,40 +112,42 @@ pub async fn check(probe: &AppProbe) -> Result<(), String> {
 }
 
 fn target(probe: &AppProbe) -> String {
-    match (&probe.http_get, &probe.tcp_socket, &probe.grpc) {
-        (Some(get), _, _) => format!(
+    match probe.action() {
+        Ok(Action::Http(get)) => format!(
             "{}://127.0.0.1:{}{}",
             if get.https() { "https" } else { "http" },
             get.port,
             get.path
         ),
-        (None, Some(tcp), _) => format!("tcp 127.0.0.1:{}", tcp.port),
-        (None, None, Some(g)) => match g.service.as_deref() {
+        Ok(Action::Tcp(tcp)) => format!("tcp 127.0.0.1:{}", tcp.port),
+        Ok(Action::Grpc(g)) => match g.service.as_deref() {
             Some(service) if !service.is_empty() => {
                 format!("grpc 127.0.0.1:{} service {service:?}", g.port)
             }
             _ => format!("grpc 127.0.0.1:{}", g.port),
         },
-        (None, None, None) => "nothing to probe".to_string(),
+        Err(why) => why.to_string(),
     }
 }
 
 async fn attempt(probe: &AppProbe) -> Result<(), String> {
     let what = target(probe);
-    let port = match (&probe.http_get, &probe.tcp_socket, &probe.grpc) {
-        (Some(get), _, _) => get.port,
-        (None, Some(tcp), _) => tcp.port,
-        (None, None, Some(g)) => g.port,
-        (None, None, None) => return Err(what),
+    let action = probe.action()?;
+    let port = match action {
+        Action::Http(get) => get.port,
+        Action::Tcp(tcp) => tcp.port,
+        Action::Grpc(g) => g.port,
     };
     let tcp = TcpStream::connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
         .await
         .map_err(|e| format!("{what}: {e}"))?;
-    if let Some(g) = &probe.grpc {
-        return grpc_health(tcp, port, g.service.as_deref().unwrap_or_default(), &what).await;
-    }
-    let Some(get) = &probe.http_get else {
-        return Ok(());
+    let get = match action {
+        Action::Tcp(_) => return Ok(()),
+        Action::Grpc(g) => {
+            let service = g.service.as_deref().unwrap_or_default();
+            return grpc_health(tcp, port, service, &what).await;
+        }
+        Action::Http(get) => get,
     };
     let mut request = http::Request::get(get.path.as_str())
         .body(Empty::<Bytes>::new())
