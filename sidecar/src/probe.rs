@@ -4,15 +4,14 @@
 //! container's `httpGet`, `tcpSocket` and `grpc` probes to `GET
 //! /app-health/<container>/<livez|readyz|startupz>` on the health port
 //! (see [`strait_model::probe`]); [`routes`] answers those paths by
-//! probing the app where the kubelet would have, at the pod's IP (or on
-//! loopback), with connections of the sidecar's own, which are not
-//! redirected, so the probe works whatever the inbound mTLS mode.
+//! probing the app on loopback, where the sidecar's own connections are
+//! not redirected, so the probe works whatever the inbound mTLS mode.
 //! The answer is 200 when the app's is (HTTP or HTTPS 200–399, a TCP
 //! connect, or a gRPC health check answering `SERVING`, within the probe's
 //! timeout), 503 naming what failed otherwise.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -47,7 +46,7 @@ struct ProbeLabels {
 /// `strait_sidecar_app_probes_total{path,outcome}` (registered in
 /// `registry`), and a probe that starts or stops failing is logged with
 /// the reason.
-pub fn routes(probers: Arc<AppProbers>, host: IpAddr, registry: &mut Registry) -> Routes {
+pub fn routes(probers: Arc<AppProbers>, registry: &mut Registry) -> Routes {
     let counts = Family::<ProbeLabels, Counter>::default();
     registry.register(
         "strait_sidecar_app_probes",
@@ -68,7 +67,7 @@ pub fn routes(probers: Arc<AppProbers>, host: IpAddr, registry: &mut Registry) -
         let counts = counts.clone();
         let passing = passing.clone();
         Some(Box::pin(async move {
-            let result = check(&probe, host).await;
+            let result = check(&probe).await;
             let ok = result.is_ok();
             counts
                 .get_or_create(&ProbeLabels {
@@ -104,51 +103,49 @@ pub fn routes(probers: Arc<AppProbers>, host: IpAddr, registry: &mut Registry) -
     })
 }
 
-/// Probes the app at `host` (the pod's IP, as the kubelet, or loopback)
-/// once; the error says what failed.
-pub async fn check(probe: &AppProbe, host: IpAddr) -> Result<(), String> {
+/// Probes the app once; the error says what failed.
+pub async fn check(probe: &AppProbe) -> Result<(), String> {
     let limit = Duration::from_secs(probe.timeout_seconds.into());
-    tokio::time::timeout(limit, attempt(probe, host))
+    tokio::time::timeout(limit, attempt(probe))
         .await
-        .map_err(|_| format!("{}: no answer within {limit:?}", target(probe, host)))?
+        .map_err(|_| format!("{}: no answer within {limit:?}", target(probe)))?
 }
 
-fn target(probe: &AppProbe, host: IpAddr) -> String {
+fn target(probe: &AppProbe) -> String {
     match probe.action() {
         Ok(Action::Http(get)) => format!(
-            "{}://{}{}",
+            "{}://127.0.0.1:{}{}",
             if get.https() { "https" } else { "http" },
-            SocketAddr::new(host, get.port),
+            get.port,
             get.path
         ),
-        Ok(Action::Tcp(tcp)) => format!("tcp {}", SocketAddr::new(host, tcp.port)),
+        Ok(Action::Tcp(tcp)) => format!("tcp 127.0.0.1:{}", tcp.port),
         Ok(Action::Grpc(g)) => match g.service.as_deref() {
             Some(service) if !service.is_empty() => {
-                format!("grpc {} service {service:?}", SocketAddr::new(host, g.port))
+                format!("grpc 127.0.0.1:{} service {service:?}", g.port)
             }
-            _ => format!("grpc {}", SocketAddr::new(host, g.port)),
+            _ => format!("grpc 127.0.0.1:{}", g.port),
         },
         Err(why) => why.to_string(),
     }
 }
 
-async fn attempt(probe: &AppProbe, host: IpAddr) -> Result<(), String> {
-    let what = target(probe, host);
+async fn attempt(probe: &AppProbe) -> Result<(), String> {
+    let what = target(probe);
     let action = probe.action()?;
     let port = match action {
         Action::Http(get) => get.port,
         Action::Tcp(tcp) => tcp.port,
         Action::Grpc(g) => g.port,
     };
-    let addr = SocketAddr::new(host, port);
-    let tcp = TcpStream::connect(addr)
+    let tcp = TcpStream::connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
         .await
         .map_err(|e| format!("{what}: {e}"))?;
     let get = match action {
         Action::Tcp(_) => return Ok(()),
         Action::Grpc(g) => {
             let service = g.service.as_deref().unwrap_or_default();
-            return grpc_health(tcp, addr, service, &what).await;
+            return grpc_health(tcp, port, service, &what).await;
         }
         Action::Http(get) => get,
     };
@@ -159,7 +156,7 @@ async fn attempt(probe: &AppProbe, host: IpAddr) -> Result<(), String> {
     headers.insert(USER_AGENT, HeaderValue::from_static("kube-probe/strait"));
     headers.insert(
         HOST,
-        HeaderValue::from_str(&addr.to_string()).expect("an address is a header value"),
+        HeaderValue::from_str(&format!("127.0.0.1:{port}")).expect("an address is a header value"),
     );
     for h in &get.http_headers {
         let name = HeaderName::from_bytes(h.name.as_bytes())
@@ -175,7 +172,7 @@ async fn attempt(probe: &AppProbe, host: IpAddr) -> Result<(), String> {
     }
     let response = if get.https() {
         let tls = tokio_rustls::TlsConnector::from(insecure_tls())
-            .connect(ServerName::IpAddress(host.into()), tcp)
+            .connect(ServerName::IpAddress(Ipv4Addr::LOCALHOST.into()), tcp)
             .await
             .map_err(|e| format!("{what}: TLS: {e}"))?;
         send(tls, request, &what).await?
@@ -209,12 +206,7 @@ const SERVING: i32 = 1;
 
 /// A gRPC health check over h2c, as the kubelet's gRPC probe: success
 /// when the app answers `SERVING`.
-async fn grpc_health(
-    tcp: TcpStream,
-    addr: SocketAddr,
-    service: &str,
-    what: &str,
-) -> Result<(), String> {
+async fn grpc_health(tcp: TcpStream, port: u16, service: &str, what: &str) -> Result<(), String> {
     let (mut sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
             .await
@@ -231,12 +223,14 @@ async fn grpc_health(
             .to_be_bytes(),
     );
     body.extend_from_slice(&message);
-    let request = http::Request::post(format!("http://{addr}/grpc.health.v1.Health/Check"))
-        .header(CONTENT_TYPE, "application/grpc")
-        .header(TE, "trailers")
-        .header(USER_AGENT, "kube-probe/strait")
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| format!("{what}: {e}"))?;
+    let request = http::Request::post(format!(
+        "http://127.0.0.1:{port}/grpc.health.v1.Health/Check"
+    ))
+    .header(CONTENT_TYPE, "application/grpc")
+    .header(TE, "trailers")
+    .header(USER_AGENT, "kube-probe/strait")
+    .body(Full::new(Bytes::from(body)))
+    .map_err(|e| format!("{what}: {e}"))?;
     let exchange = async {
         let response = sender.send_request(request).await?;
         let (head, body) = response.into_parts();
@@ -400,12 +394,6 @@ mod tests {
 
     use super::*;
 
-    const LO: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
-
-    async fn check_lo(probe: &AppProbe) -> Result<(), String> {
-        check(probe, LO).await
-    }
-
     fn http(port: u16, path: &str, headers: Vec<Header>) -> AppProbe {
         AppProbe {
             http_get: Some(HttpGet {
@@ -467,7 +455,7 @@ mod tests {
                     },
                 ],
             );
-            check(&probe, LO).await.unwrap();
+            check(&probe).await.unwrap();
             let head = heads.recv().await.unwrap().to_ascii_lowercase();
             assert!(
                 head.starts_with("get /healthz?deep=1 http/1.1\r\n"),
@@ -516,8 +504,8 @@ mod tests {
         });
         let mut probe = http(port, "/ready", vec![]);
         probe.http_get.as_mut().unwrap().scheme = Some("HTTPS".into());
-        check(&probe, LO).await.unwrap();
-        let err = check(&probe, LO).await.unwrap_err();
+        check(&probe).await.unwrap();
+        let err = check(&probe).await.unwrap_err();
         assert_eq!(
             err,
             format!("https://127.0.0.1:{port}/ready answered 503 Service Unavailable")
@@ -536,7 +524,7 @@ mod tests {
         });
         let mut probe = http(plain, "/", vec![]);
         probe.http_get.as_mut().unwrap().scheme = Some("HTTPS".into());
-        let err = check(&probe, LO).await.unwrap_err();
+        let err = check(&probe).await.unwrap_err();
         assert!(
             err.starts_with(&format!("https://127.0.0.1:{plain}/: TLS: ")),
             "{err}"
@@ -546,7 +534,7 @@ mod tests {
     #[tokio::test]
     async fn an_http_probe_fails_on_an_error_status_naming_it() {
         let (port, _heads) = app("500 Internal Server Error").await;
-        let err = check_lo(&http(port, "/healthz", vec![])).await.unwrap_err();
+        let err = check(&http(port, "/healthz", vec![])).await.unwrap_err();
         assert_eq!(
             err,
             format!("http://127.0.0.1:{port}/healthz answered 500 Internal Server Error")
@@ -566,18 +554,18 @@ mod tests {
             grpc: None,
             timeout_seconds: 1,
         };
-        let err = check(&tcp, LO).await.unwrap_err();
+        let err = check(&tcp).await.unwrap_err();
         assert!(
             err.starts_with(&format!("tcp 127.0.0.1:{closed}: ")),
             "{err}"
         );
-        assert!(check_lo(&http(closed, "/", vec![])).await.is_err());
+        assert!(check(&http(closed, "/", vec![])).await.is_err());
 
         // Accepts and never answers: the probe's timeout ends it.
         let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = silent.local_addr().unwrap().port();
         let started = tokio::time::Instant::now();
-        let err = check_lo(&http(port, "/", vec![])).await.unwrap_err();
+        let err = check(&http(port, "/", vec![])).await.unwrap_err();
         assert!(err.ends_with("no answer within 1s"), "{err}");
         assert!(started.elapsed() >= Duration::from_secs(1));
         drop(silent);
@@ -651,13 +639,13 @@ mod tests {
             }),
             timeout_seconds: 1,
         };
-        check_lo(&probe("shop")).await.unwrap();
+        check(&probe("shop")).await.unwrap();
         assert_eq!(
-            check_lo(&probe("down")).await.unwrap_err(),
+            check(&probe("down")).await.unwrap_err(),
             format!("grpc 127.0.0.1:{port} service \"down\" answered NOT_SERVING")
         );
         assert_eq!(
-            check_lo(&probe("cart")).await.unwrap_err(),
+            check(&probe("cart")).await.unwrap_err(),
             format!(
                 "grpc 127.0.0.1:{port} service \"cart\" answered grpc-status 5 unknown service"
             )
@@ -666,28 +654,11 @@ mod tests {
         let (plain, _heads) = app("200 OK").await;
         let mut p = probe("shop");
         p.grpc.as_mut().unwrap().port = plain;
-        let err = check(&p, LO).await.unwrap_err();
+        let err = check(&p).await.unwrap_err();
         assert!(
             err.starts_with(&format!("grpc 127.0.0.1:{plain} service \"shop\"")),
             "{err}"
         );
-    }
-
-    #[tokio::test]
-    async fn probes_go_to_the_address_given() {
-        // An app on 127.0.0.2 alone, as one listening on the pod's IP only.
-        let l = TcpListener::bind("127.0.0.2:0").await.unwrap();
-        let port = l.local_addr().unwrap().port();
-        let tcp = AppProbe {
-            http_get: None,
-            tcp_socket: Some(TcpSocket { port }),
-            grpc: None,
-            timeout_seconds: 1,
-        };
-        let pod_ip: IpAddr = "127.0.0.2".parse().unwrap();
-        check(&tcp, pod_ip).await.unwrap();
-        let err = check(&tcp, LO).await.unwrap_err();
-        assert!(err.starts_with(&format!("tcp 127.0.0.1:{port}: ")), "{err}");
     }
 
     #[tokio::test]
@@ -701,7 +672,7 @@ mod tests {
             grpc: None,
             timeout_seconds: 1,
         };
-        check(&tcp, LO).await.unwrap();
+        check(&tcp).await.unwrap();
     }
 
     #[tokio::test]
@@ -719,7 +690,7 @@ mod tests {
             )
             .unwrap();
         let mut registry = Registry::default();
-        let routes = routes(Arc::new(probers), LO, &mut registry);
+        let routes = routes(Arc::new(probers), &mut registry);
         assert!(routes("/app-health/other/livez").is_none());
         assert!(routes("/healthz/ready").is_none());
         let live = routes("/app-health/app/livez").unwrap().await;
