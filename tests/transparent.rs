@@ -28,8 +28,8 @@ fn run(args: &[&str]) -> (bool, String) {
 struct Netns(String);
 
 impl Netns {
-    fn new() -> Result<Netns, String> {
-        let name = format!("strait-ipt-{}", std::process::id());
+    fn new(what: &str) -> Result<Netns, String> {
+        let name = format!("strait-{what}-{}", std::process::id());
         let (ok, out) = run(&["ip", "netns", "add", &name]);
         if !ok {
             return Err(format!("cannot create a network namespace: {out}"));
@@ -120,7 +120,7 @@ fn applied_rules_send_an_apps_connection_to_the_outbound_listener() {
         eprintln!("skipped: needs root, iproute2 and iptables ({why})");
         return;
     }
-    let ns = match Netns::new() {
+    let ns = match Netns::new("ipt") {
         Ok(ns) => ns,
         Err(why) => {
             eprintln!("skipped: {why}");
@@ -185,4 +185,134 @@ fn applied_rules_send_an_apps_connection_to_the_outbound_listener() {
     .join()
     .unwrap();
     assert_eq!(original.to_string(), "10.9.9.9:8080");
+}
+
+/// Moves this thread into `ns`'s network namespace.
+fn enter(ns: &Netns) {
+    use std::os::fd::AsFd;
+    let file = std::fs::File::open(format!("/var/run/netns/{}", ns.0)).unwrap();
+    rustix::thread::move_into_link_name_space(
+        file.as_fd(),
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    )
+    .unwrap();
+}
+
+/// Serves `status` to every HTTP request on `listener`.
+async fn answer(listener: tokio::net::TcpListener, status: &'static str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let (mut s, _) = listener.accept().await.unwrap();
+        tokio::spawn(async move {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.ends_with(b"\r\n\r\n") {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let reply =
+                format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            let _ = s.write_all(reply.as_bytes()).await;
+        });
+    }
+}
+
+/// The sidecar's app probe to its pod's own IP reaches the app, while the
+/// sidecar's other connections there go to the inbound listener: the rules
+/// the init container applies and the prober's source address agree.
+#[test]
+fn an_app_probe_to_the_pods_ip_reaches_the_app_not_the_inbound_listener() {
+    if let Some(why) = unavailable() {
+        eprintln!("skipped: needs root, iproute2 and iptables ({why})");
+        return;
+    }
+    let ns = match Netns::new("probe") {
+        Ok(ns) => ns,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let init = injected_init_command();
+    let init: Vec<&str> = init.iter().map(String::as_str).collect();
+    let (ok, out) = ns.exec(&init);
+    assert!(ok, "apply: {out}");
+
+    // In the namespace: the app on the pod's IP (10.9.9.1) and the inbound
+    // listener on 15006, served by this thread's runtime (as root).
+    let ns = std::sync::Arc::new(ns);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    // Dropped, also when an assertion fails: the servers end and the last
+    // handle on the namespace removes it.
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let servers = {
+        let ns = ns.clone();
+        std::thread::spawn(move || {
+            enter(&ns);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let app = tokio::net::TcpListener::bind("10.9.9.1:8080")
+                    .await
+                    .unwrap();
+                let inbound = tokio::net::TcpListener::bind("0.0.0.0:15006")
+                    .await
+                    .unwrap();
+                ready_tx.send(()).unwrap();
+                tokio::select! {
+                    _ = answer(app, "200 OK") => {}
+                    _ = answer(inbound, "500 Internal Server Error") => {}
+                    _ = stop_rx => {}
+                }
+            });
+        })
+    };
+    ready_rx.recv().unwrap();
+
+    // The sidecar's side: a thread with the proxy's uid (1337).
+    let (plain, probed) = {
+        let ns = ns.clone();
+        std::thread::spawn(move || {
+            enter(&ns);
+            rustix::thread::set_thread_uid(rustix::process::Uid::from_raw(1337)).unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                // Any other connection of the sidecar to its pod's IP is
+                // inbound traffic: it lands on 15006.
+                let mut c = tokio::net::TcpStream::connect("10.9.9.1:8080")
+                    .await
+                    .unwrap();
+                c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+                    .await
+                    .unwrap();
+                let mut reply = String::new();
+                c.read_to_string(&mut reply).await.unwrap();
+                let probe: strait_model::probe::AppProbers = strait_model::probe::AppProbers::parse(
+                    r#"{"/app-health/app/livez": {"httpGet": {"path": "/healthz", "port": 8080}}}"#,
+                )
+                .unwrap();
+                let probe = probe.get("/app-health/app/livez").unwrap().clone();
+                let probed =
+                    strait_sidecar::probe::check(&probe, "10.9.9.1".parse().unwrap()).await;
+                (reply, probed)
+            })
+        })
+        .join()
+        .unwrap()
+    };
+    assert!(
+        plain.starts_with("HTTP/1.1 500"),
+        "the sidecar's plain connection should meet the inbound listener: {plain:?}"
+    );
+    assert_eq!(probed, Ok(()), "the probe should reach the app");
+    drop(stop_tx);
+    servers.join().unwrap();
 }

@@ -8,8 +8,9 @@
 //! port (15021, never redirected) at `/app-health/<container>/<livez|readyz|startupz>`
 //! and hands the sidecar the original probe in the environment variable
 //! [`ENV`], a JSON object from those paths to [`AppProbe`]s (the shape of
-//! Istio's `ISTIO_KUBE_APP_PROBERS`). The sidecar then probes the app on
-//! loopback, where its own connections are not redirected.
+//! Istio's `ISTIO_KUBE_APP_PROBERS`). The sidecar then probes the app at
+//! the pod's IP, as the kubelet would have, from a source address the
+//! interception rules let through to the app.
 //!
 //! [`AppProbers::parse`] reads that variable; it comes from the pod's spec,
 //! so it is checked as untrusted input: paths, ports, header names and
@@ -73,7 +74,7 @@ fn one_second() -> u32 {
     1
 }
 
-/// An HTTP GET of the app on loopback; 200–399 is success, as for the
+/// An HTTP GET of the app; 200–399 is success, as for the
 /// kubelet.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -96,15 +97,15 @@ pub struct Header {
     pub value: String,
 }
 
-/// A TCP connect to the app on loopback.
+/// A TCP connect to the app.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TcpSocket {
     pub port: u16,
 }
 
-/// A gRPC health check (`grpc.health.v1.Health/Check`) of the app on
-/// loopback, over h2c; `SERVING` is success, as for the kubelet.
+/// A gRPC health check (`grpc.health.v1.Health/Check`) of the app over
+/// h2c; `SERVING` is success, as for the kubelet.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Grpc {

@@ -4,14 +4,15 @@
 //! container's `httpGet`, `tcpSocket` and `grpc` probes to `GET
 //! /app-health/<container>/<livez|readyz|startupz>` on the health port
 //! (see [`strait_model::probe`]); [`routes`] answers those paths by
-//! probing the app on loopback, where the sidecar's own connections are
-//! not redirected, so the probe works whatever the inbound mTLS mode.
+//! probing the app where the kubelet would have, at the pod's IP (or on
+//! loopback), from [`PROBE_SOURCE`], which the interception rules let
+//! through to the app, so the probe works whatever the inbound mTLS mode.
 //! The answer is 200 when the app's is (HTTP or HTTPS 200–399, a TCP
 //! connect, or a gRPC health check answering `SERVING`, within the probe's
 //! timeout), 503 naming what failed otherwise.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -33,6 +34,8 @@ use strait_broker::http::{Routes, respond};
 use strait_model::probe::{Action, AppProbe, AppProbers};
 use tokio::net::TcpStream;
 
+use crate::transparent::PROBE_SOURCE;
+
 /// `strait_sidecar_app_probes_total` labels.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ProbeLabels {
@@ -46,7 +49,7 @@ struct ProbeLabels {
 /// `strait_sidecar_app_probes_total{path,outcome}` (registered in
 /// `registry`), and a probe that starts or stops failing is logged with
 /// the reason.
-pub fn routes(probers: Arc<AppProbers>, registry: &mut Registry) -> Routes {
+pub fn routes(probers: Arc<AppProbers>, host: IpAddr, registry: &mut Registry) -> Routes {
     let counts = Family::<ProbeLabels, Counter>::default();
     registry.register(
         "strait_sidecar_app_probes",
@@ -67,7 +70,7 @@ pub fn routes(probers: Arc<AppProbers>, registry: &mut Registry) -> Routes {
         let counts = counts.clone();
         let passing = passing.clone();
         Some(Box::pin(async move {
-            let result = check(&probe).await;
+            let result = check(&probe, host).await;
             let ok = result.is_ok();
             counts
                 .get_or_create(&ProbeLabels {
@@ -103,49 +106,49 @@ pub fn routes(probers: Arc<AppProbers>, registry: &mut Registry) -> Routes {
     })
 }
 
-/// Probes the app once; the error says what failed.
-pub async fn check(probe: &AppProbe) -> Result<(), String> {
+/// Probes the app at `host` (the pod's IP, as the kubelet, or loopback)
+/// once; the error says what failed.
+pub async fn check(probe: &AppProbe, host: IpAddr) -> Result<(), String> {
     let limit = Duration::from_secs(probe.timeout_seconds.into());
-    tokio::time::timeout(limit, attempt(probe))
+    tokio::time::timeout(limit, attempt(probe, host))
         .await
-        .map_err(|_| format!("{}: no answer within {limit:?}", target(probe)))?
+        .map_err(|_| format!("{}: no answer within {limit:?}", target(probe, host)))?
 }
 
-fn target(probe: &AppProbe) -> String {
+fn target(probe: &AppProbe, host: IpAddr) -> String {
     match probe.action() {
         Ok(Action::Http(get)) => format!(
-            "{}://127.0.0.1:{}{}",
+            "{}://{}{}",
             if get.https() { "https" } else { "http" },
-            get.port,
+            SocketAddr::new(host, get.port),
             get.path
         ),
-        Ok(Action::Tcp(tcp)) => format!("tcp 127.0.0.1:{}", tcp.port),
+        Ok(Action::Tcp(tcp)) => format!("tcp {}", SocketAddr::new(host, tcp.port)),
         Ok(Action::Grpc(g)) => match g.service.as_deref() {
             Some(service) if !service.is_empty() => {
-                format!("grpc 127.0.0.1:{} service {service:?}", g.port)
+                format!("grpc {} service {service:?}", SocketAddr::new(host, g.port))
             }
-            _ => format!("grpc 127.0.0.1:{}", g.port),
+            _ => format!("grpc {}", SocketAddr::new(host, g.port)),
         },
         Err(why) => why.to_string(),
     }
 }
 
-async fn attempt(probe: &AppProbe) -> Result<(), String> {
-    let what = target(probe);
+async fn attempt(probe: &AppProbe, host: IpAddr) -> Result<(), String> {
+    let what = target(probe, host);
     let action = probe.action()?;
     let port = match action {
         Action::Http(get) => get.port,
         Action::Tcp(tcp) => tcp.port,
         Action::Grpc(g) => g.port,
     };
-    let tcp = TcpStream::connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
-        .await
-        .map_err(|e| format!("{what}: {e}"))?;
+    let addr = SocketAddr::new(host, port);
+    let tcp = connect(addr).await.map_err(|e| format!("{what}: {e}"))?;
     let get = match action {
         Action::Tcp(_) => return Ok(()),
         Action::Grpc(g) => {
             let service = g.service.as_deref().unwrap_or_default();
-            return grpc_health(tcp, port, service, &what).await;
+            return grpc_health(tcp, addr, service, &what).await;
         }
         Action::Http(get) => get,
     };
@@ -156,7 +159,7 @@ async fn attempt(probe: &AppProbe) -> Result<(), String> {
     headers.insert(USER_AGENT, HeaderValue::from_static("kube-probe/strait"));
     headers.insert(
         HOST,
-        HeaderValue::from_str(&format!("127.0.0.1:{port}")).expect("an address is a header value"),
+        HeaderValue::from_str(&addr.to_string()).expect("an address is a header value"),
     );
     for h in &get.http_headers {
         let name = HeaderName::from_bytes(h.name.as_bytes())
@@ -172,7 +175,7 @@ async fn attempt(probe: &AppProbe) -> Result<(), String> {
     }
     let response = if get.https() {
         let tls = tokio_rustls::TlsConnector::from(insecure_tls())
-            .connect(ServerName::IpAddress(Ipv4Addr::LOCALHOST.into()), tcp)
+            .connect(ServerName::IpAddress(host.into()), tcp)
             .await
             .map_err(|e| format!("{what}: TLS: {e}"))?;
         send(tls, request, &what).await?
@@ -184,6 +187,21 @@ async fn attempt(probe: &AppProbe) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("{what} answered {status}"))
+    }
+}
+
+/// Connects to the app at `addr`. To the pod's own (IPv4, not loopback)
+/// address, from [`PROBE_SOURCE`]: the iptables rules send the sidecar's
+/// other connections to its pod's IP on to the inbound listener, which
+/// the probe must not meet.
+async fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    match addr.ip() {
+        IpAddr::V4(ip) if !ip.is_loopback() => {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::from((PROBE_SOURCE, 0)))?;
+            socket.connect(addr).await
+        }
+        _ => TcpStream::connect(addr).await,
     }
 }
 
@@ -206,7 +224,12 @@ const SERVING: i32 = 1;
 
 /// A gRPC health check over h2c, as the kubelet's gRPC probe: success
 /// when the app answers `SERVING`.
-async fn grpc_health(tcp: TcpStream, port: u16, service: &str, what: &str) -> Result<(), String> {
+async fn grpc_health(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    service: &str,
+    what: &str,
+) -> Result<(), String> {
     let (mut sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
             .await
@@ -223,14 +246,12 @@ async fn grpc_health(tcp: TcpStream, port: u16, service: &str, what: &str) -> Re
             .to_be_bytes(),
     );
     body.extend_from_slice(&message);
-    let request = http::Request::post(format!(
-        "http://127.0.0.1:{port}/grpc.health.v1.Health/Check"
-    ))
-    .header(CONTENT_TYPE, "application/grpc")
-    .header(TE, "trailers")
-    .header(USER_AGENT, "kube-probe/strait")
-    .body(Full::new(Bytes::from(body)))
-    .map_err(|e| format!("{what}: {e}"))?;
+    let request = http::Request::post(format!("http://{addr}/grpc.health.v1.Health/Check"))
+        .header(CONTENT_TYPE, "application/grpc")
+        .header(TE, "trailers")
+        .header(USER_AGENT, "kube-probe/strait")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| format!("{what}: {e}"))?;
     let exchange = async {
         let response = sender.send_request(request).await?;
         let (head, body) = response.into_parts();
@@ -394,6 +415,12 @@ mod tests {
 
     use super::*;
 
+    const LO: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    async fn check_lo(probe: &AppProbe) -> Result<(), String> {
+        check(probe, LO).await
+    }
+
     fn http(port: u16, path: &str, headers: Vec<Header>) -> AppProbe {
         AppProbe {
             http_get: Some(HttpGet {
@@ -455,7 +482,7 @@ mod tests {
                     },
                 ],
             );
-            check(&probe).await.unwrap();
+            check(&probe, LO).await.unwrap();
             let head = heads.recv().await.unwrap().to_ascii_lowercase();
             assert!(
                 head.starts_with("get /healthz?deep=1 http/1.1\r\n"),
@@ -504,8 +531,8 @@ mod tests {
         });
         let mut probe = http(port, "/ready", vec![]);
         probe.http_get.as_mut().unwrap().scheme = Some("HTTPS".into());
-        check(&probe).await.unwrap();
-        let err = check(&probe).await.unwrap_err();
+        check(&probe, LO).await.unwrap();
+        let err = check(&probe, LO).await.unwrap_err();
         assert_eq!(
             err,
             format!("https://127.0.0.1:{port}/ready answered 503 Service Unavailable")
@@ -524,7 +551,7 @@ mod tests {
         });
         let mut probe = http(plain, "/", vec![]);
         probe.http_get.as_mut().unwrap().scheme = Some("HTTPS".into());
-        let err = check(&probe).await.unwrap_err();
+        let err = check(&probe, LO).await.unwrap_err();
         assert!(
             err.starts_with(&format!("https://127.0.0.1:{plain}/: TLS: ")),
             "{err}"
@@ -534,7 +561,7 @@ mod tests {
     #[tokio::test]
     async fn an_http_probe_fails_on_an_error_status_naming_it() {
         let (port, _heads) = app("500 Internal Server Error").await;
-        let err = check(&http(port, "/healthz", vec![])).await.unwrap_err();
+        let err = check_lo(&http(port, "/healthz", vec![])).await.unwrap_err();
         assert_eq!(
             err,
             format!("http://127.0.0.1:{port}/healthz answered 500 Internal Server Error")
@@ -554,18 +581,18 @@ mod tests {
             grpc: None,
             timeout_seconds: 1,
         };
-        let err = check(&tcp).await.unwrap_err();
+        let err = check(&tcp, LO).await.unwrap_err();
         assert!(
             err.starts_with(&format!("tcp 127.0.0.1:{closed}: ")),
             "{err}"
         );
-        assert!(check(&http(closed, "/", vec![])).await.is_err());
+        assert!(check_lo(&http(closed, "/", vec![])).await.is_err());
 
         // Accepts and never answers: the probe's timeout ends it.
         let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = silent.local_addr().unwrap().port();
         let started = tokio::time::Instant::now();
-        let err = check(&http(port, "/", vec![])).await.unwrap_err();
+        let err = check_lo(&http(port, "/", vec![])).await.unwrap_err();
         assert!(err.ends_with("no answer within 1s"), "{err}");
         assert!(started.elapsed() >= Duration::from_secs(1));
         drop(silent);
@@ -639,13 +666,13 @@ mod tests {
             }),
             timeout_seconds: 1,
         };
-        check(&probe("shop")).await.unwrap();
+        check_lo(&probe("shop")).await.unwrap();
         assert_eq!(
-            check(&probe("down")).await.unwrap_err(),
+            check_lo(&probe("down")).await.unwrap_err(),
             format!("grpc 127.0.0.1:{port} service \"down\" answered NOT_SERVING")
         );
         assert_eq!(
-            check(&probe("cart")).await.unwrap_err(),
+            check_lo(&probe("cart")).await.unwrap_err(),
             format!(
                 "grpc 127.0.0.1:{port} service \"cart\" answered grpc-status 5 unknown service"
             )
@@ -654,11 +681,28 @@ mod tests {
         let (plain, _heads) = app("200 OK").await;
         let mut p = probe("shop");
         p.grpc.as_mut().unwrap().port = plain;
-        let err = check(&p).await.unwrap_err();
+        let err = check(&p, LO).await.unwrap_err();
         assert!(
             err.starts_with(&format!("grpc 127.0.0.1:{plain} service \"shop\"")),
             "{err}"
         );
+    }
+
+    #[tokio::test]
+    async fn probes_go_to_the_address_given() {
+        // An app on 127.0.0.2 alone, as one listening on the pod's IP only.
+        let l = TcpListener::bind("127.0.0.2:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let tcp = AppProbe {
+            http_get: None,
+            tcp_socket: Some(TcpSocket { port }),
+            grpc: None,
+            timeout_seconds: 1,
+        };
+        let pod_ip: IpAddr = "127.0.0.2".parse().unwrap();
+        check(&tcp, pod_ip).await.unwrap();
+        let err = check(&tcp, LO).await.unwrap_err();
+        assert!(err.starts_with(&format!("tcp 127.0.0.1:{port}: ")), "{err}");
     }
 
     #[tokio::test]
@@ -672,7 +716,7 @@ mod tests {
             grpc: None,
             timeout_seconds: 1,
         };
-        check(&tcp).await.unwrap();
+        check(&tcp, LO).await.unwrap();
     }
 
     #[tokio::test]
@@ -690,7 +734,7 @@ mod tests {
             )
             .unwrap();
         let mut registry = Registry::default();
-        let routes = routes(Arc::new(probers), &mut registry);
+        let routes = routes(Arc::new(probers), LO, &mut registry);
         assert!(routes("/app-health/other/livez").is_none());
         assert!(routes("/healthz/ready").is_none());
         let live = routes("/app-health/app/livez").unwrap().await;

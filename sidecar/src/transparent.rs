@@ -171,6 +171,11 @@ fn check_cidr(cidr: &str) -> Result<(), String> {
     }
 }
 
+/// The source address of the sidecar's app probes to its pod's own IP,
+/// which the rules let through to the app (Istio's, 127.0.0.6, so that
+/// the two agree on which local traffic is not inbound).
+pub const PROBE_SOURCE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 6);
+
 /// The `iptables` commands (IPv4, `nat` table) that intercept the pod's
 /// traffic, in order, as `strait sidecar iptables --print` shows them.
 pub fn iptables_rules(o: &InterceptOptions) -> Result<Vec<String>, String> {
@@ -214,6 +219,12 @@ pub fn iptables_rules(o: &InterceptOptions) -> Result<Vec<String>, String> {
     if let Some(gid) = o.proxy_gid {
         owners.push(format!("--gid-owner {gid}"));
     }
+    // The sidecar's app probes to the pod's own IP (see `probe`) come from
+    // PROBE_SOURCE and reach the app directly, as Istio's do from the
+    // same address.
+    r.push(nat(format!(
+        "-A STRAIT_OUTPUT -s {PROBE_SOURCE}/32 -o lo -j RETURN"
+    )));
     for owner in &owners {
         // The sidecar calling the pod's own IP: that is inbound traffic.
         r.push(nat(format!(
@@ -358,6 +369,17 @@ mod tests {
             .unwrap();
         // The proxy's exemption comes before the catch-all, which is last.
         assert!(own < redirect);
+        // The probes' source is let through before the proxy's own
+        // connections to the pod's IP are sent to the inbound listener.
+        let probes = rules
+            .iter()
+            .position(|r| r.ends_with("-A STRAIT_OUTPUT -s 127.0.0.6/32 -o lo -j RETURN"))
+            .unwrap();
+        let pod_ip = rules
+            .iter()
+            .position(|r| r.ends_with("--uid-owner 1337 -j STRAIT_IN_REDIRECT"))
+            .unwrap();
+        assert!(probes < pod_ip);
         assert_eq!(redirect, rules.len() - 1);
         // Chains exist before they are used.
         let created = rules

@@ -142,6 +142,14 @@ pub struct SidecarArgs {
     /// meet the inbound mTLS listener.
     #[arg(long, value_name = "JSON", env = strait_model::probe::ENV)]
     app_probers: Option<String>,
+    /// Where --app-probers probe the app: the pod's IP, where the kubelet
+    /// sends its probes (the injector passes $(POD_IP)), so that an app
+    /// listening on that address alone passes as it would without the
+    /// sidecar; or loopback. To a non-loopback IPv4 address the probes
+    /// come from 127.0.0.6, which `strait sidecar iptables` lets through
+    /// to the app.
+    #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
+    app_probe_address: std::net::IpAddr,
     /// Prometheus metrics (/stats/prometheus).
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
@@ -357,7 +365,8 @@ pub fn run(args: SidecarArgs) -> Result<()> {
         let outbound = http::bind(args.outbound, "outbound").await.map_err(anyhow::Error::msg)?;
         let mut registry = Registry::default();
         let metrics = strait_sidecar::metrics::Metrics::new(&mut registry);
-        let routes = app_probers.map(|p| strait_sidecar::probe::routes(p, &mut registry));
+        let probe_host = args.app_probe_address;
+        let routes = app_probers.map(|p| strait_sidecar::probe::routes(p, probe_host, &mut registry));
         let registry = Arc::new(registry);
         let ready = Ready::default();
         if let Some(addr) = args.health_listen {

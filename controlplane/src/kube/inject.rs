@@ -27,7 +27,7 @@
 //! otherwise meet the inbound listener as plaintext (refused under
 //! STRICT), are rewritten to `/app-health/<container>/<kind>` on the
 //! sidecar's health port, and the sidecar is given the originals to run
-//! on loopback ([`strait_model::probe`]);
+//! at the pod's IP ([`strait_model::probe`]);
 //! `sidecar.strait.io/rewriteAppHTTPProbers: "false"` keeps them as they
 //! are.
 //!
@@ -292,10 +292,14 @@ pub fn patch_for(pod: &Value, cfg: &InjectConfig) -> Result<Option<Vec<Value>>, 
 
     if !probers.is_empty() {
         // Kubernetes expands $(VAR) in env values; $$ keeps a '$'.
-        sidecar["env"]
+        let env = sidecar["env"].as_array_mut().expect("env is a list");
+        env.push(json!({"name": probe::ENV, "value": probers.to_json().replace('$', "$$")}));
+        // Probed where the kubelet would have: the pod's IP.
+        env.push(field("POD_IP", "status.podIP"));
+        sidecar["args"]
             .as_array_mut()
-            .expect("env is a list")
-            .push(json!({"name": probe::ENV, "value": probers.to_json().replace('$', "$$")}));
+            .expect("args is a list")
+            .push(json!("--app-probe-address=$(POD_IP)"));
     }
 
     let mut ops = Vec::new();
@@ -775,6 +779,23 @@ mod tests {
             probers.get("/app-health/web/readyz").unwrap().tcp_socket,
             Some(TcpSocket { port: 9901 })
         );
+        // Probed where the kubelet would have: the pod's IP.
+        assert!(
+            sidecar_args(&patched).contains(&"--app-probe-address=$(POD_IP)".to_string()),
+            "{:?}",
+            sidecar_args(&patched)
+        );
+        let sidecar = patched["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .last()
+            .unwrap();
+        assert!(
+            sidecar["env"].as_array().unwrap().contains(&json!(
+                {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+            )),
+            "{sidecar}"
+        );
         // Injected once: the patched pod is left alone.
         assert_eq!(patch_for(&patched, &cfg()).unwrap(), None);
     }
@@ -792,6 +813,11 @@ mod tests {
                 p["spec"]["containers"][0]["livenessProbe"]
             );
             assert_eq!(sidecar_env(&patched, probe::ENV), None);
+            assert!(
+                !sidecar_args(&patched)
+                    .iter()
+                    .any(|a| a.starts_with("--app-probe-address"))
+            );
         }
         // "true" asks for the default; in explicit mode the kubelet reaches
         // the app directly, so there is nothing to rewrite.
