@@ -160,14 +160,10 @@ fn applied_rules_send_an_apps_connection_to_the_outbound_listener() {
 
     // In the namespace: the outbound listener on 15001, and an app (this
     // thread, uid 0, not the proxy's 1337) calling 10.9.9.9:8080.
-    let file = std::fs::File::open(format!("/var/run/netns/{}", ns.0)).unwrap();
+    let ns = std::sync::Arc::new(ns);
+    let inside = ns.clone();
     let original = std::thread::spawn(move || {
-        use std::os::fd::AsFd;
-        rustix::thread::move_into_link_name_space(
-            file.as_fd(),
-            Some(rustix::thread::LinkNameSpaceType::Network),
-        )
-        .unwrap();
+        enter(&inside);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
