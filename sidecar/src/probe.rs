@@ -345,22 +345,23 @@ fn insecure_tls() -> Arc<rustls::ClientConfig> {
     static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
     CONFIG
         .get_or_init(|| {
-            let provider = strait_ca::tls::provider();
-            let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
-                .with_safe_default_protocol_versions()
-                .expect("ring supports the default versions")
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
-                .with_no_client_auth();
+            let mut config =
+                rustls::ClientConfig::builder_with_provider(strait_ca::tls::provider())
+                    .with_safe_default_protocol_versions()
+                    .expect("ring supports the default versions")
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(AnyCertificate))
+                    .with_no_client_auth();
             config.alpn_protocols = vec![b"http/1.1".to_vec()];
             Arc::new(config)
         })
         .clone()
 }
 
-/// Accepts any server certificate (see [`insecure_tls`]).
+/// Accepts any server certificate (see [`insecure_tls`]); the handshake
+/// signature is checked as every strait verifier checks it.
 #[derive(Debug)]
-struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+struct AnyCertificate;
 
 impl ServerCertVerifier for AnyCertificate {
     fn verify_server_cert(
@@ -380,12 +381,7 @@ impl ServerCertVerifier for AnyCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        strait_ca::tls::verify_tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -394,16 +390,11 @@ impl ServerCertVerifier for AnyCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        strait_ca::tls::verify_tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        strait_ca::tls::verify_schemes()
     }
 }
 
