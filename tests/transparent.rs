@@ -116,21 +116,9 @@ fn injected_init_command() -> Vec<String> {
 /// What the injected init container runs, run for real.
 #[test]
 fn applied_rules_send_an_apps_connection_to_the_outbound_listener() {
-    if let Some(why) = unavailable() {
-        eprintln!("skipped: needs root, iproute2 and iptables ({why})");
+    let Some((ns, out)) = with_injected_rules("ipt") else {
         return;
-    }
-    let ns = match Netns::new("ipt") {
-        Ok(ns) => ns,
-        Err(why) => {
-            eprintln!("skipped: {why}");
-            return;
-        }
     };
-    let init = injected_init_command();
-    let init: Vec<&str> = init.iter().map(String::as_str).collect();
-    let (ok, out) = ns.exec(&init);
-    assert!(ok, "apply: {out}");
     assert!(out.contains("rules applied"), "{out}");
     let (ok, saved) = ns.exec(&["iptables-save", "-t", "nat"]);
     assert!(ok, "{saved}");
@@ -143,6 +131,8 @@ fn applied_rules_send_an_apps_connection_to_the_outbound_listener() {
         assert!(saved.contains(rule), "{rule:?} not in:\n{saved}");
     }
     // Applied already: refused, and nothing changed.
+    let init = injected_init_command();
+    let init: Vec<&str> = init.iter().map(String::as_str).collect();
     let (ok, out) = ns.exec(&init);
     assert!(!ok, "a second apply succeeded: {out}");
     assert!(
@@ -161,37 +151,72 @@ fn applied_rules_send_an_apps_connection_to_the_outbound_listener() {
     // In the namespace: the outbound listener on 15001, and an app (this
     // thread, uid 0, not the proxy's 1337) calling 10.9.9.9:8080.
     let ns = std::sync::Arc::new(ns);
-    let inside = ns.clone();
-    let original = std::thread::spawn(move || {
-        enter(&inside);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
+    let original = in_netns(&ns, None, || async {
+        let listener = tokio::net::TcpListener::bind("0.0.0.0:15001")
+            .await
             .unwrap();
-        rt.block_on(async {
-            let listener = tokio::net::TcpListener::bind("0.0.0.0:15001")
-                .await
-                .unwrap();
-            let app = tokio::spawn(tokio::net::TcpStream::connect("10.9.9.9:8080"));
-            let (accepted, _) = listener.accept().await.unwrap();
-            let _app = app.await.unwrap().unwrap();
-            strait_sidecar::transparent::original_dst(&accepted).unwrap()
-        })
+        let app = tokio::spawn(tokio::net::TcpStream::connect("10.9.9.9:8080"));
+        let (accepted, _) = listener.accept().await.unwrap();
+        let _app = app.await.unwrap().unwrap();
+        strait_sidecar::transparent::original_dst(&accepted).unwrap()
     })
     .join()
     .unwrap();
     assert_eq!(original.to_string(), "10.9.9.9:8080");
 }
 
-/// Moves this thread into `ns`'s network namespace.
-fn enter(ns: &Netns) {
-    use std::os::fd::AsFd;
-    let file = std::fs::File::open(format!("/var/run/netns/{}", ns.0)).unwrap();
-    rustix::thread::move_into_link_name_space(
-        file.as_fd(),
-        Some(rustix::thread::LinkNameSpaceType::Network),
-    )
-    .unwrap();
+/// A network namespace with the rules the injected init container applies,
+/// and what applying them printed; `None` (the reason printed) where the
+/// test cannot run.
+fn with_injected_rules(what: &str) -> Option<(Netns, String)> {
+    if let Some(why) = unavailable() {
+        eprintln!("skipped: needs root, iproute2 and iptables ({why})");
+        return None;
+    }
+    let ns = match Netns::new(what) {
+        Ok(ns) => ns,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return None;
+        }
+    };
+    let init = injected_init_command();
+    let init: Vec<&str> = init.iter().map(String::as_str).collect();
+    let (ok, out) = ns.exec(&init);
+    assert!(ok, "apply: {out}");
+    Some((ns, out))
+}
+
+/// Runs `task` on a thread of its own inside `ns`, as `uid` if given, on a
+/// one-thread runtime (so its sockets are made there, by that user).
+fn in_netns<T, F, Fut>(
+    ns: &std::sync::Arc<Netns>,
+    uid: Option<u32>,
+    task: F,
+) -> std::thread::JoinHandle<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+{
+    let ns = ns.clone();
+    std::thread::spawn(move || {
+        use std::os::fd::AsFd;
+        let file = std::fs::File::open(format!("/var/run/netns/{}", ns.0)).unwrap();
+        rustix::thread::move_into_link_name_space(
+            file.as_fd(),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )
+        .unwrap();
+        if let Some(uid) = uid {
+            rustix::thread::set_thread_uid(rustix::process::Uid::from_raw(uid)).unwrap();
+        }
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(task())
+    })
 }
 
 /// Serves `status` to every HTTP request on `listener`.
@@ -220,90 +245,56 @@ async fn answer(listener: tokio::net::TcpListener, status: &'static str) {
 /// the init container applies and the prober's source address agree.
 #[test]
 fn an_app_probe_to_the_pods_ip_reaches_the_app_not_the_inbound_listener() {
-    if let Some(why) = unavailable() {
-        eprintln!("skipped: needs root, iproute2 and iptables ({why})");
+    let Some((ns, _)) = with_injected_rules("probe") else {
         return;
-    }
-    let ns = match Netns::new("probe") {
-        Ok(ns) => ns,
-        Err(why) => {
-            eprintln!("skipped: {why}");
-            return;
-        }
     };
-    let init = injected_init_command();
-    let init: Vec<&str> = init.iter().map(String::as_str).collect();
-    let (ok, out) = ns.exec(&init);
-    assert!(ok, "apply: {out}");
 
     // In the namespace: the app on the pod's IP (10.9.9.1) and the inbound
-    // listener on 15006, served by this thread's runtime (as root).
+    // listener on 15006, served by a thread of their own (as root).
     let ns = std::sync::Arc::new(ns);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     // Dropped, also when an assertion fails: the servers end and the last
     // handle on the namespace removes it.
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let servers = {
-        let ns = ns.clone();
-        std::thread::spawn(move || {
-            enter(&ns);
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let app = tokio::net::TcpListener::bind("10.9.9.1:8080")
-                    .await
-                    .unwrap();
-                let inbound = tokio::net::TcpListener::bind("0.0.0.0:15006")
-                    .await
-                    .unwrap();
-                ready_tx.send(()).unwrap();
-                tokio::select! {
-                    _ = answer(app, "200 OK") => {}
-                    _ = answer(inbound, "500 Internal Server Error") => {}
-                    _ = stop_rx => {}
-                }
-            });
-        })
-    };
+    let servers = in_netns(&ns, None, || async move {
+        let app = tokio::net::TcpListener::bind("10.9.9.1:8080")
+            .await
+            .unwrap();
+        let inbound = tokio::net::TcpListener::bind("0.0.0.0:15006")
+            .await
+            .unwrap();
+        ready_tx.send(()).unwrap();
+        tokio::select! {
+            _ = answer(app, "200 OK") => {}
+            _ = answer(inbound, "500 Internal Server Error") => {}
+            _ = stop_rx => {}
+        }
+    });
     ready_rx.recv().unwrap();
 
     // The sidecar's side: a thread with the proxy's uid (1337).
-    let (plain, probed) = {
-        let ns = ns.clone();
-        std::thread::spawn(move || {
-            enter(&ns);
-            rustix::thread::set_thread_uid(rustix::process::Uid::from_raw(1337)).unwrap();
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                // Any other connection of the sidecar to its pod's IP is
-                // inbound traffic: it lands on 15006.
-                let mut c = tokio::net::TcpStream::connect("10.9.9.1:8080")
-                    .await
-                    .unwrap();
-                c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-                    .await
-                    .unwrap();
-                let mut reply = String::new();
-                c.read_to_string(&mut reply).await.unwrap();
-                let probe: strait_model::probe::AppProbers = strait_model::probe::AppProbers::parse(
-                    r#"{"/app-health/app/livez": {"httpGet": {"path": "/healthz", "port": 8080}}}"#,
-                )
-                .unwrap();
-                let probe = probe.get("/app-health/app/livez").unwrap().clone();
-                let probed =
-                    strait_sidecar::probe::check(&probe, "10.9.9.1".parse().unwrap()).await;
-                (reply, probed)
-            })
-        })
-        .join()
-        .unwrap()
-    };
+    let (plain, probed) = in_netns(&ns, Some(1337), || async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // Any other connection of the sidecar to its pod's IP is inbound
+        // traffic: it lands on 15006.
+        let mut c = tokio::net::TcpStream::connect("10.9.9.1:8080")
+            .await
+            .unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut reply = String::new();
+        c.read_to_string(&mut reply).await.unwrap();
+        let probers = strait_model::probe::AppProbers::parse(
+            r#"{"/app-health/app/livez": {"httpGet": {"path": "/healthz", "port": 8080}}}"#,
+        )
+        .unwrap();
+        let probe = probers.get("/app-health/app/livez").unwrap();
+        let probed = strait_sidecar::probe::check(probe, "10.9.9.1".parse().unwrap()).await;
+        (reply, probed)
+    })
+    .join()
+    .unwrap();
     assert!(
         plain.starts_with("HTTP/1.1 500"),
         "the sidecar's plain connection should meet the inbound listener: {plain:?}"
