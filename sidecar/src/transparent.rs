@@ -359,33 +359,25 @@ mod tests {
         assert!(has(
             "iptables -t nat -A STRAIT_INBOUND -p tcp --dport 15021 -j RETURN"
         ));
-        let own = rules
-            .iter()
-            .position(|r| r.ends_with("-m owner --uid-owner 1337 -j RETURN"))
-            .unwrap();
-        let redirect = rules
-            .iter()
-            .position(|r| r.ends_with("-A STRAIT_OUTPUT -j STRAIT_REDIRECT"))
-            .unwrap();
+        // Where the first rule ending with `part` stands.
+        let at = |part: &str| {
+            rules
+                .iter()
+                .position(|r| r.ends_with(part))
+                .unwrap_or_else(|| panic!("no rule ends with {part:?}"))
+        };
+        let own = at("-m owner --uid-owner 1337 -j RETURN");
+        let redirect = at("-A STRAIT_OUTPUT -j STRAIT_REDIRECT");
         // The proxy's exemption comes before the catch-all, which is last.
         assert!(own < redirect);
         // The probes' source is let through before the proxy's own
         // connections to the pod's IP are sent to the inbound listener.
-        let probes = rules
-            .iter()
-            .position(|r| r.ends_with("-A STRAIT_OUTPUT -s 127.0.0.6/32 -o lo -j RETURN"))
-            .unwrap();
-        let pod_ip = rules
-            .iter()
-            .position(|r| r.ends_with("--uid-owner 1337 -j STRAIT_IN_REDIRECT"))
-            .unwrap();
+        let probes = at("-A STRAIT_OUTPUT -s 127.0.0.6/32 -o lo -j RETURN");
+        let pod_ip = at("--uid-owner 1337 -j STRAIT_IN_REDIRECT");
         assert!(probes < pod_ip);
         assert_eq!(redirect, rules.len() - 1);
         // Chains exist before they are used.
-        let created = rules
-            .iter()
-            .position(|r| r.ends_with("-N STRAIT_OUTPUT"))
-            .unwrap();
+        let created = at("-N STRAIT_OUTPUT");
         let used = rules
             .iter()
             .position(|r| r.contains("-j STRAIT_OUTPUT"))
