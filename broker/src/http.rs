@@ -71,7 +71,7 @@ pub async fn serve_with(
                 move |req: http::Request<hyper::body::Incoming>| {
                     let ready = ready.clone();
                     let registry = registry.clone();
-                    let extra = routes.as_ref().and_then(|r| r(req.uri().path()));
+                    let routes = routes.clone();
                     async move {
                         let r = match (req.uri().path(), &registry) {
                             ("/healthz/ready", _) if ready.get() => {
@@ -100,7 +100,7 @@ pub async fn serve_with(
                                     ),
                                 }
                             }
-                            _ => match extra {
+                            (path, _) => match routes.as_ref().and_then(|r| r(path)) {
                                 Some(answer) => answer.await,
                                 None => respond(
                                     StatusCode::NOT_FOUND,

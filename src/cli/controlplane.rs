@@ -133,7 +133,7 @@ struct RunArgs {
     /// admits gets `strait-sidecar` (explicit mode: the app's http_proxy
     /// is the sidecar; with the pod annotation
     /// `sidecar.strait.io/interception: transparent`, an iptables init
-    /// container instead, and the app's httpGet and tcpSocket probes
+    /// container instead, and the app's httpGet, tcpSocket and grpc probes
     /// rewritten to the sidecar's /app-health/ paths on port 15021 unless
     /// `sidecar.strait.io/rewriteAppHTTPProbers: "false"`) unless it is
     /// annotated `sidecar.strait.io/inject: "false"`. Needs --kube.

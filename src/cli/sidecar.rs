@@ -134,7 +134,7 @@ pub struct SidecarArgs {
     health_listen: Option<SocketAddr>,
     /// The app's probes, answered on the health listener at
     /// /app-health/<container>/<livez|readyz|startupz> by probing the app
-    /// on loopback: JSON from those paths to Kubernetes `httpGet` (HTTP,
+    /// at --app-probe-address: JSON from those paths to Kubernetes `httpGet` (HTTP,
     /// or HTTPS without verifying the app's certificate, as the kubelet),
     /// `tcpSocket` or `grpc` (a health check over h2c) probes (ports as
     /// numbers), as the injector writes it
