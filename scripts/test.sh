@@ -54,7 +54,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 # The fuzz targets are crates of their own, outside the workspace: check
 # that they still build against the code they fuzz (not run them: that
-# takes cargo-fuzz and nightly features; see README).
+# takes cargo-fuzz and nightly features; see docs/development.md).
 echo "==> fuzz targets build (cargo check)"
 for fuzz in */fuzz/Cargo.toml; do
     CARGO_TARGET_DIR=target/fuzz-check cargo check --quiet --locked --manifest-path "$fuzz"

@@ -7,15 +7,22 @@
 //!   the imports written back under `imported/`).
 //! - [`link`]: the broker link: publishes exports, writes imports back.
 //! - [`kube`]: the Kubernetes config source (watchers feeding the same
-//!   config model) and the write-back of imports to the API.
+//!   config model), the write-back of imports to the API, and the sidecar
+//!   injection webhook.
+//! - [`remote`]: primary-remote: serving clusters that have no control
+//!   plane of their own (`--remote NAME=CONFIG_DIR`).
 //! - [`resources`]: the discovery resources (`strait.mesh.v1.*`) built from
 //!   the config in force and the broker's imports. Pure.
 //! - [`xds`]: the discovery server (ADS over gRPC, state-of-the-world and
 //!   delta) with ACK/NACK tracking and debounced pushes.
-//! - [`client`]: the proxies' side of ADS: subscribe, keep the last good
-//!   resources, reconnect.
 //! - [`ca`]: the workload CA (Istio's `IstioCertificateService`), bootstrap
-//!   tokens and the proxies' certificate client.
+//!   tokens and the control plane's serving certificate.
+//! - [`app`]: wiring of a control plane process (join, watch, link, serve).
+//!
+//! The proxies' side lives here too, for now: [`client`] (the xDS
+//! subscription: subscribe, keep the last good resources, reconnect) and
+//! [`ca::identity`] (the certificate client that gets and renews a proxy's
+//! certificate).
 
 pub mod app;
 pub mod ca;

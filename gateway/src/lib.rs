@@ -3,14 +3,19 @@
 //! - [`hello`]: an incremental TLS ClientHello reader (SNI, ALPN) that never
 //!   terminates TLS;
 //! - [`route`]: Istio's `outbound_.<port>_.<subset>_.<host>` SNI and the
-//!   routing table of exported services (subsets, round robin);
+//!   routing table of exported services (subsets, round robin), and the
+//!   remote gateways QUIC tunnels go to;
 //! - [`passthrough`]: the SNI passthrough listener (port 15443, TCP);
 //! - [`tunnel`]: QUIC tunnels between gateways (port 15443, UDP), pooled
-//!   per remote gateway, and the egress listener (15444) local sidecars
-//!   hand their connections to.
+//!   per remote gateway (named by address or by DNS name, resolved with
+//!   hickory and cached for the record's TTL), and the egress listener
+//!   (15444) local sidecars hand their connections to;
+//! - [`expose`]: the control plane exposed to remote clusters' proxies
+//!   (primary-remote, 15012), as TLS passthrough.
 //!
-//! Still to come in this crate: routes pushed by the control plane, DNS
-//! names for remote gateways, identity reload on rotation.
+//! The role's wiring (routes pushed by the control plane, the gateway's
+//! certificate and its renewal and reload, health and metrics) is in the
+//! `strait` package's `src/cli/gateway.rs` for now.
 
 pub mod expose;
 pub mod hello;

@@ -28,6 +28,9 @@
 //!   `AuthorizationPolicy`, `Sidecar`): serde types of their `spec` and
 //!   validation with errors that name the field path ([`istio::parse`]).
 //! - [`objects`]: the serde types of those Istio and MCS objects.
+//! - [`local`]: what a cluster's own config exports
+//!   ([`local::local_exports`]: exported `Service`s and the
+//!   `WorkloadEntry`s they select).
 //! - [`names`]: Kubernetes name rules and bounded generated names.
 //! - [`probe`]: the app probes an injected sidecar answers for the kubelet
 //!   under transparent interception ([`probe::AppProbers`]).

@@ -1,11 +1,13 @@
 //! The strait sidecar: the data-plane proxy next to every workload.
 //!
-//! - [`outbound`]: an HTTP proxy for the app (absolute-form requests);
-//!   Istio routing (VirtualService, DestinationRule) picks a destination
-//!   and an endpoint, and the request goes over mTLS (HTTP/2) to the
-//!   destination's sidecar, or to another network's east-west gateway
-//!   with Istio's SNI, with the peer's SPIFFE ID checked against the
-//!   service's identities.
+//! - [`outbound`]: the app's side: an HTTP proxy (absolute-form requests,
+//!   `CONNECT`, HTTP/2 with prior knowledge) and, in transparent mode,
+//!   redirected connections; Istio routing (VirtualService,
+//!   DestinationRule) picks a destination and an endpoint, and the request
+//!   goes over mTLS, in the HTTP version the app spoke, to the
+//!   destination's sidecar, or to another network's east-west gateway with
+//!   Istio's SNI, with the peer's SPIFFE ID checked against the service's
+//!   identities.
 //! - [`inbound`]: the mTLS listener: PeerAuthentication (STRICT /
 //!   PERMISSIVE / DISABLE), AuthorizationPolicy, then the app, with
 //!   `x-forwarded-client-cert` in Envoy's format.
@@ -17,6 +19,8 @@
 //! - [`body`]: how bodies go through: streamed and counted, or held whole
 //!   (for retries, and under a route timeout).
 //! - [`transparent`]: iptables interception rules and `SO_ORIGINAL_DST`.
+//! - [`probe`]: the app probes answered on the health port for the kubelet
+//!   under transparent interception.
 
 mod app;
 pub mod body;

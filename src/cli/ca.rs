@@ -129,7 +129,7 @@ struct IssueIntermediate {
 #[command(after_help = "Example (offline root):
   strait ca csr --cluster east --out east/cacerts                  # in the cluster
   strait ca sign-intermediate --root root \\
-      --csr east-ca-csr.pem --out east-chain.pem                    # at the root
+      --csr east/cacerts/ca-csr.pem --out east-chain.pem            # at the root
   strait ca install-intermediate --dir east/cacerts \\
       --chain east-chain.pem                                        # in the cluster")]
 struct CsrCmd {

@@ -33,11 +33,11 @@ pub enum InjectInterception {
       --gateway 203.0.113.10:15443 --health-listen 0.0.0.0:15021 --metrics-listen 0.0.0.0:15090
   # in a Kubernetes cluster (config from the API, imports applied to it),
   # injecting sidecars into pods of namespaces labelled strait.io/inject=enabled
-  strait controlplane --kube --cluster east --network net-east --state-dir /var/lib/strait \
-      --join-token /etc/strait/join/token --gateway 203.0.113.10:15443 \
+  strait controlplane --kube --cluster east --network net-east --state-dir /var/lib/strait \\
+      --join-token /etc/strait/join/token --gateway 203.0.113.10:15443 \\
       --inject-listen 0.0.0.0:15017 --inject-image registry.example/strait:0.1
   # primary-remote: also serve cluster `remote`, whose config is in /etc/strait/remote
-  strait controlplane --cluster primary --network net-primary --config-dir /etc/strait/config \
+  strait controlplane --cluster primary --network net-primary --config-dir /etc/strait/config \\
       --state-dir /var/lib/strait --remote remote=/etc/strait/remote --gateway 203.0.113.10:15443
   # a bootstrap token for a workload's sidecar
   strait controlplane token --state-dir /var/lib/strait --namespace demo \\

@@ -39,7 +39,7 @@ enum AlpnCheck {
   strait gateway --cluster east --network net-east --listen 0.0.0.0:15443 \\
       --routes /etc/strait/routes.yaml --health-listen 0.0.0.0:15021 --metrics-listen 0.0.0.0:15090
   # primary-remote: the primary's gateway also exposes its control plane on 15012
-  strait gateway --cluster primary --network net-primary --control-plane 10.0.0.5:15012 \
+  strait gateway --cluster primary --network net-primary --control-plane 10.0.0.5:15012 \\
       --token gateway.token --root-cert root-cert.pem --expose-control-plane 10.0.0.5:15012
 
 routes.yaml:
