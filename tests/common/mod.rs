@@ -2,6 +2,7 @@
 //! tools (openssl) in a scratch directory.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod apiserver;
 pub mod envoy;
 pub mod sync;
 

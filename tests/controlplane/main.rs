@@ -12,6 +12,7 @@ mod fake_api;
 mod gateway;
 mod kube;
 mod probes;
+mod real_kube;
 mod rotation;
 mod support;
 

@@ -1,0 +1,262 @@
+//! Kubernetes mode against a real API server (etcd and kube-apiserver
+//! built by `scripts/tools.sh`): what the recorded responses cannot show,
+//! the API server's own validation of what strait writes (the Istio and
+//! MCS CRD schemas, server-side apply), real watches, and TokenReview of
+//! real projected tokens.
+
+use std::time::{Duration, Instant};
+
+use crate::common::apiserver::ApiServer;
+use crate::common::{Broker, Scratch};
+use strait_controlplane::ca::{self, Credential, Identity};
+use strait_proto::strait::mesh::v1 as pb;
+
+use crate::support::*;
+
+/// Bookinfo's reviews in east: exported with an MCS ServiceExport, one
+/// pod (no kubelet runs: its status is set by the test, as a kubelet
+/// would) and the EndpointSlice the endpoint controller would write.
+const REVIEWS: &str = r#"apiVersion: v1
+kind: Namespace
+metadata: {name: bookinfo}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: bookinfo-reviews, namespace: bookinfo}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: other, namespace: bookinfo}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  selector: {app: reviews}
+  ports: [{name: http, port: 9080}]
+---
+apiVersion: multicluster.x-k8s.io/v1alpha1
+kind: ServiceExport
+metadata: {name: reviews, namespace: bookinfo}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: reviews-v1
+  namespace: bookinfo
+  labels: {app: reviews, version: v1}
+spec:
+  serviceAccountName: bookinfo-reviews
+  automountServiceAccountToken: false
+  containers: [{name: reviews, image: example.invalid/reviews:v1}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: reviews-1
+  namespace: bookinfo
+  labels: {kubernetes.io/service-name: reviews}
+addressType: IPv4
+ports: [{name: http, port: 9080, protocol: TCP}]
+endpoints:
+- addresses: [10.1.0.5]
+  conditions: {ready: true}
+  targetRef: {kind: Pod, name: reviews-v1, namespace: bookinfo}
+"#;
+
+/// A pod's proxy asking east's CSR API for `bookinfo/<account>` with
+/// `token`.
+async fn certificate_with(
+    cp: &ControlPlane,
+    account: &str,
+    token: &str,
+) -> Result<Identity, String> {
+    let td = cp.trust_domain();
+    let id = strait_ca::SpiffeId::workload(&td, "bookinfo", account).unwrap();
+    let tls = ca::mesh_client_tls(cp.trust(), ca::control_plane_id(&td));
+    ca::request_certificate(
+        &cp.listen,
+        &tls,
+        &cp.trust(),
+        &id,
+        Credential::Token(token),
+        None,
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_api_server_takes_what_kubernetes_mode_writes_and_reviews_real_tokens() {
+    let s = Scratch::new();
+    let Some(api) = ApiServer::start(&s.path("kube")) else {
+        return;
+    };
+    api.install_crds();
+    api.apply(REVIEWS);
+    let (code, _, err) = api.kubectl(&[
+        "patch",
+        "pod",
+        "reviews-v1",
+        "-n",
+        "bookinfo",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"phase":"Running","podIP":"10.1.0.5","podIPs":[{"ip":"10.1.0.5"}],"conditions":[{"type":"Ready","status":"True"}]}}"#,
+    ]);
+    assert_eq!(code, 0, "pod status: {err}");
+
+    let broker = Broker::start(&s.path("broker"), TD);
+    let east = ControlPlane::start_with(
+        &s,
+        &broker,
+        "east",
+        "net-east",
+        "192.0.2.10:15443",
+        Some(&api.kubeconfig),
+        &[],
+    );
+    let west = ControlPlane::start(&s, &broker, "west", "net-west", "192.0.2.20:15443");
+    put(
+        &west.config,
+        "echo.yaml",
+        &format!(
+            "{}---\n{}",
+            service_yaml("echo", 8080, true),
+            workload_yaml("echo-v2", "echo", "10.2.0.1", "net-west")
+        ),
+    );
+
+    // A real projected token (audience istio-ca) is reviewed by the API
+    // server and gets its account's identity; a token of another audience
+    // and one whose ServiceAccount was deleted are refused.
+    let token = api.token("bookinfo", "bookinfo-reviews", "istio-ca", 600);
+    let identity = certificate_with(&east, "bookinfo-reviews", &token)
+        .await
+        .unwrap();
+    assert_eq!(
+        identity.spiffe_id.as_str(),
+        format!("spiffe://{TD}/ns/bookinfo/sa/bookinfo-reviews")
+    );
+    let refused = certificate_with(&east, "other", &token).await.unwrap_err();
+    assert!(refused.contains("bookinfo-reviews"), "{refused}");
+    let wrong_audience = api.token("bookinfo", "bookinfo-reviews", "not-istio-ca", 600);
+    let refused = certificate_with(&east, "bookinfo-reviews", &wrong_audience)
+        .await
+        .unwrap_err();
+    assert!(!refused.is_empty());
+    let other = api.token("bookinfo", "other", "istio-ca", 600);
+    let (code, _, err) = api.kubectl(&["delete", "serviceaccount", "other", "-n", "bookinfo"]);
+    assert_eq!(code, 0, "{err}");
+    let refused = certificate_with(&east, "other", &other).await.unwrap_err();
+    assert!(!refused.is_empty());
+
+    // Discovery serves the API's reviews with its ready pod.
+    let proxy = east.subscribe(&identity, "reviews-v1");
+    let mut res = proxy.resources();
+    let reviews = until(&mut res, "reviews with its pod", &east, |r| {
+        let svc = services(r).remove("reviews.bookinfo.svc.cluster.local")?;
+        (!svc.endpoints.is_empty()).then_some(svc)
+    })
+    .await;
+    assert!(
+        reviews
+            .endpoints
+            .iter()
+            .all(|e| e.kind == pb::endpoint::Kind::Sidecar as i32 && e.network == "net-east"),
+        "{:?}",
+        reviews.endpoints
+    );
+
+    // West's echo lands in east's API: a ServiceEntry and a ServiceImport
+    // the API server accepted against the CRD schemas, by server-side
+    // apply under strait's field manager.
+    let within = Duration::from_secs(60);
+    let se = api.wait_get(
+        &[
+            "serviceentries.networking.istio.io",
+            "-n",
+            "demo",
+            "--show-managed-fields",
+        ],
+        within,
+        |v| {
+            v["items"]
+                .as_array()
+                .is_some_and(|i| i.iter().any(|o| o.to_string().contains("192.0.2.20")))
+        },
+    );
+    let entry = se["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o.to_string().contains("192.0.2.20"))
+        .unwrap();
+    assert_eq!(
+        entry["metadata"]["labels"]["app.kubernetes.io/managed-by"], "strait",
+        "{entry}"
+    );
+    assert!(
+        entry["metadata"]["managedFields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["manager"] == "strait-controlplane" && m["operation"] == "Apply"),
+        "{entry}"
+    );
+    api.wait_get(
+        &["serviceimports.multicluster.x-k8s.io", "-n", "demo"],
+        within,
+        |v| v["items"].as_array().is_some_and(|i| !i.is_empty()),
+    );
+    // The mesh roots published in the namespaces.
+    let roots = std::fs::read_to_string(east.state.join("cacerts/root-cert.pem")).unwrap();
+    let cm = api.wait_get(
+        &["configmap", "strait-ca-root-cert", "-n", "bookinfo"],
+        within,
+        |v| v["data"]["root-cert.pem"].is_string(),
+    );
+    assert_eq!(
+        cm["data"]["root-cert.pem"].as_str().unwrap().trim(),
+        roots.trim()
+    );
+
+    // East's ServiceExport reaches west.
+    let imported = west.config.join("imported/strait-imports.yaml");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = std::fs::read_to_string(&imported).unwrap_or_default();
+        if text.contains("reviews") && text.contains("192.0.2.10") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "east's reviews not imported by west within {WAIT:?}:\n{text}\n{}",
+            east.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A watch, not a poll at start: the export withdrawn in the API is
+    // withdrawn at west.
+    let (code, _, err) = api.kubectl(&["delete", "serviceexport", "reviews", "-n", "bookinfo"]);
+    assert_eq!(code, 0, "{err}");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = std::fs::read_to_string(&imported).unwrap_or_default();
+        if !text.contains("reviews") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "reviews still imported by west {WAIT:?} after its ServiceExport went:\n{text}\n{}",
+            east.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
