@@ -15,7 +15,7 @@
 //! - [`server`]: the `Federation` and `Admin` gRPC services;
 //! - [`peer`]: peering between meshes (the `Peer` service and the pull of
 //!   a peer's exports and bundle);
-//! - [`metrics`]: `strait_broker_*`;
+//! - [`metrics`]: the `strait_broker_*` metrics;
 //! - [`app`]: wiring of a broker process.
 //!
 //! The cluster side lives here too, for now: [`client`] (joining, channels
