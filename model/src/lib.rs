@@ -32,6 +32,9 @@
 //!   ([`local::local_exports`]: exported `Service`s and the
 //!   `WorkloadEntry`s they select).
 //! - [`names`]: Kubernetes name rules and bounded generated names.
+//! - [`request_path`]: HTTP request path normalization as Istio's
+//!   `meshConfig.pathNormalization` sets Envoy up (`BASE` by default), so
+//!   that policy, routing and the app see one path.
 //! - [`probe`]: the app probes an injected sidecar answers for the kubelet
 //!   under transparent interception ([`probe::AppProbers`]).
 //!
@@ -63,6 +66,7 @@ pub mod mesh;
 pub mod names;
 pub mod objects;
 pub mod probe;
+pub mod request_path;
 
 pub use export::{ExportError, ObjectKind, ObjectRef, export_decision};
 pub use imports::{ImportObjects, ImportWarning, import_objects};

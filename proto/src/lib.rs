@@ -20,7 +20,7 @@ pub mod strait {
     /// The discovery resources the local control plane pushes to proxies.
     pub mod mesh {
         /// Version 1: `Service`, `Workload`, `Policy`, `TrustBundle`,
-        /// `GatewayRoute`, `Network`.
+        /// `GatewayRoute`, `Network`, `MeshSettings`.
         #[allow(warnings, clippy::all, clippy::pedantic, clippy::unwrap_used)]
         pub mod v1 {
             tonic::include_proto!("strait.mesh.v1");
@@ -33,8 +33,10 @@ pub mod strait {
                 pub const TRUST_BUNDLE: &str = "type.googleapis.com/strait.mesh.v1.TrustBundle";
                 pub const GATEWAY_ROUTE: &str = "type.googleapis.com/strait.mesh.v1.GatewayRoute";
                 pub const NETWORK: &str = "type.googleapis.com/strait.mesh.v1.Network";
+                pub const MESH_SETTINGS: &str = "type.googleapis.com/strait.mesh.v1.MeshSettings";
                 /// Every type, in the order a proxy should apply them.
-                pub const ALL: [&str; 6] = [
+                pub const ALL: [&str; 7] = [
+                    MESH_SETTINGS,
                     TRUST_BUNDLE,
                     NETWORK,
                     WORKLOAD,

@@ -10,6 +10,8 @@ use std::sync::Arc;
 use strait_ca::{SpiffeId, TrustDomain};
 use strait_proto::strait::mesh::v1 as pb;
 
+use strait_model::request_path::PathNormalization;
+
 use crate::policy::{DEFAULT_ROOT_NAMESPACE, Labels, Policies};
 
 /// Which workload this sidecar serves.
@@ -48,6 +50,25 @@ pub struct MeshConfig {
     /// Changes whenever the bundles or the deny-list change: upstream
     /// connections verified under other trust are not reused.
     pub trust_version: u64,
+    /// How HTTP request paths are normalized, inbound and outbound, before
+    /// policy, routing and forwarding (the mesh's `MeshSettings`; `BASE`
+    /// without one).
+    pub path_normalization: PathNormalization,
+}
+
+/// The path normalization a `MeshSettings` resource names.
+fn path_normalization(m: &pb::MeshSettings) -> Result<PathNormalization, String> {
+    use pb::mesh_settings::PathNormalization as W;
+    match W::try_from(m.path_normalization) {
+        Ok(W::Default | W::Base) => Ok(PathNormalization::Base),
+        Ok(W::None) => Ok(PathNormalization::None),
+        Ok(W::MergeSlashes) => Ok(PathNormalization::MergeSlashes),
+        Ok(W::DecodeAndMergeSlashes) => Ok(PathNormalization::DecodeAndMergeSlashes),
+        Err(_) => Err(format!(
+            "path_normalization {} is not a known mode (0 to 4)",
+            m.path_normalization
+        )),
+    }
 }
 
 /// A service port and the workload port it reaches (its `targetPort`, or
@@ -200,13 +221,15 @@ fn check_bundle(b: &pb::TrustBundle) -> Vec<String> {
 
 impl MeshConfig {
     /// Builds the view. Returns the per-resource errors (resource name and
-    /// why) for a NACK; what is usable is kept.
+    /// why) for a NACK; what is usable is kept (an unusable `MeshSettings`
+    /// leaves the defaults).
     pub fn from_resources(
         services: Vec<pb::Service>,
         workloads: Vec<pb::Workload>,
         policies: Vec<pb::Policy>,
         bundles: Vec<pb::TrustBundle>,
         networks: Vec<pb::Network>,
+        settings: Vec<pb::MeshSettings>,
         me: &WorkloadRef,
     ) -> (MeshConfig, Vec<(String, String)>) {
         let (policies, mut errors) = Policies::from_resources(&policies, DEFAULT_ROOT_NAMESPACE);
@@ -268,6 +291,17 @@ impl MeshConfig {
             .sort_by(|a, b| (!a.local, &a.trust_domain).cmp(&(!b.local, &b.trust_domain)));
         cfg.trust_version = trust_version(&cfg.bundles);
         cfg.networks = networks.into_iter().map(|n| (n.name.clone(), n)).collect();
+        match settings.as_slice() {
+            [] => {}
+            [one] => match path_normalization(one) {
+                Ok(mode) => cfg.path_normalization = mode,
+                Err(why) => errors.push(("MeshSettings".to_string(), why)),
+            },
+            _ => errors.push((
+                "MeshSettings".to_string(),
+                format!("{} resources pushed, one expected", settings.len()),
+            )),
+        }
         (cfg, errors)
     }
 
@@ -412,7 +446,47 @@ mod tests {
         services: Vec<pb::Service>,
         bundles: Vec<pb::TrustBundle>,
     ) -> (MeshConfig, Vec<(String, String)>) {
-        MeshConfig::from_resources(services, vec![], vec![], bundles, vec![], &me())
+        MeshConfig::from_resources(services, vec![], vec![], bundles, vec![], vec![], &me())
+    }
+
+    #[test]
+    fn mesh_settings_set_the_path_normalization() {
+        use pb::mesh_settings::PathNormalization as W;
+        let with = |settings: Vec<pb::MeshSettings>| {
+            MeshConfig::from_resources(vec![], vec![], vec![], vec![], vec![], settings, &me())
+        };
+        let (cfg, errors) = with(vec![]);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(cfg.path_normalization, PathNormalization::Base);
+        for (wire, want) in [
+            (W::Default, PathNormalization::Base),
+            (W::None, PathNormalization::None),
+            (W::Base, PathNormalization::Base),
+            (W::MergeSlashes, PathNormalization::MergeSlashes),
+            (
+                W::DecodeAndMergeSlashes,
+                PathNormalization::DecodeAndMergeSlashes,
+            ),
+        ] {
+            let (cfg, errors) = with(vec![pb::MeshSettings {
+                path_normalization: wire as i32,
+            }]);
+            assert!(errors.is_empty(), "{errors:?}");
+            assert_eq!(cfg.path_normalization, want, "{wire:?}");
+        }
+        let (cfg, errors) = with(vec![pb::MeshSettings {
+            path_normalization: 9,
+        }]);
+        assert_eq!(cfg.path_normalization, PathNormalization::Base);
+        assert_eq!(
+            errors,
+            [(
+                "MeshSettings".to_string(),
+                "path_normalization 9 is not a known mode (0 to 4)".to_string()
+            )]
+        );
+        let (_, errors) = with(vec![pb::MeshSettings::default(); 2]);
+        assert_eq!(errors[0].1, "2 resources pushed, one expected");
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //! for PERMISSIVE and DISABLE (HTTP per request, anything else, including
 //! a server-first protocol, as TCP), AuthorizationPolicy per request or
 //! connection, and the app behind it with `x-forwarded-client-cert` set to
-//! what was verified.
+//! what was verified. A request's path is normalized (the mesh's
+//! `pathNormalization`, [`strait_model::request_path`]) before policy sees
+//! it, and the app gets the normalized path; a path that cannot be
+//! normalized (`%00`) is answered 400 and goes no further.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +20,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use strait_ca::tls::{Accept, SpiffeClientVerifier};
+use strait_model::request_path::normalize;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -595,11 +599,13 @@ async fn request(
     let ns = shared.opts.workload.namespace.clone();
     let app_address = app.address.clone();
     let (mut parts, body) = req.into_parts();
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
+    let raw_path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    // Policy and the app see the path normalized (Istio's
+    // pathNormalization); one that cannot be is answered 400, as Envoy does.
+    let (path, bad_path) = match normalize(raw_path, cfg.path_normalization) {
+        Ok(p) => (p.into_owned(), None),
+        Err(e) => (raw_path.to_string(), Some(e)),
+    };
     let method = parts.method.as_str().to_string();
     let authority = parts
         .headers
@@ -620,7 +626,11 @@ async fn request(
         source_namespace: peer_ns,
         source_labels: None,
     };
-    let decision = cfg.policies.authorize(&ns, &cfg.my_labels, &attrs);
+    // `Err`: the path is refused before any policy.
+    let decision = match bad_path {
+        None => Ok(cfg.policies.authorize(&ns, &cfg.my_labels, &attrs)),
+        Some(e) => Err(e.to_string()),
+    };
     let protocol = metrics::http_protocol(&parts.headers);
     let claimed = Claimed::from(Some(&parts.headers));
     let rid = parts
@@ -633,14 +643,21 @@ async fn request(
     let req_bytes = Arc::new(AtomicU64::new(0));
     let body = Counted::new(body, req_bytes.clone());
     let (resp, reason) = match decision {
-        Decision::Deny { policy, reason } => {
+        Err(why) => {
+            tracing::debug!(reason = %why, peer = ?peer.identity, "request refused");
+            (
+                plain(StatusCode::BAD_REQUEST, "invalid request path\n").map(ProxyBody::Own),
+                Some(why),
+            )
+        }
+        Ok(Decision::Deny { policy, reason }) => {
             tracing::debug!(%policy, %reason, peer = ?peer.identity, "request denied");
             (
                 plain(StatusCode::FORBIDDEN, "RBAC: access denied").map(ProxyBody::Own),
                 Some(format!("denied by {policy}: {reason}")),
             )
         }
-        Decision::Allow { .. } => {
+        Ok(Decision::Allow { .. }) => {
             // What the app learns about the caller is what was verified
             // here, never what the caller claimed.
             parts.headers.remove(crate::names::XFCC);

@@ -36,6 +36,9 @@ pub enum InjectInterception {
   strait controlplane --kube --cluster east --network net-east --state-dir /var/lib/strait \\
       --join-token /etc/strait/join/token --gateway 203.0.113.10:15443 \\
       --inject-listen 0.0.0.0:15017 --inject-image registry.example/strait:0.1
+  # the strictest path normalization (Istio's DECODE_AND_MERGE_SLASHES)
+  strait controlplane --cluster east --network net-east --config-dir /etc/strait/config \\
+      --state-dir /var/lib/strait --path-normalization DECODE_AND_MERGE_SLASHES
   # primary-remote: also serve cluster `remote`, whose config is in /etc/strait/remote
   strait controlplane --cluster primary --network net-primary --config-dir /etc/strait/config \\
       --state-dir /var/lib/strait --remote remote=/etc/strait/remote --gateway 203.0.113.10:15443
@@ -156,6 +159,25 @@ struct RunArgs {
         default_value = "controlplane.strait-system.svc:15012"
     )]
     inject_control_plane: String,
+    /// How every sidecar served normalizes HTTP request paths before
+    /// AuthorizationPolicy `paths`/`notPaths`, VirtualService `uri`
+    /// matches and forwarding to the app (Istio's
+    /// meshConfig.pathNormalization; the app sees the normalized path).
+    /// BASE: RFC 3986 dot segments (`/a/../b` is `/b`, `%2e` counts as a
+    /// dot), `\` to `/`, percent-encoded unreserved characters decoded
+    /// (`/%61dmin` is `/admin`); NUL (`%00`) and a `%` without two hex
+    /// digits are answered 400; `%2F` and `%5C` are kept. MERGE_SLASHES:
+    /// BASE, then `//` merged. DECODE_AND_MERGE_SLASHES: `%2F` and `%5C`
+    /// decoded first, then MERGE_SLASHES. NONE: raw paths (policies can
+    /// then be bypassed, CVE-2021-31920).
+    #[arg(
+        long,
+        value_name = "MODE",
+        default_value = "BASE",
+        value_parser = ["NONE", "BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES"],
+        ignore_case = true
+    )]
+    path_normalization: String,
 }
 
 #[derive(Debug, Args)]
@@ -250,6 +272,10 @@ fn serve(r: RunArgs) -> Result<()> {
                     },
                 },
             }),
+        path_normalization: r
+            .path_normalization
+            .parse()
+            .map_err(|e| super::UsageError(format!("--path-normalization: {e}")))?,
         clusterset_ips: match r.clusterset_ip_range.as_str() {
             "off" => None,
             range => Some(

@@ -298,12 +298,16 @@ fn mesh_config(res: &Resources, me: &WorkloadRef) -> Result<MeshConfig, Vec<(Str
     let networks = res
         .decode::<pb::Network>(type_url::NETWORK)
         .map_err(decode_err)?;
+    let settings = res
+        .decode::<pb::MeshSettings>(type_url::MESH_SETTINGS)
+        .map_err(decode_err)?;
     let (cfg, errors) = MeshConfig::from_resources(
         services.into_values().collect(),
         workloads.into_values().collect(),
         policies.into_values().collect(),
         bundles.into_values().collect(),
         networks.into_values().collect(),
+        settings.into_values().collect(),
         me,
     );
     if errors.is_empty() {

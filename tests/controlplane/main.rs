@@ -11,6 +11,7 @@ mod common;
 mod fake_api;
 mod gateway;
 mod kube;
+mod paths;
 mod probes;
 mod real_kube;
 mod rotation;

@@ -73,6 +73,9 @@ pub struct AppConfig {
     pub clusterset_ips: Option<strait_model::imports::vips::VipRange>,
     /// The sidecar injection webhook, if served (Kubernetes mode).
     pub inject: Option<InjectServe>,
+    /// How every proxy served normalizes HTTP request paths (pushed to
+    /// them as the `MeshSettings` resource).
+    pub path_normalization: strait_model::request_path::PathNormalization,
 }
 
 /// Where a control plane reads its cluster's config.
@@ -470,6 +473,7 @@ pub async fn run(
         trust_domain: td.clone(),
         locality: (!info.locality.is_empty()).then(|| info.locality.clone()),
         egress: cfg.quic_egress.clone(),
+        path_normalization: cfg.path_normalization,
     };
     let me = link::cluster_info(&info, &cfg.gateways)?;
     let remotes = open_remotes(&cfg).await?;
@@ -526,6 +530,7 @@ pub async fn run(
             trust_domain: td.clone(),
             locality: None,
             egress: None,
+            path_normalization: cfg.path_normalization,
         };
         let snaps = spawn_builder(
             ctx,

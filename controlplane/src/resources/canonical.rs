@@ -163,4 +163,4 @@ macro_rules! plain_canonical {
         }
     )*};
 }
-plain_canonical!(pb::Policy, pb::TrustBundle, pb::Network);
+plain_canonical!(pb::Policy, pb::TrustBundle, pb::Network, pb::MeshSettings);

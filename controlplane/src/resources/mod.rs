@@ -70,6 +70,8 @@
 //!   wins a subset name, later ones warn) and its local `SIDECAR`
 //!   endpoints (every service port → the sidecar's inbound port).
 //! - **Network** per [`NetworkInput`].
+//! - **MeshSettings** `mesh`, always one: the mesh-wide proxy settings of
+//!   the [`ClusterContext`] (`path_normalization`).
 //!
 //! # Determinism
 //!
@@ -87,6 +89,7 @@ use strait_ca::{SpiffeId, TrustDomain};
 use strait_model::Protocol;
 use strait_model::export::{self, ObjectKind, ObjectRef};
 use strait_model::objects::CLUSTER_LABEL;
+use strait_model::request_path::PathNormalization;
 use strait_proto::strait::mesh::v1 as pb;
 use strait_proto::strait::mesh::v1::type_url;
 
@@ -132,6 +135,20 @@ pub struct ClusterContext {
     /// The local east-west gateway's egress listener (`host:port`), which
     /// sidecars use to reach QUIC-mode networks.
     pub egress: Option<String>,
+    /// How proxies normalize HTTP request paths (mesh-wide, Istio's
+    /// `meshConfig.pathNormalization`).
+    pub path_normalization: PathNormalization,
+}
+
+/// The wire form of a path normalization mode (Istio's numbers).
+pub fn path_normalization_to_wire(mode: PathNormalization) -> pb::mesh_settings::PathNormalization {
+    use pb::mesh_settings::PathNormalization as W;
+    match mode {
+        PathNormalization::None => W::None,
+        PathNormalization::Base => W::Base,
+        PathNormalization::MergeSlashes => W::MergeSlashes,
+        PathNormalization::DecodeAndMergeSlashes => W::DecodeAndMergeSlashes,
+    }
 }
 
 /// The trust material to publish.
@@ -726,6 +743,14 @@ pub fn build(
     for (hostname, s) in &services {
         snap.insert(type_url::SERVICE, hostname, s);
     }
+
+    snap.insert(
+        type_url::MESH_SETTINGS,
+        "mesh",
+        &pb::MeshSettings {
+            path_normalization: path_normalization_to_wire(ctx.path_normalization) as i32,
+        },
+    );
 
     // Trust bundles.
     let denied: Vec<String> = trust.denied_intermediates.iter().cloned().collect();

@@ -13,6 +13,7 @@ fn ctx() -> ClusterContext {
         trust_domain: TrustDomain::new("cluster.local").unwrap(),
         locality: Some("eu/a".into()),
         egress: Some("10.0.0.1:15444".into()),
+        path_normalization: PathNormalization::Base,
     }
 }
 
@@ -695,6 +696,31 @@ fn gateway_routes_for_exported_services_with_subsets_and_sidecars() {
         ],
         "local sidecars only, not the remote gateway"
     );
+}
+
+#[test]
+fn mesh_settings_carry_the_path_normalization() {
+    use pb::mesh_settings::PathNormalization as W;
+    let (snap, _) = run(ECHO);
+    assert_eq!(snap.resources(type_url::MESH_SETTINGS).unwrap().len(), 1);
+    let m: pb::MeshSettings = decode(&snap, type_url::MESH_SETTINGS, "mesh");
+    assert_eq!(m.path_normalization(), W::Base);
+    for (mode, wire) in [
+        (PathNormalization::None, W::None),
+        (PathNormalization::MergeSlashes, W::MergeSlashes),
+        (
+            PathNormalization::DecodeAndMergeSlashes,
+            W::DecodeAndMergeSlashes,
+        ),
+    ] {
+        let ctx = ClusterContext {
+            path_normalization: mode,
+            ..ctx()
+        };
+        let (snap, _) = build(&ctx, &config(ECHO), &TrustInput::default(), &[]);
+        let m: pb::MeshSettings = decode(&snap, type_url::MESH_SETTINGS, "mesh");
+        assert_eq!(m.path_normalization(), wire, "{mode}");
+    }
 }
 
 #[test]

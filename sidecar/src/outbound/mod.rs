@@ -275,11 +275,15 @@ async fn proxy(
         Ok(d) => d,
         Err(e) => return own(reply(StatusCode::BAD_REQUEST, &e)),
     };
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
+    // Routing (VirtualService `uri`) and the destination see the path
+    // normalized as the destination's policy will (Istio's
+    // pathNormalization applies to outbound listeners too).
+    let raw_path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mode = shared.config.borrow().path_normalization;
+    let path = match strait_model::request_path::normalize(raw_path, mode) {
+        Ok(p) => p.into_owned(),
+        Err(e) => return own(reply(StatusCode::BAD_REQUEST, &e.to_string())),
+    };
     let method = parts.method.as_str().to_string();
     if !parts.headers.contains_key(names::REQUEST_ID)
         && let Ok(v) = request_id().parse()

@@ -84,7 +84,9 @@ pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 pub struct RequestAttrs<'a> {
     /// HTTP method; `None` for a TCP connection.
     pub method: Option<&'a str>,
-    /// HTTP path, with or without the query string.
+    /// HTTP path, with or without the query string, normalized by the
+    /// caller as the mesh says ([`strait_model::request_path`]): policy
+    /// matches it as given.
     pub path: Option<&'a str>,
     /// `Host` / `:authority` (with or without `:port`).
     pub host: Option<&'a str>,

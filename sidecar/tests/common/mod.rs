@@ -298,6 +298,7 @@ impl Sidecar {
             mesh.policies.clone(),
             mesh.bundles.clone(),
             vec![],
+            mesh.settings.clone(),
             &self.me,
         );
         assert!(errors.is_empty(), "{errors:?}");
@@ -348,6 +349,8 @@ pub struct Mesh {
     pub workloads: Vec<pb::Workload>,
     pub policies: Vec<pb::Policy>,
     pub bundles: Vec<pb::TrustBundle>,
+    /// The mesh-wide settings (none: the defaults).
+    pub settings: Vec<pb::MeshSettings>,
 }
 
 impl Mesh {
