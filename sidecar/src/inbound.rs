@@ -314,6 +314,10 @@ async fn handle(
         service,
         ..Peer::default()
     };
+    // Taken before the chain is verified below: a trust change from here
+    // on is seen by the connection (see `crate::live`).
+    let watch = strait_ca::live::TrustWatch::new(&shared.trust);
+    let chain = strait_ca::live::PeerChain::from_certs(&certs);
     if let Some(leaf) = certs.first() {
         match strait_ca::tls::peer_identity(&shared.trust, &certs, time::OffsetDateTime::now_utc())
         {
@@ -337,11 +341,21 @@ async fn handle(
         tracing::info!(%addr, "STRICT mTLS: a connection without a client certificate refused");
         return;
     }
-    if tcp_mode {
-        serve_tcp(shared, stream, peer, port, app.socket, life.phase, None).await;
-    } else {
-        serve_http(shared, app.clone(), TokioIo::new(stream), peer, port, life).await;
-    }
+    let closed = shared
+        .metrics
+        .untrusted_closed
+        .get_or_create(&metrics::DirectionLabel {
+            direction: "inbound",
+        })
+        .clone();
+    let served = async move {
+        if tcp_mode {
+            serve_tcp(shared, stream, peer, port, app.socket, life.phase, None).await;
+        } else {
+            serve_http(shared, app.clone(), TokioIo::new(stream), peer, port, life).await;
+        }
+    };
+    crate::live::guard(watch, chain, "inbound", closed, served).await;
 }
 
 /// The namespace in a SPIFFE ID of Istio's form (`.../ns/<ns>/sa/<sa>`).

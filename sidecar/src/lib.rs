@@ -17,6 +17,9 @@
 //! - [`body`]: how bodies go through: streamed and counted, or held whole
 //!   (for retries, and under a route timeout).
 //! - [`transparent`]: iptables interception rules and `SO_ORIGINAL_DST`.
+//! - `live`: live mTLS connections (both ways) end once a trust change
+//!   (deny-listed intermediate, removed root or peered mesh) makes their
+//!   peer fail verification.
 
 mod app;
 pub mod body;
@@ -24,6 +27,7 @@ pub mod config;
 pub mod identity;
 mod idle;
 pub mod inbound;
+mod live;
 pub mod metrics;
 pub mod outbound;
 pub mod policy;
