@@ -253,6 +253,7 @@ async fn handle(
                 app.socket,
                 life.phase,
                 Some(app_conn),
+                None,
             )
             .await;
             return;
@@ -278,7 +279,10 @@ async fn handle(
             )
             .await;
         } else {
-            serve_tcp(shared, tcp, plain, app_port, app.socket, life.phase, None).await;
+            serve_tcp(
+                shared, tcp, plain, app_port, app.socket, life.phase, None, None,
+            )
+            .await;
         }
         return;
     }
@@ -341,21 +345,21 @@ async fn handle(
         tracing::info!(%addr, "STRICT mTLS: a connection without a client certificate refused");
         return;
     }
-    let closed = shared
-        .metrics
-        .untrusted_closed
-        .get_or_create(&metrics::DirectionLabel {
-            direction: "inbound",
-        })
-        .clone();
-    let served = async move {
-        if tcp_mode {
-            serve_tcp(shared, stream, peer, port, app.socket, life.phase, None).await;
-        } else {
-            serve_http(shared, app.clone(), TokioIo::new(stream), peer, port, life).await;
-        }
-    };
-    crate::live::guard(watch, chain, "inbound", closed, served).await;
+    let watched = Some(crate::live::Watched::new(
+        &shared.metrics,
+        "inbound",
+        watch,
+        chain,
+    ));
+    if tcp_mode {
+        serve_tcp(
+            shared, stream, peer, port, app.socket, life.phase, None, watched,
+        )
+        .await;
+    } else {
+        let served = serve_http(shared, app.clone(), TokioIo::new(stream), peer, port, life);
+        crate::live::Watched::run(watched, served).await;
+    }
 }
 
 /// The namespace in a SPIFFE ID of Istio's form (`.../ns/<ns>/sa/<sa>`).
@@ -427,7 +431,9 @@ async fn first_move(tcp: &TcpStream, mode: MtlsMode, app: SocketAddr) -> Option<
 
 /// A TCP connection (ALPN `istio`, or plaintext that is not HTTP):
 /// AuthorizationPolicy on the connection (denied: closed), then bytes both
-/// ways to the app (over `connected` when the app was connected already).
+/// ways to the app (over `connected` when the app was connected already),
+/// ended early when `watched` sees the peer stop verifying.
+#[allow(clippy::too_many_arguments)]
 async fn serve_tcp<S>(
     shared: Arc<Shared>,
     mut stream: S,
@@ -436,6 +442,7 @@ async fn serve_tcp<S>(
     app: SocketAddr,
     phase: watch::Receiver<Phase>,
     connected: Option<TcpStream>,
+    watched: Option<crate::live::Watched>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -474,7 +481,10 @@ async fn serve_tcp<S>(
         }
     };
     shared.metrics.tcp_opened.get_or_create(&labels).inc();
-    let copied = crate::relay_tcp(&mut stream, &mut conn, crate::TCP_IDLE_TIMEOUT, phase).await;
+    let relay = crate::relay_tcp(&mut stream, &mut conn, crate::TCP_IDLE_TIMEOUT, phase);
+    let copied = crate::live::Watched::run(watched, relay)
+        .await
+        .unwrap_or_else(|| Err("closed: the peer no longer verifies under the new trust".into()));
     shared.metrics.tcp_closed.get_or_create(&labels).inc();
     let reason = copied.as_ref().err();
     metrics::log(&metrics::AccessLog {

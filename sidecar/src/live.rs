@@ -11,6 +11,49 @@ use std::future::Future;
 use prometheus_client::metrics::counter::Counter;
 use strait_ca::live::{PeerChain, TrustWatch};
 
+/// A live connection's peer chain and what ends the connection when the
+/// chain stops verifying.
+pub(crate) struct Watched {
+    watch: TrustWatch,
+    peer: Option<PeerChain>,
+    direction: &'static str,
+    closed: Counter,
+}
+
+impl Watched {
+    /// `watch` taken before the handshake that verified `peer`; closes are
+    /// counted in `metrics` under `direction`.
+    pub(crate) fn new(
+        metrics: &crate::metrics::Metrics,
+        direction: &'static str,
+        watch: TrustWatch,
+        peer: Option<PeerChain>,
+    ) -> Self {
+        let closed = metrics
+            .untrusted_closed
+            .get_or_create(&crate::metrics::DirectionLabel { direction })
+            .clone();
+        Watched {
+            watch,
+            peer,
+            direction,
+            closed,
+        }
+    }
+
+    /// Runs `conn` (a connection's task) under `watched` (see [`guard`]),
+    /// or plainly without.
+    pub(crate) async fn run<T>(
+        watched: Option<Watched>,
+        conn: impl Future<Output = T>,
+    ) -> Option<T> {
+        match watched {
+            Some(w) => guard(w.watch, w.peer, w.direction, w.closed, conn).await,
+            None => Some(conn.await),
+        }
+    }
+}
+
 /// Runs `conn` to its end, or until the trust `watch` follows changes so
 /// that `peer` no longer verifies: then `conn` is dropped (which closes the
 /// connection and fails what is in flight on it), logged with the peer's

@@ -317,6 +317,15 @@ async fn live_inbound_connections_close_when_the_callers_intermediate_is_denied(
         server.metrics()
     );
     assert_eq!(untrusted_closed(&client, "outbound"), 0);
+    // The closed TCP connection is counted closed as any other.
+    assert!(
+        server
+            .metrics()
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_closed_total{") && !l.ends_with(" 0")),
+        "{}",
+        server.metrics()
+    );
 }
 
 #[tokio::test]

@@ -328,28 +328,7 @@ pub(super) struct Connected<S> {
     pub(super) watched: Option<Watched>,
 }
 
-/// An upstream connection's server chain, watched for trust changes (see
-/// `crate::live`): the connection's task ends once the chain no longer
-/// verifies.
-pub(super) struct Watched {
-    watch: strait_ca::live::TrustWatch,
-    peer: Option<strait_ca::live::PeerChain>,
-    closed: prometheus_client::metrics::counter::Counter,
-}
-
-impl Watched {
-    /// Runs `conn` (a connection's task) under `watched`, or plainly
-    /// without.
-    pub(super) async fn run<T>(
-        watched: Option<Watched>,
-        conn: impl std::future::Future<Output = T>,
-    ) -> Option<T> {
-        match watched {
-            Some(w) => crate::live::guard(w.watch, w.peer, "outbound", w.closed, conn).await,
-            None => Some(conn.await),
-        }
-    }
-}
+pub(super) use crate::live::Watched;
 
 /// The TLS client config for calling `service` as `id`: the server must
 /// present one of the service's identities, chained to its trust domain's
@@ -425,18 +404,7 @@ pub(super) async fn connect_tls(
         .as_ref()
         .map_or("unknown", |c| c.identity())
         .to_string();
-    let closed = shared
-        .metrics
-        .untrusted_closed
-        .get_or_create(&crate::metrics::DirectionLabel {
-            direction: "outbound",
-        })
-        .clone();
-    let watched = Some(Watched {
-        watch,
-        peer: chain,
-        closed,
-    });
+    let watched = Some(Watched::new(&shared.metrics, "outbound", watch, chain));
     Ok(Connected {
         stream,
         peer,
