@@ -845,3 +845,84 @@ fn the_demo_passes_every_step() {
     assert!(text.contains("8 of 8 steps passed"), "{text}");
     assert!(!text.contains("FAIL"), "{text}");
 }
+
+/// Revoking a cluster ends what it holds open in other clusters (issue 18,
+/// defect 3): west's client has a pooled connection to east's echo (and in
+/// QUIC mode west's gateway a tunnel to east's); after `straitctl cluster
+/// revoke west`, east's sidecar closes that connection (and east's gateway
+/// the tunnel) within 5 s, and west's calls no longer reach east.
+fn revocation_closes_live_connections(mode: &str, base: u8) {
+    let mut lab = Lab::up_with("multi-primary", base, &["--mode", mode]);
+    let json = lab.json();
+    let east = json["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "east")
+        .unwrap()
+        .clone();
+    let echo_metrics = east["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["service"] == "echo")
+        .unwrap()["metrics"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let closed_inbound = "strait_sidecar_untrusted_closed_connections_total{direction=\"inbound\"}";
+    let closed_tunnels = "strait_gateway_untrusted_closed_tunnels_total{side=\"server\"}";
+    let gateway_metrics = lab.gateway_metrics("east");
+    // West's client pools a connection to east's echo.
+    lab.curl_until("west", "http://echo.demo:8080/", 20, |t| {
+        t.contains("east/echo/v1")
+    });
+    assert_eq!(metric(&echo_metrics, closed_inbound), 0.0);
+
+    let revoked = Instant::now();
+    let out = Command::new(STRAITCTL)
+        .arg("--lab")
+        .arg(lab.path())
+        .args(["cluster", "revoke", "west"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "revoke: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let within = |what: &str, url: &str, name: &str| -> Duration {
+        loop {
+            if metric(url, name) >= 1.0 {
+                return revoked.elapsed();
+            }
+            assert!(
+                revoked.elapsed() < Duration::from_secs(5),
+                "{mode}: {what} not closed within 5 s of the revocation\n{}",
+                lab.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let took = within("west's pooled connection", &echo_metrics, closed_inbound);
+    eprintln!("{mode}: east's echo sidecar closed west's connection {took:?} after the revoke");
+    if mode == "quic" {
+        let took = within("west's tunnel", &gateway_metrics, closed_tunnels);
+        eprintln!("{mode}: east's gateway closed west's tunnel {took:?} after the revoke");
+    }
+    // West's calls no longer reach east (its own echo still answers).
+    let (_, out, err) = lab.lab(&["curl", "west", "http://echo.demo:8080/", "-n", "20"]);
+    let summary = format!("{out}{err}");
+    assert!(!summary.contains("east/echo"), "{mode}: {summary}");
+    lab.down();
+}
+
+#[test]
+fn revocation_closes_live_connections_sni() {
+    revocation_closes_live_connections("sni", 200);
+}
+
+#[test]
+fn revocation_closes_live_connections_quic() {
+    revocation_closes_live_connections("quic", 220);
+}

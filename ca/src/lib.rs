@@ -29,6 +29,7 @@ pub mod bundle;
 pub mod cert;
 pub mod csr;
 pub mod layout;
+pub mod live;
 pub mod pemfile;
 pub mod policy;
 pub mod spiffe;

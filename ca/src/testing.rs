@@ -42,6 +42,15 @@ impl TestPki {
         TestPki { root, intermediate }
     }
 
+    /// Another cluster of the same trust domain: the same root, a new
+    /// intermediate for `cluster` (as two clusters of one mesh have).
+    pub fn sibling(&self, cluster: &str) -> Self {
+        let key = crate::pemfile::parse_private_key(self.root.key_pem().as_bytes()).unwrap();
+        let root = Authority::from_der(self.root.chain().to_vec(), key, None).unwrap();
+        let intermediate = intermediate_of(&root, cluster, OffsetDateTime::now_utc());
+        TestPki { root, intermediate }
+    }
+
     /// The bundle holding this PKI's root.
     pub fn bundle(&self) -> TrustBundle {
         TrustBundle::new(

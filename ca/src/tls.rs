@@ -62,10 +62,25 @@ pub fn verify_schemes() -> Vec<SignatureScheme> {
 }
 
 /// The trust a verifier applies, shared and swappable: the bundle and the
-/// SHA-256 fingerprints of deny-listed intermediates.
-#[derive(Clone, Default)]
+/// SHA-256 fingerprints of deny-listed intermediates. Every change of what
+/// it accepts bumps a generation that [`Trust::changes`] receivers see, so
+/// that live connections can check their peers again
+/// ([`crate::live::TrustWatch`]).
+#[derive(Clone)]
 pub struct Trust {
     inner: Arc<RwLock<TrustState>>,
+    /// The generation: bumped only when bundle, deny-list or peered
+    /// bundles actually change (pushing the same config again is no change).
+    generation: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for Trust {
+    fn default() -> Self {
+        Trust {
+            inner: Arc::default(),
+            generation: Arc::new(tokio::sync::watch::Sender::new(0)),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -97,25 +112,61 @@ impl Trust {
     }
 
     pub fn set_bundle(&self, bundle: TrustBundle) {
-        let mut s = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        s.bundle = Arc::new(bundle);
+        let changed = {
+            let mut s = self.inner.write().unwrap_or_else(|p| p.into_inner());
+            let changed = *s.bundle != bundle;
+            s.bundle = Arc::new(bundle);
+            changed
+        };
+        self.bump(changed);
     }
 
     /// Replaces the deny-list (SHA-256 fingerprints, as `cert::fingerprint_sha256`).
     pub fn set_denied(&self, denied: impl IntoIterator<Item = String>) {
-        let mut s = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        s.denied = denied.into_iter().collect();
+        let denied: BTreeSet<String> = denied.into_iter().collect();
+        let changed = {
+            let mut s = self.inner.write().unwrap_or_else(|p| p.into_inner());
+            let changed = s.denied != denied;
+            s.denied = denied;
+            changed
+        };
+        self.bump(changed);
+    }
+
+    /// Tells [`Trust::changes`] receivers, when something changed.
+    fn bump(&self, changed: bool) {
+        if changed {
+            self.generation.send_modify(|g| *g += 1);
+        }
+    }
+
+    /// A receiver of the trust's generation, which changes whenever what
+    /// this trust accepts changes (bundle, deny-list, peered bundles). It
+    /// starts with the current generation marked seen.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// The current generation (see [`Trust::changes`]).
+    pub fn generation(&self) -> u64 {
+        *self.generation.borrow()
     }
 
     /// Replaces the bundles of peered trust domains (by trust domain name).
     /// A chain whose leaf names one of them is verified against that
     /// bundle alone; bundles are never merged.
     pub fn set_federated(&self, bundles: impl IntoIterator<Item = (String, TrustBundle)>) {
-        let mut s = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        s.federated = bundles
+        let federated: std::collections::BTreeMap<String, Arc<TrustBundle>> = bundles
             .into_iter()
             .map(|(td, b)| (td, Arc::new(b)))
             .collect();
+        let changed = {
+            let mut s = self.inner.write().unwrap_or_else(|p| p.into_inner());
+            let changed = s.federated != federated;
+            s.federated = federated;
+            changed
+        };
+        self.bump(changed);
     }
 
     /// The trust domains this trust accepts identities of.
@@ -456,6 +507,35 @@ mod tests {
         let other = TestPki::new("td");
         trust.set_bundle(other.bundle());
         assert!(trust.verify(&chain, now()).is_err());
+    }
+
+    #[test]
+    fn generation_moves_only_on_change() {
+        let pki = TestPki::new("td");
+        let peer = TestPki::new("peer.example");
+        let trust = Trust::new(pki.bundle());
+        let mut rx = trust.changes();
+        let g0 = trust.generation();
+        // The same values again: no change.
+        trust.set_bundle(pki.bundle());
+        trust.set_denied([]);
+        trust.set_federated([]);
+        assert_eq!(trust.generation(), g0);
+        assert!(!rx.has_changed().unwrap());
+        trust.set_denied(["ab".to_string()]);
+        assert_eq!(trust.generation(), g0 + 1);
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
+        trust.set_denied(["ab".to_string()]);
+        assert!(!rx.has_changed().unwrap(), "same deny-list");
+        trust.set_federated([("peer.example".to_string(), peer.bundle())]);
+        trust.set_federated([("peer.example".to_string(), peer.bundle())]);
+        assert_eq!(trust.generation(), g0 + 2);
+        trust.set_bundle(TestPki::new("td").bundle());
+        assert_eq!(trust.generation(), g0 + 3);
+        // Clones share the generation.
+        trust.clone().set_federated([]);
+        assert_eq!(trust.generation(), g0 + 4);
     }
 
     #[test]

@@ -53,6 +53,11 @@ struct Outcome {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SideLabel {
+    side: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ServiceLabel {
     service: String,
 }
@@ -65,6 +70,7 @@ pub struct Metrics {
     streams: Family<Outcome, Counter>,
     active: Gauge,
     tunnels_active: Gauge,
+    untrusted_closed: Family<SideLabel, Counter>,
     bytes_sent: Family<ServiceLabel, Counter>,
     bytes_received: Family<ServiceLabel, Counter>,
 }
@@ -92,6 +98,11 @@ impl Metrics {
             "tunnel_connections",
             "QUIC tunnel connections from other gateways, by outcome",
             m.tunnels.clone(),
+        );
+        r.register(
+            "untrusted_closed_tunnels",
+            "QUIC tunnels closed because a trust change made the peer gateway's chain fail verification, by side (server: accepted, client: dialled)",
+            m.untrusted_closed.clone(),
         );
         r.register(
             "tunnel_streams",
@@ -125,6 +136,12 @@ impl Metrics {
     pub(crate) fn count_tunnel(&self, outcome: &'static str, reason: &'static str) {
         self.tunnels
             .get_or_create(&Outcome { outcome, reason })
+            .inc();
+    }
+
+    pub(crate) fn count_untrusted(&self, side: &'static str) {
+        self.untrusted_closed
+            .get_or_create(&SideLabel { side })
             .inc();
     }
 

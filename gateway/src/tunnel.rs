@@ -4,6 +4,13 @@
 //! a length-prefixed [`TunnelHeader`] naming the target in Istio's SNI form;
 //! the receiving gateway routes it exactly like SNI passthrough. The bytes
 //! after the header are the client's TLS session, untouched.
+//!
+//! Both ends watch the trust their peer was verified under: when it
+//! changes (a deny-listed intermediate, a root removed at a rotation's
+//! finish, a peered mesh removed) and the peer gateway's chain no longer
+//! verifies, the tunnel is closed with [`UNTRUSTED`] and its streams with
+//! it. The end-to-end TLS inside the streams (as in SNI passthrough) is the
+//! sidecars' to watch; they do so at both ends.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -11,6 +18,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
+use strait_ca::live::{PeerChain, TrustWatch};
+use strait_ca::tls::Trust;
 use strait_proto::tunnel::v1::TunnelHeader;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -23,6 +32,45 @@ use crate::route::{self, RouteTable};
 pub const ALPN: &[u8] = b"strait-tunnel/1";
 /// The largest header accepted.
 pub const MAX_HEADER: usize = 16 * 1024;
+/// The QUIC application error code of a tunnel closed because its peer no
+/// longer verifies under changed trust.
+pub const UNTRUSTED: quinn::VarInt = quinn::VarInt::from_u32(0x5354_0001);
+
+/// The chain the peer of `conn` presented (rustls gives quinn the whole
+/// chain, leaf first).
+fn peer_chain(conn: &quinn::Connection) -> Option<PeerChain> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    PeerChain::from_certs(&certs)
+}
+
+/// Closes `conn` once `watch` sees a trust change under which its peer no
+/// longer verifies (`side`: `server` for tunnels accepted, `client` for
+/// those dialled); returns when the tunnel closes for any reason.
+async fn close_when_untrusted(
+    conn: quinn::Connection,
+    watch: TrustWatch,
+    side: &'static str,
+    metrics: Metrics,
+) {
+    let peer = peer_chain(&conn);
+    tokio::select! {
+        reason = watch.untrusted_opt(peer.as_ref()) => {
+            conn.close(UNTRUSTED, b"peer no longer trusted");
+            metrics.count_untrusted(side);
+            tracing::info!(
+                remote = %conn.remote_address(),
+                side,
+                peer = peer.as_ref().map_or("unknown", PeerChain::identity),
+                %reason,
+                "tunnel closed: its peer gateway no longer verifies under the new trust"
+            );
+        }
+        _ = conn.closed() => {}
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HeaderError {
@@ -109,17 +157,21 @@ pub fn client_config(mut tls: rustls::ClientConfig) -> Result<quinn::ClientConfi
 }
 
 /// Serves tunnel streams arriving at `endpoint`, routing each like SNI
-/// passthrough.
+/// passthrough. `trust` is what the endpoint's server config verifies
+/// peers with: a tunnel whose peer stops verifying under it is closed.
 pub async fn serve(
     endpoint: quinn::Endpoint,
     table: watch::Receiver<Arc<RouteTable>>,
     config: Config,
     metrics: Metrics,
+    trust: Trust,
 ) {
     while let Some(incoming) = endpoint.accept().await {
         let table = table.clone();
         let config = config.clone();
         let metrics = metrics.clone();
+        // Before the handshake verifies the peer.
+        let watch = TrustWatch::new(&trust);
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             let conn = match incoming.await {
@@ -133,6 +185,12 @@ pub async fn serve(
             metrics.count_tunnel("accepted", "ok");
             let _up = metrics.tunnel_up();
             tracing::info!(%remote, "tunnel up");
+            tokio::spawn(close_when_untrusted(
+                conn.clone(),
+                watch,
+                "server",
+                metrics.clone(),
+            ));
             loop {
                 let (send, mut recv) = match conn.accept_bi().await {
                     Ok(s) => s,
@@ -239,10 +297,19 @@ pub struct Pool {
     client: std::sync::RwLock<quinn::ClientConfig>,
     conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
     backoff: Mutex<HashMap<SocketAddr, Backoff>>,
+    /// What `client` verifies remote gateways with: a tunnel whose peer
+    /// stops verifying under it is closed.
+    trust: Trust,
+    metrics: Metrics,
 }
 
 impl Pool {
-    pub fn new(endpoint: quinn::Endpoint, client: quinn::ClientConfig) -> Self {
+    pub fn new(
+        endpoint: quinn::Endpoint,
+        client: quinn::ClientConfig,
+        trust: Trust,
+        metrics: Metrics,
+    ) -> Self {
         let resolver = hickory_resolver::TokioResolver::builder_tokio()
             .and_then(|b| b.build())
             .map_err(|e| tracing::warn!(error = %e, "no DNS resolver: remote gateways must be IP addresses"))
@@ -253,6 +320,8 @@ impl Pool {
             client: std::sync::RwLock::new(client),
             conns: Mutex::new(HashMap::new()),
             backoff: Mutex::new(HashMap::new()),
+            trust,
+            metrics,
         }
     }
 
@@ -339,7 +408,9 @@ impl Pool {
         Ok(s)
     }
 
+    /// A new tunnel to `addr`, closed when its peer stops verifying.
     async fn dial(&self, addr: SocketAddr) -> Result<quinn::Connection, String> {
+        let watch = TrustWatch::new(&self.trust);
         let config = self
             .client
             .read()
@@ -349,10 +420,17 @@ impl Pool {
             .endpoint
             .connect_with(config, addr, "gateway.strait.internal")
             .map_err(|e| format!("tunnel to {addr}: {e}"))?;
-        tokio::time::timeout(Duration::from_secs(5), connecting)
+        let conn = tokio::time::timeout(Duration::from_secs(5), connecting)
             .await
             .map_err(|_| format!("tunnel to {addr}: handshake timed out"))?
-            .map_err(|e| format!("tunnel to {addr}: {e}"))
+            .map_err(|e| format!("tunnel to {addr}: {e}"))?;
+        tokio::spawn(close_when_untrusted(
+            conn.clone(),
+            watch,
+            "client",
+            self.metrics.clone(),
+        ));
+        Ok(conn)
     }
 
     pub async fn connections(&self) -> usize {

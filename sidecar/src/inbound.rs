@@ -257,6 +257,7 @@ async fn handle(
                 app.socket,
                 life.phase,
                 Some(app_conn),
+                None,
             )
             .await;
             return;
@@ -282,7 +283,10 @@ async fn handle(
             )
             .await;
         } else {
-            serve_tcp(shared, tcp, plain, app_port, app.socket, life.phase, None).await;
+            serve_tcp(
+                shared, tcp, plain, app_port, app.socket, life.phase, None, None,
+            )
+            .await;
         }
         return;
     }
@@ -318,6 +322,10 @@ async fn handle(
         service,
         ..Peer::default()
     };
+    // Taken before the chain is verified below: a trust change from here
+    // on is seen by the connection (see `crate::live`).
+    let watch = strait_ca::live::TrustWatch::new(&shared.trust);
+    let chain = strait_ca::live::PeerChain::from_certs(&certs);
     if let Some(leaf) = certs.first() {
         match strait_ca::tls::peer_identity(&shared.trust, &certs, time::OffsetDateTime::now_utc())
         {
@@ -341,10 +349,20 @@ async fn handle(
         tracing::info!(%addr, "STRICT mTLS: a connection without a client certificate refused");
         return;
     }
+    let watched = Some(crate::live::Watched::new(
+        &shared.metrics,
+        "inbound",
+        watch,
+        chain,
+    ));
     if tcp_mode {
-        serve_tcp(shared, stream, peer, port, app.socket, life.phase, None).await;
+        serve_tcp(
+            shared, stream, peer, port, app.socket, life.phase, None, watched,
+        )
+        .await;
     } else {
-        serve_http(shared, app.clone(), TokioIo::new(stream), peer, port, life).await;
+        let served = serve_http(shared, app.clone(), TokioIo::new(stream), peer, port, life);
+        crate::live::Watched::run(watched, served).await;
     }
 }
 
@@ -417,7 +435,9 @@ async fn first_move(tcp: &TcpStream, mode: MtlsMode, app: SocketAddr) -> Option<
 
 /// A TCP connection (ALPN `istio`, or plaintext that is not HTTP):
 /// AuthorizationPolicy on the connection (denied: closed), then bytes both
-/// ways to the app (over `connected` when the app was connected already).
+/// ways to the app (over `connected` when the app was connected already),
+/// ended early when `watched` sees the peer stop verifying.
+#[allow(clippy::too_many_arguments)]
 async fn serve_tcp<S>(
     shared: Arc<Shared>,
     mut stream: S,
@@ -426,6 +446,7 @@ async fn serve_tcp<S>(
     app: SocketAddr,
     phase: watch::Receiver<Phase>,
     connected: Option<TcpStream>,
+    watched: Option<crate::live::Watched>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -464,7 +485,10 @@ async fn serve_tcp<S>(
         }
     };
     shared.metrics.tcp_opened.get_or_create(&labels).inc();
-    let copied = crate::relay_tcp(&mut stream, &mut conn, crate::TCP_IDLE_TIMEOUT, phase).await;
+    let relay = crate::relay_tcp(&mut stream, &mut conn, crate::TCP_IDLE_TIMEOUT, phase);
+    let copied = crate::live::Watched::run(watched, relay)
+        .await
+        .unwrap_or_else(|| Err("closed: the peer no longer verifies under the new trust".into()));
     shared.metrics.tcp_closed.get_or_create(&labels).inc();
     let reason = copied.as_ref().err();
     metrics::log(&metrics::AccessLog {

@@ -21,6 +21,9 @@
 //! - [`transparent`]: iptables interception rules and `SO_ORIGINAL_DST`.
 //! - [`probe`]: the app probes answered on the health port for the kubelet
 //!   under transparent interception.
+//! - `live`: live mTLS connections (both ways) end once a trust change
+//!   (deny-listed intermediate, removed root or peered mesh) makes their
+//!   peer fail verification.
 
 mod app;
 pub mod body;
@@ -28,6 +31,7 @@ pub mod config;
 pub mod identity;
 mod idle;
 pub mod inbound;
+mod live;
 pub mod metrics;
 pub mod outbound;
 pub mod policy;

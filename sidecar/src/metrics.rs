@@ -71,6 +71,14 @@ fn byte_buckets() -> Histogram {
     Histogram::new([1.0, 10.0, 100.0, 1000.0, 10_000.0, 100_000.0, 1_000_000.0])
 }
 
+/// Which side of the sidecar a connection is on.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    /// `inbound` (a peer called this workload) or `outbound` (a pooled
+    /// upstream connection).
+    pub direction: &'static str,
+}
+
 /// The sidecar's metric families.
 #[derive(Clone)]
 pub struct Metrics {
@@ -86,6 +94,10 @@ pub struct Metrics {
     pub tcp_opened: Family<RequestLabels, Counter>,
     /// `istio_tcp_connections_closed_total`.
     pub tcp_closed: Family<RequestLabels, Counter>,
+    /// `strait_sidecar_untrusted_closed_connections_total{direction}`:
+    /// live connections closed because their peer no longer verifies under
+    /// changed trust (see [`crate::live`]).
+    pub untrusted_closed: Family<DirectionLabel, Counter>,
     /// The four request series of each label set seen, looked up once per
     /// request instead of once per family (each lookup hashes and compares
     /// thirteen label strings; foldhash rather than SipHash for that). The
@@ -113,8 +125,14 @@ impl Metrics {
             response_bytes: Family::new_with_constructor(byte_buckets),
             tcp_opened: Family::default(),
             tcp_closed: Family::default(),
+            untrusted_closed: Family::default(),
             series: Default::default(),
         };
+        registry.sub_registry_with_prefix("strait_sidecar").register(
+            "untrusted_closed_connections",
+            "Live connections closed because a trust change made their peer's chain fail verification, by direction",
+            m.untrusted_closed.clone(),
+        );
         let istio = registry.sub_registry_with_prefix("istio");
         istio.register(
             "requests",

@@ -219,3 +219,156 @@ async fn readiness_needs_an_identity_and_a_config_and_metrics_are_served() {
         r.body
     );
 }
+
+/// Waits (up to 5 s, the bound live connections must close within) until
+/// the peer closes `s`; how long it took.
+async fn closed_within_5s(s: &mut tokio::net::TcpStream) -> Duration {
+    let start = tokio::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("the live connection closes within 5 s");
+    start.elapsed()
+}
+
+/// A CONNECT tunnel through `client`'s outbound proxy to the echo service,
+/// checked to carry a request.
+async fn open_tunnel(client: &Sidecar) -> tokio::net::TcpStream {
+    let mut tunnel = tokio::net::TcpStream::connect(client.outbound)
+        .await
+        .unwrap();
+    tunnel
+        .write_all(b"CONNECT echo.demo:8080 HTTP/1.1\r\nHost: echo.demo:8080\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_until(&mut tunnel, "\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    tunnel
+        .write_all(b"GET /live HTTP/1.1\r\nHost: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until(&mut tunnel, "/live").await;
+    assert!(answer.contains("HTTP/1.1 200"), "{answer}");
+    tunnel
+}
+
+/// `strait_sidecar_untrusted_closed_connections_total{direction}` of `s`.
+fn untrusted_closed(s: &Sidecar, direction: &str) -> u64 {
+    let want =
+        format!("strait_sidecar_untrusted_closed_connections_total{{direction=\"{direction}\"}} ");
+    s.metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix(want.as_str()))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// The mesh of two clusters sharing a root: the caller `sleep` with the
+/// `west` intermediate, `echo` with the `east` one.
+async fn west_calls_east() -> (TestPki, TestPki, Sidecar, Sidecar, Mesh) {
+    let east = TestPki::with_cluster(TD, "east");
+    let west = east.sibling("west");
+    let client = sleep_client(&west).await;
+    let id = spiffe("demo", "echo");
+    let server = Sidecar::start(
+        "echo-v1",
+        "demo",
+        backend("v1").await,
+        identity(&east, &id),
+        &east,
+    )
+    .await;
+    let mesh = Mesh::new(&east).echo(vec![server.endpoint("v1", &id)], std::slice::from_ref(&id));
+    client.push(&mesh);
+    server.push(&mesh);
+    (east, west, client, server, mesh)
+}
+
+#[tokio::test]
+async fn live_inbound_connections_close_when_the_callers_intermediate_is_denied() {
+    let (_east, west, client, server, mesh) = west_calls_east().await;
+    let mut tunnel = open_tunnel(&client).await;
+    let mut c = ProxyClient::connect(client.outbound).await;
+    let (status, body, _) = c.get("http://echo.demo:8080/").await;
+    assert_eq!(status, 200, "{body}");
+
+    // Only the server learns of the revocation (the revoked cluster's
+    // sidecar keeps its config): it must close what it holds.
+    let mut revoked = mesh.clone();
+    revoked.bundles[0].denied_intermediates = vec![strait_ca::tls::sha256_hex(
+        west.intermediate.certificate_der(),
+    )];
+    server.push(&revoked);
+    let took = closed_within_5s(&mut tunnel).await;
+    eprintln!("inbound: tunnel closed {took:?} after the deny-list arrived");
+    // The pooled connection went too: the next request needs a handshake,
+    // which the server refuses.
+    let (status, body, _) = c.get("http://echo.demo:8080/").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        untrusted_closed(&server, "inbound") >= 2,
+        "{}",
+        server.metrics()
+    );
+    assert_eq!(untrusted_closed(&client, "outbound"), 0);
+    // The closed TCP connection is counted closed as any other.
+    assert!(
+        server
+            .metrics()
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_closed_total{") && !l.ends_with(" 0")),
+        "{}",
+        server.metrics()
+    );
+}
+
+#[tokio::test]
+async fn live_outbound_connections_close_when_the_servers_intermediate_is_denied() {
+    let (east, _west, client, server, mesh) = west_calls_east().await;
+    let mut tunnel = open_tunnel(&client).await;
+    let mut c = ProxyClient::connect(client.outbound).await;
+    let (status, body, _) = c.get("http://echo.demo:8080/").await;
+    assert_eq!(status, 200, "{body}");
+
+    // Only the client learns that the server's intermediate is revoked.
+    let mut revoked = mesh.clone();
+    revoked.bundles[0].denied_intermediates = vec![strait_ca::tls::sha256_hex(
+        east.intermediate.certificate_der(),
+    )];
+    client.push(&revoked);
+    let took = closed_within_5s(&mut tunnel).await;
+    eprintln!("outbound: tunnel closed {took:?} after the deny-list arrived");
+    let (status, body, _) = c.get("http://echo.demo:8080/").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("revoked"), "{body}");
+    assert!(
+        untrusted_closed(&client, "outbound") >= 2,
+        "{}",
+        client.metrics()
+    );
+    assert_eq!(untrusted_closed(&server, "inbound"), 0);
+}
+
+#[tokio::test]
+async fn a_config_push_with_the_same_trust_leaves_live_connections_alone() {
+    let (_east, _west, client, server, mesh) = west_calls_east().await;
+    let mut tunnel = open_tunnel(&client).await;
+    // Another push, other services, the same trust: nothing closes.
+    let more = mesh.clone().workload("sleep", "demo", &[("app", "sleep")]);
+    client.push(&more);
+    server.push(&more);
+    tunnel
+        .write_all(b"GET /still-here HTTP/1.1\r\nHost: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until(&mut tunnel, "/still-here").await;
+    assert!(answer.contains("HTTP/1.1 200"), "{answer}");
+    assert_eq!(untrusted_closed(&server, "inbound"), 0);
+    assert_eq!(untrusted_closed(&client, "outbound"), 0);
+}

@@ -210,10 +210,12 @@ fn tunnel_configs(
 /// Where the gateway's certificate comes from.
 enum Creds {
     /// `--identity DIR` (and `--federated DIR`): files kept current by
-    /// someone else, read again when they change.
+    /// someone else, read again when they change; `trust` follows their
+    /// bundles.
     Dir {
         dir: PathBuf,
         federated: Option<PathBuf>,
+        trust: strait_ca::tls::Trust,
     },
     /// `--token FILE`: a key made here and certificates from the control
     /// plane's CSR API, renewed by the manager's task; `trust` follows the
@@ -231,14 +233,27 @@ impl Creds {
     /// The tunnels' configs with the current certificate and trust.
     fn tunnel_configs(&self) -> Result<(quinn::ServerConfig, quinn::ClientConfig)> {
         match self {
-            Creds::Dir { dir, federated } => {
+            Creds::Dir {
+                dir,
+                federated,
+                trust,
+            } => {
                 let (chain, key, bundle) = strait_broker::client::read_credentials(dir)
                     .with_context(|| format!("--identity {}", dir.display()))?;
-                let trust = strait_ca::tls::Trust::new(bundle);
-                if let Some(fdir) = federated {
-                    trust.set_federated(read_federated(fdir)?);
-                }
-                tunnel_configs(&chain, &key, &trust)
+                let federated = match federated {
+                    Some(fdir) => read_federated(fdir)?,
+                    None => Vec::new(),
+                };
+                // Checked with a trust of its own first: a bad new set of
+                // files changes nothing.
+                let fresh = strait_ca::tls::Trust::new(bundle.clone());
+                fresh.set_federated(federated.clone());
+                tunnel_configs(&chain, &key, &fresh)
+                    .with_context(|| format!("--identity {}", dir.display()))?;
+                // The shared trust (live tunnels are checked against it).
+                trust.set_bundle(bundle);
+                trust.set_federated(federated);
+                tunnel_configs(&chain, &key, trust)
                     .with_context(|| format!("--identity {}", dir.display()))
             }
             Creds::Csr { manager, trust, .. } => {
@@ -539,7 +554,7 @@ fn spawn_tunnel_reload(
             ),
         };
         match &*creds {
-            Creds::Dir { dir, federated } => {
+            Creds::Dir { dir, federated, .. } => {
                 let stamp = |d: &Path, f: Option<&Path>| {
                     (
                         ["cert-chain.pem", "key.pem", "root-cert.pem"].map(|x| mtime(&d.join(x))),
@@ -648,6 +663,7 @@ pub fn run(args: GatewayArgs) -> Result<()> {
             (None, Some(dir)) => Some(Arc::new(Creds::Dir {
                 dir: dir.clone(),
                 federated: args.federated.clone(),
+                trust: strait_ca::tls::Trust::default(),
             })),
             (None, None) => None,
         };
@@ -655,7 +671,15 @@ pub fn run(args: GatewayArgs) -> Result<()> {
             let (server, client) = creds.tunnel_configs()?;
             let endpoint = quinn::Endpoint::server(server, args.listen)
                 .with_context(|| format!("cannot listen on {} (UDP, tunnels)", args.listen))?;
-            let pool = Arc::new(strait_gateway::tunnel::Pool::new(endpoint.clone(), client));
+            let trust = match &**creds {
+                Creds::Dir { trust, .. } | Creds::Csr { trust, .. } => trust.clone(),
+            };
+            let pool = Arc::new(strait_gateway::tunnel::Pool::new(
+                endpoint.clone(),
+                client,
+                trust.clone(),
+                metrics.clone(),
+            ));
             // A renewed identity applies to new tunnels; live ones keep theirs.
             spawn_tunnel_reload(creds.clone(), endpoint.clone(), pool.clone());
             tokio::spawn(strait_gateway::tunnel::serve(
@@ -663,6 +687,7 @@ pub fn run(args: GatewayArgs) -> Result<()> {
                 table_rx.clone(),
                 config.clone(),
                 metrics.clone(),
+                trust,
             ));
             tracing::info!(listen = %args.listen, "QUIC tunnels accepted (UDP)");
             if let Some(addr) = args.egress_listen {

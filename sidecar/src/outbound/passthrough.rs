@@ -155,7 +155,7 @@ pub(super) async fn passthrough_http(
                 .map_err(|_| "connect timed out".to_string())?
                 .map_err(|e| e.to_string())?;
             let _ = tcp.set_nodelay(true);
-            let mut sender = h2_handshake(tcp, &settled.upstream)
+            let mut sender = h2_handshake(tcp, &settled.upstream, None)
                 .await
                 .map_err(|e| e.to_string())?;
             sender.send_request(req).await.map_err(|e| e.to_string())

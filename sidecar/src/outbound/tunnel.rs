@@ -97,6 +97,8 @@ pub(super) async fn redirected_tcp(
 /// TLS off) to an endpoint of a mesh service, counted as opened.
 struct MeshTcp {
     upstream: Box<dyn Duplex>,
+    /// Ends the relay when the upstream's chain stops verifying.
+    watched: Option<Watched>,
     settled: Settled,
     labels: RequestLabels,
     /// Its place under the DestinationRule's `maxConnections`.
@@ -186,16 +188,26 @@ async fn open_mesh_tcp(
         tls: tp.tls,
         connect_timeout: tp.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
     };
-    let upstream: Result<(Box<dyn Duplex>, String), SendError> = if target.tls {
+    let upstream: Result<Connected<Box<dyn Duplex>>, SendError> = if target.tls {
         connect_tls(shared, &id, &target, ALPN_TCP)
             .await
-            .map(|c| (Box::new(c.stream) as Box<dyn Duplex>, c.peer))
+            .map(|c| Connected {
+                stream: Box::new(c.stream) as Box<dyn Duplex>,
+                peer: c.peer,
+                watched: c.watched,
+            })
     } else {
-        connect_tcp(&target)
-            .await
-            .map(|t| (Box::new(t) as Box<dyn Duplex>, "unknown".to_string()))
+        connect_tcp(&target).await.map(|t| Connected {
+            stream: Box::new(t) as Box<dyn Duplex>,
+            peer: "unknown".to_string(),
+            watched: None,
+        })
     };
-    let (upstream, peer) = match upstream {
+    let Connected {
+        stream: upstream,
+        peer,
+        watched,
+    } = match upstream {
         Ok(u) => u,
         Err(e) => {
             let why = format!("{e} ({})", target.address);
@@ -216,6 +228,7 @@ async fn open_mesh_tcp(
     shared.metrics.tcp_opened.get_or_create(&labels).inc();
     Ok(MeshTcp {
         upstream,
+        watched,
         settled,
         labels,
         _slot: slot,
@@ -233,13 +246,16 @@ async fn relay_mesh_tcp<C>(
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    crate::relay_tcp(
+    let watched = conn.watched.take();
+    let relay = crate::relay_tcp(
         &mut client,
         &mut conn.upstream,
         conn.idle,
         life.phase.clone(),
-    )
-    .await
+    );
+    Watched::run(watched, relay).await.unwrap_or_else(|| {
+        Err("closed: the upstream no longer verifies under the new trust".to_string())
+    })
 }
 
 impl MeshTcp {

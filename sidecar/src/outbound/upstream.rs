@@ -324,7 +324,11 @@ impl Target<'_> {
 pub(super) struct Connected<S> {
     pub(super) stream: S,
     pub(super) peer: String,
+    /// What ends the connection when the server stops verifying.
+    pub(super) watched: Option<Watched>,
 }
+
+pub(super) use crate::live::Watched;
 
 /// The TLS client config for calling `service` as `id`: the server must
 /// present one of the service's identities, chained to its trust domain's
@@ -375,6 +379,9 @@ pub(super) async fn connect_tls(
     t: &Target<'_>,
     alpn: &[&[u8]],
 ) -> Result<Connected<tokio_rustls::client::TlsStream<TcpStream>>, SendError> {
+    // Before the handshake verifies the server: a trust change from here
+    // on reaches the connection.
+    let watch = strait_ca::live::TrustWatch::new(&shared.trust);
     let config = client_tls(shared, id, t.service, alpn).map_err(SendError::Connect)?;
     let sni = t.sni();
     let name = rustls::pki_types::ServerName::try_from(sni.clone())
@@ -388,15 +395,21 @@ pub(super) async fn connect_tls(
     .await
     .map_err(|_| SendError::Connect(format!("{addr}: TLS handshake timed out")))?
     .map_err(|e| SendError::Connect(format!("{addr}: TLS handshake: {e}")))?;
-    let peer = stream
+    let chain = stream
         .get_ref()
         .1
         .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(|leaf| strait_ca::cert::CertSummary::from_der(leaf.as_ref()).ok())
-        .and_then(|s| s.spiffe_id)
-        .unwrap_or_else(|| "unknown".to_string());
-    Ok(Connected { stream, peer })
+        .and_then(strait_ca::live::PeerChain::from_certs);
+    let peer = chain
+        .as_ref()
+        .map_or("unknown", |c| c.identity())
+        .to_string();
+    let watched = Some(Watched::new(&shared.metrics, "outbound", watch, chain));
+    Ok(Connected {
+        stream,
+        peer,
+        watched,
+    })
 }
 
 /// A connection to an upstream: mTLS, or plain TCP (DestinationRule
@@ -415,16 +428,30 @@ async fn open(
     id: &Identity,
     t: &Target<'_>,
     alpn: &[&[u8]],
-) -> Result<(UpstreamIo, String), SendError> {
+) -> Result<Connected<UpstreamIo>, SendError> {
     if t.tls {
         let c = connect_tls(shared, id, t, alpn).await?;
-        Ok((Box::new(c.stream), c.peer))
+        Ok(Connected {
+            stream: Box::new(c.stream),
+            peer: c.peer,
+            watched: c.watched,
+        })
     } else {
-        Ok((Box::new(connect_tcp(t).await?), "unknown".to_string()))
+        Ok(Connected {
+            stream: Box::new(connect_tcp(t).await?),
+            peer: "unknown".to_string(),
+            watched: None,
+        })
     }
 }
 
-pub(super) async fn h2_handshake<I>(io: I, addr: &str) -> Result<SendRequest<SendBody>, SendError>
+/// An HTTP/2 connection over `io`, its task ended early when `watched`
+/// says the server no longer verifies.
+pub(super) async fn h2_handshake<I>(
+    io: I,
+    addr: &str,
+    watched: Option<Watched>,
+) -> Result<SendRequest<SendBody>, SendError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -433,7 +460,7 @@ where
             .await
             .map_err(|e| SendError::Connect(format!("{addr}: HTTP/2: {e}")))?;
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
+        if let Some(Err(e)) = Watched::run(watched, conn).await {
             tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
         }
     });
@@ -532,11 +559,11 @@ async fn h2_connect(
     t: &Target<'_>,
     key: &PoolKey,
 ) -> Result<Pooled, SendError> {
-    let (io, peer) = open(shared, id, t, ALPN_H2).await?;
-    let sender = h2_handshake(io, &key.target).await?;
+    let c = open(shared, id, t, ALPN_H2).await?;
+    let sender = h2_handshake(c.stream, &key.target, c.watched).await?;
     Ok(Pooled {
         sender,
-        peer,
+        peer: c.peer,
         _identity: id.clone(),
     })
 }
@@ -569,17 +596,21 @@ async fn h1_connection(
     if !fresh && let Some(c) = shared.pool.take_idle(&key) {
         return Ok((key, c, false));
     }
-    let (io, peer) = open(shared, id, t, ALPN_H1).await?;
-    let sender = h1_handshake(io, &key.target).await?;
+    let c = open(shared, id, t, ALPN_H1).await?;
+    let sender = h1_handshake(c.stream, &key.target, c.watched).await?;
     let meta = Http1Meta {
-        peer,
+        peer: c.peer,
         _identity: id.clone(),
         used: 0,
     };
     Ok((key, idle::Conn::new(sender, meta), true))
 }
 
-async fn h1_handshake<I>(io: I, addr: &str) -> Result<http1::SendRequest<SendBody>, SendError>
+async fn h1_handshake<I>(
+    io: I,
+    addr: &str,
+    watched: Option<Watched>,
+) -> Result<http1::SendRequest<SendBody>, SendError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -587,7 +618,7 @@ where
         .await
         .map_err(|e| SendError::Connect(format!("{addr}: HTTP/1.1: {e}")))?;
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
+        if let Some(Err(e)) = Watched::run(watched, conn).await {
             tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
         }
     });
@@ -717,14 +748,18 @@ pub(super) async fn send_upgrade(
     t: &Target<'_>,
     req: Request<SendBody>,
 ) -> Result<(Response<Incoming>, String), SendError> {
-    let (io, peer) = open(shared, id, t, ALPN_H1).await?;
-    Ok((h1_exchange(io, &t.address, req).await?, peer))
+    let c = open(shared, id, t, ALPN_H1).await?;
+    Ok((
+        h1_exchange(c.stream, &t.address, req, c.watched).await?,
+        c.peer,
+    ))
 }
 
 async fn h1_exchange<I>(
     io: I,
     addr: &str,
     req: Request<SendBody>,
+    watched: Option<Watched>,
 ) -> Result<Response<Incoming>, SendError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -733,7 +768,7 @@ where
         .await
         .map_err(|e| SendError::Connect(format!("{addr}: HTTP/1.1: {e}")))?;
     tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
+        if let Some(Err(e)) = Watched::run(watched, conn.with_upgrades()).await {
             tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
         }
     });
