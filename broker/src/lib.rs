@@ -8,6 +8,7 @@
 //! - [`token`]: join tokens (pure);
 //! - [`store`]: the durable store trait and its redb implementation;
 //! - [`state`]: the broker core (plan, persist, apply, notify);
+//! - [`liveness`]: which clusters are withdrawn for want of a sync stream (pure);
 //! - [`server`]: the `Federation` and `Admin` gRPC services;
 //! - [`client`]: joining, and channels for clusters and admins;
 //! - [`app`]: wiring of a broker process.
@@ -19,6 +20,7 @@ pub mod agent;
 pub mod app;
 pub mod client;
 pub mod http;
+pub mod liveness;
 pub mod metrics;
 pub mod peer;
 pub mod reconcile;

@@ -209,6 +209,11 @@ impl Session {
         {
             return self.fail(s).await;
         }
+        // Up from here on: a withdrawn cluster is restored.
+        let _live = match self.state.stream_opened(&self.cluster).await {
+            Ok(live) => live,
+            Err(e) => return self.fail(e.into()).await,
+        };
         let have = {
             let inner = self.state.lock().await;
             inner
