@@ -845,3 +845,84 @@ fn the_demo_passes_every_step() {
     assert!(text.contains("8 of 8 steps passed"), "{text}");
     assert!(!text.contains("FAIL"), "{text}");
 }
+
+/// The time the importers take to drop a dead cluster: west's control
+/// plane and gateway are killed, and after the broker's grace (10 s by
+/// default) west's endpoints leave east's imports, so that east's client is
+/// answered by east alone, without errors; started again, west comes back.
+#[test]
+fn a_dead_cluster_is_withdrawn_from_the_importers_and_returns() {
+    let mut lab = Lab::up("multi-primary", 180);
+    let json = lab.json();
+    let east = &json["clusters"][0];
+    let west = &json["clusters"][1];
+    assert_eq!(west["name"], "west");
+    let imports = PathBuf::from(east["config_dir"].as_str().unwrap())
+        .join("imported")
+        .join("strait-imports.yaml");
+    let west_gateway = west["gateway"]["tcp"].as_str().unwrap();
+    let (ip, _) = west_gateway.rsplit_once(':').unwrap();
+    let endpoint = format!("\"{ip}\"");
+    let has_west = || {
+        std::fs::read_to_string(&imports)
+            .unwrap_or_default()
+            .contains(&endpoint)
+    };
+    // Waits until east's imports do or do not hold an endpoint at west's
+    // gateway; how long that took.
+    let wait_for = |present: bool, within: Duration| -> Duration {
+        let start = Instant::now();
+        while has_west() != present {
+            assert!(
+                start.elapsed() < within,
+                "east's imports {} west's gateway {ip} after {within:?}:\n{}\n{}",
+                if present {
+                    "never regained"
+                } else {
+                    "still hold"
+                },
+                std::fs::read_to_string(&imports).unwrap_or_default(),
+                lab.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        start.elapsed()
+    };
+    lab.curl_until("east", "http://echo.demo:8080/", 20, |t| {
+        t.contains("east/echo/v1") && t.contains("west/echo/v2")
+    });
+    wait_for(true, Duration::from_secs(10));
+
+    let killed = Instant::now();
+    for c in ["west/gateway", "west/controlplane"] {
+        let (code, out, err) = lab.lab(&["kill", c]);
+        assert_eq!(code, 0, "kill {c}: {out}{err}");
+    }
+    wait_for(false, Duration::from_secs(40));
+    let withdrawn = killed.elapsed();
+    eprintln!("west's endpoints left east's imports {withdrawn:?} after west was killed");
+    assert!(
+        withdrawn >= Duration::from_secs(10),
+        "withdrawn after {withdrawn:?}, before the broker's 10 s grace"
+    );
+    // East's client is answered by east alone, every request.
+    let seen = lab.curl_until("east", "http://echo.demo:8080/", 20, |t| {
+        t.contains("20  200") && !t.contains("west/")
+    });
+    assert!(seen.contains("east/echo/v1"), "{seen}");
+
+    let started = Instant::now();
+    for c in ["west/controlplane", "west/gateway"] {
+        let (code, out, err) = lab.lab(&["start", c]);
+        assert_eq!(code, 0, "start {c}: {out}{err}");
+    }
+    let back = wait_for(true, Duration::from_secs(30));
+    eprintln!(
+        "west's endpoints back in east's imports {:?} after its restart began ({back:?} after it was ready)",
+        started.elapsed()
+    );
+    lab.curl_until("east", "http://echo.demo:8080/", 20, |t| {
+        t.contains("west/echo/v2")
+    });
+    lab.down();
+}
