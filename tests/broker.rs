@@ -657,6 +657,21 @@ async fn a_cluster_without_a_stream_is_withdrawn_after_the_grace_and_restored() 
     let yaml = broker.ctl(&["imports", "show", "west"]).ok().stdout;
     assert!(yaml.contains("cart.shop.svc.clusterset.local"), "{yaml}");
     assert!(!yaml.contains("127.0.0.1"), "{yaml}");
+    let list = broker.ctl(&["cluster", "list", "-o", "json"]).ok().stdout;
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let status = |name: &str| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(status("east")["withdrawn"], true, "{list}");
+    assert_eq!(status("east")["connected"], false, "{list}");
+    assert_eq!(status("west")["withdrawn"], false, "{list}");
+    let table = broker.ctl(&["cluster", "list"]).ok().stdout;
+    assert!(table.contains("no (withdrawn)"), "{table}");
 
     // East comes back: restored at once.
     let back = Instant::now();

@@ -520,6 +520,7 @@ impl AdminService {
             bundle_version_acked: r.bundle_version_acked,
             intermediate_expires_unix: u64::try_from(r.intermediate_expires_unix).unwrap_or(0),
             intermediate_sha256: r.intermediate_sha256.clone(),
+            withdrawn: r.withdrawn,
         }
     }
 
