@@ -757,6 +757,39 @@ fn netns_partition_fails_over_to_local_endpoints_and_heal_brings_them_back() {
     assert_eq!(east["netns"], "strait100-east");
     assert_eq!(east["gateway"]["tcp"], "10.100.1.2:15443");
 
+    // Debug endpoints stay inside the cluster's namespace: from west's,
+    // east's control plane serves them neither on its health port nor on
+    // the debug port; inside east's, 127.0.0.1:15014 does.
+    let status_in = |ns: &str, url: &str| -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, "curl", "-s", "-o", "/dev/null"])
+            .args(["-w", "%{http_code}", "--max-time", "5", url])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let (cp, _) = east["control_plane"]
+        .as_str()
+        .unwrap()
+        .rsplit_once(':')
+        .unwrap();
+    let from_west =
+        |port: u16| status_in("strait100-west", &format!("http://{cp}:{port}/debug/nacks"));
+    assert_eq!(
+        status_in(
+            "strait100-west",
+            &format!("http://{cp}:15021/healthz/ready")
+        ),
+        "200",
+        "east's health port is reachable from west"
+    );
+    assert_eq!(from_west(15021), "404");
+    assert_eq!(from_west(15014), "000", "nothing listens there for west");
+    assert_eq!(
+        status_in("strait100-east", "http://127.0.0.1:15014/debug/nacks"),
+        "200"
+    );
+
     // Spread over both clusters (no locality preference), with outlier
     // detection and per-try timeouts, as an operator would set failover.
     let policy = lab.dir.path().join("failover.yaml");
