@@ -563,3 +563,154 @@ fn straitctl_reads_a_lab_directory() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no lab.json"));
 }
+
+/// West's healthy endpoint count of `east`'s export of `ns/name` in an
+/// imports update, if the update names it.
+fn healthy_from(u: &pb::ImportsUpdate, cluster: &str, ns: &str, name: &str) -> Option<u32> {
+    let s = u
+        .upserts
+        .iter()
+        .find(|s| s.namespace == ns && s.name == name)?;
+    let r = s.remotes.iter().find(|r| r.cluster == cluster)?;
+    Some(
+        r.service
+            .as_ref()?
+            .endpoints
+            .iter()
+            .map(|e| e.healthy)
+            .sum(),
+    )
+}
+
+/// The next imports update that names `cluster`'s export of `ns/name`,
+/// within `within`; its healthy endpoint count.
+async fn next_health(
+    s: &mut SyncSession,
+    cluster: &str,
+    ns: &str,
+    name: &str,
+    within: Duration,
+) -> u32 {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let m = tokio::time::timeout(left, s.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no update of {cluster}'s {ns}/{name} within {within:?}"))
+            .expect("stream healthy")
+            .expect("stream open");
+        if let Down::Imports(u) = m
+            && let Some(h) = healthy_from(&u, cluster, ns, name)
+        {
+            return h;
+        }
+    }
+}
+
+/// A cluster whose sync stream ends and does not come back within the
+/// grace is withdrawn from every importer (its endpoints published as
+/// unhealthy, so importers drop them), and restored when it reconnects.
+/// A broker restart gives every cluster the grace from its start: those
+/// that reconnect are not withdrawn; one that does not is, a grace later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_without_a_stream_is_withdrawn_after_the_grace_and_restored() {
+    const GRACE: Duration = Duration::from_secs(2);
+    let s = Scratch::new();
+    let addr = format!("127.0.0.1:{}", common::free_port());
+    let args = ["--cluster-grace", "2s"];
+    let mut broker = Broker::start_with(&s.path("broker"), TD, &addr, &args);
+    let east = join(&broker, &s, "east", "net-east").await;
+    let west = join(&broker, &s, "west", "net-west").await;
+    let east_hello = || with_network(hello(0, "", "127.0.0.1:15443"), "net-east");
+    let mut e = open(&east, east_hello()).await;
+    let mut w = open(
+        &west,
+        with_network(hello(0, "", "127.0.0.2:15443"), "net-west"),
+    )
+    .await;
+    next_imports(&mut e).await;
+    next_imports(&mut w).await;
+    w.send(snapshot(1, vec![svc("shop", "pay")])).await.unwrap();
+    expect_ack(&mut w, 1).await;
+    assert_eq!(next_health(&mut e, "west", "shop", "pay", WAIT).await, 2);
+    e.send(snapshot(1, vec![svc("shop", "cart")]))
+        .await
+        .unwrap();
+    expect_ack(&mut e, 1).await;
+    assert_eq!(next_health(&mut w, "east", "shop", "cart", WAIT).await, 2);
+
+    // East's stream ends (its control plane died).
+    let gone = Instant::now();
+    drop(e);
+    let healthy = next_health(&mut w, "east", "shop", "cart", GRACE + WAIT).await;
+    let withdrawn_after = gone.elapsed();
+    assert_eq!(healthy, 0, "east's endpoints are withdrawn at west");
+    assert!(
+        withdrawn_after >= GRACE,
+        "withdrawn after {withdrawn_after:?}, before the grace of {GRACE:?}"
+    );
+    eprintln!(
+        "east withdrawn at west {withdrawn_after:?} after its stream ended (grace {GRACE:?})"
+    );
+    // What west's control plane would write: the ServiceEntry stays, with
+    // no endpoint at east's gateway.
+    let yaml = broker.ctl(&["imports", "show", "west"]).ok().stdout;
+    assert!(yaml.contains("cart.shop.svc.clusterset.local"), "{yaml}");
+    assert!(!yaml.contains("127.0.0.1"), "{yaml}");
+    let list = broker.ctl(&["cluster", "list", "-o", "json"]).ok().stdout;
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let status = |name: &str| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(status("east")["withdrawn"], true, "{list}");
+    assert_eq!(status("east")["connected"], false, "{list}");
+    assert_eq!(status("west")["withdrawn"], false, "{list}");
+    let table = broker.ctl(&["cluster", "list"]).ok().stdout;
+    assert!(table.contains("no (withdrawn)"), "{table}");
+
+    // East comes back: restored at once.
+    let back = Instant::now();
+    let e = open(&east, east_hello()).await;
+    let healthy = next_health(&mut w, "east", "shop", "cart", WAIT).await;
+    assert_eq!(healthy, 2, "east's endpoints are back at west");
+    eprintln!(
+        "east restored at west {:?} after it reconnected",
+        back.elapsed()
+    );
+
+    // A broker restart: west reconnects at once and east never does.
+    drop(e);
+    broker.kill9();
+    drop(broker);
+    let restarted = Instant::now();
+    let broker = Broker::start_with(&s.path("broker"), TD, &addr, &args);
+    let mut w = open(
+        &west,
+        with_network(hello(0, "", "127.0.0.2:15443"), "net-west"),
+    )
+    .await;
+    // West gets a snapshot in which east is still healthy (its stored
+    // state), then, a grace after the restart, east withdrawn.
+    let first = next_imports(&mut w).await;
+    assert_eq!(
+        healthy_from(&first, "east", "shop", "cart"),
+        Some(2),
+        "{first:?}"
+    );
+    let healthy = next_health(&mut w, "east", "shop", "cart", GRACE + WAIT).await;
+    let after = restarted.elapsed();
+    assert_eq!(healthy, 0);
+    assert!(after >= GRACE, "withdrawn {after:?} after the restart");
+    eprintln!("east withdrawn at west {after:?} after the broker restart began");
+    // West itself, connected, stays available: east sees it when it returns.
+    let mut e = open(&east, east_hello()).await;
+    let u = next_imports(&mut e).await;
+    assert_eq!(healthy_from(&u, "west", "shop", "pay"), Some(2), "{u:?}");
+    assert_eq!(next_health(&mut w, "east", "shop", "cart", WAIT).await, 2);
+    drop(broker);
+}

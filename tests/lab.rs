@@ -757,6 +757,39 @@ fn netns_partition_fails_over_to_local_endpoints_and_heal_brings_them_back() {
     assert_eq!(east["netns"], "strait100-east");
     assert_eq!(east["gateway"]["tcp"], "10.100.1.2:15443");
 
+    // Debug endpoints stay inside the cluster's namespace: from west's,
+    // east's control plane serves them neither on its health port nor on
+    // the debug port; inside east's, 127.0.0.1:15014 does.
+    let status_in = |ns: &str, url: &str| -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, "curl", "-s", "-o", "/dev/null"])
+            .args(["-w", "%{http_code}", "--max-time", "5", url])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let (cp, _) = east["control_plane"]
+        .as_str()
+        .unwrap()
+        .rsplit_once(':')
+        .unwrap();
+    let from_west =
+        |port: u16| status_in("strait100-west", &format!("http://{cp}:{port}/debug/nacks"));
+    assert_eq!(
+        status_in(
+            "strait100-west",
+            &format!("http://{cp}:15021/healthz/ready")
+        ),
+        "200",
+        "east's health port is reachable from west"
+    );
+    assert_eq!(from_west(15021), "404");
+    assert_eq!(from_west(15014), "000", "nothing listens there for west");
+    assert_eq!(
+        status_in("strait100-east", "http://127.0.0.1:15014/debug/nacks"),
+        "200"
+    );
+
     // Spread over both clusters (no locality preference), with outlier
     // detection and per-try timeouts, as an operator would set failover.
     let policy = lab.dir.path().join("failover.yaml");
@@ -899,6 +932,42 @@ fn revocation_closes_live_connections(mode: &str, base: u8) {
             assert!(
                 revoked.elapsed() < Duration::from_secs(5),
                 "{mode}: {what} not closed within 5 s of the revocation\n{}",
+/// The time the importers take to drop a dead cluster: west's control
+/// plane and gateway are killed, and after the broker's grace (10 s by
+/// default) west's endpoints leave east's imports, so that east's client is
+/// answered by east alone, without errors; started again, west comes back.
+#[test]
+fn a_dead_cluster_is_withdrawn_from_the_importers_and_returns() {
+    let mut lab = Lab::up("multi-primary", 180);
+    let json = lab.json();
+    let east = &json["clusters"][0];
+    let west = &json["clusters"][1];
+    assert_eq!(west["name"], "west");
+    let imports = PathBuf::from(east["config_dir"].as_str().unwrap())
+        .join("imported")
+        .join("strait-imports.yaml");
+    let west_gateway = west["gateway"]["tcp"].as_str().unwrap();
+    let (ip, _) = west_gateway.rsplit_once(':').unwrap();
+    let endpoint = format!("\"{ip}\"");
+    let has_west = || {
+        std::fs::read_to_string(&imports)
+            .unwrap_or_default()
+            .contains(&endpoint)
+    };
+    // Waits until east's imports do or do not hold an endpoint at west's
+    // gateway; how long that took.
+    let wait_for = |present: bool, within: Duration| -> Duration {
+        let start = Instant::now();
+        while has_west() != present {
+            assert!(
+                start.elapsed() < within,
+                "east's imports {} west's gateway {ip} after {within:?}:\n{}\n{}",
+                if present {
+                    "never regained"
+                } else {
+                    "still hold"
+                },
+                std::fs::read_to_string(&imports).unwrap_or_default(),
                 lab.logs()
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -925,4 +994,44 @@ fn revocation_closes_live_connections_sni() {
 #[test]
 fn revocation_closes_live_connections_quic() {
     revocation_closes_live_connections("quic", 220);
+}
+        start.elapsed()
+    };
+    lab.curl_until("east", "http://echo.demo:8080/", 20, |t| {
+        t.contains("east/echo/v1") && t.contains("west/echo/v2")
+    });
+    wait_for(true, Duration::from_secs(10));
+
+    let killed = Instant::now();
+    for c in ["west/gateway", "west/controlplane"] {
+        let (code, out, err) = lab.lab(&["kill", c]);
+        assert_eq!(code, 0, "kill {c}: {out}{err}");
+    }
+    wait_for(false, Duration::from_secs(40));
+    let withdrawn = killed.elapsed();
+    eprintln!("west's endpoints left east's imports {withdrawn:?} after west was killed");
+    assert!(
+        withdrawn >= Duration::from_secs(10),
+        "withdrawn after {withdrawn:?}, before the broker's 10 s grace"
+    );
+    // East's client is answered by east alone, every request.
+    let seen = lab.curl_until("east", "http://echo.demo:8080/", 20, |t| {
+        t.contains("20  200") && !t.contains("west/")
+    });
+    assert!(seen.contains("east/echo/v1"), "{seen}");
+
+    let started = Instant::now();
+    for c in ["west/controlplane", "west/gateway"] {
+        let (code, out, err) = lab.lab(&["start", c]);
+        assert_eq!(code, 0, "start {c}: {out}{err}");
+    }
+    let back = wait_for(true, Duration::from_secs(30));
+    eprintln!(
+        "west's endpoints back in east's imports {:?} after its restart began ({back:?} after it was ready)",
+        started.elapsed()
+    );
+    lab.curl_until("east", "http://echo.demo:8080/", 20, |t| {
+        t.contains("west/echo/v2")
+    });
+    lab.down();
 }

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use strait_ca::authority::{self, Authority, KeyAlgorithm};
 use strait_ca::{ClusterName, TrustBundle, TrustDomain, layout, pemfile};
@@ -21,10 +21,62 @@ use tokio::sync::watch;
 use crate::client::{self, CACERTS_DIR, CLIENT_DIR, ClientError, SyncSession};
 use crate::wire;
 
-const BACKOFF_MIN: Duration = Duration::from_millis(200);
 /// Where a cluster keeps the bundles of peered meshes: `<td>.pem` each.
 pub const FEDERATED_DIR: &str = "federated";
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// The first wait before reconnecting to the broker.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(200);
+/// The longest wait before reconnecting to the broker.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// When to reconnect to the broker, free of I/O and of the clock (times
+/// come in as arguments): exponential back-off from [`BACKOFF_MIN`] to
+/// [`BACKOFF_MAX`] while attempts fail, back to the minimum once a stream
+/// synced (the broker acknowledged the exports or pushed imports, or the
+/// exports were already in sync) or lived longer than the maximum. So a
+/// cluster resyncs within [`BACKOFF_MIN`] of the broker's return after
+/// each of several short outages, not after the back-off those outages
+/// built up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backoff {
+    next: Duration,
+    started: Option<Instant>,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            next: BACKOFF_MIN,
+            started: None,
+        }
+    }
+}
+
+impl Backoff {
+    /// A connection attempt begins at `now`.
+    pub fn attempt(&mut self, now: Instant) {
+        self.started = Some(now);
+    }
+
+    /// The stream reached a successful exchange with the broker.
+    pub fn synced(&mut self) {
+        self.next = BACKOFF_MIN;
+    }
+
+    /// The attempt begun last ended at `now` (failed, or the stream
+    /// closed): how long to wait before the next one.
+    pub fn ended(&mut self, now: Instant) -> Duration {
+        if self
+            .started
+            .take()
+            .is_some_and(|s| now.saturating_duration_since(s) > BACKOFF_MAX)
+        {
+            self.next = BACKOFF_MIN;
+        }
+        let delay = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        delay
+    }
+}
 
 /// What the cluster imports, as last pushed by the broker.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -84,11 +136,11 @@ impl Agent {
     /// backoff, never returned.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::default();
         loop {
-            let started = tokio::time::Instant::now();
+            backoff.attempt(tokio::time::Instant::now().into_std());
             let result = tokio::select! {
-                r = self.session() => r,
+                r = self.session(&mut backoff) => r,
                 () = &mut shutdown => return,
             };
             self.imports.send_modify(|i| i.connected = false);
@@ -96,14 +148,11 @@ impl Agent {
                 Ok(()) => tracing::info!("broker closed the sync stream"),
                 Err(e) => tracing::warn!(error = %e, "sync with the broker failed"),
             }
-            if started.elapsed() > BACKOFF_MAX {
-                backoff = BACKOFF_MIN;
-            }
+            let delay = backoff.ended(tokio::time::Instant::now().into_std());
             tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
+                () = tokio::time::sleep(delay) => {}
                 () = &mut shutdown => return,
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 
@@ -125,7 +174,7 @@ impl Agent {
         })
     }
 
-    async fn session(&mut self) -> Result<(), ClientError> {
+    async fn session(&mut self, backoff: &mut Backoff) -> Result<(), ClientError> {
         let (channel, info) = client::cluster_channel(&self.config.dir)?;
         let cluster =
             ClusterName::new(&info.cluster).map_err(|e| ClientError::Setup(e.to_string()))?;
@@ -138,7 +187,10 @@ impl Agent {
         // Exports: in sync only if this process saw the broker acknowledge
         // exactly what it holds now; otherwise a snapshot.
         let mut sent: Exports = match &self.acked {
-            Some((rev, map)) if *rev == session.broker_export_revision => map.clone(),
+            Some((rev, map)) if *rev == session.broker_export_revision => {
+                backoff.synced();
+                map.clone()
+            }
             _ => {
                 let now = self.exports.borrow_and_update().clone();
                 self.revision = self.revision.max(session.broker_export_revision) + 1;
@@ -204,6 +256,7 @@ impl Agent {
                             }
                             in_flight.retain(|r, _| *r > a.revision);
                             let current = a.revision == self.revision;
+                            backoff.synced();
                             self.imports.send_modify(|i| i.exports_acked = current);
                         }
                         Msg::Resync(r) => {
@@ -223,6 +276,7 @@ impl Agent {
                         }
                         Msg::Imports(u) => {
                             self.apply_imports(&u)?;
+                            backoff.synced();
                             let bundle_version = self.imports.borrow().bundle_version;
                             session
                                 .send(pb::sync_request::Msg::Ack(pb::Ack {
@@ -384,5 +438,67 @@ impl Agent {
             "intermediate renewed; new workload certificates chain to it"
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The waits of `n` attempts that each fail at once (broker down).
+    fn refused(b: &mut Backoff, t: &mut Instant, n: usize) -> Vec<Duration> {
+        (0..n)
+            .map(|_| {
+                b.attempt(*t);
+                let d = b.ended(*t);
+                *t += d;
+                d
+            })
+            .collect()
+    }
+
+    #[test]
+    fn refused_attempts_back_off_exponentially_up_to_the_max() {
+        let (mut b, mut t) = (Backoff::default(), Instant::now());
+        let waits = refused(&mut b, &mut t, 8);
+        let ms: Vec<u128> = waits.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, [200, 400, 800, 1600, 3200, 6400, 10_000, 10_000]);
+    }
+
+    #[test]
+    fn a_short_stream_that_synced_resets_the_backoff() {
+        let (mut b, mut t) = (Backoff::default(), Instant::now());
+        // Repeated short broker outages: each time a few refused attempts,
+        // then a stream that syncs and lives one second.
+        for outage in 0..5 {
+            refused(&mut b, &mut t, 4);
+            b.attempt(t);
+            b.synced();
+            t += Duration::from_secs(1);
+            assert_eq!(
+                b.ended(t),
+                BACKOFF_MIN,
+                "outage {outage}: the first retry after a synced stream"
+            );
+        }
+    }
+
+    #[test]
+    fn a_stream_that_never_synced_keeps_backing_off() {
+        let (mut b, mut t) = (Backoff::default(), Instant::now());
+        refused(&mut b, &mut t, 3);
+        // Opened, but the broker ended it before any exchange completed.
+        b.attempt(t);
+        t += Duration::from_millis(50);
+        assert_eq!(b.ended(t), Duration::from_millis(1600));
+    }
+
+    #[test]
+    fn a_long_lived_stream_resets_the_backoff_too() {
+        let (mut b, mut t) = (Backoff::default(), Instant::now());
+        refused(&mut b, &mut t, 6);
+        b.attempt(t);
+        t += BACKOFF_MAX + Duration::from_secs(1);
+        assert_eq!(b.ended(t), BACKOFF_MIN);
     }
 }

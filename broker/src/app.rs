@@ -54,6 +54,9 @@ pub struct BrokerConfig {
     /// This mesh's name for its peers (`mesh:<name>` in export-to);
     /// default: the trust domain.
     pub mesh_name: Option<String>,
+    /// How long a cluster may be without a sync stream before its exports
+    /// are withdrawn from importers (`None`: never); see [`crate::liveness`].
+    pub cluster_grace: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -289,6 +292,7 @@ pub async fn run(
             .clone()
             .unwrap_or_else(|| config.trust_domain.to_string()),
     )?);
+    state.set_cluster_grace(config.cluster_grace);
     let serving = Arc::new(ServingCert::default());
     refresh_own_certificates(&state, &serving, &config.data_dir)?;
     let verifier = SpiffeClientVerifier::new(state.trust.clone(), Accept::Any, false);
@@ -340,6 +344,7 @@ pub async fn run(
             Some(registry.clone()),
         )));
     }
+    side_tasks.push(tokio::spawn(crate::state::watch_liveness(state.clone())));
     {
         let inner = state.lock().await;
         metrics.set_exports(inner.mesh.clusters().map(|(_, c)| c.exports.len()).sum());

@@ -12,6 +12,7 @@
 //! - [`store`]: the durable store trait and its redb implementation;
 //! - [`state`]: the broker core (plan, persist, apply, notify), including
 //!   intermediate renewal and revocation;
+//! - [`liveness`]: which clusters are withdrawn for want of a sync stream (pure);
 //! - [`server`]: the `Federation` and `Admin` gRPC services;
 //! - [`peer`]: peering between meshes (the `Peer` service and the pull of
 //!   a peer's exports and bundle);
@@ -30,6 +31,7 @@ pub mod agent;
 pub mod app;
 pub mod client;
 pub mod http;
+pub mod liveness;
 pub mod metrics;
 pub mod peer;
 pub mod reconcile;

@@ -25,6 +25,26 @@ pub struct ClusterState {
     pub info: ClusterInfo,
     pub export_revision: u64,
     pub exports: BTreeMap<ServiceKey, ExportedService>,
+    /// Its exports reach importers with no healthy endpoints (and no
+    /// endpoint addresses): the cluster has been without a sync stream for
+    /// longer than the grace (see [`crate::liveness`]). Its own exports, as
+    /// it published them, are kept for when it returns.
+    pub withdrawn: bool,
+}
+
+impl ClusterState {
+    /// `s` as importers see it: unchanged, or, while the cluster is
+    /// withdrawn, with every endpoint unhealthy and no addresses.
+    fn visible(&self, s: &ExportedService) -> ExportedService {
+        let mut s = s.clone();
+        if self.withdrawn {
+            for e in &mut s.endpoints {
+                e.healthy = 0;
+            }
+            s.addresses.clear();
+        }
+        s
+    }
 }
 
 /// An exports update from a cluster (after conversion from the wire).
@@ -170,7 +190,7 @@ impl Mesh {
         let before = self.clusters.get(cluster);
         let mut changed = BTreeSet::new();
         let info_changed = match (before, &state) {
-            (Some(b), Some(s)) => b.info != s.info,
+            (Some(b), Some(s)) => b.info != s.info || b.withdrawn != s.withdrawn,
             _ => true,
         };
         let empty = BTreeMap::new();
@@ -212,6 +232,7 @@ impl Mesh {
                 info,
                 export_revision: 0,
                 exports: BTreeMap::new(),
+                withdrawn: false,
             },
         };
         self.plan(&name, Some(state))
@@ -232,6 +253,26 @@ impl Mesh {
             cluster,
             Some(ClusterState {
                 info,
+                ..existing.clone()
+            }),
+        ))
+    }
+
+    /// Withdraws a cluster's exports from every importer (`true`: they are
+    /// published with no healthy endpoints) or restores them (`false`).
+    pub fn plan_withdrawn(
+        &self,
+        cluster: &ClusterName,
+        withdrawn: bool,
+    ) -> Result<Plan, SyncError> {
+        let existing = self
+            .clusters
+            .get(cluster)
+            .ok_or_else(|| SyncError::UnknownCluster(cluster.to_string()))?;
+        Ok(self.plan(
+            cluster,
+            Some(ClusterState {
+                withdrawn,
                 ..existing.clone()
             }),
         ))
@@ -307,6 +348,7 @@ impl Mesh {
                 info: existing.info.clone(),
                 export_revision: revision,
                 exports,
+                withdrawn: existing.withdrawn,
             }),
         ))
     }
@@ -387,7 +429,7 @@ impl Mesh {
                     .filter(|s| s.export_to.allows_mesh(mesh))
                     .map(|s| RemoteService {
                         from: c.info.clone(),
-                        service: s.clone(),
+                        service: c.visible(s),
                     })
             })
             .collect()
@@ -420,7 +462,7 @@ impl Mesh {
                 let s = c.exports.get(key)?;
                 s.export_to.allows_cluster(importer).then(|| RemoteService {
                     from: c.info.clone(),
-                    service: s.clone(),
+                    service: c.visible(s),
                 })
             });
         // A peered mesh exported these to this whole mesh.

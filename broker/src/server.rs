@@ -209,6 +209,11 @@ impl Session {
         {
             return self.fail(s).await;
         }
+        // Up from here on: a withdrawn cluster is restored.
+        let _live = match self.state.stream_opened(&self.cluster).await {
+            Ok(live) => live,
+            Err(e) => return self.fail(e.into()).await,
+        };
         let have = {
             let inner = self.state.lock().await;
             inner
@@ -515,6 +520,7 @@ impl AdminService {
             bundle_version_acked: r.bundle_version_acked,
             intermediate_expires_unix: u64::try_from(r.intermediate_expires_unix).unwrap_or(0),
             intermediate_sha256: r.intermediate_sha256.clone(),
+            withdrawn: r.withdrawn,
         }
     }
 

@@ -61,6 +61,21 @@ pub struct BrokerArgs {
     /// default: the trust domain.
     #[arg(long, value_name = "NAME")]
     mesh_name: Option<String>,
+    /// How long a cluster may be without a sync stream (its control plane
+    /// or `cluster sync` down, or cut off from the broker) before its
+    /// exports are withdrawn from every importer, so that traffic fails
+    /// over to other clusters; restored when it reconnects. A broker start
+    /// gives every cluster this grace. 0 never withdraws.
+    #[arg(long, value_parser = parse_grace, default_value = "10s")]
+    cluster_grace: Duration,
+}
+
+/// A duration, or a bare `0` (off).
+fn parse_grace(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(s)
 }
 
 pub fn run(args: BrokerArgs) -> Result<()> {
@@ -83,6 +98,7 @@ pub fn run(args: BrokerArgs) -> Result<()> {
         peer_listen: args.peer_listen,
         peer_advertise: args.peer_advertise,
         mesh_name: args.mesh_name,
+        cluster_grace: (!args.cluster_grace.is_zero()).then_some(args.cluster_grace),
     };
     tracing::info!(?config, "starting broker");
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -92,10 +92,15 @@ struct RunArgs {
     /// Discovery and certificate API (mTLS).
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
-    /// Health endpoints (/healthz/ready, /healthz/live) and /debug/nacks
-    /// (the last config each proxy refused, JSON).
+    /// Health endpoints (/healthz/ready, /healthz/live).
     #[arg(long, value_name = "ADDR")]
     health_listen: Option<SocketAddr>,
+    /// Debug endpoints: /debug/nacks (the last config each proxy refused,
+    /// JSON). Unauthenticated, so loopback by default (127.0.0.1:15014;
+    /// not served, with a warning, when another process holds that port);
+    /// `off` serves none.
+    #[arg(long, value_name = "ADDR|off", value_parser = strait_controlplane::app::DebugListen::parse)]
+    debug_listen: Option<strait_controlplane::app::DebugListen>,
     /// Prometheus metrics (/metrics).
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
@@ -255,6 +260,7 @@ fn serve(r: RunArgs) -> Result<()> {
         listen: r.listen,
         health_listen: r.health_listen,
         metrics_listen: r.metrics_listen,
+        debug_listen: r.debug_listen.unwrap_or_default(),
         gateways: r.gateway,
         quic_egress: r.quic_egress,
         debounce: r.debounce,

@@ -391,6 +391,7 @@ fn cluster_json(c: &pb::ClusterStatus) -> Value {
         "locality": c.locality,
         "state": c.state,
         "connected": c.connected,
+        "withdrawn": c.withdrawn,
         "gateways": c.gateways,
         "exports": c.exports,
         "export_revision": c.export_revision,
@@ -484,7 +485,11 @@ async fn run_async(ctl: Ctl) -> Result<()> {
                     vec![
                         c.name.clone(),
                         c.state.clone(),
-                        yes_no(c.connected),
+                        if c.withdrawn {
+                            "no (withdrawn)".to_string()
+                        } else {
+                            yes_no(c.connected)
+                        },
                         c.network.clone(),
                         c.locality.clone(),
                         c.exports.to_string(),

@@ -336,6 +336,15 @@ pub fn components(lab: &Lab) -> Vec<Component> {
                     format!("{}={}", r.name, s(&r.config_dir)),
                 ]);
             }
+            // Debug endpoints stay on loopback: the control plane's own
+            // loopback address here, the namespace's 127.0.0.1 (the
+            // default) in netns mode.
+            if c.netns.is_none() {
+                args.extend([
+                    "--debug-listen".into(),
+                    format!("{}:{}", c.cp_ip(), plan::DEBUG_PORT),
+                ]);
+            }
             if lab.mode == Mode::Quic {
                 args.extend([
                     "--quic-egress".into(),

@@ -44,6 +44,8 @@ pub enum Mode {
 pub const CP_PORT: u16 = 15012;
 pub const HEALTH_PORT: u16 = 15021;
 pub const METRICS_PORT: u16 = 15090;
+/// A control plane's debug endpoints (loopback only).
+pub const DEBUG_PORT: u16 = 15014;
 pub const GATEWAY_PORT: u16 = 15443;
 pub const EGRESS_PORT: u16 = 15444;
 pub const BROKER_PORT: u16 = 15011;

@@ -19,7 +19,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use common::{Broker, Scratch, http_get};
+use common::{Broker, Scratch, http_get, http_status};
 use strait_controlplane::client::Resources;
 use strait_proto::strait::mesh::v1 as pb;
 use strait_proto::strait::mesh::v1::type_url;
@@ -206,8 +206,10 @@ async fn two_clusters_config_changes_nacks_and_a_restart() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Served on the debug listener only, not on the health listener.
+    assert_eq!(http_status(&east.health, "/debug/nacks"), Some(404));
     let nacks: serde_json::Value =
-        serde_json::from_str(&http_get(&east.health, "/debug/nacks")).unwrap();
+        serde_json::from_str(&http_get(&east.debug, "/debug/nacks")).unwrap();
     let ours = &nacks["sidecar~10.1.0.1~echo-v1.demo~demo.svc.cluster.local"];
     assert_eq!(ours["type_url"], type_url::SERVICE, "{nacks:#}");
     assert!(

@@ -58,6 +58,7 @@ pub(crate) struct ControlPlane {
     pub(crate) listen: String,
     pub(crate) health: String,
     pub(crate) metrics: String,
+    pub(crate) debug: String,
     pub(crate) state: PathBuf,
     pub(crate) config: PathBuf,
     pub(crate) log: PathBuf,
@@ -100,6 +101,7 @@ impl ControlPlane {
             let listen = format!("127.0.0.1:{}", free_port());
             let health = format!("127.0.0.1:{}", free_port());
             let metrics = format!("127.0.0.1:{}", free_port());
+            let debug = format!("127.0.0.1:{}", free_port());
             let source = match kubeconfig {
                 Some(_) => vec!["--kube"],
                 None => vec!["--config-dir", config.to_str().unwrap()],
@@ -118,6 +120,8 @@ impl ControlPlane {
                     &health,
                     "--metrics-listen",
                     &metrics,
+                    "--debug-listen",
+                    &debug,
                     "--gateway",
                     gateway,
                 ])
@@ -134,6 +138,7 @@ impl ControlPlane {
                 listen,
                 health,
                 metrics,
+                debug,
                 state: state.clone(),
                 config: config.clone(),
                 log: s.path(&format!("{cluster}/controlplane.log")),

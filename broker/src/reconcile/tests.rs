@@ -402,3 +402,97 @@ fn peered_services_reach_every_cluster_and_only_mesh_targets_leave() {
         [key("bank", "ledger")].into()
     );
 }
+
+fn healthy_svc(ns: &str, n: &str, healthy: u32) -> ExportedService {
+    let mut s = svc(ns, n);
+    s.endpoints = vec![strait_model::mesh::LocalityEndpoints {
+        locality: None,
+        healthy,
+        total: 3,
+    }];
+    s.addresses = vec!["10.0.0.7".into()];
+    s
+}
+
+#[test]
+fn a_withdrawn_cluster_is_imported_with_no_healthy_endpoints_and_restored() {
+    let mut m = mesh(&["east", "west", "north"]);
+    run(
+        &mut m,
+        "west",
+        snap(1, vec![healthy_svc("shop", "cart", 2)]),
+    )
+    .unwrap();
+    run(
+        &mut m,
+        "north",
+        snap(1, vec![healthy_svc("shop", "cart", 1)]),
+    )
+    .unwrap();
+    let seen = m.revision();
+
+    let p = m.plan_withdrawn(&name("west"), true).unwrap();
+    assert_eq!(p.changed, [key("shop", "cart")].into());
+    assert_eq!(p.mesh_revision, seen + 1);
+    m.apply(p);
+    // east gets a delta in which west's endpoints are all unhealthy, with
+    // no addresses, and north's untouched.
+    let u = m.import_update(&name("east"), seen, true);
+    assert!(!u.snapshot);
+    let remotes = &u.upserts[&key("shop", "cart")];
+    assert_eq!(remotes.len(), 2);
+    let (west, north) = (&remotes[1], &remotes[0]);
+    assert_eq!(west.from.name, name("west"));
+    assert_eq!(west.service.healthy(), 0);
+    assert_eq!(west.service.endpoints[0].total, 3, "totals stay visible");
+    assert!(west.service.addresses.is_empty());
+    assert_eq!(north.service.healthy(), 1);
+    assert_eq!(north.service.addresses, ["10.0.0.7"]);
+    // The cluster's own exports are kept as published, for its return.
+    assert_eq!(
+        m.cluster(&name("west")).unwrap().exports[&key("shop", "cart")].healthy(),
+        2
+    );
+
+    // Updates while withdrawn are kept, still withdrawn.
+    run(
+        &mut m,
+        "west",
+        delta(1, 2, vec![healthy_svc("shop", "cart", 3)], vec![]),
+    )
+    .unwrap();
+    assert_eq!(
+        m.remotes_for(&name("east"), &key("shop", "cart"))[1]
+            .service
+            .healthy(),
+        0
+    );
+    // Withdrawing twice changes nothing.
+    let again = m.plan_withdrawn(&name("west"), true).unwrap();
+    assert!(again.changed.is_empty());
+    assert_eq!(again.mesh_revision, m.revision());
+
+    let seen = m.revision();
+    let p = m.plan_withdrawn(&name("west"), false).unwrap();
+    m.apply(p);
+    let u = m.import_update(&name("east"), seen, true);
+    let west = &u.upserts[&key("shop", "cart")][1];
+    assert_eq!(west.service.healthy(), 3);
+    assert_eq!(west.service.addresses, ["10.0.0.7"]);
+    assert_eq!(
+        m.plan_withdrawn(&name("nowhere"), true),
+        Err(SyncError::UnknownCluster("nowhere".into()))
+    );
+}
+
+#[test]
+fn a_withdrawn_cluster_is_withdrawn_from_peered_meshes_too() {
+    let mut m = mesh(&["west"]);
+    let mut s = healthy_svc("shop", "cart", 2);
+    s.export_to = ExportTo::only([ExportTarget::parse("mesh:other").unwrap()]);
+    run(&mut m, "west", snap(1, vec![s])).unwrap();
+    assert_eq!(m.exports_to_mesh("other")[0].service.healthy(), 2);
+    let p = m.plan_withdrawn(&name("west"), true).unwrap();
+    m.apply(p);
+    assert_eq!(m.exports_to_mesh("other")[0].service.healthy(), 0);
+}

@@ -22,9 +22,12 @@ use tokio::sync::{Mutex, watch};
 use crate::reconcile::{ClusterState, ExportsChange, Mesh, Plan, SyncError};
 use crate::rotation::{Rotation, RotationError};
 
+mod liveness;
 mod rotate;
+use crate::liveness::Liveness;
 use crate::store::{Batch, Store, StoreError, Table};
 use crate::token::{JoinToken, TokenError, TokenRecord};
+pub use liveness::{LiveStream, watch_liveness};
 pub use rotate::{RotateStep, RotationReport};
 
 /// Default lifetime of a cluster intermediate.
@@ -88,6 +91,10 @@ pub struct ClusterRecord {
     /// The intermediate the cluster reports it signs with.
     #[serde(default)]
     pub intermediate_installed_sha256: String,
+    /// Its exports are withdrawn from importers (no sync stream for longer
+    /// than the grace; see [`crate::liveness`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub withdrawn: bool,
 }
 
 impl ClusterRecord {
@@ -191,6 +198,10 @@ pub struct BrokerState {
     pub(crate) peers: crate::peer::Peers,
     /// This mesh's name for peers (`mesh:<name>` in export-to).
     pub mesh_name: String,
+    /// Which clusters have a sync stream, and which are withdrawn.
+    pub(crate) liveness: std::sync::Mutex<Liveness>,
+    /// Woken when a stream ends, so that the grace timer looks again.
+    pub(crate) liveness_changed: tokio::sync::Notify,
 }
 
 /// What a successful join returns.
@@ -270,6 +281,7 @@ impl BrokerState {
                     info,
                     export_revision: r.export_revision,
                     exports: BTreeMap::new(),
+                    withdrawn: r.withdrawn,
                 },
             );
         }
@@ -347,6 +359,12 @@ impl BrokerState {
         let (revision_tx, _) = watch::channel(revision);
         let (rotation_tx, _) = watch::channel(rotation.clone());
         let peers = crate::peer::Peers::load(&contents)?;
+        // Every joined cluster gets the grace from this start.
+        let mut liveness = Liveness::new(Some(crate::liveness::DEFAULT_GRACE));
+        let start = tokio::time::Instant::now().into_std();
+        for (name, c) in &clusters {
+            liveness.track(name.clone(), c.withdrawn, start);
+        }
         let mut mesh = Mesh::new(clusters, revision);
         for p in peers.list() {
             mesh.load_peer(&p.mesh, p.services.clone());
@@ -373,6 +391,8 @@ impl BrokerState {
             revision_tx,
             peers,
             mesh_name,
+            liveness: std::sync::Mutex::new(liveness),
+            liveness_changed: tokio::sync::Notify::new(),
         })
     }
 
@@ -438,6 +458,7 @@ impl BrokerState {
             if let Some(state) = &plan.state {
                 r.export_revision = state.export_revision;
                 r.info = Some(state.info.clone());
+                r.withdrawn = state.withdrawn;
             }
             batch.put(Table::Clusters, r.name.clone(), json(&r));
             r
@@ -507,6 +528,7 @@ impl BrokerState {
             renew_requested: false,
             intermediate_root_sha256: String::new(),
             intermediate_installed_sha256: String::new(),
+            withdrawn: false,
         };
         let mut b = Batch::new();
         b.put(Table::Tokens, record.id.clone(), json(&record));
@@ -584,6 +606,7 @@ impl BrokerState {
             renew_requested: false,
             intermediate_root_sha256: fingerprint_sha256(signer.root_der()),
             intermediate_installed_sha256: String::new(),
+            withdrawn: existing.as_ref().is_some_and(|r| r.withdrawn),
         };
         let plan = inner.mesh.plan_join(info);
         let mut b = Batch::new();
@@ -823,6 +846,7 @@ mod tests {
             renew_requested: false,
             intermediate_root_sha256: String::new(),
             intermediate_installed_sha256: String::new(),
+            withdrawn: false,
         }
     }
 

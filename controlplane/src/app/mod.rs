@@ -9,8 +9,10 @@
 //!   workload CA then signs with the new one too).
 //! - Trust (who may call) follows the bundle, peered bundles and
 //!   deny-list the broker link installs.
-//! - The health listener serves `/healthz/ready`, `/healthz/live` and
-//!   `/debug/nacks` (the last refusal of every proxy, JSON).
+//! - The health listener serves `/healthz/ready`, `/healthz/live`; the
+//!   debug listener `/debug/nacks` (the last refusal of every proxy, JSON),
+//!   on loopback unless told otherwise ([`DebugListen`]): it has no
+//!   authentication and names every proxy and what it refused.
 //! - On shutdown the snapshot channel closes first, which ends the
 //!   proxies' discovery streams; connections get [`DRAIN`] to close.
 
@@ -59,6 +61,8 @@ pub struct AppConfig {
     pub listen: SocketAddr,
     pub health_listen: Option<SocketAddr>,
     pub metrics_listen: Option<SocketAddr>,
+    /// Where `/debug/*` is served.
+    pub debug_listen: DebugListen,
     /// This cluster's east-west gateway addresses, published with exports.
     pub gateways: Vec<String>,
     /// The local gateway's egress listener: other networks are reached
@@ -76,6 +80,65 @@ pub struct AppConfig {
     /// How every proxy served normalizes HTTP request paths (pushed to
     /// them as the `MeshSettings` resource).
     pub path_normalization: strait_model::request_path::PathNormalization,
+}
+
+/// Where the debug endpoints are served when `--debug-listen` is not
+/// given: loopback only, as istiod's plain-text debug port is meant to be
+/// (reach it with a port-forward, or from the host or namespace itself).
+pub const DEFAULT_DEBUG_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 15014);
+
+/// Where the control plane serves `/debug/*` (no authentication there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DebugListen {
+    /// [`DEFAULT_DEBUG_LISTEN`]; when its port is taken (another control
+    /// plane on this host), not served, with a warning.
+    #[default]
+    Default,
+    /// This address (an error when it cannot be bound).
+    At(SocketAddr),
+    /// Not served.
+    Off,
+}
+
+impl DebugListen {
+    /// `off`, or an address.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s == "off" {
+            return Ok(DebugListen::Off);
+        }
+        s.parse().map(DebugListen::At).map_err(|e| {
+            format!("{s:?} is neither an address (e.g. 127.0.0.1:15014) nor \"off\": {e}")
+        })
+    }
+
+    /// Binds the debug listener, if one is to be served.
+    pub async fn bind(self) -> Result<Option<tokio::net::TcpListener>, String> {
+        match self {
+            DebugListen::Off => Ok(None),
+            DebugListen::At(addr) => {
+                if !addr.ip().is_loopback() {
+                    tracing::warn!(
+                        %addr,
+                        "debug endpoints served on a non-loopback address, without authentication"
+                    );
+                }
+                broker_http::bind(addr, "debug").await.map(Some)
+            }
+            DebugListen::Default => match tokio::net::TcpListener::bind(DEFAULT_DEBUG_LISTEN).await
+            {
+                Ok(l) => Ok(Some(l)),
+                Err(e) => {
+                    tracing::warn!(
+                        addr = %DEFAULT_DEBUG_LISTEN,
+                        error = %e,
+                        "debug endpoints not served (give --debug-listen another loopback address)"
+                    );
+                    Ok(None)
+                }
+            },
+        }
+    }
 }
 
 /// Where a control plane reads its cluster's config.
@@ -394,9 +457,9 @@ fn respond(status: http::StatusCode, content_type: &str, body: String) -> http::
     r
 }
 
-/// The answer of the health listener: `/healthz/ready`, `/healthz/live`
-/// (as `strait_broker::http` serves them) and `/debug/nacks`.
-fn health_route(path: &str, ready: bool, xds: &crate::xds::XdsServer) -> http::Response<String> {
+/// The answer of the health listener: `/healthz/ready` and
+/// `/healthz/live` (as `strait_broker::http` serves them).
+fn health_route(path: &str, ready: bool) -> http::Response<String> {
     use http::StatusCode;
     match path {
         "/healthz/ready" if ready => respond(StatusCode::OK, "text/plain", "ready\n".into()),
@@ -406,6 +469,14 @@ fn health_route(path: &str, ready: bool, xds: &crate::xds::XdsServer) -> http::R
             "not ready\n".into(),
         ),
         "/healthz/live" => respond(StatusCode::OK, "text/plain", "live\n".into()),
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+/// The answer of the debug listener: `/debug/nacks`.
+fn debug_route(path: &str, xds: &crate::xds::XdsServer) -> http::Response<String> {
+    use http::StatusCode;
+    match path {
         "/debug/nacks" => respond(
             StatusCode::OK,
             "application/json",
@@ -415,23 +486,25 @@ fn health_route(path: &str, ready: bool, xds: &crate::xds::XdsServer) -> http::R
     }
 }
 
-/// Serves the health listener until the task is dropped.
-async fn serve_health(listener: tokio::net::TcpListener, ready: Ready, xds: crate::xds::XdsServer) {
+/// The answer for a request path.
+type Route = Arc<dyn Fn(&str) -> http::Response<String> + Send + Sync>;
+
+/// Serves `route` on `listener` until the task is dropped.
+async fn serve_plain(listener: tokio::net::TcpListener, what: &'static str, route: Route) {
     loop {
         let tcp = match listener.accept().await {
             Ok((tcp, _)) => tcp,
             Err(e) => {
-                tracing::warn!(error = %e, "health listener: accept failed");
+                tracing::warn!(error = %e, "{what} listener: accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let ready = ready.clone();
-        let xds = xds.clone();
+        let route = route.clone();
         tokio::spawn(async move {
             let svc =
                 hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let r = health_route(req.uri().path(), ready.get(), &xds);
+                    let r = route(req.uri().path());
                     async move { Ok::<_, std::convert::Infallible>(r) }
                 });
             let _ =
@@ -607,7 +680,22 @@ pub async fn run(
     let ready = Ready::default();
     if let Some(addr) = cfg.health_listen {
         let l = broker_http::bind(addr, "health").await?;
-        tokio::spawn(serve_health(l, ready.clone(), xds.clone()));
+        let ready = ready.clone();
+        tokio::spawn(serve_plain(
+            l,
+            "health",
+            Arc::new(move |path| health_route(path, ready.get())),
+        ));
+    }
+    if let Some(l) = cfg.debug_listen.bind().await? {
+        let addr = l.local_addr().map_err(|e| e.to_string())?;
+        let xds = xds.clone();
+        tokio::spawn(serve_plain(
+            l,
+            "debug",
+            Arc::new(move |path| debug_route(path, &xds)),
+        ));
+        tracing::info!(%addr, "debug endpoints serving (/debug/nacks)");
     }
     if let Some(addr) = cfg.metrics_listen {
         let l = broker_http::bind(addr, "metrics").await?;
@@ -742,24 +830,57 @@ mod tests {
     }
 
     #[test]
-    fn the_health_listener_routes() {
-        let xds = xds();
+    fn the_health_listener_routes_and_keeps_debug_off_it() {
         // (path, ready, status, body fragment)
         let cases = [
             ("/healthz/ready", true, 200, "ready"),
             ("/healthz/ready", false, 503, "not ready"),
             ("/healthz/live", false, 200, "live"),
-            ("/debug/nacks", true, 200, "{}"),
+            ("/debug/nacks", true, 404, "not found"),
             ("/debug", true, 404, "not found"),
             ("/metrics", true, 404, "not found"),
         ];
         for (path, ready, status, body) in cases {
-            let r = health_route(path, ready, &xds);
+            let r = health_route(path, ready);
             assert_eq!(r.status().as_u16(), status, "{path} ready={ready}");
             assert!(r.body().contains(body), "{path}: {:?}", r.body());
         }
-        let r = health_route("/debug/nacks", true, &xds);
+    }
+
+    #[test]
+    fn the_debug_listener_routes() {
+        let xds = xds();
+        let r = debug_route("/debug/nacks", &xds);
+        assert_eq!(r.status().as_u16(), 200);
+        assert!(r.body().contains("{}"), "{:?}", r.body());
         assert_eq!(r.headers()[http::header::CONTENT_TYPE], "application/json");
+        assert_eq!(debug_route("/healthz/ready", &xds).status().as_u16(), 404);
+    }
+
+    #[tokio::test]
+    async fn the_debug_listener_binds_loopback_only_by_default() {
+        assert!(DEFAULT_DEBUG_LISTEN.ip().is_loopback());
+        assert_eq!(DebugListen::default(), DebugListen::Default);
+        // Bound on loopback, or (port taken by another control plane on
+        // this host) not at all: never elsewhere, never an error.
+        if let Some(l) = DebugListen::Default.bind().await.unwrap() {
+            assert_eq!(l.local_addr().unwrap(), DEFAULT_DEBUG_LISTEN);
+        }
+        let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = taken.local_addr().unwrap();
+        let e = DebugListen::At(addr).bind().await.unwrap_err();
+        assert!(e.contains(&addr.to_string()), "{e}");
+        assert!(DebugListen::Off.bind().await.unwrap().is_none());
+        assert_eq!(DebugListen::parse("off"), Ok(DebugListen::Off));
+        assert_eq!(
+            DebugListen::parse("127.0.0.2:9"),
+            Ok(DebugListen::At("127.0.0.2:9".parse().unwrap()))
+        );
+        assert!(
+            DebugListen::parse("localhost")
+                .unwrap_err()
+                .contains("\"localhost\"")
+        );
     }
 
     #[test]
