@@ -9,8 +9,10 @@
 //!   workload CA then signs with the new one too).
 //! - Trust (who may call) follows the bundle, peered bundles and
 //!   deny-list the broker link installs.
-//! - The health listener serves `/healthz/ready`, `/healthz/live` and
-//!   `/debug/nacks` (the last refusal of every proxy, JSON).
+//! - The health listener serves `/healthz/ready`, `/healthz/live`,
+//!   `/debug/nacks` (the last refusal of every proxy, JSON) and
+//!   `/debug/config` (the objects in force and the rejected ones of every
+//!   served cluster, JSON; see [`debug`]).
 //! - On shutdown the snapshot channel closes first, which ends the
 //!   proxies' discovery streams; connections get [`DRAIN`] to close.
 
@@ -34,6 +36,7 @@ use crate::resources::{self, ClusterContext, NetworkInput, NetworkMode, Snapshot
 use crate::source::Config;
 use crate::{dirwatch, link};
 
+pub mod debug;
 mod inject;
 mod remotes;
 mod serving;
@@ -392,8 +395,14 @@ fn respond(status: http::StatusCode, content_type: &str, body: String) -> http::
 }
 
 /// The answer of the health listener: `/healthz/ready`, `/healthz/live`
-/// (as `strait_broker::http` serves them) and `/debug/nacks`.
-fn health_route(path: &str, ready: bool, xds: &crate::xds::XdsServer) -> http::Response<String> {
+/// (as `strait_broker::http` serves them), `/debug/nacks` and
+/// `/debug/config`.
+fn health_route(
+    path: &str,
+    ready: bool,
+    xds: &crate::xds::XdsServer,
+    configs: &debug::Configs,
+) -> http::Response<String> {
     use http::StatusCode;
     match path {
         "/healthz/ready" if ready => respond(StatusCode::OK, "text/plain", "ready\n".into()),
@@ -408,12 +417,23 @@ fn health_route(path: &str, ready: bool, xds: &crate::xds::XdsServer) -> http::R
             "application/json",
             format!("{:#}\n", nacks_json(&xds.nacks())),
         ),
+        "/debug/config" => respond(
+            StatusCode::OK,
+            "application/json",
+            format!("{:#}\n", debug::configs_json(configs)),
+        ),
         _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
 }
 
 /// Serves the health listener until the task is dropped.
-async fn serve_health(listener: tokio::net::TcpListener, ready: Ready, xds: crate::xds::XdsServer) {
+async fn serve_health(
+    listener: tokio::net::TcpListener,
+    ready: Ready,
+    xds: crate::xds::XdsServer,
+    configs: debug::Configs,
+) {
+    let configs = Arc::new(configs);
     loop {
         let tcp = match listener.accept().await {
             Ok((tcp, _)) => tcp,
@@ -425,10 +445,11 @@ async fn serve_health(listener: tokio::net::TcpListener, ready: Ready, xds: crat
         };
         let ready = ready.clone();
         let xds = xds.clone();
+        let configs = configs.clone();
         tokio::spawn(async move {
             let svc =
                 hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let r = health_route(req.uri().path(), ready.get(), &xds);
+                    let r = health_route(req.uri().path(), ready.get(), &xds, &configs);
                     async move { Ok::<_, std::convert::Infallible>(r) }
                 });
             let _ =
@@ -484,7 +505,10 @@ pub async fn run(
                 .filter_map(|r| r.api.clone().map(|c| (c, r.config.clone()))),
         )
         .collect();
-    let remotes = remotes.into_iter().map(|r| (r.name, r.config)).collect();
+    let remotes: Vec<_> = remotes.into_iter().map(|r| (r.name, r.config)).collect();
+    let debug_configs: debug::Configs = std::iter::once((cfg.cluster.clone(), config.clone()))
+        .chain(remotes.iter().map(|(n, rx)| (n.to_string(), rx.clone())))
+        .collect();
     let served = spawn_views(me, cfg.clusterset_ips, remotes, config, stopped())?;
     let mut served = served.into_iter();
     let (own_view, own_siblings) = served
@@ -602,7 +626,7 @@ pub async fn run(
     let ready = Ready::default();
     if let Some(addr) = cfg.health_listen {
         let l = broker_http::bind(addr, "health").await?;
-        tokio::spawn(serve_health(l, ready.clone(), xds.clone()));
+        tokio::spawn(serve_health(l, ready.clone(), xds.clone(), debug_configs));
     }
     if let Some(addr) = cfg.metrics_listen {
         let l = broker_http::bind(addr, "metrics").await?;
@@ -739,6 +763,8 @@ mod tests {
     #[test]
     fn the_health_listener_routes() {
         let xds = xds();
+        let (_tx, rx) = watch::channel(Arc::new(Config::default()));
+        let configs: debug::Configs = vec![("east".to_string(), rx)];
         // (path, ready, status, body fragment)
         let cases = [
             ("/healthz/ready", true, 200, "ready"),
@@ -749,11 +775,15 @@ mod tests {
             ("/metrics", true, 404, "not found"),
         ];
         for (path, ready, status, body) in cases {
-            let r = health_route(path, ready, &xds);
+            let r = health_route(path, ready, &xds, &configs);
             assert_eq!(r.status().as_u16(), status, "{path} ready={ready}");
             assert!(r.body().contains(body), "{path}: {:?}", r.body());
         }
-        let r = health_route("/debug/nacks", true, &xds);
+        let r = health_route("/debug/nacks", true, &xds, &configs);
+        assert_eq!(r.headers()[http::header::CONTENT_TYPE], "application/json");
+        let r = health_route("/debug/config", true, &xds, &configs);
+        assert_eq!(r.status().as_u16(), 200);
+        assert!(r.body().contains("\"east\""), "{}", r.body());
         assert_eq!(r.headers()[http::header::CONTENT_TYPE], "application/json");
     }
 
