@@ -845,3 +845,103 @@ fn the_demo_passes_every_step() {
     assert!(text.contains("8 of 8 steps passed"), "{text}");
     assert!(!text.contains("FAIL"), "{text}");
 }
+
+/// `lab apply` is object-based, as `kubectl apply` is: an object of the
+/// same kind, namespace and name from another file replaces the first
+/// (before, both files stayed and the second was rejected by the control
+/// plane while `apply` said "applied"); an object the control plane
+/// rejects fails the apply with its reason, and the last good version
+/// stays; `delete` removes by identity.
+#[test]
+fn apply_replaces_by_identity_and_reports_rejections() {
+    let mut lab = Lab::up("multi-primary", 160);
+    let dir = lab.dir.path().to_path_buf();
+    let vs = |name: &str, subset: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  hosts: [echo.demo.svc.cluster.local]\n  http:\n  - route:\n    - destination: {{host: echo.demo.svc.cluster.local, subset: {subset}}}\n"
+        )
+    };
+    let subsets = dir.join("subsets.yaml");
+    std::fs::write(
+        &subsets,
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo, namespace: demo}\nspec:\n  host: echo.demo.svc.cluster.local\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n",
+    )
+    .unwrap();
+    for cluster in ["east", "west"] {
+        let (code, out, err) = lab.lab(&["apply", cluster, subsets.to_str().unwrap()]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains("DestinationRule demo/echo created"), "{out}");
+    }
+    let to_v1 = dir.join("to-v1.yaml");
+    std::fs::write(&to_v1, vs("echo", "v1")).unwrap();
+    let (code, out, err) = lab.lab(&["apply", "east", to_v1.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("VirtualService demo/echo created"), "{out}");
+    lab.curl_until("east", "http://echo.demo:8080/", 10, |t| {
+        t.contains("10  200") && t.contains("east/echo/v1") && !t.contains("west/")
+    });
+    // The same object from another file replaces it.
+    let to_v2 = dir.join("to-v2.yaml");
+    std::fs::write(&to_v2, vs("echo", "v2")).unwrap();
+    let (code, out, err) = lab.lab(&["apply", "east", to_v2.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("VirtualService demo/echo configured"), "{out}");
+    lab.curl_until("east", "http://echo.demo:8080/", 10, |t| {
+        t.contains("10  200") && t.contains("west/echo/v2") && !t.contains("east/")
+    });
+    let (code, out, err) = lab.lab(&["apply", "east", to_v2.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("VirtualService demo/echo unchanged"), "{out}");
+
+    // A file the control plane reads but refuses: a hand-written file
+    // defining the object already in force (the control plane keeps the
+    // first file's). The apply fails with the control plane's reason.
+    let config_dir = lab.path().join("east/config");
+    std::fs::write(config_dir.join("aaa-by-hand.yaml"), vs("echo", "v1")).unwrap();
+    let back_to_v1 = dir.join("back.yaml");
+    std::fs::write(&back_to_v1, vs("echo", "v1")).unwrap();
+    let (code, out, err) = lab.lab(&["apply", "east", back_to_v1.to_str().unwrap()]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(out.contains("VirtualService demo/echo rejected"), "{out}");
+    assert!(
+        err.contains("already defined in") && err.contains("aaa-by-hand.yaml"),
+        "{err}"
+    );
+    std::fs::remove_file(config_dir.join("aaa-by-hand.yaml")).unwrap();
+
+    // An object strait cannot read is refused by name; nothing of it is
+    // written, the rest of the file applies.
+    let mixed = dir.join("mixed.yaml");
+    std::fs::write(
+        &mixed,
+        format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: x, namespace: demo}}\n---\n{}",
+            vs("other", "v1")
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = lab.lab(&["apply", "east", mixed.to_str().unwrap()]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(err.contains("Deployment demo/x"), "{err}");
+    assert!(out.contains("VirtualService demo/other created"), "{out}");
+
+    // Delete by identity: the content in the file does not matter.
+    let (code, out, err) = lab.lab(&["delete", "east", to_v1.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("VirtualService demo/echo deleted"), "{out}");
+    let (code, out, err) = lab.lab(&["delete", "east", to_v1.to_str().unwrap()]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(out.contains("not found"), "{out}");
+    let (code, out, err) = lab.lab(&["delete", "east", mixed.to_str().unwrap()]);
+    assert_ne!(code, 0, "the Deployment is named: {out}{err}");
+    assert!(out.contains("VirtualService demo/other deleted"), "{out}");
+    lab.curl_until("east", "http://echo.demo:8080/", 20, |t| {
+        t.contains("20  200") && t.contains("east/echo/v1") && t.contains("west/echo/v2")
+    });
+
+    // An unknown cluster is a usage error naming the lab's clusters.
+    let (code, _, err) = lab.lab(&["apply", "north", to_v1.to_str().unwrap()]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("east, west"), "{err}");
+    lab.down();
+}

@@ -7,6 +7,7 @@ mod client;
 pub mod demo;
 pub mod echo;
 pub mod netns;
+pub mod objects;
 pub mod plan;
 pub mod run;
 
@@ -70,14 +71,20 @@ pub enum LabCommand {
         #[command(flatten)]
         dir: DirArg,
     },
-    /// Put Kubernetes-style YAML into a cluster's config (like kubectl apply).
+    /// Apply Kubernetes-style YAML objects to a cluster, like `kubectl
+    /// apply -f`: an object replaces the one of the same kind, namespace
+    /// and name (whichever file it came from). Waits until the cluster's
+    /// control plane has read them and fails, with its reason, for an
+    /// object it rejected (whose last good version stays in force).
     Apply {
         cluster: String,
         file: PathBuf,
         #[command(flatten)]
         dir: DirArg,
     },
-    /// Remove what `apply` put (like kubectl delete -f).
+    /// Delete a file's objects from a cluster by kind, namespace and name
+    /// (like `kubectl delete -f`); waits until the control plane has
+    /// dropped them.
     Delete {
         cluster: String,
         file: PathBuf,
@@ -604,9 +611,10 @@ pub fn bring_up(lab: &Lab, quiet: bool) -> Result<()> {
             .filter(|b| b.mesh != cl.mesh)
             .map(|b| format!("mesh:{}", b.mesh))
             .collect();
-        std::fs::write(cl.config_dir.join("demo.yaml"), cl.config_yaml(&others))?;
+        // One file per object, as `lab apply` writes them.
+        objects::write_objects(&cl.config_dir, &cl.config_yaml(&others))?;
         if cl.role == "remote" {
-            std::fs::write(cl.config_dir.join("network.yaml"), cl.network_yaml())?;
+            objects::write_objects(&cl.config_dir, &cl.network_yaml())?;
         }
     }
     for cl in &lab.clusters {
@@ -830,37 +838,14 @@ pub(crate) fn start(dir: &Path, component: &str) -> Result<()> {
     Ok(())
 }
 
-/// `lab apply`/`delete`: the file's documents go to (or leave) the
-/// cluster's config directory as `applied-<file name>`.
+/// `lab apply` (`put`) or `lab delete` of a file's objects (see
+/// [`objects`]).
 pub(crate) fn apply(dir: &Path, cluster: &str, file: &Path, put: bool) -> Result<()> {
-    let lab = read_lab(dir)?;
-    let c = lab
-        .cluster(cluster)
-        .ok_or_else(|| anyhow!("no cluster {cluster:?} in this lab"))?;
-    let name = file
-        .file_name()
-        .ok_or_else(|| anyhow!("{}: not a file", file.display()))?;
-    let target = c
-        .config_dir
-        .join(format!("applied-{}", name.to_string_lossy()));
     if put {
-        let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
-        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text)
-            .map_err(|e| anyhow!("{}: not valid YAML: {e}", file.display()))?;
-        let tmp = target.with_extension("tmp");
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, &target)?;
-        println!("{} object(s) applied to {cluster}", docs.len());
+        objects::apply(dir, cluster, file)
     } else {
-        match std::fs::remove_file(&target) {
-            Ok(()) => println!("{} deleted from {cluster}", name.to_string_lossy()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                bail!("{} was not applied to {cluster}", name.to_string_lossy())
-            }
-            Err(e) => return Err(e.into()),
-        }
+        objects::delete(dir, cluster, file)
     }
-    Ok(())
 }
 
 /// The namespace demo YAML objects use.
