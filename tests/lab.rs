@@ -207,6 +207,13 @@ impl Drop for Lab {
     }
 }
 
+/// A file of `examples/lab/` (the objects the README's tour applies).
+fn example(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/lab")
+        .join(name)
+}
+
 fn ports_free(addrs: &[String]) -> Result<(), String> {
     for a in addrs {
         if std::net::TcpListener::bind(a.as_str()).is_err() {
@@ -759,29 +766,7 @@ fn netns_partition_fails_over_to_local_endpoints_and_heal_brings_them_back() {
 
     // Spread over both clusters (no locality preference), with outlier
     // detection and per-try timeouts, as an operator would set failover.
-    let policy = lab.dir.path().join("failover.yaml");
-    std::fs::write(
-        &policy,
-        r#"apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: echo, namespace: demo}
-spec:
-  host: echo.demo.svc.cluster.local
-  trafficPolicy:
-    loadBalancer: {localityLbSetting: {enabled: false}}
-    outlierDetection: {consecutiveGatewayErrors: 1, interval: 1s, baseEjectionTime: 3s, maxEjectionPercent: 100}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: echo, namespace: demo}
-spec:
-  hosts: [echo.demo.svc.cluster.local]
-  http:
-  - route: [{destination: {host: echo.demo.svc.cluster.local}}]
-    retries: {attempts: 3, perTryTimeout: 1s, retryOn: "connect-failure,reset,5xx"}
-"#,
-    )
-    .unwrap();
+    let policy = example("failover.yaml");
     let (code, out, err) = lab.lab(&["apply", "east", policy.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
     // In force once the client's sidecar has applied it.
@@ -861,12 +846,7 @@ fn apply_replaces_by_identity_and_reports_rejections() {
             "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  hosts: [echo.demo.svc.cluster.local]\n  http:\n  - route:\n    - destination: {{host: echo.demo.svc.cluster.local, subset: {subset}}}\n"
         )
     };
-    let subsets = dir.join("subsets.yaml");
-    std::fs::write(
-        &subsets,
-        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo, namespace: demo}\nspec:\n  host: echo.demo.svc.cluster.local\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n",
-    )
-    .unwrap();
+    let subsets = example("subsets.yaml");
     for cluster in ["east", "west"] {
         let (code, out, err) = lab.lab(&["apply", cluster, subsets.to_str().unwrap()]);
         assert_eq!(code, 0, "{out}{err}");
@@ -938,6 +918,15 @@ fn apply_replaces_by_identity_and_reports_rejections() {
     lab.curl_until("east", "http://echo.demo:8080/", 20, |t| {
         t.contains("20  200") && t.contains("east/echo/v1") && t.contains("west/echo/v2")
     });
+
+    // The shipped failover policy is one the control plane takes.
+    let (code, out, err) = lab.lab(&["apply", "east", example("failover.yaml").to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("DestinationRule demo/echo configured"),
+        "{out}"
+    );
+    assert!(out.contains("VirtualService demo/echo created"), "{out}");
 
     // An unknown cluster is a usage error naming the lab's clusters.
     let (code, _, err) = lab.lab(&["apply", "north", to_v1.to_str().unwrap()]);
