@@ -512,6 +512,25 @@ fn primary_remote_serves_the_remote_through_the_primarys_gateway() {
         t.contains("remote/private")
     });
     assert!(!own.contains("primary/private"), "{own}");
+
+    // Policy in the remote cluster would be ignored (the primary holds
+    // it): refused, pointing at the primary; its workloads' kinds apply.
+    let split = example("split.yaml");
+    let (code, out, err) = lab.lab(&["apply", "remote", split.to_str().unwrap()]);
+    assert_eq!(code, 64, "{out}{err}");
+    assert!(
+        err.contains("VirtualService demo/echo") && err.contains("strait lab apply primary"),
+        "{err}"
+    );
+    let svc = lab.dir.path().join("svc.yaml");
+    std::fs::write(
+        &svc,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: extra, namespace: demo}\nspec:\n  selector: {app: echo}\n  ports: [{name: http, port: 8080}]\n",
+    )
+    .unwrap();
+    let (code, out, err) = lab.lab(&["apply", "remote", svc.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("Service demo/extra created"), "{out}");
     lab.down();
 }
 
