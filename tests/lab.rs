@@ -824,6 +824,42 @@ fn netns_partition_fails_over_to_local_endpoints_and_heal_brings_them_back() {
         t.contains("west/echo/v2")
     });
 
+    // Without the failover policy, calls on the cut link stall: each is
+    // counted as timed out and the summary still comes (before, the first
+    // stalled call aborted `lab curl` after 30 s with none).
+    let (code, out, err) = lab.lab(&["delete", "east", policy.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = lab.lab(&["partition", "east", "west"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let start = Instant::now();
+    let (code, out, err) = lab.lab(&[
+        "curl",
+        "east",
+        "http://echo.demo:8080/",
+        "-n",
+        "6",
+        "--timeout",
+        "2s",
+    ]);
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(out.contains("status codes:"), "{out}{err}");
+    let counted: u32 = out
+        .lines()
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<u32>().ok())
+        .sum();
+    assert_eq!(counted, 6, "every request is in the summary:\n{out}");
+    if code != 0 {
+        assert!(err.contains("of 6 requests failed"), "{err}");
+    }
+    let (code, out, err) = lab.lab(&["heal"]);
+    assert_eq!(code, 0, "{out}{err}");
+
     lab.down();
     let left = Command::new("ip").args(["netns", "list"]).output().unwrap();
     assert!(

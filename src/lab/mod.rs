@@ -107,6 +107,10 @@ pub enum LabCommand {
         url: String,
         #[arg(short = 'n', default_value_t = 1)]
         n: u32,
+        /// How long each request may wait for its answer; one that gets
+        /// none is counted as timed out and the next is sent.
+        #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = crate::cli::parse_duration)]
+        timeout: Duration,
         #[command(flatten)]
         dir: DirArg,
     },
@@ -181,13 +185,24 @@ pub fn run(args: LabArgs) -> Result<()> {
             cluster,
             url,
             n,
+            timeout,
             dir,
         } => {
             let lab = read_lab(&dir.dir)?;
-            let summary = curl(&lab, &cluster, &url, n)?;
+            let summary = client::curl_with(&lab, &cluster, &url, n, timeout)?;
             print!("{}", summary.render());
             if summary.failed() > 0 {
-                bail!("{} of {n} requests failed", summary.failed());
+                let late = summary
+                    .codes
+                    .get(&client::timed_out(timeout))
+                    .copied()
+                    .unwrap_or(0);
+                let late = if late > 0 {
+                    format!(" ({late} timed out)")
+                } else {
+                    String::new()
+                };
+                bail!("{} of {n} requests failed{late}", summary.failed());
             }
             Ok(())
         }
