@@ -987,5 +987,14 @@ fn apply_replaces_by_identity_and_reports_rejections() {
     let (code, _, err) = lab.lab(&["apply", "north", to_v1.to_str().unwrap()]);
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("east, west"), "{err}");
+    for args in [
+        &["curl", "north", "http://echo.demo:8080/"][..],
+        &["partition", "east", "north"],
+        &["kill", "north/gateway"],
+    ] {
+        let (code, _, err) = lab.lab(args);
+        assert_eq!(code, 64, "{args:?}: {err}");
+        assert!(err.contains("east"), "{args:?}: {err}");
+    }
     lab.down();
 }

@@ -306,6 +306,9 @@ impl Conn {
     }
 
     fn fail(&self, status: tonic::Status) -> anyhow::Error {
+        if status.code() == tonic::Code::NotFound {
+            return NotFound(format!("broker {}: {}", self.broker, status.message())).into();
+        }
         let hint = match status.code() {
             tonic::Code::Unavailable | tonic::Code::Unknown => {
                 " (is the broker running, and are these its admin credentials?)"
@@ -364,11 +367,51 @@ fn read_lab(dir: &std::path::Path, mesh: Option<&str>) -> Result<(String, PathBu
     Ok((address.to_string(), creds))
 }
 
+/// The broker knows no such object (a cluster, a peer): a usage error.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct NotFound(String);
+
 pub fn run(ctl: Ctl) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run_async(ctl))
+    runtime.block_on(async {
+        // For naming the known clusters when one is not.
+        let lister = Conn::open(&ctl).ok();
+        match run_async(ctl).await {
+            Err(e) if e.is::<NotFound>() => Err(unknown(e.to_string(), lister).await.into()),
+            r => r,
+        }
+    })
+}
+
+/// A usage error (exit 64, as `strait lab` says it) for something the
+/// broker does not know; a cluster's is followed by the known clusters.
+async fn unknown(message: String, lister: Option<Conn>) -> UsageError {
+    if !message.contains("cluster") {
+        return UsageError(message);
+    }
+    let Some(mut conn) = lister else {
+        return UsageError(message);
+    };
+    match conn.admin.list_clusters(pb::ListClustersRequest {}).await {
+        Ok(r) => {
+            let names: Vec<String> = r
+                .into_inner()
+                .clusters
+                .into_iter()
+                .map(|c| c.name)
+                .collect();
+            let known = if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            };
+            UsageError(format!("{message}; its clusters: {known}"))
+        }
+        Err(_) => UsageError(message),
+    }
 }
 
 fn time_str(unix: u64) -> String {

@@ -825,11 +825,11 @@ fn stop_all(dir: &Path) -> Result<()> {
 pub(crate) fn kill(dir: &Path, component: &str) -> Result<()> {
     let procs = Procs::load(dir)?;
     let p = procs.procs.get(component).ok_or_else(|| {
-        anyhow!(
+        crate::cli::UsageError(format!(
             "no component {component:?} in {}; components: {}",
             dir.display(),
             procs.order.join(", ")
-        )
+        ))
     })?;
     run::kill9(p.pid);
     println!("{component} (pid {}) killed", p.pid);
@@ -838,10 +838,18 @@ pub(crate) fn kill(dir: &Path, component: &str) -> Result<()> {
 
 pub(crate) fn start(dir: &Path, component: &str) -> Result<()> {
     let lab = read_lab(dir)?;
-    let c = components(&lab)
-        .into_iter()
+    let all = components(&lab);
+    let c = all
+        .iter()
         .find(|c| c.name == component)
-        .ok_or_else(|| anyhow!("no component {component:?} in this lab"))?;
+        .cloned()
+        .ok_or_else(|| {
+            let names: Vec<&str> = all.iter().map(|c| c.name.as_str()).collect();
+            crate::cli::UsageError(format!(
+                "no component {component:?} in this lab; components: {}",
+                names.join(", ")
+            ))
+        })?;
     let mut procs = Procs::load(dir)?;
     if let Some(p) = procs.procs.get(component)
         && run::alive(p.pid)
