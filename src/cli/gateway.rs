@@ -50,6 +50,8 @@ routes.yaml:
     endpoints:
     - {address: 10.1.0.11, labels: {version: v1}}
     - {address: 10.1.0.12, labels: {version: v2}, healthy: false}")]
+// Where the routing table comes from: one of the two is required.
+#[command(group(clap::ArgGroup::new("routing").args(["routes", "control_plane"]).required(true)))]
 pub struct GatewayArgs {
     /// This cluster's name (for logs and metrics).
     #[arg(long, value_name = "NAME")]
@@ -62,12 +64,7 @@ pub struct GatewayArgs {
     listen: SocketAddr,
     /// Routing table of exported services (YAML or JSON); re-read when it
     /// changes. For a gateway without a control plane.
-    #[arg(
-        long,
-        value_name = "FILE",
-        required_unless_present = "control_plane",
-        conflicts_with = "control_plane"
-    )]
+    #[arg(long, value_name = "FILE")]
     routes: Option<PathBuf>,
     /// The cluster's control plane (`host:port`, its discovery port 15012):
     /// the routing table comes from it, over mTLS with the gateway's

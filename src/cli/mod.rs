@@ -260,3 +260,6 @@ mod tests {
         assert_eq!(format_duration(Duration::from_secs(90)), "90s");
     }
 }
+
+#[cfg(test)]
+mod help_tests;

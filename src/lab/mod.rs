@@ -48,24 +48,41 @@ pub struct DirArg {
 #[derive(Debug, Subcommand)]
 pub enum LabCommand {
     /// Start a lab and run it in the foreground until SIGINT/SIGTERM.
+    #[command(
+        after_help = "Examples:\n  strait lab up &                                   # multi-primary in ./.strait-lab\n  \
+strait lab up --topology federated --mode quic --dir /tmp/fed &\n  \
+strait lab up --ip-base 30 --dir /tmp/lab2 &       # a second lab beside the first\n  \
+strait lab up --cert-ttl 30s &                     # renewals within a minute"
+    )]
     Up(UpArgs),
     /// Table of the lab's components and their health (exit 0 only when all are ready).
+    #[command(
+        after_help = "Example:\n  strait lab status\n  until strait lab status >/dev/null; do sleep 1; done   # wait for ready"
+    )]
     Status(DirArg),
     /// Stop a running lab (every process it started).
+    #[command(after_help = "Example:\n  strait lab down --dir /tmp/fed")]
     Down(DirArg),
     /// SIGKILL one component, e.g. `broker`, `east/gateway`, `east/controlplane`.
+    #[command(
+        after_help = "Example:\n  strait lab kill west/gateway\n  strait lab curl east http://echo.demo:8080/ -n 20   # answered in east\n  strait lab start west/gateway"
+    )]
     Kill {
         component: String,
         #[command(flatten)]
         dir: DirArg,
     },
     /// Start one (killed) component again.
+    #[command(after_help = "Example:\n  strait lab start west/gateway")]
     Start {
         component: String,
         #[command(flatten)]
         dir: DirArg,
     },
     /// Print a component's log.
+    #[command(
+        after_help = "Example:\n  strait lab logs east/controlplane\n  strait lab logs east/client/sidecar | grep 'config applied'"
+    )]
     Logs {
         component: String,
         #[command(flatten)]
@@ -76,6 +93,11 @@ pub enum LabCommand {
     /// and name (whichever file it came from). Waits until the cluster's
     /// control plane has read them and fails, with its reason, for an
     /// object it rejected (whose last good version stays in force).
+    #[command(
+        after_help = "Example:\n  strait lab apply east examples/lab/subsets.yaml\n  \
+strait lab apply west examples/lab/subsets.yaml\n  \
+strait lab apply east examples/lab/split.yaml     # VirtualService demo/echo created"
+    )]
     Apply {
         cluster: String,
         file: PathBuf,
@@ -85,6 +107,9 @@ pub enum LabCommand {
     /// Delete a file's objects from a cluster by kind, namespace and name
     /// (like `kubectl delete -f`); waits until the control plane has
     /// dropped them.
+    #[command(
+        after_help = "Example:\n  strait lab delete east examples/lab/split.yaml   # VirtualService demo/echo deleted"
+    )]
     Delete {
         cluster: String,
         file: PathBuf,
@@ -92,6 +117,10 @@ pub enum LabCommand {
         dir: DirArg,
     },
     /// Cut the WAN link between two clusters (netns mode).
+    #[command(
+        after_help = "Example:\n  strait lab up --netns &\n  strait lab apply east examples/lab/failover.yaml\n  \
+strait lab partition east west\n  strait lab curl east http://echo.demo:8080/ -n 20   # all answered in east\n  strait lab heal"
+    )]
     Partition {
         a: String,
         b: String,
@@ -99,9 +128,15 @@ pub enum LabCommand {
         dir: DirArg,
     },
     /// Restore every link `partition` cut (netns mode).
+    #[command(after_help = "Example:\n  strait lab heal")]
     Heal(DirArg),
     /// Send N requests from a cluster's client through its sidecar and
     /// summarise the answers.
+    #[command(
+        after_help = "Example:\n  strait lab curl east http://echo.demo:8080/ -n 20\n  \
+strait lab curl east http://echo.demo.svc.clusterset.local:8080/   # federated: the other mesh\n  \
+strait lab curl east http://echo.demo:8080/ -n 10 --timeout 2s     # under a partition"
+    )]
     Curl {
         cluster: String,
         url: String,
@@ -115,13 +150,20 @@ pub enum LabCommand {
         dir: DirArg,
     },
     /// The demo workload: answers every request with who answered and who asked.
+    #[command(
+        after_help = "Example:\n  strait lab echo --listen 127.0.0.1:8080 --cluster east --service echo --version v1 --workload echo-1 &\n  curl http://127.0.0.1:8080/   # {\"cluster\":\"east\",\"service\":\"echo\",...}"
+    )]
     Echo(echo::EchoArgs),
     /// Bring labs up, tour them (cross-cluster identity, weighted split,
     /// authorization, failover, rotation, federation), tear them down.
+    #[command(
+        after_help = "Example:\n  strait lab demo --dir /tmp/demo   # exit 0 when every step passed"
+    )]
     Demo {
         #[command(flatten)]
         dir: DirArg,
-        #[arg(long, default_value_t = 10, hide = true)]
+        /// First address block (see `lab up --ip-base`).
+        #[arg(long, default_value_t = 10)]
         ip_base: u8,
     },
 }
@@ -138,8 +180,9 @@ pub struct UpArgs {
     #[arg(long)]
     pub netns: bool,
     /// First address block: brokers in 127.BASE.0.0/16, clusters in the
-    /// blocks after it.
-    #[arg(long, default_value_t = 10, hide = true)]
+    /// blocks after it (127.BASE+1.0.0/16, ...); another base runs a
+    /// second lab beside the first.
+    #[arg(long, default_value_t = 10)]
     pub ip_base: u8,
     /// The certificate lifetime sidecars and gateways ask for (default:
     /// theirs, 24h). A short one (e.g. 30s) makes renewals, and a root
