@@ -1,5 +1,6 @@
-//! Usage errors a newcomer meets first: each exits 64 and says what to
-//! pass instead, naming the flag and the value.
+//! What a newcomer meets first: usage errors (each exits 64 and says what
+//! to pass instead, naming the flag and the value), and servers started by
+//! hand saying, at the default log level, that they are ready and where.
 #![allow(clippy::unwrap_used)]
 
 use std::process::Command;
@@ -102,4 +103,98 @@ fn cluster_sync_refuses_a_gateway_that_is_no_address() {
     ]);
     assert_eq!(code, 64, "{text}");
     assert!(text.contains("--gateway \"not-an-addr\""), "{text}");
+}
+
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// Starts `strait ARGS` with the default log level (no RUST_LOG) and
+/// returns its stderr once a line contains `needle` (within 30 s).
+fn started_by_hand(args: &[&str], needle: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr");
+    let mut child = Command::new(STRAIT)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains(needle) {
+            break text;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("strait {args:?} exited ({status}):\n{text}");
+        }
+        if start.elapsed() > std::time::Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("no {needle:?} from strait {args:?} within 30 s:\n{text}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    text
+}
+
+#[test]
+fn a_broker_started_by_hand_says_where_it_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let (listen, health, metrics) = (free_addr(), free_addr(), free_addr());
+    let text = started_by_hand(
+        &[
+            "broker",
+            "--data-dir",
+            dir.path().join("b").to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--trust-domain",
+            "example.org",
+            "--health-listen",
+            &health,
+            "--metrics-listen",
+            &metrics,
+        ],
+        "broker serving",
+    );
+    for a in [&listen, &health, &metrics] {
+        assert!(text.contains(a.as_str()), "{a} in {text}");
+    }
+    // Only that line: the default level stays quiet otherwise.
+    assert_eq!(
+        text.lines().filter(|l| l.contains(" INFO ")).count(),
+        1,
+        "{text}"
+    );
+}
+
+#[test]
+fn a_gateway_started_by_hand_says_where_it_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let routes = dir.path().join("routes.yaml");
+    std::fs::write(&routes, "services: []\n").unwrap();
+    let (listen, health) = (free_addr(), free_addr());
+    let text = started_by_hand(
+        &[
+            "gateway",
+            "--cluster",
+            "east",
+            "--network",
+            "n",
+            "--listen",
+            &listen,
+            "--routes",
+            routes.to_str().unwrap(),
+            "--health-listen",
+            &health,
+        ],
+        "gateway ready",
+    );
+    assert!(text.contains(&format!("passthrough {listen}")), "{text}");
+    assert!(text.contains(&format!("health {health}")), "{text}");
 }

@@ -896,6 +896,13 @@ fn the_demo_passes_every_step() {
 fn apply_replaces_by_identity_and_reports_rejections() {
     let mut lab = Lab::up("multi-primary", 160);
     let dir = lab.dir.path().to_path_buf();
+    // Every sidecar says once that it is ready and where it listens.
+    let sidecar_log =
+        std::fs::read_to_string(lab.path().join("logs/east-client-sidecar.log")).unwrap();
+    assert!(
+        sidecar_log.contains("sidecar ready: inbound (mTLS) "),
+        "{sidecar_log}"
+    );
     let vs = |name: &str, subset: &str| {
         format!(
             "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  hosts: [echo.demo.svc.cluster.local]\n  http:\n  - route:\n    - destination: {{host: echo.demo.svc.cluster.local, subset: {subset}}}\n"

@@ -602,6 +602,17 @@ pub fn run(args: GatewayArgs) -> Result<()> {
         let expose_metrics = strait_gateway::expose::ExposeMetrics::new(&mut registry);
         let registry = Arc::new(registry);
         let ready = Ready::default();
+        super::announce_when_ready(
+            ready.clone(),
+            "gateway",
+            vec![
+                ("passthrough", Some(args.listen.to_string())),
+                ("egress (QUIC tunnels)", args.egress_listen.map(|a| a.to_string())),
+                ("health", args.health_listen.map(|a| a.to_string())),
+                ("metrics", args.metrics_listen.map(|a| a.to_string())),
+                ("control plane exposed on", args.expose_control_plane.as_ref().map(|_| args.expose_listen.to_string())),
+            ],
+        );
         if let Some(addr) = args.health_listen {
             let l = http::bind(addr, "health")
                 .await

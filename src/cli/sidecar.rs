@@ -381,6 +381,16 @@ pub fn run(args: SidecarArgs) -> Result<()> {
         let routes = app_probers.map(|p| strait_sidecar::probe::routes(p, probe_host, &mut registry));
         let registry = Arc::new(registry);
         let ready = Ready::default();
+        super::announce_when_ready(
+            ready.clone(),
+            "sidecar",
+            vec![
+                ("inbound (mTLS)", Some(args.inbound.to_string())),
+                ("outbound (HTTP proxy)", Some(args.outbound.to_string())),
+                ("health", args.health_listen.map(|a| a.to_string())),
+                ("metrics", args.metrics_listen.map(|a| a.to_string())),
+            ],
+        );
         if let Some(addr) = args.health_listen {
             let l = http::bind(addr, "health").await.map_err(anyhow::Error::msg)?;
             tokio::spawn(http::serve_with(l, ready.clone(), None, routes));
