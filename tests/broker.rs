@@ -304,6 +304,14 @@ async fn revocation_withdraws_exports_and_locks_the_cluster_out() {
         .ok()
         .stdout;
     assert!(list.contains("\"revoked\""), "{list}");
+    // An unknown cluster is a usage error (64, as in `strait lab`) naming
+    // the known ones.
+    broker
+        .ctl(&["cluster", "show", "north"])
+        .fails_with(64, "its clusters: east");
+    broker
+        .ctl(&["cluster", "revoke", "north"])
+        .fails_with(64, "its clusters: east");
 }
 
 /// kill -9 during a burst of exports: every acknowledged export survives.

@@ -207,6 +207,13 @@ impl Drop for Lab {
     }
 }
 
+/// A file of `examples/lab/` (the objects the README's tour applies).
+fn example(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/lab")
+        .join(name)
+}
+
 fn ports_free(addrs: &[String]) -> Result<(), String> {
     for a in addrs {
         if std::net::TcpListener::bind(a.as_str()).is_err() {
@@ -505,6 +512,25 @@ fn primary_remote_serves_the_remote_through_the_primarys_gateway() {
         t.contains("remote/private")
     });
     assert!(!own.contains("primary/private"), "{own}");
+
+    // Policy in the remote cluster would be ignored (the primary holds
+    // it): refused, pointing at the primary; its workloads' kinds apply.
+    let split = example("split.yaml");
+    let (code, out, err) = lab.lab(&["apply", "remote", split.to_str().unwrap()]);
+    assert_eq!(code, 64, "{out}{err}");
+    assert!(
+        err.contains("VirtualService demo/echo") && err.contains("strait lab apply primary"),
+        "{err}"
+    );
+    let svc = lab.dir.path().join("svc.yaml");
+    std::fs::write(
+        &svc,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: extra, namespace: demo}\nspec:\n  selector: {app: echo}\n  ports: [{name: http, port: 8080}]\n",
+    )
+    .unwrap();
+    let (code, out, err) = lab.lab(&["apply", "remote", svc.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("Service demo/extra created"), "{out}");
     lab.down();
 }
 
@@ -792,29 +818,7 @@ fn netns_partition_fails_over_to_local_endpoints_and_heal_brings_them_back() {
 
     // Spread over both clusters (no locality preference), with outlier
     // detection and per-try timeouts, as an operator would set failover.
-    let policy = lab.dir.path().join("failover.yaml");
-    std::fs::write(
-        &policy,
-        r#"apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: echo, namespace: demo}
-spec:
-  host: echo.demo.svc.cluster.local
-  trafficPolicy:
-    loadBalancer: {localityLbSetting: {enabled: false}}
-    outlierDetection: {consecutiveGatewayErrors: 1, interval: 1s, baseEjectionTime: 3s, maxEjectionPercent: 100}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: echo, namespace: demo}
-spec:
-  hosts: [echo.demo.svc.cluster.local]
-  http:
-  - route: [{destination: {host: echo.demo.svc.cluster.local}}]
-    retries: {attempts: 3, perTryTimeout: 1s, retryOn: "connect-failure,reset,5xx"}
-"#,
-    )
-    .unwrap();
+    let policy = example("failover.yaml");
     let (code, out, err) = lab.lab(&["apply", "east", policy.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
     // In force once the client's sidecar has applied it.
@@ -852,6 +856,42 @@ spec:
     lab.curl_until("east", "http://echo.demo:8080/", 20, |t| {
         t.contains("west/echo/v2")
     });
+
+    // Without the failover policy, calls on the cut link stall: each is
+    // counted as timed out and the summary still comes (before, the first
+    // stalled call aborted `lab curl` after 30 s with none).
+    let (code, out, err) = lab.lab(&["delete", "east", policy.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = lab.lab(&["partition", "east", "west"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let start = Instant::now();
+    let (code, out, err) = lab.lab(&[
+        "curl",
+        "east",
+        "http://echo.demo:8080/",
+        "-n",
+        "6",
+        "--timeout",
+        "2s",
+    ]);
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(out.contains("status codes:"), "{out}{err}");
+    let counted: u32 = out
+        .lines()
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<u32>().ok())
+        .sum();
+    assert_eq!(counted, 6, "every request is in the summary:\n{out}");
+    if code != 0 {
+        assert!(err.contains("of 6 requests failed"), "{err}");
+    }
+    let (code, out, err) = lab.lab(&["heal"]);
+    assert_eq!(code, 0, "{out}{err}");
 
     lab.down();
     let left = Command::new("ip").args(["netns", "list"]).output().unwrap();
@@ -932,6 +972,34 @@ fn revocation_closes_live_connections(mode: &str, base: u8) {
             assert!(
                 revoked.elapsed() < Duration::from_secs(5),
                 "{mode}: {what} not closed within 5 s of the revocation\n{}",
+                lab.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let took = within("west's pooled connection", &echo_metrics, closed_inbound);
+    eprintln!("{mode}: east's echo sidecar closed west's connection {took:?} after the revoke");
+    if mode == "quic" {
+        let took = within("west's tunnel", &gateway_metrics, closed_tunnels);
+        eprintln!("{mode}: east's gateway closed west's tunnel {took:?} after the revoke");
+    }
+    // West's calls no longer reach east (its own echo still answers).
+    let (_, out, err) = lab.lab(&["curl", "west", "http://echo.demo:8080/", "-n", "20"]);
+    let summary = format!("{out}{err}");
+    assert!(!summary.contains("east/echo"), "{mode}: {summary}");
+    lab.down();
+}
+
+#[test]
+fn revocation_closes_live_connections_sni() {
+    revocation_closes_live_connections("sni", 200);
+}
+
+#[test]
+fn revocation_closes_live_connections_quic() {
+    revocation_closes_live_connections("quic", 220);
+}
+
 /// The time the importers take to drop a dead cluster: west's control
 /// plane and gateway are killed, and after the broker's grace (10 s by
 /// default) west's endpoints leave east's imports, so that east's client is
@@ -972,29 +1040,6 @@ fn a_dead_cluster_is_withdrawn_from_the_importers_and_returns() {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-    };
-    let took = within("west's pooled connection", &echo_metrics, closed_inbound);
-    eprintln!("{mode}: east's echo sidecar closed west's connection {took:?} after the revoke");
-    if mode == "quic" {
-        let took = within("west's tunnel", &gateway_metrics, closed_tunnels);
-        eprintln!("{mode}: east's gateway closed west's tunnel {took:?} after the revoke");
-    }
-    // West's calls no longer reach east (its own echo still answers).
-    let (_, out, err) = lab.lab(&["curl", "west", "http://echo.demo:8080/", "-n", "20"]);
-    let summary = format!("{out}{err}");
-    assert!(!summary.contains("east/echo"), "{mode}: {summary}");
-    lab.down();
-}
-
-#[test]
-fn revocation_closes_live_connections_sni() {
-    revocation_closes_live_connections("sni", 200);
-}
-
-#[test]
-fn revocation_closes_live_connections_quic() {
-    revocation_closes_live_connections("quic", 220);
-}
         start.elapsed()
     };
     lab.curl_until("east", "http://echo.demo:8080/", 20, |t| {
@@ -1033,5 +1078,125 @@ fn revocation_closes_live_connections_quic() {
     lab.curl_until("east", "http://echo.demo:8080/", 20, |t| {
         t.contains("west/echo/v2")
     });
+    lab.down();
+}
+
+/// `lab apply` is object-based, as `kubectl apply` is: an object of the
+/// same kind, namespace and name from another file replaces the first
+/// (before, both files stayed and the second was rejected by the control
+/// plane while `apply` said "applied"); an object the control plane
+/// rejects fails the apply with its reason, and the last good version
+/// stays; `delete` removes by identity.
+#[test]
+fn apply_replaces_by_identity_and_reports_rejections() {
+    let mut lab = Lab::up("multi-primary", 160);
+    let dir = lab.dir.path().to_path_buf();
+    // Every sidecar says once that it is ready and where it listens.
+    let sidecar_log =
+        std::fs::read_to_string(lab.path().join("logs/east-client-sidecar.log")).unwrap();
+    assert!(
+        sidecar_log.contains("sidecar ready: inbound (mTLS) "),
+        "{sidecar_log}"
+    );
+    let vs = |name: &str, subset: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  hosts: [echo.demo.svc.cluster.local]\n  http:\n  - route:\n    - destination: {{host: echo.demo.svc.cluster.local, subset: {subset}}}\n"
+        )
+    };
+    let subsets = example("subsets.yaml");
+    for cluster in ["east", "west"] {
+        let (code, out, err) = lab.lab(&["apply", cluster, subsets.to_str().unwrap()]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains("DestinationRule demo/echo created"), "{out}");
+    }
+    let to_v1 = dir.join("to-v1.yaml");
+    std::fs::write(&to_v1, vs("echo", "v1")).unwrap();
+    let (code, out, err) = lab.lab(&["apply", "east", to_v1.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("VirtualService demo/echo created"), "{out}");
+    lab.curl_until("east", "http://echo.demo:8080/", 10, |t| {
+        t.contains("10  200") && t.contains("east/echo/v1") && !t.contains("west/")
+    });
+    // The same object from another file replaces it.
+    let to_v2 = dir.join("to-v2.yaml");
+    std::fs::write(&to_v2, vs("echo", "v2")).unwrap();
+    let (code, out, err) = lab.lab(&["apply", "east", to_v2.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("VirtualService demo/echo configured"), "{out}");
+    lab.curl_until("east", "http://echo.demo:8080/", 10, |t| {
+        t.contains("10  200") && t.contains("west/echo/v2") && !t.contains("east/")
+    });
+    let (code, out, err) = lab.lab(&["apply", "east", to_v2.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("VirtualService demo/echo unchanged"), "{out}");
+
+    // A file the control plane reads but refuses: a hand-written file
+    // defining the object already in force (the control plane keeps the
+    // first file's). The apply fails with the control plane's reason.
+    let config_dir = lab.path().join("east/config");
+    std::fs::write(config_dir.join("aaa-by-hand.yaml"), vs("echo", "v1")).unwrap();
+    let back_to_v1 = dir.join("back.yaml");
+    std::fs::write(&back_to_v1, vs("echo", "v1")).unwrap();
+    let (code, out, err) = lab.lab(&["apply", "east", back_to_v1.to_str().unwrap()]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(out.contains("VirtualService demo/echo rejected"), "{out}");
+    assert!(
+        err.contains("already defined in") && err.contains("aaa-by-hand.yaml"),
+        "{err}"
+    );
+    std::fs::remove_file(config_dir.join("aaa-by-hand.yaml")).unwrap();
+
+    // An object strait cannot read is refused by name; nothing of it is
+    // written, the rest of the file applies.
+    let mixed = dir.join("mixed.yaml");
+    std::fs::write(
+        &mixed,
+        format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: x, namespace: demo}}\n---\n{}",
+            vs("other", "v1")
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = lab.lab(&["apply", "east", mixed.to_str().unwrap()]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(err.contains("Deployment demo/x"), "{err}");
+    assert!(out.contains("VirtualService demo/other created"), "{out}");
+
+    // Delete by identity: the content in the file does not matter.
+    let (code, out, err) = lab.lab(&["delete", "east", to_v1.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("VirtualService demo/echo deleted"), "{out}");
+    let (code, out, err) = lab.lab(&["delete", "east", to_v1.to_str().unwrap()]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(out.contains("not found"), "{out}");
+    let (code, out, err) = lab.lab(&["delete", "east", mixed.to_str().unwrap()]);
+    assert_ne!(code, 0, "the Deployment is named: {out}{err}");
+    assert!(out.contains("VirtualService demo/other deleted"), "{out}");
+    lab.curl_until("east", "http://echo.demo:8080/", 20, |t| {
+        t.contains("20  200") && t.contains("east/echo/v1") && t.contains("west/echo/v2")
+    });
+
+    // The shipped failover policy is one the control plane takes.
+    let (code, out, err) = lab.lab(&["apply", "east", example("failover.yaml").to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("DestinationRule demo/echo configured"),
+        "{out}"
+    );
+    assert!(out.contains("VirtualService demo/echo created"), "{out}");
+
+    // An unknown cluster is a usage error naming the lab's clusters.
+    let (code, _, err) = lab.lab(&["apply", "north", to_v1.to_str().unwrap()]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("east, west"), "{err}");
+    for args in [
+        &["curl", "north", "http://echo.demo:8080/"][..],
+        &["partition", "east", "north"],
+        &["kill", "north/gateway"],
+    ] {
+        let (code, _, err) = lab.lab(args);
+        assert_eq!(code, 64, "{args:?}: {err}");
+        assert!(err.contains("east"), "{args:?}: {err}");
+    }
     lab.down();
 }

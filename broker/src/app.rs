@@ -398,8 +398,13 @@ pub async fn run(
         advertise,
         peer_advertise,
     };
+    // Target `strait::ready`: the one line `strait broker` shows at its
+    // default log level.
     tracing::info!(
+        target: "strait::ready",
         listen = %local,
+        health = %config.health_listen.map_or_else(|| "-".to_string(), |a| a.to_string()),
+        metrics = %config.metrics_listen.map_or_else(|| "-".to_string(), |a| a.to_string()),
         trust_domain = %state.trust_domain,
         data_dir = %config.data_dir.display(),
         epoch = %state.epoch,

@@ -87,10 +87,23 @@ pub enum RotationError {
     #[error("clusters still have intermediates from the old root: {}", .0.join(", "))]
     NotReissued(Vec<String>),
     #[error(
-        "leaves issued under the old intermediates may live until unix time {0}; \
-         wait, or finish with --force"
+        "leaves issued under the old intermediates may live until {}; \
+         wait, or finish with --force",
+        rfc3339(*.0)
     )]
     LeavesMayLive(i64),
+}
+
+/// A unix time as an RFC 3339 UTC time (the number itself when out of
+/// range).
+fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("unix time {unix}"))
 }
 
 impl Rotation {
@@ -339,6 +352,9 @@ mod tests {
         assert_eq!(err, Err(RotationError::NotReissued(vec!["west".into()])));
         let err = r.finish(&[view("east", 2, "new")], 1000 + 60, DAY, false);
         assert_eq!(err, Err(RotationError::LeavesMayLive(1000 + 86400)));
+        // Said as a time, not a raw unix number.
+        let text = RotationError::LeavesMayLive(1000 + 86400).to_string();
+        assert!(text.contains("until 1970-01-02T00:16:40Z;"), "{text}");
         assert!(r.finish(&[view("west", 2, "old")], 1000, DAY, true).is_ok());
     }
 

@@ -41,7 +41,8 @@ pub struct Join {
 /// Publish the exports of a static config (Services with
 /// `strait.io/export: "true"` or an MCS ServiceExport, and the
 /// WorkloadEntries they select) and write the Istio/MCS objects this
-/// cluster imports. Re-reads the config when it changes.
+/// cluster imports. Runs until SIGINT/SIGTERM, re-reading the config when
+/// it changes; `--once` exits after the first sync.
 #[derive(Debug, Args)]
 #[command(after_help = "Example:
   strait cluster sync --dir /var/lib/strait/east --config east.yaml \\
@@ -85,9 +86,24 @@ async fn join(j: Join) -> Result<()> {
         s
     } else if j.token.starts_with(strait_broker::token::PREFIX) {
         j.token.clone()
-    } else {
+    } else if Path::new(&j.token).exists() {
         std::fs::read_to_string(&j.token).with_context(|| format!("--token {}", j.token))?
+    } else {
+        return Err(UsageError(format!(
+            "--token {:?}: not a join token (one starts with {:?}) and no such file",
+            j.token,
+            strait_broker::token::PREFIX
+        ))
+        .into());
     };
+    if !token.trim().starts_with(strait_broker::token::PREFIX) {
+        return Err(UsageError(format!(
+            "--token {}: malformed join token (it must start with {:?}; `straitctl cluster add` prints one)",
+            j.token,
+            strait_broker::token::PREFIX
+        ))
+        .into());
+    }
     let joined = client::join(token.trim(), &j.dir).await?;
     println!(
         "cluster {} joined trust domain {} (network {}{})",
@@ -133,9 +149,29 @@ fn mtime(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
+/// A `--gateway` value: `HOST:PORT` with the port given (importers dial
+/// it; a bare word is more likely a mistake than a host name).
+fn gateway_flag(g: &str) -> Result<GatewayAddress, UsageError> {
+    let bad = |why: &str| {
+        UsageError(format!(
+            "--gateway {g:?}: {why}; expected HOST:PORT, e.g. 203.0.113.10:15443"
+        ))
+    };
+    let has_port = match g.rsplit_once(':') {
+        Some((host, port)) => {
+            port.parse::<u16>().is_ok() && (!host.contains(':') || host.ends_with(']'))
+        }
+        None => false,
+    };
+    if !has_port {
+        return Err(bad("no port"));
+    }
+    GatewayAddress::parse(g).map_err(|e| bad(&e.to_string()))
+}
+
 async fn sync(s: Sync) -> Result<()> {
     for g in &s.gateway {
-        GatewayAddress::parse(g).map_err(|e| UsageError(format!("--gateway {g:?}: {e}")))?;
+        gateway_flag(g)?;
     }
     let info: client::BrokerInfo = serde_json::from_slice(
         &std::fs::read(s.dir.join(client::BROKER_FILE))
@@ -158,9 +194,17 @@ async fn sync(s: Sync) -> Result<()> {
     };
     let exports = read_config(&s.config)?;
     eprintln!(
-        "publishing {} export(s) from {}",
+        "publishing {} export(s) from {}; {}",
         exports.len(),
-        s.config.display()
+        s.config.display(),
+        if s.once {
+            format!(
+                "exiting once they are acknowledged and the imports written (--once, at most {})",
+                super::format_duration(s.timeout)
+            )
+        } else {
+            "syncing until SIGINT/SIGTERM (--once: exit after the first sync)".to_string()
+        }
     );
     let (exports_tx, exports_rx) = tokio::sync::watch::channel(exports);
     let (agent, mut imports) = Agent::new(
@@ -240,4 +284,32 @@ async fn sync(s: Sync) -> Result<()> {
     let _ = stop_tx.send(());
     let _ = agent_task.await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gateway_flag_needs_a_port() {
+        for good in [
+            "127.0.0.1:15443",
+            "gw.example.com:15443",
+            "[2001:db8::1]:15443",
+        ] {
+            assert!(gateway_flag(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "not-an-addr",
+            "127.0.0.1",
+            "2001:db8::1",
+            "[2001:db8::1]",
+            "gw:port",
+            "gw:0",
+            "",
+        ] {
+            let e = gateway_flag(bad).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("--gateway {bad:?}")), "{e}");
+        }
+    }
 }

@@ -57,6 +57,9 @@ pub struct ControlPlaneArgs {
 enum ControlPlaneCommand {
     /// Issue a bootstrap token with which a workload's sidecar gets its
     /// first certificate (it renews with that certificate afterwards).
+    #[command(
+        after_help = "Example:\n  strait controlplane token --state-dir /var/lib/strait/east --namespace demo \\\n      --service-account echo --workload echo-1 --ttl 1h --out echo-1.token\n  strait sidecar --token echo-1.token ...   # the sidecar's first certificate"
+    )]
     Token(TokenArgs),
 }
 
@@ -218,6 +221,15 @@ pub fn run(args: ControlPlaneArgs) -> Result<()> {
 }
 
 fn token(t: TokenArgs) -> Result<()> {
+    // The key is the control plane's: made in a directory that does not
+    // exist, it would sign tokens no control plane accepts.
+    if !t.state_dir.is_dir() {
+        return Err(super::UsageError(format!(
+            "--state-dir {}: no such directory (the control plane's --state-dir, which holds its token key)",
+            t.state_dir.display()
+        ))
+        .into());
+    }
     let issuer = strait_controlplane::ca::TokenIssuer::load_or_create(
         &t.state_dir.join(strait_controlplane::ca::TOKEN_KEY_FILE),
     )

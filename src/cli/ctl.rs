@@ -96,8 +96,14 @@ enum PeerCmd {
     },
     /// Peer with the mesh that issued TOKEN: exchange trust bundles and start
     /// exchanging the services each exports to `mesh:<other>`.
+    #[command(
+        after_help = "Example:\n  straitctl --broker b:15011 --creds b-admin peer establish \"$(cat a.peer)\""
+    )]
     Establish { token: String },
     /// The peered meshes.
+    #[command(
+        after_help = "Example:\n  straitctl --broker 127.0.0.1:15011 --creds /var/lib/strait/broker/admin peer list\n  straitctl --lab .strait-lab --mesh mesh-a peer list   # a federated lab's mesh-a"
+    )]
     List,
 }
 
@@ -110,11 +116,18 @@ enum ClusterCmd {
     )]
     Add(ClusterAdd),
     /// List the clusters.
+    #[command(
+        after_help = "Example:\n  straitctl --broker 127.0.0.1:15011 --creds /var/lib/strait/broker/admin cluster list\n  straitctl --lab .strait-lab cluster list -o json"
+    )]
     List,
     /// Show one cluster.
+    #[command(after_help = "Example:\n  straitctl --lab .strait-lab cluster show east -o yaml")]
     Show { name: String },
     /// Revoke a cluster: its exports leave every importer and its
     /// intermediate is deny-listed everywhere.
+    #[command(
+        after_help = "Example:\n  straitctl --lab .strait-lab cluster revoke west\n  straitctl --lab .strait-lab cluster show west   # state: revoked"
+    )]
     Revoke { name: String },
 }
 
@@ -136,6 +149,9 @@ struct ClusterAdd {
 #[derive(Debug, Subcommand)]
 enum ExportsCmd {
     /// List exported services.
+    #[command(
+        after_help = "Example:\n  straitctl --lab .strait-lab exports list\n  straitctl --lab .strait-lab exports list --cluster west -o json"
+    )]
     List {
         /// Only this cluster's exports.
         #[arg(long)]
@@ -146,15 +162,20 @@ enum ExportsCmd {
 #[derive(Debug, Subcommand)]
 enum ImportsCmd {
     /// The Istio and MCS objects a cluster gets, as YAML.
+    #[command(after_help = "Example:\n  straitctl --lab .strait-lab imports show east")]
     Show { cluster: String },
 }
 
 #[derive(Debug, Subcommand)]
 enum TrustCmd {
     /// Roots in the bundle, and each cluster's intermediate and acknowledgement.
+    #[command(after_help = "Example:\n  straitctl --lab .strait-lab trust status")]
     Status,
     /// Ask a cluster for a new intermediate (it makes a new key and sends a
     /// CSR on its sync stream; now if connected, else when it connects).
+    #[command(
+        after_help = "Example:\n  straitctl --lab .strait-lab trust rotate-intermediate east\n  straitctl --lab .strait-lab trust status   # east's intermediate changes"
+    )]
     RotateIntermediate { cluster: String },
     /// Rotate the mesh root in stages: begin (new root joins the bundle),
     /// advance (once every cluster acknowledged it: intermediates are
@@ -306,6 +327,9 @@ impl Conn {
     }
 
     fn fail(&self, status: tonic::Status) -> anyhow::Error {
+        if status.code() == tonic::Code::NotFound {
+            return NotFound(format!("broker {}: {}", self.broker, status.message())).into();
+        }
         let hint = match status.code() {
             tonic::Code::Unavailable | tonic::Code::Unknown => {
                 " (is the broker running, and are these its admin credentials?)"
@@ -364,11 +388,51 @@ fn read_lab(dir: &std::path::Path, mesh: Option<&str>) -> Result<(String, PathBu
     Ok((address.to_string(), creds))
 }
 
+/// The broker knows no such object (a cluster, a peer): a usage error.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct NotFound(String);
+
 pub fn run(ctl: Ctl) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run_async(ctl))
+    runtime.block_on(async {
+        // For naming the known clusters when one is not.
+        let lister = Conn::open(&ctl).ok();
+        match run_async(ctl).await {
+            Err(e) if e.is::<NotFound>() => Err(unknown(e.to_string(), lister).await.into()),
+            r => r,
+        }
+    })
+}
+
+/// A usage error (exit 64, as `strait lab` says it) for something the
+/// broker does not know; a cluster's is followed by the known clusters.
+async fn unknown(message: String, lister: Option<Conn>) -> UsageError {
+    if !message.contains("cluster") {
+        return UsageError(message);
+    }
+    let Some(mut conn) = lister else {
+        return UsageError(message);
+    };
+    match conn.admin.list_clusters(pb::ListClustersRequest {}).await {
+        Ok(r) => {
+            let names: Vec<String> = r
+                .into_inner()
+                .clusters
+                .into_iter()
+                .map(|c| c.name)
+                .collect();
+            let known = if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            };
+            UsageError(format!("{message}; its clusters: {known}"))
+        }
+        Err(_) => UsageError(message),
+    }
 }
 
 fn time_str(unix: u64) -> String {

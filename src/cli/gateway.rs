@@ -50,6 +50,8 @@ routes.yaml:
     endpoints:
     - {address: 10.1.0.11, labels: {version: v1}}
     - {address: 10.1.0.12, labels: {version: v2}, healthy: false}")]
+// Where the routing table comes from: one of the two is required.
+#[command(group(clap::ArgGroup::new("routing").args(["routes", "control_plane"]).required(true)))]
 pub struct GatewayArgs {
     /// This cluster's name (for logs and metrics).
     #[arg(long, value_name = "NAME")]
@@ -62,12 +64,7 @@ pub struct GatewayArgs {
     listen: SocketAddr,
     /// Routing table of exported services (YAML or JSON); re-read when it
     /// changes. For a gateway without a control plane.
-    #[arg(
-        long,
-        value_name = "FILE",
-        required_unless_present = "control_plane",
-        conflicts_with = "control_plane"
-    )]
+    #[arg(long, value_name = "FILE")]
     routes: Option<PathBuf>,
     /// The cluster's control plane (`host:port`, its discovery port 15012):
     /// the routing table comes from it, over mTLS with the gateway's
@@ -620,6 +617,17 @@ pub fn run(args: GatewayArgs) -> Result<()> {
         let expose_metrics = strait_gateway::expose::ExposeMetrics::new(&mut registry);
         let registry = Arc::new(registry);
         let ready = Ready::default();
+        super::announce_when_ready(
+            ready.clone(),
+            "gateway",
+            vec![
+                ("passthrough", Some(args.listen.to_string())),
+                ("egress (QUIC tunnels)", args.egress_listen.map(|a| a.to_string())),
+                ("health", args.health_listen.map(|a| a.to_string())),
+                ("metrics", args.metrics_listen.map(|a| a.to_string())),
+                ("control plane exposed on", args.expose_control_plane.as_ref().map(|_| args.expose_listen.to_string())),
+            ],
+        );
         if let Some(addr) = args.health_listen {
             let l = http::bind(addr, "health")
                 .await

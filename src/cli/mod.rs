@@ -101,7 +101,10 @@ pub struct LogArgs {
 impl LogArgs {
     pub fn init(&self) {
         use tracing_subscriber::EnvFilter;
-        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+        // Quiet by default, but a server says once that it is ready and
+        // where it listens.
+        let filter = EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| EnvFilter::new(format!("warn,{READY_TARGET}=info")));
         use std::io::IsTerminal;
         // Colours only for a person at a terminal, never in log files.
         let builder = tracing_subscriber::fmt()
@@ -113,6 +116,34 @@ impl LogArgs {
             LogFormat::Json => builder.json().init(),
         }
     }
+}
+
+/// The log target of the one line a server writes when it is ready, with
+/// the addresses it serves; shown at the default log level.
+pub const READY_TARGET: &str = "strait::ready";
+
+/// Logs `role`'s ready line (target [`READY_TARGET`]) once `ready` is
+/// first true. `addrs` are (what, address) pairs; absent ones are left out.
+pub fn announce_when_ready(
+    ready: strait_broker::http::Ready,
+    role: &'static str,
+    addrs: Vec<(&'static str, Option<String>)>,
+) {
+    let addrs: Vec<String> = addrs
+        .into_iter()
+        .filter_map(|(what, a)| a.map(|a| format!("{what} {a}")))
+        .collect();
+    tokio::spawn(async move {
+        // A flag with no notifier: look at it often, cheaply, until set.
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(20));
+        loop {
+            tick.tick().await;
+            if ready.get() {
+                tracing::info!(target: READY_TARGET, "{role} ready: {}", addrs.join(", "));
+                return;
+            }
+        }
+    });
 }
 
 /// Parses durations: one or more `<number><unit>` with units `ms`, `s`, `m`, `h`,
@@ -260,3 +291,6 @@ mod tests {
         assert_eq!(format_duration(Duration::from_secs(90)), "90s");
     }
 }
+
+#[cfg(test)]
+mod help_tests;

@@ -170,7 +170,11 @@ pub struct SidecarArgs {
 #[derive(Debug, clap::Subcommand)]
 enum SidecarCommand {
     /// The iptables rules (IPv4, nat table) that redirect a pod's traffic
-    /// to the sidecar, as Istio's init container sets them up.
+    /// to the sidecar, as Istio's init container sets them up: `--print`
+    /// them or `--apply` them.
+    #[command(
+        after_help = "Example:\n  strait sidecar iptables --print                       # review the rules\n  strait sidecar iptables --apply --exclude-inbound-port 8081   # in the pod's network namespace (CAP_NET_ADMIN)"
+    )]
     Iptables(IptablesArgs),
 }
 
@@ -178,7 +182,7 @@ enum SidecarCommand {
 struct IptablesArgs {
     /// Print the commands (for review, or for an init container's shell:
     /// `strait sidecar iptables --print | sh`).
-    #[arg(long, required_unless_present = "apply", conflicts_with = "apply")]
+    #[arg(long, conflicts_with = "apply")]
     print: bool,
     /// Apply the rules in this network namespace, as one
     /// `iptables-restore --noflush` transaction (all or nothing; needs
@@ -203,6 +207,14 @@ struct IptablesArgs {
 }
 
 fn iptables(a: IptablesArgs) -> Result<()> {
+    if !a.print && !a.apply {
+        return Err(super::UsageError(
+            "say what to do with the rules: --print them (e.g. `strait sidecar iptables --print | sh`) \
+             or --apply them in this network namespace"
+                .into(),
+        )
+        .into());
+    }
     let mut o = strait_sidecar::transparent::InterceptOptions {
         proxy_uid: a.proxy_uid,
         inbound_port: a.inbound_port,
@@ -373,6 +385,16 @@ pub fn run(args: SidecarArgs) -> Result<()> {
         let routes = app_probers.map(|p| strait_sidecar::probe::routes(p, probe_host, &mut registry));
         let registry = Arc::new(registry);
         let ready = Ready::default();
+        super::announce_when_ready(
+            ready.clone(),
+            "sidecar",
+            vec![
+                ("inbound (mTLS)", Some(args.inbound.to_string())),
+                ("outbound (HTTP proxy)", Some(args.outbound.to_string())),
+                ("health", args.health_listen.map(|a| a.to_string())),
+                ("metrics", args.metrics_listen.map(|a| a.to_string())),
+            ],
+        );
         if let Some(addr) = args.health_listen {
             let l = http::bind(addr, "health").await.map_err(anyhow::Error::msg)?;
             tokio::spawn(http::serve_with(l, ready.clone(), None, routes));

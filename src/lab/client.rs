@@ -18,7 +18,19 @@ pub struct CurlSummary {
     pub bodies: Vec<serde_json::Value>,
 }
 
+/// How long `lab curl` waits for one answer by default.
+pub const CURL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The status-code entry of a request that got no answer in time.
+pub fn timed_out(timeout: Duration) -> String {
+    format!(
+        "timed out (no answer within {})",
+        crate::cli::format_duration(timeout)
+    )
+}
+
 impl CurlSummary {
+    /// Requests that got no 200: other codes, time-outs and errors.
     pub fn failed(&self) -> u32 {
         self.codes
             .iter()
@@ -47,11 +59,30 @@ impl CurlSummary {
     }
 }
 
-/// N requests through a cluster's client sidecar (HTTP proxy).
+/// N requests through a cluster's client sidecar (HTTP proxy), each
+/// given [`CURL_TIMEOUT`].
 pub fn curl(lab: &Lab, cluster: &str, url: &str, n: u32) -> Result<CurlSummary> {
-    let c = lab
-        .cluster(cluster)
-        .ok_or_else(|| anyhow!("no cluster {cluster:?} in this lab"))?;
+    curl_with(lab, cluster, url, n, CURL_TIMEOUT)
+}
+
+/// [`curl`] with a per-request `timeout`. A request that gets no answer
+/// in time, or fails, is counted under "status codes" (as
+/// [`timed_out`] or `error: ...`) and the next one is sent: the summary
+/// says what came back of all `n`.
+pub fn curl_with(
+    lab: &Lab,
+    cluster: &str,
+    url: &str,
+    n: u32,
+    timeout: Duration,
+) -> Result<CurlSummary> {
+    let c = super::objects::find_cluster(lab, cluster)?;
+    if !url.starts_with("http://") {
+        return Err(crate::cli::UsageError(format!(
+            "{url}: only http:// URLs (the sidecar adds mTLS)"
+        ))
+        .into());
+    }
     let proxy = c
         .client_proxy
         .strip_prefix("http://")
@@ -59,7 +90,20 @@ pub fn curl(lab: &Lab, cluster: &str, url: &str, n: u32) -> Result<CurlSummary> 
         .to_string();
     let mut sum = CurlSummary::default();
     for _ in 0..n {
-        let (code, body) = netns::within(c.netns.as_deref(), || proxy_get(&proxy, url))??;
+        let got = netns::within(c.netns.as_deref(), || {
+            proxy_get_within(&proxy, url, timeout)
+        })?;
+        let (code, body) = match got {
+            Ok(answer) => answer,
+            Err(GetError::TimedOut) => {
+                *sum.codes.entry(timed_out(timeout)).or_default() += 1;
+                continue;
+            }
+            Err(GetError::Other(e)) => {
+                *sum.codes.entry(format!("error: {e:#}")).or_default() += 1;
+                continue;
+            }
+        };
         *sum.codes.entry(code.to_string()).or_default() += 1;
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) {
             let who = format!(
@@ -84,13 +128,42 @@ pub fn curl(lab: &Lab, cluster: &str, url: &str, n: u32) -> Result<CurlSummary> 
     Ok(sum)
 }
 
-/// One HTTP/1.1 GET of `url` through the proxy at `proxy`; status and body.
+/// Why [`proxy_get_within`] got no answer.
+#[derive(Debug)]
+pub enum GetError {
+    /// None within the time-out.
+    TimedOut,
+    Other(anyhow::Error),
+}
+
+impl<E: Into<anyhow::Error>> From<E> for GetError {
+    fn from(e: E) -> Self {
+        GetError::Other(e.into())
+    }
+}
+
+/// One HTTP/1.1 GET of `url` through the proxy at `proxy`; status and body
+/// (30 s for the answer).
 pub fn proxy_get(proxy: &str, url: &str) -> Result<(u16, String)> {
+    proxy_get_within(proxy, url, Duration::from_secs(30)).map_err(|e| match e {
+        GetError::TimedOut => {
+            anyhow!("GET {url}: no answer from the client sidecar at {proxy} within 30s")
+        }
+        GetError::Other(e) => e,
+    })
+}
+
+/// [`proxy_get`] with `timeout` for the whole answer.
+pub fn proxy_get_within(
+    proxy: &str,
+    url: &str,
+    timeout: Duration,
+) -> Result<(u16, String), GetError> {
     use std::io::{Read, Write};
     let addr: std::net::SocketAddr = proxy.parse().with_context(|| format!("proxy {proxy}"))?;
+    let start = std::time::Instant::now();
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .with_context(|| format!("cannot reach the client sidecar at {proxy}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
     let host = url
         .strip_prefix("http://")
         .and_then(|r| r.split('/').next())
@@ -99,13 +172,30 @@ pub fn proxy_get(proxy: &str, url: &str) -> Result<(u16, String)> {
         s,
         "GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
     )?;
+    // The time-out bounds the whole answer, not each read.
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(|e| match e.kind() {
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-            anyhow!("GET {url}: no answer from the client sidecar at {proxy} within 30s")
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let left = timeout.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            return Err(GetError::TimedOut);
         }
-        _ => anyhow!("GET {url} through {proxy}: {e}"),
-    })?;
+        s.set_read_timeout(Some(left))?;
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(GetError::TimedOut);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(anyhow!("GET {url} through {proxy}: {e}").into()),
+        }
+    }
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let code = head
@@ -222,7 +312,41 @@ fn dechunk(mut s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_silent_proxy_is_a_time_out_within_the_deadline() {
+        // Accepts and never answers, as a sidecar whose upstream stalls.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let proxy = l.local_addr().unwrap().to_string();
+        let start = std::time::Instant::now();
+        let got = proxy_get_within(&proxy, "http://echo.demo:8080/", Duration::from_millis(300));
+        assert!(matches!(got, Err(GetError::TimedOut)), "{got:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            start.elapsed()
+        );
+        drop(l);
+        // Nothing listening: an error, not a time-out.
+        let got = proxy_get_within(&proxy, "http://echo.demo:8080/", Duration::from_millis(300));
+        assert!(matches!(got, Err(GetError::Other(_))), "{got:?}");
+    }
+
+    #[test]
+    fn time_outs_count_as_failed_and_show_in_the_summary() {
+        let mut sum = CurlSummary::default();
+        sum.codes.insert("200".into(), 7);
+        sum.codes.insert(timed_out(Duration::from_secs(10)), 3);
+        assert_eq!(sum.failed(), 3);
+        assert!(
+            sum.render()
+                .contains("      3  timed out (no answer within 10s)"),
+            "{}",
+            sum.render()
+        );
+    }
 
     #[test]
     fn dechunk_joins_chunks() {

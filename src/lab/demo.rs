@@ -63,42 +63,36 @@ fn write(dir: &Path, name: &str, yaml: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
-const SUBSETS: &str = "apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: echo, namespace: demo}
-spec:
-  host: echo.demo.svc.cluster.local
-  subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
-";
+/// The tour's objects, shipped in `examples/lab/` (the README's tour
+/// applies the same files).
+pub const EXAMPLES: [(&str, &str); 5] = [
+    (
+        "subsets.yaml",
+        include_str!("../../examples/lab/subsets.yaml"),
+    ),
+    ("split.yaml", include_str!("../../examples/lab/split.yaml")),
+    (
+        "all-to-west.yaml",
+        include_str!("../../examples/lab/all-to-west.yaml"),
+    ),
+    (
+        "deny-client.yaml",
+        include_str!("../../examples/lab/deny-client.yaml"),
+    ),
+    (
+        "failover.yaml",
+        include_str!("../../examples/lab/failover.yaml"),
+    ),
+];
 
-fn split(v1: u32, v2: u32) -> String {
-    format!(
-        "apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: echo, namespace: demo}}
-spec:
-  hosts: [echo.demo.svc.cluster.local]
-  http:
-  - route:
-    - {{destination: {{host: echo.demo.svc.cluster.local, subset: v1}}, weight: {v1}}}
-    - {{destination: {{host: echo.demo.svc.cluster.local, subset: v2}}, weight: {v2}}}
-    retries: {{attempts: 2, retryOn: connect-failure,reset,5xx}}
-"
-    )
+/// Writes the example `name` into `dir`.
+fn example(dir: &Path, name: &str) -> Result<PathBuf> {
+    let (_, yaml) = EXAMPLES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .ok_or_else(|| anyhow!("no example {name}"))?;
+    write(dir, name, yaml)
 }
-
-const DENY_CLIENT: &str = "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny-client, namespace: demo}
-spec:
-  selector: {matchLabels: {app: echo}}
-  action: DENY
-  rules:
-  - from:
-    - source: {principals: [cluster.local/ns/demo/sa/client]}
-";
 
 /// The multi-primary tour on a running lab.
 pub fn tour_multi_primary(lab: &Lab, report: &mut Report) -> Result<()> {
@@ -146,8 +140,8 @@ pub fn tour_multi_primary(lab: &Lab, report: &mut Report) -> Result<()> {
     );
     super::start(dir, "west/gateway")?;
 
-    let subsets = write(&files, "subsets.yaml", SUBSETS)?;
-    let vs = write(&files, "split.yaml", &split(80, 20))?;
+    let subsets = example(&files, "subsets.yaml")?;
+    let vs = example(&files, "split.yaml")?;
     apply("east", &subsets, true)?;
     apply("west", &subsets, true)?;
     apply("east", &vs, true)?;
@@ -166,10 +160,10 @@ pub fn tour_multi_primary(lab: &Lab, report: &mut Report) -> Result<()> {
     );
 
     // Everything to west for the policy step.
-    let all_west = write(&files, "all-west.yaml", &split(0, 100))?;
-    std::fs::copy(&all_west, &vs)?;
-    apply("east", &vs, true)?;
-    let deny = write(&files, "deny-client.yaml", DENY_CLIENT)?;
+    // Same kind, namespace and name: it replaces the split.
+    let all_west = example(&files, "all-to-west.yaml")?;
+    apply("east", &all_west, true)?;
+    let deny = example(&files, "deny-client.yaml")?;
     apply("west", &deny, true)?;
     report.record(
         "AuthorizationPolicy in west denies east's client",
@@ -335,4 +329,34 @@ pub fn demo(dir: &Path, base: u8) -> Result<()> {
         return Err(crate::cli::Rejected(format!("{failed} demo step(s) failed")).into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn every_example_is_objects_the_control_plane_reads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/lab");
+        let mut shipped: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".yaml"))
+            .collect();
+        shipped.sort();
+        let mut embedded: Vec<String> = EXAMPLES.iter().map(|(n, _)| n.to_string()).collect();
+        embedded.sort();
+        assert_eq!(shipped, embedded, "every shipped example is in the demo");
+        for (name, yaml) in EXAMPLES {
+            let docs = strait_controlplane::source::parse_file(yaml).unwrap();
+            assert!(!docs.is_empty(), "{name}");
+            for d in docs {
+                let key = strait_controlplane::source::check(&d)
+                    .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+                assert_eq!(key.namespace, crate::lab::DEMO_NAMESPACE, "{name}");
+            }
+        }
+    }
 }

@@ -7,6 +7,7 @@ mod client;
 pub mod demo;
 pub mod echo;
 pub mod netns;
+pub mod objects;
 pub mod plan;
 pub mod run;
 
@@ -47,37 +48,68 @@ pub struct DirArg {
 #[derive(Debug, Subcommand)]
 pub enum LabCommand {
     /// Start a lab and run it in the foreground until SIGINT/SIGTERM.
+    #[command(
+        after_help = "Examples:\n  strait lab up &                                   # multi-primary in ./.strait-lab\n  \
+strait lab up --topology federated --mode quic --dir /tmp/fed &\n  \
+strait lab up --ip-base 30 --dir /tmp/lab2 &       # a second lab beside the first\n  \
+strait lab up --cert-ttl 30s &                     # renewals within a minute"
+    )]
     Up(UpArgs),
     /// Table of the lab's components and their health (exit 0 only when all are ready).
+    #[command(
+        after_help = "Example:\n  strait lab status\n  until strait lab status >/dev/null; do sleep 1; done   # wait for ready"
+    )]
     Status(DirArg),
     /// Stop a running lab (every process it started).
+    #[command(after_help = "Example:\n  strait lab down --dir /tmp/fed")]
     Down(DirArg),
     /// SIGKILL one component, e.g. `broker`, `east/gateway`, `east/controlplane`.
+    #[command(
+        after_help = "Example:\n  strait lab kill west/gateway\n  strait lab curl east http://echo.demo:8080/ -n 20   # answered in east\n  strait lab start west/gateway"
+    )]
     Kill {
         component: String,
         #[command(flatten)]
         dir: DirArg,
     },
     /// Start one (killed) component again.
+    #[command(after_help = "Example:\n  strait lab start west/gateway")]
     Start {
         component: String,
         #[command(flatten)]
         dir: DirArg,
     },
     /// Print a component's log.
+    #[command(
+        after_help = "Example:\n  strait lab logs east/controlplane\n  strait lab logs east/client/sidecar | grep 'config applied'"
+    )]
     Logs {
         component: String,
         #[command(flatten)]
         dir: DirArg,
     },
-    /// Put Kubernetes-style YAML into a cluster's config (like kubectl apply).
+    /// Apply Kubernetes-style YAML objects to a cluster, like `kubectl
+    /// apply -f`: an object replaces the one of the same kind, namespace
+    /// and name (whichever file it came from). Waits until the cluster's
+    /// control plane has read them and fails, with its reason, for an
+    /// object it rejected (whose last good version stays in force).
+    #[command(
+        after_help = "Example:\n  strait lab apply east examples/lab/subsets.yaml\n  \
+strait lab apply west examples/lab/subsets.yaml\n  \
+strait lab apply east examples/lab/split.yaml     # VirtualService demo/echo created"
+    )]
     Apply {
         cluster: String,
         file: PathBuf,
         #[command(flatten)]
         dir: DirArg,
     },
-    /// Remove what `apply` put (like kubectl delete -f).
+    /// Delete a file's objects from a cluster by kind, namespace and name
+    /// (like `kubectl delete -f`); waits until the control plane has
+    /// dropped them.
+    #[command(
+        after_help = "Example:\n  strait lab delete east examples/lab/split.yaml   # VirtualService demo/echo deleted"
+    )]
     Delete {
         cluster: String,
         file: PathBuf,
@@ -85,6 +117,10 @@ pub enum LabCommand {
         dir: DirArg,
     },
     /// Cut the WAN link between two clusters (netns mode).
+    #[command(
+        after_help = "Example:\n  strait lab up --netns &\n  strait lab apply east examples/lab/failover.yaml\n  \
+strait lab partition east west\n  strait lab curl east http://echo.demo:8080/ -n 20   # all answered in east\n  strait lab heal"
+    )]
     Partition {
         a: String,
         b: String,
@@ -92,25 +128,42 @@ pub enum LabCommand {
         dir: DirArg,
     },
     /// Restore every link `partition` cut (netns mode).
+    #[command(after_help = "Example:\n  strait lab heal")]
     Heal(DirArg),
     /// Send N requests from a cluster's client through its sidecar and
     /// summarise the answers.
+    #[command(
+        after_help = "Example:\n  strait lab curl east http://echo.demo:8080/ -n 20\n  \
+strait lab curl east http://echo.demo.svc.clusterset.local:8080/   # federated: the other mesh\n  \
+strait lab curl east http://echo.demo:8080/ -n 10 --timeout 2s     # under a partition"
+    )]
     Curl {
         cluster: String,
         url: String,
         #[arg(short = 'n', default_value_t = 1)]
         n: u32,
+        /// How long each request may wait for its answer; one that gets
+        /// none is counted as timed out and the next is sent.
+        #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = crate::cli::parse_duration)]
+        timeout: Duration,
         #[command(flatten)]
         dir: DirArg,
     },
     /// The demo workload: answers every request with who answered and who asked.
+    #[command(
+        after_help = "Example:\n  strait lab echo --listen 127.0.0.1:8080 --cluster east --service echo --version v1 --workload echo-1 &\n  curl http://127.0.0.1:8080/   # {\"cluster\":\"east\",\"service\":\"echo\",...}"
+    )]
     Echo(echo::EchoArgs),
     /// Bring labs up, tour them (cross-cluster identity, weighted split,
     /// authorization, failover, rotation, federation), tear them down.
+    #[command(
+        after_help = "Example:\n  strait lab demo --dir /tmp/demo   # exit 0 when every step passed"
+    )]
     Demo {
         #[command(flatten)]
         dir: DirArg,
-        #[arg(long, default_value_t = 10, hide = true)]
+        /// First address block (see `lab up --ip-base`).
+        #[arg(long, default_value_t = 10)]
         ip_base: u8,
     },
 }
@@ -127,8 +180,9 @@ pub struct UpArgs {
     #[arg(long)]
     pub netns: bool,
     /// First address block: brokers in 127.BASE.0.0/16, clusters in the
-    /// blocks after it.
-    #[arg(long, default_value_t = 10, hide = true)]
+    /// blocks after it (127.BASE+1.0.0/16, ...); another base runs a
+    /// second lab beside the first.
+    #[arg(long, default_value_t = 10)]
     pub ip_base: u8,
     /// The certificate lifetime sidecars and gateways ask for (default:
     /// theirs, 24h). A short one (e.g. 30s) makes renewals, and a root
@@ -174,13 +228,24 @@ pub fn run(args: LabArgs) -> Result<()> {
             cluster,
             url,
             n,
+            timeout,
             dir,
         } => {
             let lab = read_lab(&dir.dir)?;
-            let summary = curl(&lab, &cluster, &url, n)?;
+            let summary = client::curl_with(&lab, &cluster, &url, n, timeout)?;
             print!("{}", summary.render());
             if summary.failed() > 0 {
-                bail!("{} of {n} requests failed", summary.failed());
+                let late = summary
+                    .codes
+                    .get(&client::timed_out(timeout))
+                    .copied()
+                    .unwrap_or(0);
+                let late = if late > 0 {
+                    format!(" ({late} timed out)")
+                } else {
+                    String::new()
+                };
+                bail!("{} of {n} requests failed{late}", summary.failed());
             }
             Ok(())
         }
@@ -613,9 +678,10 @@ pub fn bring_up(lab: &Lab, quiet: bool) -> Result<()> {
             .filter(|b| b.mesh != cl.mesh)
             .map(|b| format!("mesh:{}", b.mesh))
             .collect();
-        std::fs::write(cl.config_dir.join("demo.yaml"), cl.config_yaml(&others))?;
+        // One file per object, as `lab apply` writes them.
+        objects::write_objects(&cl.config_dir, &cl.config_yaml(&others))?;
         if cl.role == "remote" {
-            std::fs::write(cl.config_dir.join("network.yaml"), cl.network_yaml())?;
+            objects::write_objects(&cl.config_dir, &cl.network_yaml())?;
         }
     }
     for cl in &lab.clusters {
@@ -811,11 +877,11 @@ fn stop_all(dir: &Path) -> Result<()> {
 pub(crate) fn kill(dir: &Path, component: &str) -> Result<()> {
     let procs = Procs::load(dir)?;
     let p = procs.procs.get(component).ok_or_else(|| {
-        anyhow!(
+        crate::cli::UsageError(format!(
             "no component {component:?} in {}; components: {}",
             dir.display(),
             procs.order.join(", ")
-        )
+        ))
     })?;
     run::kill9(p.pid);
     println!("{component} (pid {}) killed", p.pid);
@@ -824,10 +890,18 @@ pub(crate) fn kill(dir: &Path, component: &str) -> Result<()> {
 
 pub(crate) fn start(dir: &Path, component: &str) -> Result<()> {
     let lab = read_lab(dir)?;
-    let c = components(&lab)
-        .into_iter()
+    let all = components(&lab);
+    let c = all
+        .iter()
         .find(|c| c.name == component)
-        .ok_or_else(|| anyhow!("no component {component:?} in this lab"))?;
+        .cloned()
+        .ok_or_else(|| {
+            let names: Vec<&str> = all.iter().map(|c| c.name.as_str()).collect();
+            crate::cli::UsageError(format!(
+                "no component {component:?} in this lab; components: {}",
+                names.join(", ")
+            ))
+        })?;
     let mut procs = Procs::load(dir)?;
     if let Some(p) = procs.procs.get(component)
         && run::alive(p.pid)
@@ -839,37 +913,14 @@ pub(crate) fn start(dir: &Path, component: &str) -> Result<()> {
     Ok(())
 }
 
-/// `lab apply`/`delete`: the file's documents go to (or leave) the
-/// cluster's config directory as `applied-<file name>`.
+/// `lab apply` (`put`) or `lab delete` of a file's objects (see
+/// [`objects`]).
 pub(crate) fn apply(dir: &Path, cluster: &str, file: &Path, put: bool) -> Result<()> {
-    let lab = read_lab(dir)?;
-    let c = lab
-        .cluster(cluster)
-        .ok_or_else(|| anyhow!("no cluster {cluster:?} in this lab"))?;
-    let name = file
-        .file_name()
-        .ok_or_else(|| anyhow!("{}: not a file", file.display()))?;
-    let target = c
-        .config_dir
-        .join(format!("applied-{}", name.to_string_lossy()));
     if put {
-        let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
-        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text)
-            .map_err(|e| anyhow!("{}: not valid YAML: {e}", file.display()))?;
-        let tmp = target.with_extension("tmp");
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, &target)?;
-        println!("{} object(s) applied to {cluster}", docs.len());
+        objects::apply(dir, cluster, file)
     } else {
-        match std::fs::remove_file(&target) {
-            Ok(()) => println!("{} deleted from {cluster}", name.to_string_lossy()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                bail!("{} was not applied to {cluster}", name.to_string_lossy())
-            }
-            Err(e) => return Err(e.into()),
-        }
+        objects::delete(dir, cluster, file)
     }
-    Ok(())
 }
 
 /// The namespace demo YAML objects use.

@@ -120,12 +120,13 @@ fn cluster_index(lab: &Lab, name: &str) -> Result<usize> {
     lab.clusters
         .iter()
         .position(|c| c.name == name)
-        .with_context(|| {
+        .ok_or_else(|| {
             let names: Vec<&str> = lab.clusters.iter().map(|c| c.name.as_str()).collect();
-            format!(
-                "no cluster {name:?} in this lab (clusters: {})",
+            crate::cli::UsageError(format!(
+                "no cluster {name:?} in this lab; its clusters: {}",
                 names.join(", ")
-            )
+            ))
+            .into()
         })
 }
 

@@ -175,6 +175,32 @@ pub fn http_status(url: &str, timeout: Duration) -> Option<u16> {
     head.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// HTTP GET of `url` (plain `http://host:port/path`): the status code and
+/// the body (the server closes the connection after it).
+pub fn http_get(url: &str, timeout: Duration) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://")?;
+    let (hostport, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let addr: std::net::SocketAddr = hostport.parse().ok()?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    s.set_write_timeout(Some(timeout)).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = Vec::new();
+    s.take(64 << 20).read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8(buf).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    // The body has a Content-Length (hyper sizes a String body).
+    Some((code, body.to_string()))
+}
+
 /// Waits until `c` answers 200 on its health endpoint, failing early when
 /// its process exits (with the end of its log).
 pub fn wait_healthy(dir: &Path, c: &Component, pid: u32, deadline: Duration) -> Result<()> {

@@ -10,9 +10,11 @@
 //! - Trust (who may call) follows the bundle, peered bundles and
 //!   deny-list the broker link installs.
 //! - The health listener serves `/healthz/ready`, `/healthz/live`; the
-//!   debug listener `/debug/nacks` (the last refusal of every proxy, JSON),
-//!   on loopback unless told otherwise ([`DebugListen`]): it has no
-//!   authentication and names every proxy and what it refused.
+//!   debug listener `/debug/nacks` (the last refusal of every proxy, JSON)
+//!   and `/debug/config` (the objects in force and the rejected ones of
+//!   every served cluster, JSON; see [`debug`]), on loopback unless told
+//!   otherwise ([`DebugListen`]): it has no authentication and names every
+//!   proxy and what it refused.
 //! - On shutdown the snapshot channel closes first, which ends the
 //!   proxies' discovery streams; connections get [`DRAIN`] to close.
 
@@ -36,6 +38,7 @@ use crate::resources::{self, ClusterContext, NetworkInput, NetworkMode, Snapshot
 use crate::source::Config;
 use crate::{dirwatch, link};
 
+pub mod debug;
 mod inject;
 mod remotes;
 mod serving;
@@ -474,13 +477,22 @@ fn health_route(path: &str, ready: bool) -> http::Response<String> {
 }
 
 /// The answer of the debug listener: `/debug/nacks`.
-fn debug_route(path: &str, xds: &crate::xds::XdsServer) -> http::Response<String> {
+fn debug_route(
+    path: &str,
+    xds: &crate::xds::XdsServer,
+    configs: &debug::Configs,
+) -> http::Response<String> {
     use http::StatusCode;
     match path {
         "/debug/nacks" => respond(
             StatusCode::OK,
             "application/json",
             format!("{:#}\n", nacks_json(&xds.nacks())),
+        ),
+        "/debug/config" => respond(
+            StatusCode::OK,
+            "application/json",
+            format!("{:#}\n", debug::configs_json(configs)),
         ),
         _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
@@ -561,7 +573,10 @@ pub async fn run(
                 .filter_map(|r| r.api.clone().map(|c| (c, r.config.clone()))),
         )
         .collect();
-    let remotes = remotes.into_iter().map(|r| (r.name, r.config)).collect();
+    let remotes: Vec<_> = remotes.into_iter().map(|r| (r.name, r.config)).collect();
+    let debug_configs: debug::Configs = std::iter::once((cfg.cluster.clone(), config.clone()))
+        .chain(remotes.iter().map(|(n, rx)| (n.to_string(), rx.clone())))
+        .collect();
     let served = spawn_views(me, cfg.clusterset_ips, remotes, config, stopped())?;
     let mut served = served.into_iter();
     let (own_view, own_siblings) = served
@@ -693,9 +708,9 @@ pub async fn run(
         tokio::spawn(serve_plain(
             l,
             "debug",
-            Arc::new(move |path| debug_route(path, &xds)),
+            Arc::new(move |path| debug_route(path, &xds, &debug_configs)),
         ));
-        tracing::info!(%addr, "debug endpoints serving (/debug/nacks)");
+        tracing::info!(%addr, "debug endpoints serving (/debug/nacks, /debug/config)");
     }
     if let Some(addr) = cfg.metrics_listen {
         let l = broker_http::bind(addr, "metrics").await?;
@@ -850,11 +865,21 @@ mod tests {
     #[test]
     fn the_debug_listener_routes() {
         let xds = xds();
-        let r = debug_route("/debug/nacks", &xds);
+        let (_tx, rx) = watch::channel(Arc::new(Config::default()));
+        let configs: debug::Configs = vec![("east".to_string(), rx)];
+        let r = debug_route("/debug/nacks", &xds, &configs);
         assert_eq!(r.status().as_u16(), 200);
         assert!(r.body().contains("{}"), "{:?}", r.body());
         assert_eq!(r.headers()[http::header::CONTENT_TYPE], "application/json");
-        assert_eq!(debug_route("/healthz/ready", &xds).status().as_u16(), 404);
+        let r = debug_route("/debug/config", &xds, &configs);
+        assert_eq!(r.status().as_u16(), 200);
+        assert!(r.body().contains("\"east\""), "{}", r.body());
+        assert_eq!(
+            debug_route("/healthz/ready", &xds, &configs)
+                .status()
+                .as_u16(),
+            404
+        );
     }
 
     #[tokio::test]
