@@ -1,8 +1,10 @@
 //! The directory config source: every `*.yaml` file of a config directory,
 //! multi-document, Kubernetes-style objects. Each object is judged on its
-//! own: a bad object (or a file that does not parse) is rejected with its
-//! file, object and reason, and the rest applies; the last good version of
-//! a rejected object stays in force.
+//! own and as a whole, by the rules the Kubernetes API server and Istio's
+//! webhook apply to its kind ([`strait_model::validation`]): a bad object
+//! (or a file that does not parse) is rejected with its file, object and
+//! every bad field with its value, and the rest applies; the last good
+//! version of a rejected object stays in force.
 //!
 //! Reading is separate from judging: [`parse_file`] turns one file's text
 //! into documents, [`Config::apply`] folds a new read of the directory into
@@ -12,6 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
+use strait_model::validation::{InvalidObject, validate_object};
 
 /// The kinds the control plane understands, by `apiVersion` group and kind.
 const KNOWN: [(&str, &str); 11] = [
@@ -81,25 +84,30 @@ pub fn parse_file(text: &str) -> FileRead {
     Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
 }
 
-fn dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
+/// Why one document of a config is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CheckError {
+    #[error("apiVersion and kind are required")]
+    NoTypeMeta,
+    #[error("{api_version} {kind} is not a kind strait reads")]
+    UnknownKind { api_version: String, kind: String },
+    #[error("spec must be a mapping")]
+    SpecNotMapping,
+    /// The object breaks Kubernetes' or Istio's rules for its kind: every
+    /// bad field with its value.
+    #[error("invalid: {0}")]
+    Invalid(#[from] InvalidObject),
 }
 
-fn dns_subdomain(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 253 && s.split('.').all(dns_label)
-}
-
-/// Checks one document's shape; returns its key.
-pub fn check(doc: &Value) -> Result<ObjectKey, (Option<ObjectKey>, String)> {
+/// Checks one whole document by the rules of its kind
+/// ([`strait_model::validation`]); returns its key. A document that fails
+/// is refused as a whole, so the last good version of its object stays in
+/// force ([`Config::apply`]).
+pub fn check(doc: &Value) -> Result<ObjectKey, (Option<ObjectKey>, CheckError)> {
     let api = doc["apiVersion"].as_str().unwrap_or_default();
     let kind = doc["kind"].as_str().unwrap_or_default();
     if api.is_empty() || kind.is_empty() {
-        return Err((None, "apiVersion and kind are required".into()));
+        return Err((None, CheckError::NoTypeMeta));
     }
     let name = doc["metadata"]["name"]
         .as_str()
@@ -117,32 +125,25 @@ pub fn check(doc: &Value) -> Result<ObjectKey, (Option<ObjectKey>, String)> {
     let key = ObjectKey {
         kind: kind.to_string(),
         namespace,
-        name: name.clone(),
+        name,
     };
     let group = api.rsplit_once('/').map_or("", |(g, _)| g);
     if !KNOWN.iter().any(|(g, k)| *g == group && *k == kind) {
         return Err((
             Some(key),
-            format!("{api} {kind} is not a kind strait reads"),
-        ));
-    }
-    if !dns_subdomain(&name) {
-        return Err((
-            Some(key),
-            format!("metadata.name {name:?} is not a valid Kubernetes name"),
-        ));
-    }
-    if !key.namespace.is_empty() && !dns_label(&key.namespace) {
-        let ns = key.namespace.clone();
-        return Err((
-            Some(key),
-            format!("metadata.namespace {ns:?} is not a valid namespace"),
+            CheckError::UnknownKind {
+                api_version: api.to_string(),
+                kind: kind.to_string(),
+            },
         ));
     }
     if !doc["spec"].is_null() && !doc["spec"].is_object() {
-        return Err((Some(key), "spec must be a mapping".into()));
+        return Err((Some(key), CheckError::SpecNotMapping));
     }
-    Ok(key)
+    match validate_object(doc) {
+        Ok(()) => Ok(key),
+        Err(e) => Err((Some(key), e.into())),
+    }
 }
 
 /// The config in force: accepted objects, and the current rejections.
@@ -207,7 +208,7 @@ impl Config {
                         rejections.push(Rejection {
                             file: file.clone(),
                             object: key,
-                            reason,
+                            reason: reason.to_string(),
                         });
                     }
                 }
@@ -272,7 +273,7 @@ mod tests {
         assert_eq!(c.rejections.len(), 2);
         let text: Vec<String> = c.rejections.iter().map(|r| r.to_string()).collect();
         assert!(
-            text[0].contains("a.yaml: Service default/Bad_Name: metadata.name"),
+            text[0].contains("a.yaml: Service default/Bad_Name: invalid: metadata.name"),
             "{text:?}"
         );
         assert!(
@@ -328,10 +329,16 @@ mod tests {
         let ns: Value = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "bookinfo"}});
         assert_eq!(check(&ns).unwrap().to_string(), "Namespace bookinfo");
         let no_kind: Value = serde_json::json!({"apiVersion": "v1"});
-        assert!(check(&no_kind).unwrap_err().1.contains("required"));
+        assert_eq!(check(&no_kind).unwrap_err().1, CheckError::NoTypeMeta);
         let bad_ns: Value = serde_json::json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
             "metadata": {"name": "x", "namespace": "Bad"}});
-        assert!(check(&bad_ns).unwrap_err().1.contains("namespace"));
+        assert!(
+            check(&bad_ns)
+                .unwrap_err()
+                .1
+                .to_string()
+                .contains("metadata.namespace: Invalid value: \"Bad\""),
+        );
     }
 
     #[test]

@@ -29,6 +29,9 @@
 //!   validation with errors that name the field path ([`istio::parse`]).
 //! - [`objects`]: the serde types of those Istio and MCS objects.
 //! - [`names`]: Kubernetes name rules and bounded generated names.
+//! - [`validation`]: whole-object validation of the Kubernetes-style
+//!   objects of a config (Kubernetes' and Istio's rules: names, labels,
+//!   ports, protocols, addresses), with errors that name every bad field.
 //! - [`probe`]: the app probes an injected sidecar answers for the kubelet
 //!   under transparent interception ([`probe::AppProbers`]).
 //!
@@ -60,6 +63,7 @@ pub mod mesh;
 pub mod names;
 pub mod objects;
 pub mod probe;
+pub mod validation;
 
 pub use export::{ExportError, ObjectKind, ObjectRef, export_decision};
 pub use imports::{ImportObjects, ImportWarning, import_objects};
