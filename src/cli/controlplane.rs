@@ -89,8 +89,10 @@ struct RunArgs {
     /// Discovery and certificate API (mTLS).
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
-    /// Health endpoints (/healthz/ready, /healthz/live) and /debug/nacks
-    /// (the last config each proxy refused, JSON).
+    /// Health endpoints (/healthz/ready, /healthz/live), /debug/nacks
+    /// (the last config each proxy refused, JSON) and /debug/config (the
+    /// config objects in force and every rejected file or object with its
+    /// reason, JSON).
     #[arg(long, value_name = "ADDR")]
     health_listen: Option<SocketAddr>,
     /// Prometheus metrics (/metrics).
@@ -117,6 +119,15 @@ struct RunArgs {
     /// Quiet time before pushing a config change to proxies.
     #[arg(long, value_parser = parse_duration, default_value = "100ms")]
     debounce: Duration,
+    /// The largest config file read (--config-dir and --remote
+    /// directories), in bytes; a larger file is rejected by name without
+    /// being read, and its objects keep their last good version. The
+    /// default is the Kubernetes API server's 3 MiB request limit. YAML
+    /// bombs are refused by a fixed budget: 10000 documents, 500000 nodes,
+    /// nesting 64 deep, 10000 aliases expanding to 100000 nodes per file.
+    #[arg(long, value_name = "BYTES", default_value_t = strait_controlplane::source::DEFAULT_MAX_FILE_BYTES,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_config_file_bytes: u64,
     /// The IPv4 range imported services get their ClusterSet IP from, or
     /// `off`. Each imported service gets one address, kept across restarts
     /// and changes, in its ServiceEntry's `addresses` and its
@@ -236,6 +247,9 @@ fn serve(r: RunArgs) -> Result<()> {
         gateways: r.gateway,
         quic_egress: r.quic_egress,
         debounce: r.debounce,
+        config_limits: strait_controlplane::source::Limits {
+            max_file_bytes: r.max_config_file_bytes,
+        },
         remotes: r.remote,
         inject: r
             .inject_listen

@@ -14,6 +14,7 @@ mod kube;
 mod probes;
 mod rotation;
 mod support;
+mod validation;
 
 use std::time::{Duration, Instant};
 

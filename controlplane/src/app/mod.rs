@@ -9,8 +9,11 @@
 //!   workload CA then signs with the new one too).
 //! - Trust (who may call) follows the bundle, peered bundles and
 //!   deny-list the broker link installs.
-//! - The health listener serves `/healthz/ready`, `/healthz/live` and
-//!   `/debug/nacks` (the last refusal of every proxy, JSON).
+//! - The health listener serves `/healthz/ready`, `/healthz/live`,
+//!   `/debug/nacks` (the last refusal of every proxy, JSON) and
+//!   `/debug/config` (how many objects are in force and every current
+//!   rejection: file, object, reason; JSON). The metric
+//!   `strait_config_rejections` counts the current rejections.
 //! - On shutdown the snapshot channel closes first, which ends the
 //!   proxies' discovery streams; connections get [`DRAIN`] to close.
 
@@ -66,6 +69,8 @@ pub struct AppConfig {
     pub quic_egress: Option<String>,
     /// Quiet time before a rebuilt snapshot is pushed.
     pub debounce: Duration,
+    /// What one config file may cost (directory mode, remotes' too).
+    pub config_limits: crate::source::Limits,
     /// Remote clusters this control plane also serves (primary-remote).
     pub remotes: Vec<crate::remote::RemoteSpec>,
     /// Where imported services' ClusterSet IPs come from (`None`: imports
@@ -110,7 +115,7 @@ async fn open_source(
 > {
     match &cfg.source {
         ConfigSource::Dir(dir) => {
-            let config = dirwatch::watch_dir(dir.clone())
+            let config = dirwatch::watch_dir(dir.clone(), cfg.config_limits)
                 .map_err(|e| format!("--config-dir {}: {e}", dir.display()))?;
             Ok((config, link::ImportSink::Dir(dir.clone()), None))
         }
@@ -381,6 +386,47 @@ pub fn nacks_json(nacks: &BTreeMap<String, crate::xds::NackRecord>) -> serde_jso
     serde_json::Value::Object(by_node)
 }
 
+/// The body of `/debug/config`: the objects in force and the current
+/// rejections (each with its last good version, if any, still in force).
+pub fn config_json(config: &Config) -> serde_json::Value {
+    let rejections: Vec<serde_json::Value> = config
+        .rejections
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "file": r.file.display().to_string(),
+                "object": r.object.as_ref().map(ToString::to_string),
+                "reason": r.reason,
+                "last_good_in_force": r.object.as_ref().is_some_and(|k| config.objects.contains_key(k)),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "objects": config.objects.len(),
+        "rejections": rejections,
+    })
+}
+
+/// Keeps `strait_config_rejections` equal to the current rejections of
+/// the config in force.
+fn spawn_rejection_gauge(registry: &mut Registry, mut config: watch::Receiver<Arc<Config>>) {
+    let gauge: prometheus_client::metrics::gauge::Gauge = Default::default();
+    registry.sub_registry_with_prefix("strait_config").register(
+        "rejections",
+        "Config files and objects rejected now; a rejected object's last good version stays in force",
+        gauge.clone(),
+    );
+    tokio::spawn(async move {
+        loop {
+            let n = config.borrow_and_update().rejections.len();
+            gauge.set(i64::try_from(n).unwrap_or(i64::MAX));
+            if config.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
 /// A response with `status`, a content type and `body`.
 fn respond(status: http::StatusCode, content_type: &str, body: String) -> http::Response<String> {
     let mut r = http::Response::new(body);
@@ -392,8 +438,14 @@ fn respond(status: http::StatusCode, content_type: &str, body: String) -> http::
 }
 
 /// The answer of the health listener: `/healthz/ready`, `/healthz/live`
-/// (as `strait_broker::http` serves them) and `/debug/nacks`.
-fn health_route(path: &str, ready: bool, xds: &crate::xds::XdsServer) -> http::Response<String> {
+/// (as `strait_broker::http` serves them), `/debug/nacks` and
+/// `/debug/config`.
+fn health_route(
+    path: &str,
+    ready: bool,
+    xds: &crate::xds::XdsServer,
+    config: &Config,
+) -> http::Response<String> {
     use http::StatusCode;
     match path {
         "/healthz/ready" if ready => respond(StatusCode::OK, "text/plain", "ready\n".into()),
@@ -408,12 +460,22 @@ fn health_route(path: &str, ready: bool, xds: &crate::xds::XdsServer) -> http::R
             "application/json",
             format!("{:#}\n", nacks_json(&xds.nacks())),
         ),
+        "/debug/config" => respond(
+            StatusCode::OK,
+            "application/json",
+            format!("{:#}\n", config_json(config)),
+        ),
         _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
 }
 
 /// Serves the health listener until the task is dropped.
-async fn serve_health(listener: tokio::net::TcpListener, ready: Ready, xds: crate::xds::XdsServer) {
+async fn serve_health(
+    listener: tokio::net::TcpListener,
+    ready: Ready,
+    xds: crate::xds::XdsServer,
+    config: watch::Receiver<Arc<Config>>,
+) {
     loop {
         let tcp = match listener.accept().await {
             Ok((tcp, _)) => tcp,
@@ -425,10 +487,12 @@ async fn serve_health(listener: tokio::net::TcpListener, ready: Ready, xds: crat
         };
         let ready = ready.clone();
         let xds = xds.clone();
+        let config = config.clone();
         tokio::spawn(async move {
             let svc =
                 hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let r = health_route(req.uri().path(), ready.get(), &xds);
+                    let current = config.borrow().clone();
+                    let r = health_route(req.uri().path(), ready.get(), &xds, &current);
                     async move { Ok::<_, std::convert::Infallible>(r) }
                 });
             let _ =
@@ -447,6 +511,7 @@ pub async fn run(
     let info = ensure_joined(&cfg).await?;
     let td = TrustDomain::new(&info.trust_domain).map_err(|e| e.to_string())?;
     let (config, sink, kube_client) = open_source(&cfg).await?;
+    let config_view = config.clone();
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
@@ -556,6 +621,7 @@ pub async fn run(
     let serving = Arc::new(ServingCert::issue(&authority, &td)?);
 
     let mut registry = Registry::default();
+    spawn_rejection_gauge(&mut registry, config_view.clone());
     let xds = crate::xds::XdsServer::new(
         snapshots,
         trust.clone(),
@@ -602,7 +668,7 @@ pub async fn run(
     let ready = Ready::default();
     if let Some(addr) = cfg.health_listen {
         let l = broker_http::bind(addr, "health").await?;
-        tokio::spawn(serve_health(l, ready.clone(), xds.clone()));
+        tokio::spawn(serve_health(l, ready.clone(), xds.clone(), config_view));
     }
     if let Some(addr) = cfg.metrics_listen {
         let l = broker_http::bind(addr, "metrics").await?;
@@ -745,16 +811,61 @@ mod tests {
             ("/healthz/ready", false, 503, "not ready"),
             ("/healthz/live", false, 200, "live"),
             ("/debug/nacks", true, 200, "{}"),
+            ("/debug/config", true, 200, "\"rejections\": []"),
             ("/debug", true, 404, "not found"),
             ("/metrics", true, 404, "not found"),
         ];
         for (path, ready, status, body) in cases {
-            let r = health_route(path, ready, &xds);
+            let r = health_route(path, ready, &xds, &Config::default());
             assert_eq!(r.status().as_u16(), status, "{path} ready={ready}");
             assert!(r.body().contains(body), "{path}: {:?}", r.body());
         }
-        let r = health_route("/debug/nacks", true, &xds);
+        let r = health_route("/debug/nacks", true, &xds, &Config::default());
         assert_eq!(r.headers()[http::header::CONTENT_TYPE], "application/json");
+    }
+
+    #[test]
+    fn debug_config_lists_rejections_and_whether_the_last_good_version_stays() {
+        use crate::source::{Object, ObjectKey, Rejection};
+        let key = ObjectKey {
+            kind: "Service".into(),
+            namespace: "demo".into(),
+            name: "echo".into(),
+        };
+        let config = Config {
+            objects: BTreeMap::from([(
+                key.clone(),
+                Object {
+                    file: "/c/echo.yaml".into(),
+                    value: serde_json::json!({}),
+                },
+            )]),
+            rejections: vec![
+                Rejection {
+                    file: "/c/echo.yaml".into(),
+                    object: Some(key),
+                    reason: "invalid: spec.ports[0].port: Invalid value: 99999".into(),
+                },
+                Rejection {
+                    file: "/c/big.yaml".into(),
+                    object: None,
+                    reason: "too large".into(),
+                },
+            ],
+        };
+        assert_eq!(
+            config_json(&config),
+            serde_json::json!({
+                "objects": 1,
+                "rejections": [
+                    {"file": "/c/echo.yaml", "object": "Service demo/echo",
+                     "reason": "invalid: spec.ports[0].port: Invalid value: 99999",
+                     "last_good_in_force": true},
+                    {"file": "/c/big.yaml", "object": null, "reason": "too large",
+                     "last_good_in_force": false},
+                ]
+            })
+        );
     }
 
     #[test]
