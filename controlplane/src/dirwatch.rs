@@ -5,6 +5,10 @@
 //! modification time changes, or a file appears or goes, the directory is
 //! read again and folded into the previous [`Config`] with
 //! [`Config::apply`], so a bad file or object keeps its last good version.
+//! Each file is read within [`Limits`] (its size checked before it is
+//! read, its YAML parsed under a budget); a file that was refused is not
+//! read again until its size or modification time changes, so a huge file
+//! or a YAML bomb costs its parse once.
 //! Polling is used rather than inotify so that the same code works on
 //! every file system (network mounts, ConfigMap volumes whose files are
 //! swapped by symlink) and the latency bound is simple: one poll interval.

@@ -106,9 +106,10 @@ pub enum ErrorKind {
         value: String,
         supported: &'static [&'static str],
     },
-    /// A rule of a policy kind ([`crate::istio::parse`]'s message, which
-    /// names its own field path).
-    Policy(String),
+    /// A rule whose message names its own field: a policy kind's
+    /// ([`crate::istio::parse`]) or an export annotation's
+    /// ([`crate::export`]).
+    Rule(String),
 }
 
 /// One bad field of an object.
@@ -140,7 +141,7 @@ impl fmt::Display for FieldError {
                     list.join(", ")
                 )
             }
-            ErrorKind::Policy(p) => f.write_str(p),
+            ErrorKind::Rule(p) => f.write_str(p),
         }
     }
 }
@@ -366,7 +367,7 @@ pub fn validate_object(doc: &Value) -> Result<(), InvalidObject> {
             let spec = if spec.is_null() { &empty } else { spec };
             if let Err(problems) = crate::istio::parse(k, spec) {
                 for p in problems {
-                    e.push("spec", ErrorKind::Policy(p));
+                    e.push("spec", ErrorKind::Rule(p));
                 }
             }
         }
@@ -465,7 +466,7 @@ fn strait_annotations(
                     let text = other.to_string();
                     let prefix = format!("{object}: ");
                     let detail = text.strip_prefix(&prefix).unwrap_or(&text).to_string();
-                    e.push("metadata.annotations", ErrorKind::Policy(detail));
+                    e.push("metadata.annotations", ErrorKind::Rule(detail));
                 }
             }
         }
