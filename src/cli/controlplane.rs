@@ -124,7 +124,7 @@ struct RunArgs {
     /// being read, and its objects keep their last good version. The
     /// default is the Kubernetes API server's 3 MiB request limit. YAML
     /// bombs are refused by a fixed budget: 10000 documents, 500000 nodes,
-    /// nesting 64 deep, 10000 aliases expanding to 100000 nodes per file.
+    /// nesting 64 deep, 10000 aliases expanding to 20000 nodes per file.
     #[arg(long, value_name = "BYTES", default_value_t = strait_controlplane::source::DEFAULT_MAX_FILE_BYTES,
           value_parser = clap::value_parser!(u64).range(1..))]
     max_config_file_bytes: u64,
