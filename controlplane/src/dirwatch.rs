@@ -5,6 +5,10 @@
 //! modification time changes, or a file appears or goes, the directory is
 //! read again and folded into the previous [`Config`] with
 //! [`Config::apply`], so a bad file or object keeps its last good version.
+//! Each file is read within [`Limits`] (its size checked before it is
+//! read, its YAML parsed under a budget); a file that was refused is not
+//! read again until its size or modification time changes, so a huge file
+//! or a YAML bomb costs its parse once.
 //! Polling is used rather than inotify so that the same code works on
 //! every file system (network mounts, ConfigMap volumes whose files are
 //! swapped by symlink) and the latency bound is simple: one poll interval.
@@ -16,7 +20,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 
-use crate::source::{self, Config, FileRead, Rejection};
+use crate::source::{self, Config, FileRead, Limits, Rejection};
 
 /// How often the directory is scanned.
 pub const POLL: Duration = Duration::from_millis(200);
@@ -54,13 +58,46 @@ fn fingerprint(dir: &Path) -> Fingerprint {
     f
 }
 
-/// Reads the config directory and its `imported/` subdirectory.
-pub fn read_all(dir: &Path) -> std::io::Result<BTreeMap<PathBuf, FileRead>> {
-    let mut read = source::read_dir(dir)?;
+/// Reads the config directory and its `imported/` subdirectory, each
+/// file within `limits`.
+pub fn read_all(dir: &Path, limits: &Limits) -> std::io::Result<BTreeMap<PathBuf, FileRead>> {
+    read_all_cached(dir, limits, &mut Refused::new())
+}
+
+/// The files that could not be read or parsed, by what a scan saw of them
+/// (size, modification time): they are not read again until they change,
+/// so a rejected huge file or YAML bomb costs its parse once.
+pub type Refused = BTreeMap<PathBuf, ((u64, Option<SystemTime>), String)>;
+
+/// [`read_all`], skipping the files `refused` already refused as they are.
+pub fn read_all_cached(
+    dir: &Path,
+    limits: &Limits,
+    refused: &mut Refused,
+) -> std::io::Result<BTreeMap<PathBuf, FileRead>> {
+    let mut seen = Refused::new();
+    let mut read_one = |path: &Path| {
+        let stamp = std::fs::metadata(path)
+            .map(|m| (m.len(), m.modified().ok()))
+            .ok();
+        if let (Some(stamp), Some((was, why))) = (stamp, refused.get(path))
+            && stamp == *was
+        {
+            seen.insert(path.to_path_buf(), (stamp, why.clone()));
+            return Err(why.clone());
+        }
+        let result = source::read_file(path, limits);
+        if let (Some(stamp), Err(why)) = (stamp, &result) {
+            seen.insert(path.to_path_buf(), (stamp, why.clone()));
+        }
+        result
+    };
+    let mut read = source::read_dir_with(dir, &mut read_one)?;
     let imported = dir.join(IMPORTED_DIR);
     if imported.is_dir() {
-        read.extend(source::read_dir(&imported)?);
+        read.extend(source::read_dir_with(&imported, &mut read_one)?);
     }
+    *refused = seen;
     Ok(read)
 }
 
@@ -81,11 +118,12 @@ fn log_rejections(previous: &[Rejection], now: &[Rejection]) {
 
 /// Reads the directory once (an error if it cannot be read at all) and
 /// then keeps the returned channel current until the receiver is dropped.
-pub fn watch_dir(dir: PathBuf) -> std::io::Result<watch::Receiver<Arc<Config>>> {
+pub fn watch_dir(dir: PathBuf, limits: Limits) -> std::io::Result<watch::Receiver<Arc<Config>>> {
     // Taken before the first read, so that a change made during the read
     // is seen by the first poll.
     let mut seen = fingerprint(&dir);
-    let first = Config::default().apply(&read_all(&dir)?);
+    let mut refused = Refused::new();
+    let first = Config::default().apply(&read_all_cached(&dir, &limits, &mut refused)?);
     log_rejections(&[], &first.rejections);
     tracing::info!(
         dir = %dir.display(),
@@ -107,7 +145,7 @@ pub fn watch_dir(dir: PathBuf) -> std::io::Result<watch::Receiver<Arc<Config>>> 
                 continue;
             }
             seen = now;
-            let read = match read_all(&dir) {
+            let read = match read_all_cached(&dir, &limits, &mut refused) {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(dir = %dir.display(), error = %e, "config directory unreadable; keeping the last config");
@@ -149,7 +187,7 @@ mod tests {
     async fn changes_apply_and_bad_files_keep_the_last_good_version() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a.yaml"), SVC).unwrap();
-        let mut rx = watch_dir(dir.path().to_path_buf()).unwrap();
+        let mut rx = watch_dir(dir.path().to_path_buf(), Limits::default()).unwrap();
         assert_eq!(rx.borrow().objects.len(), 1);
 
         // A new file with a second object.
@@ -196,8 +234,36 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_file_is_remembered_until_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.yaml");
+        std::fs::write(&path, "kind: [unclosed").unwrap();
+        let mut refused = Refused::new();
+        let first = read_all_cached(dir.path(), &Limits::default(), &mut refused).unwrap();
+        assert!(first[&path].is_err());
+        assert_eq!(refused.len(), 1);
+        let again = read_all_cached(dir.path(), &Limits::default(), &mut refused).unwrap();
+        assert_eq!(again, first);
+        // Changed (another size): read again, and forgotten once good.
+        std::fs::write(&path, SVC).unwrap();
+        let fixed = read_all_cached(dir.path(), &Limits::default(), &mut refused).unwrap();
+        assert_eq!(fixed[&path].as_ref().map(Vec::len), Ok(1));
+        assert!(refused.is_empty());
+        // A removed file is forgotten too.
+        std::fs::write(&path, "kind: [unclosed").unwrap();
+        read_all_cached(dir.path(), &Limits::default(), &mut refused).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        read_all_cached(dir.path(), &Limits::default(), &mut refused).unwrap();
+        assert!(refused.is_empty());
+    }
+
+    #[test]
     fn a_missing_directory_is_an_error() {
-        let e = watch_dir(PathBuf::from("/nonexistent/strait-config")).unwrap_err();
+        let e = watch_dir(
+            PathBuf::from("/nonexistent/strait-config"),
+            Limits::default(),
+        )
+        .unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
     }
 }

@@ -294,7 +294,8 @@ mod tests {
         let i = index("Service");
         let object = store::receive(
             &SOURCES[i],
-            json!({"metadata": {"name": name, "namespace": "ns"}}),
+            json!({"metadata": {"name": name, "namespace": "ns"},
+                "spec": {"ports": [{"port": 80, "protocol": "TCP"}]}}),
         );
         Msg::Apply(i, ("ns".into(), name.into()), object)
     }

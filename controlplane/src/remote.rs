@@ -324,11 +324,30 @@ spec:\n  address: {address}\n  labels: {{app: echo, version: {version}}}\n  serv
         assert_eq!(plain.network, primary_net);
         assert!(plain.gateways.is_empty());
 
-        // A bad label is named.
-        let bad = config(&[(
-            "ns.yaml",
-            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: strait-system\n  labels: {topology.istio.io/network: \"-bad\"}\n",
-        )]);
+        // A bad label is named: at the config boundary, which refuses the
+        // Namespace, and here (for a config that did not pass it).
+        let ns = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: strait-system\n  labels: {topology.istio.io/network: \"-bad\"}\n";
+        let read = BTreeMap::from([(Path::new("ns.yaml").to_path_buf(), parse_file(ns))]);
+        let refused = Config::default().apply(&read);
+        assert!(
+            refused.rejections[0]
+                .to_string()
+                .contains("metadata.labels[topology.istio.io/network]: Invalid value: \"-bad\""),
+            "{:?}",
+            refused.rejections
+        );
+        let doc = parse_file(ns).unwrap().remove(0);
+        let key = crate::source::check(&doc).unwrap_err().0.unwrap();
+        let bad = Config {
+            objects: BTreeMap::from([(
+                key,
+                Object {
+                    file: "ns.yaml".into(),
+                    value: doc,
+                },
+            )]),
+            rejections: Vec::new(),
+        };
         let e = remote_info(&remote_name(), &td(), &primary_net, &bad).unwrap_err();
         assert!(e.contains("topology.istio.io/network"), "{e}");
     }

@@ -35,6 +35,9 @@
 //! - [`request_path`]: HTTP request path normalization as Istio's
 //!   `meshConfig.pathNormalization` sets Envoy up (`BASE` by default), so
 //!   that policy, routing and the app see one path.
+//! - [`validation`]: whole-object validation of the Kubernetes-style
+//!   objects of a config (Kubernetes' and Istio's rules: names, labels,
+//!   ports, protocols, addresses), with errors that name every bad field.
 //! - [`probe`]: the app probes an injected sidecar answers for the kubelet
 //!   under transparent interception ([`probe::AppProbers`]).
 //!
@@ -67,6 +70,7 @@ pub mod names;
 pub mod objects;
 pub mod probe;
 pub mod request_path;
+pub mod validation;
 
 pub use export::{ExportError, ObjectKind, ObjectRef, export_decision};
 pub use imports::{ImportObjects, ImportWarning, import_objects};

@@ -13,47 +13,32 @@ pub const MAX_SUBDOMAIN_LEN: usize = 253;
 /// Length of the hex hash suffix [`bounded_name`] appends.
 const HASH_LEN: usize = 10;
 
+use crate::validation::rules;
+
 /// RFC 1123 label as Kubernetes checks it (namespaces, Service names):
 /// 1–63 lowercase letters, digits or `-`, starting and ending with a letter
-/// or digit.
+/// or digit. ([`crate::validation::rules`] has the messages.)
 pub fn is_dns1123_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_LABEL_LEN
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
+    rules::dns1123_label(s).is_empty()
 }
 
 /// RFC 1123 subdomain as Kubernetes checks it (most object names, service
 /// accounts): dot-separated labels, at most 253 characters in all.
 pub fn is_dns1123_subdomain(s: &str) -> bool {
-    !s.is_empty() && s.len() <= MAX_SUBDOMAIN_LEN && s.split('.').all(is_dns1123_label)
+    rules::dns1123_subdomain(s).is_empty()
 }
 
 /// A Kubernetes label value: empty, or 1–63 letters, digits, `-`, `_` or `.`,
 /// starting and ending with a letter or digit.
 pub fn is_label_value(s: &str) -> bool {
-    s.is_empty() || is_qualified_name_part(s)
+    rules::label_value(s).is_empty()
 }
 
 /// A Kubernetes label (or annotation) key: `[prefix/]name`, where the prefix
 /// is a DNS-1123 subdomain and the name follows the label value rules but
 /// may not be empty.
 pub fn is_label_key(s: &str) -> bool {
-    match s.split_once('/') {
-        Some((prefix, name)) => is_dns1123_subdomain(prefix) && is_qualified_name_part(name),
-        None => is_qualified_name_part(s),
-    }
-}
-
-fn is_qualified_name_part(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_LABEL_LEN
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        && s.as_bytes().first().is_some_and(u8::is_ascii_alphanumeric)
-        && s.as_bytes().last().is_some_and(u8::is_ascii_alphanumeric)
+    rules::qualified_name(s).is_empty()
 }
 
 /// Keeps a generated name within 63 characters.

@@ -339,7 +339,12 @@ fn check_uniqueness(object: &Value) -> Vec<String> {
 fn assert_valid(schemas: &Schemas, objects: &[Value], what: &str) {
     let mut failures = Vec::new();
     for o in objects {
-        let problems = schemas.problems(o);
+        let mut problems = schemas.problems(o);
+        // The control plane reads the imports back through its config
+        // boundary, which refuses what strait_model::validation refuses.
+        if let Err(e) = strait_model::validation::validate_object(o) {
+            problems.push(format!("validation: {e}"));
+        }
         if !problems.is_empty() {
             failures.push(format!(
                 "{} {}/{}: {problems:#?}",

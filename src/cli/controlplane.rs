@@ -99,7 +99,8 @@ struct RunArgs {
     #[arg(long, value_name = "ADDR")]
     health_listen: Option<SocketAddr>,
     /// Debug endpoints: /debug/nacks (the last config each proxy refused,
-    /// JSON). Unauthenticated, so loopback by default (127.0.0.1:15014;
+    /// JSON) and /debug/config (the config objects in force and every
+    /// rejected file or object with its reason, JSON). Unauthenticated, so loopback by default (127.0.0.1:15014;
     /// not served, with a warning, when another process holds that port);
     /// `off` serves none.
     #[arg(long, value_name = "ADDR|off", value_parser = strait_controlplane::app::DebugListen::parse)]
@@ -128,6 +129,15 @@ struct RunArgs {
     /// Quiet time before pushing a config change to proxies.
     #[arg(long, value_parser = parse_duration, default_value = "100ms")]
     debounce: Duration,
+    /// The largest config file read (--config-dir and --remote
+    /// directories), in bytes; a larger file is rejected by name without
+    /// being read, and its objects keep their last good version. The
+    /// default is the Kubernetes API server's 3 MiB request limit. YAML
+    /// bombs are refused by a fixed budget: 10000 documents, 500000 nodes,
+    /// nesting 64 deep, 10000 aliases expanding to 20000 nodes per file.
+    #[arg(long, value_name = "BYTES", default_value_t = strait_controlplane::source::DEFAULT_MAX_FILE_BYTES,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_config_file_bytes: u64,
     /// The IPv4 range imported services get their ClusterSet IP from, or
     /// `off`. Each imported service gets one address, kept across restarts
     /// and changes, in its ServiceEntry's `addresses` and its
@@ -276,6 +286,9 @@ fn serve(r: RunArgs) -> Result<()> {
         gateways: r.gateway,
         quic_egress: r.quic_egress,
         debounce: r.debounce,
+        config_limits: strait_controlplane::source::Limits {
+            max_file_bytes: r.max_config_file_bytes,
+        },
         remotes: r.remote,
         inject: r
             .inject_listen

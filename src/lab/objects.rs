@@ -65,7 +65,7 @@ pub fn read_objects(file: &Path) -> Result<Vec<Doc>> {
         .map(|doc| match check(&doc) {
             Ok(key) => Ok((key, doc)),
             Err((Some(key), reason)) => Err(format!("{key}: {reason}")),
-            Err((None, reason)) => Err(reason),
+            Err((None, reason)) => Err(reason.to_string()),
         })
         .collect())
 }
@@ -121,10 +121,7 @@ fn debug_url(lab: &Lab, c: &Cluster) -> Result<(String, Option<String>)> {
         None => serving.cp_ip().to_string(),
     };
     Ok((
-        format!(
-            "http://{host}:{}/debug/config",
-            super::plan::DEBUG_PORT
-        ),
+        format!("http://{host}:{}/debug/config", super::plan::DEBUG_PORT),
         serving.netns.clone(),
     ))
 }

@@ -16,6 +16,7 @@ mod probes;
 mod real_kube;
 mod rotation;
 mod support;
+mod validation;
 
 use std::time::{Duration, Instant};
 

@@ -1,5 +1,7 @@
 //! A config file of untrusted text: parsing and judging never panic,
-//! applying the same read twice gives the same config (idempotent), and
+//! every accepted object passes whole-object validation (and every
+//! document that fails it is rejected by name), applying the same read
+//! twice gives the same config (idempotent), and
 //! building the discovery resources from it (services with their ports,
 //! endpoints and virtual IPs, policies) never panics and gives the same
 //! resources twice.
@@ -12,6 +14,7 @@ use libfuzzer_sys::fuzz_target;
 use strait_ca::TrustDomain;
 use strait_controlplane::resources::{ClusterContext, TrustInput, build};
 use strait_controlplane::source::{Config, parse_file};
+use strait_model::validation::validate_object;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -21,6 +24,17 @@ fuzz_target!(|data: &[u8]| {
     let once = Config::default().apply(&read);
     let twice = once.apply(&read);
     assert_eq!(once, twice);
+    for (key, object) in &once.objects {
+        assert!(
+            validate_object(&object.value).is_ok(),
+            "{key} was accepted but does not validate"
+        );
+    }
+    if let Ok(docs) = &read[&PathBuf::from("fuzz.yaml")] {
+        // Each document that fails validation is one rejection (at least).
+        let invalid = docs.iter().filter(|d| validate_object(d).is_err()).count();
+        assert!(once.rejections.len() >= invalid);
+    }
     let ctx = ClusterContext {
         cluster: "east".into(),
         network: "net-east".into(),

@@ -1,6 +1,7 @@
 //! `/debug/config`: the config in force of every cluster this control
 //! plane serves (its own, then the remotes'), object by object, with the
-//! file each came from, and every current rejection with its reason.
+//! file each came from, and every current rejection with its reason
+//! (and whether the object's last good version stays in force).
 //!
 //! It is how a tool that wrote a file learns what became of its objects
 //! (`strait lab apply` waits on it): an object is in force when it is
@@ -44,6 +45,13 @@ pub fn config_json(config: &Config) -> Value {
             let mut m = r.object.as_ref().map(key_json).unwrap_or_default();
             m.insert("file".into(), json!(r.file.display().to_string()));
             m.insert("reason".into(), json!(r.reason));
+            // Whether an earlier good version of the object is still what
+            // is served (a bad edit withdraws nothing).
+            let in_force = r
+                .object
+                .as_ref()
+                .is_some_and(|k| config.objects.contains_key(k));
+            m.insert("last_good_in_force".into(), json!(in_force));
             Value::Object(m)
         })
         .collect();

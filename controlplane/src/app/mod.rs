@@ -73,6 +73,8 @@ pub struct AppConfig {
     pub quic_egress: Option<String>,
     /// Quiet time before a rebuilt snapshot is pushed.
     pub debounce: Duration,
+    /// What one config file may cost (directory mode, remotes' too).
+    pub config_limits: crate::source::Limits,
     /// Remote clusters this control plane also serves (primary-remote).
     pub remotes: Vec<crate::remote::RemoteSpec>,
     /// Where imported services' ClusterSet IPs come from (`None`: imports
@@ -179,7 +181,7 @@ async fn open_source(
 > {
     match &cfg.source {
         ConfigSource::Dir(dir) => {
-            let config = dirwatch::watch_dir(dir.clone())
+            let config = dirwatch::watch_dir(dir.clone(), cfg.config_limits)
                 .map_err(|e| format!("--config-dir {}: {e}", dir.display()))?;
             Ok((config, link::ImportSink::Dir(dir.clone()), None))
         }
@@ -450,6 +452,26 @@ pub fn nacks_json(nacks: &BTreeMap<String, crate::xds::NackRecord>) -> serde_jso
     serde_json::Value::Object(by_node)
 }
 
+/// Keeps `strait_config_rejections` equal to the current rejections of
+/// the config in force.
+fn spawn_rejection_gauge(registry: &mut Registry, mut config: watch::Receiver<Arc<Config>>) {
+    let gauge: prometheus_client::metrics::gauge::Gauge = Default::default();
+    registry.sub_registry_with_prefix("strait_config").register(
+        "rejections",
+        "Config files and objects rejected now; a rejected object's last good version stays in force",
+        gauge.clone(),
+    );
+    tokio::spawn(async move {
+        loop {
+            let n = config.borrow_and_update().rejections.len();
+            gauge.set(i64::try_from(n).unwrap_or(i64::MAX));
+            if config.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
 /// A response with `status`, a content type and `body`.
 fn respond(status: http::StatusCode, content_type: &str, body: String) -> http::Response<String> {
     let mut r = http::Response::new(body);
@@ -535,6 +557,7 @@ pub async fn run(
     let info = ensure_joined(&cfg).await?;
     let td = TrustDomain::new(&info.trust_domain).map_err(|e| e.to_string())?;
     let (config, sink, kube_client) = open_source(&cfg).await?;
+    let config_view = config.clone();
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
@@ -649,6 +672,7 @@ pub async fn run(
     let serving = Arc::new(ServingCert::issue(&authority, &td)?);
 
     let mut registry = Registry::default();
+    spawn_rejection_gauge(&mut registry, config_view.clone());
     let xds = crate::xds::XdsServer::new(
         snapshots,
         trust.clone(),
@@ -906,6 +930,44 @@ mod tests {
                 .unwrap_err()
                 .contains("\"localhost\"")
         );
+    }
+
+    #[test]
+    fn debug_config_lists_rejections_and_whether_the_last_good_version_stays() {
+        use crate::source::{Object, ObjectKey, Rejection};
+        let key = ObjectKey {
+            kind: "Service".into(),
+            namespace: "demo".into(),
+            name: "echo".into(),
+        };
+        let config = Config {
+            objects: BTreeMap::from([(
+                key.clone(),
+                Object {
+                    file: "/c/echo.yaml".into(),
+                    value: serde_json::json!({}),
+                },
+            )]),
+            rejections: vec![
+                Rejection {
+                    file: "/c/echo.yaml".into(),
+                    object: Some(key),
+                    reason: "invalid: spec.ports[0].port: Invalid value: 99999".into(),
+                },
+                Rejection {
+                    file: "/c/big.yaml".into(),
+                    object: None,
+                    reason: "too large".into(),
+                },
+            ],
+        };
+        let j = debug::config_json(&config);
+        assert_eq!(j["objects"].as_array().unwrap().len(), 1, "{j}");
+        let rejected = j["rejected"].as_array().unwrap();
+        assert_eq!(rejected[0]["name"], "echo", "{j}");
+        assert_eq!(rejected[0]["last_good_in_force"], true, "{j}");
+        assert_eq!(rejected[1]["file"], "/c/big.yaml", "{j}");
+        assert_eq!(rejected[1]["last_good_in_force"], false, "{j}");
     }
 
     #[test]

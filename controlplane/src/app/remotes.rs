@@ -30,7 +30,8 @@ pub(super) async fn open_remotes(cfg: &AppConfig) -> Result<Vec<OpenedRemote>, S
         let flag = format!("--remote {}={}", r.name, r.config_dir.display());
         let (rx, api) = match &cfg.source {
             ConfigSource::Dir(_) => (
-                dirwatch::watch_dir(r.config_dir.clone()).map_err(|e| format!("{flag}: {e}"))?,
+                dirwatch::watch_dir(r.config_dir.clone(), cfg.config_limits)
+                    .map_err(|e| format!("{flag}: {e}"))?,
                 None,
             ),
             ConfigSource::Kube => {

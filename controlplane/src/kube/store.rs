@@ -512,7 +512,7 @@ mod tests {
         assert_eq!(rejections.len(), 2, "{rejections:?}");
         assert!(
             rejections[0].starts_with(
-                "kube://DestinationRule/ns/Bad_Name: DestinationRule ns/Bad_Name: metadata.name"
+                "kube://DestinationRule/ns/Bad_Name: DestinationRule ns/Bad_Name: invalid: metadata.name"
             ),
             "{rejections:?}"
         );

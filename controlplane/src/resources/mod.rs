@@ -61,6 +61,11 @@
 //!   [`strait_model::istio::parse`] refuses is left out with a warning
 //!   that names the object and every problem, as an admission webhook
 //!   would refuse it.
+//!
+//! The config boundary ([`crate::source::check`]) already refuses every
+//! object that breaks its kind's rules ([`strait_model::validation`]), so
+//! that its last good version stays; the warnings above for bad ports,
+//! addresses and specs are a safeguard for what passes it.
 //! - **TrustBundle** per trust domain (this one `local: true`), each with
 //!   the denied intermediates.
 //! - **GatewayRoute** per exported Service: its ports, subsets from the
