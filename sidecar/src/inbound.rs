@@ -1,9 +1,12 @@
-//! The inbound listener: mTLS termination (client certificates optional at
-//! the TLS layer, then PeerAuthentication decides), plaintext detection
-//! for PERMISSIVE and DISABLE (HTTP per request, anything else, including
-//! a server-first protocol, as TCP), AuthorizationPolicy per request or
-//! connection, and the app behind it with `x-forwarded-client-cert` set to
-//! what was verified.
+//! The inbound listener: mTLS termination (a TLS client must present a
+//! certificate that verifies against the trust bundles, whatever the
+//! PeerAuthentication mode, as Istio's inbound requires: TLS without one
+//! is refused in the handshake, never served as an anonymous peer),
+//! plaintext detection for PERMISSIVE and DISABLE (HTTP per request,
+//! anything else, including a server-first protocol, as TCP; STRICT
+//! refuses plaintext), AuthorizationPolicy per request or connection, and
+//! the app behind it with `x-forwarded-client-cert` set to what was
+//! verified.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,9 +33,11 @@ use crate::{Counted, Life, Observed, Phase, ProxyBody, Shared, Tracker};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The TLS server config for the current identity (rebuilt when it
-/// changes).
+/// changes). A client certificate is mandatory: PERMISSIVE means
+/// "plaintext or mTLS", not "TLS from anyone" (Istio's inbound requires
+/// one on its TLS filter chains too).
 fn server_config(shared: &Shared, id: &Identity) -> Option<Arc<rustls::ServerConfig>> {
-    let verifier = SpiffeClientVerifier::new(shared.trust.clone(), Accept::Any, false);
+    let verifier = SpiffeClientVerifier::new(shared.trust.clone(), Accept::Any, true);
     strait_ca::tls::server_config(
         &id.chain_der,
         &id.key_pkcs8,
