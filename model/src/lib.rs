@@ -31,6 +31,8 @@
 //! - [`names`]: Kubernetes name rules and bounded generated names.
 //! - [`probe`]: the app probes an injected sidecar answers for the kubelet
 //!   under transparent interception ([`probe::AppProbers`]).
+//! - [`sni`]: Istio's SNI codec (`outbound_.<port>_.<subset>_.<host>`),
+//!   the one the sidecar and the east-west gateway both use.
 //!
 //! # Object names
 //!
@@ -60,6 +62,7 @@ pub mod mesh;
 pub mod names;
 pub mod objects;
 pub mod probe;
+pub mod sni;
 
 pub use export::{ExportError, ObjectKind, ObjectRef, export_decision};
 pub use imports::{ImportObjects, ImportWarning, import_objects};

@@ -20,6 +20,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use strait_ca::tls::{Accept, SpiffeClientVerifier};
+use strait_model::sni::IstioSni;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -113,9 +114,9 @@ impl Apps {
 /// service port its SNI names (Istio's authorization `ports` and
 /// port-level mTLS speak of workload ports), the SNI's port itself when
 /// the service or port is not known here; `None` without an Istio SNI.
-fn workload_port(cfg: &MeshConfig, sni: Option<(u16, Option<&str>, &str)>) -> Option<u16> {
-    let (port, _, host) = sni?;
-    Some(cfg.target_port(host, port).unwrap_or(port))
+fn workload_port(cfg: &MeshConfig, sni: Option<IstioSni<'_>>) -> Option<u16> {
+    let sni = sni?;
+    Some(cfg.target_port(sni.host, sni.port).unwrap_or(sni.port))
 }
 
 /// Connects to the app whatever the request's URI names, so that an
@@ -304,10 +305,12 @@ async fn handle(
         }
     };
     let (_, conn) = stream.get_ref();
-    let sni = conn.server_name().and_then(crate::parse_sni);
+    let sni = conn
+        .server_name()
+        .and_then(|n| strait_model::sni::parse(n).ok());
     let port = workload_port(&cfg, sni).unwrap_or(app_port);
     let app = apps.get(port);
-    let service = sni.map(|(_, _, host)| host.to_string());
+    let service = sni.map(|s| s.host.to_string());
     let tcp_mode = conn.alpn_protocol() == Some(b"istio".as_slice());
     let certs = conn
         .peer_certificates()

@@ -353,7 +353,7 @@ impl<'a> Target<'a> {
     }
 
     pub(super) fn sni(&self) -> String {
-        crate::istio_sni(self.port, self.subset, &self.service.hostname)
+        strait_model::sni::format(self.port, self.subset, &self.service.hostname)
     }
 }
 
