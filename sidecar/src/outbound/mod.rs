@@ -660,7 +660,13 @@ async fn forward(
             match slot.await {
                 Ok(c) => settled.connection = Some(c),
                 Err((status, why)) => {
-                    return (fail_code(settled, status, "overflow", why), Some(service));
+                    // Full queue, or the route's timeout passed in it.
+                    let code = if status == StatusCode::GATEWAY_TIMEOUT {
+                        "timeout"
+                    } else {
+                        "overflow"
+                    };
+                    return (fail_code(settled, status, code, why), Some(service));
                 }
             }
         }
