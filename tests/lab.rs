@@ -1200,3 +1200,65 @@ fn apply_replaces_by_identity_and_reports_rejections() {
     }
     lab.down();
 }
+
+/// How many answers of a `lab curl` summary came from `who`
+/// (`cluster/service/version`).
+fn answered_by(summary: &str, who: &str) -> u32 {
+    summary
+        .lines()
+        .find(|l| l.trim_end().ends_with(&format!("  {who}")))
+        .and_then(|l| l.split_whitespace().next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// A subset defined only where it is called from (east), for endpoints
+/// that run in another cluster (west's echo is all v2): east reaches it
+/// through west's gateway, and an 80/20 split between east's v1 and
+/// west's v2 gives each its share. Before, the SNI named the subset,
+/// west's gateway refused it (`unknown_subset`), and every v2 attempt was
+/// retried onto a new weight roll: 0 % v2 and no error.
+#[test]
+fn a_split_onto_a_subset_only_the_caller_defines_keeps_its_weights() {
+    let mut lab = Lab::up("multi-primary", 160);
+    let rule = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo, namespace: demo}\nspec:\n  host: echo.demo.svc.cluster.local\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n";
+    let route = |v1: u32, v2: u32| {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: echo, namespace: demo}}\nspec:\n  hosts: [echo.demo.svc.cluster.local]\n  http:\n  - route:\n    - {{destination: {{host: echo.demo.svc.cluster.local, subset: v1}}, weight: {v1}}}\n    - {{destination: {{host: echo.demo.svc.cluster.local, subset: v2}}, weight: {v2}}}\n"
+        )
+    };
+    // One file, changed in place: `lab apply` tracks objects by file.
+    let apply = |yaml: String| {
+        let file = lab.dir.path().join("echo-routing.yaml");
+        std::fs::write(&file, yaml).unwrap();
+        let (code, _, err) = lab.lab(&["apply", "east", file.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+    };
+    // All of it to v2, which only west runs.
+    apply(format!("{rule}{}", route(0, 100)));
+    lab.curl_until("east", "http://echo.demo:8080/", 10, |t| {
+        status_codes(t) == ["200"] && answered_by(t, "west/echo/v2") == 10
+    });
+    // 80/20: east's v1 showing up says the split is in force.
+    apply(format!("{rule}{}", route(80, 20)));
+    lab.curl_until("east", "http://echo.demo:8080/", 10, |t| {
+        t.contains("east/echo/v1")
+    });
+    let n = 200;
+    let (_, out, err) = lab.lab(&[
+        "curl",
+        "east",
+        "http://echo.demo:8080/",
+        "-n",
+        &n.to_string(),
+    ]);
+    let summary = format!("{out}{err}");
+    assert_eq!(status_codes(&summary), ["200"], "{summary}");
+    // Binomial(200, 0.2): mean 40, sd 5.7; this range is about ±4 sd.
+    let v2 = answered_by(&summary, "west/echo/v2");
+    assert!(
+        (17..=70).contains(&v2),
+        "v2 answered {v2} of {n}:\n{summary}"
+    );
+    assert_eq!(answered_by(&summary, "east/echo/v1") + v2, n, "{summary}");
+    lab.down();
+}

@@ -1,6 +1,7 @@
-//! Where a passthrough connection goes: Istio's SNI format parsed into a
-//! target, and the routing table of exported services and their local
-//! endpoints (subsets by labels, round robin over healthy endpoints).
+//! Where a passthrough connection goes: Istio's SNI read into a target
+//! (with the codec the sidecars use, [`strait_model::sni`]), and the
+//! routing table of exported services and their local endpoints (subsets
+//! by labels, round robin over healthy endpoints).
 //! Pure: the listener feeds names in and gets addresses out.
 
 use std::collections::BTreeMap;
@@ -19,7 +20,8 @@ pub const ISTIO_ALPN: [&[u8]; 5] = [
     b"istio-h2",
 ];
 
-/// A parsed `outbound_.<port>_.<subset>_.<fqdn>`.
+/// A parsed `outbound_.<port>_.<subset>_.<fqdn>`, owned (it outlives the
+/// ClientHello it was read from).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     pub port: u16,
@@ -27,46 +29,19 @@ pub struct Target {
     pub host: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TargetError {
-    #[error("SNI {0:?} is not Istio's outbound_.<port>_.<subset>_.<host> form")]
-    NotIstio(String),
-    #[error("SNI {sni:?}: port {port:?} is not a port number")]
-    Port { sni: String, port: String },
-    #[error("SNI {0:?} has an empty host")]
-    EmptyHost(String),
-}
+/// Why an SNI is not Istio's: the codec's own error.
+pub use strait_model::sni::SniError as TargetError;
 
 /// Parses Istio's cross-network SNI, e.g.
 /// `outbound_.9080_._.reviews.bookinfo.svc.cluster.local` (no subset) or
-/// `outbound_.9080_.v1_.reviews.bookinfo.svc.cluster.local`.
+/// `outbound_.9080_.v1_.reviews.bookinfo.svc.cluster.local`, with the
+/// codec the sidecars use ([`strait_model::sni`]).
 pub fn parse_target(sni: &str) -> Result<Target, TargetError> {
-    let rest = sni
-        .strip_prefix("outbound_.")
-        .ok_or_else(|| TargetError::NotIstio(sni.to_string()))?;
-    let (port, rest) = rest
-        .split_once("_.")
-        .ok_or_else(|| TargetError::NotIstio(sni.to_string()))?;
-    // Digits only, no sign and no leading zero: the form Istio writes.
-    let canonical =
-        !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && !port.starts_with('0');
-    let port = canonical
-        .then(|| port.parse::<u16>().ok())
-        .flatten()
-        .ok_or_else(|| TargetError::Port {
-            sni: sni.to_string(),
-            port: port.to_string(),
-        })?;
-    let (subset, host) = rest
-        .split_once("_.")
-        .ok_or_else(|| TargetError::NotIstio(sni.to_string()))?;
-    if host.is_empty() {
-        return Err(TargetError::EmptyHost(sni.to_string()));
-    }
+    let parsed = strait_model::sni::parse(sni)?;
     Ok(Target {
-        port,
-        subset: (!subset.is_empty()).then(|| subset.to_string()),
-        host: host.to_string(),
+        port: parsed.port,
+        subset: parsed.subset.map(str::to_string),
+        host: parsed.host.to_string(),
     })
 }
 

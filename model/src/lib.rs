@@ -40,6 +40,8 @@
 //!   ports, protocols, addresses), with errors that name every bad field.
 //! - [`probe`]: the app probes an injected sidecar answers for the kubelet
 //!   under transparent interception ([`probe::AppProbers`]).
+//! - [`sni`]: Istio's SNI codec (`outbound_.<port>_.<subset>_.<host>`),
+//!   the one the sidecar and the east-west gateway both use.
 //!
 //! # Object names
 //!
@@ -70,6 +72,7 @@ pub mod names;
 pub mod objects;
 pub mod probe;
 pub mod request_path;
+pub mod sni;
 pub mod validation;
 
 pub use export::{ExportError, ObjectKind, ObjectRef, export_decision};

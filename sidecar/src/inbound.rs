@@ -1,9 +1,12 @@
-//! The inbound listener: mTLS termination (client certificates optional at
-//! the TLS layer, then PeerAuthentication decides), plaintext detection
-//! for PERMISSIVE and DISABLE (HTTP per request, anything else, including
-//! a server-first protocol, as TCP), AuthorizationPolicy per request or
-//! connection, and the app behind it with `x-forwarded-client-cert` set to
-//! what was verified. A request's path is normalized (the mesh's
+//! The inbound listener: mTLS termination (a TLS client must present a
+//! certificate that verifies against the trust bundles, whatever the
+//! PeerAuthentication mode, as Istio's inbound requires: TLS without one
+//! is refused in the handshake, never served as an anonymous peer),
+//! plaintext detection for PERMISSIVE and DISABLE (HTTP per request,
+//! anything else, including a server-first protocol, as TCP; STRICT
+//! refuses plaintext), AuthorizationPolicy per request or connection, and
+//! the app behind it with `x-forwarded-client-cert` set to what was
+//! verified. A request's path is normalized (the mesh's
 //! `pathNormalization`, [`strait_model::request_path`]) before policy sees
 //! it, and the app gets the normalized path; a path that cannot be
 //! normalized (`%00`) is answered 400 and goes no further.
@@ -21,6 +24,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use strait_ca::tls::{Accept, SpiffeClientVerifier};
 use strait_model::request_path::normalize;
+use strait_model::sni::IstioSni;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -34,9 +38,11 @@ use crate::{Counted, Life, Observed, Phase, ProxyBody, Shared, Tracker};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The TLS server config for the current identity (rebuilt when it
-/// changes).
+/// changes). A client certificate is mandatory: PERMISSIVE means
+/// "plaintext or mTLS", not "TLS from anyone" (Istio's inbound requires
+/// one on its TLS filter chains too).
 fn server_config(shared: &Shared, id: &Identity) -> Option<Arc<rustls::ServerConfig>> {
-    let verifier = SpiffeClientVerifier::new(shared.trust.clone(), Accept::Any, false);
+    let verifier = SpiffeClientVerifier::new(shared.trust.clone(), Accept::Any, true);
     strait_ca::tls::server_config(
         &id.chain_der,
         &id.key_pkcs8,
@@ -112,9 +118,9 @@ impl Apps {
 /// service port its SNI names (Istio's authorization `ports` and
 /// port-level mTLS speak of workload ports), the SNI's port itself when
 /// the service or port is not known here; `None` without an Istio SNI.
-fn workload_port(cfg: &MeshConfig, sni: Option<(u16, Option<&str>, &str)>) -> Option<u16> {
-    let (port, _, host) = sni?;
-    Some(cfg.target_port(host, port).unwrap_or(port))
+fn workload_port(cfg: &MeshConfig, sni: Option<IstioSni<'_>>) -> Option<u16> {
+    let sni = sni?;
+    Some(cfg.target_port(sni.host, sni.port).unwrap_or(sni.port))
 }
 
 /// Connects to the app whatever the request's URI names, so that an
@@ -307,10 +313,12 @@ async fn handle(
         }
     };
     let (_, conn) = stream.get_ref();
-    let sni = conn.server_name().and_then(crate::parse_sni);
+    let sni = conn
+        .server_name()
+        .and_then(|n| strait_model::sni::parse(n).ok());
     let port = workload_port(&cfg, sni).unwrap_or(app_port);
     let app = apps.get(port);
-    let service = sni.map(|(_, _, host)| host.to_string());
+    let service = sni.map(|s| s.host.to_string());
     let tcp_mode = conn.alpn_protocol() == Some(b"istio".as_slice());
     let certs = conn
         .peer_certificates()

@@ -453,34 +453,6 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// Parses Istio's `outbound_.<port>_.<subset>_.<host>` SNI.
-pub fn parse_sni(sni: &str) -> Option<(u16, Option<&str>, &str)> {
-    let rest = sni.strip_prefix("outbound_.")?;
-    let (port, rest) = rest.split_once("_.")?;
-    let (subset, host) = rest.split_once("_.")?;
-    let port = port.parse().ok()?;
-    (!host.is_empty()).then_some((port, (!subset.is_empty()).then_some(subset), host))
-}
-
-/// Istio's SNI for a destination.
-pub fn istio_sni(port: u16, subset: Option<&str>, host: &str) -> String {
-    let subset = subset.unwrap_or("");
-    // Sized up front and written without `fmt`: made for every request's
-    // pool lookup.
-    let mut sni = String::with_capacity(20 + subset.len() + host.len());
-    for part in [
-        "outbound_.",
-        itoa::Buffer::new().format(port),
-        "_.",
-        subset,
-        "_.",
-        host,
-    ] {
-        sni.push_str(part);
-    }
-    sni
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -569,25 +541,5 @@ mod tests {
         assert_eq!(flavor(1), Some(RuntimeFlavor::CurrentThread));
         assert_eq!(flavor(2), Some(RuntimeFlavor::MultiThread));
         assert!(matches!(runtime(0), Err(e) if e.kind() == std::io::ErrorKind::InvalidInput));
-    }
-
-    #[test]
-    fn sni_round_trips_and_refuses_other_forms() {
-        let s = istio_sni(8080, Some("v2"), "echo.demo.svc.cluster.local");
-        assert_eq!(s, "outbound_.8080_.v2_.echo.demo.svc.cluster.local");
-        assert_eq!(
-            parse_sni(&s),
-            Some((8080, Some("v2"), "echo.demo.svc.cluster.local"))
-        );
-        assert_eq!(parse_sni("outbound_.80_._.a.b"), Some((80, None, "a.b")));
-        for bad in [
-            "",
-            "echo.demo",
-            "outbound_.x_._.a",
-            "outbound_.80_._.",
-            "inbound_.80_._.a",
-        ] {
-            assert_eq!(parse_sni(bad), None, "{bad}");
-        }
     }
 }

@@ -1,7 +1,9 @@
 //! Istio's standard metrics (`istio_requests_total`,
 //! `istio_request_duration_milliseconds`, `istio_request_bytes`,
 //! `istio_response_bytes`, `istio_tcp_connections_opened_total`,
-//! `istio_tcp_connections_closed_total`) with Istio's labels, and the JSON
+//! `istio_tcp_connections_closed_total`) with Istio's labels,
+//! `strait_sidecar_upstream_failures_total` (requests the sidecar
+//! answered itself because no upstream could, by reason), and the JSON
 //! access log (one object a line on stdout).
 
 use std::io::Write;
@@ -43,6 +45,20 @@ pub struct RequestCountLabels {
     pub labels: RequestLabels,
     pub grpc_response_status: String,
 }
+
+/// `strait_sidecar_upstream_failures_total`'s labels.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamFailureLabels {
+    pub destination_service: String,
+    /// A short code: `no_endpoints`, `no_healthy_endpoints`,
+    /// `all_ejected`, `subset_not_exported`, `gateway_refused`,
+    /// `connect_failure`, `reset`, `timeout`, `overflow`.
+    pub reason: &'static str,
+}
+
+/// How many distinct (service, reason) causes are warned about once each;
+/// past that, causes are only counted.
+const MAX_WARNED: usize = 1024;
 
 /// Whether a request is gRPC (`content-type: application/grpc[+proto…]`),
 /// which makes its `request_protocol` `grpc`, as Istio reports it.
@@ -98,6 +114,10 @@ pub struct Metrics {
     /// live connections closed because their peer no longer verifies under
     /// changed trust (see [`crate::live`]).
     pub untrusted_closed: Family<DirectionLabel, Counter>,
+    /// `strait_sidecar_upstream_failures_total`.
+    pub upstream_failures: Family<UpstreamFailureLabels, Counter>,
+    /// The causes of upstream failures already logged.
+    warned: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<UpstreamFailureLabels>>>,
     /// The four request series of each label set seen, looked up once per
     /// request instead of once per family (each lookup hashes and compares
     /// thirteen label strings; foldhash rather than SipHash for that). The
@@ -126,12 +146,19 @@ impl Metrics {
             tcp_opened: Family::default(),
             tcp_closed: Family::default(),
             untrusted_closed: Family::default(),
+            upstream_failures: Family::default(),
+            warned: Default::default(),
             series: Default::default(),
         };
         registry.sub_registry_with_prefix("strait_sidecar").register(
             "untrusted_closed_connections",
             "Live connections closed because a trust change made their peer's chain fail verification, by direction",
             m.untrusted_closed.clone(),
+        );
+        registry.sub_registry_with_prefix("strait_sidecar").register(
+            "upstream_failures",
+            "Requests the sidecar answered itself because no upstream could, by destination service and reason",
+            m.upstream_failures.clone(),
         );
         let istio = registry.sub_registry_with_prefix("istio");
         istio.register(
@@ -183,6 +210,29 @@ impl Metrics {
         };
         self.request(&l, millis, req_bytes, resp_bytes);
         l.labels
+    }
+
+    /// Counts a request that no upstream of `service` could answer, for
+    /// the reason `code` (`why` says it in full); the first time a cause
+    /// is seen it is logged as a warning, later ones are only counted.
+    pub fn upstream_failure(&self, service: &str, code: &'static str, why: &str) {
+        let labels = UpstreamFailureLabels {
+            destination_service: service.to_string(),
+            reason: code,
+        };
+        self.upstream_failures.get_or_create(&labels).inc();
+        let first = self
+            .warned
+            .lock()
+            .is_ok_and(|mut w| w.len() < MAX_WARNED && w.insert(labels));
+        if first {
+            tracing::warn!(
+                service,
+                reason = code,
+                error = why,
+                "no upstream could answer (logged once per service and reason; strait_sidecar_upstream_failures_total counts them)"
+            );
+        }
     }
 
     /// Records one finished request.

@@ -207,9 +207,88 @@ async fn strict_refuses_clients_without_a_certificate() {
     assert_eq!(r.status, 200, "{r:?}");
 }
 
+/// Under PERMISSIVE (the default) plaintext is served, but TLS must
+/// present a verifiable client certificate, as Istio's inbound requires:
+/// a TLS client without one is refused in the handshake, not served as
+/// an anonymous peer.
+#[tokio::test]
+async fn permissive_refuses_tls_without_a_client_certificate() {
+    let p = pair().await;
+    let inbound = p.server.inbound.to_string();
+    let request = "GET / HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n\r\n";
+
+    // TLS without a client certificate: refused (the server asks for a
+    // certificate and ends the handshake without one).
+    let out = s_client_all(&inbound, &[], request).await;
+    assert!(!out.contains("HTTP/1.1"), "{out}");
+    assert!(
+        out.contains("certificate required") || out.contains("alert"),
+        "the handshake ends with an alert: {out}"
+    );
+
+    // Plaintext: served.
+    let url = format!("http://{inbound}/plain");
+    let r = curl(&["--noproxy", "*", &url]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+
+    // A mesh certificate: served, with the identity it proves.
+    let dir = tempfile::tempdir().unwrap();
+    let (leaf, key) = p.pki.leaf(&spiffe("demo", "sleep"));
+    let cert = dir.path().join("cert.pem");
+    let chain = dir.path().join("chain.pem");
+    let keyf = dir.path().join("key.pem");
+    std::fs::write(&cert, strait_ca::pemfile::encode("CERTIFICATE", &leaf)).unwrap();
+    std::fs::write(
+        &chain,
+        strait_ca::pemfile::encode("CERTIFICATE", p.pki.intermediate.certificate_der()),
+    )
+    .unwrap();
+    std::fs::write(&keyf, key).unwrap();
+    let with_cert = [
+        "-cert",
+        cert.to_str().unwrap(),
+        "-cert_chain",
+        chain.to_str().unwrap(),
+        "-key",
+        keyf.to_str().unwrap(),
+    ];
+    let out = s_client(&inbound, &with_cert, request).await;
+    assert!(out.contains("HTTP/1.1 200"), "{out}");
+    assert!(
+        out.contains(&format!("URI={}", spiffe("demo", "sleep"))),
+        "{out}"
+    );
+
+    // A certificate of another CA: refused too.
+    let other = strait_ca::testing::TestPki::new(TD);
+    let (leaf, key) = other.leaf(&spiffe("demo", "sleep"));
+    std::fs::write(&cert, strait_ca::pemfile::encode("CERTIFICATE", &leaf)).unwrap();
+    std::fs::write(
+        &chain,
+        strait_ca::pemfile::encode("CERTIFICATE", other.intermediate.certificate_der()),
+    )
+    .unwrap();
+    std::fs::write(&keyf, key).unwrap();
+    let out = s_client(&inbound, &with_cert, request).await;
+    assert!(!out.contains("HTTP/1.1"), "{out}");
+
+    // And the mesh path still works.
+    let r = via_proxy(p.client.outbound, "http://echo.demo:8080/", &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+}
+
+/// [`s_client`], with what openssl printed on stderr after its stdout.
+async fn s_client_all(addr: &str, extra: &[&str], request: &str) -> String {
+    s_client_output(addr, extra, request, true).await
+}
+
 /// `openssl s_client` to `addr` with Istio's SNI, sending `request`;
 /// returns what the server answered.
 async fn s_client(addr: &str, extra: &[&str], request: &str) -> String {
+    s_client_output(addr, extra, request, false).await
+}
+
+async fn s_client_output(addr: &str, extra: &[&str], request: &str, stderr: bool) -> String {
     use tokio::io::AsyncWriteExt;
     let mut child = tokio::process::Command::new("openssl")
         .args(["s_client", "-quiet", "-connect", addr])
@@ -231,7 +310,11 @@ async fn s_client(addr: &str, extra: &[&str], request: &str) -> String {
         .expect("openssl ends when the server closes")
         .unwrap();
     drop(stdin);
-    String::from_utf8_lossy(&out.stdout).to_string()
+    let mut text = String::from_utf8_lossy(&out.stdout).to_string();
+    if stderr {
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+    }
+    text
 }
 
 #[tokio::test]

@@ -10,8 +10,14 @@
 //! switches protocols, such as a WebSocket handshake, HTTP/1.1 on its own
 //! connection, ALPN `istio-http/1.1`; a tunnel is raw TCP, ALPN `istio`),
 //! and the server must present one of the service's
-//! identities. Retries, timeouts, fault injection, connection-pool limits
-//! and outlier reporting follow the route and the DestinationRule.
+//! identities (behind another network's gateway the SNI names no subset:
+//! the subset was resolved here by labels, see `upstream::Target::new`).
+//! Retries, timeouts, fault injection, connection-pool limits and outlier
+//! reporting follow the route and the DestinationRule; the weighted
+//! destination is chosen once per request and retries pick another
+//! endpoint of it only (`attempts`). A request no upstream could answer
+//! says why in its answer, the access log `reason` and
+//! `strait_sidecar_upstream_failures_total{reason}` (`failure`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,11 +44,15 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The reason header on answers the sidecar makes itself.
 pub const REASON_HEADER: &str = "x-strait-reason";
 
+mod attempts;
+mod failure;
 mod limits;
 mod passthrough;
 mod tunnel;
 mod upstream;
 
+use attempts::{Attempts, Next, Tried};
+use failure::{attempt_failure, no_upstream};
 pub use limits::concurrency_limit;
 use limits::{Connection, InFlight};
 use passthrough::*;
@@ -224,6 +234,10 @@ struct Settled {
     destination_workload: String,
     destination_principal: String,
     reason: Option<String>,
+    /// Why no upstream could answer, for `strait_sidecar_upstream_failures`
+    /// (`None`: an upstream answered, or the sidecar refused the request
+    /// for another cause: policy, fault injection, a bad request).
+    reason_code: Option<&'static str>,
     /// Sent outside the mesh as it was (no mTLS).
     passthrough: bool,
     /// The HTTP/1.1 connection slot (`maxConnections`) the answer holds
@@ -242,6 +256,7 @@ impl Default for Settled {
             destination_workload: "unknown".into(),
             destination_principal: "unknown".into(),
             reason: None,
+            reason_code: None,
             passthrough: false,
             connection: None,
             request: None,
@@ -345,6 +360,11 @@ async fn proxy(
         let labels = source_labels(&shared, &settled, service.as_deref(), &host, protocol, code);
         let req_len = req_bytes.load(Ordering::Relaxed);
         let grpc = end.grpc_status.as_deref();
+        if let (Some(code), Some(why)) = (settled.reason_code, settled.reason.as_deref()) {
+            shared
+                .metrics
+                .upstream_failure(&labels.destination_service, code, why);
+        }
         let labels = &shared
             .metrics
             .request_ended(labels, grpc, millis, req_len, end.bytes);
@@ -456,6 +476,11 @@ async fn forward(
         settled.reason = Some(why.clone());
         reply_body(status, &why)
     };
+    // No upstream could take the request, for the reason `code`.
+    let fail_code = |settled: &mut Settled, status: StatusCode, code, why: String| {
+        settled.reason_code = Some(code);
+        fail(settled, status, why)
+    };
     let Some(id) = shared.current_identity() else {
         let r = fail(
             settled,
@@ -522,55 +547,57 @@ async fn forward(
     parts.headers.remove(names::KEEP_ALIVE);
     parts.headers.remove(http::header::TRANSFER_ENCODING);
     parts.headers.remove(http::header::UPGRADE);
-    let tries = 1 + route.retries.attempts;
-    let mut tried: Vec<String> = Vec::new();
-    let deadline = route.timeout.map(|t| Instant::now() + t);
-    let mut last: Option<Response<ProxyBody>> = None;
-    for attempt in 0..tries {
-        let Some(dest) = route.pick(fastrand::f64()).cloned() else {
-            return (
-                fail(
-                    settled,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "every destination of the route has weight 0".into(),
-                ),
-                Some(service),
-            );
-        };
-        let dest_service = if dest.host == service.hostname {
-            service.clone()
-        } else {
-            match cfg.lookup(&dest.host, my_ns) {
-                Some(s) => s.clone(),
-                None => {
-                    let why = format!("route destination {} is not a known service", dest.host);
-                    return (
-                        fail(settled, StatusCode::SERVICE_UNAVAILABLE, why),
-                        Some(service),
-                    );
-                }
+    // The weighted destination (service, subset, port) is chosen once per
+    // request, as Envoy chooses the cluster; retries only pick another
+    // endpoint of it (see `attempts`).
+    let Some(dest) = route.pick(fastrand::f64()).cloned() else {
+        return (
+            fail(
+                settled,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "every destination of the route has weight 0".into(),
+            ),
+            Some(service),
+        );
+    };
+    let dest_service = if dest.host == service.hostname {
+        service.clone()
+    } else {
+        match cfg.lookup(&dest.host, my_ns) {
+            Some(s) => s.clone(),
+            None => {
+                let why = format!("route destination {} is not a known service", dest.host);
+                return (
+                    fail(settled, StatusCode::SERVICE_UNAVAILABLE, why),
+                    Some(service),
+                );
+            }
+        }
+    };
+    let dest_port = dest.port.unwrap_or(port);
+    let tp =
+        match cfg
+            .policies
+            .traffic_policy(my_ns, &dest_service.hostname, dest.subset.as_deref())
+        {
+            Ok(tp) => tp,
+            Err(e) => {
+                let status =
+                    StatusCode::from_u16(e.status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                return (fail(settled, status, e.to_string()), Some(service));
             }
         };
-        let dest_port = dest.port.unwrap_or(port);
-        let tp =
-            match cfg
-                .policies
-                .traffic_policy(my_ns, &dest_service.hostname, dest.subset.as_deref())
-            {
-                Ok(tp) => tp,
-                Err(e) => {
-                    let status =
-                        StatusCode::from_u16(e.status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-                    return (fail(settled, status, e.to_string()), Some(service));
-                }
-            };
-        let limit_key = || {
-            format!(
-                "{}|{}",
-                dest_service.hostname,
-                dest.subset.as_deref().unwrap_or("")
-            )
-        };
+    let limit_key = || {
+        format!(
+            "{}|{}",
+            dest_service.hostname,
+            dest.subset.as_deref().unwrap_or("")
+        )
+    };
+    let mut tried: Vec<String> = Vec::new();
+    let mut attempts = Attempts::new(&route.retries, route.timeout, Instant::now());
+    let deadline = attempts.deadline();
+    let resp = loop {
         // A retry gives back the slots of the attempt before.
         settled.request = None;
         settled.connection = None;
@@ -581,24 +608,16 @@ async fn forward(
                 concurrency_limit(&tp).unwrap_or(0)
             );
             return (
-                fail(settled, StatusCode::SERVICE_UNAVAILABLE, why),
+                fail_code(settled, StatusCode::SERVICE_UNAVAILABLE, "overflow", why),
                 Some(service),
             );
         };
         let picked = match pick(shared, &dest_service, &tp, cfg.my_locality(), &tried) {
             Ok(p) => p,
             Err(e) => {
-                let subset = dest
-                    .subset
-                    .as_deref()
-                    .map(|s| format!(" subset {s}"))
-                    .unwrap_or_default();
-                let why = format!(
-                    "no healthy upstream for {}{subset}: {e}",
-                    dest_service.hostname
-                );
+                let (code, why) = no_upstream(&dest_service, dest.subset.as_deref(), &tp, &e);
                 return (
-                    fail(settled, StatusCode::SERVICE_UNAVAILABLE, why),
+                    fail_code(settled, StatusCode::SERVICE_UNAVAILABLE, code, why),
                     Some(service),
                 );
             }
@@ -606,14 +625,14 @@ async fn forward(
         settled.request = Some(slot);
         let ep = &dest_service.endpoints[picked.index];
         tried.push(picked.key.clone());
-        let target = Target {
-            service: &dest_service,
-            address: upstream_address(ep),
-            port: dest_port,
-            subset: dest.subset.as_deref(),
-            tls: tp.tls,
-            connect_timeout: tp.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
-        };
+        let target = Target::new(
+            &dest_service,
+            ep,
+            dest_port,
+            dest.subset.as_deref(),
+            &tp,
+            DEFAULT_CONNECT_TIMEOUT,
+        );
         let authority = if dest_service.hostname == service.hostname && dest.port.is_none() {
             authority.clone()
         } else {
@@ -644,7 +663,15 @@ async fn forward(
             );
             match slot.await {
                 Ok(c) => settled.connection = Some(c),
-                Err((status, why)) => return (fail(settled, status, why), Some(service)),
+                Err((status, why)) => {
+                    // Full queue, or the route's timeout passed in it.
+                    let code = if status == StatusCode::GATEWAY_TIMEOUT {
+                        "timeout"
+                    } else {
+                        "overflow"
+                    };
+                    return (fail_code(settled, status, code, why), Some(service));
+                }
             }
         }
         // The request target as that version wants it, made once for all
@@ -706,11 +733,7 @@ async fn forward(
             h.insert(http::header::UPGRADE, proto.clone());
             Some(out)
         };
-        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        let per_try = match (route.retries.per_try_timeout, remaining) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let (attempt, per_try) = attempts.start(Instant::now());
         // Under a timeout the response is read whole within it (the
         // timeout covers the whole response, as Envoy's does); otherwise
         // it streams.
@@ -750,10 +773,9 @@ async fn forward(
                 .unwrap_or(Err(SendError::Timeout)),
             None => sent.await,
         };
-        settled.upstream = target.address;
         settled.destination_cluster = or_unknown(&ep.cluster);
         settled.destination_workload = or_unknown(&ep.workload);
-        let retry = match result {
+        let (tried_as, resp) = match result {
             Ok((resp, peer)) => {
                 let code = resp.status().as_u16();
                 let outcome = if code >= 500 {
@@ -764,30 +786,23 @@ async fn forward(
                 picked.report(outcome);
                 settled.destination_principal = peer;
                 settled.reason = None;
-                let retry = route.retries.retries_status(code);
-                last = Some(resp);
-                retry
+                settled.reason_code = None;
+                (Tried::Answered(code), resp)
             }
             Err(e) => {
-                let why = format!("{e} ({})", settled.upstream);
+                let (code, why) = attempt_failure(&e, ep, &target);
                 tracing::debug!(attempt, endpoint = %picked.key, error = %why, "upstream attempt failed");
                 picked.report(e.outcome());
                 settled.reason = Some(why.clone());
-                let retry = e.retriable(&route.retries);
-                last = Some(reply_body(e.status(), &why));
-                retry
+                settled.reason_code = Some(code);
+                (e.tried(), reply_body(e.status(), &why))
             }
         };
-        if !retry
-            || attempt + 1 == tries
-            || deadline.is_some_and(|d| Instant::now() >= d)
-            || !body.replayable()
-        {
-            break;
+        settled.upstream = target.address;
+        if attempts.after(tried_as, Instant::now(), body.replayable()) != Next::Retry {
+            break resp;
         }
-    }
-    let resp =
-        last.unwrap_or_else(|| reply_body(StatusCode::SERVICE_UNAVAILABLE, "no attempt was made"));
+    };
     (resp, Some(service))
 }
 

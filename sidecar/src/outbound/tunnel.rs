@@ -180,14 +180,14 @@ async fn open_mesh_tcp(
         ))
     })?;
     let ep = &dest_service.endpoints[picked.index];
-    let target = Target {
-        service: &dest_service,
-        address: upstream_address(ep),
-        port: dest.port.unwrap_or(port),
-        subset: dest.subset.as_deref(),
-        tls: tp.tls,
-        connect_timeout: tp.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
-    };
+    let target = Target::new(
+        &dest_service,
+        ep,
+        dest.port.unwrap_or(port),
+        dest.subset.as_deref(),
+        &tp,
+        DEFAULT_CONNECT_TIMEOUT,
+    );
     let upstream: Result<Connected<Box<dyn Duplex>>, SendError> = if target.tls {
         connect_tls(shared, &id, &target, ALPN_TCP)
             .await

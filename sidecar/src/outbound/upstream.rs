@@ -22,9 +22,10 @@ use tokio::sync::watch;
 
 use crate::identity::Identity;
 use crate::idle::{self, IdleList};
-use crate::policy::{Outcome, RetryPolicy, TrafficPolicy, endpoint_key};
+use crate::policy::{Outcome, TrafficPolicy, endpoint_key};
 use crate::{Counted, Shared};
 
+use super::attempts::Tried;
 use super::limits::Limits;
 
 /// A request body as one attempt sends it: a copy of one held whole, or
@@ -128,7 +129,7 @@ pub(super) struct PoolKey {
 }
 
 /// How a shared HTTP/2 connect ended.
-type Connected2 = Result<Pooled, String>;
+type Connected2 = Result<Pooled, SendError>;
 
 /// What a pooled HTTP/1.1 connection keeps with it.
 struct Http1Meta {
@@ -247,10 +248,14 @@ impl Pool {
 }
 
 /// Why one attempt failed.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(super) enum SendError {
     /// No connection (TCP, TLS or HTTP/2 setup).
     Connect(String),
+    /// The server closed the connection during the TLS handshake, before
+    /// answering the ClientHello: what an east-west gateway does with an
+    /// SNI it cannot route (a service, port or subset it does not know).
+    Closed(String),
     /// The connection broke before a response.
     Reset(String),
     /// The per-try or route timeout passed.
@@ -260,16 +265,17 @@ pub(super) enum SendError {
 impl SendError {
     pub(super) fn outcome(&self) -> Outcome {
         match self {
-            SendError::Connect(_) => Outcome::ConnectFailure,
+            SendError::Connect(_) | SendError::Closed(_) => Outcome::ConnectFailure,
             SendError::Reset(_) | SendError::Timeout => Outcome::Reset,
         }
     }
 
-    pub(super) fn retriable(&self, r: &RetryPolicy) -> bool {
+    /// The attempt's end, for the retry decision.
+    pub(super) fn tried(&self) -> Tried {
         match self {
-            SendError::Connect(_) => r.retries_connect_failure(),
-            SendError::Reset(_) => r.retries_reset(),
-            SendError::Timeout => r.retries_per_try_timeout(),
+            SendError::Connect(_) | SendError::Closed(_) => Tried::ConnectFailure,
+            SendError::Reset(_) => Tried::Reset,
+            SendError::Timeout => Tried::Timeout,
         }
     }
 
@@ -285,6 +291,7 @@ impl std::fmt::Display for SendError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             SendError::Connect(e) => write!(f, "upstream connect error: {e}"),
+            SendError::Closed(e) => write!(f, "upstream connect error: {e} (closed by the server)"),
             SendError::Reset(e) => write!(f, "upstream reset: {e}"),
             SendError::Timeout => f.write_str("upstream request timeout"),
         }
@@ -314,9 +321,39 @@ pub(super) fn upstream_address(ep: &pb::Endpoint) -> String {
     }
 }
 
-impl Target<'_> {
+impl<'a> Target<'a> {
+    /// Endpoint `ep` of `service` on service port `port`, for `subset`
+    /// under traffic policy `tp`.
+    ///
+    /// Behind another network's gateway the SNI names no subset: the
+    /// subset was resolved here, by labels, and the gateway endpoint
+    /// matched it only because every endpoint behind it carries the
+    /// subset's labels (an export's `endpoint_labels` are those all its
+    /// workloads share). So any endpoint the gateway picks is one of the
+    /// subset, and the exporting cluster need not define the subset
+    /// itself (Istio needs the DestinationRule copied there; a gateway
+    /// refuses a subset name it does not know).
+    pub(super) fn new(
+        service: &'a pb::Service,
+        ep: &pb::Endpoint,
+        port: u16,
+        subset: Option<&'a str>,
+        tp: &TrafficPolicy,
+        default_connect_timeout: Duration,
+    ) -> Target<'a> {
+        let behind_gateway = ep.kind() == pb::endpoint::Kind::Gateway;
+        Target {
+            service,
+            address: upstream_address(ep),
+            port,
+            subset: subset.filter(|_| !behind_gateway),
+            tls: tp.tls,
+            connect_timeout: tp.connect_timeout.unwrap_or(default_connect_timeout),
+        }
+    }
+
     pub(super) fn sni(&self) -> String {
-        crate::istio_sni(self.port, self.subset, &self.service.hostname)
+        strait_model::sni::format(self.port, self.subset, &self.service.hostname)
     }
 }
 
@@ -394,7 +431,20 @@ pub(super) async fn connect_tls(
     )
     .await
     .map_err(|_| SendError::Connect(format!("{addr}: TLS handshake timed out")))?
-    .map_err(|e| SendError::Connect(format!("{addr}: TLS handshake: {e}")))?;
+    .map_err(|e| {
+        let closed = matches!(
+            e.kind(),
+            std::io::ErrorKind::UnexpectedEof
+                | std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted
+                | std::io::ErrorKind::BrokenPipe
+        );
+        if closed {
+            SendError::Closed(format!("{addr}: TLS handshake for SNI {sni}: {e}"))
+        } else {
+            SendError::Connect(format!("{addr}: TLS handshake: {e}"))
+        }
+    })?;
     let chain = stream
         .get_ref()
         .1
@@ -517,19 +567,14 @@ pub(super) async fn h2_connection(
                 if let Ok(p) = &made {
                     shared.pool.put(key.clone(), p.clone());
                 }
-                let shared_outcome = match &made {
-                    Ok(p) => Ok(p.clone()),
-                    Err(SendError::Connect(e) | SendError::Reset(e)) => Err(e.clone()),
-                    Err(e @ SendError::Timeout) => Err(e.to_string()),
-                };
-                let _ = tx.send(Some(shared_outcome));
+                let _ = tx.send(Some(made.clone()));
                 drop(guard);
                 return made.map(|p| (key, p));
             }
         };
         match waiting.wait_for(Option::is_some).await.as_deref() {
             Ok(Some(Ok(p))) => return Ok((key, p.clone())),
-            Ok(Some(Err(e))) => return Err(SendError::Connect(e.clone())),
+            Ok(Some(Err(e))) => return Err(e.clone()),
             // The request that was connecting went away: try again.
             _ => continue,
         }

@@ -15,7 +15,7 @@
 //!
 //! // outbound, per request (HTTP) or connection (TCP, method = None):
 //! let route = policies.route(client_ns, fqdn, port, &attrs)?;   // RouteDecision or RouteError (404)
-//! let dest = route.pick(r)?;                                      // weighted destination
+//! let dest = route.pick(r)?;                                      // weighted destination, once per request
 //! let tp = policies.traffic_policy(client_ns, &dest.host, dest.subset.as_deref())?;
 //! let i = balancer.pick(&service.endpoints, tp.subset_labels.as_ref(), &tp, my_locality, now, r)?;
 //! ... connect to endpoints[i] ...
