@@ -41,6 +41,7 @@ fuzz_target!(|data: &[u8]| {
         trust_domain: TrustDomain::new("cluster.local").unwrap(),
         locality: Some("eu/a".into()),
         egress: None,
+        path_normalization: Default::default(),
     };
     let (a, warnings_a) = build(&ctx, &once, &TrustInput::default(), &[]);
     let (b, warnings_b) = build(&ctx, &once, &TrustInput::default(), &[]);
