@@ -120,7 +120,7 @@ async fn the_config_follows_the_recorded_cluster() {
     assert_eq!(rejections.len(), 1, "{rejections:?}");
     assert!(
         rejections[0].starts_with(
-            "kube://DestinationRule/bookinfo/Reviews_Canary: DestinationRule bookinfo/Reviews_Canary: metadata.name"
+            "kube://DestinationRule/bookinfo/Reviews_Canary: DestinationRule bookinfo/Reviews_Canary: invalid: metadata.name"
         ),
         "{rejections:?}"
     );

@@ -415,7 +415,8 @@ mod tests {
             &f,
             "apiVersion: v1\nkind: Service\nmetadata: {name: ../../etc/x, namespace: demo}\n---\n\
              apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n---\n\
-             apiVersion: v1\nkind: Service\nmetadata: {name: ok, namespace: demo}\n",
+             apiVersion: v1\nkind: Service\nmetadata: {name: ok, namespace: demo}\n\
+             spec: {ports: [{port: 80}]}\n",
         )
         .unwrap();
         let docs = read_objects(&f).unwrap();

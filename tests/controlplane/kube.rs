@@ -199,20 +199,10 @@ async fn kubernetes_mode_reads_the_api_applies_imports_and_reviews_tokens() {
             .any(|r| r.path.contains("/namespaces/kube-system/configmaps")),
         "kube-system is left alone"
     );
-    let imported = west.config.join("imported/strait-imports.yaml");
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let text = std::fs::read_to_string(&imported).unwrap_or_default();
-        if text.contains("reviews") && text.contains("192.0.2.10") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "east's reviews not imported by west within {WAIT:?}:\n{text}\n{}",
-            east.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_imported(&west, &east, "east's reviews imported by west", |t| {
+        t.contains("reviews") && t.contains("192.0.2.10")
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

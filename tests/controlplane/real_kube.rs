@@ -4,7 +4,7 @@
 //! MCS CRD schemas, server-side apply), real watches, and TokenReview of
 //! real projected tokens.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::common::apiserver::ApiServer;
 use crate::common::{Broker, Scratch};
@@ -227,36 +227,20 @@ async fn a_real_api_server_takes_what_kubernetes_mode_writes_and_reviews_real_to
     );
 
     // East's ServiceExport reaches west.
-    let imported = west.config.join("imported/strait-imports.yaml");
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let text = std::fs::read_to_string(&imported).unwrap_or_default();
-        if text.contains("reviews") && text.contains("192.0.2.10") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "east's reviews not imported by west within {WAIT:?}:\n{text}\n{}",
-            east.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_imported(&west, &east, "east's reviews imported by west", |t| {
+        t.contains("reviews") && t.contains("192.0.2.10")
+    })
+    .await;
 
     // A watch, not a poll at start: the export withdrawn in the API is
     // withdrawn at west.
     let (code, _, err) = api.kubectl(&["delete", "serviceexport", "reviews", "-n", "bookinfo"]);
     assert_eq!(code, 0, "{err}");
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let text = std::fs::read_to_string(&imported).unwrap_or_default();
-        if !text.contains("reviews") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "reviews still imported by west {WAIT:?} after its ServiceExport went:\n{text}\n{}",
-            east.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_imported(
+        &west,
+        &east,
+        "reviews withdrawn at west after its ServiceExport went",
+        |t| !t.contains("reviews"),
+    )
+    .await;
 }

@@ -424,3 +424,28 @@ impl Drop for Process {
         let _ = self.child.wait();
     }
 }
+
+/// Waits until `importer`'s imported objects (the file its control plane
+/// writes back) satisfy `check`, or panics naming `what` with the text and
+/// `exporter`'s log.
+pub(crate) async fn until_imported(
+    importer: &ControlPlane,
+    exporter: &ControlPlane,
+    what: &str,
+    check: impl Fn(&str) -> bool,
+) {
+    let imported = importer.config.join("imported/strait-imports.yaml");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = std::fs::read_to_string(&imported).unwrap_or_default();
+        if check(&text) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not so within {WAIT:?}:\n{text}\n{}",
+            exporter.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

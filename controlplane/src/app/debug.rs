@@ -78,7 +78,8 @@ mod tests {
 
     #[test]
     fn objects_carry_their_file_and_rejections_their_reason() {
-        let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: demo}\n";
+        let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: demo}\n\
+                   spec: {ports: [{port: 80}]}\n";
         let read = BTreeMap::from([
             (PathBuf::from("/c/a.yaml"), parse_file(svc)),
             (PathBuf::from("/c/b.yaml"), parse_file(svc)),
