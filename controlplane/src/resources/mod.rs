@@ -665,9 +665,17 @@ pub fn build(
 
     // Policies.
     let mut destination_rules = Vec::new();
+    // An object written without `spec` means what `spec: {}` means
+    // (Kubernetes drops an empty spec on the way in): for an
+    // AuthorizationPolicy that is Istio's allow-nothing, which must deny
+    // every request of the workloads it selects, not vanish.
+    let empty_spec = Value::Object(serde_json::Map::new());
     for kind in POLICY_KINDS {
         for (key, doc) in of_kind(kind) {
-            let spec = &doc["spec"];
+            let spec = match &doc["spec"] {
+                Value::Null => &empty_spec,
+                spec => spec,
+            };
             if let Err(problems) = strait_model::istio::parse(kind, spec) {
                 b.warnings
                     .push(format!("{key}: {}; left out", problems.join("; ")));

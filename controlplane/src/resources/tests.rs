@@ -876,3 +876,26 @@ fn canonical_encoding_sorts_maps_and_decodes_to_the_same_message() {
         s
     );
 }
+
+#[test]
+fn a_policy_without_spec_is_served_as_an_empty_spec() {
+    // Istio's allow-nothing: an AuthorizationPolicy with no spec selects
+    // every workload of its namespace and, having no rules, allows nothing.
+    // Dropping it (as an invalid object) would open what it closes.
+    let (snap, warnings) = run(r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-nothing, namespace: demo}
+"#);
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let ap: pb::Policy = decode(
+        &snap,
+        type_url::POLICY,
+        "AuthorizationPolicy/demo/allow-nothing",
+    );
+    assert_eq!(ap.spec_json, "{}");
+    assert!(matches!(
+        strait_model::istio::parse("AuthorizationPolicy", &serde_json::from_str(&ap.spec_json).unwrap()),
+        Ok(strait_model::istio::IstioSpec::AuthorizationPolicy(p)) if p.rules.is_empty()
+    ));
+}
