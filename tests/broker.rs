@@ -293,12 +293,16 @@ async fn revocation_withdraws_exports_and_locks_the_cluster_out() {
     .await
     .unwrap();
     assert!(end.is_err() || end.unwrap().is_none());
+    // It is told why (not a dropped connection it would retry forever).
     let (channel, _) = client::cluster_channel(&east).unwrap();
-    assert!(
-        SyncSession::open(channel, hello(0, "", "127.0.0.1:15443"))
-            .await
-            .is_err()
-    );
+    match SyncSession::open(channel, hello(0, "", "127.0.0.1:15443")).await {
+        Err(client::ClientError::Refused(why)) => {
+            assert!(why.contains("this cluster is revoked"), "{why}");
+            assert!(why.contains("CN=east"), "{why}");
+        }
+        Err(e) => panic!("refused without saying revoked: {e}"),
+        Ok(_) => panic!("a revoked cluster opened a sync stream"),
+    }
     let list = broker
         .ctl(&["cluster", "show", "east", "-o", "json"])
         .ok()
@@ -464,7 +468,12 @@ async fn command_line_join_sync_and_imports() {
         "east.yaml",
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: reviews\n  namespace: bookinfo\n  annotations:\n    strait.io/export: \"true\"\nspec:\n  selector: {app: reviews}\n  ports:\n  - {name: http, port: 9080}\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: r1, namespace: bookinfo}\nspec: {address: 10.1.0.11, labels: {app: reviews}, serviceAccount: reviews}\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: broken\n  namespace: bookinfo\n  annotations:\n    strait.io/export: \"yes\"\nspec:\n  ports:\n  - {name: http, port: 80}\n",
     );
-    s.write("west.yaml", "");
+    // West runs reviews too (not exported): its imports get a
+    // WorkloadEntry that its own Service selects.
+    s.write(
+        "west.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  selector: {app: reviews}\n  ports:\n  - {name: http, port: 9080}\n",
+    );
     let r = s
         .strait(&[
             "cluster",
@@ -499,15 +508,53 @@ async fn command_line_join_sync_and_imports() {
     .ok();
     let written = s.read("west-imports.yaml");
     let shown = broker.ctl(&["imports", "show", "west"]).ok().stdout;
-    assert_eq!(written, shown, "the cluster writes what straitctl shows");
     assert!(
         shown.contains("reviews.bookinfo.svc.clusterset.local"),
         "{shown}"
     );
     assert!(shown.contains("address: \"127.0.0.1\""), "{shown}");
+    // The cluster writes what the broker shows, plus a WorkloadEntry for
+    // the service it also runs (the broker does not know west's Services).
+    let entries: Vec<&str> = written.split("\n---\n").collect();
+    let (workload_entries, rest): (Vec<&str>, Vec<&str>) = entries
+        .iter()
+        .partition(|d| d.contains("kind: WorkloadEntry"));
+    assert_eq!(rest.join("\n---\n").trim(), shown.trim(), "{written}");
+    assert_eq!(workload_entries.len(), 1, "{written}");
+    let we = workload_entries[0];
+    assert!(we.contains("name: strait-reviews.east"), "{we}");
+    assert!(we.contains("app: reviews"), "{we}");
+    assert!(
+        we.contains("address: 127.0.0.1") || we.contains("address: \"127.0.0.1\""),
+        "{we}"
+    );
     // A token that was already spent cannot join again.
     s.strait(&["cluster", "join", "--token", "east.token", "--dir", "east2"])
         .fails_with(1, "already been used");
+    // Once revoked, `cluster sync` says so and stops, instead of retrying
+    // until its timeout with a guess about reachability.
+    broker.ctl(&["cluster", "revoke", "west"]).ok();
+    let started = Instant::now();
+    s.strait(&[
+        "cluster",
+        "sync",
+        "--dir",
+        "west",
+        "--config",
+        "west.yaml",
+        "--gateway",
+        "127.0.0.2:15443",
+        "--once",
+    ])
+    .fails_with(
+        1,
+        "the broker refuses this cluster: this cluster is revoked",
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]

@@ -24,6 +24,7 @@ async fn intermediates_are_renewed_through_sync() {
         AgentConfig {
             dir: east.clone(),
             gateways: vec!["127.0.0.1:15443".into()],
+            leaf_ttl_max: None,
         },
         exports_rx,
     );
@@ -99,6 +100,7 @@ async fn root_rotation_in_stages_while_clusters_sync() {
             AgentConfig {
                 dir,
                 gateways: vec![gw.into()],
+                leaf_ttl_max: None,
             },
             rx,
         );
@@ -289,6 +291,7 @@ async fn meshes_peer_and_exchange_services_with_separate_bundles() {
             AgentConfig {
                 dir,
                 gateways: vec![gw.into()],
+                leaf_ttl_max: None,
             },
             rx,
         );

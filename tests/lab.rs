@@ -702,8 +702,33 @@ fn root_rotation_under_cross_cluster_traffic() {
     };
     let on_new_root = renewed(&vec![None; inbounds.len()]);
 
-    // The old root goes (forced: 10 s leaves, not 24 h); calls still work.
-    ctl(&["trust", "rotate-root", "finish", "--force"]);
+    // The old root goes once the last leaf issued under it has expired:
+    // the control planes cap leaves at the lab's 10 s (`--max-cert-ttl`)
+    // and told the broker, so `finish` without --force is refused with
+    // the time to wait, then accepted within seconds, not 24 h.
+    let finish_at = Instant::now();
+    let refusals = loop {
+        let out = Command::new(STRAITCTL)
+            .arg("--lab")
+            .arg(lab.path())
+            .args(["trust", "rotate-root", "finish"])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break finish_at.elapsed();
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("may live until") && err.contains("up to 10s"),
+            "finish refused for another reason: {err}"
+        );
+        assert!(
+            finish_at.elapsed() < Duration::from_secs(30),
+            "finish still refused after 30 s with 10 s leaves: {err}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    eprintln!("rotate-root finish accepted {refusals:?} after re-issuing was seen");
     let start = Instant::now();
     loop {
         let v: Value =

@@ -91,6 +91,9 @@ pub struct Imports {
     pub connected: bool,
     /// Whether the broker acknowledged the latest exports.
     pub exports_acked: bool,
+    /// Why the broker refuses this cluster for good (it was revoked), as
+    /// the broker said it; `None` while it does not.
+    pub refused: Option<String>,
 }
 
 /// How the agent is set up.
@@ -100,6 +103,9 @@ pub struct AgentConfig {
     pub dir: PathBuf,
     /// East-west gateway addresses to publish (`host:port`).
     pub gateways: Vec<String>,
+    /// The longest workload certificate the cluster's CA issues (`None`:
+    /// not known; the broker then assumes [`crate::state::LEAF_MAX_TTL`]).
+    pub leaf_ttl_max: Option<Duration>,
 }
 
 /// The exports the cluster wants published, keyed by service.
@@ -144,11 +150,20 @@ impl Agent {
                 () = &mut shutdown => return,
             };
             self.imports.send_modify(|i| i.connected = false);
+            let mut delay = backoff.ended(tokio::time::Instant::now().into_std());
             match result {
                 Ok(()) => tracing::info!("broker closed the sync stream"),
+                Err(ClientError::Refused(why)) => {
+                    // Said once at error level; retried rarely, in case an
+                    // operator restores the cluster's state.
+                    if self.imports.borrow().refused.as_deref() != Some(why.as_str()) {
+                        tracing::error!(reason = %why, "the broker refuses this cluster; it will not sync until it joins again");
+                    }
+                    self.imports.send_modify(|i| i.refused = Some(why));
+                    delay = BACKOFF_MAX;
+                }
                 Err(e) => tracing::warn!(error = %e, "sync with the broker failed"),
             }
-            let delay = backoff.ended(tokio::time::Instant::now().into_std());
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = &mut shutdown => return,
@@ -170,6 +185,7 @@ impl Agent {
                 network: info.network,
                 locality: info.locality,
                 gateways: self.config.gateways.clone(),
+                leaf_ttl_max_seconds: self.config.leaf_ttl_max.map_or(0, |t| t.as_secs()),
             }),
         })
     }
@@ -181,7 +197,10 @@ impl Agent {
         let td =
             TrustDomain::new(&info.trust_domain).map_err(|e| ClientError::Setup(e.to_string()))?;
         let mut session = SyncSession::open(channel, self.hello()?).await?;
-        self.imports.send_modify(|i| i.connected = true);
+        self.imports.send_modify(|i| {
+            i.connected = true;
+            i.refused = None;
+        });
         tracing::info!(cluster = %cluster, "sync stream to the broker open");
 
         // Exports: in sync only if this process saw the broker acknowledge

@@ -9,7 +9,7 @@ use std::time::Duration;
 use prometheus_client::registry::Registry;
 use strait_ca::authority::{self, Authority, KeyAlgorithm, RootOptions};
 use strait_ca::layout;
-use strait_ca::tls::{Accept, SpiffeClientVerifier};
+use strait_ca::tls::{Accept, Revocation, SpiffeClientVerifier};
 use strait_ca::{AnyIdentityInTrustDomain, Csr, SpiffeId, TrustDomain};
 use strait_proto::strait::broker::v1 as pb;
 use time::OffsetDateTime;
@@ -295,7 +295,14 @@ pub async fn run(
     state.set_cluster_grace(config.cluster_grace);
     let serving = Arc::new(ServingCert::default());
     refresh_own_certificates(&state, &serving, &config.data_dir)?;
-    let verifier = SpiffeClientVerifier::new(state.trust.clone(), Accept::Any, false);
+    // Revocation is checked per call (`server::authenticate`), so that a
+    // revoked cluster is told so instead of seeing its connection drop.
+    let verifier = SpiffeClientVerifier::with_revocation(
+        state.trust.clone(),
+        Accept::Any,
+        false,
+        Revocation::PerCall,
+    );
     let mut tls = rustls::ServerConfig::builder_with_provider(strait_ca::tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(setup)?

@@ -37,6 +37,10 @@ pub enum ClientError {
     Token(#[from] crate::token::TokenError),
     #[error("broker {address}: {status}")]
     Rpc { address: String, status: String },
+    /// The broker refuses this cluster for good (revoked, or not a
+    /// cluster identity): retrying cannot help; an operator must act.
+    #[error("the broker refuses this cluster: {0}")]
+    Refused(String),
     #[error("{0}")]
     Setup(String),
     #[error(transparent)]
@@ -256,9 +260,12 @@ pub struct SyncSession {
 
 impl SyncSession {
     pub async fn open(channel: Channel, hello: pb::Hello) -> Result<Self, ClientError> {
-        let rpc = |status: tonic::Status| ClientError::Rpc {
-            address: "broker".into(),
-            status: format!("{}: {}", status.code(), status.message()),
+        let rpc = |status: tonic::Status| match status.code() {
+            tonic::Code::PermissionDenied => ClientError::Refused(status.message().to_string()),
+            _ => ClientError::Rpc {
+                address: "broker".into(),
+                status: format!("{}: {}", status.code(), status.message()),
+            },
         };
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tx.send(pb::SyncRequest {

@@ -482,7 +482,7 @@ impl PeerService {
             .trust_for(&peer.trust_domain)
             .ok_or_else(|| Status::internal("peer bundle unreadable"))?;
         let svid = strait_ca::tls::peer_identity(&trust, &certs, OffsetDateTime::now_utc())
-            .map_err(Status::unauthenticated)?;
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
         let td =
             TrustDomain::new(&peer.trust_domain).map_err(|e| Status::internal(e.to_string()))?;
         if svid.spiffe_id != broker_id(&td)? {
@@ -609,7 +609,9 @@ impl rustls::server::danger::ClientCertVerifier for PeerClientVerifier {
             .collect();
         let when = OffsetDateTime::from_unix_timestamp(now.as_secs() as i64)
             .unwrap_or(OffsetDateTime::UNIX_EPOCH);
-        trust.verify(&chain, when).map_err(rustls::Error::General)?;
+        trust
+            .verify(&chain, when)
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
         Ok(rustls::server::danger::ClientCertVerified::assertion())
     }
 

@@ -66,6 +66,11 @@ pub struct ClusterView {
     pub bundle_version_acked: u64,
     /// Fingerprint of the root its current intermediate was issued by.
     pub intermediate_root: String,
+    /// When it started signing with that intermediate (unix seconds; 0:
+    /// not recorded).
+    pub installed_unix: i64,
+    /// The longest workload certificate its CA issues.
+    pub leaf_ttl: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -87,11 +92,28 @@ pub enum RotationError {
     #[error("clusters still have intermediates from the old root: {}", .0.join(", "))]
     NotReissued(Vec<String>),
     #[error(
-        "leaves issued under the old intermediates may live until {}; \
+        "leaves issued under cluster {cluster}'s old intermediate may live until {} \
+         (it switched intermediates at {} and issues leaves of up to {}); \
          wait, or finish with --force",
-        rfc3339(*.0)
+        rfc3339(*.until),
+        rfc3339(*.switched),
+        short_duration(*.leaf_ttl)
     )]
-    LeavesMayLive(i64),
+    LeavesMayLive {
+        cluster: String,
+        until: i64,
+        switched: i64,
+        leaf_ttl: Duration,
+    },
+}
+
+/// A duration as `24h`, `90m` or `30s`.
+fn short_duration(d: Duration) -> String {
+    match d.as_secs() {
+        s if s >= 3600 && s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s >= 60 && s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
 }
 
 /// A unix time as an RFC 3339 UTC time (the number itself when out of
@@ -189,13 +211,16 @@ impl Rotation {
         })
     }
 
-    /// Drops the retiring root from the bundle. The caller bumps the bundle
-    /// version.
+    /// Drops the retiring root from the bundle, once every cluster signs
+    /// under the new root and the last leaf any of them issued under the
+    /// old one has expired: a cluster's old leaves were issued no later
+    /// than it switched intermediates (or than re-issuing began, if that
+    /// is later or not recorded), and live at most its CA's leaf TTL cap.
+    /// The caller bumps the bundle version.
     pub fn finish(
         &self,
         clusters: &[ClusterView],
         now_unix: i64,
-        leaf_ttl: Duration,
         force: bool,
     ) -> Result<Rotation, RotationError> {
         match self.stage {
@@ -212,11 +237,25 @@ impl Rotation {
         if !behind.is_empty() && !force {
             return Err(RotationError::NotReissued(behind));
         }
-        let leaves_until = self
-            .reissue_started_unix
-            .saturating_add(i64::try_from(leaf_ttl.as_secs()).unwrap_or(i64::MAX));
-        if now_unix < leaves_until && !force {
-            return Err(RotationError::LeavesMayLive(leaves_until));
+        let last = clusters
+            .iter()
+            .map(|c| {
+                let switched = c.installed_unix.max(self.reissue_started_unix);
+                let until = switched
+                    .saturating_add(i64::try_from(c.leaf_ttl.as_secs()).unwrap_or(i64::MAX));
+                (until, switched, c)
+            })
+            .max_by_key(|(until, _, _)| *until);
+        if let Some((until, switched, c)) = last
+            && now_unix < until
+            && !force
+        {
+            return Err(RotationError::LeavesMayLive {
+                cluster: c.name.clone(),
+                until,
+                switched,
+                leaf_ttl: c.leaf_ttl,
+            });
         }
         Ok(Rotation::idle(&target))
     }
@@ -262,6 +301,8 @@ mod tests {
             name: name.into(),
             bundle_version_acked: acked,
             intermediate_root: root.into(),
+            installed_unix: 0,
+            leaf_ttl: DAY,
         }
     }
 
@@ -289,7 +330,6 @@ mod tests {
             .finish(
                 &[view("east", 2, "new"), view("west", 3, "new")],
                 1000 + 86400,
-                DAY,
                 false,
             )
             .unwrap();
@@ -300,10 +340,7 @@ mod tests {
     fn out_of_order_steps_are_refused() {
         let idle = Rotation::idle("old");
         assert_eq!(idle.advance(&[], 1, 0), Err(RotationError::NotInProgress));
-        assert_eq!(
-            idle.finish(&[], 0, DAY, true),
-            Err(RotationError::NotInProgress)
-        );
+        assert_eq!(idle.finish(&[], 0, true), Err(RotationError::NotInProgress));
         assert_eq!(idle.abort(0), Err(RotationError::NotInProgress));
         assert_eq!(idle.begin("old"), Err(RotationError::SameRoot));
         let d = idle.begin("new").unwrap();
@@ -312,7 +349,7 @@ mod tests {
             Err(RotationError::InProgress("distributing"))
         );
         assert!(matches!(
-            d.finish(&[], 0, DAY, true),
+            d.finish(&[], 0, true),
             Err(RotationError::WrongStage { step: "finish", .. })
         ));
         let r = d.advance(&[], 2, 0).unwrap();
@@ -346,16 +383,54 @@ mod tests {
         let err = r.finish(
             &[view("east", 2, "new"), view("west", 2, "old")],
             1000 + 86400,
-            DAY,
             false,
         );
         assert_eq!(err, Err(RotationError::NotReissued(vec!["west".into()])));
-        let err = r.finish(&[view("east", 2, "new")], 1000 + 60, DAY, false);
-        assert_eq!(err, Err(RotationError::LeavesMayLive(1000 + 86400)));
+        let err = r
+            .finish(&[view("east", 2, "new")], 1000 + 60, false)
+            .unwrap_err();
+        let RotationError::LeavesMayLive { cluster, until, .. } = &err else {
+            panic!("{err:?}");
+        };
+        assert_eq!((cluster.as_str(), *until), ("east", 1000 + 86400));
         // Said as a time, not a raw unix number.
-        let text = RotationError::LeavesMayLive(1000 + 86400).to_string();
-        assert!(text.contains("until 1970-01-02T00:16:40Z;"), "{text}");
-        assert!(r.finish(&[view("west", 2, "old")], 1000, DAY, true).is_ok());
+        let text = err.to_string();
+        assert!(text.contains("until 1970-01-02T00:16:40Z "), "{text}");
+        assert!(text.contains("up to 24h"), "{text}");
+        assert!(r.finish(&[view("west", 2, "old")], 1000, true).is_ok());
+        assert!(
+            r.finish(&[view("east", 2, "new")], 1000 + 86400, false)
+                .is_ok()
+        );
+        // No cluster, no leaves to wait for.
+        assert!(r.finish(&[], 1000, false).is_ok());
+    }
+
+    #[test]
+    fn finish_waits_for_the_cluster_that_switched_last_and_its_own_ttl() {
+        let r = Rotation::idle("old")
+            .begin("new")
+            .unwrap()
+            .advance(&[], 2, 1000)
+            .unwrap();
+        let short = |name: &str, installed: i64, ttl: u64| ClusterView {
+            installed_unix: installed,
+            leaf_ttl: Duration::from_secs(ttl),
+            ..view(name, 2, "new")
+        };
+        // east switched at 1005 with 30 s leaves; west at 1040 with 10 s:
+        // the last old leaf (east's) lives until 1035, west's until 1050.
+        let both = [short("east", 1005, 30), short("west", 1040, 10)];
+        let err = r.finish(&both, 1049, false).unwrap_err();
+        assert!(
+            matches!(&err, RotationError::LeavesMayLive { cluster, until: 1050, switched: 1040, .. } if cluster == "west"),
+            "{err:?}"
+        );
+        assert!(r.finish(&both, 1050, false).is_ok());
+        // A switch recorded before re-issuing began counts from its start.
+        let early = [short("east", 10, 30)];
+        assert!(r.finish(&early, 1029, false).is_err());
+        assert!(r.finish(&early, 1030, false).is_ok());
     }
 
     #[test]
@@ -381,10 +456,10 @@ mod tests {
             ["old", "new"],
             "both roots stay until the reversal finishes"
         );
-        let err = back.finish(&[view("east", 2, "new")], 2000 + 86400, DAY, false);
+        let err = back.finish(&[view("east", 2, "new")], 2000 + 86400, false);
         assert_eq!(err, Err(RotationError::NotReissued(vec!["east".into()])));
         let done = back
-            .finish(&[view("east", 2, "old")], 2000 + 86400, DAY, false)
+            .finish(&[view("east", 2, "old")], 2000 + 86400, false)
             .unwrap();
         assert_eq!(done, Rotation::idle("old"));
     }

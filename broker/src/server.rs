@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use strait_ca::cert::CertSummary;
+use strait_ca::tls::TrustError;
 use strait_ca::{ClusterName, SpiffeId};
 use strait_model::mesh::{Locality, Network, RemoteService};
 use strait_proto::strait::broker::v1 as pb;
@@ -60,7 +61,17 @@ pub fn authenticate<T>(state: &BrokerState, req: &Request<T>) -> Result<Caller, 
         .peer_certs()
         .ok_or_else(|| Status::unauthenticated("a client certificate is required for this call"))?;
     let svid = strait_ca::tls::peer_identity(&state.trust, &certs, OffsetDateTime::now_utc())
-        .map_err(|e| Status::unauthenticated(format!("client certificate refused: {e}")))?;
+        .map_err(|e| match e {
+            // The handshake let this chain through (the broker applies the
+            // deny-list per call) so that a revoked cluster hears why.
+            TrustError::Revoked { .. } => {
+                tracing::warn!(peer = ?req.remote_addr(), error = %e, "refused a revoked cluster");
+                Status::permission_denied(format!(
+                    "this cluster is revoked: {e}; it can take part again only by joining with a new token"
+                ))
+            }
+            e => Status::unauthenticated(format!("client certificate refused: {e}")),
+        })?;
     let id: &SpiffeId = &svid.spiffe_id;
     let segments: Vec<&str> = id.segments().collect();
     match segments.as_slice() {
@@ -277,10 +288,12 @@ impl Session {
         tracing::info!(cluster = %self.cluster, "sync stream closed");
     }
 
-    async fn update_info(&self, info: &pb::ClusterInfo) -> Result<(), Status> {
-        let info = wire::cluster_info(&self.cluster, &self.state.trust_domain, info)
+    async fn update_info(&self, info_pb: &pb::ClusterInfo) -> Result<(), Status> {
+        let info = wire::cluster_info(&self.cluster, &self.state.trust_domain, info_pb)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        self.state.apply_info(&self.cluster, info).await?;
+        let leaf_ttl = (info_pb.leaf_ttl_max_seconds > 0)
+            .then(|| Duration::from_secs(info_pb.leaf_ttl_max_seconds));
+        self.state.apply_info(&self.cluster, info, leaf_ttl).await?;
         Ok(())
     }
 
@@ -295,6 +308,7 @@ impl Session {
                         a.import_revision,
                         a.bundle_version,
                         &a.intermediate_sha256,
+                        OffsetDateTime::now_utc(),
                     )
                     .await?;
                 Ok(())

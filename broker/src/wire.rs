@@ -181,6 +181,8 @@ pub fn cluster_info_pb(c: &ClusterInfo) -> pb::ClusterInfo {
             .map(|l| l.to_string())
             .unwrap_or_default(),
         gateways: c.gateways.iter().map(|g| g.to_string()).collect(),
+        // The exporter's CA is its own business: importers are not told.
+        leaf_ttl_max_seconds: 0,
     }
 }
 
@@ -319,6 +321,7 @@ mod tests {
                 network: "net1".into(),
                 locality: "us-east".into(),
                 gateways: vec!["127.0.0.1:15443".into()],
+                leaf_ttl_max_seconds: 0,
             },
         )
         .unwrap();

@@ -71,7 +71,7 @@ impl PeerChain {
 
     /// Whether the chain still verifies under `trust` (as of its
     /// handshake); `Err` says why not.
-    pub fn recheck(&self, trust: &Trust) -> Result<(), String> {
+    pub fn recheck(&self, trust: &Trust) -> Result<(), crate::tls::TrustError> {
         trust.verify(&self.chain, self.verified_at).map(|_| ())
     }
 }
@@ -105,7 +105,7 @@ impl TrustWatch {
             }
             self.changes.borrow_and_update();
             if let Err(reason) = peer.recheck(&self.trust) {
-                return reason;
+                return reason.to_string();
             }
         }
     }
@@ -146,7 +146,10 @@ mod tests {
         assert_eq!(p.recheck(&trust), Ok(()));
         // The intermediate deny-listed.
         trust.set_denied([fingerprint_sha256(&chain[1])]);
-        assert!(p.recheck(&trust).unwrap_err().contains("revoked"));
+        assert!(matches!(
+            p.recheck(&trust),
+            Err(crate::tls::TrustError::Revoked { .. })
+        ));
         trust.set_denied([]);
         assert_eq!(p.recheck(&trust), Ok(()));
         // Another intermediate deny-listed: still fine.

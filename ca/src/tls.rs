@@ -180,8 +180,21 @@ impl Trust {
             .collect()
     }
 
-    /// Verifies a presented chain now.
-    pub fn verify(&self, chain: &[Vec<u8>], now: OffsetDateTime) -> Result<VerifiedSvid, String> {
+    /// Verifies a presented chain at `now`, deny-list included.
+    pub fn verify(
+        &self,
+        chain: &[Vec<u8>],
+        now: OffsetDateTime,
+    ) -> Result<VerifiedSvid, TrustError> {
+        self.verify_with(chain, now, Revocation::AtHandshake)
+    }
+
+    fn verify_with(
+        &self,
+        chain: &[Vec<u8>],
+        now: OffsetDateTime,
+        revocation: Revocation,
+    ) -> Result<VerifiedSvid, TrustError> {
         let (bundle, denied) = {
             let s = self.inner.read().unwrap_or_else(|p| p.into_inner());
             // Only a trust with peered domains needs the leaf's domain
@@ -204,14 +217,54 @@ impl Trust {
             };
             (bundle, s.denied.clone())
         };
-        for der in chain.iter().skip(1) {
-            let fp = fingerprint_sha256(der);
-            if denied.contains(&fp) {
-                return Err(format!("intermediate {fp} is revoked"));
+        if revocation == Revocation::AtHandshake {
+            for der in chain.iter().skip(1) {
+                let fingerprint = fingerprint_sha256(der);
+                if denied.contains(&fingerprint) {
+                    let subject = crate::cert::CertSummary::from_der(der)
+                        .map(|c| c.subject)
+                        .unwrap_or_else(|_| "?".into());
+                    return Err(TrustError::Revoked {
+                        subject,
+                        fingerprint,
+                    });
+                }
             }
         }
-        verify_svid(chain, &bundle, now).map_err(|e| e.to_string())
+        Ok(verify_svid(chain, &bundle, now)?)
     }
+}
+
+/// Why [`Trust::verify`] refused a chain.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TrustError {
+    /// The TLS session carried no certificate.
+    #[error("no client certificate")]
+    NoCertificate,
+    /// An intermediate of the chain is deny-listed: the cluster it belongs
+    /// to was revoked.
+    #[error("intermediate {subject} (SHA-256 {fingerprint}) is revoked")]
+    Revoked {
+        subject: String,
+        fingerprint: String,
+    },
+    /// The chain does not verify under the bundle.
+    #[error(transparent)]
+    Chain(#[from] crate::verify::VerifyError),
+}
+
+/// Where a [`SpiffeClientVerifier`] applies the deny-list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revocation {
+    /// In the handshake: a revoked peer never gets a session.
+    AtHandshake,
+    /// Not in the handshake: the server checks each call with
+    /// [`peer_identity`] (which applies it) and can tell a revoked peer
+    /// that it is revoked, where a failed handshake tells it nothing a
+    /// client can act on (in TLS 1.3 the client's handshake is over before
+    /// the server's alert arrives). Only for servers that authenticate
+    /// every call, as the broker does.
+    PerCall,
 }
 
 fn chain_of(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> Vec<Vec<u8>> {
@@ -225,8 +278,8 @@ fn to_time(now: UnixTime) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp(now.as_secs() as i64).unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
-fn tls_error(msg: String) -> rustls::Error {
-    rustls::Error::General(msg)
+fn tls_error(msg: impl fmt::Display) -> rustls::Error {
+    rustls::Error::General(msg.to_string())
 }
 
 /// Which identities a verifier accepts.
@@ -261,6 +314,7 @@ pub struct SpiffeClientVerifier {
     trust: Trust,
     accept: Accept,
     mandatory: bool,
+    revocation: Revocation,
 }
 
 impl SpiffeClientVerifier {
@@ -272,6 +326,23 @@ impl SpiffeClientVerifier {
             trust,
             accept,
             mandatory,
+            revocation: Revocation::AtHandshake,
+        })
+    }
+
+    /// [`SpiffeClientVerifier::new`] applying the deny-list as
+    /// `revocation` says.
+    pub fn with_revocation(
+        trust: Trust,
+        accept: Accept,
+        mandatory: bool,
+        revocation: Revocation,
+    ) -> Arc<Self> {
+        Arc::new(SpiffeClientVerifier {
+            trust,
+            accept,
+            mandatory,
+            revocation,
         })
     }
 }
@@ -293,7 +364,11 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         let svid = self
             .trust
-            .verify(&chain_of(end_entity, intermediates), to_time(now))
+            .verify_with(
+                &chain_of(end_entity, intermediates),
+                to_time(now),
+                self.revocation,
+            )
             .map_err(tls_error)?;
         self.accept.check(&svid.spiffe_id).map_err(tls_error)?;
         Ok(ClientCertVerified::assertion())
@@ -477,9 +552,9 @@ pub fn peer_identity(
     trust: &Trust,
     certs: &[CertificateDer<'_>],
     now: OffsetDateTime,
-) -> Result<VerifiedSvid, String> {
+) -> Result<VerifiedSvid, TrustError> {
     if certs.is_empty() {
-        return Err("no client certificate".into());
+        return Err(TrustError::NoCertificate);
     }
     let chain: Vec<Vec<u8>> = certs.iter().map(|c| c.as_ref().to_vec()).collect();
     trust.verify(&chain, now)
@@ -502,7 +577,9 @@ mod tests {
         let svid = trust.verify(&chain, now()).unwrap();
         assert_eq!(svid.spiffe_id.as_str(), "spiffe://td/strait/cluster/east");
         trust.set_denied([fingerprint_sha256(&chain[1])]);
-        assert!(trust.verify(&chain, now()).unwrap_err().contains("revoked"));
+        let err = trust.verify(&chain, now()).unwrap_err();
+        assert!(matches!(err, TrustError::Revoked { .. }), "{err}");
+        assert!(err.to_string().contains("is revoked"), "{err}");
         trust.set_denied([]);
         let other = TestPki::new("td");
         trust.set_bundle(other.bundle());

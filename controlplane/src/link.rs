@@ -89,6 +89,8 @@ pub struct LinkConfig {
     pub gateways: Vec<String>,
     /// Where imported services' ClusterSet IPs come from (`None`: none).
     pub clusterset_ips: Option<VipRange>,
+    /// The longest workload certificate this cluster's CA issues.
+    pub leaf_ttl_max: std::time::Duration,
 }
 
 /// Reads `broker.json` of a joined cluster directory.
@@ -206,6 +208,7 @@ pub fn spawn(
         AgentConfig {
             dir: cfg.state_dir.clone(),
             gateways: cfg.gateways.clone(),
+            leaf_ttl_max: Some(cfg.leaf_ttl_max),
         },
         exports_rx,
     );

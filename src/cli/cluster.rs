@@ -10,8 +10,8 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use strait_broker::agent::{Agent, AgentConfig, Exports};
 use strait_broker::client;
-use strait_model::local::local_exports;
-use strait_model::mesh::{ClusterInfo, GatewayAddress, Locality, Network};
+use strait_model::local::{local_exports, local_services};
+use strait_model::mesh::{ClusterInfo, GatewayAddress, LocalService, Locality, Network};
 
 use super::UsageError;
 
@@ -129,7 +129,9 @@ async fn join(j: Join) -> Result<()> {
     Ok(())
 }
 
-fn read_config(path: &Path) -> Result<Exports> {
+/// The exports of a config file, and its Services (exported or not),
+/// which decide where imports also get `WorkloadEntry` objects.
+fn read_config(path: &Path) -> Result<(Exports, Vec<LocalService>)> {
     let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
     let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text)
         .with_context(|| format!("{}: not valid YAML", path.display()))?;
@@ -138,11 +140,35 @@ fn read_config(path: &Path) -> Result<Exports> {
     for e in &found.errors {
         eprintln!("warning: {}: {e}", path.display());
     }
-    Ok(found
+    let exports = found
         .exports
         .into_iter()
         .map(|s| (s.key.clone(), s))
-        .collect())
+        .collect();
+    Ok((exports, local_services(&docs)))
+}
+
+/// Writes the objects the imports `now` make in a cluster with `locals`.
+fn write_imports(
+    importer: &ClusterInfo,
+    now: &strait_broker::agent::Imports,
+    locals: &[LocalService],
+    out: &Path,
+) -> Result<()> {
+    let remotes: Vec<_> = now.services.values().flatten().cloned().collect();
+    let objects = strait_model::imports::import_objects(importer, &remotes, locals);
+    strait_ca::layout::write_public(out, &objects.to_yaml()?)?;
+    for w in &objects.warnings {
+        eprintln!("warning: import: {w}");
+    }
+    eprintln!(
+        "imports revision {}: {} service(s), {} object(s) written to {}",
+        now.revision,
+        now.services.len(),
+        objects.len(),
+        out.display()
+    );
+    Ok(())
 }
 
 fn mtime(path: &Path) -> Option<SystemTime> {
@@ -192,7 +218,7 @@ async fn sync(s: Sync) -> Result<()> {
             .collect(),
         trust_domain: strait_ca::TrustDomain::new(&info.trust_domain)?,
     };
-    let exports = read_config(&s.config)?;
+    let (exports, mut locals) = read_config(&s.config)?;
     eprintln!(
         "publishing {} export(s) from {}; {}",
         exports.len(),
@@ -211,6 +237,8 @@ async fn sync(s: Sync) -> Result<()> {
         AgentConfig {
             dir: s.dir.clone(),
             gateways: s.gateway.clone(),
+            // Istio's CA (istiod) issues the leaves: not known here.
+            leaf_ttl_max: None,
         },
         exports_rx,
     );
@@ -228,6 +256,7 @@ async fn sync(s: Sync) -> Result<()> {
     let shutdown = super::broker::shutdown_signal();
     tokio::pin!(shutdown);
     let mut written = None;
+    let mut said_refused: Option<String> = None;
     let result = loop {
         tokio::select! {
             changed = imports.changed() => {
@@ -235,25 +264,23 @@ async fn sync(s: Sync) -> Result<()> {
                     break Err(anyhow::anyhow!("the broker agent stopped"));
                 }
                 let now = imports.borrow_and_update().clone();
+                if let Some(why) = &now.refused {
+                    if s.once {
+                        break Err(anyhow::anyhow!("the broker refuses this cluster: {why}"));
+                    }
+                    if said_refused.as_ref() != Some(why) {
+                        eprintln!("error: the broker refuses this cluster: {why}");
+                        said_refused = Some(why.clone());
+                    }
+                    continue;
+                }
                 if now.revision == 0 || written == Some(now.revision) {
                     if s.once && now.exports_acked && written.is_some() {
                         break Ok(());
                     }
                     continue;
                 }
-                let remotes: Vec<_> = now.services.values().flatten().cloned().collect();
-                let objects = strait_model::imports::import_objects(&importer, &remotes, &[]);
-                strait_ca::layout::write_public(&out, &objects.to_yaml()?)?;
-                for w in &objects.warnings {
-                    eprintln!("warning: import: {w}");
-                }
-                eprintln!(
-                    "imports revision {}: {} service(s), {} object(s) written to {}",
-                    now.revision,
-                    now.services.len(),
-                    objects.len(),
-                    out.display()
-                );
+                write_imports(&importer, &now, &locals, &out)?;
                 written = Some(now.revision);
                 if s.once && now.exports_acked {
                     break Ok(());
@@ -264,9 +291,15 @@ async fn sync(s: Sync) -> Result<()> {
                 if m != last_mtime {
                     last_mtime = m;
                     match read_config(&s.config) {
-                        Ok(e) => {
+                        Ok((e, l)) => {
                             eprintln!("config changed: publishing {} export(s)", e.len());
                             exports_tx.send_replace(e);
+                            // Which imports get WorkloadEntries may have
+                            // changed: write them again now.
+                            locals = l;
+                            if written.is_some() {
+                                write_imports(&importer, &imports.borrow(), &locals, &out)?;
+                            }
                         }
                         Err(e) => eprintln!("warning: {}; keeping the last good config", super::describe(&e)),
                     }

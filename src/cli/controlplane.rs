@@ -129,6 +129,13 @@ struct RunArgs {
     /// Quiet time before pushing a config change to proxies.
     #[arg(long, value_parser = parse_duration, default_value = "100ms")]
     debounce: Duration,
+    /// The longest workload certificate the CA issues: a proxy asking for
+    /// more (`--cert-ttl`) gets this. The broker is told, and a root
+    /// rotation's `finish` waits this long after the cluster switched to
+    /// its new intermediate, for the last leaf under the old root to
+    /// expire.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "24h")]
+    max_cert_ttl: Duration,
     /// The largest config file read (--config-dir and --remote
     /// directories), in bytes; a larger file is rejected by name without
     /// being read, and its objects keep their last good version. The
@@ -286,6 +293,7 @@ fn serve(r: RunArgs) -> Result<()> {
         gateways: r.gateway,
         quic_egress: r.quic_egress,
         debounce: r.debounce,
+        max_cert_ttl: r.max_cert_ttl,
         config_limits: strait_controlplane::source::Limits {
             max_file_bytes: r.max_config_file_bytes,
         },

@@ -161,7 +161,10 @@ enum ExportsCmd {
 
 #[derive(Debug, Subcommand)]
 enum ImportsCmd {
-    /// The Istio and MCS objects a cluster gets, as YAML.
+    /// The Istio and MCS objects the broker sends a cluster, as YAML. The
+    /// cluster's control plane (or `strait cluster sync`) adds a
+    /// WorkloadEntry per remote cluster for each service it also runs
+    /// itself: the broker does not know a cluster's own Services.
     #[command(after_help = "Example:\n  straitctl --lab .strait-lab imports show east")]
     Show { cluster: String },
 }

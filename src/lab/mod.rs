@@ -410,6 +410,11 @@ pub fn components(lab: &Lab) -> Vec<Component> {
                     format!("{}:{}", c.cp_ip(), plan::DEBUG_PORT),
                 ]);
             }
+            // Its CA issues no longer leaves than the proxies ask for, so
+            // that a root rotation's finish waits only that long.
+            if let Some(ttl) = &lab.cert_ttl {
+                args.extend(["--max-cert-ttl".into(), ttl.clone()]);
+            }
             if lab.mode == Mode::Quic {
                 args.extend([
                     "--quic-egress".into(),

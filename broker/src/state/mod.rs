@@ -41,8 +41,10 @@ const META_ROTATION: &str = "rotation";
 const META_ROOT_DIRS: &str = "root_dirs";
 /// Where roots made by a rotation are kept, inside the data directory.
 pub const ROTATION_ROOTS_DIR: &str = "roots";
-/// How long leaves issued under a retiring root's intermediates may live
-/// (the longest workload certificate TTL the mesh issues).
+/// How long leaves issued under a retiring root's intermediates are
+/// assumed to live for a cluster that does not say what its CA issues
+/// (Istio's default workload certificate TTL, and strait's control plane's
+/// default `--max-cert-ttl`).
 pub const LEAF_MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Lifecycle of a cluster record.
@@ -91,6 +93,16 @@ pub struct ClusterRecord {
     /// The intermediate the cluster reports it signs with.
     #[serde(default)]
     pub intermediate_installed_sha256: String,
+    /// When the cluster first reported signing with that intermediate
+    /// (unix seconds; 0: before this was recorded). Leaves under the one
+    /// before it were issued no later than this.
+    #[serde(default)]
+    pub intermediate_installed_unix: i64,
+    /// The longest workload certificate the cluster's CA issues, as it
+    /// says in its `Hello` (seconds; 0: not known, [`LEAF_MAX_TTL`]
+    /// assumed).
+    #[serde(default)]
+    pub leaf_ttl_max_secs: u64,
     /// Its exports are withdrawn from importers (no sync stream for longer
     /// than the grace; see [`crate::liveness`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -528,6 +540,8 @@ impl BrokerState {
             renew_requested: false,
             intermediate_root_sha256: String::new(),
             intermediate_installed_sha256: String::new(),
+            intermediate_installed_unix: 0,
+            leaf_ttl_max_secs: 0,
             withdrawn: false,
         };
         let mut b = Batch::new();
@@ -606,6 +620,8 @@ impl BrokerState {
             renew_requested: false,
             intermediate_root_sha256: fingerprint_sha256(signer.root_der()),
             intermediate_installed_sha256: String::new(),
+            intermediate_installed_unix: 0,
+            leaf_ttl_max_secs: existing.as_ref().map_or(0, |r| r.leaf_ttl_max_secs),
             withdrawn: existing.as_ref().is_some_and(|r| r.withdrawn),
         };
         let plan = inner.mesh.plan_join(info);
@@ -649,8 +665,22 @@ impl BrokerState {
         &self,
         cluster: &ClusterName,
         info: ClusterInfo,
+        leaf_ttl_max: Option<Duration>,
     ) -> Result<u64, StateError> {
         let mut inner = self.inner.lock().await;
+        let ttl_secs = leaf_ttl_max.map_or(0, |t| t.as_secs());
+        if let Some(r) = inner.records.get(cluster.as_str())
+            && r.leaf_ttl_max_secs != ttl_secs
+        {
+            let r = ClusterRecord {
+                leaf_ttl_max_secs: ttl_secs,
+                ..r.clone()
+            };
+            let mut b = Batch::new();
+            b.put(Table::Clusters, r.name.clone(), json(&r));
+            self.store.commit(&b)?;
+            inner.records.insert(r.name.clone(), r);
+        }
         let plan = inner.mesh.plan_info(cluster, info)?;
         self.commit_plan(&mut inner, plan, Batch::new(), None)
     }
@@ -661,6 +691,7 @@ impl BrokerState {
         import_revision: u64,
         bundle_version: u64,
         intermediate_sha256: &str,
+        now: OffsetDateTime,
     ) -> Result<(), StateError> {
         let mut inner = self.inner.lock().await;
         let Some(r) = inner.records.get(cluster.as_str()).cloned() else {
@@ -670,6 +701,11 @@ impl BrokerState {
             r.intermediate_installed_sha256.clone()
         } else {
             intermediate_sha256.to_string()
+        };
+        let installed_unix = if installed == r.intermediate_installed_sha256 {
+            r.intermediate_installed_unix
+        } else {
+            now.unix_timestamp()
         };
         if r.import_revision_acked == import_revision
             && r.bundle_version_acked == bundle_version
@@ -681,6 +717,7 @@ impl BrokerState {
             import_revision_acked: import_revision,
             bundle_version_acked: bundle_version,
             intermediate_installed_sha256: installed,
+            intermediate_installed_unix: installed_unix,
             ..r
         };
         let mut b = Batch::new();
@@ -846,6 +883,8 @@ mod tests {
             renew_requested: false,
             intermediate_root_sha256: String::new(),
             intermediate_installed_sha256: String::new(),
+            intermediate_installed_unix: 0,
+            leaf_ttl_max_secs: 0,
             withdrawn: false,
         }
     }

@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use strait_ca::TrustBundle;
 use strait_ca::authority::Authority;
@@ -69,6 +70,11 @@ impl BrokerState {
                     r.intermediate_root_sha256.clone()
                 } else {
                     String::new()
+                },
+                installed_unix: r.intermediate_installed_unix,
+                leaf_ttl: match r.leaf_ttl_max_secs {
+                    0 => LEAF_MAX_TTL,
+                    secs => Duration::from_secs(secs),
                 },
             })
             .collect()
@@ -147,12 +153,7 @@ impl BrokerState {
                 (next, false, true)
             }
             RotateStep::Finish => {
-                let next = current.finish(
-                    &Self::views(&inner),
-                    now.unix_timestamp(),
-                    LEAF_MAX_TTL,
-                    force,
-                )?;
+                let next = current.finish(&Self::views(&inner), now.unix_timestamp(), force)?;
                 (next, true, false)
             }
             RotateStep::Abort => {

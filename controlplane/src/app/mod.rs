@@ -73,6 +73,9 @@ pub struct AppConfig {
     pub quic_egress: Option<String>,
     /// Quiet time before a rebuilt snapshot is pushed.
     pub debounce: Duration,
+    /// The longest workload certificate the CA issues (the cap of its
+    /// [`crate::ca::TtlPolicy`]), told to the broker.
+    pub max_cert_ttl: Duration,
     /// What one config file may cost (directory mode, remotes' too).
     pub config_limits: crate::source::Limits,
     /// Remote clusters this control plane also serves (primary-remote).
@@ -571,6 +574,7 @@ pub async fn run(
             sink,
             gateways: cfg.gateways.clone(),
             clusterset_ips: cfg.clusterset_ips,
+            leaf_ttl_max: cfg.max_cert_ttl,
         },
         config.clone(),
         stopped(),
@@ -687,7 +691,12 @@ pub async fn run(
         authority,
         trust.clone(),
         Some(tokens),
-        crate::ca::TtlPolicy::default(),
+        crate::ca::TtlPolicy {
+            default: crate::ca::TtlPolicy::default()
+                .default
+                .min(cfg.max_cert_ttl),
+            max: cfg.max_cert_ttl,
+        },
         &mut registry,
     )
     .map_err(|e| e.to_string())?;

@@ -241,7 +241,7 @@ pub fn check_response(
     if chain.is_empty() {
         return Err("no certificate in the answer".into());
     }
-    let svid = trust.verify(&chain, now)?;
+    let svid = trust.verify(&chain, now).map_err(|e| e.to_string())?;
     if &svid.spiffe_id != id {
         return Err(format!(
             "the certificate is for {}, but {id} was asked for",
