@@ -181,15 +181,28 @@ fn proxy_get(proxy: &str, path: &str, headers: &[&str]) -> (String, String) {
 /// in `ca_cert`/`ca_key`, written to `dir` as `<name>-chain.pem` (leaf,
 /// then the CA) and `<name>.key`.
 fn openssl_leaf(dir: &Path, name: &str, ca_cert: &Path, ca_key: &Path) -> (PathBuf, PathBuf) {
+    openssl_leaf_for(dir, name, "client", ca_cert, ca_key)
+}
+
+/// [`openssl_leaf`] for `spiffe://cluster.local/ns/demo/sa/<sa>`.
+fn openssl_leaf_for(
+    dir: &Path,
+    name: &str,
+    sa: &str,
+    ca_cert: &Path,
+    ca_key: &Path,
+) -> (PathBuf, PathBuf) {
     let key = dir.join(format!("{name}.key"));
     let csr = dir.join(format!("{name}.csr"));
     let leaf = dir.join(format!("{name}.pem"));
-    let ext = dir.join("leaf.cnf");
+    let ext = dir.join(format!("{name}.cnf"));
     std::fs::write(
         &ext,
-        "[ext]\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n\
-         extendedKeyUsage=serverAuth,clientAuth\n\
-         subjectAltName=critical,URI:spiffe://cluster.local/ns/demo/sa/client\n",
+        format!(
+            "[ext]\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+             extendedKeyUsage=serverAuth,clientAuth\n\
+             subjectAltName=critical,URI:spiffe://cluster.local/ns/demo/sa/{sa}\n"
+        ),
     )
     .unwrap();
     for args in [
@@ -509,6 +522,25 @@ fn the_fault_matrix() {
         "forged certificate",
         "10 of 10 refused in the handshake (a CA named like east's intermediate); the control, east's real intermediate, served",
     );
+    // Unbound (the default, as in Istio): west's intermediate key, stolen,
+    // mints an identity west does not run, and east accepts it. What
+    // `--bind-identities-to-clusters` closes (tested below).
+    let west_cacerts = PathBuf::from(west["config_dir"].as_str().unwrap())
+        .parent()
+        .unwrap()
+        .join("state/cacerts");
+    let (stolen_chain, stolen_key) = openssl_leaf_for(
+        scratch.path(),
+        "stolen",
+        "payments",
+        &west_cacerts.join("ca-cert.pem"),
+        &west_cacerts.join("ca-key.pem"),
+    );
+    assert_eq!(mtls_get(echo_inbound, &stolen_chain, &stolen_key), "200");
+    figures.add(
+        "stolen cluster CA key, identities unbound (default)",
+        "west's key minting demo/payments (which west does not run) is served by east",
+    );
 
     // 6. Path bypasses of a DENY on /admin, /admin/* (both clusters' echo).
     let deny = scratch.path().join("deny-admin.yaml");
@@ -743,5 +775,84 @@ fn a_dead_cluster_is_withdrawn_from_the_importers_and_returns() {
     lab.curl_until("east", "http://echo.demo:8080/", 20, |t| {
         t.contains("west/echo/v2")
     });
+    lab.down();
+}
+
+/// A stolen cluster CA key, with the mesh binding identities to clusters
+/// (`strait lab up --bind-identities`): east runs `demo/payments`, west
+/// does not. A leaf for it minted with west's intermediate key is refused
+/// by east's sidecar, one minted with east's is served, and identities
+/// west does run still pass; cross-cluster calls go on.
+#[test]
+fn a_stolen_cluster_key_cannot_mint_another_clusters_identities() {
+    let mut figures = Figures::default();
+    let mut lab = Lab::up_with("multi-primary", 230, &["--bind-identities"]);
+    let json = lab.json();
+    let (east, west) = (cluster(&json, "east"), cluster(&json, "west"));
+    let scratch = tempfile::tempdir().unwrap();
+    let payments = scratch.path().join("payments.yaml");
+    std::fs::write(
+        &payments,
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n\
+         metadata: {name: payments-1, namespace: demo}\n\
+         spec: {address: 10.99.0.7, labels: {app: payments}, serviceAccount: payments}\n",
+    )
+    .unwrap();
+    let (code, out, err) = lab.lab(&["apply", "east", payments.to_str().unwrap()]);
+    assert_eq!(code, 0, "apply payments: {out}{err}");
+    let cacerts = |c: &Value| {
+        PathBuf::from(c["config_dir"].as_str().unwrap())
+            .parent()
+            .unwrap()
+            .join("state/cacerts")
+    };
+    let leaf = |by: &Value, name: &str, sa: &str| {
+        let ca = cacerts(by);
+        openssl_leaf_for(
+            scratch.path(),
+            name,
+            sa,
+            &ca.join("ca-cert.pem"),
+            &ca.join("ca-key.pem"),
+        )
+    };
+    let echo_inbound = workload(east, "echo")["inbound"].as_str().unwrap();
+    let (own_chain, own_key) = leaf(east, "east-payments", "payments");
+    // East's report of what it runs reaches the broker and comes back to
+    // east's sidecars with the trust bundle.
+    let took = eventually(
+        "east's sidecar accepts east's own payments identity",
+        Duration::from_secs(30),
+        &lab,
+        || mtls_get(echo_inbound, &own_chain, &own_key) == "200",
+    );
+    let (stolen_chain, stolen_key) = leaf(west, "west-payments", "payments");
+    let refused = (0..10)
+        .filter(|_| mtls_get(echo_inbound, &stolen_chain, &stolen_key) == "000")
+        .count();
+    assert_eq!(
+        refused, 10,
+        "west's key minted east's payments and was served"
+    );
+    let (client_chain, client_key) = leaf(west, "west-client", "client");
+    assert_eq!(
+        mtls_get(echo_inbound, &client_chain, &client_key),
+        "200",
+        "an identity west runs"
+    );
+    for from in ["east", "west"] {
+        let c = curl(&lab, from, ECHO, 40);
+        assert!(
+            c.ok == c.total && c.east > 0 && c.west > 0,
+            "{from} with identities bound:\n{}",
+            c.text
+        );
+    }
+    figures.add(
+        "stolen cluster CA key, identities bound",
+        format!(
+            "10 of 10 leaves for demo/payments minted with west's key refused by east (east's own served {took:.1?} after it ran payments); west's demo/client served; 80 of 80 cross-cluster calls answered"
+        ),
+    );
     lab.down();
 }

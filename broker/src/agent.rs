@@ -94,6 +94,9 @@ pub struct Imports {
     /// Why the broker refuses this cluster for good (it was revoked), as
     /// the broker said it; `None` while it does not.
     pub refused: Option<String>,
+    /// When the mesh binds identities to clusters: what each cluster runs
+    /// (`<ns>/<sa>` by cluster name); `None` when it does not.
+    pub cluster_identities: Option<BTreeMap<String, BTreeSet<String>>>,
 }
 
 /// How the agent is set up.
@@ -114,6 +117,11 @@ pub type Exports = BTreeMap<ServiceKey, ExportedService>;
 pub struct Agent {
     config: AgentConfig,
     exports: watch::Receiver<Exports>,
+    /// The identities this cluster runs (`<ns>/<sa>`), told to the broker;
+    /// watched while `identities_live` (set by [`Agent::with_identities`],
+    /// cleared when its sender is gone).
+    identities: watch::Receiver<BTreeSet<String>>,
+    identities_live: bool,
     imports: watch::Sender<Imports>,
     /// The export revision the broker acknowledged in this process's life.
     acked: Option<(u64, Exports)>,
@@ -130,12 +138,33 @@ impl Agent {
             Agent {
                 config,
                 exports,
+                identities: watch::channel(BTreeSet::new()).1,
+                identities_live: false,
                 imports: tx,
                 acked: None,
                 revision: 0,
             },
             rx,
         )
+    }
+
+    /// Tells the broker the identities this cluster runs (`<ns>/<sa>`):
+    /// in every `Hello`, and again whenever `identities` changes.
+    #[must_use]
+    pub fn with_identities(mut self, identities: watch::Receiver<BTreeSet<String>>) -> Self {
+        self.identities = identities;
+        self.identities_live = true;
+        self
+    }
+
+    fn info(&self, info: &client::BrokerInfo) -> pb::ClusterInfo {
+        pb::ClusterInfo {
+            network: info.network.clone(),
+            locality: info.locality.clone(),
+            gateways: self.config.gateways.clone(),
+            leaf_ttl_max_seconds: self.config.leaf_ttl_max.map_or(0, |t| t.as_secs()),
+            service_accounts: self.identities.borrow().iter().cloned().collect(),
+        }
     }
 
     /// Runs until `shutdown` resolves; connection errors are retried with
@@ -181,17 +210,13 @@ impl Agent {
             import_revision: current.revision,
             import_epoch: current.epoch.clone(),
             bundle_version: current.bundle_version,
-            info: Some(pb::ClusterInfo {
-                network: info.network,
-                locality: info.locality,
-                gateways: self.config.gateways.clone(),
-                leaf_ttl_max_seconds: self.config.leaf_ttl_max.map_or(0, |t| t.as_secs()),
-            }),
+            info: Some(self.info(&info)),
         })
     }
 
     async fn session(&mut self, backoff: &mut Backoff) -> Result<(), ClientError> {
         let (channel, info) = client::cluster_channel(&self.config.dir)?;
+        self.identities.borrow_and_update();
         let cluster =
             ClusterName::new(&info.cluster).map_err(|e| ClientError::Setup(e.to_string()))?;
         let td =
@@ -230,6 +255,15 @@ impl Agent {
         let mut pending_key: Option<rcgen::KeyPair> = None;
         loop {
             tokio::select! {
+                changed = self.identities.changed(), if self.identities_live => {
+                    if changed.is_err() {
+                        // The sender is gone: nothing will change any more.
+                        self.identities_live = false;
+                        continue;
+                    }
+                    self.identities.borrow_and_update();
+                    session.send(pb::sync_request::Msg::Info(self.info(&info))).await?;
+                }
                 changed = self.exports.changed() => {
                     if changed.is_err() {
                         return Ok(());
@@ -420,6 +454,12 @@ impl Agent {
         self.imports.send_modify(|i| {
             i.bundle_version = t.bundle_version;
             i.denied_intermediates = t.denied_intermediates.iter().cloned().collect();
+            i.cluster_identities = t.bind_identities.then(|| {
+                t.cluster_identities
+                    .iter()
+                    .map(|(c, s)| (c.clone(), s.names.iter().cloned().collect()))
+                    .collect()
+            });
         });
         tracing::info!(
             version = t.bundle_version,

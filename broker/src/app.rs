@@ -57,6 +57,10 @@ pub struct BrokerConfig {
     /// How long a cluster may be without a sync stream before its exports
     /// are withdrawn from importers (`None`: never); see [`crate::liveness`].
     pub cluster_grace: Option<Duration>,
+    /// Bind identities to clusters: a leaf issued by cluster X's
+    /// intermediate is accepted mesh-wide only if X runs that identity
+    /// (see `strait_ca::tls::ClusterIdentities`).
+    pub bind_identities: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -293,6 +297,7 @@ pub async fn run(
             .unwrap_or_else(|| config.trust_domain.to_string()),
     )?);
     state.set_cluster_grace(config.cluster_grace);
+    state.set_bind_identities(config.bind_identities).await?;
     let serving = Arc::new(ServingCert::default());
     refresh_own_certificates(&state, &serving, &config.data_dir)?;
     // Revocation is checked per call (`server::authenticate`), so that a

@@ -293,7 +293,11 @@ impl Session {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let leaf_ttl = (info_pb.leaf_ttl_max_seconds > 0)
             .then(|| Duration::from_secs(info_pb.leaf_ttl_max_seconds));
-        self.state.apply_info(&self.cluster, info, leaf_ttl).await?;
+        let service_accounts = wire::service_accounts(&info_pb.service_accounts)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.state
+            .apply_info(&self.cluster, info, leaf_ttl, service_accounts)
+            .await?;
         Ok(())
     }
 
@@ -424,6 +428,20 @@ impl Session {
                     .collect(),
                 denied_intermediates: inner.denied.iter().cloned().collect(),
                 federated_bundles: self.state.peers.federated_bundles().into_iter().collect(),
+                bind_identities: inner.bind_identities,
+                cluster_identities: inner
+                    .cluster_identities()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(c, names)| {
+                        (
+                            c,
+                            pb::ServiceAccounts {
+                                names: names.into_iter().collect(),
+                            },
+                        )
+                    })
+                    .collect(),
             });
             let update =
                 inner

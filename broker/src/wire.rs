@@ -152,6 +152,36 @@ pub fn exported_service_pb(s: &ExportedService) -> pb::ExportedService {
     }
 }
 
+/// The identities a cluster says it runs: each `<ns>/<sa>`, a namespace
+/// (DNS label) and a service account name (DNS subdomain), as Kubernetes
+/// names them. At most [`MAX_SERVICE_ACCOUNTS`].
+pub fn service_accounts(names: &[String]) -> Result<BTreeSet<String>, WireError> {
+    if names.len() > MAX_SERVICE_ACCOUNTS {
+        return Err(err(
+            "info.service_accounts",
+            format!("{} entries, at most {MAX_SERVICE_ACCOUNTS}", names.len()),
+        ));
+    }
+    names
+        .iter()
+        .map(|n| match n.split_once('/') {
+            Some((ns, sa))
+                if strait_model::names::is_dns1123_label(ns)
+                    && strait_model::names::is_dns1123_subdomain(sa) =>
+            {
+                Ok(n.clone())
+            }
+            _ => Err(err(
+                "info.service_accounts",
+                format!("{n:?} is not <namespace>/<service account>"),
+            )),
+        })
+        .collect()
+}
+
+/// The most identities one cluster may say it runs.
+pub const MAX_SERVICE_ACCOUNTS: usize = 100_000;
+
 /// A cluster's self-description; the name and trust domain come from its
 /// authenticated identity, never from the message.
 pub fn cluster_info(
@@ -183,6 +213,7 @@ pub fn cluster_info_pb(c: &ClusterInfo) -> pb::ClusterInfo {
         gateways: c.gateways.iter().map(|g| g.to_string()).collect(),
         // The exporter's CA is its own business: importers are not told.
         leaf_ttl_max_seconds: 0,
+        service_accounts: vec![],
     }
 }
 
@@ -311,6 +342,25 @@ mod tests {
     }
 
     #[test]
+    fn service_accounts_are_namespace_slash_name() {
+        let ok = service_accounts(&["demo/client".into(), "shop/pay.v2".into()]).unwrap();
+        assert_eq!(ok.len(), 2);
+        for bad in [
+            "client",
+            "demo/",
+            "/client",
+            "Demo/client",
+            "demo/client/x",
+            "demo/Cl",
+        ] {
+            let e = service_accounts(&[bad.into()]).unwrap_err();
+            assert!(e.reason.contains(&format!("{bad:?}")), "{bad}: {e}");
+        }
+        let many = vec!["a/b".to_string(); MAX_SERVICE_ACCOUNTS + 1];
+        assert!(service_accounts(&many).is_err());
+    }
+
+    #[test]
     fn cluster_info_takes_identity_from_the_caller() {
         let name = ClusterName::new("east").unwrap();
         let td = TrustDomain::new("td").unwrap();
@@ -322,6 +372,7 @@ mod tests {
                 locality: "us-east".into(),
                 gateways: vec!["127.0.0.1:15443".into()],
                 leaf_ttl_max_seconds: 0,
+                service_accounts: vec![],
             },
         )
         .unwrap();

@@ -89,7 +89,26 @@ struct TrustState {
     denied: BTreeSet<String>,
     /// Bundles of peered trust domains, each only for its own identities.
     federated: std::collections::BTreeMap<String, Arc<TrustBundle>>,
+    /// When set: the identities each cluster runs, by cluster name, and
+    /// an own-domain leaf issued by cluster X's intermediate must be one
+    /// of X's ([`ClusterIdentities`]).
+    bindings: Option<Arc<ClusterIdentities>>,
 }
+
+/// The workload identities each cluster of the mesh runs, as `<ns>/<sa>`
+/// by cluster name: with these set on a [`Trust`], a leaf of the own
+/// trust domain issued by cluster X's intermediate (subject
+/// `O=<td>, OU=strait clusters, CN=X`) verifies only if its SPIFFE ID is
+/// `ns/<ns>/sa/<sa>` with `<ns>/<sa>` among X's, or X's own broker
+/// identity `strait/cluster/X`, or in namespace `strait-system` (the
+/// control plane and gateway identities every cluster runs). So the key
+/// of one cluster's intermediate, stolen, cannot mint another cluster's
+/// workloads. Leaves issued by a root directly (broker, admin) and peered
+/// meshes' identities are not affected.
+pub type ClusterIdentities = std::collections::BTreeMap<String, BTreeSet<String>>;
+
+/// The namespace whose identities every cluster may issue.
+pub const INFRA_NAMESPACE: &str = "strait-system";
 
 impl fmt::Debug for Trust {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -152,6 +171,19 @@ impl Trust {
         *self.generation.borrow()
     }
 
+    /// Turns the binding of identities to clusters on (with what each
+    /// cluster runs) or off (`None`); see [`ClusterIdentities`].
+    pub fn set_cluster_identities(&self, bindings: Option<ClusterIdentities>) {
+        let bindings = bindings.map(Arc::new);
+        let changed = {
+            let mut s = self.inner.write().unwrap_or_else(|p| p.into_inner());
+            let changed = s.bindings != bindings;
+            s.bindings = bindings;
+            changed
+        };
+        self.bump(changed);
+    }
+
     /// Replaces the bundles of peered trust domains (by trust domain name).
     /// A chain whose leaf names one of them is verified against that
     /// bundle alone; bundles are never merged.
@@ -195,7 +227,7 @@ impl Trust {
         now: OffsetDateTime,
         revocation: Revocation,
     ) -> Result<VerifiedSvid, TrustError> {
-        let (bundle, denied) = {
+        let (bundle, denied, bindings) = {
             let s = self.inner.read().unwrap_or_else(|p| p.into_inner());
             // Only a trust with peered domains needs the leaf's domain
             // (parsed once more here); the common case skips it.
@@ -207,15 +239,15 @@ impl Trust {
                 .and_then(|id| SpiffeId::parse(&id).ok())
                 .map(|id| id.trust_domain_str().to_string());
             let own = s.bundle.trust_domain().map(|t| t.to_string());
-            let bundle = match leaf_td {
+            let (bundle, bindings) = match leaf_td {
                 Some(td)
                     if own.as_deref() != Some(td.as_str()) && s.federated.contains_key(&td) =>
                 {
-                    s.federated[&td].clone()
+                    (s.federated[&td].clone(), None)
                 }
-                _ => s.bundle.clone(),
+                _ => (s.bundle.clone(), s.bindings.clone()),
             };
-            (bundle, s.denied.clone())
+            (bundle, s.denied.clone(), bindings)
         };
         if revocation == Revocation::AtHandshake {
             for der in chain.iter().skip(1) {
@@ -231,8 +263,54 @@ impl Trust {
                 }
             }
         }
-        Ok(verify_svid(chain, &bundle, now)?)
+        let svid = verify_svid(chain, &bundle, now)?;
+        if let Some(bindings) = bindings {
+            check_binding(&svid, chain, &bindings)?;
+        }
+        Ok(svid)
     }
+}
+
+/// The binding check of [`ClusterIdentities`] on a verified chain.
+fn check_binding(
+    svid: &VerifiedSvid,
+    chain: &[Vec<u8>],
+    bindings: &ClusterIdentities,
+) -> Result<(), TrustError> {
+    // Leaf, intermediate, root: the only shape a cluster issues.
+    if svid.path_len != 3 {
+        return Ok(());
+    }
+    let issuer = chain
+        .first()
+        .and_then(|d| crate::cert::CertSummary::from_der(d).ok())
+        .map(|c| c.issuer)
+        .unwrap_or_default();
+    let prefix = format!(
+        "O={}, OU={}, CN=",
+        svid.spiffe_id.trust_domain_str(),
+        crate::authority::INTERMEDIATE_OU
+    );
+    let refuse = |cluster: &str| TrustError::NotRunBy {
+        cluster: cluster.to_string(),
+        id: svid.spiffe_id.to_string(),
+    };
+    let Some(cluster) = issuer.strip_prefix(&prefix).filter(|c| !c.contains(',')) else {
+        return Err(TrustError::NotRunBy {
+            cluster: format!("(an intermediate that names no cluster: {issuer})"),
+            id: svid.spiffe_id.to_string(),
+        });
+    };
+    let segments: Vec<&str> = svid.spiffe_id.segments().collect();
+    let ok = match segments.as_slice() {
+        ["ns", ns, "sa", _] if *ns == INFRA_NAMESPACE => true,
+        ["ns", ns, "sa", sa] => bindings
+            .get(cluster)
+            .is_some_and(|runs| runs.contains(&format!("{ns}/{sa}"))),
+        ["strait", "cluster", name] => *name == cluster,
+        _ => false,
+    };
+    if ok { Ok(()) } else { Err(refuse(cluster)) }
 }
 
 /// Why [`Trust::verify`] refused a chain.
@@ -251,6 +329,12 @@ pub enum TrustError {
     /// The chain does not verify under the bundle.
     #[error(transparent)]
     Chain(#[from] crate::verify::VerifyError),
+    /// Identities are bound to clusters and the leaf's issuing cluster
+    /// does not run it: the mark of a cluster CA key used elsewhere.
+    #[error(
+        "{id} is not an identity cluster {cluster} runs, but cluster {cluster}'s intermediate issued it"
+    )]
+    NotRunBy { cluster: String, id: String },
 }
 
 /// Where a [`SpiffeClientVerifier`] applies the deny-list.
@@ -567,6 +651,68 @@ mod tests {
 
     fn now() -> OffsetDateTime {
         OffsetDateTime::now_utc()
+    }
+
+    #[test]
+    fn bound_identities_must_be_run_by_the_issuing_cluster() {
+        let east = TestPki::with_cluster("td", "east");
+        let west = east.sibling("west");
+        let trust = Trust::new(east.bundle());
+        let payments_by_west = west.leaf_chain("spiffe://td/ns/shop/sa/payments");
+        // Unbound (the default): any cluster may issue any identity.
+        assert!(trust.verify(&payments_by_west, now()).is_ok());
+
+        let rx = trust.changes();
+        trust.set_cluster_identities(Some(ClusterIdentities::from([
+            (
+                "east".to_string(),
+                BTreeSet::from(["shop/payments".to_string()]),
+            ),
+            (
+                "west".to_string(),
+                BTreeSet::from(["demo/client".to_string()]),
+            ),
+        ])));
+        assert!(
+            rx.has_changed().unwrap(),
+            "live connections are checked again"
+        );
+        // West's key minting east's payments: refused, naming both.
+        let err = trust.verify(&payments_by_west, now()).unwrap_err();
+        assert!(
+            matches!(err, TrustError::NotRunBy { ref cluster, .. } if cluster == "west"),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("spiffe://td/ns/shop/sa/payments"),
+            "{err}"
+        );
+        // What each runs, its own broker identity, and infrastructure pass.
+        for (pki, id) in [
+            (&east, "spiffe://td/ns/shop/sa/payments"),
+            (&west, "spiffe://td/ns/demo/sa/client"),
+            (&west, "spiffe://td/strait/cluster/west"),
+            (&west, "spiffe://td/ns/strait-system/sa/gateway"),
+        ] {
+            assert!(trust.verify(&pki.leaf_chain(id), now()).is_ok(), "{id}");
+        }
+        for (pki, id) in [
+            (&west, "spiffe://td/strait/cluster/east"),
+            (&east, "spiffe://td/ns/demo/sa/client"),
+            (&west, "spiffe://td/ns/demo/sa/other"),
+        ] {
+            assert!(trust.verify(&pki.leaf_chain(id), now()).is_err(), "{id}");
+        }
+        // A cluster the map does not know runs nothing.
+        let north = east.sibling("north");
+        assert!(
+            trust
+                .verify(&north.leaf_chain("spiffe://td/ns/demo/sa/client"), now())
+                .is_err()
+        );
+        // Off again.
+        trust.set_cluster_identities(None);
+        assert!(trust.verify(&payments_by_west, now()).is_ok());
     }
 
     #[test]

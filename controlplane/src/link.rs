@@ -20,7 +20,7 @@
 //! When the broker is away, nothing here changes: the last imports stay
 //! written and in force.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -140,6 +140,30 @@ pub fn own_docs(config_dir: Option<&Path>, config: &Config) -> Vec<Value> {
         .collect()
 }
 
+/// The workload identities the config runs, `<ns>/<sa>`: each
+/// WorkloadEntry's (a Pod is one in Kubernetes mode; `default` when it
+/// names none, as Kubernetes does) and each export's service accounts.
+/// Told to the broker, which binds identities to clusters when the mesh
+/// asks for it.
+pub fn identities_of(config_dir: Option<&Path>, config: &Config) -> BTreeSet<String> {
+    let docs = own_docs(config_dir, config);
+    let mut out: BTreeSet<String> = docs
+        .iter()
+        .filter(|d| d["kind"] == "WorkloadEntry")
+        .filter_map(|d| {
+            let ns = d["metadata"]["namespace"].as_str().unwrap_or("default");
+            let sa = d["spec"]["serviceAccount"].as_str().unwrap_or("default");
+            (!ns.is_empty() && !sa.is_empty()).then(|| format!("{ns}/{sa}"))
+        })
+        .collect();
+    for e in strait_model::local::local_exports(&docs).exports {
+        for sa in &e.service_accounts {
+            out.insert(format!("{}/{sa}", e.key.namespace()));
+        }
+    }
+    out
+}
+
 /// What the config exports, with a log line for every object refused.
 pub fn exports_of(config_dir: Option<&Path>, config: &Config) -> Exports {
     let found = strait_model::local::local_exports(&own_docs(config_dir, config));
@@ -204,6 +228,8 @@ pub fn spawn(
     let config_dir = cfg.sink.config_dir().map(Path::to_path_buf);
     let first = exports_of(config_dir.as_deref(), &config.borrow_and_update());
     let (exports_tx, exports_rx) = watch::channel(first);
+    let (identities_tx, identities_rx) =
+        watch::channel(identities_of(config_dir.as_deref(), &config.borrow()));
     let (agent, imports) = Agent::new(
         AgentConfig {
             dir: cfg.state_dir.clone(),
@@ -212,6 +238,7 @@ pub fn spawn(
         },
         exports_rx,
     );
+    let agent = agent.with_identities(identities_rx);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let agent_task = tokio::spawn(agent.run(async move {
         let _ = stop_rx.await;
@@ -230,6 +257,12 @@ pub fn spawn(
                         break;
                     }
                     let c = config.borrow_and_update().clone();
+                    identities_tx.send_if_modified(|i| {
+                        let next = identities_of(config_dir.as_deref(), &c);
+                        let changed = *i != next;
+                        *i = next;
+                        changed
+                    });
                     exports_tx.send_if_modified(|e| {
                         let next = exports_of(config_dir.as_deref(), &c);
                         if *e == next {

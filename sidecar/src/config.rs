@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use strait_ca::tls::ClusterIdentities;
 use strait_ca::{SpiffeId, TrustDomain};
 use strait_proto::strait::mesh::v1 as pb;
 
@@ -186,6 +187,11 @@ fn trust_version(bundles: &[pb::TrustBundle]) -> u64 {
             &b.roots_pem,
             &b.denied_intermediates,
             b.local,
+            b.bind_identities,
+            b.cluster_identities
+                .iter()
+                .map(|(c, s)| (c, &s.names))
+                .collect::<std::collections::BTreeMap<_, _>>(),
         )
             .hash(&mut h);
     }
@@ -411,8 +417,22 @@ pub fn denied(bundles: &[pb::TrustBundle]) -> Vec<String> {
         .collect()
 }
 
+/// What each cluster runs, when the local bundle binds identities to
+/// clusters (`None` when it does not, or no local bundle is pushed).
+pub fn cluster_identities(bundles: &[pb::TrustBundle]) -> Option<ClusterIdentities> {
+    let local = bundles.iter().find(|b| b.local && b.bind_identities)?;
+    Some(
+        local
+            .cluster_identities
+            .iter()
+            .map(|(c, s)| (c.clone(), s.names.iter().cloned().collect()))
+            .collect(),
+    )
+}
+
 /// Sets `trust` to what pushed bundles say: the local roots (kept when no
-/// local bundle is pushed), the peered meshes' bundles and the deny-list.
+/// local bundle is pushed), the peered meshes' bundles, the deny-list and
+/// the binding of identities to clusters.
 pub fn apply_trust(trust: &strait_ca::tls::Trust, bundles: &[pb::TrustBundle]) {
     let (local, federated) = trust_bundles(bundles);
     if let Some(b) = local {
@@ -420,6 +440,7 @@ pub fn apply_trust(trust: &strait_ca::tls::Trust, bundles: &[pb::TrustBundle]) {
     }
     trust.set_federated(federated);
     trust.set_denied(denied(bundles));
+    trust.set_cluster_identities(cluster_identities(bundles));
 }
 
 #[cfg(test)]
@@ -725,6 +746,7 @@ mod tests {
             roots_pem: roots.iter().map(|r| r.to_string()).collect(),
             denied_intermediates: denied.iter().map(|d| d.to_string()).collect(),
             local,
+            ..Default::default()
         };
         let good = bundle("cluster.local", &[&root], &[&"ab".repeat(32)], true);
         let (cfg, errors) = build(vec![], vec![good.clone()]);

@@ -68,6 +68,13 @@ pub struct BrokerArgs {
     /// gives every cluster this grace. 0 never withdraws.
     #[arg(long, value_parser = parse_grace, default_value = "10s")]
     cluster_grace: Duration,
+    /// Contain a stolen cluster CA key: every proxy of the mesh accepts a
+    /// workload identity issued by cluster X's intermediate only if X runs
+    /// it (clusters report their workloads' service accounts). Without
+    /// it, as in Istio, any cluster's intermediate can mint any identity
+    /// of the trust domain.
+    #[arg(long)]
+    bind_identities_to_clusters: bool,
 }
 
 /// A duration, or a bare `0` (off).
@@ -99,6 +106,7 @@ pub fn run(args: BrokerArgs) -> Result<()> {
         peer_advertise: args.peer_advertise,
         mesh_name: args.mesh_name,
         cluster_grace: (!args.cluster_grace.is_zero()).then_some(args.cluster_grace),
+        bind_identities: args.bind_identities_to_clusters,
     };
     tracing::info!(?config, "starting broker");
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -189,6 +189,11 @@ pub struct UpArgs {
     /// rotation's `finish`, reachable within minutes.
     #[arg(long, value_name = "DURATION", value_parser = crate::cli::parse_duration)]
     pub cert_ttl: Option<std::time::Duration>,
+    /// Start the brokers with --bind-identities-to-clusters: a workload
+    /// identity issued by one cluster's intermediate is accepted only if
+    /// that cluster runs it.
+    #[arg(long)]
+    pub bind_identities: bool,
     #[command(flatten)]
     pub dir: DirArg,
 }
@@ -325,7 +330,8 @@ pub fn read_lab(dir: &Path) -> Result<Lab> {
     let netns = v["netns"].as_bool().unwrap_or(false);
     Ok(Lab::new(topology, &dir, mode, base, netns)
         .map_err(|e| anyhow!(e))?
-        .with_cert_ttl(v["cert_ttl"].as_str().map(str::to_string)))
+        .with_cert_ttl(v["cert_ttl"].as_str().map(str::to_string))
+        .with_bind_identities(v["bind_identities"].as_bool().unwrap_or(false)))
 }
 
 /// The components of a lab, in start order (brokers first, then per
@@ -358,6 +364,9 @@ pub fn components(lab: &Lab) -> Vec<Component> {
         ];
         if lab.brokers.len() > 1 {
             args.extend(["--peer-listen".into(), m.peer_address.clone()]);
+        }
+        if lab.bind_identities {
+            args.push("--bind-identities-to-clusters".into());
         }
         out.push(Component {
             name: m.component.clone(),
@@ -774,7 +783,8 @@ fn up(a: UpArgs) -> Result<()> {
     let dir = absolute(&a.dir.dir)?;
     let lab = Lab::new(a.topology, &dir, a.mode, a.ip_base, a.netns)
         .map_err(|e| anyhow!(e))?
-        .with_cert_ttl(a.cert_ttl.map(crate::cli::format_duration));
+        .with_cert_ttl(a.cert_ttl.map(crate::cli::format_duration))
+        .with_bind_identities(a.bind_identities);
     // Refused before anything starts: a running lab is not ours to stop.
     check_not_running(&dir)?;
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -136,6 +136,10 @@ pub struct Lab {
     /// theirs, 24 h).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cert_ttl: Option<String>,
+    /// The brokers bind identities to clusters
+    /// (`--bind-identities-to-clusters`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub bind_identities: bool,
     #[serde(skip)]
     base: u8,
 }
@@ -284,8 +288,15 @@ impl Lab {
             brokers,
             clusters,
             cert_ttl: None,
+            bind_identities: false,
             base,
         })
+    }
+
+    /// The lab with its brokers binding identities to clusters.
+    pub fn with_bind_identities(mut self, on: bool) -> Self {
+        self.bind_identities = on;
+        self
     }
 
     /// The lab with sidecars and gateways asking for certificates of

@@ -99,6 +99,7 @@ pub fn hello(import_revision: u64, epoch: &str, gateway: &str) -> pb::Hello {
             locality: "us-east/a".into(),
             gateways: vec![gateway.into()],
             leaf_ttl_max_seconds: 0,
+            service_accounts: vec![],
         }),
     }
 }

@@ -36,6 +36,8 @@ pub const DEFAULT_INTERMEDIATE_VALIDITY: Duration = Duration::from_secs(7 * 8640
 const META_EPOCH: &str = "epoch";
 const META_REVISION: &str = "mesh_revision";
 const META_BUNDLE_VERSION: &str = "bundle_version";
+/// "1" while the mesh binds identities to clusters.
+const META_BIND_IDENTITIES: &str = "bind_identities";
 const META_DENIED: &str = "denied_intermediates";
 const META_ROTATION: &str = "rotation";
 const META_ROOT_DIRS: &str = "root_dirs";
@@ -103,6 +105,10 @@ pub struct ClusterRecord {
     /// assumed).
     #[serde(default)]
     pub leaf_ttl_max_secs: u64,
+    /// The identities the cluster runs (`<ns>/<sa>`), as it says in its
+    /// `ClusterInfo`.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub service_accounts: BTreeSet<String>,
     /// Its exports are withdrawn from importers (no sync stream for longer
     /// than the grace; see [`crate::liveness`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -181,9 +187,26 @@ pub struct Inner {
     pub tokens: BTreeMap<String, TokenRecord>,
     pub bundle_version: u64,
     pub denied: BTreeSet<String>,
+    /// `--bind-identities-to-clusters` (stored, so that turning it on or
+    /// off bumps the bundle version once).
+    pub bind_identities: bool,
     pub rotation: Rotation,
     /// Where each root of the bundle lives on disk, by fingerprint.
     pub root_dirs: BTreeMap<String, PathBuf>,
+}
+
+impl Inner {
+    /// What each joined cluster runs, when identities are bound to
+    /// clusters (`None` when they are not).
+    pub fn cluster_identities(&self) -> Option<BTreeMap<String, BTreeSet<String>>> {
+        self.bind_identities.then(|| {
+            self.records
+                .values()
+                .filter(|r| r.membership == Membership::Joined)
+                .map(|r| (r.name.clone(), r.service_accounts.clone()))
+                .collect()
+        })
+    }
 }
 
 /// The roots the broker holds keys for, by fingerprint, and which signs.
@@ -249,6 +272,7 @@ impl BrokerState {
         };
         let revision = number(META_REVISION)?;
         let bundle_version = number(META_BUNDLE_VERSION)?.max(1);
+        let bind_identities = number(META_BIND_IDENTITIES)? == 1;
         let denied: BTreeSet<String> = match meta.get(META_DENIED) {
             Some(v) => {
                 serde_json::from_slice(v).map_err(|e| corrupt(Table::Meta, META_DENIED, e))?
@@ -397,6 +421,7 @@ impl BrokerState {
                 tokens,
                 bundle_version,
                 denied,
+                bind_identities,
                 rotation,
                 root_dirs,
             }),
@@ -542,6 +567,7 @@ impl BrokerState {
             intermediate_installed_sha256: String::new(),
             intermediate_installed_unix: 0,
             leaf_ttl_max_secs: 0,
+            service_accounts: BTreeSet::new(),
             withdrawn: false,
         };
         let mut b = Batch::new();
@@ -622,6 +648,10 @@ impl BrokerState {
             intermediate_installed_sha256: String::new(),
             intermediate_installed_unix: 0,
             leaf_ttl_max_secs: existing.as_ref().map_or(0, |r| r.leaf_ttl_max_secs),
+            service_accounts: existing
+                .as_ref()
+                .map(|r| r.service_accounts.clone())
+                .unwrap_or_default(),
             withdrawn: existing.as_ref().is_some_and(|r| r.withdrawn),
         };
         let plan = inner.mesh.plan_join(info);
@@ -666,20 +696,37 @@ impl BrokerState {
         cluster: &ClusterName,
         info: ClusterInfo,
         leaf_ttl_max: Option<Duration>,
+        service_accounts: BTreeSet<String>,
     ) -> Result<u64, StateError> {
         let mut inner = self.inner.lock().await;
         let ttl_secs = leaf_ttl_max.map_or(0, |t| t.as_secs());
         if let Some(r) = inner.records.get(cluster.as_str())
-            && r.leaf_ttl_max_secs != ttl_secs
+            && (r.leaf_ttl_max_secs != ttl_secs || r.service_accounts != service_accounts)
         {
+            let identities_changed = r.service_accounts != service_accounts;
             let r = ClusterRecord {
                 leaf_ttl_max_secs: ttl_secs,
+                service_accounts,
                 ..r.clone()
             };
             let mut b = Batch::new();
             b.put(Table::Clusters, r.name.clone(), json(&r));
+            // Bound identities travel with the trust bundle: a change is
+            // a new bundle version, pushed to every cluster.
+            let bump = identities_changed && inner.bind_identities;
+            if bump {
+                b.put(
+                    Table::Meta,
+                    META_BUNDLE_VERSION,
+                    (inner.bundle_version + 1).to_string().into_bytes(),
+                );
+            }
             self.store.commit(&b)?;
             inner.records.insert(r.name.clone(), r);
+            if bump {
+                inner.bundle_version += 1;
+                self.revision_tx.send_modify(|_| {});
+            }
         }
         let plan = inner.mesh.plan_info(cluster, info)?;
         self.commit_plan(&mut inner, plan, Batch::new(), None)
@@ -724,6 +771,32 @@ impl BrokerState {
         b.put(Table::Clusters, r.name.clone(), json(&r));
         self.store.commit(&b)?;
         inner.records.insert(r.name.clone(), r);
+        Ok(())
+    }
+
+    /// Binds identities to clusters (`--bind-identities-to-clusters`) or
+    /// not; a change from what is stored is a new bundle version.
+    pub async fn set_bind_identities(&self, on: bool) -> Result<(), StateError> {
+        let mut inner = self.inner.lock().await;
+        if inner.bind_identities == on {
+            return Ok(());
+        }
+        let bundle_version = inner.bundle_version + 1;
+        let mut b = Batch::new();
+        b.put(
+            Table::Meta,
+            META_BIND_IDENTITIES,
+            u8::from(on).to_string().into_bytes(),
+        );
+        b.put(
+            Table::Meta,
+            META_BUNDLE_VERSION,
+            bundle_version.to_string().into_bytes(),
+        );
+        self.store.commit(&b)?;
+        inner.bind_identities = on;
+        inner.bundle_version = bundle_version;
+        self.revision_tx.send_modify(|_| {});
         Ok(())
     }
 
@@ -885,6 +958,7 @@ mod tests {
             intermediate_installed_sha256: String::new(),
             intermediate_installed_unix: 0,
             leaf_ttl_max_secs: 0,
+            service_accounts: BTreeSet::new(),
             withdrawn: false,
         }
     }

@@ -281,6 +281,7 @@ pub fn read_trust(state_dir: &Path, imports: &Imports) -> TrustInput {
         local_roots_pem: pem_certs(&state_dir.join(CACERTS_DIR).join("root-cert.pem")),
         federated,
         denied_intermediates: imports.denied_intermediates.clone(),
+        cluster_identities: imports.cluster_identities.clone(),
     }
 }
 

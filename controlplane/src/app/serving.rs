@@ -119,6 +119,7 @@ pub(super) fn refresh_trust(trust: &Trust, state_dir: &Path, td: &TrustDomain, i
     }
     trust.set_federated(fed);
     trust.set_denied(imports.denied_intermediates.iter().cloned());
+    trust.set_cluster_identities(imports.cluster_identities.clone());
 }
 
 /// Reloads the intermediate after the trust files changed: when it is a

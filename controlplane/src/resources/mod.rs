@@ -165,6 +165,8 @@ pub struct TrustInput {
     pub federated: BTreeMap<String, Vec<String>>,
     /// SHA-256 (hex) of intermediates that must be refused.
     pub denied_intermediates: BTreeSet<String>,
+    /// When the mesh binds identities to clusters: what each cluster runs.
+    pub cluster_identities: Option<BTreeMap<String, BTreeSet<String>>>,
 }
 
 /// How another network is reached.
@@ -776,6 +778,20 @@ pub fn build(
             roots_pem: trust.local_roots_pem.clone(),
             denied_intermediates: denied.clone(),
             local: true,
+            bind_identities: trust.cluster_identities.is_some(),
+            cluster_identities: trust
+                .cluster_identities
+                .iter()
+                .flatten()
+                .map(|(c, names)| {
+                    (
+                        c.clone(),
+                        pb::ServiceAccountList {
+                            names: names.iter().cloned().collect(),
+                        },
+                    )
+                })
+                .collect(),
         },
     );
     for (td, roots) in &trust.federated {
@@ -793,6 +809,9 @@ pub fn build(
                 roots_pem: roots.clone(),
                 denied_intermediates: denied.clone(),
                 local: false,
+                // A peered mesh's identities are its own broker's business.
+                bind_identities: false,
+                cluster_identities: Default::default(),
             },
         );
     }

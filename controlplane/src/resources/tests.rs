@@ -759,6 +759,10 @@ fn trust_bundles_and_networks() {
             ("cluster.local".to_string(), vec!["SELF".to_string()]),
         ]),
         denied_intermediates: BTreeSet::from(["ab12".to_string()]),
+        cluster_identities: Some(BTreeMap::from([(
+            "west".to_string(),
+            BTreeSet::from(["demo/client".to_string()]),
+        )])),
     };
     let (snap, warnings) = build(
         &ctx(),
@@ -775,8 +779,11 @@ fn trust_bundles_and_networks() {
     assert!(local.local);
     assert_eq!(local.roots_pem, ["LOCAL"]);
     assert_eq!(local.denied_intermediates, ["ab12"]);
+    assert!(local.bind_identities);
+    assert_eq!(local.cluster_identities["west"].names, ["demo/client"]);
     let partner: pb::TrustBundle = decode(&snap, type_url::TRUST_BUNDLE, "partner.example");
     assert!(!partner.local);
+    assert!(!partner.bind_identities && partner.cluster_identities.is_empty());
     assert_eq!(partner.denied_intermediates, ["ab12"]);
     let n: pb::Network = decode(&snap, type_url::NETWORK, "net-west");
     assert_eq!(

@@ -60,6 +60,7 @@ pub fn bundle_of(pki: &TestPki, local: bool) -> pb::TrustBundle {
         )],
         denied_intermediates: vec![],
         local,
+        ..Default::default()
     }
 }
 
