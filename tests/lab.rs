@@ -871,7 +871,7 @@ fn answered_by(summary: &str, who: &str) -> u32 {
 /// retried onto a new weight roll: 0 % v2 and no error.
 #[test]
 fn a_split_onto_a_subset_only_the_caller_defines_keeps_its_weights() {
-    let mut lab = Lab::up("multi-primary", 160);
+    let mut lab = Lab::up("multi-primary", 180);
     let rule = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo, namespace: demo}\nspec:\n  host: echo.demo.svc.cluster.local\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n";
     let route = |v1: u32, v2: u32| {
         format!(

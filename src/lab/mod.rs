@@ -568,6 +568,28 @@ pub(crate) fn check_not_running(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a lab whose brokers' addresses are taken (another lab with the
+/// same `--ip-base`, in another directory): its clusters would join the
+/// other lab's broker. Not in netns mode, where the brokers listen in
+/// namespaces of their own.
+fn check_addresses_free(lab: &Lab) -> Result<()> {
+    if lab.netns {
+        return Ok(());
+    }
+    for m in &lab.brokers {
+        if let Err(e) = std::net::TcpListener::bind(m.address.as_str()) {
+            bail!(
+                "{} (the {} broker's address) is taken: {e}; is another lab running with --ip-base {}? \
+                 Stop it, or pick another --ip-base",
+                m.address,
+                m.mesh,
+                lab.base()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Prepares a fresh lab directory: the previous lab's state is replaced; a
 /// non-empty directory that is not a lab is refused.
 fn prepare_dir(dir: &Path) -> Result<()> {
@@ -787,6 +809,7 @@ fn up(a: UpArgs) -> Result<()> {
         .with_bind_identities(a.bind_identities);
     // Refused before anything starts: a running lab is not ours to stop.
     check_not_running(&dir)?;
+    check_addresses_free(&lab)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -945,6 +968,22 @@ pub const DEMO_NAMESPACE: &str = NAMESPACE;
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_lab_whose_broker_address_is_taken_is_refused() {
+        let lab = Lab::new(
+            Topology::MultiPrimary,
+            Path::new("/l"),
+            Mode::Sni,
+            250,
+            false,
+        )
+        .unwrap();
+        assert!(check_addresses_free(&lab).is_ok());
+        let _taken = std::net::TcpListener::bind(lab.brokers[0].address.as_str()).unwrap();
+        let err = check_addresses_free(&lab).unwrap_err().to_string();
+        assert!(err.contains("--ip-base 250"), "{err}");
+    }
 
     #[test]
     fn components_start_brokers_first_and_name_clusters() {
