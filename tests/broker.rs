@@ -492,7 +492,7 @@ async fn command_line_join_sync_and_imports() {
         "{}",
         r.stderr
     );
-    s.strait(&[
+    let west_sync = [
         "cluster",
         "sync",
         "--dir",
@@ -504,8 +504,8 @@ async fn command_line_join_sync_and_imports() {
         "--once",
         "--imports-out",
         "west-imports.yaml",
-    ])
-    .ok();
+    ];
+    s.strait(&west_sync).ok();
     let written = s.read("west-imports.yaml");
     let shown = broker.ctl(&["imports", "show", "west"]).ok().stdout;
     assert!(
@@ -535,18 +535,7 @@ async fn command_line_join_sync_and_imports() {
     // until its timeout with a guess about reachability.
     broker.ctl(&["cluster", "revoke", "west"]).ok();
     let started = Instant::now();
-    s.strait(&[
-        "cluster",
-        "sync",
-        "--dir",
-        "west",
-        "--config",
-        "west.yaml",
-        "--gateway",
-        "127.0.0.2:15443",
-        "--once",
-    ])
-    .fails_with(
+    s.strait(&west_sync).fails_with(
         1,
         "the broker refuses this cluster: this cluster is revoked",
     );

@@ -205,49 +205,36 @@ fn openssl_leaf_for(
         ),
     )
     .unwrap();
-    for args in [
-        vec![
-            "ecparam",
-            "-name",
-            "prime256v1",
-            "-genkey",
-            "-noout",
-            "-out",
-            p(&key),
-        ],
-        vec![
-            "req",
-            "-new",
-            "-key",
-            p(&key),
-            "-subj",
-            "/O=cluster.local",
-            "-out",
-            p(&csr),
-        ],
-        vec![
-            "x509",
-            "-req",
-            "-in",
-            p(&csr),
-            "-CA",
-            p(ca_cert),
-            "-CAkey",
-            p(ca_key),
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-extfile",
-            p(&ext),
-            "-extensions",
-            "ext",
-            "-out",
-            p(&leaf),
-        ],
-    ] {
-        let (ok, out) = run(Command::new("openssl").args(&args));
-        assert!(ok, "openssl {args:?}: {out}");
-    }
+    ec_key(&key);
+    openssl(&[
+        "req",
+        "-new",
+        "-key",
+        p(&key),
+        "-subj",
+        "/O=cluster.local",
+        "-out",
+        p(&csr),
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        p(&csr),
+        "-CA",
+        p(ca_cert),
+        "-CAkey",
+        p(ca_key),
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        p(&ext),
+        "-extensions",
+        "ext",
+        "-out",
+        p(&leaf),
+    ]);
     let chain = dir.join(format!("{name}-chain.pem"));
     let text = std::fs::read_to_string(&leaf).unwrap() + &std::fs::read_to_string(ca_cert).unwrap();
     std::fs::write(&chain, text).unwrap();
@@ -256,6 +243,33 @@ fn openssl_leaf_for(
 
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
+}
+
+/// Runs openssl with `args`; it must succeed.
+fn openssl(args: &[&str]) {
+    let (ok, out) = run(Command::new("openssl").args(args));
+    assert!(ok, "openssl {args:?}: {out}");
+}
+
+/// A new P-256 key at `path`.
+fn ec_key(path: &Path) {
+    openssl(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        p(path),
+    ]);
+}
+
+/// Where a lab cluster keeps its intermediate (`ca-cert.pem`, `ca-key.pem`).
+fn cacerts(cluster: &Value) -> PathBuf {
+    PathBuf::from(cluster["config_dir"].as_str().unwrap())
+        .parent()
+        .unwrap()
+        .join("state/cacerts")
 }
 
 /// An mTLS request straight at a sidecar's inbound port with a client
@@ -464,49 +478,33 @@ fn the_fault_matrix() {
     // 5. Forged certificates at east's echo sidecar: a CA with the very
     //    subject of east's intermediate but its own key is refused; a leaf
     //    from east's real intermediate key (the control) is served.
-    let cacerts = PathBuf::from(east["config_dir"].as_str().unwrap())
-        .parent()
-        .unwrap()
-        .join("state/cacerts");
+    let east_cacerts = cacerts(east);
     let fake_ca_key = scratch.path().join("fake-ca.key");
     let fake_ca = scratch.path().join("fake-ca.pem");
-    for args in [
-        vec![
-            "ecparam",
-            "-name",
-            "prime256v1",
-            "-genkey",
-            "-noout",
-            "-out",
-            p(&fake_ca_key),
-        ],
-        vec![
-            "req",
-            "-new",
-            "-x509",
-            "-key",
-            p(&fake_ca_key),
-            "-days",
-            "1",
-            "-subj",
-            "/O=cluster.local/OU=strait clusters/CN=east",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign",
-            "-out",
-            p(&fake_ca),
-        ],
-    ] {
-        let (ok, out) = run(Command::new("openssl").args(&args));
-        assert!(ok, "openssl {args:?}: {out}");
-    }
+    ec_key(&fake_ca_key);
+    openssl(&[
+        "req",
+        "-new",
+        "-x509",
+        "-key",
+        p(&fake_ca_key),
+        "-days",
+        "1",
+        "-subj",
+        "/O=cluster.local/OU=strait clusters/CN=east",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign",
+        "-out",
+        p(&fake_ca),
+    ]);
     let echo_inbound = workload(east, "echo")["inbound"].as_str().unwrap();
     let (real_chain, real_key) = openssl_leaf(
         scratch.path(),
         "real",
-        &cacerts.join("ca-cert.pem"),
-        &cacerts.join("ca-key.pem"),
+        &east_cacerts.join("ca-cert.pem"),
+        &east_cacerts.join("ca-key.pem"),
     );
     let (fake_chain, fake_key) = openssl_leaf(scratch.path(), "fake", &fake_ca, &fake_ca_key);
     assert_eq!(
@@ -525,10 +523,7 @@ fn the_fault_matrix() {
     // Unbound (the default, as in Istio): west's intermediate key, stolen,
     // mints an identity west does not run, and east accepts it. What
     // `--bind-identities-to-clusters` closes (tested below).
-    let west_cacerts = PathBuf::from(west["config_dir"].as_str().unwrap())
-        .parent()
-        .unwrap()
-        .join("state/cacerts");
+    let west_cacerts = cacerts(west);
     let (stolen_chain, stolen_key) = openssl_leaf_for(
         scratch.path(),
         "stolen",
@@ -628,6 +623,11 @@ fn the_fault_matrix() {
     lab.down();
 }
 
+/// Revoking a cluster ends what it holds open in other clusters: west's
+/// client has a pooled connection to east's echo (and in QUIC mode west's
+/// gateway a tunnel to east's); after `straitctl cluster revoke west`,
+/// east's sidecar closes that connection (and east's gateway the tunnel)
+/// within 5 s, and west's calls no longer reach east.
 fn revocation_closes_live_connections(mode: &str, base: u8) {
     let mut lab = Lab::up_with("multi-primary", base, &["--mode", mode]);
     let json = lab.json();
@@ -800,12 +800,6 @@ fn a_stolen_cluster_key_cannot_mint_another_clusters_identities() {
     .unwrap();
     let (code, out, err) = lab.lab(&["apply", "east", payments.to_str().unwrap()]);
     assert_eq!(code, 0, "apply payments: {out}{err}");
-    let cacerts = |c: &Value| {
-        PathBuf::from(c["config_dir"].as_str().unwrap())
-            .parent()
-            .unwrap()
-            .join("state/cacerts")
-    };
     let leaf = |by: &Value, name: &str, sa: &str| {
         let ca = cacerts(by);
         openssl_leaf_for(

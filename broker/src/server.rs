@@ -78,15 +78,12 @@ pub fn authenticate<T>(state: &BrokerState, req: &Request<T>) -> Result<Caller, 
         ["strait", "cluster", name] => {
             let name = ClusterName::new(name)
                 .map_err(|e| Status::unauthenticated(format!("{id}: {e}")))?;
-            let expected = format!(
-                "O={}, OU={}, CN={}",
-                state.trust_domain,
-                strait_ca::authority::INTERMEDIATE_OU,
-                name
-            );
             let issuer_ok = svid.path_len == 3
                 && certs.len() == 2
-                && CertSummary::from_der(certs[1].as_ref()).is_ok_and(|s| s.subject == expected);
+                && strait_ca::authority::cluster_of_intermediate(
+                    state.trust_domain.as_str(),
+                    &svid.leaf_issuer,
+                ) == Some(name.as_str());
             if !issuer_ok {
                 return Err(Status::unauthenticated(format!(
                     "{id} must be issued by cluster {name}'s own intermediate"

@@ -31,6 +31,21 @@ pub const DEFAULT_ROOT_COMMON_NAME: &str = "strait root CA";
 /// The organizational unit that marks a cluster intermediate's subject.
 pub const INTERMEDIATE_OU: &str = "strait clusters";
 
+/// The subject of cluster `cluster`'s intermediate in trust domain `td`,
+/// as a certificate's subject or issuer prints
+/// (`O=<td>, OU=strait clusters, CN=<cluster>`).
+pub fn intermediate_subject(td: &str, cluster: &str) -> String {
+    format!("O={td}, OU={INTERMEDIATE_OU}, CN={cluster}")
+}
+
+/// The cluster a printed subject names when it is a cluster
+/// intermediate's of trust domain `td` ([`intermediate_subject`]).
+pub fn cluster_of_intermediate<'a>(td: &str, subject: &'a str) -> Option<&'a str> {
+    subject
+        .strip_prefix(&intermediate_subject(td, ""))
+        .filter(|c| !c.is_empty() && !c.contains(','))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum IssueError {
     #[error(transparent)]

@@ -120,6 +120,27 @@ fn intermediate_properties_and_cap() {
     assert_eq!(c.path_len, Some(0));
     assert!(c.subject.contains("CN=east"), "{}", c.subject);
     assert!(c.subject.contains("O=td"), "{}", c.subject);
+    // The printed subject is the one the binding and broker checks read.
+    assert_eq!(
+        c.subject,
+        crate::authority::intermediate_subject("td", "east")
+    );
+    assert_eq!(
+        crate::authority::cluster_of_intermediate("td", &c.subject),
+        Some("east")
+    );
+    for other in [
+        "O=other, OU=strait clusters, CN=east",
+        "O=td, OU=strait clusters, CN=",
+        "O=td, CN=east",
+        "O=td, OU=strait clusters, CN=east, L=x",
+    ] {
+        assert_eq!(
+            crate::authority::cluster_of_intermediate("td", other),
+            None,
+            "{other}"
+        );
+    }
     assert_eq!(c.sans.uris, ["spiffe://td"]);
     assert_eq!(inter.not_after(), root.not_after());
 }

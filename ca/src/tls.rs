@@ -131,29 +131,24 @@ impl Trust {
     }
 
     pub fn set_bundle(&self, bundle: TrustBundle) {
-        let changed = {
-            let mut s = self.inner.write().unwrap_or_else(|p| p.into_inner());
-            let changed = *s.bundle != bundle;
-            s.bundle = Arc::new(bundle);
-            changed
-        };
-        self.bump(changed);
+        self.replace(|s| &mut s.bundle, Arc::new(bundle));
     }
 
     /// Replaces the deny-list (SHA-256 fingerprints, as `cert::fingerprint_sha256`).
     pub fn set_denied(&self, denied: impl IntoIterator<Item = String>) {
-        let denied: BTreeSet<String> = denied.into_iter().collect();
-        let changed = {
-            let mut s = self.inner.write().unwrap_or_else(|p| p.into_inner());
-            let changed = s.denied != denied;
-            s.denied = denied;
-            changed
-        };
-        self.bump(changed);
+        self.replace(|s| &mut s.denied, denied.into_iter().collect());
     }
 
-    /// Tells [`Trust::changes`] receivers, when something changed.
-    fn bump(&self, changed: bool) {
+    /// Sets one part of the state to `value` and, when that changed it,
+    /// tells [`Trust::changes`] receivers.
+    fn replace<T: PartialEq>(&self, part: impl FnOnce(&mut TrustState) -> &mut T, value: T) {
+        let changed = {
+            let mut s = self.inner.write().unwrap_or_else(|p| p.into_inner());
+            let slot = part(&mut s);
+            let changed = *slot != value;
+            *slot = value;
+            changed
+        };
         if changed {
             self.generation.send_modify(|g| *g += 1);
         }
@@ -174,31 +169,18 @@ impl Trust {
     /// Turns the binding of identities to clusters on (with what each
     /// cluster runs) or off (`None`); see [`ClusterIdentities`].
     pub fn set_cluster_identities(&self, bindings: Option<ClusterIdentities>) {
-        let bindings = bindings.map(Arc::new);
-        let changed = {
-            let mut s = self.inner.write().unwrap_or_else(|p| p.into_inner());
-            let changed = s.bindings != bindings;
-            s.bindings = bindings;
-            changed
-        };
-        self.bump(changed);
+        self.replace(|s| &mut s.bindings, bindings.map(Arc::new));
     }
 
     /// Replaces the bundles of peered trust domains (by trust domain name).
     /// A chain whose leaf names one of them is verified against that
     /// bundle alone; bundles are never merged.
     pub fn set_federated(&self, bundles: impl IntoIterator<Item = (String, TrustBundle)>) {
-        let federated: std::collections::BTreeMap<String, Arc<TrustBundle>> = bundles
+        let federated = bundles
             .into_iter()
             .map(|(td, b)| (td, Arc::new(b)))
             .collect();
-        let changed = {
-            let mut s = self.inner.write().unwrap_or_else(|p| p.into_inner());
-            let changed = s.federated != federated;
-            s.federated = federated;
-            changed
-        };
-        self.bump(changed);
+        self.replace(|s| &mut s.federated, federated);
     }
 
     /// The trust domains this trust accepts identities of.
@@ -265,52 +247,44 @@ impl Trust {
         }
         let svid = verify_svid(chain, &bundle, now)?;
         if let Some(bindings) = bindings {
-            check_binding(&svid, chain, &bindings)?;
+            check_binding(&svid, &bindings)?;
         }
         Ok(svid)
     }
 }
 
 /// The binding check of [`ClusterIdentities`] on a verified chain.
-fn check_binding(
-    svid: &VerifiedSvid,
-    chain: &[Vec<u8>],
-    bindings: &ClusterIdentities,
-) -> Result<(), TrustError> {
+fn check_binding(svid: &VerifiedSvid, bindings: &ClusterIdentities) -> Result<(), TrustError> {
     // Leaf, intermediate, root: the only shape a cluster issues.
     if svid.path_len != 3 {
         return Ok(());
     }
-    let issuer = chain
-        .first()
-        .and_then(|d| crate::cert::CertSummary::from_der(d).ok())
-        .map(|c| c.issuer)
-        .unwrap_or_default();
-    let prefix = format!(
-        "O={}, OU={}, CN=",
-        svid.spiffe_id.trust_domain_str(),
-        crate::authority::INTERMEDIATE_OU
-    );
-    let refuse = |cluster: &str| TrustError::NotRunBy {
-        cluster: cluster.to_string(),
-        id: svid.spiffe_id.to_string(),
-    };
-    let Some(cluster) = issuer.strip_prefix(&prefix).filter(|c| !c.contains(',')) else {
-        return Err(TrustError::NotRunBy {
-            cluster: format!("(an intermediate that names no cluster: {issuer})"),
-            id: svid.spiffe_id.to_string(),
-        });
-    };
+    let td = svid.spiffe_id.trust_domain_str();
+    let cluster = crate::authority::cluster_of_intermediate(td, &svid.leaf_issuer);
     let segments: Vec<&str> = svid.spiffe_id.segments().collect();
-    let ok = match segments.as_slice() {
+    let ok = cluster.is_some_and(|cluster| match segments.as_slice() {
         ["ns", ns, "sa", _] if *ns == INFRA_NAMESPACE => true,
         ["ns", ns, "sa", sa] => bindings
             .get(cluster)
             .is_some_and(|runs| runs.contains(&format!("{ns}/{sa}"))),
         ["strait", "cluster", name] => *name == cluster,
         _ => false,
-    };
-    if ok { Ok(()) } else { Err(refuse(cluster)) }
+    });
+    if ok {
+        return Ok(());
+    }
+    Err(TrustError::NotRunBy {
+        cluster: cluster.map_or_else(
+            || {
+                format!(
+                    "(an intermediate that names no cluster: {})",
+                    svid.leaf_issuer
+                )
+            },
+            str::to_string,
+        ),
+        id: svid.spiffe_id.to_string(),
+    })
 }
 
 /// Why [`Trust::verify`] refused a chain.

@@ -28,6 +28,8 @@ pub struct VerifiedSvid {
     pub root: Vec<u8>,
     /// Certificates on the path, leaf and root included.
     pub path_len: usize,
+    /// The leaf's issuer, as its subject prints (`O=…, OU=…, CN=…`).
+    pub leaf_issuer: String,
 }
 
 /// Which certificate failed.
@@ -234,6 +236,7 @@ pub fn verify_svid(
                     expires,
                     root: (*der).clone(),
                     path_len: used.iter().filter(|u| **u).count() + 1,
+                    leaf_issuer: leaf.issuer().to_string(),
                 });
             }
         }

@@ -142,12 +142,15 @@ pub fn own_docs(config_dir: Option<&Path>, config: &Config) -> Vec<Value> {
 
 /// The workload identities the config runs, `<ns>/<sa>`: each
 /// WorkloadEntry's (a Pod is one in Kubernetes mode; `default` when it
-/// names none, as Kubernetes does) and each export's service accounts.
-/// Told to the broker, which binds identities to clusters when the mesh
-/// asks for it.
-pub fn identities_of(config_dir: Option<&Path>, config: &Config) -> BTreeSet<String> {
-    let docs = own_docs(config_dir, config);
-    let mut out: BTreeSet<String> = docs
+/// names none, as Kubernetes does) and each of its `exports`' service
+/// accounts. Told to the broker, which binds identities to clusters when
+/// the mesh asks for it.
+pub fn identities_of(
+    config_dir: Option<&Path>,
+    config: &Config,
+    exports: &Exports,
+) -> BTreeSet<String> {
+    let mut out: BTreeSet<String> = own_docs(config_dir, config)
         .iter()
         .filter(|d| d["kind"] == "WorkloadEntry")
         .filter_map(|d| {
@@ -156,7 +159,7 @@ pub fn identities_of(config_dir: Option<&Path>, config: &Config) -> BTreeSet<Str
             (!ns.is_empty() && !sa.is_empty()).then(|| format!("{ns}/{sa}"))
         })
         .collect();
-    for e in strait_model::local::local_exports(&docs).exports {
+    for e in exports.values() {
         for sa in &e.service_accounts {
             out.insert(format!("{}/{sa}", e.key.namespace()));
         }
@@ -227,9 +230,12 @@ pub fn spawn(
     let me = cluster_info(&info, &cfg.gateways)?;
     let config_dir = cfg.sink.config_dir().map(Path::to_path_buf);
     let first = exports_of(config_dir.as_deref(), &config.borrow_and_update());
+    let (identities_tx, identities_rx) = watch::channel(identities_of(
+        config_dir.as_deref(),
+        &config.borrow(),
+        &first,
+    ));
     let (exports_tx, exports_rx) = watch::channel(first);
-    let (identities_tx, identities_rx) =
-        watch::channel(identities_of(config_dir.as_deref(), &config.borrow()));
     let (agent, imports) = Agent::new(
         AgentConfig {
             dir: cfg.state_dir.clone(),
@@ -257,14 +263,14 @@ pub fn spawn(
                         break;
                     }
                     let c = config.borrow_and_update().clone();
+                    let next = exports_of(config_dir.as_deref(), &c);
                     identities_tx.send_if_modified(|i| {
-                        let next = identities_of(config_dir.as_deref(), &c);
-                        let changed = *i != next;
-                        *i = next;
+                        let ids = identities_of(config_dir.as_deref(), &c, &next);
+                        let changed = *i != ids;
+                        *i = ids;
                         changed
                     });
                     exports_tx.send_if_modified(|e| {
-                        let next = exports_of(config_dir.as_deref(), &c);
                         if *e == next {
                             false
                         } else {

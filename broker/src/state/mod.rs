@@ -24,6 +24,7 @@ use crate::rotation::{Rotation, RotationError};
 
 mod liveness;
 mod rotate;
+mod trust;
 use crate::liveness::Liveness;
 use crate::store::{Batch, Store, StoreError, Table};
 use crate::token::{JoinToken, TokenError, TokenRecord};
@@ -176,6 +177,15 @@ pub(crate) fn json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
 
+/// Puts the bundle version into `b`, stored with the change that made it.
+fn put_bundle_version(b: &mut Batch, version: u64) {
+    b.put(
+        Table::Meta,
+        META_BUNDLE_VERSION,
+        version.to_string().into_bytes(),
+    );
+}
+
 fn export_row_key(cluster: &ClusterName, key: &ServiceKey) -> String {
     format!("{cluster}/{}/{}", key.namespace(), key.name())
 }
@@ -193,20 +203,6 @@ pub struct Inner {
     pub rotation: Rotation,
     /// Where each root of the bundle lives on disk, by fingerprint.
     pub root_dirs: BTreeMap<String, PathBuf>,
-}
-
-impl Inner {
-    /// What each joined cluster runs, when identities are bound to
-    /// clusters (`None` when they are not).
-    pub fn cluster_identities(&self) -> Option<BTreeMap<String, BTreeSet<String>>> {
-        self.bind_identities.then(|| {
-            self.records
-                .values()
-                .filter(|r| r.membership == Membership::Joined)
-                .map(|r| (r.name.clone(), r.service_accounts.clone()))
-                .collect()
-        })
-    }
 }
 
 /// The roots the broker holds keys for, by fingerprint, and which signs.
@@ -715,11 +711,7 @@ impl BrokerState {
             // a new bundle version, pushed to every cluster.
             let bump = identities_changed && inner.bind_identities;
             if bump {
-                b.put(
-                    Table::Meta,
-                    META_BUNDLE_VERSION,
-                    (inner.bundle_version + 1).to_string().into_bytes(),
-                );
+                put_bundle_version(&mut b, inner.bundle_version + 1);
             }
             self.store.commit(&b)?;
             inner.records.insert(r.name.clone(), r);
@@ -730,196 +722,6 @@ impl BrokerState {
         }
         let plan = inner.mesh.plan_info(cluster, info)?;
         self.commit_plan(&mut inner, plan, Batch::new(), None)
-    }
-
-    pub async fn ack(
-        &self,
-        cluster: &ClusterName,
-        import_revision: u64,
-        bundle_version: u64,
-        intermediate_sha256: &str,
-        now: OffsetDateTime,
-    ) -> Result<(), StateError> {
-        let mut inner = self.inner.lock().await;
-        let Some(r) = inner.records.get(cluster.as_str()).cloned() else {
-            return Err(StateError::UnknownCluster(cluster.to_string()));
-        };
-        let installed = if intermediate_sha256.is_empty() {
-            r.intermediate_installed_sha256.clone()
-        } else {
-            intermediate_sha256.to_string()
-        };
-        let installed_unix = if installed == r.intermediate_installed_sha256 {
-            r.intermediate_installed_unix
-        } else {
-            now.unix_timestamp()
-        };
-        if r.import_revision_acked == import_revision
-            && r.bundle_version_acked == bundle_version
-            && r.intermediate_installed_sha256 == installed
-        {
-            return Ok(());
-        }
-        let r = ClusterRecord {
-            import_revision_acked: import_revision,
-            bundle_version_acked: bundle_version,
-            intermediate_installed_sha256: installed,
-            intermediate_installed_unix: installed_unix,
-            ..r
-        };
-        let mut b = Batch::new();
-        b.put(Table::Clusters, r.name.clone(), json(&r));
-        self.store.commit(&b)?;
-        inner.records.insert(r.name.clone(), r);
-        Ok(())
-    }
-
-    /// Binds identities to clusters (`--bind-identities-to-clusters`) or
-    /// not; a change from what is stored is a new bundle version.
-    pub async fn set_bind_identities(&self, on: bool) -> Result<(), StateError> {
-        let mut inner = self.inner.lock().await;
-        if inner.bind_identities == on {
-            return Ok(());
-        }
-        let bundle_version = inner.bundle_version + 1;
-        let mut b = Batch::new();
-        b.put(
-            Table::Meta,
-            META_BIND_IDENTITIES,
-            u8::from(on).to_string().into_bytes(),
-        );
-        b.put(
-            Table::Meta,
-            META_BUNDLE_VERSION,
-            bundle_version.to_string().into_bytes(),
-        );
-        self.store.commit(&b)?;
-        inner.bind_identities = on;
-        inner.bundle_version = bundle_version;
-        self.revision_tx.send_modify(|_| {});
-        Ok(())
-    }
-
-    /// `straitctl trust rotate-intermediate`: the cluster is asked for a CSR
-    /// on its sync stream (now, or when it next connects).
-    pub async fn request_renewal(&self, name: &ClusterName) -> Result<(), StateError> {
-        let mut inner = self.inner.lock().await;
-        let Some(r) = inner.records.get(name.as_str()).cloned() else {
-            return Err(StateError::UnknownCluster(name.to_string()));
-        };
-        if r.membership != Membership::Joined {
-            return Err(StateError::Invalid(format!(
-                "cluster {name} is {}, not joined",
-                r.membership.as_str()
-            )));
-        }
-        let r = ClusterRecord {
-            renew_requested: true,
-            ..r
-        };
-        let mut b = Batch::new();
-        b.put(Table::Clusters, r.name.clone(), json(&r));
-        self.store.commit(&b)?;
-        inner.records.insert(r.name.clone(), r);
-        self.revision_tx.send_modify(|_| {});
-        Ok(())
-    }
-
-    /// Issues a new intermediate for a joined cluster's CSR (its subject CN
-    /// must be the cluster's name); returns the chain.
-    pub async fn renew_intermediate(
-        &self,
-        name: &ClusterName,
-        csr_pem: &str,
-        now: OffsetDateTime,
-    ) -> Result<Vec<Vec<u8>>, StateError> {
-        let csr =
-            Csr::from_pem(csr_pem.as_bytes()).map_err(|e| StateError::Invalid(e.to_string()))?;
-        let mut inner = self.inner.lock().await;
-        let Some(r) = inner.records.get(name.as_str()).cloned() else {
-            return Err(StateError::UnknownCluster(name.to_string()));
-        };
-        if r.membership != Membership::Joined {
-            return Err(StateError::Revoked(name.to_string()));
-        }
-        if csr.common_name() != Some(name.as_str()) {
-            return Err(StateError::Invalid(format!(
-                "the renewal CSR names {:?}, not cluster {name}",
-                csr.common_name().unwrap_or_default()
-            )));
-        }
-        let signer = self.signer();
-        let issued = signer
-            .issue_intermediate(&csr, name, self.intermediate_validity, now)
-            .map_err(|e| StateError::Issue(e.to_string()))?;
-        let r = ClusterRecord {
-            intermediate_sha256: fingerprint_sha256(&issued.der),
-            intermediate_expires_unix: issued.not_after.unix_timestamp(),
-            intermediate_not_before_unix: issued.not_before.unix_timestamp(),
-            renew_requested: false,
-            intermediate_root_sha256: fingerprint_sha256(signer.root_der()),
-            ..r
-        };
-        let mut b = Batch::new();
-        b.put(Table::Clusters, r.name.clone(), json(&r));
-        self.store.commit(&b)?;
-        inner.records.insert(r.name.clone(), r);
-        let mut chain = vec![issued.der];
-        chain.extend(signer.chain().iter().cloned());
-        Ok(chain)
-    }
-
-    /// `straitctl cluster revoke`: removes the cluster and its exports from
-    /// every importer and deny-lists its intermediate.
-    pub async fn revoke(&self, name: &ClusterName) -> Result<(), StateError> {
-        let mut inner = self.inner.lock().await;
-        let Some(r) = inner.records.get(name.as_str()).cloned() else {
-            return Err(StateError::UnknownCluster(name.to_string()));
-        };
-        if r.membership == Membership::Revoked {
-            return Err(StateError::Revoked(name.to_string()));
-        }
-        let mut denied = inner.denied.clone();
-        if !r.intermediate_sha256.is_empty() {
-            denied.insert(r.intermediate_sha256.clone());
-        }
-        let revoked = ClusterRecord {
-            membership: Membership::Revoked,
-            ..r
-        };
-        let bundle_version = inner.bundle_version + 1;
-        let mut b = Batch::new();
-        b.put(Table::Meta, META_DENIED, json(&denied));
-        b.put(
-            Table::Meta,
-            META_BUNDLE_VERSION,
-            bundle_version.to_string().into_bytes(),
-        );
-        // Tokens of this cluster that were never used die with it.
-        for t in inner
-            .tokens
-            .values()
-            .filter(|t| t.cluster == name.as_str() && !t.used)
-        {
-            b.delete(Table::Tokens, t.id.clone());
-        }
-        if inner.mesh.cluster(name).is_some() {
-            let plan = inner.mesh.plan_remove(name)?;
-            self.commit_plan(&mut inner, plan, b, Some(revoked.clone()))?;
-        } else {
-            b.put(Table::Clusters, revoked.name.clone(), json(&revoked));
-            self.store.commit(&b)?;
-            inner.records.insert(revoked.name.clone(), revoked.clone());
-        }
-        inner
-            .tokens
-            .retain(|_, t| t.cluster != name.as_str() || t.used);
-        inner.denied = denied.clone();
-        inner.bundle_version = bundle_version;
-        self.trust.set_denied(denied);
-        // Wake every stream so that it pushes the new deny-list.
-        self.revision_tx.send_modify(|_| {});
-        Ok(())
     }
 }
 

@@ -13,8 +13,8 @@ use strait_ca::cert::fingerprint_sha256;
 use time::OffsetDateTime;
 
 use super::{
-    BrokerState, ClusterRecord, Inner, LEAF_MAX_TTL, META_BUNDLE_VERSION, META_ROOT_DIRS,
-    META_ROTATION, Membership, ROTATION_ROOTS_DIR, StateError, json,
+    BrokerState, ClusterRecord, Inner, LEAF_MAX_TTL, META_ROOT_DIRS, META_ROTATION, Membership,
+    ROTATION_ROOTS_DIR, StateError, json, put_bundle_version,
 };
 use crate::rotation::{ClusterView, Rotation, RotationError, Stage};
 use crate::store::{Batch, Table};
@@ -171,11 +171,7 @@ impl BrokerState {
         let mut b = Batch::new();
         b.put(Table::Meta, META_ROTATION, json(&next));
         b.put(Table::Meta, META_ROOT_DIRS, json(&root_dirs));
-        b.put(
-            Table::Meta,
-            META_BUNDLE_VERSION,
-            bundle_version.to_string().into_bytes(),
-        );
+        put_bundle_version(&mut b, bundle_version);
         let mut records = Vec::new();
         if renew_all {
             for r in inner

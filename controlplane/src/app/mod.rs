@@ -18,7 +18,7 @@
 //! - On shutdown the snapshot channel closes first, which ends the
 //!   proxies' discovery streams; connections get [`DRAIN`] to close.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -34,16 +34,18 @@ use strait_ca::authority::Authority;
 use strait_ca::tls::{Accept, SpiffeClientVerifier, Trust};
 use tokio::sync::watch;
 
-use crate::resources::{self, ClusterContext, NetworkInput, NetworkMode, Snapshot, TrustInput};
+use crate::resources::ClusterContext;
 use crate::source::Config;
 use crate::{dirwatch, link};
 
 pub mod debug;
 mod inject;
+mod inputs;
 mod remotes;
 mod serving;
 
 pub use inject::InjectServe;
+pub use inputs::{Siblings, networks, read_trust, spawn_builder, trust_stamp};
 use remotes::{open_remotes, spawn_views};
 pub use serving::{ServingCert, load_authority, server_tls};
 use serving::{refresh_trust, reload_authority};
@@ -241,188 +243,6 @@ pub async fn ensure_joined(cfg: &AppConfig) -> Result<BrokerInfo, String> {
         ));
     }
     Ok(info)
-}
-
-/// PEM certificates of a file, one string each.
-fn pem_certs(path: &Path) -> Vec<String> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Vec::new();
-    };
-    pem::parse_many(text.as_bytes())
-        .map(|v| {
-            v.into_iter()
-                .filter(|p| p.tag() == "CERTIFICATE")
-                .map(|p| pem::encode(&p))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// The trust to publish: this mesh's roots (as the broker installed them),
-/// peered meshes' bundles, and the deny-list.
-pub fn read_trust(state_dir: &Path, imports: &Imports) -> TrustInput {
-    let mut federated = BTreeMap::new();
-    if let Ok(rd) = std::fs::read_dir(state_dir.join(FEDERATED_DIR)) {
-        for e in rd.flatten() {
-            let path = e.path();
-            if let Some(td) = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".pem"))
-            {
-                let certs = pem_certs(&path);
-                if !certs.is_empty() {
-                    federated.insert(td.to_string(), certs);
-                }
-            }
-        }
-    }
-    TrustInput {
-        local_roots_pem: pem_certs(&state_dir.join(CACERTS_DIR).join("root-cert.pem")),
-        federated,
-        denied_intermediates: imports.denied_intermediates.clone(),
-        cluster_identities: imports.cluster_identities.clone(),
-    }
-}
-
-/// The other networks the imports name, with their gateways.
-pub fn networks(own: &str, imports: &Imports, quic: bool) -> Vec<NetworkInput> {
-    let mut by_name: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for remote in imports.services.values().flatten() {
-        let net = remote.from.network.to_string();
-        if net == own {
-            continue;
-        }
-        let gws = by_name.entry(net).or_default();
-        for g in &remote.from.gateways {
-            gws.insert(g.to_string());
-        }
-    }
-    by_name
-        .into_iter()
-        .map(|(name, gws)| {
-            let gateways: Vec<String> = gws.into_iter().collect();
-            NetworkInput {
-                name,
-                tunnels: if quic { gateways.clone() } else { Vec::new() },
-                gateways,
-                mode: if quic {
-                    NetworkMode::Quic
-                } else {
-                    NetworkMode::Sni
-                },
-            }
-        })
-        .collect()
-}
-
-/// Modification times of the trust files, to notice the broker agent
-/// installing a new bundle or intermediate.
-pub fn trust_stamp(state_dir: &Path) -> Vec<(PathBuf, Option<SystemTime>)> {
-    let mut files: Vec<PathBuf> = ["root-cert.pem", "ca-cert.pem", "cert-chain.pem"]
-        .iter()
-        .map(|f| state_dir.join(CACERTS_DIR).join(f))
-        .collect();
-    if let Ok(rd) = std::fs::read_dir(state_dir.join(FEDERATED_DIR)) {
-        files.extend(rd.flatten().map(|e| e.path()));
-    }
-    files.sort();
-    files
-        .into_iter()
-        .map(|p| {
-            let m = std::fs::metadata(&p).and_then(|m| m.modified()).ok();
-            (p, m)
-        })
-        .collect()
-}
-
-/// The other networks of the clusters served with this one
-/// (primary-remote): network → gateways.
-pub type Siblings = BTreeMap<String, Vec<String>>;
-
-/// Keeps a snapshot channel current: rebuilds on config, imports and trust
-/// changes (trust files are polled every second) and publishes a snapshot
-/// only when it differs from the last one.
-pub fn spawn_builder(
-    ctx: ClusterContext,
-    state_dir: PathBuf,
-    quic: bool,
-    mut config: watch::Receiver<Arc<Config>>,
-    mut imports: watch::Receiver<Imports>,
-    mut siblings: watch::Receiver<Siblings>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> watch::Receiver<Arc<Snapshot>> {
-    let trust_dir = state_dir.clone();
-    let build = move |config: &Config, imports: &Imports, siblings: &Siblings| {
-        let trust = read_trust(&state_dir, imports);
-        let mut nets = networks(&ctx.network, imports, quic);
-        for (name, gateways) in siblings {
-            if !nets.iter().any(|n| &n.name == name) {
-                nets.push(NetworkInput {
-                    name: name.clone(),
-                    gateways: gateways.clone(),
-                    mode: NetworkMode::Sni,
-                    tunnels: Vec::new(),
-                });
-            }
-        }
-        let (snap, warnings) = resources::build(&ctx, config, &trust, &nets);
-        (snap.with_created(Instant::now()), warnings)
-    };
-    let (first, warnings) = build(
-        &config.borrow_and_update(),
-        &imports.borrow_and_update(),
-        &siblings.borrow_and_update(),
-    );
-    for w in &warnings {
-        tracing::warn!(warning = %w, "left out of discovery");
-    }
-    let (tx, rx) = watch::channel(Arc::new(first));
-    tokio::spawn(async move {
-        tokio::pin!(shutdown);
-        let mut last_warnings = warnings;
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let mut stamp = trust_stamp(&trust_dir);
-        let mut siblings_open = true;
-        loop {
-            tokio::select! {
-                () = &mut shutdown => return,
-                r = config.changed() => if r.is_err() { return },
-                r = imports.changed() => if r.is_err() { return },
-                r = siblings.changed(), if siblings_open => if r.is_err() {
-                    siblings_open = false;
-                    continue;
-                },
-                _ = tick.tick() => {
-                    let now = trust_stamp(&trust_dir);
-                    if now == stamp {
-                        continue;
-                    }
-                    stamp = now;
-                }
-            }
-            let (snap, warnings) = build(
-                &config.borrow_and_update(),
-                &imports.borrow_and_update(),
-                &siblings.borrow_and_update(),
-            );
-            for w in &warnings {
-                if !last_warnings.contains(w) {
-                    tracing::warn!(warning = %w, "left out of discovery");
-                }
-            }
-            last_warnings = warnings;
-            tx.send_if_modified(|cur| {
-                if **cur == snap {
-                    false
-                } else {
-                    *cur = Arc::new(snap);
-                    true
-                }
-            });
-        }
-    });
-    rx
 }
 
 /// How long the control plane's serving certificate is valid; it is
@@ -837,6 +657,7 @@ mod tests {
     use strait_ca::testing::TestPki;
 
     use super::*;
+    use crate::resources::Snapshot;
     use crate::xds::{Metrics, NackRecord, XdsServer};
 
     fn xds() -> XdsServer {
