@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use common::sync::*;
 use common::{Broker, Scratch};
 use pb::sync_response::Msg as Down;
-use strait_broker::client::{self, SyncSession};
+use strait_broker_client::client::{self, SyncSession};
 use strait_proto::strait::broker::v1 as pb;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,7 +181,7 @@ async fn tokens_are_single_use_and_pinned() {
         .stdout
         .trim()
         .to_string();
-    let parsed = strait_broker::token::JoinToken::parse(&foreign).unwrap();
+    let parsed = strait_broker_client::token::JoinToken::parse(&foreign).unwrap();
     let mut forged = parsed.clone();
     forged.addresses = vec![broker.addr.clone()];
     let err = client::join(&forged.encode(), &s.path("west"))

@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use common::sync::*;
 use common::{Broker, Scratch, all_clusters};
-use strait_broker::client::{self, SyncSession};
+use strait_broker_client::client::{self, SyncSession};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn intermediates_are_renewed_through_sync() {
-    use strait_broker::agent::{Agent, AgentConfig};
+    use strait_broker_client::agent::{Agent, AgentConfig};
     let s = Scratch::new();
     let broker = Broker::start(&s.path("broker"), TD);
     let east = join(&broker, &s, "east", "net-east").await;
@@ -84,7 +84,7 @@ const ROTATION_STEP: Duration = Duration::from_secs(10);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_rotation_in_stages_while_clusters_sync() {
-    use strait_broker::agent::{Agent, AgentConfig};
+    use strait_broker_client::agent::{Agent, AgentConfig};
     let s = Scratch::new();
     let broker = Broker::start(&s.path("broker"), TD);
     let mut stops = Vec::new();
@@ -113,7 +113,7 @@ async fn root_rotation_in_stages_while_clusters_sync() {
         export_txs.push(tx);
     }
     let export = |name: &str| {
-        let svc = strait_broker::wire::exported_service(&svc("shop", name)).unwrap();
+        let svc = strait_broker_client::wire::exported_service(&svc("shop", name)).unwrap();
         (svc.key.clone(), svc)
     };
     export_txs[0].send_replace([export("cart")].into());
@@ -260,7 +260,7 @@ async fn root_rotation_abort_returns_to_the_old_root() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meshes_peer_and_exchange_services_with_separate_bundles() {
-    use strait_broker::agent::{Agent, AgentConfig};
+    use strait_broker_client::agent::{Agent, AgentConfig};
     let s = Scratch::new();
     let peer_a = format!("127.0.0.1:{}", common::free_port());
     let peer_b = format!("127.0.0.1:{}", common::free_port());
@@ -306,10 +306,10 @@ async fn meshes_peer_and_exchange_services_with_separate_bundles() {
     let mut ledger = svc("bank", "ledger");
     ledger.export_to = vec!["mesh:bee".into()];
     let private = svc("bank", "private");
-    let exports: strait_broker::agent::Exports = [ledger, private]
+    let exports: strait_broker_client::agent::Exports = [ledger, private]
         .iter()
         .map(|p| {
-            let s = strait_broker::wire::exported_service(p).unwrap();
+            let s = strait_broker_client::wire::exported_service(p).unwrap();
             (s.key.clone(), s)
         })
         .collect();

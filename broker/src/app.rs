@@ -14,11 +14,12 @@ use strait_ca::{AnyIdentityInTrustDomain, Csr, SpiffeId, TrustDomain};
 use strait_proto::strait::broker::v1 as pb;
 use time::OffsetDateTime;
 
-use crate::http::{self, Ready};
 use crate::metrics::Metrics;
 use crate::server::{AdminService, FederationService};
 use crate::state::BrokerState;
 use crate::store::RedbStore;
+use strait_runtime::http::{self, Ready};
+use strait_runtime::{accept, transport};
 
 /// The file name of the embedded store inside the data directory.
 pub const STORE_FILE: &str = "broker.redb";
@@ -67,6 +68,8 @@ pub struct BrokerConfig {
 pub enum AppError {
     #[error("{0}")]
     Setup(String),
+    #[error(transparent)]
+    Bind(#[from] accept::BindError),
     #[error(transparent)]
     Layout(#[from] layout::LayoutError),
     #[error(transparent)]
@@ -256,7 +259,7 @@ fn refresh_own_certificates(
         let (chain, key, _) = issue_from_root(
             &signer,
             &broker_id,
-            &[crate::transport::SERVER_NAME.to_string()],
+            &[transport::SERVER_NAME.to_string()],
             SERVER_CERT_TTL,
         )?;
         let (certs, key) = strait_ca::tls::identity(&chain, &key);
@@ -334,9 +337,7 @@ pub async fn run(
     let registry = Arc::new(registry);
     let ready = Ready::default();
 
-    let listener = http::bind(config.listen, "broker API")
-        .await
-        .map_err(AppError::Setup)?;
+    let listener = accept::bind(config.listen, "broker API").await?;
     let local = listener.local_addr().map_err(setup)?;
     let advertise = if config.advertise.is_empty() {
         vec![local.to_string()]
@@ -345,11 +346,11 @@ pub async fn run(
     };
     let mut side_tasks = Vec::new();
     if let Some(addr) = config.health_listen {
-        let l = http::bind(addr, "health").await.map_err(AppError::Setup)?;
+        let l = accept::bind(addr, "health").await?;
         side_tasks.push(tokio::spawn(http::serve(l, ready.clone(), None)));
     }
     if let Some(addr) = config.metrics_listen {
-        let l = http::bind(addr, "metrics").await.map_err(AppError::Setup)?;
+        let l = accept::bind(addr, "metrics").await?;
         side_tasks.push(tokio::spawn(http::serve(
             l,
             ready.clone(),
@@ -369,9 +370,7 @@ pub async fn run(
     // The peer API, when this mesh federates with others.
     let mut peer_advertise = Vec::new();
     if let Some(addr) = config.peer_listen {
-        let l = http::bind(addr, "peer API")
-            .await
-            .map_err(AppError::Setup)?;
+        let l = accept::bind(addr, "peer API").await?;
         let local = l.local_addr().map_err(setup)?;
         peer_advertise = if config.peer_advertise.is_empty() {
             vec![local.to_string()]
@@ -388,7 +387,7 @@ pub async fn run(
             .with_cert_resolver(serving.clone());
         peer_tls.alpn_protocols = vec![b"h2".to_vec()];
         crate::peer::set_client_identity(serving.clone());
-        let incoming = crate::transport::tls_incoming(l, Arc::new(peer_tls));
+        let incoming = transport::tls_incoming(l, Arc::new(peer_tls));
         let service = crate::peer::PeerService {
             state: state.clone(),
         };
@@ -423,7 +422,7 @@ pub async fn run(
         "broker serving"
     );
     ready.set(true);
-    let incoming = crate::transport::tls_incoming(listener, Arc::new(tls));
+    let incoming = transport::tls_incoming(listener, Arc::new(tls));
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .add_service(pb::federation_server::FederationServer::new(federation))

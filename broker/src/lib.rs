@@ -7,8 +7,6 @@
 //!
 //! - [`reconcile`]: the export/import state machine (pure);
 //! - [`rotation`]: root rotation stages, begin/advance/finish/abort (pure);
-//! - [`token`]: join tokens (pure);
-//! - [`wire`]: conversions between the protobuf messages and the mesh model;
 //! - [`store`]: the durable store trait and its redb implementation;
 //! - [`state`]: the broker core (plan, persist, apply, notify), including
 //!   intermediate renewal and revocation;
@@ -19,18 +17,13 @@
 //! - [`metrics`]: the `strait_broker_*` metrics;
 //! - [`app`]: wiring of a broker process.
 //!
-//! The cluster side lives here too, for now: [`client`] (joining, channels
-//! for clusters and admins, the joined-directory layout) and [`agent`] (the
-//! Sync stream a control plane or `strait cluster sync` keeps up), and two
-//! pieces every strait server uses: [`http`] (health and metrics) and
-//! [`transport`] (gRPC over strait's rustls configs).
-//!
-//! Not built yet: the etcd store for highly available brokers.
+//! The cluster side (join tokens, joining, the Sync stream a control plane
+//! keeps up, the protobuf conversions) is the `strait-broker-client`
+//! crate, re-exported here as [`token`], [`wire`], [`client`] and
+//! [`agent`]; health, metrics and gRPC transport come from
+//! `strait-runtime`. The store is embedded (redb): one broker per mesh.
 
-pub mod agent;
 pub mod app;
-pub mod client;
-pub mod http;
 pub mod liveness;
 pub mod metrics;
 pub mod peer;
@@ -39,6 +32,5 @@ pub mod rotation;
 pub mod server;
 pub mod state;
 pub mod store;
-pub mod token;
-pub mod transport;
-pub mod wire;
+
+pub use strait_broker_client::{agent, client, token, wire};

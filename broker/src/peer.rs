@@ -407,8 +407,8 @@ impl BrokerState {
         let config = Arc::new(config);
         let mut last = String::new();
         for address in &token.a {
-            let channel =
-                crate::transport::channel(address, config.clone()).map_err(StateError::Invalid)?;
+            let channel = strait_runtime::transport::channel(address, config.clone())
+                .map_err(|e| StateError::Invalid(e.to_string()))?;
             let mut client = pb::peer_client::PeerClient::new(channel);
             match client
                 .establish(pb::EstablishRequest {
@@ -690,7 +690,8 @@ async fn pull(state: &Arc<BrokerState>, peer: &PeerRecord) -> Result<(), String>
         .with_client_cert_resolver(identity);
     config.alpn_protocols = vec![b"h2".to_vec()];
     let address = peer.addresses.first().ok_or("the peer has no address")?;
-    let channel = crate::transport::channel(address, Arc::new(config))?;
+    let channel =
+        strait_runtime::transport::channel(address, Arc::new(config)).map_err(|e| e.to_string())?;
     let mut client = pb::peer_client::PeerClient::new(channel);
     let mut stream = client
         .sync(pb::PeerHello {

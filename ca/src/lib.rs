@@ -46,5 +46,5 @@ pub use authority::{Authority, IssueError, Issued, KeyAlgorithm};
 pub use bundle::TrustBundle;
 pub use csr::Csr;
 pub use policy::{AnyIdentityInTrustDomain, Entitled, SigningPolicy};
-pub use spiffe::{ClusterName, SpiffeId, TrustDomain};
+pub use spiffe::{ClusterName, SpiffeId, TrustDomain, control_plane_id};
 pub use verify::{VerifiedSvid, VerifyError, verify_svid};

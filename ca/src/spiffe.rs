@@ -355,6 +355,13 @@ fn validate_segment(segment: &str) -> Result<(), SpiffeIdError> {
     Ok(())
 }
 
+/// The identity a cluster's control plane serves with:
+/// `spiffe://<td>/ns/strait-system/sa/controlplane`.
+pub fn control_plane_id(td: &TrustDomain) -> SpiffeId {
+    // Fixed, valid segments: this cannot fail for a valid trust domain.
+    SpiffeId::workload(td, "strait-system", "controlplane").unwrap_or_else(|_| td.id())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,14 +1,14 @@
-//! The workload CA of the local control plane, and the proxies' client.
+//! The workload CA of the local control plane.
 //!
 //! - [`token`]: bootstrap tokens (`swt1.…`) with which a proxy gets its
 //!   first certificate.
 //! - [`service`]: [`WorkloadCa`], Istio's `IstioCertificateService` signing
 //!   workload SVIDs with the cluster intermediate.
-//! - [`identity`]: [`IdentityManager`], the proxies' one task that gets and
-//!   renews their certificate, and [`request_certificate`] for one-shot use.
+//!
+//! The proxies' side (the task that gets and renews a proxy's certificate)
+//! is `strait_proxy_client::identity`.
 //! - [`serving_identity`]: the control plane's own serving certificate.
 
-pub mod identity;
 pub mod service;
 pub mod token;
 
@@ -18,11 +18,8 @@ use strait_ca::authority::{self, IssueError, KeyAlgorithm};
 use strait_ca::{AnyIdentityInTrustDomain, Authority, Csr, TrustDomain};
 use time::OffsetDateTime;
 
-pub use identity::{
-    Backoff, ClientTls, Credential, Identity, IdentityConfig, IdentityError, IdentityManager,
-    control_plane_id, mesh_client_tls, request_certificate,
-};
 pub use service::{CaError, TtlPolicy, WorkloadCa};
+pub use strait_ca::control_plane_id;
 pub use token::{Claims, TOKEN_KEY_FILE, TokenError, TokenIssuer, TokenKeyError};
 
 /// Issues the control plane's serving certificate

@@ -19,14 +19,12 @@
 //!   tokens and the control plane's serving certificate.
 //! - [`app`]: wiring of a control plane process (join, watch, link, serve).
 //!
-//! The proxies' side lives here too, for now: [`client`] (the xDS
-//! subscription: subscribe, keep the last good resources, reconnect) and
-//! [`ca::identity`] (the certificate client that gets and renews a proxy's
-//! certificate).
+//! The proxies' side (the xDS subscription, the certificate client, trust
+//! following) is the `strait-proxy-client` crate: gateways and sidecars
+//! link it, never this one.
 
 pub mod app;
 pub mod ca;
-pub mod client;
 pub mod dirwatch;
 pub mod kube;
 pub mod link;

@@ -16,7 +16,7 @@
 //!
 //! The Sync stream itself (reconnect with backoff, resume by revision,
 //! intermediate renewal, trust bundle installation) is
-//! [`strait_broker::agent::Agent`]; this module feeds it and consumes it.
+//! [`strait_broker_client::agent::Agent`]; this module feeds it and consumes it.
 //! When the broker is away, nothing here changes: the last imports stay
 //! written and in force.
 
@@ -27,8 +27,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::Value;
-use strait_broker::agent::{Agent, AgentConfig, Exports, Imports};
-use strait_broker::client::{BROKER_FILE, BrokerInfo};
+use strait_broker_client::agent::{Agent, AgentConfig, Exports, Imports};
+use strait_broker_client::client::{BROKER_FILE, BrokerInfo};
 use strait_model::mesh::{ClusterInfo, GatewayAddress, Locality, Network};
 use tokio::sync::watch;
 

@@ -1,5 +1,5 @@
 //! The discovery server as `app::run` serves it (over
-//! `strait_broker::transport::tls_incoming`, client certificates optional
+//! `strait_runtime::transport::tls_incoming`, client certificates optional
 //! at TLS): a proxy's node id must name the namespace of its certificate.
 //! The whole process (broker link, config directory, CSR, restarts) is
 //! exercised end to end in the workspace's `tests/controlplane.rs`.
@@ -43,7 +43,7 @@ async fn serve(pki: &TestPki) -> (String, oneshot::Sender<()>, watch::Sender<Arc
     let tls = strait_ca::tls::server_config(&chain, &key, verifier, &[b"h2"]).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let incoming = strait_broker::transport::tls_incoming(listener, Arc::new(tls));
+    let incoming = strait_runtime::transport::tls_incoming(listener, Arc::new(tls));
     let mut snap = Snapshot::empty(Instant::now());
     snap.insert(
         type_url::NETWORK,
@@ -86,7 +86,7 @@ async fn first_answer(
     let (chain, key) = identity(pki, peer);
     let tls =
         strait_ca::tls::client_config(verifier, Some((&chain[..], &key[..])), &[b"h2"]).unwrap();
-    let channel = strait_broker::transport::channel(addr, Arc::new(tls)).unwrap();
+    let channel = strait_runtime::transport::channel(addr, Arc::new(tls)).unwrap();
     let mut ads = AggregatedDiscoveryServiceClient::new(channel);
     let req = DeltaDiscoveryRequest {
         node: node.map(|id| Node {

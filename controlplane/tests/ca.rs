@@ -12,12 +12,13 @@ use strait_ca::authority::{KeyAlgorithm, generate_key, leaf_csr};
 use strait_ca::testing::{TestPki, intermediate_of};
 use strait_ca::tls::{Accept, SpiffeClientVerifier, Trust};
 use strait_ca::{SpiffeId, TrustDomain};
-use strait_controlplane::ca::{
-    Credential, Identity, IdentityConfig, IdentityError, IdentityManager, TokenIssuer, TtlPolicy,
-    WorkloadCa, control_plane_id, mesh_client_tls, request_certificate, serving_identity,
-};
+use strait_controlplane::ca::{TokenIssuer, TtlPolicy, WorkloadCa, serving_identity};
 use strait_proto::istio::v1::auth::IstioCertificateRequest;
 use strait_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
+use strait_proxy_client::identity::{
+    Credential, Identity, IdentityConfig, IdentityError, IdentityManager, control_plane_id,
+    mesh_client_tls, request_certificate,
+};
 use time::OffsetDateTime;
 
 const TD: &str = "cluster.local";
@@ -52,7 +53,7 @@ impl Harness {
         let tls = strait_ca::tls::server_config(&chain, &key, verifier, &[b"h2"]).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let incoming = strait_broker::transport::tls_incoming(listener, Arc::new(tls));
+        let incoming = strait_runtime::transport::tls_incoming(listener, Arc::new(tls));
         let server = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(ca.service())
@@ -72,7 +73,7 @@ impl Harness {
         self.addr.to_string()
     }
 
-    fn tls(&self) -> strait_controlplane::ca::ClientTls {
+    fn tls(&self) -> strait_proxy_client::identity::ClientTls {
         mesh_client_tls(self.trust.clone(), control_plane_id(&td()))
     }
 
@@ -102,7 +103,8 @@ impl Harness {
         token: Option<&str>,
     ) -> Result<Vec<String>, tonic::Status> {
         let config = (self.tls())(client).unwrap();
-        let channel = strait_broker::transport::channel(&self.address(), Arc::new(config)).unwrap();
+        let channel =
+            strait_runtime::transport::channel(&self.address(), Arc::new(config)).unwrap();
         let mut request = tonic::Request::new(IstioCertificateRequest {
             csr,
             validity_duration: 0,

@@ -12,11 +12,11 @@ use prometheus_client::registry::Registry;
 use strait_ca::TrustDomain;
 use strait_ca::testing::TestPki;
 use strait_ca::tls::{Accept, SpiffeClientVerifier, SpiffeServerVerifier, Trust};
-use strait_controlplane::client::{self, Resources, Validator, XdsClientConfig};
 use strait_controlplane::resources::Snapshot;
 use strait_controlplane::xds::{Metrics, XdsServer};
 use strait_proto::strait::mesh::v1 as pb;
 use strait_proto::strait::mesh::v1::type_url;
+use strait_proxy_client::xds::{self, Resources, Validator, XdsClientConfig};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -191,7 +191,7 @@ async fn the_client_follows_snapshots_and_a_refused_update_is_nacked() {
         snapshot(&[("a", "gw-a:15443"), ("b", "gw-b:15443")]),
     )
     .await;
-    let c = client::spawn(client_config(&pki, addr), validator());
+    let c = xds::spawn(client_config(&pki, addr), validator());
     let mut res = c.resources();
     wait_for_resources(&mut res, &[("a", "gw-a:15443"), ("b", "gw-b:15443")]).await;
     let mut state = c.state();
@@ -279,7 +279,7 @@ async fn the_client_resumes_after_the_server_restarts() {
         snapshot(&[("a", "gw-a:15443"), ("b", "gw-b:15443")]),
     )
     .await;
-    let c = client::spawn(client_config(&pki, addr), validator());
+    let c = xds::spawn(client_config(&pki, addr), validator());
     let mut res = c.resources();
     wait_for_resources(&mut res, &[("a", "gw-a:15443"), ("b", "gw-b:15443")]).await;
     let mut state = c.state();
@@ -320,7 +320,7 @@ async fn a_client_without_a_certificate_is_refused() {
     )
     .await;
     let channel =
-        strait_broker::transport::channel(&addr.to_string(), client_tls(&pki, None)).unwrap();
+        strait_runtime::transport::channel(&addr.to_string(), client_tls(&pki, None)).unwrap();
     let mut ads = AggregatedDiscoveryServiceClient::new(channel);
     let req = DeltaDiscoveryRequest {
         type_url: type_url::NETWORK.into(),
@@ -346,7 +346,7 @@ async fn a_client_without_a_certificate_is_refused() {
         &[b"h2"],
     )
     .unwrap();
-    let channel = strait_broker::transport::channel(&addr.to_string(), Arc::new(foreign)).unwrap();
+    let channel = strait_runtime::transport::channel(&addr.to_string(), Arc::new(foreign)).unwrap();
     let mut ads = AggregatedDiscoveryServiceClient::new(channel);
     let refused = match ads
         .delta_aggregated_resources(tokio_stream::iter([DeltaDiscoveryRequest::default()]))

@@ -167,30 +167,6 @@ impl Drop for TunnelGuard {
     }
 }
 
-/// The data-plane runtime for `worker_threads` workers (`None`: one per
-/// CPU). With one worker it is a current-thread runtime: the I/O driver,
-/// the timers and every connection run on the calling thread, with no
-/// work-stealing queues and no cross-thread wake-ups; the multi-thread
-/// scheduler only pays off when there are several workers to balance.
-pub fn runtime(worker_threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
-    match worker_threads {
-        Some(0) => Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "worker threads: at least 1 is needed (got 0)",
-        )),
-        Some(1) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        n => {
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            if let Some(n) = n {
-                builder.worker_threads(n);
-            }
-            builder.enable_all().build()
-        }
-    }
-}
-
 /// Serves until the listener task is dropped (or `shutdown` flips), then
 /// stops accepting; live connections finish on their own.
 pub async fn serve(
@@ -362,20 +338,4 @@ pub async fn forward<S>(
         .inc_by(up + replayed);
     metrics.bytes_received.get_or_create(&service).inc_by(down);
     tracing::debug!(via, host = %target.host, sent = up, received = down, "connection done");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn one_worker_is_a_current_thread_runtime() {
-        use tokio::runtime::RuntimeFlavor;
-        let flavor = |n| runtime(n).unwrap().handle().runtime_flavor();
-        assert_eq!(flavor(Some(1)), RuntimeFlavor::CurrentThread);
-        assert_eq!(flavor(Some(2)), RuntimeFlavor::MultiThread);
-        assert_eq!(flavor(None), RuntimeFlavor::MultiThread);
-        let e = runtime(Some(0)).unwrap_err();
-        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
-    }
 }

@@ -122,3 +122,15 @@ mod tests {
         );
     }
 }
+
+/// What the discovery protocol carries, besides the messages themselves.
+pub mod xds {
+    /// One resource as served: its version and its encoded message.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct Versioned {
+        /// Hex FNV-1a of the encoded resource (the control plane's choice;
+        /// a client compares it, never parses it).
+        pub version: String,
+        pub resource: prost_types::Any,
+    }
+}

@@ -1,7 +1,7 @@
 //! The workload's identity as the data path uses it: the current
 //! certificate chain and key, and TLS towards the control plane. Getting
 //! and renewing it is the control plane client's
-//! (`strait_controlplane::ca::identity::IdentityManager`, one task per
+//! (`strait_proxy_client::identity::IdentityManager`, one task per
 //! process: a key made here, Istio's CSR API, the bootstrap token first,
 //! renewal at about half life with jitter, the CA verified with the trust
 //! that follows the pushed bundles through root rotations).

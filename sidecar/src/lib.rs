@@ -176,35 +176,12 @@ impl Shared {
     }
 }
 
-/// The sidecar's runtime for `worker_threads` workers. With one (the
-/// CLI's default) it is a current-thread runtime: listeners, connections,
-/// discovery and timers all run on the calling thread, so a request that
-/// crosses several tasks (the app's connection, the pooled HTTP/2
-/// connection, the stream) never wakes another thread, and the process
-/// keeps no idle worker stacks. More workers give the multi-thread
-/// scheduler, for sidecars that must use several cores.
-pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    match worker_threads {
-        0 => Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "worker threads: at least 1 is needed (got 0)",
-        )),
-        1 => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        n => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .enable_all()
-            .build(),
-    }
-}
-
 /// Keeps `ready` true exactly while the sidecar has a workload
 /// certificate and a config from the control plane (`/healthz/ready`).
 pub fn follow_readiness(
     mut identity: watch::Receiver<Option<Arc<Identity>>>,
     mut config: watch::Receiver<Arc<MeshConfig>>,
-    ready: strait_broker::http::Ready,
+    ready: strait_runtime::http::Ready,
 ) {
     tokio::spawn(async move {
         loop {
@@ -532,14 +509,5 @@ mod tests {
                 "{version:?} {headers:?}"
             );
         }
-    }
-
-    #[test]
-    fn one_worker_is_a_current_thread_runtime() {
-        use tokio::runtime::RuntimeFlavor;
-        let flavor = |n| runtime(n).map(|r| r.handle().runtime_flavor()).ok();
-        assert_eq!(flavor(1), Some(RuntimeFlavor::CurrentThread));
-        assert_eq!(flavor(2), Some(RuntimeFlavor::MultiThread));
-        assert!(matches!(runtime(0), Err(e) if e.kind() == std::io::ErrorKind::InvalidInput));
     }
 }

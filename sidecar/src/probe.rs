@@ -30,8 +30,8 @@ use prost::Message;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
-use strait_broker::http::{Routes, respond};
 use strait_model::probe::{Action, AppProbe, AppProbers};
+use strait_runtime::http::{Routes, respond};
 use tokio::net::TcpStream;
 
 use crate::transparent::PROBE_SOURCE;

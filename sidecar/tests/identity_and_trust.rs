@@ -162,10 +162,10 @@ async fn readiness_needs_an_identity_and_a_config_and_metrics_are_served() {
         &pki,
     )
     .await;
-    let ready = strait_broker::http::Ready::default();
+    let ready = strait_runtime::http::Ready::default();
     let health = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let health_addr = health.local_addr().unwrap();
-    tokio::spawn(strait_broker::http::serve(
+    tokio::spawn(strait_runtime::http::serve(
         health,
         ready.clone(),
         Some(server.registry.clone()),

@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use strait_broker::agent::{Agent, AgentConfig, Exports};
-use strait_broker::client;
+use strait_broker_client::agent::{Agent, AgentConfig, Exports};
+use strait_broker_client::client;
 use strait_model::local::{local_exports, local_services};
 use strait_model::mesh::{ClusterInfo, GatewayAddress, LocalService, Locality, Network};
 
@@ -84,7 +84,7 @@ async fn join(j: Join) -> Result<()> {
         let mut s = String::new();
         std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
         s
-    } else if j.token.starts_with(strait_broker::token::PREFIX) {
+    } else if j.token.starts_with(strait_broker_client::token::PREFIX) {
         j.token.clone()
     } else if Path::new(&j.token).exists() {
         std::fs::read_to_string(&j.token).with_context(|| format!("--token {}", j.token))?
@@ -92,15 +92,18 @@ async fn join(j: Join) -> Result<()> {
         return Err(UsageError(format!(
             "--token {:?}: not a join token (one starts with {:?}) and no such file",
             j.token,
-            strait_broker::token::PREFIX
+            strait_broker_client::token::PREFIX
         ))
         .into());
     };
-    if !token.trim().starts_with(strait_broker::token::PREFIX) {
+    if !token
+        .trim()
+        .starts_with(strait_broker_client::token::PREFIX)
+    {
         return Err(UsageError(format!(
             "--token {}: malformed join token (it must start with {:?}; `straitctl cluster add` prints one)",
             j.token,
-            strait_broker::token::PREFIX
+            strait_broker_client::token::PREFIX
         ))
         .into());
     }
@@ -151,7 +154,7 @@ fn read_config(path: &Path) -> Result<(Exports, Vec<LocalService>)> {
 /// Writes the objects the imports `now` make in a cluster with `locals`.
 fn write_imports(
     importer: &ClusterInfo,
-    now: &strait_broker::agent::Imports,
+    now: &strait_broker_client::agent::Imports,
     locals: &[LocalService],
     out: &Path,
 ) -> Result<()> {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
-use strait_broker::client;
+use strait_broker_client::client;
 use strait_proto::strait::broker::v1 as pb;
 use tonic::transport::Channel;
 

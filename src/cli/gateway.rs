@@ -8,9 +8,9 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use prometheus_client::registry::Registry;
-use strait_broker::http::{self, Ready};
 use strait_gateway::passthrough::{self, Config, Metrics};
 use strait_gateway::route::{RouteTable, RoutesFile};
+use strait_runtime::http::{self, Ready};
 
 use super::parse_duration;
 
@@ -219,7 +219,7 @@ enum Creds {
     /// bundles the control plane pushes, and `bundles` ticks when they
     /// change (the tunnels' accepted peers are rebuilt then).
     Csr {
-        manager: strait_controlplane::ca::identity::IdentityManager,
+        manager: strait_proxy_client::identity::IdentityManager,
         trust: strait_ca::tls::Trust,
         td: strait_ca::TrustDomain,
         bundles: tokio::sync::watch::Sender<Vec<strait_proto::strait::mesh::v1::TrustBundle>>,
@@ -235,7 +235,7 @@ impl Creds {
                 federated,
                 trust,
             } => {
-                let (chain, key, bundle) = strait_broker::client::read_credentials(dir)
+                let (chain, key, bundle) = strait_broker_client::client::read_credentials(dir)
                     .with_context(|| format!("--identity {}", dir.display()))?;
                 let federated = match federated {
                     Some(fdir) => read_federated(fdir)?,
@@ -309,7 +309,7 @@ fn mtime(path: &Path) -> Option<SystemTime> {
 /// The routing table from the control plane's resources; the errors name
 /// the resources refused.
 fn table_from(
-    res: &strait_controlplane::client::Resources,
+    res: &strait_proxy_client::xds::Resources,
 ) -> Result<RouteTable, Vec<(String, String)>> {
     use strait_proto::strait::mesh::v1::{self as pb, type_url};
     let routes = res
@@ -343,7 +343,7 @@ fn subscribe(
     creds: &Arc<Creds>,
     table_tx: tokio::sync::watch::Sender<Arc<RouteTable>>,
     ready: Ready,
-) -> Result<strait_controlplane::client::XdsClient> {
+) -> Result<strait_proxy_client::xds::XdsClient> {
     use strait_ca::tls::{Accept, SpiffeServerVerifier, Trust};
     use strait_proto::strait::mesh::v1::{self as pb, type_url};
     let mut types = vec![
@@ -353,7 +353,7 @@ fn subscribe(
     ];
     let tls = match &**creds {
         Creds::Dir { dir, .. } => {
-            let (chain, key, bundle) = strait_broker::client::read_credentials(dir)
+            let (chain, key, bundle) = strait_broker_client::client::read_credentials(dir)
                 .with_context(|| format!("--identity {}", dir.display()))?;
             // The trust domain is the gateway's own (its certificate's).
             let td = strait_ca::cert::CertSummary::from_der(&chain[0])
@@ -369,15 +369,15 @@ fn subscribe(
                 })?;
             let verifier = SpiffeServerVerifier::new(
                 Trust::new(bundle),
-                Accept::Ids([strait_controlplane::ca::control_plane_id(&td)].into()),
+                Accept::Ids([strait_ca::control_plane_id(&td)].into()),
             );
             // Checked once now (a bad identity fails at start); then read
             // again at every (re)connect, so that a rotated identity is used.
             strait_ca::tls::client_config(verifier, Some((&chain, &key)), &[b"h2"])?;
             let dir = dir.clone();
-            let cp_id = strait_controlplane::ca::control_plane_id(&td);
-            strait_controlplane::client::ClientTls::dynamic(move || {
-                let (chain, key, bundle) = strait_broker::client::read_credentials(&dir)
+            let cp_id = strait_ca::control_plane_id(&td);
+            strait_proxy_client::xds::ClientTls::dynamic(move || {
+                let (chain, key, bundle) = strait_broker_client::client::read_credentials(&dir)
                     .map_err(|e| format!("--identity {}: {e}", dir.display()))?;
                 let verifier = SpiffeServerVerifier::new(
                     Trust::new(bundle),
@@ -395,8 +395,8 @@ fn subscribe(
             // Every (re)connect takes the current certificate and trust.
             let identity = manager.subscribe();
             let trust = trust.clone();
-            let cp_id = strait_controlplane::ca::control_plane_id(td);
-            strait_controlplane::client::ClientTls::dynamic(move || {
+            let cp_id = strait_ca::control_plane_id(td);
+            strait_proxy_client::xds::ClientTls::dynamic(move || {
                 let id = identity
                     .borrow()
                     .clone()
@@ -413,7 +413,7 @@ fn subscribe(
             })
         }
     };
-    let cfg = strait_controlplane::client::XdsClientConfig {
+    let cfg = strait_proxy_client::xds::XdsClientConfig {
         address: address.to_string(),
         tls,
         node_id: format!(
@@ -424,9 +424,9 @@ fn subscribe(
         network: args.network.clone(),
         types,
     };
-    let validator: strait_controlplane::client::Validator =
+    let validator: strait_proxy_client::xds::Validator =
         Arc::new(|res| table_from(res).map(|_| ()));
-    let client = strait_controlplane::client::spawn(cfg, validator);
+    let client = strait_proxy_client::xds::spawn(cfg, validator);
     let mut resources = client.resources();
     let mut state = client.state();
     let creds = creds.clone();
@@ -511,10 +511,10 @@ fn csr_creds(args: &GatewayArgs, token_file: &Path) -> Result<Creds> {
         .with_context(|| format!("--token {}", token_file.display()))?;
     let (td, bundle) = super::load_root_cert(root_cert)?;
     let trust = strait_ca::tls::Trust::new(bundle);
-    let config = strait_controlplane::ca::identity::IdentityConfig {
+    let config = strait_proxy_client::identity::IdentityConfig {
         ttl: Some(args.cert_ttl),
         token_file: Some(token_file.to_path_buf()),
-        ..strait_controlplane::ca::identity::IdentityConfig::new(
+        ..strait_proxy_client::identity::IdentityConfig::new(
             &control_plane,
             gateway_id(&td)?,
             trust.clone(),
@@ -522,7 +522,7 @@ fn csr_creds(args: &GatewayArgs, token_file: &Path) -> Result<Creds> {
         )
     };
     Ok(Creds::Csr {
-        manager: strait_controlplane::ca::identity::IdentityManager::spawn(config),
+        manager: strait_proxy_client::identity::IdentityManager::spawn(config),
         trust,
         td,
         bundles: tokio::sync::watch::Sender::new(Vec::new()),
@@ -608,8 +608,8 @@ pub fn run(args: GatewayArgs) -> Result<()> {
     if args.worker_threads == Some(0) {
         return Err(super::UsageError("--worker-threads must be at least 1".into()).into());
     }
-    // One worker: a current-thread runtime (see `passthrough::runtime`).
-    let runtime = strait_gateway::passthrough::runtime(args.worker_threads)?;
+    // One worker: a current-thread runtime (see `strait_runtime::rt::build`).
+    let runtime = strait_runtime::rt::build(args.worker_threads)?;
     runtime.block_on(async move {
         let (table_tx, table_rx) = tokio::sync::watch::channel(Arc::new(table));
         let mut registry = Registry::default();
@@ -629,20 +629,17 @@ pub fn run(args: GatewayArgs) -> Result<()> {
             ],
         );
         if let Some(addr) = args.health_listen {
-            let l = http::bind(addr, "health")
-                .await
-                .map_err(anyhow::Error::msg)?;
+            let l = strait_runtime::accept::bind(addr, "health")
+                .await?;
             tokio::spawn(http::serve(l, ready.clone(), None));
         }
         if let Some(addr) = args.metrics_listen {
-            let l = http::bind(addr, "metrics")
-                .await
-                .map_err(anyhow::Error::msg)?;
+            let l = strait_runtime::accept::bind(addr, "metrics")
+                .await?;
             tokio::spawn(http::serve(l, ready.clone(), Some(registry.clone())));
         }
-        let listener = http::bind(args.listen, "passthrough")
-            .await
-            .map_err(anyhow::Error::msg)?;
+        let listener = strait_runtime::accept::bind(args.listen, "passthrough")
+            .await?;
         let config = Config {
             hello_timeout: args.hello_timeout,
             idle_timeout: args.idle_timeout,
@@ -699,9 +696,8 @@ pub fn run(args: GatewayArgs) -> Result<()> {
             ));
             tracing::info!(listen = %args.listen, "QUIC tunnels accepted (UDP)");
             if let Some(addr) = args.egress_listen {
-                let l = http::bind(addr, "egress")
-                    .await
-                    .map_err(anyhow::Error::msg)?;
+                let l = strait_runtime::accept::bind(addr, "egress")
+                    .await?;
                 tokio::spawn(strait_gateway::tunnel::serve_egress(
                     l,
                     table_rx.clone(),
@@ -720,9 +716,8 @@ pub fn run(args: GatewayArgs) -> Result<()> {
         }
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         if let Some(upstream) = &args.expose_control_plane {
-            let l = http::bind(args.expose_listen, "exposed control plane")
-                .await
-                .map_err(anyhow::Error::msg)?;
+            let l = strait_runtime::accept::bind(args.expose_listen, "exposed control plane")
+                .await?;
             tokio::spawn(strait_gateway::expose::serve(
                 l,
                 strait_gateway::expose::ExposeConfig {

@@ -125,7 +125,7 @@ pub const READY_TARGET: &str = "strait::ready";
 /// Logs `role`'s ready line (target [`READY_TARGET`]) once `ready` is
 /// first true. `addrs` are (what, address) pairs; absent ones are left out.
 pub fn announce_when_ready(
-    ready: strait_broker::http::Ready,
+    ready: strait_runtime::http::Ready,
     role: &'static str,
     addrs: Vec<(&'static str, Option<String>)>,
 ) {

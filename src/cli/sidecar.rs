@@ -12,10 +12,10 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use prometheus_client::registry::Registry;
-use strait_broker::http::{self, Ready};
-use strait_controlplane::ca::identity::{IdentityConfig, IdentityManager};
-use strait_controlplane::client::{self, Resources, Validator, XdsClientConfig};
 use strait_proto::strait::mesh::v1::{self as pb, type_url};
+use strait_proxy_client::identity::{IdentityConfig, IdentityManager};
+use strait_proxy_client::xds::{self, Resources, Validator, XdsClientConfig};
+use strait_runtime::http::{self, Ready};
 use strait_sidecar::config::{MeshConfig, WorkloadRef};
 use strait_sidecar::identity;
 
@@ -375,10 +375,10 @@ pub fn run(args: SidecarArgs) -> Result<()> {
     if args.worker_threads == 0 {
         return Err(super::UsageError("--worker-threads must be at least 1".into()).into());
     }
-    let runtime = strait_sidecar::runtime(args.worker_threads)?;
+    let runtime = strait_runtime::rt::build(Some(args.worker_threads))?;
     runtime.block_on(async move {
-        let inbound = http::bind(args.inbound, "inbound").await.map_err(anyhow::Error::msg)?;
-        let outbound = http::bind(args.outbound, "outbound").await.map_err(anyhow::Error::msg)?;
+        let inbound = strait_runtime::accept::bind(args.inbound, "inbound").await?;
+        let outbound = strait_runtime::accept::bind(args.outbound, "outbound").await?;
         let mut registry = Registry::default();
         let metrics = strait_sidecar::metrics::Metrics::new(&mut registry);
         let probe_host = args.app_probe_address;
@@ -396,11 +396,11 @@ pub fn run(args: SidecarArgs) -> Result<()> {
             ],
         );
         if let Some(addr) = args.health_listen {
-            let l = http::bind(addr, "health").await.map_err(anyhow::Error::msg)?;
+            let l = strait_runtime::accept::bind(addr, "health").await?;
             tokio::spawn(http::serve_with(l, ready.clone(), None, routes));
         }
         if let Some(addr) = args.metrics_listen {
-            let l = http::bind(addr, "metrics").await.map_err(anyhow::Error::msg)?;
+            let l = strait_runtime::accept::bind(addr, "metrics").await?;
             tokio::spawn(http::serve(l, ready.clone(), Some(registry.clone())));
         }
 
@@ -431,14 +431,14 @@ pub fn run(args: SidecarArgs) -> Result<()> {
             let identity = identity.clone();
             let trust = trust.clone();
             let td = td.clone();
-            client::ClientTls::dynamic(move || {
+            xds::ClientTls::dynamic(move || {
                 let current = identity.borrow().clone().ok_or("no certificate yet")?;
                 identity::control_plane_tls_with(&trust, &td, Some(&current)).map(Arc::new)
             })
         };
         let validator_me = me.clone();
         let validator: Validator = Arc::new(move |res| mesh_config(res, &validator_me).map(|_| ()));
-        let xds = client::spawn(
+        let xds = xds::spawn(
             XdsClientConfig {
                 address: control_plane.clone(),
                 tls,
@@ -525,9 +525,9 @@ pub fn run(args: SidecarArgs) -> Result<()> {
 
 /// The sidecar's view of the identity the manager keeps current.
 fn workload_identity(
-    mut from: tokio::sync::watch::Receiver<Option<Arc<strait_controlplane::ca::Identity>>>,
+    mut from: tokio::sync::watch::Receiver<Option<Arc<strait_proxy_client::identity::Identity>>>,
 ) -> tokio::sync::watch::Receiver<Option<Arc<identity::Identity>>> {
-    let convert = |i: &Option<Arc<strait_controlplane::ca::Identity>>| {
+    let convert = |i: &Option<Arc<strait_proxy_client::identity::Identity>>| {
         i.as_ref().map(|i| {
             Arc::new(identity::Identity {
                 chain_der: i.chain_der.clone(),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use pb::sync_request::Msg as Up;
 use pb::sync_response::Msg as Down;
-use strait_broker::client::{self, SyncSession};
+use strait_broker_client::client::{self, SyncSession};
 use strait_proto::strait::broker::v1 as pb;
 
 use super::{Broker, Scratch};

@@ -21,7 +21,7 @@ fn gateway_id(td: &str) -> strait_ca::SpiffeId {
 /// chain the gateway presented (leaf first).
 async fn tunnel_chain(
     addr: &str,
-    me: &strait_controlplane::ca::Identity,
+    me: &strait_proxy_client::identity::Identity,
     trust: &Trust,
 ) -> Vec<Vec<u8>> {
     try_tunnel_chain(addr, me, trust).await.unwrap()
@@ -30,7 +30,7 @@ async fn tunnel_chain(
 /// [`tunnel_chain`], or why the tunnel was not opened.
 pub(crate) async fn try_tunnel_chain(
     addr: &str,
-    me: &strait_controlplane::ca::Identity,
+    me: &strait_proxy_client::identity::Identity,
     trust: &Trust,
 ) -> Result<Vec<Vec<u8>>, String> {
     let verifier = SpiffeServerVerifier::new(trust.clone(), Accept::Ids([gateway_id(TD)].into()));

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::common::{Broker, Scratch};
-use strait_controlplane::ca::{self, Credential, Identity};
 use strait_proto::strait::mesh::v1 as pb;
+use strait_proxy_client::identity::{self as ca, Credential, Identity};
 
 use crate::fake_api;
 use crate::support::*;

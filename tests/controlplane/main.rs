@@ -21,9 +21,9 @@ mod validation;
 use std::time::{Duration, Instant};
 
 use common::{Broker, Scratch, http_get, http_status};
-use strait_controlplane::client::Resources;
 use strait_proto::strait::mesh::v1 as pb;
 use strait_proto::strait::mesh::v1::type_url;
+use strait_proxy_client::xds::Resources;
 
 use support::*;
 

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use crate::common::apiserver::ApiServer;
 use crate::common::{Broker, Scratch};
-use strait_controlplane::ca::{self, Credential, Identity};
 use strait_proto::strait::mesh::v1 as pb;
+use strait_proxy_client::identity::{self as ca, Credential, Identity};
 
 use crate::support::*;
 

@@ -47,7 +47,7 @@ fn served_chain(
     addr: &str,
     alpn: &[u8],
     trust: &Trust,
-    me: &strait_controlplane::ca::Identity,
+    me: &strait_proxy_client::identity::Identity,
 ) -> Result<Vec<Vec<u8>>, String> {
     let tls = strait_ca::tls::client_config(
         SpiffeServerVerifier::new(trust.clone(), Accept::Any),

@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 use crate::common::{Broker, Scratch, free_port, http_status};
 use strait_ca::TrustDomain;
 use strait_ca::tls::Trust;
-use strait_controlplane::ca::{self, Credential, Identity};
-use strait_controlplane::client::{
-    self, ClientState, Resources, Validator, XdsClient, XdsClientConfig,
-};
 use strait_proto::strait::mesh::v1 as pb;
 use strait_proto::strait::mesh::v1::type_url;
+use strait_proxy_client::identity::{self as ca, Credential, Identity};
+use strait_proxy_client::xds::{
+    self, ClientState, Resources, Validator, XdsClient, XdsClientConfig,
+};
 use tokio::sync::watch;
 
 pub(crate) const TD: &str = "cluster.local";
@@ -297,7 +297,7 @@ impl ControlPlane {
             }
             Ok(())
         });
-        client::spawn(
+        xds::spawn(
             XdsClientConfig {
                 address: self.listen.clone(),
                 tls: Arc::new(tls(Some(identity)).unwrap()).into(),

@@ -16,7 +16,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
-use super::{ServingCert, respond};
+use super::ServingCert;
 use crate::kube::inject::{InjectConfig, MAX_REVIEW, review};
 
 /// Where the webhook listens and what it injects.
@@ -73,7 +73,7 @@ pub async fn serve(
     metrics: InjectMetrics,
 ) {
     use futures::StreamExt;
-    let mut incoming = strait_broker::transport::tls_incoming(listener, tls);
+    let mut incoming = strait_runtime::transport::tls_incoming(listener, tls);
     while let Some(conn) = incoming.next().await {
         let Ok(tls) = conn else {
             continue;
@@ -139,4 +139,14 @@ async fn handle(
             respond(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n"))
         }
     }
+}
+
+/// A response with `status`, a content type and `body`.
+fn respond(status: StatusCode, content_type: &str, body: String) -> http::Response<String> {
+    let mut r = http::Response::new(body);
+    *r.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        r.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    r
 }

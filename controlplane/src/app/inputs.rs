@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use strait_broker::agent::{FEDERATED_DIR, Imports};
-use strait_broker::client::CACERTS_DIR;
+use strait_broker_client::agent::{FEDERATED_DIR, Imports};
+use strait_broker_client::client::CACERTS_DIR;
 use tokio::sync::watch;
 
 use crate::resources::{self, ClusterContext, NetworkInput, NetworkMode, Snapshot, TrustInput};

@@ -26,12 +26,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use prometheus_client::registry::Registry;
-use strait_broker::agent::{FEDERATED_DIR, Imports};
-use strait_broker::client::{BROKER_FILE, BrokerInfo, CACERTS_DIR};
-use strait_broker::http::{self as broker_http, Ready};
+use strait_broker_client::agent::{FEDERATED_DIR, Imports};
+use strait_broker_client::client::{BROKER_FILE, BrokerInfo, CACERTS_DIR};
 use strait_ca::TrustDomain;
 use strait_ca::authority::Authority;
 use strait_ca::tls::{Accept, SpiffeClientVerifier, Trust};
+use strait_runtime::accept;
+use strait_runtime::http::{self, Ready};
 use tokio::sync::watch;
 
 use crate::resources::ClusterContext;
@@ -133,7 +134,10 @@ impl DebugListen {
                         "debug endpoints served on a non-loopback address, without authentication"
                     );
                 }
-                broker_http::bind(addr, "debug").await.map(Some)
+                accept::bind(addr, "debug")
+                    .await
+                    .map(Some)
+                    .map_err(|e| e.to_string())
             }
             DebugListen::Default => match tokio::net::TcpListener::bind(DEFAULT_DEBUG_LISTEN).await
             {
@@ -222,7 +226,7 @@ pub async fn ensure_joined(cfg: &AppConfig) -> Result<BrokerInfo, String> {
         };
         let token = std::fs::read_to_string(token_file)
             .map_err(|e| format!("--join-token {}: {e}", token_file.display()))?;
-        let joined = strait_broker::client::join(token.trim(), &cfg.state_dir)
+        let joined = strait_broker_client::client::join(token.trim(), &cfg.state_dir)
             .await
             .map_err(|e| format!("joining with {}: {e}", token_file.display()))?;
         tracing::info!(
@@ -296,81 +300,25 @@ fn spawn_rejection_gauge(registry: &mut Registry, mut config: watch::Receiver<Ar
     });
 }
 
-/// A response with `status`, a content type and `body`.
-fn respond(status: http::StatusCode, content_type: &str, body: String) -> http::Response<String> {
-    let mut r = http::Response::new(body);
-    *r.status_mut() = status;
-    if let Ok(v) = content_type.parse() {
-        r.headers_mut().insert(http::header::CONTENT_TYPE, v);
-    }
-    r
-}
-
-/// The answer of the health listener: `/healthz/ready` and
-/// `/healthz/live` (as `strait_broker::http` serves them).
-fn health_route(path: &str, ready: bool) -> http::Response<String> {
-    use http::StatusCode;
-    match path {
-        "/healthz/ready" if ready => respond(StatusCode::OK, "text/plain", "ready\n".into()),
-        "/healthz/ready" => respond(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "not ready\n".into(),
-        ),
-        "/healthz/live" => respond(StatusCode::OK, "text/plain", "live\n".into()),
-        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
-    }
-}
-
-/// The answer of the debug listener: `/debug/nacks`.
-fn debug_route(
-    path: &str,
-    xds: &crate::xds::XdsServer,
-    configs: &debug::Configs,
-) -> http::Response<String> {
-    use http::StatusCode;
-    match path {
-        "/debug/nacks" => respond(
-            StatusCode::OK,
-            "application/json",
-            format!("{:#}\n", nacks_json(&xds.nacks())),
-        ),
-        "/debug/config" => respond(
-            StatusCode::OK,
-            "application/json",
-            format!("{:#}\n", debug::configs_json(configs)),
-        ),
-        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
-    }
-}
-
-/// The answer for a request path.
-type Route = Arc<dyn Fn(&str) -> http::Response<String> + Send + Sync>;
-
-/// Serves `route` on `listener` until the task is dropped.
-async fn serve_plain(listener: tokio::net::TcpListener, what: &'static str, route: Route) {
-    loop {
-        let tcp = match listener.accept().await {
-            Ok((tcp, _)) => tcp,
-            Err(e) => {
-                tracing::warn!(error = %e, "{what} listener: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+/// The answer of the debug listener: `/debug/nacks`, `/debug/config`.
+fn debug_routes(xds: crate::xds::XdsServer, configs: debug::Configs) -> http::Routes {
+    use ::http::StatusCode;
+    Arc::new(move |path: &str| {
+        let r = match path {
+            "/debug/nacks" => http::respond(
+                StatusCode::OK,
+                "application/json",
+                format!("{:#}\n", nacks_json(&xds.nacks())),
+            ),
+            "/debug/config" => http::respond(
+                StatusCode::OK,
+                "application/json",
+                format!("{:#}\n", debug::configs_json(&configs)),
+            ),
+            _ => return None,
         };
-        let route = route.clone();
-        tokio::spawn(async move {
-            let svc =
-                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let r = route(req.uri().path());
-                    async move { Ok::<_, std::convert::Infallible>(r) }
-                });
-            let _ =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                    .await;
-        });
-    }
+        Some(Box::pin(std::future::ready(r)) as http::RouteFuture)
+    })
 }
 
 /// Runs the control plane until `shutdown`.
@@ -543,32 +491,27 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
-    let incoming = strait_broker::transport::tls_incoming(listener, Arc::new(tls));
+    let incoming = strait_runtime::transport::tls_incoming(listener, Arc::new(tls));
 
     let registry = Arc::new(registry);
     let ready = Ready::default();
     if let Some(addr) = cfg.health_listen {
-        let l = broker_http::bind(addr, "health").await?;
-        let ready = ready.clone();
-        tokio::spawn(serve_plain(
-            l,
-            "health",
-            Arc::new(move |path| health_route(path, ready.get())),
-        ));
+        let l = accept::bind(addr, "health")
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(http::serve(l, ready.clone(), None));
     }
     if let Some(l) = cfg.debug_listen.bind().await? {
         let addr = l.local_addr().map_err(|e| e.to_string())?;
-        let xds = xds.clone();
-        tokio::spawn(serve_plain(
-            l,
-            "debug",
-            Arc::new(move |path| debug_route(path, &xds, &debug_configs)),
-        ));
+        let routes = debug_routes(xds.clone(), debug_configs);
+        tokio::spawn(http::serve_routes(l, "debug", routes));
         tracing::info!(%addr, "debug endpoints serving (/debug/nacks, /debug/config)");
     }
     if let Some(addr) = cfg.metrics_listen {
-        let l = broker_http::bind(addr, "metrics").await?;
-        tokio::spawn(broker_http::serve(l, ready.clone(), Some(registry.clone())));
+        let l = accept::bind(addr, "metrics")
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(http::serve(l, ready.clone(), Some(registry.clone())));
     }
 
     // Trust follows what the broker link installs.
@@ -699,42 +642,32 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_health_listener_routes_and_keeps_debug_off_it() {
-        // (path, ready, status, body fragment)
-        let cases = [
-            ("/healthz/ready", true, 200, "ready"),
-            ("/healthz/ready", false, 503, "not ready"),
-            ("/healthz/live", false, 200, "live"),
-            ("/debug/nacks", true, 404, "not found"),
-            ("/debug", true, 404, "not found"),
-            ("/metrics", true, 404, "not found"),
-        ];
-        for (path, ready, status, body) in cases {
-            let r = health_route(path, ready);
-            assert_eq!(r.status().as_u16(), status, "{path} ready={ready}");
-            assert!(r.body().contains(body), "{path}: {:?}", r.body());
-        }
-    }
-
-    #[test]
-    fn the_debug_listener_routes() {
+    #[tokio::test]
+    async fn the_debug_listener_routes() {
+        use http_body_util::BodyExt;
         let xds = xds();
         let (_tx, rx) = watch::channel(Arc::new(Config::default()));
         let configs: debug::Configs = vec![("east".to_string(), rx)];
-        let r = debug_route("/debug/nacks", &xds, &configs);
+        let routes = debug_routes(xds, configs);
+        let answer = |path: &str| routes(path);
+        let body = |r: ::http::Response<http_body_util::Full<hyper::body::Bytes>>| async move {
+            let b = r.into_body().collect().await.unwrap().to_bytes();
+            String::from_utf8(b.to_vec()).unwrap()
+        };
+        let r = answer("/debug/nacks").unwrap().await;
         assert_eq!(r.status().as_u16(), 200);
-        assert!(r.body().contains("{}"), "{:?}", r.body());
-        assert_eq!(r.headers()[http::header::CONTENT_TYPE], "application/json");
-        let r = debug_route("/debug/config", &xds, &configs);
-        assert_eq!(r.status().as_u16(), 200);
-        assert!(r.body().contains("\"east\""), "{}", r.body());
         assert_eq!(
-            debug_route("/healthz/ready", &xds, &configs)
-                .status()
-                .as_u16(),
-            404
+            r.headers()[::http::header::CONTENT_TYPE],
+            "application/json"
         );
+        let b = body(r).await;
+        assert!(b.contains("{}"), "{b:?}");
+        let r = answer("/debug/config").unwrap().await;
+        assert_eq!(r.status().as_u16(), 200);
+        let b = body(r).await;
+        assert!(b.contains("\"east\""), "{b}");
+        // Health is not on the debug listener (404 from the server).
+        assert!(answer("/healthz/ready").is_none());
     }
 
     #[tokio::test]

@@ -190,13 +190,7 @@ pub struct NetworkInput {
     pub tunnels: Vec<String>,
 }
 
-/// One resource as served: its version and its encoded message.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Versioned {
-    /// Hex FNV-1a of the encoded resource.
-    pub version: String,
-    pub resource: prost_types::Any,
-}
+pub use strait_proto::xds::Versioned;
 
 /// Every resource of every type, as one consistent view of the config.
 #[derive(Debug, Clone)]

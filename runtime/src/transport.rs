@@ -30,25 +30,19 @@ pub fn tls_incoming(
     config: Arc<rustls::ServerConfig>,
 ) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let acceptor = TlsAcceptor::from(config);
+    let tls = TlsAcceptor::from(config);
+    let mut listener = crate::accept::Acceptor::new(listener, "gRPC");
     tokio::spawn(async move {
         loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
+            let (tcp, peer) = tokio::select! {
+                c = listener.accept() => c,
+                () = tx.closed() => return,
             };
-            if tx.is_closed() {
-                return;
-            }
-            let acceptor = acceptor.clone();
+            let tls = tls.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(tls)).await;
                     }
@@ -63,7 +57,7 @@ pub fn tls_incoming(
 
 /// A lazily connecting gRPC channel to `addr` (`host:port`) over TLS with
 /// `config` (which carries the verifier and, for mTLS, the client identity).
-pub fn channel(addr: &str, config: Arc<rustls::ClientConfig>) -> Result<Channel, String> {
+pub fn channel(addr: &str, config: Arc<rustls::ClientConfig>) -> Result<Channel, BadAddress> {
     channel_to(addr, SERVER_NAME, config)
 }
 
@@ -72,9 +66,12 @@ pub fn channel_to(
     addr: &str,
     server_name: &'static str,
     config: Arc<rustls::ClientConfig>,
-) -> Result<Channel, String> {
+) -> Result<Channel, BadAddress> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| format!("bad address {addr:?}: {e}"))?
+        .map_err(|source| BadAddress {
+            addr: addr.to_string(),
+            source,
+        })?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(20))
@@ -94,6 +91,15 @@ pub fn channel_to(
         }
     });
     Ok(endpoint.connect_with_connector_lazy(svc))
+}
+
+/// An address a channel cannot be made to.
+#[derive(Debug, thiserror::Error)]
+#[error("bad address {addr:?}: {source}")]
+pub struct BadAddress {
+    pub addr: String,
+    #[source]
+    pub source: tonic::transport::Error,
 }
 
 /// The peer address of a request, for logs.

@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use ring::rand::{SecureRandom, SystemRandom};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use strait_ca::SpiffeId;
 use strait_ca::authority::{self, KeyAlgorithm};
 use strait_ca::tls::{Accept, SpiffeServerVerifier, Trust};
-use strait_ca::{SpiffeId, TrustDomain};
 use strait_proto::istio::v1::auth::IstioCertificateRequest;
 use strait_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
 use time::OffsetDateTime;
@@ -73,12 +73,7 @@ impl Identity {
 pub type ClientTls =
     Arc<dyn Fn(Option<&Identity>) -> Result<rustls::ClientConfig, String> + Send + Sync>;
 
-/// The identity the control plane serves with:
-/// `spiffe://<td>/ns/strait-system/sa/controlplane`.
-pub fn control_plane_id(td: &TrustDomain) -> SpiffeId {
-    // Fixed, valid segments: this cannot fail for a valid trust domain.
-    SpiffeId::workload(td, "strait-system", "controlplane").unwrap_or_else(|_| td.id())
-}
+pub use strait_ca::control_plane_id;
 
 /// The usual [`ClientTls`]: the server must present `server_id` under
 /// `trust`; ALPN h2.
@@ -173,12 +168,12 @@ pub async fn request_certificate(
         address: address.to_string(),
         message,
     };
-    let channel = strait_broker::transport::channel_to(
+    let channel = strait_runtime::transport::channel_to(
         address,
         strait_ca::tls::CONTROL_PLANE_SERVER_NAME,
         Arc::new(config),
     )
-    .map_err(unreachable)?;
+    .map_err(|e| unreachable(e.to_string()))?;
     let mut client = IstioCertificateServiceClient::new(channel);
     let mut request = tonic::Request::new(IstioCertificateRequest {
         csr,
@@ -514,6 +509,7 @@ async fn run(config: IdentityConfig, tx: watch::Sender<Option<Arc<Identity>>>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use strait_ca::TrustDomain;
 
     fn identity(received: i64, not_after: i64) -> Identity {
         let td = TrustDomain::new("td").unwrap();

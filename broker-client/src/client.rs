@@ -23,7 +23,7 @@ use time::OffsetDateTime;
 use tonic::transport::Channel;
 
 use crate::token::JoinToken;
-use crate::transport;
+use strait_runtime::transport;
 
 pub const CACERTS_DIR: &str = "cacerts";
 pub const CLIENT_DIR: &str = "broker-client";
@@ -43,6 +43,8 @@ pub enum ClientError {
     Refused(String),
     #[error("{0}")]
     Setup(String),
+    #[error(transparent)]
+    Address(#[from] transport::BadAddress),
     #[error(transparent)]
     Layout(#[from] layout::LayoutError),
 }
@@ -88,7 +90,7 @@ pub async fn join(token: &str, out: &Path) -> Result<JoinedCluster, ClientError>
     let mut last = None;
     let mut response = None;
     for address in &token.addresses {
-        let channel = transport::channel(address, config.clone()).map_err(ClientError::Setup)?;
+        let channel = transport::channel(address, config.clone())?;
         let mut client = pb::federation_client::FederationClient::new(channel);
         match client
             .join(pb::JoinRequest {
@@ -235,7 +237,7 @@ pub fn channel(address: &str, creds_dir: &Path) -> Result<Channel, ClientError> 
         SpiffeServerVerifier::new(Trust::new(bundle), Accept::Ids([broker_id(&td)?].into()));
     let config =
         strait_ca::tls::client_config(verifier, Some((&chain, &key)), &[b"h2"]).map_err(setup)?;
-    transport::channel(address, Arc::new(config)).map_err(ClientError::Setup)
+    Ok(transport::channel(address, Arc::new(config))?)
 }
 
 /// A channel for a joined cluster directory, to its first broker address.

@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::resources::Versioned;
+use strait_proto::xds::Versioned;
 
 /// First reconnect delay.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -315,11 +315,12 @@ async fn session(
     state_tx: &watch::Sender<ClientState>,
     progressed: &mut bool,
 ) -> Result<(), String> {
-    let channel = strait_broker::transport::channel_to(
+    let channel = strait_runtime::transport::channel_to(
         &cfg.address,
         strait_ca::tls::CONTROL_PLANE_SERVER_NAME,
         cfg.tls.current()?,
-    )?;
+    )
+    .map_err(|e| e.to_string())?;
     let mut client =
         AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
     let (req_tx, req_rx) = mpsc::channel(cfg.types.len() + 16);

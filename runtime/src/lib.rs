@@ -1,0 +1,18 @@
+//! What every strait process shares, whatever its role (broker, control
+//! plane, gateway, sidecar, lab):
+//!
+//! - [`http`]: the health (`/healthz/ready`, `/healthz/live`) and metrics
+//!   (`/metrics`) endpoints, off the data path, and [`http::Ready`];
+//! - [`accept`]: the one accept loop policy (a failed `accept` is logged
+//!   and retried after a growing pause, never spun on);
+//! - [`transport`]: gRPC over strait's own rustls configs (a TLS incoming
+//!   stream for tonic servers, a lazily connecting channel for clients);
+//! - [`rt`]: the tokio runtime of a process, and the shutdown signal.
+//!
+//! Nothing here knows about meshes, clusters or certificates' contents: the
+//! crate sits under every role and depends on none of them.
+
+pub mod accept;
+pub mod http;
+pub mod rt;
+pub mod transport;
