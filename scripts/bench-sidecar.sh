@@ -72,7 +72,7 @@ if ! command -v socat >/dev/null 2>&1; then
 fi
 
 echo "==> building strait (release)" >&2
-cargo build --quiet --release --bins
+cargo build --quiet --release --workspace --bins
 strait=$PWD/target/release/strait
 work=$(mktemp -d)
 pids=()

@@ -19,7 +19,7 @@ step() { printf '\n%s==> %s%s\n' "$bold" "$*" "$plain"; }
 run() { printf '$ %s\n' "$*" >&2; "$@"; }
 
 step "Building strait"
-cargo build --quiet --bin strait --bin straitctl
+cargo build --quiet --workspace --bins
 strait=$PWD/target/debug/strait
 
 rm -rf "$dir"

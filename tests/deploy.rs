@@ -268,7 +268,7 @@ fn every_strait_container_parses_with_the_binarys_parser() {
     for (what, _, _, argv) in &all {
         let parsed = match argv[0].as_str() {
             "strait" => strait::cli::commands::Cli::try_parse_from(argv).map(|_| ()),
-            "strait-sidecar" => strait::cli::commands::SidecarCli::try_parse_from(argv).map(|_| ()),
+            "strait-sidecar" => strait_sidecar::cli::SidecarCli::try_parse_from(argv).map(|_| ()),
             "straitctl" => strait::cli::ctl::Ctl::try_parse_from(argv).map(|_| ()),
             other => unreachable!("{other}"),
         };

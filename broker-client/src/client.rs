@@ -201,21 +201,7 @@ pub fn issue_client_cert(
     Ok(())
 }
 
-/// A certificate chain, its PKCS#8 key (DER) and the trust bundle.
-pub type Credentials = (Vec<Vec<u8>>, Vec<u8>, TrustBundle);
-
-/// Reads a credentials directory (`cert-chain.pem`, `key.pem`,
-/// `root-cert.pem`).
-pub fn read_credentials(dir: &Path) -> Result<Credentials, ClientError> {
-    let chain_path = dir.join(layout::CERT_CHAIN);
-    let key_path = dir.join(layout::WORKLOAD_KEY);
-    let chain = pemfile::parse_certificates(&layout::read(&chain_path)?)
-        .map_err(|e| setup(format!("{}: {e}", chain_path.display())))?;
-    let key = pemfile::parse_private_key(&layout::read(&key_path)?)
-        .map_err(|e| setup(format!("{}: {e}", key_path.display())))?;
-    let bundle = layout::load_bundle(&dir.join(layout::ROOT_CERT), None)?;
-    Ok((chain, key.serialize_der(), bundle))
-}
+pub use strait_ca::layout::{Credentials, read_credentials};
 
 /// An mTLS channel to the broker with the credentials in `creds_dir`; the
 /// broker must present the broker identity of the bundle's trust domain.

@@ -57,6 +57,12 @@ pub enum LayoutError {
     },
     #[error("{path}: {reason}")]
     Inconsistent { path: PathBuf, reason: String },
+    #[error("{path}: {source}")]
+    Pem {
+        path: PathBuf,
+        #[source]
+        source: crate::pemfile::PemError,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LayoutError + '_ {
@@ -169,6 +175,44 @@ pub fn load_bundle(path: &Path, td: Option<TrustDomain>) -> Result<TrustBundle, 
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// The mesh roots in `path` and their trust domain: strait's CA
+/// certificates name it (URI SAN `spiffe://<td>`); the first root's is the
+/// mesh's.
+pub fn load_root_cert(path: &Path) -> Result<(TrustDomain, TrustBundle), LayoutError> {
+    let certs =
+        crate::pemfile::parse_certificates(&read(path)?).map_err(|source| LayoutError::Pem {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let td = certs
+        .first()
+        .and_then(|der| crate::cert::CertSummary::from_der(der).ok())
+        .and_then(|c| c.spiffe_id)
+        .and_then(|id| TrustDomain::new(id.trim_start_matches("spiffe://")).ok())
+        .ok_or_else(|| LayoutError::Inconsistent {
+            path: path.to_path_buf(),
+            reason: "the root names no trust domain (URI SAN spiffe://<trust domain>)".into(),
+        })?;
+    let bundle = load_bundle(path, Some(td.clone()))?;
+    Ok((td, bundle))
+}
+
+/// A workload's credentials: its chain (leaf first), its PKCS#8 key and
+/// the bundle it trusts.
+pub type Credentials = (Vec<Vec<u8>>, Vec<u8>, TrustBundle);
+
+/// Reads a credentials directory ([`CERT_CHAIN`], [`WORKLOAD_KEY`],
+/// [`ROOT_CERT`]), naming the file at fault.
+pub fn read_credentials(dir: &Path) -> Result<Credentials, LayoutError> {
+    let pem = |path: PathBuf| move |source| LayoutError::Pem { path, source };
+    let chain_path = dir.join(CERT_CHAIN);
+    let key_path = dir.join(WORKLOAD_KEY);
+    let chain = crate::pemfile::parse_certificates(&read(&chain_path)?).map_err(pem(chain_path))?;
+    let key = crate::pemfile::parse_private_key(&read(&key_path)?).map_err(pem(key_path))?;
+    let bundle = load_bundle(&dir.join(ROOT_CERT), None)?;
+    Ok((chain, key.serialize_der(), bundle))
 }
 
 /// Writes an Istio plug-in CA directory. `chain` is the intermediate then

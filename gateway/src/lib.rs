@@ -13,10 +13,11 @@
 //! - [`expose`]: the control plane exposed to remote clusters' proxies
 //!   (primary-remote, 15012), as TLS passthrough.
 //!
-//! The role's wiring (routes pushed by the control plane, the gateway's
-//! certificate and its renewal and reload, health and metrics) is in the
-//! `strait` package's `src/cli/gateway.rs` for now.
+//! - [`app`]: the role's wiring: its one [`app::Config`], routes pushed by
+//!   the control plane or read from a file, the gateway's certificate and
+//!   its renewal and reload, health and metrics, drain.
 
+pub mod app;
 pub mod expose;
 pub mod hello;
 pub mod passthrough;

@@ -66,6 +66,14 @@ impl Identity {
     pub fn pair(&self) -> (&[Vec<u8>], &[u8]) {
         (&self.chain_der, &self.key_pkcs8)
     }
+
+    /// SHA-256 (hex) of the leaf, for XFCC's `Hash` and logs.
+    pub fn leaf_sha256(&self) -> String {
+        self.chain_der
+            .first()
+            .map(|d| strait_ca::tls::sha256_hex(d))
+            .unwrap_or_default()
+    }
 }
 
 /// Builds the TLS client config for a request to the CA: server

@@ -6,7 +6,6 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use http::{Response, StatusCode};
 use http_body_util::Full;
@@ -14,18 +13,35 @@ use hyper::body::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
-/// Readiness, flipped by the component once it serves.
-#[derive(Debug, Clone, Default)]
-pub struct Ready(Arc<AtomicBool>);
+/// Readiness, flipped by the component once it serves. Cheap to clone
+/// (every clone is the same flag) and to read; [`Ready::wait`] resolves
+/// when it turns true, without polling.
+#[derive(Debug, Clone)]
+pub struct Ready(Arc<watch::Sender<bool>>);
+
+impl Default for Ready {
+    fn default() -> Self {
+        Ready(Arc::new(watch::Sender::new(false)))
+    }
+}
 
 impl Ready {
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::SeqCst);
+        self.0
+            .send_if_modified(|r| std::mem::replace(r, ready) != ready);
     }
 
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        *self.0.borrow()
+    }
+
+    /// Resolves once ready (at once when ready already).
+    pub async fn wait(&self) {
+        let mut rx = self.0.subscribe();
+        // The sender lives as long as `self`: this cannot fail.
+        let _ = rx.wait_for(|r| *r).await;
     }
 }
 
@@ -134,6 +150,22 @@ pub async fn serve_routes(listener: TcpListener, what: &'static str, routes: Rou
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn waiting_for_readiness_ends_when_it_turns_true() {
+        let ready = Ready::default();
+        let waiter = tokio::spawn({
+            let ready = ready.clone();
+            async move { ready.wait().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        ready.set(true);
+        waiter.await.unwrap();
+        ready.wait().await;
+        ready.set(false);
+        assert!(!ready.get());
+    }
 
     #[test]
     fn built_in_paths_follow_readiness_and_the_registry() {

@@ -7,12 +7,15 @@
 //!   and retried after a growing pause, never spun on);
 //! - [`transport`]: gRPC over strait's own rustls configs (a TLS incoming
 //!   stream for tonic servers, a lazily connecting channel for clients);
-//! - [`rt`]: the tokio runtime of a process, and the shutdown signal.
+//! - [`rt`]: the tokio runtime of a process, and the shutdown signal;
+//! - [`cli`]: what every binary's command line shares (exit codes, logging
+//!   flags, the ready line, durations).
 //!
 //! Nothing here knows about meshes, clusters or certificates' contents: the
 //! crate sits under every role and depends on none of them.
 
 pub mod accept;
+pub mod cli;
 pub mod http;
 pub mod rt;
 pub mod transport;

@@ -1,43 +1,16 @@
-//! The workload's identity as the data path uses it: the current
-//! certificate chain and key, and TLS towards the control plane. Getting
+//! The workload's identity as the data path uses it (the one [`Identity`]
+//! type, the proxy client's), and TLS towards the control plane. Getting
 //! and renewing it is the control plane client's
 //! (`strait_proxy_client::identity::IdentityManager`, one task per
 //! process: a key made here, Istio's CSR API, the bootstrap token first,
 //! renewal at about half life with jitter, the CA verified with the trust
 //! that follows the pushed bundles through root rotations).
 
+use strait_ca::TrustBundle;
 use strait_ca::tls::{Accept, SpiffeServerVerifier, Trust};
-use strait_ca::{SpiffeId, TrustBundle, TrustDomain};
-use time::OffsetDateTime;
 
-/// A certificate chain (leaf first) and its PKCS#8 key.
-#[derive(Debug, Clone)]
-pub struct Identity {
-    /// Leaf first, then intermediates (no root), DER.
-    pub chain_der: Vec<Vec<u8>>,
-    /// The leaf's private key, PKCS#8 DER.
-    pub key_pkcs8: Vec<u8>,
-    /// The leaf's SPIFFE ID.
-    pub spiffe_id: SpiffeId,
-    /// The leaf's expiry.
-    pub not_after: OffsetDateTime,
-}
-
-impl Identity {
-    /// SHA-256 (hex) of the leaf, for XFCC's `Hash` and logs.
-    pub fn leaf_sha256(&self) -> String {
-        self.chain_der
-            .first()
-            .map(|d| strait_ca::tls::sha256_hex(d))
-            .unwrap_or_default()
-    }
-}
-
-/// The control plane's identity, which the sidecar requires of it.
-pub fn control_plane_id(td: &TrustDomain) -> Result<SpiffeId, String> {
-    SpiffeId::from_segments(td, &["ns", "strait-system", "sa", "controlplane"])
-        .map_err(|e| e.to_string())
-}
+pub use strait_ca::control_plane_id;
+pub use strait_proxy_client::identity::Identity;
 
 /// A TLS client config for the control plane: its identity verified
 /// against the bundle, with `client` as the client certificate if given.
@@ -60,7 +33,7 @@ pub fn control_plane_tls_with(
     client: Option<&Identity>,
 ) -> Result<rustls::ClientConfig, String> {
     let verifier =
-        SpiffeServerVerifier::new(trust.clone(), Accept::Ids([control_plane_id(td)?].into()));
+        SpiffeServerVerifier::new(trust.clone(), Accept::Ids([control_plane_id(td)].into()));
     strait_ca::tls::client_config(
         verifier,
         client.map(|i| (i.chain_der.as_slice(), i.key_pkcs8.as_slice())),
@@ -73,6 +46,8 @@ pub fn control_plane_tls_with(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use strait_ca::{SpiffeId, TrustDomain};
+    use time::OffsetDateTime;
 
     #[test]
     fn the_leaf_hash_and_the_control_planes_identity() {
@@ -80,12 +55,13 @@ mod tests {
             chain_der: vec![b"leaf".to_vec()],
             key_pkcs8: vec![],
             spiffe_id: SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").unwrap(),
+            received: OffsetDateTime::from_unix_timestamp(0).unwrap(),
             not_after: OffsetDateTime::from_unix_timestamp(1_000_000).unwrap(),
         };
         assert_eq!(id.leaf_sha256(), strait_ca::tls::sha256_hex(b"leaf"));
         let td = TrustDomain::new("cluster.local").unwrap();
         assert_eq!(
-            control_plane_id(&td).unwrap().as_str(),
+            control_plane_id(&td).as_str(),
             "spiffe://cluster.local/ns/strait-system/sa/controlplane"
         );
     }

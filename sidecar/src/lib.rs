@@ -21,12 +21,17 @@
 //! - [`transparent`]: iptables interception rules and `SO_ORIGINAL_DST`.
 //! - [`probe`]: the app probes answered on the health port for the kubelet
 //!   under transparent interception.
+//! - [`role`]: the role's wiring: its one [`role::Config`], certificate,
+//!   discovery, listeners, health and metrics, drain; [`cli`]: the flags of
+//!   `strait sidecar` and `strait-sidecar` (the binary this package builds)
+//!   into that config.
 //! - `live`: live mTLS connections (both ways) end once a trust change
 //!   (deny-listed intermediate, removed root or peered mesh) makes their
 //!   peer fail verification.
 
 mod app;
 pub mod body;
+pub mod cli;
 pub mod config;
 pub mod identity;
 mod idle;
@@ -36,6 +41,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod policy;
 pub mod probe;
+pub mod role;
 pub mod transparent;
 
 use std::net::SocketAddr;

@@ -58,13 +58,3 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Sidecar(args) => super::sidecar::run(args),
     }
 }
-
-/// `strait-sidecar`: exactly the arguments of `strait sidecar`.
-#[derive(Debug, Parser)]
-#[command(name = "strait-sidecar", version)]
-pub struct SidecarCli {
-    #[command(flatten)]
-    pub log: super::LogArgs,
-    #[command(flatten)]
-    pub args: super::sidecar::SidecarArgs,
-}

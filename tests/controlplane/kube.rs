@@ -404,7 +404,7 @@ async fn the_injection_webhook_answers_the_api_server() {
                 .replace("$(SERVICE_ACCOUNT)", "bookinfo-reviews")
         }))
         .collect();
-    if let Err(e) = strait::cli::commands::SidecarCli::try_parse_from(&argv) {
+    if let Err(e) = strait_sidecar::cli::SidecarCli::try_parse_from(&argv) {
         panic!("{argv:?}:\n{e}");
     }
     assert!(

@@ -87,7 +87,7 @@ async fn the_control_planes_path_normalization_reaches_the_sidecar() {
     let mut sidecar = Process::spawn(
         &s,
         "sidecar",
-        Command::new(env!("CARGO_BIN_EXE_strait-sidecar"))
+        Command::new(crate::support::sidecar_exe())
             .args(["--workload", "web-1", "--namespace", "demo"])
             .args(["--control-plane", &cp.listen])
             .arg("--token")

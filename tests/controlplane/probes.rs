@@ -106,7 +106,7 @@ async fn an_injected_sidecar_answers_the_rewritten_probes() {
     let mut sidecar = Process::spawn(
         &s,
         "sidecar",
-        Command::new(env!("CARGO_BIN_EXE_strait-sidecar"))
+        Command::new(crate::support::sidecar_exe())
             .env(strait_model::probe::ENV, &env)
             .args(["--workload", "web-1", "--namespace", "demo"])
             .args(["--control-plane", &cp.listen])
@@ -180,7 +180,7 @@ fn a_sidecar_refuses_bad_probes_naming_them() {
             "--app-probers are answered on the health listener: give --health-listen",
         ),
     ] {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_strait-sidecar"));
+        let mut cmd = Command::new(crate::support::sidecar_exe());
         cmd.env(strait_model::probe::ENV, env)
             .args(["--workload", "web-1", "--namespace", "demo"])
             .args(["--control-plane", "127.0.0.1:1", "--token", "/nonexistent"])

@@ -95,7 +95,7 @@ async fn a_sidecar_and_a_gateway_renew_their_certificates_through_a_root_rotatio
     let mut sidecar = Process::spawn(
         &s,
         "sidecar",
-        Command::new(env!("CARGO_BIN_EXE_strait-sidecar"))
+        Command::new(crate::support::sidecar_exe())
             .args(["--workload", "echo-1", "--namespace", "demo"])
             .args(["--control-plane", &cp.listen])
             .arg("--token")

@@ -449,3 +449,16 @@ pub(crate) async fn until_imported(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The slim `strait-sidecar` binary. It is the sidecar package's, so
+/// cargo builds it next to `strait` when it builds the workspace's tests
+/// (`cargo test --workspace`, as `scripts/test.sh` runs them).
+pub fn sidecar_exe() -> PathBuf {
+    let exe = Path::new(env!("CARGO_BIN_EXE_strait")).with_file_name("strait-sidecar");
+    assert!(
+        exe.is_file(),
+        "{} is not built: run the tests with --workspace, or `cargo build -p strait-sidecar` first",
+        exe.display()
+    );
+    exe
+}

@@ -426,25 +426,55 @@ pub fn build(
         warnings: Vec::new(),
     };
     let mut snap = Snapshot::empty(Instant::now());
+    let entries = workload_entries(&mut b, config);
+    insert_workloads(&mut b, &mut snap, &entries);
+    let services = services(&mut b, config, &entries);
+    let destination_rules = insert_policies(&mut b, &mut snap, config);
+    insert_gateway_routes(&mut b, &mut snap, &services, &destination_rules);
+    for (hostname, s) in &services {
+        snap.insert(type_url::SERVICE, hostname, s);
+    }
+    snap.insert(
+        type_url::MESH_SETTINGS,
+        "mesh",
+        &pb::MeshSettings {
+            path_normalization: path_normalization_to_wire(ctx.path_normalization) as i32,
+        },
+    );
+    insert_trust_bundles(&mut b, &mut snap, trust);
+    insert_networks(&mut snap, networks);
+    (snap, b.warnings)
+}
 
-    let of_kind = |kind: &'static str| {
-        config
-            .objects
-            .iter()
-            .filter(move |(k, _)| k.kind == kind)
-            .map(|(k, o)| (k, &o.value))
-    };
+/// The objects of `kind` in `config`.
+fn of_kind<'c>(
+    config: &'c Config,
+    kind: &'static str,
+) -> impl Iterator<Item = (&'c ObjectKey, &'c Value)> {
+    config
+        .objects
+        .iter()
+        .filter(move |(k, _)| k.kind == kind)
+        .map(|(k, o)| (k, &o.value))
+}
 
+/// The WorkloadEntries of the config (a bad one left out, with a warning).
+fn workload_entries(b: &mut Builder<'_>, config: &Config) -> Vec<Entry> {
     // WorkloadEntries.
     let mut entries: Vec<Entry> = Vec::new();
-    for (key, doc) in of_kind("WorkloadEntry") {
+    for (key, doc) in of_kind(config, "WorkloadEntry") {
         let annotations = str_map(doc["metadata"].get("annotations"));
         match read_entry(&key.namespace, &key.name, &doc["spec"], &annotations) {
             Ok(e) => entries.push(e),
             Err(reason) => b.warnings.push(format!("{key}: {reason}")),
         }
     }
+    entries
+}
 
+/// The local workloads, from their WorkloadEntries.
+fn insert_workloads(b: &mut Builder<'_>, snap: &mut Snapshot, entries: &[Entry]) {
+    let ctx = b.ctx;
     // Workloads.
     for e in entries
         .iter()
@@ -480,10 +510,19 @@ pub fn build(
             &w,
         );
     }
+}
 
+/// Every service: Kubernetes Services, then clusterset ServiceEntries
+/// without a local Service, then other ServiceEntries (a host already
+/// served is left out with a warning).
+fn services(
+    b: &mut Builder<'_>,
+    config: &Config,
+    entries: &[Entry],
+) -> BTreeMap<String, pb::Service> {
     // ServiceExports, by (namespace, name).
     let service_exports: BTreeMap<(String, String), BTreeMap<String, String>> =
-        of_kind("ServiceExport")
+        of_kind(config, "ServiceExport")
             .map(|(k, doc)| {
                 (
                     (k.namespace.clone(), k.name.clone()),
@@ -496,7 +535,7 @@ pub fn build(
     let mut clusterset_entries: BTreeMap<(String, String), Vec<ServiceEntryObj<'_>>> =
         BTreeMap::new();
     let mut other_entries = Vec::new();
-    for (key, doc) in of_kind("ServiceEntry") {
+    for (key, doc) in of_kind(config, "ServiceEntry") {
         let hosts: Vec<String> = doc["spec"]["hosts"]
             .as_array()
             .map(|a| {
@@ -523,105 +562,16 @@ pub fn build(
     let mut services: BTreeMap<String, pb::Service> = BTreeMap::new();
 
     // Kubernetes Services.
-    for (key, doc) in of_kind("Service") {
-        let (ns, name) = (key.namespace.as_str(), key.name.as_str());
-        let what = key.to_string();
-        let mut ports = Vec::new();
-        for (i, p) in items(&doc["spec"]["ports"]) {
-            let Some(number) = port_number(&p["port"]) else {
-                b.warnings.push(format!(
-                    "{what}: spec.ports[{i}].port is not a port number; port left out"
-                ));
-                continue;
-            };
-            let port_name = p["name"].as_str().unwrap_or_default().to_string();
-            let protocol = protocol_of(p["appProtocol"].as_str(), &port_name).unwrap_or_else(|e| {
-                b.warnings
-                    .push(format!("{what}: spec.ports[{i}]: {e}; served as tcp"));
-                "tcp".into()
-            });
-            ports.push(pb::Port {
-                name: port_name,
-                port: number,
-                protocol,
-                target_port: port_number(&p["targetPort"]).unwrap_or_default(),
-            });
-        }
-        let addresses = cluster_ips(&mut b, &what, &doc["spec"]);
-        let annotations = str_map(doc["metadata"].get("annotations"));
-        let svc_ref = ObjectRef::new(ObjectKind::Service, ns, name);
-        let se = service_exports
-            .get(&(ns.to_string(), name.to_string()))
-            .map(|a| (ObjectRef::new(ObjectKind::ServiceExport, ns, name), a));
-        let exported = match export::export_decision_with_service_export(
-            &svc_ref,
-            &annotations,
-            se.as_ref().map(|(r, a)| (r, *a)),
-        ) {
-            Ok(to) => to.is_some(),
-            Err(e) => {
-                b.warnings.push(format!("{e}; not exported"));
-                false
-            }
-        };
-        let selector = str_map(doc["spec"].get("selector"));
-        let port_names: Vec<&str> = ports.iter().map(|p| p.name.as_str()).collect();
-        let mut endpoints = Vec::new();
-        let mut identities = BTreeSet::new();
-        for e in entries.iter().filter(|e| {
-            e.namespace == ns
-                && !selector.is_empty()
-                && selector.iter().all(|(k, v)| e.labels.get(k) == Some(v))
-        }) {
-            let ep = b.endpoint(
-                &format!("WorkloadEntry {}/{}", e.namespace, e.name),
-                e,
-                &port_names,
-            );
-            if !ep.identity.is_empty() {
-                identities.insert(ep.identity.clone());
-            } else if let Some(sa) = &e.service_account
-                && let Some(id) = b.identity(&what, ns, sa)
-            {
-                identities.insert(id);
-            }
-            endpoints.push(ep);
-        }
-        sort_endpoints(&mut endpoints);
-        // Namespace sameness: the clusterset entries of this service add
-        // their identities (their endpoints are the WorkloadEntries above)
-        // and their addresses (the ClusterSet IP, beside the cluster IP).
-        let mut addresses = addresses;
-        if let Some(ses) = clusterset_entries.remove(&(name.to_string(), ns.to_string())) {
-            for se in ses {
-                identities.extend(sans(&se));
-                for a in
-                    service_entry::entry_addresses(&mut b, &se.key.to_string(), &se.doc["spec"])
-                {
-                    if !addresses.contains(&a) {
-                        addresses.push(a);
-                    }
-                }
-            }
-        }
-        let hostname = format!("{name}.{ns}.{CLUSTER_SUFFIX}");
-        services.insert(
-            hostname.clone(),
-            pb::Service {
-                hostname,
-                namespace: ns.to_string(),
-                name: name.to_string(),
-                aliases: vec![
-                    format!("{name}.{ns}.{CLUSTERSET_SUFFIX}"),
-                    format!("{name}.{ns}"),
-                ],
-                ports,
-                identities: identities.into_iter().collect(),
-                exported,
-                endpoints,
-                addresses,
-            },
+    for (key, doc) in of_kind(config, "Service") {
+        let s = kube_service(
+            b,
+            key,
+            doc,
+            entries,
+            &service_exports,
+            &mut clusterset_entries,
         );
+        services.insert(s.hostname.clone(), s);
     }
 
     // ServiceEntries of clusterset services without a local Service.
@@ -637,7 +587,7 @@ pub fn build(
         let hostname = format!("{svc}.{ns}.{CLUSTER_SUFFIX}");
         let mut aliases = vec![se.hosts[0].clone(), format!("{svc}.{ns}")];
         aliases.extend(se.hosts.iter().skip(1).cloned());
-        let s = entry_service(&mut b, &se, hostname.clone(), &ns, &svc, aliases);
+        let s = entry_service(b, &se, hostname.clone(), &ns, &svc, aliases);
         services.insert(hostname, s);
     }
 
@@ -655,10 +605,125 @@ pub fn build(
         }
         let aliases = se.hosts[1..].to_vec();
         let (ns, name) = (se.key.namespace.clone(), se.key.name.clone());
-        let s = entry_service(&mut b, &se, hostname.clone(), &ns, &name, aliases);
+        let s = entry_service(b, &se, hostname.clone(), &ns, &name, aliases);
         services.insert(hostname, s);
     }
+    services
+}
 
+/// The service of a Kubernetes Service: its ports, its endpoints (the
+/// WorkloadEntries it selects), identities and addresses (with those of
+/// the clusterset ServiceEntries of the same name, namespace sameness).
+fn kube_service(
+    b: &mut Builder<'_>,
+    key: &ObjectKey,
+    doc: &Value,
+    entries: &[Entry],
+    service_exports: &BTreeMap<(String, String), BTreeMap<String, String>>,
+    clusterset_entries: &mut BTreeMap<(String, String), Vec<ServiceEntryObj<'_>>>,
+) -> pb::Service {
+    let (ns, name) = (key.namespace.as_str(), key.name.as_str());
+    let what = key.to_string();
+    let mut ports = Vec::new();
+    for (i, p) in items(&doc["spec"]["ports"]) {
+        let Some(number) = port_number(&p["port"]) else {
+            b.warnings.push(format!(
+                "{what}: spec.ports[{i}].port is not a port number; port left out"
+            ));
+            continue;
+        };
+        let port_name = p["name"].as_str().unwrap_or_default().to_string();
+        let protocol = protocol_of(p["appProtocol"].as_str(), &port_name).unwrap_or_else(|e| {
+            b.warnings
+                .push(format!("{what}: spec.ports[{i}]: {e}; served as tcp"));
+            "tcp".into()
+        });
+        ports.push(pb::Port {
+            name: port_name,
+            port: number,
+            protocol,
+            target_port: port_number(&p["targetPort"]).unwrap_or_default(),
+        });
+    }
+    let addresses = cluster_ips(b, &what, &doc["spec"]);
+    let annotations = str_map(doc["metadata"].get("annotations"));
+    let svc_ref = ObjectRef::new(ObjectKind::Service, ns, name);
+    let se = service_exports
+        .get(&(ns.to_string(), name.to_string()))
+        .map(|a| (ObjectRef::new(ObjectKind::ServiceExport, ns, name), a));
+    let exported = match export::export_decision_with_service_export(
+        &svc_ref,
+        &annotations,
+        se.as_ref().map(|(r, a)| (r, *a)),
+    ) {
+        Ok(to) => to.is_some(),
+        Err(e) => {
+            b.warnings.push(format!("{e}; not exported"));
+            false
+        }
+    };
+    let selector = str_map(doc["spec"].get("selector"));
+    let port_names: Vec<&str> = ports.iter().map(|p| p.name.as_str()).collect();
+    let mut endpoints = Vec::new();
+    let mut identities = BTreeSet::new();
+    for e in entries.iter().filter(|e| {
+        e.namespace == ns
+            && !selector.is_empty()
+            && selector.iter().all(|(k, v)| e.labels.get(k) == Some(v))
+    }) {
+        let ep = b.endpoint(
+            &format!("WorkloadEntry {}/{}", e.namespace, e.name),
+            e,
+            &port_names,
+        );
+        if !ep.identity.is_empty() {
+            identities.insert(ep.identity.clone());
+        } else if let Some(sa) = &e.service_account
+            && let Some(id) = b.identity(&what, ns, sa)
+        {
+            identities.insert(id);
+        }
+        endpoints.push(ep);
+    }
+    sort_endpoints(&mut endpoints);
+    // Namespace sameness: the clusterset entries of this service add
+    // their identities (their endpoints are the WorkloadEntries above)
+    // and their addresses (the ClusterSet IP, beside the cluster IP).
+    let mut addresses = addresses;
+    if let Some(ses) = clusterset_entries.remove(&(name.to_string(), ns.to_string())) {
+        for se in ses {
+            identities.extend(sans(&se));
+            for a in service_entry::entry_addresses(b, &se.key.to_string(), &se.doc["spec"]) {
+                if !addresses.contains(&a) {
+                    addresses.push(a);
+                }
+            }
+        }
+    }
+    let hostname = format!("{name}.{ns}.{CLUSTER_SUFFIX}");
+    pb::Service {
+        hostname,
+        namespace: ns.to_string(),
+        name: name.to_string(),
+        aliases: vec![
+            format!("{name}.{ns}.{CLUSTERSET_SUFFIX}"),
+            format!("{name}.{ns}"),
+        ],
+        ports,
+        identities: identities.into_iter().collect(),
+        exported,
+        endpoints,
+        addresses,
+    }
+}
+
+/// The Istio policies, each validated on its own; returns the
+/// DestinationRules (their subsets make the gateway routes').
+fn insert_policies<'c>(
+    b: &mut Builder<'_>,
+    snap: &mut Snapshot,
+    config: &'c Config,
+) -> Vec<(&'c ObjectKey, Value)> {
     // Policies.
     let mut destination_rules = Vec::new();
     // An object written without `spec` means what `spec: {}` means
@@ -667,7 +732,7 @@ pub fn build(
     // every request of the workloads it selects, not vanish.
     let empty_spec = Value::Object(serde_json::Map::new());
     for kind in POLICY_KINDS {
-        for (key, doc) in of_kind(kind) {
+        for (key, doc) in of_kind(config, kind) {
             let spec = match &doc["spec"] {
                 Value::Null => &empty_spec,
                 spec => spec,
@@ -693,15 +758,25 @@ pub fn build(
                 },
             );
             if kind == "DestinationRule" {
-                destination_rules.push((key, spec));
+                destination_rules.push((key, spec.clone()));
             }
         }
     }
+    destination_rules
+}
 
+/// A gateway route per exported service, with its subsets and its local
+/// (sidecar) endpoints.
+fn insert_gateway_routes(
+    b: &mut Builder<'_>,
+    snap: &mut Snapshot,
+    services: &BTreeMap<String, pb::Service>,
+    destination_rules: &[(&ObjectKey, Value)],
+) {
     // Gateway routes.
     for s in services.values().filter(|s| s.exported) {
         let mut subsets: BTreeMap<String, (String, pb::Labels)> = BTreeMap::new();
-        for (key, spec) in &destination_rules {
+        for (key, spec) in destination_rules {
             let host = resolve_host(spec["host"].as_str().unwrap_or_default(), &key.namespace);
             if host != s.hostname && !s.aliases.contains(&host) {
                 continue;
@@ -748,19 +823,12 @@ pub fn build(
             },
         );
     }
+}
 
-    for (hostname, s) in &services {
-        snap.insert(type_url::SERVICE, hostname, s);
-    }
-
-    snap.insert(
-        type_url::MESH_SETTINGS,
-        "mesh",
-        &pb::MeshSettings {
-            path_normalization: path_normalization_to_wire(ctx.path_normalization) as i32,
-        },
-    );
-
+/// The local trust bundle (with the deny-list and, when bound, what each
+/// cluster runs) and the peered meshes' bundles.
+fn insert_trust_bundles(b: &mut Builder<'_>, snap: &mut Snapshot, trust: &TrustInput) {
+    let ctx = b.ctx;
     // Trust bundles.
     let denied: Vec<String> = trust.denied_intermediates.iter().cloned().collect();
     let local_td = ctx.trust_domain.to_string();
@@ -809,7 +877,10 @@ pub fn build(
             },
         );
     }
+}
 
+/// The networks and how to reach them.
+fn insert_networks(snap: &mut Snapshot, networks: &[NetworkInput]) {
     // Networks.
     for n in networks {
         snap.insert(
@@ -826,8 +897,6 @@ pub fn build(
             },
         );
     }
-
-    (snap, b.warnings)
 }
 
 #[cfg(test)]

@@ -41,6 +41,7 @@ pub fn identity(pki: &TestPki, id: &str) -> Arc<Identity> {
         chain_der: vec![leaf, pki.intermediate.certificate_der().to_vec()],
         key_pkcs8: key,
         spiffe_id: SpiffeId::parse(id).unwrap(),
+        received: now,
         not_after: now + time::Duration::hours(1),
     })
 }
