@@ -80,18 +80,11 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let config = Arc::new(config);
+    let mut listener = strait_runtime::accept::Acceptor::new(listener, "exposed control plane");
     loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
+        let (tcp, peer) = tokio::select! {
+            c = listener.accept() => c,
             _ = shutdown.changed() => return,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
         };
         let _ = tcp.set_nodelay(true);
         let config = config.clone();

@@ -17,6 +17,7 @@ use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use strait_io::splice;
 
@@ -176,25 +177,26 @@ pub async fn serve(
     metrics: Metrics,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut listener = strait_runtime::accept::Acceptor::new(listener, "passthrough");
     loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
+        let (tcp, peer) = tokio::select! {
+            c = listener.accept() => c,
             _ = shutdown.changed() => return,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
         };
         let _ = tcp.set_nodelay(true);
         let table = table.borrow().clone();
         let config = config.clone();
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            handle(tcp, peer, &table, &config, &metrics).await;
+            let span = tracing::debug_span!(
+                "passthrough",
+                %peer,
+                sni = tracing::field::Empty,
+                target = tracing::field::Empty,
+            );
+            handle(tcp, peer, &table, &config, &metrics)
+                .instrument(span)
+                .await;
         });
     }
 }
@@ -230,6 +232,7 @@ async fn handle(
         metrics.count("refused", "no_sni");
         return;
     };
+    tracing::Span::current().record("sni", sni.as_str());
     let target = match route::parse_target(&sni) {
         Ok(t) => t,
         Err(e) => {
@@ -238,6 +241,10 @@ async fn handle(
             return;
         }
     };
+    tracing::Span::current().record(
+        "target",
+        tracing::field::display(format_args!("{}:{}", target.host, target.port)),
+    );
     tracing::debug!(%peer, %sni, "routing");
     forward(client, buf, &target, table, config, metrics, "passthrough").await;
 }

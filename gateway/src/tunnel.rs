@@ -24,6 +24,7 @@ use strait_proto::tunnel::v1::TunnelHeader;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, watch};
+use tracing::Instrument;
 
 use crate::passthrough::{self, Config, Metrics};
 use crate::route::{self, RouteTable};
@@ -453,18 +454,18 @@ pub async fn serve_egress(
     config: Config,
     metrics: Metrics,
 ) {
+    let mut listener = strait_runtime::accept::Acceptor::new(listener, "egress");
     loop {
-        let Ok((tcp, peer)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        };
+        let (tcp, peer) = listener.accept().await;
         let _ = tcp.set_nodelay(true);
         let table = table.borrow().clone();
         let pool = pool.clone();
         let config = config.clone();
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            egress(tcp, peer, &table, &pool, &config, &metrics).await;
+            egress(tcp, peer, &table, &pool, &config, &metrics)
+                .instrument(tracing::debug_span!("egress", %peer))
+                .await;
         });
     }
 }

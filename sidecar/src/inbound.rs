@@ -33,6 +33,7 @@ use crate::identity::Identity;
 use crate::metrics::{self, RequestLabels};
 use crate::policy::{Decision, MtlsMode, RequestAttrs};
 use crate::{Counted, Life, Observed, Phase, ProxyBody, Shared, Tracker};
+use tracing::Instrument;
 
 /// How long a client may take to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -179,16 +180,10 @@ pub(crate) async fn serve(
     // The config of the newest identity; holding the identity keeps the
     // comparison by pointer sound.
     let mut tls_cache: Option<(Arc<Identity>, Arc<rustls::ServerConfig>)> = None;
+    let mut listener = strait_runtime::accept::Acceptor::new(listener, "inbound");
     loop {
         let (tcp, addr) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "inbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
+            c = listener.accept() => c,
             _ = stop.changed() => return,
         };
         let _ = tcp.set_nodelay(true);
@@ -215,7 +210,14 @@ pub(crate) async fn serve(
         };
         tokio::spawn(async move {
             let _guard = guard;
-            handle(shared, apps, tls, tcp, addr, life).await;
+            handle(shared, apps, tls, tcp, addr, life)
+                .instrument(tracing::debug_span!(
+                    "inbound",
+                    peer = %addr,
+                    peer_identity = tracing::field::Empty,
+                    service = tracing::field::Empty,
+                ))
+                .await;
         });
     }
 }
@@ -324,6 +326,9 @@ async fn handle(
         .peer_certificates()
         .map(<[_]>::to_vec)
         .unwrap_or_default();
+    if let Some(service) = &service {
+        tracing::Span::current().record("service", service.as_str());
+    }
     let mut peer = Peer {
         mtls: !certs.is_empty(),
         addr: Some(addr),
@@ -343,6 +348,7 @@ async fn handle(
                 let own = shared.current_identity();
                 let own = own.as_ref().map_or("", |i| i.spiffe_id.as_str());
                 peer.xfcc = http::HeaderValue::try_from(xfcc(own, &hash, &id)).ok();
+                tracing::Span::current().record("peer_identity", id.as_str());
                 peer.identity = Some(id);
                 peer.hash = Some(hash);
             }

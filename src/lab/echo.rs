@@ -160,15 +160,10 @@ pub async fn serve(
     );
     let who = Arc::new(args);
     tokio::pin!(shutdown);
+    let mut listener = strait_runtime::accept::Acceptor::new(listener, "echo");
     loop {
         let (tcp, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    continue;
-                }
-            },
+            c = listener.accept() => c,
             () = &mut shutdown => return Ok(()),
         };
         let _ = tcp.set_nodelay(true);

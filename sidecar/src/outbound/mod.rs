@@ -69,17 +69,10 @@ pub(crate) async fn serve(
     mut stop: watch::Receiver<Phase>,
     active: Tracker,
 ) {
+    let mut listener = strait_runtime::accept::Acceptor::new(listener, "outbound");
     loop {
-        let tcp = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((tcp, _)) => tcp,
-                Err(e) => {
-                    // Out of file descriptors and the like: let it pass.
-                    tracing::warn!(error = %e, "outbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let (tcp, peer) = tokio::select! {
+            c = listener.accept() => c,
             _ = stop.changed() => return,
         };
         let _ = tcp.set_nodelay(true);
@@ -91,58 +84,63 @@ pub(crate) async fn serve(
             active: active.clone(),
             phase: stop.clone(),
         };
-        tokio::spawn(async move {
-            let _guard = guard;
-            if let Some(to) = original {
-                // Dialed a mesh service's address (a cluster IP, a pod's IP)?
-                let mesh = shared
-                    .config
-                    .borrow()
-                    .service_at(to)
-                    .map(|(s, port)| (s.clone(), port));
-                // On a port declared TCP (not HTTP, HTTP/2 or gRPC) it is
-                // relayed as TCP, unsniffed, as Istio does by port protocol.
-                if let Some((service, port)) = &mesh
-                    && !carries_http(service, *port)
-                {
-                    redirected_tcp(&shared, tcp, service.clone(), *port, &life).await;
-                    return;
-                }
-                let Some(what) =
-                    crate::until_killed(redirected(&shared, &tcp, to), life.phase.clone()).await
-                else {
-                    return;
-                };
-                if let Redirected::Raw(upstream) = what {
-                    match mesh {
-                        // Not HTTP after all, on an HTTP port: TCP through
-                        // the mesh (the connection opened to `to` to see
-                        // who speaks first is not used).
-                        Some((service, port)) => {
-                            drop(upstream);
-                            redirected_tcp(&shared, tcp, service, port, &life).await;
-                        }
-                        None => passthrough_tcp(&shared, tcp, to, upstream, &life).await,
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let _guard = guard;
+                if let Some(to) = original {
+                    // Dialed a mesh service's address (a cluster IP, a pod's IP)?
+                    let mesh = shared
+                        .config
+                        .borrow()
+                        .service_at(to)
+                        .map(|(s, port)| (s.clone(), port));
+                    // On a port declared TCP (not HTTP, HTTP/2 or gRPC) it is
+                    // relayed as TCP, unsniffed, as Istio does by port protocol.
+                    if let Some((service, port)) = &mesh
+                        && !carries_http(service, *port)
+                    {
+                        redirected_tcp(&shared, tcp, service.clone(), *port, &life).await;
+                        return;
                     }
-                    return;
+                    let Some(what) =
+                        crate::until_killed(redirected(&shared, &tcp, to), life.phase.clone())
+                            .await
+                    else {
+                        return;
+                    };
+                    if let Redirected::Raw(upstream) = what {
+                        match mesh {
+                            // Not HTTP after all, on an HTTP port: TCP through
+                            // the mesh (the connection opened to `to` to see
+                            // who speaks first is not used).
+                            Some((service, port)) => {
+                                drop(upstream);
+                                redirected_tcp(&shared, tcp, service, port, &life).await;
+                            }
+                            None => passthrough_tcp(&shared, tcp, to, upstream, &life).await,
+                        }
+                        return;
+                    }
                 }
-            }
-            let phase = life.phase.clone();
-            let svc = hyper::service::service_fn(move |req| {
-                let shared = shared.clone();
-                let life = life.clone();
-                async move {
-                    Ok::<_, std::convert::Infallible>(proxy(shared, req, life, original).await)
-                }
-            });
-            // HTTP/1.1 (proxy requests, CONNECT, redirected requests) or
-            // HTTP/2 with prior knowledge (gRPC and other h2c clients),
-            // told apart by the HTTP/2 preface.
-            let builder =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
-            crate::drive(conn, |c| c.graceful_shutdown(), phase).await;
-        });
+                let phase = life.phase.clone();
+                let svc = hyper::service::service_fn(move |req| {
+                    let shared = shared.clone();
+                    let life = life.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(proxy(shared, req, life, original).await)
+                    }
+                });
+                // HTTP/1.1 (proxy requests, CONNECT, redirected requests) or
+                // HTTP/2 with prior knowledge (gRPC and other h2c clients),
+                // told apart by the HTTP/2 preface.
+                let builder = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                );
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
+                crate::drive(conn, |c| c.graceful_shutdown(), phase).await;
+            },
+            tracing::debug_span!("outbound", %peer, original = ?original),
+        ));
     }
 }
 
