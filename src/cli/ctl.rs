@@ -517,7 +517,18 @@ async fn run_async(ctl: Ctl) -> Result<()> {
     let mut conn = Conn::open(&ctl)?;
     let out = ctl.output;
     match ctl.command {
-        Command::Cluster(ClusterCmd::Add(a)) => {
+        Command::Cluster(cmd) => cluster_cmd(&mut conn, out, cmd).await,
+        Command::Exports(cmd) => exports_cmd(&mut conn, out, cmd).await,
+        Command::Imports(cmd) => imports_cmd(&mut conn, out, cmd).await,
+        Command::Trust(cmd) => trust_cmd(&mut conn, out, cmd).await,
+        Command::Peer(cmd) => peer_cmd(&mut conn, out, cmd).await,
+    }
+}
+
+/// `straitctl cluster ...`.
+async fn cluster_cmd(conn: &mut Conn, out: Output, cmd: ClusterCmd) -> Result<()> {
+    match cmd {
+        ClusterCmd::Add(a) => {
             let r = conn
                 .admin
                 .add_cluster(pb::AddClusterRequest {
@@ -537,7 +548,7 @@ async fn run_async(ctl: Ctl) -> Result<()> {
             );
             println!("{}", r.token);
         }
-        Command::Cluster(ClusterCmd::List) => {
+        ClusterCmd::List => {
             let r = conn
                 .admin
                 .list_clusters(pb::ListClustersRequest {})
@@ -579,7 +590,7 @@ async fn run_async(ctl: Ctl) -> Result<()> {
                 rows,
             )?;
         }
-        Command::Cluster(ClusterCmd::Show { name }) => {
+        ClusterCmd::Show { name } => {
             let c = conn
                 .admin
                 .get_cluster(pb::GetClusterRequest { name })
@@ -602,7 +613,7 @@ async fn run_async(ctl: Ctl) -> Result<()> {
                 .unwrap_or_default();
             print(out, &value, &["FIELD", "VALUE"], rows)?;
         }
-        Command::Cluster(ClusterCmd::Revoke { name }) => {
+        ClusterCmd::Revoke { name } => {
             conn.admin
                 .revoke_cluster(pb::RevokeClusterRequest { name: name.clone() })
                 .await
@@ -611,7 +622,14 @@ async fn run_async(ctl: Ctl) -> Result<()> {
                 "cluster {name} revoked: its exports are withdrawn and its intermediate is deny-listed"
             );
         }
-        Command::Exports(ExportsCmd::List { cluster }) => {
+    }
+    Ok(())
+}
+
+/// `straitctl exports ...`.
+async fn exports_cmd(conn: &mut Conn, out: Output, cmd: ExportsCmd) -> Result<()> {
+    match cmd {
+        ExportsCmd::List { cluster } => {
             let r = conn
                 .admin
                 .list_exports(pb::ListExportsRequest {
@@ -662,7 +680,14 @@ async fn run_async(ctl: Ctl) -> Result<()> {
                 rows,
             )?;
         }
-        Command::Imports(ImportsCmd::Show { cluster }) => {
+    }
+    Ok(())
+}
+
+/// `straitctl imports ...`.
+async fn imports_cmd(conn: &mut Conn, out: Output, cmd: ImportsCmd) -> Result<()> {
+    match cmd {
+        ImportsCmd::Show { cluster } => {
             let r = conn
                 .admin
                 .show_imports(pb::ShowImportsRequest { cluster })
@@ -681,7 +706,14 @@ async fn run_async(ctl: Ctl) -> Result<()> {
                 print!("{}", r.yaml);
             }
         }
-        Command::Trust(TrustCmd::RotateIntermediate { cluster }) => {
+    }
+    Ok(())
+}
+
+/// `straitctl trust ...`.
+async fn trust_cmd(conn: &mut Conn, out: Output, cmd: TrustCmd) -> Result<()> {
+    match cmd {
+        TrustCmd::RotateIntermediate { cluster } => {
             let r = conn
                 .admin
                 .rotate_intermediate(pb::RotateIntermediateRequest {
@@ -696,82 +728,7 @@ async fn run_async(ctl: Ctl) -> Result<()> {
                 eprintln!("cluster {cluster} is not connected; it will be asked when it connects");
             }
         }
-        Command::Peer(PeerCmd::Token { ttl }) => {
-            let r = conn
-                .admin
-                .peer_token(pb::PeerTokenRequest {
-                    ttl_seconds: ttl.as_secs(),
-                })
-                .await
-                .map_err(|s| conn.fail(s))?
-                .into_inner();
-            eprintln!("peer token valid until {}", time_str(r.expires_unix));
-            println!("{}", r.token);
-        }
-        Command::Peer(PeerCmd::Establish { token }) => {
-            let p = conn
-                .admin
-                .peer_establish(pb::PeerEstablishRequest { token })
-                .await
-                .map_err(|s| conn.fail(s))?
-                .into_inner();
-            eprintln!(
-                "peered with mesh {} (trust domain {}, {} root(s))",
-                p.mesh, p.trust_domain, p.roots
-            );
-        }
-        Command::Peer(PeerCmd::List) => {
-            let r = conn
-                .admin
-                .list_peers(pb::ListPeersRequest {})
-                .await
-                .map_err(|s| conn.fail(s))?
-                .into_inner();
-            let value = Value::Array(
-                r.peers
-                    .iter()
-                    .map(|p| {
-                        json!({
-                            "mesh": p.mesh,
-                            "trust_domain": p.trust_domain,
-                            "addresses": p.addresses,
-                            "connected": p.connected,
-                            "services_imported": p.services_imported,
-                            "roots": p.roots,
-                            "direction": p.direction,
-                        })
-                    })
-                    .collect(),
-            );
-            let rows = r
-                .peers
-                .iter()
-                .map(|p| {
-                    vec![
-                        p.mesh.clone(),
-                        p.trust_domain.clone(),
-                        yes_no(p.connected),
-                        p.services_imported.to_string(),
-                        p.roots.to_string(),
-                        p.addresses.join(","),
-                    ]
-                })
-                .collect();
-            print(
-                out,
-                &value,
-                &[
-                    "MESH",
-                    "TRUST-DOMAIN",
-                    "CONNECTED",
-                    "IMPORTED",
-                    "ROOTS",
-                    "ADDRESSES",
-                ],
-                rows,
-            )?;
-        }
-        Command::Trust(TrustCmd::RotateRoot { step, force }) => {
+        TrustCmd::RotateRoot { step, force } => {
             let r = conn
                 .admin
                 .rotate_root(pb::RotateRootRequest {
@@ -783,7 +740,7 @@ async fn run_async(ctl: Ctl) -> Result<()> {
                 .into_inner();
             print_rotation(out, &r)?;
         }
-        Command::Trust(TrustCmd::Status) => {
+        TrustCmd::Status => {
             let r = conn
                 .admin
                 .trust_status(pb::TrustStatusRequest {})
@@ -835,6 +792,88 @@ async fn run_async(ctl: Ctl) -> Result<()> {
                 out,
                 &value,
                 &["CLUSTER", "STATE", "INTERMEDIATE-EXPIRES", "BUNDLE-ACKED"],
+                rows,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// `straitctl peer ...`.
+async fn peer_cmd(conn: &mut Conn, out: Output, cmd: PeerCmd) -> Result<()> {
+    match cmd {
+        PeerCmd::Token { ttl } => {
+            let r = conn
+                .admin
+                .peer_token(pb::PeerTokenRequest {
+                    ttl_seconds: ttl.as_secs(),
+                })
+                .await
+                .map_err(|s| conn.fail(s))?
+                .into_inner();
+            eprintln!("peer token valid until {}", time_str(r.expires_unix));
+            println!("{}", r.token);
+        }
+        PeerCmd::Establish { token } => {
+            let p = conn
+                .admin
+                .peer_establish(pb::PeerEstablishRequest { token })
+                .await
+                .map_err(|s| conn.fail(s))?
+                .into_inner();
+            eprintln!(
+                "peered with mesh {} (trust domain {}, {} root(s))",
+                p.mesh, p.trust_domain, p.roots
+            );
+        }
+        PeerCmd::List => {
+            let r = conn
+                .admin
+                .list_peers(pb::ListPeersRequest {})
+                .await
+                .map_err(|s| conn.fail(s))?
+                .into_inner();
+            let value = Value::Array(
+                r.peers
+                    .iter()
+                    .map(|p| {
+                        json!({
+                            "mesh": p.mesh,
+                            "trust_domain": p.trust_domain,
+                            "addresses": p.addresses,
+                            "connected": p.connected,
+                            "services_imported": p.services_imported,
+                            "roots": p.roots,
+                            "direction": p.direction,
+                        })
+                    })
+                    .collect(),
+            );
+            let rows = r
+                .peers
+                .iter()
+                .map(|p| {
+                    vec![
+                        p.mesh.clone(),
+                        p.trust_domain.clone(),
+                        yes_no(p.connected),
+                        p.services_imported.to_string(),
+                        p.roots.to_string(),
+                        p.addresses.join(","),
+                    ]
+                })
+                .collect();
+            print(
+                out,
+                &value,
+                &[
+                    "MESH",
+                    "TRUST-DOMAIN",
+                    "CONNECTED",
+                    "IMPORTED",
+                    "ROOTS",
+                    "ADDRESSES",
+                ],
                 rows,
             )?;
         }

@@ -49,6 +49,7 @@ mod failure;
 mod forward;
 mod limits;
 mod passthrough;
+mod pick;
 mod tunnel;
 mod upstream;
 
@@ -58,6 +59,7 @@ use forward::forward;
 pub use limits::concurrency_limit;
 use limits::{Connection, InFlight};
 use passthrough::*;
+use pick::{Picked, pick};
 use tunnel::{redirected_tcp, tunnel};
 pub use upstream::Pool;
 use upstream::*;
