@@ -39,7 +39,7 @@ pub const NETWORK_LABEL: &str = "topology.istio.io/network";
 /// The namespace whose network label is the cluster's network.
 pub const SYSTEM_NAMESPACE: &str = "strait-system";
 /// The gateway port of a network gateway Service.
-pub const GATEWAY_PORT: u16 = 15443;
+pub const GATEWAY_PORT: u16 = strait_model::mesh::DEFAULT_GATEWAY_PORT;
 /// The kinds a remote cluster contributes; everything else comes from the
 /// primary.
 pub const REMOTE_KINDS: [&str; 4] = ["Service", "WorkloadEntry", "Namespace", "ServiceExport"];

@@ -46,7 +46,8 @@ pub const HEALTH_PORT: u16 = 15021;
 pub const METRICS_PORT: u16 = 15090;
 /// A control plane's debug endpoints (loopback only).
 pub const DEBUG_PORT: u16 = 15014;
-pub const GATEWAY_PORT: u16 = 15443;
+/// The east-west gateway's port (TCP passthrough, UDP tunnels).
+pub const GATEWAY_PORT: u16 = strait_model::mesh::DEFAULT_GATEWAY_PORT;
 pub const EGRESS_PORT: u16 = 15444;
 pub const BROKER_PORT: u16 = 15011;
 pub const PEER_PORT: u16 = 15013;

@@ -111,7 +111,7 @@ use service_entry::{ServiceEntryObj, entry_service, sans};
 /// The sidecar's inbound mTLS port (Istio's).
 pub const SIDECAR_INBOUND_PORT: u32 = 15006;
 /// The east-west gateway's passthrough port (Istio's).
-pub const GATEWAY_PORT: u32 = 15443;
+pub const GATEWAY_PORT: u32 = strait_model::mesh::DEFAULT_GATEWAY_PORT as u32;
 /// A `WorkloadEntry` annotation naming its sidecar's inbound port.
 pub const INBOUND_PORT_ANNOTATION: &str = "strait.io/inbound-port";
 /// The Kubernetes DNS suffix of this cluster's services.
