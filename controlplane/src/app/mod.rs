@@ -321,6 +321,245 @@ fn debug_routes(xds: crate::xds::XdsServer, configs: debug::Configs) -> http::Ro
     })
 }
 
+/// Serves discovery and certificates on `incoming` until `shutdown`; then
+/// the background tasks stop (`stop_tx`), which closes the proxies'
+/// discovery streams, and the server drains for up to [`DRAIN`].
+async fn serve_discovery<F, Fut>(
+    xds: &crate::xds::XdsServer,
+    ca: &crate::ca::WorkloadCa,
+    incoming: tokio_stream::wrappers::ReceiverStream<
+        Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
+    >,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    not_ready: Ready,
+    stop_tx: watch::Sender<bool>,
+    stopped: &F,
+) -> Result<(), String>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .add_service(xds.service())
+        .add_service(ca.service())
+        .serve_with_incoming_shutdown(incoming, async move {
+            shutdown.await;
+            tracing::info!("shutting down: closing discovery streams");
+            not_ready.set(false);
+            let _ = stop_tx.send(true);
+        });
+    let drain_deadline = async {
+        stopped().await;
+        tokio::time::sleep(DRAIN).await;
+    };
+    tokio::select! {
+        r = server => r.map_err(|e| format!("discovery server: {e}")),
+        () = drain_deadline => {
+            tracing::warn!(drain = ?DRAIN, "connections still open after the drain time; closing them");
+            Ok(())
+        }
+    }
+}
+
+/// Kubernetes mode: where the mesh roots are published (this cluster's
+/// API and the remote clusters' it serves).
+fn roots_targets(
+    own: Option<&::kube::Client>,
+    config: &watch::Receiver<Arc<Config>>,
+    remotes: &[remotes::OpenedRemote],
+) -> Vec<(::kube::Client, watch::Receiver<Arc<Config>>)> {
+    own.map(|c| (c.clone(), config.clone()))
+        .into_iter()
+        .chain(
+            remotes
+                .iter()
+                .filter_map(|r| r.api.clone().map(|c| (c, r.config.clone()))),
+        )
+        .collect()
+}
+
+/// Kubernetes mode: the mesh roots in a ConfigMap of every namespace of
+/// each cluster in `targets`, republished when the trust changes (the
+/// snapshot changes with it).
+fn spawn_root_publishers<F, Fut>(
+    cfg: &AppConfig,
+    targets: Vec<(::kube::Client, watch::Receiver<Arc<Config>>)>,
+    snapshots: &watch::Receiver<Arc<crate::resources::Snapshot>>,
+    stopped: &F,
+) where
+    F: Fn() -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    for (i, (client, namespaces)) in targets.into_iter().enumerate() {
+        crate::kube::roots::spawn_publisher(
+            crate::kube::roots::Publisher {
+                client,
+                field_manager: link::FIELD_MANAGER.to_string(),
+                roots_file: cfg.state_dir.join(CACERTS_DIR).join("root-cert.pem"),
+                resync: crate::kube::roots::RESYNC,
+                // The injection webhook runs in this cluster (the first).
+                webhook: (i == 0 && cfg.inject.is_some())
+                    .then(|| crate::kube::inject::WEBHOOK_CONFIGURATION.to_string()),
+            },
+            namespaces,
+            snapshots.clone(),
+            stopped(),
+        );
+    }
+}
+
+/// The snapshots of the remote clusters this control plane serves
+/// (primary-remote), debounced as the own cluster's.
+fn remote_snapshots<F, Fut>(
+    cfg: &AppConfig,
+    td: &TrustDomain,
+    served: impl Iterator<
+        Item = (
+            String,
+            String,
+            watch::Receiver<Arc<Config>>,
+            watch::Receiver<Siblings>,
+        ),
+    >,
+    imports: &watch::Receiver<strait_broker_client::agent::Imports>,
+    stopped: &F,
+) -> BTreeMap<String, watch::Receiver<Arc<crate::resources::Snapshot>>>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut remote_snapshots = BTreeMap::new();
+    for (name, network, view, siblings) in served {
+        let ctx = ClusterContext {
+            cluster: name.clone(),
+            network,
+            trust_domain: td.clone(),
+            locality: None,
+            egress: None,
+            path_normalization: cfg.path_normalization,
+        };
+        let snaps = spawn_builder(
+            ctx,
+            cfg.state_dir.clone(),
+            false,
+            view,
+            imports.clone(),
+            siblings,
+            stopped(),
+        );
+        tracing::info!(cluster = %name, "serving remote cluster");
+        remote_snapshots.insert(
+            name,
+            crate::xds::debounce(snaps, cfg.debounce, cfg.debounce * 10),
+        );
+    }
+    remote_snapshots
+}
+
+/// The workload CA: the cluster intermediate, bootstrap tokens, and
+/// lifetimes capped at `--max-cert-ttl`.
+fn workload_ca(
+    cfg: &AppConfig,
+    authority: strait_ca::Authority,
+    trust: Trust,
+    registry: &mut Registry,
+) -> Result<crate::ca::WorkloadCa, String> {
+    let tokens =
+        crate::ca::TokenIssuer::load_or_create(&cfg.state_dir.join(crate::ca::TOKEN_KEY_FILE))
+            .map_err(|e| e.to_string())?;
+    crate::ca::WorkloadCa::new(
+        authority,
+        trust,
+        Some(tokens),
+        crate::ca::TtlPolicy {
+            default: crate::ca::TtlPolicy::default()
+                .default
+                .min(cfg.max_cert_ttl),
+            max: cfg.max_cert_ttl,
+        },
+        registry,
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// The health, debug and metrics listeners, those that are asked for.
+async fn serve_endpoints(
+    cfg: &AppConfig,
+    ready: &Ready,
+    registry: &Arc<Registry>,
+    debug: http::Routes,
+) -> Result<(), String> {
+    if let Some(addr) = cfg.health_listen {
+        let l = accept::bind(addr, "health")
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(http::serve(l, ready.clone(), None));
+    }
+    if let Some(l) = cfg.debug_listen.bind().await? {
+        let addr = l.local_addr().map_err(|e| e.to_string())?;
+        tokio::spawn(http::serve_routes(l, "debug", debug));
+        tracing::info!(%addr, "debug endpoints serving (/debug/nacks, /debug/config)");
+    }
+    if let Some(addr) = cfg.metrics_listen {
+        let l = accept::bind(addr, "metrics")
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(http::serve(l, ready.clone(), Some(registry.clone())));
+    }
+    Ok(())
+}
+
+/// Keeps the trust and the serving certificate current: the trust follows
+/// what the broker link installs (bundles, deny-lists); the serving
+/// certificate is reissued when the cluster's CA files change and renewed
+/// at half its life.
+fn spawn_trust_follower(
+    trust: Trust,
+    state_dir: PathBuf,
+    td: TrustDomain,
+    mut imports: watch::Receiver<strait_broker_client::agent::Imports>,
+    ca: crate::ca::WorkloadCa,
+    serving: Arc<ServingCert>,
+    stop: impl Future<Output = ()> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        tokio::pin!(stop);
+        let mut stamp = trust_stamp(&state_dir);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let renew_every = SERVING_TTL / 2;
+        let mut renew_at = Instant::now() + renew_every;
+        loop {
+            tokio::select! {
+                () = &mut stop => return,
+                r = imports.changed() => if r.is_err() { return },
+                _ = tick.tick() => {
+                    let now = trust_stamp(&state_dir);
+                    if now != stamp {
+                        stamp = now;
+                        reload_authority(&ca, &serving, &state_dir, &td, &mut renew_at, renew_every);
+                    } else if Instant::now() >= renew_at {
+                        match serving.renew(&ca.authority(), &td) {
+                            Ok(()) => {
+                                tracing::info!("serving certificate renewed");
+                                renew_at = Instant::now() + renew_every;
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "serving certificate not renewed; retrying in a minute");
+                                renew_at = Instant::now() + Duration::from_secs(60);
+                            }
+                        }
+                        continue;
+                    } else {
+                        continue;
+                    }
+                }
+            }
+            refresh_trust(&trust, &state_dir, &td, &imports.borrow_and_update());
+        }
+    });
+}
+
 /// Runs the control plane until `shutdown`.
 pub async fn run(
     cfg: AppConfig,
@@ -358,17 +597,7 @@ pub async fn run(
     };
     let me = link::cluster_info(&info, &cfg.gateways)?;
     let remotes = open_remotes(&cfg).await?;
-    // Kubernetes mode: where the mesh roots are published (this cluster's
-    // API and the remote clusters' it serves).
-    let roots_targets: Vec<(::kube::Client, watch::Receiver<Arc<Config>>)> = kube_client
-        .iter()
-        .map(|c| (c.clone(), config.clone()))
-        .chain(
-            remotes
-                .iter()
-                .filter_map(|r| r.api.clone().map(|c| (c, r.config.clone()))),
-        )
-        .collect();
+    let roots_targets = roots_targets(kube_client.as_ref(), &config, &remotes);
     let remotes: Vec<_> = remotes.into_iter().map(|r| (r.name, r.config)).collect();
     let debug_configs: debug::Configs = std::iter::once((cfg.cluster.clone(), config.clone()))
         .chain(remotes.iter().map(|(n, rx)| (n.to_string(), rx.clone())))
@@ -388,49 +617,8 @@ pub async fn run(
         own_siblings,
         stopped(),
     );
-    // Kubernetes mode: the mesh roots in a ConfigMap of every namespace,
-    // republished when the trust changes (the snapshot changes with it).
-    for (i, (client, namespaces)) in roots_targets.into_iter().enumerate() {
-        crate::kube::roots::spawn_publisher(
-            crate::kube::roots::Publisher {
-                client,
-                field_manager: link::FIELD_MANAGER.to_string(),
-                roots_file: cfg.state_dir.join(CACERTS_DIR).join("root-cert.pem"),
-                resync: crate::kube::roots::RESYNC,
-                // The injection webhook runs in this cluster (the first).
-                webhook: (i == 0 && cfg.inject.is_some())
-                    .then(|| crate::kube::inject::WEBHOOK_CONFIGURATION.to_string()),
-            },
-            namespaces,
-            snapshots.clone(),
-            stopped(),
-        );
-    }
-    let mut remote_snapshots = BTreeMap::new();
-    for (name, network, view, siblings) in served {
-        let ctx = ClusterContext {
-            cluster: name.clone(),
-            network,
-            trust_domain: td.clone(),
-            locality: None,
-            egress: None,
-            path_normalization: cfg.path_normalization,
-        };
-        let snaps = spawn_builder(
-            ctx,
-            cfg.state_dir.clone(),
-            false,
-            view,
-            imports.clone(),
-            siblings,
-            stopped(),
-        );
-        tracing::info!(cluster = %name, "serving remote cluster");
-        remote_snapshots.insert(
-            name,
-            crate::xds::debounce(snaps, cfg.debounce, cfg.debounce * 10),
-        );
-    }
+    spawn_root_publishers(&cfg, roots_targets, &snapshots, &stopped);
+    let remote_snapshots = remote_snapshots(&cfg, &td, served, &imports, &stopped);
     let snapshots = crate::xds::debounce(snapshots, cfg.debounce, cfg.debounce * 10);
 
     // Who may call: SVIDs of this mesh (and peered meshes' are refused by
@@ -453,22 +641,7 @@ pub async fn run(
         crate::xds::Metrics::new(&mut registry),
     )
     .with_clusters(&cfg.cluster, remote_snapshots);
-    let tokens =
-        crate::ca::TokenIssuer::load_or_create(&cfg.state_dir.join(crate::ca::TOKEN_KEY_FILE))
-            .map_err(|e| e.to_string())?;
-    let ca = crate::ca::WorkloadCa::new(
-        authority,
-        trust.clone(),
-        Some(tokens),
-        crate::ca::TtlPolicy {
-            default: crate::ca::TtlPolicy::default()
-                .default
-                .min(cfg.max_cert_ttl),
-            max: cfg.max_cert_ttl,
-        },
-        &mut registry,
-    )
-    .map_err(|e| e.to_string())?;
+    let ca = workload_ca(&cfg, authority, trust.clone(), &mut registry)?;
     let ca = match kube_client {
         Some(client) => ca.with_token_review(client),
         None => ca,
@@ -495,98 +668,40 @@ pub async fn run(
 
     let registry = Arc::new(registry);
     let ready = Ready::default();
-    if let Some(addr) = cfg.health_listen {
-        let l = accept::bind(addr, "health")
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(http::serve(l, ready.clone(), None));
-    }
-    if let Some(l) = cfg.debug_listen.bind().await? {
-        let addr = l.local_addr().map_err(|e| e.to_string())?;
-        let routes = debug_routes(xds.clone(), debug_configs);
-        tokio::spawn(http::serve_routes(l, "debug", routes));
-        tracing::info!(%addr, "debug endpoints serving (/debug/nacks, /debug/config)");
-    }
-    if let Some(addr) = cfg.metrics_listen {
-        let l = accept::bind(addr, "metrics")
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(http::serve(l, ready.clone(), Some(registry.clone())));
-    }
+    serve_endpoints(
+        &cfg,
+        &ready,
+        &registry,
+        debug_routes(xds.clone(), debug_configs),
+    )
+    .await?;
 
     // Trust follows what the broker link installs.
-    {
-        let trust = trust.clone();
-        let state_dir = cfg.state_dir.clone();
-        let td = td.clone();
-        let mut imports = imports.clone();
-        let ca = ca.clone();
-        let serving = serving.clone();
-        let stop = stopped();
-        tokio::spawn(async move {
-            tokio::pin!(stop);
-            let mut stamp = trust_stamp(&state_dir);
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            let renew_every = SERVING_TTL / 2;
-            let mut renew_at = Instant::now() + renew_every;
-            loop {
-                tokio::select! {
-                    () = &mut stop => return,
-                    r = imports.changed() => if r.is_err() { return },
-                    _ = tick.tick() => {
-                        let now = trust_stamp(&state_dir);
-                        if now != stamp {
-                            stamp = now;
-                            reload_authority(&ca, &serving, &state_dir, &td, &mut renew_at, renew_every);
-                        } else if Instant::now() >= renew_at {
-                            match serving.renew(&ca.authority(), &td) {
-                                Ok(()) => {
-                                    tracing::info!("serving certificate renewed");
-                                    renew_at = Instant::now() + renew_every;
-                                }
-                                Err(e) => {
-                                    tracing::error!(error = %e, "serving certificate not renewed; retrying in a minute");
-                                    renew_at = Instant::now() + Duration::from_secs(60);
-                                }
-                            }
-                            continue;
-                        } else {
-                            continue;
-                        }
-                    }
-                }
-                refresh_trust(&trust, &state_dir, &td, &imports.borrow_and_update());
-            }
-        });
-    }
+    spawn_trust_follower(
+        trust.clone(),
+        cfg.state_dir.clone(),
+        td.clone(),
+        imports.clone(),
+        ca.clone(),
+        serving.clone(),
+        stopped(),
+    );
 
     tracing::info!(listen = %cfg.listen, cluster = %cfg.cluster, trust_domain = %td, "control plane serving discovery and certificates");
     ready.set(true);
     // On shutdown, the background tasks stop first: the snapshot channel
     // closes, which ends the proxies' discovery streams, so the server can
     // drain (bounded by DRAIN for connections that linger).
-    let not_ready = ready.clone();
-    let server = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .add_service(xds.service())
-        .add_service(ca.service())
-        .serve_with_incoming_shutdown(incoming, async move {
-            shutdown.await;
-            tracing::info!("shutting down: closing discovery streams");
-            not_ready.set(false);
-            let _ = stop_tx.send(true);
-        });
-    let drain_deadline = async {
-        stopped().await;
-        tokio::time::sleep(DRAIN).await;
-    };
-    let served = tokio::select! {
-        r = server => r.map_err(|e| format!("discovery server: {e}")),
-        () = drain_deadline => {
-            tracing::warn!(drain = ?DRAIN, "connections still open after the drain time; closing them");
-            Ok(())
-        }
-    };
+    let served = serve_discovery(
+        &xds,
+        &ca,
+        incoming,
+        shutdown,
+        ready.clone(),
+        stop_tx,
+        &stopped,
+    )
+    .await;
     ready.set(false);
     let _ = link_task.await;
     served
