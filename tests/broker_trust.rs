@@ -38,9 +38,12 @@ async fn intermediates_are_renewed_through_sync() {
         .unwrap();
     let r = broker.ctl(&["trust", "rotate-intermediate", "east"]).ok();
     assert!(r.stderr.contains("was asked"), "{}", r.stderr);
-    // The agent swaps the plug-in CA files when the new chain arrives.
+    // The agent swaps the plug-in CA files when the new chain arrives
+    // (one file after the other: wait for the whole set to agree).
     let deadline = Instant::now() + WAIT;
-    while s.read("east/cacerts/ca-cert.pem") == before {
+    while s.read("east/cacerts/ca-cert.pem") == before
+        || strait_ca::layout::load_plugin_ca(&east.join("cacerts"), None).is_err()
+    {
         assert!(
             Instant::now() < deadline,
             "intermediate not renewed in time"

@@ -290,7 +290,9 @@ fn an_app_probe_to_the_pods_ip_reaches_the_app_not_the_inbound_listener() {
         )
         .unwrap();
         let probe = probers.get("/app-health/app/livez").unwrap();
-        let probed = strait_sidecar::probe::check(probe, "10.9.9.1".parse().unwrap()).await;
+        let probed = strait_sidecar::probe::check(probe, "10.9.9.1".parse().unwrap())
+            .await
+            .map_err(|e| e.to_string());
         (reply, probed)
     })
     .join()

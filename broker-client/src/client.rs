@@ -14,15 +14,22 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use strait_ca::authority::{self, Authority, KeyAlgorithm};
+use strait_ca::bundle::BundleError;
+use strait_ca::cert::CertError;
+use strait_ca::csr::CsrError;
+use strait_ca::pemfile::PemError;
+use strait_ca::spiffe::SpiffeIdError;
 use strait_ca::tls::{Accept, SpiffeServerVerifier, Trust};
 use strait_ca::{
-    AnyIdentityInTrustDomain, ClusterName, Csr, SpiffeId, TrustBundle, TrustDomain, layout, pemfile,
+    AnyIdentityInTrustDomain, ClusterName, Csr, IssueError, SpiffeId, TrustBundle, TrustDomain,
+    layout, pemfile,
 };
 use strait_proto::strait::broker::v1 as pb;
 use time::OffsetDateTime;
 use tonic::transport::Channel;
 
 use crate::token::JoinToken;
+use crate::wire::WireError;
 use strait_runtime::transport;
 
 pub const CACERTS_DIR: &str = "cacerts";
@@ -41,16 +48,93 @@ pub enum ClientError {
     /// cluster identity): retrying cannot help; an operator must act.
     #[error("the broker refuses this cluster: {0}")]
     Refused(String),
-    #[error("{0}")]
-    Setup(String),
+    /// Making a key or a CSR, or issuing the broker client certificate.
+    #[error(transparent)]
+    Issue(#[from] IssueError),
+    #[error(transparent)]
+    Csr(#[from] CsrError),
+    #[error(transparent)]
+    Tls(#[from] rustls::Error),
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    /// The broker identity of a trust domain does not form.
+    #[error("the broker identity: {0}")]
+    BrokerId(#[source] SpiffeIdError),
+    /// PEM certificates from the broker (`what`) do not parse.
+    #[error("{what}: {source}")]
+    Pem {
+        what: &'static str,
+        #[source]
+        source: PemError,
+    },
+    /// An intermediate from the broker (`what`) does not fit its key.
+    #[error("{what}: {source}")]
+    Intermediate {
+        what: &'static str,
+        #[source]
+        source: IssueError,
+    },
+    #[error("the intermediate from the broker does not chain to its trust bundle")]
+    NotChained,
+    /// A name the broker or `broker.json` gives (`field`) does not parse.
+    #[error("{field} {value:?}: {source}")]
+    Name {
+        field: &'static str,
+        value: String,
+        #[source]
+        source: SpiffeIdError,
+    },
+    #[error("federated bundle {value:?}: {source}")]
+    FederatedTrustDomain {
+        value: String,
+        #[source]
+        source: SpiffeIdError,
+    },
+    #[error("federated bundle {trust_domain}: {source}")]
+    FederatedBundle {
+        trust_domain: TrustDomain,
+        #[source]
+        source: BundleError,
+    },
+    #[error("imports from the broker: {0}")]
+    Imports(#[source] WireError),
+    /// `broker.json` does not read or write as JSON.
+    #[error("{path}: {source}")]
+    BrokerFile {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The join token or `broker.json` (`0`) names no broker.
+    #[error("{0} lists no broker address")]
+    NoBrokerAddress(&'static str),
+    #[error("{path}: {source}")]
+    Certificate {
+        path: PathBuf,
+        #[source]
+        source: CertError,
+    },
+    #[error("{0}: the certificate carries no SPIFFE ID")]
+    NoSpiffeId(PathBuf),
+    #[error("sync stream closed before Hello")]
+    ClosedBeforeHello,
+    #[error("sync stream closed")]
+    Closed,
+    /// The broker's first answer was not `Welcome` (the answer, as debug).
+    #[error("expected Welcome from the broker, got {0}")]
+    NoWelcome(String),
     #[error(transparent)]
     Address(#[from] transport::BadAddress),
     #[error(transparent)]
     Layout(#[from] layout::LayoutError),
 }
 
-fn setup(e: impl std::fmt::Display) -> ClientError {
-    ClientError::Setup(e.to_string())
+/// The first certificate of each PEM text (`what`: whence, for errors).
+pub(crate) fn parse_pems(pems: &[String], what: &'static str) -> Result<Vec<Vec<u8>>, ClientError> {
+    pems.iter()
+        .map(|p| pemfile::parse_certificates(p.as_bytes()).map(|mut v| v.remove(0)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| ClientError::Pem { what, source })
 }
 
 /// What a joined cluster remembers about its broker.
@@ -63,6 +147,23 @@ pub struct BrokerInfo {
     pub locality: String,
 }
 
+impl BrokerInfo {
+    /// The cluster's name and trust domain, parsed.
+    pub fn identity(&self) -> Result<(ClusterName, TrustDomain), ClientError> {
+        let cluster = ClusterName::new(&self.cluster).map_err(|source| ClientError::Name {
+            field: "broker.json cluster",
+            value: self.cluster.clone(),
+            source,
+        })?;
+        let td = TrustDomain::new(&self.trust_domain).map_err(|source| ClientError::Name {
+            field: "broker.json trust_domain",
+            value: self.trust_domain.clone(),
+            source,
+        })?;
+        Ok((cluster, td))
+    }
+}
+
 /// A cluster that joined.
 #[derive(Debug, Clone)]
 pub struct JoinedCluster {
@@ -72,7 +173,8 @@ pub struct JoinedCluster {
 
 /// The broker's own identity, which clients require of it.
 pub fn broker_id(td: &TrustDomain) -> Result<SpiffeId, ClientError> {
-    SpiffeId::from_segments(td, &["ns", "strait-system", "sa", "broker"]).map_err(setup)
+    SpiffeId::from_segments(td, &["ns", "strait-system", "sa", "broker"])
+        .map_err(ClientError::BrokerId)
 }
 
 /// Joins a mesh with `token`: makes the intermediate key here, sends only
@@ -82,10 +184,10 @@ pub async fn join(token: &str, out: &Path) -> Result<JoinedCluster, ClientError>
     let token = JoinToken::parse(token)?;
     let cacerts = out.join(CACERTS_DIR);
     layout::check_key_absent(&cacerts, layout::CA_KEY, false)?;
-    let key = authority::generate_key(KeyAlgorithm::EcdsaP256).map_err(setup)?;
-    let csr = authority::intermediate_csr(&token.cluster, &key).map_err(setup)?;
+    let key = authority::generate_key(KeyAlgorithm::EcdsaP256)?;
+    let csr = authority::intermediate_csr(&token.cluster, &key)?;
     let verifier = SpiffeServerVerifier::pinned(&token.root_sha256);
-    let config = Arc::new(strait_ca::tls::client_config(verifier, None, &[b"h2"]).map_err(setup)?);
+    let config = Arc::new(strait_ca::tls::client_config(verifier, None, &[b"h2"])?);
 
     let mut last = None;
     let mut response = None;
@@ -117,25 +219,24 @@ pub async fn join(token: &str, out: &Path) -> Result<JoinedCluster, ClientError>
         }
     }
     let Some(r) = response else {
-        return Err(last.unwrap_or_else(|| setup("the token names no broker address")));
+        return Err(last.unwrap_or(ClientError::NoBrokerAddress("the token")));
     };
 
     // Check what came back before writing anything.
-    let chain = r
-        .intermediate_chain
-        .iter()
-        .map(|p| pemfile::parse_certificates(p.as_bytes()).map(|mut v| v.remove(0)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| setup(format!("intermediate chain from the broker: {e}")))?;
-    let td = TrustDomain::new(&r.trust_domain).map_err(setup)?;
-    let ca = Authority::from_der(chain.clone(), key, Some(&td)).map_err(setup)?;
-    let roots = r
-        .trust_bundle
-        .iter()
-        .map(|p| pemfile::parse_certificates(p.as_bytes()).map(|mut v| v.remove(0)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| setup(format!("trust bundle from the broker: {e}")))?;
-    let bundle = TrustBundle::new(Some(td.clone()), roots).map_err(setup)?;
+    let chain = parse_pems(&r.intermediate_chain, "intermediate chain from the broker")?;
+    let td = TrustDomain::new(&r.trust_domain).map_err(|source| ClientError::Name {
+        field: "the broker's trust domain",
+        value: r.trust_domain.clone(),
+        source,
+    })?;
+    let ca = Authority::from_der(chain.clone(), key, Some(&td)).map_err(|source| {
+        ClientError::Intermediate {
+            what: "the intermediate from the broker",
+            source,
+        }
+    })?;
+    let roots = parse_pems(&r.trust_bundle, "trust bundle from the broker")?;
+    let bundle = TrustBundle::new(Some(td.clone()), roots)?;
     // The pinned root must be one the mesh trusts, and the intermediate
     // must chain to a root of that bundle (during a root rotation it may be
     // the new one).
@@ -143,9 +244,7 @@ pub async fn join(token: &str, out: &Path) -> Result<JoinedCluster, ClientError>
         token.check_root(chain.last().map(Vec::as_slice).unwrap_or_default())?;
     }
     if !bundle.roots().iter().any(|r| r.as_slice() == ca.root_der()) {
-        return Err(setup(
-            "the intermediate from the broker does not chain to its trust bundle",
-        ));
+        return Err(ClientError::NotChained);
     }
 
     layout::write_plugin_ca(&cacerts, &chain, Some(&ca.key_pem()), &bundle, false)?;
@@ -157,8 +256,12 @@ pub async fn join(token: &str, out: &Path) -> Result<JoinedCluster, ClientError>
         network: r.network,
         locality: r.locality,
     };
-    let text = serde_json::to_string_pretty(&info).map_err(setup)?;
-    layout::write_public(&out.join(BROKER_FILE), &text)?;
+    let path = out.join(BROKER_FILE);
+    let text = serde_json::to_string_pretty(&info).map_err(|source| ClientError::BrokerFile {
+        path: path.clone(),
+        source,
+    })?;
+    layout::write_public(&path, &text)?;
     Ok(JoinedCluster {
         dir: out.to_path_buf(),
         info,
@@ -174,21 +277,14 @@ pub fn issue_client_cert(
     dir: &Path,
 ) -> Result<(), ClientError> {
     let id = SpiffeId::cluster(ca.trust_domain(), cluster);
-    let key = authority::generate_key(KeyAlgorithm::EcdsaP256).map_err(setup)?;
-    let csr = Csr::from_pem(
-        authority::leaf_csr(&id, &[], &key)
-            .map_err(setup)?
-            .as_bytes(),
-    )
-    .map_err(setup)?;
-    let leaf = ca
-        .issue_leaf(
-            &csr,
-            CLIENT_CERT_TTL,
-            &AnyIdentityInTrustDomain,
-            OffsetDateTime::now_utc(),
-        )
-        .map_err(setup)?;
+    let key = authority::generate_key(KeyAlgorithm::EcdsaP256)?;
+    let csr = Csr::from_pem(authority::leaf_csr(&id, &[], &key)?.as_bytes())?;
+    let leaf = ca.issue_leaf(
+        &csr,
+        CLIENT_CERT_TTL,
+        &AnyIdentityInTrustDomain,
+        OffsetDateTime::now_utc(),
+    )?;
     let intermediates = &ca.chain()[..ca.chain().len() - 1];
     layout::write_workload(
         dir,
@@ -207,33 +303,33 @@ pub use strait_ca::layout::{Credentials, read_credentials};
 /// broker must present the broker identity of the bundle's trust domain.
 pub fn channel(address: &str, creds_dir: &Path) -> Result<Channel, ClientError> {
     let (chain, key, bundle) = read_credentials(creds_dir)?;
-    let leaf = strait_ca::cert::CertSummary::from_der(&chain[0]).map_err(setup)?;
+    let leaf = strait_ca::cert::CertSummary::from_der(&chain[0]).map_err(|source| {
+        ClientError::Certificate {
+            path: creds_dir.to_path_buf(),
+            source,
+        }
+    })?;
     let td = leaf
         .spiffe_id
         .as_deref()
         .and_then(|id| SpiffeId::parse(id).ok())
         .map(|id| id.trust_domain())
-        .ok_or_else(|| {
-            setup(format!(
-                "{}: the certificate carries no SPIFFE ID",
-                creds_dir.display()
-            ))
-        })?;
+        .ok_or_else(|| ClientError::NoSpiffeId(creds_dir.to_path_buf()))?;
     let verifier =
         SpiffeServerVerifier::new(Trust::new(bundle), Accept::Ids([broker_id(&td)?].into()));
-    let config =
-        strait_ca::tls::client_config(verifier, Some((&chain, &key)), &[b"h2"]).map_err(setup)?;
+    let config = strait_ca::tls::client_config(verifier, Some((&chain, &key)), &[b"h2"])?;
     Ok(transport::channel(address, Arc::new(config))?)
 }
 
 /// A channel for a joined cluster directory, to its first broker address.
 pub fn cluster_channel(joined_dir: &Path) -> Result<(Channel, BrokerInfo), ClientError> {
-    let info: BrokerInfo = serde_json::from_slice(&layout::read(&joined_dir.join(BROKER_FILE))?)
-        .map_err(|e| setup(format!("{}: {e}", joined_dir.join(BROKER_FILE).display())))?;
+    let path = joined_dir.join(BROKER_FILE);
+    let info: BrokerInfo = serde_json::from_slice(&layout::read(&path)?)
+        .map_err(|source| ClientError::BrokerFile { path, source })?;
     let address = info
         .addresses
         .first()
-        .ok_or_else(|| setup("broker.json lists no broker address"))?;
+        .ok_or(ClientError::NoBrokerAddress("broker.json"))?;
     Ok((channel(address, &joined_dir.join(CLIENT_DIR))?, info))
 }
 
@@ -260,7 +356,7 @@ impl SyncSession {
             msg: Some(pb::sync_request::Msg::Hello(hello)),
         })
         .await
-        .map_err(|_| setup("sync stream closed before Hello"))?;
+        .map_err(|_| ClientError::ClosedBeforeHello)?;
         let mut client = pb::federation_client::FederationClient::new(channel);
         let mut inbound = client
             .sync(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -275,9 +371,7 @@ impl SyncSession {
                 inbound,
                 broker_export_revision: w.export_revision,
             }),
-            other => Err(setup(format!(
-                "expected Welcome from the broker, got {other:?}"
-            ))),
+            other => Err(ClientError::NoWelcome(format!("{other:?}"))),
         }
     }
 
@@ -290,7 +384,7 @@ impl SyncSession {
         self.tx
             .send(pb::SyncRequest { msg: Some(msg) })
             .await
-            .map_err(|_| setup("sync stream closed"))
+            .map_err(|_| ClientError::Closed)
     }
 
     /// The next message from the broker; `None` when the stream ended.
@@ -315,6 +409,6 @@ impl SyncSender {
         self.0
             .send(pb::SyncRequest { msg: Some(msg) })
             .await
-            .map_err(|_| setup("sync stream closed"))
+            .map_err(|_| ClientError::Closed)
     }
 }

@@ -15,6 +15,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
 use strait_ca::ClusterName;
+use strait_ca::spiffe::SpiffeIdError;
 
 /// The prefix that marks a strait join token, versioned.
 pub const PREFIX: &str = "sjt1.";
@@ -30,11 +31,15 @@ pub enum TokenError {
     #[error("join token is {0} bytes long; at most {MAX_TOKEN_LEN} are accepted")]
     TooLong(usize),
     #[error("join token is not valid base64url: {0}")]
-    Encoding(String),
+    Encoding(#[source] base64::DecodeError),
     #[error("join token payload is malformed: {0}")]
     Payload(String),
-    #[error("join token names an invalid cluster: {0}")]
-    Cluster(String),
+    #[error("join token names an invalid cluster {value:?}: {source}")]
+    Cluster {
+        value: String,
+        #[source]
+        source: SpiffeIdError,
+    },
     #[error("join token has no broker address")]
     NoAddress,
     #[error("join token root hash must be 64 hex digits")]
@@ -161,15 +166,16 @@ impl JoinToken {
             return Err(TokenError::TooLong(text.len()));
         }
         let body = text.strip_prefix(PREFIX).ok_or(TokenError::Prefix)?;
-        let json = URL_SAFE_NO_PAD
-            .decode(body)
-            .map_err(|e| TokenError::Encoding(e.to_string()))?;
+        let json = URL_SAFE_NO_PAD.decode(body).map_err(TokenError::Encoding)?;
         let p: Payload =
             serde_json::from_slice(&json).map_err(|e| TokenError::Payload(e.to_string()))?;
         if p.i.len() != 16 || !p.i.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(TokenError::Payload("token id must be 16 hex digits".into()));
         }
-        let cluster = ClusterName::new(&p.c).map_err(|e| TokenError::Cluster(e.to_string()))?;
+        let cluster = ClusterName::new(&p.c).map_err(|source| TokenError::Cluster {
+            value: p.c.clone(),
+            source,
+        })?;
         if p.a.is_empty() || p.a.iter().any(|a| a.is_empty() || a.len() > 255) {
             return Err(TokenError::NoAddress);
         }
@@ -329,7 +335,10 @@ mod tests {
         let cases: Vec<(String, TokenError)> = vec![
             (good.replacen("sjt1.", "sjt2.", 1), TokenError::Prefix),
             ("".into(), TokenError::Prefix),
-            (format!("{PREFIX}!!!"), TokenError::Encoding(String::new())),
+            (
+                format!("{PREFIX}!!!"),
+                TokenError::Encoding(base64::DecodeError::InvalidLength(0)),
+            ),
             (body("{}"), TokenError::Payload(String::new())),
             (body("[1,2]"), TokenError::Payload(String::new())),
             (
@@ -342,7 +351,10 @@ mod tests {
                 body(&format!(
                     r#"{{"i":"0011223344556677","c":"East","a":["b:1"],"h":"{hash}","s":"{secret}","e":1}}"#
                 )),
-                TokenError::Cluster(String::new()),
+                TokenError::Cluster {
+                    value: String::new(),
+                    source: SpiffeIdError::Empty,
+                },
             ),
             (
                 body(&format!(

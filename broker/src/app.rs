@@ -8,12 +8,16 @@ use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 use strait_ca::authority::{self, Authority, KeyAlgorithm, RootOptions};
+use strait_ca::bundle::BundleError;
+use strait_ca::csr::CsrError;
 use strait_ca::layout;
+use strait_ca::spiffe::SpiffeIdError;
 use strait_ca::tls::{Accept, Revocation, SpiffeClientVerifier};
-use strait_ca::{AnyIdentityInTrustDomain, Csr, SpiffeId, TrustDomain};
+use strait_ca::{AnyIdentityInTrustDomain, Csr, IssueError, SpiffeId, TrustDomain};
 use strait_proto::strait::broker::v1 as pb;
 use time::OffsetDateTime;
 
+use crate::client::ClientError;
 use crate::metrics::Metrics;
 use crate::server::{AdminService, FederationService};
 use crate::state::BrokerState;
@@ -66,8 +70,37 @@ pub struct BrokerConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    #[error("{0}")]
-    Setup(String),
+    #[error("{path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("root in {dir} is for trust domain {found}, not {expected}")]
+    RootTrustDomain {
+        dir: PathBuf,
+        found: TrustDomain,
+        expected: TrustDomain,
+    },
+    /// Making a key, a CSR or a certificate for the broker's own identities.
+    #[error(transparent)]
+    Issue(#[from] IssueError),
+    #[error(transparent)]
+    Csr(#[from] CsrError),
+    #[error(transparent)]
+    Identity(#[from] SpiffeIdError),
+    #[error(transparent)]
+    BrokerId(#[from] ClientError),
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error(transparent)]
+    Tls(#[from] rustls::Error),
+    #[error("the address {what} listens on: {source}")]
+    LocalAddr {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Bind(#[from] accept::BindError),
     #[error(transparent)]
@@ -77,11 +110,7 @@ pub enum AppError {
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error("serving: {0}")]
-    Serve(String),
-}
-
-fn setup(e: impl std::fmt::Display) -> AppError {
-    AppError::Setup(e.to_string())
+    Serve(#[source] tonic::transport::Error),
 }
 
 /// The root this broker signs with: `--root DIR`, or `DATA/root` (created
@@ -100,19 +129,17 @@ fn load_or_create_root(config: &BrokerConfig) -> Result<(Authority, PathBuf), Ap
                 key_algorithm: KeyAlgorithm::EcdsaP256,
             },
             OffsetDateTime::now_utc(),
-        )
-        .map_err(setup)?;
+        )?;
         layout::write_root(&dir, &root, false)?;
         tracing::info!(dir = %dir.display(), "created the mesh root");
     }
     let root = layout::load_root(&dir, Some(&config.trust_domain))?;
     if root.trust_domain() != &config.trust_domain {
-        return Err(AppError::Setup(format!(
-            "root in {} is for trust domain {}, not {}",
-            dir.display(),
-            root.trust_domain(),
-            config.trust_domain
-        )));
+        return Err(AppError::RootTrustDomain {
+            dir,
+            found: root.trust_domain().clone(),
+            expected: config.trust_domain.clone(),
+        });
     }
     Ok((root, dir))
 }
@@ -127,21 +154,14 @@ fn issue_from_root(
     dns: &[String],
     ttl: Duration,
 ) -> Result<Credentials, AppError> {
-    let key = authority::generate_key(KeyAlgorithm::EcdsaP256).map_err(setup)?;
-    let csr = Csr::from_pem(
-        authority::leaf_csr(id, dns, &key)
-            .map_err(setup)?
-            .as_bytes(),
-    )
-    .map_err(setup)?;
-    let leaf = root
-        .issue_leaf(
-            &csr,
-            ttl,
-            &AnyIdentityInTrustDomain,
-            OffsetDateTime::now_utc(),
-        )
-        .map_err(setup)?;
+    let key = authority::generate_key(KeyAlgorithm::EcdsaP256)?;
+    let csr = Csr::from_pem(authority::leaf_csr(id, dns, &key)?.as_bytes())?;
+    let leaf = root.issue_leaf(
+        &csr,
+        ttl,
+        &AnyIdentityInTrustDomain,
+        OffsetDateTime::now_utc(),
+    )?;
     Ok((
         vec![leaf.der, root.root_der().to_vec()],
         key.serialize_der(),
@@ -168,8 +188,7 @@ fn ensure_admin_credentials(
     let signing = strait_ca::TrustBundle::new(
         Some(root.trust_domain().clone()),
         vec![root.root_der().to_vec()],
-    )
-    .map_err(setup)?;
+    )?;
     let key = std::fs::read(dir.join(layout::WORKLOAD_KEY))
         .ok()
         .and_then(|k| strait_ca::pemfile::parse_private_key(&k).ok());
@@ -179,23 +198,13 @@ fn ensure_admin_credentials(
         .and_then(|certs| strait_ca::verify_svid(&certs, &signing, now).ok())
         .is_some_and(|svid| svid.path_len == 2 && svid.expires - now > ADMIN_RENEW_BEFORE);
     if key.is_none() || !cert_ok {
-        let id = SpiffeId::admin(root.trust_domain(), "admin").map_err(setup)?;
+        let id = SpiffeId::admin(root.trust_domain(), "admin")?;
         let (key, key_is_new) = match key {
             Some(k) => (k, false),
-            None => (
-                authority::generate_key(KeyAlgorithm::EcdsaP256).map_err(setup)?,
-                true,
-            ),
+            None => (authority::generate_key(KeyAlgorithm::EcdsaP256)?, true),
         };
-        let csr = Csr::from_pem(
-            authority::leaf_csr(&id, &[], &key)
-                .map_err(setup)?
-                .as_bytes(),
-        )
-        .map_err(setup)?;
-        let leaf = root
-            .issue_leaf(&csr, ADMIN_TTL, &AnyIdentityInTrustDomain, now)
-            .map_err(setup)?;
+        let csr = Csr::from_pem(authority::leaf_csr(&id, &[], &key)?.as_bytes())?;
+        let leaf = root.issue_leaf(&csr, ADMIN_TTL, &AnyIdentityInTrustDomain, now)?;
         layout::ensure_dir(&dir)?;
         if key_is_new {
             layout::write_key(&dir.join(layout::WORKLOAD_KEY), &key.serialize_pem(), true)?;
@@ -255,7 +264,7 @@ fn refresh_own_certificates(
         .unwrap_or_else(|p| p.into_inner())
         .is_none();
     if missing || state.serving_root() != signer.root_der() {
-        let broker_id = crate::client::broker_id(&state.trust_domain).map_err(setup)?;
+        let broker_id = crate::client::broker_id(&state.trust_domain)?;
         let (chain, key, _) = issue_from_root(
             &signer,
             &broker_id,
@@ -265,8 +274,7 @@ fn refresh_own_certificates(
         let (certs, key) = strait_ca::tls::identity(&chain, &key);
         let key = strait_ca::tls::provider()
             .key_provider
-            .load_private_key(key)
-            .map_err(setup)?;
+            .load_private_key(key)?;
         *serving.0.write().unwrap_or_else(|p| p.into_inner()) =
             Some(Arc::new(rustls::sign::CertifiedKey::new(certs, key)));
         state.set_serving_root(signer.root_der().to_vec());
@@ -279,14 +287,14 @@ fn refresh_own_certificates(
     Ok(())
 }
 
-/// Runs the broker until `shutdown` resolves, then drains.
-pub async fn run(
-    config: BrokerConfig,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), AppError> {
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| AppError::Setup(format!("{}: {e}", config.data_dir.display())))?;
-    let (root, root_dir) = load_or_create_root(&config)?;
+/// Opens the data directory, the root and the store, and loads the state
+/// with the settings of `config`.
+async fn open_state(config: &BrokerConfig) -> Result<Arc<BrokerState>, AppError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| AppError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let (root, root_dir) = load_or_create_root(config)?;
     let store = Arc::new(RedbStore::open(&config.data_dir.join(STORE_FILE))?);
     let state = Arc::new(BrokerState::load(
         store,
@@ -301,8 +309,15 @@ pub async fn run(
     )?);
     state.set_cluster_grace(config.cluster_grace);
     state.set_bind_identities(config.bind_identities).await?;
-    let serving = Arc::new(ServingCert::default());
-    refresh_own_certificates(&state, &serving, &config.data_dir)?;
+    Ok(state)
+}
+
+/// The TLS config of the broker API: any client certificate of the mesh
+/// (or none, for `Join`), the broker's serving certificate.
+fn api_tls(
+    state: &BrokerState,
+    serving: Arc<ServingCert>,
+) -> Result<rustls::ServerConfig, AppError> {
     // Revocation is checked per call (`server::authenticate`), so that a
     // revoked cluster is told so instead of seeing its connection drop.
     let verifier = SpiffeClientVerifier::with_revocation(
@@ -312,25 +327,107 @@ pub async fn run(
         Revocation::PerCall,
     );
     let mut tls = rustls::ServerConfig::builder_with_provider(strait_ca::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(setup)?
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(serving);
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(tls)
+}
+
+/// Moves the broker's own certificates to the new root at each rotation.
+fn follow_rotations(state: Arc<BrokerState>, serving: Arc<ServingCert>, data_dir: PathBuf) {
+    let mut rotations = state.subscribe_rotation();
+    tokio::spawn(async move {
+        while rotations.changed().await.is_ok() {
+            if let Err(e) = refresh_own_certificates(&state, &serving, &data_dir) {
+                tracing::error!(error = %e, "re-issuing the broker's own certificates failed");
+            }
+        }
+    });
+}
+
+/// Binds and serves the health and metrics endpoints that are configured.
+async fn serve_side_endpoints(
+    config: &BrokerConfig,
+    ready: &Ready,
+    registry: Arc<Registry>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, AppError> {
+    let mut tasks = Vec::new();
+    if let Some(addr) = config.health_listen {
+        let l = accept::bind(addr, "health").await?;
+        tasks.push(tokio::spawn(http::serve(l, ready.clone(), None)));
+    }
+    if let Some(addr) = config.metrics_listen {
+        let l = accept::bind(addr, "metrics").await?;
+        tasks.push(tokio::spawn(http::serve(l, ready.clone(), Some(registry))));
+    }
+    Ok(tasks)
+}
+
+/// The peer API, when this mesh federates with others (`--peer-listen`):
+/// binds it, serves the `Peer` service and starts pulling every stored
+/// peer. Returns the addresses for peer tokens and the serving task.
+async fn serve_peer_api(
+    config: &BrokerConfig,
+    state: &Arc<BrokerState>,
+    serving: &Arc<ServingCert>,
+) -> Result<(Vec<String>, Option<tokio::task::JoinHandle<()>>), AppError> {
+    let Some(addr) = config.peer_listen else {
+        return Ok((Vec::new(), None));
+    };
+    let l = accept::bind(addr, "peer API").await?;
+    let local = l.local_addr().map_err(|source| AppError::LocalAddr {
+        what: "the peer API",
+        source,
+    })?;
+    let peer_advertise = if config.peer_advertise.is_empty() {
+        vec![local.to_string()]
+    } else {
+        config.peer_advertise.clone()
+    };
+    let verifier = Arc::new(crate::peer::PeerClientVerifier {
+        peers: state.peers.clone(),
+    });
+    let mut peer_tls = rustls::ServerConfig::builder_with_provider(strait_ca::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(serving.clone());
-    tls.alpn_protocols = vec![b"h2".to_vec()];
+    peer_tls.alpn_protocols = vec![b"h2".to_vec()];
+    crate::peer::set_client_identity(serving.clone());
+    let incoming = transport::tls_incoming(l, Arc::new(peer_tls));
+    let service = crate::peer::PeerService {
+        state: state.clone(),
+    };
+    let task = tokio::spawn(async move {
+        if let Err(e) = tonic::transport::Server::builder()
+            .add_service(pb::peer_server::PeerServer::new(service))
+            .serve_with_incoming(incoming)
+            .await
+        {
+            tracing::error!(error = %e, "peer API stopped");
+        }
+    });
+    crate::peer::start_all(state);
+    tracing::info!(listen = %local, mesh = %state.mesh_name, "peer API serving");
+    Ok((peer_advertise, Some(task)))
+}
+
+/// How long connections get to close once shutdown begins (sync streams
+/// are ended at once; admin calls in flight finish).
+pub const DRAIN: Duration = Duration::from_secs(5);
+
+/// Runs the broker until `shutdown` resolves, then drains for up to
+/// [`DRAIN`].
+pub async fn run(
+    config: BrokerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), AppError> {
+    let state = open_state(&config).await?;
+    let serving = Arc::new(ServingCert::default());
+    refresh_own_certificates(&state, &serving, &config.data_dir)?;
+    let tls = api_tls(&state, serving.clone())?;
     // A root rotation moves the broker's own certificates to the new root.
-    {
-        let state = state.clone();
-        let serving = serving.clone();
-        let data_dir = config.data_dir.clone();
-        let mut rotations = state.subscribe_rotation();
-        tokio::spawn(async move {
-            while rotations.changed().await.is_ok() {
-                if let Err(e) = refresh_own_certificates(&state, &serving, &data_dir) {
-                    tracing::error!(error = %e, "re-issuing the broker's own certificates failed");
-                }
-            }
-        });
-    }
+    follow_rotations(state.clone(), serving.clone(), config.data_dir.clone());
 
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::new(&mut registry));
@@ -338,71 +435,29 @@ pub async fn run(
     let ready = Ready::default();
 
     let listener = accept::bind(config.listen, "broker API").await?;
-    let local = listener.local_addr().map_err(setup)?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| AppError::LocalAddr {
+            what: "the broker API",
+            source,
+        })?;
     let advertise = if config.advertise.is_empty() {
         vec![local.to_string()]
     } else {
         config.advertise.clone()
     };
-    let mut side_tasks = Vec::new();
-    if let Some(addr) = config.health_listen {
-        let l = accept::bind(addr, "health").await?;
-        side_tasks.push(tokio::spawn(http::serve(l, ready.clone(), None)));
-    }
-    if let Some(addr) = config.metrics_listen {
-        let l = accept::bind(addr, "metrics").await?;
-        side_tasks.push(tokio::spawn(http::serve(
-            l,
-            ready.clone(),
-            Some(registry.clone()),
-        )));
-    }
+    let mut side_tasks = serve_side_endpoints(&config, &ready, registry).await?;
     side_tasks.push(tokio::spawn(crate::state::watch_liveness(state.clone())));
-    {
-        let inner = state.lock().await;
-        metrics.set_exports(inner.mesh.clusters().map(|(_, c)| c.exports.len()).sum());
-    }
+    metrics.set_exports(state.export_count().await);
 
+    let (drain, watch) = strait_runtime::drain::channel();
     let federation = FederationService {
         state: state.clone(),
         metrics: metrics.clone(),
+        drain: watch.clone(),
     };
-    // The peer API, when this mesh federates with others.
-    let mut peer_advertise = Vec::new();
-    if let Some(addr) = config.peer_listen {
-        let l = accept::bind(addr, "peer API").await?;
-        let local = l.local_addr().map_err(setup)?;
-        peer_advertise = if config.peer_advertise.is_empty() {
-            vec![local.to_string()]
-        } else {
-            config.peer_advertise.clone()
-        };
-        let verifier = Arc::new(crate::peer::PeerClientVerifier {
-            peers: state.peers.clone(),
-        });
-        let mut peer_tls = rustls::ServerConfig::builder_with_provider(strait_ca::tls::provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(setup)?
-            .with_client_cert_verifier(verifier)
-            .with_cert_resolver(serving.clone());
-        peer_tls.alpn_protocols = vec![b"h2".to_vec()];
-        crate::peer::set_client_identity(serving.clone());
-        let incoming = transport::tls_incoming(l, Arc::new(peer_tls));
-        let service = crate::peer::PeerService {
-            state: state.clone(),
-        };
-        side_tasks.push(tokio::spawn(async move {
-            if let Err(e) = tonic::transport::Server::builder()
-                .add_service(pb::peer_server::PeerServer::new(service))
-                .serve_with_incoming(incoming)
-                .await
-            {
-                tracing::error!(error = %e, "peer API stopped");
-            }
-        }));
-        crate::peer::start_all(&state);
-        tracing::info!(listen = %local, mesh = %state.mesh_name, "peer API serving");
-    }
+    let (peer_advertise, peer_task) = serve_peer_api(&config, &state, &serving).await?;
+    side_tasks.extend(peer_task);
     let admin = AdminService {
         state: state.clone(),
         metrics: metrics.clone(),
@@ -423,16 +478,24 @@ pub async fn run(
     );
     ready.set(true);
     let incoming = transport::tls_incoming(listener, Arc::new(tls));
-    let result = tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .add_service(pb::federation_server::FederationServer::new(federation))
         .add_service(pb::admin_server::AdminServer::new(admin))
-        .serve_with_incoming_shutdown(incoming, async move {
+        .serve_with_incoming_shutdown(incoming, async {
             shutdown.await;
-            tracing::info!("shutting down: draining streams");
-        })
-        .await
-        .map_err(|e| AppError::Serve(e.to_string()));
+            tracing::info!("shutting down: ending sync streams");
+            ready.set(false);
+            drain.start();
+        });
+    // tonic does not count its connections: the drain is bounded instead.
+    let result = tokio::select! {
+        r = server => r.map_err(AppError::Serve),
+        () = watch.deadline(DRAIN) => {
+            tracing::warn!(drain = ?DRAIN, "connections still open after the drain time; closing them");
+            Ok(())
+        }
+    };
     ready.set(false);
     for t in side_tasks {
         t.abort();

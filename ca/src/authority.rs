@@ -12,7 +12,7 @@ use rcgen::{
 };
 use time::OffsetDateTime;
 
-use crate::cert;
+use crate::cert::{self, CertError};
 use crate::csr::{Csr, CsrError};
 use crate::pemfile::{self, PemError};
 use crate::policy::{self, LeafRequest, PolicyError, SigningPolicy};
@@ -67,6 +67,14 @@ pub enum IssueError {
     TrustDomainMismatch { cert: String, given: String },
     #[error("CA chain is broken: {0}")]
     BadChain(String),
+    #[error("CA chain is broken: certificate #{position}: {source}")]
+    BadChainCertificate {
+        position: usize,
+        #[source]
+        source: CertError,
+    },
+    #[error("CA chain is broken: {0}")]
+    BadSigningCertificate(#[source] CertError),
     #[error("CA {subject:?} is not valid at {now}: valid from {not_before} until {not_after}")]
     CaNotValid {
         subject: String,
@@ -237,15 +245,17 @@ impl Authority {
             .iter()
             .enumerate()
             .map(|(i, der)| {
-                cert::parse(der)
-                    .map_err(|e| IssueError::BadChain(format!("certificate #{}: {e}", i + 1)))
+                cert::parse(der).map_err(|source| IssueError::BadChainCertificate {
+                    position: i + 1,
+                    source,
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let signing = &parsed[0];
         let subject = cert::display_name(signing);
 
         let (is_ca, path_len) =
-            cert::basic_constraints(signing).map_err(|e| IssueError::BadChain(e.to_string()))?;
+            cert::basic_constraints(signing).map_err(IssueError::BadSigningCertificate)?;
         if !is_ca {
             return Err(IssueError::NotACa {
                 subject,
@@ -287,7 +297,7 @@ impl Authority {
             )));
         }
 
-        let sans = cert::sans(signing).map_err(IssueError::BadChain)?;
+        let sans = cert::sans(signing).map_err(IssueError::BadSigningCertificate)?;
         let cert_td = sans
             .uris
             .iter()

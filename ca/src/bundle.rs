@@ -9,9 +9,10 @@ use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use x509_parser::error::X509Error;
 use x509_parser::public_key::PublicKey;
 
-use crate::cert;
+use crate::cert::{self, CertError};
 use crate::pemfile::{self, PemError};
 use crate::spiffe::TrustDomain;
 
@@ -26,15 +27,66 @@ pub enum BundleError {
     #[error("bundle PEM: {0}")]
     Pem(#[from] PemError),
     #[error("SPIFFE bundle is not valid JSON: {0}")]
-    Json(String),
+    Json(#[source] serde_json::Error),
     #[error("SPIFFE bundle key #{index}: {reason}")]
-    Key { index: usize, reason: String },
+    Key {
+        index: usize,
+        #[source]
+        reason: KeyError,
+    },
     #[error("SPIFFE bundle has no x509-svid keys")]
     NoX509Authorities,
     #[error("bundle has no roots")]
     Empty,
     #[error("root #{index} cannot be described as a JWK: {reason}")]
-    Unrepresentable { index: usize, reason: String },
+    Unrepresentable {
+        index: usize,
+        #[source]
+        reason: JwkError,
+    },
+}
+
+/// What is wrong with one key of a SPIFFE bundle (or one root given to
+/// [`TrustBundle::new`]).
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("not a JSON object")]
+    NotAnObject,
+    #[error("\"x5c\" is not an array")]
+    X5cNotAnArray,
+    #[error("x509-svid key has no \"x5c\"")]
+    NoX5c,
+    #[error("\"x5c\" must hold exactly one certificate, it holds {0}")]
+    X5cCount(usize),
+    #[error("\"x5c\" entry is not a string")]
+    X5cNotAString,
+    #[error("\"x5c\" is not base64: {0}")]
+    Base64(#[source] base64::DecodeError),
+    /// The JWK parameter of this name differs from the certificate's key.
+    #[error("\"{0}\" does not match the certificate's public key")]
+    Mismatch(&'static str),
+    #[error("missing \"kty\"")]
+    NoKty,
+    #[error(transparent)]
+    Certificate(#[from] CertError),
+    #[error(transparent)]
+    Jwk(#[from] JwkError),
+}
+
+/// Why a certificate's public key has no JWK form here.
+#[derive(Debug, thiserror::Error)]
+pub enum JwkError {
+    #[error(transparent)]
+    Certificate(#[from] CertError),
+    #[error("{0}")]
+    PublicKey(#[source] X509Error),
+    #[error("unsupported EC point of {0} bytes")]
+    EcPointLength(usize),
+    #[error("compressed EC points are not supported")]
+    CompressedEcPoint,
+    /// The OID of the key's algorithm.
+    #[error("unsupported key algorithm {0}")]
+    Algorithm(String),
 }
 
 /// The roots of one trust domain.
@@ -57,9 +109,9 @@ impl TrustBundle {
             ..TrustBundle::default()
         };
         for (i, der) in roots.into_iter().enumerate() {
-            pemfile::check_certificate_der(&der).map_err(|reason| BundleError::Key {
+            pemfile::check_certificate_der(&der).map_err(|e| BundleError::Key {
                 index: i + 1,
-                reason,
+                reason: e.into(),
             })?;
             bundle.add(der);
         }
@@ -156,7 +208,7 @@ impl TrustBundle {
             spiffe_sequence: self.sequence,
             spiffe_refresh_hint: self.refresh_hint.map(|d| d.as_secs()),
         };
-        serde_json::to_string_pretty(&doc).map_err(|e| BundleError::Json(e.to_string()))
+        serde_json::to_string_pretty(&doc).map_err(BundleError::Json)
     }
 
     /// Reads a SPIFFE bundle document. Keys of other uses (`jwt-svid`) are
@@ -169,49 +221,14 @@ impl TrustBundle {
         if input.len() > MAX_BUNDLE_BYTES {
             return Err(BundleError::TooLarge(input.len()));
         }
-        let doc: SpiffeBundleIn =
-            serde_json::from_slice(input).map_err(|e| BundleError::Json(e.to_string()))?;
+        let doc: SpiffeBundleIn = serde_json::from_slice(input).map_err(BundleError::Json)?;
         let mut roots = Vec::new();
         for (i, key) in doc.keys.iter().enumerate() {
-            let index = i + 1;
-            let bad = |reason: String| BundleError::Key { index, reason };
-            let Some(obj) = key.as_object() else {
-                return Err(bad("not a JSON object".into()));
-            };
-            if obj.get("use").and_then(Value::as_str) != Some(X509_SVID) {
-                continue;
-            }
-            let x5c = match obj.get("x5c") {
-                Some(Value::Array(a)) => a,
-                Some(_) => return Err(bad("\"x5c\" is not an array".into())),
-                None => return Err(bad("x509-svid key has no \"x5c\"".into())),
-            };
-            let [only] = x5c.as_slice() else {
-                return Err(bad(format!(
-                    "\"x5c\" must hold exactly one certificate, it holds {}",
-                    x5c.len()
-                )));
-            };
-            let b64 = only
-                .as_str()
-                .ok_or_else(|| bad("\"x5c\" entry is not a string".into()))?;
-            let der = STANDARD
-                .decode(b64)
-                .map_err(|e| bad(format!("\"x5c\" is not base64: {e}")))?;
-            let expected = jwk_for(&der).map_err(bad)?;
-            for field in ["kty", "crv", "x", "y", "n", "e"] {
-                if let Some(given) = obj.get(field)
-                    && expected.get(field) != Some(given)
-                {
-                    return Err(bad(format!(
-                        "\"{field}\" does not match the certificate's public key"
-                    )));
-                }
-            }
-            if obj.get("kty").is_none() {
-                return Err(bad("missing \"kty\"".into()));
-            }
-            roots.push(der);
+            let root = x509_svid_root(key).map_err(|reason| BundleError::Key {
+                index: i + 1,
+                reason,
+            })?;
+            roots.extend(root);
         }
         if roots.is_empty() {
             return Err(BundleError::NoX509Authorities);
@@ -221,6 +238,38 @@ impl TrustBundle {
         bundle.refresh_hint = doc.spiffe_refresh_hint.map(Duration::from_secs);
         Ok(bundle)
     }
+}
+
+/// The root DER of one key of a SPIFFE bundle: `None` for keys of other
+/// uses (`jwt-svid`); an `x509-svid` key must hold exactly one certificate
+/// in `x5c` whose public key matches the JWK's parameters.
+fn x509_svid_root(key: &Value) -> Result<Option<Vec<u8>>, KeyError> {
+    let obj = key.as_object().ok_or(KeyError::NotAnObject)?;
+    if obj.get("use").and_then(Value::as_str) != Some(X509_SVID) {
+        return Ok(None);
+    }
+    let x5c = match obj.get("x5c") {
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err(KeyError::X5cNotAnArray),
+        None => return Err(KeyError::NoX5c),
+    };
+    let [only] = x5c.as_slice() else {
+        return Err(KeyError::X5cCount(x5c.len()));
+    };
+    let b64 = only.as_str().ok_or(KeyError::X5cNotAString)?;
+    let der = STANDARD.decode(b64).map_err(KeyError::Base64)?;
+    let expected = jwk_for(&der)?;
+    for field in ["kty", "crv", "x", "y", "n", "e"] {
+        if let Some(given) = obj.get(field)
+            && expected.get(field) != Some(given)
+        {
+            return Err(KeyError::Mismatch(field));
+        }
+    }
+    if obj.get("kty").is_none() {
+        return Err(KeyError::NoKty);
+    }
+    Ok(Some(der))
 }
 
 #[derive(Serialize)]
@@ -243,23 +292,23 @@ struct SpiffeBundleIn {
 
 /// The JWK (RFC 7517/7518/8037) of a certificate's public key, with the
 /// certificate in `x5c` and `use: "x509-svid"`.
-fn jwk_for(der: &[u8]) -> Result<Map<String, Value>, String> {
+fn jwk_for(der: &[u8]) -> Result<Map<String, Value>, JwkError> {
     let c = cert::parse(der)?;
     let spki = c.public_key();
     let mut jwk = Map::new();
     jwk.insert("use".into(), X509_SVID.into());
     let b64u = |b: &[u8]| Value::String(URL_SAFE_NO_PAD.encode(b));
-    match spki.parsed().map_err(|e| e.to_string())? {
+    match spki.parsed().map_err(JwkError::PublicKey)? {
         PublicKey::EC(point) => {
             let data = point.data();
             let (crv, len) = match data.len() {
                 65 => ("P-256", 32),
                 97 => ("P-384", 48),
                 133 => ("P-521", 66),
-                n => return Err(format!("unsupported EC point of {n} bytes")),
+                n => return Err(JwkError::EcPointLength(n)),
             };
             if data[0] != 4 {
-                return Err("compressed EC points are not supported".into());
+                return Err(JwkError::CompressedEcPoint);
             }
             jwk.insert("kty".into(), "EC".into());
             jwk.insert("crv".into(), crv.into());
@@ -281,10 +330,7 @@ fn jwk_for(der: &[u8]) -> Result<Map<String, Value>, String> {
             jwk.insert("x".into(), b64u(raw));
         }
         _ => {
-            return Err(format!(
-                "unsupported key algorithm {}",
-                spki.algorithm.algorithm.to_id_string()
-            ));
+            return Err(JwkError::Algorithm(spki.algorithm.algorithm.to_id_string()));
         }
     }
     jwk.insert(
@@ -390,6 +436,29 @@ mod tests {
         assert!(matches!(
             TrustBundle::parse(b"no pem here", None),
             Err(BundleError::Pem(PemError::Missing(_)))
+        ));
+    }
+
+    #[test]
+    fn one_key_gives_its_root_or_is_skipped_or_names_its_problem() {
+        let b = bundle_of(1);
+        let v: Value = serde_json::from_str(&b.to_spiffe_json().unwrap()).unwrap();
+        let key = &v["keys"][0];
+        assert_eq!(x509_svid_root(key).unwrap(), Some(b.roots()[0].clone()));
+        let jwt = serde_json::json!({"use": "jwt-svid", "kty": "EC"});
+        assert_eq!(x509_svid_root(&jwt).unwrap(), None);
+        assert!(matches!(
+            x509_svid_root(&Value::from(1)),
+            Err(KeyError::NotAnObject)
+        ));
+        let mut no_kty = key.clone();
+        no_kty.as_object_mut().unwrap().remove("kty");
+        assert!(matches!(x509_svid_root(&no_kty), Err(KeyError::NoKty)));
+        let mut wrong_crv = key.clone();
+        wrong_crv["crv"] = "P-384".into();
+        assert!(matches!(
+            x509_svid_root(&wrong_crv),
+            Err(KeyError::Mismatch("crv"))
         ));
     }
 

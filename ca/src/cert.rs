@@ -5,20 +5,62 @@
 use serde::Serialize;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+use x509_parser::der_parser::error::BerError;
+use x509_parser::error::X509Error;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::nom;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::spiffe::SpiffeId;
+use crate::spiffe::{SpiffeId, SpiffeIdError};
 
-/// Parses one DER certificate, naming `what` in the error.
-pub(crate) fn parse(der: &[u8]) -> Result<X509Certificate<'_>, String> {
+/// A certificate that is not well-formed X.509, or one of its extensions
+/// that does not parse.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CertError {
+    /// The DER does not parse as a certificate.
+    #[error("{0}")]
+    Der(#[source] nom::Err<X509Error>),
+    #[error("{0} trailing bytes after the certificate")]
+    TrailingBytes(usize),
+    #[error("bad subjectAltName extension: {0}")]
+    SubjectAltName(#[source] X509Error),
+    #[error("bad basicConstraints extension: {0}")]
+    BasicConstraints(#[source] X509Error),
+    #[error("keyUsage: {0}")]
+    KeyUsage(#[source] X509Error),
+    /// The extension of this OID does not parse (boxed: the error stays
+    /// small in the errors that carry it).
+    #[error("extension {oid}: {source}")]
+    Extension {
+        oid: String,
+        #[source]
+        source: Box<nom::Err<BerError>>,
+    },
+}
+
+// The parser's errors are plain enums compared field by field (no floats):
+// their `PartialEq` is an equivalence, so errors holding them can be `Eq`.
+impl Eq for CertError {}
+
+/// Why a certificate's URI SANs do not give its SPIFFE ID.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SanIdError {
+    #[error("URI SAN {uri:?} is not a valid SPIFFE ID: {source}")]
+    NotSpiffe {
+        uri: String,
+        #[source]
+        source: SpiffeIdError,
+    },
+    #[error("{0} URI SANs, expected exactly one")]
+    Several(usize),
+}
+
+/// Parses one DER certificate, refusing trailing bytes.
+pub(crate) fn parse(der: &[u8]) -> Result<X509Certificate<'_>, CertError> {
     match X509Certificate::from_der(der) {
         Ok(([], cert)) => Ok(cert),
-        Ok((rest, _)) => Err(format!(
-            "{} trailing bytes after the certificate",
-            rest.len()
-        )),
-        Err(e) => Err(e.to_string()),
+        Ok((rest, _)) => Err(CertError::TrailingBytes(rest.len())),
+        Err(e) => Err(CertError::Der(e)),
     }
 }
 
@@ -31,11 +73,11 @@ pub struct Sans {
     pub other: Vec<String>,
 }
 
-pub(crate) fn sans(cert: &X509Certificate<'_>) -> Result<Sans, String> {
+pub(crate) fn sans(cert: &X509Certificate<'_>) -> Result<Sans, CertError> {
     let mut out = Sans::default();
     let ext = cert
         .subject_alternative_name()
-        .map_err(|e| format!("bad subjectAltName extension: {e}"))?;
+        .map_err(CertError::SubjectAltName)?;
     if let Some(ext) = ext {
         collect_general_names(&ext.value.general_names, &mut out);
     }
@@ -69,24 +111,29 @@ fn ip_to_string(bytes: &[u8]) -> String {
 }
 
 /// The SPIFFE ID of a certificate: its one URI SAN if that parses as a
-/// SPIFFE ID. `None` for zero URI SANs; an error string for several or for a
-/// URI that is not a valid SPIFFE ID.
-pub(crate) fn spiffe_id(sans: &Sans) -> Result<Option<SpiffeId>, String> {
+/// SPIFFE ID. `None` for zero URI SANs; an error for several or for a URI
+/// that is not a valid SPIFFE ID.
+pub(crate) fn spiffe_id(sans: &Sans) -> Result<Option<SpiffeId>, SanIdError> {
     match sans.uris.as_slice() {
         [] => Ok(None),
         [one] => SpiffeId::parse(one)
             .map(Some)
-            .map_err(|e| format!("URI SAN {one:?} is not a valid SPIFFE ID: {e}")),
-        many => Err(format!("{} URI SANs, expected exactly one", many.len())),
+            .map_err(|source| SanIdError::NotSpiffe {
+                uri: one.clone(),
+                source,
+            }),
+        many => Err(SanIdError::Several(many.len())),
     }
 }
 
 /// `(is CA, path length constraint)` from basicConstraints; absent means not a CA.
-pub(crate) fn basic_constraints(cert: &X509Certificate<'_>) -> Result<(bool, Option<u32>), String> {
+pub(crate) fn basic_constraints(
+    cert: &X509Certificate<'_>,
+) -> Result<(bool, Option<u32>), CertError> {
     match cert.basic_constraints() {
         Ok(Some(bc)) => Ok((bc.value.ca, bc.value.path_len_constraint)),
         Ok(None) => Ok((false, None)),
-        Err(e) => Err(format!("bad basicConstraints extension: {e}")),
+        Err(e) => Err(CertError::BasicConstraints(e)),
     }
 }
 
@@ -148,7 +195,7 @@ pub struct CertSummary {
 
 impl CertSummary {
     /// Summarises one DER certificate.
-    pub fn from_der(der: &[u8]) -> Result<Self, String> {
+    pub fn from_der(der: &[u8]) -> Result<Self, CertError> {
         let cert = parse(der)?;
         let sans = sans(&cert)?;
         let (is_ca, path_len) = basic_constraints(&cert)?;
@@ -241,7 +288,12 @@ mod tests {
         s.uris.push("spiffe://td/a".into());
         assert_eq!(spiffe_id(&s).unwrap().unwrap().as_str(), "spiffe://td/a");
         s.uris.push("spiffe://td/b".into());
-        assert!(spiffe_id(&s).unwrap_err().contains("2 URI SANs"));
+        assert!(
+            spiffe_id(&s)
+                .unwrap_err()
+                .to_string()
+                .contains("2 URI SANs")
+        );
         let bad = Sans {
             uris: vec!["https://example.com".into()],
             ..Sans::default()
@@ -249,6 +301,7 @@ mod tests {
         assert!(
             spiffe_id(&bad)
                 .unwrap_err()
+                .to_string()
                 .contains("not a valid SPIFFE ID")
         );
     }

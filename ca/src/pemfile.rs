@@ -5,7 +5,8 @@
 //! as a mysterious verification failure.
 
 use rcgen::KeyPair;
-use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::cert::{self, CertError};
 
 pub const CERTIFICATE: &str = "CERTIFICATE";
 pub const CERTIFICATE_REQUEST: &str = "CERTIFICATE REQUEST";
@@ -14,7 +15,7 @@ pub const PRIVATE_KEY: &str = "PRIVATE KEY";
 #[derive(Debug, thiserror::Error)]
 pub enum PemError {
     #[error("malformed PEM: {0}")]
-    Malformed(String),
+    Malformed(#[from] pem::PemError),
     #[error("no {0} PEM block found")]
     Missing(&'static str),
     #[error("{count} {kind} PEM blocks found; expected exactly one")]
@@ -23,7 +24,8 @@ pub enum PemError {
     BadCertificate {
         index: usize,
         block: usize,
-        reason: String,
+        #[source]
+        reason: CertError,
     },
     #[error(
         "{0:?} keys are not supported: convert to PKCS#8 with \
@@ -31,14 +33,14 @@ pub enum PemError {
     )]
     LegacyKey(String),
     #[error("private key is not a usable PKCS#8 key: {0}")]
-    BadKey(String),
+    BadKey(#[source] rcgen::Error),
 }
 
 /// All `CERTIFICATE` blocks of a PEM file, in order, each checked to be
 /// well-formed X.509 (DER without trailing bytes). Other block types are
 /// ignored; a file without any certificate is an error.
 pub fn parse_certificates(input: &[u8]) -> Result<Vec<Vec<u8>>, PemError> {
-    let blocks = pem::parse_many(input).map_err(|e| PemError::Malformed(e.to_string()))?;
+    let blocks = pem::parse_many(input)?;
     let mut certs = Vec::new();
     for (block, pem) in blocks.into_iter().enumerate() {
         if pem.tag() != CERTIFICATE {
@@ -60,20 +62,13 @@ pub fn parse_certificates(input: &[u8]) -> Result<Vec<Vec<u8>>, PemError> {
 }
 
 /// Checks that `der` is exactly one well-formed X.509 certificate.
-pub fn check_certificate_der(der: &[u8]) -> Result<(), String> {
-    match X509Certificate::from_der(der) {
-        Ok(([], _)) => Ok(()),
-        Ok((rest, _)) => Err(format!(
-            "{} trailing bytes after the certificate",
-            rest.len()
-        )),
-        Err(e) => Err(e.to_string()),
-    }
+pub fn check_certificate_der(der: &[u8]) -> Result<(), CertError> {
+    cert::parse(der).map(drop)
 }
 
 /// The single block of type `kind` in `input`.
 pub fn parse_single(input: &[u8], kind: &'static str) -> Result<Vec<u8>, PemError> {
-    let blocks = pem::parse_many(input).map_err(|e| PemError::Malformed(e.to_string()))?;
+    let blocks = pem::parse_many(input)?;
     let mut found: Vec<_> = blocks.into_iter().filter(|p| p.tag() == kind).collect();
     match found.len() {
         0 => Err(PemError::Missing(kind)),
@@ -86,7 +81,7 @@ pub fn parse_single(input: &[u8], kind: &'static str) -> Result<Vec<u8>, PemErro
 /// PKCS#1 (`RSA PRIVATE KEY`) keys are refused with the command that
 /// converts them.
 pub fn parse_private_key(input: &[u8]) -> Result<KeyPair, PemError> {
-    let blocks = pem::parse_many(input).map_err(|e| PemError::Malformed(e.to_string()))?;
+    let blocks = pem::parse_many(input)?;
     let mut keys: Vec<_> = blocks
         .into_iter()
         .filter(|p| p.tag().ends_with(PRIVATE_KEY))
@@ -105,7 +100,7 @@ pub fn parse_private_key(input: &[u8]) -> Result<KeyPair, PemError> {
     if key.tag() != PRIVATE_KEY {
         return Err(PemError::LegacyKey(key.tag().to_string()));
     }
-    KeyPair::try_from(key.contents()).map_err(|e| PemError::BadKey(e.to_string()))
+    KeyPair::try_from(key.contents()).map_err(PemError::BadKey)
 }
 
 /// PEM text of one block, with `\n` line endings.

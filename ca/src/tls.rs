@@ -351,8 +351,14 @@ pub enum Accept {
     PathPrefix(String),
 }
 
+/// A verified peer whose identity an [`Accept`] does not let in; the
+/// message is the TLS rejection's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("peer identity {0} is not accepted here")]
+pub struct NotAccepted(pub SpiffeId);
+
 impl Accept {
-    fn check(&self, id: &SpiffeId) -> Result<(), String> {
+    fn check(&self, id: &SpiffeId) -> Result<(), NotAccepted> {
         let ok = match self {
             Accept::Any => true,
             Accept::Ids(ids) => ids.contains(id),
@@ -361,7 +367,7 @@ impl Accept {
         if ok {
             Ok(())
         } else {
-            Err(format!("peer identity {id} is not accepted here"))
+            Err(NotAccepted(id.clone()))
         }
     }
 }
@@ -523,9 +529,8 @@ impl ServerCertVerifier for SpiffeServerVerifier {
                             "the server presented no root with SHA-256 {root_sha256} (wrong broker, or a token of another mesh)"
                         ))
                     })?;
-                let bundle = TrustBundle::new(None, vec![root.clone()])
-                    .map_err(|e| tls_error(e.to_string()))?;
-                verify_svid(&chain, &bundle, to_time(now)).map_err(|e| tls_error(e.to_string()))?;
+                let bundle = TrustBundle::new(None, vec![root.clone()]).map_err(tls_error)?;
+                verify_svid(&chain, &bundle, to_time(now)).map_err(tls_error)?;
             }
         }
         Ok(ServerCertVerified::assertion())
@@ -775,7 +780,14 @@ mod tests {
                 .is_err()
         );
         assert!(Accept::Ids([id.clone()].into()).check(&id).is_ok());
-        assert!(Accept::Ids(BTreeSet::new()).check(&id).is_err());
+        assert_eq!(
+            Accept::Ids(BTreeSet::new())
+                .check(&id)
+                .unwrap_err()
+                .to_string(),
+            "peer identity spiffe://td/strait/cluster/east is not accepted here",
+            "the TLS rejection's text"
+        );
     }
 
     #[test]

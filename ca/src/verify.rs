@@ -12,7 +12,7 @@ use x509_parser::extensions::ParsedExtension;
 use x509_parser::prelude::X509Certificate;
 
 use crate::bundle::TrustBundle;
-use crate::cert;
+use crate::cert::{self, CertError};
 use crate::spiffe::SpiffeId;
 
 /// Longest chain looked at (leaf + intermediates); deeper is refused.
@@ -58,7 +58,7 @@ impl fmt::Display for CertRef {
 pub enum Reason {
     EmptyChain,
     ChainTooLong(usize),
-    Malformed(String),
+    Malformed(CertError),
     Expired { not_after: String },
     NotYetValid { not_before: String },
     NotCa,
@@ -317,10 +317,10 @@ fn check_validity(c: &X509Certificate<'_>, now: OffsetDateTime) -> Result<(), Re
 fn check_critical_extensions(c: &X509Certificate<'_>) -> Result<(), Reason> {
     for ext in c.extensions() {
         if let ParsedExtension::ParseError { error } = ext.parsed_extension() {
-            return Err(Reason::Malformed(format!(
-                "extension {}: {error}",
-                ext.oid.to_id_string()
-            )));
+            return Err(Reason::Malformed(CertError::Extension {
+                oid: ext.oid.to_id_string(),
+                source: Box::new(error.clone()),
+            }));
         }
         if !ext.critical {
             continue;
@@ -362,7 +362,7 @@ fn check_leaf(c: &X509Certificate<'_>) -> Result<SpiffeId, Reason> {
                 "no keyUsage extension (digitalSignature is required)".into(),
             ));
         }
-        Err(e) => return Err(Reason::Malformed(format!("keyUsage: {e}"))),
+        Err(e) => return Err(Reason::Malformed(CertError::KeyUsage(e))),
     }
     let sans = cert::sans(c).map_err(Reason::Malformed)?;
     match cert::spiffe_id(&sans) {
@@ -371,7 +371,7 @@ fn check_leaf(c: &X509Certificate<'_>) -> Result<SpiffeId, Reason> {
         ))),
         Ok(Some(id)) => Ok(id),
         Ok(None) => Err(Reason::NoSpiffeId),
-        Err(e) => Err(Reason::BadSpiffeId(e)),
+        Err(e) => Err(Reason::BadSpiffeId(e.to_string())),
     }
 }
 
@@ -386,7 +386,7 @@ fn check_ca(c: &X509Certificate<'_>, cas_below: u32, leaf: &SpiffeId) -> Result<
     match c.key_usage() {
         Ok(Some(ku)) if ku.value.key_cert_sign() => {}
         Ok(_) => return Err(Reason::MissingKeyCertSign),
-        Err(e) => return Err(Reason::Malformed(format!("keyUsage: {e}"))),
+        Err(e) => return Err(Reason::Malformed(CertError::KeyUsage(e))),
     }
     if let Some(path_len) = path_len
         && cas_below > path_len

@@ -29,7 +29,8 @@ use std::sync::Arc;
 use serde_json::Value;
 use strait_broker_client::agent::{Agent, AgentConfig, Exports, Imports};
 use strait_broker_client::client::{BROKER_FILE, BrokerInfo};
-use strait_model::mesh::{ClusterInfo, GatewayAddress, Locality, Network};
+use strait_ca::spiffe::SpiffeIdError;
+use strait_model::mesh::{ClusterInfo, GatewayAddress, Locality, ModelError, Network};
 use tokio::sync::watch;
 
 use strait_model::ImportObjects;
@@ -93,33 +94,71 @@ pub struct LinkConfig {
     pub leaf_ttl_max: std::time::Duration,
 }
 
+/// Why the link could not start: `broker.json` could not be read, or
+/// does not describe this cluster validly.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error(
+        "{}: {source} (not a joined cluster directory: run with --join-token first)",
+        path.display()
+    )]
+    NotJoined {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    BrokerFile {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    ClusterName(SpiffeIdError),
+    #[error(transparent)]
+    TrustDomain(SpiffeIdError),
+    /// The network or the locality.
+    #[error(transparent)]
+    Topology(ModelError),
+    #[error("gateway {gateway:?}: {source}")]
+    Gateway {
+        gateway: String,
+        #[source]
+        source: ModelError,
+    },
+}
+
 /// Reads `broker.json` of a joined cluster directory.
-pub fn broker_info(state_dir: &Path) -> Result<BrokerInfo, String> {
+pub fn broker_info(state_dir: &Path) -> Result<BrokerInfo, LinkError> {
     let path = state_dir.join(BROKER_FILE);
-    let bytes = std::fs::read(&path).map_err(|e| {
-        format!(
-            "{}: {e} (not a joined cluster directory: run with --join-token first)",
-            path.display()
-        )
-    })?;
-    serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(source) => return Err(LinkError::NotJoined { path, source }),
+    };
+    serde_json::from_slice(&bytes).map_err(|source| LinkError::BrokerFile { path, source })
 }
 
 /// This cluster as an importer sees itself.
-pub fn cluster_info(info: &BrokerInfo, gateways: &[String]) -> Result<ClusterInfo, String> {
+pub fn cluster_info(info: &BrokerInfo, gateways: &[String]) -> Result<ClusterInfo, LinkError> {
     Ok(ClusterInfo {
-        name: strait_ca::ClusterName::new(&info.cluster).map_err(|e| e.to_string())?,
-        network: Network::new(&info.network).map_err(|e| e.to_string())?,
+        name: strait_ca::ClusterName::new(&info.cluster).map_err(LinkError::ClusterName)?,
+        network: Network::new(&info.network).map_err(LinkError::Topology)?,
         locality: if info.locality.is_empty() {
             None
         } else {
-            Some(Locality::parse(&info.locality).map_err(|e| e.to_string())?)
+            Some(Locality::parse(&info.locality).map_err(LinkError::Topology)?)
         },
         gateways: gateways
             .iter()
-            .map(|g| GatewayAddress::parse(g).map_err(|e| format!("gateway {g:?}: {e}")))
+            .map(|g| {
+                GatewayAddress::parse(g).map_err(|source| LinkError::Gateway {
+                    gateway: g.clone(),
+                    source,
+                })
+            })
             .collect::<Result<_, _>>()?,
-        trust_domain: strait_ca::TrustDomain::new(&info.trust_domain).map_err(|e| e.to_string())?,
+        trust_domain: strait_ca::TrustDomain::new(&info.trust_domain)
+            .map_err(LinkError::TrustDomain)?,
     })
 }
 
@@ -225,7 +264,7 @@ pub fn spawn(
     cfg: LinkConfig,
     mut config: watch::Receiver<Arc<Config>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(watch::Receiver<Imports>, tokio::task::JoinHandle<()>), String> {
+) -> Result<(watch::Receiver<Imports>, tokio::task::JoinHandle<()>), LinkError> {
     let info = broker_info(&cfg.state_dir)?;
     let me = cluster_info(&info, &cfg.gateways)?;
     let config_dir = cfg.sink.config_dir().map(Path::to_path_buf);
@@ -362,17 +401,36 @@ impl Writer {
     }
 }
 
+/// Why the imports file could not be written.
+#[derive(Debug, thiserror::Error)]
+enum WriteError {
+    #[error(transparent)]
+    Yaml(#[from] strait_model::imports::ImportError),
+    #[error("{}: {source}", dir.display())]
+    Dir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Write(#[from] strait_ca::layout::LayoutError),
+}
+
+/// Writes `objects` to `out` (in `out_dir`, created if need be).
+fn write_yaml(out_dir: &Path, out: &Path, objects: &ImportObjects) -> Result<(), WriteError> {
+    let yaml = objects.to_yaml()?;
+    std::fs::create_dir_all(out_dir).map_err(|source| WriteError::Dir {
+        dir: out_dir.to_path_buf(),
+        source,
+    })?;
+    strait_ca::layout::write_public(out, &yaml)?;
+    Ok(())
+}
+
 fn write_file(config_dir: &Path, objects: &ImportObjects, imports: &Imports) -> bool {
     let out_dir = config_dir.join(IMPORTED_DIR);
     let out = out_dir.join(IMPORTS_FILE);
-    let write = objects
-        .to_yaml()
-        .map_err(|e| e.to_string())
-        .and_then(|yaml| {
-            std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
-            strait_ca::layout::write_public(&out, &yaml).map_err(|e| e.to_string())
-        });
-    match write {
+    match write_yaml(&out_dir, &out, objects) {
         Ok(()) => {
             tracing::info!(
                 revision = imports.revision,

@@ -29,7 +29,9 @@ use std::sync::Arc;
 use serde_json::Value;
 use strait_ca::{ClusterName, TrustDomain};
 use strait_model::imports::vips::VipRange;
-use strait_model::mesh::{ClusterInfo, GatewayAddress, Locality, Network, RemoteService};
+use strait_model::mesh::{
+    ClusterInfo, GatewayAddress, Locality, ModelError, Network, RemoteService,
+};
 
 use crate::link::is_managed;
 use crate::source::{Config, Object, ObjectKey, check};
@@ -82,6 +84,26 @@ fn label<'a>(doc: &'a Value, name: &str) -> Option<&'a str> {
     doc["metadata"]["labels"][name].as_str()
 }
 
+/// Why a remote cluster's network or gateways could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("remote {cluster}: Namespace {SYSTEM_NAMESPACE} label {NETWORK_LABEL}: {source}")]
+    Network {
+        cluster: ClusterName,
+        #[source]
+        source: ModelError,
+    },
+    #[error("remote {cluster}: gateway Service {service}: {address:?}: {source}")]
+    Gateway {
+        cluster: ClusterName,
+        /// The Service's key (`Service <namespace>/<name>`).
+        service: String,
+        address: String,
+        #[source]
+        source: ModelError,
+    },
+}
+
 /// A remote cluster as the mesh sees it, from its config: network from
 /// its `strait-system` Namespace (default `default_network`), gateways
 /// from its network gateway Services; locality unset (its workloads name
@@ -91,7 +113,7 @@ pub fn remote_info(
     trust_domain: &TrustDomain,
     default_network: &Network,
     config: &Config,
-) -> Result<ClusterInfo, String> {
+) -> Result<ClusterInfo, RemoteError> {
     let ns_key = ObjectKey {
         kind: "Namespace".into(),
         namespace: String::new(),
@@ -102,8 +124,9 @@ pub fn remote_info(
         .get(&ns_key)
         .and_then(|o| label(&o.value, NETWORK_LABEL))
     {
-        Some(n) => Network::new(n).map_err(|e| {
-            format!("remote {name}: Namespace {SYSTEM_NAMESPACE} label {NETWORK_LABEL}: {e}")
+        Some(n) => Network::new(n).map_err(|source| RemoteError::Network {
+            cluster: name.clone(),
+            source,
         })?,
         None => default_network.clone(),
     };
@@ -134,8 +157,12 @@ pub fn remote_info(
             });
         for host in external.chain(ingress).filter_map(Value::as_str) {
             let addr = format!("{host}:{GATEWAY_PORT}");
-            let gw = GatewayAddress::parse(&addr)
-                .map_err(|e| format!("remote {name}: gateway Service {key}: {addr:?}: {e}"))?;
+            let gw = GatewayAddress::parse(&addr).map_err(|source| RemoteError::Gateway {
+                cluster: name.clone(),
+                service: key.to_string(),
+                address: addr.clone(),
+                source,
+            })?;
             if !gateways.contains(&gw) {
                 gateways.push(gw);
             }
@@ -348,7 +375,9 @@ spec:\n  address: {address}\n  labels: {{app: echo, version: {version}}}\n  serv
             )]),
             rejections: Vec::new(),
         };
-        let e = remote_info(&remote_name(), &td(), &primary_net, &bad).unwrap_err();
+        let e = remote_info(&remote_name(), &td(), &primary_net, &bad)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("topology.istio.io/network"), "{e}");
     }
 

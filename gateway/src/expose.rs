@@ -14,7 +14,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
 use strait_io::splice;
 
@@ -72,25 +71,30 @@ impl ExposeMetrics {
     }
 }
 
-/// Serves until `shutdown` flips; live connections finish on their own.
+/// Serves until the drain starts; live connections finish (counted by
+/// the drain) until its deadline.
 pub async fn serve(
     listener: TcpListener,
     config: ExposeConfig,
     metrics: ExposeMetrics,
-    mut shutdown: watch::Receiver<bool>,
+    drain: strait_runtime::drain::Watch,
 ) {
     let config = Arc::new(config);
     let mut listener = strait_runtime::accept::Acceptor::new(listener, "exposed control plane");
     loop {
         let (tcp, peer) = tokio::select! {
             c = listener.accept() => c,
-            _ = shutdown.changed() => return,
+            () = drain.draining() => return,
         };
         let _ = tcp.set_nodelay(true);
         let config = config.clone();
         let metrics = metrics.clone();
+        let drain = drain.clone();
         tokio::spawn(async move {
-            let outcome = handle(tcp, &config).await;
+            let _open = drain.guard();
+            let Some(outcome) = drain.until_killed(handle(tcp, &config)).await else {
+                return;
+            };
             metrics.count(outcome.0, outcome.1);
             tracing::debug!(%peer, outcome = outcome.0, reason = outcome.1, "control plane connection");
         });
@@ -150,18 +154,18 @@ mod tests {
         (addr, rx)
     }
 
-    async fn exposed(upstream: String) -> (String, ExposeMetrics, watch::Sender<bool>) {
+    async fn exposed(upstream: String) -> (String, ExposeMetrics, strait_runtime::drain::Trigger) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
         let metrics = ExposeMetrics::new(&mut Registry::default());
-        let (stop, stop_rx) = watch::channel(false);
+        let (stop, drain) = strait_runtime::drain::channel();
         let config = ExposeConfig {
             upstream,
             hello_timeout: Duration::from_millis(300),
             connect_timeout: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(5),
         };
-        tokio::spawn(serve(l, config, metrics.clone(), stop_rx));
+        tokio::spawn(serve(l, config, metrics.clone(), drain));
         (addr, metrics, stop)
     }
 

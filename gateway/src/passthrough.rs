@@ -129,9 +129,8 @@ impl Metrics {
     }
 
     /// Counts one incoming tunnel up until the guard drops.
-    pub(crate) fn tunnel_up(&self) -> TunnelGuard {
-        self.tunnels_active.inc();
-        TunnelGuard(self.tunnels_active.clone())
+    pub(crate) fn tunnel_up(&self) -> GaugeGuard {
+        GaugeGuard::up(&self.tunnels_active)
     }
 
     pub(crate) fn count_tunnel(&self, outcome: &'static str, reason: &'static str) {
@@ -159,44 +158,52 @@ impl Metrics {
     }
 }
 
-/// Decrements the active-tunnel gauge when a tunnel ends.
-pub(crate) struct TunnelGuard(Gauge);
+/// Counts one up on a gauge until dropped (an open tunnel or splice).
+pub(crate) struct GaugeGuard(Gauge);
 
-impl Drop for TunnelGuard {
+impl GaugeGuard {
+    fn up(gauge: &Gauge) -> Self {
+        gauge.inc();
+        GaugeGuard(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
     fn drop(&mut self) {
         self.0.dec();
     }
 }
 
-/// Serves until the listener task is dropped (or `shutdown` flips), then
-/// stops accepting; live connections finish on their own.
+/// Serves until the drain starts, then stops accepting; live connections
+/// finish (each counted by the drain) until the drain deadline.
 pub async fn serve(
     listener: TcpListener,
     table: watch::Receiver<Arc<RouteTable>>,
     config: Config,
     metrics: Metrics,
-    mut shutdown: watch::Receiver<bool>,
+    drain: strait_runtime::drain::Watch,
 ) {
     let mut listener = strait_runtime::accept::Acceptor::new(listener, "passthrough");
     loop {
         let (tcp, peer) = tokio::select! {
             c = listener.accept() => c,
-            _ = shutdown.changed() => return,
+            () = drain.draining() => return,
         };
         let _ = tcp.set_nodelay(true);
         let table = table.borrow().clone();
         let config = config.clone();
         let metrics = metrics.clone();
+        let drain = drain.clone();
         tokio::spawn(async move {
+            let _open = drain.guard();
             let span = tracing::debug_span!(
                 "passthrough",
                 %peer,
                 sni = tracing::field::Empty,
                 target = tracing::field::Empty,
             );
-            handle(tcp, peer, &table, &config, &metrics)
-                .instrument(span)
-                .await;
+            let handled = handle(tcp, peer, &table, &config, &metrics).instrument(span);
+            drain.until_killed(handled).await;
         });
     }
 }
@@ -333,12 +340,12 @@ pub async fn forward<S>(
     drop(buf);
     // Splice.
     metrics.count("spliced", "ok");
-    metrics.active.inc();
+    let active = GaugeGuard::up(&metrics.active);
     let service = ServiceLabel {
         service: target.host.clone(),
     };
     let (up, down) = splice(client, upstream, config.idle_timeout).await;
-    metrics.active.dec();
+    drop(active);
     metrics
         .bytes_sent
         .get_or_create(&service)

@@ -201,6 +201,22 @@ impl RouteError {
     }
 }
 
+/// A routing table file whose entries do not hold together.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TableError {
+    /// The service (its host) lacks a host or ports.
+    #[error("service {0:?}: host and ports are required")]
+    Incomplete(String),
+    #[error("service {0:?} is listed twice")]
+    DuplicateService(String),
+    #[error("remote {0:?}: no gateway")]
+    NoGateway(String),
+    #[error("remote {host:?}: gateway {gateway:?} is not host:port")]
+    BadGateway { host: String, gateway: String },
+    #[error("remote {0:?} is listed twice")]
+    DuplicateRemote(String),
+}
+
 /// The routing table, ready for lookups.
 #[derive(Debug, Default)]
 pub struct RouteTable {
@@ -210,33 +226,36 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    pub fn new(file: RoutesFile) -> Result<Self, String> {
+    pub fn new(file: RoutesFile) -> Result<Self, TableError> {
         let mut services = BTreeMap::new();
         for s in file.services {
             let host = s.host.to_ascii_lowercase();
             if host.is_empty() || s.ports.is_empty() {
-                return Err(format!("service {host:?}: host and ports are required"));
+                return Err(TableError::Incomplete(host));
             }
             if services.insert(host.clone(), s).is_some() {
-                return Err(format!("service {host:?} is listed twice"));
+                return Err(TableError::DuplicateService(host));
             }
         }
         let mut remote = BTreeMap::new();
         for r in file.remote {
             let host = r.host.to_ascii_lowercase();
             if r.gateways.is_empty() {
-                return Err(format!("remote {host:?}: no gateway"));
+                return Err(TableError::NoGateway(host));
             }
             for g in &r.gateways {
                 let ok = g
                     .rsplit_once(':')
                     .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
                 if !ok {
-                    return Err(format!("remote {host:?}: gateway {g:?} is not host:port"));
+                    return Err(TableError::BadGateway {
+                        host,
+                        gateway: g.clone(),
+                    });
                 }
             }
             if remote.insert(host.clone(), r.gateways).is_some() {
-                return Err(format!("remote {host:?} is listed twice"));
+                return Err(TableError::DuplicateRemote(host));
             }
         }
         Ok(RouteTable {
@@ -492,7 +511,12 @@ services:
             "services:\n- {host: a, ports: [1], endpoints: []}\n- {host: a, ports: [1], endpoints: []}\n",
         )
         .unwrap();
-        assert!(RouteTable::new(dup).unwrap_err().contains("twice"));
+        assert!(
+            RouteTable::new(dup)
+                .unwrap_err()
+                .to_string()
+                .contains("twice")
+        );
         assert!(
             serde_saphyr::from_str::<RoutesFile>(
                 "services:\n- {host: a, ports: [1], endpoints: [], typo: 1}\n"

@@ -80,7 +80,7 @@ pub enum HeaderError {
     #[error("tunnel header is empty")]
     Empty,
     #[error("tunnel header is not a valid TunnelHeader: {0}")]
-    Decode(String),
+    Decode(#[source] prost::DecodeError),
     #[error("tunnel header has no target")]
     NoTarget,
     #[error("reading the tunnel header: {0}")]
@@ -101,7 +101,7 @@ pub fn decode_header(body: &[u8]) -> Result<TunnelHeader, HeaderError> {
     if body.is_empty() {
         return Err(HeaderError::Empty);
     }
-    let h = TunnelHeader::decode(body).map_err(|e| HeaderError::Decode(e.to_string()))?;
+    let h = TunnelHeader::decode(body).map_err(HeaderError::Decode)?;
     if h.target.is_empty() {
         return Err(HeaderError::NoTarget);
     }
@@ -125,6 +125,48 @@ pub async fn read_header<R: AsyncRead + Unpin>(r: &mut R) -> Result<TunnelHeader
     decode_header(&body)
 }
 
+/// Why a tunnel could not be set up or reached.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// The rustls config offers no cipher suite QUIC can start with.
+    #[error(transparent)]
+    Crypto(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+    #[error("tunnel to {addr}: backing off for {} ms after a failure", .wait.as_millis())]
+    BackingOff { addr: SocketAddr, wait: Duration },
+    #[error("tunnel to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: quinn::ConnectError,
+    },
+    #[error("tunnel to {addr}: handshake timed out")]
+    HandshakeTimeout { addr: SocketAddr },
+    /// The handshake failed, or the connection could not open a stream.
+    #[error("tunnel to {addr}: {source}")]
+    Connection {
+        addr: SocketAddr,
+        #[source]
+        source: quinn::ConnectionError,
+    },
+}
+
+/// Why a remote gateway's `host:port` gave no address.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("{0:?} is not host:port")]
+    NotHostPort(String),
+    #[error("no DNS resolver")]
+    NoResolver,
+    #[error("{host}: {source}")]
+    Lookup {
+        host: String,
+        #[source]
+        source: hickory_resolver::net::NetError,
+    },
+    #[error("{0}: no address")]
+    NoAddress(String),
+}
+
 /// The QUIC transport settings both sides use.
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
@@ -138,20 +180,18 @@ fn transport() -> Arc<quinn::TransportConfig> {
 }
 
 /// A QUIC server config from a rustls one (TLS 1.3, ALPN set here).
-pub fn server_config(mut tls: rustls::ServerConfig) -> Result<quinn::ServerConfig, String> {
+pub fn server_config(mut tls: rustls::ServerConfig) -> Result<quinn::ServerConfig, TunnelError> {
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto =
-        quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| e.to_string())?;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut c = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     c.transport_config(transport());
     Ok(c)
 }
 
 /// A QUIC client config from a rustls one.
-pub fn client_config(mut tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, String> {
+pub fn client_config(mut tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, TunnelError> {
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto =
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut c = quinn::ClientConfig::new(Arc::new(crypto));
     c.transport_config(transport());
     Ok(c)
@@ -328,22 +368,25 @@ impl Pool {
 
     /// The addresses of `host:port` (an IP literal, or a DNS name resolved
     /// with hickory; answers are cached for their TTL).
-    pub async fn resolve(&self, gateway: &str) -> Result<Vec<SocketAddr>, String> {
+    pub async fn resolve(&self, gateway: &str) -> Result<Vec<SocketAddr>, ResolveError> {
         if let Ok(a) = gateway.parse::<SocketAddr>() {
             return Ok(vec![a]);
         }
         let (host, port) = gateway
             .rsplit_once(':')
             .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
-            .ok_or_else(|| format!("{gateway:?} is not host:port"))?;
-        let resolver = self.resolver.as_ref().ok_or("no DNS resolver")?;
+            .ok_or_else(|| ResolveError::NotHostPort(gateway.to_string()))?;
+        let resolver = self.resolver.as_ref().ok_or(ResolveError::NoResolver)?;
         let ips = resolver
             .lookup_ip(host)
             .await
-            .map_err(|e| format!("{host}: {e}"))?;
+            .map_err(|source| ResolveError::Lookup {
+                host: host.to_string(),
+                source,
+            })?;
         let addrs: Vec<SocketAddr> = ips.iter().map(|ip| SocketAddr::new(ip, port)).collect();
         if addrs.is_empty() {
-            return Err(format!("{host}: no address"));
+            return Err(ResolveError::NoAddress(host.to_string()));
         }
         Ok(addrs)
     }
@@ -357,7 +400,7 @@ impl Pool {
     pub async fn open(
         &self,
         addr: SocketAddr,
-    ) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), TunnelError> {
         let mut conns = self.conns.lock().await;
         if let Some(c) = conns.get(&addr)
             && c.close_reason().is_none()
@@ -375,10 +418,7 @@ impl Pool {
             .or_default()
             .ready(now)
         {
-            return Err(format!(
-                "tunnel to {addr}: backing off for {} ms after a failure",
-                wait.as_millis()
-            ));
+            return Err(TunnelError::BackingOff { addr, wait });
         }
         let conn = match self.dial(addr).await {
             Ok(c) => {
@@ -404,13 +444,13 @@ impl Pool {
         let s = conn
             .open_bi()
             .await
-            .map_err(|e| format!("tunnel to {addr}: {e}"))?;
+            .map_err(|source| TunnelError::Connection { addr, source })?;
         conns.insert(addr, conn);
         Ok(s)
     }
 
     /// A new tunnel to `addr`, closed when its peer stops verifying.
-    async fn dial(&self, addr: SocketAddr) -> Result<quinn::Connection, String> {
+    async fn dial(&self, addr: SocketAddr) -> Result<quinn::Connection, TunnelError> {
         let watch = TrustWatch::new(&self.trust);
         let config = self
             .client
@@ -420,11 +460,11 @@ impl Pool {
         let connecting = self
             .endpoint
             .connect_with(config, addr, "gateway.strait.internal")
-            .map_err(|e| format!("tunnel to {addr}: {e}"))?;
+            .map_err(|source| TunnelError::Connect { addr, source })?;
         let conn = tokio::time::timeout(Duration::from_secs(5), connecting)
             .await
-            .map_err(|_| format!("tunnel to {addr}: handshake timed out"))?
-            .map_err(|e| format!("tunnel to {addr}: {e}"))?;
+            .map_err(|_| TunnelError::HandshakeTimeout { addr })?
+            .map_err(|source| TunnelError::Connection { addr, source })?;
         tokio::spawn(close_when_untrusted(
             conn.clone(),
             watch,

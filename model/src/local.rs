@@ -12,7 +12,8 @@ use serde_json::Value;
 
 use crate::export::{self, ObjectKind, ObjectRef};
 use crate::mesh::{
-    ExportedService, LocalService, Locality, LocalityEndpoints, Protocol, ServiceKey, ServicePort,
+    ExportTo, ExportedService, LocalService, Locality, LocalityEndpoints, ModelError, Protocol,
+    ServiceKey, ServicePort,
 };
 
 /// The exports found, and the objects that were refused (one message each).
@@ -20,6 +21,24 @@ use crate::mesh::{
 pub struct LocalExports {
     pub exports: Vec<ExportedService>,
     pub errors: Vec<String>,
+}
+
+/// Why a `Service` object does not make an export (reported after the
+/// object's kind, namespace and name).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum ServiceError {
+    #[error("spec.ports is missing")]
+    NoPorts,
+    #[error("spec.ports[{index}].port is not a port number")]
+    PortNumber { index: usize },
+    #[error("spec.ports[{index}]: {source}")]
+    Port {
+        index: usize,
+        #[source]
+        source: ModelError,
+    },
+    #[error(transparent)]
+    Model(#[from] ModelError),
 }
 
 struct Workload {
@@ -52,33 +71,33 @@ fn meta(doc: &Value) -> (String, String) {
 
 /// The protocol of a Service port, as Istio selects it: `appProtocol`,
 /// then the port name's prefix, else TCP.
-fn port_protocol(port: &Value) -> Result<Protocol, String> {
+fn port_protocol(port: &Value) -> Result<Protocol, ModelError> {
     if let Some(app) = port["appProtocol"].as_str() {
-        return Protocol::parse(app).map_err(|e| e.to_string());
+        return Protocol::parse(app);
     }
     let name = port["name"].as_str().unwrap_or_default();
     Ok(Protocol::from_port_name(name).unwrap_or(Protocol::Tcp))
 }
 
-fn service_ports(doc: &Value) -> Result<Vec<ServicePort>, String> {
+fn service_ports(doc: &Value) -> Result<Vec<ServicePort>, ServiceError> {
     let ports = doc["spec"]["ports"]
         .as_array()
-        .ok_or("spec.ports is missing")?;
+        .ok_or(ServiceError::NoPorts)?;
     ports
         .iter()
         .enumerate()
-        .map(|(i, p)| {
+        .map(|(index, p)| {
             let number = p["port"]
                 .as_u64()
                 .and_then(|n| u16::try_from(n).ok())
-                .ok_or_else(|| format!("spec.ports[{i}].port is not a port number"))?;
+                .ok_or(ServiceError::PortNumber { index })?;
             let name = p["name"]
                 .as_str()
                 .map_or_else(|| format!("port-{number}"), str::to_string);
             let target = p["targetPort"].as_u64().and_then(|n| u16::try_from(n).ok());
-            let protocol = port_protocol(p).map_err(|e| format!("spec.ports[{i}]: {e}"))?;
-            ServicePort::new(&name, number, protocol, target)
-                .map_err(|e| format!("spec.ports[{i}]: {e}"))
+            port_protocol(p)
+                .and_then(|protocol| ServicePort::new(&name, number, protocol, target))
+                .map_err(|source| ServiceError::Port { index, source })
         })
         .collect()
 }
@@ -159,53 +178,7 @@ pub fn local_exports(docs: &[Value]) -> LocalExports {
                 continue;
             }
         };
-        let built = (|| -> Result<ExportedService, String> {
-            let key = ServiceKey::new(&ns, &name).map_err(|e| e.to_string())?;
-            let mut s = ExportedService::new(key, service_ports(doc)?);
-            s.labels = str_map(doc["metadata"].get("labels"));
-            s.export_to = export_to;
-            let selector = str_map(doc["spec"].get("selector"));
-            let mut by_locality: BTreeMap<Option<Locality>, u32> = BTreeMap::new();
-            let mut accounts = BTreeSet::new();
-            let mut addresses = BTreeSet::new();
-            let mut shared: Option<BTreeMap<String, String>> = None;
-            for w in workloads.iter().filter(|w| {
-                w.namespace == ns
-                    && !selector.is_empty()
-                    && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
-            }) {
-                *by_locality.entry(w.locality.clone()).or_default() += 1;
-                accounts.insert(w.service_account.clone());
-                shared = Some(match shared.take() {
-                    None => w.labels.clone(),
-                    Some(mut s) => {
-                        s.retain(|k, v| w.labels.get(k) == Some(v));
-                        s
-                    }
-                });
-                addresses.insert(w.address.clone());
-            }
-            s.endpoints = by_locality
-                .into_iter()
-                .map(|(locality, n)| LocalityEndpoints {
-                    locality,
-                    healthy: n,
-                    total: n,
-                })
-                .collect();
-            s.service_accounts = accounts;
-            // The selector's own labels say nothing an importer's selector
-            // does not already say.
-            s.endpoint_labels = shared
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|(k, _)| !selector.contains_key(k))
-                .collect();
-            s.addresses = addresses.into_iter().collect();
-            s.validate().map_err(|e| e.to_string())?;
-            Ok(s)
-        })();
-        match built {
+        match exported_service(doc, &ns, &name, export_to, &workloads) {
             Ok(s) => out.exports.push(s),
             Err(e) => out.errors.push(format!("{object}: {e}")),
         }
@@ -215,6 +188,62 @@ pub fn local_exports(docs: &[Value]) -> LocalExports {
             .push(format!("{r}: no Service of that name in its namespace"));
     }
     out
+}
+
+/// The export of one `Service` object: its ports and labels, and the
+/// endpoints, service accounts and shared labels of the workloads its
+/// selector picks in its namespace.
+fn exported_service(
+    doc: &Value,
+    ns: &str,
+    name: &str,
+    export_to: ExportTo,
+    workloads: &[Workload],
+) -> Result<ExportedService, ServiceError> {
+    let key = ServiceKey::new(ns, name)?;
+    let mut s = ExportedService::new(key, service_ports(doc)?);
+    s.labels = str_map(doc["metadata"].get("labels"));
+    s.export_to = export_to;
+    let selector = str_map(doc["spec"].get("selector"));
+    let mut by_locality: BTreeMap<Option<Locality>, u32> = BTreeMap::new();
+    let mut accounts = BTreeSet::new();
+    let mut addresses = BTreeSet::new();
+    let mut shared: Option<BTreeMap<String, String>> = None;
+    for w in workloads.iter().filter(|w| {
+        w.namespace == ns
+            && !selector.is_empty()
+            && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+    }) {
+        *by_locality.entry(w.locality.clone()).or_default() += 1;
+        accounts.insert(w.service_account.clone());
+        shared = Some(match shared.take() {
+            None => w.labels.clone(),
+            Some(mut s) => {
+                s.retain(|k, v| w.labels.get(k) == Some(v));
+                s
+            }
+        });
+        addresses.insert(w.address.clone());
+    }
+    s.endpoints = by_locality
+        .into_iter()
+        .map(|(locality, n)| LocalityEndpoints {
+            locality,
+            healthy: n,
+            total: n,
+        })
+        .collect();
+    s.service_accounts = accounts;
+    // The selector's own labels say nothing an importer's selector
+    // does not already say.
+    s.endpoint_labels = shared
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, _)| !selector.contains_key(k))
+        .collect();
+    s.addresses = addresses.into_iter().collect();
+    s.validate()?;
+    Ok(s)
 }
 
 /// The `Service`s of a set of objects as an importer needs them (key,

@@ -120,8 +120,49 @@ pub const MAX_SERVICE_LEN: usize = 1024;
 
 /// A bad [`ENV`] value; it names the entry and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{ENV}: {0}")]
-pub struct ProbeError(String);
+pub enum ProbeError {
+    #[error("{ENV}: {0} bytes, more than {MAX_LEN}")]
+    TooLong(usize),
+    /// Not JSON of the expected shape: serde's message (its error is
+    /// neither `Clone` nor `Eq`).
+    #[error("{ENV}: not valid: {0}")]
+    Json(String),
+    #[error("{ENV}: {0} probes, more than {MAX_PROBES}")]
+    TooMany(usize),
+    #[error("{ENV}: {path:?}: {problem}")]
+    Entry {
+        path: String,
+        #[source]
+        problem: EntryError,
+    },
+}
+
+/// What is wrong with one probe entry (its path or its probe).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EntryError {
+    #[error("the path does not start with {PATH_PREFIX}")]
+    PathPrefix,
+    #[error("the path needs a name after the prefix, of printable characters with no '?' or '#'")]
+    PathName,
+    #[error("timeoutSeconds {0} is not between 1 and {MAX_TIMEOUT_SECONDS}")]
+    Timeout(u32),
+    /// None or several of `httpGet`, `tcpSocket` and `grpc`.
+    #[error("{0}")]
+    Action(&'static str),
+    /// The action (`httpGet`, `tcpSocket`, `grpc`) whose port is 0.
+    #[error("{0}.port is 0")]
+    ZeroPort(&'static str),
+    #[error("httpGet.path {0:?} does not start with '/' or has spaces or control characters")]
+    HttpPath(String),
+    #[error("httpGet.scheme {0:?} is neither HTTP nor HTTPS")]
+    Scheme(String),
+    #[error("header name {0:?} is not an HTTP token")]
+    HeaderName(String),
+    #[error("header {0} has a control character in its value")]
+    HeaderValue(String),
+    #[error("grpc.service is longer than {MAX_SERVICE_LEN} bytes")]
+    GrpcService,
+}
 
 /// The probes a sidecar answers, by path.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,28 +182,22 @@ impl AppProbers {
     /// Reads and checks an [`ENV`] value.
     pub fn parse(text: &str) -> Result<Self, ProbeError> {
         if text.len() > MAX_LEN {
-            return Err(ProbeError(format!(
-                "{} bytes, more than {MAX_LEN}",
-                text.len()
-            )));
+            return Err(ProbeError::TooLong(text.len()));
         }
         let probers: AppProbers =
-            serde_json::from_str(text).map_err(|e| ProbeError(format!("not valid: {e}")))?;
+            serde_json::from_str(text).map_err(|e| ProbeError::Json(e.to_string()))?;
         if probers.0.len() > MAX_PROBES {
-            return Err(ProbeError(format!(
-                "{} probes, more than {MAX_PROBES}",
-                probers.0.len()
-            )));
+            return Err(ProbeError::TooMany(probers.0.len()));
         }
         for (path, probe) in &probers.0 {
-            check(path, probe).map_err(|why| ProbeError(format!("{path:?}: {why}")))?;
+            check_entry(path, probe)?;
         }
         Ok(probers)
     }
 
     /// Adds a probe; the same checks as [`AppProbers::parse`].
     pub fn insert(&mut self, path: String, probe: AppProbe) -> Result<(), ProbeError> {
-        check(&path, &probe).map_err(|why| ProbeError(format!("{path:?}: {why}")))?;
+        check_entry(&path, &probe)?;
         self.0.insert(path, probe);
         Ok(())
     }
@@ -197,67 +232,60 @@ pub fn path_for(container: &str, kind: &str) -> String {
     format!("{PATH_PREFIX}{container}/{kind}")
 }
 
-fn check(path: &str, probe: &AppProbe) -> Result<(), String> {
+fn check_entry(path: &str, probe: &AppProbe) -> Result<(), ProbeError> {
+    check(path, probe).map_err(|problem| ProbeError::Entry {
+        path: path.to_string(),
+        problem,
+    })
+}
+
+fn check(path: &str, probe: &AppProbe) -> Result<(), EntryError> {
     let rest = path
         .strip_prefix(PATH_PREFIX)
-        .ok_or_else(|| format!("the path does not start with {PATH_PREFIX}"))?;
+        .ok_or(EntryError::PathPrefix)?;
     if rest.is_empty()
         || !rest
             .bytes()
             .all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#')
     {
-        return Err(
-            "the path needs a name after the prefix, of printable characters with no '?' or '#'"
-                .into(),
-        );
+        return Err(EntryError::PathName);
     }
     if probe.timeout_seconds == 0 || probe.timeout_seconds > MAX_TIMEOUT_SECONDS {
-        return Err(format!(
-            "timeoutSeconds {} is not between 1 and {MAX_TIMEOUT_SECONDS}",
-            probe.timeout_seconds
-        ));
+        return Err(EntryError::Timeout(probe.timeout_seconds));
     }
-    match probe.action()? {
+    match probe.action().map_err(EntryError::Action)? {
         Action::Http(get) => {
             if get.port == 0 {
-                return Err("httpGet.port is 0".into());
+                return Err(EntryError::ZeroPort("httpGet"));
             }
             if !get.path.starts_with('/') || !get.path.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(format!(
-                    "httpGet.path {:?} does not start with '/' or has spaces or control characters",
-                    get.path
-                ));
+                return Err(EntryError::HttpPath(get.path.clone()));
             }
             if let Some(s) = &get.scheme
                 && !s.eq_ignore_ascii_case("HTTP")
                 && !s.eq_ignore_ascii_case("HTTPS")
             {
-                return Err(format!("httpGet.scheme {s:?} is neither HTTP nor HTTPS"));
+                return Err(EntryError::Scheme(s.clone()));
             }
             for h in &get.http_headers {
                 if http_token(&h.name).is_none() {
-                    return Err(format!("header name {:?} is not an HTTP token", h.name));
+                    return Err(EntryError::HeaderName(h.name.clone()));
                 }
                 if h.value.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
-                    return Err(format!(
-                        "header {} has a control character in its value",
-                        h.name
-                    ));
+                    return Err(EntryError::HeaderValue(h.name.clone()));
                 }
             }
             Ok(())
         }
-        Action::Tcp(tcp) if tcp.port == 0 => Err("tcpSocket.port is 0".into()),
+        Action::Tcp(tcp) if tcp.port == 0 => Err(EntryError::ZeroPort("tcpSocket")),
         Action::Tcp(_) => Ok(()),
-        Action::Grpc(g) if g.port == 0 => Err("grpc.port is 0".into()),
+        Action::Grpc(g) if g.port == 0 => Err(EntryError::ZeroPort("grpc")),
         Action::Grpc(g)
             if g.service
                 .as_ref()
                 .is_some_and(|s| s.len() > MAX_SERVICE_LEN) =>
         {
-            Err(format!(
-                "grpc.service is longer than {MAX_SERVICE_LEN} bytes"
-            ))
+            Err(EntryError::GrpcService)
         }
         Action::Grpc(_) => Ok(()),
     }

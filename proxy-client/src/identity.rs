@@ -16,13 +16,16 @@ use ring::rand::{SecureRandom, SystemRandom};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use strait_ca::SpiffeId;
 use strait_ca::authority::{self, KeyAlgorithm};
-use strait_ca::tls::{Accept, SpiffeServerVerifier, Trust};
+use strait_ca::pemfile::PemError;
+use strait_ca::tls::{Accept, SpiffeServerVerifier, Trust, TrustError};
 use strait_proto::istio::v1::auth::IstioCertificateRequest;
 use strait_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
+
+pub use crate::xds::TlsConfigError;
 
 /// How long one certificate request may take, connection included.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -79,7 +82,7 @@ impl Identity {
 /// Builds the TLS client config for a request to the CA: server
 /// verification, and the client certificate when one is given (renewal).
 pub type ClientTls =
-    Arc<dyn Fn(Option<&Identity>) -> Result<rustls::ClientConfig, String> + Send + Sync>;
+    Arc<dyn Fn(Option<&Identity>) -> Result<rustls::ClientConfig, TlsConfigError> + Send + Sync>;
 
 pub use strait_ca::control_plane_id;
 
@@ -92,7 +95,7 @@ pub fn mesh_client_tls(trust: Trust, server_id: SpiffeId) -> ClientTls {
             Accept::Ids(BTreeSet::from([server_id.clone()])),
         );
         strait_ca::tls::client_config(verifier, identity.map(Identity::pair), &[b"h2"])
-            .map_err(|e| e.to_string())
+            .map_err(Into::into)
     })
 }
 
@@ -120,7 +123,7 @@ pub enum IdentityError {
     #[error("key or CSR generation failed: {0}")]
     Key(String),
     #[error("TLS client configuration: {0}")]
-    Tls(String),
+    Tls(#[source] TlsConfigError),
     #[error("workload token cannot be sent as metadata: {0}")]
     Token(String),
     #[error("CA at {address}: {message}")]
@@ -131,10 +134,38 @@ pub enum IdentityError {
         code: tonic::Code,
         message: String,
     },
-    #[error("CA at {address} answered with a bad certificate chain: {message}")]
-    BadResponse { address: String, message: String },
+    #[error("CA at {address} answered with a bad certificate chain: {source}")]
+    BadResponse {
+        address: String,
+        #[source]
+        source: ResponseError,
+    },
     #[error("no credential to ask with: no valid certificate and no bootstrap token")]
     NoCredential,
+}
+
+/// What is wrong with the CA's answer ([`check_response`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ResponseError {
+    /// The chain entry at this 1-based position.
+    #[error("entry #{index}: {source}")]
+    Pem {
+        index: usize,
+        #[source]
+        source: PemError,
+    },
+    #[error("more than {MAX_CHAIN_LEN} certificates in the chain")]
+    TooLong,
+    #[error("no certificate in the answer")]
+    Empty,
+    #[error(transparent)]
+    Untrusted(#[from] TrustError),
+    #[error("the certificate is for {got}, but {asked} was asked for")]
+    WrongId { got: SpiffeId, asked: SpiffeId },
+    #[error("our own key does not load: {0}")]
+    OwnKey(#[source] rustls::Error),
+    #[error("the certificate does not carry the key we sent: {0}")]
+    KeyMismatch(#[source] rustls::Error),
 }
 
 impl IdentityError {
@@ -215,9 +246,9 @@ pub async fn request_certificate(
         id,
         OffsetDateTime::now_utc(),
     )
-    .map_err(|message| IdentityError::BadResponse {
+    .map_err(|source| IdentityError::BadResponse {
         address: address.to_string(),
-        message,
+        source,
     })
 }
 
@@ -229,27 +260,29 @@ pub fn check_response(
     trust: &Trust,
     id: &SpiffeId,
     now: OffsetDateTime,
-) -> Result<Identity, String> {
+) -> Result<Identity, ResponseError> {
     let mut chain = Vec::new();
     for (i, pem) in cert_chain.iter().enumerate() {
-        let certs = strait_ca::pemfile::parse_certificates(pem.as_bytes())
-            .map_err(|e| format!("entry #{}: {e}", i + 1))?;
+        let certs = strait_ca::pemfile::parse_certificates(pem.as_bytes()).map_err(|source| {
+            ResponseError::Pem {
+                index: i + 1,
+                source,
+            }
+        })?;
         chain.extend(certs);
         if chain.len() > MAX_CHAIN_LEN {
-            return Err(format!(
-                "more than {MAX_CHAIN_LEN} certificates in the chain"
-            ));
+            return Err(ResponseError::TooLong);
         }
     }
     if chain.is_empty() {
-        return Err("no certificate in the answer".into());
+        return Err(ResponseError::Empty);
     }
-    let svid = trust.verify(&chain, now).map_err(|e| e.to_string())?;
+    let svid = trust.verify(&chain, now)?;
     if &svid.spiffe_id != id {
-        return Err(format!(
-            "the certificate is for {}, but {id} was asked for",
-            svid.spiffe_id
-        ));
+        return Err(ResponseError::WrongId {
+            got: svid.spiffe_id,
+            asked: id.clone(),
+        });
     }
     let provider = strait_ca::tls::provider();
     let signing_key = provider
@@ -257,11 +290,11 @@ pub fn check_response(
         .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
             key_pkcs8.clone(),
         )))
-        .map_err(|e| format!("our own key does not load: {e}"))?;
+        .map_err(ResponseError::OwnKey)?;
     let leaf = vec![CertificateDer::from(chain[0].clone())];
     rustls::sign::CertifiedKey::new(leaf, signing_key)
         .keys_match()
-        .map_err(|e| format!("the certificate does not carry the key we sent: {e}"))?;
+        .map_err(ResponseError::KeyMismatch)?;
     let chain_der: Vec<Vec<u8>> = chain.into_iter().filter(|c| *c != svid.root).collect();
     Ok(Identity {
         chain_der,

@@ -52,9 +52,15 @@ pub struct XdsClientConfig {
     pub types: Vec<&'static str>,
 }
 
+/// Why a TLS config source gave no config: whatever error its source has
+/// (no certificate yet, unreadable files, a rustls refusal).
+pub type TlsConfigError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Where a discovery client's TLS config comes from at each connect.
 #[derive(Clone)]
-pub struct ClientTls(Arc<dyn Fn() -> Result<Arc<rustls::ClientConfig>, String> + Send + Sync>);
+pub struct ClientTls(
+    Arc<dyn Fn() -> Result<Arc<rustls::ClientConfig>, TlsConfigError> + Send + Sync>,
+);
 
 impl ClientTls {
     /// The same config at every connect.
@@ -64,13 +70,13 @@ impl ClientTls {
 
     /// A config made at each connect (from the current certificate).
     pub fn dynamic(
-        f: impl Fn() -> Result<Arc<rustls::ClientConfig>, String> + Send + Sync + 'static,
+        f: impl Fn() -> Result<Arc<rustls::ClientConfig>, TlsConfigError> + Send + Sync + 'static,
     ) -> Self {
         ClientTls(Arc::new(f))
     }
 
     /// The config for a connect now.
-    pub fn current(&self) -> Result<Arc<rustls::ClientConfig>, String> {
+    pub fn current(&self) -> Result<Arc<rustls::ClientConfig>, TlsConfigError> {
         (self.0)()
     }
 }
@@ -296,7 +302,7 @@ async fn run(
             }
             Err(e) => {
                 tracing::warn!(address = %cfg.address, error = %e, "discovery stream failed");
-                state_tx.send_modify(|s| s.last_error = Some(e));
+                state_tx.send_modify(|s| s.last_error = Some(e.to_string()));
             }
         }
         if progressed {
@@ -308,19 +314,35 @@ async fn run(
     }
 }
 
+/// Why a discovery stream ended (published as [`ClientState::last_error`]).
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    /// The TLS config source failed; its message as is.
+    #[error("{0}")]
+    Tls(#[source] TlsConfigError),
+    #[error(transparent)]
+    Address(#[from] strait_runtime::transport::BadAddress),
+    /// The server's gRPC status, as `<code>: <message>`.
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(#[source] tonic::Status),
+    #[error("request queue closed")]
+    QueueClosed,
+    #[error("request stream closed")]
+    StreamClosed,
+}
+
 async fn session(
     cfg: &XdsClientConfig,
     validator: &Validator,
     res_tx: &watch::Sender<Arc<Resources>>,
     state_tx: &watch::Sender<ClientState>,
     progressed: &mut bool,
-) -> Result<(), String> {
+) -> Result<(), SessionError> {
     let channel = strait_runtime::transport::channel_to(
         &cfg.address,
         strait_ca::tls::CONTROL_PLANE_SERVER_NAME,
-        cfg.tls.current()?,
-    )
-    .map_err(|e| e.to_string())?;
+        cfg.tls.current().map_err(SessionError::Tls)?,
+    )?;
     let mut client =
         AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
     let (req_tx, req_rx) = mpsc::channel(cfg.types.len() + 16);
@@ -336,12 +358,12 @@ async fn session(
         req_tx
             .send(initial)
             .await
-            .map_err(|_| "request queue closed".to_string())?;
+            .map_err(|_| SessionError::QueueClosed)?;
     }
     let mut inbound = client
         .delta_aggregated_resources(ReceiverStream::new(req_rx))
         .await
-        .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+        .map_err(SessionError::Status)?
         .into_inner();
     state_tx.send_modify(|s| {
         s.connected = true;
@@ -353,7 +375,7 @@ async fn session(
         let resp = match inbound.message().await {
             Ok(Some(r)) => r,
             Ok(None) => return Ok(()),
-            Err(s) => return Err(format!("{}: {}", s.code(), s.message())),
+            Err(s) => return Err(SessionError::Status(s)),
         };
         *progressed = true;
         let current = res_tx.borrow().clone();
@@ -400,7 +422,7 @@ async fn session(
         req_tx
             .send(reply)
             .await
-            .map_err(|_| "request stream closed".to_string())?;
+            .map_err(|_| SessionError::StreamClosed)?;
     }
 }
 
@@ -426,7 +448,7 @@ mod tests {
             address: "127.0.0.1:9".into(),
             tls: ClientTls::dynamic(move || {
                 counter.fetch_add(1, Ordering::SeqCst);
-                Err("no certificate yet".to_string())
+                Err("no certificate yet".into())
             }),
             node_id: "sidecar~10.0.0.1~a.ns~ns.svc.cluster.local".into(),
             cluster: String::new(),

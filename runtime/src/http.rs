@@ -15,33 +15,112 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-/// Readiness, flipped by the component once it serves. Cheap to clone
-/// (every clone is the same flag) and to read; [`Ready::wait`] resolves
-/// when it turns true, without polling.
+/// Readiness. A component is ready when it says it serves
+/// ([`Ready::set`]) and no named task it waits for is pending
+/// ([`Ready::pending`]: e.g. the first certificate, the first
+/// configuration), so `/healthz/ready` can say what it still waits for.
+/// Cheap to clone (every clone is the same state) and to read;
+/// [`Ready::wait`] resolves when it turns ready, without polling.
 #[derive(Debug, Clone)]
-pub struct Ready(Arc<watch::Sender<bool>>);
+pub struct Ready(Arc<watch::Sender<ReadyState>>);
+
+#[derive(Debug, Default)]
+struct ReadyState {
+    serving: bool,
+    /// Named tasks still pending, with how many of each.
+    pending: std::collections::BTreeMap<&'static str, usize>,
+}
+
+impl ReadyState {
+    fn ready(&self) -> bool {
+        self.serving && self.pending.is_empty()
+    }
+}
 
 impl Default for Ready {
     fn default() -> Self {
-        Ready(Arc::new(watch::Sender::new(false)))
+        Ready(Arc::new(watch::Sender::new(ReadyState::default())))
     }
 }
 
 impl Ready {
-    pub fn set(&self, ready: bool) {
-        self.0
-            .send_if_modified(|r| std::mem::replace(r, ready) != ready);
+    /// Whether the component serves (it is ready once nothing is pending
+    /// either).
+    pub fn set(&self, serving: bool) {
+        self.0.send_if_modified(|s| {
+            let was = s.ready();
+            s.serving = serving;
+            was != s.ready()
+        });
     }
 
+    /// Ready now.
     pub fn get(&self) -> bool {
-        *self.0.borrow()
+        self.0.borrow().ready()
+    }
+
+    /// Registers a task readiness waits for, until the returned guard is
+    /// dropped (or [`Pending::done`]).
+    pub fn pending(&self, task: &'static str) -> Pending {
+        self.0.send_if_modified(|s| {
+            let was = s.ready();
+            *s.pending.entry(task).or_default() += 1;
+            was != s.ready()
+        });
+        Pending {
+            ready: self.clone(),
+            task,
+        }
+    }
+
+    /// What readiness waits for: the pending tasks' names, and `serving`
+    /// when the component does not serve yet.
+    pub fn waiting_for(&self) -> Vec<&'static str> {
+        let s = self.0.borrow();
+        let mut out: Vec<&'static str> = s.pending.keys().copied().collect();
+        if !s.serving {
+            out.push("serving");
+        }
+        out
     }
 
     /// Resolves once ready (at once when ready already).
     pub async fn wait(&self) {
         let mut rx = self.0.subscribe();
         // The sender lives as long as `self`: this cannot fail.
-        let _ = rx.wait_for(|r| *r).await;
+        let _ = rx.wait_for(ReadyState::ready).await;
+    }
+
+    fn finish(&self, task: &'static str) {
+        self.0.send_if_modified(|s| {
+            let was = s.ready();
+            if let Some(n) = s.pending.get_mut(task) {
+                *n -= 1;
+                if *n == 0 {
+                    s.pending.remove(task);
+                }
+            }
+            was != s.ready()
+        });
+    }
+}
+
+/// A task readiness waits for; done when dropped.
+#[derive(Debug)]
+#[must_use = "the task is done when this is dropped"]
+pub struct Pending {
+    ready: Ready,
+    task: &'static str,
+}
+
+impl Pending {
+    /// The task is done.
+    pub fn done(self) {}
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.ready.finish(self.task);
     }
 }
 
@@ -96,7 +175,10 @@ fn builtin(
         ("/healthz/ready", _) => respond(
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
-            "not ready\n".into(),
+            format!(
+                "not ready: waiting for {}\n",
+                ready.waiting_for().join(", ")
+            ),
         ),
         ("/healthz/live", _) => respond(StatusCode::OK, "text/plain", "live\n".into()),
         ("/metrics" | "/stats/prometheus", Some(reg)) => {
@@ -165,6 +247,40 @@ mod tests {
         ready.wait().await;
         ready.set(false);
         assert!(!ready.get());
+    }
+
+    #[tokio::test]
+    async fn ready_waits_for_every_named_task() {
+        let ready = Ready::default();
+        ready.set(true);
+        let cert = ready.pending("certificate");
+        let config = ready.pending("configuration");
+        let config2 = ready.pending("configuration");
+        assert!(!ready.get());
+        assert_eq!(ready.waiting_for(), ["certificate", "configuration"]);
+        let body = |r: &Ready| {
+            let resp = builtin("/healthz/ready", r, None).unwrap();
+            (resp.status().as_u16(), format!("{:?}", resp.body()))
+        };
+        let (status, text) = body(&ready);
+        assert_eq!(status, 503);
+        assert!(
+            text.contains("waiting for certificate, configuration"),
+            "{text}"
+        );
+        let waiter = tokio::spawn({
+            let ready = ready.clone();
+            async move { ready.wait().await }
+        });
+        cert.done();
+        drop(config);
+        assert_eq!(ready.waiting_for(), ["configuration"], "one of two left");
+        assert!(!waiter.is_finished());
+        drop(config2);
+        waiter.await.unwrap();
+        assert!(ready.get());
+        ready.set(false);
+        assert_eq!(ready.waiting_for(), ["serving"]);
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //!
 //! - [`http`]: the health (`/healthz/ready`, `/healthz/live`) and metrics
 //!   (`/metrics`) endpoints, off the data path, and [`http::Ready`];
+//! - [`drain`]: graceful shutdown, one primitive for every listener
+//!   (serving, draining, killed; connections counted until they end);
 //! - [`accept`]: the one accept loop policy (a failed `accept` is logged
 //!   and retried after a growing pause, never spun on);
 //! - [`transport`]: gRPC over strait's own rustls configs (a TLS incoming
@@ -16,6 +18,7 @@
 
 pub mod accept;
 pub mod cli;
+pub mod drain;
 pub mod http;
 pub mod rt;
 pub mod transport;

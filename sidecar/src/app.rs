@@ -45,6 +45,31 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 /// Idle connections kept; more are closed as they come back.
 const MAX_IDLE: usize = 64;
 
+/// Why a request could not be sent to the app (each names its address).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AppError {
+    /// No TCP connection.
+    #[error("{addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP/1.1 handshake failed.
+    #[error("{addr}: HTTP/1.1: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+    /// A new connection closed before it could take the request.
+    #[error("{addr}: the connection closed")]
+    Closed { addr: SocketAddr },
+    /// Sending the request or reading the response head failed.
+    #[error("{0}")]
+    Send(#[source] hyper::Error),
+}
+
 /// Pooled HTTP/1.1 connections to the app at one address.
 pub(crate) struct AppHttp1<B> {
     addr: SocketAddr,
@@ -73,7 +98,7 @@ impl<B: AppBody> AppHttp1<B> {
     /// send (the app had just closed it) goes once more over a new one.
     /// The connection goes back to the pool when its exchange is over; a
     /// protocol switch (101) keeps it for the switched protocol.
-    pub(crate) async fn request(&self, req: Request<B>) -> Result<Response<Incoming>, String> {
+    pub(crate) async fn request(&self, req: Request<B>) -> Result<Response<Incoming>, AppError> {
         let mut req = req;
         let mut fresh = false;
         loop {
@@ -87,7 +112,7 @@ impl<B: AppBody> AppHttp1<B> {
             };
             if c.sender.ready().await.is_err() {
                 if fresh {
-                    return Err(format!("{}: the connection closed", self.addr));
+                    return Err(AppError::Closed { addr: self.addr });
                 }
                 fresh = true;
                 continue;
@@ -107,7 +132,7 @@ impl<B: AppBody> AppHttp1<B> {
                         req = unsent;
                         fresh = true;
                     }
-                    _ => return Err(e.into_error().to_string()),
+                    _ => return Err(AppError::Send(e.into_error())),
                 },
             }
         }
@@ -117,14 +142,15 @@ impl<B: AppBody> AppHttp1<B> {
         self.idle.lock().ok()?.take()
     }
 
-    async fn connect(&self) -> Result<idle::Conn<B, ()>, String> {
-        let tcp = TcpStream::connect(self.addr)
+    async fn connect(&self) -> Result<idle::Conn<B, ()>, AppError> {
+        let addr = self.addr;
+        let tcp = TcpStream::connect(addr)
             .await
-            .map_err(|e| format!("{}: {e}", self.addr))?;
+            .map_err(|source| AppError::Connect { addr, source })?;
         let _ = tcp.set_nodelay(true);
         let (sender, conn) = http1::handshake(TokioIo::new(tcp))
             .await
-            .map_err(|e| format!("{}: HTTP/1.1: {e}", self.addr))?;
+            .map_err(|source| AppError::Handshake { addr, source })?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "connection to the app ended");
@@ -223,7 +249,7 @@ mod tests {
         };
         let pool = AppHttp1::new(addr);
         let req = Request::get("/").body(Full::new(Bytes::new())).unwrap();
-        let err = pool.request(req).await.unwrap_err();
+        let err = pool.request(req).await.unwrap_err().to_string();
         assert!(err.contains(&addr.to_string()), "{err}");
     }
 }

@@ -36,6 +36,8 @@ pub enum CliError {
     #[error("{0}")]
     Failed(String),
     #[error(transparent)]
+    Rules(#[from] crate::transparent::RestoreError),
+    #[error(transparent)]
     Role(#[from] role::RoleError),
 }
 
@@ -241,14 +243,15 @@ pub fn iptables(a: IptablesArgs) -> Result<(), CliError> {
     };
     o.exclude_inbound_ports.extend(a.exclude_inbound_port);
     o.exclude_outbound_cidrs.extend(a.exclude_outbound_cidr);
-    let rules = crate::transparent::iptables_rules(&o).map_err(CliError::Usage)?;
+    let rules =
+        crate::transparent::iptables_rules(&o).map_err(|e| CliError::Usage(e.to_string()))?;
     if !a.apply {
         for r in rules {
             println!("{r}");
         }
         return Ok(());
     }
-    let input = crate::transparent::restore_input(&rules).map_err(CliError::Failed)?;
+    let input = crate::transparent::restore_input(&rules)?;
     // iptables-restore would flush our chains and append the jumps to
     // them twice: once per network namespace is the rule.
     let present = std::process::Command::new("iptables")

@@ -56,18 +56,20 @@ pub struct MeshConfig {
     pub path_normalization: PathNormalization,
 }
 
+/// A `MeshSettings` path normalization that names no known mode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("path_normalization {0} is not a known mode (0 to 4)")]
+pub struct UnknownPathNormalization(pub i32);
+
 /// The path normalization a `MeshSettings` resource names.
-fn path_normalization(m: &pb::MeshSettings) -> Result<PathNormalization, String> {
+fn path_normalization(m: &pb::MeshSettings) -> Result<PathNormalization, UnknownPathNormalization> {
     use pb::mesh_settings::PathNormalization as W;
     match W::try_from(m.path_normalization) {
         Ok(W::Default | W::Base) => Ok(PathNormalization::Base),
         Ok(W::None) => Ok(PathNormalization::None),
         Ok(W::MergeSlashes) => Ok(PathNormalization::MergeSlashes),
         Ok(W::DecodeAndMergeSlashes) => Ok(PathNormalization::DecodeAndMergeSlashes),
-        Err(_) => Err(format!(
-            "path_normalization {} is not a known mode (0 to 4)",
-            m.path_normalization
-        )),
+        Err(_) => Err(UnknownPathNormalization(m.path_normalization)),
     }
 }
 
@@ -288,7 +290,7 @@ impl MeshConfig {
             [] => {}
             [one] => match path_normalization(one) {
                 Ok(mode) => cfg.path_normalization = mode,
-                Err(why) => errors.push(("MeshSettings".to_string(), why)),
+                Err(why) => errors.push(("MeshSettings".to_string(), why.to_string())),
             },
             _ => errors.push((
                 "MeshSettings".to_string(),

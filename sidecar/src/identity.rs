@@ -12,16 +12,28 @@ use strait_ca::tls::{Accept, SpiffeServerVerifier, Trust};
 pub use strait_ca::control_plane_id;
 pub use strait_proxy_client::identity::Identity;
 
+/// Why no TLS client config for the control plane could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlPlaneTlsError {
+    /// The bundle says no trust domain, so the control plane's identity
+    /// is unknown.
+    #[error("the root bundle names no trust domain")]
+    NoTrustDomain,
+    /// rustls refused the config (the client certificate or key).
+    #[error("{0}")]
+    Config(#[from] rustls::Error),
+}
+
 /// A TLS client config for the control plane: its identity verified
 /// against the bundle, with `client` as the client certificate if given.
 pub fn control_plane_tls(
     bundle: &TrustBundle,
     client: Option<&Identity>,
-) -> Result<rustls::ClientConfig, String> {
+) -> Result<rustls::ClientConfig, ControlPlaneTlsError> {
     let td = bundle
         .trust_domain()
         .cloned()
-        .ok_or("the root bundle names no trust domain")?;
+        .ok_or(ControlPlaneTlsError::NoTrustDomain)?;
     control_plane_tls_with(&Trust::new(bundle.clone()), &td, client)
 }
 
@@ -31,7 +43,7 @@ pub fn control_plane_tls_with(
     trust: &Trust,
     td: &strait_ca::TrustDomain,
     client: Option<&Identity>,
-) -> Result<rustls::ClientConfig, String> {
+) -> Result<rustls::ClientConfig, ControlPlaneTlsError> {
     let verifier =
         SpiffeServerVerifier::new(trust.clone(), Accept::Ids([control_plane_id(td)].into()));
     strait_ca::tls::client_config(
@@ -39,7 +51,7 @@ pub fn control_plane_tls_with(
         client.map(|i| (i.chain_der.as_slice(), i.key_pkcs8.as_slice())),
         &[b"h2"],
     )
-    .map_err(|e| e.to_string())
+    .map_err(ControlPlaneTlsError::Config)
 }
 
 #[cfg(test)]

@@ -183,16 +183,34 @@ impl Shared {
 }
 
 /// Keeps `ready` true exactly while the sidecar has a workload
-/// certificate and a config from the control plane (`/healthz/ready`).
+/// certificate and a config from the control plane (`/healthz/ready`,
+/// which names what is missing: `certificate`, `configuration`).
 pub fn follow_readiness(
     mut identity: watch::Receiver<Option<Arc<Identity>>>,
     mut config: watch::Receiver<Arc<MeshConfig>>,
     ready: strait_runtime::http::Ready,
 ) {
+    /// Holds a pending task while `missing`.
+    fn hold(
+        slot: &mut Option<strait_runtime::http::Pending>,
+        missing: bool,
+        ready: &strait_runtime::http::Ready,
+        task: &'static str,
+    ) {
+        if !missing {
+            *slot = None;
+        } else if slot.is_none() {
+            *slot = Some(ready.pending(task));
+        }
+    }
     tokio::spawn(async move {
+        let (mut certificate, mut configuration) = (None, None);
         loop {
-            let now = identity.borrow_and_update().is_some() && config.borrow_and_update().loaded;
-            ready.set(now);
+            let has_identity = identity.borrow_and_update().is_some();
+            let loaded = config.borrow_and_update().loaded;
+            hold(&mut certificate, !has_identity, &ready, "certificate");
+            hold(&mut configuration, !loaded, &ready, "configuration");
+            ready.set(true);
             tokio::select! {
                 r = identity.changed() => if r.is_err() { break },
                 r = config.changed() => if r.is_err() { break },
@@ -225,85 +243,26 @@ pub async fn run(
     outbound: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let (stop_tx, stop_rx) = watch::channel(Phase::Run);
-    let active = Tracker::default();
-    let i = tokio::spawn(inbound::serve(
-        shared.clone(),
-        inbound,
-        stop_rx.clone(),
-        active.clone(),
-    ));
-    let o = tokio::spawn(outbound::serve(
-        shared.clone(),
-        outbound,
-        stop_rx,
-        active.clone(),
-    ));
+    let (drain, watch) = strait_runtime::drain::channel();
+    let i = tokio::spawn(inbound::serve(shared.clone(), inbound, watch.clone()));
+    let o = tokio::spawn(outbound::serve(shared.clone(), outbound, watch));
     shutdown.await;
     tracing::info!(drain = ?shared.opts.drain, "draining: no new connections");
-    let _ = stop_tx.send(Phase::Drain);
+    drain.start();
     let _ = i.await;
     let _ = o.await;
-    if active.wait_idle(shared.opts.drain).await.is_err() {
+    if let strait_runtime::drain::Drained::Deadline { open } = drain.drain(shared.opts.drain).await
+    {
         tracing::warn!(
-            open = active.open(),
+            open,
             "drain deadline passed; closing the remaining connections"
         );
     }
-    let _ = stop_tx.send(Phase::Kill);
 }
 
-/// What a connection task needs to follow the sidecar's life.
-#[derive(Clone)]
-pub(crate) struct Life {
-    pub(crate) active: Tracker,
-    pub(crate) phase: watch::Receiver<Phase>,
-}
-
-/// Where the sidecar is in its life; connections follow it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Phase {
-    /// Serving.
-    Run,
-    /// No new connections; open ones finish what is in flight.
-    Drain,
-    /// The drain deadline passed: close everything.
-    Kill,
-}
-
-/// Drives `conn` (a hyper connection) to its end: on [`Phase::Drain`]
-/// `shutdown` asks it to finish gracefully (HTTP/2 GOAWAY, HTTP/1.1
-/// close after the current request); on [`Phase::Kill`] it is dropped.
-pub(crate) async fn drive<C, F>(conn: C, shutdown: F, mut phase: watch::Receiver<Phase>)
-where
-    C: std::future::Future,
-    F: FnOnce(std::pin::Pin<&mut C>),
-{
-    let mut conn = std::pin::pin!(conn);
-    let mut shutdown = Some(shutdown);
-    if *phase.borrow_and_update() != Phase::Run
-        && let Some(f) = shutdown.take()
-    {
-        f(conn.as_mut());
-    }
-    loop {
-        tokio::select! {
-            _ = conn.as_mut() => return,
-            r = phase.changed() => {
-                let now = if r.is_err() { Phase::Kill } else { *phase.borrow_and_update() };
-                match now {
-                    Phase::Run => {}
-                    Phase::Drain => {
-                        if let Some(f) = shutdown.take() {
-                            f(conn.as_mut());
-                        }
-                    }
-                    Phase::Kill => return,
-                }
-            }
-        }
-    }
-}
+/// What a connection task holds to follow the sidecar's life (the drain):
+/// a guard while it is open, the phase to finish gracefully or be killed.
+pub(crate) type Life = strait_runtime::drain::Watch;
 
 /// The protocol an HTTP/1.1 request asks to switch to (`Connection:
 /// upgrade` and `Upgrade: <protocol>`, as WebSocket's handshake sends).
@@ -331,9 +290,9 @@ pub(crate) fn splice_upgraded(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     life: Life,
-    done: impl FnOnce(Result<(u64, u64), String>) + Send + 'static,
+    done: impl FnOnce(Result<(u64, u64), RelayError>) + Send + 'static,
 ) {
-    let guard = life.active.guard();
+    let guard = life.guard();
     tokio::spawn(async move {
         let _guard = guard;
         let copied = match tokio::try_join!(client, upstream) {
@@ -342,12 +301,35 @@ pub(crate) fn splice_upgraded(
                     hyper_util::rt::TokioIo::new(c),
                     hyper_util::rt::TokioIo::new(u),
                 );
-                relay_tcp(&mut c, &mut u, TCP_IDLE_TIMEOUT, life.phase).await
+                relay_tcp(&mut c, &mut u, TCP_IDLE_TIMEOUT, &life).await
             }
-            Err(e) => Err(format!("protocol switch failed: {e}")),
+            Err(e) => Err(RelayError::Switch(e)),
         };
         done(copied);
     });
+}
+
+/// Why a relayed connection (TCP, or a switched protocol) ended other than
+/// by both sides closing; its text is the access log's `reason`.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RelayError {
+    /// A read or write failed, or nothing moved for the idle timeout, as
+    /// [`strait_io::relay`] tells it.
+    #[error("{0}")]
+    Copy(String),
+    /// The sidecar's drain deadline passed.
+    #[error("closed at the drain deadline")]
+    Killed,
+    /// A side of a protocol switch was never handed over.
+    #[error("protocol switch failed: {0}")]
+    Switch(#[source] hyper::Error),
+    /// A `CONNECT` client's connection was never handed over.
+    #[error("{0}")]
+    Handover(#[source] hyper::Error),
+    /// A trust change made the other side (`peer`, `upstream`) fail
+    /// verification.
+    #[error("closed: the {0} no longer verifies under the new trust")]
+    Untrusted(&'static str),
 }
 
 /// How long a relayed TCP connection may stay silent both ways before it
@@ -366,73 +348,24 @@ pub(crate) fn tcp_idle_timeout(asked: Option<std::time::Duration>) -> std::time:
 }
 
 /// Relays bytes both ways (half-close, no buffer held while idle) until
-/// both sides close, nothing moves for `idle`, or the phase reaches
-/// [`Phase::Kill`]. Returns (a→b, b→a) bytes, or why it ended otherwise.
+/// both sides close, nothing moves for `idle`, or the drain deadline
+/// passes. Returns (a→b, b→a) bytes, or why it ended otherwise.
 pub(crate) async fn relay_tcp<A, B>(
     a: A,
     b: B,
     idle: std::time::Duration,
-    phase: watch::Receiver<Phase>,
-) -> Result<(u64, u64), String>
+    life: &Life,
+) -> Result<(u64, u64), RelayError>
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    match until_killed(strait_io::relay(a, b, idle), phase).await {
+    match life.until_killed(strait_io::relay(a, b, idle)).await {
         Some(strait_io::Spliced {
             error: Some(why), ..
-        }) => Err(why),
+        }) => Err(RelayError::Copy(why)),
         Some(s) => Ok((s.up, s.down)),
-        None => Err("closed at the drain deadline".into()),
-    }
-}
-
-/// Runs `fut` (a byte copy) until it ends or the phase reaches
-/// [`Phase::Kill`].
-pub(crate) async fn until_killed<T>(
-    fut: impl std::future::Future<Output = T>,
-    mut phase: watch::Receiver<Phase>,
-) -> Option<T> {
-    let kill = async move {
-        let _ = phase.wait_for(|p| *p == Phase::Kill).await;
-    };
-    tokio::select! {
-        r = fut => Some(r),
-        () = kill => None,
-    }
-}
-
-/// Counts open connections, so shutdown can wait until none is left.
-#[derive(Clone, Default)]
-pub(crate) struct Tracker(Arc<watch::Sender<usize>>);
-
-impl Tracker {
-    /// Counts a connection until the guard is dropped.
-    pub(crate) fn guard(&self) -> ActiveGuard {
-        self.0.send_modify(|n| *n += 1);
-        ActiveGuard(self.0.clone())
-    }
-
-    pub(crate) fn open(&self) -> usize {
-        *self.0.borrow()
-    }
-
-    /// Waits until no connection is open, at most `deadline`.
-    pub(crate) async fn wait_idle(&self, deadline: Duration) -> Result<(), ()> {
-        let mut rx = self.0.subscribe();
-        match tokio::time::timeout(deadline, rx.wait_for(|n| *n == 0)).await {
-            Ok(Ok(_)) => Ok(()),
-            _ => Err(()),
-        }
-    }
-}
-
-/// Counts a connection as open while alive.
-pub(crate) struct ActiveGuard(Arc<watch::Sender<usize>>);
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.send_modify(|n| *n = n.saturating_sub(1));
+        None => Err(RelayError::Killed),
     }
 }
 

@@ -106,13 +106,117 @@ pub fn routes(probers: Arc<AppProbers>, host: IpAddr, registry: &mut Registry) -
     })
 }
 
+/// Why a probe failed; each names what was probed (`http://10.1.2.3:8080/healthz`,
+/// `tcp 10.1.2.3:5432`, `grpc 10.1.2.3:9090 service "shop"`), and the
+/// text is the health endpoint's answer to the kubelet.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The probe does not say what to probe.
+    #[error("{0}")]
+    Invalid(&'static str),
+    /// The whole probe took longer than its `timeoutSeconds`.
+    #[error("{target}: no answer within {limit:?}")]
+    Timeout { target: String, limit: Duration },
+    /// The app's port could not be connected to.
+    #[error("{target}: {source}")]
+    Connect {
+        target: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The probe's request could not be made.
+    #[error("{target}: {source}")]
+    Request {
+        target: String,
+        #[source]
+        source: http::Error,
+    },
+    /// A probe header whose name is not one.
+    #[error("{target}: header {name}: {source}")]
+    HeaderName {
+        target: String,
+        name: String,
+        #[source]
+        source: http::header::InvalidHeaderName,
+    },
+    /// A probe header whose value is not one.
+    #[error("{target}: header {name}: {source}")]
+    HeaderValue {
+        target: String,
+        name: String,
+        #[source]
+        source: http::header::InvalidHeaderValue,
+    },
+    /// The HTTPS probe's TLS handshake failed.
+    #[error("{target}: TLS: {source}")]
+    Tls {
+        target: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// HTTP/1.1 or HTTP/2 with the app failed.
+    #[error("{target}: {source}")]
+    Http {
+        target: String,
+        #[source]
+        source: hyper::Error,
+    },
+    /// An HTTP probe answered outside 200–399.
+    #[error("{target} answered {status}")]
+    Status { target: String, status: StatusCode },
+    /// A gRPC health check answered with an HTTP status other than 200.
+    #[error("{target} answered HTTP {status}")]
+    GrpcHttpStatus { target: String, status: StatusCode },
+    /// A gRPC health check answered with a `grpc-status` other than 0
+    /// (`none` when it had none) and its `grpc-message`.
+    #[error("{}", grpc_status_text(target, code, message))]
+    GrpcStatus {
+        target: String,
+        code: String,
+        message: String,
+    },
+    /// A gRPC health check's answer is not one uncompressed message.
+    #[error("{target}: the answer is not one uncompressed gRPC message")]
+    NotOneMessage { target: String },
+    /// A gRPC health check's answer does not decode.
+    #[error("{target}: the answer is not a HealthCheckResponse: {source}")]
+    NotHealthResponse {
+        target: String,
+        #[source]
+        source: prost::DecodeError,
+    },
+    /// A gRPC health check answered a status other than `SERVING`.
+    #[error("{target} answered {}", serving_status_name(*status))]
+    NotServing { target: String, status: i32 },
+}
+
+fn grpc_status_text(target: &str, code: &str, message: &str) -> String {
+    format!("{target} answered grpc-status {code} {message}")
+        .trim_end()
+        .to_string()
+}
+
+/// `HealthCheckResponse.ServingStatus` by name, `status <n>` for one
+/// the protocol does not define.
+fn serving_status_name(status: i32) -> std::borrow::Cow<'static, str> {
+    match status {
+        0 => "UNKNOWN".into(),
+        2 => "NOT_SERVING".into(),
+        3 => "SERVICE_UNKNOWN".into(),
+        other => format!("status {other}").into(),
+    }
+}
+
 /// Probes the app at `host` (the pod's IP, as the kubelet, or loopback)
 /// once; the error says what failed.
-pub async fn check(probe: &AppProbe, host: IpAddr) -> Result<(), String> {
+pub async fn check(probe: &AppProbe, host: IpAddr) -> Result<(), ProbeError> {
     let limit = Duration::from_secs(probe.timeout_seconds.into());
     tokio::time::timeout(limit, attempt(probe, host))
         .await
-        .map_err(|_| format!("{}: no answer within {limit:?}", target(probe, host)))?
+        .map_err(|_| ProbeError::Timeout {
+            target: target(probe, host),
+            limit,
+        })?
 }
 
 fn target(probe: &AppProbe, host: IpAddr) -> String {
@@ -134,16 +238,19 @@ fn target(probe: &AppProbe, host: IpAddr) -> String {
     }
 }
 
-async fn attempt(probe: &AppProbe, host: IpAddr) -> Result<(), String> {
+async fn attempt(probe: &AppProbe, host: IpAddr) -> Result<(), ProbeError> {
     let what = target(probe, host);
-    let action = probe.action()?;
+    let action = probe.action().map_err(ProbeError::Invalid)?;
     let port = match action {
         Action::Http(get) => get.port,
         Action::Tcp(tcp) => tcp.port,
         Action::Grpc(g) => g.port,
     };
     let addr = SocketAddr::new(host, port);
-    let tcp = connect(addr).await.map_err(|e| format!("{what}: {e}"))?;
+    let tcp = connect(addr).await.map_err(|source| ProbeError::Connect {
+        target: what.clone(),
+        source,
+    })?;
     let get = match action {
         Action::Tcp(_) => return Ok(()),
         Action::Grpc(g) => {
@@ -154,7 +261,10 @@ async fn attempt(probe: &AppProbe, host: IpAddr) -> Result<(), String> {
     };
     let mut request = http::Request::get(get.path.as_str())
         .body(Empty::<Bytes>::new())
-        .map_err(|e| format!("{what}: {e}"))?;
+        .map_err(|source| ProbeError::Request {
+            target: what.clone(),
+            source,
+        })?;
     let headers = request.headers_mut();
     headers.insert(USER_AGENT, HeaderValue::from_static("kube-probe/strait"));
     headers.insert(
@@ -162,10 +272,19 @@ async fn attempt(probe: &AppProbe, host: IpAddr) -> Result<(), String> {
         HeaderValue::from_str(&addr.to_string()).expect("an address is a header value"),
     );
     for h in &get.http_headers {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|e| format!("{what}: header {}: {e}", h.name))?;
-        let value = HeaderValue::from_bytes(h.value.as_bytes())
-            .map_err(|e| format!("{what}: header {}: {e}", h.name))?;
+        let name =
+            HeaderName::from_bytes(h.name.as_bytes()).map_err(|source| ProbeError::HeaderName {
+                target: what.clone(),
+                name: h.name.clone(),
+                source,
+            })?;
+        let value = HeaderValue::from_bytes(h.value.as_bytes()).map_err(|source| {
+            ProbeError::HeaderValue {
+                target: what.clone(),
+                name: h.name.clone(),
+                source,
+            }
+        })?;
         // As the kubelet: a probe's own Host or User-Agent replaces ours.
         if name == HOST || name == USER_AGENT {
             headers.insert(name, value);
@@ -177,7 +296,10 @@ async fn attempt(probe: &AppProbe, host: IpAddr) -> Result<(), String> {
         let tls = tokio_rustls::TlsConnector::from(insecure_tls())
             .connect(ServerName::IpAddress(host.into()), tcp)
             .await
-            .map_err(|e| format!("{what}: TLS: {e}"))?;
+            .map_err(|source| ProbeError::Tls {
+                target: what.clone(),
+                source,
+            })?;
         send(tls, request, &what).await?
     } else {
         send(tcp, request, &what).await?
@@ -186,7 +308,10 @@ async fn attempt(probe: &AppProbe, host: IpAddr) -> Result<(), String> {
     if (200..400).contains(&status.as_u16()) {
         Ok(())
     } else {
-        Err(format!("{what} answered {status}"))
+        Err(ProbeError::Status {
+            target: what,
+            status,
+        })
     }
 }
 
@@ -229,11 +354,15 @@ async fn grpc_health(
     addr: SocketAddr,
     service: &str,
     what: &str,
-) -> Result<(), String> {
+) -> Result<(), ProbeError> {
+    let http = |source| ProbeError::Http {
+        target: what.to_owned(),
+        source,
+    };
     let (mut sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
             .await
-            .map_err(|e| format!("{what}: {e}"))?;
+            .map_err(http)?;
     let message = HealthCheckRequest {
         service: service.to_string(),
     }
@@ -251,7 +380,10 @@ async fn grpc_health(
         .header(TE, "trailers")
         .header(USER_AGENT, "kube-probe/strait")
         .body(Full::new(Bytes::from(body)))
-        .map_err(|e| format!("{what}: {e}"))?;
+        .map_err(|source| ProbeError::Request {
+            target: what.to_owned(),
+            source,
+        })?;
     let exchange = async {
         let response = sender.send_request(request).await?;
         let (head, body) = response.into_parts();
@@ -264,12 +396,15 @@ async fn grpc_health(
         r = &mut exchange => r,
         c = &mut conn => match c {
             Ok(()) => exchange.await,
-            Err(e) => return Err(format!("{what}: {e}")),
+            Err(e) => return Err(http(e)),
         },
     }
-    .map_err(|e| format!("{what}: {e}"))?;
+    .map_err(http)?;
     if head.status != StatusCode::OK {
-        return Err(format!("{what} answered HTTP {}", head.status));
+        return Err(ProbeError::GrpcHttpStatus {
+            target: what.to_owned(),
+            status: head.status,
+        });
     }
     // grpc-status is a trailer, or a header of a trailers-only answer.
     let trailers = body.trailers().cloned().unwrap_or_default();
@@ -284,11 +419,11 @@ async fn grpc_health(
             .or_else(|| head.headers.get("grpc-message"))
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default();
-        return Err(
-            format!("{what} answered grpc-status {grpc_status} {message}")
-                .trim_end()
-                .to_string(),
-        );
+        return Err(ProbeError::GrpcStatus {
+            target: what.to_owned(),
+            code: grpc_status.to_owned(),
+            message: message.to_owned(),
+        });
     }
     let bytes = body.to_bytes();
     let message = match bytes.as_ref() {
@@ -298,16 +433,21 @@ async fn grpc_health(
         }
         _ => None,
     }
-    .ok_or_else(|| format!("{what}: the answer is not one uncompressed gRPC message"))?;
+    .ok_or_else(|| ProbeError::NotOneMessage {
+        target: what.to_owned(),
+    })?;
     let status = HealthCheckResponse::decode(message)
-        .map_err(|e| format!("{what}: the answer is not a HealthCheckResponse: {e}"))?
+        .map_err(|source| ProbeError::NotHealthResponse {
+            target: what.to_owned(),
+            source,
+        })?
         .status;
     match status {
         SERVING => Ok(()),
-        0 => Err(format!("{what} answered UNKNOWN")),
-        2 => Err(format!("{what} answered NOT_SERVING")),
-        3 => Err(format!("{what} answered SERVICE_UNKNOWN")),
-        other => Err(format!("{what} answered status {other}")),
+        status => Err(ProbeError::NotServing {
+            target: what.to_owned(),
+            status,
+        }),
     }
 }
 
@@ -316,13 +456,17 @@ async fn send<IO>(
     io: IO,
     request: http::Request<Empty<Bytes>>,
     what: &str,
-) -> Result<http::Response<hyper::body::Incoming>, String>
+) -> Result<http::Response<hyper::body::Incoming>, ProbeError>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let http = |source| ProbeError::Http {
+        target: what.to_owned(),
+        source,
+    };
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
-        .map_err(|e| format!("{what}: {e}"))?;
+        .map_err(http)?;
     let answer = sender.send_request(request);
     tokio::pin!(conn, answer);
     // The connection may end (the app closes after answering) in the same
@@ -332,10 +476,10 @@ where
         r = &mut answer => r,
         c = &mut conn => match c {
             Ok(()) => answer.await,
-            Err(e) => return Err(format!("{what}: {e}")),
+            Err(e) => return Err(http(e)),
         },
     }
-    .map_err(|e| format!("{what}: {e}"))
+    .map_err(http)
 }
 
 /// TLS for HTTPS probes: as the kubelet's, the app's certificate is not
@@ -408,8 +552,9 @@ mod tests {
 
     const LO: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
+    /// [`check`] on loopback, the error as the kubelet reads it.
     async fn check_lo(probe: &AppProbe) -> Result<(), String> {
-        check(probe, LO).await
+        check(probe, LO).await.map_err(|e| e.to_string())
     }
 
     fn http(port: u16, path: &str, headers: Vec<Header>) -> AppProbe {
@@ -523,7 +668,7 @@ mod tests {
         let mut probe = http(port, "/ready", vec![]);
         probe.http_get.as_mut().unwrap().scheme = Some("HTTPS".into());
         check(&probe, LO).await.unwrap();
-        let err = check(&probe, LO).await.unwrap_err();
+        let err = check(&probe, LO).await.unwrap_err().to_string();
         assert_eq!(
             err,
             format!("https://127.0.0.1:{port}/ready answered 503 Service Unavailable")
@@ -542,7 +687,7 @@ mod tests {
         });
         let mut probe = http(plain, "/", vec![]);
         probe.http_get.as_mut().unwrap().scheme = Some("HTTPS".into());
-        let err = check(&probe, LO).await.unwrap_err();
+        let err = check(&probe, LO).await.unwrap_err().to_string();
         assert!(
             err.starts_with(&format!("https://127.0.0.1:{plain}/: TLS: ")),
             "{err}"
@@ -572,7 +717,7 @@ mod tests {
             grpc: None,
             timeout_seconds: 1,
         };
-        let err = check(&tcp, LO).await.unwrap_err();
+        let err = check(&tcp, LO).await.unwrap_err().to_string();
         assert!(
             err.starts_with(&format!("tcp 127.0.0.1:{closed}: ")),
             "{err}"
@@ -672,7 +817,7 @@ mod tests {
         let (plain, _heads) = app("200 OK").await;
         let mut p = probe("shop");
         p.grpc.as_mut().unwrap().port = plain;
-        let err = check(&p, LO).await.unwrap_err();
+        let err = check(&p, LO).await.unwrap_err().to_string();
         assert!(
             err.starts_with(&format!("grpc 127.0.0.1:{plain} service \"shop\"")),
             "{err}"
@@ -692,8 +837,35 @@ mod tests {
         };
         let pod_ip: IpAddr = "127.0.0.2".parse().unwrap();
         check(&tcp, pod_ip).await.unwrap();
-        let err = check(&tcp, LO).await.unwrap_err();
+        let err = check(&tcp, LO).await.unwrap_err().to_string();
         assert!(err.starts_with(&format!("tcp 127.0.0.1:{port}: ")), "{err}");
+    }
+
+    #[test]
+    fn grpc_answers_read_as_the_kubelet_would_say_them() {
+        let target = || "grpc 10.0.0.1:9090".to_string();
+        for (status, want) in [
+            (0, "grpc 10.0.0.1:9090 answered UNKNOWN"),
+            (2, "grpc 10.0.0.1:9090 answered NOT_SERVING"),
+            (3, "grpc 10.0.0.1:9090 answered SERVICE_UNKNOWN"),
+            (7, "grpc 10.0.0.1:9090 answered status 7"),
+        ] {
+            let e = ProbeError::NotServing {
+                target: target(),
+                status,
+            };
+            assert_eq!(e.to_string(), want);
+        }
+        // No grpc-message: no trailing space.
+        let e = ProbeError::GrpcStatus {
+            target: target(),
+            code: "none".into(),
+            message: String::new(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "grpc 10.0.0.1:9090 answered grpc-status none"
+        );
     }
 
     #[tokio::test]

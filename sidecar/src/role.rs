@@ -200,6 +200,7 @@ pub async fn run(
         )
     });
     let mut identity = manager.subscribe();
+    let waiting = ready.pending("certificate");
     let first = identity
         .wait_for(Option::is_some)
         .await
@@ -212,6 +213,7 @@ pub async fn run(
     // Ready means a certificate and a first config, whatever the control
     // plane's stream is doing now.
     crate::follow_readiness(identity.clone(), config_rx.clone(), ready.clone());
+    drop(waiting);
     metrics::set_access_log(config.access_log);
     let shared = Arc::new(crate::Shared::new(
         crate::Options {
@@ -250,14 +252,17 @@ fn subscribe(
     identity: &watch::Receiver<Option<Arc<Identity>>>,
     first: &Identity,
 ) -> Result<(XdsClient, watch::Receiver<Arc<MeshConfig>>), RoleError> {
-    identity::control_plane_tls_with(trust, &config.td, Some(first)).map_err(RoleError::Tls)?;
+    identity::control_plane_tls_with(trust, &config.td, Some(first))
+        .map_err(|e| RoleError::Tls(e.to_string()))?;
     let tls = {
         let identity = identity.clone();
         let trust = trust.clone();
         let td = config.td.clone();
         xds::ClientTls::dynamic(move || {
             let current = identity.borrow().clone().ok_or("no certificate yet")?;
-            identity::control_plane_tls_with(&trust, &td, Some(&current)).map(Arc::new)
+            identity::control_plane_tls_with(&trust, &td, Some(&current))
+                .map(Arc::new)
+                .map_err(Into::into)
         })
     };
     let me = config.workload.clone();

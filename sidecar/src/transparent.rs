@@ -158,16 +158,51 @@ impl Default for InterceptOptions {
     }
 }
 
+/// Why the interception rules cannot be made from the options given.
+#[derive(Debug, thiserror::Error)]
+pub enum RulesError {
+    /// A listener port is 0.
+    #[error("the inbound and outbound ports must not be 0")]
+    ZeroPort,
+    /// An excluded CIDR whose address is not IPv4.
+    #[error("exclude CIDR {cidr:?}: {addr:?} is not an IPv4 address")]
+    CidrAddress {
+        cidr: String,
+        addr: String,
+        #[source]
+        source: std::net::AddrParseError,
+    },
+    /// An excluded CIDR whose prefix length is not `0..=32`.
+    #[error("exclude CIDR {cidr:?}: prefix length {len:?} is not 0..=32")]
+    CidrPrefix { cidr: String, len: String },
+}
+
+/// Why rules cannot be turned into `iptables-restore` input.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// A rule that is not an `iptables -t nat` command.
+    #[error("rule {0:?} is not an `iptables -t nat` command")]
+    NotNat(String),
+    /// A `nat` rule that neither creates a chain nor appends to one.
+    #[error("rule {0:?}: only -N and -A are expected")]
+    NotNewOrAppend(String),
+}
+
 /// Checks a CIDR (`a.b.c.d/n` or IPv4 address) for an iptables rule.
-fn check_cidr(cidr: &str) -> Result<(), String> {
+fn check_cidr(cidr: &str) -> Result<(), RulesError> {
     let (addr, len) = cidr.split_once('/').unwrap_or((cidr, "32"));
     addr.parse::<std::net::Ipv4Addr>()
-        .map_err(|_| format!("exclude CIDR {cidr:?}: {addr:?} is not an IPv4 address"))?;
+        .map_err(|source| RulesError::CidrAddress {
+            cidr: cidr.to_owned(),
+            addr: addr.to_owned(),
+            source,
+        })?;
     match len.parse::<u8>() {
         Ok(n) if n <= 32 => Ok(()),
-        _ => Err(format!(
-            "exclude CIDR {cidr:?}: prefix length {len:?} is not 0..=32"
-        )),
+        _ => Err(RulesError::CidrPrefix {
+            cidr: cidr.to_owned(),
+            len: len.to_owned(),
+        }),
     }
 }
 
@@ -178,9 +213,9 @@ pub const PROBE_SOURCE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 
 
 /// The `iptables` commands (IPv4, `nat` table) that intercept the pod's
 /// traffic, in order, as `strait sidecar iptables --print` shows them.
-pub fn iptables_rules(o: &InterceptOptions) -> Result<Vec<String>, String> {
+pub fn iptables_rules(o: &InterceptOptions) -> Result<Vec<String>, RulesError> {
     if o.inbound_port == 0 || o.outbound_port == 0 {
-        return Err("the inbound and outbound ports must not be 0".into());
+        return Err(RulesError::ZeroPort);
     }
     for c in &o.exclude_outbound_cidrs {
         check_cidr(c)?;
@@ -249,20 +284,20 @@ pub fn iptables_rules(o: &InterceptOptions) -> Result<Vec<String>, String> {
 /// one transaction for the `nat` table, so that applying them either
 /// installs every rule or none. Chains that exist already make the whole
 /// transaction fail (the rules are applied once per network namespace).
-pub fn restore_input(rules: &[String]) -> Result<String, String> {
+pub fn restore_input(rules: &[String]) -> Result<String, RestoreError> {
     let mut chains = String::new();
     let mut appends = String::new();
     for r in rules {
         let rest = r
             .strip_prefix("iptables -t nat ")
-            .ok_or_else(|| format!("rule {r:?} is not an `iptables -t nat` command"))?;
+            .ok_or_else(|| RestoreError::NotNat(r.clone()))?;
         if let Some(chain) = rest.strip_prefix("-N ") {
             chains.push_str(&format!(":{chain} - [0:0]\n"));
         } else if rest.starts_with("-A ") {
             appends.push_str(rest);
             appends.push('\n');
         } else {
-            return Err(format!("rule {r:?}: only -N and -A are expected"));
+            return Err(RestoreError::NotNewOrAppend(r.clone()));
         }
     }
     Ok(format!("*nat\n{chains}{appends}COMMIT\n"))
@@ -400,7 +435,7 @@ mod tests {
         let first_append = lines.iter().position(|l| l.starts_with("-A")).unwrap();
         assert!(last_chain < first_append);
         for bad in ["iptables -t filter -A X", "iptables -t nat -D OUTPUT 1"] {
-            let e = restore_input(&[bad.to_string()]).unwrap_err();
+            let e = restore_input(&[bad.to_string()]).unwrap_err().to_string();
             assert!(e.contains(bad), "{e}");
         }
     }
@@ -433,7 +468,7 @@ mod tests {
                 exclude_outbound_cidrs: vec![cidr.into()],
                 ..InterceptOptions::default()
             };
-            let e = iptables_rules(&o).unwrap_err();
+            let e = iptables_rules(&o).unwrap_err().to_string();
             assert!(e.contains(needle), "{cidr}: {e}");
         }
         let o = InterceptOptions {

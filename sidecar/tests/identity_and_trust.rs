@@ -179,6 +179,11 @@ async fn readiness_needs_an_identity_and_a_config_and_metrics_are_served() {
     // An identity but no config yet.
     let r = curl(&["--noproxy", "*", &url]).await;
     assert_eq!(r.status, 503, "{r:?}");
+    assert!(
+        r.body.contains("waiting for configuration") && !r.body.contains("certificate"),
+        "{}",
+        r.body
+    );
 
     server.push(&Mesh::new(&pki));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);

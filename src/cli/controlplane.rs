@@ -328,9 +328,7 @@ fn serve(r: RunArgs) -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        strait_controlplane::app::run(cfg, super::broker::shutdown_signal())
-            .await
-            .map_err(anyhow::Error::msg)
+        strait_controlplane::app::run(cfg, super::broker::shutdown_signal()).await
     })?;
     tracing::info!("control plane stopped");
     Ok(())

@@ -4,215 +4,239 @@
 
 use std::path::PathBuf;
 
-use super::plan::{self, Component, Lab, Mode};
+use super::plan::{self, Cluster, Component, Lab, Mesh, Mode, Workload};
 use super::s;
 
 /// The components of a lab, in start order (brokers first, then per
 /// cluster: control plane, gateway, workloads with their sidecars).
 pub fn components(lab: &Lab) -> Vec<Component> {
-    let mut out = Vec::new();
-    // For sidecars and gateways.
-    let cert_ttl: Vec<String> = lab
-        .cert_ttl
-        .iter()
-        .flat_map(|t| ["--cert-ttl".to_string(), t.clone()])
-        .collect();
-    for m in &lab.brokers {
-        let mut args = vec![
-            "broker".to_string(),
-            "--data-dir".into(),
-            s(&m.data_dir),
-            "--root".into(),
-            s(&root_dir(lab, &m.mesh)),
-            "--trust-domain".into(),
-            m.trust_domain.clone(),
-            "--mesh-name".into(),
-            m.mesh.clone(),
-            "--listen".into(),
-            m.address.clone(),
-            "--health-listen".into(),
-            format!("{}:{}", m.ip, plan::HEALTH_PORT),
-            "--metrics-listen".into(),
-            format!("{}:{}", m.ip, plan::METRICS_PORT),
-        ];
-        if lab.brokers.len() > 1 {
-            args.extend(["--peer-listen".into(), m.peer_address.clone()]);
-        }
-        if lab.bind_identities {
-            args.push("--bind-identities-to-clusters".into());
-        }
-        out.push(Component {
-            name: m.component.clone(),
-            args,
-            health: format!("http://{}:{}/healthz/ready", m.ip, plan::HEALTH_PORT),
-            netns: None,
-        });
-    }
+    let mut out: Vec<Component> = lab.brokers.iter().map(|m| broker(lab, m)).collect();
     for c in &lab.clusters {
-        let root_cert = s(&c.state_dir(lab).join("cacerts").join("root-cert.pem"));
-        let state = c.dir.join("state");
         if let Some(cp) = &c.control_plane {
-            let mut args = vec![
-                "controlplane".to_string(),
-                "--cluster".into(),
-                c.name.clone(),
-                "--network".into(),
-                c.network.clone(),
-                "--config-dir".into(),
-                s(&c.config_dir),
-                "--state-dir".into(),
-                s(&state),
-                "--join-token".into(),
-                s(&c.dir.join("join.token")),
-                "--listen".into(),
-                cp.clone(),
-                "--gateway".into(),
-                c.gateway.tcp.clone(),
-                "--health-listen".into(),
-                format!("{}:{}", c.cp_ip(), plan::HEALTH_PORT),
-                "--metrics-listen".into(),
-                format!("{}:{}", c.cp_ip(), plan::METRICS_PORT),
-            ];
-            for r in lab
-                .clusters
-                .iter()
-                .filter(|r| r.role == "remote" && r.mesh == c.mesh)
-            {
-                args.extend([
-                    "--remote".into(),
-                    format!("{}={}", r.name, s(&r.config_dir)),
-                ]);
-            }
-            // Debug endpoints stay on loopback: the control plane's own
-            // loopback address here, the namespace's 127.0.0.1 (the
-            // default) in netns mode.
-            if c.netns.is_none() {
-                args.extend([
-                    "--debug-listen".into(),
-                    format!("{}:{}", c.cp_ip(), plan::DEBUG_PORT),
-                ]);
-            }
-            // Its CA issues no longer leaves than the proxies ask for, so
-            // that a root rotation's finish waits only that long.
-            if let Some(ttl) = &lab.cert_ttl {
-                args.extend(["--max-cert-ttl".into(), ttl.clone()]);
-            }
-            if lab.mode == Mode::Quic {
-                args.extend([
-                    "--quic-egress".into(),
-                    format!("{}:{}", c.gw_ip(), plan::EGRESS_PORT),
-                ]);
-            }
-            out.push(Component {
-                name: format!("{}/controlplane", c.name),
-                args,
-                health: format!("http://{}:{}/healthz/ready", c.cp_ip(), plan::HEALTH_PORT),
-                netns: c.netns.clone(),
-            });
+            out.push(control_plane(lab, c, cp));
         }
         let cp = c.cp_address(lab).unwrap_or_default();
-        let mut gateway_args = vec![
-            "gateway".into(),
-            "--cluster".into(),
-            c.name.clone(),
-            "--network".into(),
-            c.network.clone(),
-            "--listen".into(),
-            c.gateway.tcp.clone(),
-            "--egress-listen".into(),
-            format!("{}:{}", c.gw_ip(), plan::EGRESS_PORT),
-            "--control-plane".into(),
-            cp.clone(),
-            // Its own key and a certificate from the control plane's CSR
-            // API, renewed at half life, as a sidecar's.
-            "--token".into(),
-            s(&c.dir.join("tokens").join("eastwest-gateway.token")),
-            "--root-cert".into(),
-            s(&c.state_dir(lab).join("cacerts").join("root-cert.pem")),
-            "--health-listen".into(),
-            format!("{}:{}", c.gw_ip(), plan::HEALTH_PORT),
-            "--metrics-listen".into(),
-            format!("{}:{}", c.gw_ip(), plan::METRICS_PORT),
-        ];
-        // A primary serving remotes exposes its control plane to them.
-        if let Some(own_cp) = &c.control_plane
-            && lab
-                .clusters
-                .iter()
-                .any(|r| r.role == "remote" && r.mesh == c.mesh)
-        {
-            gateway_args.extend([
-                "--expose-control-plane".into(),
-                own_cp.clone(),
-                "--expose-listen".into(),
-                format!("{}:{}", c.gw_ip(), plan::CP_PORT),
-            ]);
-        }
-        gateway_args.extend(cert_ttl.clone());
-        out.push(Component {
-            name: format!("{}/gateway", c.name),
-            args: gateway_args,
-            health: format!("http://{}:{}/healthz/ready", c.gw_ip(), plan::HEALTH_PORT),
-            netns: c.netns.clone(),
-        });
+        out.push(gateway(lab, c, &cp));
         for w in &c.workloads {
             if w.service != "client" {
-                out.push(Component {
-                    name: format!("{}/{}", c.name, w.name),
-                    args: vec![
-                        "lab".into(),
-                        "echo".into(),
-                        "--listen".into(),
-                        format!("{}:{}", w.ip, plan::APP_PORT),
-                        "--cluster".into(),
-                        c.name.clone(),
-                        "--service".into(),
-                        w.service.clone(),
-                        "--version".into(),
-                        w.version.clone(),
-                        "--workload".into(),
-                        w.name.clone(),
-                    ],
-                    health: format!("http://{}:{}/healthz", w.ip, plan::APP_PORT),
-                    netns: c.netns.clone(),
-                });
+                out.push(echo(c, w));
             }
-            out.push(Component {
-                name: format!("{}/{}/sidecar", c.name, w.name),
-                args: vec![
-                    "sidecar".into(),
-                    "--workload".into(),
-                    w.name.clone(),
-                    "--namespace".into(),
-                    w.namespace.clone(),
-                    "--control-plane".into(),
-                    cp.clone(),
-                    "--cluster".into(),
-                    c.name.clone(),
-                    "--token".into(),
-                    s(&c.dir.join("tokens").join(format!("{}.token", w.name))),
-                    "--root-cert".into(),
-                    root_cert.clone(),
-                    "--inbound".into(),
-                    w.inbound.clone(),
-                    "--app".into(),
-                    format!("{}:{}", w.ip, plan::APP_PORT),
-                    "--outbound".into(),
-                    format!("{}:{}", w.ip, plan::OUTBOUND_PORT),
-                    "--health-listen".into(),
-                    format!("{}:{}", w.ip, plan::HEALTH_PORT),
-                    "--metrics-listen".into(),
-                    format!("{}:{}", w.ip, plan::METRICS_PORT),
-                ]
-                .into_iter()
-                .chain(cert_ttl.clone())
-                .collect(),
-                health: format!("http://{}:{}/healthz/ready", w.ip, plan::HEALTH_PORT),
-                netns: c.netns.clone(),
-            });
+            out.push(sidecar(lab, c, w, &cp));
         }
     }
     out
+}
+
+/// `--cert-ttl` for sidecars and gateways, when the lab sets one.
+fn cert_ttl(lab: &Lab) -> Vec<String> {
+    lab.cert_ttl
+        .iter()
+        .flat_map(|t| ["--cert-ttl".to_string(), t.clone()])
+        .collect()
+}
+
+/// A mesh's broker.
+fn broker(lab: &Lab, m: &Mesh) -> Component {
+    let mut args = vec![
+        "broker".to_string(),
+        "--data-dir".into(),
+        s(&m.data_dir),
+        "--root".into(),
+        s(&root_dir(lab, &m.mesh)),
+        "--trust-domain".into(),
+        m.trust_domain.clone(),
+        "--mesh-name".into(),
+        m.mesh.clone(),
+        "--listen".into(),
+        m.address.clone(),
+        "--health-listen".into(),
+        format!("{}:{}", m.ip, plan::HEALTH_PORT),
+        "--metrics-listen".into(),
+        format!("{}:{}", m.ip, plan::METRICS_PORT),
+    ];
+    if lab.brokers.len() > 1 {
+        args.extend(["--peer-listen".into(), m.peer_address.clone()]);
+    }
+    if lab.bind_identities {
+        args.push("--bind-identities-to-clusters".into());
+    }
+    Component {
+        name: m.component.clone(),
+        args,
+        health: format!("http://{}:{}/healthz/ready", m.ip, plan::HEALTH_PORT),
+        netns: None,
+    }
+}
+
+/// A cluster's control plane, listening on `cp`.
+fn control_plane(lab: &Lab, c: &Cluster, cp: &str) -> Component {
+    let state = c.dir.join("state");
+    let mut args = vec![
+        "controlplane".to_string(),
+        "--cluster".into(),
+        c.name.clone(),
+        "--network".into(),
+        c.network.clone(),
+        "--config-dir".into(),
+        s(&c.config_dir),
+        "--state-dir".into(),
+        s(&state),
+        "--join-token".into(),
+        s(&c.dir.join("join.token")),
+        "--listen".into(),
+        cp.to_string(),
+        "--gateway".into(),
+        c.gateway.tcp.to_string(),
+        "--health-listen".into(),
+        format!("{}:{}", c.cp_ip(), plan::HEALTH_PORT),
+        "--metrics-listen".into(),
+        format!("{}:{}", c.cp_ip(), plan::METRICS_PORT),
+    ];
+    for r in lab
+        .clusters
+        .iter()
+        .filter(|r| r.role == "remote" && r.mesh == c.mesh)
+    {
+        args.extend([
+            "--remote".into(),
+            format!("{}={}", r.name, s(&r.config_dir)),
+        ]);
+    }
+    // Debug endpoints stay on loopback: the control plane's own
+    // loopback address here, the namespace's 127.0.0.1 (the
+    // default) in netns mode.
+    if c.netns.is_none() {
+        args.extend([
+            "--debug-listen".into(),
+            format!("{}:{}", c.cp_ip(), plan::DEBUG_PORT),
+        ]);
+    }
+    // Its CA issues no longer leaves than the proxies ask for, so
+    // that a root rotation's finish waits only that long.
+    if let Some(ttl) = &lab.cert_ttl {
+        args.extend(["--max-cert-ttl".into(), ttl.clone()]);
+    }
+    if lab.mode == Mode::Quic {
+        args.extend([
+            "--quic-egress".into(),
+            format!("{}:{}", c.gw_ip(), plan::EGRESS_PORT),
+        ]);
+    }
+    Component {
+        name: format!("{}/controlplane", c.name),
+        args,
+        health: format!("http://{}:{}/healthz/ready", c.cp_ip(), plan::HEALTH_PORT),
+        netns: c.netns.clone(),
+    }
+}
+
+/// A cluster's east-west gateway, following the control plane at `cp`.
+fn gateway(lab: &Lab, c: &Cluster, cp: &str) -> Component {
+    let mut gateway_args = vec![
+        "gateway".into(),
+        "--cluster".into(),
+        c.name.clone(),
+        "--network".into(),
+        c.network.clone(),
+        "--listen".into(),
+        c.gateway.tcp.to_string(),
+        "--egress-listen".into(),
+        format!("{}:{}", c.gw_ip(), plan::EGRESS_PORT),
+        "--control-plane".into(),
+        cp.to_string(),
+        // Its own key and a certificate from the control plane's CSR
+        // API, renewed at half life, as a sidecar's.
+        "--token".into(),
+        s(&c.dir.join("tokens").join("eastwest-gateway.token")),
+        "--root-cert".into(),
+        s(&c.state_dir(lab).join("cacerts").join("root-cert.pem")),
+        "--health-listen".into(),
+        format!("{}:{}", c.gw_ip(), plan::HEALTH_PORT),
+        "--metrics-listen".into(),
+        format!("{}:{}", c.gw_ip(), plan::METRICS_PORT),
+    ];
+    // A primary serving remotes exposes its control plane to them.
+    if let Some(own_cp) = &c.control_plane
+        && lab
+            .clusters
+            .iter()
+            .any(|r| r.role == "remote" && r.mesh == c.mesh)
+    {
+        gateway_args.extend([
+            "--expose-control-plane".into(),
+            own_cp.to_string(),
+            "--expose-listen".into(),
+            format!("{}:{}", c.gw_ip(), plan::CP_PORT),
+        ]);
+    }
+    gateway_args.extend(cert_ttl(lab));
+    Component {
+        name: format!("{}/gateway", c.name),
+        args: gateway_args,
+        health: format!("http://{}:{}/healthz/ready", c.gw_ip(), plan::HEALTH_PORT),
+        netns: c.netns.clone(),
+    }
+}
+
+/// A workload's echo server.
+fn echo(c: &Cluster, w: &Workload) -> Component {
+    Component {
+        name: format!("{}/{}", c.name, w.name),
+        args: vec![
+            "lab".into(),
+            "echo".into(),
+            "--listen".into(),
+            format!("{}:{}", w.ip, plan::APP_PORT),
+            "--cluster".into(),
+            c.name.clone(),
+            "--service".into(),
+            w.service.clone(),
+            "--version".into(),
+            w.version.clone(),
+            "--workload".into(),
+            w.name.clone(),
+        ],
+        health: format!("http://{}:{}/healthz", w.ip, plan::APP_PORT),
+        netns: c.netns.clone(),
+    }
+}
+
+/// A workload's sidecar, following the control plane at `cp`.
+fn sidecar(lab: &Lab, c: &Cluster, w: &Workload, cp: &str) -> Component {
+    let root_cert = s(&c.state_dir(lab).join("cacerts").join("root-cert.pem"));
+    Component {
+        name: format!("{}/{}/sidecar", c.name, w.name),
+        args: vec![
+            "sidecar".into(),
+            "--workload".into(),
+            w.name.clone(),
+            "--namespace".into(),
+            w.namespace.clone(),
+            "--control-plane".into(),
+            cp.to_string(),
+            "--cluster".into(),
+            c.name.clone(),
+            "--token".into(),
+            s(&c.dir.join("tokens").join(format!("{}.token", w.name))),
+            "--root-cert".into(),
+            root_cert.clone(),
+            "--inbound".into(),
+            w.inbound.clone(),
+            "--app".into(),
+            format!("{}:{}", w.ip, plan::APP_PORT),
+            "--outbound".into(),
+            format!("{}:{}", w.ip, plan::OUTBOUND_PORT),
+            "--health-listen".into(),
+            format!("{}:{}", w.ip, plan::HEALTH_PORT),
+            "--metrics-listen".into(),
+            format!("{}:{}", w.ip, plan::METRICS_PORT),
+        ]
+        .into_iter()
+        .chain(cert_ttl(lab))
+        .collect(),
+        health: format!("http://{}:{}/healthz/ready", w.ip, plan::HEALTH_PORT),
+        netns: c.netns.clone(),
+    }
 }
 
 pub(super) fn root_dir(lab: &Lab, mesh: &str) -> PathBuf {

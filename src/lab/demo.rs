@@ -96,11 +96,18 @@ fn example(dir: &Path, name: &str) -> Result<PathBuf> {
 
 /// The multi-primary tour on a running lab.
 pub fn tour_multi_primary(lab: &Lab, report: &mut Report) -> Result<()> {
-    let dir = &lab.dir;
-    let files = dir.join("demo-files");
-    std::fs::create_dir_all(&files)?;
-    let apply = |cluster: &str, file: &Path, put: bool| super::apply(dir, cluster, file, put);
+    std::fs::create_dir_all(lab.dir.join("demo-files"))?;
+    identity_across(lab, report);
+    failover(lab, report)?;
+    split_across(lab, report)?;
+    policy_across(lab, report)?;
+    protocols_across(lab, report)?;
+    intermediate_rotation(lab, report);
+    Ok(())
+}
 
+/// A call from east reaches both clusters with the client's identity.
+fn identity_across(lab: &Lab, report: &mut Report) {
     report.record(
         "cross-cluster call with end-to-end identity",
         eventually(Duration::from_secs(20), || {
@@ -124,7 +131,11 @@ pub fn tour_multi_primary(lab: &Lab, report: &mut Report) -> Result<()> {
             Ok(format!("20 requests from east's client:\n{}", sum.render()))
         }),
     );
+}
 
+/// Connect failures to a killed gateway are retried on another endpoint.
+fn failover(lab: &Lab, report: &mut Report) -> Result<()> {
+    let dir = &lab.dir;
     // No routing rules yet: east's client spreads over both clusters.
     // Cut west off: connect failures are retried on another endpoint.
     super::kill(dir, "west/gateway")?;
@@ -140,6 +151,14 @@ pub fn tour_multi_primary(lab: &Lab, report: &mut Report) -> Result<()> {
     );
     super::start(dir, "west/gateway")?;
 
+    Ok(())
+}
+
+/// A VirtualService splits 80/20 between the clusters' subsets.
+fn split_across(lab: &Lab, report: &mut Report) -> Result<()> {
+    let dir = &lab.dir;
+    let files = dir.join("demo-files");
+    let apply = |cluster: &str, file: &Path, put: bool| super::apply(dir, cluster, file, put);
     let subsets = example(&files, "subsets.yaml")?;
     let vs = example(&files, "split.yaml")?;
     apply("east", &subsets, true)?;
@@ -159,6 +178,14 @@ pub fn tour_multi_primary(lab: &Lab, report: &mut Report) -> Result<()> {
         }),
     );
 
+    Ok(())
+}
+
+/// An AuthorizationPolicy in west denies east's client, then allows it.
+fn policy_across(lab: &Lab, report: &mut Report) -> Result<()> {
+    let dir = &lab.dir;
+    let files = dir.join("demo-files");
+    let apply = |cluster: &str, file: &Path, put: bool| super::apply(dir, cluster, file, put);
     // Everything to west for the policy step.
     // Same kind, namespace and name: it replaces the split.
     let all_west = example(&files, "all-to-west.yaml")?;
@@ -187,6 +214,11 @@ pub fn tour_multi_primary(lab: &Lab, report: &mut Report) -> Result<()> {
         }),
     );
 
+    Ok(())
+}
+
+/// HTTP/2 and a WebSocket through the gateways.
+fn protocols_across(lab: &Lab, report: &mut Report) -> Result<()> {
     // Still everything to west: protocols other than HTTP/1.1 requests.
     let east = lab
         .cluster("east")
@@ -218,6 +250,11 @@ pub fn tour_multi_primary(lab: &Lab, report: &mut Report) -> Result<()> {
         }),
     );
 
+    Ok(())
+}
+
+/// The intermediate rotated under traffic, with no failed request.
+fn intermediate_rotation(lab: &Lab, report: &mut Report) {
     let m = &lab.brokers[0];
     report.record("intermediate rotation under traffic, no failed request", (|| {
         let before = std::fs::read(lab.clusters[0].dir.join("state/cacerts/ca-cert.pem"))?;
@@ -259,7 +296,6 @@ pub fn tour_multi_primary(lab: &Lab, report: &mut Report) -> Result<()> {
         }
         Ok(format!("east got a new intermediate; {n} requests from west during the rotation, none failed"))
     })());
-    Ok(())
 }
 
 /// The federated tour: a call across trust domains.

@@ -36,7 +36,7 @@ pub(crate) async fn try_tunnel_chain(
     let verifier = SpiffeServerVerifier::new(trust.clone(), Accept::Ids([gateway_id(TD)].into()));
     let tls = strait_ca::tls::client_config(verifier, Some((&me.chain_der, &me.key_pkcs8)), &[])
         .map_err(|e| e.to_string())?;
-    let config = strait_gateway::tunnel::client_config(tls)?;
+    let config = strait_gateway::tunnel::client_config(tls).map_err(|e| e.to_string())?;
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let connecting = endpoint
         .connect_with(config, addr.parse().unwrap(), "gateway.strait.internal")

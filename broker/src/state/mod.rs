@@ -3,33 +3,50 @@
 //!
 //! One async mutex serialises changes (plan → commit → apply → notify), so
 //! the order of revisions is the order of commits. Readers of imports are
-//! woken through a `watch` channel carrying the mesh revision.
+//! woken through a `watch` channel carrying the mesh revision. The mutex
+//! and what it guards stay inside this module: the services read it
+//! through its views and change it through its methods.
+//!
+//! - this file: the records, cluster join and exports/info updates;
+//! - `load`: loading everything from the store at start, step by step;
+//! - `views`: consistent read-only views (cluster statuses, exports,
+//!   imports, what a sync stream pushes);
+//! - `trust`, `rotate`, `liveness`: acknowledgements, renewal and
+//!   revocation; root rotation; withdrawal of silent clusters;
+//! - `peers`: peered meshes and peer tokens in the store.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use strait_ca::authority::{Authority, Issued};
+use strait_ca::bundle::BundleError;
 use strait_ca::cert::fingerprint_sha256;
+use strait_ca::csr::CsrError;
+use strait_ca::layout::LayoutError;
 use strait_ca::tls::Trust;
-use strait_ca::{ClusterName, Csr, TrustBundle, TrustDomain};
-use strait_model::mesh::{ClusterInfo, ExportedService, Locality, Network, ServiceKey};
+use strait_ca::{ClusterName, Csr, IssueError, TrustBundle, TrustDomain};
+use strait_model::mesh::{ClusterInfo, Locality, ModelError, Network, ServiceKey};
 use time::OffsetDateTime;
 use tokio::sync::{Mutex, watch};
 
-use crate::reconcile::{ClusterState, ExportsChange, Mesh, Plan, SyncError};
+use crate::reconcile::{ExportsChange, Mesh, Plan, SyncError};
 use crate::rotation::{Rotation, RotationError};
 
 mod liveness;
+mod load;
+mod peers;
 mod rotate;
 mod trust;
+mod views;
 use crate::liveness::Liveness;
 use crate::store::{Batch, Store, StoreError, Table};
 use crate::token::{JoinToken, TokenError, TokenRecord};
 pub use liveness::{LiveStream, watch_liveness};
 pub use rotate::{RotateStep, RotationReport};
+pub use views::{ClusterImports, PushView, TrustView};
 
 /// Default lifetime of a cluster intermediate.
 pub const DEFAULT_INTERMEDIATE_VALIDITY: Duration = Duration::from_secs(7 * 86400);
@@ -158,8 +175,31 @@ pub enum StateError {
     Revoked(String),
     #[error("bad request: {0}")]
     Invalid(String),
+    #[error("bad request: {0}")]
+    Csr(#[from] CsrError),
+    /// A join token record holds a value that does not parse.
+    #[error("bad request: join token record {field} {value:?}: {source}")]
+    TokenField {
+        field: &'static str,
+        value: String,
+        #[source]
+        source: ModelError,
+    },
     #[error("issuing the intermediate failed: {0}")]
-    Issue(String),
+    Issue(#[from] IssueError),
+    #[error("creating the new root failed: {0}")]
+    RootCreate(#[source] IssueError),
+    #[error("bad request: writing the new root: {0}")]
+    RootWrite(#[source] Box<LayoutError>),
+    /// A root the rotation state names does not load from its directory.
+    #[error("root {fingerprint}: {source}")]
+    RootLoad {
+        fingerprint: String,
+        #[source]
+        source: Box<LayoutError>,
+    },
+    #[error("the trust bundle: {0}")]
+    Bundle(#[source] BundleError),
     #[error(transparent)]
     Rotation(#[from] RotationError),
 }
@@ -186,23 +226,31 @@ fn put_bundle_version(b: &mut Batch, version: u64) {
     );
 }
 
+fn token_field(field: &'static str, value: &str, source: ModelError) -> StateError {
+    StateError::TokenField {
+        field,
+        value: value.to_string(),
+        source,
+    }
+}
+
 fn export_row_key(cluster: &ClusterName, key: &ServiceKey) -> String {
     format!("{cluster}/{}/{}", key.namespace(), key.name())
 }
 
 /// The mutable part, behind the mutex.
-pub struct Inner {
-    pub mesh: Mesh,
-    pub records: BTreeMap<String, ClusterRecord>,
-    pub tokens: BTreeMap<String, TokenRecord>,
-    pub bundle_version: u64,
-    pub denied: BTreeSet<String>,
+struct Inner {
+    mesh: Mesh,
+    records: BTreeMap<String, ClusterRecord>,
+    tokens: BTreeMap<String, TokenRecord>,
+    bundle_version: u64,
+    denied: BTreeSet<String>,
     /// `--bind-identities-to-clusters` (stored, so that turning it on or
     /// off bumps the bundle version once).
-    pub bind_identities: bool,
-    pub rotation: Rotation,
+    bind_identities: bool,
+    rotation: Rotation,
     /// Where each root of the bundle lives on disk, by fingerprint.
-    pub root_dirs: BTreeMap<String, PathBuf>,
+    root_dirs: BTreeMap<String, PathBuf>,
 }
 
 /// The roots the broker holds keys for, by fingerprint, and which signs.
@@ -222,17 +270,17 @@ pub struct BrokerState {
     pub trust: Trust,
     pub epoch: String,
     pub intermediate_validity: Duration,
-    pub(crate) store: Arc<dyn Store>,
-    pub(crate) inner: Mutex<Inner>,
-    pub(crate) revision_tx: watch::Sender<u64>,
+    store: Arc<dyn Store>,
+    inner: Mutex<Inner>,
+    revision_tx: watch::Sender<u64>,
     /// Peered meshes (by mesh name) and their trust, loaded from the store.
     pub(crate) peers: crate::peer::Peers,
     /// This mesh's name for peers (`mesh:<name>` in export-to).
     pub mesh_name: String,
     /// Which clusters have a sync stream, and which are withdrawn.
-    pub(crate) liveness: std::sync::Mutex<Liveness>,
+    liveness: std::sync::Mutex<Liveness>,
     /// Woken when a stream ends, so that the grace timer looks again.
-    pub(crate) liveness_changed: tokio::sync::Notify,
+    liveness_changed: tokio::sync::Notify,
 }
 
 /// What a successful join returns.
@@ -245,190 +293,6 @@ pub struct Joined {
 }
 
 impl BrokerState {
-    /// Loads everything from the store (creating the epoch on first start).
-    /// `root` and `root_dir`: the root configured for this broker, used
-    /// when the store has no rotation state yet.
-    pub fn load(
-        store: Arc<dyn Store>,
-        root: Authority,
-        root_dir: &Path,
-        data_dir: &Path,
-        intermediate_validity: Duration,
-        mesh_name: String,
-    ) -> Result<Self, StateError> {
-        let contents = store.load()?;
-        let empty = BTreeMap::new();
-        let meta = contents.get(&Table::Meta).unwrap_or(&empty);
-        let text = |k: &str| meta.get(k).map(|v| String::from_utf8_lossy(v).into_owned());
-        let number = |k: &str| -> Result<u64, StateError> {
-            match text(k) {
-                None => Ok(0),
-                Some(v) => v.parse().map_err(|e| corrupt(Table::Meta, k, e)),
-            }
-        };
-        let revision = number(META_REVISION)?;
-        let bundle_version = number(META_BUNDLE_VERSION)?.max(1);
-        let bind_identities = number(META_BIND_IDENTITIES)? == 1;
-        let denied: BTreeSet<String> = match meta.get(META_DENIED) {
-            Some(v) => {
-                serde_json::from_slice(v).map_err(|e| corrupt(Table::Meta, META_DENIED, e))?
-            }
-            None => BTreeSet::new(),
-        };
-        let epoch = match text(META_EPOCH) {
-            Some(e) => e,
-            None => {
-                let e = random_hex(8);
-                let mut b = Batch::new();
-                b.put(Table::Meta, META_EPOCH, e.clone().into_bytes());
-                b.put(Table::Meta, META_BUNDLE_VERSION, b"1".to_vec());
-                store.commit(&b)?;
-                e
-            }
-        };
-
-        let mut records = BTreeMap::new();
-        for (k, v) in contents.get(&Table::Clusters).unwrap_or(&empty) {
-            let r: ClusterRecord =
-                serde_json::from_slice(v).map_err(|e| corrupt(Table::Clusters, k, e))?;
-            records.insert(k.clone(), r);
-        }
-        let mut tokens = BTreeMap::new();
-        for (k, v) in contents.get(&Table::Tokens).unwrap_or(&empty) {
-            let t: TokenRecord =
-                serde_json::from_slice(v).map_err(|e| corrupt(Table::Tokens, k, e))?;
-            tokens.insert(k.clone(), t);
-        }
-        let mut clusters: BTreeMap<ClusterName, ClusterState> = BTreeMap::new();
-        for r in records.values() {
-            if r.membership != Membership::Joined {
-                continue;
-            }
-            let Some(info) = r.info.clone() else {
-                return Err(corrupt(Table::Clusters, &r.name, "joined without info"));
-            };
-            clusters.insert(
-                info.name.clone(),
-                ClusterState {
-                    info,
-                    export_revision: r.export_revision,
-                    exports: BTreeMap::new(),
-                    withdrawn: r.withdrawn,
-                },
-            );
-        }
-        for (k, v) in contents.get(&Table::Exports).unwrap_or(&empty) {
-            let s: ExportedService =
-                serde_json::from_slice(v).map_err(|e| corrupt(Table::Exports, k, e))?;
-            let cluster = k.split('/').next().unwrap_or_default();
-            let Some(c) = ClusterName::new(cluster)
-                .ok()
-                .and_then(|n| clusters.get_mut(&n))
-            else {
-                // Exports of a revoked cluster are deleted with it; a stray
-                // row is not worth refusing to start over.
-                tracing::warn!(row = %k, "export row of an unknown cluster ignored");
-                continue;
-            };
-            c.exports.insert(s.key.clone(), s);
-        }
-        let configured_fp = fingerprint_sha256(root.root_der());
-        let (rotation, root_dirs): (Rotation, BTreeMap<String, PathBuf>) =
-            match (meta.get(META_ROTATION), meta.get(META_ROOT_DIRS)) {
-                (Some(r), Some(d)) => (
-                    serde_json::from_slice(r)
-                        .map_err(|e| corrupt(Table::Meta, META_ROTATION, e))?,
-                    serde_json::from_slice(d)
-                        .map_err(|e| corrupt(Table::Meta, META_ROOT_DIRS, e))?,
-                ),
-                _ => (
-                    Rotation::idle(&configured_fp),
-                    [(configured_fp.clone(), root_dir.to_path_buf())].into(),
-                ),
-            };
-        let td = root.trust_domain().clone();
-        let mut by_fp = BTreeMap::new();
-        by_fp.insert(configured_fp.clone(), Arc::new(root));
-        for fp in rotation
-            .bundle
-            .iter()
-            .chain(std::iter::once(&rotation.signing))
-        {
-            if by_fp.contains_key(fp) {
-                continue;
-            }
-            let dir = root_dirs.get(fp).ok_or_else(|| {
-                corrupt(
-                    Table::Meta,
-                    META_ROOT_DIRS,
-                    format!("no directory for root {fp}"),
-                )
-            })?;
-            let a = strait_ca::layout::load_root(dir, Some(&td))
-                .map_err(|e| StateError::Invalid(format!("root {fp}: {e}")))?;
-            by_fp.insert(fp.clone(), Arc::new(a));
-        }
-        if !rotation.bundle.contains(&configured_fp) {
-            tracing::warn!(
-                root = %configured_fp,
-                "the configured root is no longer in the bundle (rotated out); the stored rotation state decides"
-            );
-        }
-        let bundle_roots = rotation
-            .bundle
-            .iter()
-            .filter_map(|fp| by_fp.get(fp).map(|a| a.root_der().to_vec()))
-            .collect();
-        let bundle = TrustBundle::new(Some(td.clone()), bundle_roots)
-            .map_err(|e| StateError::Invalid(e.to_string()))?;
-        let trust = Trust::new(bundle);
-        trust.set_denied(denied.iter().cloned());
-        let signing = by_fp
-            .get(&rotation.signing)
-            .cloned()
-            .ok_or_else(|| corrupt(Table::Meta, META_ROTATION, "the signing root is not loaded"))?;
-        let serving = signing.root_der().to_vec();
-        let (revision_tx, _) = watch::channel(revision);
-        let (rotation_tx, _) = watch::channel(rotation.clone());
-        let peers = crate::peer::Peers::load(&contents)?;
-        // Every joined cluster gets the grace from this start.
-        let mut liveness = Liveness::new(Some(crate::liveness::DEFAULT_GRACE));
-        let start = tokio::time::Instant::now().into_std();
-        for (name, c) in &clusters {
-            liveness.track(name.clone(), c.withdrawn, start);
-        }
-        let mut mesh = Mesh::new(clusters, revision);
-        for p in peers.list() {
-            mesh.load_peer(&p.mesh, p.services.clone());
-        }
-        Ok(BrokerState {
-            trust_domain: td,
-            roots: std::sync::RwLock::new(Roots { by_fp, signing }),
-            serving_root: std::sync::RwLock::new(serving),
-            data_dir: data_dir.to_path_buf(),
-            rotation_tx,
-            trust,
-            epoch,
-            intermediate_validity,
-            store,
-            inner: Mutex::new(Inner {
-                mesh,
-                records,
-                tokens,
-                bundle_version,
-                denied,
-                bind_identities,
-                rotation,
-                root_dirs,
-            }),
-            revision_tx,
-            peers,
-            mesh_name,
-            liveness: std::sync::Mutex::new(liveness),
-            liveness_changed: tokio::sync::Notify::new(),
-        })
-    }
-
     /// The root that signs intermediates now.
     pub fn signer(&self) -> Arc<Authority> {
         self.roots
@@ -457,10 +321,6 @@ impl BrokerState {
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.revision_tx.subscribe()
-    }
-
-    pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().await
     }
 
     /// Persists a plan together with `extra` rows, then applies it.
@@ -583,8 +443,7 @@ impl BrokerState {
         now: OffsetDateTime,
     ) -> Result<Joined, StateError> {
         let token = JoinToken::parse(token_text)?;
-        let csr =
-            Csr::from_pem(csr_pem.as_bytes()).map_err(|e| StateError::Invalid(e.to_string()))?;
+        let csr = Csr::from_pem(csr_pem.as_bytes())?;
         let csr_cluster = csr.common_name().unwrap_or_default().to_string();
         let mut inner = self.inner.lock().await;
         let record = inner
@@ -594,20 +453,19 @@ impl BrokerState {
             .ok_or(TokenError::Unknown)?;
         record.admit(&token, &csr_cluster, unix(now))?;
         let name = token.cluster.clone();
-        let network =
-            Network::new(&record.network).map_err(|e| StateError::Invalid(e.to_string()))?;
+        let network = Network::new(&record.network)
+            .map_err(|source| token_field("network", &record.network, source))?;
         let locality = if record.locality.is_empty() {
             None
         } else {
             Some(
                 Locality::parse(&record.locality)
-                    .map_err(|e| StateError::Invalid(e.to_string()))?,
+                    .map_err(|source| token_field("locality", &record.locality, source))?,
             )
         };
         let signer = self.signer();
-        let issued: Issued = signer
-            .issue_intermediate(&csr, &name, self.intermediate_validity, now)
-            .map_err(|e| StateError::Issue(e.to_string()))?;
+        let issued: Issued =
+            signer.issue_intermediate(&csr, &name, self.intermediate_validity, now)?;
         let mut chain = vec![issued.der.clone()];
         chain.extend(signer.chain().iter().cloned());
 

@@ -129,7 +129,7 @@ impl BrokerState {
                     },
                     now,
                 )
-                .map_err(|e| StateError::Issue(e.to_string()))?;
+                .map_err(StateError::RootCreate)?;
                 let fp = fingerprint_sha256(root.root_der());
                 let dir = self.data_dir.join(ROTATION_ROOTS_DIR).join(
                     fp.replace(':', "")
@@ -139,7 +139,7 @@ impl BrokerState {
                         .collect::<String>(),
                 );
                 strait_ca::layout::write_root(&dir, &root, false)
-                    .map_err(|e| StateError::Invalid(e.to_string()))?;
+                    .map_err(|e| StateError::RootWrite(Box::new(e)))?;
                 let next = current.begin(&fp)?;
                 new_root = Some((fp, Arc::new(root), dir));
                 (next, true, false)

@@ -126,8 +126,7 @@ impl BrokerState {
         csr_pem: &str,
         now: OffsetDateTime,
     ) -> Result<Vec<Vec<u8>>, StateError> {
-        let csr =
-            Csr::from_pem(csr_pem.as_bytes()).map_err(|e| StateError::Invalid(e.to_string()))?;
+        let csr = Csr::from_pem(csr_pem.as_bytes())?;
         let mut inner = self.inner.lock().await;
         let Some(r) = inner.records.get(name.as_str()).cloned() else {
             return Err(StateError::UnknownCluster(name.to_string()));
@@ -142,9 +141,7 @@ impl BrokerState {
             )));
         }
         let signer = self.signer();
-        let issued = signer
-            .issue_intermediate(&csr, name, self.intermediate_validity, now)
-            .map_err(|e| StateError::Issue(e.to_string()))?;
+        let issued = signer.issue_intermediate(&csr, name, self.intermediate_validity, now)?;
         let r = ClusterRecord {
             intermediate_sha256: fingerprint_sha256(&issued.der),
             intermediate_expires_unix: issued.not_after.unix_timestamp(),

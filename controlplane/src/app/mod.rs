@@ -38,8 +38,10 @@ use tokio::sync::watch;
 use crate::resources::ClusterContext;
 use crate::source::Config;
 use crate::{dirwatch, link};
+pub use error::{AppError, RemoteError, ServingError};
 
 pub mod debug;
+mod error;
 mod inject;
 mod inputs;
 mod remotes;
@@ -124,7 +126,7 @@ impl DebugListen {
     }
 
     /// Binds the debug listener, if one is to be served.
-    pub async fn bind(self) -> Result<Option<tokio::net::TcpListener>, String> {
+    pub async fn bind(self) -> Result<Option<tokio::net::TcpListener>, AppError> {
         match self {
             DebugListen::Off => Ok(None),
             DebugListen::At(addr) => {
@@ -134,10 +136,7 @@ impl DebugListen {
                         "debug endpoints served on a non-loopback address, without authentication"
                     );
                 }
-                accept::bind(addr, "debug")
-                    .await
-                    .map(Some)
-                    .map_err(|e| e.to_string())
+                Ok(Some(accept::bind(addr, "debug").await?))
             }
             DebugListen::Default => match tokio::net::TcpListener::bind(DEFAULT_DEBUG_LISTEN).await
             {
@@ -186,18 +185,22 @@ async fn open_source(
         link::ImportSink,
         Option<::kube::Client>,
     ),
-    String,
+    AppError,
 > {
     match &cfg.source {
         ConfigSource::Dir(dir) => {
-            let config = dirwatch::watch_dir(dir.clone(), cfg.config_limits)
-                .map_err(|e| format!("--config-dir {}: {e}", dir.display()))?;
+            let config = dirwatch::watch_dir(dir.clone(), cfg.config_limits).map_err(|source| {
+                AppError::ConfigDir {
+                    path: dir.clone(),
+                    source,
+                }
+            })?;
             Ok((config, link::ImportSink::Dir(dir.clone()), None))
         }
         ConfigSource::Kube => {
-            let client = ::kube::Client::try_default().await.map_err(|e| {
-                format!("--kube: no Kubernetes API to talk to (KUBECONFIG, ~/.kube/config or in-cluster): {e}")
-            })?;
+            let client = ::kube::Client::try_default()
+                .await
+                .map_err(AppError::NoKubeApi)?;
             tracing::info!("reading config from the Kubernetes API");
             let config = crate::kube::watch_kube(
                 client.clone(),
@@ -207,7 +210,7 @@ async fn open_source(
                 },
             )
             .await
-            .map_err(|e| format!("--kube: {e}"))?;
+            .map_err(AppError::Kube)?;
             Ok((config, link::ImportSink::Kube(client.clone()), Some(client)))
         }
     }
@@ -215,20 +218,24 @@ async fn open_source(
 
 /// Joins the mesh with the token file if `state_dir` has not joined yet;
 /// checks that the joined identity is the one configured.
-pub async fn ensure_joined(cfg: &AppConfig) -> Result<BrokerInfo, String> {
+pub async fn ensure_joined(cfg: &AppConfig) -> Result<BrokerInfo, AppError> {
     if !cfg.state_dir.join(BROKER_FILE).exists() {
         let Some(token_file) = &cfg.join_token else {
-            return Err(format!(
-                "{} has not joined a mesh: pass --join-token FILE (from `straitctl cluster add {}`)",
-                cfg.state_dir.display(),
-                cfg.cluster
-            ));
+            return Err(AppError::NotJoined {
+                state_dir: cfg.state_dir.clone(),
+                cluster: cfg.cluster.clone(),
+            });
         };
-        let token = std::fs::read_to_string(token_file)
-            .map_err(|e| format!("--join-token {}: {e}", token_file.display()))?;
+        let token = std::fs::read_to_string(token_file).map_err(|source| AppError::ReadToken {
+            path: token_file.clone(),
+            source,
+        })?;
         let joined = strait_broker_client::client::join(token.trim(), &cfg.state_dir)
             .await
-            .map_err(|e| format!("joining with {}: {e}", token_file.display()))?;
+            .map_err(|source| AppError::Join {
+                path: token_file.clone(),
+                source: Box::new(source),
+            })?;
         tracing::info!(
             cluster = %joined.info.cluster,
             trust_domain = %joined.info.trust_domain,
@@ -237,14 +244,13 @@ pub async fn ensure_joined(cfg: &AppConfig) -> Result<BrokerInfo, String> {
     }
     let info = link::broker_info(&cfg.state_dir)?;
     if info.cluster != cfg.cluster || info.network != cfg.network {
-        return Err(format!(
-            "{} belongs to cluster {} on network {}, not {} on {}",
-            cfg.state_dir.display(),
-            info.cluster,
-            info.network,
-            cfg.cluster,
-            cfg.network
-        ));
+        return Err(AppError::OtherCluster {
+            state_dir: cfg.state_dir.clone(),
+            joined: info.cluster,
+            joined_network: info.network,
+            cluster: cfg.cluster.clone(),
+            network: cfg.network.clone(),
+        });
     }
     Ok(info)
 }
@@ -322,9 +328,9 @@ fn debug_routes(xds: crate::xds::XdsServer, configs: debug::Configs) -> http::Ro
 }
 
 /// Serves discovery and certificates on `incoming` until `shutdown`; then
-/// the background tasks stop (`stop_tx`), which closes the proxies'
+/// the drain starts: the background tasks stop, which closes the proxies'
 /// discovery streams, and the server drains for up to [`DRAIN`].
-async fn serve_discovery<F, Fut>(
+async fn serve_discovery(
     xds: &crate::xds::XdsServer,
     ca: &crate::ca::WorkloadCa,
     incoming: tokio_stream::wrappers::ReceiverStream<
@@ -332,13 +338,8 @@ async fn serve_discovery<F, Fut>(
     >,
     shutdown: impl Future<Output = ()> + Send + 'static,
     not_ready: Ready,
-    stop_tx: watch::Sender<bool>,
-    stopped: &F,
-) -> Result<(), String>
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = ()>,
-{
+    drain: &strait_runtime::drain::Trigger,
+) -> Result<(), AppError> {
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .add_service(xds.service())
@@ -347,15 +348,13 @@ where
             shutdown.await;
             tracing::info!("shutting down: closing discovery streams");
             not_ready.set(false);
-            let _ = stop_tx.send(true);
+            drain.start();
         });
-    let drain_deadline = async {
-        stopped().await;
-        tokio::time::sleep(DRAIN).await;
-    };
+    // tonic does not count its connections: the drain is bounded instead.
+    let bound = drain.watch();
     tokio::select! {
-        r = server => r.map_err(|e| format!("discovery server: {e}")),
-        () = drain_deadline => {
+        r = server => r.map_err(AppError::Serve),
+        () = bound.deadline(DRAIN) => {
             tracing::warn!(drain = ?DRAIN, "connections still open after the drain time; closing them");
             Ok(())
         }
@@ -464,10 +463,10 @@ fn workload_ca(
     authority: strait_ca::Authority,
     trust: Trust,
     registry: &mut Registry,
-) -> Result<crate::ca::WorkloadCa, String> {
+) -> Result<crate::ca::WorkloadCa, AppError> {
     let tokens =
         crate::ca::TokenIssuer::load_or_create(&cfg.state_dir.join(crate::ca::TOKEN_KEY_FILE))
-            .map_err(|e| e.to_string())?;
+            .map_err(AppError::TokenKey)?;
     crate::ca::WorkloadCa::new(
         authority,
         trust,
@@ -480,7 +479,7 @@ fn workload_ca(
         },
         registry,
     )
-    .map_err(|e| e.to_string())
+    .map_err(AppError::WorkloadCa)
 }
 
 /// The health, debug and metrics listeners, those that are asked for.
@@ -489,22 +488,20 @@ async fn serve_endpoints(
     ready: &Ready,
     registry: &Arc<Registry>,
     debug: http::Routes,
-) -> Result<(), String> {
+) -> Result<(), AppError> {
     if let Some(addr) = cfg.health_listen {
-        let l = accept::bind(addr, "health")
-            .await
-            .map_err(|e| e.to_string())?;
+        let l = accept::bind(addr, "health").await?;
         tokio::spawn(http::serve(l, ready.clone(), None));
     }
     if let Some(l) = cfg.debug_listen.bind().await? {
-        let addr = l.local_addr().map_err(|e| e.to_string())?;
+        let addr = l
+            .local_addr()
+            .map_or_else(|_| "?".to_string(), |a| a.to_string());
         tokio::spawn(http::serve_routes(l, "debug", debug));
         tracing::info!(%addr, "debug endpoints serving (/debug/nacks, /debug/config)");
     }
     if let Some(addr) = cfg.metrics_listen {
-        let l = accept::bind(addr, "metrics")
-            .await
-            .map_err(|e| e.to_string())?;
+        let l = accept::bind(addr, "metrics").await?;
         tokio::spawn(http::serve(l, ready.clone(), Some(registry.clone())));
     }
     Ok(())
@@ -560,21 +557,50 @@ fn spawn_trust_follower(
     });
 }
 
+/// The sidecar injection webhook (HTTPS with the serving certificate).
+async fn serve_injection(
+    inject: &InjectServe,
+    serving: &Arc<ServingCert>,
+    registry: &mut Registry,
+) -> Result<(), AppError> {
+    let tls = inject::server_tls(serving.clone()).map_err(|source| AppError::Tls {
+        what: "injection webhook",
+        source,
+    })?;
+    let l = tokio::net::TcpListener::bind(inject.listen)
+        .await
+        .map_err(|source| AppError::Listen {
+            addr: inject.listen,
+            flag: Some("--inject-listen"),
+            source,
+        })?;
+    tokio::spawn(inject::serve(
+        l,
+        Arc::new(tls),
+        Arc::new(inject.config.clone()),
+        inject::InjectMetrics::new(registry),
+    ));
+    tracing::info!(listen = %inject.listen, image = %inject.config.image, "sidecar injection webhook serving");
+    Ok(())
+}
+
 /// Runs the control plane until `shutdown`.
 pub async fn run(
     cfg: AppConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), String> {
+) -> Result<(), AppError> {
     let info = ensure_joined(&cfg).await?;
-    let td = TrustDomain::new(&info.trust_domain).map_err(|e| e.to_string())?;
+    let td = TrustDomain::new(&info.trust_domain).map_err(|source| AppError::TrustDomain {
+        trust_domain: info.trust_domain.clone(),
+        source,
+    })?;
     let (config, sink, kube_client) = open_source(&cfg).await?;
     let config_view = config.clone();
-    let (stop_tx, stop_rx) = watch::channel(false);
+    // The background tasks end when the drain starts.
+    let (drain, watch) = strait_runtime::drain::channel();
     let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
+        let watch = watch.clone();
+        async move { watch.draining().await }
     };
     let (imports, link_task) = link::spawn(
         link::LinkConfig {
@@ -602,12 +628,12 @@ pub async fn run(
     let debug_configs: debug::Configs = std::iter::once((cfg.cluster.clone(), config.clone()))
         .chain(remotes.iter().map(|(n, rx)| (n.to_string(), rx.clone())))
         .collect();
-    let served = spawn_views(me, cfg.clusterset_ips, remotes, config, stopped())?;
+    let served = spawn_views(me, cfg.clusterset_ips, remotes, config, stopped());
     let mut served = served.into_iter();
     let (own_view, own_siblings) = served
         .next()
         .map(|(_, _, v, s)| (v, s))
-        .ok_or("no served cluster")?;
+        .expect("spawn_views serves this cluster first");
     let snapshots = spawn_builder(
         ctx,
         cfg.state_dir.clone(),
@@ -625,8 +651,8 @@ pub async fn run(
     // the xDS server's trust-domain check); kept current as the broker
     // link installs bundles and deny-lists.
     let root = cfg.state_dir.join(CACERTS_DIR).join("root-cert.pem");
-    let bundle =
-        strait_ca::layout::load_bundle(&root, Some(td.clone())).map_err(|e| e.to_string())?;
+    let bundle = strait_ca::layout::load_bundle(&root, Some(td.clone()))
+        .map_err(|e| AppError::Bundle(Box::new(e)))?;
     let trust = Trust::new(bundle);
     refresh_trust(&trust, &cfg.state_dir, &td, &imports.borrow());
     let authority = load_authority(&cfg.state_dir, &td)?;
@@ -648,22 +674,19 @@ pub async fn run(
     };
 
     if let Some(inject) = &cfg.inject {
-        let tls = inject::server_tls(serving.clone()).map_err(|e| e.to_string())?;
-        let l = tokio::net::TcpListener::bind(inject.listen)
-            .await
-            .map_err(|e| format!("cannot listen on {} (--inject-listen): {e}", inject.listen))?;
-        tokio::spawn(inject::serve(
-            l,
-            Arc::new(tls),
-            Arc::new(inject.config.clone()),
-            inject::InjectMetrics::new(&mut registry),
-        ));
-        tracing::info!(listen = %inject.listen, image = %inject.config.image, "sidecar injection webhook serving");
+        serve_injection(inject, &serving, &mut registry).await?;
     }
-    let tls = server_tls(serving.clone(), trust.clone()).map_err(|e| e.to_string())?;
+    let tls = server_tls(serving.clone(), trust.clone()).map_err(|source| AppError::Tls {
+        what: "discovery",
+        source,
+    })?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+        .map_err(|source| AppError::Listen {
+            addr: cfg.listen,
+            flag: None,
+            source,
+        })?;
     let incoming = strait_runtime::transport::tls_incoming(listener, Arc::new(tls));
 
     let registry = Arc::new(registry);
@@ -692,16 +715,7 @@ pub async fn run(
     // On shutdown, the background tasks stop first: the snapshot channel
     // closes, which ends the proxies' discovery streams, so the server can
     // drain (bounded by DRAIN for connections that linger).
-    let served = serve_discovery(
-        &xds,
-        &ca,
-        incoming,
-        shutdown,
-        ready.clone(),
-        stop_tx,
-        &stopped,
-    )
-    .await;
+    let served = serve_discovery(&xds, &ca, incoming, shutdown, ready.clone(), &drain).await;
     ready.set(false);
     let _ = link_task.await;
     served
@@ -796,7 +810,7 @@ mod tests {
         }
         let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = taken.local_addr().unwrap();
-        let e = DebugListen::At(addr).bind().await.unwrap_err();
+        let e = DebugListen::At(addr).bind().await.unwrap_err().to_string();
         assert!(e.contains(&addr.to_string()), "{e}");
         assert!(DebugListen::Off.bind().await.unwrap().is_none());
         assert_eq!(DebugListen::parse("off"), Ok(DebugListen::Off));

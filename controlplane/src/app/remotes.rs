@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use super::{AppConfig, ConfigSource, Siblings};
+use super::{AppConfig, AppError, ConfigSource, RemoteError, Siblings};
 use crate::dirwatch;
 use crate::source::Config;
 
@@ -24,23 +24,23 @@ pub(super) struct OpenedRemote {
 /// remote's network (the network of its pods) is the
 /// `topology.istio.io/network` label of its `strait-system` Namespace when
 /// it starts (default: this cluster's).
-pub(super) async fn open_remotes(cfg: &AppConfig) -> Result<Vec<OpenedRemote>, String> {
+pub(super) async fn open_remotes(cfg: &AppConfig) -> Result<Vec<OpenedRemote>, AppError> {
     let mut out = Vec::new();
     for r in &cfg.remotes {
-        let flag = format!("--remote {}={}", r.name, r.config_dir.display());
+        let flag = |source: RemoteError| AppError::Remote {
+            name: r.name.to_string(),
+            config: r.config_dir.clone(),
+            source: Box::new(source),
+        };
         let (rx, api) = match &cfg.source {
             ConfigSource::Dir(_) => (
                 dirwatch::watch_dir(r.config_dir.clone(), cfg.config_limits)
-                    .map_err(|e| format!("{flag}: {e}"))?,
+                    .map_err(|e| flag(e.into()))?,
                 None,
             ),
             ConfigSource::Kube => {
-                let client = kube_client(&r.config_dir)
-                    .await
-                    .map_err(|e| format!("{flag}: {e}"))?;
-                let network = kube_network(&client, &cfg.network)
-                    .await
-                    .map_err(|e| format!("{flag}: {e}"))?;
+                let client = kube_client(&r.config_dir).await.map_err(&flag)?;
+                let network = kube_network(&client, &cfg.network).await.map_err(&flag)?;
                 tracing::info!(cluster = %r.name, %network, "reading a remote cluster from its Kubernetes API");
                 let rx = crate::kube::watch_kube(
                     client.clone(),
@@ -50,7 +50,7 @@ pub(super) async fn open_remotes(cfg: &AppConfig) -> Result<Vec<OpenedRemote>, S
                     },
                 )
                 .await
-                .map_err(|e| format!("{flag}: {e}"))?;
+                .map_err(|e| flag(e.into()))?;
                 (rx, Some(client))
             }
         };
@@ -64,24 +64,26 @@ pub(super) async fn open_remotes(cfg: &AppConfig) -> Result<Vec<OpenedRemote>, S
 }
 
 /// A client of the API a kubeconfig file names (its current context).
-async fn kube_client(kubeconfig: &Path) -> Result<::kube::Client, String> {
-    let kc = ::kube::config::Kubeconfig::read_from(kubeconfig).map_err(|e| e.to_string())?;
+async fn kube_client(kubeconfig: &Path) -> Result<::kube::Client, RemoteError> {
+    let kc = ::kube::config::Kubeconfig::read_from(kubeconfig)?;
     let config =
         ::kube::Config::from_custom_kubeconfig(kc, &::kube::config::KubeConfigOptions::default())
-            .await
-            .map_err(|e| e.to_string())?;
-    ::kube::Client::try_from(config).map_err(|e| e.to_string())
+            .await?;
+    ::kube::Client::try_from(config).map_err(RemoteError::Client)
 }
 
 /// The `topology.istio.io/network` label of the cluster's `strait-system`
 /// Namespace, else `default`.
-async fn kube_network(client: &::kube::Client, default: &str) -> Result<String, String> {
+async fn kube_network(client: &::kube::Client, default: &str) -> Result<String, RemoteError> {
     use k8s_openapi::api::core::v1::Namespace;
     let api: ::kube::Api<Namespace> = ::kube::Api::all(client.clone());
     let ns = api
         .get_opt(crate::remote::SYSTEM_NAMESPACE)
         .await
-        .map_err(|e| format!("reading Namespace {}: {e}", crate::remote::SYSTEM_NAMESPACE))?;
+        .map_err(|source| RemoteError::Namespace {
+            namespace: crate::remote::SYSTEM_NAMESPACE,
+            source,
+        })?;
     Ok(ns
         .and_then(|n| n.metadata.labels)
         .and_then(|l| l.get(crate::remote::NETWORK_LABEL).cloned())
@@ -105,18 +107,13 @@ pub(super) fn spawn_views(
     remotes: Vec<(strait_ca::ClusterName, watch::Receiver<Arc<Config>>)>,
     own: watch::Receiver<Arc<Config>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<Vec<Served>, String> {
+) -> Vec<Served> {
     use crate::remote::{Member, remote_info, sibling_networks, view};
     if remotes.is_empty() {
         // No siblings, ever: the sender goes, which the builder takes as
         // "no more changes".
         let (_, siblings) = watch::channel(Siblings::new());
-        return Ok(vec![(
-            me.name.to_string(),
-            me.network.to_string(),
-            own,
-            siblings,
-        )]);
+        return vec![(me.name.to_string(), me.network.to_string(), own, siblings)];
     }
     let mut configs = vec![own];
     let mut names = Vec::new();
@@ -198,5 +195,5 @@ pub(super) fn spawn_views(
             }
         }
     });
-    Ok(out)
+    out
 }

@@ -14,14 +14,14 @@ pub struct ServingCert {
 
 impl ServingCert {
     /// Issues a serving certificate from `authority`.
-    pub fn issue(authority: &Authority, td: &TrustDomain) -> Result<Self, String> {
+    pub fn issue(authority: &Authority, td: &TrustDomain) -> Result<Self, ServingError> {
         Ok(ServingCert {
             current: std::sync::RwLock::new(Arc::new(certified_key(authority, td)?)),
         })
     }
 
     /// Re-issues from `authority` (renewal, or a new intermediate).
-    pub fn renew(&self, authority: &Authority, td: &TrustDomain) -> Result<(), String> {
+    pub fn renew(&self, authority: &Authority, td: &TrustDomain) -> Result<(), ServingError> {
         let key = Arc::new(certified_key(authority, td)?);
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = key;
         Ok(())
@@ -56,14 +56,14 @@ impl rustls::server::ResolvesServerCert for ServingCert {
 fn certified_key(
     authority: &Authority,
     td: &TrustDomain,
-) -> Result<rustls::sign::CertifiedKey, String> {
-    let (chain, key) = crate::ca::serving_identity(authority, td, SERVING_TTL)
-        .map_err(|e| format!("serving certificate: {e}"))?;
+) -> Result<rustls::sign::CertifiedKey, ServingError> {
+    let (chain, key) =
+        crate::ca::serving_identity(authority, td, SERVING_TTL).map_err(ServingError::Issue)?;
     let (certs, key) = strait_ca::tls::identity(&chain, &key);
     let signer = strait_ca::tls::provider()
         .key_provider
         .load_private_key(key)
-        .map_err(|e| format!("serving certificate key: {e}"))?;
+        .map_err(ServingError::Key)?;
     Ok(rustls::sign::CertifiedKey::new(certs, signer))
 }
 
@@ -86,9 +86,12 @@ pub fn server_tls(
 
 /// Loads the cluster's intermediate (the plug-in CA directory the broker
 /// link keeps current).
-pub fn load_authority(state_dir: &Path, td: &TrustDomain) -> Result<Authority, String> {
+pub fn load_authority(state_dir: &Path, td: &TrustDomain) -> Result<Authority, ServingError> {
     let dir = state_dir.join(CACERTS_DIR);
-    strait_ca::layout::load_plugin_ca(&dir, Some(td)).map_err(|e| format!("{}: {e}", dir.display()))
+    strait_ca::layout::load_plugin_ca(&dir, Some(td)).map_err(|source| ServingError::Authority {
+        dir,
+        source: Box::new(source),
+    })
 }
 
 /// Keeps `trust` (who may call the control plane) current with the roots,

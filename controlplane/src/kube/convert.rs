@@ -37,16 +37,25 @@ pub fn object_file(kind: &str, namespace: &str, name: &str) -> PathBuf {
     }
 }
 
+/// An object the API served that is not a JSON mapping ([`document`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{api_version} {kind}: the object is not a JSON mapping")]
+pub struct NotAMapping {
+    pub api_version: String,
+    pub kind: String,
+}
+
 /// An object as the API served it → its config document: `apiVersion` and
 /// `kind` set from the watched resource (items of a list carry neither),
 /// and the bookkeeping that changes on every write (`managedFields`,
 /// `resourceVersion`) dropped so that a no-op update is not a config change.
 /// Fails when the object is not a JSON mapping.
-pub fn document(api_version: &str, kind: &str, mut object: Value) -> Result<Value, String> {
+pub fn document(api_version: &str, kind: &str, mut object: Value) -> Result<Value, NotAMapping> {
     let Some(map) = object.as_object_mut() else {
-        return Err(format!(
-            "{api_version} {kind}: the object is not a JSON mapping"
-        ));
+        return Err(NotAMapping {
+            api_version: api_version.to_string(),
+            kind: kind.to_string(),
+        });
     };
     map.insert("apiVersion".into(), Value::String(api_version.into()));
     map.insert("kind".into(), Value::String(kind.into()));
@@ -493,7 +502,9 @@ mod tests {
             json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
                    "metadata": {"name": "r", "namespace": "ns"}, "spec": {"host": "r"}})
         );
-        let err = document("v1", "Service", json!([1])).unwrap_err();
+        let err = document("v1", "Service", json!([1]))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("v1 Service"), "{err}");
     }
 

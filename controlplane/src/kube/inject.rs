@@ -94,38 +94,81 @@ pub enum Interception {
     Transparent,
 }
 
+/// Why an `AdmissionReview` is refused ([`review`]; answered as 400).
+#[derive(Debug, thiserror::Error)]
+pub enum ReviewError {
+    #[error("the AdmissionReview is {size} bytes, more than {MAX_REVIEW}")]
+    TooLarge { size: usize },
+    #[error("the AdmissionReview is not JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    #[error(
+        "expected an admission.k8s.io/v1 AdmissionReview, got apiVersion {api_version:?} kind {kind}"
+    )]
+    NotAReview { api_version: String, kind: Value },
+    #[error("the AdmissionReview has no request.uid")]
+    NoUid,
+    #[error("the AdmissionReview's request.object is not a pod")]
+    NotAPod,
+    #[error(transparent)]
+    Pod(#[from] PodError),
+    #[error("the JSON Patch could not be encoded: {0}")]
+    Encode(#[source] serde_json::Error),
+}
+
+/// Why a pod cannot be injected ([`patch_for`]): what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    #[error("the pod has no spec.containers list")]
+    NoContainerList,
+    #[error("the pod has no containers")]
+    NoContainers,
+    #[error(
+        "annotation {INTERCEPTION_ANNOTATION}: {value:?} is neither \"explicit\" nor \"transparent\""
+    )]
+    Interception { value: String },
+    #[error("annotation {REWRITE_PROBES_ANNOTATION}: {value:?} is neither \"true\" nor \"false\"")]
+    RewriteProbes { value: String },
+    #[error(
+        "the pod already has an init container named {INIT_CONTAINER}, which transparent interception needs"
+    )]
+    InitContainerTaken,
+    #[error("the pod already has a volume named {name}, which the sidecar needs")]
+    VolumeTaken { name: &'static str },
+    #[error("the pod serves port {port}, which the sidecar listens on")]
+    PortTaken { port: u16 },
+    /// An app probe that cannot be rewritten.
+    #[error(transparent)]
+    Probe(#[from] probes::ProbeError),
+}
+
 /// The answer to an `AdmissionReview` request: the review to send back.
 /// Errors name what is wrong with the request (answered as 400).
-pub fn review(body: &[u8], cfg: &InjectConfig) -> Result<Value, String> {
+pub fn review(body: &[u8], cfg: &InjectConfig) -> Result<Value, ReviewError> {
     if body.len() > MAX_REVIEW {
-        return Err(format!(
-            "the AdmissionReview is {} bytes, more than {MAX_REVIEW}",
-            body.len()
-        ));
+        return Err(ReviewError::TooLarge { size: body.len() });
     }
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| format!("the AdmissionReview is not JSON: {e}"))?;
+    let v: Value = serde_json::from_slice(body).map_err(ReviewError::NotJson)?;
     let api_version = v["apiVersion"].as_str().unwrap_or_default();
     if api_version != "admission.k8s.io/v1" || v["kind"] != "AdmissionReview" {
-        return Err(format!(
-            "expected an admission.k8s.io/v1 AdmissionReview, got apiVersion {:?} kind {}",
-            api_version, v["kind"]
-        ));
+        return Err(ReviewError::NotAReview {
+            api_version: api_version.to_string(),
+            kind: v["kind"].clone(),
+        });
     }
     let request = &v["request"];
     let uid = request["uid"]
         .as_str()
         .filter(|u| !u.is_empty())
-        .ok_or("the AdmissionReview has no request.uid")?;
+        .ok_or(ReviewError::NoUid)?;
     let kind = request["kind"]["kind"].as_str().unwrap_or_default();
     let mut response = json!({"uid": uid, "allowed": true});
     if kind == "Pod" {
         let pod = &request["object"];
         if !pod.is_object() {
-            return Err("the AdmissionReview's request.object is not a pod".to_string());
+            return Err(ReviewError::NotAPod);
         }
         if let Some(ops) = patch_for(pod, cfg)? {
-            let patch = serde_json::to_vec(&ops).map_err(|e| e.to_string())?;
+            let patch = serde_json::to_vec(&ops).map_err(ReviewError::Encode)?;
             response["patchType"] = json!("JSONPatch");
             response["patch"] = json!(base64::engine::general_purpose::STANDARD.encode(patch));
         }
@@ -137,64 +180,124 @@ pub fn review(body: &[u8], cfg: &InjectConfig) -> Result<Value, String> {
     }))
 }
 
+/// What the injection of one pod does, decided from the pod.
+struct Plan<'a> {
+    containers: &'a [Value],
+    transparent: bool,
+    /// The app's TCP ports: the first is `--app`, the others `--app-ports`.
+    ports: Vec<u16>,
+    /// The rewrites of the app's probes, and the originals for the sidecar.
+    probe_ops: Vec<Value>,
+    probers: AppProbers,
+}
+
 /// The JSON Patch that injects the sidecar into `pod`, or `None` when the
 /// pod is left alone. Errors name a malformed pod.
-pub fn patch_for(pod: &Value, cfg: &InjectConfig) -> Result<Option<Vec<Value>>, String> {
+pub fn patch_for(pod: &Value, cfg: &InjectConfig) -> Result<Option<Vec<Value>>, PodError> {
+    let Some(plan) = plan(pod, cfg)? else {
+        return Ok(None);
+    };
+    let spec = &pod["spec"];
+    let mut ops = Vec::new();
+    if spec["volumes"].as_array().is_none() {
+        ops.push(json!({"op": "add", "path": "/spec/volumes", "value": []}));
+    }
+    for volume in volumes() {
+        ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume}));
+    }
+    let sidecar = sidecar_container(cfg, &plan.ports, &plan.probers);
+    ops.push(json!({"op": "add", "path": "/spec/containers/-", "value": sidecar}));
+    if plan.transparent {
+        if spec["initContainers"].as_array().is_none() {
+            ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": []}));
+        }
+        ops.push(
+            json!({"op": "add", "path": "/spec/initContainers/-", "value": init_container(cfg)}),
+        );
+    } else {
+        // The app's calls go through the sidecar, unless a container says
+        // otherwise. Redirected, they need no setting.
+        ops.extend(proxy_env_ops(plan.containers));
+    }
+    ops.extend(plan.probe_ops);
+    ops.extend(status_annotation_ops(&pod["metadata"]["annotations"]));
+    Ok(Some(ops))
+}
+
+/// Reads the pod: `None` when it is left alone, else what its injection
+/// does. Refuses a pod whose annotations are not understood, or that
+/// already uses a name or port the sidecar needs.
+fn plan<'a>(pod: &'a Value, cfg: &InjectConfig) -> Result<Option<Plan<'a>>, PodError> {
     let annotations = &pod["metadata"]["annotations"];
     if annotations[INJECT_ANNOTATION] == "false" || pod["spec"]["hostNetwork"] == true {
         return Ok(None);
     }
     let containers = pod["spec"]["containers"]
         .as_array()
-        .ok_or("the pod has no spec.containers list")?;
+        .ok_or(PodError::NoContainerList)?;
     if containers.is_empty() {
-        return Err("the pod has no containers".to_string());
+        return Err(PodError::NoContainers);
     }
     if containers.iter().any(|c| c["name"] == CONTAINER) {
         return Ok(None);
     }
+    let (transparent, rewrite_probes) = interception(annotations, cfg)?;
+    let (probe_ops, probers) = if rewrite_probes {
+        probes::rewritten(containers)?
+    } else {
+        (Vec::new(), AppProbers::default())
+    };
+    let named = |list: &str, name: &str| {
+        pod["spec"][list]
+            .as_array()
+            .is_some_and(|items| items.iter().any(|i| i["name"] == name))
+    };
+    if transparent && named("initContainers", INIT_CONTAINER) {
+        return Err(PodError::InitContainerTaken);
+    }
+    if let Some(name) = [TOKEN_VOLUME, ROOTS_VOLUME]
+        .into_iter()
+        .find(|v| named("volumes", v))
+    {
+        return Err(PodError::VolumeTaken { name });
+    }
+    Ok(Some(Plan {
+        containers,
+        transparent,
+        ports: app_ports(containers)?,
+        probe_ops,
+        probers,
+    }))
+}
+
+/// Whether the pod's traffic is intercepted transparently, and whether
+/// its probes are rewritten, from its annotations.
+fn interception(annotations: &Value, cfg: &InjectConfig) -> Result<(bool, bool), PodError> {
     let transparent = match annotations[INTERCEPTION_ANNOTATION].as_str() {
         None => cfg.interception == Interception::Transparent,
         Some("explicit") => false,
         Some("transparent") => true,
         Some(other) => {
-            return Err(format!(
-                "annotation {INTERCEPTION_ANNOTATION}: {other:?} is neither \"explicit\" nor \"transparent\""
-            ));
+            return Err(PodError::Interception {
+                value: other.to_string(),
+            });
         }
     };
     let rewrite_probes = match annotations[REWRITE_PROBES_ANNOTATION].as_str() {
         None | Some("true") => transparent,
         Some("false") => false,
         Some(other) => {
-            return Err(format!(
-                "annotation {REWRITE_PROBES_ANNOTATION}: {other:?} is neither \"true\" nor \"false\""
-            ));
+            return Err(PodError::RewriteProbes {
+                value: other.to_string(),
+            });
         }
     };
-    let (probe_ops, probers) = if rewrite_probes {
-        probes::rewritten(containers)?
-    } else {
-        (Vec::new(), AppProbers::default())
-    };
-    let init_containers = pod["spec"]["initContainers"].as_array();
-    if transparent
-        && init_containers.is_some_and(|cs| cs.iter().any(|c| c["name"] == INIT_CONTAINER))
-    {
-        return Err(format!(
-            "the pod already has an init container named {INIT_CONTAINER}, which transparent interception needs"
-        ));
-    }
-    let volumes = pod["spec"]["volumes"].as_array();
-    for name in [TOKEN_VOLUME, ROOTS_VOLUME] {
-        if volumes.is_some_and(|vs| vs.iter().any(|v| v["name"] == name)) {
-            return Err(format!(
-                "the pod already has a volume named {name}, which the sidecar needs"
-            ));
-        }
-    }
+    Ok((transparent, rewrite_probes))
+}
 
-    // The app's ports: the first is --app, the others --app-ports.
+/// The app's TCP container ports, in order, none of them one the sidecar
+/// listens on.
+fn app_ports(containers: &[Value]) -> Result<Vec<u16>, PodError> {
     let mut ports: Vec<u16> = Vec::new();
     for c in containers {
         for p in c["ports"].as_array().into_iter().flatten() {
@@ -210,14 +313,22 @@ pub fn patch_for(pod: &Value, cfg: &InjectConfig) -> Result<Option<Vec<Value>>, 
             }
         }
     }
-    if let Some(taken) = ports
+    if let Some(&port) = ports
         .iter()
         .find(|p| [OUTBOUND_PORT, INBOUND_PORT, HEALTH_PORT, METRICS_PORT].contains(*p))
     {
-        return Err(format!(
-            "the pod serves port {taken}, which the sidecar listens on"
-        ));
+        return Err(PodError::PortTaken { port });
     }
+    Ok(ports)
+}
+
+/// An env entry from a field of the pod.
+fn field_env(name: &str, path: &str) -> Value {
+    json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}})
+}
+
+/// `strait-sidecar`'s command line: the app's `ports` (none: 8080).
+fn sidecar_command(cfg: &InjectConfig, ports: &[u16]) -> Vec<String> {
     let app = ports.first().copied().unwrap_or(8080);
     let mut args = vec![
         "--workload=$(POD_NAME)".to_string(),
@@ -237,18 +348,32 @@ pub fn patch_for(pod: &Value, cfg: &InjectConfig) -> Result<Option<Vec<Value>>, 
         let others: Vec<String> = ports[1..].iter().map(u16::to_string).collect();
         args.push(format!("--app-ports={}", others.join(",")));
     }
-    let field = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
-    let mut sidecar = json!({
+    args
+}
+
+/// The `strait-sidecar` container, running `probers` (the app's probes)
+/// when there are any.
+fn sidecar_container(cfg: &InjectConfig, ports: &[u16], probers: &AppProbers) -> Value {
+    let mut args = sidecar_command(cfg, ports);
+    let mut env = vec![
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+    ];
+    if !probers.is_empty() {
+        // Kubernetes expands $(VAR) in env values; $$ keeps a '$'.
+        env.push(json!({"name": probe::ENV, "value": probers.to_json().replace('$', "$$")}));
+        // Probed where the kubelet would have: the pod's IP.
+        env.push(field_env("POD_IP", "status.podIP"));
+        args.push("--app-probe-address=$(POD_IP)".to_string());
+    }
+    json!({
         "name": CONTAINER,
         "image": cfg.image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["strait-sidecar"],
         "args": args,
-        "env": [
-            field("POD_NAME", "metadata.name"),
-            field("POD_NAMESPACE", "metadata.namespace"),
-            field("SERVICE_ACCOUNT", "spec.serviceAccountName"),
-        ],
+        "env": env,
         "ports": [
             {"name": "tls-inbound", "containerPort": INBOUND_PORT},
             {"name": "http-health", "containerPort": HEALTH_PORT},
@@ -274,8 +399,13 @@ pub fn patch_for(pod: &Value, cfg: &InjectConfig) -> Result<Option<Vec<Value>>, 
             {"name": TOKEN_VOLUME, "mountPath": "/var/run/secrets/strait/tokens", "readOnly": true},
             {"name": ROOTS_VOLUME, "mountPath": "/etc/strait/roots", "readOnly": true},
         ],
-    });
-    let token_volume = json!({
+    })
+}
+
+/// The sidecar's volumes: its projected token (audience `istio-ca`) and
+/// the mesh roots' ConfigMap.
+fn volumes() -> [Value; 2] {
+    let token = json!({
         "name": TOKEN_VOLUME,
         "projected": {
             // Readable by the sidecar's user whatever the pod's fsGroup.
@@ -287,67 +417,47 @@ pub fn patch_for(pod: &Value, cfg: &InjectConfig) -> Result<Option<Vec<Value>>, 
             }}],
         },
     });
-    let roots_volume = json!({
+    let roots = json!({
         "name": ROOTS_VOLUME,
         "configMap": {"name": super::roots::NAME},
     });
+    [token, roots]
+}
 
-    if !probers.is_empty() {
-        // Kubernetes expands $(VAR) in env values; $$ keeps a '$'.
-        let env = sidecar["env"].as_array_mut().expect("env is a list");
-        env.push(json!({"name": probe::ENV, "value": probers.to_json().replace('$', "$$")}));
-        // Probed where the kubelet would have: the pod's IP.
-        env.push(field("POD_IP", "status.podIP"));
-        sidecar["args"]
-            .as_array_mut()
-            .expect("args is a list")
-            .push(json!("--app-probe-address=$(POD_IP)"));
-    }
-
+/// Explicit interception: `http_proxy` (and `no_proxy` for loopback) on
+/// every app container that does not set it itself.
+fn proxy_env_ops(containers: &[Value]) -> Vec<Value> {
+    let proxy = format!("http://127.0.0.1:{OUTBOUND_PORT}");
     let mut ops = Vec::new();
-    if volumes.is_none() {
-        ops.push(json!({"op": "add", "path": "/spec/volumes", "value": []}));
-    }
-    ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": token_volume}));
-    ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": roots_volume}));
-    ops.push(json!({"op": "add", "path": "/spec/containers/-", "value": sidecar}));
-    if transparent {
-        if init_containers.is_none() {
-            ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": []}));
+    for (i, c) in containers.iter().enumerate() {
+        let env = c["env"].as_array();
+        let sets = |name: &str| env.is_some_and(|e| e.iter().any(|v| v["name"] == name));
+        if env.is_none() {
+            ops.push(
+                json!({"op": "add", "path": format!("/spec/containers/{i}/env"), "value": []}),
+            );
         }
-        ops.push(
-            json!({"op": "add", "path": "/spec/initContainers/-", "value": init_container(cfg)}),
-        );
-    }
-    // The app's calls go through the sidecar, unless a container says
-    // otherwise. Redirected, they need no setting.
-    if !transparent {
-        for (i, c) in containers.iter().enumerate() {
-            let env = c["env"].as_array();
-            let sets = |name: &str| env.is_some_and(|e| e.iter().any(|v| v["name"] == name));
-            if env.is_none() {
-                ops.push(
-                    json!({"op": "add", "path": format!("/spec/containers/{i}/env"), "value": []}),
-                );
-            }
-            let proxy = format!("http://127.0.0.1:{OUTBOUND_PORT}");
-            for (name, value) in [
-                ("http_proxy", proxy.as_str()),
-                ("HTTP_PROXY", proxy.as_str()),
-                ("no_proxy", "localhost,127.0.0.1"),
-                ("NO_PROXY", "localhost,127.0.0.1"),
-            ] {
-                if !sets(name) {
-                    ops.push(json!({
-                        "op": "add",
-                        "path": format!("/spec/containers/{i}/env/-"),
-                        "value": {"name": name, "value": value},
-                    }));
-                }
+        for (name, value) in [
+            ("http_proxy", proxy.as_str()),
+            ("HTTP_PROXY", proxy.as_str()),
+            ("no_proxy", "localhost,127.0.0.1"),
+            ("NO_PROXY", "localhost,127.0.0.1"),
+        ] {
+            if !sets(name) {
+                ops.push(json!({
+                    "op": "add",
+                    "path": format!("/spec/containers/{i}/env/-"),
+                    "value": {"name": name, "value": value},
+                }));
             }
         }
     }
-    ops.extend(probe_ops);
+    ops
+}
+
+/// Marks the pod injected ([`STATUS_ANNOTATION`]).
+fn status_annotation_ops(annotations: &Value) -> Vec<Value> {
+    let mut ops = Vec::new();
     if !annotations.is_object() {
         ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": {}}));
     }
@@ -356,7 +466,7 @@ pub fn patch_for(pod: &Value, cfg: &InjectConfig) -> Result<Option<Vec<Value>>, 
         "path": format!("/metadata/annotations/{}", STATUS_ANNOTATION.replace('/', "~1")),
         "value": "injected",
     }));
-    Ok(Some(ops))
+    ops
 }
 
 /// `strait-init`: the iptables rules of transparent interception, applied
@@ -633,7 +743,7 @@ mod tests {
 
     #[test]
     fn malformed_pods_are_refused_with_the_reason() {
-        let err = |p: Value| patch_for(&p, &cfg()).unwrap_err();
+        let err = |p: Value| patch_for(&p, &cfg()).unwrap_err().to_string();
         assert!(err(json!({"spec": {}})).contains("spec.containers"));
         assert!(err(json!({"spec": {"containers": []}})).contains("no containers"));
         assert!(
@@ -684,7 +794,7 @@ mod tests {
 
     #[test]
     fn bad_reviews_are_refused_and_named() {
-        let err = |b: &[u8]| review(b, &cfg()).unwrap_err();
+        let err = |b: &[u8]| review(b, &cfg()).unwrap_err().to_string();
         assert!(err(b"").contains("not JSON"));
         assert!(err(b"[1,2]").contains("AdmissionReview"));
         assert!(

@@ -193,18 +193,44 @@ pub fn spawn_publisher<T: Send + Sync + 'static>(
     });
 }
 
+/// Why a webhook's `caBundle` could not be set.
+#[derive(Debug, thiserror::Error)]
+enum CaBundleError {
+    #[error("reading MutatingWebhookConfiguration {name}: {source}")]
+    Get {
+        name: String,
+        #[source]
+        source: ::kube::Error,
+    },
+    #[error("MutatingWebhookConfiguration {name} has no webhooks")]
+    NoWebhooks { name: String },
+    #[error("patching MutatingWebhookConfiguration {name}: {source}")]
+    Patch {
+        name: String,
+        #[source]
+        source: ::kube::Error,
+    },
+}
+
 /// Sets every webhook's `caBundle` of the MutatingWebhookConfiguration
 /// `name` to `roots` (a merge patch of its whole `webhooks` list, read
 /// just before).
-async fn set_ca_bundle(client: &::kube::Client, name: &str, roots: &str) -> Result<(), String> {
+async fn set_ca_bundle(
+    client: &::kube::Client,
+    name: &str,
+    roots: &str,
+) -> Result<(), CaBundleError> {
     use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
     let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    let mut mwc = api.get(name).await.map_err(|e| e.to_string())?;
+    let mut mwc = api.get(name).await.map_err(|source| CaBundleError::Get {
+        name: name.to_string(),
+        source,
+    })?;
     let mut webhooks = mwc.webhooks.take().unwrap_or_default();
     if webhooks.is_empty() {
-        return Err(format!(
-            "MutatingWebhookConfiguration {name} has no webhooks"
-        ));
+        return Err(CaBundleError::NoWebhooks {
+            name: name.to_string(),
+        });
     }
     for w in &mut webhooks {
         w.client_config.ca_bundle = Some(k8s_openapi::ByteString(roots.as_bytes().to_vec()));
@@ -213,7 +239,10 @@ async fn set_ca_bundle(client: &::kube::Client, name: &str, roots: &str) -> Resu
     api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map(|_| ())
-        .map_err(|e| e.to_string())
+        .map_err(|source| CaBundleError::Patch {
+            name: name.to_string(),
+            source,
+        })
 }
 
 #[cfg(test)]

@@ -154,20 +154,18 @@ pub enum Object {
 pub fn receive(source: &Source, served: Value) -> Object {
     let doc = match convert::document(&source.api_version(), source.kind, served) {
         Ok(d) => d,
-        Err(reason) => return Object::Invalid(reason),
+        Err(reason) => return Object::Invalid(reason.to_string()),
     };
-    fn typed<T: serde::de::DeserializeOwned>(doc: Value, kind: &str) -> Result<Box<T>, String> {
-        serde_json::from_value(doc)
-            .map(Box::new)
-            .map_err(|e| format!("not a valid {kind}: {e}"))
+    fn typed<T: serde::de::DeserializeOwned>(doc: Value) -> Result<Box<T>, serde_json::Error> {
+        serde_json::from_value(doc).map(Box::new)
     }
     let read = match source.role {
         Role::Document => Ok(Object::Document(doc)),
-        Role::Pod => typed(doc, source.kind).map(Object::Pod),
-        Role::Node => typed(doc, source.kind).map(Object::Node),
-        Role::Slice => typed(doc, source.kind).map(Object::Slice),
+        Role::Pod => typed(doc).map(Object::Pod),
+        Role::Node => typed(doc).map(Object::Node),
+        Role::Slice => typed(doc).map(Object::Slice),
     };
-    read.unwrap_or_else(Object::Invalid)
+    read.unwrap_or_else(|e| Object::Invalid(format!("not a valid {}: {e}", source.kind)))
 }
 
 /// An event of one watcher (by index into [`SOURCES`]).

@@ -47,14 +47,22 @@ pub(super) fn port_number(v: &Value) -> Option<u32> {
         .map(u32::from)
 }
 
+/// A port's `appProtocol` that names no protocol strait knows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("appProtocol {0:?} is not a protocol strait knows")]
+pub(super) struct UnknownProtocol(pub(super) String);
+
 /// Istio's protocol of a port: `appProtocol`, else the name's prefix, else
 /// TCP. Lowercase Istio names.
-pub(super) fn protocol_of(app_protocol: Option<&str>, name: &str) -> Result<String, String> {
+pub(super) fn protocol_of(
+    app_protocol: Option<&str>,
+    name: &str,
+) -> Result<String, UnknownProtocol> {
     let p = match app_protocol {
         Some(app) => Protocol::parse(app)
             .ok()
             .or_else(|| Protocol::ALL.into_iter().find(|p| p.app_protocol() == app))
-            .ok_or_else(|| format!("appProtocol {app:?} is not a protocol strait knows"))?,
+            .ok_or_else(|| UnknownProtocol(app.to_string()))?,
         None => Protocol::from_port_name(name).unwrap_or(Protocol::Tcp),
     };
     Ok(p.as_str().to_ascii_lowercase())
@@ -75,22 +83,38 @@ pub(super) struct Entry {
     pub(super) inbound_port: u32,
 }
 
+/// Why a `WorkloadEntry` (a `ServiceEntry` endpoint) is left out: the
+/// field and its value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(super) enum EntryError {
+    #[error("address is missing")]
+    NoAddress,
+    #[error("ports.{name}: {value} is not a port number")]
+    Port { name: String, value: Value },
+    #[error("weight: {0} is not a non-negative integer")]
+    Weight(Value),
+    #[error("annotation {INBOUND_PORT_ANNOTATION}: {0:?} is not a port number")]
+    InboundPort(String),
+}
+
 pub(super) fn read_entry(
     namespace: &str,
     name: &str,
     spec: &Value,
     annotations: &BTreeMap<String, String>,
-) -> Result<Entry, String> {
+) -> Result<Entry, EntryError> {
     let address = spec["address"]
         .as_str()
         .filter(|a| !a.is_empty())
-        .ok_or("address is missing")?
+        .ok_or(EntryError::NoAddress)?
         .to_string();
     let mut ports = BTreeMap::new();
     if let Some(map) = spec["ports"].as_object() {
         for (port_name, v) in map {
-            let n = port_number(v)
-                .ok_or_else(|| format!("ports.{port_name}: {v} is not a port number"))?;
+            let n = port_number(v).ok_or_else(|| EntryError::Port {
+                name: port_name.clone(),
+                value: v.clone(),
+            })?;
             ports.insert(port_name.clone(), n);
         }
     }
@@ -99,7 +123,7 @@ pub(super) fn read_entry(
         v => v
             .as_u64()
             .and_then(|w| u32::try_from(w).ok())
-            .ok_or_else(|| format!("weight: {v} is not a non-negative integer"))?
+            .ok_or_else(|| EntryError::Weight(v.clone()))?
             .max(1),
     };
     let inbound_port = match annotations.get(INBOUND_PORT_ANNOTATION) {
@@ -109,9 +133,7 @@ pub(super) fn read_entry(
             .ok()
             .filter(|p| *p != 0)
             .map(u32::from)
-            .ok_or_else(|| {
-                format!("annotation {INBOUND_PORT_ANNOTATION}: {p:?} is not a port number")
-            })?,
+            .ok_or_else(|| EntryError::InboundPort(p.clone()))?,
     };
     Ok(Entry {
         namespace: namespace.to_string(),

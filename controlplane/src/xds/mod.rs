@@ -42,8 +42,13 @@
 //! (egress `hosts`), see [`scope`].
 //!
 //! Snapshot rebuilds are debounced by the caller with [`debounce`].
+//!
+//! Both variants run the same stream (`stream`: node authorization, the
+//! per-type bookkeeping, pushes on new snapshots), parameterised by the
+//! wire format (`sotw`, `delta`); the protocol state is pure and fed
+//! requests and snapshots.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -51,9 +56,8 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
-use envoy_types::pb::google::protobuf::Any;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -62,15 +66,21 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use strait_ca::tls::Trust;
 use strait_ca::{SpiffeId, TrustDomain};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::resources::{Snapshot, Versioned};
+use crate::resources::Snapshot;
 
+mod delta;
+mod sotw;
 mod stream;
 
-use stream::*;
+use delta::Delta;
+use sotw::Sotw;
+use stream::{Ask, Reply};
+#[cfg(test)]
+use {delta::DeltaStream, sotw::SotwStream};
 
 /// The label of per-type metrics.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -282,15 +292,15 @@ impl XdsServer {
         Ok(svid.spiffe_id)
     }
 
-    fn record(
-        &self,
-        node: &str,
-        peer: &str,
-        type_url: &str,
-        reply: &Reply,
-        nonce: &str,
-        version: &str,
-    ) {
+    /// Logs what a request of `node` said (`ask`, `reply`); a NACK is
+    /// also counted and kept as the node's last.
+    fn record(&self, node: &str, peer: &str, ask: &Ask<'_>, reply: &Reply) {
+        let Ask {
+            type_url,
+            nonce,
+            version,
+            ..
+        } = *ask;
         match reply {
             Reply::Nack(error) => {
                 tracing::warn!(node, peer, type_url, nonce, error = %error, "proxy refused config (NACK)");
@@ -338,19 +348,35 @@ impl XdsServer {
     }
 }
 
-/// How long a stream may wait for room in its response queue before the
-/// proxy is considered stuck and the stream ends.
-const SEND_TIMEOUT: Duration = Duration::from_secs(30);
-
-async fn send<T>(tx: &mpsc::Sender<Result<T, Status>>, msg: T) -> bool {
-    matches!(
-        tokio::time::timeout(SEND_TIMEOUT, tx.send(Ok(msg))).await,
-        Ok(Ok(()))
-    )
-}
-
 /// The kinds of proxy a node id may name.
 const NODE_KINDS: [&str; 3] = ["sidecar", "gateway", "router"];
+
+/// Why a node id is refused ([`check_node`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeError {
+    #[error("node id {node_id:?} is not <kind>~<ip>~<name>.<namespace>~<domain>")]
+    Shape { node_id: String },
+    #[error("node id {node_id:?}: kind {kind:?} is not one of {}", NODE_KINDS.join(", "))]
+    Kind { node_id: String, kind: String },
+    #[error("node id {node_id:?} has no IP address")]
+    NoAddress { node_id: String },
+    #[error("node id {node_id:?}: {name_namespace:?} is not <name>.<namespace>")]
+    NameNamespace {
+        node_id: String,
+        name_namespace: String,
+    },
+    #[error("{peer} is not a workload identity (spiffe://<td>/ns/<namespace>/sa/<sa>)")]
+    NotWorkload { peer: SpiffeId },
+    #[error(
+        "node id {node_id:?} names namespace {namespace:?} but the client certificate is {peer} (namespace {peer_namespace:?})"
+    )]
+    OtherNamespace {
+        node_id: String,
+        namespace: String,
+        peer: SpiffeId,
+        peer_namespace: String,
+    },
+}
 
 /// Checks the node id a proxy gives against its certificate's SPIFFE ID.
 ///
@@ -360,41 +386,43 @@ const NODE_KINDS: [&str; 3] = ["sidecar", "gateway", "router"];
 /// the third field: namespaces are DNS labels, names may hold dots) must be
 /// the one of `peer` (`spiffe://<td>/ns/<namespace>/sa/<sa>`). Errors name
 /// the node id and the peer.
-pub fn check_node(node_id: &str, peer: &SpiffeId) -> Result<(), String> {
+pub fn check_node(node_id: &str, peer: &SpiffeId) -> Result<(), NodeError> {
     let fields: Vec<&str> = node_id.split('~').collect();
     let [kind, ip, name_ns, _domain] = fields.as_slice() else {
-        return Err(format!(
-            "node id {node_id:?} is not <kind>~<ip>~<name>.<namespace>~<domain>"
-        ));
+        return Err(NodeError::Shape {
+            node_id: node_id.to_string(),
+        });
     };
     if !NODE_KINDS.contains(kind) {
-        return Err(format!(
-            "node id {node_id:?}: kind {kind:?} is not one of {}",
-            NODE_KINDS.join(", ")
-        ));
+        return Err(NodeError::Kind {
+            node_id: node_id.to_string(),
+            kind: (*kind).to_string(),
+        });
     }
     if ip.is_empty() {
-        return Err(format!("node id {node_id:?} has no IP address"));
+        return Err(NodeError::NoAddress {
+            node_id: node_id.to_string(),
+        });
     }
-    let Some((name, ns)) = name_ns.rsplit_once('.') else {
-        return Err(format!(
-            "node id {node_id:?}: {name_ns:?} is not <name>.<namespace>"
-        ));
+    let ns = match name_ns.rsplit_once('.') {
+        Some((name, ns)) if !name.is_empty() && !ns.is_empty() => ns,
+        _ => {
+            return Err(NodeError::NameNamespace {
+                node_id: node_id.to_string(),
+                name_namespace: (*name_ns).to_string(),
+            });
+        }
     };
-    if name.is_empty() || ns.is_empty() {
-        return Err(format!(
-            "node id {node_id:?}: {name_ns:?} is not <name>.<namespace>"
-        ));
-    }
     let Some((peer_ns, _sa)) = peer.workload_parts() else {
-        return Err(format!(
-            "{peer} is not a workload identity (spiffe://<td>/ns/<namespace>/sa/<sa>)"
-        ));
+        return Err(NodeError::NotWorkload { peer: peer.clone() });
     };
     if ns != peer_ns {
-        return Err(format!(
-            "node id {node_id:?} names namespace {ns:?} but the client certificate is {peer} (namespace {peer_ns:?})"
-        ));
+        return Err(NodeError::OtherNamespace {
+            node_id: node_id.to_string(),
+            namespace: ns.to_string(),
+            peer: peer.clone(),
+            peer_namespace: peer_ns.to_string(),
+        });
     }
     Ok(())
 }
@@ -537,7 +565,7 @@ fn node_of(
     match node.map(|n| n.id.as_str()).filter(|id| !id.is_empty()) {
         Some(id) => {
             if current.as_deref() != Some(id) {
-                check_node(id, peer).map_err(Status::permission_denied)?;
+                check_node(id, peer).map_err(|e| Status::permission_denied(e.to_string()))?;
                 *current = Some(id.to_string());
             }
             Ok(())
@@ -558,146 +586,18 @@ impl AggregatedDiscoveryService for XdsServer {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let peer_id = self.authenticate(&request)?;
-        let peer = peer_id.to_string();
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(16);
-        let server = self.clone();
-        let mut snaps = self.inner.snapshots.clone();
-        tokio::spawn(async move {
-            let _connected = server.connected();
-            let mut node_id = None;
-            let mut node = peer.clone();
-            let mut cluster_chosen = false;
-            let mut state = SotwStream::default();
-            tracing::info!(peer, "discovery stream (state of the world) opened");
-            loop {
-                tokio::select! {
-                    msg = inbound.message() => {
-                        let req = match msg {
-                            Ok(Some(r)) => r,
-                            Ok(None) => break,
-                            Err(e) => {
-                                tracing::debug!(node, error = %e, "discovery stream failed");
-                                break;
-                            }
-                        };
-                        if let Err(status) = node_of(req.node.as_ref(), &peer_id, &mut node_id) {
-                            tracing::warn!(peer, error = %status.message(), "discovery stream refused");
-                            let _ = tx.send(Err(status)).await;
-                            break;
-                        }
-                        if let Some(id) = &node_id {
-                            node.clone_from(id);
-                        }
-                        if !cluster_chosen {
-                            cluster_chosen = true;
-                            match server.snapshots_of(&node_cluster(req.node.as_ref())) {
-                                Ok(rx) => snaps = rx,
-                                Err(status) => {
-                                    tracing::warn!(peer, error = %status.message(), "discovery stream refused");
-                                    let _ = tx.send(Err(status)).await;
-                                    break;
-                                }
-                            }
-                        }
-                        let snap = scoped_view(&snaps.borrow(), node_id.as_deref());
-                        let (reply, resp) = state.on_request(&req, &snap);
-                        server.record(&node, &peer, &req.type_url, &reply, &req.response_nonce, &req.version_info);
-                        if let Some(resp) = resp {
-                            let t = resp.type_url.clone();
-                            if !send(&tx, resp).await { break; }
-                            server.pushed(&t, None);
-                        }
-                    }
-                    changed = snaps.changed() => {
-                        if changed.is_err() { break; }
-                        let snap = scoped_view(&snaps.borrow_and_update(), node_id.as_deref());
-                        for resp in state.on_snapshot(&snap) {
-                            let t = resp.type_url.clone();
-                            if !send(&tx, resp).await { return; }
-                            server.pushed(&t, Some(&snap));
-                        }
-                    }
-                    () = tx.closed() => break,
-                }
-            }
-            tracing::info!(node, "discovery stream closed");
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let peer = self.authenticate(&request)?;
+        let responses = stream::serve::<Sotw>(self.clone(), peer, request.into_inner());
+        Ok(Response::new(responses))
     }
 
     async fn delta_aggregated_resources(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let peer_id = self.authenticate(&request)?;
-        let peer = peer_id.to_string();
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(16);
-        let server = self.clone();
-        let mut snaps = self.inner.snapshots.clone();
-        tokio::spawn(async move {
-            let _connected = server.connected();
-            let mut node_id = None;
-            let mut node = peer.clone();
-            let mut cluster_chosen = false;
-            let mut state = DeltaStream::default();
-            tracing::info!(peer, "discovery stream (delta) opened");
-            loop {
-                tokio::select! {
-                    msg = inbound.message() => {
-                        let req = match msg {
-                            Ok(Some(r)) => r,
-                            Ok(None) => break,
-                            Err(e) => {
-                                tracing::debug!(node, error = %e, "discovery stream failed");
-                                break;
-                            }
-                        };
-                        if let Err(status) = node_of(req.node.as_ref(), &peer_id, &mut node_id) {
-                            tracing::warn!(peer, error = %status.message(), "discovery stream refused");
-                            let _ = tx.send(Err(status)).await;
-                            break;
-                        }
-                        if let Some(id) = &node_id {
-                            node.clone_from(id);
-                        }
-                        if !cluster_chosen {
-                            cluster_chosen = true;
-                            match server.snapshots_of(&node_cluster(req.node.as_ref())) {
-                                Ok(rx) => snaps = rx,
-                                Err(status) => {
-                                    tracing::warn!(peer, error = %status.message(), "discovery stream refused");
-                                    let _ = tx.send(Err(status)).await;
-                                    break;
-                                }
-                            }
-                        }
-                        let snap = scoped_view(&snaps.borrow(), node_id.as_deref());
-                        let (reply, resp) = state.on_request(&req, &snap);
-                        server.record(&node, &peer, &req.type_url, &reply, &req.response_nonce, "");
-                        if let Some(resp) = resp {
-                            let t = resp.type_url.clone();
-                            if !send(&tx, resp).await { break; }
-                            server.pushed(&t, None);
-                        }
-                    }
-                    changed = snaps.changed() => {
-                        if changed.is_err() { break; }
-                        let snap = scoped_view(&snaps.borrow_and_update(), node_id.as_deref());
-                        for resp in state.on_snapshot(&snap) {
-                            let t = resp.type_url.clone();
-                            if !send(&tx, resp).await { return; }
-                            server.pushed(&t, Some(&snap));
-                        }
-                    }
-                    () = tx.closed() => break,
-                }
-            }
-            tracing::info!(node, "discovery stream closed");
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let peer = self.authenticate(&request)?;
+        let responses = stream::serve::<Delta>(self.clone(), peer, request.into_inner());
+        Ok(Response::new(responses))
     }
 }
 

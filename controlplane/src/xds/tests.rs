@@ -83,7 +83,7 @@ fn node_ids_must_name_the_namespace_of_the_certificate() {
         match (want, &got) {
             (Ok(()), Ok(())) => {}
             (Err(fragment), Err(e)) => assert!(
-                e.contains(fragment),
+                e.to_string().contains(fragment),
                 "{node:?} as {peer}: error {e:?} lacks {fragment:?}"
             ),
             _ => panic!("{node:?} as {peer}: want {want:?}, got {got:?}"),

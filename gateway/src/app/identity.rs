@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use strait_ca::cert::CertError;
+use strait_ca::layout::LayoutError;
+use strait_ca::spiffe::SpiffeIdError;
 use strait_ca::tls::{Accept, SpiffeClientVerifier, SpiffeServerVerifier, Trust};
 use strait_ca::{SpiffeId, TrustBundle, TrustDomain};
 use strait_proto::strait::mesh::v1 as pb;
@@ -14,6 +17,7 @@ use strait_proxy_client::identity::{IdentityConfig, IdentityManager};
 use tokio::sync::watch;
 
 use super::IdentitySource;
+use crate::tunnel::TunnelError;
 
 /// Why the gateway's identity is unusable.
 #[derive(Debug, thiserror::Error)]
@@ -22,38 +26,65 @@ pub enum IdentityError {
     Files {
         dir: PathBuf,
         #[source]
-        source: Box<strait_ca::layout::LayoutError>,
+        source: Box<LayoutError>,
     },
     #[error("federated bundles {path}: {reason}")]
-    Federated { path: PathBuf, reason: String },
+    Federated {
+        path: PathBuf,
+        #[source]
+        reason: FederatedError,
+    },
+    /// The east-west gateway identity of the trust domain cannot be named.
     #[error("gateway certificate: {0}")]
-    Certificate(String),
+    GatewayId(#[source] SpiffeIdError),
+    #[error("gateway certificate: no certificate")]
+    NoCertificate,
+    #[error("gateway certificate: {0}")]
+    Certificate(#[source] CertError),
+    #[error("gateway certificate: the certificate has no SPIFFE ID")]
+    NoSpiffeId,
+    #[error("gateway certificate: no gateway certificate (yet)")]
+    NoCertificateYet,
+    /// A trust domain of the trust is not a valid name.
     #[error("gateway TLS: {0}")]
-    Tls(String),
+    TrustDomain(#[source] SpiffeIdError),
+    #[error("gateway TLS: {0}")]
+    Tls(#[source] rustls::Error),
+    #[error("gateway TLS: {0}")]
+    Tunnel(#[source] TunnelError),
     #[error("a certificate from the CSR API needs the control plane's address")]
     NoControlPlane,
     #[error("the certificate task stopped")]
     TaskStopped,
 }
 
+/// What is wrong with a federated bundles directory or one of its files.
+#[derive(Debug, thiserror::Error)]
+pub enum FederatedError {
+    #[error(transparent)]
+    Read(#[from] std::io::Error),
+    #[error("the file name must be a trust domain: {0}")]
+    FileName(#[source] SpiffeIdError),
+    #[error(transparent)]
+    Bundle(Box<LayoutError>),
+}
+
 /// The east-west gateway identity of trust domain `td`:
 /// `spiffe://<td>/ns/strait-system/sa/eastwest-gateway`.
 pub fn gateway_id(td: &TrustDomain) -> Result<SpiffeId, IdentityError> {
     SpiffeId::from_segments(td, &["ns", "strait-system", "sa", "eastwest-gateway"])
-        .map_err(|e| IdentityError::Certificate(e.to_string()))
+        .map_err(IdentityError::GatewayId)
 }
 
 /// The SPIFFE ID of a chain's leaf.
 pub(super) fn leaf_id(chain: &[Vec<u8>]) -> Result<SpiffeId, IdentityError> {
-    let leaf = chain
-        .first()
-        .ok_or_else(|| IdentityError::Certificate("no certificate".into()))?;
+    let leaf = chain.first().ok_or(IdentityError::NoCertificate)?;
     strait_ca::cert::CertSummary::from_der(leaf)
         .map_err(IdentityError::Certificate)?
         .spiffe_id
         .as_deref()
         .and_then(|i| SpiffeId::parse(i).ok())
-        .ok_or_else(|| IdentityError::Certificate("the certificate has no SPIFFE ID".into()))
+        .ok_or(IdentityError::NoSpiffeId)
 }
 
 /// The QUIC server and client configs of the gateway's tunnels: mutual TLS
@@ -71,27 +102,26 @@ fn tunnel_configs(
     }
     let mut gateways: BTreeSet<SpiffeId> = [own].into();
     for td in trust.trust_domains() {
-        let td = TrustDomain::new(&td).map_err(|e| IdentityError::Tls(e.to_string()))?;
+        let td = TrustDomain::new(&td).map_err(IdentityError::TrustDomain)?;
         gateways.insert(gateway_id(&td)?);
     }
     let peers = Accept::Ids(gateways);
-    let tls = |e: rustls::Error| IdentityError::Tls(e.to_string());
     let server = strait_ca::tls::server_config(
         chain,
         key,
         SpiffeClientVerifier::new(trust.clone(), peers.clone(), true),
         &[],
     )
-    .map_err(tls)?;
+    .map_err(IdentityError::Tls)?;
     let client = strait_ca::tls::client_config(
         SpiffeServerVerifier::new(trust.clone(), peers),
         Some((chain, key)),
         &[],
     )
-    .map_err(tls)?;
+    .map_err(IdentityError::Tls)?;
     Ok((
-        crate::tunnel::server_config(server).map_err(IdentityError::Tls)?,
-        crate::tunnel::client_config(client).map_err(IdentityError::Tls)?,
+        crate::tunnel::server_config(server).map_err(IdentityError::Tunnel)?,
+        crate::tunnel::client_config(client).map_err(IdentityError::Tunnel)?,
     ))
 }
 
@@ -191,9 +221,7 @@ impl Creds {
                 tunnel_configs(&chain, &key, trust)
             }
             Creds::Csr { manager, trust, .. } => {
-                let id = manager.current().ok_or_else(|| {
-                    IdentityError::Certificate("no gateway certificate (yet)".into())
-                })?;
+                let id = manager.current().ok_or(IdentityError::NoCertificateYet)?;
                 tunnel_configs(&id.chain_der, &id.key_pkcs8, trust)
             }
         }
@@ -210,14 +238,14 @@ pub(super) fn read_dir(dir: &Path) -> Result<strait_ca::layout::Credentials, Ide
 
 /// The `<trust-domain>.pem` bundles of a federated directory.
 fn read_federated(dir: &Path) -> Result<Vec<(String, TrustBundle)>, IdentityError> {
-    let bad = |path: &Path, reason: String| IdentityError::Federated {
+    let bad = |path: &Path, reason: FederatedError| IdentityError::Federated {
         path: path.to_path_buf(),
         reason,
     };
     let mut out = Vec::new();
-    let entries = std::fs::read_dir(dir).map_err(|e| bad(dir, e.to_string()))?;
+    let entries = std::fs::read_dir(dir).map_err(|e| bad(dir, e.into()))?;
     for entry in entries {
-        let path = entry.map_err(|e| bad(dir, e.to_string()))?.path();
+        let path = entry.map_err(|e| bad(dir, e.into()))?.path();
         let Some(td) = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -225,10 +253,9 @@ fn read_federated(dir: &Path) -> Result<Vec<(String, TrustBundle)>, IdentityErro
         else {
             continue;
         };
-        let td = TrustDomain::new(td)
-            .map_err(|e| bad(&path, format!("the file name must be a trust domain: {e}")))?;
+        let td = TrustDomain::new(td).map_err(|e| bad(&path, FederatedError::FileName(e)))?;
         let bundle = strait_ca::layout::load_bundle(&path, Some(td.clone()))
-            .map_err(|e| bad(&path, e.to_string()))?;
+            .map_err(|e| bad(&path, FederatedError::Bundle(Box::new(e))))?;
         out.push((td.to_string(), bundle));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));

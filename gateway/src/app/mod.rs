@@ -16,6 +16,7 @@ use std::time::Duration;
 use prometheus_client::registry::Registry;
 use strait_ca::{ClusterName, TrustBundle, TrustDomain};
 use strait_runtime::accept::{self, BindError};
+use strait_runtime::drain::Drained;
 use strait_runtime::http::{self, Ready};
 
 use crate::passthrough::{self, Metrics};
@@ -161,8 +162,9 @@ pub enum AppError {
 
 /// Runs the gateway until `shutdown` resolves, then stops accepting and
 /// lets live connections finish for up to [`Config::drain`]. `ready` turns
-/// true once the routing table is loaded (the control plane's first full
-/// set, or the file) and false when shutdown begins.
+/// true once it has its certificate (pending task `certificate`) and the
+/// routing table is loaded (`routes`: the control plane's first full set,
+/// or the file), and false when shutdown begins.
 pub async fn run(
     config: Config,
     ready: Ready,
@@ -170,6 +172,8 @@ pub async fn run(
 ) -> Result<(), AppError> {
     config.validate()?;
     tracing::info!(?config, "gateway starting");
+    let routes_pending = ready.pending("routes");
+    let certificate_pending = ready.pending("certificate");
     let table = match &config.routing {
         Routing::File(path) => {
             let t = load_routes(path)?;
@@ -218,10 +222,11 @@ pub async fn run(
             Some(Arc::new(creds))
         }
     };
+    certificate_pending.done();
     if let Some(creds) = &creds {
         serve_tunnels(&config, creds, &table_rx, &metrics).await?;
     }
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (drain, watch) = strait_runtime::drain::channel();
     if let Some(expose) = &config.expose {
         let l = accept::bind(expose.listen, "exposed control plane").await?;
         tokio::spawn(crate::expose::serve(
@@ -233,7 +238,7 @@ pub async fn run(
                 idle_timeout: config.passthrough.idle_timeout,
             },
             expose_metrics,
-            stop_rx.clone(),
+            watch.clone(),
         ));
         tracing::info!(listen = %expose.listen, control_plane = %expose.upstream, "control plane exposed to remote clusters");
     }
@@ -242,9 +247,10 @@ pub async fn run(
         table_rx,
         config.passthrough.clone(),
         metrics.clone(),
-        stop_rx,
+        watch,
     ));
     tracing::info!(listen = %config.listen, "gateway serving");
+    ready.set(true);
 
     // The routing table: from the control plane (ready at its first full
     // set), or from the file (reloaded when it changes; the last good one
@@ -255,11 +261,11 @@ pub async fn run(
             cp,
             creds,
             table_tx,
-            ready.clone(),
+            routes_pending,
         )?),
         (Routing::ControlPlane(_), None) => unreachable!("validate() checked"),
         (Routing::File(path), _) => {
-            ready.set(true);
+            routes_pending.done();
             routing::spawn_file_reload(path.clone(), table_tx);
             None
         }
@@ -268,13 +274,14 @@ pub async fn run(
     shutdown.await;
     tracing::info!("draining: no new connections");
     ready.set(false);
-    let _ = stop_tx.send(true);
+    drain.start();
     let _ = server.await;
-    let deadline = tokio::time::Instant::now() + config.drain;
-    while metrics.active() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    match drain.drain(config.drain).await {
+        Drained::Idle => tracing::info!("gateway stopped"),
+        Drained::Deadline { open } => {
+            tracing::info!(open, drain = ?config.drain, "drain deadline passed; closing the remaining connections");
+        }
     }
-    tracing::info!(left = metrics.active(), "gateway stopped");
     Ok(())
 }
 

@@ -9,34 +9,52 @@ use std::time::Duration;
 use strait_ca::tls::{Accept, SpiffeServerVerifier, Trust};
 use strait_proto::strait::mesh::v1::{self as pb, type_url};
 use strait_proxy_client::xds::{self, ClientTls, Resources, Validator, XdsClient, XdsClientConfig};
-use strait_runtime::http::Ready;
+use strait_runtime::http::Pending;
 use tokio::sync::watch;
 
 use super::Config;
 use super::identity::{Creds, IdentityError, leaf_id, mtime, read_dir};
-use crate::route::{RouteTable, RoutesFile};
+use crate::route::{RouteTable, RoutesFile, TableError};
 
 /// A routing table file that cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[error("routing table {path}: {reason}")]
 pub struct RoutesError {
     pub path: PathBuf,
-    pub reason: String,
+    #[source]
+    pub reason: RoutesFileError,
+}
+
+/// What is wrong with a routing table file.
+#[derive(Debug, thiserror::Error)]
+pub enum RoutesFileError {
+    #[error(transparent)]
+    Read(#[from] std::io::Error),
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    /// Boxed: the YAML parser's error is large.
+    #[error(transparent)]
+    Yaml(#[from] Box<serde_saphyr::DeserializeError>),
+    #[error(transparent)]
+    Table(#[from] TableError),
 }
 
 /// Reads a routing table file (YAML, or JSON when it starts with `{`).
 pub fn load_routes(path: &Path) -> Result<RouteTable, RoutesError> {
-    let bad = |reason: String| RoutesError {
+    read_routes(path).map_err(|reason| RoutesError {
         path: path.to_path_buf(),
         reason,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    })
+}
+
+fn read_routes(path: &Path) -> Result<RouteTable, RoutesFileError> {
+    let text = std::fs::read_to_string(path)?;
     let file: RoutesFile = if text.trim_start().starts_with('{') {
-        serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?
+        serde_json::from_str(&text)?
     } else {
-        serde_saphyr::from_str(&text).map_err(|e| bad(e.to_string()))?
+        serde_saphyr::from_str(&text).map_err(Box::new)?
     };
-    RouteTable::new(file).map_err(bad)
+    Ok(RouteTable::new(file)?)
 }
 
 /// The routing table from the control plane's resources; the errors name
@@ -61,7 +79,7 @@ fn table_from(res: &Resources) -> Result<RouteTable, Vec<(String, String)>> {
             .map(|e| ("GatewayRoute".to_string(), e))
             .collect());
     }
-    RouteTable::new(file).map_err(|e| vec![("GatewayRoute".to_string(), e)])
+    RouteTable::new(file).map_err(|e| vec![("GatewayRoute".to_string(), e.to_string())])
 }
 
 /// TLS towards the control plane, taken afresh at every (re)connect: from
@@ -77,17 +95,17 @@ fn control_plane_tls(creds: &Creds) -> Result<ClientTls, IdentityError> {
             // Checked once now: a bad identity fails at start.
             let verifier = SpiffeServerVerifier::new(Trust::new(bundle), accept);
             strait_ca::tls::client_config(verifier, Some((&chain, &key)), &[b"h2"])
-                .map_err(|e| IdentityError::Tls(e.to_string()))?;
+                .map_err(IdentityError::Tls)?;
             let dir = dir.clone();
             Ok(ClientTls::dynamic(move || {
-                let (chain, key, bundle) = read_dir(&dir).map_err(|e| e.to_string())?;
+                let (chain, key, bundle) = read_dir(&dir)?;
                 let verifier = SpiffeServerVerifier::new(
                     Trust::new(bundle),
                     Accept::Ids([cp_id.clone()].into()),
                 );
                 strait_ca::tls::client_config(verifier, Some((&chain, &key)), &[b"h2"])
                     .map(Arc::new)
-                    .map_err(|e| e.to_string())
+                    .map_err(Into::into)
             }))
         }
         Creds::Csr {
@@ -109,21 +127,22 @@ fn control_plane_tls(creds: &Creds) -> Result<ClientTls, IdentityError> {
                     &[b"h2"],
                 )
                 .map(Arc::new)
-                .map_err(|e| e.to_string())
+                .map_err(Into::into)
             }))
         }
     }
 }
 
 /// Subscribes to the control plane; the table channel follows every
-/// accepted update, `ready` turns true at the first full set. With a
+/// accepted update; `routes` (a pending readiness task) is done at the
+/// first full set. With a
 /// certificate from the CSR API, the pushed trust bundles are followed too.
 pub(super) fn subscribe(
     config: &Config,
     address: &str,
     creds: &Arc<Creds>,
     table_tx: watch::Sender<Arc<RouteTable>>,
-    ready: Ready,
+    routes: Pending,
 ) -> Result<XdsClient, IdentityError> {
     let mut types = vec![
         type_url::NETWORK,
@@ -150,6 +169,7 @@ pub(super) fn subscribe(
     let mut state = client.state();
     let creds = creds.clone();
     tokio::spawn(async move {
+        let mut routes = Some(routes);
         loop {
             tokio::select! {
                 r = resources.changed() => {
@@ -167,7 +187,7 @@ pub(super) fn subscribe(
                 r = state.changed() => {
                     if r.is_err() { return; }
                     if state.borrow_and_update().synced {
-                        ready.set(true);
+                        routes.take();
                     }
                 }
             }

@@ -169,13 +169,23 @@ pub enum ImportWarning {
 }
 
 /// Serializing the generated objects failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("cannot serialize {kind} {namespace}/{name}: {message}")]
+#[derive(Debug, thiserror::Error)]
+#[error("cannot serialize {kind} {namespace}/{name}: {source}")]
 pub struct ImportError {
     pub kind: String,
     pub namespace: String,
     pub name: String,
-    pub message: String,
+    #[source]
+    pub source: EncodeError,
+}
+
+/// Why one object did not serialize.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error(transparent)]
+    Yaml(#[from] serde_saphyr::SerializeError),
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
 }
 
 impl ImportObjects {
@@ -212,15 +222,15 @@ impl ImportObjects {
 /// A serialization target for [`ImportObjects::serialize_all`].
 trait Sink {
     type Out;
-    fn convert<T: Serialize>(&self, value: &T) -> Result<Self::Out, String>;
+    fn convert<T: Serialize>(&self, value: &T) -> Result<Self::Out, EncodeError>;
 }
 
 struct YamlSink;
 
 impl Sink for YamlSink {
     type Out = String;
-    fn convert<T: Serialize>(&self, value: &T) -> Result<String, String> {
-        serde_saphyr::to_string(value).map_err(|e| e.to_string())
+    fn convert<T: Serialize>(&self, value: &T) -> Result<String, EncodeError> {
+        Ok(serde_saphyr::to_string(value)?)
     }
 }
 
@@ -228,8 +238,8 @@ struct JsonSink;
 
 impl Sink for JsonSink {
     type Out = serde_json::Value;
-    fn convert<T: Serialize>(&self, value: &T) -> Result<serde_json::Value, String> {
-        serde_json::to_value(value).map_err(|e| e.to_string())
+    fn convert<T: Serialize>(&self, value: &T) -> Result<serde_json::Value, EncodeError> {
+        Ok(serde_json::to_value(value)?)
     }
 }
 
@@ -260,11 +270,11 @@ fn push_all<T: Object, S: Sink>(
     out: &mut Vec<S::Out>,
 ) -> Result<(), ImportError> {
     for item in items {
-        let converted = sink.convert(item).map_err(|message| ImportError {
+        let converted = sink.convert(item).map_err(|source| ImportError {
             kind: item.kind().to_string(),
             namespace: item.meta().namespace.clone(),
             name: item.meta().name.clone(),
-            message,
+            source,
         })?;
         out.push(converted);
     }

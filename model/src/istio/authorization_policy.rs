@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Errors, LabelSelector, Path, Validate, parse_cidr};
+use super::{CidrError, Errors, LabelSelector, Path, Validate, parse_cidr};
 
 /// The `spec` of an AuthorizationPolicy.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -179,9 +179,31 @@ pub enum ConditionKey {
     DestinationPort,
 }
 
+/// A `when[].key` strait does not implement.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{0:?} is not a supported condition key (source.ip, remote.ip, source.namespace, \
+     source.principal, destination.port, request.headers[<name>])"
+)]
+pub struct ConditionKeyError(pub String);
+
+/// A value that is not a port in 1..=65535.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a port in 1..=65535")]
+pub struct PortValueError(pub String);
+
+/// A bad `when[].values` entry, for its key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum ConditionValueError {
+    #[error(transparent)]
+    Cidr(#[from] CidrError),
+    #[error(transparent)]
+    Port(#[from] PortValueError),
+}
+
 impl ConditionKey {
     /// Parses a `when[].key`.
-    pub fn parse(key: &str) -> Result<ConditionKey, String> {
+    pub fn parse(key: &str) -> Result<ConditionKey, ConditionKeyError> {
         Ok(match key {
             "source.ip" | "remote.ip" => ConditionKey::SourceIp,
             "source.namespace" => ConditionKey::SourceNamespace,
@@ -194,13 +216,7 @@ impl ConditionKey {
                 Some(name) if !name.is_empty() && !name.contains(['[', ']']) => {
                     ConditionKey::RequestHeader(name.to_ascii_lowercase())
                 }
-                _ => {
-                    return Err(format!(
-                        "{key:?} is not a supported condition key (source.ip, remote.ip, \
-                         source.namespace, source.principal, destination.port, \
-                         request.headers[<name>])"
-                    ));
-                }
+                _ => return Err(ConditionKeyError(key.to_string())),
             },
         })
     }
@@ -248,9 +264,11 @@ impl Validate for AuthorizationPolicy {
                         }
                         for (field, list) in [("values", &c.values), ("notValues", &c.not_values)] {
                             for (k, v) in list.iter().enumerate() {
-                                let bad = match key {
-                                    ConditionKey::SourceIp => parse_cidr(v).err(),
-                                    ConditionKey::DestinationPort => port_value(v).err(),
+                                let bad: Option<ConditionValueError> = match key {
+                                    ConditionKey::SourceIp => parse_cidr(v).err().map(Into::into),
+                                    ConditionKey::DestinationPort => {
+                                        port_value(v).err().map(Into::into)
+                                    }
                                     _ => None,
                                 };
                                 if let Some(why) = bad {
@@ -265,11 +283,11 @@ impl Validate for AuthorizationPolicy {
     }
 }
 
-fn port_value(v: &str) -> Result<u16, String> {
+fn port_value(v: &str) -> Result<u16, PortValueError> {
     v.parse::<u16>()
         .ok()
         .filter(|p| *p > 0)
-        .ok_or_else(|| format!("{v:?} is not a port in 1..=65535"))
+        .ok_or_else(|| PortValueError(v.to_string()))
 }
 
 fn non_empty_values(list: &[String], path: &Path, errors: &mut Errors) {

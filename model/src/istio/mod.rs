@@ -299,12 +299,25 @@ impl Validate for Percent {
     }
 }
 
+/// A text that is not a duration [`parse_duration`] accepts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{text:?} is not a duration ({reason}; e.g. \"1.5s\", \"100ms\")")]
+pub struct DurationError {
+    /// The text given.
+    pub text: String,
+    /// What is wrong with it (`missing unit`, `too large`, ...).
+    pub reason: &'static str,
+}
+
 /// Parses a duration as Istio's CRDs accept it (`duration()` of CEL, Go's
 /// `time.ParseDuration` without a sign): one or more decimal numbers each
 /// followed by a unit `h`, `m`, `s`, `ms`, `us`/`µs`, `ns`, e.g. `1.5s`,
 /// `100ms`, `1h30m`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = |why: &str| format!("{text:?} is not a duration ({why}; e.g. \"1.5s\", \"100ms\")");
+pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
+    let bad = |reason: &'static str| DurationError {
+        text: text.to_string(),
+        reason,
+    };
     if text.is_empty() {
         return Err(bad("empty"));
     }
@@ -354,25 +367,41 @@ pub(crate) fn validate_duration(value: &Option<String>, path: &Path, errors: &mu
     }
 }
 
+/// A text that is not an IP address or CIDR block.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CidrError {
+    #[error("{text:?} is not an IP address or CIDR block")]
+    Address { text: String },
+    #[error("{text:?}: prefix length {prefix:?} is not in 0..={max}")]
+    PrefixLength {
+        text: String,
+        prefix: String,
+        max: u8,
+    },
+}
+
 /// Parses an IP address or CIDR block (`10.0.0.0/8`, `2001:db8::/32`,
 /// `192.168.1.7`) into an address and prefix length.
-pub fn parse_cidr(text: &str) -> Result<(IpAddr, u8), String> {
+pub fn parse_cidr(text: &str) -> Result<(IpAddr, u8), CidrError> {
     let (addr, len) = match text.split_once('/') {
         Some((a, l)) => (a, Some(l)),
         None => (text, None),
     };
-    let ip: IpAddr = addr
-        .parse()
-        .map_err(|_| format!("{text:?} is not an IP address or CIDR block"))?;
+    let ip: IpAddr = addr.parse().map_err(|_| CidrError::Address {
+        text: text.to_string(),
+    })?;
     let max = if ip.is_ipv4() { 32 } else { 128 };
-    let len = match len {
-        None => max,
-        Some(l) => l
-            .parse::<u8>()
-            .ok()
-            .filter(|l| *l <= max)
-            .ok_or_else(|| format!("{text:?}: prefix length {l:?} is not in 0..={max}"))?,
-    };
+    let len =
+        match len {
+            None => max,
+            Some(l) => l.parse::<u8>().ok().filter(|l| *l <= max).ok_or_else(|| {
+                CidrError::PrefixLength {
+                    text: text.to_string(),
+                    prefix: l.to_string(),
+                    max,
+                }
+            })?,
+        };
     Ok((ip, len))
 }
 
@@ -444,7 +473,7 @@ mod tests {
             "1 s",
             "99999999999h",
         ] {
-            let err = parse_duration(bad).expect_err(bad);
+            let err = parse_duration(bad).expect_err(bad).to_string();
             assert!(err.contains(&format!("{bad:?}")), "{err}");
         }
     }

@@ -44,18 +44,35 @@ pub struct EgressHost<'a> {
     pub host: &'a str,
 }
 
+/// A bad `egress[].hosts` entry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EgressHostError {
+    #[error("{entry:?} is not of the form namespace/host")]
+    NoSlash { entry: String },
+    #[error("{entry:?}: namespace {namespace:?} is not *, ., ~ or a namespace name")]
+    Namespace { entry: String, namespace: String },
+    #[error("{entry:?}: {host:?} is not a host name")]
+    Host { entry: String, host: String },
+}
+
 /// Splits and checks a `namespace/host` entry.
-pub fn parse_egress_host(entry: &str) -> Result<EgressHost<'_>, String> {
+pub fn parse_egress_host(entry: &str) -> Result<EgressHost<'_>, EgressHostError> {
     let (namespace, host) = entry
         .split_once('/')
-        .ok_or_else(|| format!("{entry:?} is not of the form namespace/host"))?;
+        .ok_or_else(|| EgressHostError::NoSlash {
+            entry: entry.to_string(),
+        })?;
     if !(matches!(namespace, "*" | "." | "~") || is_dns_label(namespace)) {
-        return Err(format!(
-            "{entry:?}: namespace {namespace:?} is not *, ., ~ or a namespace name"
-        ));
+        return Err(EgressHostError::Namespace {
+            entry: entry.to_string(),
+            namespace: namespace.to_string(),
+        });
     }
     if !is_host_name(host) {
-        return Err(format!("{entry:?}: {host:?} is not a host name"));
+        return Err(EgressHostError::Host {
+            entry: entry.to_string(),
+            host: host.to_string(),
+        });
     }
     Ok(EgressHost { namespace, host })
 }

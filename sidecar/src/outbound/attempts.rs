@@ -211,6 +211,104 @@ mod tests {
     }
 
     #[test]
+    fn retry_on_5xx_covers_every_5xx_connect_failures_resets_and_timeouts() {
+        let t0 = Instant::now();
+        let mut a = Attempts::new(&policy(3, None, &["5xx"]), None, t0);
+        a.start(t0);
+        for retried in [
+            Tried::Answered(500),
+            Tried::Answered(502),
+            Tried::Answered(503),
+            Tried::Answered(599),
+            Tried::ConnectFailure,
+            Tried::Reset,
+            Tried::Timeout,
+        ] {
+            assert_eq!(a.after(retried, t0, true), Next::Retry, "{retried:?}");
+        }
+        for final_ in [
+            Tried::Answered(200),
+            Tried::Answered(404),
+            Tried::Answered(409),
+        ] {
+            assert_eq!(
+                a.after(final_, t0, true),
+                Next::Stop(Stop::Final),
+                "{final_:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn connect_failure_and_reset_retry_only_what_they_name() {
+        let t0 = Instant::now();
+        let mut c = Attempts::new(&policy(3, None, &["connect-failure"]), None, t0);
+        c.start(t0);
+        assert_eq!(c.after(Tried::ConnectFailure, t0, true), Next::Retry);
+        for final_ in [Tried::Reset, Tried::Timeout, Tried::Answered(503)] {
+            assert_eq!(
+                c.after(final_, t0, true),
+                Next::Stop(Stop::Final),
+                "{final_:?}"
+            );
+        }
+        let mut r = Attempts::new(&policy(3, None, &["reset"]), None, t0);
+        r.start(t0);
+        assert_eq!(r.after(Tried::Reset, t0, true), Next::Retry);
+        for final_ in [Tried::ConnectFailure, Tried::Timeout, Tried::Answered(502)] {
+            assert_eq!(
+                r.after(final_, t0, true),
+                Next::Stop(Stop::Final),
+                "{final_:?}"
+            );
+        }
+        // A status named by its code.
+        let mut s = Attempts::new(&policy(3, None, &["429"]), None, t0);
+        s.start(t0);
+        assert_eq!(s.after(Tried::Answered(429), t0, true), Next::Retry);
+        assert_eq!(
+            s.after(Tried::Answered(503), t0, true),
+            Next::Stop(Stop::Final)
+        );
+    }
+
+    #[test]
+    fn no_retry_once_the_route_timeout_passed_even_with_tries_left() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut a = Attempts::new(&policy(10, None, &["5xx"]), Some(ms(100)), t0);
+        assert_eq!(a.start(t0), (0, Some(ms(100))));
+        // Just before the deadline: another try, with what is left.
+        assert_eq!(
+            a.after(Tried::Answered(503), t0 + ms(99), true),
+            Next::Retry
+        );
+        assert_eq!(a.start(t0 + ms(99)), (1, Some(ms(1))));
+        // At it and after it: none.
+        for at in [ms(100), ms(250)] {
+            assert_eq!(
+                a.after(Tried::Answered(503), t0 + at, true),
+                Next::Stop(Stop::Deadline),
+                "{at:?}"
+            );
+        }
+        // An outcome the policy does not retry is final whatever the time.
+        assert_eq!(
+            a.after(Tried::Answered(200), t0 + ms(250), true),
+            Next::Stop(Stop::Final)
+        );
+        // Without a route timeout, a try is bounded by its per-try timeout
+        // alone, and time never ends the retries.
+        let mut b = Attempts::new(&policy(1, Some(300), &["5xx"]), None, t0);
+        assert_eq!(b.deadline(), None);
+        assert_eq!(b.start(t0), (0, Some(ms(300))));
+        assert_eq!(
+            b.after(Tried::Timeout, t0 + Duration::from_secs(3600), true),
+            Next::Retry
+        );
+    }
+
+    #[test]
     fn a_streamed_body_is_not_sent_twice() {
         let t0 = Instant::now();
         let mut a = Attempts::new(&policy(2, None, &["5xx"]), None, t0);

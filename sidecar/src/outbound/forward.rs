@@ -38,15 +38,6 @@ pub(super) async fn forward(
             None,
         );
     };
-    let fail = |settled: &mut Settled, status: StatusCode, why: String| {
-        settled.reason = Some(why.clone());
-        reply_body(status, &why)
-    };
-    // No upstream could take the request, for the reason `code`.
-    let fail_code = |settled: &mut Settled, status: StatusCode, code, why: String| {
-        settled.reason_code = Some(code);
-        fail(settled, status, why)
-    };
     let Some(id) = shared.current_identity() else {
         let r = fail(
             settled,
@@ -78,90 +69,165 @@ pub(super) async fn forward(
         Ok(d) => d,
         Err((status, why)) => return (fail(settled, status, why), Some(service)),
     };
-    let limit_key = || {
-        format!(
-            "{}|{}",
-            dest_service.hostname,
-            dest.subset.as_deref().unwrap_or("")
-        )
-    };
     let app_h2 = parts.version == http::Version::HTTP_2;
-    let wire = wire_for(app_h2, tp.h2_upgrade, upgrade.is_some());
-    let mut tried: Vec<String> = Vec::new();
-    let mut attempts = Attempts::new(&route.retries, route.timeout, Instant::now());
-    let deadline = attempts.deadline();
-    let resp = loop {
-        // A retry gives back the slots of the attempt before.
-        settled.request = None;
-        settled.connection = None;
-        let Some(slot) = shared.pool.limits.admit(limit_key, concurrency_limit(&tp)) else {
-            let why = overflow(&dest_service, &tp);
-            let r = fail_code(settled, StatusCode::SERVICE_UNAVAILABLE, "overflow", why);
-            return (r, Some(service));
-        };
-        let picked = match pick(shared, &dest_service, &tp, cfg.my_locality(), &tried) {
-            Ok(p) => p,
-            Err(e) => {
-                let (code, why) = no_upstream(&dest_service, dest.subset.as_deref(), &tp, &e);
-                return (
-                    fail_code(settled, StatusCode::SERVICE_UNAVAILABLE, code, why),
-                    Some(service),
-                );
-            }
-        };
-        settled.request = Some(slot);
-        let ep = &dest_service.endpoints[picked.index];
-        tried.push(picked.key.clone());
-        let target = Target::new(
-            &dest_service,
-            ep,
-            dest_port,
-            dest.subset.as_deref(),
-            &tp,
-            DEFAULT_CONNECT_TIMEOUT,
-        );
-        let authority = if dest_service.hostname == service.hostname && dest.port.is_none() {
-            authority.clone()
+    let routed = Routed {
+        wire: wire_for(app_h2, tp.h2_upgrade, upgrade.is_some()),
+        // Rerouted to another service or port: name that one.
+        authority: if dest_service.hostname == service.hostname && dest.port.is_none() {
+            authority
         } else {
-            // Rerouted to another service or port: name that one.
             format!("{}:{dest_port}", dest_service.hostname)
-        };
-        if matches!(wire, Wire::Http1) {
-            match http1_connection(shared, limit_key, &dest_service.hostname, &tp, deadline).await {
-                Ok(c) => settled.connection = Some(c),
-                Err((status, code, why)) => {
-                    return (fail_code(settled, status, code, why), Some(service));
-                }
-            }
-        }
-        let (target_uri, host) = match request_target(wire, &authority, path) {
-            Ok(t) => t,
-            Err(why) => return (fail(settled, StatusCode::BAD_REQUEST, why), Some(service)),
-        };
-        let (attempt, per_try) = attempts.start(Instant::now());
-        let one = Attempt {
-            shared,
-            id: &id,
-            target: &target,
-            wire,
-            max_requests: tp.max_requests_per_connection,
+        },
+        locality: cfg.my_locality(),
+        id,
+        dest,
+        dest_service,
+        dest_port,
+        tp,
+        app_h2,
+    };
+    let sending = Sending {
+        parts,
+        body,
+        path,
+        upgrade: upgrade.as_ref(),
+    };
+    let resp = routed.send(shared, &route, sending, settled).await;
+    (resp, Some(service))
+}
+
+/// A refusal the sidecar answers itself, `why` in the access log.
+fn fail(settled: &mut Settled, status: StatusCode, why: String) -> Response<ProxyBody> {
+    settled.reason = Some(why.clone());
+    reply_body(status, &why)
+}
+
+/// [`fail`] for a request no upstream could take, for the reason `code`
+/// (`strait_sidecar_upstream_failures_total{reason}`).
+fn fail_code(
+    settled: &mut Settled,
+    status: StatusCode,
+    code: &'static str,
+    why: String,
+) -> Response<ProxyBody> {
+    settled.reason_code = Some(code);
+    fail(settled, status, why)
+}
+
+/// Where a routed request goes: the destination its route picked (once
+/// per request), and how its attempts speak to it.
+struct Routed<'c> {
+    id: Arc<Identity>,
+    dest: crate::policy::Destination,
+    dest_service: Arc<pb::Service>,
+    dest_port: u16,
+    tp: Arc<crate::policy::TrafficPolicy>,
+    /// This workload's locality (for locality-aware picking).
+    locality: &'c str,
+    wire: Wire,
+    /// The authority the upstream gets: the app's, or the service and
+    /// port the route rerouted to.
+    authority: String,
+    /// The app spoke HTTP/2.
+    app_h2: bool,
+}
+
+/// The request as every attempt sends it.
+struct Sending<'a> {
+    parts: &'a http::request::Parts,
+    body: &'a Outgoing,
+    path: &'a str,
+    /// The protocol the request asks to switch to.
+    upgrade: Option<&'a http::HeaderValue>,
+}
+
+impl Routed<'_> {
+    /// Sends the request to endpoints of the destination until an attempt
+    /// settles it, as `route`'s retries and timeout allow (see
+    /// [`Attempts`]): each attempt takes a request slot (and, over
+    /// HTTP/1.1, a connection slot) of the destination's pool, and a fresh
+    /// endpoint while one is left.
+    async fn send(
+        &self,
+        shared: &Shared,
+        route: &crate::policy::RouteDecision,
+        request: Sending<'_>,
+        settled: &mut Settled,
+    ) -> Response<ProxyBody> {
+        let Sending {
             parts,
             body,
-            target_uri: &target_uri,
-            host: host.as_ref(),
-            app_h2,
-            upgrade: upgrade.as_ref(),
-            authority: &authority,
             path,
-        };
-        let result = one.send(per_try).await;
-        let (tried_as, resp) = settle_attempt(settled, result, picked, attempt, ep, &target);
-        settled.upstream = target.address;
-        if attempts.after(tried_as, Instant::now(), body.replayable()) != Next::Retry {
-            break resp;
+            upgrade,
+        } = request;
+        let (dest_service, tp) = (&self.dest_service, &self.tp);
+        let subset = self.dest.subset.as_deref();
+        let limit_key = || format!("{}|{}", dest_service.hostname, subset.unwrap_or(""));
+        let mut tried: Vec<String> = Vec::new();
+        let mut attempts = Attempts::new(&route.retries, route.timeout, Instant::now());
+        let deadline = attempts.deadline();
+        loop {
+            // A retry gives back the slots of the attempt before.
+            settled.request = None;
+            settled.connection = None;
+            let Some(slot) = shared.pool.limits.admit(limit_key, concurrency_limit(tp)) else {
+                let why = overflow(dest_service, tp);
+                return fail_code(settled, StatusCode::SERVICE_UNAVAILABLE, "overflow", why);
+            };
+            let picked = match pick(shared, dest_service, tp, self.locality, &tried) {
+                Ok(p) => p,
+                Err(e) => {
+                    let (code, why) = no_upstream(dest_service, subset, tp, &e);
+                    return fail_code(settled, StatusCode::SERVICE_UNAVAILABLE, code, why);
+                }
+            };
+            settled.request = Some(slot);
+            let ep = &dest_service.endpoints[picked.index];
+            tried.push(picked.key.clone());
+            let target = Target::new(
+                dest_service,
+                ep,
+                self.dest_port,
+                subset,
+                tp,
+                DEFAULT_CONNECT_TIMEOUT,
+            );
+            if matches!(self.wire, Wire::Http1) {
+                match http1_connection(shared, limit_key, &dest_service.hostname, tp, deadline)
+                    .await
+                {
+                    Ok(c) => settled.connection = Some(c),
+                    Err((status, code, why)) => return fail_code(settled, status, code, why),
+                }
+            }
+            let (target_uri, host) = match request_target(self.wire, &self.authority, path) {
+                Ok(t) => t,
+                Err(why) => return fail(settled, StatusCode::BAD_REQUEST, why.to_string()),
+            };
+            let (attempt, per_try) = attempts.start(Instant::now());
+            let one = Attempt {
+                shared,
+                id: &self.id,
+                target: &target,
+                wire: self.wire,
+                max_requests: tp.max_requests_per_connection,
+                parts,
+                body,
+                target_uri: &target_uri,
+                host: host.as_ref(),
+                app_h2: self.app_h2,
+                upgrade,
+                authority: &self.authority,
+                path,
+            };
+            let result = one.send(per_try).await;
+            let (tried_as, resp) = settle_attempt(settled, result, picked, attempt, ep, &target);
+            settled.upstream = target.address;
+            if attempts.after(tried_as, Instant::now(), body.replayable()) != Next::Retry {
+                return resp;
+            }
         }
-    };
-    (resp, Some(service))
+    }
 }
 
 /// Peer metadata for the destination's telemetry (Istio exchanges the
@@ -234,15 +300,35 @@ fn destination(
     Ok((dest_service, dest.port.unwrap_or(port), tp))
 }
 
-/// The request target as `wire` wants it, made once for all attempts:
-/// absolute (`:scheme`, `:authority`) for HTTP/2, origin form with a Host
-/// header for HTTP/1.1.
+/// Why a request target cannot be made of the authority and path (the
+/// request is answered 400).
+#[derive(Debug, thiserror::Error)]
+enum TargetError {
+    #[error("bad request path {path:?}: {source}")]
+    Path {
+        path: String,
+        #[source]
+        source: http::uri::InvalidUri,
+    },
+    #[error("bad authority {authority:?}: {source}")]
+    Authority {
+        authority: String,
+        #[source]
+        source: http::header::InvalidHeaderValue,
+    },
+}
+
+/// The request target as `wire` wants it: absolute (`:scheme`,
+/// `:authority`) for HTTP/2, origin form with a Host header for HTTP/1.1.
 fn request_target(
     wire: Wire,
     authority: &str,
     path: &str,
-) -> Result<(http::Uri, Option<http::HeaderValue>), String> {
-    let bad_path = |e: http::uri::InvalidUri| format!("bad request path {path:?}: {e}");
+) -> Result<(http::Uri, Option<http::HeaderValue>), TargetError> {
+    let bad_path = |source| TargetError::Path {
+        path: path.to_owned(),
+        source,
+    };
     match wire {
         Wire::Http2 => {
             let mut uri = String::with_capacity(7 + authority.len() + path.len());
@@ -253,8 +339,12 @@ fn request_target(
         }
         Wire::Http1 => {
             let uri = http::Uri::try_from(path).map_err(bad_path)?;
-            let host = http::HeaderValue::try_from(authority)
-                .map_err(|e| format!("bad authority {authority:?}: {e}"))?;
+            let host = http::HeaderValue::try_from(authority).map_err(|source| {
+                TargetError::Authority {
+                    authority: authority.to_owned(),
+                    source,
+                }
+            })?;
             Ok((uri, Some(host)))
         }
     }

@@ -32,11 +32,10 @@ use hyper_util::rt::TokioIo;
 use strait_proto::strait::mesh::v1 as pb;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 
 use crate::metrics::{self, RequestLabels};
 use crate::policy::{Outcome, RequestAttrs};
-use crate::{Life, Observed, Phase, ProxyBody, Shared, Tracker, names};
+use crate::{Life, Observed, ProxyBody, Shared, names};
 
 /// Istio's default TCP connect timeout, when no DestinationRule sets one.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,6 +49,7 @@ mod forward;
 mod limits;
 mod passthrough;
 mod pick;
+mod pool;
 mod tunnel;
 mod upstream;
 
@@ -60,32 +60,24 @@ pub use limits::concurrency_limit;
 use limits::{Connection, InFlight};
 use passthrough::*;
 use pick::{Picked, pick};
+pub use pool::Pool;
 use tunnel::{redirected_tcp, tunnel};
-pub use upstream::Pool;
 use upstream::*;
 
-/// Accepts until `stop`.
-pub(crate) async fn serve(
-    shared: Arc<Shared>,
-    listener: tokio::net::TcpListener,
-    mut stop: watch::Receiver<Phase>,
-    active: Tracker,
-) {
+/// Accepts until the drain starts.
+pub(crate) async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener, drain: Life) {
     let mut listener = strait_runtime::accept::Acceptor::new(listener, "outbound");
     loop {
         let (tcp, peer) = tokio::select! {
             c = listener.accept() => c,
-            _ = stop.changed() => return,
+            () = drain.draining() => return,
         };
         let _ = tcp.set_nodelay(true);
         // Redirected by iptables (transparent mode): where the app was going.
         let original = crate::transparent::redirected_to(&tcp);
         let shared = shared.clone();
-        let guard = active.guard();
-        let life = Life {
-            active: active.clone(),
-            phase: stop.clone(),
-        };
+        let guard = drain.guard();
+        let life = drain.clone();
         tokio::spawn(tracing::Instrument::instrument(
             async move {
                 let _guard = guard;
@@ -104,10 +96,7 @@ pub(crate) async fn serve(
                         redirected_tcp(&shared, tcp, service.clone(), *port, &life).await;
                         return;
                     }
-                    let Some(what) =
-                        crate::until_killed(redirected(&shared, &tcp, to), life.phase.clone())
-                            .await
-                    else {
+                    let Some(what) = life.until_killed(redirected(&shared, &tcp, to)).await else {
                         return;
                     };
                     if let Redirected::Raw(upstream) = what {
@@ -124,7 +113,7 @@ pub(crate) async fn serve(
                         return;
                     }
                 }
-                let phase = life.phase.clone();
+                let phase = life.clone();
                 let svc = hyper::service::service_fn(move |req| {
                     let shared = shared.clone();
                     let life = life.clone();
@@ -139,7 +128,7 @@ pub(crate) async fn serve(
                     hyper_util::rt::TokioExecutor::new(),
                 );
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
-                crate::drive(conn, |c| c.graceful_shutdown(), phase).await;
+                phase.drive(conn, |c| c.graceful_shutdown()).await;
             },
             tracing::debug_span!("outbound", %peer, original = ?original),
         ));
@@ -190,6 +179,32 @@ fn request_id() -> String {
     id
 }
 
+/// Why a proxied request names no destination (answered 400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DestinationError {
+    /// An absolute-form URI with an empty host.
+    #[error("{0} names no host")]
+    UriNoHost(http::Uri),
+    /// `CONNECT host` without a port.
+    #[error("CONNECT {0} names no port")]
+    ConnectNoPort(http::uri::Authority),
+    /// `CONNECT` with something other than `host:port`.
+    #[error("CONNECT {0}: expected host:port")]
+    ConnectNotAuthority(http::Uri),
+    /// Neither an absolute-form URI nor a `Host` header.
+    #[error("the request names no host: send absolute-form requests (curl -x) or a Host header")]
+    NoHost,
+    /// A `Host` header that is not ASCII.
+    #[error("the Host header is not ASCII")]
+    HostNotAscii,
+    /// A `Host` header that does not parse as `host[:port]`.
+    #[error("Host header {0:?} is not host[:port]")]
+    HostNotAuthority(String),
+    /// A `Host` header with an empty host.
+    #[error("Host header {0:?} names no host")]
+    HostEmpty(String),
+}
+
 /// The host and port a proxied request names: the absolute-form URI, else
 /// the `Host` header; the port defaults to `dialed` (the original
 /// destination's, in transparent mode), else 80. `CONNECT` needs a port.
@@ -198,33 +213,31 @@ pub fn destination_of(
     headers: &http::HeaderMap,
     connect: bool,
     dialed: Option<u16>,
-) -> Result<(String, u16), String> {
+) -> Result<(String, u16), DestinationError> {
     let default_port = dialed.unwrap_or(80);
     if let Some(a) = uri.authority() {
         let host = a.host();
         if host.is_empty() {
-            return Err(format!("{uri} names no host"));
+            return Err(DestinationError::UriNoHost(uri.clone()));
         }
         return match a.port_u16() {
             Some(p) => Ok((host.to_string(), p)),
-            None if connect => Err(format!("CONNECT {a} names no port")),
+            None if connect => Err(DestinationError::ConnectNoPort(a.clone())),
             None => Ok((host.to_string(), default_port)),
         };
     }
     if connect {
-        return Err(format!("CONNECT {uri}: expected host:port"));
+        return Err(DestinationError::ConnectNotAuthority(uri.clone()));
     }
-    let host = headers.get(http::header::HOST).ok_or(
-        "the request names no host: send absolute-form requests (curl -x) or a Host header",
-    )?;
-    let host = host
-        .to_str()
-        .map_err(|_| "the Host header is not ASCII".to_string())?;
+    let host = headers
+        .get(http::header::HOST)
+        .ok_or(DestinationError::NoHost)?;
+    let host = host.to_str().map_err(|_| DestinationError::HostNotAscii)?;
     let a: http::uri::Authority = host
         .parse()
-        .map_err(|_| format!("Host header {host:?} is not host[:port]"))?;
+        .map_err(|_| DestinationError::HostNotAuthority(host.to_owned()))?;
     if a.host().is_empty() {
-        return Err(format!("Host header {host:?} names no host"));
+        return Err(DestinationError::HostEmpty(host.to_owned()));
     }
     Ok((a.host().to_string(), a.port_u16().unwrap_or(default_port)))
 }
@@ -290,7 +303,7 @@ async fn proxy(
     let (mut parts, body) = req.into_parts();
     let (host, port) = match destination_of(&parts.uri, &parts.headers, false, dialed) {
         Ok(d) => d,
-        Err(e) => return own(reply(StatusCode::BAD_REQUEST, &e)),
+        Err(e) => return own(reply(StatusCode::BAD_REQUEST, &e.to_string())),
     };
     // Routing (VirtualService `uri`) and the destination see the path
     // normalized as the destination's policy will (Istio's
@@ -491,7 +504,7 @@ mod tests {
             ("/x", &h("echo"), true, Err("expected host:port")),
         ];
         for (u, headers, connect, want) in cases {
-            let got = destination_of(&uri(u), headers, *connect, None);
+            let got = destination_of(&uri(u), headers, *connect, None).map_err(|e| e.to_string());
             match (want, &got) {
                 (Ok((host, port)), Ok((h, p))) => {
                     assert_eq!((*host, *port), (h.as_str(), *p), "{u}")
@@ -514,6 +527,7 @@ mod tests {
         assert!(
             destination_of(&a, &none, true, None)
                 .unwrap_err()
+                .to_string()
                 .contains("names no port")
         );
     }

@@ -9,6 +9,56 @@ use super::*;
 /// Istio's name for traffic that leaves the mesh as it was.
 const PASSTHROUGH: &str = "PassthroughCluster";
 
+/// Why a connection or request passed through to a destination outside
+/// the mesh ended early or never went; its text is the access log's
+/// `reason` (and, for a request, the 502's).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum PassthroughError {
+    /// The outbound traffic policy lets nothing leave the mesh.
+    #[error("{to} is outside the mesh and the outbound traffic policy is registry-only")]
+    RegistryOnly { to: SocketAddr },
+    /// The original destination refused the connection.
+    #[error("passthrough to {to}: {source}")]
+    Connect {
+        to: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The original destination did not answer in time.
+    #[error("passthrough to {to}: connect timed out")]
+    ConnectTimeout { to: SocketAddr },
+    /// The relay ended early.
+    #[error(transparent)]
+    Relay(#[from] crate::RelayError),
+    /// An h2c request could not be sent (HTTP/2 set-up or the exchange).
+    #[error("passthrough to {to}: {why}")]
+    Http2 {
+        to: SocketAddr,
+        #[source]
+        why: H2Failure,
+    },
+    /// An HTTP/1.x request could not be sent.
+    #[error("passthrough to {to}: {source}")]
+    Http1 {
+        to: SocketAddr,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+}
+
+/// What failed on the way of a passed-through h2c request.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum H2Failure {
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error("{0}")]
+    Connect(#[source] std::io::Error),
+    #[error("{0}")]
+    Handshake(#[source] SendError),
+    #[error("{0}")]
+    Send(#[source] hyper::Error),
+}
+
 /// What a redirected connection turned out to carry.
 pub(super) enum Redirected {
     /// HTTP: routed.
@@ -76,9 +126,7 @@ pub(super) async fn passthrough_tcp(
     };
     let labels = source_labels(shared, &settled, None, PASSTHROUGH, "tcp", 0);
     let result = if shared.opts.outbound_policy == crate::OutboundPolicy::RegistryOnly {
-        Err(format!(
-            "{to} is outside the mesh and the outbound traffic policy is registry-only"
-        ))
+        Err(PassthroughError::RegistryOnly { to })
     } else {
         let upstream = match connected {
             Some(up) => Ok(Ok(up)),
@@ -88,22 +136,18 @@ pub(super) async fn passthrough_tcp(
             Ok(Ok(mut upstream)) => {
                 let _ = upstream.set_nodelay(true);
                 shared.metrics.tcp_opened.get_or_create(&labels).inc();
-                let copied = crate::relay_tcp(
-                    &mut client,
-                    &mut upstream,
-                    crate::TCP_IDLE_TIMEOUT,
-                    life.phase.clone(),
-                )
-                .await;
+                let copied =
+                    crate::relay_tcp(&mut client, &mut upstream, crate::TCP_IDLE_TIMEOUT, life)
+                        .await;
                 shared.metrics.tcp_closed.get_or_create(&labels).inc();
-                copied
+                copied.map_err(PassthroughError::from)
             }
-            Ok(Err(e)) => Err(format!("passthrough to {to}: {e}")),
-            Err(_) => Err(format!("passthrough to {to}: connect timed out")),
+            Ok(Err(source)) => Err(PassthroughError::Connect { to, source }),
+            Err(_) => Err(PassthroughError::ConnectTimeout { to }),
         }
     };
-    let reason = result.as_ref().err();
-    if let Some(why) = reason {
+    let reason = result.as_ref().err().map(ToString::to_string);
+    if let Some(why) = &reason {
         tracing::debug!(%to, error = %why, "passthrough connection ended");
     }
     metrics::log(&metrics::AccessLog {
@@ -120,7 +164,7 @@ pub(super) async fn passthrough_tcp(
         destination_cluster: "unknown",
         request_id: "",
         grpc_status: None,
-        reason: reason.map(String::as_str),
+        reason: reason.as_deref(),
     });
 }
 
@@ -152,17 +196,17 @@ pub(super) async fn passthrough_http(
         let sent = async {
             let tcp = tokio::time::timeout(DEFAULT_CONNECT_TIMEOUT, TcpStream::connect(to))
                 .await
-                .map_err(|_| "connect timed out".to_string())?
-                .map_err(|e| e.to_string())?;
+                .map_err(|_| H2Failure::ConnectTimeout)?
+                .map_err(H2Failure::Connect)?;
             let _ = tcp.set_nodelay(true);
             let mut sender = h2_handshake(tcp, &settled.upstream, None)
                 .await
-                .map_err(|e| e.to_string())?;
-            sender.send_request(req).await.map_err(|e| e.to_string())
+                .map_err(H2Failure::Handshake)?;
+            sender.send_request(req).await.map_err(H2Failure::Send)
         };
         return match sent.await {
             Ok(r) => r.map(ProxyBody::Stream),
-            Err(e) => fail(settled, format!("passthrough to {to}: {e}")),
+            Err(why) => fail(settled, PassthroughError::Http2 { to, why }.to_string()),
         };
     }
     // HTTP/1.x: origin form to the original destination, `Host` as the
@@ -178,6 +222,6 @@ pub(super) async fn passthrough_http(
     }
     match shared.pool.passthrough_http1().request(req).await {
         Ok(r) => r.map(ProxyBody::Stream),
-        Err(e) => fail(settled, format!("passthrough to {to}: {e}")),
+        Err(source) => fail(settled, PassthroughError::Http1 { to, source }.to_string()),
     }
 }

@@ -15,7 +15,7 @@ pub(super) async fn tunnel(
     let start = Instant::now();
     let (host, port) = match destination_of(req.uri(), req.headers(), true, None) {
         Ok(d) => d,
-        Err(e) => return reply(StatusCode::BAD_REQUEST, &e),
+        Err(e) => return reply(StatusCode::BAD_REQUEST, &e.to_string()),
     };
     let cfg = shared.config.borrow().clone();
     let Some(service) = cfg.lookup(&host, &shared.opts.workload.namespace).cloned() else {
@@ -28,12 +28,12 @@ pub(super) async fn tunnel(
         Ok(c) => c,
         Err((status, why)) => return reply(status, &why),
     };
-    let guard = life.active.guard();
+    let guard = life.guard();
     tokio::spawn(async move {
         let _guard = guard;
         let relayed = match hyper::upgrade::on(req).await {
             Ok(upgraded) => relay_mesh_tcp(TokioIo::new(upgraded), &mut conn, &life).await,
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(crate::RelayError::Handover(e)),
         };
         conn.finish(
             &shared,
@@ -242,20 +242,15 @@ async fn relay_mesh_tcp<C>(
     mut client: C,
     conn: &mut MeshTcp,
     life: &Life,
-) -> Result<(u64, u64), String>
+) -> Result<(u64, u64), crate::RelayError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let watched = conn.watched.take();
-    let relay = crate::relay_tcp(
-        &mut client,
-        &mut conn.upstream,
-        conn.idle,
-        life.phase.clone(),
-    );
-    Watched::run(watched, relay).await.unwrap_or_else(|| {
-        Err("closed: the upstream no longer verifies under the new trust".to_string())
-    })
+    let relay = crate::relay_tcp(&mut client, &mut conn.upstream, conn.idle, life);
+    Watched::run(watched, relay)
+        .await
+        .unwrap_or(Err(crate::RelayError::Untrusted("upstream")))
 }
 
 impl MeshTcp {
@@ -263,7 +258,7 @@ impl MeshTcp {
     fn finish(
         &self,
         shared: &Shared,
-        relayed: Result<(u64, u64), String>,
+        relayed: Result<(u64, u64), crate::RelayError>,
         method: &str,
         authority: &str,
         started: String,
@@ -271,7 +266,7 @@ impl MeshTcp {
     ) {
         shared.metrics.tcp_closed.get_or_create(&self.labels).inc();
         let (sent, received) = relayed.as_ref().map_or((0, 0), |(a, b)| (*a, *b));
-        let reason = relayed.err();
+        let reason = relayed.err().map(|e| e.to_string());
         metrics::log(&metrics::AccessLog {
             start_time: started,
             reporter: "source",

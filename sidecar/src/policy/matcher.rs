@@ -3,6 +3,15 @@
 use regex::Regex;
 use strait_model::istio::{StringMatch, StringMatchKind};
 
+/// A `regex` match that does not compile, quoting the author's expression.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{pattern:?} does not compile: {source}")]
+pub struct RegexError {
+    pattern: String,
+    #[source]
+    source: regex::Error,
+}
+
 /// A compiled Istio `StringMatch`.
 #[derive(Debug, Clone)]
 pub(crate) enum StringMatcher {
@@ -15,7 +24,7 @@ pub(crate) enum StringMatcher {
 impl StringMatcher {
     /// Compiles `m`; a regex must match the whole value (RE2 semantics, as
     /// Envoy's `safe_regex`).
-    pub(crate) fn compile(m: &StringMatch, ignore_case: bool) -> Result<StringMatcher, String> {
+    pub(crate) fn compile(m: &StringMatch, ignore_case: bool) -> Result<StringMatcher, RegexError> {
         let fold = |s: &str| {
             if ignore_case {
                 s.to_ascii_lowercase()
@@ -27,17 +36,19 @@ impl StringMatcher {
             StringMatchKind::Exact(s) => StringMatcher::Exact(fold(s)),
             StringMatchKind::Prefix(s) => StringMatcher::Prefix(fold(s)),
             StringMatchKind::Regex(r) => {
+                let refused = |source| RegexError {
+                    pattern: r.to_owned(),
+                    source,
+                };
                 // Compile the text as written first, so that an error
                 // quotes the author's expression.
-                Regex::new(r).map_err(|e| format!("{r:?} does not compile: {e}"))?;
+                Regex::new(r).map_err(refused)?;
                 let anchored = if ignore_case {
                     format!("(?i)^(?:{r})$")
                 } else {
                     format!("^(?:{r})$")
                 };
-                StringMatcher::Regex(
-                    Regex::new(&anchored).map_err(|e| format!("{r:?} does not compile: {e}"))?,
-                )
+                StringMatcher::Regex(Regex::new(&anchored).map_err(refused)?)
             }
             StringMatchKind::Any => StringMatcher::Any,
         })
@@ -207,7 +218,8 @@ mod tests {
             },
             false,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(err.starts_with("\"(\" does not compile"), "{err}");
     }
 }

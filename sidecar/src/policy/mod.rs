@@ -68,8 +68,9 @@ use strait_proto::strait::mesh::v1 as pb;
 
 pub use authz::Decision;
 pub use balancer::{Balancer, Outcome, PickError, endpoint_key};
+pub use matcher::RegexError;
 pub use mtls::MtlsMode;
-pub use route::{Destination, Fault, FaultAction, RetryPolicy, RouteDecision};
+pub use route::{Destination, Fault, FaultAction, MatchError, RetryPolicy, RouteDecision};
 pub use traffic::{LbAlgorithm, LocalityPolicy, OutlierPolicy, TrafficPolicy};
 
 /// Workload labels.
@@ -152,6 +153,30 @@ impl RouteError {
     }
 }
 
+/// Why a policy resource is refused: the reason in the NACK detail (and,
+/// for an AuthorizationPolicy kept failing closed, in its denials).
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The resource names no namespace.
+    #[error("namespace is empty")]
+    NoNamespace,
+    /// `spec_json` does not parse.
+    #[error("spec_json is not JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    /// The spec does not validate as its kind: each problem found.
+    #[error("{}", .0.join("; "))]
+    Invalid(Vec<String>),
+    /// A VirtualService match whose regex does not compile:
+    /// `spec.http[route].match[index]`.
+    #[error("spec.http[{route}].match[{index}].{source}")]
+    Match {
+        route: usize,
+        index: usize,
+        #[source]
+        source: MatchError,
+    },
+}
+
 /// The Istio policies in force, compiled for evaluation. Cheap to share
 /// (`Arc<Policies>`) and rebuilt whole when the policy set changes.
 #[derive(Debug, Default)]
@@ -190,6 +215,7 @@ impl Policies {
             match policies.add(p) {
                 Ok(()) => {}
                 Err(why) => {
+                    let why = why.to_string();
                     if p.kind == "AuthorizationPolicy" {
                         policies
                             .authorizations
@@ -202,13 +228,13 @@ impl Policies {
         (policies, errors)
     }
 
-    fn add(&mut self, p: &pb::Policy) -> Result<(), String> {
+    fn add(&mut self, p: &pb::Policy) -> Result<(), PolicyError> {
         if p.namespace.is_empty() {
-            return Err("namespace is empty".to_owned());
+            return Err(PolicyError::NoNamespace);
         }
-        let json: serde_json::Value = serde_json::from_str(&p.spec_json)
-            .map_err(|e| format!("spec_json is not JSON: {e}"))?;
-        let spec = istio::parse(&p.kind, &json).map_err(|errs| errs.join("; "))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&p.spec_json).map_err(PolicyError::NotJson)?;
+        let spec = istio::parse(&p.kind, &json).map_err(PolicyError::Invalid)?;
         match spec {
             IstioSpec::PeerAuthentication(pa) => self
                 .peer_authentications
@@ -230,7 +256,7 @@ impl Policies {
                         &p.namespace,
                         &p.name,
                         &dr,
-                    )?)
+                    ))
             }
             IstioSpec::Sidecar(_) => {}
         }
@@ -366,6 +392,27 @@ pub(crate) mod tests {
         assert!(
             errors[3].1.contains("spec.http[0].match[0].uri.regex"),
             "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn a_bad_regex_is_named_by_its_route_match_and_field() {
+        let vs = policy(
+            "VirtualService",
+            "bookinfo/headers",
+            serde_json::json!({"hosts": ["a"], "http": [
+                {"route": [{"destination": {"host": "a"}}]},
+                {"match": [{"uri": {"prefix": "/"}}, {"headers": {"x-user": {"regex": "(["}}}],
+                 "route": [{"destination": {"host": "a"}}]}]}),
+        );
+        let (_, errors) = Policies::from_resources(&[vs], "");
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let why = &errors[0].1;
+        assert!(
+            why.starts_with(
+                "spec.http[1].match[1].headers[\"x-user\"].regex: \"([\" does not compile: "
+            ),
+            "{why}"
         );
     }
 }

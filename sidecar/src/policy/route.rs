@@ -9,8 +9,8 @@ use strait_model::istio::virtual_service::{
     HttpMatchRequest, HttpRoute, HttpRouteDestination, VirtualService,
 };
 
-use super::matcher::{HostPattern, StringMatcher, qualify_host};
-use super::{Labels, RequestAttrs, RouteError, pick_best};
+use super::matcher::{HostPattern, RegexError, StringMatcher, qualify_host};
+use super::{Labels, PolicyError, RequestAttrs, RouteError, pick_best};
 
 /// One weighted destination of a route.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -227,11 +227,26 @@ fn duration(d: &Option<String>) -> Option<Duration> {
     d.as_deref().and_then(|d| parse_duration(d).ok())
 }
 
+/// A match condition whose regex does not compile: the field (`uri`,
+/// `headers["x-user"]`) and why.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{field}.regex: {source}")]
+pub struct MatchError {
+    field: String,
+    #[source]
+    source: RegexError,
+}
+
 impl CompiledMatch {
-    fn new(m: &HttpMatchRequest) -> Result<Self, String> {
+    fn new(m: &HttpMatchRequest) -> Result<Self, MatchError> {
         let compile = |m: &Option<strait_model::istio::StringMatch>, ci: bool, field: &str| {
             m.as_ref()
-                .map(|m| StringMatcher::compile(m, ci).map_err(|e| format!("{field}.regex: {e}")))
+                .map(|m| {
+                    StringMatcher::compile(m, ci).map_err(|source| MatchError {
+                        field: field.to_owned(),
+                        source,
+                    })
+                })
                 .transpose()
         };
         Ok(CompiledMatch {
@@ -243,11 +258,14 @@ impl CompiledMatch {
                 .headers
                 .iter()
                 .map(|(k, v)| {
-                    let matcher = StringMatcher::compile(v, false)
-                        .map_err(|e| format!("headers[{k:?}].regex: {e}"))?;
+                    let matcher =
+                        StringMatcher::compile(v, false).map_err(|source| MatchError {
+                            field: format!("headers[{k:?}]"),
+                            source,
+                        })?;
                     Ok((k.clone(), matcher))
                 })
-                .collect::<Result<_, String>>()?,
+                .collect::<Result<_, MatchError>>()?,
             port: m.port.and_then(|p| u16::try_from(p).ok()),
             source_labels: m.source_labels.clone(),
             source_namespace: m.source_namespace.clone(),
@@ -286,12 +304,20 @@ impl CompiledMatch {
 }
 
 impl CompiledRoute {
-    fn new(vs_id: &str, ns: &str, r: &HttpRoute) -> Result<Self, String> {
+    /// Compiles `r`, the `index`th of `spec.http` of VirtualService
+    /// `vs_id` in `ns`.
+    fn new(vs_id: &str, ns: &str, index: usize, r: &HttpRoute) -> Result<Self, PolicyError> {
         let matches = r
             .matches
             .iter()
             .enumerate()
-            .map(|(i, m)| CompiledMatch::new(m).map_err(|e| format!("spec.http[?].match[{i}].{e}")))
+            .map(|(i, m)| {
+                CompiledMatch::new(m).map_err(|source| PolicyError::Match {
+                    route: index,
+                    index: i,
+                    source,
+                })
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let retries = match &r.retries {
             None => RetryPolicy::default(),
@@ -330,16 +356,17 @@ impl CompiledRoute {
 }
 
 impl CompiledVirtualService {
-    pub(crate) fn new(namespace: &str, name: &str, vs: &VirtualService) -> Result<Self, String> {
+    pub(crate) fn new(
+        namespace: &str,
+        name: &str,
+        vs: &VirtualService,
+    ) -> Result<Self, PolicyError> {
         let id = format!("{namespace}/{name}");
         let http = vs
             .http
             .iter()
             .enumerate()
-            .map(|(i, r)| {
-                CompiledRoute::new(&id, namespace, r)
-                    .map_err(|e| e.replace("spec.http[?]", &format!("spec.http[{i}]")))
-            })
+            .map(|(i, r)| CompiledRoute::new(&id, namespace, i, r))
             .collect::<Result<Vec<_>, _>>()?;
         let tcp = vs.tcp.first().map(|t| RouteDecision {
             destinations: destinations(&t.route, namespace),

@@ -124,7 +124,7 @@ pub(crate) struct CompiledDestinationRule {
 }
 
 impl CompiledDestinationRule {
-    pub(crate) fn new(namespace: &str, name: &str, rule: &DestinationRule) -> Result<Self, String> {
+    pub(crate) fn new(namespace: &str, name: &str, rule: &DestinationRule) -> Self {
         let mut top = TrafficPolicy {
             destination_rule: Some(format!("{namespace}/{name}").into()),
             ..default_policy().as_ref().clone()
@@ -146,13 +146,13 @@ impl CompiledDestinationRule {
                 (s.name.clone(), Arc::new(policy))
             })
             .collect();
-        Ok(CompiledDestinationRule {
+        CompiledDestinationRule {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
             host: HostPattern::new(&rule.host, namespace),
             top: Arc::new(top),
             subsets,
-        })
+        }
     }
 }
 

@@ -317,7 +317,7 @@ impl WorkloadCa {
             )));
         }
         let username = status.user.and_then(|u| u.username).unwrap_or_default();
-        let (ns, sa) = service_account_of(&username).map_err(refused)?;
+        let (ns, sa) = service_account_of(&username).map_err(|e| refused(e.to_string()))?;
         SpiffeId::workload(&self.inner.trust_domain, ns, sa)
             .map_err(|e| refused(format!("{username}: {e}")))
     }
@@ -400,7 +400,7 @@ impl WorkloadCa {
             ));
         };
         let token = bearer_token(header)
-            .map_err(|m| Refusal::new(Code::Unauthenticated, "bad_token", m))?;
+            .map_err(|e| Refusal::new(Code::Unauthenticated, "bad_token", e.to_string()))?;
         let Some(tokens) = &self.inner.tokens else {
             return Err(Refusal::new(
                 Code::Unauthenticated,
@@ -537,13 +537,18 @@ impl IstioCertificateService for WorkloadCa {
 /// (Istio's: proxies mount a projected token for it).
 pub const KUBE_AUDIENCE: &str = "istio-ca";
 
+/// A TokenReview's username that names no service account.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("user {username:?} is not a service account (system:serviceaccount:<namespace>:<name>)")]
+pub struct NotServiceAccount {
+    pub username: String,
+}
+
 /// The namespace and service account of a TokenReview's username,
 /// `system:serviceaccount:<namespace>:<name>`.
-pub fn service_account_of(username: &str) -> Result<(&str, &str), String> {
-    let bad = || {
-        format!(
-            "user {username:?} is not a service account (system:serviceaccount:<namespace>:<name>)"
-        )
+pub fn service_account_of(username: &str) -> Result<(&str, &str), NotServiceAccount> {
+    let bad = || NotServiceAccount {
+        username: username.to_string(),
     };
     let rest = username
         .strip_prefix("system:serviceaccount:")
@@ -554,18 +559,25 @@ pub fn service_account_of(username: &str) -> Result<(&str, &str), String> {
     }
 }
 
+/// Why an `authorization` header carries no bearer token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BearerError {
+    #[error("the authorization header is not text")]
+    NotText(#[source] std::str::Utf8Error),
+    #[error("the authorization header must be `Bearer <workload token>`")]
+    Shape,
+    #[error("the authorization scheme must be Bearer, not {scheme:?}")]
+    Scheme { scheme: String },
+}
+
 /// The token of an `authorization: Bearer <token>` value.
-pub fn bearer_token(header: &[u8]) -> Result<&str, String> {
-    let value = std::str::from_utf8(header)
-        .map_err(|_| "the authorization header is not text".to_string())?;
-    let (scheme, token) = value
-        .trim()
-        .split_once(' ')
-        .ok_or_else(|| "the authorization header must be `Bearer <workload token>`".to_string())?;
+pub fn bearer_token(header: &[u8]) -> Result<&str, BearerError> {
+    let value = std::str::from_utf8(header).map_err(BearerError::NotText)?;
+    let (scheme, token) = value.trim().split_once(' ').ok_or(BearerError::Shape)?;
     if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err(format!(
-            "the authorization scheme must be Bearer, not {scheme:?}"
-        ));
+        return Err(BearerError::Scheme {
+            scheme: scheme.to_string(),
+        });
     }
     // `value` was trimmed, so what follows the space is not empty.
     Ok(token.trim_start())

@@ -84,7 +84,7 @@ fn service_accounts_of_token_review_users() {
         "system:serviceaccount:demo:client:extra",
         "system:node:worker-1",
     ] {
-        let e = service_account_of(bad).unwrap_err();
+        let e = service_account_of(bad).unwrap_err().to_string();
         assert!(e.contains(&format!("{bad:?}")), "{e}");
     }
 }
@@ -100,7 +100,7 @@ fn bearer_headers() {
         (b"Bearer \t", "Bearer <workload token>"),
         (&[0xff, 0x20, 0x41][..], "not text"),
     ] {
-        let err = bearer_token(bad).unwrap_err();
+        let err = bearer_token(bad).unwrap_err().to_string();
         assert!(err.contains(needle), "{bad:?}: {err}");
     }
 }

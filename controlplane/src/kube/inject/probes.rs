@@ -11,6 +11,63 @@ use strait_model::probe::{self, AppProbe, AppProbers, Grpc, Header, HttpGet, Tcp
 
 use super::HEALTH_PORT;
 
+/// Why an app probe cannot be rewritten: names the container and the
+/// probe's field.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("container {index} has no name")]
+    NoName { index: usize },
+    #[error("container {container}: {probe}.timeoutSeconds: {value} is not a number of seconds")]
+    Timeout {
+        container: String,
+        probe: &'static str,
+        value: Value,
+    },
+    #[error(
+        "container {container}: {probe}.httpGet.httpHeaders: {header} needs a name and a value"
+    )]
+    Header {
+        container: String,
+        probe: &'static str,
+        header: Value,
+    },
+    #[error("container {container}: {probe}.{field}: {source}")]
+    Port {
+        container: String,
+        probe: &'static str,
+        /// `httpGet.port`, `tcpSocket.port` or `grpc.port`.
+        field: &'static str,
+        #[source]
+        source: PortError,
+    },
+    #[error("container {container}: {probe}.grpc.service: {value} is not a string")]
+    GrpcService {
+        container: String,
+        probe: &'static str,
+        value: Value,
+    },
+    /// The sidecar could not run the probe.
+    #[error("container {container}: {probe}: {source}")]
+    Unrunnable {
+        container: String,
+        probe: &'static str,
+        #[source]
+        source: probe::ProbeError,
+    },
+}
+
+/// Why a probe's `port` names no port of its container.
+#[derive(Debug, thiserror::Error)]
+pub enum PortError {
+    #[error("{0} is not a port")]
+    NotAPort(Value),
+    #[error("{0:?} is neither a port of the container nor a number")]
+    UnknownName(String),
+    /// gRPC probes take no named port.
+    #[error("{0} is not a port number")]
+    NotANumber(Value),
+}
+
 /// The app containers' `httpGet` (HTTP and HTTPS), `tcpSocket` and `grpc` probes, rewritten
 /// to `httpGet` of the sidecar's health port at
 /// `/app-health/<container>/<livez|readyz|startupz>` (JSON Patch
@@ -18,13 +75,11 @@ use super::HEALTH_PORT;
 /// that do not go through the inbound redirect, or that the sidecar cannot
 /// run, stay as they are: `exec` probes and ones aimed at another
 /// `host`.
-pub(super) fn rewritten(containers: &[Value]) -> Result<(Vec<Value>, AppProbers), String> {
+pub(super) fn rewritten(containers: &[Value]) -> Result<(Vec<Value>, AppProbers), ProbeError> {
     let mut ops = Vec::new();
     let mut probers = AppProbers::default();
     for (i, c) in containers.iter().enumerate() {
-        let name = c["name"]
-            .as_str()
-            .ok_or_else(|| format!("container {i} has no name"))?;
+        let name = c["name"].as_str().ok_or(ProbeError::NoName { index: i })?;
         for (field, kind) in [
             ("livenessProbe", "livez"),
             ("readinessProbe", "readyz"),
@@ -33,99 +88,17 @@ pub(super) fn rewritten(containers: &[Value]) -> Result<(Vec<Value>, AppProbers)
             let Some(spec) = c[field].as_object() else {
                 continue;
             };
-            let at = |what: &str| format!("container {name}: {field}.{what}");
-            let timeout_seconds = match &spec.get("timeoutSeconds") {
-                None => 1,
-                Some(t) => t
-                    .as_u64()
-                    .and_then(|t| u32::try_from(t).ok())
-                    .ok_or_else(|| {
-                        format!("{}: {t} is not a number of seconds", at("timeoutSeconds"))
-                    })?
-                    .clamp(1, probe::MAX_TIMEOUT_SECONDS),
-            };
-            let original = if let Some(get) = spec.get("httpGet") {
-                let scheme = get["scheme"].as_str().unwrap_or("HTTP");
-                let https = scheme.eq_ignore_ascii_case("HTTPS");
-                if !(https || scheme.eq_ignore_ascii_case("HTTP"))
-                    || get["host"].as_str().is_some_and(|h| !h.is_empty())
-                {
-                    continue;
-                }
-                let path = get["path"].as_str().unwrap_or_default();
-                let mut http_headers = Vec::new();
-                for h in get["httpHeaders"].as_array().into_iter().flatten() {
-                    let (Some(name), Some(value)) = (h["name"].as_str(), h["value"].as_str())
-                    else {
-                        return Err(format!(
-                            "{}: {h} needs a name and a value",
-                            at("httpGet.httpHeaders")
-                        ));
-                    };
-                    http_headers.push(Header {
-                        name: name.into(),
-                        value: value.into(),
-                    });
-                }
-                AppProbe {
-                    http_get: Some(HttpGet {
-                        // The kubelet asks for "/" when the path is empty.
-                        path: if path.starts_with('/') {
-                            path.into()
-                        } else {
-                            format!("/{path}")
-                        },
-                        port: container_port(c, &get["port"])
-                            .map_err(|e| format!("{}: {e}", at("httpGet.port")))?,
-                        scheme: https.then(|| "HTTPS".to_string()),
-                        http_headers,
-                    }),
-                    tcp_socket: None,
-                    grpc: None,
-                    timeout_seconds,
-                }
-            } else if let Some(tcp) = spec.get("tcpSocket") {
-                if tcp["host"].as_str().is_some_and(|h| !h.is_empty()) {
-                    continue;
-                }
-                AppProbe {
-                    http_get: None,
-                    tcp_socket: Some(TcpSocket {
-                        port: container_port(c, &tcp["port"])
-                            .map_err(|e| format!("{}: {e}", at("tcpSocket.port")))?,
-                    }),
-                    grpc: None,
-                    timeout_seconds,
-                }
-            } else if let Some(grpc) = spec.get("grpc") {
-                let service = match &grpc["service"] {
-                    Value::Null => None,
-                    Value::String(s) => Some(s.clone()),
-                    other => {
-                        return Err(format!("{}: {other} is not a string", at("grpc.service")));
-                    }
-                };
-                AppProbe {
-                    http_get: None,
-                    tcp_socket: None,
-                    grpc: Some(Grpc {
-                        // A number only: gRPC probes take no named port.
-                        port: match &grpc["port"] {
-                            Value::Number(_) => container_port(c, &grpc["port"]),
-                            other => Err(format!("{other} is not a port number")),
-                        }
-                        .map_err(|e| format!("{}: {e}", at("grpc.port")))?,
-                        service,
-                    }),
-                    timeout_seconds,
-                }
-            } else {
+            let Some(original) = original(c, name, field, spec)? else {
                 continue;
             };
             let path = probe::path_for(name, kind);
             probers
                 .insert(path.clone(), original)
-                .map_err(|e| format!("container {name}: {field}: {e}"))?;
+                .map_err(|source| ProbeError::Unrunnable {
+                    container: name.to_string(),
+                    probe: field,
+                    source,
+                })?;
             let mut rewritten = spec.clone();
             rewritten.remove("tcpSocket");
             rewritten.remove("grpc");
@@ -143,15 +116,127 @@ pub(super) fn rewritten(containers: &[Value]) -> Result<(Vec<Value>, AppProbers)
     Ok((ops, probers))
 }
 
+/// The probe `field` (`spec`) of container `c` (named `name`) as the
+/// sidecar runs it, or `None` when it stays as it is (an `exec` probe, one
+/// aimed at another `host`).
+fn original(
+    c: &Value,
+    name: &str,
+    field: &'static str,
+    spec: &serde_json::Map<String, Value>,
+) -> Result<Option<AppProbe>, ProbeError> {
+    let port_error = |at: &'static str| {
+        move |source: PortError| ProbeError::Port {
+            container: name.to_string(),
+            probe: field,
+            field: at,
+            source,
+        }
+    };
+    let timeout_seconds = match &spec.get("timeoutSeconds") {
+        None => 1,
+        Some(t) => t
+            .as_u64()
+            .and_then(|t| u32::try_from(t).ok())
+            .ok_or_else(|| ProbeError::Timeout {
+                container: name.to_string(),
+                probe: field,
+                value: (*t).clone(),
+            })?
+            .clamp(1, probe::MAX_TIMEOUT_SECONDS),
+    };
+    let original = if let Some(get) = spec.get("httpGet") {
+        let scheme = get["scheme"].as_str().unwrap_or("HTTP");
+        let https = scheme.eq_ignore_ascii_case("HTTPS");
+        if !(https || scheme.eq_ignore_ascii_case("HTTP"))
+            || get["host"].as_str().is_some_and(|h| !h.is_empty())
+        {
+            return Ok(None);
+        }
+        let path = get["path"].as_str().unwrap_or_default();
+        let mut http_headers = Vec::new();
+        for h in get["httpHeaders"].as_array().into_iter().flatten() {
+            let (Some(name), Some(value)) = (h["name"].as_str(), h["value"].as_str()) else {
+                return Err(ProbeError::Header {
+                    container: name.to_string(),
+                    probe: field,
+                    header: h.clone(),
+                });
+            };
+            http_headers.push(Header {
+                name: name.into(),
+                value: value.into(),
+            });
+        }
+        AppProbe {
+            http_get: Some(HttpGet {
+                // The kubelet asks for "/" when the path is empty.
+                path: if path.starts_with('/') {
+                    path.into()
+                } else {
+                    format!("/{path}")
+                },
+                port: container_port(c, &get["port"]).map_err(port_error("httpGet.port"))?,
+                scheme: https.then(|| "HTTPS".to_string()),
+                http_headers,
+            }),
+            tcp_socket: None,
+            grpc: None,
+            timeout_seconds,
+        }
+    } else if let Some(tcp) = spec.get("tcpSocket") {
+        if tcp["host"].as_str().is_some_and(|h| !h.is_empty()) {
+            return Ok(None);
+        }
+        AppProbe {
+            http_get: None,
+            tcp_socket: Some(TcpSocket {
+                port: container_port(c, &tcp["port"]).map_err(port_error("tcpSocket.port"))?,
+            }),
+            grpc: None,
+            timeout_seconds,
+        }
+    } else if let Some(grpc) = spec.get("grpc") {
+        let service = match &grpc["service"] {
+            Value::Null => None,
+            Value::String(s) => Some(s.clone()),
+            other => {
+                return Err(ProbeError::GrpcService {
+                    container: name.to_string(),
+                    probe: field,
+                    value: other.clone(),
+                });
+            }
+        };
+        AppProbe {
+            http_get: None,
+            tcp_socket: None,
+            grpc: Some(Grpc {
+                // A number only: gRPC probes take no named port.
+                port: match &grpc["port"] {
+                    Value::Number(_) => container_port(c, &grpc["port"]),
+                    other => Err(PortError::NotANumber(other.clone())),
+                }
+                .map_err(port_error("grpc.port"))?,
+                service,
+            }),
+            timeout_seconds,
+        }
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(original))
+}
+
 /// A probe's port: a number, or the name of one of the container's ports
 /// (then, as the kubelet, a number written as a string).
-fn container_port(container: &Value, port: &Value) -> Result<u16, String> {
+fn container_port(container: &Value, port: &Value) -> Result<u16, PortError> {
     let number = |n: u64| u16::try_from(n).ok().filter(|n| *n != 0);
     match port {
         Value::Number(n) => n
             .as_u64()
             .and_then(number)
-            .ok_or_else(|| format!("{n} is not a port")),
+            .ok_or_else(|| PortError::NotAPort(port.clone())),
         Value::String(name) => container["ports"]
             .as_array()
             .into_iter()
@@ -160,8 +245,8 @@ fn container_port(container: &Value, port: &Value) -> Result<u16, String> {
             .and_then(|p| p["containerPort"].as_u64())
             .and_then(number)
             .or_else(|| name.parse().ok().and_then(number))
-            .ok_or_else(|| format!("{name:?} is neither a port of the container nor a number")),
-        other => Err(format!("{other} is not a port")),
+            .ok_or_else(|| PortError::UnknownName(name.clone())),
+        other => Err(PortError::NotAPort(other.clone())),
     }
 }
 
@@ -378,7 +463,7 @@ mod tests {
                 "metadata": {"annotations": {INTERCEPTION_ANNOTATION: "transparent"}},
                 "spec": {"containers": [{"name": "web", "livenessProbe": probe}]},
             });
-            let err = patch_for(&p, &cfg()).unwrap_err();
+            let err = patch_for(&p, &cfg()).unwrap_err().to_string();
             assert!(err.contains(want), "{probe}: {err:?} should say {want:?}");
         }
         let p = json!({
@@ -386,7 +471,7 @@ mod tests {
             "spec": {"containers": [{"name": "web"}]},
         });
         assert_eq!(
-            patch_for(&p, &cfg()).unwrap_err(),
+            patch_for(&p, &cfg()).unwrap_err().to_string(),
             "annotation sidecar.strait.io/rewriteAppHTTPProbers: \"no\" is neither \"true\" nor \"false\""
         );
     }

@@ -10,30 +10,29 @@
 //! `pathNormalization`, [`strait_model::request_path`]) before policy sees
 //! it, and the app gets the normalized path; a path that cannot be
 //! normalized (`%00`) is answered 400 and goes no further.
+//!
+//! This module has the listener and the connections (TLS, the peer's
+//! verification, plaintext detection, TCP); `request` has what one HTTP
+//! request goes through on its way to the app.
+
+mod request;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use strait_ca::tls::{Accept, SpiffeClientVerifier};
-use strait_model::request_path::normalize;
 use strait_model::sni::IstioSni;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::config::MeshConfig;
 use crate::identity::Identity;
 use crate::metrics::{self, RequestLabels};
 use crate::policy::{Decision, MtlsMode, RequestAttrs};
-use crate::{Counted, Life, Observed, Phase, ProxyBody, Shared, Tracker};
-use tracing::Instrument;
+use crate::{Life, Shared};
+use request::{App, Apps, request};
 
 /// How long a client may take to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -55,66 +54,6 @@ fn server_config(shared: &Shared, id: &Identity) -> Option<Arc<rustls::ServerCon
     .ok()
 }
 
-/// The request body as it goes on to the app: streamed, counted.
-type AppBody = Counted<Incoming>;
-
-/// The app's pooled clients: HTTP/1.1, and HTTP/2 with prior knowledge
-/// (h2c) for requests whose client spoke HTTP/2 (see
-/// [`crate::ORIG_PROTO_HEADER`]).
-#[derive(Clone)]
-pub(crate) struct App {
-    http1: crate::app::AppHttp1<AppBody>,
-    http2: Client<Dial, AppBody>,
-    /// `<ip>:<port>` of the app, formatted once (for every request's URI
-    /// and access log line).
-    address: Arc<str>,
-    socket: SocketAddr,
-}
-
-impl App {
-    fn new(app: SocketAddr) -> App {
-        let mut http2 = Client::builder(TokioExecutor::new());
-        http2
-            .timer(hyper_util::rt::TokioTimer::new())
-            .http2_only(true);
-        App {
-            http1: crate::app::AppHttp1::new(app),
-            http2: http2.build(Dial(app)),
-            address: app.to_string().into(),
-            socket: app,
-        }
-    }
-}
-
-/// The app's clients by workload port: `--app`, and `--app`'s host on
-/// each of `--app-ports` (a pod that serves more than one port).
-#[derive(Clone)]
-pub(crate) struct Apps {
-    main: App,
-    others: Arc<std::collections::HashMap<u16, App>>,
-}
-
-impl Apps {
-    fn new(opts: &crate::Options) -> Apps {
-        let others = opts
-            .app_ports
-            .iter()
-            .filter(|&&p| p != opts.app.port())
-            .map(|&p| (p, App::new(SocketAddr::new(opts.app.ip(), p))))
-            .collect();
-        Apps {
-            main: App::new(opts.app),
-            others: Arc::new(others),
-        }
-    }
-
-    /// The app serving workload port `port`: its own listener when it is
-    /// one of `--app-ports`, else `--app`.
-    fn get(&self, port: u16) -> &App {
-        self.others.get(&port).unwrap_or(&self.main)
-    }
-}
-
 /// The workload port an mTLS connection is for: the target port of the
 /// service port its SNI names (Istio's authorization `ports` and
 /// port-level mTLS speak of workload ports), the SNI's port itself when
@@ -122,36 +61,6 @@ impl Apps {
 fn workload_port(cfg: &MeshConfig, sni: Option<IstioSni<'_>>) -> Option<u16> {
     let sni = sni?;
     Some(cfg.target_port(sni.host, sni.port).unwrap_or(sni.port))
-}
-
-/// Connects to the app whatever the request's URI names, so that an
-/// HTTP/2 request keeps its `:authority` (the service name the client
-/// used, as Envoy's inbound keeps it).
-#[derive(Clone, Copy)]
-pub(crate) struct Dial(SocketAddr);
-
-impl tower::Service<http::Uri> for Dial {
-    type Response = TokioIo<TcpStream>;
-    type Error = std::io::Error;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = std::io::Result<TokioIo<TcpStream>>> + Send>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: http::Uri) -> Self::Future {
-        let addr = self.0;
-        Box::pin(async move {
-            let tcp = TcpStream::connect(addr).await?;
-            let _ = tcp.set_nodelay(true);
-            Ok(TokioIo::new(tcp))
-        })
-    }
 }
 
 /// Who is calling, as far as the connection tells.
@@ -169,13 +78,8 @@ struct Peer {
     xfcc: Option<http::HeaderValue>,
 }
 
-/// Accepts until `stop`.
-pub(crate) async fn serve(
-    shared: Arc<Shared>,
-    listener: tokio::net::TcpListener,
-    mut stop: watch::Receiver<Phase>,
-    active: Tracker,
-) {
+/// Accepts until the drain starts.
+pub(crate) async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener, drain: Life) {
     let apps = Apps::new(&shared.opts);
     // The config of the newest identity; holding the identity keeps the
     // comparison by pointer sound.
@@ -184,7 +88,7 @@ pub(crate) async fn serve(
     loop {
         let (tcp, addr) = tokio::select! {
             c = listener.accept() => c,
-            _ = stop.changed() => return,
+            () = drain.draining() => return,
         };
         let _ = tcp.set_nodelay(true);
         // One TLS config per identity version.
@@ -203,11 +107,8 @@ pub(crate) async fn serve(
         };
         let shared = shared.clone();
         let apps = apps.clone();
-        let guard = active.guard();
-        let life = Life {
-            active: active.clone(),
-            phase: stop.clone(),
-        };
+        let guard = drain.guard();
+        let life = drain.clone();
         tokio::spawn(async move {
             let _guard = guard;
             handle(shared, apps, tls, tcp, addr, life)
@@ -228,6 +129,8 @@ fn looks_like_tls(first: u8) -> bool {
     first == 0x16
 }
 
+/// Serves one accepted connection: plaintext (HTTP or TCP, unless STRICT)
+/// or mTLS, by what its first byte says.
 async fn handle(
     shared: Arc<Shared>,
     apps: Apps,
@@ -237,13 +140,14 @@ async fn handle(
     life: Life,
 ) {
     let cfg = shared.config.borrow().clone();
-    let ns = shared.opts.workload.namespace.clone();
     // Redirected here (transparent inbound capture): the port the caller
     // dialed is the workload port.
     let dialed = crate::transparent::redirected_to(&tcp).map(|a| a.port());
     let app_port = dialed.unwrap_or(shared.opts.app.port());
     let app = apps.get(app_port);
-    let mode = cfg.policies.mtls_mode(&ns, &cfg.my_labels, app_port);
+    let mode = cfg
+        .policies
+        .mtls_mode(&shared.opts.workload.namespace, &cfg.my_labels, app_port);
     let first = match first_move(&tcp, mode, app.socket).await {
         Some(f) => f,
         None => return,
@@ -263,7 +167,7 @@ async fn handle(
                 plain,
                 app_port,
                 app.socket,
-                life.phase,
+                life.clone(),
                 Some(app_conn),
                 None,
             )
@@ -292,7 +196,14 @@ async fn handle(
             .await;
         } else {
             serve_tcp(
-                shared, tcp, plain, app_port, app.socket, life.phase, None, None,
+                shared,
+                tcp,
+                plain,
+                app_port,
+                app.socket,
+                life.clone(),
+                None,
+                None,
             )
             .await;
         }
@@ -302,24 +213,78 @@ async fn handle(
         tracing::info!(%addr, "no workload certificate yet: TLS connection refused");
         return;
     };
+    let Some(Accepted {
+        stream,
+        peer,
+        port,
+        tcp_mode,
+        watched,
+    }) = accept_mtls(&shared, &cfg, tls, tcp, addr, app_port).await
+    else {
+        return;
+    };
+    let app = apps.get(port);
+    if tcp_mode {
+        serve_tcp(
+            shared,
+            stream,
+            peer,
+            port,
+            app.socket,
+            life.clone(),
+            None,
+            watched,
+        )
+        .await;
+    } else {
+        let served = serve_http(shared, app.clone(), TokioIo::new(stream), peer, port, life);
+        crate::live::Watched::run(watched, served).await;
+    }
+}
+
+/// An mTLS connection the inbound accepted, and what it is for.
+struct Accepted {
+    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    /// The verified caller.
+    peer: Peer,
+    /// The workload port (from the SNI; else the one dialed).
+    port: u16,
+    /// ALPN `istio`: TCP, not HTTP.
+    tcp_mode: bool,
+    /// What ends the connection when the peer stops verifying.
+    watched: Option<crate::live::Watched>,
+}
+
+/// The TLS handshake of a connection whose workload port is `app_port`
+/// unless its SNI says otherwise, and its peer's certificate verified
+/// (`x-forwarded-client-cert` made for it); `None` (logged): the
+/// handshake failed or timed out, the certificate does not verify, or the
+/// port's PeerAuthentication is STRICT and the peer presented none.
+async fn accept_mtls(
+    shared: &Shared,
+    cfg: &MeshConfig,
+    tls: Arc<rustls::ServerConfig>,
+    tcp: TcpStream,
+    addr: SocketAddr,
+    app_port: u16,
+) -> Option<Accepted> {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::info!(%addr, error = %e, "inbound TLS handshake refused");
-            return;
+            return None;
         }
         Err(_) => {
             tracing::info!(%addr, "inbound TLS handshake timed out");
-            return;
+            return None;
         }
     };
     let (_, conn) = stream.get_ref();
     let sni = conn
         .server_name()
         .and_then(|n| strait_model::sni::parse(n).ok());
-    let port = workload_port(&cfg, sni).unwrap_or(app_port);
-    let app = apps.get(port);
+    let port = workload_port(cfg, sni).unwrap_or(app_port);
     let service = sni.map(|s| s.host.to_string());
     let tcp_mode = conn.alpn_protocol() == Some(b"istio".as_slice());
     let certs = conn
@@ -354,14 +319,16 @@ async fn handle(
             }
             Err(e) => {
                 tracing::info!(%addr, error = %e, "peer certificate refused");
-                return;
+                return None;
             }
         }
     }
-    let mode = cfg.policies.mtls_mode(&ns, &cfg.my_labels, port);
+    let mode = cfg
+        .policies
+        .mtls_mode(&shared.opts.workload.namespace, &cfg.my_labels, port);
     if mode == MtlsMode::Strict && peer.identity.is_none() {
         tracing::info!(%addr, "STRICT mTLS: a connection without a client certificate refused");
-        return;
+        return None;
     }
     let watched = Some(crate::live::Watched::new(
         &shared.metrics,
@@ -369,15 +336,13 @@ async fn handle(
         watch,
         chain,
     ));
-    if tcp_mode {
-        serve_tcp(
-            shared, stream, peer, port, app.socket, life.phase, None, watched,
-        )
-        .await;
-    } else {
-        let served = serve_http(shared, app.clone(), TokioIo::new(stream), peer, port, life);
-        crate::live::Watched::run(watched, served).await;
-    }
+    Some(Accepted {
+        stream,
+        peer,
+        port,
+        tcp_mode,
+        watched,
+    })
 }
 
 /// The namespace in a SPIFFE ID of Istio's form (`.../ns/<ns>/sa/<sa>`).
@@ -458,7 +423,7 @@ async fn serve_tcp<S>(
     peer: Peer,
     port: u16,
     app: SocketAddr,
-    phase: watch::Receiver<Phase>,
+    life: Life,
     connected: Option<TcpStream>,
     watched: Option<crate::live::Watched>,
 ) where
@@ -499,12 +464,12 @@ async fn serve_tcp<S>(
         }
     };
     shared.metrics.tcp_opened.get_or_create(&labels).inc();
-    let relay = crate::relay_tcp(&mut stream, &mut conn, crate::TCP_IDLE_TIMEOUT, phase);
+    let relay = crate::relay_tcp(&mut stream, &mut conn, crate::TCP_IDLE_TIMEOUT, &life);
     let copied = crate::live::Watched::run(watched, relay)
         .await
-        .unwrap_or_else(|| Err("closed: the peer no longer verifies under the new trust".into()));
+        .unwrap_or(Err(crate::RelayError::Untrusted("peer")));
     shared.metrics.tcp_closed.get_or_create(&labels).inc();
-    let reason = copied.as_ref().err();
+    let reason = copied.as_ref().err().map(ToString::to_string);
     metrics::log(&metrics::AccessLog {
         start_time: started,
         reporter: "destination",
@@ -519,7 +484,7 @@ async fn serve_tcp<S>(
         destination_cluster: &labels.destination_cluster,
         request_id: "",
         grpc_status: None,
-        reason: reason.map(String::as_str),
+        reason: reason.as_deref(),
     });
 }
 
@@ -585,7 +550,7 @@ where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let peer = Arc::new(peer);
-    let phase = life.phase.clone();
+    let phase = life.clone();
     let svc = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         let app = app.clone();
@@ -604,206 +569,12 @@ where
     // Upgrades: a WebSocket handshake the app accepts switches the
     // connection over to it.
     let conn = builder.serve_connection_with_upgrades(io, svc);
-    crate::drive(conn, |c| c.graceful_shutdown(), phase).await;
-}
-
-fn plain(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain"),
-    );
-    r
+    phase.drive(conn, |c| c.graceful_shutdown()).await;
 }
 
 /// The `x-forwarded-client-cert` value for a verified peer (Envoy's format).
 pub fn xfcc(own_id: &str, hash: &str, peer_id: &str) -> String {
     format!("By={own_id};Hash={hash};URI={peer_id}")
-}
-
-async fn request(
-    shared: Arc<Shared>,
-    app: App,
-    peer: Arc<Peer>,
-    port: u16,
-    req: Request<Incoming>,
-    life: Life,
-) -> Response<Observed<ProxyBody>> {
-    let own = |r: Response<Full<Bytes>>| r.map(|b| Observed::plain(ProxyBody::Own(b)));
-    let start = Instant::now();
-    let started = metrics::now_rfc3339();
-    let cfg = shared.config.borrow().clone();
-    let ns = shared.opts.workload.namespace.clone();
-    let app_address = app.address.clone();
-    let (mut parts, body) = req.into_parts();
-    let raw_path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    // Policy and the app see the path normalized (Istio's
-    // pathNormalization); one that cannot be is answered 400, as Envoy does.
-    let (path, bad_path) = match normalize(raw_path, cfg.path_normalization) {
-        Ok(p) => (p.into_owned(), None),
-        Err(e) => (raw_path.to_string(), Some(e)),
-    };
-    let method = parts.method.as_str().to_string();
-    let authority = parts
-        .headers
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
-        .unwrap_or_default();
-    let peer_ns = peer.identity.as_deref().and_then(namespace_of);
-    let attrs = RequestAttrs {
-        method: Some(&method),
-        path: Some(&path),
-        host: Some(&authority),
-        port,
-        headers: Some(&parts.headers),
-        peer_identity: peer.identity.as_deref(),
-        source_ip: peer.addr.map(|a| a.ip()),
-        source_namespace: peer_ns,
-        source_labels: None,
-    };
-    // `Err`: the path is refused before any policy.
-    let decision = match bad_path {
-        None => Ok(cfg.policies.authorize(&ns, &cfg.my_labels, &attrs)),
-        Some(e) => Err(e.to_string()),
-    };
-    let protocol = metrics::http_protocol(&parts.headers);
-    let claimed = Claimed::from(Some(&parts.headers));
-    let rid = parts
-        .headers
-        .get(crate::names::REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    // The body streams to the app (no retries here to keep it for).
-    let req_bytes = Arc::new(AtomicU64::new(0));
-    let body = Counted::new(body, req_bytes.clone());
-    let (resp, reason) = match decision {
-        Err(why) => {
-            tracing::debug!(reason = %why, peer = ?peer.identity, "request refused");
-            (
-                plain(StatusCode::BAD_REQUEST, "invalid request path\n").map(ProxyBody::Own),
-                Some(why),
-            )
-        }
-        Ok(Decision::Deny { policy, reason }) => {
-            tracing::debug!(%policy, %reason, peer = ?peer.identity, "request denied");
-            (
-                plain(StatusCode::FORBIDDEN, "RBAC: access denied").map(ProxyBody::Own),
-                Some(format!("denied by {policy}: {reason}")),
-            )
-        }
-        Ok(Decision::Allow { .. }) => {
-            // What the app learns about the caller is what was verified
-            // here, never what the caller claimed.
-            parts.headers.remove(crate::names::XFCC);
-            parts.headers.remove(crate::names::SOURCE_CLUSTER);
-            parts.headers.remove(crate::names::SOURCE_WORKLOAD);
-            if let Some(v) = &peer.xfcc {
-                parts.headers.insert(crate::names::XFCC, v.clone());
-            }
-            // A protocol switch (WebSocket): the caller's side of it.
-            let client_side = crate::upgrade_of(parts.version, &parts.headers)
-                .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
-            // The app gets the HTTP version its client spoke.
-            let orig_proto = parts.headers.remove(crate::names::ORIG_PROTO);
-            let http2 = parts.version == http::Version::HTTP_2 && orig_proto.is_none();
-            let sent = if http2 {
-                // `:authority` stays what the client asked for; [`Dial`]
-                // connects to the app whatever it says.
-                let uri = format!("http://{authority}{path}");
-                match uri.parse() {
-                    Ok(u) => parts.uri = u,
-                    Err(_) => {
-                        return own(plain(
-                            StatusCode::BAD_REQUEST,
-                            "bad request authority or path\n",
-                        ));
-                    }
-                }
-                parts.headers.remove(http::header::HOST);
-                app.http2
-                    .request(Request::from_parts(parts, body))
-                    .await
-                    .map_err(|e| e.to_string())
-            } else {
-                // Origin form, as HTTP/1.1 sends it to a server.
-                match http::Uri::try_from(path.as_str()) {
-                    Ok(u) => parts.uri = u,
-                    Err(_) => return own(plain(StatusCode::BAD_REQUEST, "bad request path\n")),
-                }
-                parts.version = http::Version::HTTP_11;
-                // HTTP/2 carries the host in `:authority`; the app gets it as Host.
-                if !parts.headers.contains_key(http::header::HOST)
-                    && let Ok(v) = authority.parse()
-                {
-                    parts.headers.insert(http::header::HOST, v);
-                }
-                app.http1.request(Request::from_parts(parts, body)).await
-            };
-            match sent {
-                Ok(mut r) => {
-                    if r.status() == StatusCode::SWITCHING_PROTOCOLS
-                        && let Some(client_side) = client_side
-                    {
-                        let app_side = hyper::upgrade::on(&mut r);
-                        crate::splice_upgraded(
-                            client_side,
-                            app_side,
-                            life,
-                            |r| tracing::debug!(result = ?r, "switched protocol to the app ended"),
-                        );
-                    }
-                    // The app's response streams through.
-                    (r.map(ProxyBody::Stream), None)
-                }
-                Err(e) => (
-                    plain(StatusCode::SERVICE_UNAVAILABLE, "the app is unreachable\n")
-                        .map(ProxyBody::Own),
-                    Some(format!("app {}: {e}", app.address)),
-                ),
-            }
-        }
-    };
-    let code = resp.status().as_u16();
-    // Metrics and the access log once the response has gone through (it
-    // may stream): its size, gRPC status and the whole duration are known
-    // then. The labels are made then too, off the response's path.
-    let (head, body) = resp.into_parts();
-    let body = Observed::new(body, &head.headers, move |end| {
-        let millis = start.elapsed().as_secs_f64() * 1000.0;
-        let mut labels = destination_labels(&shared, &peer, claimed, protocol, code);
-        labels.destination_service = peer.service.clone().unwrap_or_else(|| {
-            authority
-                .rsplit_once(':')
-                .map_or(authority.as_str(), |(h, _)| h)
-                .to_string()
-        });
-        let req_len = req_bytes.load(Ordering::Relaxed);
-        let grpc = end.grpc_status.as_deref();
-        let labels = &shared
-            .metrics
-            .request_ended(labels, grpc, millis, req_len, end.bytes);
-        metrics::log(&metrics::AccessLog {
-            start_time: started,
-            reporter: "destination",
-            method: &method,
-            path: &path,
-            authority: &authority,
-            response_code: code,
-            duration_ms: millis,
-            upstream_host: &app_address,
-            peer_identity: peer.identity.as_deref(),
-            source_cluster: &labels.source_cluster,
-            destination_cluster: &labels.destination_cluster,
-            request_id: &rid,
-            grpc_status: grpc,
-            reason: reason.as_deref(),
-        });
-    });
-    Response::from_parts(head, body)
 }
 
 #[cfg(test)]
