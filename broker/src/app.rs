@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use strait_runtime::tls::ServingCert;
 
 use prometheus_client::registry::Registry;
 use strait_ca::authority::{self, Authority, KeyAlgorithm, RootOptions};
@@ -222,34 +223,6 @@ fn ensure_admin_credentials(
     Ok(dir)
 }
 
-/// The broker's serving certificate, swapped when the signing root changes.
-#[derive(Debug, Default)]
-struct ServingCert(std::sync::RwLock<Option<Arc<rustls::sign::CertifiedKey>>>);
-
-/// The same identity, presented as a client to peer brokers.
-impl rustls::client::ResolvesClientCert for ServingCert {
-    fn resolve(
-        &self,
-        _: &[&[u8]],
-        _: &[rustls::SignatureScheme],
-    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    fn has_certs(&self) -> bool {
-        true
-    }
-}
-
-impl rustls::server::ResolvesServerCert for ServingCert {
-    fn resolve(
-        &self,
-        _: rustls::server::ClientHello<'_>,
-    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}
-
 /// Issues the broker's serving certificate and the admin credentials from
 /// the signing root, when they are missing or chain to another root.
 fn refresh_own_certificates(
@@ -258,11 +231,7 @@ fn refresh_own_certificates(
     data_dir: &Path,
 ) -> Result<(), AppError> {
     let signer = state.signer();
-    let missing = serving
-        .0
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .is_none();
+    let missing = serving.current().is_none();
     if missing || state.serving_root() != signer.root_der() {
         let broker_id = crate::client::broker_id(&state.trust_domain)?;
         let (chain, key, _) = issue_from_root(
@@ -275,8 +244,7 @@ fn refresh_own_certificates(
         let key = strait_ca::tls::provider()
             .key_provider
             .load_private_key(key)?;
-        *serving.0.write().unwrap_or_else(|p| p.into_inner()) =
-            Some(Arc::new(rustls::sign::CertifiedKey::new(certs, key)));
+        serving.set(rustls::sign::CertifiedKey::new(certs, key));
         state.set_serving_root(signer.root_der().to_vec());
         tracing::info!(
             root = %strait_ca::cert::fingerprint_sha256(signer.root_der()),

@@ -9,6 +9,7 @@
 //!   and retried after a growing pause, never spun on);
 //! - [`transport`]: gRPC over strait's own rustls configs (a TLS incoming
 //!   stream for tonic servers, a lazily connecting channel for clients);
+//! - [`tls`]: the one swappable serving certificate;
 //! - [`rt`]: the tokio runtime of a process, and the shutdown signal;
 //! - [`cli`]: what every binary's command line shares (exit codes, logging
 //!   flags, the ready line, durations).
@@ -21,4 +22,5 @@ pub mod cli;
 pub mod drain;
 pub mod http;
 pub mod rt;
+pub mod tls;
 pub mod transport;

@@ -50,7 +50,7 @@ mod serving;
 pub use inject::InjectServe;
 pub use inputs::{Siblings, networks, read_trust, spawn_builder, trust_stamp};
 use remotes::{open_remotes, spawn_views};
-pub use serving::{ServingCert, load_authority, server_tls};
+pub use serving::{ServingCert, issue_serving, load_authority, renew_serving, server_tls};
 use serving::{refresh_trust, reload_authority};
 
 /// How the control plane is set up.
@@ -536,7 +536,7 @@ fn spawn_trust_follower(
                         stamp = now;
                         reload_authority(&ca, &serving, &state_dir, &td, &mut renew_at, renew_every);
                     } else if Instant::now() >= renew_at {
-                        match serving.renew(&ca.authority(), &td) {
+                        match renew_serving(&serving, &ca.authority(), &td) {
                             Ok(()) => {
                                 tracing::info!("serving certificate renewed");
                                 renew_at = Instant::now() + renew_every;
@@ -656,7 +656,7 @@ pub async fn run(
     let trust = Trust::new(bundle);
     refresh_trust(&trust, &cfg.state_dir, &td, &imports.borrow());
     let authority = load_authority(&cfg.state_dir, &td)?;
-    let serving = Arc::new(ServingCert::issue(&authority, &td)?);
+    let serving = Arc::new(issue_serving(&authority, &td)?);
 
     let mut registry = Registry::default();
     spawn_rejection_gauge(&mut registry, config_view.clone());
@@ -867,7 +867,7 @@ mod tests {
     fn the_serving_certificate_is_the_control_planes_and_renews() {
         let pki = TestPki::new("cluster.local");
         let td = TrustDomain::new("cluster.local").unwrap();
-        let cert = ServingCert::issue(&pki.intermediate, &td).unwrap();
+        let cert = issue_serving(&pki.intermediate, &td).unwrap();
         let first = cert.chain();
         let trust = Trust::new(pki.bundle());
         let svid = trust
@@ -877,7 +877,7 @@ mod tests {
             svid.spiffe_id.to_string(),
             "spiffe://cluster.local/ns/strait-system/sa/controlplane"
         );
-        cert.renew(&pki.intermediate, &td).unwrap();
+        renew_serving(&cert, &pki.intermediate, &td).unwrap();
         assert_ne!(cert.chain()[0], first[0], "a new leaf");
         server_tls(Arc::new(cert), trust).unwrap();
     }

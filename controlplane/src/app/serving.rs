@@ -4,53 +4,21 @@
 //! changes.
 
 use super::*;
+pub use strait_runtime::tls::ServingCert;
 
-/// The control plane's serving certificate, swappable while serving (TLS
-/// handshakes pick up the current one).
-#[derive(Debug)]
-pub struct ServingCert {
-    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+/// Issues a serving certificate from `authority`.
+pub fn issue_serving(authority: &Authority, td: &TrustDomain) -> Result<ServingCert, ServingError> {
+    Ok(ServingCert::new(certified_key(authority, td)?))
 }
 
-impl ServingCert {
-    /// Issues a serving certificate from `authority`.
-    pub fn issue(authority: &Authority, td: &TrustDomain) -> Result<Self, ServingError> {
-        Ok(ServingCert {
-            current: std::sync::RwLock::new(Arc::new(certified_key(authority, td)?)),
-        })
-    }
-
-    /// Re-issues from `authority` (renewal, or a new intermediate).
-    pub fn renew(&self, authority: &Authority, td: &TrustDomain) -> Result<(), ServingError> {
-        let key = Arc::new(certified_key(authority, td)?);
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = key;
-        Ok(())
-    }
-
-    /// The certificate chain served now (leaf first).
-    pub fn chain(&self) -> Vec<Vec<u8>> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .cert
-            .iter()
-            .map(|c| c.to_vec())
-            .collect()
-    }
-}
-
-impl rustls::server::ResolvesServerCert for ServingCert {
-    fn resolve(
-        &self,
-        _hello: rustls::server::ClientHello<'_>,
-    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        Some(
-            self.current
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-        )
-    }
+/// Re-issues `serving` from `authority` (renewal, or a new intermediate).
+pub fn renew_serving(
+    serving: &ServingCert,
+    authority: &Authority,
+    td: &TrustDomain,
+) -> Result<(), ServingError> {
+    serving.set(certified_key(authority, td)?);
+    Ok(())
 }
 
 fn certified_key(
@@ -147,7 +115,7 @@ pub(super) fn reload_authority(
         return;
     }
     tracing::info!("the cluster intermediate changed; signing with the new one");
-    if let Err(e) = serving.renew(&authority, td) {
+    if let Err(e) = renew_serving(serving, &authority, td) {
         tracing::error!(error = %e, "serving certificate not re-issued from the new intermediate");
     } else {
         *renew_at = Instant::now() + renew_every;
