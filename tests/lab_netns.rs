@@ -166,3 +166,96 @@ fn netns_partition_fails_over_to_local_endpoints_and_heal_brings_them_back() {
         "network namespaces left behind"
     );
 }
+
+/// The FORWARD policy and bridge-netfilter setting as Docker's engine
+/// leaves them (DROP; bridged frames through iptables), restored when
+/// dropped. `None` where iptables or bridge netfilter is missing.
+struct DockerLikeForwarding {
+    policy: String,
+    bridge_nf: String,
+}
+
+const BRIDGE_NF: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+
+impl DockerLikeForwarding {
+    fn set() -> Option<Self> {
+        let out = Command::new("iptables")
+            .args(["-w", "-S", "FORWARD"])
+            .output()
+            .ok()?;
+        let rules = String::from_utf8_lossy(&out.stdout).into_owned();
+        let policy = rules
+            .lines()
+            .find_map(|l| l.strip_prefix("-P FORWARD "))?
+            .trim()
+            .to_string();
+        let bridge_nf = std::fs::read_to_string(BRIDGE_NF).ok()?.trim().to_string();
+        std::fs::write(BRIDGE_NF, "1").ok()?;
+        let dropped = Command::new("iptables")
+            .args(["-w", "-P", "FORWARD", "DROP"])
+            .status()
+            .is_ok_and(|s| s.success());
+        let guard = DockerLikeForwarding { policy, bridge_nf };
+        dropped.then_some(guard)
+    }
+}
+
+impl Drop for DockerLikeForwarding {
+    fn drop(&mut self) {
+        let _ = Command::new("iptables")
+            .args(["-w", "-P", "FORWARD", &self.policy])
+            .status();
+        let _ = std::fs::write(BRIDGE_NF, &self.bridge_nf);
+    }
+}
+
+/// With Docker's engine running, the FORWARD policy is DROP and bridged
+/// frames go through iptables: the lab's WAN must still carry
+/// cross-cluster traffic (its bridge has its own ACCEPT rule, gone after
+/// `down`), and `lab status` must see a cut WAN, not only processes up.
+#[test]
+fn a_netns_lab_works_where_dockerd_drops_forwarding_and_status_sees_the_wan() {
+    if let Some(why) = netns_unavailable() {
+        eprintln!("skipped: netns mode needs root and iproute2 ({why})");
+        return;
+    }
+    let Some(_docker_like) = DockerLikeForwarding::set() else {
+        eprintln!("skipped: no iptables or bridge netfilter here");
+        return;
+    };
+    let mut lab = Lab::up_with("multi-primary", 101, &["--netns"]);
+    let rules = || {
+        let out = Command::new("iptables")
+            .args(["-w", "-S", "FORWARD"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(rules().contains("st101wan"), "{}", rules());
+    lab.curl_until("east", "http://echo.demo:8080/", 20, |t| {
+        t.contains("west/echo/v2") && t.contains("east/echo/v1")
+    });
+    let (code, out, err) = lab.lab(&["status"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("east -> west") && out.contains("reachable") && !out.contains("UNREACHABLE"),
+        "{out}"
+    );
+
+    // A cut WAN is a status failure, though every process is up.
+    let (code, out, err) = lab.lab(&["partition", "east", "west"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = lab.lab(&["status"]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(out.contains("UNREACHABLE"), "{out}");
+    assert!(err.contains("WAN link(s) not ready"), "{err}");
+    let (code, out, err) = lab.lab(&["heal"]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    lab.down();
+    assert!(
+        !rules().contains("st101wan"),
+        "rule left behind:\n{}",
+        rules()
+    );
+}

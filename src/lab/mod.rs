@@ -360,9 +360,32 @@ fn status(dir: &Path) -> Result<()> {
     }
     let rows = run::status_rows(&procs);
     run::print_table(&rows);
-    let bad = rows.iter().filter(|r| !r.healthy).count();
+    let mut bad = rows.iter().filter(|r| !r.healthy).count();
+    // In netns mode, whether traffic crosses the WAN, not only whether the
+    // processes answer.
+    if let Ok(lab) = read_lab(dir)
+        && lab.netns
+    {
+        println!();
+        for l in netns::wan_links(&lab) {
+            println!(
+                "WAN {:>10} -> {:<10} {:<21} {}",
+                l.from,
+                l.to,
+                l.target,
+                if l.reachable {
+                    "reachable"
+                } else {
+                    "UNREACHABLE"
+                }
+            );
+            bad += usize::from(!l.reachable);
+        }
+    }
     if bad > 0 {
-        return Err(crate::cli::Rejected(format!("{bad} component(s) not ready")).into());
+        return Err(
+            crate::cli::Rejected(format!("{bad} component(s) or WAN link(s) not ready")).into(),
+        );
     }
     Ok(())
 }

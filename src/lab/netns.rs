@@ -10,6 +10,13 @@
 //!   `10.<base>.<i + 1>.2`. Its workloads and sidecars stay on the
 //!   namespace's own loopback (`127.<block>.0.x`): only gateways, control
 //!   planes and brokers are reachable across the WAN.
+//! - The bridge's traffic is let through iptables' FORWARD chain by one
+//!   rule (`-i <bridge> -o <bridge> -j ACCEPT`, commented `strait lab
+//!   <bridge>`), added by `up` and removed by `down`: with Docker's engine
+//!   running (it loads `br_netfilter` and sets the FORWARD policy to DROP)
+//!   the clusters would otherwise not reach each other at all, while every
+//!   process reported ready. `up` and `status` check that each cluster
+//!   reaches the others' gateways ([`wan_links`]).
 //! - `partition A B` adds `unreachable` routes for each other's WAN /24 in
 //!   both namespaces (connections fail at once, as behind a router that
 //!   answers with ICMP unreachable; live connections stall); `heal` takes
@@ -73,6 +80,7 @@ pub fn setup(lab: &Lab) -> Result<()> {
     let br = bridge(base);
     ip(&["link", "add", &br, "type", "bridge"])?;
     ip(&["link", "set", &br, "up"])?;
+    allow_forwarding(base)?;
     for m in &lab.brokers {
         ip(&["addr", "add", &format!("{}/16", m.ip), "dev", &br])?;
     }
@@ -114,6 +122,139 @@ pub fn teardown(lab: &Lab) {
         }
     }
     let _ = ip(&["link", "del", &bridge(lab.base())]);
+    remove_forwarding(lab.base());
+}
+
+/// The comment that marks the forwarding rules of a lab's WAN bridge.
+fn rule_comment(base: u8) -> String {
+    format!("strait lab {}", bridge(base))
+}
+
+/// The iptables rule that lets traffic cross the WAN bridge: where the
+/// bridge's frames go through iptables (`br_netfilter`, which Docker's
+/// engine loads) and the FORWARD policy is DROP (which `dockerd` sets),
+/// the clusters would otherwise not reach each other at all. The same
+/// rule kind and libvirt add for their bridges.
+fn forward_rule(base: u8) -> Vec<String> {
+    let br = bridge(base);
+    [
+        "FORWARD",
+        "-i",
+        &br,
+        "-o",
+        &br,
+        "-m",
+        "comment",
+        "--comment",
+        &rule_comment(base),
+        "-j",
+        "ACCEPT",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn iptables(op: &str, rule: &[String]) -> Option<bool> {
+    let out = Command::new("iptables")
+        .arg("-w")
+        .arg(op)
+        .args(rule)
+        .output()
+        .ok()?;
+    Some(out.status.success())
+}
+
+/// Adds the WAN bridge's forwarding rule (once). Without `iptables` there
+/// is no firewall to pass: nothing to do.
+fn allow_forwarding(base: u8) -> Result<()> {
+    let rule = forward_rule(base);
+    match iptables("-C", &rule) {
+        None | Some(true) => return Ok(()),
+        Some(false) => {}
+    }
+    let mut insert = vec![rule[0].clone(), "1".to_string()];
+    insert.extend_from_slice(&rule[1..]);
+    if iptables("-I", &insert) != Some(true) {
+        bail!(
+            "cannot add the iptables FORWARD rule for {} (iptables -I {})",
+            bridge(base),
+            insert.join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// Removes every copy of the WAN bridge's forwarding rule.
+fn remove_forwarding(base: u8) {
+    let rule = forward_rule(base);
+    while iptables("-C", &rule) == Some(true) {
+        if iptables("-D", &rule) != Some(true) {
+            break;
+        }
+    }
+}
+
+/// One pair of clusters and whether the first reaches the second's
+/// gateway across the WAN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WanLink {
+    pub from: String,
+    pub to: String,
+    /// The address tried: the other cluster's gateway.
+    pub target: String,
+    pub reachable: bool,
+}
+
+/// Whether a TCP connection to `target` gets an answer: accepted, or
+/// refused (the other side's host answered: the path works, its process
+/// is down). Dropped (a timeout) or unroutable (a partition) is not.
+fn reaches(target: &str) -> bool {
+    let Ok(addr) = target.parse::<std::net::SocketAddr>() else {
+        return false;
+    };
+    match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(1)) {
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+    }
+}
+
+/// From each cluster's namespace, a TCP connection to every other
+/// cluster's gateway: what cross-cluster traffic needs, checked rather
+/// than assumed from processes being up.
+pub fn wan_links(lab: &Lab) -> Vec<WanLink> {
+    let mut out = Vec::new();
+    for from in &lab.clusters {
+        let Some(ns) = &from.netns else { continue };
+        for to in lab.clusters.iter().filter(|c| c.name != from.name) {
+            let target = to.gateway.tcp.clone();
+            let reachable = within(Some(ns), || reaches(&target)).unwrap_or(false);
+            out.push(WanLink {
+                from: from.name.clone(),
+                to: to.name.clone(),
+                target,
+                reachable,
+            });
+        }
+    }
+    out
+}
+
+/// Why cross-cluster traffic cannot flow, if it cannot: the first pair of
+/// clusters that do not reach each other, with where to look.
+pub fn check_wan(lab: &Lab) -> Result<()> {
+    if let Some(l) = wan_links(lab).into_iter().find(|l| !l.reachable) {
+        bail!(
+            "{} cannot reach {}'s gateway {} across the WAN bridge {}: cross-cluster \
+             traffic would fail. Is it partitioned (`strait lab heal`)? Does a firewall \
+             drop bridged traffic (`iptables -S FORWARD`; dockerd sets the policy to DROP)?",
+            l.from,
+            l.to,
+            l.target,
+            bridge(lab.base())
+        );
+    }
+    Ok(())
 }
 
 fn cluster_index(lab: &Lab, name: &str) -> Result<usize> {

@@ -119,7 +119,8 @@ pub fn bring_up(lab: &Lab, quiet: bool) -> Result<()> {
         + comps.len()
         + usize::from(lab.brokers.len() > 1)
         + joined
-        + lab.clusters.len();
+        + lab.clusters.len()
+        + usize::from(lab.netns);
     let bar = progress(total, quiet);
     let mut procs = Procs {
         supervisor: Some(std::process::id()),
@@ -143,6 +144,15 @@ pub fn bring_up(lab: &Lab, quiet: bool) -> Result<()> {
     write_configs(lab)?;
     for cl in &lab.clusters {
         up.cluster(cl)?;
+    }
+    // Processes up is not traffic flowing: in netns mode the WAN between
+    // the clusters' namespaces is checked too.
+    if lab.netns {
+        step(
+            &bar,
+            "WAN: every cluster reaches the others' gateways",
+            || netns::check_wan(lab),
+        )?;
     }
     bar.finish_and_clear();
     Ok(())
