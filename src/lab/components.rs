@@ -11,6 +11,13 @@ use super::s;
 /// cluster: control plane, gateway, workloads with their sidecars).
 pub fn components(lab: &Lab) -> Vec<Component> {
     let mut out: Vec<Component> = lab.brokers.iter().map(|m| broker(lab, m)).collect();
+    // Kubernetes mode: every cluster's API server first (a primary's
+    // control plane reads its remotes' at start).
+    if lab.kube {
+        for c in &lab.clusters {
+            out.extend(super::kube::components(c));
+        }
+    }
     for c in &lab.clusters {
         if let Some(cp) = &c.control_plane {
             out.push(control_plane(lab, c, cp));
@@ -65,6 +72,8 @@ fn broker(lab: &Lab, m: &Mesh) -> Component {
         args,
         health: format!("http://{}:{}/healthz/ready", m.ip, plan::HEALTH_PORT),
         netns: None,
+        env: Vec::new(),
+        health_ca: None,
     }
 }
 
@@ -77,8 +86,6 @@ fn control_plane(lab: &Lab, c: &Cluster, cp: &str) -> Component {
         c.name.clone(),
         "--network".into(),
         c.network.clone(),
-        "--config-dir".into(),
-        s(&c.config_dir),
         "--state-dir".into(),
         s(&state),
         "--join-token".into(),
@@ -92,15 +99,18 @@ fn control_plane(lab: &Lab, c: &Cluster, cp: &str) -> Component {
         "--metrics-listen".into(),
         format!("{}:{}", c.cp_ip(), plan::METRICS_PORT),
     ];
+    // Its cluster's config: a directory, or (--kube) its API server.
+    match &c.kubeconfig {
+        Some(_) => args.push("--kube".into()),
+        None => args.extend(["--config-dir".into(), s(&c.config_dir)]),
+    }
     for r in lab
         .clusters
         .iter()
         .filter(|r| r.role == "remote" && r.mesh == c.mesh)
     {
-        args.extend([
-            "--remote".into(),
-            format!("{}={}", r.name, s(&r.config_dir)),
-        ]);
+        let config = r.kubeconfig.as_ref().unwrap_or(&r.config_dir);
+        args.extend(["--remote".into(), format!("{}={}", r.name, s(config))]);
     }
     // Debug endpoints stay on loopback: the control plane's own
     // loopback address here, the namespace's 127.0.0.1 (the
@@ -127,6 +137,12 @@ fn control_plane(lab: &Lab, c: &Cluster, cp: &str) -> Component {
         args,
         health: format!("http://{}:{}/healthz/ready", c.cp_ip(), plan::HEALTH_PORT),
         netns: c.netns.clone(),
+        env: c
+            .kubeconfig
+            .iter()
+            .map(|k| ("KUBECONFIG".to_string(), s(k)))
+            .collect(),
+        health_ca: None,
     }
 }
 
@@ -175,6 +191,8 @@ fn gateway(lab: &Lab, c: &Cluster, cp: &str) -> Component {
         args: gateway_args,
         health: format!("http://{}:{}/healthz/ready", c.gw_ip(), plan::HEALTH_PORT),
         netns: c.netns.clone(),
+        env: Vec::new(),
+        health_ca: None,
     }
 }
 
@@ -198,6 +216,8 @@ fn echo(c: &Cluster, w: &Workload) -> Component {
         ],
         health: format!("http://{}:{}/healthz", w.ip, plan::APP_PORT),
         netns: c.netns.clone(),
+        env: Vec::new(),
+        health_ca: None,
     }
 }
 
@@ -236,6 +256,8 @@ fn sidecar(lab: &Lab, c: &Cluster, w: &Workload, cp: &str) -> Component {
         .collect(),
         health: format!("http://{}:{}/healthz/ready", w.ip, plan::HEALTH_PORT),
         netns: c.netns.clone(),
+        env: Vec::new(),
+        health_ca: None,
     }
 }
 

@@ -329,7 +329,10 @@ pub fn tour_federated(lab: &Lab, report: &mut Report) -> Result<()> {
 type Tour = fn(&Lab, &mut Report) -> Result<()>;
 
 /// Runs the whole demo under `dir`.
-pub fn demo(dir: &Path, base: u8) -> Result<()> {
+pub fn demo(dir: &Path, base: u8, kube: bool) -> Result<()> {
+    if kube && let Some(why) = super::kube::unavailable(false) {
+        bail!("{why}");
+    }
     let mut report = Report::default();
     let tours: [(Topology, Tour); 2] = [
         (Topology::MultiPrimary, tour_multi_primary),
@@ -337,7 +340,9 @@ pub fn demo(dir: &Path, base: u8) -> Result<()> {
     ];
     for (topology, tour) in tours {
         let lab_dir = dir.join(super::topology_name(topology));
-        let lab = Lab::new(topology, &lab_dir, Mode::Sni, base, false).map_err(|e| anyhow!(e))?;
+        let lab = Lab::new(topology, &lab_dir, Mode::Sni, base, false)
+            .map_err(|e| anyhow!(e))?
+            .with_kube(kube);
         println!(
             "\n== {} lab in {}",
             super::topology_name(topology),

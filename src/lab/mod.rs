@@ -7,6 +7,7 @@ mod client;
 mod components;
 pub mod demo;
 pub mod echo;
+pub mod kube;
 pub mod netns;
 pub mod objects;
 pub mod plan;
@@ -55,7 +56,8 @@ pub enum LabCommand {
         after_help = "Examples:\n  strait lab up &                                   # multi-primary in ./.strait-lab\n  \
 strait lab up --topology federated --mode quic --dir /tmp/fed &\n  \
 strait lab up --ip-base 30 --dir /tmp/lab2 &       # a second lab beside the first\n  \
-strait lab up --cert-ttl 30s &                     # renewals within a minute"
+strait lab up --cert-ttl 30s &                     # renewals within a minute\n  \
+strait lab up --kube &                             # each cluster with its own kube-apiserver"
     )]
     Up(UpArgs),
     /// Table of the lab's components and their health (exit 0 only when all are ready).
@@ -168,6 +170,9 @@ strait lab curl east http://echo.demo:8080/ -n 10 --timeout 2s     # under a par
         /// First address block (see `lab up --ip-base`).
         #[arg(long, default_value_t = 10)]
         ip_base: u8,
+        /// Run the demo's labs in Kubernetes mode (see `lab up --kube`).
+        #[arg(long)]
+        kube: bool,
     },
 }
 
@@ -197,6 +202,14 @@ pub struct UpArgs {
     /// that cluster runs it.
     #[arg(long)]
     pub bind_identities: bool,
+    /// Give each cluster its own Kubernetes API server (etcd and
+    /// kube-apiserver on loopback, built once by `bash scripts/tools.sh
+    /// etcd kube`): the control planes run in Kubernetes mode against
+    /// them, the demo's Services and Pods are objects
+    /// there, imports land there as ServiceEntries, and `lab apply` goes
+    /// there. `lab.json` names each cluster's kubeconfig.
+    #[arg(long)]
+    pub kube: bool,
     #[command(flatten)]
     pub dir: DirArg,
 }
@@ -208,7 +221,7 @@ pub fn run(args: LabArgs) -> Result<()> {
             rt.block_on(echo::serve(a, crate::cli::broker::shutdown_signal()))
         }
         LabCommand::Up(a) => up(a),
-        LabCommand::Demo { dir, ip_base } => demo::demo(&absolute(&dir.dir)?, ip_base),
+        LabCommand::Demo { dir, ip_base, kube } => demo::demo(&absolute(&dir.dir)?, ip_base, kube),
         LabCommand::Status(d) => status(&d.dir),
         LabCommand::Down(d) => down(&d.dir),
         LabCommand::Kill { component, dir } => kill(&dir.dir, &component),
@@ -334,7 +347,8 @@ pub fn read_lab(dir: &Path) -> Result<Lab> {
     Ok(Lab::new(topology, &dir, mode, base, netns)
         .map_err(|e| anyhow!(e))?
         .with_cert_ttl(v["cert_ttl"].as_str().map(str::to_string))
-        .with_bind_identities(v["bind_identities"].as_bool().unwrap_or(false)))
+        .with_bind_identities(v["bind_identities"].as_bool().unwrap_or(false))
+        .with_kube(v["kube"].as_bool().unwrap_or(false)))
 }
 
 pub(crate) fn topology_name(t: Topology) -> &'static str {
@@ -464,6 +478,11 @@ pub(crate) fn start(dir: &Path, component: &str) -> Result<()> {
 /// `lab apply` (`put`) or `lab delete` of a file's objects (see
 /// [`objects`]).
 pub(crate) fn apply(dir: &Path, cluster: &str, file: &Path, put: bool) -> Result<()> {
+    if let Ok(lab) = read_lab(dir)
+        && lab.kube
+    {
+        return kube::apply_file(&lab, cluster, file, put);
+    }
     if put {
         objects::apply(dir, cluster, file)
     } else {

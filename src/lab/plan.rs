@@ -111,6 +111,9 @@ pub struct Cluster {
     pub workloads: Vec<Workload>,
     /// The network namespace the cluster runs in (netns mode).
     pub netns: Option<String>,
+    /// Kubernetes mode: the admin kubeconfig of the cluster's apiserver.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubeconfig: Option<PathBuf>,
     /// The control plane's and gateway's addresses.
     #[serde(skip)]
     pub cp_host: String,
@@ -141,6 +144,10 @@ pub struct Lab {
     /// (`--bind-identities-to-clusters`).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub bind_identities: bool,
+    /// Each cluster with its own kube-apiserver (`--kube`), the control
+    /// planes in Kubernetes mode against them.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub kube: bool,
     #[serde(skip)]
     base: u8,
 }
@@ -156,6 +163,10 @@ pub struct Component {
     pub health: String,
     /// The network namespace it runs in (netns mode).
     pub netns: Option<String>,
+    /// Environment variables it is started with (`KUBECONFIG`).
+    pub env: Vec<(String, String)>,
+    /// With an `https://` health URL: the CA its certificate chains to.
+    pub health_ca: Option<PathBuf>,
 }
 
 /// name, mesh index, network, locality, role
@@ -275,6 +286,7 @@ impl Lab {
                 client_proxy: format!("http://{client_ip}:{OUTBOUND_PORT}"),
                 workloads,
                 netns: netns.then(|| format!("strait{base}-{name}")),
+                kubeconfig: None,
                 cp_host: cp_ip,
                 gw_host: gw_ip,
                 dir,
@@ -290,11 +302,22 @@ impl Lab {
             clusters,
             cert_ttl: None,
             bind_identities: false,
+            kube: false,
             base,
         })
     }
 
     /// The lab with its brokers binding identities to clusters.
+    /// Kubernetes mode (`--kube`): each cluster's config lives in its own
+    /// kube-apiserver; `lab.json` names each cluster's `kubeconfig`.
+    pub fn with_kube(mut self, on: bool) -> Self {
+        self.kube = on;
+        for c in &mut self.clusters {
+            c.kubeconfig = on.then(|| super::kube::kubeconfig_of(c));
+        }
+        self
+    }
+
     pub fn with_bind_identities(mut self, on: bool) -> Self {
         self.bind_identities = on;
         self

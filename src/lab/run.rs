@@ -35,6 +35,9 @@ pub struct Proc {
     /// The network namespace it runs in (netns mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns: Option<String>,
+    /// With an `https://` health URL, the CA it is verified with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_ca: Option<PathBuf>,
 }
 
 /// The process table of a lab, in start order.
@@ -101,6 +104,12 @@ pub const SIDECAR_BIN: &str = "strait-sidecar";
 /// `strait sidecar`. `cargo run -- lab ...` builds only `strait`, so
 /// without it they run `strait sidecar`, the same code.
 pub fn program<'a>(exe: &Path, args: &'a [String]) -> (PathBuf, &'a [String]) {
+    // Another program than strait (etcd, kube-apiserver): its path first.
+    if let Some(first) = args.first()
+        && first.starts_with('/')
+    {
+        return (PathBuf::from(first), &args[1..]);
+    }
     if args.first().map(String::as_str) == Some("sidecar") {
         let slim = exe.with_file_name(SIDECAR_BIN);
         if slim.is_file() {
@@ -140,6 +149,7 @@ pub fn spawn(dir: &Path, exe: &Path, c: &Component) -> Result<u32> {
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
         )
+        .envs(c.env.iter().map(|(k, v)| (k, v)))
         .process_group(0)
         .spawn()
         .with_context(|| format!("cannot start {}", c.name))?;
@@ -147,6 +157,53 @@ pub fn spawn(dir: &Path, exe: &Path, c: &Component) -> Result<u32> {
 }
 
 /// [`http_status`] from inside network namespace `netns` (when given).
+/// A component's health: its URL's status code, over TLS verified with
+/// `ca` for an `https://` URL (an API server's `/readyz`).
+fn health_status(netns: Option<&str>, url: &str, ca: Option<&Path>) -> Option<u16> {
+    let timeout = Duration::from_secs(1);
+    match (url.strip_prefix("https://"), ca) {
+        (Some(rest), Some(ca)) => super::netns::within(netns, || https_status(rest, ca, timeout))
+            .ok()
+            .flatten(),
+        _ => http_status_in(netns, url, timeout),
+    }
+}
+
+/// HTTPS GET of `host:port/path` (an IP address), the server verified
+/// against the CA in `ca` (PEM); the status code.
+fn https_status(rest: &str, ca: &Path, timeout: Duration) -> Option<u16> {
+    use std::io::{Read, Write};
+    let (hostport, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let addr: std::net::SocketAddr = hostport.parse().ok()?;
+    let pem = std::fs::read(ca).ok()?;
+    let mut roots = rustls::RootCertStore::empty();
+    for der in strait_ca::pemfile::parse_certificates(&pem).ok()? {
+        roots.add(der.into()).ok()?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(strait_ca::tls::provider())
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).ok()?;
+    let tcp = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+    tcp.set_read_timeout(Some(timeout)).ok()?;
+    tcp.set_write_timeout(Some(timeout)).ok()?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    write!(
+        tls,
+        "GET {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = [0u8; 64];
+    let n = tls.read(&mut buf).ok()?;
+    let head = std::str::from_utf8(&buf[..n]).ok()?;
+    head.split_whitespace().nth(1)?.parse().ok()
+}
+
 pub fn http_status_in(netns: Option<&str>, url: &str, timeout: Duration) -> Option<u16> {
     super::netns::within(netns, || http_status(url, timeout))
         .ok()
@@ -206,7 +263,7 @@ pub fn http_get(url: &str, timeout: Duration) -> Option<(u16, String)> {
 pub fn wait_healthy(dir: &Path, c: &Component, pid: u32, deadline: Duration) -> Result<()> {
     let start = Instant::now();
     loop {
-        if http_status_in(c.netns.as_deref(), &c.health, Duration::from_millis(500)) == Some(200) {
+        if health_status(c.netns.as_deref(), &c.health, c.health_ca.as_deref()) == Some(200) {
             return Ok(());
         }
         if !alive(pid) {
@@ -287,7 +344,7 @@ pub fn status_rows(procs: &Procs) -> Vec<Row> {
                 pid: Some(p.pid),
                 running,
                 healthy: running
-                    && http_status_in(p.netns.as_deref(), &p.health, Duration::from_secs(1))
+                    && health_status(p.netns.as_deref(), &p.health, p.health_ca.as_deref())
                         == Some(200),
             }
         })

@@ -100,6 +100,7 @@ pub(super) fn start_component(lab: &Lab, procs: &mut Procs, c: &Component) -> Re
             pid,
             args: c.args.clone(),
             health: c.health.clone(),
+            health_ca: c.health_ca.clone(),
             netns: c.netns.clone(),
         },
     );
@@ -120,7 +121,8 @@ pub fn bring_up(lab: &Lab, quiet: bool) -> Result<()> {
         + usize::from(lab.brokers.len() > 1)
         + joined
         + lab.clusters.len()
-        + usize::from(lab.netns);
+        + usize::from(lab.netns)
+        + if lab.kube { lab.clusters.len() } else { 0 };
     let bar = progress(total, quiet);
     let mut procs = Procs {
         supervisor: Some(std::process::id()),
@@ -141,7 +143,11 @@ pub fn bring_up(lab: &Lab, quiet: bool) -> Result<()> {
     up.meshes()?;
     // Every cluster's config first: a primary's control plane reads its
     // remotes' at start.
-    write_configs(lab)?;
+    if lab.kube {
+        up.api_servers()?;
+    } else {
+        write_configs(lab)?;
+    }
     for cl in &lab.clusters {
         up.cluster(cl)?;
     }
@@ -251,6 +257,27 @@ impl Up<'_> {
         Ok(())
     }
 
+    /// Kubernetes mode: each cluster's etcd and API server, their PKI, and
+    /// the CRDs and starting objects in them.
+    fn api_servers(&mut self) -> Result<()> {
+        let lab = self.lab;
+        for cl in &lab.clusters {
+            super::kube::write_pki(cl)?;
+            for name in ["etcd", "apiserver"] {
+                let c = self
+                    .component(&format!("{}/{name}", cl.name))
+                    .ok_or_else(|| anyhow!("no {name} component for {}", cl.name))?;
+                self.start(&c)?;
+            }
+            step(
+                self.bar,
+                &format!("{}: CRDs, Services and Pods in its API server", cl.name),
+                || super::kube::install(lab, cl),
+            )?;
+        }
+        Ok(())
+    }
+
     /// One cluster: registered at its broker (a remote cluster joins no
     /// broker: the primary's control plane serves it, with the primary's
     /// intermediate), its control plane, its tokens, its other
@@ -294,6 +321,7 @@ impl Up<'_> {
             .comps
             .iter()
             .filter(|c| c.name.starts_with(&prefix) && !c.name.ends_with("/controlplane"))
+            .filter(|c| !self.procs.procs.contains_key(&c.name))
             .cloned()
             .collect();
         for c in &rest {
@@ -338,8 +366,14 @@ pub(super) fn up(a: UpArgs) -> Result<()> {
         bail!("{why}");
     }
     let dir = absolute(&a.dir.dir)?;
+    if a.kube
+        && let Some(why) = super::kube::unavailable(a.netns)
+    {
+        bail!("{why}");
+    }
     let lab = Lab::new(a.topology, &dir, a.mode, a.ip_base, a.netns)
         .map_err(|e| anyhow!(e))?
+        .with_kube(a.kube)
         .with_cert_ttl(a.cert_ttl.map(crate::cli::format_duration))
         .with_bind_identities(a.bind_identities);
     // Refused before anything starts: a running lab is not ours to stop.

@@ -45,6 +45,24 @@ pub fn tool(name: &str) -> Option<PathBuf> {
     None
 }
 
+/// [`tool`] for a tool that `bash scripts/tools.sh TARGET` builds (e.g.
+/// `helm`), whose skip line names that target.
+pub fn tool_from(name: &str, target: &str) -> Option<PathBuf> {
+    let path = tools_bin().join(name);
+    if path.is_file() {
+        return Some(path);
+    }
+    let why = format!(
+        "{} is missing: build it with `bash scripts/tools.sh {target}`",
+        path.display()
+    );
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("the real Kubernetes tier must run in CI: {why}");
+    }
+    eprintln!("skipped (real Kubernetes tier): {why}");
+    None
+}
+
 /// A running etcd and kube-apiserver; both killed on drop.
 pub struct ApiServer {
     pub url: String,
@@ -56,6 +74,11 @@ pub struct ApiServer {
     kubectl: PathBuf,
     etcd: Child,
     apiserver: Child,
+    /// etcd's client URL (`http://127.0.0.1:PORT`), for `etcdctl`.
+    pub etcd_url: String,
+    /// The API server's binary and flags, to start it again
+    /// ([`ApiServer::restart`]): same etcd, port and PKI.
+    apiserver_cmd: (PathBuf, Vec<String>),
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
@@ -136,10 +159,32 @@ fn wait_for(what: &str, log: &Path, child: &mut Child, check: impl Fn() -> bool)
     }
 }
 
+/// Starts `bin ARGS` with its stderr appended to `log`.
+fn spawn_logged(bin: &Path, args: &[String], log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()))
+}
+
 impl ApiServer {
     /// Starts etcd and the API server in `dir`, or `None` when the tools
     /// are not built (see [`tool`]).
     pub fn start(dir: &Path) -> Option<ApiServer> {
+        Self::start_with(dir, &[])
+    }
+
+    /// [`ApiServer::start`] with more API server flags (`--name=value`);
+    /// one that names a flag set here replaces it.
+    pub fn start_with(dir: &Path, extra: &[&str]) -> Option<ApiServer> {
         let etcd_bin = tool("etcd")?;
         let apiserver_bin = tool("kube-apiserver")?;
         let kubectl = tool("kubectl")?;
@@ -231,30 +276,32 @@ impl ApiServer {
         let url = format!("https://127.0.0.1:{port}");
         let log = dir.join("kube-apiserver.log");
         let p = |f: &str| pki.join(f).to_str().unwrap().to_string();
-        let mut apiserver = Command::new(&apiserver_bin)
-            .args([
-                format!("--etcd-servers=http://127.0.0.1:{etcd_client}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
-                format!("--secure-port={port}"),
-                format!("--tls-cert-file={}", p("serving.crt")),
-                format!("--tls-private-key-file={}", p("serving.key")),
-                format!("--client-ca-file={}", p("ca.crt")),
-                format!("--service-account-key-file={}", p("sa.pub")),
-                format!("--service-account-signing-key-file={}", p("sa.key")),
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-                "--authorization-mode=Node,RBAC".into(),
-                // An address range handed to Services: nothing is ever
-                // sent to it.
-                "--service-cluster-ip-range=10.96.0.0/16".into(),
-                "--allow-privileged=true".into(),
-                format!("--cert-dir={}", dir.join("certs").display()),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start kube-apiserver");
+        let mut args: Vec<String> = [
+            format!("--etcd-servers=http://127.0.0.1:{etcd_client}"),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--secure-port={port}"),
+            format!("--tls-cert-file={}", p("serving.crt")),
+            format!("--tls-private-key-file={}", p("serving.key")),
+            format!("--client-ca-file={}", p("ca.crt")),
+            format!("--service-account-key-file={}", p("sa.pub")),
+            format!("--service-account-signing-key-file={}", p("sa.key")),
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+            "--authorization-mode=Node,RBAC".into(),
+            // An address range handed to Services: nothing is ever
+            // sent to it.
+            "--service-cluster-ip-range=10.96.0.0/16".into(),
+            "--allow-privileged=true".into(),
+            format!("--cert-dir={}", dir.join("certs").display()),
+        ]
+        .into_iter()
+        .filter(|a| {
+            let name = a.split('=').next().unwrap_or_default();
+            !extra.iter().any(|e| e.split('=').next() == Some(name))
+        })
+        .collect();
+        args.extend(extra.iter().map(|e| e.to_string()));
+        let mut apiserver = spawn_logged(&apiserver_bin, &args, &log);
         let kubeconfig = dir.join("admin.kubeconfig");
         std::fs::write(
             &kubeconfig,
@@ -286,6 +333,8 @@ users:\n- name: admin\n  user:\n    client-certificate: {}\n    client-key: {}\n
             kubectl,
             etcd,
             apiserver,
+            etcd_url: format!("http://127.0.0.1:{etcd_client}"),
+            apiserver_cmd: (apiserver_bin, args),
         })
     }
 
@@ -416,6 +465,117 @@ users:\n- name: admin\n  user:\n    client-certificate: {}\n    client-key: {}\n
             "--all",
         ]);
         assert_eq!(code, 0, "CRDs not established:\n{out}{err}");
+    }
+}
+
+/// Faults: the API server stopped and started again (same etcd, port and
+/// PKI), and etcd's history compacted away.
+impl ApiServer {
+    /// Stops the API server as a crash does: SIGKILL, no goodbye to its
+    /// clients (a graceful stop waits out their open watches, tens of
+    /// seconds). etcd keeps running.
+    pub fn stop(&mut self) {
+        let _ = self.apiserver.kill();
+        let _ = self.apiserver.wait();
+    }
+
+    /// Starts the API server again with the flags it had (its log goes on
+    /// in the same file), and waits until it is ready.
+    pub fn restart(&mut self) {
+        let (bin, args) = &self.apiserver_cmd;
+        let log = self.dir.join("kube-apiserver.log");
+        self.apiserver = spawn_logged(bin, args, &log);
+        let (kubectl, kubeconfig) = (self.kubectl.clone(), self.kubeconfig.clone());
+        wait_for(
+            "kube-apiserver (restarted)",
+            &log,
+            &mut self.apiserver,
+            || {
+                Command::new(&kubectl)
+                    .args(["--kubeconfig", kubeconfig.to_str().unwrap()])
+                    .args(["get", "--raw", "/readyz"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            },
+        );
+    }
+
+    /// `etcdctl ARGS` against this etcd: its stdout, which must succeed.
+    #[track_caller]
+    pub fn etcdctl(&self, args: &[&str]) -> String {
+        let bin = tool("etcdctl").expect("etcdctl is built with etcd");
+        let out = Command::new(bin)
+            .args(["--endpoints", &self.etcd_url])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// etcd's current revision (every resource version the API server
+    /// hands out is one).
+    pub fn etcd_revision(&self) -> u64 {
+        let status: serde_json::Value =
+            serde_json::from_str(&self.etcdctl(&["endpoint", "status", "-w", "json"])).unwrap();
+        status[0]["Status"]["header"]["revision"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no revision in {status}"))
+    }
+
+    /// Compacts etcd's history up to its current revision: a watch from
+    /// an older resource version is then answered 410 Gone ("too old
+    /// resource version"). Returns the revision compacted to.
+    pub fn compact(&self) -> u64 {
+        let revision = self.etcd_revision();
+        self.etcdctl(&["compact", &revision.to_string(), "--physical"]);
+        revision
+    }
+}
+
+/// Other identities than the admin's.
+impl ApiServer {
+    /// Writes a kubeconfig to `path` for this API server (its URL and CA,
+    /// as in the admin kubeconfig) that authenticates as the
+    /// ServiceAccount `namespace/account` with a bearer token from
+    /// TokenRequest for the API server's own audience, lasting `seconds`:
+    /// what a pod running as that account is given.
+    pub fn service_account_kubeconfig(
+        &self,
+        namespace: &str,
+        account: &str,
+        seconds: u32,
+        path: &Path,
+    ) -> PathBuf {
+        let (code, out, err) = self.kubectl(&[
+            "create",
+            "token",
+            account,
+            "-n",
+            namespace,
+            "--duration",
+            &format!("{seconds}s"),
+        ]);
+        assert_eq!(code, 0, "kubectl create token {namespace}/{account}: {err}");
+        std::fs::write(
+            path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    certificate-authority: {}\n\
+contexts:\n- name: test\n  context: {{cluster: test, user: {account}, namespace: {namespace}}}\ncurrent-context: test\n\
+users:\n- name: {account}\n  user:\n    token: {}\n",
+                self.url,
+                self.ca.display(),
+                out.trim()
+            ),
+        )
+        .unwrap();
+        path.to_path_buf()
     }
 }
 

@@ -14,6 +14,7 @@ mod kube;
 mod paths;
 mod probes;
 mod real_kube;
+mod real_kube_faults;
 mod rotation;
 mod support;
 mod validation;

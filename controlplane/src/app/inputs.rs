@@ -108,9 +108,17 @@ pub fn trust_stamp(state_dir: &Path) -> Vec<(PathBuf, Option<SystemTime>)> {
         .collect()
 }
 
-/// The other networks of the clusters served with this one
-/// (primary-remote): network → gateways.
-pub type Siblings = BTreeMap<String, Vec<String>>;
+/// What a served cluster's snapshot takes from the clusters served with it
+/// (primary-remote).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Siblings {
+    /// The served cluster's network as its config says now, when it may
+    /// differ from the one it was started with (a Kubernetes remote's is
+    /// read from its API, which may be down when the control plane starts).
+    pub network: Option<String>,
+    /// The other networks: network → gateways.
+    pub others: BTreeMap<String, Vec<String>>,
+}
 
 /// Keeps a snapshot channel current: rebuilds on config, imports and trust
 /// changes (trust files are polled every second) and publishes a snapshot
@@ -126,9 +134,20 @@ pub fn spawn_builder(
 ) -> watch::Receiver<Arc<Snapshot>> {
     let trust_dir = state_dir.clone();
     let build = move |config: &Config, imports: &Imports, siblings: &Siblings| {
+        let moved;
+        let ctx = match &siblings.network {
+            Some(network) if *network != ctx.network => {
+                moved = ClusterContext {
+                    network: network.clone(),
+                    ..ctx.clone()
+                };
+                &moved
+            }
+            _ => &ctx,
+        };
         let trust = read_trust(&state_dir, imports);
         let mut nets = networks(&ctx.network, imports, quic);
-        for (name, gateways) in siblings {
+        for (name, gateways) in &siblings.others {
             if !nets.iter().any(|n| &n.name == name) {
                 nets.push(NetworkInput {
                     name: name.clone(),
@@ -138,7 +157,7 @@ pub fn spawn_builder(
                 });
             }
         }
-        let (snap, warnings) = resources::build(&ctx, config, &trust, &nets);
+        let (snap, warnings) = resources::build(ctx, config, &trust, &nets);
         (snap.with_created(Instant::now()), warnings)
     };
     let (first, warnings) = build(

@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 
@@ -23,7 +24,8 @@ pub(super) struct OpenedRemote {
 /// or in Kubernetes mode the API its kubeconfig names. A Kubernetes
 /// remote's network (the network of its pods) is the
 /// `topology.istio.io/network` label of its `strait-system` Namespace when
-/// it starts (default: this cluster's).
+/// its API is first read (default: this cluster's); that API need not be
+/// up for this to return ([`follow_kube_remote`]).
 pub(super) async fn open_remotes(cfg: &AppConfig) -> Result<Vec<OpenedRemote>, AppError> {
     let mut out = Vec::new();
     for r in &cfg.remotes {
@@ -40,17 +42,7 @@ pub(super) async fn open_remotes(cfg: &AppConfig) -> Result<Vec<OpenedRemote>, A
             ),
             ConfigSource::Kube => {
                 let client = kube_client(&r.config_dir).await.map_err(&flag)?;
-                let network = kube_network(&client, &cfg.network).await.map_err(&flag)?;
-                tracing::info!(cluster = %r.name, %network, "reading a remote cluster from its Kubernetes API");
-                let rx = crate::kube::watch_kube(
-                    client.clone(),
-                    crate::kube::KubeOptions {
-                        cluster: r.name.to_string(),
-                        network,
-                    },
-                )
-                .await
-                .map_err(|e| flag(e.into()))?;
+                let rx = follow_kube_remote(r.name.clone(), client.clone(), cfg.network.clone());
                 (rx, Some(client))
             }
         };
@@ -61,6 +53,64 @@ pub(super) async fn open_remotes(cfg: &AppConfig) -> Result<Vec<OpenedRemote>, A
         });
     }
     Ok(out)
+}
+
+/// The first wait before a remote's API is tried again, doubling up to
+/// [`REMOTE_RETRY_MAX`].
+const REMOTE_RETRY: Duration = Duration::from_secs(1);
+const REMOTE_RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// A Kubernetes remote's config, from its API: empty until the API has
+/// been read once, then kept current (its watchers ride out later
+/// outages, keeping the last config). The API need not be reachable now:
+/// a remote's API down must not keep the primary from serving its own
+/// cluster (istiod refuses to start then, istio#33564), so its network and
+/// first listing are tried in the background, again with backoff until
+/// they succeed. Stops when every receiver is dropped.
+fn follow_kube_remote(
+    name: strait_ca::ClusterName,
+    client: ::kube::Client,
+    default_network: String,
+) -> watch::Receiver<Arc<Config>> {
+    let (tx, rx) = watch::channel(Arc::new(Config::default()));
+    tokio::spawn(async move {
+        let mut delay = REMOTE_RETRY;
+        let mut config = loop {
+            let attempt = async {
+                let network = kube_network(&client, &default_network).await?;
+                tracing::info!(cluster = %name, %network, "reading a remote cluster from its Kubernetes API");
+                let opts = crate::kube::KubeOptions {
+                    cluster: name.to_string(),
+                    network,
+                };
+                Ok::<_, RemoteError>(crate::kube::watch_kube(client.clone(), opts).await?)
+            };
+            let error = tokio::select! {
+                r = attempt => match r {
+                    Ok(config) => break config,
+                    Err(e) => e,
+                },
+                () = tx.closed() => return,
+            };
+            tracing::warn!(
+                cluster = %name, error = %error, retry_in = ?delay,
+                "remote cluster's Kubernetes API not read; served without its config until it is"
+            );
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = tx.closed() => return,
+            }
+            delay = (delay * 2).min(REMOTE_RETRY_MAX);
+        };
+        loop {
+            tx.send_replace(config.borrow_and_update().clone());
+            tokio::select! {
+                r = config.changed() => if r.is_err() { return },
+                () = tx.closed() => return,
+            }
+        }
+    });
+    rx
 }
 
 /// A client of the API a kubeconfig file names (its current context).
@@ -112,7 +162,7 @@ pub(super) fn spawn_views(
     if remotes.is_empty() {
         // No siblings, ever: the sender goes, which the builder takes as
         // "no more changes".
-        let (_, siblings) = watch::channel(Siblings::new());
+        let (_, siblings) = watch::channel(Siblings::default());
         return vec![(me.name.to_string(), me.network.to_string(), own, siblings)];
     }
     let mut configs = vec![own];
@@ -147,7 +197,11 @@ pub(super) fn spawn_views(
                 for w in warnings {
                     tracing::warn!(cluster = %m[i].info.name, warning = %w, "served cluster view");
                 }
-                (v, sibling_networks(m, i))
+                let siblings = Siblings {
+                    network: Some(m[i].info.network.to_string()),
+                    others: sibling_networks(m, i),
+                };
+                (v, siblings)
             })
             .collect()
     };
