@@ -42,7 +42,7 @@ const CRDS: [&str; 3] = [
 
 /// The directory `scripts/tools.sh` links the built tools into
 /// (`$STRAIT_TOOLS/bin`, default `~/.cache/strait/tools/bin`).
-fn tools_bin() -> PathBuf {
+pub fn tools_bin() -> PathBuf {
     match std::env::var_os("STRAIT_TOOLS") {
         Some(dir) => PathBuf::from(dir).join("bin"),
         None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default())

@@ -172,11 +172,7 @@ fn health_status(netns: Option<&str>, url: &str, ca: Option<&Path>) -> Option<u1
 /// HTTPS GET of `host:port/path` (an IP address), the server verified
 /// against the CA in `ca` (PEM); the status code.
 fn https_status(rest: &str, ca: &Path, timeout: Duration) -> Option<u16> {
-    use std::io::{Read, Write};
-    let (hostport, path) = rest
-        .split_once('/')
-        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
-    let addr: std::net::SocketAddr = hostport.parse().ok()?;
+    let (addr, hostport, path) = target_of(rest)?;
     let pem = std::fs::read(ca).ok()?;
     let mut roots = rustls::RootCertStore::empty();
     for der in strait_ca::pemfile::parse_certificates(&pem).ok()? {
@@ -189,17 +185,38 @@ fn https_status(rest: &str, ca: &Path, timeout: Duration) -> Option<u16> {
         .with_no_client_auth();
     let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
     let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).ok()?;
-    let tcp = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
-    tcp.set_read_timeout(Some(timeout)).ok()?;
-    tcp.set_write_timeout(Some(timeout)).ok()?;
-    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let tcp = connect(addr, timeout)?;
+    get_status(rustls::StreamOwned::new(conn, tcp), hostport, &path)
+}
+
+/// `host:port/path` split: the address, `host:port`, and `/path`.
+fn target_of(rest: &str) -> Option<(std::net::SocketAddr, &str, String)> {
+    let (hostport, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    Some((hostport.parse().ok()?, hostport, path))
+}
+
+fn connect(addr: std::net::SocketAddr, timeout: Duration) -> Option<std::net::TcpStream> {
+    let s = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    s.set_write_timeout(Some(timeout)).ok()?;
+    Some(s)
+}
+
+/// `GET path` on `s` (HTTP/1.1, then closed): the status code.
+fn get_status(
+    mut s: impl std::io::Read + std::io::Write,
+    hostport: &str,
+    path: &str,
+) -> Option<u16> {
     write!(
-        tls,
+        s,
         "GET {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
     let mut buf = [0u8; 64];
-    let n = tls.read(&mut buf).ok()?;
+    let n = s.read(&mut buf).ok()?;
     let head = std::str::from_utf8(&buf[..n]).ok()?;
     head.split_whitespace().nth(1)?.parse().ok()
 }
@@ -212,24 +229,8 @@ pub fn http_status_in(netns: Option<&str>, url: &str, timeout: Duration) -> Opti
 
 /// HTTP GET of `url` (plain `http://host:port/path`); the status code.
 pub fn http_status(url: &str, timeout: Duration) -> Option<u16> {
-    use std::io::{Read, Write};
-    let rest = url.strip_prefix("http://")?;
-    let (hostport, path) = rest
-        .split_once('/')
-        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
-    let addr: std::net::SocketAddr = hostport.parse().ok()?;
-    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
-    s.set_read_timeout(Some(timeout)).ok()?;
-    s.set_write_timeout(Some(timeout)).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = [0u8; 64];
-    let n = s.read(&mut buf).ok()?;
-    let head = std::str::from_utf8(&buf[..n]).ok()?;
-    head.split_whitespace().nth(1)?.parse().ok()
+    let (addr, hostport, path) = target_of(url.strip_prefix("http://")?)?;
+    get_status(connect(addr, timeout)?, hostport, &path)
 }
 
 /// HTTP GET of `url` (plain `http://host:port/path`): the status code and

@@ -18,13 +18,10 @@ use super::free_port;
 /// 2-core machine (the API server installs its built-in objects first).
 const READY: Duration = Duration::from_secs(120);
 
-/// The directory `scripts/tools.sh` links the built tools into.
+/// The directory `scripts/tools.sh` links the built tools into (the
+/// lab's `--kube` looks in the same place).
 fn tools_bin() -> PathBuf {
-    match std::env::var_os("STRAIT_TOOLS") {
-        Some(dir) => PathBuf::from(dir).join("bin"),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-            .join(".cache/strait/tools/bin"),
-    }
+    strait::lab::kube::tools_bin()
 }
 
 /// The path of tool `name`, or why the tier cannot run. Under `CI=true`

@@ -251,15 +251,7 @@ async fn a_real_api_server_takes_what_kubernetes_mode_writes_and_reviews_real_to
     reviews_running(&api);
 
     let broker = Broker::start(&s.path("broker"), TD);
-    let east = ControlPlane::start_with(
-        &s,
-        &broker,
-        "east",
-        "net-east",
-        "192.0.2.10:15443",
-        Some(&api.kubeconfig),
-        &[],
-    );
+    let east = ControlPlane::east_on_kube(&s, &broker, &api.kubeconfig, &[]);
     let west = ControlPlane::start(&s, &broker, "west", "net-west", "192.0.2.20:15443");
     put(
         &west.config,

@@ -73,6 +73,21 @@ fn running(api: &ApiServer, ns: &str, name: &str, ip: &str) {
     assert_eq!(code, 0, "pod {ns}/{name} status: {err}");
 }
 
+/// The CRDs, namespaces `bookinfo` and `demo`, and `reviews` (exported)
+/// with one running pod at 10.1.0.5: where most tests here start.
+fn bookinfo_reviews(api: &ApiServer) {
+    api.install_crds();
+    api.apply(&namespace("bookinfo", "bookinfo-reviews"));
+    api.apply(&namespace("demo", "echo"));
+    serve(
+        api,
+        "bookinfo",
+        "reviews",
+        "bookinfo-reviews",
+        &["10.1.0.5"],
+    );
+}
+
 /// [`service`] applied, its pods running.
 fn serve(api: &ApiServer, ns: &str, name: &str, sa: &str, addresses: &[&str]) {
     api.apply(&service(ns, name, sa, addresses));
@@ -126,27 +141,10 @@ async fn an_api_server_restart_keeps_discovery_and_the_watches_resume() {
     let Some(mut api) = ApiServer::start(&s.path("kube")) else {
         return;
     };
-    api.install_crds();
-    api.apply(&namespace("bookinfo", "bookinfo-reviews"));
-    api.apply(&namespace("demo", "echo"));
-    serve(
-        &api,
-        "bookinfo",
-        "reviews",
-        "bookinfo-reviews",
-        &["10.1.0.5"],
-    );
+    bookinfo_reviews(&api);
 
     let broker = Broker::start(&s.path("broker"), TD);
-    let mut east = ControlPlane::start_with(
-        &s,
-        &broker,
-        "east",
-        "net-east",
-        "192.0.2.10:15443",
-        Some(&api.kubeconfig),
-        &[],
-    );
+    let mut east = ControlPlane::east_on_kube(&s, &broker, &api.kubeconfig, &[]);
     let west = ControlPlane::start(&s, &broker, "west", "net-west", "192.0.2.20:15443");
     let identity = east
         .certificate("bookinfo", "bookinfo-reviews", "reviews-v0")
@@ -280,15 +278,7 @@ async fn a_watch_answered_410_gone_relists_and_converges() {
         &["10.1.0.7"],
     );
     let broker = Broker::start(&s.path("broker"), TD);
-    let east = ControlPlane::start_with(
-        &s,
-        &broker,
-        "east",
-        "net-east",
-        "192.0.2.10:15443",
-        Some(&api.kubeconfig),
-        &[],
-    );
+    let east = ControlPlane::east_on_kube(&s, &broker, &api.kubeconfig, &[]);
     let identity = east
         .certificate("bookinfo", "bookinfo-reviews", "reviews-v0")
         .await;
@@ -408,28 +398,16 @@ async fn a_remote_clusters_api_server_down_leaves_the_primary_serving() {
     let Some((api, mut remote)) = two_api_servers(&s) else {
         return;
     };
-    api.install_crds();
-    api.apply(&namespace("bookinfo", "bookinfo-reviews"));
-    api.apply(&namespace("demo", "echo"));
-    serve(
-        &api,
-        "bookinfo",
-        "reviews",
-        "bookinfo-reviews",
-        &["10.1.0.5"],
-    );
+    bookinfo_reviews(&api);
     remote_objects(&remote);
     remote.stop();
 
     let broker = Broker::start(&s.path("broker"), TD);
     let west = ControlPlane::start(&s, &broker, "west", "net-west", "192.0.2.20:15443");
-    let east = ControlPlane::start_with(
+    let east = ControlPlane::east_on_kube(
         &s,
         &broker,
-        "east",
-        "net-east",
-        "192.0.2.10:15443",
-        Some(&api.kubeconfig),
+        &api.kubeconfig,
         &[
             "--remote".to_string(),
             format!("remote={}", remote.kubeconfig.display()),
@@ -650,13 +628,10 @@ metadata: {name: loopback, namespace: default}\naddressType: IPv4\nendpoints: [{
     api.apply(&namespace("plain", "web"));
 
     let broker = Broker::start(&s.path("broker"), TD);
-    let mut east = ControlPlane::start_with(
+    let mut east = ControlPlane::east_on_kube(
         &s,
         &broker,
-        "east",
-        "net-east",
-        "192.0.2.10:15443",
-        Some(&api.kubeconfig),
+        &api.kubeconfig,
         &[
             "--inject-listen".to_string(),
             format!("{cluster_ip}:15017"),

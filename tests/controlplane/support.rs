@@ -65,6 +65,26 @@ pub(crate) struct ControlPlane {
 }
 
 impl ControlPlane {
+    /// The `east` control plane (gateway `192.0.2.10:15443`) in
+    /// Kubernetes mode against the API server `kubeconfig` names, with
+    /// `extra` flags: how the real-API tests run it.
+    pub(crate) fn east_on_kube(
+        s: &Scratch,
+        broker: &Broker,
+        kubeconfig: &Path,
+        extra: &[String],
+    ) -> Self {
+        Self::start_with(
+            s,
+            broker,
+            "east",
+            "net-east",
+            "192.0.2.10:15443",
+            Some(kubeconfig),
+            extra,
+        )
+    }
+
     /// Joins `cluster` to `broker` (first start) and waits until ready.
     pub(crate) fn start(
         s: &Scratch,

@@ -107,13 +107,10 @@ async fn the_control_plane_as_its_service_account_with_the_manifests_rbac() {
 
     let broker = Broker::start(&s.path("broker"), TD);
     let inject = format!("127.0.0.1:{}", free_port());
-    let east = ControlPlane::start_with(
+    let east = ControlPlane::east_on_kube(
         &s,
         &broker,
-        "east",
-        "net-east",
-        "192.0.2.10:15443",
-        Some(&kubeconfig),
+        &kubeconfig,
         &["--inject-listen".into(), inject],
     );
     let west = ControlPlane::start(&s, &broker, "west", "net-west", "192.0.2.20:15443");

@@ -70,13 +70,10 @@ async fn the_roots_config_map_follows_a_root_rotation() {
         apply_value(&api, &d);
     }
     let broker = Broker::start(&s.path("broker"), TD);
-    let east = ControlPlane::start_with(
+    let east = ControlPlane::east_on_kube(
         &s,
         &broker,
-        "east",
-        "net-east",
-        "192.0.2.10:15443",
-        Some(&api.kubeconfig),
+        &api.kubeconfig,
         &[
             "--inject-listen".into(),
             format!("127.0.0.1:{}", free_port()),

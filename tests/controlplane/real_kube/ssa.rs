@@ -81,15 +81,7 @@ async fn imports_follow_server_side_apply_and_go_when_unexported() {
     api.apply(LOCAL_ECHO);
     api.apply(THEIRS);
     let broker = Broker::start(&s.path("broker"), TD);
-    let east = ControlPlane::start_with(
-        &s,
-        &broker,
-        "east",
-        "net-east",
-        "192.0.2.10:15443",
-        Some(&api.kubeconfig),
-        &[],
-    );
+    let east = ControlPlane::east_on_kube(&s, &broker, &api.kubeconfig, &[]);
     let west = ControlPlane::start(&s, &broker, "west", "net-west", "192.0.2.20:15443");
     west_echo(&west, 8080, true);
 

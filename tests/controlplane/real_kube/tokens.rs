@@ -139,15 +139,7 @@ async fn token_review_refuses_foreign_expired_and_invalidated_tokens() {
     };
     api.apply(OBJECTS);
     let broker = Broker::start(&s.path("broker"), TD);
-    let east = ControlPlane::start_with(
-        &s,
-        &broker,
-        "east",
-        "net-east",
-        "192.0.2.10:15443",
-        Some(&api.kubeconfig),
-        &[],
-    );
+    let east = ControlPlane::east_on_kube(&s, &broker, &api.kubeconfig, &[]);
     let reviews = format!("spiffe://{TD}/ns/bookinfo/sa/bookinfo-reviews");
 
     // The account's own token: its identity; for another account: no.
