@@ -24,7 +24,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-use super::plan::{APP_PORT, Cluster, Component, INBOUND_PORT, Lab, NAMESPACE};
+use super::plan::{APP_PORT, Cluster, Component, GATEWAY_PORT, INBOUND_PORT, Lab, NAMESPACE};
 use super::s;
 
 /// The host number of the API server (and etcd) in a cluster's block.
@@ -330,7 +330,7 @@ pub fn install(lab: &Lab, c: &Cluster) -> Result<()> {
         .collect();
     apply(c, &objects_yaml(c, &others))?;
     if c.role == "remote" {
-        apply(c, &c.network_yaml())?;
+        remote_gateway(c)?;
     }
     for w in &c.workloads {
         let status = format!(
@@ -353,6 +353,43 @@ pub fn install(lab: &Lab, c: &Cluster) -> Result<()> {
             None,
         )?;
     }
+    Ok(())
+}
+
+/// A remote cluster's network and gateway, as its primary's control
+/// plane discovers them: the system namespace and the gateway Service
+/// labelled with the network, the gateway's address in the Service's
+/// load-balancer status, as a cloud's load-balancer controller would set
+/// it. (The directory lab's `spec.externalIPs` cannot be used here: the
+/// API server refuses loopback external IPs.)
+fn remote_gateway(c: &Cluster) -> Result<()> {
+    let yaml = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: strait-system\n  labels: {{topology.istio.io/network: {net}}}\n---\n\
+apiVersion: v1\nkind: Service\nmetadata:\n  name: eastwest-gateway\n  namespace: strait-system\n  labels: {{topology.istio.io/network: {net}}}\n\
+spec:\n  type: LoadBalancer\n  ports:\n  - {{name: tls, port: {port}}}\n",
+        net = c.network,
+        port = GATEWAY_PORT,
+    );
+    apply(c, &yaml)?;
+    let status = format!(
+        r#"{{"status":{{"loadBalancer":{{"ingress":[{{"ip":"{}"}}]}}}}}}"#,
+        c.gw_ip()
+    );
+    kubectl(
+        c,
+        &[
+            "patch",
+            "service",
+            "eastwest-gateway",
+            "-n",
+            "strait-system",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status,
+        ],
+        None,
+    )?;
     Ok(())
 }
 
