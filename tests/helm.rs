@@ -14,7 +14,8 @@
 //! - `helm install` into a real API server (CRDs from the chart) is
 //!   accepted object by object, with the manifest's ClusterRole; an
 //!   upgrade to topology remote leaves the account the primary reads
-//!   that cluster with, allowed exactly what the control plane watches.
+//!   that cluster with, allowed exactly what the control plane watches
+//!   and the review of that cluster's tokens.
 //!
 //! Each test skips with one line when helm (or kubernetes-validate) is
 //! missing, and fails under `CI=true`.
@@ -381,7 +382,22 @@ fn topology_specifics(rendered: &BTreeMap<&str, Vec<Value>>) {
     }
     let gw = argv(remote, "Deployment", "eastwest-gateway");
     assert!(has(&gw, "--control-plane=172.18.0.2:31012"), "{gw:?}");
-    assert!(has(&gw, "--token=/var/run/secrets/strait/token"), "{gw:?}");
+    assert!(
+        has(&gw, "--token=/var/run/secrets/tokens/istio-token"),
+        "a remote's gateway authenticates with its own account's token: {gw:?}"
+    );
+    // The remote's sidecars reach the primary's control plane by the name
+    // every cluster uses.
+    let cp = find(remote, "Service", "controlplane").expect("Service controlplane");
+    assert!(cp["spec"]["selector"].is_null(), "{cp}");
+    assert_eq!(cp["spec"]["ports"][0]["port"], 15012);
+    let slice = find(remote, "EndpointSlice", "controlplane-primary").expect("its EndpointSlice");
+    assert_eq!(
+        slice["metadata"]["labels"]["kubernetes.io/service-name"],
+        "controlplane"
+    );
+    assert_eq!(slice["endpoints"][0]["addresses"][0], "172.18.0.2");
+    assert_eq!(slice["ports"][0]["port"], 31012);
     let svc = find(remote, "Service", "eastwest-gateway").unwrap();
     assert_eq!(
         svc["metadata"]["labels"][strait_controlplane::remote::NETWORK_LABEL],
@@ -629,15 +645,126 @@ fn helm_install_into_a_real_api_server() {
         can(&api, reader, "patch", "configmaps"),
         "the roots' ConfigMaps"
     );
+    assert!(
+        can(&api, reader, "create", "tokenreviews.authentication.k8s.io"),
+        "the remote's proxies' tokens"
+    );
     for (verb, resource) in [
         ("patch", "serviceentries.networking.istio.io"),
-        ("create", "tokenreviews.authentication.k8s.io"),
         ("get", "secrets"),
         ("delete", "configmaps"),
     ] {
         assert!(
             !can(&api, reader, verb, resource),
             "{reader} may {verb} {resource}"
+        );
+    }
+}
+
+/// `deploy/multicluster/kind/up.sh TOPOLOGY --render DIR`: the releases
+/// the kind scripts install, rendered with placeholder addresses and
+/// tokens. They cannot run here (kind needs pulled node images), but what
+/// they apply is this chart with the examples' values, and it is checked
+/// here: valid objects, strait containers that parse, and per topology
+/// the parts each cluster needs.
+#[test]
+fn the_kind_scripts_install_valid_releases_of_this_chart() {
+    let Some(helm) = Helm::find() else { return };
+    let Some(()) = kubernetes_validate() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let tools = helm.bin.parent().unwrap().to_path_buf();
+    let path = format!("{}:{}", tools.display(), std::env::var("PATH").unwrap());
+    let mut files = Vec::new();
+    let mut rendered = BTreeMap::new();
+    for t in ["multi-primary", "primary-remote", "federated"] {
+        let out = Command::new("bash")
+            .arg(Path::new(ROOT).join("deploy/multicluster/kind/up.sh"))
+            .args([t, "--render"])
+            .arg(dir.path())
+            .env("PATH", &path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "up.sh {t} --render: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for c in ["east", "west"] {
+            let file = dir.path().join(format!("{t}-{c}.yaml"));
+            let objs = docs(&std::fs::read_to_string(&file).unwrap());
+            for d in &objs {
+                let kind = d["kind"].as_str().unwrap();
+                if matches!(kind, "Deployment" | "StatefulSet") {
+                    let name = d["metadata"]["name"].as_str().unwrap();
+                    let a = argv(&objs, kind, name);
+                    if let Err(e) = strait::cli::commands::Cli::try_parse_from(&a) {
+                        panic!("{t} {c}: {kind} {name}: {a:?} does not parse:\n{e}");
+                    }
+                }
+            }
+            files.push(file);
+            rendered.insert(format!("{t}-{c}"), objs);
+        }
+    }
+    validate(&files);
+
+    let data = |release: &str, cm: &str, key: &str| -> String {
+        let objs = &rendered[release];
+        let m = find(objs, "ConfigMap", cm).unwrap_or_else(|| panic!("{release}: ConfigMap {cm}"));
+        m["data"][key].as_str().unwrap().to_string()
+    };
+    let has =
+        |release: &str, kind: &str, name: &str| find(&rendered[release], kind, name).is_some();
+    // multi-primary: the broker in east only; a control plane, a gateway
+    // and a join token in both.
+    assert!(has("multi-primary-east", "StatefulSet", "strait-broker"));
+    assert!(!has("multi-primary-west", "StatefulSet", "strait-broker"));
+    for c in ["east", "west"] {
+        let r = format!("multi-primary-{c}");
+        assert!(has(&r, "StatefulSet", "strait-controlplane"), "{r}");
+        assert!(has(&r, "Secret", "strait-join"), "{r}");
+        assert_eq!(data(&r, "strait-mesh", "cluster"), c);
+        assert_eq!(data(&r, "strait-mesh", "network"), format!("net-{c}"));
+    }
+    // primary-remote: east serves west with the kubeconfig Secret the
+    // script makes; west runs the gateway and points its sidecars at
+    // east's exposed control plane.
+    let cp = argv(
+        &rendered["primary-remote-east"],
+        "StatefulSet",
+        "strait-controlplane",
+    );
+    assert!(
+        cp.iter()
+            .any(|a| a == "--remote=west=/etc/strait/remotes/west/kubeconfig"),
+        "{cp:?}"
+    );
+    assert!(!has(
+        "primary-remote-west",
+        "StatefulSet",
+        "strait-controlplane"
+    ));
+    assert!(has("primary-remote-west", "Deployment", "eastwest-gateway"));
+    assert!(has(
+        "primary-remote-west",
+        "EndpointSlice",
+        "controlplane-primary"
+    ));
+    // federated: a broker per cluster, each its own trust domain and mesh
+    // name, with the peer API.
+    for (c, mesh) in [("east", "a"), ("west", "b")] {
+        let r = format!("federated-{c}");
+        assert_eq!(
+            data(&r, "strait-broker", "trust-domain"),
+            format!("mesh-{mesh}.local")
+        );
+        let broker = argv(&rendered[&r], "StatefulSet", "strait-broker");
+        assert!(
+            broker.iter().any(|a| a == &format!("--mesh-name={mesh}"))
+                && broker.iter().any(|a| a == "--peer-listen=0.0.0.0:15013"),
+            "{r}: {broker:?}"
         );
     }
 }

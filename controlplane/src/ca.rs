@@ -18,7 +18,7 @@ use strait_ca::authority::{self, IssueError, KeyAlgorithm};
 use strait_ca::{AnyIdentityInTrustDomain, Authority, Csr, TrustDomain};
 use time::OffsetDateTime;
 
-pub use service::{CaError, TtlPolicy, WorkloadCa};
+pub use service::{CaError, TokenReviewers, TtlPolicy, WorkloadCa};
 pub use strait_ca::control_plane_id;
 pub use token::{Claims, TOKEN_KEY_FILE, TokenError, TokenIssuer, TokenKeyError};
 

@@ -351,7 +351,10 @@ async fn service_account_tokens_are_checked_with_a_token_review() {
         &mut prometheus_client::registry::Registry::default(),
     )
     .unwrap()
-    .with_token_review(client(&url));
+    .with_token_review(strait_controlplane::ca::TokenReviewers::new(
+        "east",
+        client(&url),
+    ));
     let reviews = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews";
 
     // The account the API server names gets its certificate.
@@ -417,7 +420,10 @@ async fn service_account_tokens_are_checked_with_a_token_review() {
         &mut prometheus_client::registry::Registry::default(),
     )
     .unwrap()
-    .with_token_review(client("http://127.0.0.1:9"));
+    .with_token_review(strait_controlplane::ca::TokenReviewers::new(
+        "east",
+        client("http://127.0.0.1:9"),
+    ));
     let err = ask(&down, reviews, "reviews-token").await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
 }

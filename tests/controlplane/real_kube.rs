@@ -12,10 +12,13 @@
 //!   tokens;
 //! - [`ssa`]: server-side apply of imports next to another field manager,
 //!   and their deletion when the export goes;
+//! - [`remote_tokens`]: a primary reviews its remote clusters' tokens
+//!   with their API servers;
 //! - [`roots`]: the roots ConfigMap and the webhook's caBundle through a
 //!   root rotation.
 
 mod rbac;
+mod remote_tokens;
 mod roots;
 mod ssa;
 mod tokens;

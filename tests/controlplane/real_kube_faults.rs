@@ -363,7 +363,7 @@ fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
 }
 
 /// The remote cluster's own objects: its network, and ratings with a pod.
-fn remote_objects(api: &ApiServer) {
+pub(crate) fn remote_objects(api: &ApiServer) {
     api.apply(
         "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: strait-system\n  labels: {topology.istio.io/network: net-remote}\n",
     );
@@ -378,7 +378,7 @@ fn remote_objects(api: &ApiServer) {
 }
 
 /// Both API servers at once (each takes seconds to start).
-fn two_api_servers(s: &Scratch) -> Option<(ApiServer, ApiServer)> {
+pub(crate) fn two_api_servers(s: &Scratch) -> Option<(ApiServer, ApiServer)> {
     let (own, remote) = std::thread::scope(|scope| {
         let own = scope.spawn(|| ApiServer::start(&s.path("kube-east")));
         let remote = scope.spawn(|| ApiServer::start(&s.path("kube-remote")));

@@ -49,7 +49,7 @@ mod serving;
 
 pub use inject::InjectServe;
 pub use inputs::{Siblings, networks, read_trust, spawn_builder, trust_stamp};
-use remotes::{open_remotes, spawn_views};
+use remotes::{open_remotes, spawn_views, token_reviewers};
 pub use serving::{ServingCert, issue_serving, load_authority, renew_serving, server_tls};
 use serving::{refresh_trust, reload_authority};
 
@@ -624,6 +624,7 @@ pub async fn run(
     let me = link::cluster_info(&info, &cfg.gateways)?;
     let remotes = open_remotes(&cfg).await?;
     let roots_targets = roots_targets(kube_client.as_ref(), &config, &remotes);
+    let reviewers = token_reviewers(&cfg.cluster, kube_client.as_ref(), &remotes);
     let remotes: Vec<_> = remotes.into_iter().map(|r| (r.name, r.config)).collect();
     let debug_configs: debug::Configs = std::iter::once((cfg.cluster.clone(), config.clone()))
         .chain(remotes.iter().map(|(n, rx)| (n.to_string(), rx.clone())))
@@ -668,8 +669,8 @@ pub async fn run(
     )
     .with_clusters(&cfg.cluster, remote_snapshots);
     let ca = workload_ca(&cfg, authority, trust.clone(), &mut registry)?;
-    let ca = match kube_client {
-        Some(client) => ca.with_token_review(client),
+    let ca = match reviewers {
+        Some(reviewers) => ca.with_token_review(reviewers),
         None => ca,
     };
 

@@ -251,3 +251,21 @@ pub(super) fn spawn_views(
     });
     out
 }
+
+/// Kubernetes mode: the API servers that review service-account tokens
+/// (this cluster's, and each remote cluster's for its own proxies).
+pub(super) fn token_reviewers(
+    cluster: &impl std::fmt::Display,
+    own: Option<&::kube::Client>,
+    remotes: &[OpenedRemote],
+) -> Option<crate::ca::TokenReviewers> {
+    let reviewers = crate::ca::TokenReviewers::new(cluster.to_string(), own?.clone());
+    Some(
+        remotes
+            .iter()
+            .fold(reviewers, |r, remote| match &remote.api {
+                Some(api) => r.with_remote(remote.name.to_string(), api.clone()),
+                None => r,
+            }),
+    )
+}

@@ -11,8 +11,9 @@
 //! - in Kubernetes mode ([`WorkloadCa::with_token_review`]), the bearer may
 //!   instead be a Kubernetes service-account token for the audience
 //!   [`KUBE_AUDIENCE`] (as Istio's proxies send it), checked with a
-//!   `TokenReview`; the caller gets `spiffe://<td>/ns/<ns>/sa/<sa>` of the
-//!   account the API server names.
+//!   `TokenReview` by the API server of the caller's cluster (a primary's
+//!   remote clusters' too: [`TokenReviewers`]); the caller gets
+//!   `spiffe://<td>/ns/<ns>/sa/<sa>` of the account that API server names.
 //!
 //! The CSR must prove possession of its key and ask for exactly that
 //! identity as its only SAN. The authority is swappable at run time: the
@@ -40,6 +41,7 @@ use time::OffsetDateTime;
 use tonic::{Code, Request, Response, Status};
 
 use super::token::TokenIssuer;
+pub use review::TokenReviewers;
 
 /// The largest request the service decodes (a CSR is under 2 KiB).
 pub const MAX_REQUEST_BYTES: usize = 128 * 1024;
@@ -193,9 +195,9 @@ struct Inner {
     trust_domain: TrustDomain,
     trust: Trust,
     tokens: Option<TokenIssuer>,
-    /// Kubernetes mode: service-account tokens are checked with this
-    /// client's TokenReview.
-    token_review: std::sync::OnceLock<::kube::Client>,
+    /// Kubernetes mode: service-account tokens are checked with these
+    /// API servers' TokenReview.
+    token_review: std::sync::OnceLock<TokenReviewers>,
     ttl: TtlPolicy,
     metrics: Metrics,
 }
@@ -249,9 +251,9 @@ impl WorkloadCa {
     }
 
     /// Also accepts Kubernetes service-account tokens, checked with a
-    /// `TokenReview` through `client` (set once; later calls are ignored).
-    pub fn with_token_review(self, client: ::kube::Client) -> Self {
-        let _ = self.inner.token_review.set(client);
+    /// `TokenReview` by `reviewers` (set once; later calls are ignored).
+    pub fn with_token_review(self, reviewers: TokenReviewers) -> Self {
+        let _ = self.inner.token_review.set(reviewers);
         self
     }
 
@@ -262,64 +264,13 @@ impl WorkloadCa {
         &self,
         peer_certs: Option<&[CertificateDer<'_>]>,
         authorization: Option<&'a [u8]>,
-    ) -> Option<(&::kube::Client, &'a str)> {
+    ) -> Option<(&TokenReviewers, &'a str)> {
         let client = self.inner.token_review.get()?;
         if peer_certs.is_some_and(|c| !c.is_empty()) {
             return None;
         }
         let token = bearer_token(authorization?).ok()?;
         (!token.starts_with(super::token::PREFIX)).then_some((client, token))
-    }
-
-    /// The identity of a Kubernetes service-account token, asked of the
-    /// API server.
-    async fn review(&self, client: &::kube::Client, token: &str) -> Result<SpiffeId, Refusal> {
-        use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
-        let api: ::kube::Api<TokenReview> = ::kube::Api::all(client.clone());
-        let ask = TokenReview {
-            spec: TokenReviewSpec {
-                token: Some(token.to_string()),
-                audiences: Some(vec![KUBE_AUDIENCE.to_string()]),
-            },
-            ..Default::default()
-        };
-        let answer = api
-            .create(&::kube::api::PostParams::default(), &ask)
-            .await
-            .map_err(|e| {
-                Refusal::new(
-                    Code::Unavailable,
-                    "token_review_failed",
-                    format!("the Kubernetes API could not review the token: {e}"),
-                )
-            })?;
-        let status = answer.status.unwrap_or_default();
-        let refused = |why: String| {
-            Refusal::new(
-                Code::Unauthenticated,
-                "bad_token",
-                format!("Kubernetes token refused: {why}"),
-            )
-        };
-        if status.authenticated != Some(true) {
-            return Err(refused(
-                status
-                    .error
-                    .filter(|e| !e.is_empty())
-                    .unwrap_or_else(|| "not authenticated by the API server".to_string()),
-            ));
-        }
-        if let Some(audiences) = status.audiences.filter(|a| !a.is_empty())
-            && !audiences.iter().any(|a| a == KUBE_AUDIENCE)
-        {
-            return Err(refused(format!(
-                "issued for audiences {audiences:?}, not {KUBE_AUDIENCE:?}"
-            )));
-        }
-        let username = status.user.and_then(|u| u.username).unwrap_or_default();
-        let (ns, sa) = service_account_of(&username).map_err(|e| refused(e.to_string()))?;
-        SpiffeId::workload(&self.inner.trust_domain, ns, sa)
-            .map_err(|e| refused(format!("{username}: {e}")))
     }
 
     /// Signs with `authority` from now on (the intermediate was renewed).
@@ -470,10 +421,16 @@ impl WorkloadCa {
         let certs = certs.as_deref().map(Vec::as_slice);
         let authorization = req.metadata().get("authorization").map(|v| v.as_bytes());
         let (id, method) = match self.kube_token(certs, authorization) {
-            Some((client, token)) => (
-                self.review(client, token).await?,
-                AuthMethod::KubernetesToken,
-            ),
+            Some((reviewers, token)) => {
+                let cluster = req
+                    .metadata()
+                    .get(review::CLUSTER_ID)
+                    .and_then(|v| v.to_str().ok());
+                let id = reviewers
+                    .review(&self.inner.trust_domain, cluster, token)
+                    .await?;
+                (id, AuthMethod::KubernetesToken)
+            }
             None => self.authenticate(certs, authorization, now)?,
         };
         let body = req.get_ref();
@@ -646,5 +603,6 @@ fn issue_refusal(e: &IssueError) -> Refusal {
     }
 }
 
+mod review;
 #[cfg(test)]
 mod tests;
