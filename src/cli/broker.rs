@@ -18,20 +18,28 @@ use super::{UsageError, parse_duration};
 /// --root gives one) and writes admin credentials to DIR/admin/
 /// (cert-chain.pem, key.pem, root-cert.pem) for straitctl.
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:
+#[command(
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    after_help = "Examples:
   strait broker --data-dir /var/lib/strait-broker --listen 0.0.0.0:15011 \\
       --trust-domain example.org --health-listen 0.0.0.0:15021 --metrics-listen 0.0.0.0:15090
-  straitctl --broker 127.0.0.1:15011 --creds /var/lib/strait-broker/admin cluster add east --network net-east")]
+  straitctl --broker 127.0.0.1:15011 --creds /var/lib/strait-broker/admin cluster add east --network net-east
+  strait broker migrate --from redb:/var/lib/strait-broker/broker.redb \\
+      --to etcd://10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379 --mesh-name example.org"
+)]
 pub struct BrokerArgs {
+    #[command(subcommand)]
+    command: Option<BrokerCommand>,
     /// Directory for the store, the root (unless --root) and admin credentials.
-    #[arg(long, value_name = "DIR")]
-    data_dir: PathBuf,
+    #[arg(long, value_name = "DIR", required = true)]
+    data_dir: Option<PathBuf>,
     /// Address of the cluster and admin API.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15011")]
     listen: SocketAddr,
     /// Trust domain of the mesh.
-    #[arg(long, value_name = "TD")]
-    trust_domain: TrustDomain,
+    #[arg(long, value_name = "TD", required = true)]
+    trust_domain: Option<TrustDomain>,
     /// An existing root directory (root-cert.pem, root-key.pem) to sign with.
     #[arg(long, value_name = "DIR")]
     root: Option<PathBuf>,
@@ -50,18 +58,8 @@ pub struct BrokerArgs {
     /// The root and the broker's own keys stay in --data-dir either way.
     #[arg(long, value_name = "STORE", default_value = "redb")]
     store: String,
-    /// etcd: the prefix of every key (default `/strait/<mesh name>/`).
-    #[arg(long, value_name = "PREFIX")]
-    etcd_prefix: Option<String>,
-    /// etcd over TLS: the CA of the members' certificates (PEM).
-    #[arg(long, value_name = "FILE")]
-    etcd_ca: Option<PathBuf>,
-    /// etcd over TLS: a client certificate (PEM), with --etcd-key.
-    #[arg(long, value_name = "FILE", requires = "etcd_key")]
-    etcd_cert: Option<PathBuf>,
-    /// etcd over TLS: the client certificate's key (PEM).
-    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
-    etcd_key: Option<PathBuf>,
+    #[command(flatten)]
+    etcd: EtcdFlags,
     /// Lifetime of cluster intermediates.
     #[arg(long, value_parser = parse_duration, default_value = "7d")]
     intermediate_validity: Duration,
@@ -99,34 +97,86 @@ fn parse_grace(s: &str) -> Result<Duration, String> {
     parse_duration(s)
 }
 
+/// How to reach etcd, for `--store etcd://...` and `migrate --to`.
+#[derive(Debug, Args)]
+pub struct EtcdFlags {
+    /// etcd: the prefix of every key (default `/strait/<mesh name>/`).
+    #[arg(long, value_name = "PREFIX")]
+    etcd_prefix: Option<String>,
+    /// etcd over TLS: the CA of the members' certificates (PEM).
+    #[arg(long, value_name = "FILE")]
+    etcd_ca: Option<PathBuf>,
+    /// etcd over TLS: a client certificate (PEM), with --etcd-key.
+    #[arg(long, value_name = "FILE", requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// etcd over TLS: the client certificate's key (PEM).
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+}
+
+impl EtcdFlags {
+    fn given(&self) -> bool {
+        self.etcd_prefix.is_some() || self.etcd_ca.is_some() || self.etcd_cert.is_some()
+    }
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum BrokerCommand {
+    Migrate(MigrateArgs),
+}
+
+/// Copy a mesh's broker state (root hash, clusters, exports, join tokens,
+/// rotation state, peers) from one store to another, then read the copy
+/// back and compare it row by row. The target must be empty (or hold an
+/// unfinished copy, which this finishes); a broker refuses to start on a
+/// copy that was not verified. Stop the broker first. The root and the
+/// broker's keys are files in --data-dir, not in the store: keep that
+/// directory.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:
+  strait broker migrate --from redb:/var/lib/strait-broker/broker.redb \\
+      --to etcd://10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379 --mesh-name example.org
+  strait broker --data-dir /var/lib/strait-broker --trust-domain example.org \\
+      --store etcd://10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379")]
+struct MigrateArgs {
+    /// The source: `redb:PATH` (the broker's DATA/broker.redb).
+    #[arg(long, value_name = "redb:PATH")]
+    from: String,
+    /// The target: `etcd://HOST:PORT[,HOST:PORT...]`.
+    #[arg(long, value_name = "etcd://...")]
+    to: String,
+    /// The mesh name the broker runs with (`--mesh-name`, else its trust
+    /// domain): the target's prefix is `/strait/<mesh>/` unless
+    /// --etcd-prefix.
+    #[arg(long, value_name = "NAME", required_unless_present = "etcd_prefix")]
+    mesh_name: Option<String>,
+    #[command(flatten)]
+    etcd: EtcdFlags,
+}
+
 /// The store `--store` and the `--etcd-*` flags name.
-fn store_spec(args: &BrokerArgs) -> Result<StoreSpec> {
-    if args.store == "redb" {
-        if args.etcd_prefix.is_some() || args.etcd_ca.is_some() || args.etcd_cert.is_some() {
+fn store_spec(store: &str, mesh: &str, flags: &EtcdFlags) -> Result<StoreSpec> {
+    if store == "redb" {
+        if flags.given() {
             return Err(UsageError("--etcd-* flags need --store etcd://...".into()).into());
         }
         return Ok(StoreSpec::Redb);
     }
-    if !args.store.starts_with("etcd://") {
+    if !store.starts_with("etcd://") {
         return Err(UsageError(format!(
-            "--store {:?}: expected redb or etcd://HOST:PORT[,HOST:PORT...]",
-            args.store
+            "--store {store:?}: expected redb or etcd://HOST:PORT[,HOST:PORT...]"
         ))
         .into());
     }
-    etcd_spec(args)
+    etcd_spec(store, mesh, flags)
 }
 
 #[cfg(feature = "etcd")]
-fn etcd_spec(args: &BrokerArgs) -> Result<StoreSpec> {
+fn etcd_spec(store: &str, mesh: &str, flags: &EtcdFlags) -> Result<StoreSpec> {
     use anyhow::Context;
-    let mesh = args
-        .mesh_name
-        .clone()
-        .unwrap_or_else(|| args.trust_domain.to_string());
-    let mut etcd = strait_broker::store::etcd::EtcdConfig::parse(&args.store, &mesh)
+    let mut etcd = strait_broker::store::etcd::EtcdConfig::parse(store, mesh)
         .map_err(|e| UsageError(e.to_string()))?;
-    if let Some(prefix) = &args.etcd_prefix {
+    if let Some(prefix) = &flags.etcd_prefix {
         if !prefix.starts_with('/') || !prefix.ends_with('/') {
             return Err(UsageError(format!(
                 "--etcd-prefix {prefix:?}: must start and end with /"
@@ -138,10 +188,10 @@ fn etcd_spec(args: &BrokerArgs) -> Result<StoreSpec> {
     let read = |flag: &str, p: &PathBuf| {
         std::fs::read(p).with_context(|| format!("{flag} {}", p.display()))
     };
-    if let Some(ca) = &args.etcd_ca {
+    if let Some(ca) = &flags.etcd_ca {
         etcd.ca = Some(read("--etcd-ca", ca)?);
     }
-    if let (Some(cert), Some(key)) = (&args.etcd_cert, &args.etcd_key) {
+    if let (Some(cert), Some(key)) = (&flags.etcd_cert, &flags.etcd_key) {
         if etcd.ca.is_none() {
             return Err(UsageError("--etcd-cert needs --etcd-ca (TLS)".into()).into());
         }
@@ -151,22 +201,89 @@ fn etcd_spec(args: &BrokerArgs) -> Result<StoreSpec> {
 }
 
 #[cfg(not(feature = "etcd"))]
-fn etcd_spec(args: &BrokerArgs) -> Result<StoreSpec> {
+fn etcd_spec(store: &str, _mesh: &str, _flags: &EtcdFlags) -> Result<StoreSpec> {
     Err(UsageError(format!(
-        "--store {}: this strait was built without etcd support \
-         (cargo build --features etcd; its build needs protoc, Debian protobuf-compiler)",
-        args.store
+        "--store {store}: this strait was built without etcd support \
+         (cargo build --features etcd; its build needs protoc, Debian protobuf-compiler)"
     ))
     .into())
 }
 
+/// `strait broker migrate`.
+fn migrate(args: MigrateArgs) -> Result<()> {
+    let path = args.from.strip_prefix("redb:").ok_or_else(|| {
+        UsageError(format!(
+            "--from {:?}: expected redb:PATH (the broker's DATA/broker.redb)",
+            args.from
+        ))
+    })?;
+    let path = PathBuf::from(path);
+    if !path.is_file() {
+        return Err(UsageError(format!("--from {}: no such file", args.from)).into());
+    }
+    let mesh = args.mesh_name.clone().unwrap_or_default();
+    match store_spec(&args.to, &mesh, &args.etcd)? {
+        StoreSpec::Redb => Err(UsageError(format!(
+            "--to {:?}: expected etcd://HOST:PORT[,HOST:PORT...]",
+            args.to
+        ))
+        .into()),
+        #[cfg(feature = "etcd")]
+        StoreSpec::Etcd(etcd) => copy_to_etcd(&args, &path, etcd),
+    }
+}
+
+/// Copies the redb store at `path` into `target`, with a line per
+/// transaction on stderr and the summary on stdout.
+#[cfg(feature = "etcd")]
+fn copy_to_etcd(
+    args: &MigrateArgs,
+    path: &std::path::Path,
+    target: strait_broker::store::etcd::EtcdConfig,
+) -> Result<()> {
+    let from = strait_broker::store::RedbStore::open(path)?;
+    let name = format!("{} {}", args.to, target.prefix);
+    let to = strait_broker::store::etcd::EtcdStore::open(target)?;
+    eprintln!("copying {} into {name}", args.from);
+    let copied = strait_broker::store::migrate::migrate(&from, &to, &args.from, |done, total| {
+        eprintln!("  {done}/{total} rows");
+    })?;
+    let tables: Vec<String> = copied
+        .tables
+        .iter()
+        .map(|(t, n)| format!("{} {n}", t.name()))
+        .collect();
+    println!(
+        "migrated {} rows ({}) from {} to {name}{}; verified",
+        copied.rows(),
+        tables.join(", "),
+        args.from,
+        if copied.resumed {
+            ", finishing an earlier copy"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
 pub fn run(args: BrokerArgs) -> Result<()> {
-    let store = store_spec(&args)?;
+    if let Some(BrokerCommand::Migrate(m)) = args.command {
+        return migrate(m);
+    }
+    let (Some(data_dir), Some(trust_domain)) = (args.data_dir, args.trust_domain) else {
+        return Err(UsageError("--data-dir and --trust-domain are needed".into()).into());
+    };
+    let mesh = args
+        .mesh_name
+        .clone()
+        .unwrap_or_else(|| trust_domain.to_string());
+    let store = store_spec(&args.store, &mesh, &args.etcd)?;
     let config = BrokerConfig {
         store,
-        data_dir: args.data_dir,
+        data_dir,
         listen: args.listen,
-        trust_domain: args.trust_domain,
+        trust_domain,
         root_dir: args.root,
         health_listen: args.health_listen,
         metrics_listen: args.metrics_listen,

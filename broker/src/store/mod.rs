@@ -15,6 +15,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 #[cfg(feature = "etcd")]
 pub mod etcd;
+pub mod migrate;
 
 /// The schema this broker writes and understands.
 pub const SCHEMA_VERSION: u32 = 1;
