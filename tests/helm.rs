@@ -266,6 +266,22 @@ fn validate(files: &[PathBuf]) {
     );
 }
 
+/// Every Deployment's and StatefulSet's strait container arguments (the
+/// ConfigMap values they read filled in) parse with the binary's parser.
+fn strait_containers_parse(what: &str, objs: &[Value]) {
+    for d in objs {
+        let kind = d["kind"].as_str().unwrap();
+        if !matches!(kind, "Deployment" | "StatefulSet") {
+            continue;
+        }
+        let name = d["metadata"]["name"].as_str().unwrap();
+        let a = argv(objs, kind, name);
+        if let Err(e) = strait::cli::commands::Cli::try_parse_from(&a) {
+            panic!("{what}: {kind} {name}: {a:?} does not parse:\n{e}");
+        }
+    }
+}
+
 /// Each topology renders valid objects (the CRDs with them), whose
 /// strait containers parse with the binary's parser and carry what the
 /// topology is for.
@@ -296,17 +312,7 @@ fn every_topology_renders_valid_objects_that_do_what_it_needs() {
         std::fs::write(&file, &yaml).unwrap();
         files.push(file);
         let objs = docs(&yaml);
-        for d in &objs {
-            let kind = d["kind"].as_str().unwrap();
-            if !matches!(kind, "Deployment" | "StatefulSet") {
-                continue;
-            }
-            let name = d["metadata"]["name"].as_str().unwrap();
-            let a = argv(&objs, kind, name);
-            if let Err(e) = strait::cli::commands::Cli::try_parse_from(&a) {
-                panic!("{t}: {kind} {name}: {a:?} does not parse:\n{e}");
-            }
-        }
+        strait_containers_parse(t, &objs);
         rendered.insert(t, objs);
     }
     validate(&files);
@@ -694,16 +700,7 @@ fn the_kind_scripts_install_valid_releases_of_this_chart() {
         for c in ["east", "west"] {
             let file = dir.path().join(format!("{t}-{c}.yaml"));
             let objs = docs(&std::fs::read_to_string(&file).unwrap());
-            for d in &objs {
-                let kind = d["kind"].as_str().unwrap();
-                if matches!(kind, "Deployment" | "StatefulSet") {
-                    let name = d["metadata"]["name"].as_str().unwrap();
-                    let a = argv(&objs, kind, name);
-                    if let Err(e) = strait::cli::commands::Cli::try_parse_from(&a) {
-                        panic!("{t} {c}: {kind} {name}: {a:?} does not parse:\n{e}");
-                    }
-                }
-            }
+            strait_containers_parse(&format!("{t} {c}"), &objs);
             files.push(file);
             rendered.insert(format!("{t}-{c}"), objs);
         }

@@ -557,20 +557,7 @@ fn federated_quic_tunnels_cross_trust_domains() {
 /// The README's main command: every step of the tour passes.
 #[test]
 fn the_demo_passes_every_step() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(STRAIT)
-        .args(["lab", "demo", "--ip-base", "120", "--dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(text.contains("8 of 8 steps passed"), "{text}");
-    assert!(!text.contains("FAIL"), "{text}");
+    demo_passes(&["--ip-base", "120"]);
 }
 
 /// `lab apply` is object-based, as `kubectl apply` is: an object of the

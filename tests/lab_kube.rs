@@ -11,39 +11,23 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
+mod common;
 #[path = "common/lab.rs"]
 mod harness;
+use common::apiserver::tool;
 use harness::*;
 
 /// kubectl from the tools directory, or `None` (with the line saying
 /// why) when the real Kubernetes tier is not built.
 fn kubectl() -> Option<PathBuf> {
-    let bin = strait::lab::kube::tools_bin();
-    for tool in ["kube-apiserver", "etcd", "kubectl"] {
-        if !bin.join(tool).is_file() {
-            let why = format!(
-                "{} is missing: build it with `bash scripts/tools.sh etcd kube`",
-                bin.join(tool).display()
-            );
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("the real Kubernetes tier must run in CI: {why}");
-            }
-            eprintln!("skipped (real Kubernetes tier): {why}");
-            return None;
-        }
-    }
-    Some(bin.join("kubectl"))
+    tool("kube-apiserver")?;
+    tool("etcd")?;
+    tool("kubectl")
 }
 
 /// `kubectl --kubeconfig <cluster's> ARGS`: (success, stdout + stderr).
 fn kube(kubectl: &PathBuf, lab: &Lab, cluster: &str, args: &[&str]) -> (bool, String) {
-    let json = lab.json();
-    let c = json["clusters"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == cluster)
-        .unwrap_or_else(|| panic!("no cluster {cluster} in lab.json"));
+    let c = lab.cluster(cluster);
     let kubeconfig = c["kubeconfig"]
         .as_str()
         .unwrap_or_else(|| panic!("lab.json gives {cluster} no kubeconfig: {c}"));
@@ -70,20 +54,7 @@ fn the_demo_passes_every_step_against_real_api_servers() {
     if kubectl().is_none() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(STRAIT)
-        .args(["lab", "demo", "--kube", "--ip-base", "200", "--dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(text.contains("8 of 8 steps passed"), "{text}");
-    assert!(!text.contains("FAIL"), "{text}");
+    let text = demo_passes(&["--kube", "--ip-base", "200"]);
     assert!(
         text.contains("in west's API server") && text.contains("in east's API server"),
         "lab apply did not go to the API servers:\n{text}"

@@ -83,11 +83,6 @@ pub enum StoreSpec {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    #[error(
-        "the store holds an unfinished copy (`strait broker migrate` stopped before it \
-         verified it): run the same migration again"
-    )]
-    UnfinishedMigration,
     #[error("{path}: {source}")]
     DataDir {
         path: PathBuf,
@@ -296,9 +291,6 @@ async fn open_state(config: &BrokerConfig) -> Result<Arc<BrokerState>, AppError>
             )
         }
     };
-    if crate::store::migrate::unfinished(store.as_ref())? {
-        return Err(AppError::UnfinishedMigration);
-    }
     let state = Arc::new(BrokerState::load(
         store,
         root,

@@ -24,7 +24,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-use super::plan::{APP_PORT, Cluster, Component, GATEWAY_PORT, INBOUND_PORT, Lab, NAMESPACE};
+use super::plan::{APP_PORT, Cluster, Component, INBOUND_PORT, Lab, NAMESPACE};
 use super::s;
 
 /// The host number of the API server (and etcd) in a cluster's block.
@@ -334,25 +334,33 @@ pub fn install(lab: &Lab, c: &Cluster) -> Result<()> {
     }
     for w in &c.workloads {
         let status = format!(
-            r#"{{"status":{{"phase":"Running","podIP":"{ip}","podIPs":[{{"ip":"{ip}"}}],"conditions":[{{"type":"Ready","status":"True"}}]}}}}"#,
+            r#"{{"phase":"Running","podIP":"{ip}","podIPs":[{{"ip":"{ip}"}}],"conditions":[{{"type":"Ready","status":"True"}}]}}"#,
             ip = w.ip
         );
-        kubectl(
-            c,
-            &[
-                "patch",
-                "pod",
-                &w.name,
-                "-n",
-                &w.namespace,
-                "--subresource=status",
-                "--type=merge",
-                "-p",
-                &status,
-            ],
-            None,
-        )?;
+        set_status(c, "pod", &w.name, &w.namespace, &status)?;
     }
+    Ok(())
+}
+
+/// Sets the status of `kind/name` through the status subresource, as the
+/// kubelet or a controller would.
+fn set_status(c: &Cluster, kind: &str, name: &str, namespace: &str, status: &str) -> Result<()> {
+    let patch = format!(r#"{{"status":{status}}}"#);
+    kubectl(
+        c,
+        &[
+            "patch",
+            kind,
+            name,
+            "-n",
+            namespace,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &patch,
+        ],
+        None,
+    )?;
     Ok(())
 }
 
@@ -363,34 +371,12 @@ pub fn install(lab: &Lab, c: &Cluster) -> Result<()> {
 /// it. (The directory lab's `spec.externalIPs` cannot be used here: the
 /// API server refuses loopback external IPs.)
 fn remote_gateway(c: &Cluster) -> Result<()> {
-    let yaml = format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: strait-system\n  labels: {{topology.istio.io/network: {net}}}\n---\n\
-apiVersion: v1\nkind: Service\nmetadata:\n  name: eastwest-gateway\n  namespace: strait-system\n  labels: {{topology.istio.io/network: {net}}}\n\
-spec:\n  type: LoadBalancer\n  ports:\n  - {{name: tls, port: {port}}}\n",
-        net = c.network,
-        port = GATEWAY_PORT,
-    );
-    apply(c, &yaml)?;
+    apply(c, &c.network_objects("type: LoadBalancer"))?;
     let status = format!(
-        r#"{{"status":{{"loadBalancer":{{"ingress":[{{"ip":"{}"}}]}}}}}}"#,
+        r#"{{"loadBalancer":{{"ingress":[{{"ip":"{}"}}]}}}}"#,
         c.gw_ip()
     );
-    kubectl(
-        c,
-        &[
-            "patch",
-            "service",
-            "eastwest-gateway",
-            "-n",
-            "strait-system",
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            &status,
-        ],
-        None,
-    )?;
-    Ok(())
+    set_status(c, "service", "eastwest-gateway", "strait-system", &status)
 }
 
 /// The cluster's starting objects: the demo's Services (from the same

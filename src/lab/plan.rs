@@ -400,12 +400,17 @@ impl Cluster {
     /// control plane discovers them (Istio's `topology.istio.io/network`
     /// label on the system namespace and on the gateway Service).
     pub fn network_yaml(&self) -> String {
+        self.network_objects(&format!("externalIPs: [{}]", self.gw_ip()))
+    }
+
+    /// [`Cluster::network_yaml`] with `gateway_spec` (one line of the
+    /// gateway Service's spec) saying where the gateway is.
+    pub fn network_objects(&self, gateway_spec: &str) -> String {
         format!(
             "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: strait-system\n  labels: {{topology.istio.io/network: {net}}}\n---\n\
 apiVersion: v1\nkind: Service\nmetadata:\n  name: eastwest-gateway\n  namespace: strait-system\n  labels: {{topology.istio.io/network: {net}}}\n\
-spec:\n  externalIPs: [{ip}]\n  ports:\n  - {{name: tls, port: {GATEWAY_PORT}}}\n",
+spec:\n  {gateway_spec}\n  ports:\n  - {{name: tls, port: {GATEWAY_PORT}}}\n",
             net = self.network,
-            ip = self.gw_ip()
         )
     }
 

@@ -85,16 +85,24 @@ impl Lab {
             .unwrap()
     }
 
-    /// The metrics URL of `cluster`'s east-west gateway.
-    pub fn gateway_metrics(&self, cluster: &str) -> String {
+    /// `cluster`'s entry of lab.json.
+    pub fn cluster(&self, cluster: &str) -> Value {
         let json = self.json();
-        let c = json["clusters"]
+        json["clusters"]
             .as_array()
             .unwrap()
             .iter()
             .find(|c| c["name"] == cluster)
-            .unwrap_or_else(|| panic!("no cluster {cluster} in lab.json"));
-        c["gateway"]["metrics"].as_str().unwrap().to_string()
+            .unwrap_or_else(|| panic!("no cluster {cluster} in lab.json"))
+            .clone()
+    }
+
+    /// The metrics URL of `cluster`'s east-west gateway.
+    pub fn gateway_metrics(&self, cluster: &str) -> String {
+        self.cluster(cluster)["gateway"]["metrics"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     /// In the federated lab: east's client (mesh-a) reaches west's echo
@@ -209,6 +217,28 @@ impl Drop for Lab {
         let _ = self.up.kill();
         let _ = self.up.wait();
     }
+}
+
+/// `strait lab demo ARGS --dir <new>` must exit 0 with every step passed;
+/// its output.
+pub fn demo_passes(args: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(STRAIT)
+        .args(["lab", "demo"])
+        .args(args)
+        .arg("--dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("8 of 8 steps passed"), "{text}");
+    assert!(!text.contains("FAIL"), "{text}");
+    text
 }
 
 /// A file of `examples/lab/` (the objects the README's tour applies).

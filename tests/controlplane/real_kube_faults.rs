@@ -387,6 +387,25 @@ pub(crate) fn two_api_servers(s: &Scratch) -> Option<(ApiServer, ApiServer)> {
     Some((own?, remote?))
 }
 
+/// East in Kubernetes mode on `api`, also serving cluster `remote` read
+/// from the `remote` API server.
+pub(crate) fn east_serving_remote(
+    s: &Scratch,
+    broker: &Broker,
+    api: &ApiServer,
+    remote: &ApiServer,
+) -> ControlPlane {
+    ControlPlane::east_on_kube(
+        s,
+        broker,
+        &api.kubeconfig,
+        &[
+            "--remote".to_string(),
+            format!("remote={}", remote.kubeconfig.display()),
+        ],
+    )
+}
+
 /// Primary-remote in Kubernetes mode with the remote's API server down:
 /// the primary starts anyway (istiod refuses to, istio#33564) and serves
 /// and imports for its own cluster; the remote is served once its API is
@@ -404,15 +423,7 @@ async fn a_remote_clusters_api_server_down_leaves_the_primary_serving() {
 
     let broker = Broker::start(&s.path("broker"), TD);
     let west = ControlPlane::start(&s, &broker, "west", "net-west", "192.0.2.20:15443");
-    let east = ControlPlane::east_on_kube(
-        &s,
-        &broker,
-        &api.kubeconfig,
-        &[
-            "--remote".to_string(),
-            format!("remote={}", remote.kubeconfig.display()),
-        ],
-    );
+    let east = east_serving_remote(&s, &broker, &api, &remote);
     // Started (ready) with the remote away: its own cluster is served and
     // imports.
     let identity = east

@@ -50,7 +50,9 @@ impl From<StateError> for Status {
                 Status::failed_precondition(e.to_string())
             }
             StateError::Rotation(_) => Status::failed_precondition(e.to_string()),
-            StateError::Store(_) | StateError::Corrupt { .. } => Status::unavailable(e.to_string()),
+            StateError::Store(_) | StateError::Corrupt { .. } | StateError::UnfinishedMigration => {
+                Status::unavailable(e.to_string())
+            }
         }
     }
 }

@@ -227,6 +227,9 @@ impl BrokerState {
         let contents = store.load()?;
         let empty = BTreeMap::new();
         let meta = contents.get(&Table::Meta).unwrap_or(&empty);
+        if meta.contains_key(crate::store::migrate::MIGRATION_KEY) {
+            return Err(StateError::UnfinishedMigration);
+        }
         let values = meta_values(meta, store.as_ref())?;
         let records: BTreeMap<String, ClusterRecord> =
             rows(&contents, Table::Clusters)?.into_iter().collect();

@@ -157,6 +157,11 @@ impl ClusterRecord {
 pub enum StateError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(
+        "the store holds an unfinished copy (`strait broker migrate` stopped before it \
+         verified it): run the same migration again"
+    )]
+    UnfinishedMigration,
     #[error("stored record {table}/{key} is corrupt: {reason}")]
     Corrupt {
         table: &'static str,

@@ -91,6 +91,7 @@ impl EtcdConfig {
 /// tokio's blocking receives panic).
 enum Request {
     Load(std_mpsc::Sender<Result<Contents, String>>),
+    Get(String, std_mpsc::Sender<Result<Option<Vec<u8>>, String>>),
     Commit(Vec<TxnOp>, std_mpsc::Sender<Result<(), String>>),
 }
 
@@ -134,11 +135,10 @@ impl EtcdStore {
     }
 
     fn check_schema(&self) -> Result<(), StoreError> {
-        let contents = self.load()?;
-        let found = contents
-            .get(&Table::Meta)
-            .and_then(|m| m.get(SCHEMA_KEY))
-            .map(|v| String::from_utf8_lossy(v).into_owned());
+        let key = self.key(Table::Meta, SCHEMA_KEY);
+        let found = self
+            .call(|tx| Request::Get(key, tx))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned());
         match found {
             None => {
                 let mut b = Batch::new();
@@ -241,6 +241,10 @@ fn serve(
             match request {
                 Request::Load(tx) => {
                     let _ = tx.send(load(&mut client, &config.prefix).await);
+                }
+                Request::Get(key, tx) => {
+                    let got = within(client.get(key, None)).await;
+                    let _ = tx.send(got.map(|r| r.kvs().first().map(|kv| kv.value().to_vec())));
                 }
                 Request::Commit(ops, tx) => {
                     let _ = tx.send(commit(&mut client, ops).await);

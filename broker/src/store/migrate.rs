@@ -68,14 +68,6 @@ fn rows(c: &Contents) -> impl Iterator<Item = (Table, &String, &Vec<u8>)> {
     })
 }
 
-/// Whether `store` holds an unfinished migration.
-pub fn unfinished(store: &dyn Store) -> Result<bool, StoreError> {
-    Ok(store
-        .load()?
-        .get(&Table::Meta)
-        .is_some_and(|m| m.contains_key(MIGRATION_KEY)))
-}
-
 /// Copies every row of `from` into `to` and verifies the copy;
 /// `progress(done, total)` after each transaction.
 pub fn migrate(
@@ -164,6 +156,14 @@ fn verify(t: Table, k: &str, why: &'static str) -> MigrateError {
 mod tests {
     use super::*;
     use crate::store::RedbStore;
+
+    /// Whether `store` holds an unfinished migration.
+    fn unfinished(store: &dyn Store) -> Result<bool, StoreError> {
+        Ok(store
+            .load()?
+            .get(&Table::Meta)
+            .is_some_and(|m| m.contains_key(MIGRATION_KEY)))
+    }
 
     fn filled(path: &std::path::Path, n: usize) -> RedbStore {
         let s = RedbStore::open(path).unwrap();

@@ -15,7 +15,7 @@ use strait_proto::istio::v1::auth::IstioCertificateRequest;
 use strait_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
 
 use super::*;
-use crate::real_kube_faults::{remote_objects, two_api_servers};
+use crate::real_kube_faults::{east_serving_remote, remote_objects, two_api_servers};
 
 /// A CSR for `bookinfo/<account>` sent to `cp`'s CSR API with `token`,
 /// and `cluster` as the `ClusterID` metadata when given: the PEM chain,
@@ -62,15 +62,7 @@ async fn a_remote_clusters_tokens_are_reviewed_by_its_own_api_server() {
     };
     remote_objects(&remote);
     let broker = Broker::start(&s.path("broker"), TD);
-    let east = ControlPlane::east_on_kube(
-        &s,
-        &broker,
-        &api.kubeconfig,
-        &[
-            "--remote".to_string(),
-            format!("remote={}", remote.kubeconfig.display()),
-        ],
-    );
+    let east = east_serving_remote(&s, &broker, &api, &remote);
     let token = remote.token("bookinfo", "bookinfo-ratings", "istio-ca", 600);
 
     // A strait proxy names no cluster: east's API refuses the token, the
