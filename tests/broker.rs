@@ -294,7 +294,7 @@ async fn revocation_withdraws_exports_and_locks_the_cluster_out() {
     .unwrap();
     assert!(end.is_err() || end.unwrap().is_none());
     // It is told why (not a dropped connection it would retry forever).
-    let (channel, _) = client::cluster_channel(&east).unwrap();
+    let (channel, _) = client::cluster_channel(&east, 0).unwrap();
     match SyncSession::open(channel, hello(0, "", "127.0.0.1:15443")).await {
         Err(client::ClientError::Refused(why)) => {
             assert!(why.contains("this cluster is revoked"), "{why}");
@@ -336,9 +336,11 @@ async fn acknowledged_exports_survive_kill_9_with_the_store_in_etcd() {
     };
     let s = Scratch::new();
     let store = format!("--store=etcd://{}", etcd.client);
+    Broker::init_root(&s.path("root"), TD);
+    let root = format!("--root={}", s.path("root").display());
     let addr = format!("127.0.0.1:{}", common::free_port());
-    let broker = Broker::start_with(&s.path("broker"), TD, &addr, &[&store]);
-    acknowledged_exports_survive_kill_9_of(&s, broker, &[&store]).await;
+    let broker = Broker::start_with(&s.path("broker"), TD, &addr, &[&store, &root]);
+    acknowledged_exports_survive_kill_9_of(&s, broker, &[&store, &root]).await;
     assert!(
         !s.path("broker").join("broker.redb").exists(),
         "the state went to the redb file, not to etcd"
@@ -407,7 +409,15 @@ async fn a_redb_broker_migrated_to_etcd_keeps_its_mesh() {
 
     std::fs::remove_file(s.path("broker").join("broker.redb")).unwrap();
     let store = format!("--store={to}");
-    let broker = Broker::start_with(&s.path("broker"), TD, &addr, &[&store, "--mesh-name", TD]);
+    // Replicas on etcd sign with the root they are given: the one this
+    // broker made in its data directory.
+    let root = format!("--root={}", s.path("broker").join("root").display());
+    let broker = Broker::start_with(
+        &s.path("broker"),
+        TD,
+        &addr,
+        &[&store, &root, "--mesh-name", TD],
+    );
     let list = broker
         .ctl(&["exports", "list", "--cluster", "east", "-o", "json"])
         .ok()
@@ -452,6 +462,7 @@ async fn a_redb_broker_migrated_to_etcd_keeps_its_mesh() {
         ])
         .arg(s.path("broker"))
         .arg(&store)
+        .arg(&root)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&refused.stderr);

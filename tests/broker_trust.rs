@@ -71,7 +71,7 @@ async fn intermediates_are_renewed_through_sync() {
         .ok()
         .stdout;
     assert!(show.contains(&fp), "{show}");
-    let (channel, _) = client::cluster_channel(&east).unwrap();
+    let (channel, _) = client::cluster_channel(&east, 0).unwrap();
     SyncSession::open(
         channel,
         with_network(hello(0, "", "127.0.0.1:15443"), "net-east"),
@@ -420,4 +420,195 @@ async fn meshes_peer_and_exchange_services_with_separate_bundles() {
     for stop in agents {
         let _ = stop.send(());
     }
+}
+
+/// A sync agent for the joined directory `dir`: what stops it, and its
+/// status.
+fn agent(
+    dir: std::path::PathBuf,
+    gateway: &str,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::sync::watch::Receiver<strait_broker_client::agent::Imports>,
+) {
+    use strait_broker_client::agent::{Agent, AgentConfig};
+    let (exports, rx) = tokio::sync::watch::channel(Default::default());
+    let (agent, status) = Agent::new(
+        AgentConfig {
+            dir,
+            gateways: vec![gateway.into()],
+            leaf_ttl_max: None,
+        },
+        rx,
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(agent.run(async move {
+        // The exports' sender lives as long as the agent.
+        let _exports = exports;
+        let _ = stopped.await;
+    }));
+    (stop, status)
+}
+
+/// `straitctl ARGS` against `broker`, awaited (it may wait on agents this
+/// test's runtime drives).
+async fn ctl_async(broker: &Broker, args: &[&str]) -> common::Run {
+    let out = ctl_command(broker, args).output().await.unwrap();
+    common::Run::from(format!("straitctl {}", args.join(" ")), out)
+}
+
+fn ctl_command(broker: &Broker, args: &[&str]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_straitctl"));
+    cmd.args(args)
+        .env("STRAIT_BROKER", &broker.addr)
+        .env("STRAIT_CREDS", broker.admin_creds())
+        .env_remove("STRAIT_LAB");
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_root_wait_returns_once_every_cluster_did_its_part() {
+    let s = Scratch::new();
+    let broker = Broker::start(&s.path("broker"), TD);
+    let mut agents = Vec::new();
+    for (name, net, gw) in [
+        ("east", "net-east", "127.0.0.1:15443"),
+        ("west", "net-west", "127.0.0.2:15443"),
+    ] {
+        let dir = join(&broker, &s, name, net).await;
+        let (stop, mut status) = agent(dir, gw);
+        tokio::time::timeout(WAIT, status.wait_for(|s| s.connected && s.exports_acked))
+            .await
+            .unwrap()
+            .unwrap();
+        agents.push(stop);
+    }
+    let wait = ["--wait", "--timeout", "60s", "-o", "json"];
+    let step = |step: &'static str| {
+        let mut args = vec!["trust", "rotate-root", step];
+        args.extend(wait);
+        args
+    };
+
+    let r = ctl_async(&broker, &step("begin")).await.ok();
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["stage"], "distributing");
+    assert!(all_clusters(&v, "bundle_acknowledged"), "{v}");
+    assert!(
+        r.stderr.contains(
+            "stage distributing done: bundle acknowledged by 2/2 clusters: east, west; next: advance"
+        ),
+        "{}",
+        r.stderr
+    );
+
+    let r = ctl_async(&broker, &step("advance")).await.ok();
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["stage"], "reissuing");
+    assert!(all_clusters(&v, "on_target"), "{v}");
+    assert!(
+        r.stderr
+            .contains("intermediate on the new root in 2/2 clusters"),
+        "{}",
+        r.stderr
+    );
+
+    let mut args = step("finish");
+    args.push("--force");
+    let r = ctl_async(&broker, &args).await.ok();
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["stage"], "idle");
+    assert_eq!(v["roots"].as_array().unwrap().len(), 1);
+    assert!(all_clusters(&v, "bundle_acknowledged"), "{v}");
+    for stop in agents {
+        let _ = stop.send(());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_root_wait_gives_up_naming_the_clusters_behind() {
+    let s = Scratch::new();
+    let broker = Broker::start(&s.path("broker"), TD);
+    // Joined, but nothing syncs for it.
+    join(&broker, &s, "east", "net-east").await;
+    let t = Instant::now();
+    let r = ctl_async(
+        &broker,
+        &["trust", "rotate-root", "begin", "--wait", "--timeout", "2s"],
+    )
+    .await
+    .fails_with(
+        1,
+        "stage distributing not done within 2s: bundle acknowledged by 0/1 clusters; waiting for east",
+    );
+    assert!(t.elapsed() >= Duration::from_secs(2), "{:?}", t.elapsed());
+    // The last report still goes to stdout; not a terminal: plain lines.
+    assert!(r.stdout.contains("east     no"), "{}", r.stdout);
+    let progress = r
+        .stderr
+        .lines()
+        .filter(|l| *l == "bundle acknowledged by 0/1 clusters; waiting for east")
+        .count();
+    assert_eq!(progress, 1, "one line per change:\n{}", r.stderr);
+    // --timeout belongs to --wait.
+    ctl_async(
+        &broker,
+        &["trust", "rotate-root", "status", "--timeout", "1s"],
+    )
+    .await
+    .fails_with(64, "--wait");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_root_wait_rides_out_a_broker_restart() {
+    use tokio::io::AsyncBufReadExt;
+    let s = Scratch::new();
+    let mut broker = Broker::start(&s.path("broker"), TD);
+    let east = join(&broker, &s, "east", "net-east").await;
+    broker.ctl(&["trust", "rotate-root", "begin"]).ok();
+    let mut child = ctl_command(
+        &broker,
+        &[
+            "trust",
+            "rotate-root",
+            "status",
+            "--wait",
+            "--timeout",
+            "60s",
+        ],
+    )
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut said = String::new();
+    // Reads stderr up to a line containing `needle`.
+    let mut until = async |needle: &str| {
+        while !said.contains(needle) {
+            let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+                .await
+                .unwrap_or_else(|_| panic!("no {needle:?} in time; so far:\n{said}"))
+                .unwrap()
+                .unwrap_or_else(|| panic!("straitctl ended before {needle:?}:\n{said}"));
+            said.push_str(&line);
+            said.push('\n');
+        }
+        said.clone()
+    };
+    until("waiting for east").await;
+    let (data, addr) = (broker.data.clone(), broker.addr.clone());
+    broker.kill9();
+    until("connecting again").await;
+    let broker = Broker::start_at(&data, TD, &addr);
+    let (stop, _status) = agent(east, "127.0.0.1:15443");
+    let said = until("stage distributing done").await;
+    let code = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("straitctl exits once done")
+        .unwrap();
+    assert!(code.success(), "{code}:\n{said}");
+    assert!(said.contains(&format!("broker {addr} answers")), "{said}");
+    let _ = stop.send(());
+    drop(broker);
 }

@@ -116,6 +116,9 @@ pub enum ClientError {
     },
     #[error("{0}: the certificate carries no SPIFFE ID")]
     NoSpiffeId(PathBuf),
+    /// The broker did not answer `Hello` in time (the limit).
+    #[error("no Welcome from the broker within {0:?}")]
+    NoWelcomeInTime(Duration),
     #[error("sync stream closed before Hello")]
     ClosedBeforeHello,
     #[error("sync stream closed")]
@@ -125,6 +128,9 @@ pub enum ClientError {
     NoWelcome(String),
     #[error(transparent)]
     Address(#[from] transport::BadAddress),
+    /// A broker address did not answer ([`connect`]).
+    #[error(transparent)]
+    Connect(#[from] transport::ConnectError),
     #[error(transparent)]
     Layout(#[from] layout::LayoutError),
 }
@@ -148,6 +154,16 @@ pub struct BrokerInfo {
 }
 
 impl BrokerInfo {
+    /// Broker address number `which`, counted round the list (`which`
+    /// past the end starts again from the first); `None` when there is
+    /// none.
+    pub fn address(&self, which: usize) -> Option<&str> {
+        match self.addresses.len() {
+            0 => None,
+            n => self.addresses.get(which % n).map(String::as_str),
+        }
+    }
+
     /// The cluster's name and trust domain, parsed.
     pub fn identity(&self) -> Result<(ClusterName, TrustDomain), ClientError> {
         let cluster = ClusterName::new(&self.cluster).map_err(|source| ClientError::Name {
@@ -301,7 +317,21 @@ pub use strait_ca::layout::{Credentials, read_credentials};
 
 /// An mTLS channel to the broker with the credentials in `creds_dir`; the
 /// broker must present the broker identity of the bundle's trust domain.
+/// It connects lazily, at its first call.
 pub fn channel(address: &str, creds_dir: &Path) -> Result<Channel, ClientError> {
+    Ok(transport::channel(address, client_tls(creds_dir)?)?)
+}
+
+/// [`channel`], connected before it returns (TCP and the TLS handshake,
+/// within [`transport::CONNECT_TIMEOUT`]): for trying a broker's addresses
+/// in turn.
+pub async fn connect(address: &str, creds_dir: &Path) -> Result<Channel, ClientError> {
+    Ok(transport::connect(address, client_tls(creds_dir)?).await?)
+}
+
+/// The TLS client config of the credentials in `creds_dir`, requiring the
+/// broker identity of their trust domain.
+fn client_tls(creds_dir: &Path) -> Result<Arc<rustls::ClientConfig>, ClientError> {
     let (chain, key, bundle) = read_credentials(creds_dir)?;
     let leaf = strait_ca::cert::CertSummary::from_der(&chain[0]).map_err(|source| {
         ClientError::Certificate {
@@ -318,17 +348,27 @@ pub fn channel(address: &str, creds_dir: &Path) -> Result<Channel, ClientError> 
     let verifier =
         SpiffeServerVerifier::new(Trust::new(bundle), Accept::Ids([broker_id(&td)?].into()));
     let config = strait_ca::tls::client_config(verifier, Some((&chain, &key)), &[b"h2"])?;
-    Ok(transport::channel(address, Arc::new(config))?)
+    Ok(Arc::new(config))
 }
 
-/// A channel for a joined cluster directory, to its first broker address.
-pub fn cluster_channel(joined_dir: &Path) -> Result<(Channel, BrokerInfo), ClientError> {
+/// The `broker.json` of a joined cluster directory.
+pub fn read_broker_info(joined_dir: &Path) -> Result<BrokerInfo, ClientError> {
     let path = joined_dir.join(BROKER_FILE);
-    let info: BrokerInfo = serde_json::from_slice(&layout::read(&path)?)
-        .map_err(|source| ClientError::BrokerFile { path, source })?;
+    serde_json::from_slice(&layout::read(&path)?)
+        .map_err(|source| ClientError::BrokerFile { path, source })
+}
+
+/// A channel for a joined cluster directory to broker address number
+/// `which` of its `broker.json` ([`BrokerInfo::address`]: counted round
+/// the list, so a caller failing over just counts up), and that
+/// `broker.json`.
+pub fn cluster_channel(
+    joined_dir: &Path,
+    which: usize,
+) -> Result<(Channel, BrokerInfo), ClientError> {
+    let info = read_broker_info(joined_dir)?;
     let address = info
-        .addresses
-        .first()
+        .address(which)
         .ok_or(ClientError::NoBrokerAddress("broker.json"))?;
     Ok((channel(address, &joined_dir.join(CLIENT_DIR))?, info))
 }

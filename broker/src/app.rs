@@ -69,6 +69,14 @@ pub struct BrokerConfig {
     pub bind_identities: bool,
     /// Where the state is kept.
     pub store: StoreSpec,
+    /// With etcd: this replica's name among the mesh's brokers (default:
+    /// the host name).
+    pub replica: Option<String>,
+    /// With etcd: where clusters and admins reach this replica (default:
+    /// the listen address).
+    pub replica_address: Option<String>,
+    /// With etcd: the leader's lease; a dead leader is replaced within it.
+    pub lease_ttl: Duration,
 }
 
 /// The broker's store: the embedded redb file in the data directory, or
@@ -124,6 +132,16 @@ pub enum AppError {
     Store(#[from] crate::store::StoreError),
     #[error("serving: {0}")]
     Serve(#[source] tonic::transport::Error),
+    /// Replicas must sign with one root; each making its own would split
+    /// the mesh.
+    #[error(
+        "--store {0}: give every replica the same --root DIR (made once with `strait ca init-root`, \
+         or the root-cert.pem/root-key.pem of an existing broker); a replica does not make a \
+         root of its own"
+    )]
+    HaRoot(String),
+    #[error("joining the broker replicas in etcd: {0}")]
+    Replication(String),
 }
 
 /// The root this broker signs with: `--root DIR`, or `DATA/root` (created
@@ -270,6 +288,12 @@ fn refresh_own_certificates(
 /// Opens the data directory, the root and the store, and loads the state
 /// with the settings of `config`.
 async fn open_state(config: &BrokerConfig) -> Result<Arc<BrokerState>, AppError> {
+    #[cfg(feature = "etcd")]
+    if let StoreSpec::Etcd(etcd) = &config.store
+        && config.root_dir.is_none()
+    {
+        return Err(AppError::HaRoot(etcd.name()));
+    }
     std::fs::create_dir_all(&config.data_dir).map_err(|source| AppError::DataDir {
         path: config.data_dir.clone(),
         source,
@@ -442,7 +466,50 @@ pub async fn run(
         config.advertise.clone()
     };
     let mut side_tasks = serve_side_endpoints(&config, &ready, registry).await?;
-    side_tasks.push(tokio::spawn(crate::state::watch_liveness(state.clone())));
+    side_tasks.push(tokio::spawn(crate::state::follow_store(state.clone())));
+    #[cfg(feature = "etcd")]
+    let replication = match &config.store {
+        StoreSpec::Etcd(etcd) => {
+            let r = crate::ha::Replication::start(
+                crate::ha::HaConfig {
+                    etcd: etcd.clone(),
+                    replica: replica_name(&config),
+                    address: config
+                        .replica_address
+                        .clone()
+                        .unwrap_or_else(|| local.to_string()),
+                    lease_ttl: config.lease_ttl,
+                },
+                state.clone(),
+            )
+            .await
+            .map_err(AppError::Replication)?;
+            side_tasks.push(tokio::spawn(crate::ha::lead_liveness(
+                state.clone(),
+                r.role(),
+            )));
+            Some(r)
+        }
+        StoreSpec::Redb => None,
+    };
+    #[cfg(feature = "etcd")]
+    let single = replication.is_none();
+    #[cfg(not(feature = "etcd"))]
+    let single = true;
+    if single {
+        side_tasks.push(tokio::spawn(crate::state::watch_liveness(state.clone())));
+    }
+    // Ready while the replica can write (always, with the embedded store).
+    {
+        let ready = ready.clone();
+        let mut detached = state.detached();
+        side_tasks.push(tokio::spawn(async move {
+            while detached.changed().await.is_ok() {
+                let up = detached.borrow_and_update().is_none();
+                ready.set(up);
+            }
+        }));
+    }
     metrics.set_exports(state.export_count().await);
 
     let (drain, watch) = strait_runtime::drain::channel();
@@ -458,6 +525,9 @@ pub async fn run(
         metrics: metrics.clone(),
         advertise,
         peer_advertise,
+        store: store_name(&config),
+        #[cfg(feature = "etcd")]
+        replication: replication.clone(),
     };
     // Target `strait::ready`: the one line `strait broker` shows at its
     // default log level.
@@ -492,8 +562,34 @@ pub async fn run(
         }
     };
     ready.set(false);
+    #[cfg(feature = "etcd")]
+    if let Some(r) = &replication {
+        // Another replica leads at once, not after the lease.
+        r.resign().await;
+    }
     for t in side_tasks {
         t.abort();
     }
     result
+}
+
+/// How `BrokerStatus` names the store.
+fn store_name(config: &BrokerConfig) -> String {
+    match &config.store {
+        StoreSpec::Redb => format!("redb {}", config.data_dir.join(STORE_FILE).display()),
+        #[cfg(feature = "etcd")]
+        StoreSpec::Etcd(e) => e.name(),
+    }
+}
+
+/// `--replica`, or the host name.
+#[cfg(feature = "etcd")]
+fn replica_name(config: &BrokerConfig) -> String {
+    config.replica.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "broker".into())
+    })
 }

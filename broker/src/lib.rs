@@ -7,7 +7,9 @@
 //!
 //! - [`reconcile`]: the export/import state machine (pure);
 //! - [`rotation`]: root rotation stages, begin/advance/finish/abort (pure);
-//! - [`store`]: the durable store trait and its redb implementation;
+//! - [`store`]: the durable store trait, its redb implementation and (feature
+//!   `etcd`) its etcd one;
+//! - [`ha`] (feature `etcd`): replicas on one etcd, the leader's lease;
 //! - [`state`]: the broker core (plan, persist, apply, notify), including
 //!   intermediate renewal and revocation;
 //! - [`liveness`]: which clusters are withdrawn for want of a sync stream (pure);
@@ -21,9 +23,12 @@
 //! keeps up, the protobuf conversions) is the `strait-broker-client`
 //! crate, re-exported here as [`token`], [`wire`], [`client`] and
 //! [`agent`]; health, metrics and gRPC transport come from
-//! `strait-runtime`. The store is embedded (redb): one broker per mesh.
+//! `strait-runtime`. The store is embedded (redb, one broker per mesh) or
+//! etcd, shared by any number of replicas.
 
 pub mod app;
+#[cfg(feature = "etcd")]
+pub mod ha;
 pub mod liveness;
 pub mod metrics;
 pub mod peer;

@@ -186,6 +186,49 @@ impl Mesh {
         self.clusters.iter()
     }
 
+    /// Takes the mesh another broker replica committed (its clusters and
+    /// peers as stored, at `revision`), logging every service whose imports
+    /// may differ at `revision`, so that importers behind get only what
+    /// changed, as after a commit of this replica's own.
+    pub fn follow(
+        &mut self,
+        clusters: BTreeMap<ClusterName, ClusterState>,
+        peers: BTreeMap<String, Vec<RemoteService>>,
+        revision: u64,
+    ) {
+        let mut changed = BTreeSet::new();
+        let names: BTreeSet<ClusterName> = self
+            .clusters
+            .keys()
+            .chain(clusters.keys())
+            .cloned()
+            .collect();
+        for name in &names {
+            changed.extend(self.plan(name, clusters.get(name).cloned()).changed);
+        }
+        let meshes: BTreeSet<String> = self.peers.keys().chain(peers.keys()).cloned().collect();
+        for mesh in &meshes {
+            let services = peers.get(mesh).cloned().unwrap_or_default();
+            changed.extend(self.plan_peer(mesh, services).changed);
+        }
+        self.clusters = clusters;
+        self.peers = peers;
+        // Revisions start at 1 (a store that never changed says 0).
+        let revision = revision.max(1);
+        if revision < self.revision {
+            // Not a history this one knows: every importer gets a snapshot.
+            self.log.clear();
+            self.revision = revision;
+            self.log_floor = self.revision;
+            return;
+        }
+        if changed.is_empty() {
+            self.revision = revision.max(self.revision);
+        } else {
+            self.record(changed, revision);
+        }
+    }
+
     fn plan(&self, cluster: &ClusterName, state: Option<ClusterState>) -> Plan {
         let before = self.clusters.get(cluster);
         let mut changed = BTreeSet::new();

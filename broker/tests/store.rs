@@ -4,12 +4,17 @@
 //!
 //! What every store must do: start with the schema version and empty
 //! tables; keep committed batches across a reopen; overwrite and delete;
-//! commit a batch whole or not at all (a batch too large for the backend
-//! fails leaving none of it); keep keys and binary values exactly; keep
-//! two meshes apart; refuse a store of another schema version by name.
+//! number commits with monotonic revisions; refuse a commit conditional on
+//! a revision another commit followed, leaving none of it; stream the
+//! commits after a revision, whole and in order; commit a batch whole or
+//! not at all (a batch too large for the backend fails leaving none of
+//! it); keep keys and binary values exactly; keep two meshes apart; refuse
+//! a store of another schema version by name.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use strait_broker::store::{Batch, RedbStore, SCHEMA_KEY, Store, StoreError, Table};
+use std::time::Duration;
+
+use strait_broker::store::{Batch, Change, RedbStore, SCHEMA_KEY, Store, StoreError, Table, Watch};
 
 /// A place stores are opened on: the same one again (a reopen), or another
 /// mesh's beside it.
@@ -62,6 +67,8 @@ fn conformance(b: &dyn Backing) {
     );
     assert_eq!(c[&Table::Meta]["revision"], b"7");
 
+    revisions_and_watches(store.as_ref());
+
     // All or nothing: a batch the backend cannot take in one transaction
     // fails leaving none of it (etcd's --max-txn-ops, 128 by default),
     // or is there whole.
@@ -77,7 +84,7 @@ fn conformance(b: &dyn Backing) {
         .filter(|k| k.starts_with("west/"))
         .count();
     match result {
-        Ok(()) => {
+        Ok(_) => {
             assert_eq!(west, 200, "a committed batch is there whole");
             assert!(!c[&Table::Clusters].contains_key("east"));
         }
@@ -103,6 +110,69 @@ fn conformance(b: &dyn Backing) {
     drop(store);
     let e = b.open().err().expect("a store of schema version 99 opened");
     assert!(e.to_string().contains("schema version 99"), "{e}");
+}
+
+fn put(table: Table, key: &str, value: &[u8]) -> Batch {
+    let mut b = Batch::new();
+    b.put(table, key, value.to_vec());
+    b
+}
+
+/// The next commit of `w`, within 5 s.
+fn next(rt: &tokio::runtime::Runtime, w: &mut Watch) -> Change {
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), w.next()).await })
+        .expect("no commit from the watch within 5 s")
+        .expect("the watch ended")
+        .expect("the watch failed")
+}
+
+/// Revisions, conditional commits and watches.
+fn revisions_and_watches(store: &dyn Store) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let seen = store.snapshot().unwrap();
+    let r1 = store
+        .commit_if(&put(Table::Clusters, "cas-a", b"1"), Some(seen.revision))
+        .unwrap();
+    assert!(r1 > seen.revision, "{r1} after {}", seen.revision);
+    assert_eq!(store.snapshot().unwrap().revision, r1);
+    let mut from_r1 = store.watch(r1).unwrap();
+    let mut second = put(Table::Clusters, "cas-b", b"2");
+    second.delete(Table::Clusters, "cas-a");
+    let r2 = store.commit(&second).unwrap();
+    assert!(r2 > r1, "{r2} after {r1}");
+
+    // A writer that saw only r1 is refused, and none of its batch is there.
+    let mut stale = put(Table::Exports, "stale/ns/svc", b"x");
+    stale.put(Table::Clusters, "cas-b", b"stale".to_vec());
+    let e = store.commit_if(&stale, Some(r1)).unwrap_err();
+    assert!(e.is_conflict(), "{e}");
+    assert!(e.to_string().contains(&format!("revision {r2}")), "{e}");
+    let now = store.snapshot().unwrap();
+    assert_eq!(now.revision, r2, "a refused commit made a revision");
+    assert!(!now.contents[&Table::Exports].contains_key("stale/ns/svc"));
+    assert_eq!(now.contents[&Table::Clusters]["cas-b"], b"2");
+    assert!(!now.contents[&Table::Clusters].contains_key("cas-a"));
+
+    // The watch from r1 gets r2 whole, then what follows, in order.
+    let c = next(&rt, &mut from_r1);
+    assert_eq!(c.revision, r2);
+    assert_eq!(c.ops, second.ops(), "the commit after r1, whole");
+    let mut from_now = store.watch(r2).unwrap();
+    let r3 = store
+        .commit_if(&put(Table::Tokens, "t9", b"3"), Some(r2))
+        .unwrap();
+    for w in [&mut from_r1, &mut from_now] {
+        let c = next(&rt, w);
+        assert_eq!((c.revision, c.ops.len()), (r3, 1), "{c:?}");
+    }
+    let mut cleanup = Batch::new();
+    cleanup
+        .delete(Table::Clusters, "cas-b")
+        .delete(Table::Tokens, "t9");
+    store.commit(&cleanup).unwrap();
 }
 
 struct Redb(tempfile::TempDir);
@@ -159,6 +229,68 @@ mod etcd {
     fn etcd_store_conforms() {
         let Some(etcd) = Etcd::start() else { return };
         conformance(&OnEtcd(etcd));
+    }
+
+    /// Two replicas on one prefix: each sees the other's commits through
+    /// its watch, and a plan made before the other's commit is refused.
+    #[test]
+    fn two_writers_on_one_etcd_see_each_other_and_never_both_win() {
+        let Some(etcd) = Etcd::start() else { return };
+        let on = OnEtcd(etcd);
+        let (a, b) = (on.store("mesh-a").unwrap(), on.store("mesh-a").unwrap());
+        assert!(a.shared());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let seen = a.snapshot().unwrap().revision;
+        let mut a_watch = a.watch(seen).unwrap();
+        let rb = b
+            .commit_if(&put(Table::Exports, "west/ns/svc", b"b"), Some(seen))
+            .unwrap();
+        let e = a
+            .commit_if(&put(Table::Exports, "west/ns/svc", b"a"), Some(seen))
+            .unwrap_err();
+        assert!(e.is_conflict(), "{e}");
+        let c = next(&rt, &mut a_watch);
+        assert_eq!(c.revision, rb);
+        assert_eq!(
+            c.ops,
+            [(
+                Table::Exports,
+                "west/ns/svc".to_string(),
+                Some(b"b".to_vec())
+            )]
+        );
+        let ra = a
+            .commit_if(&put(Table::Exports, "west/ns/svc", b"a"), Some(c.revision))
+            .unwrap();
+        assert!(ra > rb);
+        assert_eq!(b.load().unwrap()[&Table::Exports]["west/ns/svc"], b"a");
+    }
+
+    /// A watch from a compacted revision says so (the replica then loads
+    /// the whole store again).
+    #[test]
+    fn a_watch_from_a_compacted_revision_is_refused_by_name() {
+        let Some(etcd) = Etcd::start() else { return };
+        let on = OnEtcd(etcd);
+        let store = on.store("mesh-a").unwrap();
+        let first = store.commit(&put(Table::Tokens, "t", b"1")).unwrap();
+        let last = store.commit(&put(Table::Tokens, "t", b"2")).unwrap();
+        on.0.etcdctl(&["compact", &last.to_string()]);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut w = store.watch(first - 1).unwrap();
+        let got = rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(5), w.next()).await })
+            .expect("no answer from the watch");
+        match got {
+            Some(Err(StoreError::Compacted { oldest, .. })) => assert_eq!(oldest, last),
+            other => panic!("a watch from a compacted revision: {other:?}"),
+        }
     }
 
     /// etcd gone: a write fails within the request deadline with an error

@@ -1,6 +1,7 @@
 //! gRPC over strait's own rustls configs: an incoming stream of TLS
 //! connections for tonic servers (peer certificates reach handlers through
-//! `Request::peer_certs`), and a connector for tonic clients.
+//! `Request::peer_certs`), and channels for tonic clients (connecting
+//! lazily, or at once for a caller choosing among addresses).
 //!
 //! tonic's built-in TLS takes only CA roots; strait needs SPIFFE
 //! verification with a swappable bundle, so the TLS layer is ours and tonic
@@ -19,6 +20,8 @@ use tonic::transport::{Channel, Endpoint};
 
 /// How long a client may take to finish the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to connect (TCP and the TLS handshake).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The TLS server name clients send; identities are checked by SPIFFE ID,
 /// not by this name.
 pub const SERVER_NAME: &str = "broker.strait.internal";
@@ -67,18 +70,55 @@ pub fn channel_to(
     server_name: &'static str,
     config: Arc<rustls::ClientConfig>,
 ) -> Result<Channel, BadAddress> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+    Ok(endpoint(addr)?.connect_with_connector_lazy(connector(addr, server_name, config)))
+}
+
+/// [`channel`], connected before it returns: the TCP connection and the
+/// TLS handshake are done (within [`CONNECT_TIMEOUT`]) or the error says
+/// why not. For a caller that picks, among several addresses, the first
+/// that answers; afterwards the channel reconnects by itself, as a lazy
+/// one does.
+pub async fn connect(
+    addr: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<Channel, ConnectError> {
+    endpoint(addr)?
+        .connect_with_connector(connector(addr, SERVER_NAME, config))
+        .await
+        .map_err(|source| ConnectError::Failed {
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+/// The endpoint of `addr`, with strait's timeouts and keepalive.
+fn endpoint(addr: &str) -> Result<Endpoint, BadAddress> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|source| BadAddress {
             addr: addr.to_string(),
             source,
         })?
-        .connect_timeout(Duration::from_secs(5))
+        .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(10));
+        .keep_alive_timeout(Duration::from_secs(10)))
+}
+
+/// A connector doing TLS with `config` to `addr`, sending `server_name`.
+fn connector(
+    addr: &str,
+    server_name: &'static str,
+    config: Arc<rustls::ClientConfig>,
+) -> impl tower::Service<
+    http::Uri,
+    Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+    Error = std::io::Error,
+    Future = impl Send,
+> + Send
++ 'static {
     let connector = TlsConnector::from(config);
     let target = addr.to_string();
-    let svc = tower::service_fn(move |_: http::Uri| {
+    tower::service_fn(move |_: http::Uri| {
         let connector = connector.clone();
         let target = target.clone();
         async move {
@@ -89,8 +129,7 @@ pub fn channel_to(
             let tls = connector.connect(name, tcp).await?;
             Ok::<_, std::io::Error>(TokioIo::new(tls))
         }
-    });
-    Ok(endpoint.connect_with_connector_lazy(svc))
+    })
 }
 
 /// An address a channel cannot be made to.
@@ -100,6 +139,35 @@ pub struct BadAddress {
     pub addr: String,
     #[source]
     pub source: tonic::transport::Error,
+}
+
+/// A channel that could not be connected ([`connect`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Address(#[from] BadAddress),
+    /// Said with the causes (tonic's own text is only "transport error").
+    #[error("{addr}: {}", causes(source))]
+    Failed {
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+}
+
+/// An error and its causes on one line, each said once.
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+        next = cause.source();
+    }
+    text
 }
 
 /// The peer address of a request, for logs.

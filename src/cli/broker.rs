@@ -87,6 +87,20 @@ pub struct BrokerArgs {
     /// of the trust domain.
     #[arg(long)]
     bind_identities_to_clusters: bool,
+    /// With --store etcd: this replica's name among the mesh's brokers
+    /// (default: the host name). Every replica serves clusters and admins;
+    /// one, elected by an etcd lease, leads.
+    #[arg(long, value_name = "NAME")]
+    replica: Option<String>,
+    /// With --store etcd: where clusters and admins reach this replica, as
+    /// `straitctl status` shows it (default: the listen address).
+    #[arg(long, value_name = "HOST:PORT")]
+    replica_address: Option<String>,
+    /// With --store etcd: the leader's lease. A replica that dies is
+    /// replaced as leader within it; a replica that cannot renew it within
+    /// it (cut off from etcd) stops serving sync streams.
+    #[arg(long, value_parser = parse_duration, default_value = "3s")]
+    lease_ttl: Duration,
 }
 
 /// A duration, or a bare `0` (off).
@@ -294,6 +308,9 @@ pub fn run(args: BrokerArgs) -> Result<()> {
         mesh_name: args.mesh_name,
         cluster_grace: (!args.cluster_grace.is_zero()).then_some(args.cluster_grace),
         bind_identities: args.bind_identities_to_clusters,
+        replica: args.replica,
+        replica_address: args.replica_address,
+        lease_ttl: args.lease_ttl,
     };
     tracing::info!(?config, "starting broker");
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -56,6 +56,23 @@ fn free_port() -> u16 {
 }
 
 impl Etcd {
+    /// Runs `etcdctl ARGS` (the one beside the etcd binary) against this
+    /// member; panics with its output when it fails.
+    pub fn etcdctl(&self, args: &[&str]) -> String {
+        let bin = etcd_binary().unwrap().with_file_name("etcdctl");
+        let out = Command::new(&bin)
+            .arg(format!("--endpoints=http://{}", self.client))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn start() -> Option<Etcd> {
         let bin = etcd_binary()?;
         let dir = tempfile::tempdir().unwrap();

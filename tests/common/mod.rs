@@ -243,6 +243,21 @@ impl Broker {
     }
 
     /// Starts with extra `strait broker` arguments.
+    /// Makes a root for `trust_domain` in `dir` with `strait ca init-root`
+    /// (what replicas on etcd are given with `--root`).
+    pub fn init_root(dir: &Path, trust_domain: &str) {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_strait"))
+            .args(["ca", "init-root", "--trust-domain", trust_domain, "--out"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "strait ca init-root: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     pub fn start_with(data: &Path, trust_domain: &str, addr: &str, extra: &[&str]) -> Self {
         // The health and metrics ports are picked here: a lost race for one
         // of them (not for `addr`, the caller's) is retried on new ones.

@@ -4,8 +4,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use pb::sync_request::Msg as Up;
-use pb::sync_response::Msg as Down;
+pub use pb::sync_request::Msg as Up;
+pub use pb::sync_response::Msg as Down;
 use strait_broker_client::client::{self, SyncSession};
 use strait_proto::strait::broker::v1 as pb;
 
@@ -105,7 +105,7 @@ pub fn hello(import_revision: u64, epoch: &str, gateway: &str) -> pb::Hello {
 }
 
 pub async fn open(dir: &Path, hello: pb::Hello) -> SyncSession {
-    let (channel, _) = client::cluster_channel(dir).unwrap();
+    let (channel, _) = client::cluster_channel(dir, 0).unwrap();
     SyncSession::open(channel, hello).await.expect("open sync")
 }
 

@@ -1,5 +1,6 @@
 //! The cluster side of the Sync stream, as a long-running task: keeps a
-//! stream to the broker (reconnecting with backoff), publishes the cluster's
+//! stream to the broker (failing over between the addresses of its
+//! replicas, reconnecting with backoff), publishes the cluster's
 //! exports (a snapshot, then deltas), applies and acknowledges imports,
 //! installs trust bundle updates, and renews the cluster's intermediate when
 //! the broker asks (a new key made here; only the CSR leaves).
@@ -11,7 +12,8 @@
 //! (trust bundles, the renewed intermediate) and the watch channels. The
 //! protocol state (what was sent and acknowledged, the imports assembled
 //! from updates, what to send when) is the pure [`session::SyncState`];
-//! when to reconnect is the pure [`Backoff`].
+//! which address to try is the pure [`Failover`], when the pure
+//! [`Backoff`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -27,9 +29,11 @@ use tokio::sync::watch;
 use crate::client::{self, CACERTS_DIR, CLIENT_DIR, ClientError, SyncSession};
 
 mod backoff;
+mod failover;
 pub mod session;
 
 pub use backoff::Backoff;
+pub use failover::Failover;
 use session::{ImportsDelta, Step, SyncState};
 
 /// Where a cluster keeps the bundles of peered meshes: `<td>.pem` each.
@@ -38,6 +42,11 @@ pub const FEDERATED_DIR: &str = "federated";
 pub const BACKOFF_MIN: Duration = Duration::from_millis(200);
 /// The longest wait before reconnecting to the broker.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// How long a broker address may take to answer `Hello` with `Welcome`,
+/// connecting included (which alone gives up after
+/// [`strait_runtime::transport::CONNECT_TIMEOUT`]): a replica that accepts
+/// connections but does not serve is left for the next address.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the cluster imports, as last pushed by the broker.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -126,32 +135,66 @@ impl Agent {
         }
     }
 
-    /// Runs until `shutdown` resolves; connection errors are retried with
-    /// backoff, never returned.
+    /// Runs until `shutdown` resolves; connection errors are retried, on
+    /// the next broker address at once and, once every address failed,
+    /// with backoff ([`Failover`], [`Backoff`]); never returned.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut backoff = Backoff::default();
+        let mut failover = Failover::default();
         loop {
-            backoff.attempt(tokio::time::Instant::now().into_std());
+            if failover.round_begins() {
+                backoff.attempt(tokio::time::Instant::now().into_std());
+            }
+            // Read each time: the addresses come from broker.json.
+            let addresses = client::read_broker_info(&self.config.dir)
+                .map(|i| i.addresses)
+                .unwrap_or_default();
+            let len = addresses.len();
+            let which = failover.current(len);
             let result = tokio::select! {
-                r = self.session(&mut backoff) => r,
+                r = self.session(which, &mut failover, &mut backoff) => r,
                 () = &mut shutdown => return,
             };
             self.imports.send_modify(|i| i.connected = false);
-            let mut delay = backoff.ended(tokio::time::Instant::now().into_std());
-            match result {
-                Ok(()) => tracing::info!("broker closed the sync stream"),
+            let address = addresses.get(which).map_or("-", String::as_str);
+            let now = tokio::time::Instant::now().into_std();
+            let delay = match result {
+                Ok(()) => {
+                    tracing::info!(address, "broker closed the sync stream");
+                    failover.ended(len);
+                    backoff.ended(now)
+                }
                 Err(ClientError::Refused(why)) => {
                     // Said once at error level; retried rarely, in case an
-                    // operator restores the cluster's state.
+                    // operator restores the cluster's state. Every replica
+                    // would say the same: the address stays.
                     if self.imports.borrow().refused.as_deref() != Some(why.as_str()) {
                         tracing::error!(reason = %why, "the broker refuses this cluster; it will not sync until it joins again");
                     }
                     self.imports.send_modify(|i| i.refused = Some(why));
-                    delay = BACKOFF_MAX;
+                    failover.ended(len);
+                    backoff.ended(now);
+                    BACKOFF_MAX
                 }
-                Err(e) => tracing::warn!(error = %e, "sync with the broker failed"),
-            }
+                Err(e) => {
+                    let round_over = failover.failed(len);
+                    let next = addresses
+                        .get(failover.current(len))
+                        .map_or("-", String::as_str);
+                    if round_over && len <= 1 {
+                        tracing::warn!(error = %e, address, "sync with the broker failed");
+                        backoff.ended(now)
+                    } else if round_over {
+                        let delay = backoff.ended(now);
+                        tracing::warn!(error = %e, address, next, retry_in = ?delay, "sync with the broker failed at every address; starting again from the one that last worked");
+                        delay
+                    } else {
+                        tracing::warn!(error = %e, address, next, "sync with the broker failed; trying its next address");
+                        Duration::ZERO
+                    }
+                }
+            };
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = &mut shutdown => return,
@@ -171,18 +214,27 @@ impl Agent {
         step
     }
 
-    /// One Sync stream, until it ends: the I/O around [`SyncState`].
-    async fn session(&mut self, backoff: &mut Backoff) -> Result<(), ClientError> {
-        let (channel, info) = client::cluster_channel(&self.config.dir)?;
+    /// One Sync stream to broker address `which`, until it ends: the I/O
+    /// around [`SyncState`].
+    async fn session(
+        &mut self,
+        which: usize,
+        failover: &mut Failover,
+        backoff: &mut Backoff,
+    ) -> Result<(), ClientError> {
+        let (channel, info) = client::cluster_channel(&self.config.dir, which)?;
         self.identities.borrow_and_update();
         let (cluster, td) = info.identity()?;
         let hello = self.sync.hello(&self.imports.borrow(), self.info(&info));
-        let mut session = SyncSession::open(channel, hello).await?;
+        let mut session = tokio::time::timeout(OPEN_TIMEOUT, SyncSession::open(channel, hello))
+            .await
+            .map_err(|_| ClientError::NoWelcomeInTime(OPEN_TIMEOUT))??;
+        failover.opened(info.addresses.len());
         self.imports.send_modify(|i| {
             i.connected = true;
             i.refused = None;
         });
-        tracing::info!(cluster = %cluster, "sync stream to the broker open");
+        tracing::info!(cluster = %cluster, address = info.address(which).unwrap_or("-"), "sync stream to the broker open");
         let exports = &mut self.exports;
         let mut step = self.sync.welcome(session.broker_export_revision, || {
             exports.borrow_and_update().clone()

@@ -75,6 +75,23 @@ impl Peers {
         self.tokens.write().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Takes the peers and tokens of `other` (another replica stored them),
+    /// keeping what this replica knows of connections.
+    pub(crate) fn replace_with(&self, other: &Peers) {
+        let peers = other
+            .inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let tokens = other
+            .tokens
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        *self.write() = peers;
+        *self.write_tokens() = tokens;
+    }
+
     /// Replaces (or adds) a peer; the broker state does this once stored.
     pub(crate) fn insert(&self, record: PeerRecord) {
         self.write().insert(record.mesh.clone(), record);

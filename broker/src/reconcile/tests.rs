@@ -496,3 +496,59 @@ fn a_withdrawn_cluster_is_withdrawn_from_peered_meshes_too() {
     m.apply(p);
     assert_eq!(m.exports_to_mesh("other")[0].service.healthy(), 0);
 }
+
+/// A replica that follows another's commits gives importers the same
+/// updates the other would: only what changed, not a snapshot.
+#[test]
+fn a_following_replica_gives_importers_the_same_updates() {
+    let mut leader = mesh(&["east", "west", "central"]);
+    run(
+        &mut leader,
+        "east",
+        snap(1, vec![svc("shop", "cart"), svc("shop", "pay")]),
+    )
+    .unwrap();
+    let mut follower = leader.clone();
+    let since = leader.revision();
+    run(
+        &mut leader,
+        "east",
+        delta(
+            1,
+            2,
+            vec![svc_to("shop", "cart", &["west"])],
+            vec![key("shop", "pay")],
+        ),
+    )
+    .unwrap();
+    let p = leader.plan_join(info("north", "net-north"));
+    leader.apply(p);
+    follower.follow(
+        leader.clusters.clone(),
+        leader.peers.clone(),
+        leader.revision(),
+    );
+    assert_eq!(follower.revision(), leader.revision());
+    for importer in ["west", "central", "north"] {
+        let (f, l) = (
+            follower.import_update(&name(importer), since, true),
+            leader.import_update(&name(importer), since, true),
+        );
+        assert!(!f.snapshot, "{importer}: {f:?}");
+        assert_eq!(f, l, "{importer}");
+    }
+    assert!(
+        follower
+            .import_update(&name("central"), since, true)
+            .removals
+            .contains(&key("shop", "cart"))
+    );
+    // Nothing changed: nothing logged, the revision kept.
+    let before = follower.revision();
+    follower.follow(leader.clusters.clone(), leader.peers.clone(), before);
+    assert!(
+        follower
+            .import_update(&name("west"), before, true)
+            .is_empty()
+    );
+}

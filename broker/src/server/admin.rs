@@ -26,6 +26,11 @@ pub struct AdminService {
     pub advertise: Vec<String>,
     /// Peer API addresses written into peer tokens (empty: no peer API).
     pub peer_advertise: Vec<String>,
+    /// How the store is named in `BrokerStatus`.
+    pub store: String,
+    /// This replica's part among several on one etcd (none: the only one).
+    #[cfg(feature = "etcd")]
+    pub replication: Option<crate::ha::Replication>,
 }
 
 impl AdminService {
@@ -308,6 +313,42 @@ impl pb::admin_server::Admin for AdminService {
         tracing::info!(%admin, mesh = %record.mesh, trust_domain = %record.trust_domain, "mesh peered (outbound)");
         crate::peer::spawn_puller(self.state.clone(), record.mesh.clone());
         Ok(Response::new(peer_info(&self.state, &record)))
+    }
+
+    async fn broker_status(
+        &self,
+        req: Request<pb::BrokerStatusRequest>,
+    ) -> Result<Response<pb::BrokerStatusResponse>, Status> {
+        self.admin(&req)?;
+        #[cfg_attr(not(feature = "etcd"), allow(unused_mut))]
+        let mut out = pb::BrokerStatusResponse {
+            store: self.store.clone(),
+            role: "single".into(),
+            store_revision: self.state.store_revision().await,
+            mesh_revision: *self.state.subscribe().borrow(),
+            detached: self.state.detached().borrow().clone().unwrap_or_default(),
+            ..Default::default()
+        };
+        #[cfg(feature = "etcd")]
+        if let Some(r) = &self.replication {
+            out.replica = r.id().to_string();
+            out.role = r.role().borrow().name().to_string();
+            let list = r
+                .replicas()
+                .await
+                .map_err(|e| Status::unavailable(format!("listing the replicas in etcd: {e}")))?;
+            out.replicas = list
+                .replicas
+                .into_iter()
+                .map(|x| pb::ReplicaStatus {
+                    leader: list.leader.as_deref() == Some(x.id.as_str()),
+                    id: x.id,
+                    address: x.address,
+                    since_unix: x.since_unix,
+                })
+                .collect();
+        }
+        Ok(Response::new(out))
     }
 
     async fn list_peers(

@@ -68,6 +68,11 @@ impl pb::federation_server::Federation for FederationService {
         let Caller::Cluster(name) = authenticate(&self.state, &req)? else {
             return Err(Status::permission_denied("Sync is for clusters"));
         };
+        if let Some(why) = self.state.detached().borrow().clone() {
+            return Err(Status::unavailable(format!(
+                "this broker replica cannot write ({why}); connect to another"
+            )));
+        }
         self.state.check_member(&name).await?;
         let (tx, rx) = mpsc::channel(32);
         let session = Session::new(

@@ -144,6 +144,7 @@ impl Session {
             bundle_version: hello.bundle_version,
         };
         let mut revisions = self.state.subscribe();
+        let mut detached = self.state.detached();
         // Renewal is due by the clock, not by any event: look every so often.
         let mut tick = tokio::time::interval(RENEWAL_CHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -179,6 +180,12 @@ impl Session {
                     }
                 }
                 () = self.tx.closed() => break,
+                Some(why) = async { detached.wait_for(Option::is_some).await.ok().and_then(|w| w.clone()) } => {
+                    let _ = self.tx.send(Err(Status::unavailable(format!(
+                        "this broker replica cannot write ({why}); connect to another"
+                    )))).await;
+                    break;
+                }
                 () = self.drain.draining() => {
                     let _ = self.tx.send(Err(Status::unavailable("the broker is shutting down"))).await;
                     break;

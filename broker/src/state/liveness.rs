@@ -29,6 +29,7 @@ pub struct LiveStream {
 impl Drop for LiveStream {
     fn drop(&mut self) {
         self.state.liveness().closed(&self.cluster, now());
+        self.state.stream_event(&self.cluster, false);
         self.state.liveness_changed.notify_one();
     }
 }
@@ -58,6 +59,7 @@ impl BrokerState {
         cluster: &ClusterName,
     ) -> Result<LiveStream, StateError> {
         let restore = self.liveness().opened(cluster);
+        self.stream_event(cluster, true);
         let guard = LiveStream {
             state: self.clone(),
             cluster: cluster.clone(),
@@ -72,7 +74,7 @@ impl BrokerState {
     /// caller comes last reads the latest liveness, so that a return racing
     /// a withdrawal cannot leave a connected cluster withdrawn).
     pub(crate) async fn apply_liveness(&self, cluster: &ClusterName) -> Result<(), StateError> {
-        let mut inner = self.inner.lock().await;
+        self.write(|inner| {
         let want = self.liveness().is_withdrawn(cluster);
         let Some(current) = inner.mesh.cluster(cluster) else {
             // Revoked meanwhile.
@@ -84,7 +86,7 @@ impl BrokerState {
         }
         let exports = current.exports.len();
         let plan = inner.mesh.plan_withdrawn(cluster, want)?;
-        let revision = self.commit_plan(&mut inner, plan, Batch::new(), None)?;
+        let revision = self.commit_plan(inner, plan, Batch::new(), None)?;
         if want {
             tracing::warn!(
                 %cluster,
@@ -97,6 +99,8 @@ impl BrokerState {
             tracing::info!(%cluster, exports, revision, "cluster is back: its exports are restored");
         }
         Ok(())
+        })
+        .await
     }
 }
 

@@ -31,20 +31,20 @@ use crate::token::TokenRecord;
 type Rows = BTreeMap<String, Vec<u8>>;
 
 /// The broker-wide values of the meta table.
-struct MetaValues {
-    revision: u64,
-    bundle_version: u64,
-    bind_identities: bool,
-    denied: BTreeSet<String>,
-    epoch: String,
+pub(super) struct MetaValues {
+    pub revision: u64,
+    pub bundle_version: u64,
+    pub bind_identities: bool,
+    pub denied: BTreeSet<String>,
+    pub epoch: String,
 }
 
 /// The roots the rotation state names, loaded, and where they live.
-struct LoadedRoots {
-    rotation: Rotation,
-    root_dirs: BTreeMap<String, PathBuf>,
-    by_fp: BTreeMap<String, Arc<Authority>>,
-    trust_domain: TrustDomain,
+pub(super) struct LoadedRoots {
+    pub rotation: Rotation,
+    pub root_dirs: BTreeMap<String, PathBuf>,
+    pub by_fp: BTreeMap<String, Arc<Authority>>,
+    pub trust_domain: TrustDomain,
 }
 
 fn text(meta: &Rows, key: &str) -> Option<String> {
@@ -59,7 +59,7 @@ fn number(meta: &Rows, key: &str) -> Result<u64, StateError> {
     }
 }
 
-fn rows<T: DeserializeOwned>(
+pub(super) fn rows<T: DeserializeOwned>(
     contents: &Contents,
     table: Table,
 ) -> Result<Vec<(String, T)>, StateError> {
@@ -75,7 +75,23 @@ fn rows<T: DeserializeOwned>(
 }
 
 /// Reads the meta values; on first start, makes and stores the epoch.
-fn meta_values(meta: &Rows, store: &dyn Store) -> Result<MetaValues, StateError> {
+/// Two replicas starting on an empty store race for the epoch: the
+/// commit is conditional on `revision`, and the loser loads again.
+fn meta_values(meta: &Rows, store: &dyn Store, revision: u64) -> Result<MetaValues, StateError> {
+    let mut values = read_meta(meta)?;
+    if values.epoch.is_empty() {
+        let e = random_hex(8);
+        let mut b = Batch::new();
+        b.put(Table::Meta, META_EPOCH, e.clone().into_bytes());
+        b.put(Table::Meta, META_BUNDLE_VERSION, b"1".to_vec());
+        store.commit_if(&b, Some(revision))?;
+        values.epoch = e;
+    }
+    Ok(values)
+}
+
+/// Reads the meta values as they are (epoch empty when there is none).
+pub(super) fn read_meta(meta: &Rows) -> Result<MetaValues, StateError> {
     let revision = number(meta, META_REVISION)?;
     let bundle_version = number(meta, META_BUNDLE_VERSION)?.max(1);
     let bind_identities = number(meta, META_BIND_IDENTITIES)? == 1;
@@ -83,17 +99,7 @@ fn meta_values(meta: &Rows, store: &dyn Store) -> Result<MetaValues, StateError>
         Some(v) => serde_json::from_slice(v).map_err(|e| corrupt(Table::Meta, META_DENIED, e))?,
         None => BTreeSet::new(),
     };
-    let epoch = match text(meta, META_EPOCH) {
-        Some(e) => e,
-        None => {
-            let e = random_hex(8);
-            let mut b = Batch::new();
-            b.put(Table::Meta, META_EPOCH, e.clone().into_bytes());
-            b.put(Table::Meta, META_BUNDLE_VERSION, b"1".to_vec());
-            store.commit(&b)?;
-            e
-        }
-    };
+    let epoch = text(meta, META_EPOCH).unwrap_or_default();
     Ok(MetaValues {
         revision,
         bundle_version,
@@ -104,7 +110,7 @@ fn meta_values(meta: &Rows, store: &dyn Store) -> Result<MetaValues, StateError>
 }
 
 /// The mesh state of every joined cluster, with the exports stored for it.
-fn clusters(
+pub(super) fn clusters(
     records: &BTreeMap<String, ClusterRecord>,
     contents: &Contents,
 ) -> Result<BTreeMap<ClusterName, ClusterState>, StateError> {
@@ -142,10 +148,25 @@ fn clusters(
     Ok(clusters)
 }
 
-/// The rotation state and every root it names: `root` (the configured one,
-/// in `root_dir`) and the others from their stored directories.
-fn roots(meta: &Rows, root: Authority, root_dir: &Path) -> Result<LoadedRoots, StateError> {
-    let configured_fp = fingerprint_sha256(root.root_der());
+/// The rotation state and every root it names: those of `by_fp` (loaded
+/// already; the configured one, `configured_fp` in `root_dir`, among them)
+/// and the others from their stored directories.
+pub(super) fn roots(
+    meta: &Rows,
+    mut by_fp: BTreeMap<String, Arc<Authority>>,
+    configured_fp: &str,
+    root_dir: &Path,
+) -> Result<LoadedRoots, StateError> {
+    let td = by_fp
+        .get(configured_fp)
+        .map(|a| a.trust_domain().clone())
+        .ok_or_else(|| {
+            corrupt(
+                Table::Meta,
+                META_ROTATION,
+                "the configured root is not loaded",
+            )
+        })?;
     let (rotation, root_dirs): (Rotation, BTreeMap<String, PathBuf>) =
         match (meta.get(META_ROTATION), meta.get(META_ROOT_DIRS)) {
             (Some(r), Some(d)) => (
@@ -153,13 +174,10 @@ fn roots(meta: &Rows, root: Authority, root_dir: &Path) -> Result<LoadedRoots, S
                 serde_json::from_slice(d).map_err(|e| corrupt(Table::Meta, META_ROOT_DIRS, e))?,
             ),
             _ => (
-                Rotation::idle(&configured_fp),
-                [(configured_fp.clone(), root_dir.to_path_buf())].into(),
+                Rotation::idle(configured_fp),
+                [(configured_fp.to_string(), root_dir.to_path_buf())].into(),
             ),
         };
-    let td = root.trust_domain().clone();
-    let mut by_fp = BTreeMap::new();
-    by_fp.insert(configured_fp.clone(), Arc::new(root));
     for fp in rotation
         .bundle
         .iter()
@@ -183,7 +201,7 @@ fn roots(meta: &Rows, root: Authority, root_dir: &Path) -> Result<LoadedRoots, S
         })?;
         by_fp.insert(fp.clone(), Arc::new(a));
     }
-    if !rotation.bundle.contains(&configured_fp) {
+    if !rotation.bundle.iter().any(|fp| fp == configured_fp) {
         tracing::warn!(
             root = %configured_fp,
             "the configured root is no longer in the bundle (rotated out); the stored rotation state decides"
@@ -197,17 +215,20 @@ fn roots(meta: &Rows, root: Authority, root_dir: &Path) -> Result<LoadedRoots, S
     })
 }
 
-/// The trust in the bundle the rotation state names, with the deny-list.
-fn trust(roots: &LoadedRoots, denied: &BTreeSet<String>) -> Result<Trust, StateError> {
+/// The bundle the rotation state names.
+pub(super) fn bundle(roots: &LoadedRoots) -> Result<TrustBundle, StateError> {
     let bundle_roots = roots
         .rotation
         .bundle
         .iter()
         .filter_map(|fp| roots.by_fp.get(fp).map(|a| a.root_der().to_vec()))
         .collect();
-    let bundle = TrustBundle::new(Some(roots.trust_domain.clone()), bundle_roots)
-        .map_err(StateError::Bundle)?;
-    let trust = Trust::new(bundle);
+    TrustBundle::new(Some(roots.trust_domain.clone()), bundle_roots).map_err(StateError::Bundle)
+}
+
+/// The trust in the bundle the rotation state names, with the deny-list.
+fn trust(roots: &LoadedRoots, denied: &BTreeSet<String>) -> Result<Trust, StateError> {
+    let trust = Trust::new(bundle(roots)?);
     trust.set_denied(denied.iter().cloned());
     Ok(trust)
 }
@@ -224,19 +245,57 @@ impl BrokerState {
         intermediate_validity: Duration,
         mesh_name: String,
     ) -> Result<Self, StateError> {
-        let contents = store.load()?;
+        let root = Arc::new(root);
+        let mut attempt = 0;
+        loop {
+            match Self::load_once(
+                store.clone(),
+                root.clone(),
+                root_dir,
+                data_dir,
+                intermediate_validity,
+                mesh_name.clone(),
+            ) {
+                Err(StateError::Store(e)) if e.is_conflict() && attempt < 3 => attempt += 1,
+                r => return r,
+            }
+        }
+    }
+
+    fn load_once(
+        store: Arc<dyn Store>,
+        root: Arc<Authority>,
+        root_dir: &Path,
+        data_dir: &Path,
+        intermediate_validity: Duration,
+        mesh_name: String,
+    ) -> Result<Self, StateError> {
+        let snapshot = store.snapshot()?;
+        let contents = snapshot.contents;
         let empty = BTreeMap::new();
         let meta = contents.get(&Table::Meta).unwrap_or(&empty);
         if meta.contains_key(crate::store::migrate::MIGRATION_KEY) {
             return Err(StateError::UnfinishedMigration);
         }
-        let values = meta_values(meta, store.as_ref())?;
+        let values = meta_values(meta, store.as_ref(), snapshot.revision)?;
+        // Writing the epoch (first start) made a revision.
+        let store_revision = if values.epoch == text(meta, META_EPOCH).unwrap_or_default() {
+            snapshot.revision
+        } else {
+            store.snapshot()?.revision
+        };
         let records: BTreeMap<String, ClusterRecord> =
             rows(&contents, Table::Clusters)?.into_iter().collect();
         let tokens: BTreeMap<String, TokenRecord> =
             rows(&contents, Table::Tokens)?.into_iter().collect();
         let clusters = clusters(&records, &contents)?;
-        let roots = roots(meta, root, root_dir)?;
+        let configured_fp = fingerprint_sha256(root.root_der());
+        let roots = roots(
+            meta,
+            [(configured_fp.clone(), root)].into(),
+            &configured_fp,
+            root_dir,
+        )?;
         let trust = trust(&roots, &values.denied)?;
         let signing = roots
             .by_fp
@@ -265,6 +324,7 @@ impl BrokerState {
             }),
             serving_root: std::sync::RwLock::new(serving),
             data_dir: data_dir.to_path_buf(),
+            configured_root: (configured_fp, root_dir.to_path_buf()),
             rotation_tx,
             trust,
             epoch: values.epoch,
@@ -279,12 +339,15 @@ impl BrokerState {
                 bind_identities: values.bind_identities,
                 rotation: roots.rotation,
                 root_dirs: roots.root_dirs,
+                store_revision,
             }),
             revision_tx,
             peers,
             mesh_name,
             liveness: std::sync::Mutex::new(liveness),
             liveness_changed: tokio::sync::Notify::new(),
+            stream_events: std::sync::OnceLock::new(),
+            detached: watch::channel(None).0,
         })
     }
 }

@@ -35,6 +35,7 @@ use tokio::sync::{Mutex, watch};
 use crate::reconcile::{ExportsChange, Mesh, Plan, SyncError};
 use crate::rotation::{Rotation, RotationError};
 
+mod follow;
 mod liveness;
 mod load;
 mod peers;
@@ -44,9 +45,14 @@ mod views;
 use crate::liveness::Liveness;
 use crate::store::{Batch, Store, StoreError, Table};
 use crate::token::{JoinToken, TokenError, TokenRecord};
+pub use follow::follow_store;
 pub use liveness::{LiveStream, watch_liveness};
 pub use rotate::{RotateStep, RotationReport};
 pub use views::{ClusterImports, PushView, TrustView};
+
+/// How often a change planned on a stale state is planned again before the
+/// caller is told (each retry reads the store first).
+const CONFLICT_RETRIES: u32 = 32;
 
 /// Default lifetime of a cluster intermediate.
 pub const DEFAULT_INTERMEDIATE_VALIDITY: Duration = Duration::from_secs(7 * 86400);
@@ -256,6 +262,9 @@ struct Inner {
     rotation: Rotation,
     /// Where each root of the bundle lives on disk, by fingerprint.
     root_dirs: BTreeMap<String, PathBuf>,
+    /// The store revision all of the above is at; a commit is conditional
+    /// on it (another replica's commit since refuses it).
+    store_revision: u64,
 }
 
 /// The roots the broker holds keys for, by fingerprint, and which signs.
@@ -271,6 +280,8 @@ pub struct BrokerState {
     /// The root the broker's serving certificate chains to (join tokens pin it).
     serving_root: std::sync::RwLock<Vec<u8>>,
     data_dir: PathBuf,
+    /// The configured root's fingerprint and directory (`--root`).
+    configured_root: (String, PathBuf),
     rotation_tx: watch::Sender<Rotation>,
     pub trust: Trust,
     pub epoch: String,
@@ -285,7 +296,12 @@ pub struct BrokerState {
     /// Which clusters have a sync stream, and which are withdrawn.
     liveness: std::sync::Mutex<Liveness>,
     /// Woken when a stream ends, so that the grace timer looks again.
-    liveness_changed: tokio::sync::Notify,
+    pub(crate) liveness_changed: tokio::sync::Notify,
+    /// Where stream starts and ends go for the other replicas to count
+    /// ([`crate::ha`]; unset with a store of one writer).
+    stream_events: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<(ClusterName, bool)>>,
+    /// Why this replica cannot write now (cut off from etcd), if it cannot.
+    detached: watch::Sender<Option<String>>,
 }
 
 /// What a successful join returns.
@@ -326,6 +342,78 @@ impl BrokerState {
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.revision_tx.subscribe()
+    }
+
+    /// Sends stream starts and ends to `tx` (the replica's etcd records).
+    pub fn set_stream_events(&self, tx: tokio::sync::mpsc::UnboundedSender<(ClusterName, bool)>) {
+        let _ = self.stream_events.set(tx);
+    }
+
+    fn stream_event(&self, cluster: &ClusterName, up: bool) {
+        if let Some(tx) = self.stream_events.get() {
+            let _ = tx.send((cluster.clone(), up));
+        }
+    }
+
+    /// This replica is cut off from its store (`Some(why)`) or back (`None`):
+    /// sync streams end and new ones are refused while it is.
+    pub fn set_detached(&self, why: Option<String>) {
+        self.detached.send_if_modified(|d| {
+            let changed = *d != why;
+            *d = why;
+            changed
+        });
+    }
+
+    /// Why this replica cannot serve streams now, if it cannot.
+    pub fn detached(&self) -> watch::Receiver<Option<String>> {
+        self.detached.subscribe()
+    }
+
+    /// Commits `batch` if the store is still at the revision `inner` holds
+    /// (see [`BrokerState::write`]).
+    fn commit(&self, inner: &mut Inner, batch: &Batch) -> Result<(), StateError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        inner.store_revision = self.store.commit_if(batch, Some(inner.store_revision))?;
+        Ok(())
+    }
+
+    /// Runs a change `f` under the state's lock. `f` plans from `inner`,
+    /// commits through [`BrokerState::commit`] and only then changes
+    /// `inner`. When another replica committed first (the store refuses
+    /// the commit as a conflict), `inner` is read again from the store and
+    /// `f` planned again, up to [`CONFLICT_RETRIES`] times.
+    async fn write<T>(
+        &self,
+        mut f: impl FnMut(&mut Inner) -> Result<T, StateError>,
+    ) -> Result<T, StateError> {
+        let mut inner = self.inner.lock().await;
+        let mut attempt = 0;
+        loop {
+            match f(&mut inner) {
+                Err(StateError::Store(e)) if e.is_conflict() && attempt < CONFLICT_RETRIES => {
+                    attempt += 1;
+                    tracing::debug!(error = %e, attempt, "another replica committed first; planning again");
+                    if attempt > 2 {
+                        // Busy: let the other replica's burst pass.
+                        let jitter = u64::from(
+                            std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .unwrap_or_default()
+                                .subsec_nanos()
+                                % 5,
+                        );
+                        tokio::time::sleep(Duration::from_millis(u64::from(attempt) + jitter))
+                            .await;
+                    }
+                    let snapshot = self.store.snapshot()?;
+                    self.rebuild(&mut inner, &snapshot)?;
+                }
+                r => return r,
+            }
+        }
     }
 
     /// Persists a plan together with `extra` rows, then applies it.
@@ -369,7 +457,7 @@ impl BrokerState {
                 plan.mesh_revision.to_string().into_bytes(),
             );
         }
-        self.store.commit(&batch)?;
+        self.commit(inner, &batch)?;
         if let Some(r) = record {
             inner.records.insert(r.name.clone(), r);
         }
@@ -391,53 +479,55 @@ impl BrokerState {
         addresses: Vec<String>,
         now: OffsetDateTime,
     ) -> Result<JoinToken, StateError> {
-        let mut inner = self.inner.lock().await;
-        if let Some(r) = inner.records.get(name.as_str())
-            && r.membership != Membership::Revoked
-        {
-            return Err(StateError::Duplicate(
-                name.to_string(),
-                r.membership.as_str(),
-            ));
-        }
-        let locality = locality.map(|l| l.to_string()).unwrap_or_default();
-        let (token, record) = JoinToken::generate(
-            name,
-            network.as_str(),
-            &locality,
-            addresses,
-            &self.serving_root(),
-            ttl,
-            unix(now),
-            &ring::rand::SystemRandom::new(),
-        )?;
-        let cluster = ClusterRecord {
-            name: name.to_string(),
-            network: network.to_string(),
-            locality,
-            membership: Membership::Pending,
-            info: None,
-            export_revision: 0,
-            intermediate_sha256: String::new(),
-            intermediate_expires_unix: 0,
-            import_revision_acked: 0,
-            bundle_version_acked: 0,
-            intermediate_not_before_unix: 0,
-            renew_requested: false,
-            intermediate_root_sha256: String::new(),
-            intermediate_installed_sha256: String::new(),
-            intermediate_installed_unix: 0,
-            leaf_ttl_max_secs: 0,
-            service_accounts: BTreeSet::new(),
-            withdrawn: false,
-        };
-        let mut b = Batch::new();
-        b.put(Table::Tokens, record.id.clone(), json(&record));
-        b.put(Table::Clusters, cluster.name.clone(), json(&cluster));
-        self.store.commit(&b)?;
-        inner.tokens.insert(record.id.clone(), record);
-        inner.records.insert(cluster.name.clone(), cluster);
-        Ok(token)
+        self.write(|inner| {
+            if let Some(r) = inner.records.get(name.as_str())
+                && r.membership != Membership::Revoked
+            {
+                return Err(StateError::Duplicate(
+                    name.to_string(),
+                    r.membership.as_str(),
+                ));
+            }
+            let locality = locality.map(|l| l.to_string()).unwrap_or_default();
+            let (token, record) = JoinToken::generate(
+                name,
+                network.as_str(),
+                &locality,
+                addresses.clone(),
+                &self.serving_root(),
+                ttl,
+                unix(now),
+                &ring::rand::SystemRandom::new(),
+            )?;
+            let cluster = ClusterRecord {
+                name: name.to_string(),
+                network: network.to_string(),
+                locality,
+                membership: Membership::Pending,
+                info: None,
+                export_revision: 0,
+                intermediate_sha256: String::new(),
+                intermediate_expires_unix: 0,
+                import_revision_acked: 0,
+                bundle_version_acked: 0,
+                intermediate_not_before_unix: 0,
+                renew_requested: false,
+                intermediate_root_sha256: String::new(),
+                intermediate_installed_sha256: String::new(),
+                intermediate_installed_unix: 0,
+                leaf_ttl_max_secs: 0,
+                service_accounts: BTreeSet::new(),
+                withdrawn: false,
+            };
+            let mut b = Batch::new();
+            b.put(Table::Tokens, record.id.clone(), json(&record));
+            b.put(Table::Clusters, cluster.name.clone(), json(&cluster));
+            self.commit(inner, &b)?;
+            inner.tokens.insert(record.id.clone(), record);
+            inner.records.insert(cluster.name.clone(), cluster);
+            Ok(token)
+        })
+        .await
     }
 
     /// `Federation.Join`: spends the token, issues the intermediate.
@@ -450,80 +540,82 @@ impl BrokerState {
         let token = JoinToken::parse(token_text)?;
         let csr = Csr::from_pem(csr_pem.as_bytes())?;
         let csr_cluster = csr.common_name().unwrap_or_default().to_string();
-        let mut inner = self.inner.lock().await;
-        let record = inner
-            .tokens
-            .get(&token.id)
-            .cloned()
-            .ok_or(TokenError::Unknown)?;
-        record.admit(&token, &csr_cluster, unix(now))?;
-        let name = token.cluster.clone();
-        let network = Network::new(&record.network)
-            .map_err(|source| token_field("network", &record.network, source))?;
-        let locality = if record.locality.is_empty() {
-            None
-        } else {
-            Some(
-                Locality::parse(&record.locality)
-                    .map_err(|source| token_field("locality", &record.locality, source))?,
-            )
-        };
-        let signer = self.signer();
-        let issued: Issued =
-            signer.issue_intermediate(&csr, &name, self.intermediate_validity, now)?;
-        let mut chain = vec![issued.der.clone()];
-        chain.extend(signer.chain().iter().cloned());
+        self.write(|inner| {
+            let record = inner
+                .tokens
+                .get(&token.id)
+                .cloned()
+                .ok_or(TokenError::Unknown)?;
+            record.admit(&token, &csr_cluster, unix(now))?;
+            let name = token.cluster.clone();
+            let network = Network::new(&record.network)
+                .map_err(|source| token_field("network", &record.network, source))?;
+            let locality = if record.locality.is_empty() {
+                None
+            } else {
+                Some(
+                    Locality::parse(&record.locality)
+                        .map_err(|source| token_field("locality", &record.locality, source))?,
+                )
+            };
+            let signer = self.signer();
+            let issued: Issued =
+                signer.issue_intermediate(&csr, &name, self.intermediate_validity, now)?;
+            let mut chain = vec![issued.der.clone()];
+            chain.extend(signer.chain().iter().cloned());
 
-        let used = TokenRecord {
-            used: true,
-            ..record
-        };
-        let existing = inner.records.get(name.as_str()).cloned();
-        let info = ClusterInfo {
-            name: name.clone(),
-            network: network.clone(),
-            locality,
-            gateways: existing
-                .as_ref()
-                .and_then(|r| r.info.as_ref())
-                .map(|i| i.gateways.clone())
-                .unwrap_or_default(),
-            trust_domain: self.trust_domain.clone(),
-        };
-        let cluster = ClusterRecord {
-            name: name.to_string(),
-            network: network.to_string(),
-            locality: used.locality.clone(),
-            membership: Membership::Joined,
-            info: Some(info.clone()),
-            export_revision: existing.as_ref().map_or(0, |r| r.export_revision),
-            intermediate_sha256: fingerprint_sha256(&issued.der),
-            intermediate_expires_unix: issued.not_after.unix_timestamp(),
-            import_revision_acked: 0,
-            bundle_version_acked: 0,
-            intermediate_not_before_unix: issued.not_before.unix_timestamp(),
-            renew_requested: false,
-            intermediate_root_sha256: fingerprint_sha256(signer.root_der()),
-            intermediate_installed_sha256: String::new(),
-            intermediate_installed_unix: 0,
-            leaf_ttl_max_secs: existing.as_ref().map_or(0, |r| r.leaf_ttl_max_secs),
-            service_accounts: existing
-                .as_ref()
-                .map(|r| r.service_accounts.clone())
-                .unwrap_or_default(),
-            withdrawn: existing.as_ref().is_some_and(|r| r.withdrawn),
-        };
-        let plan = inner.mesh.plan_join(info);
-        let mut b = Batch::new();
-        b.put(Table::Tokens, used.id.clone(), json(&used));
-        self.commit_plan(&mut inner, plan, b, Some(cluster.clone()))?;
-        inner.tokens.insert(used.id.clone(), used);
-        Ok(Joined {
-            record: cluster,
-            chain,
-            bundle: self.trust.bundle().as_ref().clone(),
-            bundle_version: inner.bundle_version,
+            let used = TokenRecord {
+                used: true,
+                ..record
+            };
+            let existing = inner.records.get(name.as_str()).cloned();
+            let info = ClusterInfo {
+                name: name.clone(),
+                network: network.clone(),
+                locality,
+                gateways: existing
+                    .as_ref()
+                    .and_then(|r| r.info.as_ref())
+                    .map(|i| i.gateways.clone())
+                    .unwrap_or_default(),
+                trust_domain: self.trust_domain.clone(),
+            };
+            let cluster = ClusterRecord {
+                name: name.to_string(),
+                network: network.to_string(),
+                locality: used.locality.clone(),
+                membership: Membership::Joined,
+                info: Some(info.clone()),
+                export_revision: existing.as_ref().map_or(0, |r| r.export_revision),
+                intermediate_sha256: fingerprint_sha256(&issued.der),
+                intermediate_expires_unix: issued.not_after.unix_timestamp(),
+                import_revision_acked: 0,
+                bundle_version_acked: 0,
+                intermediate_not_before_unix: issued.not_before.unix_timestamp(),
+                renew_requested: false,
+                intermediate_root_sha256: fingerprint_sha256(signer.root_der()),
+                intermediate_installed_sha256: String::new(),
+                intermediate_installed_unix: 0,
+                leaf_ttl_max_secs: existing.as_ref().map_or(0, |r| r.leaf_ttl_max_secs),
+                service_accounts: existing
+                    .as_ref()
+                    .map(|r| r.service_accounts.clone())
+                    .unwrap_or_default(),
+                withdrawn: existing.as_ref().is_some_and(|r| r.withdrawn),
+            };
+            let plan = inner.mesh.plan_join(info);
+            let mut b = Batch::new();
+            b.put(Table::Tokens, used.id.clone(), json(&used));
+            self.commit_plan(inner, plan, b, Some(cluster.clone()))?;
+            inner.tokens.insert(used.id.clone(), used);
+            Ok(Joined {
+                record: cluster,
+                chain,
+                bundle: self.trust.bundle().as_ref().clone(),
+                bundle_version: inner.bundle_version,
+            })
         })
+        .await
     }
 
     /// Checks a cluster may sync now (joined, not revoked).
@@ -545,9 +637,11 @@ impl BrokerState {
         cluster: &ClusterName,
         change: ExportsChange,
     ) -> Result<u64, StateError> {
-        let mut inner = self.inner.lock().await;
-        let plan = inner.mesh.plan_exports(cluster, change)?;
-        self.commit_plan(&mut inner, plan, Batch::new(), None)
+        self.write(|inner| {
+            let plan = inner.mesh.plan_exports(cluster, change.clone())?;
+            self.commit_plan(inner, plan, Batch::new(), None)
+        })
+        .await
     }
 
     pub async fn apply_info(
@@ -557,34 +651,36 @@ impl BrokerState {
         leaf_ttl_max: Option<Duration>,
         service_accounts: BTreeSet<String>,
     ) -> Result<u64, StateError> {
-        let mut inner = self.inner.lock().await;
-        let ttl_secs = leaf_ttl_max.map_or(0, |t| t.as_secs());
-        if let Some(r) = inner.records.get(cluster.as_str())
-            && (r.leaf_ttl_max_secs != ttl_secs || r.service_accounts != service_accounts)
-        {
-            let identities_changed = r.service_accounts != service_accounts;
-            let r = ClusterRecord {
-                leaf_ttl_max_secs: ttl_secs,
-                service_accounts,
-                ..r.clone()
-            };
-            let mut b = Batch::new();
-            b.put(Table::Clusters, r.name.clone(), json(&r));
-            // Bound identities travel with the trust bundle: a change is
-            // a new bundle version, pushed to every cluster.
-            let bump = identities_changed && inner.bind_identities;
-            if bump {
-                put_bundle_version(&mut b, inner.bundle_version + 1);
+        self.write(|inner| {
+            let ttl_secs = leaf_ttl_max.map_or(0, |t| t.as_secs());
+            if let Some(r) = inner.records.get(cluster.as_str())
+                && (r.leaf_ttl_max_secs != ttl_secs || r.service_accounts != service_accounts)
+            {
+                let identities_changed = r.service_accounts != service_accounts;
+                let r = ClusterRecord {
+                    leaf_ttl_max_secs: ttl_secs,
+                    service_accounts: service_accounts.clone(),
+                    ..r.clone()
+                };
+                let mut b = Batch::new();
+                b.put(Table::Clusters, r.name.clone(), json(&r));
+                // Bound identities travel with the trust bundle: a change is
+                // a new bundle version, pushed to every cluster.
+                let bump = identities_changed && inner.bind_identities;
+                if bump {
+                    put_bundle_version(&mut b, inner.bundle_version + 1);
+                }
+                self.commit(inner, &b)?;
+                inner.records.insert(r.name.clone(), r);
+                if bump {
+                    inner.bundle_version += 1;
+                    self.revision_tx.send_modify(|_| {});
+                }
             }
-            self.store.commit(&b)?;
-            inner.records.insert(r.name.clone(), r);
-            if bump {
-                inner.bundle_version += 1;
-                self.revision_tx.send_modify(|_| {});
-            }
-        }
-        let plan = inner.mesh.plan_info(cluster, info)?;
-        self.commit_plan(&mut inner, plan, Batch::new(), None)
+            let plan = inner.mesh.plan_info(cluster, info.clone())?;
+            self.commit_plan(inner, plan, Batch::new(), None)
+        })
+        .await
     }
 }
 

@@ -33,14 +33,13 @@ impl BrokerState {
             ttl,
             unix(now),
         );
-        let _guard = self.inner.lock().await;
         let mut b = Batch::new();
         b.put(
             Table::Meta,
             format!("{META_PEER_TOKEN}{}", record.id),
             json(&record),
         );
-        self.store.commit(&b)?;
+        self.write(|inner| self.commit(inner, &b)).await?;
         self.peers.add_token(record);
         Ok(token)
     }
@@ -58,43 +57,45 @@ impl BrokerState {
             format!("{META_PEER_TOKEN}{}", used.id),
             json(used),
         );
-        self.store.commit(&b)?;
+        self.write(|inner| self.commit(inner, &b)).await?;
         self.put_peer(record).await
     }
 
     /// Stores (or replaces) a peer and its exports, and updates imports.
     pub async fn put_peer(&self, record: PeerRecord) -> Result<(), StateError> {
-        let mut inner = self.inner.lock().await;
-        let plan = inner.mesh.plan_peer(&record.mesh, record.services.clone());
-        let bundle_changed =
-            self.peers.get(&record.mesh).map(|p| p.bundle) != Some(record.bundle.clone());
-        let bundle_version = inner.bundle_version + u64::from(bundle_changed);
-        let mut b = Batch::new();
-        b.put(
-            Table::Meta,
-            format!("{META_PEER}{}", record.mesh),
-            json(&record),
-        );
-        if !plan.changed.is_empty() {
+        self.write(|inner| {
+            let plan = inner.mesh.plan_peer(&record.mesh, record.services.clone());
+            let bundle_changed =
+                self.peers.get(&record.mesh).map(|p| p.bundle) != Some(record.bundle.clone());
+            let bundle_version = inner.bundle_version + u64::from(bundle_changed);
+            let mut b = Batch::new();
             b.put(
                 Table::Meta,
-                META_REVISION,
-                plan.mesh_revision.to_string().into_bytes(),
+                format!("{META_PEER}{}", record.mesh),
+                json(&record),
             );
-        }
-        if bundle_changed {
-            put_bundle_version(&mut b, bundle_version);
-        }
-        self.store.commit(&b)?;
-        self.peers.insert(record);
-        let changed = !plan.changed.is_empty();
-        inner.mesh.apply_peer(plan);
-        inner.bundle_version = bundle_version;
-        if changed || bundle_changed {
-            let rev = inner.mesh.revision();
-            self.revision_tx.send_modify(|r| *r = rev);
-        }
-        Ok(())
+            if !plan.changed.is_empty() {
+                b.put(
+                    Table::Meta,
+                    META_REVISION,
+                    plan.mesh_revision.to_string().into_bytes(),
+                );
+            }
+            if bundle_changed {
+                put_bundle_version(&mut b, bundle_version);
+            }
+            self.commit(inner, &b)?;
+            self.peers.insert(record.clone());
+            let changed = !plan.changed.is_empty();
+            inner.mesh.apply_peer(plan);
+            inner.bundle_version = bundle_version;
+            if changed || bundle_changed {
+                let rev = inner.mesh.revision();
+                self.revision_tx.send_modify(|r| *r = rev);
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// The SPIFFE bundle (JSON) of this mesh, as its peers get it.

@@ -107,11 +107,11 @@ impl BrokerState {
         force: bool,
         now: OffsetDateTime,
     ) -> Result<RotationReport, StateError> {
-        let mut inner = self.inner.lock().await;
+        self.write(|inner| {
         let current = inner.rotation.clone();
         let mut new_root: Option<(String, Arc<Authority>, PathBuf)> = None;
         let (next, bump_bundle, renew_all) = match step {
-            RotateStep::Status => return Ok(self.report(&inner)),
+            RotateStep::Status => return Ok(self.report(inner)),
             RotateStep::Begin => {
                 if current.stage != Stage::Idle {
                     return Err(RotationError::InProgress(current.stage.as_str()).into());
@@ -146,14 +146,14 @@ impl BrokerState {
             }
             RotateStep::Advance => {
                 let next = current.advance(
-                    &Self::views(&inner),
+                    &Self::views(inner),
                     inner.bundle_version,
                     now.unix_timestamp(),
                 )?;
                 (next, false, true)
             }
             RotateStep::Finish => {
-                let next = current.finish(&Self::views(&inner), now.unix_timestamp(), force)?;
+                let next = current.finish(&Self::views(inner), now.unix_timestamp(), force)?;
                 (next, true, false)
             }
             RotateStep::Abort => {
@@ -187,7 +187,7 @@ impl BrokerState {
                 records.push(r);
             }
         }
-        self.store.commit(&b)?;
+        self.commit(inner, &b)?;
 
         // Stored: now take effect.
         {
@@ -223,6 +223,8 @@ impl BrokerState {
         tracing::info!(step = ?step, stage = next.stage.as_str(), bundle_version, "root rotation step");
         self.rotation_tx.send_replace(next);
         self.revision_tx.send_modify(|_| {});
-        Ok(self.report(&inner))
+        Ok(self.report(inner))
+        })
+        .await
     }
 }

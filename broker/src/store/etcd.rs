@@ -4,6 +4,12 @@
 //! schema version at `<prefix>meta/schema_version`, and each [`Batch`] one
 //! etcd transaction, so a batch is all there or not at all.
 //!
+//! Keys under `<prefix>_` are not tables: `<prefix>_revision` is written
+//! by every commit, and its mod revision is the store's revision (a
+//! conditional commit compares it), and [`crate::ha`] keeps its leader and
+//! replica keys there. A store revision is an etcd revision, so a watch
+//! resumes from it exactly.
+//!
 //! [`Store`] is synchronous (the broker writes through it before it
 //! acknowledges a change, as with redb's fsync); the client runs on a
 //! runtime of its own, on its own thread, and each call waits for its
@@ -14,13 +20,22 @@
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions, Txn, TxnOp,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use std::sync::mpsc as std_mpsc;
 
 use tokio::sync::mpsc;
 
-use super::{Batch, Contents, SCHEMA_KEY, SCHEMA_VERSION, Store, StoreError, Table};
+use super::{
+    Batch, Change, Contents, Op, SCHEMA_KEY, SCHEMA_VERSION, Snapshot, Store, StoreError, Table,
+    Watch,
+};
+
+/// Under the prefix, the keys that are not tables start with this.
+pub const COORDINATION: &str = "_";
+/// `<prefix>_revision`: written by every commit.
+const GUARD: &str = "_revision";
 
 /// How long one request may take before the store reports etcd as
 /// unavailable.
@@ -81,7 +96,7 @@ impl EtcdConfig {
     }
 
     /// How the store names itself in errors.
-    fn name(&self) -> String {
+    pub fn name(&self) -> String {
         format!("etcd://{} {}", self.endpoints.join(","), self.prefix)
     }
 }
@@ -90,9 +105,23 @@ impl EtcdConfig {
 /// channel: the caller may be a task of the broker's runtime, where
 /// tokio's blocking receives panic).
 enum Request {
-    Load(std_mpsc::Sender<Result<Contents, String>>),
+    Load(std_mpsc::Sender<Result<Snapshot, String>>),
     Get(String, std_mpsc::Sender<Result<Option<Vec<u8>>, String>>),
-    Commit(Vec<TxnOp>, std_mpsc::Sender<Result<(), String>>),
+    Commit(
+        Vec<TxnOp>,
+        Option<u64>,
+        std_mpsc::Sender<Result<Committed, String>>,
+    ),
+    Watch(
+        u64,
+        tokio::sync::mpsc::UnboundedSender<Result<Change, StoreError>>,
+    ),
+}
+
+/// What a conditional commit found.
+enum Committed {
+    At(u64),
+    Conflict(u64),
 }
 
 /// The broker's store in etcd.
@@ -147,7 +176,7 @@ impl EtcdStore {
                     SCHEMA_KEY,
                     SCHEMA_VERSION.to_string().into_bytes(),
                 );
-                self.commit(&b)
+                self.commit(&b).map(drop)
             }
             Some(v) if v == SCHEMA_VERSION.to_string() => Ok(()),
             Some(found) => Err(StoreError::Schema {
@@ -186,19 +215,19 @@ impl EtcdStore {
 }
 
 impl Store for EtcdStore {
-    fn load(&self) -> Result<Contents, StoreError> {
+    fn snapshot(&self) -> Result<Snapshot, StoreError> {
         let mut out = self.call(Request::Load)?;
         for t in Table::ALL {
-            out.entry(t).or_default();
+            out.contents.entry(t).or_default();
         }
         Ok(out)
     }
 
-    fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
+    fn commit_if(&self, batch: &Batch, expected: Option<u64>) -> Result<u64, StoreError> {
         if batch.is_empty() {
-            return Ok(());
+            return Ok(expected.unwrap_or(0));
         }
-        let ops: Vec<TxnOp> = batch
+        let mut ops: Vec<TxnOp> = batch
             .ops
             .iter()
             .map(|(t, k, v)| match v {
@@ -206,7 +235,37 @@ impl Store for EtcdStore {
                 None => TxnOp::delete(self.key(*t, k), None),
             })
             .collect();
-        self.call(|tx| Request::Commit(ops, tx))
+        ops.push(TxnOp::put(self.guard(), Vec::new(), None));
+        match self.call(|tx| Request::Commit(ops, expected, tx))? {
+            Committed::At(revision) => Ok(revision),
+            Committed::Conflict(found) => Err(StoreError::Conflict {
+                path: self.config.name().into(),
+                expected: expected.unwrap_or(0),
+                found,
+            }),
+        }
+    }
+
+    fn watch(&self, after: u64) -> Result<Watch, StoreError> {
+        let (tx, watch) = Watch::channel();
+        self.requests
+            .send(Request::Watch(after, tx))
+            .map_err(|_| self.err("the client thread ended".into()))?;
+        Ok(watch)
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+}
+
+impl EtcdStore {
+    fn guard(&self) -> String {
+        format!("{}{GUARD}", self.config.prefix)
+    }
+
+    pub fn config(&self) -> &EtcdConfig {
+        &self.config
     }
 }
 
@@ -246,18 +305,26 @@ fn serve(
                     let got = within(client.get(key, None)).await;
                     let _ = tx.send(got.map(|r| r.kvs().first().map(|kv| kv.value().to_vec())));
                 }
-                Request::Commit(ops, tx) => {
-                    let _ = tx.send(commit(&mut client, ops).await);
+                Request::Commit(ops, expected, tx) => {
+                    let guard = format!("{}{GUARD}", config.prefix);
+                    let _ = tx.send(commit(&mut client, ops, &guard, expected).await);
+                }
+                Request::Watch(after, tx) => {
+                    tokio::spawn(watch(client, config.clone(), after, tx));
                 }
             }
         }
     });
 }
 
-async fn connect(config: &EtcdConfig) -> Result<Client, String> {
+/// A client of `config`'s members that has had one answer.
+pub async fn connect(config: &EtcdConfig) -> Result<Client, String> {
+    // require_leader: a member cut off from the others answers at once
+    // that it has no leader, instead of leaving the request to time out.
     let mut options = ConnectOptions::new()
         .with_connect_timeout(REQUEST_TIMEOUT)
-        .with_timeout(REQUEST_TIMEOUT);
+        .with_timeout(REQUEST_TIMEOUT)
+        .with_require_leader(true);
     if let Some(ca) = &config.ca {
         let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(ca));
         if let Some((cert, key)) = &config.identity {
@@ -276,36 +343,156 @@ async fn connect(config: &EtcdConfig) -> Result<Client, String> {
 }
 
 /// `fut` with [`REQUEST_TIMEOUT`]; a timeout says what it likely means.
-async fn within<T>(fut: impl Future<Output = Result<T, etcd_client::Error>>) -> Result<T, String> {
+pub async fn within<T>(
+    fut: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, String> {
     match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
+        Ok(r) => r.map_err(|e| explain(&e.to_string())),
         Err(_) => Err(format!(
-            "no answer within {REQUEST_TIMEOUT:?} (members down, or no quorum)"
+            "no answer within {REQUEST_TIMEOUT:?} (members down, or etcd has no quorum)"
         )),
     }
 }
 
-async fn load(client: &mut Client, prefix: &str) -> Result<Contents, String> {
+/// etcd's own words, with what they mean for the broker.
+fn explain(e: &str) -> String {
+    if e.contains("no leader") {
+        format!("etcd has no quorum (the member answering has no leader): {e}")
+    } else {
+        e.to_string()
+    }
+}
+
+async fn load(client: &mut Client, prefix: &str) -> Result<Snapshot, String> {
     let resp = within(client.get(prefix, Some(GetOptions::new().with_prefix()))).await?;
     let mut out = Contents::new();
     for kv in resp.kvs() {
         let key = kv
             .key_str()
             .map_err(|_| format!("a key under {prefix} is not UTF-8"))?;
-        let (table, row) = split_key(prefix, key)?;
+        let Some((table, row)) = split_key(prefix, key)? else {
+            continue;
+        };
         out.entry(table)
             .or_default()
             .insert(row.to_string(), kv.value().to_vec());
     }
+    let revision = resp.header().map_or(0, |h| h.revision());
+    Ok(Snapshot {
+        contents: out,
+        revision: u64::try_from(revision).unwrap_or(0),
+    })
+}
+
+/// Streams the commits under the prefix after `after` into `tx`, each
+/// revision's events as one [`Change`], until the stream or the receiver
+/// ends; an error (compaction, a member lost) is the last thing sent.
+async fn watch(
+    mut client: Client,
+    config: EtcdConfig,
+    after: u64,
+    tx: tokio::sync::mpsc::UnboundedSender<Result<Change, StoreError>>,
+) {
+    let prefix = config.prefix.clone();
+    let fail = |message: String| StoreError::Backend {
+        path: config.name().into(),
+        message,
+    };
+    let start = i64::try_from(after.saturating_add(1)).unwrap_or(i64::MAX);
+    let options = WatchOptions::new().with_prefix().with_start_revision(start);
+    let mut stream = match within(client.watch(prefix.clone(), Some(options))).await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = tx.send(Err(fail(format!("watch: {e}"))));
+            return;
+        }
+    };
+    loop {
+        let resp = tokio::select! {
+            r = stream.message() => r,
+            () = tx.closed() => return,
+        };
+        let resp = match resp {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                let _ = tx.send(Err(fail("watch: the stream ended".into())));
+                return;
+            }
+            Err(e) => {
+                let _ = tx.send(Err(fail(format!("watch: {}", explain(&e.to_string())))));
+                return;
+            }
+        };
+        if resp.compact_revision() > 0 {
+            let _ = tx.send(Err(StoreError::Compacted {
+                path: config.name().into(),
+                after,
+                oldest: u64::try_from(resp.compact_revision()).unwrap_or(0),
+            }));
+            return;
+        }
+        if resp.canceled() {
+            let _ = tx.send(Err(fail(format!(
+                "watch cancelled: {}",
+                explain(resp.cancel_reason())
+            ))));
+            return;
+        }
+        match changes(&prefix, resp.events()) {
+            Ok(changes) => {
+                for c in changes {
+                    if tx.send(Ok(c)).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Err(fail(e)));
+                return;
+            }
+        }
+    }
+}
+
+/// The events of one watch response as commits: grouped by revision (etcd
+/// never splits a revision across responses), keys outside the tables left
+/// out, and revisions that changed only those dropped.
+fn changes(prefix: &str, events: &[etcd_client::Event]) -> Result<Vec<Change>, String> {
+    let mut out: Vec<Change> = Vec::new();
+    for ev in events {
+        let Some(kv) = ev.kv() else { continue };
+        let key = kv
+            .key_str()
+            .map_err(|_| format!("a key under {prefix} is not UTF-8"))?;
+        let revision = u64::try_from(kv.mod_revision()).unwrap_or(0);
+        let op: Option<Op> = split_key(prefix, key)?.map(|(t, row)| {
+            let value = match ev.event_type() {
+                EventType::Put => Some(kv.value().to_vec()),
+                EventType::Delete => None,
+            };
+            (t, row.to_string(), value)
+        });
+        match out.last_mut() {
+            Some(c) if c.revision == revision => c.ops.extend(op),
+            _ => out.push(Change {
+                revision,
+                ops: op.into_iter().collect(),
+            }),
+        }
+    }
+    out.retain(|c| !c.ops.is_empty());
     Ok(out)
 }
 
-/// `<prefix><table>/<row>` → (table, row); a key of no table is an error
-/// naming it.
-fn split_key<'a>(prefix: &str, key: &'a str) -> Result<(Table, &'a str), String> {
+/// `<prefix><table>/<row>` → (table, row); `None` for the keys that are
+/// not tables (`<prefix>_...`); a key of no table is an error naming it.
+fn split_key<'a>(prefix: &str, key: &'a str) -> Result<Option<(Table, &'a str)>, String> {
     let rest = key
         .strip_prefix(prefix)
         .ok_or_else(|| format!("key {key:?} is outside {prefix}"))?;
+    if rest.starts_with(COORDINATION) {
+        return Ok(None);
+    }
     let (name, row) = rest
         .split_once('/')
         .ok_or_else(|| format!("key {key:?} names no table"))?;
@@ -313,17 +500,35 @@ fn split_key<'a>(prefix: &str, key: &'a str) -> Result<(Table, &'a str), String>
         .into_iter()
         .find(|t| t.name() == name)
         .ok_or_else(|| format!("key {key:?}: {name:?} is not a table of this broker"))?;
-    Ok((table, row))
+    Ok(Some((table, row)))
 }
 
-async fn commit(client: &mut Client, ops: Vec<TxnOp>) -> Result<(), String> {
-    let n = ops.len();
-    let resp = within(client.txn(Txn::new().and_then(ops)))
+/// One transaction: `ops` (the guard's put among them), if the guard was
+/// not written after `expected`.
+async fn commit(
+    client: &mut Client,
+    ops: Vec<TxnOp>,
+    guard: &str,
+    expected: Option<u64>,
+) -> Result<Committed, String> {
+    // The guard's put is the batch's own; count only the batch's.
+    let n = ops.len() - 1;
+    let txn = match expected {
+        None => Txn::new().and_then(ops),
+        Some(e) => {
+            let e = i64::try_from(e).map_err(|_| format!("revision {e} is out of range"))?;
+            Txn::new()
+                .when([Compare::mod_revision(guard, CompareOp::Less, e + 1)])
+                .and_then(ops)
+                .or_else([TxnOp::get(guard, None)])
+        }
+    };
+    let resp = within(client.txn(txn))
         .await
         .map_err(|e| {
             if e.contains("too many operations") {
                 format!(
-                    "{e}: this batch has {n} operations, more than the members' \
+                    "{e}: this batch has {n} operations (and the store's revision key), more than the members' \
                      --max-txn-ops (default 128); raise it"
                 )
             } else {
@@ -331,10 +536,18 @@ async fn commit(client: &mut Client, ops: Vec<TxnOp>) -> Result<(), String> {
             }
         })?;
     if resp.succeeded() {
-        Ok(())
-    } else {
-        Err("the transaction did not succeed".into())
+        let revision = resp.header().map_or(0, |h| h.revision());
+        return Ok(Committed::At(u64::try_from(revision).unwrap_or(0)));
     }
+    let found = resp
+        .op_responses()
+        .into_iter()
+        .find_map(|r| match r {
+            TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.mod_revision()),
+            _ => None,
+        })
+        .unwrap_or(0);
+    Ok(Committed::Conflict(u64::try_from(found).unwrap_or(0)))
 }
 
 #[cfg(test)]
@@ -366,12 +579,14 @@ mod tests {
         let p = "/strait/m/";
         assert_eq!(
             split_key(p, "/strait/m/exports/east/ns/svc").unwrap(),
-            (Table::Exports, "east/ns/svc")
+            Some((Table::Exports, "east/ns/svc"))
         );
         assert_eq!(
             split_key(p, "/strait/m/meta/schema_version").unwrap(),
-            (Table::Meta, "schema_version")
+            Some((Table::Meta, "schema_version"))
         );
+        assert_eq!(split_key(p, "/strait/m/_revision").unwrap(), None);
+        assert_eq!(split_key(p, "/strait/m/_replicas/broker-0").unwrap(), None);
         for (bad, why) in [
             ("/strait/m/stuff/x", "not a table"),
             ("/strait/m/clusters", "names no table"),

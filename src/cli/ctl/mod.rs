@@ -1,16 +1,23 @@
-//! `straitctl`: the broker admin CLI.
+//! `straitctl`: the broker admin CLI. This file is the command line and
+//! the commands; `conn.rs` the connection to the broker (the first of its
+//! addresses that answers), `rotate.rs` `trust rotate-root` and its
+//! `--wait`.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
-use strait_broker_client::client;
 use strait_proto::strait::broker::v1 as pb;
-use tonic::transport::Channel;
 
 use super::{LogArgs, UsageError, parse_duration};
+
+mod conn;
+mod rotate;
+mod status;
+
+use conn::Conn;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -22,20 +29,29 @@ imported services, trust status. It authenticates with the admin credentials the
 writes to DATA/admin on first start.",
     after_help = "Examples:
   export STRAIT_BROKER=127.0.0.1:15011 STRAIT_CREDS=/var/lib/strait-broker/admin
+  export STRAIT_BROKER=broker-0.example.org:15011,broker-1.example.org:15011   # replicas
   straitctl cluster add east --network net-east --locality us-east/a > east.token
   straitctl cluster list
   straitctl exports list -o json
   straitctl imports show west"
 )]
 pub struct Ctl {
-    /// Broker address (host:port).
-    #[arg(long, global = true, env = "STRAIT_BROKER", value_name = "ADDR")]
+    /// Broker address (HOST:PORT), or the addresses of its replicas
+    /// (HOST:PORT,HOST:PORT,...): the first that answers is used, and
+    /// `trust rotate-root --wait` moves on to the next when it goes away.
+    #[arg(
+        long,
+        global = true,
+        env = "STRAIT_BROKER",
+        value_name = "ADDR[,ADDR...]"
+    )]
     broker: Option<String>,
     /// Directory with admin credentials (cert-chain.pem, key.pem, root-cert.pem).
     #[arg(long, global = true, env = "STRAIT_CREDS", value_name = "DIR")]
     creds: Option<PathBuf>,
     /// A `strait lab` directory: broker address and admin credentials come
-    /// from its lab.json (`{"broker": {"address": ..., "admin_creds": ...}}`).
+    /// from its lab.json (`{"broker": {"address": ..., "admin_creds": ...}}`;
+    /// `"addresses": [...]` for several).
     #[arg(long, global = true, env = "STRAIT_LAB", value_name = "DIR", conflicts_with_all = ["broker", "creds"])]
     lab: Option<PathBuf>,
     /// With --lab: which mesh's broker (default: the first in lab.json's
@@ -81,6 +97,12 @@ enum Command {
     /// Peering with other meshes (other trust domains).
     #[command(subcommand)]
     Peer(PeerCmd),
+    /// The broker: its store and, with several replicas on etcd, each
+    /// replica, which leads, and whether it can write.
+    #[command(
+        after_help = "Examples:\n  straitctl --broker 10.0.0.1:15011,10.0.0.2:15011 --creds admin status\n  straitctl --lab .strait-lab status -o json"
+    )]
+    Status,
 }
 
 #[derive(Debug, Subcommand)]
@@ -184,40 +206,19 @@ enum TrustCmd {
     /// advance (once every cluster acknowledged it: intermediates are
     /// re-issued under the new root), finish (once they all are and old
     /// leaves expired: the old root leaves the bundle), abort, status.
-    #[command(after_help = "Example:
+    /// With --wait, each returns once every cluster has done what its
+    /// stage needs.
+    #[command(after_help = "Examples:
+  straitctl trust rotate-root begin --wait      # returns once every cluster acknowledged the bundle
+  straitctl trust rotate-root advance --wait    # returns once every intermediate is on the new root
+  straitctl trust rotate-root finish            # after 24 h, or --force
+  straitctl trust rotate-root status --wait --timeout 10m   # exit 1 naming who is behind after 10 min
+By hand, without --wait:
   straitctl trust rotate-root begin
-  straitctl trust rotate-root status      # wait for every BUNDLE-ACKED yes
+  straitctl trust rotate-root status      # until every BUNDLE-ACKED is yes
   straitctl trust rotate-root advance
-  straitctl trust rotate-root status      # wait for every ON-NEW-ROOT yes
-  straitctl trust rotate-root finish      # after 24 h, or --force")]
-    RotateRoot {
-        #[arg(value_enum)]
-        step: RootStep,
-        /// finish: do not wait for every intermediate or for old leaves to expire.
-        #[arg(long)]
-        force: bool,
-    },
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum RootStep {
-    Begin,
-    Advance,
-    Finish,
-    Abort,
-    Status,
-}
-
-impl RootStep {
-    fn as_str(self) -> &'static str {
-        match self {
-            RootStep::Begin => "begin",
-            RootStep::Advance => "advance",
-            RootStep::Finish => "finish",
-            RootStep::Abort => "abort",
-            RootStep::Status => "status",
-        }
-    }
+  straitctl trust rotate-root status      # until every ON-NEW-ROOT is yes")]
+    RotateRoot(rotate::RotateRoot),
 }
 
 fn yes_no(b: bool) -> String {
@@ -226,169 +227,6 @@ fn yes_no(b: bool) -> String {
 
 fn short(fp: &str) -> String {
     fp.chars().take(23).collect()
-}
-
-fn print_rotation(out: Output, r: &pb::RotationStatus) -> Result<()> {
-    let value = json!({
-        "stage": r.stage,
-        "aborting": r.aborting,
-        "bundle_version": r.bundle_version,
-        "signing_root": r.signing_root,
-        "target_root": r.target_root,
-        "retiring_root": r.retiring_root,
-        "roots": r.roots.iter().map(|x| json!({"sha256": x.sha256, "subject": x.subject, "expires": time_str(x.expires_unix)})).collect::<Vec<_>>(),
-        "clusters": r.clusters.iter().map(|c| json!({
-            "name": c.name,
-            "bundle_acknowledged": c.bundle_acknowledged,
-            "intermediate_root": c.intermediate_root,
-            "on_target": c.on_target,
-        })).collect::<Vec<_>>(),
-        "next_step": r.next_step,
-    });
-    if out == Output::Table {
-        println!(
-            "stage {}{}  bundle version {}  signing root {}",
-            r.stage,
-            if r.aborting { " (aborting)" } else { "" },
-            r.bundle_version,
-            short(&r.signing_root)
-        );
-        for x in &r.roots {
-            let role = if x.sha256 == r.target_root {
-                "new"
-            } else if x.sha256 == r.retiring_root {
-                "old"
-            } else {
-                "current"
-            };
-            println!(
-                "root {:<7} {}  {}  expires {}",
-                role,
-                short(&x.sha256),
-                x.subject,
-                time_str(x.expires_unix)
-            );
-        }
-        println!("next: {}", r.next_step);
-        println!();
-    }
-    let rows = r
-        .clusters
-        .iter()
-        .map(|c| {
-            vec![
-                c.name.clone(),
-                yes_no(c.bundle_acknowledged),
-                short(&c.intermediate_root),
-                yes_no(c.on_target),
-            ]
-        })
-        .collect();
-    print(
-        out,
-        &value,
-        &[
-            "CLUSTER",
-            "BUNDLE-ACKED",
-            "INTERMEDIATE-ROOT",
-            "ON-NEW-ROOT",
-        ],
-        rows,
-    )
-}
-
-struct Conn {
-    admin: pb::admin_client::AdminClient<Channel>,
-    broker: String,
-}
-
-impl Conn {
-    fn open(ctl: &Ctl) -> Result<Self> {
-        let (lab_broker, lab_creds) = match &ctl.lab {
-            Some(dir) => {
-                let (b, c) = read_lab(dir, ctl.mesh.as_deref())?;
-                (Some(b), Some(c))
-            }
-            None => (None, None),
-        };
-        let broker = ctl.broker.clone().or(lab_broker).ok_or_else(|| {
-            UsageError("no broker address: pass --broker HOST:PORT or set STRAIT_BROKER".into())
-        })?;
-        let creds = ctl.creds.clone().or(lab_creds).ok_or_else(|| {
-            UsageError(
-                "no admin credentials: pass --creds DIR or set STRAIT_CREDS (the broker writes \
-                 them to DATA/admin on first start)"
-                    .into(),
-            )
-        })?;
-        let channel = client::channel(&broker, &creds)
-            .with_context(|| format!("admin credentials in {}", creds.display()))?;
-        Ok(Conn {
-            admin: pb::admin_client::AdminClient::new(channel),
-            broker,
-        })
-    }
-
-    fn fail(&self, status: tonic::Status) -> anyhow::Error {
-        if status.code() == tonic::Code::NotFound {
-            return NotFound(format!("broker {}: {}", self.broker, status.message())).into();
-        }
-        let hint = match status.code() {
-            tonic::Code::Unavailable | tonic::Code::Unknown => {
-                " (is the broker running, and are these its admin credentials?)"
-            }
-            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
-                " (are these the broker's admin credentials?)"
-            }
-            _ => "",
-        };
-        anyhow::anyhow!("broker {}: {}{hint}", self.broker, status.message())
-    }
-}
-
-/// The broker address and admin credentials of a lab directory: the broker
-/// of mesh `mesh` from `brokers`, or the first one (`broker`).
-fn read_lab(dir: &std::path::Path, mesh: Option<&str>) -> Result<(String, PathBuf)> {
-    let path = dir.join("lab.json");
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "--lab {}: no lab.json (is a lab running there?)",
-            dir.display()
-        )
-    })?;
-    let v: Value = serde_json::from_str(&text).with_context(|| path.display().to_string())?;
-    let broker = match mesh {
-        None => &v["broker"],
-        Some(m) => {
-            let brokers = v["brokers"].as_array().cloned().unwrap_or_default();
-            let names: Vec<String> = brokers
-                .iter()
-                .filter_map(|b| b["mesh"].as_str().map(str::to_string))
-                .collect();
-            let found = v["brokers"]
-                .as_array()
-                .and_then(|bs| bs.iter().find(|b| b["mesh"] == m));
-            found.ok_or_else(|| {
-                UsageError(format!(
-                    "--mesh {m:?}: the lab has no such mesh (meshes: {})",
-                    names.join(", ")
-                ))
-            })?
-        }
-    };
-    let address = broker["address"]
-        .as_str()
-        .ok_or_else(|| anyhow::anyhow!("{}: broker address is missing", path.display()))?;
-    let creds = broker["admin_creds"]
-        .as_str()
-        .ok_or_else(|| anyhow::anyhow!("{}: broker admin_creds is missing", path.display()))?;
-    let creds = PathBuf::from(creds);
-    let creds = if creds.is_relative() {
-        dir.join(creds)
-    } else {
-        creds
-    };
-    Ok((address.to_string(), creds))
 }
 
 /// The broker knows no such object (a cluster, a peer): a usage error.
@@ -401,10 +239,9 @@ pub fn run(ctl: Ctl) -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        // For naming the known clusters when one is not.
-        let lister = Conn::open(&ctl).ok();
-        match run_async(ctl).await {
-            Err(e) if e.is::<NotFound>() => Err(unknown(e.to_string(), lister).await.into()),
+        let mut conn = Conn::open(&ctl).await?;
+        match run_async(&mut conn, ctl).await {
+            Err(e) if e.is::<NotFound>() => Err(unknown(e.to_string(), &mut conn).await.into()),
             r => r,
         }
     })
@@ -412,13 +249,10 @@ pub fn run(ctl: Ctl) -> Result<()> {
 
 /// A usage error (exit 64, as `strait lab` says it) for something the
 /// broker does not know; a cluster's is followed by the known clusters.
-async fn unknown(message: String, lister: Option<Conn>) -> UsageError {
+async fn unknown(message: String, conn: &mut Conn) -> UsageError {
     if !message.contains("cluster") {
         return UsageError(message);
     }
-    let Some(mut conn) = lister else {
-        return UsageError(message);
-    };
     match conn.admin.list_clusters(pb::ListClustersRequest {}).await {
         Ok(r) => {
             let names: Vec<String> = r
@@ -513,15 +347,15 @@ fn print(output: Output, value: &Value, headers: &[&str], rows: Vec<Vec<String>>
     Ok(())
 }
 
-async fn run_async(ctl: Ctl) -> Result<()> {
-    let mut conn = Conn::open(&ctl)?;
+async fn run_async(conn: &mut Conn, ctl: Ctl) -> Result<()> {
     let out = ctl.output;
     match ctl.command {
-        Command::Cluster(cmd) => cluster_cmd(&mut conn, out, cmd).await,
-        Command::Exports(cmd) => exports_cmd(&mut conn, out, cmd).await,
-        Command::Imports(cmd) => imports_cmd(&mut conn, out, cmd).await,
-        Command::Trust(cmd) => trust_cmd(&mut conn, out, cmd).await,
-        Command::Peer(cmd) => peer_cmd(&mut conn, out, cmd).await,
+        Command::Cluster(cmd) => cluster_cmd(conn, out, cmd).await,
+        Command::Exports(cmd) => exports_cmd(conn, out, cmd).await,
+        Command::Imports(cmd) => imports_cmd(conn, out, cmd).await,
+        Command::Trust(cmd) => trust_cmd(conn, out, cmd).await,
+        Command::Peer(cmd) => peer_cmd(conn, out, cmd).await,
+        Command::Status => status::status_cmd(conn, out).await,
     }
 }
 
@@ -728,18 +562,7 @@ async fn trust_cmd(conn: &mut Conn, out: Output, cmd: TrustCmd) -> Result<()> {
                 eprintln!("cluster {cluster} is not connected; it will be asked when it connects");
             }
         }
-        TrustCmd::RotateRoot { step, force } => {
-            let r = conn
-                .admin
-                .rotate_root(pb::RotateRootRequest {
-                    step: step.as_str().into(),
-                    force,
-                })
-                .await
-                .map_err(|s| conn.fail(s))?
-                .into_inner();
-            print_rotation(out, &r)?;
-        }
+        TrustCmd::RotateRoot(args) => rotate::rotate_root(conn, out, args).await?,
         TrustCmd::Status => {
             let r = conn
                 .admin
