@@ -10,7 +10,8 @@ use super::s;
 /// The components of a lab, in start order (brokers first, then per
 /// cluster: control plane, gateway, workloads with their sidecars).
 pub fn components(lab: &Lab) -> Vec<Component> {
-    let mut out: Vec<Component> = lab.brokers.iter().map(|m| broker(lab, m)).collect();
+    let mut out: Vec<Component> = lab.etcd.iter().map(|e| etcd(lab, e)).collect();
+    out.extend(lab.brokers.iter().flat_map(|m| brokers(lab, m)));
     // Kubernetes mode: every cluster's API server first (a primary's
     // control plane reads its remotes' at start).
     if lab.kube {
@@ -39,6 +40,86 @@ fn cert_ttl(lab: &Lab) -> Vec<String> {
     lab.cert_ttl
         .iter()
         .flat_map(|t| ["--cert-ttl".to_string(), t.clone()])
+        .collect()
+}
+
+/// One member of the lab's etcd (`--ha`).
+fn etcd(lab: &Lab, e: &plan::EtcdMember) -> Component {
+    let bin = super::kube::tool("etcd")
+        .map(|p| s(&p))
+        .unwrap_or_else(|_| "etcd".into());
+    let cluster: Vec<String> = lab
+        .etcd
+        .iter()
+        .map(|m| format!("{}=http://{}:2380", m.name, m.ip))
+        .collect();
+    Component {
+        name: e.name.clone(),
+        args: vec![
+            bin,
+            "--name".into(),
+            e.name.clone(),
+            "--data-dir".into(),
+            s(&e.data_dir),
+            "--listen-client-urls".into(),
+            format!("http://{}", e.client),
+            "--advertise-client-urls".into(),
+            format!("http://{}", e.client),
+            "--listen-peer-urls".into(),
+            format!("http://{}:2380", e.ip),
+            "--initial-advertise-peer-urls".into(),
+            format!("http://{}:2380", e.ip),
+            "--initial-cluster".into(),
+            cluster.join(","),
+            "--initial-cluster-state".into(),
+            "new".into(),
+            "--listen-metrics-urls".into(),
+            format!("http://{}:2381", e.ip),
+        ],
+        health: format!("http://{}:2381/health", e.ip),
+        netns: None,
+        env: Vec::new(),
+        health_ca: None,
+    }
+}
+
+/// A mesh's broker, or its replicas (`--ha`).
+fn brokers(lab: &Lab, m: &Mesh) -> Vec<Component> {
+    if m.replicas.is_empty() {
+        return vec![broker(lab, m)];
+    }
+    let store = format!(
+        "etcd://{}",
+        lab.etcd
+            .iter()
+            .map(|e| e.client.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    m.replicas
+        .iter()
+        .map(|r| {
+            let one = Mesh {
+                ip: r.ip.clone(),
+                address: r.address.clone(),
+                data_dir: r.data_dir.clone(),
+                component: r.name.clone(),
+                ..m.clone()
+            };
+            let mut c = broker(lab, &one);
+            c.args.extend([
+                "--store".into(),
+                store.clone(),
+                "--replica".into(),
+                r.name.clone(),
+                "--lease-ttl".into(),
+                plan::HA_LEASE_TTL.into(),
+            ]);
+            for other in &m.replicas {
+                c.args.extend(["--advertise".into(), other.address.clone()]);
+            }
+            c
+        })
         .collect()
 }
 

@@ -210,6 +210,14 @@ pub struct UpArgs {
     /// there. `lab.json` names each cluster's kubeconfig.
     #[arg(long)]
     pub kube: bool,
+    /// Highly available brokers: a 3-member etcd (`etcd-0`..`etcd-2`)
+    /// and 2 broker replicas (`broker-0`, `broker-1`; `--ha 3` for three)
+    /// keeping the mesh's state in it, one of them leading. `lab kill` /
+    /// `lab start` take those names; `straitctl --lab DIR status` shows
+    /// which leads. Needs etcd (`bash scripts/tools.sh etcd`) and a strait
+    /// built with `--features etcd`.
+    #[arg(long, value_name = "REPLICAS", num_args = 0..=1, default_missing_value = "2")]
+    pub ha: Option<usize>,
     #[command(flatten)]
     pub dir: DirArg,
 }
@@ -344,11 +352,13 @@ pub fn read_lab(dir: &Path) -> Result<Lab> {
         .as_str()
         .map_or_else(|| dir.to_path_buf(), PathBuf::from);
     let netns = v["netns"].as_bool().unwrap_or(false);
-    Ok(Lab::new(topology, &dir, mode, base, netns)
+    Lab::new(topology, &dir, mode, base, netns)
         .map_err(|e| anyhow!(e))?
         .with_cert_ttl(v["cert_ttl"].as_str().map(str::to_string))
         .with_bind_identities(v["bind_identities"].as_bool().unwrap_or(false))
-        .with_kube(v["kube"].as_bool().unwrap_or(false)))
+        .with_kube(v["kube"].as_bool().unwrap_or(false))
+        .with_ha(v["brokers"][0]["replicas"].as_array().map_or(0, Vec::len))
+        .map_err(|e| anyhow!(e))
 }
 
 pub(crate) fn topology_name(t: Topology) -> &'static str {

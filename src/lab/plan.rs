@@ -73,7 +73,41 @@ pub struct Mesh {
     /// The broker's component name (`broker`, or `<mesh>/broker`).
     #[serde(skip)]
     pub component: String,
+    /// With `--ha`: the broker's replicas on the lab's etcd (the first is
+    /// the one above: `address`, `data_dir` and `component` are its).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<Replica>,
 }
+
+/// One replica of a mesh's broker (`--ha`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Replica {
+    /// Its replica and component name: `broker-0`, ...
+    pub name: String,
+    #[serde(skip)]
+    pub ip: String,
+    pub address: String,
+    #[serde(skip)]
+    pub data_dir: PathBuf,
+}
+
+/// One member of the lab's etcd (`--ha`).
+#[derive(Debug, Clone, Serialize)]
+pub struct EtcdMember {
+    /// Its member and component name: `etcd-0`, ...
+    pub name: String,
+    #[serde(skip)]
+    pub ip: String,
+    /// `HOST:PORT` clients use.
+    pub client: String,
+    #[serde(skip)]
+    pub data_dir: PathBuf,
+}
+
+/// The etcd members of an HA lab (`lab up --ha`).
+pub const HA_ETCD_MEMBERS: u8 = 3;
+/// The lease of the lab's broker replicas: short, so that failover shows.
+pub const HA_LEASE_TTL: &str = "3s";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Workload {
@@ -148,6 +182,9 @@ pub struct Lab {
     /// planes in Kubernetes mode against them.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub kube: bool,
+    /// `--ha`: the etcd members the brokers keep their state in.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub etcd: Vec<EtcdMember>,
     #[serde(skip)]
     base: u8,
 }
@@ -209,6 +246,7 @@ impl Lab {
                 admin_creds: dir.join(name).join("broker").join("admin"),
                 data_dir: dir.join(name).join("broker"),
                 component: component.to_string(),
+                replicas: Vec::new(),
                 ip,
             }
         };
@@ -303,8 +341,62 @@ impl Lab {
             cert_ttl: None,
             bind_identities: false,
             kube: false,
+            etcd: Vec::new(),
             base,
         })
+    }
+
+    /// `--ha`: three etcd members in the brokers' block
+    /// (`127.<base>.0.20`-`.22`) and `replicas` broker replicas of the
+    /// mesh on them (`127.<base>.0.10` and up), instead of one broker with
+    /// an embedded store. One mesh only, on loopback.
+    pub fn with_ha(mut self, replicas: usize) -> Result<Self, String> {
+        if replicas == 0 {
+            return Ok(self);
+        }
+        if !(2..=3).contains(&replicas) {
+            return Err(format!(
+                "--ha {replicas}: a lab runs 2 or 3 broker replicas"
+            ));
+        }
+        if self.brokers.len() != 1 {
+            return Err("--ha: one mesh only (not --topology federated)".into());
+        }
+        if self.netns || self.kube {
+            return Err("--ha runs on loopback: not with --netns or --kube".into());
+        }
+        let base = self.base;
+        let dir = self.dir.clone();
+        self.etcd = (0..HA_ETCD_MEMBERS)
+            .map(|j| {
+                let ip = ip(base, 20 + j);
+                EtcdMember {
+                    name: format!("etcd-{j}"),
+                    client: format!("{ip}:2379"),
+                    data_dir: dir.join(format!("etcd-{j}")),
+                    ip,
+                }
+            })
+            .collect();
+        let m = &mut self.brokers[0];
+        m.replicas = (0..replicas)
+            .map(|i| {
+                let ip = ip(base, 10 + i as u8);
+                Replica {
+                    name: format!("broker-{i}"),
+                    address: format!("{ip}:{BROKER_PORT}"),
+                    data_dir: dir.join(&m.mesh).join(format!("broker-{i}")),
+                    ip,
+                }
+            })
+            .collect();
+        let first = m.replicas[0].clone();
+        m.ip = first.ip;
+        m.address = first.address;
+        m.admin_creds = first.data_dir.join("admin");
+        m.data_dir = first.data_dir;
+        m.component = first.name;
+        Ok(self)
     }
 
     /// The lab with its brokers binding identities to clusters.
@@ -355,6 +447,14 @@ impl Lab {
                 "address": first.address,
                 "admin_creds": first.admin_creds,
             });
+            if !first.replicas.is_empty() {
+                v["broker"]["addresses"] = first
+                    .replicas
+                    .iter()
+                    .map(|r| r.address.clone())
+                    .collect::<Vec<_>>()
+                    .into();
+            }
         }
         v
     }

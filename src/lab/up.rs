@@ -91,6 +91,12 @@ fn step<T>(bar: &indicatif::ProgressBar, what: &str, f: impl FnOnce() -> Result<
 }
 
 pub(super) fn start_component(lab: &Lab, procs: &mut Procs, c: &Component) -> Result<()> {
+    let pid = spawn_component(lab, procs, c)?;
+    run::wait_healthy(&lab.dir, c, pid, READY_DEADLINE)
+}
+
+/// Starts `c` and records it, without waiting for it to be ready.
+fn spawn_component(lab: &Lab, procs: &mut Procs, c: &Component) -> Result<u32> {
     let pid = run::spawn(&lab.dir, &exe()?, c)?;
     procs.order.retain(|n| n != &c.name);
     procs.order.push(c.name.clone());
@@ -105,7 +111,7 @@ pub(super) fn start_component(lab: &Lab, procs: &mut Procs, c: &Component) -> Re
         },
     );
     procs.save(&lab.dir)?;
-    run::wait_healthy(&lab.dir, c, pid, READY_DEADLINE)
+    Ok(pid)
 }
 
 /// Brings a lab up (returns once every component is ready).
@@ -241,11 +247,34 @@ impl Up<'_> {
                 },
             )?;
         }
+        // etcd's members wait for each other: all started, then each
+        // checked.
+        let members: Vec<Component> = lab
+            .etcd
+            .iter()
+            .filter_map(|e| self.component(&e.name))
+            .collect();
+        let mut pids = Vec::new();
+        for c in &members {
+            pids.push(spawn_component(lab, self.procs, c)?);
+        }
+        for (c, pid) in members.iter().zip(pids) {
+            step(self.bar, &format!("{} ready", c.name), || {
+                run::wait_healthy(&lab.dir, c, pid, READY_DEADLINE)
+            })?;
+        }
         for m in &lab.brokers {
-            let c = self
-                .component(&m.component)
-                .ok_or_else(|| anyhow!("no component {}", m.component))?;
-            self.start(&c)?;
+            let names: Vec<String> = if m.replicas.is_empty() {
+                vec![m.component.clone()]
+            } else {
+                m.replicas.iter().map(|r| r.name.clone()).collect()
+            };
+            for name in names {
+                let c = self
+                    .component(&name)
+                    .ok_or_else(|| anyhow!("no component {name}"))?;
+                self.start(&c)?;
+            }
         }
         if lab.brokers.len() > 1 {
             step(self.bar, "brokers peered", || {
@@ -359,6 +388,17 @@ fn issue_tokens(lab: &Lab, cl: &Cluster) -> Result<()> {
     Ok(())
 }
 
+/// What `--ha` needs on this machine, said before anything starts.
+fn ha_available() -> Result<()> {
+    if !cfg!(feature = "etcd") {
+        bail!(
+            "--ha needs a strait built with the etcd store: cargo build --release --features etcd \
+             (its build needs protoc: apt-get install protobuf-compiler)"
+        );
+    }
+    super::kube::tool("etcd").map(drop)
+}
+
 pub(super) fn up(a: UpArgs) -> Result<()> {
     if a.netns
         && let Some(why) = netns::unavailable()
@@ -371,11 +411,16 @@ pub(super) fn up(a: UpArgs) -> Result<()> {
     {
         bail!("{why}");
     }
+    if a.ha.is_some() {
+        ha_available()?;
+    }
     let lab = Lab::new(a.topology, &dir, a.mode, a.ip_base, a.netns)
         .map_err(|e| anyhow!(e))?
         .with_kube(a.kube)
         .with_cert_ttl(a.cert_ttl.map(crate::cli::format_duration))
-        .with_bind_identities(a.bind_identities);
+        .with_bind_identities(a.bind_identities)
+        .with_ha(a.ha.unwrap_or(0))
+        .map_err(crate::cli::UsageError)?;
     // Refused before anything starts: a running lab is not ours to stop.
     check_not_running(&dir)?;
     check_addresses_free(&lab)?;

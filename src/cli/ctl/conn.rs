@@ -204,11 +204,11 @@ pub(super) fn read_lab(dir: &Path, mesh: Option<&str>) -> Result<(Vec<String>, P
 }
 
 /// The addresses of a broker entry of lab.json: `"address"` (a string) or
-/// `"addresses"` (a list of strings).
+/// `"addresses"` (a list of strings; an HA lab writes both, the list wins).
 fn lab_addresses(broker: &Value) -> Result<Vec<String>, String> {
     match (&broker["address"], &broker["addresses"]) {
         (Value::String(a), Value::Null) => parse_addresses(a).map_err(|e| format!("address {e}")),
-        (Value::Null, Value::Array(list)) if !list.is_empty() => {
+        (Value::Null | Value::String(_), Value::Array(list)) if !list.is_empty() => {
             let texts: Option<Vec<&str>> = list.iter().map(Value::as_str).collect();
             let texts = texts.ok_or_else(|| format!("addresses {list:?}: not all strings"))?;
             parse_addresses(&texts.join(",")).map_err(|e| format!("addresses {e}"))
@@ -264,7 +264,11 @@ mod tests {
         assert!(e.contains("expected"), "{e}");
         let e = lab_addresses(&serde_json::json!({"addresses": ["nope"]})).unwrap_err();
         assert!(e.contains("\"nope\" is not HOST:PORT"), "{e}");
-        let both = serde_json::json!({"address": "a:1", "addresses": ["b:2"]});
-        assert!(lab_addresses(&both).unwrap_err().contains("expected"));
+        let both = serde_json::json!({"address": "a:1", "addresses": ["b:2", "c:3"]});
+        assert_eq!(
+            lab_addresses(&both).unwrap(),
+            ["b:2", "c:3"],
+            "the list wins"
+        );
     }
 }
