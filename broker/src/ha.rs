@@ -256,6 +256,26 @@ fn stream_key_parts<'a>(prefix: &str, key: &'a str) -> Option<(&'a str, &'a str)
     key.strip_prefix(prefix)?.split_once('/')
 }
 
+/// `f` up to three times, 200 ms apart: the client sends each try to the
+/// next member, so one member down is not a reason to give up.
+async fn retry<T, F, Fut>(mut f: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let mut last = String::new();
+    for attempt in 0..3 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
 /// One lease: registers, campaigns, keeps the lease alive; returns why it
 /// ended.
 async fn session(
@@ -267,11 +287,21 @@ async fn session(
     open: &mut BTreeMap<ClusterName, usize>,
 ) -> String {
     let ttl = config.lease_ttl.as_secs().max(1);
-    let lease = match within(client.lease_grant(ttl as i64, None)).await {
+    let lease = match retry(|| {
+        let mut c = client.clone();
+        async move { within(c.lease_grant(ttl as i64, None)).await }
+    })
+    .await
+    {
         Ok(l) => l.id(),
         Err(e) => return format!("granting a lease: {e}"),
     };
-    let (mut keeper, mut acks) = match within(client.lease_keep_alive(lease)).await {
+    let (mut keeper, mut acks) = match retry(|| {
+        let mut c = client.clone();
+        async move { within(c.lease_keep_alive(lease)).await }
+    })
+    .await
+    {
         Ok(k) => k,
         Err(e) => return format!("keeping the lease alive: {e}"),
     };
@@ -282,11 +312,12 @@ async fn session(
         since_unix: time::OffsetDateTime::now_utc().unix_timestamp(),
     };
     let record = serde_json::to_vec(&record).unwrap_or_default();
-    if let Err(e) = within(client.put(
-        key(config, &format!("replicas/{}", config.replica)),
-        record,
-        with_lease(),
-    ))
+    let replica_key = key(config, &format!("replicas/{}", config.replica));
+    if let Err(e) = retry(|| {
+        let mut c = client.clone();
+        let (k, v) = (replica_key.clone(), record.clone());
+        async move { within(c.put(k, v, Some(PutOptions::new().with_lease(lease)))).await }
+    })
     .await
     {
         return format!("registering the replica: {e}");
@@ -341,16 +372,24 @@ async fn session(
                 if tokio::time::Instant::now() > alive_until {
                     break format!("the lease was not renewed within {:?}", config.lease_ttl);
                 }
-                if let Err(e) = keeper.keep_alive().await {
-                    break format!("keeping the lease alive: {e}");
-                }
-                match tokio::time::timeout(config.lease_ttl / 3, acks.message()).await {
+                // A renewal that fails (the member it went to is down) is
+                // tried again on a new keep-alive stream, which the client
+                // sends to another member; only the lease's deadline
+                // detaches the replica.
+                let renewed = match keeper.keep_alive().await {
+                    Ok(()) => tokio::time::timeout(config.lease_ttl / 3, acks.message()).await,
+                    Err(e) => Ok(Err(e)),
+                };
+                match renewed {
                     Ok(Ok(Some(r))) if r.ttl() > 0 => {
                         alive_until = tokio::time::Instant::now() + Duration::from_secs(r.ttl() as u64);
                     }
                     Ok(Ok(Some(_))) => break "the lease expired".to_string(),
-                    Ok(Ok(None)) => break "the lease's keep-alive stream ended".to_string(),
-                    Ok(Err(e)) => break format!("keeping the lease alive: {e}"),
+                    Ok(Ok(None) | Err(_)) => {
+                        if let Ok((k, a)) = within(client.lease_keep_alive(lease)).await {
+                            (keeper, acks) = (k, a);
+                        }
+                    }
                     // No answer this time: the deadline above decides.
                     Err(_) => {}
                 }
