@@ -17,16 +17,11 @@ use std::time::{Duration, Instant};
 
 use common::sync::*;
 use common::{Broker, Scratch, free_port};
-use strait_broker_client::client::{self, SyncSession};
+use strait_broker_client::client::SyncSession;
 use strait_proto::strait::broker::v1 as pb;
 
 const TD: &str = "cluster.local";
 const LEASE: &str = "2s";
-
-async fn open_at(dir: &std::path::Path, which: usize, hello: pb::Hello) -> SyncSession {
-    let (channel, _) = client::cluster_channel(dir, which).unwrap();
-    SyncSession::open(channel, hello).await.expect("open sync")
-}
 
 fn status(b: &Broker) -> serde_json::Value {
     serde_json::from_str(&b.ctl(&["status", "-o", "json"]).ok().stdout).unwrap()
@@ -56,20 +51,6 @@ async fn wait_status(
 /// The service names of an imports update.
 fn names(u: &pb::ImportsUpdate) -> Vec<String> {
     u.upserts.iter().map(|i| i.name.clone()).collect()
-}
-
-/// Reads from `s` (imports may come first) until the ack of `revision`.
-async fn until_ack(s: &mut SyncSession, revision: u64) {
-    loop {
-        match next(s).await {
-            Down::ExportsAck(a) => {
-                assert_eq!(a.revision, revision);
-                return;
-            }
-            Down::Imports(_) => {}
-            other => panic!("expected the ack of {revision}, got {other:?}"),
-        }
-    }
 }
 
 /// Reads imports from `s` until `name` is among them.

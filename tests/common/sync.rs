@@ -105,8 +105,28 @@ pub fn hello(import_revision: u64, epoch: &str, gateway: &str) -> pb::Hello {
 }
 
 pub async fn open(dir: &Path, hello: pb::Hello) -> SyncSession {
-    let (channel, _) = client::cluster_channel(dir, 0).unwrap();
+    open_at(dir, 0, hello).await
+}
+
+/// A sync stream to the broker address number `which` of `broker.json`
+/// (one replica of several).
+pub async fn open_at(dir: &Path, which: usize, hello: pb::Hello) -> SyncSession {
+    let (channel, _) = client::cluster_channel(dir, which).unwrap();
     SyncSession::open(channel, hello).await.expect("open sync")
+}
+
+/// Reads from `s` (imports may come first) until the ack of `revision`.
+pub async fn until_ack(s: &mut SyncSession, revision: u64) {
+    loop {
+        match next(s).await {
+            Down::ExportsAck(a) => {
+                assert_eq!(a.revision, revision);
+                return;
+            }
+            Down::Imports(_) => {}
+            other => panic!("expected the ack of {revision}, got {other:?}"),
+        }
+    }
 }
 
 /// The next message that is not a trust update, within `WAIT`.
