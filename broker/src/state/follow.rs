@@ -109,6 +109,11 @@ impl BrokerState {
         if seen <= inner.store_revision {
             return Ok(());
         }
+        self.reread(&mut inner).await
+    }
+
+    /// Reads the whole store (off the async workers) into `inner`.
+    pub(super) async fn reread(&self, inner: &mut Inner) -> Result<(), StateError> {
         let store = self.store.clone();
         let snapshot = tokio::task::spawn_blocking(move || store.snapshot())
             .await
@@ -116,7 +121,7 @@ impl BrokerState {
                 path: "store".into(),
                 message: e.to_string(),
             })??;
-        self.rebuild(&mut inner, &snapshot)
+        self.rebuild(inner, &snapshot)
     }
 
     /// The store revision this replica's state is at.

@@ -408,8 +408,7 @@ impl BrokerState {
                         tokio::time::sleep(Duration::from_millis(u64::from(attempt) + jitter))
                             .await;
                     }
-                    let snapshot = self.store.snapshot()?;
-                    self.rebuild(&mut inner, &snapshot)?;
+                    self.reread(&mut inner).await?;
                 }
                 r => return r,
             }
