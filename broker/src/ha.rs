@@ -276,6 +276,35 @@ where
     Err(last)
 }
 
+/// A new lease of [`HaConfig::lease_ttl`] and its keep-alive stream.
+async fn grant(
+    config: &HaConfig,
+    client: &Client,
+) -> Result<
+    (
+        i64,
+        etcd_client::LeaseKeeper,
+        etcd_client::LeaseKeepAliveStream,
+    ),
+    String,
+> {
+    let ttl = config.lease_ttl.as_secs().max(1);
+    let lease = retry(|| {
+        let mut c = client.clone();
+        async move { within(c.lease_grant(ttl as i64, None)).await }
+    })
+    .await
+    .map_err(|e| format!("granting a lease: {e}"))?
+    .id();
+    let (keeper, acks) = retry(|| {
+        let mut c = client.clone();
+        async move { within(c.lease_keep_alive(lease)).await }
+    })
+    .await
+    .map_err(|e| format!("keeping the lease alive: {e}"))?;
+    Ok((lease, keeper, acks))
+}
+
 /// One lease: registers, campaigns, keeps the lease alive; returns why it
 /// ended.
 async fn session(
@@ -286,24 +315,9 @@ async fn session(
     streams: &mut mpsc::UnboundedReceiver<(ClusterName, bool)>,
     open: &mut BTreeMap<ClusterName, usize>,
 ) -> String {
-    let ttl = config.lease_ttl.as_secs().max(1);
-    let lease = match retry(|| {
-        let mut c = client.clone();
-        async move { within(c.lease_grant(ttl as i64, None)).await }
-    })
-    .await
-    {
-        Ok(l) => l.id(),
-        Err(e) => return format!("granting a lease: {e}"),
-    };
-    let (mut keeper, mut acks) = match retry(|| {
-        let mut c = client.clone();
-        async move { within(c.lease_keep_alive(lease)).await }
-    })
-    .await
-    {
-        Ok(k) => k,
-        Err(e) => return format!("keeping the lease alive: {e}"),
+    let (lease, mut keeper, mut acks) = match grant(config, &client).await {
+        Ok(l) => l,
+        Err(e) => return e,
     };
     let with_lease = || Some(PutOptions::new().with_lease(lease));
     let record = ReplicaRecord {
